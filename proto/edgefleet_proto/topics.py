@@ -1,0 +1,76 @@
+"""MQTT topic names as validated value objects.
+
+Every topic lives under ``edgefleet/v1/devices/{device_id}/{kind}``; the broker's
+ACL pattern allows a device only its own subtree, so the device id in the topic
+is the authenticated sender. Pure code: no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+PREFIX = "edgefleet/v1/devices"
+
+# MQTT forbids wildcards and NUL in topic levels, the ACL pattern needs no '/',
+# and device ids become file names and MQTT usernames: keep them boring.
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class TopicError(ValueError):
+    """A topic or device id that is not part of the contract."""
+
+
+class Kind(StrEnum):
+    DESIRED = "desired"
+    REPORTED = "reported"
+    STATUS = "status"
+    TELEMETRY = "telemetry"
+    EVENTS = "events"
+    ARTIFACT_REQUEST = "artifact/request"
+    ARTIFACT_RESPONSE = "artifact/response"
+
+
+def validate_device_id(device_id: str) -> str:
+    if not _DEVICE_ID.match(device_id):
+        raise TopicError(
+            f"invalid device id {device_id!r}: use 1-64 letters, digits, '_', '.', '-', "
+            "starting with a letter or digit"
+        )
+    return device_id
+
+
+@dataclass(frozen=True)
+class Topic:
+    device_id: str
+    kind: Kind
+
+    def __post_init__(self) -> None:
+        validate_device_id(self.device_id)
+
+    def __str__(self) -> str:
+        return f"{PREFIX}/{self.device_id}/{self.kind.value}"
+
+    @classmethod
+    def parse(cls, topic: str) -> Topic:
+        prefix = PREFIX + "/"
+        if not topic.startswith(prefix):
+            raise TopicError(f"topic {topic!r} is not under {PREFIX}/")
+        device_id, sep, rest = topic[len(prefix) :].partition("/")
+        if not sep:
+            raise TopicError(f"topic {topic!r} has no kind after the device id")
+        try:
+            kind = Kind(rest)
+        except ValueError:
+            raise TopicError(f"topic {topic!r} has unknown kind {rest!r}") from None
+        return cls(device_id, kind)
+
+
+def device_subscription(device_id: str, kind: Kind) -> str:
+    return str(Topic(device_id, kind))
+
+
+def fleet_subscription(kind: Kind) -> str:
+    """Wildcard filter matching ``kind`` for every device (controller side)."""
+    return f"{PREFIX}/+/{kind.value}"

@@ -1,0 +1,123 @@
+"""A real Mosquitto for tests and the demo, configured from deploy/mosquitto/."""
+
+from __future__ import annotations
+
+import getpass
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy" / "mosquitto"
+CONTROLLER_USER = "edgefleet-controller"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def render_config(port: int, passwd: Path, acl: Path, persistence: Path, log: Path) -> str:
+    """The deploy config with the listener and every path moved into ``workdir``."""
+    replaced = {
+        "listener": f"listener {port} 127.0.0.1",
+        "password_file": f"password_file {passwd}",
+        "acl_file": f"acl_file {acl}",
+        "persistence_location": f"persistence_location {persistence}/",
+    }
+    lines = []
+    for line in (DEPLOY / "edgefleet.conf").read_text().splitlines():
+        key = line.split(" ", 1)[0]
+        lines.append(replaced.get(key, line))
+    # Run as whoever runs the tests: as root, mosquitto would otherwise switch to
+    # the mosquitto user, which cannot read the test's temporary folder.
+    lines.append(f"user {getpass.getuser()}")
+    lines.append(f"log_dest file {log}")
+    lines.append("log_type error\nlog_type warning\nlog_type notice\nlog_type information")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Broker:
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def passwd_file(self) -> Path:
+        return self.workdir / "passwd"
+
+    @property
+    def acl_file(self) -> Path:
+        return self.workdir / "edgefleet.acl"
+
+    @property
+    def log_file(self) -> Path:
+        return self.workdir / "mosquitto.log"
+
+    @property
+    def reload_command(self) -> str:
+        """What the controller runs after rewriting the password file."""
+        assert self.proc is not None
+        return f"kill -HUP {self.proc.pid}"
+
+    def start(self) -> Broker:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(binary).exists():
+            raise RuntimeError("mosquitto is not installed: apt-get install -y mosquitto mosquitto-clients")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "data").mkdir(exist_ok=True)
+        if not self.passwd_file.exists():
+            self.passwd_file.touch(mode=0o600)
+        shutil.copy(DEPLOY / "edgefleet.acl", self.acl_file)
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            render_config(self.port, self.passwd_file, self.acl_file, self.workdir / "data", self.log_file)
+        )
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_for_port(self.port)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"mosquitto did not start: {self.log_file.read_text() if self.log_file.exists() else ''}")
+        return self
+
+    def add_user(self, username: str, password: str) -> None:
+        subprocess.run(["mosquitto_passwd", "-b", str(self.passwd_file), username, password], check=True)
+        self.reload()
+
+    def reload(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGHUP)
+            # Mosquitto reloads between network loop iterations; give it one.
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
