@@ -90,13 +90,19 @@ class Broker:
         conf.write_text(
             render_config(self.port, self.passwd_file, self.acl_file, self.workdir / "data", self.log_file)
         )
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Startup errors (bad config, busy port) go to stderr before the log file opens.
+        with (self.workdir / "stderr.log").open("ab") as err:
+            self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=err)
         try:
             wait_for_port(self.port)
         except TimeoutError:
             self.stop()
-            raise RuntimeError(f"mosquitto did not start: {self.log_file.read_text() if self.log_file.exists() else ''}")
+            raise RuntimeError(f"mosquitto did not start: {self._diagnostics()}") from None
         return self
+
+    def _diagnostics(self) -> str:
+        parts = [p.read_text() for p in (self.workdir / "stderr.log", self.log_file) if p.exists()]
+        return "\n".join(parts)[-2000:]
 
     def add_user(self, username: str, password: str) -> None:
         subprocess.run(["mosquitto_passwd", "-b", str(self.passwd_file), username, password], check=True)
