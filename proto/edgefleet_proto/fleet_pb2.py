@@ -4,52 +4,55 @@
 # source: edgefleet_proto/fleet.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-
 _runtime_version.ValidateProtobufRuntimeVersion(
-    _runtime_version.Domain.PUBLIC, 7, 35, 1, "", "edgefleet_proto/fleet.proto"
+    _runtime_version.Domain.PUBLIC,
+    7,
+    35,
+    1,
+    '',
+    'edgefleet_proto/fleet.proto'
 )
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\x1b\x65\x64gefleet_proto/fleet.proto\x12\x0c\x65\x64gefleet.v1"\xb1\x01\n\x0fModelAssignment\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x17\n\x0f\x61rtifact_digest\x18\x04 \x01(\t\x12\x15\n\rartifact_size\x18\x05 \x01(\x04\x12\x0e\n\x06\x66ormat\x18\x06 \x01(\t\x12\x0f\n\x07runtime\x18\x07 \x01(\t\x12\x12\n\nrollout_id\x18\x08 \x01(\t"z\n\x0c\x44\x65siredState\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12-\n\x06models\x18\x03 \x03(\x0b\x32\x1d.edgefleet.v1.ModelAssignment\x12\x14\n\x0cissued_at_ms\x18\x04 \x01(\x03"\xd6\x01\n\x0bModelStatus\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x17\n\x0f\x61rtifact_digest\x18\x04 \x01(\t\x12\'\n\x05phase\x18\x05 \x01(\x0e\x32\x18.edgefleet.v1.ModelPhase\x12\x12\n\nbytes_have\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x04\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nrollout_id\x18\t \x01(\t"\xb4\x01\n\rReportedState\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x1a\n\x12\x64\x65sired_generation\x18\x02 \x01(\x04\x12\x1a\n\x12\x61pplied_generation\x18\x03 \x01(\x04\x12)\n\x06models\x18\x04 \x03(\x0b\x32\x19.edgefleet.v1.ModelStatus\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x16\n\x0ereported_at_ms\x18\x06 \x01(\x03"D\n\x0c\x44\x65viceStatus\x12\x0e\n\x06online\x18\x01 \x01(\x08\x12\r\n\x05\x61t_ms\x18\x02 \x01(\x03\x12\x15\n\ragent_version\x18\x03 \x01(\t"\xee\x01\n\x0bSystemStats\x12\x13\n\x0b\x63pu_percent\x18\x01 \x01(\x01\x12\x17\n\x0fmem_total_bytes\x18\x02 \x01(\x04\x12\x16\n\x0emem_used_bytes\x18\x03 \x01(\x04\x12\x13\n\x0bmem_percent\x18\x04 \x01(\x01\x12\x18\n\x10\x64isk_total_bytes\x18\x05 \x01(\x04\x12\x17\n\x0f\x64isk_used_bytes\x18\x06 \x01(\x04\x12\x14\n\x0c\x64isk_percent\x18\x07 \x01(\x01\x12\x1a\n\rtemperature_c\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05load1\x18\t \x01(\x01\x42\x10\n\x0e_temperature_c"\xbd\x01\n\nModelStats\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x17\n\x0finference_count\x18\x04 \x01(\x04\x12\x13\n\x0b\x65rror_count\x18\x05 \x01(\x04\x12\x16\n\x0elatency_p50_ms\x18\x06 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\x07 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\x08 \x01(\x01"\xc8\x01\n\tTelemetry\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x17\n\x0fwindow_start_ms\x18\x03 \x01(\x03\x12\x15\n\rwindow_end_ms\x18\x04 \x01(\x03\x12)\n\x06system\x18\x05 \x01(\x0b\x32\x19.edgefleet.v1.SystemStats\x12(\n\x06models\x18\x06 \x03(\x0b\x32\x18.edgefleet.v1.ModelStats\x12\x16\n\x0eoutbox_dropped\x18\x07 \x01(\x04"\xc6\x01\n\x05\x45vent\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05\x61t_ms\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x10\n\x08severity\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x37\n\nattributes\x18\x06 \x03(\x0b\x32#.edgefleet.v1.Event.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xaa\x01\n\nModelPhase\x12\x1b\n\x17MODEL_PHASE_UNSPECIFIED\x10\x00\x12\x1b\n\x17MODEL_PHASE_DOWNLOADING\x10\x01\x12\x19\n\x15MODEL_PHASE_VERIFYING\x10\x02\x12\x17\n\x13MODEL_PHASE_LOADING\x10\x03\x12\x16\n\x12MODEL_PHASE_ACTIVE\x10\x04\x12\x16\n\x12MODEL_PHASE_FAILED\x10\x05\x62\x06proto3'
-)
+
+
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65\x64gefleet_proto/fleet.proto\x12\x0c\x65\x64gefleet.v1\"\xb1\x01\n\x0fModelAssignment\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x17\n\x0f\x61rtifact_digest\x18\x04 \x01(\t\x12\x15\n\rartifact_size\x18\x05 \x01(\x04\x12\x0e\n\x06\x66ormat\x18\x06 \x01(\t\x12\x0f\n\x07runtime\x18\x07 \x01(\t\x12\x12\n\nrollout_id\x18\x08 \x01(\t\"z\n\x0c\x44\x65siredState\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12-\n\x06models\x18\x03 \x03(\x0b\x32\x1d.edgefleet.v1.ModelAssignment\x12\x14\n\x0cissued_at_ms\x18\x04 \x01(\x03\"\xd6\x01\n\x0bModelStatus\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x17\n\x0f\x61rtifact_digest\x18\x04 \x01(\t\x12\'\n\x05phase\x18\x05 \x01(\x0e\x32\x18.edgefleet.v1.ModelPhase\x12\x12\n\nbytes_have\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x04\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nrollout_id\x18\t \x01(\t\"\xb4\x01\n\rReportedState\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x1a\n\x12\x64\x65sired_generation\x18\x02 \x01(\x04\x12\x1a\n\x12\x61pplied_generation\x18\x03 \x01(\x04\x12)\n\x06models\x18\x04 \x03(\x0b\x32\x19.edgefleet.v1.ModelStatus\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x16\n\x0ereported_at_ms\x18\x06 \x01(\x03\"D\n\x0c\x44\x65viceStatus\x12\x0e\n\x06online\x18\x01 \x01(\x08\x12\r\n\x05\x61t_ms\x18\x02 \x01(\x03\x12\x15\n\ragent_version\x18\x03 \x01(\t\"\xee\x01\n\x0bSystemStats\x12\x13\n\x0b\x63pu_percent\x18\x01 \x01(\x01\x12\x17\n\x0fmem_total_bytes\x18\x02 \x01(\x04\x12\x16\n\x0emem_used_bytes\x18\x03 \x01(\x04\x12\x13\n\x0bmem_percent\x18\x04 \x01(\x01\x12\x18\n\x10\x64isk_total_bytes\x18\x05 \x01(\x04\x12\x17\n\x0f\x64isk_used_bytes\x18\x06 \x01(\x04\x12\x14\n\x0c\x64isk_percent\x18\x07 \x01(\x01\x12\x1a\n\rtemperature_c\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05load1\x18\t \x01(\x01\x42\x10\n\x0e_temperature_c\"\xbd\x01\n\nModelStats\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x17\n\x0finference_count\x18\x04 \x01(\x04\x12\x13\n\x0b\x65rror_count\x18\x05 \x01(\x04\x12\x16\n\x0elatency_p50_ms\x18\x06 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\x07 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\x08 \x01(\x01\"\xc8\x01\n\tTelemetry\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x17\n\x0fwindow_start_ms\x18\x03 \x01(\x03\x12\x15\n\rwindow_end_ms\x18\x04 \x01(\x03\x12)\n\x06system\x18\x05 \x01(\x0b\x32\x19.edgefleet.v1.SystemStats\x12(\n\x06models\x18\x06 \x03(\x0b\x32\x18.edgefleet.v1.ModelStats\x12\x16\n\x0eoutbox_dropped\x18\x07 \x01(\x04\"\xc6\x01\n\x05\x45vent\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05\x61t_ms\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x10\n\x08severity\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x37\n\nattributes\x18\x06 \x03(\x0b\x32#.edgefleet.v1.Event.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xaa\x01\n\nModelPhase\x12\x1b\n\x17MODEL_PHASE_UNSPECIFIED\x10\x00\x12\x1b\n\x17MODEL_PHASE_DOWNLOADING\x10\x01\x12\x19\n\x15MODEL_PHASE_VERIFYING\x10\x02\x12\x17\n\x13MODEL_PHASE_LOADING\x10\x03\x12\x16\n\x12MODEL_PHASE_ACTIVE\x10\x04\x12\x16\n\x12MODEL_PHASE_FAILED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "edgefleet_proto.fleet_pb2", _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgefleet_proto.fleet_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-    DESCRIPTOR._loaded_options = None
-    _globals["_EVENT_ATTRIBUTESENTRY"]._loaded_options = None
-    _globals["_EVENT_ATTRIBUTESENTRY"]._serialized_options = b"8\001"
-    _globals["_MODELPHASE"]._serialized_start = 1657
-    _globals["_MODELPHASE"]._serialized_end = 1827
-    _globals["_MODELASSIGNMENT"]._serialized_start = 46
-    _globals["_MODELASSIGNMENT"]._serialized_end = 223
-    _globals["_DESIREDSTATE"]._serialized_start = 225
-    _globals["_DESIREDSTATE"]._serialized_end = 347
-    _globals["_MODELSTATUS"]._serialized_start = 350
-    _globals["_MODELSTATUS"]._serialized_end = 564
-    _globals["_REPORTEDSTATE"]._serialized_start = 567
-    _globals["_REPORTEDSTATE"]._serialized_end = 747
-    _globals["_DEVICESTATUS"]._serialized_start = 749
-    _globals["_DEVICESTATUS"]._serialized_end = 817
-    _globals["_SYSTEMSTATS"]._serialized_start = 820
-    _globals["_SYSTEMSTATS"]._serialized_end = 1058
-    _globals["_MODELSTATS"]._serialized_start = 1061
-    _globals["_MODELSTATS"]._serialized_end = 1250
-    _globals["_TELEMETRY"]._serialized_start = 1253
-    _globals["_TELEMETRY"]._serialized_end = 1453
-    _globals["_EVENT"]._serialized_start = 1456
-    _globals["_EVENT"]._serialized_end = 1654
-    _globals["_EVENT_ATTRIBUTESENTRY"]._serialized_start = 1605
-    _globals["_EVENT_ATTRIBUTESENTRY"]._serialized_end = 1654
+  DESCRIPTOR._loaded_options = None
+  _globals['_EVENT_ATTRIBUTESENTRY']._loaded_options = None
+  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
+  _globals['_MODELPHASE']._serialized_start=1657
+  _globals['_MODELPHASE']._serialized_end=1827
+  _globals['_MODELASSIGNMENT']._serialized_start=46
+  _globals['_MODELASSIGNMENT']._serialized_end=223
+  _globals['_DESIREDSTATE']._serialized_start=225
+  _globals['_DESIREDSTATE']._serialized_end=347
+  _globals['_MODELSTATUS']._serialized_start=350
+  _globals['_MODELSTATUS']._serialized_end=564
+  _globals['_REPORTEDSTATE']._serialized_start=567
+  _globals['_REPORTEDSTATE']._serialized_end=747
+  _globals['_DEVICESTATUS']._serialized_start=749
+  _globals['_DEVICESTATUS']._serialized_end=817
+  _globals['_SYSTEMSTATS']._serialized_start=820
+  _globals['_SYSTEMSTATS']._serialized_end=1058
+  _globals['_MODELSTATS']._serialized_start=1061
+  _globals['_MODELSTATS']._serialized_end=1250
+  _globals['_TELEMETRY']._serialized_start=1253
+  _globals['_TELEMETRY']._serialized_end=1453
+  _globals['_EVENT']._serialized_start=1456
+  _globals['_EVENT']._serialized_end=1654
+  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_start=1605
+  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_end=1654
 # @@protoc_insertion_point(module_scope)

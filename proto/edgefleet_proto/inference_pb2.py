@@ -4,56 +4,59 @@
 # source: edgefleet_proto/inference.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-
 _runtime_version.ValidateProtobufRuntimeVersion(
-    _runtime_version.Domain.PUBLIC, 7, 35, 1, "", "edgefleet_proto/inference.proto"
+    _runtime_version.Domain.PUBLIC,
+    7,
+    35,
+    1,
+    '',
+    'edgefleet_proto/inference.proto'
 )
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\x1f\x65\x64gefleet_proto/inference.proto\x12\x0c\x65\x64gefleet.v1"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03"\xb1\x01\n\x0cInferRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x36\n\x06inputs\x18\x02 \x03(\x0b\x32&.edgefleet.v1.InferRequest.InputsEntry\x12\x14\n\x0coutput_names\x18\x03 \x03(\t\x1a\x43\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.edgefleet.v1.Tensor:\x02\x38\x01"\xcf\x01\n\rInferResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x39\n\x07outputs\x18\x03 \x03(\x0b\x32(.edgefleet.v1.InferResponse.OutputsEntry\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x1a\x44\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.edgefleet.v1.Tensor:\x02\x38\x01"\x13\n\x11ListModelsRequest"\xc5\x01\n\tModelInfo\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x17\n\x0f\x61rtifact_digest\x18\x04 \x01(\t\x12\x0f\n\x07runtime\x18\x05 \x01(\t\x12(\n\x06inputs\x18\x06 \x03(\x0b\x32\x18.edgefleet.v1.TensorSpec\x12)\n\x07outputs\x18\x07 \x03(\x0b\x32\x18.edgefleet.v1.TensorSpec"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.edgefleet.v1.ModelInfo"\x0f\n\rHealthRequest"Q\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x18\n\x10\x62roker_connected\x18\x02 \x01(\x08\x12\x15\n\rmodels_loaded\x18\x03 \x01(\r2\xea\x01\n\x10InferenceService\x12@\n\x05Infer\x12\x1a.edgefleet.v1.InferRequest\x1a\x1b.edgefleet.v1.InferResponse\x12O\n\nListModels\x12\x1f.edgefleet.v1.ListModelsRequest\x1a .edgefleet.v1.ListModelsResponse\x12\x43\n\x06Health\x12\x1b.edgefleet.v1.HealthRequest\x1a\x1c.edgefleet.v1.HealthResponseb\x06proto3'
-)
+
+
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65\x64gefleet_proto/inference.proto\x12\x0c\x65\x64gefleet.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xb1\x01\n\x0cInferRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x36\n\x06inputs\x18\x02 \x03(\x0b\x32&.edgefleet.v1.InferRequest.InputsEntry\x12\x14\n\x0coutput_names\x18\x03 \x03(\t\x1a\x43\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.edgefleet.v1.Tensor:\x02\x38\x01\"\xcf\x01\n\rInferResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x39\n\x07outputs\x18\x03 \x03(\x0b\x32(.edgefleet.v1.InferResponse.OutputsEntry\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x1a\x44\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.edgefleet.v1.Tensor:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"\xc5\x01\n\tModelInfo\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x17\n\x0f\x61rtifact_digest\x18\x04 \x01(\t\x12\x0f\n\x07runtime\x18\x05 \x01(\t\x12(\n\x06inputs\x18\x06 \x03(\x0b\x32\x18.edgefleet.v1.TensorSpec\x12)\n\x07outputs\x18\x07 \x03(\x0b\x32\x18.edgefleet.v1.TensorSpec\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.edgefleet.v1.ModelInfo\"\x0f\n\rHealthRequest\"Q\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x18\n\x10\x62roker_connected\x18\x02 \x01(\x08\x12\x15\n\rmodels_loaded\x18\x03 \x01(\r2\xea\x01\n\x10InferenceService\x12@\n\x05Infer\x12\x1a.edgefleet.v1.InferRequest\x1a\x1b.edgefleet.v1.InferResponse\x12O\n\nListModels\x12\x1f.edgefleet.v1.ListModelsRequest\x1a .edgefleet.v1.ListModelsResponse\x12\x43\n\x06Health\x12\x1b.edgefleet.v1.HealthRequest\x1a\x1c.edgefleet.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "edgefleet_proto.inference_pb2", _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgefleet_proto.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-    DESCRIPTOR._loaded_options = None
-    _globals["_INFERREQUEST_INPUTSENTRY"]._loaded_options = None
-    _globals["_INFERREQUEST_INPUTSENTRY"]._serialized_options = b"8\001"
-    _globals["_INFERRESPONSE_OUTPUTSENTRY"]._loaded_options = None
-    _globals["_INFERRESPONSE_OUTPUTSENTRY"]._serialized_options = b"8\001"
-    _globals["_TENSOR"]._serialized_start = 49
-    _globals["_TENSOR"]._serialized_end = 101
-    _globals["_TENSORSPEC"]._serialized_start = 103
-    _globals["_TENSORSPEC"]._serialized_end = 159
-    _globals["_INFERREQUEST"]._serialized_start = 162
-    _globals["_INFERREQUEST"]._serialized_end = 339
-    _globals["_INFERREQUEST_INPUTSENTRY"]._serialized_start = 272
-    _globals["_INFERREQUEST_INPUTSENTRY"]._serialized_end = 339
-    _globals["_INFERRESPONSE"]._serialized_start = 342
-    _globals["_INFERRESPONSE"]._serialized_end = 549
-    _globals["_INFERRESPONSE_OUTPUTSENTRY"]._serialized_start = 481
-    _globals["_INFERRESPONSE_OUTPUTSENTRY"]._serialized_end = 549
-    _globals["_LISTMODELSREQUEST"]._serialized_start = 551
-    _globals["_LISTMODELSREQUEST"]._serialized_end = 570
-    _globals["_MODELINFO"]._serialized_start = 573
-    _globals["_MODELINFO"]._serialized_end = 770
-    _globals["_LISTMODELSRESPONSE"]._serialized_start = 772
-    _globals["_LISTMODELSRESPONSE"]._serialized_end = 833
-    _globals["_HEALTHREQUEST"]._serialized_start = 835
-    _globals["_HEALTHREQUEST"]._serialized_end = 850
-    _globals["_HEALTHRESPONSE"]._serialized_start = 852
-    _globals["_HEALTHRESPONSE"]._serialized_end = 933
-    _globals["_INFERENCESERVICE"]._serialized_start = 936
-    _globals["_INFERENCESERVICE"]._serialized_end = 1170
+  DESCRIPTOR._loaded_options = None
+  _globals['_INFERREQUEST_INPUTSENTRY']._loaded_options = None
+  _globals['_INFERREQUEST_INPUTSENTRY']._serialized_options = b'8\001'
+  _globals['_INFERRESPONSE_OUTPUTSENTRY']._loaded_options = None
+  _globals['_INFERRESPONSE_OUTPUTSENTRY']._serialized_options = b'8\001'
+  _globals['_TENSOR']._serialized_start=49
+  _globals['_TENSOR']._serialized_end=101
+  _globals['_TENSORSPEC']._serialized_start=103
+  _globals['_TENSORSPEC']._serialized_end=159
+  _globals['_INFERREQUEST']._serialized_start=162
+  _globals['_INFERREQUEST']._serialized_end=339
+  _globals['_INFERREQUEST_INPUTSENTRY']._serialized_start=272
+  _globals['_INFERREQUEST_INPUTSENTRY']._serialized_end=339
+  _globals['_INFERRESPONSE']._serialized_start=342
+  _globals['_INFERRESPONSE']._serialized_end=549
+  _globals['_INFERRESPONSE_OUTPUTSENTRY']._serialized_start=481
+  _globals['_INFERRESPONSE_OUTPUTSENTRY']._serialized_end=549
+  _globals['_LISTMODELSREQUEST']._serialized_start=551
+  _globals['_LISTMODELSREQUEST']._serialized_end=570
+  _globals['_MODELINFO']._serialized_start=573
+  _globals['_MODELINFO']._serialized_end=770
+  _globals['_LISTMODELSRESPONSE']._serialized_start=772
+  _globals['_LISTMODELSRESPONSE']._serialized_end=833
+  _globals['_HEALTHREQUEST']._serialized_start=835
+  _globals['_HEALTHREQUEST']._serialized_end=850
+  _globals['_HEALTHRESPONSE']._serialized_start=852
+  _globals['_HEALTHRESPONSE']._serialized_end=933
+  _globals['_INFERENCESERVICE']._serialized_start=936
+  _globals['_INFERENCESERVICE']._serialized_end=1170
 # @@protoc_insertion_point(module_scope)
