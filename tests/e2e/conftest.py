@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.broker import Broker
+from tests.localfleet import Agent, Controller, stop_all
+
+
+@pytest.fixture
+def controller(broker: Broker, tmp_path: Path) -> Iterator[Controller]:
+    """The real controller process, initialised against the test's mosquitto."""
+    c = Controller(
+        tmp_path / "controller",
+        broker.port,
+        passwd_file=broker.passwd_file,
+        reload_command=broker.reload_command,
+    )
+    c.init()
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def agents() -> Iterator[list[Agent]]:
+    """Agents a test starts; all stopped at the end, whatever happened."""
+    started: list[Agent] = []
+    try:
+        yield started
+    finally:
+        stop_all(started)

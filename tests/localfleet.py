@@ -1,0 +1,235 @@
+"""A whole EdgeFleet on this machine: a controller process and agent processes.
+
+Used by the end-to-end tests, the demo (examples/demo.py) and the benchmarks, so
+all three drive the product exactly as an operator and a device would: the
+`edgefleet` and `edgefleet-agent` console scripts, the REST API, MQTT and the
+agents' gRPC sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import httpx
+import numpy as np
+from edgefleet_proto import inference_pb2, inference_pb2_grpc
+
+from tests.broker import free_port
+
+BIN = Path(sys.executable).parent
+T = TypeVar("T")
+
+
+def wait_until(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.1) -> T:
+    """Poll ``check`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def _log_tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+
+@dataclass
+class Controller:
+    data_dir: Path
+    broker_port: int
+    passwd_file: Path | None = None
+    reload_command: str | None = None
+    protocol: str = "v5"
+    port: int = field(default_factory=free_port)
+    token: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir.parent / f"{self.data_dir.name}.log"
+
+    def init(self, *extra: str) -> str:
+        args = [
+            str(BIN / "edgefleet"), "controller", "init", "--data-dir", str(self.data_dir),
+            "--broker-host", "127.0.0.1", "--broker-port", str(self.broker_port),
+            "--mqtt-protocol", self.protocol, *extra,
+        ]  # fmt: skip
+        if self.passwd_file is not None:
+            args += ["--mosquitto-passwd-file", str(self.passwd_file)]
+        if self.reload_command is not None:
+            args += ["--broker-reload-command", self.reload_command]
+        out = subprocess.run(args, check=True, capture_output=True, text=True)
+        self.token = out.stdout.strip().splitlines()[-1]
+        return self.token
+
+    def start(self) -> Controller:
+        if not self.token:
+            self.init()
+        with self.log_file.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(BIN / "edgefleet"), "controller", "serve", "--data-dir", str(self.data_dir),
+                 "--host", "127.0.0.1", "--port", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        wait_until(self._answers, 30, f"controller on {self.url}; log:\n{_log_tail(self.log_file)}")
+        return self
+
+    def _answers(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"controller exited {self.proc.returncode}:\n{_log_tail(self.log_file)}")
+        try:
+            return httpx.get(f"{self.url}/openapi.json", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def mqtt_password(self) -> str:
+        """The controller's own broker password, for tests that act as the controller."""
+        with (self.data_dir / "controller.toml").open("rb") as f:
+            return str(tomllib.load(f)["mqtt_password"])
+
+    def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        return httpx.request(method, f"{self.url}{path}", headers=headers, timeout=60, **kwargs)
+
+    def cli(self, *args: str, check: bool = True) -> Any:
+        """Run an operator command exactly as a user would; return its JSON output."""
+        env = {**os.environ, "EDGEFLEET_URL": self.url, "EDGEFLEET_TOKEN": self.token}
+        out = subprocess.run([str(BIN / "edgefleet"), *args], capture_output=True, text=True, env=env)
+        if check and out.returncode != 0:
+            raise RuntimeError(f"edgefleet {' '.join(args)} exited {out.returncode}: {out.stderr}")
+        return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else out
+
+
+@dataclass
+class Agent:
+    device_id: str
+    config: Path
+    data_dir: Path
+    socket: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir.parent / f"{self.device_id}.log"
+
+    def start(self) -> Agent:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(BIN / "edgefleet-agent"), "run", "--config", str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def log(self) -> str:
+        return _log_tail(self.log_file, 20000)
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(f"unix:{self.socket}")
+
+    def infer(self, inputs: dict[str, np.ndarray], tenant: str = "") -> inference_pb2.InferResponse:
+        with self.channel() as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            request = inference_pb2.InferRequest(tenant=tenant, inputs=to_tensors(inputs))
+            response: inference_pb2.InferResponse = stub.Infer(request, timeout=10)
+            return response
+
+
+def to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, inference_pb2.Tensor]:
+    return {
+        name: inference_pb2.Tensor(
+            dtype=str(a.dtype), shape=list(a.shape), data=np.ascontiguousarray(a).tobytes()
+        )
+        for name, a in arrays.items()
+    }
+
+
+def from_tensor(tensor: inference_pb2.Tensor) -> np.ndarray:
+    return np.frombuffer(tensor.data, dtype=np.dtype(tensor.dtype)).reshape(tuple(tensor.shape))
+
+
+def register_agent(
+    controller: Controller, workdir: Path, device_id: str, telemetry_interval: float = 1.0
+) -> Agent:
+    """Register a device through the operator CLI and write its agent config."""
+    data_dir = workdir / device_id
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = workdir / f"{device_id}.toml"
+    socket = data_dir / "inference.sock"
+    controller.cli(
+        "devices", "register", device_id, "--agent-config", str(config),
+        "--agent-data-dir", str(data_dir), "--agent-socket", str(socket),
+    )  # fmt: skip
+    text = config.read_text()
+    if "telemetry_interval_s" in text:
+        lines = [
+            f"telemetry_interval_s = {telemetry_interval}"
+            if line.startswith("telemetry_interval_s")
+            else line
+            for line in text.splitlines()
+        ]
+        config.write_text("\n".join(lines) + "\n")
+    else:
+        config.write_text(f"telemetry_interval_s = {telemetry_interval}\n" + text)
+    return Agent(device_id, config, data_dir, socket)
+
+
+def rollout_done(controller: Controller, rollout_id: str) -> dict[str, Any] | None:
+    rollout: dict[str, Any] = controller.api("GET", f"/v1/rollouts/{rollout_id}").json()
+    return rollout if rollout["status"] in ("succeeded", "failed") else None
+
+
+def stop_all(agents: Iterable[Agent]) -> None:
+    for agent in agents:
+        agent.stop()
