@@ -1,0 +1,201 @@
+"""Content-addressed download store: verified chunks, resumable, checked whole.
+
+Layout under ``{data_dir}``::
+
+    downloads/<digest>/manifest.pb     the controller's manifest (atomic write)
+    downloads/<digest>/artifact.part   sparse file of the artifact's final size
+    models/<digest>.<format>           verified artifacts, ready to load
+
+There is no bitmap of received chunks to get out of step with the data: which
+chunks are present is decided by hashing each chunk range of ``artifact.part``
+against ``manifest.chunk_sha256`` when a download is reopened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgefleet_proto import artifact_pb2
+from edgefleet_proto.codec import PayloadError, decode_as, encode
+
+from agent.atomic import fsync_dir, move_atomic, write_atomic
+from agent.errors import ChunkRejected, DigestMismatch, ManifestError
+
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+FORMATS = ("onnx", "tflite")
+MAX_CHUNK_SIZE = 1024 * 1024
+_READ_BLOCK = 1024 * 1024
+
+
+def valid_digest(digest: str) -> bool:
+    return bool(DIGEST_RE.match(digest))
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    return (size + chunk_size - 1) // chunk_size
+
+
+@dataclass
+class Download:
+    digest: str
+    manifest: artifact_pb2.ArtifactManifest
+    directory: Path
+    have: set[int] = field(default_factory=set)
+
+    @property
+    def part(self) -> Path:
+        return self.directory / "artifact.part"
+
+    @property
+    def chunks(self) -> int:
+        return len(self.manifest.chunk_sha256)
+
+    @property
+    def size(self) -> int:
+        return int(self.manifest.size)
+
+    def chunk_range(self, index: int) -> tuple[int, int]:
+        offset = index * self.manifest.chunk_size
+        return offset, min(self.size, offset + self.manifest.chunk_size) - offset
+
+    @property
+    def bytes_have(self) -> int:
+        return sum(self.chunk_range(i)[1] for i in self.have)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.have) == self.chunks
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.chunks) if i not in self.have]
+
+
+def validate_manifest(
+    digest: str, manifest: artifact_pb2.ArtifactManifest, expected_size: int = 0
+) -> None:
+    if manifest.digest != digest:
+        raise ManifestError(f"manifest is for digest {manifest.digest!r}, asked for {digest}")
+    if expected_size and manifest.size != expected_size:
+        raise ManifestError(f"manifest size {manifest.size} differs from the assigned size {expected_size}")
+    if not 0 < manifest.chunk_size <= MAX_CHUNK_SIZE:
+        raise ManifestError(f"manifest chunk_size {manifest.chunk_size} is not in 1..{MAX_CHUNK_SIZE}")
+    expected_chunks = chunk_count(manifest.size, manifest.chunk_size)
+    if len(manifest.chunk_sha256) != expected_chunks:
+        raise ManifestError(
+            f"manifest lists {len(manifest.chunk_sha256)} chunk hashes, size {manifest.size} "
+            f"with chunk_size {manifest.chunk_size} needs {expected_chunks}"
+        )
+    if any(len(h) != 32 for h in manifest.chunk_sha256):
+        raise ManifestError("manifest chunk_sha256 entries must be 32 raw bytes")
+    if manifest.format not in FORMATS:
+        raise ManifestError(f"manifest format {manifest.format!r} is not one of {', '.join(FORMATS)}")
+
+
+class ArtifactStore:
+    def __init__(self, data_dir: Path) -> None:
+        self.downloads_dir = Path(data_dir) / "downloads"
+        self.models_dir = Path(data_dir) / "models"
+        self.downloads_dir.mkdir(parents=True, exist_ok=True)
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+
+    def model_path(self, digest: str, fmt: str) -> Path:
+        return self.models_dir / f"{digest}.{fmt}"
+
+    def installed(self) -> dict[str, Path]:
+        found: dict[str, Path] = {}
+        for path in self.models_dir.iterdir():
+            digest, _, fmt = path.name.partition(".")
+            if valid_digest(digest) and fmt in FORMATS and path.is_file():
+                found[digest] = path
+        return found
+
+    def pending(self) -> list[str]:
+        """Digests with a download folder on disk (possibly without a manifest yet)."""
+        return sorted(p.name for p in self.downloads_dir.iterdir() if valid_digest(p.name))
+
+    def open(self, digest: str) -> Download | None:
+        """Reopen a download after a restart, re-hashing what is already on disk."""
+        directory = self.downloads_dir / digest
+        try:
+            raw = (directory / "manifest.pb").read_bytes()
+            manifest = decode_as(artifact_pb2.ArtifactManifest, raw)
+            validate_manifest(digest, manifest)
+        except (OSError, PayloadError, ManifestError):
+            self.discard(digest)
+            return None
+        download = Download(digest, manifest, directory)
+        if not download.part.exists() or download.part.stat().st_size != download.size:
+            with open(download.part, "ab") as f:
+                f.truncate(download.size)
+        with open(download.part, "rb") as f:
+            for index in range(download.chunks):
+                offset, length = download.chunk_range(index)
+                f.seek(offset)
+                if hashlib.sha256(f.read(length)).digest() == manifest.chunk_sha256[index]:
+                    download.have.add(index)
+        return download
+
+    def start(
+        self, digest: str, manifest: artifact_pb2.ArtifactManifest, expected_size: int = 0
+    ) -> Download:
+        validate_manifest(digest, manifest, expected_size)
+        free = shutil.disk_usage(self.downloads_dir).free
+        if manifest.size > free:
+            raise ManifestError(f"artifact of {manifest.size} bytes does not fit: {free} bytes free")
+        directory = self.downloads_dir / digest
+        directory.mkdir(exist_ok=True)
+        download = Download(digest, manifest, directory)
+        # Sparse: the size is reserved in the inode, blocks come with the chunks.
+        with open(download.part, "wb") as f:
+            f.truncate(download.size)
+        write_atomic(directory / "manifest.pb", encode(manifest))
+        fsync_dir(self.downloads_dir)
+        return download
+
+    def write_chunk(self, download: Download, index: int, offset: int, data: bytes) -> None:
+        if not 0 <= index < download.chunks:
+            raise ChunkRejected(f"chunk index {index} is out of range 0..{download.chunks - 1}")
+        start, length = download.chunk_range(index)
+        if offset != start:
+            raise ChunkRejected(f"chunk {index} claims offset {offset}, expected {start}")
+        if len(data) != length:
+            raise ChunkRejected(f"chunk {index} has {len(data)} bytes, expected {length}")
+        if hashlib.sha256(data).digest() != download.manifest.chunk_sha256[index]:
+            raise ChunkRejected(f"chunk {index} does not match its sha256 in the manifest")
+        fd = os.open(download.part, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, start)
+        finally:
+            os.close(fd)
+        download.have.add(index)
+
+    def finalize(self, download: Download) -> Path:
+        """Check the whole file against the digest and move it into models/."""
+        sha = hashlib.sha256()
+        with open(download.part, "rb") as f:
+            while block := f.read(_READ_BLOCK):
+                sha.update(block)
+            os.fsync(f.fileno())
+        actual = sha.hexdigest()
+        if actual != download.digest:
+            self.discard(download.digest)
+            raise DigestMismatch(
+                f"assembled artifact has sha256 {actual}, expected {download.digest}: refusing it"
+            )
+        target = self.model_path(download.digest, download.manifest.format)
+        move_atomic(download.part, target)
+        self.discard(download.digest)
+        return target
+
+    def discard(self, digest: str) -> None:
+        if valid_digest(digest):
+            shutil.rmtree(self.downloads_dir / digest, ignore_errors=True)
+
+    def remove_model(self, digest: str) -> None:
+        for fmt in FORMATS:
+            self.model_path(digest, fmt).unlink(missing_ok=True)

@@ -1,0 +1,188 @@
+"""agent.toml -> frozen dataclasses, with errors that name the file, line and field."""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgefleet_proto.topics import TopicError, validate_device_id
+
+from agent.errors import ConfigError
+
+# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str = ""
+    password: str = ""
+    protocol: str = "v5"
+    keepalive_s: int = 30
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    window: int = 8
+    request_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    max_records: int = 10000
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str
+    data_dir: Path
+    socket: Path
+    telemetry_interval_s: float
+    mqtt: MqttConfig
+    transfer: TransferConfig
+    outbox: OutboxConfig
+
+
+_TOP_KEYS = {"device_id", "data_dir", "socket", "telemetry_interval_s", "mqtt", "transfer", "outbox"}
+_SECTION_KEYS = {
+    "mqtt": {"host", "port", "username", "password", "protocol", "keepalive_s"},
+    "transfer": {"window", "request_timeout_s"},
+    "outbox": {"max_records"},
+}
+
+
+class _Source:
+    """The file text, to point an error at the line where a key is set."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+
+    def line_of(self, section: str | None, key: str) -> int | None:
+        current: str | None = None
+        pattern = re.compile(rf"^\s*\"?{re.escape(key)}\"?\s*=")
+        for number, line in enumerate(self.lines, start=1):
+            header = re.match(r"^\s*\[\s*([^\]]+?)\s*\]", line)
+            if header:
+                current = header.group(1)
+                continue
+            if current == section and pattern.match(line):
+                return number
+        return None
+
+    def error(self, section: str | None, key: str, problem: str) -> ConfigError:
+        field = f"{section}.{key}" if section else key
+        line = self.line_of(section, key)
+        where = f"{self.path}:{line}" if line else str(self.path)
+        return ConfigError(f"{where}: {field}: {problem}")
+
+
+def _get(
+    src: _Source, table: dict[str, Any], section: str | None, key: str, kind: type, default: Any = None
+) -> Any:
+    if key not in table:
+        if default is None:
+            raise src.error(section, key, "missing (required)")
+        return default
+    value = table[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        raise src.error(section, key, f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_keys(src: _Source, table: dict[str, Any], section: str | None, allowed: set[str]) -> None:
+    for key in table:
+        if key not in allowed:
+            raise src.error(section, key, f"unknown key (expected one of {', '.join(sorted(allowed))})")
+
+
+def _section(src: _Source, doc: dict[str, Any], name: str) -> dict[str, Any]:
+    table = doc.get(name, {})
+    if not isinstance(table, dict):
+        raise src.error(None, name, "expected a [table]")
+    _check_keys(src, table, name, _SECTION_KEYS[name])
+    return table
+
+
+def load_config(path: Path) -> AgentConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read agent config: {exc.strerror or exc}") from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: Path = Path("agent.toml")) -> AgentConfig:
+    src = _Source(path, text)
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    _check_keys(src, doc, None, _TOP_KEYS)
+
+    device_id = _get(src, doc, None, "device_id", str)
+    try:
+        validate_device_id(device_id)
+    except TopicError as exc:
+        raise src.error(None, "device_id", str(exc)) from None
+    data_dir = Path(_get(src, doc, None, "data_dir", str)).expanduser()
+    if not data_dir.is_absolute():
+        data_dir = (path.parent / data_dir).resolve()
+    socket = Path(_get(src, doc, None, "socket", str, str(data_dir / "inference.sock"))).expanduser()
+    if not socket.is_absolute():
+        socket = (path.parent / socket).resolve()
+    if len(str(socket).encode()) > MAX_SOCKET_PATH:
+        raise src.error(None, "socket", f"path is longer than {MAX_SOCKET_PATH} bytes: {socket}")
+    interval = _get(src, doc, None, "telemetry_interval_s", float, 10.0)
+    if not (math.isfinite(interval) and interval > 0):
+        raise src.error(None, "telemetry_interval_s", f"must be a positive number of seconds, got {interval}")
+
+    m = _section(src, doc, "mqtt")
+    mqtt = MqttConfig(
+        host=_get(src, m, "mqtt", "host", str, "127.0.0.1"),
+        port=_get(src, m, "mqtt", "port", int, 1883),
+        username=_get(src, m, "mqtt", "username", str, device_id),
+        password=_get(src, m, "mqtt", "password", str),
+        protocol=_get(src, m, "mqtt", "protocol", str, "v5"),
+        keepalive_s=_get(src, m, "mqtt", "keepalive_s", int, 30),
+    )
+    if not 1 <= mqtt.port <= 65535:
+        raise src.error("mqtt", "port", f"must be 1..65535, got {mqtt.port}")
+    if mqtt.protocol not in ("v5", "v311"):
+        raise src.error("mqtt", "protocol", f"must be 'v5' or 'v311', got {mqtt.protocol!r}")
+    if not 5 <= mqtt.keepalive_s <= 65535:
+        raise src.error("mqtt", "keepalive_s", f"must be 5..65535 seconds, got {mqtt.keepalive_s}")
+
+    t = _section(src, doc, "transfer")
+    transfer = TransferConfig(
+        window=_get(src, t, "transfer", "window", int, 8),
+        request_timeout_s=_get(src, t, "transfer", "request_timeout_s", float, 5.0),
+    )
+    if not 1 <= transfer.window <= 1024:
+        raise src.error("transfer", "window", f"must be 1..1024, got {transfer.window}")
+    if not (math.isfinite(transfer.request_timeout_s) and transfer.request_timeout_s > 0):
+        raise src.error("transfer", "request_timeout_s", f"must be positive, got {transfer.request_timeout_s}")
+
+    o = _section(src, doc, "outbox")
+    outbox = OutboxConfig(max_records=_get(src, o, "outbox", "max_records", int, 10000))
+    if outbox.max_records < 1:
+        raise src.error("outbox", "max_records", f"must be at least 1, got {outbox.max_records}")
+
+    return AgentConfig(
+        device_id=device_id,
+        data_dir=data_dir,
+        socket=socket,
+        telemetry_interval_s=interval,
+        mqtt=mqtt,
+        transfer=transfer,
+        outbox=outbox,
+    )

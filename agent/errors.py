@@ -1,0 +1,87 @@
+"""Every error the agent raises on purpose, in one hierarchy.
+
+::
+
+    AgentError                      base; ``fatal`` says whether retrying can help
+    ├── ConfigError                 agent.toml is missing, unreadable or invalid (fatal)
+    ├── StateError                  the persisted device state cannot be read or written
+    ├── ArtifactError               an artifact transfer went wrong
+    │   ├── ManifestError           the manifest does not fit what was asked (fatal)
+    │   ├── ChunkRejected           a chunk failed its sha256 or range check (transient:
+    │   │                           the chunk is requested again)
+    │   ├── DigestMismatch          the assembled file's sha256 is not the digest (fatal)
+    │   └── RemoteArtifactError     the controller answered ArtifactError (fatal)
+    ├── ModelError                  running models
+    │   ├── ModelLoadError          a model file the backend cannot load or serve (fatal)
+    │   ├── UnsupportedRuntime      no backend for the requested runtime (fatal)
+    │   └── InferenceError          a run failed inside the backend
+    │       └── InvalidInput        the caller's tensors do not fit the model
+    ├── TensorCodecError            a wire Tensor that is not a valid numpy array
+    └── OutboxError                 the on-disk outbox (sqlite) failed
+
+Third-party errors (onnxruntime, sqlite3, paho, OSError) are translated into these
+at the module boundary that sees them, so callers catch one family. A fatal error
+on an artifact is reported to the controller with the message as the reason.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    fatal = False
+
+
+class ConfigError(AgentError):
+    fatal = True
+
+
+class StateError(AgentError):
+    fatal = True
+
+
+class ArtifactError(AgentError):
+    fatal = True
+
+
+class ManifestError(ArtifactError):
+    fatal = True
+
+
+class ChunkRejected(ArtifactError):
+    fatal = False
+
+
+class DigestMismatch(ArtifactError):
+    fatal = True
+
+
+class RemoteArtifactError(ArtifactError):
+    fatal = True
+
+
+class ModelError(AgentError):
+    fatal = True
+
+
+class ModelLoadError(ModelError):
+    fatal = True
+
+
+class UnsupportedRuntime(ModelError):
+    fatal = True
+
+
+class InferenceError(ModelError):
+    fatal = False
+
+
+class InvalidInput(InferenceError):
+    fatal = False
+
+
+class TensorCodecError(AgentError):
+    fatal = False
+
+
+class OutboxError(AgentError):
+    fatal = False

@@ -1,0 +1,316 @@
+"""The pure planner of the agent: what to do next to move towards the desired state.
+
+``plan(desired, current, now) -> list[Step]`` looks at the desired state, what is
+on disk and in flight (:class:`Current`) and the monotonic clock, and returns
+frozen steps. The executor (:mod:`agent.updater`) maps each step's ``action`` to
+the function that performs it; the service loop plans, executes, plans again.
+An empty plan means converged; a plan of only :class:`Wait` steps means nothing
+can happen before the deadline or an inbound message. No I/O in this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import ClassVar
+
+from agent.artifacts import FORMATS, valid_digest
+from agent.runtime import DEFAULT_RUNTIME_FOR_FORMAT
+from agent.state import Assignment, Desired, DeviceState
+
+# Progress-only changes of the reported state are published at most this often.
+PROGRESS_REPORT_INTERVAL_S = 1.0
+
+
+class Action(StrEnum):
+    REPORT = "report"
+    FAIL = "fail"
+    ACTIVATE = "activate"
+    VERIFY = "verify"
+    REQUEST_MANIFEST = "request_manifest"
+    REQUEST_CHUNKS = "request_chunks"
+    DEACTIVATE = "deactivate"
+    MARK_APPLIED = "mark_applied"
+    COLLECT_GARBAGE = "collect_garbage"
+    WAIT = "wait"
+
+
+class Phase(StrEnum):
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    LOADING = "loading"
+    ACTIVE = "active"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    tenant: str
+    model_name: str
+    model_version: str
+    digest: str
+    phase: Phase
+    bytes_have: int = 0
+    bytes_total: int = 0
+    error: str = ""
+    rollout_id: str = ""
+
+
+@dataclass(frozen=True)
+class Report:
+    desired_generation: int
+    applied_generation: int
+    models: tuple[ModelEntry, ...]
+
+    def structure(self) -> Report:
+        """The report without byte counts: what must be published without delay."""
+        return replace(self, models=tuple(replace(m, bytes_have=0) for m in self.models))
+
+
+@dataclass(frozen=True)
+class TransferView:
+    """One artifact transfer: what is on disk and what is asked for."""
+
+    digest: str
+    has_manifest: bool = False
+    manifest_requested_at: float | None = None
+    chunks: int = 0
+    have: frozenset[int] = frozenset()
+    outstanding: Mapping[int, float] = field(default_factory=dict)
+    bytes_have: int = 0
+    bytes_total: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.has_manifest and len(self.have) == self.chunks
+
+
+@dataclass(frozen=True)
+class Current:
+    state: DeviceState
+    installed: frozenset[str] = frozenset()
+    transfers: Mapping[str, TransferView] = field(default_factory=dict)
+    connected: bool = True
+    runtimes: frozenset[str] = frozenset({"onnxruntime"})
+    reported: Report | None = None
+    reported_at: float = -math.inf
+    window: int = 8
+    request_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class Step:
+    action: ClassVar[Action]
+
+
+@dataclass(frozen=True)
+class ReportState(Step):
+    action: ClassVar[Action] = Action.REPORT
+    report: Report
+
+
+@dataclass(frozen=True)
+class Fail(Step):
+    action: ClassVar[Action] = Action.FAIL
+    assignment: Assignment
+    reason: str
+
+
+@dataclass(frozen=True)
+class Activate(Step):
+    action: ClassVar[Action] = Action.ACTIVATE
+    assignment: Assignment
+
+
+@dataclass(frozen=True)
+class Verify(Step):
+    action: ClassVar[Action] = Action.VERIFY
+    digest: str
+
+
+@dataclass(frozen=True)
+class RequestManifest(Step):
+    action: ClassVar[Action] = Action.REQUEST_MANIFEST
+    assignment: Assignment
+
+
+@dataclass(frozen=True)
+class RequestChunks(Step):
+    action: ClassVar[Action] = Action.REQUEST_CHUNKS
+    digest: str
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Deactivate(Step):
+    action: ClassVar[Action] = Action.DEACTIVATE
+    tenant: str
+
+
+@dataclass(frozen=True)
+class MarkApplied(Step):
+    action: ClassVar[Action] = Action.MARK_APPLIED
+    generation: int
+
+
+@dataclass(frozen=True)
+class CollectGarbage(Step):
+    action: ClassVar[Action] = Action.COLLECT_GARBAGE
+    digests: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Wait(Step):
+    action: ClassVar[Action] = Action.WAIT
+    until: float
+    reason: str
+
+
+def failure_reason(desired: Desired, current: Current, a: Assignment) -> str | None:
+    """Why this assignment cannot be applied in this generation, if it cannot."""
+    failure = current.state.failures.get(a.digest)
+    if failure is not None and failure.generation >= desired.generation:
+        return failure.reason
+    return None
+
+
+def precheck(a: Assignment, runtimes: frozenset[str]) -> str | None:
+    if not valid_digest(a.digest):
+        return f"artifact digest {a.digest!r} is not a lowercase hex sha256"
+    if a.format not in FORMATS:
+        return f"artifact format {a.format!r} is not one of {', '.join(FORMATS)}"
+    runtime = a.runtime or DEFAULT_RUNTIME_FOR_FORMAT.get(a.format, "")
+    if runtime not in runtimes:
+        return f"runtime {runtime!r} is not available on this device (have {', '.join(sorted(runtimes))})"
+    return None
+
+
+def build_report(desired: Desired | None, current: Current) -> Report:
+    entries: list[ModelEntry] = []
+    state = current.state
+    tenants = sorted(set(state.tenants) | {a.tenant for a in (desired.assignments if desired else ())})
+    for tenant in tenants:
+        ts = state.tenants.get(tenant)
+        active = ts.active if ts else None
+        if active is not None:
+            a = active.assignment
+            entries.append(
+                ModelEntry(
+                    tenant, a.model_name, a.model_version, a.digest, Phase.ACTIVE, a.size, a.size, "", a.rollout_id
+                )
+            )
+        want = desired.for_tenant(tenant) if desired else None
+        if want is None or (active is not None and active.assignment.digest == want.digest):
+            continue
+        entries.append(_pending_entry(desired, current, want))
+    return Report(
+        desired_generation=state.desired_generation,
+        applied_generation=state.applied_generation,
+        models=tuple(entries),
+    )
+
+
+def _pending_entry(desired: Desired | None, current: Current, a: Assignment) -> ModelEntry:
+    transfer = current.transfers.get(a.digest)
+    total = transfer.bytes_total if transfer and transfer.bytes_total else a.size
+    have = transfer.bytes_have if transfer else 0
+    error = failure_reason(desired, current, a) if desired else None
+    error = error or precheck(a, current.runtimes)
+    if error is not None:
+        phase = Phase.FAILED
+    elif a.digest in current.installed:
+        phase, have = Phase.LOADING, total
+    elif transfer is not None and transfer.complete:
+        phase, have = Phase.VERIFYING, total
+    else:
+        phase = Phase.DOWNLOADING
+    return ModelEntry(
+        a.tenant, a.model_name, a.model_version, a.digest, phase, have, total, error or "", a.rollout_id
+    )
+
+
+def _transfer_steps(a: Assignment, current: Current, now: float) -> list[Step]:
+    if not current.connected:
+        return [Wait(math.inf, "broker disconnected")]
+    t = current.transfers.get(a.digest)
+    timeout = current.request_timeout_s
+    if t is None or not t.has_manifest:
+        asked = t.manifest_requested_at if t else None
+        if asked is None or now - asked >= timeout:
+            return [RequestManifest(a)]
+        return [Wait(asked + timeout, f"manifest of {a.digest[:12]}")]
+    live = {i: at for i, at in t.outstanding.items() if now - at < timeout}
+    candidates = [i for i in range(t.chunks) if i not in t.have and i not in live]
+    free = max(0, current.window - len(live))
+    steps: list[Step] = []
+    if candidates and free:
+        steps.append(RequestChunks(a.digest, tuple(candidates[:free])))
+    if live:
+        steps.append(Wait(min(live.values()) + timeout, f"chunks of {a.digest[:12]}"))
+    return steps
+
+
+def plan(desired: Desired | None, current: Current, now: float) -> list[Step]:
+    state = current.state
+    steps: list[Step] = []
+    waits: list[Wait] = []
+    converged = desired is not None
+    seen_digests: set[str] = set()
+
+    for a in desired.assignments if desired is not None else ():
+        assert desired is not None
+        ts = state.tenants.get(a.tenant)
+        active = ts.active if ts else None
+        if active is not None and active.assignment == a:
+            continue
+        converged = False
+        if failure_reason(desired, current, a) is not None:
+            continue
+        reason = precheck(a, current.runtimes)
+        if reason is not None:
+            steps.append(Fail(a, reason))
+        elif a.digest in current.installed:
+            steps.append(Activate(a))
+        elif a.digest in seen_digests:
+            continue
+        elif (t := current.transfers.get(a.digest)) is not None and t.complete:
+            steps.append(Verify(a.digest))
+        else:
+            for step in _transfer_steps(a, current, now):
+                if isinstance(step, Wait):
+                    waits.append(step)
+                else:
+                    steps.append(step)
+        seen_digests.add(a.digest)
+
+    if desired is not None:
+        wanted = {a.tenant for a in desired.assignments}
+        steps.extend(Deactivate(t) for t in sorted(state.tenants) if t not in wanted)
+        if converged and not steps and state.applied_generation < desired.generation:
+            steps.append(MarkApplied(desired.generation))
+        if converged and not steps:
+            garbage = _garbage(desired, current)
+            if garbage:
+                steps.append(CollectGarbage(garbage))
+
+    report = build_report(desired, current)
+    if current.connected and report != current.reported:
+        progress_only = current.reported is not None and report.structure() == current.reported.structure()
+        if not progress_only or now - current.reported_at >= PROGRESS_REPORT_INTERVAL_S:
+            steps.insert(0, ReportState(report))
+        else:
+            waits.append(Wait(current.reported_at + PROGRESS_REPORT_INTERVAL_S, "progress report"))
+    return steps + _earliest(waits)
+
+
+def _earliest(waits: list[Wait]) -> list[Step]:
+    return [min(waits, key=lambda w: w.until)] if waits else []
+
+
+def _garbage(desired: Desired, current: Current) -> tuple[str, ...]:
+    keep = {a.digest for a in desired.assignments}
+    for ts in current.state.tenants.values():
+        keep.update(i.assignment.digest for i in (ts.active, ts.previous) if i is not None)
+    return tuple(sorted((set(current.installed) | set(current.transfers)) - keep))

@@ -1,0 +1,165 @@
+"""The device state that must survive a power cut, persisted as JSON by atomic writes.
+
+Per tenant the model being served (``active``) and the one before it
+(``previous``, kept on disk as the fallback), the newest desired state seen and
+the generation fully applied, and artifacts refused for good (with the reason
+reported to the controller).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from edgefleet_proto import fleet_pb2
+
+from agent.atomic import write_atomic
+from agent.errors import StateError
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One tenant's model as the controller wants it (ModelAssignment without protobuf)."""
+
+    tenant: str
+    model_name: str
+    model_version: str
+    digest: str
+    size: int = 0
+    format: str = "onnx"
+    runtime: str = "onnxruntime"
+    rollout_id: str = ""
+
+    @classmethod
+    def from_proto(cls, m: fleet_pb2.ModelAssignment) -> Assignment:
+        return cls(
+            tenant=m.tenant or "default",
+            model_name=m.model_name,
+            model_version=m.model_version,
+            digest=m.artifact_digest,
+            size=int(m.artifact_size),
+            format=m.format or "onnx",
+            runtime=m.runtime,
+            rollout_id=m.rollout_id,
+        )
+
+
+@dataclass(frozen=True)
+class Desired:
+    generation: int
+    assignments: tuple[Assignment, ...]
+
+    @classmethod
+    def from_proto(cls, d: fleet_pb2.DesiredState) -> Desired:
+        return cls(int(d.generation), tuple(Assignment.from_proto(m) for m in d.models))
+
+    def for_tenant(self, tenant: str) -> Assignment | None:
+        return next((a for a in self.assignments if a.tenant == tenant), None)
+
+
+@dataclass(frozen=True)
+class Installed:
+    assignment: Assignment
+    path: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    digest: str
+    reason: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class TenantState:
+    active: Installed | None = None
+    previous: Installed | None = None
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    desired: Desired | None = None
+    applied_generation: int = 0
+    tenants: dict[str, TenantState] = field(default_factory=dict)
+    failures: dict[str, Failure] = field(default_factory=dict)
+
+    @property
+    def desired_generation(self) -> int:
+        return self.desired.generation if self.desired else 0
+
+    def with_tenant(self, tenant: str, ts: TenantState | None) -> DeviceState:
+        tenants = dict(self.tenants)
+        if ts is None:
+            tenants.pop(tenant, None)
+        else:
+            tenants[tenant] = ts
+        return replace(self, tenants=tenants)
+
+    def with_failure(self, failure: Failure | None, digest: str = "") -> DeviceState:
+        failures = dict(self.failures)
+        if failure is None:
+            failures.pop(digest, None)
+        else:
+            failures[failure.digest] = failure
+        return replace(self, failures=failures)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> DeviceState:
+        if doc.get("version") != STATE_VERSION:
+            raise StateError(f"state version {doc.get('version')!r} is not {STATE_VERSION}")
+
+        def installed(x: dict[str, Any] | None) -> Installed | None:
+            return Installed(Assignment(**x["assignment"]), str(x["path"])) if x else None
+
+        desired = doc.get("desired")
+        return cls(
+            desired=Desired(int(desired["generation"]), tuple(Assignment(**a) for a in desired["assignments"]))
+            if desired
+            else None,
+            applied_generation=int(doc.get("applied_generation", 0)),
+            tenants={
+                t: TenantState(installed(v.get("active")), installed(v.get("previous")))
+                for t, v in doc.get("tenants", {}).items()
+            },
+            failures={d: Failure(**f) for d, f in doc.get("failures", {}).items()},
+        )
+
+
+class StateStore:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> DeviceState:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return DeviceState()
+        except OSError as exc:
+            raise StateError(f"cannot read {self.path}: {exc}") from None
+        try:
+            return DeviceState.from_json(json.loads(raw))
+        except (ValueError, TypeError, KeyError, StateError) as exc:
+            # Atomic writes make this a disk fault, not a crash artefact. Keep the
+            # evidence and start empty: the retained desired state drives the
+            # device back to where the controller wants it.
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            self.path.rename(aside)
+            log.error("state file unreadable, starting empty path=%s moved_to=%s error=%s", self.path, aside, exc)
+            return DeviceState()
+
+    def save(self, state: DeviceState) -> None:
+        try:
+            write_atomic(self.path, json.dumps(state.to_json(), indent=1, sort_keys=True).encode())
+        except OSError as exc:
+            raise StateError(f"cannot write {self.path}: {exc}") from None
