@@ -1,0 +1,115 @@
+"""The FastAPI application: routers under /v1 behind the bearer token, domain
+errors mapped to HTTP statuses, and the MQTT transport run by the lifespan."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from controller.api import devices, models, rollouts, telemetry
+from controller.api.deps import require_token
+from controller.auth import token_matches
+from controller.errors import (
+    BrokerAuthError,
+    ConflictError,
+    ControllerError,
+    InvalidInputError,
+    NotFoundError,
+    TooLargeError,
+)
+from controller.service import Controller
+from controller.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_STATUS: list[tuple[type[ControllerError], int]] = [
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (TooLargeError, 413),
+    (InvalidInputError, 422),
+    (BrokerAuthError, 503),
+]
+_UPLOAD_PATH = re.compile(r"^/v1/models/[^/]+/versions/?$")
+# Room for the multipart envelope and the small form fields around the file.
+_MULTIPART_OVERHEAD = 1024 * 1024
+
+
+def status_for(exc: ControllerError) -> int:
+    for cls, code in _STATUS:
+        if isinstance(exc, cls):
+            return code
+    return 500
+
+
+class UploadGuard:
+    """Refuses an upload before its body is read: 401 without the token, 413 when
+    Content-Length already exceeds the limit (the store enforces it again while
+    streaming, for bodies that do not declare a length)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and _UPLOAD_PATH.match(scope["path"]):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not token_matches(
+                token.strip(), self.settings.admin_token_sha256
+            ):
+                await _reply(send, 401, "missing or invalid bearer token", {"www-authenticate": "Bearer"})
+                return
+            length = headers.get("content-length", "")
+            limit = self.settings.max_upload_bytes
+            if length.isdigit() and int(length) > limit + _MULTIPART_OVERHEAD:
+                await _reply(send, 413, f"upload of {length} bytes exceeds the limit of {limit} bytes", {})
+                return
+        await self.app(scope, receive, send)
+
+
+async def _reply(send: Send, status: int, detail: str, extra: dict[str, str]) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in extra.items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: Settings, *, start_transport: bool = True) -> FastAPI:
+    controller = Controller(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if start_transport:
+            controller.start_transport()
+        try:
+            yield
+        finally:
+            controller.close()
+
+    app = FastAPI(
+        title="EdgeFleet controller",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Model registry, fleet, rollouts and telemetry. Every /v1 route needs the admin bearer token.",
+    )
+    app.state.controller = controller
+
+    @app.exception_handler(ControllerError)
+    async def controller_error(request: Request, exc: ControllerError) -> JSONResponse:
+        code = status_for(exc)
+        if code >= 500:
+            log.error("request failed method=%s path=%s error=%s", request.method, request.url.path, exc)
+        return JSONResponse(status_code=code, content={"detail": str(exc)})
+
+    for module in (models, devices, rollouts, telemetry):
+        app.include_router(module.router, prefix="/v1", dependencies=[Depends(require_token)])
+    app.add_middleware(UploadGuard, settings=settings)
+    return app

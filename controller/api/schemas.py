@@ -1,0 +1,160 @@
+"""Request (``...Create``) and response (``...Public``) bodies of the REST API.
+
+Times are Unix seconds (float); ``*_ms`` fields are the device's milliseconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class _Create(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorSpecPublic(_Public):
+    name: str
+    dtype: str
+    shape: list[int]
+
+
+class ModelVersionPublic(_Public):
+    name: str
+    version: str
+    digest: str
+    size: int
+    format: str
+    inputs: list[TensorSpecPublic]
+    outputs: list[TensorSpecPublic]
+    metadata: dict[str, Any]
+    created_at: float
+
+
+class VersionSummaryPublic(_Public):
+    version: str
+    digest: str
+    size: int
+    created_at: float
+
+
+class ModelPublic(_Public):
+    name: str
+    versions: list[VersionSummaryPublic]
+
+
+class DeviceCreate(_Create):
+    device_id: str
+    tags: list[str] = Field(default_factory=list)
+
+
+class DeviceCredentialsPublic(_Public):
+    device_id: str
+    mqtt_username: str
+    mqtt_password: str
+    broker_host: str
+    broker_port: int
+    mqtt_protocol: str
+
+
+class ModelStatePublic(_Public):
+    tenant: str
+    model_name: str
+    model_version: str
+    artifact_digest: str
+    phase: str
+    bytes_have: int
+    bytes_total: int
+    error: str
+    rollout_id: str
+
+
+class ReportedPublic(_Public):
+    desired_generation: int
+    applied_generation: int
+    models: list[ModelStatePublic]
+    agent_version: str
+    reported_at_ms: int
+
+
+class DevicePublic(_Public):
+    device_id: str
+    tags: list[str]
+    online: bool
+    last_seen: float | None
+    agent_version: str
+    desired_generation: int
+    reported: ReportedPublic | None
+    created_at: float
+
+
+class RolloutCreate(_Create):
+    model: str
+    version: str
+    devices: list[str]
+    tenant: str = "default"
+
+
+class RolloutDevicePublic(_Public):
+    device_id: str
+    status: Literal["pending", "downloading", "verifying", "loading", "active", "failed"]
+    detail: str
+    updated_at: float
+
+
+class RolloutPublic(_Public):
+    id: str
+    model: str
+    version: str
+    tenant: str
+    digest: str
+    status: Literal["in_progress", "succeeded", "failed"]
+    created_at: float
+    devices: list[RolloutDevicePublic]
+
+
+class SystemStatsPublic(_Public):
+    cpu_percent: float
+    mem_total_bytes: int
+    mem_used_bytes: int
+    mem_percent: float
+    disk_total_bytes: int
+    disk_used_bytes: int
+    disk_percent: float
+    temperature_c: float | None
+    load1: float
+
+
+class ModelStatsPublic(_Public):
+    tenant: str
+    model_name: str
+    model_version: str
+    inference_count: int
+    error_count: int
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+
+
+class TelemetryPublic(_Public):
+    received_at: float
+    window_start_ms: int
+    window_end_ms: int
+    seq: int
+    system: SystemStatsPublic
+    models: list[ModelStatsPublic]
+    outbox_dropped: int
+
+
+class EventPublic(_Public):
+    received_at: float
+    at_ms: int
+    kind: str
+    severity: str
+    message: str
+    attributes: dict[str, str]

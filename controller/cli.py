@@ -1,0 +1,300 @@
+"""``edgefleet``: the controller server and the operator's commands over REST.
+
+Operator commands print the API's JSON on stdout; a non-2xx answer prints the
+API's message on stderr and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from controller.errors import ControllerError
+from controller.files import atomic_write, dump_toml
+from controller.settings import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_UPLOAD_BYTES, PROTOCOLS
+
+log = logging.getLogger("controller.cli")
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+TIMEOUT_S = 60.0
+UPLOAD_TIMEOUT_S = 600.0
+
+
+class CommandError(Exception):
+    """An operator command failed; the message goes to stderr."""
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("EDGEFLEET_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# -- controller init / serve --------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from controller import service
+
+    data_dir = Path(args.data_dir).resolve()
+    if args.rotate_token:
+        token = service.rotate_token(data_dir)
+        print("new admin token (the old one no longer works once the server restarts):", file=sys.stderr)
+    else:
+        options = service.InitOptions(
+            broker_host=args.broker_host,
+            broker_port=args.broker_port,
+            mosquitto_passwd_file=Path(args.mosquitto_passwd_file).resolve()
+            if args.mosquitto_passwd_file
+            else None,
+            broker_reload_command=args.broker_reload_command,
+            mqtt_protocol=args.mqtt_protocol,
+            chunk_size=args.chunk_size,
+            max_upload_bytes=args.max_upload_bytes,
+        )
+        token = service.initialise(data_dir, options)
+        print(f"initialised {data_dir}; the admin bearer token follows (shown once):", file=sys.stderr)
+    print(token)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from controller import settings as settings_mod
+    from controller.api import create_app
+
+    settings = settings_mod.load(Path(args.data_dir).resolve())
+    app = create_app(settings)
+    url = f"http://{args.host}:{args.port}"
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                log.info("controller ready url=%s data_dir=%s", url, settings.data_dir)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    Server(config).run()
+    return 0
+
+
+# -- operator commands over REST ----------------------------------------------
+
+
+def _client(args: argparse.Namespace, timeout: float = TIMEOUT_S) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    return httpx.Client(base_url=args.url.rstrip("/"), headers=headers, timeout=timeout)
+
+
+def _call(args: argparse.Namespace, method: str, path: str, timeout: float = TIMEOUT_S, **kwargs: Any) -> Any:
+    try:
+        with _client(args, timeout) as client:
+            response = client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        raise CommandError(f"cannot reach the controller at {args.url}: {exc}") from None
+    if not response.is_success:
+        raise CommandError(f"{response.status_code}: {_api_message(response)}")
+    return response.json()
+
+
+def _api_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip() or response.reason_phrase
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    if isinstance(detail, list):  # FastAPI's validation errors
+        return "; ".join(
+            f"{'.'.join(str(p) for p in item.get('loc', []))}: {item.get('msg', item)}"
+            if isinstance(item, dict)
+            else str(item)
+            for item in detail
+        )
+    return detail if isinstance(detail, str) else json.dumps(detail)
+
+
+def _print(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=False))
+
+
+def cmd_models_upload(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if args.metadata is not None:
+        try:
+            json.loads(args.metadata)
+        except json.JSONDecodeError as exc:
+            raise CommandError(f"--metadata is not valid JSON: {exc}") from None
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc}") from None
+    with handle:
+        data = {"version": args.version, "metadata": args.metadata or "{}"}
+        files = {"file": (path.name, handle, "application/octet-stream")}
+        _print(
+            _call(args, "POST", f"/v1/models/{args.name}/versions", UPLOAD_TIMEOUT_S, data=data, files=files)
+        )
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    _print(_call(args, "GET", "/v1/models"))
+    return 0
+
+
+def agent_config(credentials: dict[str, Any], data_dir: str, socket: str | None) -> str:
+    doc: dict[str, Any] = {"device_id": credentials["device_id"], "data_dir": data_dir}
+    if socket:
+        doc["socket"] = socket
+    doc["mqtt"] = {
+        "host": credentials["broker_host"],
+        "port": credentials["broker_port"],
+        "username": credentials["mqtt_username"],
+        "password": credentials["mqtt_password"],
+        "protocol": credentials["mqtt_protocol"],
+    }
+    return dump_toml(doc)
+
+
+def cmd_devices_register(args: argparse.Namespace) -> int:
+    credentials = _call(
+        args, "POST", "/v1/devices", json={"device_id": args.device_id, "tags": args.tag or []}
+    )
+    if args.agent_config:
+        out = Path(args.agent_config)
+        text = agent_config(credentials, args.agent_data_dir, args.agent_socket)
+        try:
+            atomic_write(out, text.encode(), mode=0o600)
+        except OSError as exc:
+            _print(credentials)
+            raise CommandError(f"device registered but cannot write {out}: {exc}") from None
+        print(f"agent config written to {out}", file=sys.stderr)
+    _print(credentials)
+    return 0
+
+
+def cmd_devices_list(args: argparse.Namespace) -> int:
+    _print(_call(args, "GET", "/v1/devices"))
+    return 0
+
+
+def cmd_rollouts_create(args: argparse.Namespace) -> int:
+    body = {"model": args.model, "version": args.version, "devices": args.device, "tenant": args.tenant}
+    _print(_call(args, "POST", "/v1/rollouts", json=body))
+    return 0
+
+
+def cmd_rollouts_show(args: argparse.Namespace) -> int:
+    _print(_call(args, "GET", f"/v1/rollouts/{args.id}"))
+    return 0
+
+
+def cmd_telemetry(args: argparse.Namespace) -> int:
+    _print(_call(args, "GET", f"/v1/devices/{args.device}/telemetry", params={"limit": args.limit}))
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    _print(_call(args, "GET", f"/v1/devices/{args.device}/events", params={"limit": args.limit}))
+    return 0
+
+
+# -- argument parsing -----------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --url/--token are accepted before or after the command; the later one wins.
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--url", default=argparse.SUPPRESS, help="controller URL (default $EDGEFLEET_URL)")
+    remote.add_argument(
+        "--token", default=argparse.SUPPRESS, help="admin bearer token (default $EDGEFLEET_TOKEN)"
+    )
+
+    parser = argparse.ArgumentParser(prog="edgefleet", description=__doc__)
+    parser.add_argument("--url", default=os.environ.get("EDGEFLEET_URL", DEFAULT_URL))
+    parser.add_argument("--token", default=os.environ.get("EDGEFLEET_TOKEN", ""))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    controller = commands.add_parser("controller", help="run or set up the controller")
+    ctl = controller.add_subparsers(dest="action", required=True)
+    init = ctl.add_parser("init", help="create a data folder and print the admin token")
+    init.add_argument("--data-dir", required=True)
+    init.add_argument("--broker-host", default="127.0.0.1")
+    init.add_argument("--broker-port", type=int, default=1883)
+    init.add_argument("--mosquitto-passwd-file", default=None)
+    init.add_argument("--broker-reload-command", default="")
+    init.add_argument("--mqtt-protocol", choices=PROTOCOLS, default="v5")
+    init.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    init.add_argument("--max-upload-bytes", type=int, default=DEFAULT_MAX_UPLOAD_BYTES)
+    init.add_argument("--rotate-token", action="store_true", help="keep the data, print a new token")
+    init.set_defaults(func=cmd_init)
+    serve = ctl.add_parser("serve", help="serve the REST API and the MQTT transport")
+    serve.add_argument("--data-dir", required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.set_defaults(func=cmd_serve)
+
+    models = commands.add_parser("models", help="model registry").add_subparsers(dest="action", required=True)
+    upload = models.add_parser("upload", parents=[remote], help="upload an ONNX model version")
+    upload.add_argument("file")
+    upload.add_argument("--name", required=True)
+    upload.add_argument("--version", required=True)
+    upload.add_argument("--metadata", default=None, help="a JSON object")
+    upload.set_defaults(func=cmd_models_upload)
+    models.add_parser("list", parents=[remote]).set_defaults(func=cmd_models_list)
+
+    devices = commands.add_parser("devices", help="fleet").add_subparsers(dest="action", required=True)
+    register = devices.add_parser(
+        "register", parents=[remote], help="register a device, print its credentials"
+    )
+    register.add_argument("device_id")
+    register.add_argument("--tag", action="append")
+    register.add_argument("--agent-config", default=None, metavar="OUT.toml")
+    register.add_argument("--agent-data-dir", default="/var/lib/edgefleet-agent")
+    register.add_argument("--agent-socket", default=None)
+    register.set_defaults(func=cmd_devices_register)
+    devices.add_parser("list", parents=[remote]).set_defaults(func=cmd_devices_list)
+
+    rollouts = commands.add_parser("rollouts", help="rollouts").add_subparsers(dest="action", required=True)
+    create = rollouts.add_parser("create", parents=[remote], help="send a model version to devices")
+    create.add_argument("--model", required=True)
+    create.add_argument("--version", required=True)
+    create.add_argument("--device", action="append", required=True)
+    create.add_argument("--tenant", default="default")
+    create.set_defaults(func=cmd_rollouts_create)
+    show = rollouts.add_parser("show", parents=[remote])
+    show.add_argument("id")
+    show.set_defaults(func=cmd_rollouts_show)
+
+    for name, func in (("telemetry", cmd_telemetry), ("events", cmd_events)):
+        sub = commands.add_parser(name, parents=[remote], help=f"a device's {name}, newest first")
+        sub.add_argument("device")
+        sub.add_argument("--limit", type=int, default=50)
+        sub.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        code: int = args.func(args)
+    except (CommandError, ControllerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Every error the controller raises on purpose.
+
+::
+
+    ControllerError
+    ├── NotFoundError                    an id the operator named does not exist (HTTP 404)
+    │   ├── ModelNotFound
+    │   ├── DeviceNotFound
+    │   ├── RolloutNotFound
+    │   └── ArtifactNotFound
+    ├── ConflictError                    the thing already exists (HTTP 409)
+    │   ├── VersionExists
+    │   └── DeviceExists
+    ├── InvalidInputError                bad input, nothing was changed (HTTP 422)
+    │   ├── InvalidModel                 onnx.checker / onnxruntime refused the file
+    │   ├── InvalidDeviceId
+    │   └── UnknownTargets               a rollout names devices or versions that do not exist
+    ├── TooLargeError                    an upload over the configured limit (HTTP 413)
+    ├── ConfigError                      controller.toml missing or invalid (fatal at start)
+    │   └── AlreadyInitialised
+    ├── StoreError                       SQLite failed underneath us (HTTP 500)
+    │   └── DuplicateKeyError            a unique key was violated (callers raise a ConflictError)
+    └── BrokerAuthError                  the password file or the reload command failed (HTTP 503)
+
+Third-party errors (sqlite3, onnx, onnxruntime, paho, subprocess) are translated
+into these at the module that calls the library; nothing above that module sees
+them.
+"""
+
+from __future__ import annotations
+
+
+class ControllerError(Exception):
+    """Base of every deliberate controller error; ``str(exc)`` is the operator's message."""
+
+
+class NotFoundError(ControllerError):
+    pass
+
+
+class ModelNotFound(NotFoundError):
+    pass
+
+
+class DeviceNotFound(NotFoundError):
+    pass
+
+
+class RolloutNotFound(NotFoundError):
+    pass
+
+
+class ArtifactNotFound(NotFoundError):
+    pass
+
+
+class ConflictError(ControllerError):
+    pass
+
+
+class VersionExists(ConflictError):
+    pass
+
+
+class DeviceExists(ConflictError):
+    pass
+
+
+class InvalidInputError(ControllerError):
+    pass
+
+
+class InvalidModel(InvalidInputError):
+    pass
+
+
+class InvalidDeviceId(InvalidInputError):
+    pass
+
+
+class UnknownTargets(InvalidInputError):
+    pass
+
+
+class TooLargeError(ControllerError):
+    pass
+
+
+class ConfigError(ControllerError):
+    pass
+
+
+class AlreadyInitialised(ConfigError):
+    pass
+
+
+class StoreError(ControllerError):
+    pass
+
+
+class DuplicateKeyError(StoreError):
+    pass
+
+
+class BrokerAuthError(ControllerError):
+    pass

@@ -1,0 +1,261 @@
+"""Devices: registration and MQTT credentials, tags, and what each device last said.
+
+A device's password is generated here, returned once, and only its mosquitto
+hash is stored. Every change of the device list rewrites the broker's password
+file. Reported state and online status arrive from the transport; older
+messages than the ones already stored (a retained copy replayed late) are
+ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from edgefleet_proto import fleet_pb2
+from edgefleet_proto.topics import TopicError, validate_device_id
+
+from controller.errors import (
+    BrokerAuthError,
+    DeviceExists,
+    DeviceNotFound,
+    DuplicateKeyError,
+    InvalidDeviceId,
+    InvalidInputError,
+)
+from controller.mosquitto_auth import BrokerAuth, generate_password, hash_password
+from controller.settings import Settings
+from controller.store import Store
+
+log = logging.getLogger(__name__)
+
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,63}$")
+MAX_TAGS = 32
+
+
+def phase_name(phase: int) -> str:
+    """``MODEL_PHASE_ACTIVE`` -> ``active``: the API's spelling of a phase."""
+    return fleet_pb2.ModelPhase.Name(phase).removeprefix("MODEL_PHASE_").lower()  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ModelState:
+    tenant: str
+    model_name: str
+    model_version: str
+    artifact_digest: str
+    phase: str
+    bytes_have: int
+    bytes_total: int
+    error: str
+    rollout_id: str = ""
+
+
+@dataclass(frozen=True)
+class Reported:
+    desired_generation: int
+    applied_generation: int
+    models: list[ModelState] = field(default_factory=list)
+    agent_version: str = ""
+    reported_at_ms: int = 0
+
+    @classmethod
+    def from_proto(cls, msg: fleet_pb2.ReportedState) -> Reported:
+        return cls(
+            desired_generation=msg.desired_generation,
+            applied_generation=msg.applied_generation,
+            agent_version=msg.agent_version,
+            reported_at_ms=msg.reported_at_ms,
+            models=[
+                ModelState(
+                    tenant=m.tenant or "default",
+                    model_name=m.model_name,
+                    model_version=m.model_version,
+                    artifact_digest=m.artifact_digest,
+                    phase=phase_name(m.phase),
+                    bytes_have=m.bytes_have,
+                    bytes_total=m.bytes_total,
+                    error=m.error,
+                    rollout_id=m.rollout_id,
+                )
+                for m in msg.models
+            ],
+        )
+
+    @classmethod
+    def from_json(cls, raw: str) -> Reported:
+        data = json.loads(raw)
+        data["models"] = [ModelState(**m) for m in data["models"]]
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: str
+    tags: list[str]
+    created_at: float
+    online: bool
+    last_seen: float | None
+    agent_version: str
+    reported: Reported | None
+    reported_received_at: float | None
+    desired_generation: int
+
+
+@dataclass(frozen=True)
+class Credentials:
+    device_id: str
+    mqtt_username: str
+    mqtt_password: str
+    broker_host: str
+    broker_port: int
+    mqtt_protocol: str
+
+
+def validate_tags(tags: Sequence[str]) -> list[str]:
+    if len(tags) > MAX_TAGS:
+        raise InvalidInputError(f"at most {MAX_TAGS} tags, got {len(tags)}")
+    for tag in tags:
+        if not _TAG.match(tag):
+            raise InvalidInputError(
+                f"invalid tag {tag!r}: use 1-64 letters, digits, '_', '.', ':', '=', '/', '-'"
+            )
+    return sorted(set(tags))
+
+
+def _device_from_row(row: dict[str, Any]) -> Device:
+    return Device(
+        device_id=row["device_id"],
+        tags=json.loads(row["tags"]),
+        created_at=row["created_at"],
+        online=bool(row["online"]),
+        last_seen=row["last_seen"],
+        agent_version=row["agent_version"],
+        reported=Reported.from_json(row["reported"]) if row["reported"] else None,
+        reported_received_at=row["reported_received_at"],
+        desired_generation=row["desired_generation"],
+    )
+
+
+class Fleet:
+    def __init__(self, store: Store, settings: Settings, broker_auth: BrokerAuth) -> None:
+        self.store = store
+        self.settings = settings
+        self.broker_auth = broker_auth
+
+    def register(self, device_id: str, tags: Sequence[str] = ()) -> Credentials:
+        try:
+            validate_device_id(device_id)
+        except TopicError as exc:
+            raise InvalidDeviceId(str(exc)) from None
+        if device_id == self.settings.mqtt_username:
+            raise InvalidDeviceId(f"device id {device_id!r} is reserved for the controller's MQTT user")
+        clean_tags = validate_tags(tags)
+        password = generate_password()
+        try:
+            self.store.execute(
+                "INSERT INTO devices (device_id, tags, password_hash, created_at) VALUES (?, ?, ?, ?)",
+                (device_id, json.dumps(clean_tags), hash_password(password), time.time()),
+            )
+        except DuplicateKeyError:
+            raise DeviceExists(f"device {device_id} is already registered") from None
+        try:
+            self.sync_broker()
+        except BrokerAuthError:
+            # Without broker credentials the device could never connect: undo.
+            self.store.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
+            log.error("device registration undone device=%s reason=broker credentials not applied", device_id)
+            raise
+        log.info("device registered device=%s tags=%s", device_id, ",".join(clean_tags))
+        return Credentials(
+            device_id=device_id,
+            mqtt_username=device_id,
+            mqtt_password=password,
+            broker_host=self.settings.broker_host,
+            broker_port=self.settings.broker_port,
+            mqtt_protocol=self.settings.mqtt_protocol,
+        )
+
+    def password_entries(self) -> list[tuple[str, str]]:
+        rows = self.store.query("SELECT device_id, password_hash FROM devices ORDER BY device_id")
+        return [(self.settings.mqtt_username, self.settings.mqtt_password_hash)] + [
+            (r["device_id"], r["password_hash"]) for r in rows
+        ]
+
+    def sync_broker(self) -> None:
+        self.broker_auth.sync(self.password_entries())
+
+    def get(self, device_id: str) -> Device:
+        row = self.store.query_one("SELECT * FROM devices WHERE device_id = ?", (device_id,))
+        if row is None:
+            raise DeviceNotFound(f"unknown device {device_id}")
+        return _device_from_row(row)
+
+    def all(self) -> list[Device]:
+        return [_device_from_row(r) for r in self.store.query("SELECT * FROM devices ORDER BY device_id")]
+
+    def known(self, device_ids: Sequence[str]) -> set[str]:
+        if not device_ids:
+            return set()
+        marks = ",".join("?" * len(device_ids))
+        rows = self.store.query(
+            f"SELECT device_id FROM devices WHERE device_id IN ({marks})", list(device_ids)
+        )
+        return {r["device_id"] for r in rows}
+
+    def is_known(self, device_id: str) -> bool:
+        return bool(self.known([device_id]))
+
+    def touch(self, device_id: str, seen_at: float) -> None:
+        self.store.execute(
+            "UPDATE devices SET last_seen = max(coalesce(last_seen, 0), ?) WHERE device_id = ?",
+            (seen_at, device_id),
+        )
+
+    def record_reported(self, device_id: str, msg: fleet_pb2.ReportedState, received_at: float) -> bool:
+        """Store the newest reported state; False when ``msg`` is older than what is stored."""
+        reported = Reported.from_proto(msg)
+        changed = self.store.execute(
+            "UPDATE devices SET reported = ?, reported_at_ms = ?, reported_received_at = ?"
+            " WHERE device_id = ? AND (reported_at_ms <= ? OR ? = 0)",
+            (
+                json.dumps(asdict(reported)),
+                msg.reported_at_ms,
+                received_at,
+                device_id,
+                msg.reported_at_ms,
+                msg.reported_at_ms,
+            ),
+        )
+        if changed:
+            log.info(
+                "reported state device=%s desired_generation=%d applied_generation=%d models=%s",
+                device_id,
+                msg.desired_generation,
+                msg.applied_generation,
+                ";".join(f"{m.tenant}:{m.model_name}@{m.model_version}={m.phase}" for m in reported.models),
+            )
+        return bool(changed)
+
+    def record_status(self, device_id: str, msg: fleet_pb2.DeviceStatus) -> bool:
+        changed = self.store.execute(
+            "UPDATE devices SET online = ?, status_at_ms = ?, agent_version = ?"
+            " WHERE device_id = ? AND (status_at_ms <= ? OR ? = 0)",
+            (int(msg.online), msg.at_ms, msg.agent_version, device_id, msg.at_ms, msg.at_ms),
+        )
+        if changed:
+            log.info(
+                "device status device=%s online=%s agent_version=%s", device_id, msg.online, msg.agent_version
+            )
+        return bool(changed)
+
+    def desired_states(self) -> list[tuple[str, bytes]]:
+        rows = self.store.query(
+            "SELECT device_id, desired FROM devices WHERE desired IS NOT NULL ORDER BY device_id"
+        )
+        return [(r["device_id"], bytes(r["desired"])) for r in rows]

@@ -1,0 +1,103 @@
+"""The controller assembled: settings, store, artifacts, registry, fleet, rollouts,
+telemetry and the MQTT transport, plus first-time initialisation of a data folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from controller import settings as settings_mod
+from controller.artifacts import ArtifactStore
+from controller.auth import generate_token, hash_token
+from controller.errors import AlreadyInitialised
+from controller.fleet import Fleet
+from controller.mosquitto_auth import BrokerAuth, generate_password, hash_password
+from controller.registry import Registry
+from controller.rollouts import Rollouts
+from controller.settings import Settings
+from controller.store import Store
+from controller.telemetry import TelemetryStore
+from controller.transport import Transport
+
+log = logging.getLogger(__name__)
+
+
+class Controller:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store(settings.db_path)
+        self.artifacts = ArtifactStore(settings.artifacts_dir, settings.chunk_size)
+        self.broker_auth = BrokerAuth(settings.passwd_file, settings.broker_reload_command)
+        self.registry = Registry(self.store, self.artifacts, settings.max_upload_bytes)
+        self.fleet = Fleet(self.store, settings, self.broker_auth)
+        self.rollouts = Rollouts(self.store, self.registry, self.fleet)
+        self.telemetry = TelemetryStore(self.store)
+        self.transport: Transport | None = None
+
+    def start_transport(self) -> Transport:
+        transport = Transport(self.settings, self.fleet, self.telemetry, self.artifacts)
+        self.rollouts.publisher = transport
+        self.transport = transport
+        transport.start()
+        return transport
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.stop()
+            self.rollouts.publisher = None
+            self.transport = None
+        self.store.close()
+
+
+@dataclass(frozen=True)
+class InitOptions:
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    mosquitto_passwd_file: Path | None = None
+    broker_reload_command: str = ""
+    mqtt_protocol: str = "v5"
+    chunk_size: int = settings_mod.DEFAULT_CHUNK_SIZE
+    max_upload_bytes: int = settings_mod.DEFAULT_MAX_UPLOAD_BYTES
+
+
+def initialise(data_dir: Path, options: InitOptions) -> str:
+    """Create a data folder and its broker password file; return the admin token (shown once)."""
+    if settings_mod.is_initialised(data_dir):
+        raise AlreadyInitialised(f"{data_dir} is already initialised (use --rotate-token for a new token)")
+    token = generate_token()
+    mqtt_password = generate_password()
+    settings = Settings(
+        data_dir=data_dir,
+        mqtt_password=mqtt_password,
+        mqtt_password_hash=hash_password(mqtt_password),
+        admin_token_sha256=hash_token(token),
+        broker_host=options.broker_host,
+        broker_port=options.broker_port,
+        mqtt_protocol=options.mqtt_protocol,
+        mosquitto_passwd_file=options.mosquitto_passwd_file,
+        broker_reload_command=options.broker_reload_command,
+        chunk_size=options.chunk_size,
+        max_upload_bytes=options.max_upload_bytes,
+    )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    controller = Controller(settings)
+    try:
+        controller.fleet.sync_broker()
+    finally:
+        controller.close()
+    # Written last: a folder whose broker setup failed is not "initialised".
+    settings_mod.save(settings)
+    log.info(
+        "controller initialised data_dir=%s broker=%s:%d", data_dir, options.broker_host, options.broker_port
+    )
+    return token
+
+
+def rotate_token(data_dir: Path) -> str:
+    settings = settings_mod.load(data_dir)
+    token = generate_token()
+    settings_mod.save(settings.with_changes(admin_token_sha256=hash_token(token)))
+    log.info("admin token rotated data_dir=%s", data_dir)
+    return token

@@ -1,0 +1,151 @@
+"""SQLite storage (WAL) through sqlite-utils: the schema and a thread-safe handle.
+
+One connection, shared by the API's worker threads and the MQTT transport's
+worker, serialised by a lock. Writes that belong together go through
+:meth:`Store.transaction`. sqlite3 errors become :class:`StoreError` here (a violated constraint
+:class:`DuplicateKeyError`, which the owning module turns into a conflict).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from controller.errors import DuplicateKeyError, StoreError
+
+Params = Sequence[Any] | dict[str, Any]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT PRIMARY KEY,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS model_versions (
+    name TEXT NOT NULL REFERENCES models(name),
+    version TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    format TEXT NOT NULL,
+    inputs TEXT NOT NULL,
+    outputs TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    tags TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    online INTEGER NOT NULL DEFAULT 0,
+    status_at_ms INTEGER NOT NULL DEFAULT 0,
+    agent_version TEXT NOT NULL DEFAULT '',
+    last_seen REAL,
+    reported TEXT,
+    reported_at_ms INTEGER NOT NULL DEFAULT 0,
+    reported_received_at REAL,
+    desired_generation INTEGER NOT NULL DEFAULT 0,
+    desired BLOB
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollout_devices (
+    rollout_id TEXT NOT NULL REFERENCES rollouts(id),
+    device_id TEXT NOT NULL REFERENCES devices(device_id),
+    generation INTEGER NOT NULL,
+    PRIMARY KEY (rollout_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS telemetry (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL REFERENCES devices(device_id),
+    received_at REAL NOT NULL,
+    seq INTEGER NOT NULL,
+    window_start_ms INTEGER NOT NULL,
+    window_end_ms INTEGER NOT NULL,
+    system TEXT NOT NULL,
+    models TEXT NOT NULL,
+    outbox_dropped INTEGER NOT NULL
+);
+-- The agent's outbox delivers at least once: a resent window is the same record.
+CREATE UNIQUE INDEX IF NOT EXISTS telemetry_once ON telemetry (device_id, seq, window_start_ms);
+CREATE INDEX IF NOT EXISTS telemetry_newest ON telemetry (device_id, window_end_ms, id);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL REFERENCES devices(device_id),
+    received_at REAL NOT NULL,
+    at_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    message TEXT NOT NULL,
+    attributes TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_newest ON events (device_id, at_ms, id);
+"""
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        try:
+            conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
+            self.db = sqlite_utils.Database(conn)
+            self.db.enable_wal()
+            self.db.execute("PRAGMA foreign_keys = ON")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {path}: {exc}") from None
+
+    @contextmanager
+    def transaction(self) -> Iterator[Store]:
+        """Everything inside commits together or not at all; nested blocks are savepoints."""
+        with self._lock:
+            try:
+                with self.db.atomic():
+                    yield self
+            except sqlite3.IntegrityError as exc:
+                raise DuplicateKeyError(f"constraint failed: {exc}") from None
+            except sqlite3.Error as exc:
+                raise StoreError(f"database error: {exc}") from None
+
+    def execute(self, sql: str, params: Params = ()) -> int:
+        """Run one write statement; returns the rowcount."""
+        with self._lock:
+            try:
+                return self.db.execute(sql, params).rowcount
+            except sqlite3.IntegrityError as exc:
+                raise DuplicateKeyError(f"constraint failed: {exc}") from None
+            except sqlite3.Error as exc:
+                raise StoreError(f"database error: {exc}") from None
+
+    def query(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            try:
+                return list(self.db.query(sql, params))
+            except sqlite3.Error as exc:
+                raise StoreError(f"database error: {exc}") from None
+
+    def query_one(self, sql: str, params: Params = ()) -> dict[str, Any] | None:
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+    def journal_mode(self) -> str:
+        row = self.query_one("PRAGMA journal_mode")
+        return str(row["journal_mode"]) if row else ""
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()

@@ -1,0 +1,153 @@
+"""Telemetry windows and device events: ingest from MQTT, read back newest first."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from edgefleet_proto import fleet_pb2
+
+from controller.store import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class TelemetryRecord:
+    received_at: float
+    window_start_ms: int
+    window_end_ms: int
+    seq: int
+    system: dict[str, Any]
+    models: list[dict[str, Any]]
+    outbox_dropped: int
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    received_at: float
+    at_ms: int
+    kind: str
+    severity: str
+    message: str
+    attributes: dict[str, str]
+
+
+def system_dict(stats: fleet_pb2.SystemStats) -> dict[str, Any]:
+    return {
+        "cpu_percent": stats.cpu_percent,
+        "mem_total_bytes": stats.mem_total_bytes,
+        "mem_used_bytes": stats.mem_used_bytes,
+        "mem_percent": stats.mem_percent,
+        "disk_total_bytes": stats.disk_total_bytes,
+        "disk_used_bytes": stats.disk_used_bytes,
+        "disk_percent": stats.disk_percent,
+        "temperature_c": stats.temperature_c if stats.HasField("temperature_c") else None,
+        "load1": stats.load1,
+    }
+
+
+def model_stats_dict(stats: fleet_pb2.ModelStats) -> dict[str, Any]:
+    return {
+        "tenant": stats.tenant,
+        "model_name": stats.model_name,
+        "model_version": stats.model_version,
+        "inference_count": stats.inference_count,
+        "error_count": stats.error_count,
+        "latency_p50_ms": stats.latency_p50_ms,
+        "latency_p95_ms": stats.latency_p95_ms,
+        "latency_p99_ms": stats.latency_p99_ms,
+    }
+
+
+def clamp_limit(limit: int) -> int:
+    return max(1, min(limit, MAX_LIMIT))
+
+
+class TelemetryStore:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def ingest_telemetry(self, device_id: str, msg: fleet_pb2.Telemetry, received_at: float) -> bool:
+        """Store one window; False for a window already stored (an outbox resend)."""
+        added = self.store.execute(
+            "INSERT OR IGNORE INTO telemetry (device_id, received_at, seq, window_start_ms, window_end_ms,"
+            " system, models, outbox_dropped) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                device_id,
+                received_at,
+                msg.seq,
+                msg.window_start_ms,
+                msg.window_end_ms,
+                json.dumps(system_dict(msg.system)),
+                json.dumps([model_stats_dict(m) for m in msg.models]),
+                msg.outbox_dropped,
+            ),
+        )
+        log.debug("telemetry device=%s seq=%d stored=%s", device_id, msg.seq, bool(added))
+        return bool(added)
+
+    def ingest_event(self, device_id: str, msg: fleet_pb2.Event, received_at: float) -> None:
+        self.store.execute(
+            "INSERT INTO events (device_id, received_at, at_ms, kind, severity, message, attributes)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                device_id,
+                received_at,
+                msg.at_ms,
+                msg.kind,
+                msg.severity,
+                msg.message,
+                json.dumps(dict(sorted(msg.attributes.items()))),
+            ),
+        )
+        level = {"error": logging.ERROR, "warning": logging.WARNING}.get(msg.severity, logging.INFO)
+        log.log(
+            level,
+            "device event device=%s kind=%s severity=%s message=%r %s",
+            device_id,
+            msg.kind,
+            msg.severity,
+            msg.message,
+            " ".join(f"{k}={v}" for k, v in sorted(msg.attributes.items())),
+        )
+
+    def telemetry(self, device_id: str, limit: int = DEFAULT_LIMIT) -> list[TelemetryRecord]:
+        rows = self.store.query(
+            "SELECT * FROM telemetry WHERE device_id = ? ORDER BY window_end_ms DESC, id DESC LIMIT ?",
+            (device_id, clamp_limit(limit)),
+        )
+        return [
+            TelemetryRecord(
+                received_at=r["received_at"],
+                window_start_ms=r["window_start_ms"],
+                window_end_ms=r["window_end_ms"],
+                seq=r["seq"],
+                system=json.loads(r["system"]),
+                models=json.loads(r["models"]),
+                outbox_dropped=r["outbox_dropped"],
+            )
+            for r in rows
+        ]
+
+    def events(self, device_id: str, limit: int = DEFAULT_LIMIT) -> list[EventRecord]:
+        rows = self.store.query(
+            "SELECT * FROM events WHERE device_id = ? ORDER BY at_ms DESC, id DESC LIMIT ?",
+            (device_id, clamp_limit(limit)),
+        )
+        return [
+            EventRecord(
+                received_at=r["received_at"],
+                at_ms=r["at_ms"],
+                kind=r["kind"],
+                severity=r["severity"],
+                message=r["message"],
+                attributes=json.loads(r["attributes"]),
+            )
+            for r in rows
+        ]

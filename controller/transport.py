@@ -1,0 +1,376 @@
+"""The controller's MQTT session (paho-mqtt 2.x).
+
+Paho's network thread only parses topics and decodes payloads; the work goes
+to two worker threads (state and telemetry on one, artifact chunks on the
+other, so a fleet downloading does not delay reported state). Nothing raised
+by a message escapes a callback: a bad message is logged with its device and
+topic and dropped.
+
+The session reconnects with jittered exponential backoff and, on every
+(re)connect, republishes each device's desired state: the broker may have
+lost its retained messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from edgefleet_proto import artifact_pb2, fleet_pb2
+from edgefleet_proto.codec import PayloadError, decode, encode
+from edgefleet_proto.topics import Kind, Topic, TopicError, fleet_subscription
+from google.protobuf.message import Message
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from controller.artifacts import ArtifactStore
+from controller.errors import ArtifactNotFound, ControllerError
+from controller.fleet import Fleet
+from controller.settings import Settings
+from controller.telemetry import TelemetryStore
+
+log = logging.getLogger(__name__)
+
+INBOUND = (Kind.REPORTED, Kind.STATUS, Kind.TELEMETRY, Kind.EVENTS, Kind.ARTIFACT_REQUEST)
+QOS = 1
+KEEPALIVE_S = 30
+SESSION_EXPIRY_S = 7 * 24 * 3600
+MAX_QUEUED_JOBS = 100_000
+# A well-behaved agent keeps `window` (default 8) chunks outstanding.
+MAX_INDICES_PER_REQUEST = 64
+
+
+def backoff_delay(attempt: int, rng: Callable[[float, float], float] = random.uniform) -> float:
+    """Seconds to wait before reconnect ``attempt`` (1-based), jittered, capped near 58 s."""
+    return rng(0, 1.5 ** min(10, attempt))
+
+
+@dataclass(frozen=True)
+class Inbound:
+    topic: Topic
+    message: Message
+    received_at: float
+    retained: bool
+
+
+@dataclass(frozen=True)
+class Republish:
+    reason: str
+
+
+Job = Inbound | Republish | None
+
+
+class Transport:
+    def __init__(
+        self, settings: Settings, fleet: Fleet, telemetry: TelemetryStore, artifacts: ArtifactStore
+    ) -> None:
+        self.settings = settings
+        self.fleet = fleet
+        self.telemetry = telemetry
+        self.artifacts = artifacts
+        self.connected = threading.Event()
+        self._stopping = threading.Event()
+        self._v5 = settings.mqtt_protocol == "v5"
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=settings.mqtt_client_id,
+            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+            clean_session=None if self._v5 else False,
+        )
+        self._client.username_pw_set(settings.mqtt_username, settings.mqtt_password)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+        self._client.on_subscribe = self._on_subscribe
+        self._state_jobs: queue.Queue[Job] = queue.Queue(MAX_QUEUED_JOBS)
+        self._artifact_jobs: queue.Queue[Job] = queue.Queue(MAX_QUEUED_JOBS)
+        self._acks_lock = threading.Lock()
+        self._inflight: dict[int, Topic] = {}
+        self._early_acks: dict[int, ReasonCode] = {}
+        self._attempt = 0
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopping.clear()
+        self._threads = [
+            threading.Thread(target=self._run_network, name="mqtt-network", daemon=True),
+            threading.Thread(
+                target=self._run_worker, args=(self._state_jobs,), name="mqtt-state", daemon=True
+            ),
+            threading.Thread(
+                target=self._run_worker, args=(self._artifact_jobs,), name="mqtt-artifacts", daemon=True
+            ),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        try:
+            self._client.disconnect()
+        except Exception as exc:  # paho may raise on a half-open socket; we are leaving anyway
+            log.debug("mqtt disconnect failed error=%s", exc)
+        self._state_jobs.put(None)
+        self._artifact_jobs.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
+        self.connected.clear()
+        log.info("mqtt transport stopped")
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def _run_network(self) -> None:
+        host, port = self.settings.broker_host, self.settings.broker_port
+        while not self._stopping.is_set():
+            try:
+                if self._v5:
+                    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                    props.SessionExpiryInterval = SESSION_EXPIRY_S
+                    self._client.connect(host, port, KEEPALIVE_S, clean_start=False, properties=props)
+                else:
+                    self._client.connect(host, port, KEEPALIVE_S)
+                while not self._stopping.is_set():
+                    if self._client.loop(timeout=0.5) != mqtt.MQTT_ERR_SUCCESS:
+                        break
+            except Exception as exc:  # socket errors and anything paho raises: retry
+                log.warning("mqtt connection failed broker=%s:%d error=%s", host, port, exc)
+            self.connected.clear()
+            if self._stopping.is_set():
+                break
+            self._attempt += 1
+            delay = backoff_delay(self._attempt)
+            log.info("mqtt reconnecting broker=%s:%d attempt=%d in_s=%.2f", host, port, self._attempt, delay)
+            self._stopping.wait(delay)
+
+    # -- paho callbacks (network thread): no disk I/O, no exceptions out ----
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
+    ) -> None:
+        if reason_code.is_failure:
+            log.error(
+                "broker refused the connection broker=%s:%d user=%s reason=%s",
+                self.settings.broker_host,
+                self.settings.broker_port,
+                self.settings.mqtt_username,
+                reason_code,
+            )
+            return
+        self._attempt = 0
+        log.info(
+            "mqtt connected broker=%s:%d protocol=%s session_present=%s",
+            self.settings.broker_host,
+            self.settings.broker_port,
+            self.settings.mqtt_protocol,
+            getattr(flags, "session_present", None),
+        )
+        try:
+            client.subscribe([(fleet_subscription(kind), QOS) for kind in INBOUND])
+            self._enqueue(self._state_jobs, Republish(reason="connected"))
+        except Exception:
+            log.exception("mqtt subscribe after connect failed")
+        self.connected.set()
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
+    ) -> None:
+        self.connected.clear()
+        if not self._stopping.is_set():
+            log.warning("mqtt disconnected reason=%s", reason_code)
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode], properties: Any
+    ) -> None:
+        for kind, code in zip(INBOUND, reason_codes, strict=False):
+            if code.is_failure:
+                log.error("mqtt subscription refused topic=%s reason=%s", fleet_subscription(kind), code)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._accept(msg)
+        except Exception:
+            log.exception("mqtt message dropped topic=%s", msg.topic)
+
+    def _accept(self, msg: mqtt.MQTTMessage) -> None:
+        try:
+            topic = Topic.parse(msg.topic)
+        except TopicError as exc:
+            log.warning("mqtt message ignored topic=%s reason=%s", msg.topic, exc)
+            return
+        if topic.kind not in INBOUND:
+            log.warning(
+                "mqtt message ignored device=%s topic=%s reason=unexpected kind", topic.device_id, msg.topic
+            )
+            return
+        if not msg.payload:
+            # An empty retained payload only clears the broker's copy.
+            log.info("empty payload ignored device=%s topic=%s", topic.device_id, msg.topic)
+            return
+        try:
+            message = decode(topic.kind, bytes(msg.payload))
+        except PayloadError as exc:
+            log.warning("payload rejected device=%s topic=%s reason=%s", topic.device_id, msg.topic, exc)
+            return
+        job = Inbound(topic=topic, message=message, received_at=time.time(), retained=bool(msg.retain))
+        target = self._artifact_jobs if topic.kind is Kind.ARTIFACT_REQUEST else self._state_jobs
+        self._enqueue(target, job)
+
+    def _enqueue(self, jobs: queue.Queue[Job], job: Job) -> None:
+        try:
+            jobs.put_nowait(job)
+        except queue.Full:
+            log.error("controller overloaded, message dropped job=%s", job)
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason_code: ReasonCode, properties: Any
+    ) -> None:
+        try:
+            with self._acks_lock:
+                topic = self._inflight.pop(mid, None)
+                if topic is None:
+                    self._early_acks[mid] = reason_code
+                    return
+            self._check_ack(topic, reason_code)
+        except Exception:
+            log.exception("puback handling failed mid=%d", mid)
+
+    # -- publishing ------------------------------------------------------
+
+    def publish_desired(self, device_id: str, payload: bytes) -> None:
+        self._publish(Topic(device_id, Kind.DESIRED), payload, retain=True)
+
+    def _publish(self, topic: Topic, payload: bytes, retain: bool) -> None:
+        info = self._client.publish(str(topic), payload, qos=QOS, retain=retain)
+        if info.rc == mqtt.MQTT_ERR_NO_CONN:
+            log.warning("broker not connected, publish queued device=%s topic=%s", topic.device_id, topic)
+        elif info.rc != mqtt.MQTT_ERR_SUCCESS:
+            log.error(
+                "mqtt publish failed device=%s topic=%s error=%s",
+                topic.device_id,
+                topic,
+                mqtt.error_string(info.rc),
+            )
+            return
+        with self._acks_lock:
+            early = self._early_acks.pop(info.mid, None)
+            if early is None:
+                self._inflight[info.mid] = topic
+                return
+        self._check_ack(topic, early)
+
+    def _check_ack(self, topic: Topic, reason_code: ReasonCode) -> None:
+        if reason_code.is_failure:
+            level = logging.ERROR if topic.kind is Kind.DESIRED else logging.WARNING
+            log.log(
+                level,
+                "broker refused publish device=%s topic=%s reason=%s",
+                topic.device_id,
+                topic,
+                reason_code,
+            )
+
+    # -- workers -----------------------------------------------------------
+
+    def _run_worker(self, jobs: queue.Queue[Job]) -> None:
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            try:
+                if isinstance(job, Republish):
+                    self._republish_desired(job.reason)
+                else:
+                    self._handle(job)
+            except Exception:
+                device = job.topic.device_id if isinstance(job, Inbound) else "-"
+                log.exception("message handling failed device=%s job=%s", device, job)
+
+    def _republish_desired(self, reason: str) -> None:
+        states = self.fleet.desired_states()
+        for device_id, payload in states:
+            self.publish_desired(device_id, payload)
+        log.info("desired states republished count=%d reason=%s", len(states), reason)
+
+    def _handle(self, job: Inbound) -> None:
+        device_id, kind = job.topic.device_id, job.topic.kind
+        if not self.fleet.is_known(device_id):
+            log.warning("message from unknown device ignored device=%s topic=%s", device_id, job.topic)
+            return
+        claimed = getattr(job.message, "device_id", "")
+        if claimed and claimed != device_id:
+            log.warning(
+                "payload rejected device=%s topic=%s reason=payload names device %r",
+                device_id,
+                job.topic,
+                claimed,
+            )
+            return
+        if not job.retained and not (kind is Kind.STATUS and not getattr(job.message, "online", True)):
+            self.fleet.touch(device_id, job.received_at)
+        if kind is Kind.REPORTED:
+            assert isinstance(job.message, fleet_pb2.ReportedState)
+            self.fleet.record_reported(device_id, job.message, job.received_at)
+        elif kind is Kind.STATUS:
+            assert isinstance(job.message, fleet_pb2.DeviceStatus)
+            self.fleet.record_status(device_id, job.message)
+        elif kind is Kind.TELEMETRY:
+            assert isinstance(job.message, fleet_pb2.Telemetry)
+            self.telemetry.ingest_telemetry(device_id, job.message, job.received_at)
+        elif kind is Kind.EVENTS:
+            assert isinstance(job.message, fleet_pb2.Event)
+            self.telemetry.ingest_event(device_id, job.message, job.received_at)
+        elif kind is Kind.ARTIFACT_REQUEST:
+            assert isinstance(job.message, artifact_pb2.ChunkRequest)
+            self._serve_artifact(device_id, job.message)
+
+    def _serve_artifact(self, device_id: str, request: artifact_pb2.ChunkRequest) -> None:
+        reply_to = Topic(device_id, Kind.ARTIFACT_RESPONSE)
+
+        def reply(response: artifact_pb2.ArtifactResponse) -> None:
+            self._publish(reply_to, encode(response), retain=False)
+
+        def refuse(reason: str) -> None:
+            log.warning(
+                "artifact request refused device=%s digest=%s reason=%s", device_id, request.digest, reason
+            )
+            reply(
+                artifact_pb2.ArtifactResponse(
+                    error=artifact_pb2.ArtifactError(digest=request.digest, reason=reason)
+                )
+            )
+
+        if not self.artifacts.exists(request.digest):
+            refuse(f"unknown artifact {request.digest!r}")
+            return
+        try:
+            if request.want_manifest:
+                reply(artifact_pb2.ArtifactResponse(manifest=self.artifacts.manifest(request.digest)))
+                log.info("manifest sent device=%s digest=%s", device_id, request.digest)
+            indices = list(request.indices)
+            for index in indices[:MAX_INDICES_PER_REQUEST]:
+                try:
+                    chunk = self.artifacts.read_chunk(request.digest, index)
+                except ArtifactNotFound as exc:
+                    refuse(str(exc))
+                    continue
+                reply(artifact_pb2.ArtifactResponse(chunk=chunk))
+            if len(indices) > MAX_INDICES_PER_REQUEST:
+                refuse(f"at most {MAX_INDICES_PER_REQUEST} chunk indices per request, got {len(indices)}")
+            if indices:
+                log.debug("chunks sent device=%s digest=%s count=%d", device_id, request.digest, len(indices))
+        except (ControllerError, OSError) as exc:
+            refuse(f"cannot read artifact: {exc}")
