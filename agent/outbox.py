@@ -7,14 +7,20 @@ exceeded the oldest rows are dropped and a persisted counter says how many.
 
 from __future__ import annotations
 
+import logging
+import random
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from agent.errors import OutboxError
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -115,3 +121,60 @@ class Outbox:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class Acknowledgeable(Protocol):
+    ok: bool
+    reason: str
+
+    @property
+    def done(self) -> bool: ...
+
+
+class OutboxSender:
+    """Drains the outbox oldest first over a publish function, a bounded window at a time.
+
+    A row is deleted only when the broker acknowledged it with a success reason
+    code. A refusal keeps the row and pauses sending (jittered backoff); the
+    bound eventually drops what can never be delivered.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        publish: Callable[[str, bytes], Acknowledgeable],
+        window: int = 16,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.outbox = outbox
+        self.publish = publish
+        self.window = window
+        self.clock = clock
+        self.inflight: dict[int, Acknowledgeable] = {}
+        self.refusals = 0
+        self.paused_until = 0.0
+
+    def pump(self, connected: bool) -> None:
+        for record_id, pub in list(self.inflight.items()):
+            if not pub.done:
+                continue
+            del self.inflight[record_id]
+            if pub.ok:
+                self.outbox.delete(record_id)
+                self.refusals = 0
+            else:
+                self.refusals += 1
+                self.paused_until = self.clock() + random.uniform(0, 1.5 ** min(10, self.refusals))
+                log.error("outbox record refused id=%d reason=%s", record_id, pub.reason)
+        if not connected or self.clock() < self.paused_until:
+            return
+        free = self.window - len(self.inflight)
+        if free <= 0:
+            return
+        after = max(self.inflight, default=0)
+        for record in self.outbox.oldest(free, after_id=after):
+            self.inflight[record.id] = self.publish(record.kind, record.payload)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.inflight)

@@ -1,0 +1,295 @@
+"""The device's MQTT session.
+
+paho-mqtt 2.x runs the socket in its own thread. Callbacks never raise: inbound
+payloads are decoded there with :mod:`edgefleet_proto.codec` and handed to the
+service loop through a queue; a malformed one becomes :class:`Rejected`. Every
+QoS 1 publish returns a :class:`Publication` whose PUBACK reason code is checked;
+a refusal (Mosquitto's ACL answers 'Not authorized') is logged as an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from edgefleet_proto import fleet_pb2
+from edgefleet_proto.codec import PayloadError, decode, encode
+from edgefleet_proto.topics import Kind, Topic, TopicError
+from google.protobuf.message import Message
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.config import MqttConfig
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBED_KINDS = (Kind.DESIRED, Kind.ARTIFACT_RESPONSE)
+
+
+def backoff_delay(attempt: int) -> float:
+    """Seconds to wait before reconnect attempt ``attempt`` (1-based), full jitter."""
+    return random.uniform(0, 1.5 ** min(10, attempt))
+
+
+@dataclass(frozen=True)
+class Inbound:
+    kind: Kind
+    message: Message
+
+
+@dataclass(frozen=True)
+class Rejected:
+    kind: Kind | None
+    topic: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LinkUp:
+    pass
+
+
+@dataclass(frozen=True)
+class LinkDown:
+    reason: str
+
+
+LinkEvent = Inbound | Rejected | LinkUp | LinkDown
+
+
+class Publication:
+    """The outcome of one QoS 1 publish, known once the broker answered."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.mid = -1
+        self.ok = False
+        self.reason = ""
+        self._done = threading.Event()
+
+    def resolve(self, ok: bool, reason: str) -> None:
+        self.ok, self.reason = ok, reason
+        self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._done.wait(timeout)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Link:
+    def __init__(
+        self,
+        device_id: str,
+        config: MqttConfig,
+        inbox: queue.Queue[Any],
+        agent_version: str,
+    ) -> None:
+        self.device_id = device_id
+        self.config = config
+        self.inbox = inbox
+        self.agent_version = agent_version
+        self._attempt = 0
+        self._connected = threading.Event()
+        self._lock = threading.Lock()
+        self._pending: dict[int, Publication] = {}
+        self._early: dict[int, tuple[bool, str]] = {}
+        protocol = mqtt.MQTTv5 if config.protocol == "v5" else mqtt.MQTTv311
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=device_id,
+            protocol=protocol,
+            clean_session=None if protocol == mqtt.MQTTv5 else True,
+        )
+        self._client.username_pw_set(config.username or device_id, config.password)
+        self._client.max_queued_messages_set(0)
+        self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+        self._client.on_subscribe = self._on_subscribe
+
+    def topic(self, kind: Kind) -> str:
+        return str(Topic(self.device_id, kind))
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def _status(self, online: bool) -> bytes:
+        return encode(fleet_pb2.DeviceStatus(online=online, at_ms=now_ms(), agent_version=self.agent_version))
+
+    def start(self) -> None:
+        self._client.will_set(self.topic(Kind.STATUS), self._status(False), qos=1, retain=True)
+        self._set_delay()
+        kwargs: dict[str, Any] = {}
+        if self.config.protocol == "v5":
+            kwargs["clean_start"] = True
+        self._client.connect_async(self.config.host, self.config.port, self.config.keepalive_s, **kwargs)
+        self._client.loop_start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Say offline ourselves and disconnect cleanly, so the broker drops the last will."""
+        if self.connected:
+            self.publish(self.topic(Kind.STATUS), self._status(False), retain=True).wait(timeout)
+        self._connected.clear()
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def _set_delay(self) -> None:
+        delay = backoff_delay(self._attempt) if self._attempt else 0.0
+        # paho accepts float seconds; its annotation says int.
+        self._client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> Publication:
+        pub = Publication(topic)
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        with self._lock:
+            pub.mid = info.mid
+            early = self._early.pop(info.mid, None)
+            if early is None:
+                self._pending[info.mid] = pub
+        if early is not None:
+            pub.resolve(*early)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            # Not queued at all: nothing will ever acknowledge it.
+            with self._lock:
+                self._pending.pop(info.mid, None)
+            pub.resolve(False, mqtt.error_string(info.rc))
+            log.error("publish failed device=%s topic=%s error=%s", self.device_id, topic, pub.reason)
+        return pub
+
+    # -- paho callbacks: run in paho's thread and must never raise ------------
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        try:
+            if reason_code.is_failure:
+                self._attempt += 1
+                self._set_delay()
+                log.error("broker refused connection device=%s reason=%s", self.device_id, reason_code)
+                return
+            self._attempt = 0
+            self._set_delay()
+            client.subscribe([(self.topic(k), 1) for k in SUBSCRIBED_KINDS])
+            self.publish(self.topic(Kind.STATUS), self._status(True), retain=True)
+            self._connected.set()
+            log.info("broker connected device=%s host=%s port=%s", self.device_id, self.config.host, self.config.port)
+            self.inbox.put(LinkUp())
+        except Exception:
+            log.exception("on_connect failed device=%s", self.device_id)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        try:
+            self._attempt += 1
+            self._set_delay()
+            log.warning(
+                "broker unreachable device=%s host=%s port=%s attempt=%d",
+                self.device_id,
+                self.config.host,
+                self.config.port,
+                self._attempt,
+            )
+        except Exception:
+            log.exception("on_connect_fail failed device=%s", self.device_id)
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        try:
+            was = self._connected.is_set()
+            self._connected.clear()
+            self._attempt += 1
+            self._set_delay()
+            if was:
+                log.warning("broker disconnected device=%s reason=%s", self.device_id, reason_code)
+                self.inbox.put(LinkDown(str(reason_code)))
+        except Exception:
+            log.exception("on_disconnect failed device=%s", self.device_id)
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        for rc in reason_codes:
+            if rc.is_failure:
+                log.error("subscription refused device=%s reason=%s", self.device_id, rc)
+
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        try:
+            ok = not reason_code.is_failure
+            reason = str(reason_code)
+            with self._lock:
+                pub = self._pending.pop(mid, None)
+                if pub is None:
+                    self._early[mid] = (ok, reason)
+            if not ok:
+                log.error(
+                    "publish refused by broker device=%s topic=%s reason=%s",
+                    self.device_id,
+                    pub.topic if pub else "?",
+                    reason,
+                )
+            if pub is not None:
+                pub.resolve(ok, reason)
+        except Exception:
+            log.exception("on_publish failed device=%s", self.device_id)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            try:
+                topic = Topic.parse(msg.topic)
+            except (TopicError, UnicodeDecodeError) as exc:
+                self.inbox.put(Rejected(None, str(msg.topic), str(exc)))
+                return
+            if topic.device_id != self.device_id or topic.kind not in SUBSCRIBED_KINDS:
+                self.inbox.put(Rejected(topic.kind, msg.topic, "not a topic this agent reads"))
+                return
+            try:
+                message = decode(topic.kind, bytes(msg.payload))
+            except PayloadError as exc:
+                log.warning("payload rejected device=%s topic=%s error=%s", self.device_id, msg.topic, exc)
+                self.inbox.put(Rejected(topic.kind, msg.topic, str(exc)))
+                return
+            self.inbox.put(Inbound(topic.kind, message))
+        except Exception:
+            log.exception("on_message failed device=%s topic=%s", self.device_id, msg.topic)

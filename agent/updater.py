@@ -1,0 +1,466 @@
+"""The executor of the reconciler's plans, and the owner of the device state.
+
+Each :class:`~agent.reconciler.Action` maps to one method in ``handlers``; the
+service loop calls :meth:`Updater.converge`, which plans, executes, and plans
+again until only waiting is left. Inbound artifact responses and desired states
+update the in-memory transfers and the persisted state; the planner decides what
+follows. Every state change is written (atomically) before the act it allows:
+the new desired state before downloading, the new active model before it
+serves, a failure before it is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from edgefleet_proto import artifact_pb2, fleet_pb2
+from edgefleet_proto.codec import encode
+from edgefleet_proto.topics import Kind
+
+from agent.artifacts import ArtifactStore, Download
+from agent.errors import AgentError, ArtifactError, ChunkRejected, ModelError
+from agent.pool import ModelPool, ServingModel
+from agent.reconciler import (
+    Action,
+    Activate,
+    CollectGarbage,
+    Current,
+    Deactivate,
+    Fail,
+    MarkApplied,
+    Phase,
+    Report,
+    ReportState,
+    RequestChunks,
+    RequestManifest,
+    Step,
+    TransferView,
+    Verify,
+    Wait,
+    plan,
+)
+from agent.runtime import BACKENDS, backend_for
+from agent.state import Assignment, Desired, DeviceState, Failure, Installed, StateStore, TenantState
+
+log = logging.getLogger(__name__)
+
+# Corrupt chunks tolerated per transfer before the artifact is refused.
+MAX_CHUNK_REJECTIONS = 64
+# Plan/execute rounds per converge() call; the loop comes back after inbound work.
+MAX_ROUNDS = 32
+
+_PHASES = {
+    Phase.DOWNLOADING: fleet_pb2.MODEL_PHASE_DOWNLOADING,
+    Phase.VERIFYING: fleet_pb2.MODEL_PHASE_VERIFYING,
+    Phase.LOADING: fleet_pb2.MODEL_PHASE_LOADING,
+    Phase.ACTIVE: fleet_pb2.MODEL_PHASE_ACTIVE,
+    Phase.FAILED: fleet_pb2.MODEL_PHASE_FAILED,
+}
+
+
+class Publisher(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+    def topic(self, kind: Kind) -> str: ...
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> Any: ...
+
+
+EmitEvent = Callable[[str, str, str, dict[str, str]], None]
+
+
+@dataclass
+class Transfer:
+    assignment: Assignment
+    download: Download | None = None
+    manifest_requested_at: float | None = None
+    outstanding: dict[int, float] = field(default_factory=dict)
+    rejected: int = 0
+
+    def view(self) -> TransferView:
+        d = self.download
+        return TransferView(
+            digest=self.assignment.digest,
+            has_manifest=d is not None,
+            manifest_requested_at=self.manifest_requested_at,
+            chunks=d.chunks if d else 0,
+            have=frozenset(d.have) if d else frozenset(),
+            outstanding=dict(self.outstanding),
+            bytes_have=d.bytes_have if d else 0,
+            bytes_total=d.size if d else self.assignment.size,
+        )
+
+
+def _attrs(a: Assignment) -> dict[str, str]:
+    return {
+        "tenant": a.tenant,
+        "model": a.model_name,
+        "version": a.model_version,
+        "digest": a.digest,
+        "rollout_id": a.rollout_id,
+    }
+
+
+class Updater:
+    def __init__(
+        self,
+        device_id: str,
+        states: StateStore,
+        artifacts: ArtifactStore,
+        pool: ModelPool,
+        link: Publisher,
+        emit: EmitEvent,
+        agent_version: str,
+        window: int = 8,
+        request_timeout_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.device_id = device_id
+        self.states = states
+        self.artifacts = artifacts
+        self.pool = pool
+        self.link = link
+        self.emit = emit
+        self.agent_version = agent_version
+        self.window = window
+        self.request_timeout_s = request_timeout_s
+        self.clock = clock
+        self.state = DeviceState()
+        self.installed: set[str] = set()
+        self.transfers: dict[str, Transfer] = {}
+        self.reported: Report | None = None
+        self.reported_at = -math.inf
+        self.handlers: dict[Action, Callable[[Any], None]] = {
+            Action.REPORT: self.report,
+            Action.FAIL: self.fail,
+            Action.ACTIVATE: self.activate,
+            Action.VERIFY: self.verify,
+            Action.REQUEST_MANIFEST: self.request_manifest,
+            Action.REQUEST_CHUNKS: self.request_chunks,
+            Action.DEACTIVATE: self.deactivate,
+            Action.MARK_APPLIED: self.mark_applied,
+            Action.COLLECT_GARBAGE: self.collect_garbage,
+            Action.WAIT: lambda step: None,
+        }
+
+    # -- start ----------------------------------------------------------------
+
+    def boot(self) -> None:
+        """Load what the device served before it stopped; fall back to the previous model."""
+        self.state = self.states.load()
+        self.installed = set(self.artifacts.installed())
+        for tenant in sorted(self.state.tenants):
+            self._boot_tenant(tenant)
+        for digest in self.artifacts.pending():
+            download = None if digest in self.installed else self.artifacts.open(digest)
+            want = self._assignment_for(digest)
+            if download is None or want is None:
+                self.artifacts.discard(digest)
+                continue
+            self.transfers[digest] = Transfer(want, download)
+            log.info(
+                "download resumed device=%s digest=%s have=%d/%d",
+                self.device_id,
+                digest[:12],
+                len(download.have),
+                download.chunks,
+            )
+        if self.state.desired is not None:
+            self.pool.expect(frozenset(a.tenant for a in self.state.desired.assignments))
+
+    def _boot_tenant(self, tenant: str) -> None:
+        ts = self.state.tenants[tenant]
+        for candidate in (ts.active, ts.previous):
+            if candidate is None:
+                continue
+            try:
+                self._serve(candidate.assignment, self._load(candidate.assignment))
+            except (ModelError, OSError) as exc:
+                a = candidate.assignment
+                log.error(
+                    "model failed to load at start device=%s tenant=%s model=%s version=%s error=%s",
+                    self.device_id,
+                    tenant,
+                    a.model_name,
+                    a.model_version,
+                    exc,
+                )
+                self._save(self.state.with_failure(Failure(a.digest, str(exc), self.state.desired_generation)))
+                self.emit("model_failed", "error", f"cannot load at start: {exc}", _attrs(a))
+                continue
+            if candidate is not ts.active:
+                self._save(self.state.with_tenant(tenant, TenantState(candidate, None)))
+            return
+        self._save(self.state.with_tenant(tenant, None))
+
+    def _assignment_for(self, digest: str) -> Assignment | None:
+        desired = self.state.desired
+        return next((a for a in desired.assignments if a.digest == digest), None) if desired else None
+
+    # -- inbound --------------------------------------------------------------
+
+    def on_desired(self, msg: fleet_pb2.DesiredState) -> str | None:
+        """Take a new desired state; returns why it was refused, if it was."""
+        if msg.device_id and msg.device_id != self.device_id:
+            return f"desired state is for device {msg.device_id!r}"
+        tenants = [m.tenant or "default" for m in msg.models]
+        if len(set(tenants)) != len(tenants):
+            return f"desired state lists a tenant twice: {sorted(tenants)}"
+        generation = int(msg.generation)
+        if generation < self.state.applied_generation or generation <= self.state.desired_generation:
+            log.info(
+                "desired ignored device=%s generation=%d applied=%d seen=%d",
+                self.device_id,
+                generation,
+                self.state.applied_generation,
+                self.state.desired_generation,
+            )
+            return None
+        desired = Desired.from_proto(msg)
+        self._save(replace(self.state, desired=desired))
+        self.pool.expect(frozenset(tenants))
+        log.info("desired received device=%s generation=%d tenants=%s", self.device_id, generation, tenants)
+        return None
+
+    def on_artifact(self, resp: artifact_pb2.ArtifactResponse) -> None:
+        body = resp.WhichOneof("body")
+        if body == "manifest":
+            self._on_manifest(resp.manifest)
+        elif body == "chunk":
+            self._on_chunk(resp.chunk)
+        elif body == "error":
+            t = self.transfers.get(resp.error.digest)
+            if t is not None:
+                self._fail_digest(t.assignment.digest, f"controller cannot serve the artifact: {resp.error.reason}")
+
+    def _on_manifest(self, manifest: artifact_pb2.ArtifactManifest) -> None:
+        t = self.transfers.get(manifest.digest)
+        if t is None or t.download is not None:
+            return
+        try:
+            if manifest.format != t.assignment.format:
+                raise ArtifactError(f"manifest format {manifest.format!r} is not {t.assignment.format!r}")
+            t.download = self.artifacts.start(manifest.digest, manifest, t.assignment.size)
+        except (ArtifactError, OSError) as exc:
+            self._fail_digest(manifest.digest, f"bad manifest: {exc}")
+            return
+        log.info(
+            "manifest received device=%s digest=%s size=%d chunks=%d",
+            self.device_id,
+            manifest.digest[:12],
+            manifest.size,
+            t.download.chunks,
+        )
+
+    def _on_chunk(self, chunk: artifact_pb2.Chunk) -> None:
+        t = self.transfers.get(chunk.digest)
+        if t is None or t.download is None:
+            return
+        t.outstanding.pop(chunk.index, None)
+        if chunk.index in t.download.have:
+            return
+        try:
+            self.artifacts.write_chunk(t.download, chunk.index, chunk.offset, chunk.data)
+        except ChunkRejected as exc:
+            t.rejected += 1
+            log.warning(
+                "chunk rejected device=%s digest=%s index=%d rejected=%d error=%s",
+                self.device_id,
+                chunk.digest[:12],
+                chunk.index,
+                t.rejected,
+                exc,
+            )
+            attrs = {**_attrs(t.assignment), "index": str(chunk.index), "rejected": str(t.rejected)}
+            self.emit("chunk_rejected", "warning", str(exc), attrs)
+            if t.rejected > MAX_CHUNK_REJECTIONS:
+                self._fail_digest(chunk.digest, f"more than {MAX_CHUNK_REJECTIONS} corrupt chunks")
+        except OSError as exc:
+            log.error("chunk write failed device=%s digest=%s error=%s", self.device_id, chunk.digest[:12], exc)
+
+    def on_link_up(self) -> None:
+        # Requests in flight may be lost with the old session; ask again now.
+        self.reported = None
+        for t in self.transfers.values():
+            t.manifest_requested_at = None
+            t.outstanding.clear()
+
+    # -- planning -------------------------------------------------------------
+
+    def current(self) -> Current:
+        return Current(
+            state=self.state,
+            installed=frozenset(self.installed),
+            transfers={d: t.view() for d, t in self.transfers.items()},
+            connected=self.link.connected,
+            runtimes=frozenset(BACKENDS),
+            reported=self.reported,
+            reported_at=self.reported_at,
+            window=self.window,
+            request_timeout_s=self.request_timeout_s,
+        )
+
+    def converge(self) -> float:
+        """Plan and execute until only waiting is left; returns the earliest deadline."""
+        for _ in range(MAX_ROUNDS):
+            steps = plan(self.state.desired, self.current(), self.clock())
+            work = [s for s in steps if not isinstance(s, Wait)]
+            if not work:
+                return min((s.until for s in steps if isinstance(s, Wait)), default=math.inf)
+            for step in work:
+                self.execute(step)
+        return self.clock()
+
+    def execute(self, step: Step) -> None:
+        try:
+            self.handlers[step.action](step)
+        except OSError as exc:
+            log.error("step failed device=%s action=%s error=%s", self.device_id, step.action, exc)
+        except AgentError as exc:
+            log.error("step failed device=%s action=%s error=%s", self.device_id, step.action, exc)
+            if exc.fatal and isinstance(step, Activate | Verify):
+                digest = step.assignment.digest if isinstance(step, Activate) else step.digest
+                self._fail_digest(digest, str(exc))
+
+    # -- executors, one per action --------------------------------------------
+
+    def report(self, step: ReportState) -> None:
+        r = step.report
+        msg = fleet_pb2.ReportedState(
+            device_id=self.device_id,
+            desired_generation=r.desired_generation,
+            applied_generation=r.applied_generation,
+            agent_version=self.agent_version,
+            reported_at_ms=int(time.time() * 1000),
+            models=[
+                fleet_pb2.ModelStatus(
+                    tenant=m.tenant,
+                    model_name=m.model_name,
+                    model_version=m.model_version,
+                    artifact_digest=m.digest,
+                    phase=_PHASES[m.phase],
+                    bytes_have=m.bytes_have,
+                    bytes_total=m.bytes_total,
+                    error=m.error,
+                    rollout_id=m.rollout_id,
+                )
+                for m in r.models
+            ],
+        )
+        self.link.publish(self.link.topic(Kind.REPORTED), encode(msg), retain=True)
+        self.reported, self.reported_at = r, self.clock()
+
+    def fail(self, step: Fail) -> None:
+        self._fail_digest(step.assignment.digest, step.reason)
+
+    def _fail_digest(self, digest: str, reason: str) -> None:
+        self._save(self.state.with_failure(Failure(digest, reason, self.state.desired_generation)))
+        t = self.transfers.pop(digest, None)
+        self.artifacts.discard(digest)
+        desired = self.state.desired
+        for a in desired.assignments if desired else ([t.assignment] if t else []):
+            if a.digest != digest:
+                continue
+            log.error(
+                "model failed device=%s tenant=%s model=%s version=%s digest=%s error=%s",
+                self.device_id,
+                a.tenant,
+                a.model_name,
+                a.model_version,
+                digest[:12],
+                reason,
+            )
+            self.emit("model_failed", "error", reason, _attrs(a))
+
+    def request_manifest(self, step: RequestManifest) -> None:
+        a = step.assignment
+        t = self.transfers.get(a.digest)
+        if t is None:
+            t = self.transfers[a.digest] = Transfer(a)
+            log.info(
+                "download started device=%s tenant=%s model=%s version=%s digest=%s size=%d",
+                self.device_id,
+                a.tenant,
+                a.model_name,
+                a.model_version,
+                a.digest[:12],
+                a.size,
+            )
+            self.emit("download_started", "info", f"downloading {a.model_name} {a.model_version}", _attrs(a))
+        t.manifest_requested_at = self.clock()
+        req = artifact_pb2.ChunkRequest(digest=a.digest, want_manifest=True)
+        self.link.publish(self.link.topic(Kind.ARTIFACT_REQUEST), encode(req))
+
+    def request_chunks(self, step: RequestChunks) -> None:
+        t = self.transfers[step.digest]
+        now = self.clock()
+        for i in step.indices:
+            t.outstanding[i] = now
+        req = artifact_pb2.ChunkRequest(digest=step.digest, indices=step.indices)
+        self.link.publish(self.link.topic(Kind.ARTIFACT_REQUEST), encode(req))
+
+    def verify(self, step: Verify) -> None:
+        t = self.transfers[step.digest]
+        assert t.download is not None
+        self.artifacts.finalize(t.download)
+        self.transfers.pop(step.digest)
+        self.installed.add(step.digest)
+        log.info("artifact verified device=%s digest=%s", self.device_id, step.digest[:12])
+
+    def activate(self, step: Activate) -> None:
+        a = step.assignment
+        serving = self.pool.get(a.tenant)
+        model = serving.model if serving and serving.digest == a.digest else self._load(a)
+        ts = self.state.tenants.get(a.tenant, TenantState())
+        previous = ts.active if ts.active and ts.active.assignment.digest != a.digest else ts.previous
+        path = str(self.artifacts.model_path(a.digest, a.format))
+        state = self.state.with_tenant(a.tenant, TenantState(Installed(a, path), previous))
+        self._save(state.with_failure(None, a.digest))
+        self._serve(a, model)
+        log.info(
+            "model activated device=%s tenant=%s model=%s version=%s digest=%s",
+            self.device_id,
+            a.tenant,
+            a.model_name,
+            a.model_version,
+            a.digest[:12],
+        )
+        self.emit("model_activated", "info", f"{a.model_name} {a.model_version} is serving", _attrs(a))
+
+    def deactivate(self, step: Deactivate) -> None:
+        self._save(self.state.with_tenant(step.tenant, None))
+        self.pool.remove(step.tenant)
+        log.info("tenant removed device=%s tenant=%s", self.device_id, step.tenant)
+
+    def mark_applied(self, step: MarkApplied) -> None:
+        self._save(replace(self.state, applied_generation=step.generation))
+        log.info("converged device=%s generation=%d", self.device_id, step.generation)
+
+    def collect_garbage(self, step: CollectGarbage) -> None:
+        for digest in step.digests:
+            self.transfers.pop(digest, None)
+            self.artifacts.discard(digest)
+            self.artifacts.remove_model(digest)
+            self.installed.discard(digest)
+            log.info("artifact removed device=%s digest=%s", self.device_id, digest[:12])
+
+    # -- helpers --------------------------------------------------------------
+
+    def _load(self, a: Assignment) -> Any:
+        path = self.artifacts.model_path(a.digest, a.format)
+        return backend_for(a.runtime, a.format).load(path)
+
+    def _serve(self, a: Assignment, model: Any) -> None:
+        path = self.artifacts.model_path(a.digest, a.format)
+        runtime = a.runtime or "onnxruntime"
+        self.pool.put(ServingModel(a.tenant, a.model_name, a.model_version, a.digest, runtime, path, model))
+
+    def _save(self, state: DeviceState) -> None:
+        self.states.save(state)
+        self.state = state
