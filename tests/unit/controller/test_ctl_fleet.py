@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from edgefleet_proto import fleet_pb2
+
+from controller.errors import (
+    BrokerAuthError,
+    DeviceExists,
+    DeviceNotFound,
+    InvalidDeviceId,
+    InvalidInputError,
+)
+from controller.mosquitto_auth import verify_password
+from tests.unit.controller.helpers import Parts
+
+
+def passwd_lines(parts: Parts) -> dict[str, str]:
+    return dict(line.split(":", 1) for line in parts.settings.passwd_file.read_text().splitlines())
+
+
+def test_register_returns_the_password_once_and_stores_only_its_hash(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    creds = parts.fleet.register("cam-1", ["site:lyon", "cam", "cam"])
+    assert (creds.device_id, creds.mqtt_username, creds.broker_port, creds.mqtt_protocol) == (
+        "cam-1",
+        "cam-1",
+        1883,
+        "v5",
+    )
+    lines = passwd_lines(parts)
+    assert set(lines) == {"edgefleet-controller", "cam-1"}
+    assert verify_password(creds.mqtt_password, lines["cam-1"])
+    assert verify_password("pw", lines["edgefleet-controller"])
+    assert creds.mqtt_password.encode() not in parts.settings.db_path.read_bytes()
+    device = parts.fleet.get("cam-1")
+    assert device.tags == ["cam", "site:lyon"] and not device.online and device.reported is None
+    with pytest.raises(DeviceExists):
+        parts.fleet.register("cam-1")
+
+
+@pytest.mark.parametrize("bad", ["", "-x", "a/b", "a+b", "x" * 65, "edgefleet-controller", "a b"])
+def test_bad_device_ids_are_refused(tmp_path: Path, bad: str) -> None:
+    parts = Parts(tmp_path)
+    with pytest.raises(InvalidDeviceId):
+        parts.fleet.register(bad)
+    assert parts.fleet.all() == []
+
+
+def test_bad_tags_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="tag"):
+        Parts(tmp_path).fleet.register("d", ["ok", "not ok"])
+
+
+def test_registration_is_undone_when_the_broker_cannot_reload(tmp_path: Path) -> None:
+    parts = Parts(tmp_path, reload_command="false")
+    with pytest.raises(BrokerAuthError):
+        parts.fleet.register("cam-1")
+    assert parts.fleet.all() == []
+    with pytest.raises(DeviceNotFound):
+        parts.fleet.get("cam-1")
+
+
+def test_older_reported_state_and_status_do_not_replace_newer(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    parts.fleet.register("d")
+    new = fleet_pb2.ReportedState(device_id="d", desired_generation=3, reported_at_ms=2000)
+    new.models.add(
+        tenant="default", model_name="m", artifact_digest="a" * 64, phase=fleet_pb2.MODEL_PHASE_LOADING
+    )
+    old = fleet_pb2.ReportedState(device_id="d", desired_generation=2, reported_at_ms=1000)
+    assert parts.fleet.record_reported("d", new, received_at=10.0)
+    assert not parts.fleet.record_reported("d", old, received_at=11.0)
+    device = parts.fleet.get("d")
+    assert device.reported is not None and device.reported.desired_generation == 3
+    assert device.reported.models[0].phase == "loading"
+    assert parts.fleet.record_status("d", fleet_pb2.DeviceStatus(online=True, at_ms=50, agent_version="1.2"))
+    assert not parts.fleet.record_status("d", fleet_pb2.DeviceStatus(online=False, at_ms=40))
+    device = parts.fleet.get("d")
+    assert device.online and device.agent_version == "1.2"
+    parts.fleet.touch("d", 100.0)
+    parts.fleet.touch("d", 90.0)
+    assert parts.fleet.get("d").last_seen == 100.0
