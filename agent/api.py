@@ -47,7 +47,9 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
         serving = self.pool.get(tenant)
         if serving is None:
             if self.pool.is_expected(tenant):
-                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"tenant {tenant!r} has no model loaded yet")
+                _abort(
+                    context, grpc.StatusCode.FAILED_PRECONDITION, f"tenant {tenant!r} has no model loaded yet"
+                )
             _abort(context, grpc.StatusCode.NOT_FOUND, f"unknown tenant {tenant!r}")
         code, message = grpc.StatusCode.OK, ""
         start = time.perf_counter()

@@ -75,9 +75,7 @@ class Download:
         return [i for i in range(self.chunks) if i not in self.have]
 
 
-def validate_manifest(
-    digest: str, manifest: artifact_pb2.ArtifactManifest, expected_size: int = 0
-) -> None:
+def validate_manifest(digest: str, manifest: artifact_pb2.ArtifactManifest, expected_size: int = 0) -> None:
     if manifest.digest != digest:
         raise ManifestError(f"manifest is for digest {manifest.digest!r}, asked for {digest}")
     if expected_size and manifest.size != expected_size:
@@ -140,9 +138,7 @@ class ArtifactStore:
                     download.have.add(index)
         return download
 
-    def start(
-        self, digest: str, manifest: artifact_pb2.ArtifactManifest, expected_size: int = 0
-    ) -> Download:
+    def start(self, digest: str, manifest: artifact_pb2.ArtifactManifest, expected_size: int = 0) -> Download:
         validate_manifest(digest, manifest, expected_size)
         free = shutil.disk_usage(self.downloads_dir).free
         if manifest.size > free:

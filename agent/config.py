@@ -170,7 +170,9 @@ def parse_config(text: str, path: Path = Path("agent.toml")) -> AgentConfig:
     if not 1 <= transfer.window <= 1024:
         raise src.error("transfer", "window", f"must be 1..1024, got {transfer.window}")
     if not (math.isfinite(transfer.request_timeout_s) and transfer.request_timeout_s > 0):
-        raise src.error("transfer", "request_timeout_s", f"must be positive, got {transfer.request_timeout_s}")
+        raise src.error(
+            "transfer", "request_timeout_s", f"must be positive, got {transfer.request_timeout_s}"
+        )
 
     o = _section(src, doc, "outbox")
     outbox = OutboxConfig(max_records=_get(src, o, "outbox", "max_records", int, 10000))

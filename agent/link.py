@@ -197,7 +197,12 @@ class Link:
             client.subscribe([(self.topic(k), 1) for k in SUBSCRIBED_KINDS])
             self.publish(self.topic(Kind.STATUS), self._status(True), retain=True)
             self._connected.set()
-            log.info("broker connected device=%s host=%s port=%s", self.device_id, self.config.host, self.config.port)
+            log.info(
+                "broker connected device=%s host=%s port=%s",
+                self.device_id,
+                self.config.host,
+                self.config.port,
+            )
             self.inbox.put(LinkUp())
         except Exception:
             log.exception("on_connect failed device=%s", self.device_id)

@@ -198,7 +198,15 @@ def build_report(desired: Desired | None, current: Current) -> Report:
             a = active.assignment
             entries.append(
                 ModelEntry(
-                    tenant, a.model_name, a.model_version, a.digest, Phase.ACTIVE, a.size, a.size, "", a.rollout_id
+                    tenant,
+                    a.model_name,
+                    a.model_version,
+                    a.digest,
+                    Phase.ACTIVE,
+                    a.size,
+                    a.size,
+                    "",
+                    a.rollout_id,
                 )
             )
         want = desired.for_tenant(tenant) if desired else None

@@ -87,7 +87,9 @@ class OnnxModel:
     def outputs(self) -> list[TensorSpec]:
         return list(self._outputs)
 
-    def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    def run(
+        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] = ()
+    ) -> dict[str, np.ndarray]:
         check_inputs(self._inputs, inputs)
         known = [o.name for o in self._outputs]
         names = list(output_names) or known
@@ -121,7 +123,9 @@ def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) 
         if array.dtype.name != spec.dtype:
             raise InvalidInput(f"input {name!r} is {array.dtype.name}, the model wants {spec.dtype}")
         if spec.shape and len(spec.shape) != array.ndim:
-            raise InvalidInput(f"input {name!r} has shape {list(array.shape)}, the model wants {list(spec.shape)}")
+            raise InvalidInput(
+                f"input {name!r} has shape {list(array.shape)}, the model wants {list(spec.shape)}"
+            )
         for have, want in zip(array.shape, spec.shape, strict=False):
             if want >= 0 and have != want:
                 raise InvalidInput(
@@ -141,7 +145,9 @@ class OnnxRuntimeBackend:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:
             raise ModelLoadError(f"onnxruntime cannot load {path.name}: {exc}") from None
         return OnnxModel(session)

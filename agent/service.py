@@ -91,7 +91,9 @@ class Service:
         api = InferenceApi(self.pool, self.stats, lambda: self.link.connected)
         self.server = serve(self.config.socket, api)
         served = ", ".join(f"{s.tenant}:{s.model_name}:{s.model_version}" for s in self.pool.all()) or "-"
-        log.info("agent ready device=%s socket=%s models=%s", self.config.device_id, self.config.socket, served)
+        log.info(
+            "agent ready device=%s socket=%s models=%s", self.config.device_id, self.config.socket, served
+        )
         self.link.start()
         try:
             self._loop()

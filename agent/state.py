@@ -124,7 +124,9 @@ class DeviceState:
 
         desired = doc.get("desired")
         return cls(
-            desired=Desired(int(desired["generation"]), tuple(Assignment(**a) for a in desired["assignments"]))
+            desired=Desired(
+                int(desired["generation"]), tuple(Assignment(**a) for a in desired["assignments"])
+            )
             if desired
             else None,
             applied_generation=int(doc.get("applied_generation", 0)),
@@ -155,7 +157,9 @@ class StateStore:
             # device back to where the controller wants it.
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
             self.path.rename(aside)
-            log.error("state file unreadable, starting empty path=%s moved_to=%s error=%s", self.path, aside, exc)
+            log.error(
+                "state file unreadable, starting empty path=%s moved_to=%s error=%s", self.path, aside, exc
+            )
             return DeviceState()
 
     def save(self, state: DeviceState) -> None:

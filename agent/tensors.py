@@ -30,7 +30,9 @@ MAX_RANK = 32
 
 def to_numpy(tensor: inference_pb2.Tensor, name: str = "tensor") -> np.ndarray:
     if tensor.dtype not in DTYPES:
-        raise TensorCodecError(f"{name}: unknown dtype {tensor.dtype!r}; use one of {', '.join(sorted(DTYPES))}")
+        raise TensorCodecError(
+            f"{name}: unknown dtype {tensor.dtype!r}; use one of {', '.join(sorted(DTYPES))}"
+        )
     shape = tuple(int(d) for d in tensor.shape)
     if len(shape) > MAX_RANK:
         raise TensorCodecError(f"{name}: rank {len(shape)} exceeds {MAX_RANK}")

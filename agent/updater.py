@@ -191,7 +191,9 @@ class Updater:
                     a.model_version,
                     exc,
                 )
-                self._save(self.state.with_failure(Failure(a.digest, str(exc), self.state.desired_generation)))
+                self._save(
+                    self.state.with_failure(Failure(a.digest, str(exc), self.state.desired_generation))
+                )
                 self.emit("model_failed", "error", f"cannot load at start: {exc}", _attrs(a))
                 continue
             if candidate is not ts.active:
@@ -237,7 +239,9 @@ class Updater:
         elif body == "error":
             t = self.transfers.get(resp.error.digest)
             if t is not None:
-                self._fail_digest(t.assignment.digest, f"controller cannot serve the artifact: {resp.error.reason}")
+                self._fail_digest(
+                    t.assignment.digest, f"controller cannot serve the artifact: {resp.error.reason}"
+                )
 
     def _on_manifest(self, manifest: artifact_pb2.ArtifactManifest) -> None:
         t = self.transfers.get(manifest.digest)
@@ -282,7 +286,9 @@ class Updater:
             if t.rejected > MAX_CHUNK_REJECTIONS:
                 self._fail_digest(chunk.digest, f"more than {MAX_CHUNK_REJECTIONS} corrupt chunks")
         except OSError as exc:
-            log.error("chunk write failed device=%s digest=%s error=%s", self.device_id, chunk.digest[:12], exc)
+            log.error(
+                "chunk write failed device=%s digest=%s error=%s", self.device_id, chunk.digest[:12], exc
+            )
 
     def on_link_up(self) -> None:
         # Requests in flight may be lost with the old session; ask again now.

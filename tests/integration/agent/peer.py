@@ -1,0 +1,216 @@
+"""The controller's side of the protocol, small enough to read in one go.
+
+Logged in as ``edgefleet-controller``, it publishes a retained DesiredState and
+answers ChunkRequests from model files on disk, like the real controller does.
+It records what it saw (requests, reported states, telemetry, events) so tests
+can assert on the conversation. Knobs let a test make it misbehave on purpose:
+corrupt a chunk once, stop answering after N chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import paho.mqtt.client as mqtt
+from edgefleet_proto import artifact_pb2, fleet_pb2
+from edgefleet_proto.codec import decode, encode
+from edgefleet_proto.topics import Kind, Topic
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from tests.broker import CONTROLLER_USER, Broker
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class Served:
+    path: Path
+    manifest: artifact_pb2.ArtifactManifest
+
+
+@dataclass
+class Peer:
+    broker: Broker
+    device_id: str
+    chunk_size: int = 4096
+    artifacts: dict[str, Served] = field(default_factory=dict)
+    requests: list[artifact_pb2.ChunkRequest] = field(default_factory=list)
+    reported: list[fleet_pb2.ReportedState] = field(default_factory=list)
+    statuses: list[fleet_pb2.DeviceStatus] = field(default_factory=list)
+    telemetry: list[fleet_pb2.Telemetry] = field(default_factory=list)
+    events: list[fleet_pb2.Event] = field(default_factory=list)
+    corrupt_once: set[tuple[str, int]] = field(default_factory=set)
+    serve_limit: int | None = None
+    chunks_sent: int = 0
+    sent: list[tuple[str, int]] = field(default_factory=list)
+    paused: threading.Event = field(default_factory=threading.Event)
+    # A persistent session: the broker keeps what arrives while the peer is away.
+    persistent: bool = False
+
+    def __post_init__(self) -> None:
+        self.lock = threading.Lock()
+        password = uuid.uuid4().hex
+        self.broker.add_user(CONTROLLER_USER, password)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"peer-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
+        )
+        self.client.reconnect_delay_set(min_delay=1, max_delay=1)
+        self.client.username_pw_set(CONTROLLER_USER, password)
+        self.client.on_message = self._on_message
+        self.client.on_connect = self._on_connect
+        self.connected = threading.Event()
+        props = None
+        if self.persistent:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+        self.client.connect("127.0.0.1", self.broker.port, clean_start=not self.persistent, properties=props)
+        self.client.loop_start()
+        wait_until(self.connected.is_set, 10, "peer connected")
+
+    def topic(self, kind: Kind, device_id: str | None = None) -> str:
+        return str(Topic(device_id or self.device_id, kind))
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        kinds = (Kind.ARTIFACT_REQUEST, Kind.REPORTED, Kind.STATUS, Kind.TELEMETRY, Kind.EVENTS)
+        client.subscribe([(self.topic(k), 1) for k in kinds])
+        self.connected.set()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # -- artifacts ------------------------------------------------------------
+
+    def add_artifact(self, path: Path, fmt: str = "onnx", claim_digest: str | None = None) -> str:
+        """Serve ``path``; with ``claim_digest`` the manifest lies about the whole-file digest."""
+        data = path.read_bytes()
+        digest = claim_digest or hashlib.sha256(data).hexdigest()
+        hashes = [
+            hashlib.sha256(data[i : i + self.chunk_size]).digest()
+            for i in range(0, len(data), self.chunk_size)
+        ]
+        manifest = artifact_pb2.ArtifactManifest(
+            digest=digest, size=len(data), chunk_size=self.chunk_size, chunk_sha256=hashes, format=fmt
+        )
+        self.artifacts[digest] = Served(path, manifest)
+        return digest
+
+    def _answer(self, req: artifact_pb2.ChunkRequest) -> None:
+        served = self.artifacts.get(req.digest)
+        out = self.topic(Kind.ARTIFACT_RESPONSE)
+        if served is None:
+            err = artifact_pb2.ArtifactError(digest=req.digest, reason="unknown digest")
+            self.client.publish(out, encode(artifact_pb2.ArtifactResponse(error=err)), qos=1)
+            return
+        if req.want_manifest:
+            self.client.publish(out, encode(artifact_pb2.ArtifactResponse(manifest=served.manifest)), qos=1)
+        for index in req.indices:
+            with self.lock:
+                if self.serve_limit is not None and self.chunks_sent >= self.serve_limit:
+                    return
+                self.chunks_sent += 1
+                self.sent.append((req.digest, index))
+                corrupt = (req.digest, index) in self.corrupt_once
+                self.corrupt_once.discard((req.digest, index))
+            offset = index * served.manifest.chunk_size
+            with open(served.path, "rb") as f:  # one chunk from disk, never the whole file
+                f.seek(offset)
+                data = f.read(served.manifest.chunk_size)
+            if corrupt:
+                data = bytes(b ^ 0xFF for b in data)
+            chunk = artifact_pb2.Chunk(digest=req.digest, index=index, offset=offset, data=data)
+            self.client.publish(out, encode(artifact_pb2.ArtifactResponse(chunk=chunk)), qos=1)
+
+    # -- desired state --------------------------------------------------------
+
+    def publish_desired(self, generation: int, *models: fleet_pb2.ModelAssignment) -> None:
+        desired = fleet_pb2.DesiredState(
+            device_id=self.device_id,
+            generation=generation,
+            models=models,
+            issued_at_ms=int(time.time() * 1000),
+        )
+        self.client.publish(self.topic(Kind.DESIRED), encode(desired), qos=1, retain=True).wait_for_publish(
+            10
+        )
+
+    def assignment(self, digest: str, version: str, name: str = "linear", tenant: str = "default") -> Any:
+        served = self.artifacts[digest]
+        return fleet_pb2.ModelAssignment(
+            tenant=tenant,
+            model_name=name,
+            model_version=version,
+            artifact_digest=digest,
+            artifact_size=served.manifest.size,
+            format="onnx",
+            runtime="onnxruntime",
+            rollout_id=f"r-{version}",
+        )
+
+    def publish_raw(self, kind: Kind, payload: bytes, retain: bool = False) -> None:
+        self.client.publish(self.topic(kind), payload, qos=1, retain=retain).wait_for_publish(10)
+
+    # -- what the agent said --------------------------------------------------
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        kind = Topic.parse(msg.topic).kind
+        message = decode(kind, bytes(msg.payload))
+        with self.lock:
+            if kind == Kind.ARTIFACT_REQUEST:
+                self.requests.append(message)  # type: ignore[arg-type]
+            elif kind == Kind.REPORTED:
+                self.reported.append(message)  # type: ignore[arg-type]
+            elif kind == Kind.STATUS:
+                self.statuses.append(message)  # type: ignore[arg-type]
+            elif kind == Kind.TELEMETRY:
+                self.telemetry.append(message)  # type: ignore[arg-type]
+            elif kind == Kind.EVENTS:
+                self.events.append(message)  # type: ignore[arg-type]
+        if kind == Kind.ARTIFACT_REQUEST and not self.paused.is_set():
+            self._answer(message)  # type: ignore[arg-type]
+
+    def requested_indices(self, digest: str, since: int = 0) -> list[int]:
+        with self.lock:
+            return [i for r in self.requests[since:] if r.digest == digest for i in r.indices]
+
+    def last_reported(self) -> fleet_pb2.ReportedState | None:
+        with self.lock:
+            return self.reported[-1] if self.reported else None
+
+    def entry(self, tenant: str, digest: str) -> fleet_pb2.ModelStatus | None:
+        last = self.last_reported()
+        if last is None:
+            return None
+        return next((m for m in last.models if m.tenant == tenant and m.artifact_digest == digest), None)
+
+    def wait_active(
+        self, digest: str, tenant: str = "default", timeout: float = 30.0
+    ) -> fleet_pb2.ReportedState:
+        def active() -> fleet_pb2.ReportedState | None:
+            e = self.entry(tenant, digest)
+            return self.last_reported() if e is not None and e.phase == fleet_pb2.MODEL_PHASE_ACTIVE else None
+
+        return wait_until(active, timeout, f"{tenant} active on {digest[:12]}")
+
+    def event_kinds(self) -> list[str]:
+        with self.lock:
+            return [e.kind for e in self.events]

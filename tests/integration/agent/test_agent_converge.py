@@ -1,0 +1,83 @@
+"""The real agent process against a real Mosquitto and the protocol peer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from edgefleet_proto import inference_pb2
+
+from tests.integration.agent.conftest import AgentProcess
+from tests.integration.agent.peer import Peer, wait_until
+from tests.unit.agent.models import linear_model, write_model
+
+
+def infer(agent: AgentProcess, x: np.ndarray, tenant: str = "") -> inference_pb2.InferResponse:
+    req = inference_pb2.InferRequest(tenant=tenant)
+    req.inputs["x"].CopyFrom(inference_pb2.Tensor(dtype="float32", shape=list(x.shape), data=x.tobytes()))
+    return agent.stub().Infer(req, timeout=10)
+
+
+def output(resp: inference_pb2.InferResponse, name: str = "y") -> np.ndarray:
+    t = resp.outputs[name]
+    return np.frombuffer(t.data, dtype=t.dtype).reshape(tuple(t.shape))
+
+
+def test_converges_and_serves_what_onnxruntime_computes(
+    make_agent: Callable[..., AgentProcess], make_peer: Callable[[str], Peer], tmp_path: Path
+) -> None:
+    agent = make_agent()
+    peer = make_peer(agent.device_id)
+    model = tmp_path / "m1.onnx"
+    digest = write_model(model, linear_model(1, 256, 64))
+    peer.add_artifact(model)
+    peer.publish_desired(1, peer.assignment(digest, "1"))
+
+    agent.start()
+    agent.wait_ready()
+    reported = peer.wait_active(digest)
+    wait_until(lambda: (r := peer.last_reported()) is not None and r.applied_generation == 1, 10, "applied=1")
+    assert reported.device_id == agent.device_id
+
+    x = np.random.default_rng(7).standard_normal((3, 256)).astype(np.float32)
+    resp = infer(agent, x)
+    expected = ort.InferenceSession(str(model)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(output(resp), expected)
+    assert (resp.model_name, resp.model_version) == ("linear", "1")
+
+    wait_until(lambda: {"download_started", "model_activated"} <= set(peer.event_kinds()), 10, "events")
+    assert any(s.online for s in peer.statuses)
+    listed = agent.stub().ListModels(inference_pb2.ListModelsRequest(), timeout=5).models
+    assert [(m.tenant, m.artifact_digest, m.inputs[0].shape) for m in listed] == [
+        ("default", digest, [-1, 256])
+    ]
+    health = agent.stub().Health(inference_pb2.HealthRequest(), timeout=5)
+    assert (health.status, health.broker_connected, health.models_loaded) == ("serving", True, 1)
+
+
+def test_sigterm_publishes_offline_itself_and_exits_cleanly(
+    make_agent: Callable[..., AgentProcess], make_peer: Callable[[str], Peer]
+) -> None:
+    agent = make_agent()
+    peer = make_peer(agent.device_id)
+    agent.start()
+    agent.wait_ready()
+    wait_until(lambda: any(s.online for s in peer.statuses), 10, "online status")
+    assert agent.terminate() == 0
+    wait_until(lambda: not peer.statuses[-1].online, 10, "offline status")
+    assert "agent stopped" in agent.output()
+
+
+def test_kill_9_leaves_the_last_will(
+    make_agent: Callable[..., AgentProcess], make_peer: Callable[[str], Peer]
+) -> None:
+    agent = make_agent(extra="")
+    peer = make_peer(agent.device_id)
+    agent.start()
+    agent.wait_ready()
+    wait_until(lambda: any(s.online for s in peer.statuses), 10, "online status")
+    agent.kill()
+    # Mosquitto sends the will once it notices the dead socket (at once for a closed one).
+    wait_until(lambda: not peer.statuses[-1].online, 30, "last will")
