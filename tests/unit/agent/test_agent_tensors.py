@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from edgefleet_proto import inference_pb2
+
+from agent.errors import TensorCodecError
+from agent.tensors import DTYPES, from_numpy, to_numpy
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_round_trip_every_dtype(dtype: str) -> None:
+    array = (np.arange(24).reshape(2, 3, 4) % 2).astype(dtype)
+    wire = from_numpy(array)
+    assert (wire.dtype, list(wire.shape), len(wire.data)) == (dtype, [2, 3, 4], array.nbytes)
+    back = to_numpy(wire)
+    assert back.dtype == array.dtype and back.flags.writeable
+    np.testing.assert_array_equal(back, array)
+
+
+def test_non_contiguous_and_scalar_arrays() -> None:
+    array = np.arange(12, dtype=np.float32).reshape(3, 4).T
+    np.testing.assert_array_equal(to_numpy(from_numpy(array)), array)
+    scalar = np.array(3.5, dtype=np.float64)
+    assert to_numpy(from_numpy(scalar)).shape == ()
+
+
+def test_wire_bytes_are_little_endian() -> None:
+    assert from_numpy(np.array([1], dtype=">i4")).data == b"\x01\0\0\0"
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        (inference_pb2.Tensor(dtype="float128", shape=[1], data=b"\0" * 16), "unknown dtype 'float128'"),
+        (inference_pb2.Tensor(dtype="float32", shape=[2, 2], data=b"\0" * 15), "needs 16 bytes, got 15"),
+        (inference_pb2.Tensor(dtype="float32", shape=[-1, 2], data=b""), "negative dimension"),
+        (inference_pb2.Tensor(dtype="int8", shape=[1] * 33, data=b"\0"), "rank 33"),
+    ],
+)
+def test_invalid_tensors_are_refused_with_a_reason(tensor: inference_pb2.Tensor, message: str) -> None:
+    with pytest.raises(TensorCodecError, match=message):
+        to_numpy(tensor, "input 'x'")
+
+
+def test_object_arrays_cannot_travel() -> None:
+    with pytest.raises(TensorCodecError, match="cannot travel"):
+        from_numpy(np.array(["a"], dtype=object))
