@@ -105,8 +105,15 @@ def create_app(settings: Settings, *, start_transport: bool = True) -> FastAPI:
     @app.exception_handler(ControllerError)
     async def controller_error(request: Request, exc: ControllerError) -> JSONResponse:
         code = status_for(exc)
-        if code >= 500:
-            log.error("request failed method=%s path=%s error=%s", request.method, request.url.path, exc)
+        level = logging.ERROR if code >= 500 else logging.INFO
+        log.log(
+            level,
+            "request refused status=%d method=%s path=%s reason=%s",
+            code,
+            request.method,
+            request.url.path,
+            exc,
+        )
         return JSONResponse(status_code=code, content={"detail": str(exc)})
 
     for module in (models, devices, rollouts, telemetry):
