@@ -129,6 +129,16 @@ class Service:
                     break
 
     def _handle(self, event: Any) -> None:
+        try:
+            self._dispatch(event)
+        except Exception:
+            # No message may kill the agent (a retained one would do it again at
+            # every start): what failed is logged with its traceback, the loop goes on.
+            log.exception(
+                "inbound message failed device=%s event=%s", self.config.device_id, type(event).__name__
+            )
+
+    def _dispatch(self, event: Any) -> None:
         if isinstance(event, Inbound):
             if isinstance(event.message, fleet_pb2.DesiredState):
                 refused = self.updater.on_desired(event.message)

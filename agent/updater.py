@@ -198,8 +198,13 @@ class Updater:
                 continue
             if candidate is not ts.active:
                 self._save(self.state.with_tenant(tenant, TenantState(candidate, None)))
+                assert ts.active is not None
+                self._drop_unloadable(ts.active.assignment.digest)
             return
         self._save(self.state.with_tenant(tenant, None))
+        for broken in (ts.active, ts.previous):
+            if broken is not None:
+                self._drop_unloadable(broken.assignment.digest)
 
     def _assignment_for(self, digest: str) -> Assignment | None:
         desired = self.state.desired
@@ -330,9 +335,11 @@ class Updater:
             log.error("step failed device=%s action=%s error=%s", self.device_id, step.action, exc)
         except AgentError as exc:
             log.error("step failed device=%s action=%s error=%s", self.device_id, step.action, exc)
-            if exc.fatal and isinstance(step, Activate | Verify):
-                digest = step.assignment.digest if isinstance(step, Activate) else step.digest
-                self._fail_digest(digest, str(exc))
+            if exc.fatal and isinstance(step, Verify):
+                self._fail_digest(step.digest, str(exc))
+            elif exc.fatal and isinstance(step, Activate):
+                self._fail_digest(step.assignment.digest, str(exc))
+                self._drop_unloadable(step.assignment.digest)
 
     # -- executors, one per action --------------------------------------------
 
@@ -457,6 +464,14 @@ class Updater:
             log.info("artifact removed device=%s digest=%s", self.device_id, digest[:12])
 
     # -- helpers --------------------------------------------------------------
+
+    def _drop_unloadable(self, digest: str) -> None:
+        """Remove a model file that does not load, so a later generation fetches it afresh."""
+        for ts in self.state.tenants.values():
+            if any(i is not None and i.assignment.digest == digest for i in (ts.active, ts.previous)):
+                return
+        self.artifacts.remove_model(digest)
+        self.installed.discard(digest)
 
     def _load(self, a: Assignment) -> Any:
         path = self.artifacts.model_path(a.digest, a.format)

@@ -83,7 +83,7 @@ def make_agent(broker: Broker, tmp_path: Path) -> Iterator[Callable[..., AgentPr
     sockets = Path(tempfile.mkdtemp(prefix="efa-"))
 
     def make(
-        device_id: str | None = None, telemetry_interval_s: float = 10.0, extra: str = ""
+        device_id: str | None = None, telemetry_interval_s: float = 10.0, protocol: str = "v5"
     ) -> AgentProcess:
         device_id = device_id or f"dev-{uuid.uuid4().hex[:8]}"
         password = uuid.uuid4().hex
@@ -97,12 +97,12 @@ def make_agent(broker: Broker, tmp_path: Path) -> Iterator[Callable[..., AgentPr
             f'data_dir = "{data_dir}"\n'
             f'socket = "{socket}"\n'
             f"telemetry_interval_s = {telemetry_interval_s}\n"
-            f"{extra}\n"
             "[mqtt]\n"
             'host = "127.0.0.1"\n'
             f"port = {broker.port}\n"
             f'username = "{device_id}"\n'
             f'password = "{password}"\n'
+            f'protocol = "{protocol}"\n'
             "[transfer]\nwindow = 4\nrequest_timeout_s = 2.0\n"
         )
         agent = AgentProcess(device_id, config, data_dir, socket, tmp_path / f"{device_id}.log")

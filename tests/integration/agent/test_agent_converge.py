@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from edgefleet_proto import inference_pb2
+import pytest
+from edgefleet_proto import fleet_pb2, inference_pb2
 
 from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer, wait_until
@@ -25,10 +26,11 @@ def output(resp: inference_pb2.InferResponse, name: str = "y") -> np.ndarray:
     return np.frombuffer(t.data, dtype=t.dtype).reshape(tuple(t.shape))
 
 
+@pytest.mark.parametrize("protocol", ["v5", "v311"])
 def test_converges_and_serves_what_onnxruntime_computes(
-    make_agent: Callable[..., AgentProcess], make_peer: Callable[[str], Peer], tmp_path: Path
+    make_agent: Callable[..., AgentProcess], make_peer: Callable[[str], Peer], tmp_path: Path, protocol: str
 ) -> None:
-    agent = make_agent()
+    agent = make_agent(protocol=protocol)
     peer = make_peer(agent.device_id)
     model = tmp_path / "m1.onnx"
     digest = write_model(model, linear_model(1, 256, 64))
@@ -73,7 +75,7 @@ def test_sigterm_publishes_offline_itself_and_exits_cleanly(
 def test_kill_9_leaves_the_last_will(
     make_agent: Callable[..., AgentProcess], make_peer: Callable[[str], Peer]
 ) -> None:
-    agent = make_agent(extra="")
+    agent = make_agent()
     peer = make_peer(agent.device_id)
     agent.start()
     agent.wait_ready()
@@ -81,3 +83,44 @@ def test_kill_9_leaves_the_last_will(
     agent.kill()
     # Mosquitto sends the will once it notices the dead socket (at once for a closed one).
     wait_until(lambda: not peer.statuses[-1].online, 30, "last will")
+
+
+def test_model_that_no_longer_loads_at_start_falls_back_to_the_previous(
+    make_agent: Callable[..., AgentProcess], make_peer: Callable[[str], Peer], tmp_path: Path
+) -> None:
+    agent = make_agent()
+    peer = make_peer(agent.device_id)
+    m1, m2 = tmp_path / "m1.onnx", tmp_path / "m2.onnx"
+    d1, d2 = write_model(m1, linear_model(11, 256, 64)), write_model(m2, linear_model(12, 256, 64))
+    peer.add_artifact(m1)
+    peer.add_artifact(m2)
+    peer.publish_desired(1, peer.assignment(d1, "1"))
+    agent.start()
+    agent.wait_ready()
+    peer.wait_active(d1)
+    x = np.ones((1, 256), np.float32)
+    v1 = output(infer(agent, x))
+    peer.publish_desired(2, peer.assignment(d2, "2"))
+    peer.wait_active(d2)
+    assert infer(agent, x).model_version == "2"
+    assert agent.terminate() == 0
+
+    (agent.data_dir / "models" / f"{d2}.onnx").write_bytes(b"bit rot")
+    agent.start()
+    agent.wait_ready()
+    resp = infer(agent, x)
+    assert resp.model_version == "1"
+    np.testing.assert_array_equal(output(resp), v1)
+
+    def failed() -> bool:
+        e = peer.entry("default", d2)
+        return e is not None and e.phase == fleet_pb2.MODEL_PHASE_FAILED and "cannot load" in e.error
+
+    wait_until(failed, 20, "FAILED entry for the model that does not load")
+    assert "model failed to load at start" in agent.output()
+    assert not (agent.data_dir / "models" / f"{d2}.onnx").exists()
+
+    # A newer generation with the same artifact fetches it again.
+    peer.publish_desired(3, peer.assignment(d2, "2"))
+    peer.wait_active(d2)
+    assert infer(agent, x).model_version == "2"
