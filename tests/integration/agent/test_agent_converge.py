@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def test_converges_and_serves_what_onnxruntime_computes(
     ]
     health = agent.stub().Health(inference_pb2.HealthRequest(), timeout=5)
     assert (health.status, health.broker_connected, health.models_loaded) == ("serving", True, 1)
+    assert stat.S_IMODE(agent.socket.stat().st_mode) == 0o660
 
 
 def test_sigterm_publishes_offline_itself_and_exits_cleanly(
