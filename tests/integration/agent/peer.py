@@ -31,7 +31,7 @@ from tests.broker import CONTROLLER_USER, Broker
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+def wait_until(predicate: Callable[[], T | None], timeout: float = 30.0, what: str = "condition") -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -80,7 +80,7 @@ class Peer:
         self.connected = threading.Event()
         props = None
         if self.persistent:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 3600
         self.client.connect("127.0.0.1", self.broker.port, clean_start=not self.persistent, properties=props)
         self.client.loop_start()

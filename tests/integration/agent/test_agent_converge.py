@@ -19,7 +19,8 @@ from tests.unit.agent.models import linear_model, write_model
 def infer(agent: AgentProcess, x: np.ndarray, tenant: str = "") -> inference_pb2.InferResponse:
     req = inference_pb2.InferRequest(tenant=tenant)
     req.inputs["x"].CopyFrom(inference_pb2.Tensor(dtype="float32", shape=list(x.shape), data=x.tobytes()))
-    return agent.stub().Infer(req, timeout=10)
+    resp: inference_pb2.InferResponse = agent.stub().Infer(req, timeout=10)
+    return resp
 
 
 def output(resp: inference_pb2.InferResponse, name: str = "y") -> np.ndarray:
