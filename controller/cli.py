@@ -38,6 +38,8 @@ def _setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs every request at INFO: noise on an operator's terminal.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 # -- controller init / serve --------------------------------------------------
@@ -49,7 +51,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir).resolve()
     if args.rotate_token:
         token = service.rotate_token(data_dir)
-        print("new admin token (the old one no longer works once the server restarts):", file=sys.stderr)
+        print("new admin token (a running server switches to it at once):", file=sys.stderr)
     else:
         options = service.InitOptions(
             broker_host=args.broker_host,

@@ -11,7 +11,7 @@ from pathlib import Path
 from controller import settings as settings_mod
 from controller.artifacts import ArtifactStore
 from controller.auth import generate_token, hash_token
-from controller.errors import AlreadyInitialised
+from controller.errors import AlreadyInitialised, ConfigError
 from controller.fleet import Fleet
 from controller.mosquitto_auth import BrokerAuth, generate_password, hash_password
 from controller.registry import Registry
@@ -35,6 +35,26 @@ class Controller:
         self.rollouts = Rollouts(self.store, self.registry, self.fleet)
         self.telemetry = TelemetryStore(self.store)
         self.transport: Transport | None = None
+        self._token_hash = settings.admin_token_sha256
+        self._settings_mtime = self._mtime()
+
+    def _mtime(self) -> int | None:
+        try:
+            return self.settings.settings_path.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    def admin_token_hash(self) -> str:
+        """The current token's hash; `controller init --rotate-token` takes effect without a restart."""
+        mtime = self._mtime()
+        if mtime is not None and mtime != self._settings_mtime:
+            try:
+                self._token_hash = settings_mod.load(self.settings.data_dir).admin_token_sha256
+                self._settings_mtime = mtime
+                log.info("admin token reloaded path=%s", self.settings.settings_path)
+            except ConfigError as exc:
+                log.error("cannot reload the admin token, keeping the previous one error=%s", exc)
+        return self._token_hash
 
     def start_transport(self) -> Transport:
         transport = Transport(self.settings, self.fleet, self.telemetry, self.artifacts)

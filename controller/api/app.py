@@ -53,21 +53,21 @@ class UploadGuard:
     Content-Length already exceeds the limit (the store enforces it again while
     streaming, for bodies that do not declare a length)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, controller: Controller) -> None:
         self.app = app
-        self.settings = settings
+        self.controller = controller
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and _UPLOAD_PATH.match(scope["path"]):
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             scheme, _, token = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not token_matches(
-                token.strip(), self.settings.admin_token_sha256
+                token.strip(), self.controller.admin_token_hash()
             ):
                 await _reply(send, 401, "missing or invalid bearer token", {"www-authenticate": "Bearer"})
                 return
             length = headers.get("content-length", "")
-            limit = self.settings.max_upload_bytes
+            limit = self.controller.settings.max_upload_bytes
             if length.isdigit() and int(length) > limit + _MULTIPART_OVERHEAD:
                 await _reply(send, 413, f"upload of {length} bytes exceeds the limit of {limit} bytes", {})
                 return
@@ -118,5 +118,5 @@ def create_app(settings: Settings, *, start_transport: bool = True) -> FastAPI:
 
     for module in (models, devices, rollouts, telemetry):
         app.include_router(module.router, prefix="/v1", dependencies=[Depends(require_token)])
-    app.add_middleware(UploadGuard, settings=settings)
+    app.add_middleware(UploadGuard, controller=controller)
     return app

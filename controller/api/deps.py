@@ -29,9 +29,7 @@ def require_token(
     controller: ControllerDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
-    if credentials is None or not token_matches(
-        credentials.credentials, controller.settings.admin_token_sha256
-    ):
+    if credentials is None or not token_matches(credentials.credentials, controller.admin_token_hash()):
         raise HTTPException(
             status_code=status.HTTP_401_UNAUTHORIZED,
             detail="missing or invalid bearer token",

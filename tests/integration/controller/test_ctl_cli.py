@@ -144,3 +144,12 @@ def test_operator_commands_over_rest(server: Server, broker: Broker, tmp_path: P
     unreachable = run("--url", f"http://127.0.0.1:{free_port()}", "models", "list", env=server.env)
     assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
     assert httpx.get(f"{server.url}/openapi.json").status_code == 200
+
+
+def test_rotated_token_takes_effect_without_a_restart(server: Server, initialised: tuple[Path, str]) -> None:
+    data_dir, old = initialised
+    assert server.cli("models", "list") == []
+    rotated = run("controller", "init", "--data-dir", str(data_dir), "--rotate-token")
+    new = rotated.stdout.strip()
+    assert run("--token", old, "models", "list", env=server.env).returncode == 1
+    assert run("--token", new, "models", "list", env=server.env).returncode == 0
