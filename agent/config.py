@@ -51,7 +51,7 @@ class AgentConfig:
 
 _TOP_KEYS = {"device_id", "data_dir", "socket", "telemetry_interval_s", "mqtt", "transfer", "outbox"}
 _SECTION_KEYS = {
-    "mqtt": {"host", "port", "username", "password", "protocol", "keepalive_s"},
+    "mqtt": {"host", "port", "username", "password", "protocol"},
     "transfer": {"window", "request_timeout_s"},
     "outbox": {"max_records"},
 }
@@ -153,14 +153,11 @@ def parse_config(text: str, path: Path = Path("agent.toml")) -> AgentConfig:
         username=_get(src, m, "mqtt", "username", str, device_id),
         password=_get(src, m, "mqtt", "password", str),
         protocol=_get(src, m, "mqtt", "protocol", str, "v5"),
-        keepalive_s=_get(src, m, "mqtt", "keepalive_s", int, 30),
     )
     if not 1 <= mqtt.port <= 65535:
         raise src.error("mqtt", "port", f"must be 1..65535, got {mqtt.port}")
     if mqtt.protocol not in ("v5", "v311"):
         raise src.error("mqtt", "protocol", f"must be 'v5' or 'v311', got {mqtt.protocol!r}")
-    if not 5 <= mqtt.keepalive_s <= 65535:
-        raise src.error("mqtt", "keepalive_s", f"must be 5..65535 seconds, got {mqtt.keepalive_s}")
 
     t = _section(src, doc, "transfer")
     transfer = TransferConfig(

@@ -239,7 +239,7 @@ def _pending_entry(desired: Desired | None, current: Current, a: Assignment) -> 
     )
 
 
-def _transfer_steps(a: Assignment, current: Current, now: float) -> list[Step]:
+def _transfer_steps(a: Assignment, current: Current, now: float, free: int) -> list[Step]:
     if not current.connected:
         return [Wait(math.inf, "broker disconnected")]
     t = current.transfers.get(a.digest)
@@ -251,7 +251,6 @@ def _transfer_steps(a: Assignment, current: Current, now: float) -> list[Step]:
         return [Wait(asked + timeout, f"manifest of {a.digest[:12]}")]
     live = {i: at for i, at in t.outstanding.items() if now - at < timeout}
     candidates = [i for i in range(t.chunks) if i not in t.have and i not in live]
-    free = max(0, current.window - len(live))
     steps: list[Step] = []
     if candidates and free:
         steps.append(RequestChunks(a.digest, tuple(candidates[:free])))
@@ -266,6 +265,13 @@ def plan(desired: Desired | None, current: Current, now: float) -> list[Step]:
     waits: list[Wait] = []
     converged = desired is not None
     seen_digests: set[str] = set()
+    # The transfer window bounds the chunk requests outstanding across all artifacts.
+    in_flight = sum(
+        1
+        for t in current.transfers.values()
+        for at in t.outstanding.values()
+        if now - at < current.request_timeout_s
+    )
 
     for a in desired.assignments if desired is not None else ():
         assert desired is not None
@@ -286,7 +292,9 @@ def plan(desired: Desired | None, current: Current, now: float) -> list[Step]:
         elif (t := current.transfers.get(a.digest)) is not None and t.complete:
             steps.append(Verify(a.digest))
         else:
-            for step in _transfer_steps(a, current, now):
+            for step in _transfer_steps(a, current, now, max(0, current.window - in_flight)):
+                if isinstance(step, RequestChunks):
+                    in_flight += len(step.indices)
                 if isinstance(step, Wait):
                     waits.append(step)
                 else:

@@ -234,3 +234,28 @@ def test_report_is_published_first_on_change_and_progress_is_throttled() -> None
     ]
     offline = replace(base, connected=False)
     assert plan(want, offline, NOW) == [Wait(math.inf, "broker disconnected")]
+
+
+def test_the_window_is_shared_by_every_artifact_in_flight() -> None:
+    a, b = assignment(D1, tenant="a"), assignment(D2, tenant="b")
+    transfers = {D1: transfer(D1, outstanding={0: NOW - 1, 1: NOW - 1}), D2: transfer(D2)}
+    expect_steps(
+        desired(1, a, b),
+        Current(device(), transfers=transfers, window=3),
+        RequestChunks(D1, (2,)),
+        Wait(NOW + 4, f"chunks of {D1[:12]}"),
+    )
+    transfers[D1] = transfer(D1, outstanding={0: NOW - 1})
+    expect_steps(
+        desired(1, a, b),
+        Current(device(), transfers=transfers, window=3),
+        RequestChunks(D1, (1, 2)),
+        Wait(NOW + 4, f"chunks of {D1[:12]}"),
+    )
+    transfers[D1] = transfer(D1, have=set(range(9)), outstanding={9: NOW - 1})
+    expect_steps(
+        desired(1, a, b),
+        Current(device(), transfers=transfers, window=3),
+        RequestChunks(D2, (0, 1)),
+        Wait(NOW + 4, f"chunks of {D1[:12]}"),
+    )
