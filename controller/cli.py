@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         "register", parents=[remote], help="register a device, print its credentials"
     )
     register.add_argument("device_id")
-    register.add_argument("--tag", action="append")
+    register.add_argument("--tag", action="extend", nargs="+", metavar="T")
     register.add_argument("--agent-config", default=None, metavar="OUT.toml")
     register.add_argument("--agent-data-dir", default="/var/lib/edgefleet-agent")
     register.add_argument("--agent-socket", default=None)

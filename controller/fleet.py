@@ -2,9 +2,8 @@
 
 A device's password is generated here, returned once, and only its mosquitto
 hash is stored. Every change of the device list rewrites the broker's password
-file. Reported state and online status arrive from the transport; older
-messages than the ones already stored (a retained copy replayed late) are
-ignored.
+file. Reported state and online status arrive from the transport; the last
+message received is the device's current state.
 """
 
 from __future__ import annotations
@@ -217,42 +216,35 @@ class Fleet:
             (seen_at, device_id),
         )
 
-    def record_reported(self, device_id: str, msg: fleet_pb2.ReportedState, received_at: float) -> bool:
-        """Store the newest reported state; False when ``msg`` is older than what is stored."""
-        reported = Reported.from_proto(msg)
-        changed = self.store.execute(
-            "UPDATE devices SET reported = ?, reported_at_ms = ?, reported_received_at = ?"
-            " WHERE device_id = ? AND (reported_at_ms <= ? OR ? = 0)",
-            (
-                json.dumps(asdict(reported)),
-                msg.reported_at_ms,
-                received_at,
-                device_id,
-                msg.reported_at_ms,
-                msg.reported_at_ms,
-            ),
-        )
-        if changed:
-            log.info(
-                "reported state device=%s desired_generation=%d applied_generation=%d models=%s",
-                device_id,
-                msg.desired_generation,
-                msg.applied_generation,
-                ";".join(f"{m.tenant}:{m.model_name}@{m.model_version}={m.phase}" for m in reported.models),
-            )
-        return bool(changed)
+    def record_reported(self, device_id: str, msg: fleet_pb2.ReportedState, received_at: float) -> None:
+        """Store the reported state as the device's current one.
 
-    def record_status(self, device_id: str, msg: fleet_pb2.DeviceStatus) -> bool:
-        changed = self.store.execute(
-            "UPDATE devices SET online = ?, status_at_ms = ?, agent_version = ?"
-            " WHERE device_id = ? AND (status_at_ms <= ? OR ? = 0)",
-            (int(msg.online), msg.at_ms, msg.agent_version, device_id, msg.at_ms, msg.at_ms),
+        The newest message received wins, whatever its timestamp: the broker keeps
+        one publisher's order, a will carries the time it was set (long before the
+        device died), and a device without a real-time clock reports 1970 until NTP.
+        """
+        reported = Reported.from_proto(msg)
+        self.store.execute(
+            "UPDATE devices SET reported = ?, reported_at_ms = ?, reported_received_at = ? WHERE device_id = ?",
+            (json.dumps(asdict(reported)), msg.reported_at_ms, received_at, device_id),
         )
-        if changed:
-            log.info(
-                "device status device=%s online=%s agent_version=%s", device_id, msg.online, msg.agent_version
-            )
-        return bool(changed)
+        log.info(
+            "reported state device=%s desired_generation=%d applied_generation=%d models=%s",
+            device_id,
+            msg.desired_generation,
+            msg.applied_generation,
+            ";".join(f"{m.tenant}:{m.model_name}@{m.model_version}={m.phase}" for m in reported.models),
+        )
+
+    def record_status(self, device_id: str, msg: fleet_pb2.DeviceStatus) -> None:
+        """Online or offline, newest message received wins (see :meth:`record_reported`)."""
+        self.store.execute(
+            "UPDATE devices SET online = ?, status_at_ms = ?, agent_version = ? WHERE device_id = ?",
+            (int(msg.online), msg.at_ms, msg.agent_version, device_id),
+        )
+        log.info(
+            "device status device=%s online=%s agent_version=%s", device_id, msg.online, msg.agent_version
+        )
 
     def desired_states(self) -> list[tuple[str, bytes]]:
         rows = self.store.query(

@@ -9,12 +9,12 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from controller.api import devices, models, rollouts, telemetry
-from controller.api.deps import require_token
+from controller.api.deps import Authenticated
 from controller.auth import token_matches
 from controller.errors import (
     BrokerAuthError,
@@ -117,6 +117,6 @@ def create_app(settings: Settings, *, start_transport: bool = True) -> FastAPI:
         return JSONResponse(status_code=code, content={"detail": str(exc)})
 
     for module in (models, devices, rollouts, telemetry):
-        app.include_router(module.router, prefix="/v1", dependencies=[Depends(require_token)])
+        app.include_router(module.router, prefix="/v1", dependencies=[Authenticated])
     app.add_middleware(UploadGuard, controller=controller)
     return app

@@ -62,23 +62,28 @@ def test_registration_is_undone_when_the_broker_cannot_reload(tmp_path: Path) ->
         parts.fleet.get("cam-1")
 
 
-def test_older_reported_state_and_status_do_not_replace_newer(tmp_path: Path) -> None:
+def test_newest_message_wins_whatever_its_timestamp(tmp_path: Path) -> None:
     parts = Parts(tmp_path)
     parts.fleet.register("d")
-    new = fleet_pb2.ReportedState(device_id="d", desired_generation=3, reported_at_ms=2000)
-    new.models.add(
+    first = fleet_pb2.ReportedState(device_id="d", desired_generation=3, reported_at_ms=2000)
+    first.models.add(
         tenant="default", model_name="m", artifact_digest="a" * 64, phase=fleet_pb2.MODEL_PHASE_LOADING
     )
-    old = fleet_pb2.ReportedState(device_id="d", desired_generation=2, reported_at_ms=1000)
-    assert parts.fleet.record_reported("d", new, received_at=10.0)
-    assert not parts.fleet.record_reported("d", old, received_at=11.0)
+    # After a reboot without a real-time clock, the device's time starts over.
+    rebooted = fleet_pb2.ReportedState(device_id="d", desired_generation=4, reported_at_ms=1000)
+    parts.fleet.record_reported("d", first, received_at=10.0)
     device = parts.fleet.get("d")
-    assert device.reported is not None and device.reported.desired_generation == 3
-    assert device.reported.models[0].phase == "loading"
-    assert parts.fleet.record_status("d", fleet_pb2.DeviceStatus(online=True, at_ms=50, agent_version="1.2"))
-    assert not parts.fleet.record_status("d", fleet_pb2.DeviceStatus(online=False, at_ms=40))
+    assert device.reported is not None and device.reported.models[0].phase == "loading"
+    parts.fleet.record_reported("d", rebooted, received_at=11.0)
+    device = parts.fleet.get("d")
+    assert device.reported is not None and device.reported.desired_generation == 4
+    assert device.reported_received_at == 11.0
+    parts.fleet.record_status("d", fleet_pb2.DeviceStatus(online=True, at_ms=50, agent_version="1.2"))
     device = parts.fleet.get("d")
     assert device.online and device.agent_version == "1.2"
+    # The last will was set when the agent connected, before it said "online".
+    parts.fleet.record_status("d", fleet_pb2.DeviceStatus(online=False, at_ms=40, agent_version="1.2"))
+    assert not parts.fleet.get("d").online
     parts.fleet.touch("d", 100.0)
     parts.fleet.touch("d", 90.0)
     assert parts.fleet.get("d").last_seen == 100.0
