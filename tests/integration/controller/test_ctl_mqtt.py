@@ -4,13 +4,16 @@ the credentials the API hands out."""
 from __future__ import annotations
 
 import hashlib
+import socket
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 from edgefleet_proto import artifact_pb2, fleet_pb2
 from edgefleet_proto.codec import decode_as, encode
 from edgefleet_proto.topics import Kind, Topic
 
+from controller.transport import Transport
 from tests.broker import Broker
 from tests.integration.controller.conftest import (
     Ctl,
@@ -327,3 +330,43 @@ def test_mqtt_v311(broker: Broker, tmp_path: Path, digits_model: Path) -> None:
             assert wait_for(lambda: ctl.api("GET", "/v1/devices/cam-1/telemetry").json(), 10, "telemetry")
         finally:
             peer.close()
+
+
+def test_a_device_that_dies_goes_offline_through_its_last_will(ctl: Ctl) -> None:
+    creds = ctl.register("cam-1")
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="cam-1-will", protocol=mqtt.MQTTv5)
+    client.username_pw_set("cam-1", creds["mqtt_password"])
+    topic = str(Topic("cam-1", Kind.STATUS))
+    # The will is fixed at connect time, so its timestamp is older than "online".
+    client.will_set(topic, encode(fleet_pb2.DeviceStatus(online=False, at_ms=1)), qos=1, retain=True)
+    connected = wait_for(lambda: client.connect("127.0.0.1", ctl.broker.port) == 0 or None, 10, "connect")
+    assert connected
+    client.loop_start()
+    try:
+        client.publish(topic, encode(fleet_pb2.DeviceStatus(online=True, at_ms=2)), qos=1, retain=True)
+        wait_for(lambda: ctl.api("GET", "/v1/devices/cam-1").json()["online"], 10, "online")
+        sock = client.socket()
+        assert isinstance(sock, socket.socket)
+        sock.shutdown(socket.SHUT_RDWR)  # like kill -9: no DISCONNECT, so the broker sends the will
+        wait_for(lambda: not ctl.api("GET", "/v1/devices/cam-1").json()["online"], 10, "offline")
+    finally:
+        client.loop_stop()
+
+
+def test_refused_publishes_are_logged_as_errors_naming_the_device(ctl: Ctl, caplog: Any) -> None:
+    creds = ctl.register("cam-1")
+    # A transport logged in with a device's credentials: the ACL refuses what only the controller may do.
+    as_device = ctl.settings.with_changes(
+        mqtt_username="cam-1", mqtt_password=creds["mqtt_password"], mqtt_client_id="cam-1-as-controller"
+    )
+    c = ctl.controller
+    transport = Transport(as_device, c.fleet, c.telemetry, c.artifacts)
+    transport.start()
+    try:
+        assert wait_for(lambda: transport.wait_connected(0.5) or None, 10, "connected as cam-1")
+        transport.publish_desired("cam-1", encode(fleet_pb2.DesiredState(device_id="cam-1", generation=1)))
+        refused = "broker refused publish device=cam-1 topic=edgefleet/v1/devices/cam-1/desired reason=Not authorized"
+        wait_for(lambda: refused in caplog.text or None, 10, "the refusal to be logged")
+        assert [r.levelname for r in caplog.records if refused in r.getMessage()] == ["ERROR"]
+    finally:
+        transport.stop()
