@@ -17,7 +17,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,7 +50,6 @@ class StagedArtifact:
     size: int
     chunk_sha256: list[bytes]
     chunk_size: int
-    committed: bool = field(default=False)
 
 
 class _ChunkHasher:
@@ -145,7 +144,6 @@ class ArtifactStore:
         os.chmod(staged.path, 0o644)
         os.replace(staged.path, final)
         fsync_dir(self.root)
-        staged.committed = True
         with self._lock:
             self._manifests[staged.digest] = manifest
         log.info(

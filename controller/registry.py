@@ -167,7 +167,7 @@ class Registry:
     def upload(self, name: str, version: str, source: BinaryIO, metadata: dict[str, Any]) -> ModelVersion:
         validate_name("model name", name)
         validate_name("version", version)
-        if self._find(name, version) is not None:
+        if self.find(name, version) is not None:
             raise VersionExists(f"model {name} version {version} already exists")
         with self.artifacts.stage(source, self.max_upload_bytes) as staged:
             if staged.size == 0:
@@ -205,17 +205,14 @@ class Registry:
         )
         return self.get(name, version)
 
-    def _find(self, name: str, version: str) -> ModelVersion | None:
+    def find(self, name: str, version: str) -> ModelVersion | None:
         row = self.store.query_one(
             "SELECT * FROM model_versions WHERE name = ? AND version = ?", (name, version)
         )
         return _version_from_row(row) if row else None
 
-    def find(self, name: str, version: str) -> ModelVersion | None:
-        return self._find(name, version)
-
     def get(self, name: str, version: str) -> ModelVersion:
-        found = self._find(name, version)
+        found = self.find(name, version)
         if found is None:
             raise ModelNotFound(f"model {name} has no version {version}")
         return found
@@ -233,6 +230,3 @@ class Registry:
                 )
             )
         return [ModelSummary(name=n, versions=vs) for n, vs in by_name.items()]
-
-    def digests(self) -> set[str]:
-        return {row["digest"] for row in self.store.query("SELECT DISTINCT digest FROM model_versions")}
