@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import tomli_w
 
 from controller.errors import ControllerError
-from controller.files import atomic_write, dump_toml
+from controller.files import atomic_write
 from controller.settings import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_UPLOAD_BYTES, PROTOCOLS
 
 log = logging.getLogger("controller.cli")
@@ -166,7 +167,7 @@ def agent_config(credentials: dict[str, Any], data_dir: str, socket: str | None)
         "password": credentials["mqtt_password"],
         "protocol": credentials["mqtt_protocol"],
     }
-    return dump_toml(doc)
+    return tomli_w.dumps(doc)
 
 
 def cmd_devices_register(args: argparse.Namespace) -> int:

@@ -1,15 +1,10 @@
-"""Small file helpers: atomic writes and a TOML writer for flat documents."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
-
-TomlValue = str | int | float | bool
-TomlDoc = Mapping[str, "TomlValue | Mapping[str, TomlValue]"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -36,28 +31,3 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-
-
-def _toml_value(value: TomlValue) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    # A JSON string without ASCII escaping is a valid TOML basic string.
-    return json.dumps(value, ensure_ascii=False)
-
-
-def dump_toml(doc: TomlDoc) -> str:
-    """Render top-level keys, then one ``[table]`` per nested mapping (one level deep)."""
-    lines: list[str] = []
-    tables: list[tuple[str, Mapping[str, TomlValue]]] = []
-    for key, value in doc.items():
-        if isinstance(value, Mapping):
-            tables.append((key, value))
-        else:
-            lines.append(f"{key} = {_toml_value(value)}")
-    for name, table in tables:
-        lines.append("")
-        lines.append(f"[{name}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
-    return "\n".join(lines) + "\n"

@@ -11,8 +11,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from controller.errors import ConfigError
-from controller.files import atomic_write, dump_toml
+from controller.files import atomic_write
 
 SETTINGS_FILE = "controller.toml"
 CONTROLLER_USER = "edgefleet-controller"
@@ -82,7 +84,7 @@ def save(settings: Settings) -> None:
         if key == "data_dir" or value is None:
             continue
         doc[key] = str(value) if isinstance(value, Path) else value
-    atomic_write(settings.settings_path, dump_toml(doc).encode(), mode=0o600)
+    atomic_write(settings.settings_path, tomli_w.dumps(doc).encode(), mode=0o600)
 
 
 def load(data_dir: Path) -> Settings:

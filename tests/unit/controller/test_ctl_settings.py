@@ -1,13 +1,11 @@
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
 
 from controller import settings as settings_mod
 from controller.errors import ConfigError
-from controller.files import dump_toml
 from controller.settings import Settings
 
 
@@ -47,8 +45,3 @@ def test_missing_and_invalid_settings_are_config_errors(tmp_path: Path) -> None:
         make(tmp_path, mqtt_protocol="v4")
     with pytest.raises(ConfigError, match="chunk_size"):
         make(tmp_path, chunk_size=10)
-
-
-def test_dump_toml_writes_what_tomllib_reads() -> None:
-    doc = {"a": 'quote " backslash \\ tab \t é 🚀', "n": 3, "f": 0.5, "b": True, "t": {"x": "y", "p": 1883}}
-    assert tomllib.loads(dump_toml(doc)) == doc
