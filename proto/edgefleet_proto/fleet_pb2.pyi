@@ -58,6 +58,10 @@ class ModelAssignment(_message.Message):
     FORMAT_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     model_name: _builtins.str
     model_version: _builtins.str
@@ -69,6 +73,16 @@ class ModelAssignment(_message.Message):
     runtime: _builtins.str
     """Which backend should run it: "onnxruntime" or "litert"."""
     rollout_id: _builtins.str
+    variant: _builtins.str
+    """Which of the version's artifact variants this is, e.g. "onnx-fp32", "onnx-int8-static"."""
+    precision: _builtins.str
+    """"fp32", "fp16" or "int8"."""
+    signature: _builtins.bytes
+    """Ed25519 signature by the controller over
+    edgefleet_proto.signing.manifest_bytes(model_name, model_version, variant, artifact_digest, artifact_size).
+    """
+    key_id: _builtins.str
+    """The signing key: first 16 hex digits of sha256 over its 32 raw bytes."""
     def __init__(
         self,
         *,
@@ -80,14 +94,52 @@ class ModelAssignment(_message.Message):
         format: _builtins.str = ...,
         runtime: _builtins.str = ...,
         rollout_id: _builtins.str = ...,
+        variant: _builtins.str = ...,
+        precision: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+        key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "format", b"format", "model_name", b"model_name", "model_version", b"model_version", "rollout_id", b"rollout_id", "runtime", b"runtime", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "format", b"format", "key_id", b"key_id", "model_name", b"model_name", "model_version", b"model_version", "precision", b"precision", "rollout_id", b"rollout_id", "runtime", b"runtime", "signature", b"signature", "tenant", b"tenant", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelAssignment: _TypeAlias = ModelAssignment  # noqa: Y015
+
+@_typing.final
+class KeyRotation(_message.Message):
+    """A new controller signing key, announced inside the desired state. The agent
+    pins it only if `signature` verifies with the key it has pinned now, over
+    edgefleet_proto.signing.rotation_bytes(new_public_key).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NEW_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    NEW_KEY_ID_FIELD_NUMBER: _builtins.int
+    OLD_KEY_ID_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    new_public_key: _builtins.bytes
+    """Raw Ed25519 public key (32 bytes)."""
+    new_key_id: _builtins.str
+    old_key_id: _builtins.str
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        new_public_key: _builtins.bytes = ...,
+        new_key_id: _builtins.str = ...,
+        old_key_id: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_key_id", b"new_key_id", "new_public_key", b"new_public_key", "old_key_id", b"old_key_id", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyRotation: _TypeAlias = KeyRotation  # noqa: Y015
 
 @_typing.final
 class DesiredState(_message.Message):
@@ -101,11 +153,16 @@ class DesiredState(_message.Message):
     GENERATION_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     ISSUED_AT_MS_FIELD_NUMBER: _builtins.int
+    KEY_ROTATION_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     generation: _builtins.int
     issued_at_ms: _builtins.int
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelAssignment]: ...
+    @_builtins.property
+    def key_rotation(self) -> Global___KeyRotation:
+        """Present after the controller rotated its signing key."""
+
     def __init__(
         self,
         *,
@@ -113,10 +170,11 @@ class DesiredState(_message.Message):
         generation: _builtins.int = ...,
         models: _abc.Iterable[Global___ModelAssignment] | None = ...,
         issued_at_ms: _builtins.int = ...,
+        key_rotation: Global___KeyRotation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key_rotation", b"key_rotation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "generation", b"generation", "issued_at_ms", b"issued_at_ms", "models", b"models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "generation", b"generation", "issued_at_ms", b"issued_at_ms", "key_rotation", b"key_rotation", "models", b"models"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
