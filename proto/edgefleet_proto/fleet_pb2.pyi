@@ -154,6 +154,7 @@ class DesiredState(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     ISSUED_AT_MS_FIELD_NUMBER: _builtins.int
     KEY_ROTATION_FIELD_NUMBER: _builtins.int
+    TENANTS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     generation: _builtins.int
     issued_at_ms: _builtins.int
@@ -163,6 +164,12 @@ class DesiredState(_message.Message):
     def key_rotation(self) -> Global___KeyRotation:
         """Present after the controller rotated its signing key."""
 
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantSpec]:
+        """Tenant apps the controller declares (issue 5 numbers its fields from 50
+        so concurrent additions cannot collide).
+        """
+
     def __init__(
         self,
         *,
@@ -171,10 +178,11 @@ class DesiredState(_message.Message):
         models: _abc.Iterable[Global___ModelAssignment] | None = ...,
         issued_at_ms: _builtins.int = ...,
         key_rotation: Global___KeyRotation | None = ...,
+        tenants: _abc.Iterable[Global___TenantSpec] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key_rotation", b"key_rotation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "generation", b"generation", "issued_at_ms", b"issued_at_ms", "key_rotation", b"key_rotation", "models", b"models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "generation", b"generation", "issued_at_ms", b"issued_at_ms", "key_rotation", b"key_rotation", "models", b"models", "tenants", b"tenants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -397,6 +405,8 @@ class Telemetry(_message.Message):
     SYSTEM_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     OUTBOX_DROPPED_FIELD_NUMBER: _builtins.int
+    TENANTS_FIELD_NUMBER: _builtins.int
+    SHADOWS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     seq: _builtins.int
     window_start_ms: _builtins.int
@@ -409,6 +419,12 @@ class Telemetry(_message.Message):
     def system(self) -> Global___SystemStats: ...
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStats]: ...
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantStats]:
+        """In-process tenant pipelines and shadow candidates (fields from 50, see DesiredState)."""
+
+    @_builtins.property
+    def shadows(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShadowStats]: ...
     def __init__(
         self,
         *,
@@ -419,10 +435,12 @@ class Telemetry(_message.Message):
         system: Global___SystemStats | None = ...,
         models: _abc.Iterable[Global___ModelStats] | None = ...,
         outbox_dropped: _builtins.int = ...,
+        tenants: _abc.Iterable[Global___TenantStats] | None = ...,
+        shadows: _abc.Iterable[Global___ShadowStats] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["system", b"system"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "models", b"models", "outbox_dropped", b"outbox_dropped", "seq", b"seq", "system", b"system", "window_end_ms", b"window_end_ms", "window_start_ms", b"window_start_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "models", b"models", "outbox_dropped", b"outbox_dropped", "seq", b"seq", "shadows", b"shadows", "system", b"system", "tenants", b"tenants", "window_end_ms", b"window_end_ms", "window_start_ms", b"window_start_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -486,3 +504,239 @@ class Event(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class SourceSpec(_message.Message):
+    """A tenant app declared by the controller: where its samples come from, how
+    they are prepared, and how it shares the device. The agent's own config may
+    declare tenants too; a desired-state tenant with the same id replaces it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class OptionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    KIND_FIELD_NUMBER: _builtins.int
+    URI_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"video", "camera", "wav", "microphone", "csv", "lines" or "synthetic"."""
+    uri: _builtins.str
+    """A file path, a V4L2 device (/dev/video0 or its index), an RTSP URL, a
+    serial device or an ALSA device name, as the kind expects.
+    """
+    @_builtins.property
+    def options(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Kind-specific settings, e.g. "loop" = "true", "rate_hz" = "16000"."""
+
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        uri: _builtins.str = ...,
+        options: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "options", b"options", "uri", b"uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SourceSpec: _TypeAlias = SourceSpec  # noqa: Y015
+
+@_typing.final
+class TenantSpec(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PreprocessEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    PREPROCESS_FIELD_NUMBER: _builtins.int
+    TARGET_RATE_HZ_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    QUEUE_BOUND_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    TOKEN_SHA256_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    model_name: _builtins.str
+    """The model (name) the tenant's ModelAssignment must carry."""
+    target_rate_hz: _builtins.float
+    weight: _builtins.float
+    queue_bound: _builtins.int
+    token_sha256: _builtins.str
+    """sha256 (hex) of the tenant's API token; the token itself never travels."""
+    @_builtins.property
+    def source(self) -> Global___SourceSpec: ...
+    @_builtins.property
+    def preprocess(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Preprocessing as in the agent config's [tenants.preprocess], values as text
+        (e.g. "resize" = "32,32", "layout" = "nchw").
+        """
+
+    @_builtins.property
+    def results(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Any of "grpc", "mqtt"."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        source: Global___SourceSpec | None = ...,
+        preprocess: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        target_rate_hz: _builtins.float = ...,
+        weight: _builtins.float = ...,
+        queue_bound: _builtins.int = ...,
+        results: _abc.Iterable[_builtins.str] | None = ...,
+        token_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "preprocess", b"preprocess", "queue_bound", b"queue_bound", "results", b"results", "source", b"source", "target_rate_hz", b"target_rate_hz", "tenant", b"tenant", "token_sha256", b"token_sha256", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantSpec: _TypeAlias = TenantSpec  # noqa: Y015
+
+@_typing.final
+class TenantStats(_message.Message):
+    """Per tenant pipeline statistics over one telemetry window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    INFERENCES_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    RATE_HZ_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_P95_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_P99_MS_FIELD_NUMBER: _builtins.int
+    SOURCE_FAILURES_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    BUSY_S_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    samples: _builtins.int
+    inferences: _builtins.int
+    dropped: _builtins.int
+    errors: _builtins.int
+    rate_hz: _builtins.float
+    latency_p50_ms: _builtins.float
+    latency_p95_ms: _builtins.float
+    latency_p99_ms: _builtins.float
+    source_failures: _builtins.int
+    weight: _builtins.float
+    busy_s: _builtins.float
+    """Seconds of inference CPU time the tenant got in the window."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        samples: _builtins.int = ...,
+        inferences: _builtins.int = ...,
+        dropped: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        rate_hz: _builtins.float = ...,
+        latency_p50_ms: _builtins.float = ...,
+        latency_p95_ms: _builtins.float = ...,
+        latency_p99_ms: _builtins.float = ...,
+        source_failures: _builtins.int = ...,
+        weight: _builtins.float = ...,
+        busy_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_s", b"busy_s", "dropped", b"dropped", "errors", b"errors", "inferences", b"inferences", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "rate_hz", b"rate_hz", "samples", b"samples", "source_failures", b"source_failures", "tenant", b"tenant", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantStats: _TypeAlias = TenantStats  # noqa: Y015
+
+@_typing.final
+class ShadowStats(_message.Message):
+    """A candidate model run in shadow beside a tenant's live model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    LIVE_MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    CANDIDATE_MODEL_NAME_FIELD_NUMBER: _builtins.int
+    CANDIDATE_MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    COMPARED_FIELD_NUMBER: _builtins.int
+    TOP1_AGREEMENT_FIELD_NUMBER: _builtins.int
+    MEAN_ABS_DEVIATION_FIELD_NUMBER: _builtins.int
+    CANDIDATE_LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
+    CANDIDATE_LATENCY_P95_MS_FIELD_NUMBER: _builtins.int
+    LIVE_LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    live_model_version: _builtins.str
+    candidate_model_name: _builtins.str
+    candidate_model_version: _builtins.str
+    compared: _builtins.int
+    top1_agreement: _builtins.float
+    """Fraction of samples whose top-1 class matched (classifiers)."""
+    mean_abs_deviation: _builtins.float
+    """Mean absolute deviation of the outputs."""
+    candidate_latency_p50_ms: _builtins.float
+    candidate_latency_p95_ms: _builtins.float
+    live_latency_p50_ms: _builtins.float
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        live_model_version: _builtins.str = ...,
+        candidate_model_name: _builtins.str = ...,
+        candidate_model_version: _builtins.str = ...,
+        compared: _builtins.int = ...,
+        top1_agreement: _builtins.float = ...,
+        mean_abs_deviation: _builtins.float = ...,
+        candidate_latency_p50_ms: _builtins.float = ...,
+        candidate_latency_p95_ms: _builtins.float = ...,
+        live_latency_p50_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_latency_p50_ms", b"candidate_latency_p50_ms", "candidate_latency_p95_ms", b"candidate_latency_p95_ms", "candidate_model_name", b"candidate_model_name", "candidate_model_version", b"candidate_model_version", "compared", b"compared", "live_latency_p50_ms", b"live_latency_p50_ms", "live_model_version", b"live_model_version", "mean_abs_deviation", b"mean_abs_deviation", "tenant", b"tenant", "top1_agreement", b"top1_agreement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowStats: _TypeAlias = ShadowStats  # noqa: Y015

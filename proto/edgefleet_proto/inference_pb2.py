@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65\x64gefleet_proto/inference.proto\x12\x0c\x65\x64gefleet.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xb1\x01\n\x0cInferRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x36\n\x06inputs\x18\x02 \x03(\x0b\x32&.edgefleet.v1.InferRequest.InputsEntry\x12\x14\n\x0coutput_names\x18\x03 \x03(\t\x1a\x43\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.edgefleet.v1.Tensor:\x02\x38\x01\"\xcf\x01\n\rInferResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x39\n\x07outputs\x18\x03 \x03(\x0b\x32(.edgefleet.v1.InferResponse.OutputsEntry\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x1a\x44\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.edgefleet.v1.Tensor:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"\xc5\x01\n\tModelInfo\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x17\n\x0f\x61rtifact_digest\x18\x04 \x01(\t\x12\x0f\n\x07runtime\x18\x05 \x01(\t\x12(\n\x06inputs\x18\x06 \x03(\x0b\x32\x18.edgefleet.v1.TensorSpec\x12)\n\x07outputs\x18\x07 \x03(\x0b\x32\x18.edgefleet.v1.TensorSpec\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.edgefleet.v1.ModelInfo\"\x0f\n\rHealthRequest\"Q\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x18\n\x10\x62roker_connected\x18\x02 \x01(\x08\x12\x15\n\rmodels_loaded\x18\x03 \x01(\r2\xea\x01\n\x10InferenceService\x12@\n\x05Infer\x12\x1a.edgefleet.v1.InferRequest\x1a\x1b.edgefleet.v1.InferResponse\x12O\n\nListModels\x12\x1f.edgefleet.v1.ListModelsRequest\x1a .edgefleet.v1.ListModelsResponse\x12\x43\n\x06Health\x12\x1b.edgefleet.v1.HealthRequest\x1a\x1c.edgefleet.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65\x64gefleet_proto/inference.proto\x12\x0c\x65\x64gefleet.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xb1\x01\n\x0cInferRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x36\n\x06inputs\x18\x02 \x03(\x0b\x32&.edgefleet.v1.InferRequest.InputsEntry\x12\x14\n\x0coutput_names\x18\x03 \x03(\t\x1a\x43\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.edgefleet.v1.Tensor:\x02\x38\x01\"\xcf\x01\n\rInferResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x39\n\x07outputs\x18\x03 \x03(\x0b\x32(.edgefleet.v1.InferResponse.OutputsEntry\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x1a\x44\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.edgefleet.v1.Tensor:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"\xc5\x01\n\tModelInfo\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x17\n\x0f\x61rtifact_digest\x18\x04 \x01(\t\x12\x0f\n\x07runtime\x18\x05 \x01(\t\x12(\n\x06inputs\x18\x06 \x03(\x0b\x32\x18.edgefleet.v1.TensorSpec\x12)\n\x07outputs\x18\x07 \x03(\x0b\x32\x18.edgefleet.v1.TensorSpec\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.edgefleet.v1.ModelInfo\"\x0f\n\rHealthRequest\"Q\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x18\n\x10\x62roker_connected\x18\x02 \x01(\x08\x12\x15\n\rmodels_loaded\x18\x03 \x01(\r\"<\n\x14StreamResultsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x14\n\x0coutput_names\x18\x02 \x03(\t\"\x8c\x02\n\x06Result\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x16\n\x0e\x63\x61ptured_at_ms\x18\x05 \x01(\x03\x12\x12\n\nlatency_ms\x18\x06 \x01(\x01\x12\x32\n\x07outputs\x18\x07 \x03(\x0b\x32!.edgefleet.v1.Result.OutputsEntry\x12\x14\n\x0csource_epoch\x18\x08 \x01(\x04\x1a\x44\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.edgefleet.v1.Tensor:\x02\x38\x01\x32\xea\x01\n\x10InferenceService\x12@\n\x05Infer\x12\x1a.edgefleet.v1.InferRequest\x1a\x1b.edgefleet.v1.InferResponse\x12O\n\nListModels\x12\x1f.edgefleet.v1.ListModelsRequest\x1a .edgefleet.v1.ListModelsResponse\x12\x43\n\x06Health\x12\x1b.edgefleet.v1.HealthRequest\x1a\x1c.edgefleet.v1.HealthResponse2\\\n\rTenantResults\x12K\n\rStreamResults\x12\".edgefleet.v1.StreamResultsRequest\x1a\x14.edgefleet.v1.Result0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFERREQUEST_INPUTSENTRY']._serialized_options = b'8\001'
   _globals['_INFERRESPONSE_OUTPUTSENTRY']._loaded_options = None
   _globals['_INFERRESPONSE_OUTPUTSENTRY']._serialized_options = b'8\001'
+  _globals['_RESULT_OUTPUTSENTRY']._loaded_options = None
+  _globals['_RESULT_OUTPUTSENTRY']._serialized_options = b'8\001'
   _globals['_TENSOR']._serialized_start=49
   _globals['_TENSOR']._serialized_end=101
   _globals['_TENSORSPEC']._serialized_start=103
@@ -57,6 +59,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEALTHREQUEST']._serialized_end=850
   _globals['_HEALTHRESPONSE']._serialized_start=852
   _globals['_HEALTHRESPONSE']._serialized_end=933
-  _globals['_INFERENCESERVICE']._serialized_start=936
-  _globals['_INFERENCESERVICE']._serialized_end=1170
+  _globals['_STREAMRESULTSREQUEST']._serialized_start=935
+  _globals['_STREAMRESULTSREQUEST']._serialized_end=995
+  _globals['_RESULT']._serialized_start=998
+  _globals['_RESULT']._serialized_end=1266
+  _globals['_RESULT_OUTPUTSENTRY']._serialized_start=481
+  _globals['_RESULT_OUTPUTSENTRY']._serialized_end=549
+  _globals['_INFERENCESERVICE']._serialized_start=1269
+  _globals['_INFERENCESERVICE']._serialized_end=1503
+  _globals['_TENANTRESULTS']._serialized_start=1505
+  _globals['_TENANTRESULTS']._serialized_end=1597
 # @@protoc_insertion_point(module_scope)

@@ -291,3 +291,99 @@ class HealthResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HealthResponse: _TypeAlias = HealthResponse  # noqa: Y015
+
+@_typing.final
+class StreamResultsRequest(_message.Message):
+    """StreamResults: the results of one tenant's in-process pipeline (source ->
+    preprocessing -> model), as they are produced. Calls carry the tenant's
+    token in the gRPC metadata key "x-edgefleet-token".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    OUTPUT_NAMES_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    @_builtins.property
+    def output_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Empty means every output."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        output_names: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["output_names", b"output_names", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamResultsRequest: _TypeAlias = StreamResultsRequest  # noqa: Y015
+
+@_typing.final
+class Result(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class OutputsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___Tensor: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___Tensor | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    CAPTURED_AT_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    SOURCE_EPOCH_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    model_name: _builtins.str
+    model_version: _builtins.str
+    seq: _builtins.int
+    """Index of the sample in its source since the source was (re)opened."""
+    captured_at_ms: _builtins.int
+    """Wall clock when the source produced the sample."""
+    latency_ms: _builtins.float
+    """From capture to result, queueing included."""
+    source_epoch: _builtins.int
+    """Counts the source run; it grows each time the source is reopened."""
+    @_builtins.property
+    def outputs(self) -> _containers.MessageMap[_builtins.str, Global___Tensor]: ...
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        captured_at_ms: _builtins.int = ...,
+        latency_ms: _builtins.float = ...,
+        outputs: _abc.Mapping[_builtins.str, Global___Tensor] | None = ...,
+        source_epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captured_at_ms", b"captured_at_ms", "latency_ms", b"latency_ms", "model_name", b"model_name", "model_version", b"model_version", "outputs", b"outputs", "seq", b"seq", "source_epoch", b"source_epoch", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Result: _TypeAlias = Result  # noqa: Y015

@@ -181,3 +181,75 @@ class InferenceService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class TenantResultsStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.StreamResults = channel.unary_stream(
+                '/edgefleet.v1.TenantResults/StreamResults',
+                request_serializer=edgefleet__proto_dot_inference__pb2.StreamResultsRequest.SerializeToString,
+                response_deserializer=edgefleet__proto_dot_inference__pb2.Result.FromString,
+                _registered_method=True)
+
+
+class TenantResultsServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def StreamResults(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TenantResultsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'StreamResults': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamResults,
+                    request_deserializer=edgefleet__proto_dot_inference__pb2.StreamResultsRequest.FromString,
+                    response_serializer=edgefleet__proto_dot_inference__pb2.Result.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'edgefleet.v1.TenantResults', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('edgefleet.v1.TenantResults', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class TenantResults:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def StreamResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgefleet.v1.TenantResults/StreamResults',
+            edgefleet__proto_dot_inference__pb2.StreamResultsRequest.SerializeToString,
+            edgefleet__proto_dot_inference__pb2.Result.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -65,3 +65,25 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_inference_pb2.HealthResponse, _abc.Awaitable[_inference_pb2.HealthResponse]]: ...
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class TenantResultsStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> TenantResultsAsyncStub: ...
+    StreamResults: _grpc.UnaryStreamMultiCallable[_inference_pb2.StreamResultsRequest, _inference_pb2.Result]
+
+@_typing.type_check_only
+class TenantResultsAsyncStub(TenantResultsStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    StreamResults: _aio.UnaryStreamMultiCallable[_inference_pb2.StreamResultsRequest, _inference_pb2.Result]  # type: ignore[assignment]
+
+class TenantResultsServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def StreamResults(
+        self,
+        request: _inference_pb2.StreamResultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_pb2.Result], _abc.AsyncIterator[_inference_pb2.Result]]: ...
+
+def add_TenantResultsServicer_to_server(servicer: TenantResultsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
