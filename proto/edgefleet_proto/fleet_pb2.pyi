@@ -33,6 +33,8 @@ class _ModelPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelPhase
     MODEL_PHASE_LOADING: _ModelPhase.ValueType  # 3
     MODEL_PHASE_ACTIVE: _ModelPhase.ValueType  # 4
     MODEL_PHASE_FAILED: _ModelPhase.ValueType  # 5
+    MODEL_PHASE_PROBATION: _ModelPhase.ValueType  # 6
+    """Serving, with the previous model kept loaded until probation ends."""
 
 class ModelPhase(_ModelPhase, metaclass=_ModelPhaseEnumTypeWrapper): ...
 
@@ -42,7 +44,33 @@ MODEL_PHASE_VERIFYING: ModelPhase.ValueType  # 2
 MODEL_PHASE_LOADING: ModelPhase.ValueType  # 3
 MODEL_PHASE_ACTIVE: ModelPhase.ValueType  # 4
 MODEL_PHASE_FAILED: ModelPhase.ValueType  # 5
+MODEL_PHASE_PROBATION: ModelPhase.ValueType  # 6
+"""Serving, with the previous model kept loaded until probation ends."""
 Global___ModelPhase: _TypeAlias = ModelPhase  # noqa: Y015
+
+class _UpdateOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UpdateOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UpdateOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    UPDATE_OUTCOME_UNSPECIFIED: _UpdateOutcome.ValueType  # 0
+    UPDATE_OUTCOME_SUCCEEDED: _UpdateOutcome.ValueType  # 1
+    UPDATE_OUTCOME_FAILED: _UpdateOutcome.ValueType  # 2
+    """Refused before it served (download, verification, load, smoke inference)."""
+    UPDATE_OUTCOME_ROLLED_BACK: _UpdateOutcome.ValueType  # 3
+    """It served, failed probation, and the previous model serves again."""
+
+class UpdateOutcome(_UpdateOutcome, metaclass=_UpdateOutcomeEnumTypeWrapper):
+    """How an update (one tenant moving to one artifact) ended on the device."""
+
+UPDATE_OUTCOME_UNSPECIFIED: UpdateOutcome.ValueType  # 0
+UPDATE_OUTCOME_SUCCEEDED: UpdateOutcome.ValueType  # 1
+UPDATE_OUTCOME_FAILED: UpdateOutcome.ValueType  # 2
+"""Refused before it served (download, verification, load, smoke inference)."""
+UPDATE_OUTCOME_ROLLED_BACK: UpdateOutcome.ValueType  # 3
+"""It served, failed probation, and the previous model serves again."""
+Global___UpdateOutcome: _TypeAlias = UpdateOutcome  # noqa: Y015
 
 @_typing.final
 class ModelAssignment(_message.Message):
@@ -62,6 +90,8 @@ class ModelAssignment(_message.Message):
     PRECISION_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
+    PROBATION_S_FIELD_NUMBER: _builtins.int
+    MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     model_name: _builtins.str
     model_version: _builtins.str
@@ -83,6 +113,15 @@ class ModelAssignment(_message.Message):
     """
     key_id: _builtins.str
     """The signing key: first 16 hex digits of sha256 over its 32 raw bytes."""
+    probation_s: _builtins.float
+    """Seconds the new model serves on probation before the agent commits it
+    (releases the previous one); 0 commits once it loads and answers a smoke
+    inference.
+    """
+    max_error_rate: _builtins.float
+    """Probation fails, and the agent rolls back to the previous model, when the
+    new one's inference error rate (errors / requests) exceeds this.
+    """
     def __init__(
         self,
         *,
@@ -98,10 +137,12 @@ class ModelAssignment(_message.Message):
         precision: _builtins.str = ...,
         signature: _builtins.bytes = ...,
         key_id: _builtins.str = ...,
+        probation_s: _builtins.float = ...,
+        max_error_rate: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "format", b"format", "key_id", b"key_id", "model_name", b"model_name", "model_version", b"model_version", "precision", b"precision", "rollout_id", b"rollout_id", "runtime", b"runtime", "signature", b"signature", "tenant", b"tenant", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "format", b"format", "key_id", b"key_id", "max_error_rate", b"max_error_rate", "model_name", b"model_name", "model_version", b"model_version", "precision", b"precision", "probation_s", b"probation_s", "rollout_id", b"rollout_id", "runtime", b"runtime", "signature", b"signature", "tenant", b"tenant", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -201,6 +242,8 @@ class ModelStatus(_message.Message):
     BYTES_TOTAL_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    UPDATE_STATE_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     model_name: _builtins.str
     model_version: _builtins.str
@@ -211,6 +254,10 @@ class ModelStatus(_message.Message):
     error: _builtins.str
     """Why the phase is FAILED, in words an operator can act on."""
     rollout_id: _builtins.str
+    outcome: Global___UpdateOutcome.ValueType
+    """Set once the update towards this artifact has ended."""
+    update_state: _builtins.str
+    """The agent's update state machine state for this artifact (e.g. "probation")."""
     def __init__(
         self,
         *,
@@ -223,10 +270,12 @@ class ModelStatus(_message.Message):
         bytes_total: _builtins.int = ...,
         error: _builtins.str = ...,
         rollout_id: _builtins.str = ...,
+        outcome: Global___UpdateOutcome.ValueType = ...,
+        update_state: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "bytes_have", b"bytes_have", "bytes_total", b"bytes_total", "error", b"error", "model_name", b"model_name", "model_version", b"model_version", "phase", b"phase", "rollout_id", b"rollout_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "bytes_have", b"bytes_have", "bytes_total", b"bytes_total", "error", b"error", "model_name", b"model_name", "model_version", b"model_version", "outcome", b"outcome", "phase", b"phase", "rollout_id", b"rollout_id", "tenant", b"tenant", "update_state", b"update_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
