@@ -14,9 +14,13 @@
     ├── ModelError                  running models
     │   ├── ModelLoadError          a model file the backend cannot load or serve (fatal)
     │   ├── UnsupportedRuntime      no backend for the requested runtime (fatal)
+    │   ├── MemoryBudgetExceeded    loading would exceed the model memory budget (fatal)
     │   └── InferenceError          a run failed inside the backend
     │       └── InvalidInput        the caller's tensors do not fit the model
     ├── TensorCodecError            a wire Tensor that is not a valid numpy array
+    ├── TenantError                 a tenant declaration that cannot be used (fatal)
+    ├── SourceError                 a sensor source failed or ended (transient: reopened with backoff)
+    ├── PreprocessError             a sample the tenant's preprocessing cannot shape (transient)
     └── OutboxError                 the on-disk outbox (sqlite) failed
 
 Third-party errors (onnxruntime, sqlite3, paho, OSError) are translated into these
@@ -85,3 +89,27 @@ class TensorCodecError(AgentError):
 
 class OutboxError(AgentError):
     fatal = False
+
+
+class TenantError(AgentError):
+    """A tenant declaration (config or desired state) that cannot be used."""
+
+    fatal = True
+
+
+class SourceError(AgentError):
+    """A sensor source that cannot be opened or stopped delivering (retried with backoff)."""
+
+    fatal = False
+
+
+class PreprocessError(AgentError):
+    """A sample that the tenant's preprocessing cannot turn into the model's input."""
+
+    fatal = False
+
+
+class MemoryBudgetExceeded(ModelError):
+    """Loading the model would take the pool over the device's memory budget."""
+
+    fatal = True
