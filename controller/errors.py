@@ -7,6 +7,7 @@
     │   ├── ModelNotFound
     │   ├── DeviceNotFound
     │   ├── RolloutNotFound
+    │   ├── ProfileNotFound
     │   └── ArtifactNotFound
     ├── ConflictError                    the thing already exists (HTTP 409)
     │   ├── VersionExists
@@ -14,13 +15,16 @@
     ├── InvalidInputError                bad input, nothing was changed (HTTP 422)
     │   ├── InvalidModel                 onnx.checker / onnxruntime refused the file
     │   ├── InvalidDeviceId
+    │   ├── InvalidProfile               a device profile that does not follow the schema (names the line)
     │   └── UnknownTargets               a rollout names devices or versions that do not exist
     ├── TooLargeError                    an upload over the configured limit (HTTP 413)
     ├── ConfigError                      controller.toml missing or invalid (fatal at start)
-    │   └── AlreadyInitialised
+    │   ├── AlreadyInitialised
+    │   └── SigningKeyError              the controller's Ed25519 key is missing or unreadable
     ├── StoreError                       SQLite failed underneath us (HTTP 500)
     │   └── DuplicateKeyError            a unique key was violated (callers raise a ConflictError)
-    └── BrokerAuthError                  the password file or the reload command failed (HTTP 503)
+    ├── BrokerAuthError                  the password file or the reload command failed (HTTP 503)
+    └── OptimizeError                    a variant could not be produced (kept as the variant's reason)
 
 Third-party errors (sqlite3, onnx, onnxruntime, paho, subprocess) are translated
 into these at the module that calls the library; nothing above that module sees
@@ -54,6 +58,10 @@ class ArtifactNotFound(NotFoundError):
     pass
 
 
+class ProfileNotFound(NotFoundError):
+    pass
+
+
 class ConflictError(ControllerError):
     pass
 
@@ -78,6 +86,10 @@ class InvalidDeviceId(InvalidInputError):
     pass
 
 
+class InvalidProfile(InvalidInputError):
+    pass
+
+
 class UnknownTargets(InvalidInputError):
     pass
 
@@ -94,6 +106,10 @@ class AlreadyInitialised(ConfigError):
     pass
 
 
+class SigningKeyError(ConfigError):
+    pass
+
+
 class StoreError(ControllerError):
     pass
 
@@ -103,4 +119,8 @@ class DuplicateKeyError(StoreError):
 
 
 class BrokerAuthError(ControllerError):
+    pass
+
+
+class OptimizeError(ControllerError):
     pass

@@ -92,6 +92,70 @@ CREATE TABLE IF NOT EXISTS events (
     attributes TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_newest ON events (device_id, at_ms, id);
+-- Registry: lineage and stage of a version (immutable but for the stage), its artifact variants.
+CREATE TABLE IF NOT EXISTS version_details (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    parent_version TEXT NOT NULL,
+    dataset_digest TEXT NOT NULL,
+    code_version TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    task TEXT NOT NULL,
+    sensor_kind TEXT NOT NULL,
+    gate REAL NOT NULL,
+    calibration_digest TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    stage_changed_at REAL NOT NULL,
+    PRIMARY KEY (name, version),
+    FOREIGN KEY (name, version) REFERENCES model_versions(name, version)
+);
+CREATE TABLE IF NOT EXISTS variants (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    variant TEXT NOT NULL,
+    format TEXT NOT NULL,
+    precision TEXT NOT NULL,
+    source TEXT NOT NULL,
+    status TEXT NOT NULL,
+    progress REAL NOT NULL,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    inputs TEXT NOT NULL,
+    outputs TEXT NOT NULL,
+    opset INTEGER NOT NULL,
+    runtime TEXT NOT NULL,
+    runtime_version TEXT NOT NULL,
+    latency_ms REAL,
+    report TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    signature BLOB,
+    key_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (name, version, variant),
+    FOREIGN KEY (name, version) REFERENCES model_versions(name, version)
+);
+-- Device classes (firmware_profiles/*.toml as registered) and which class each device is.
+CREATE TABLE IF NOT EXISTS profiles (
+    id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS device_profiles (
+    device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
+    profile_id TEXT NOT NULL REFERENCES profiles(id)
+);
+-- Which variant each device of a rollout was sent, or why it was sent nothing.
+CREATE TABLE IF NOT EXISTS rollout_targets (
+    rollout_id TEXT NOT NULL REFERENCES rollouts(id),
+    device_id TEXT NOT NULL REFERENCES devices(device_id),
+    variant TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    skipped TEXT NOT NULL,
+    PRIMARY KEY (rollout_id, device_id)
+);
 """
 
 
