@@ -92,6 +92,41 @@ CREATE TABLE IF NOT EXISTS events (
     attributes TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_newest ON events (device_id, at_ms, id);
+-- The rollout engine's state (one row per rollout), its members and its event log.
+CREATE TABLE IF NOT EXISTS rollout_runs (
+    rollout_id TEXT PRIMARY KEY REFERENCES rollouts(id),
+    plan TEXT NOT NULL,
+    state TEXT NOT NULL,
+    wave INTEGER NOT NULL DEFAULT -1,
+    soak_started_at REAL,
+    promoted INTEGER NOT NULL DEFAULT 0,
+    approved_wave INTEGER NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT '',
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rollout_runs_state ON rollout_runs (state);
+CREATE TABLE IF NOT EXISTS rollout_members (
+    rollout_id TEXT NOT NULL REFERENCES rollouts(id),
+    device_id TEXT NOT NULL REFERENCES devices(device_id),
+    tenant TEXT NOT NULL,
+    wave INTEGER NOT NULL,
+    wanted BLOB NOT NULL,
+    previous BLOB,
+    set_at REAL,
+    PRIMARY KEY (rollout_id, device_id)
+);
+CREATE INDEX IF NOT EXISTS rollout_members_device ON rollout_members (device_id, tenant);
+CREATE TABLE IF NOT EXISTS rollout_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout_id TEXT NOT NULL REFERENCES rollouts(id),
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    wave INTEGER NOT NULL,
+    device_id TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rollout_events_rollout ON rollout_events (rollout_id, id);
 -- Registry: lineage and stage of a version (immutable but for the stage), its artifact variants.
 CREATE TABLE IF NOT EXISTS version_details (
     name TEXT NOT NULL,
