@@ -11,7 +11,8 @@ from typing import Any
 
 from edgefleet_proto.topics import TopicError, validate_device_id
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, TenantError
+from agent.tenants import TenantSpec, parse_tenant
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -39,6 +40,34 @@ class OutboxConfig:
 
 
 @dataclass(frozen=True)
+class SchedulerConfig:
+    # Inference workers; 0 means one per core.
+    workers: int = 0
+    # onnxruntime intra-op threads per session; 0 means cores // workers, so the
+    # workers together never ask for more threads than the device has cores.
+    intra_op_threads: int = 0
+
+    def resolved(self, cores: int) -> tuple[int, int]:
+        workers = self.workers or max(1, cores)
+        return workers, self.intra_op_threads or max(1, cores // workers)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    # Bytes of models the pool may hold loaded (the device profile's model budget); 0 = no limit.
+    memory_budget_mb: float = 0.0
+    # Seconds a model may sit unused before it is unloaded (reloaded on demand); 0 = never.
+    idle_unload_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    # When true every gRPC call must carry a tenant token, the default tenant's included.
+    require_token: bool = False
+    socket_mode: int = 0o660
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str
     data_dir: Path
@@ -47,13 +76,32 @@ class AgentConfig:
     mqtt: MqttConfig
     transfer: TransferConfig
     outbox: OutboxConfig
+    scheduler: SchedulerConfig = SchedulerConfig()
+    pool: PoolConfig = PoolConfig()
+    api: ApiConfig = ApiConfig()
+    tenants: tuple[TenantSpec, ...] = ()
 
 
-_TOP_KEYS = {"device_id", "data_dir", "socket", "telemetry_interval_s", "mqtt", "transfer", "outbox"}
+_TOP_KEYS = {
+    "device_id",
+    "data_dir",
+    "socket",
+    "telemetry_interval_s",
+    "mqtt",
+    "transfer",
+    "outbox",
+    "scheduler",
+    "pool",
+    "api",
+    "tenants",
+}
 _SECTION_KEYS = {
     "mqtt": {"host", "port", "username", "password", "protocol"},
     "transfer": {"window", "request_timeout_s"},
     "outbox": {"max_records"},
+    "scheduler": {"workers", "intra_op_threads"},
+    "pool": {"memory_budget_mb", "idle_unload_s"},
+    "api": {"require_token", "socket_mode"},
 }
 
 
@@ -184,4 +232,72 @@ def parse_config(text: str, path: Path = Path("agent.toml")) -> AgentConfig:
         mqtt=mqtt,
         transfer=transfer,
         outbox=outbox,
+        scheduler=_scheduler(src, doc),
+        pool=_pool(src, doc),
+        api=_api(src, doc),
+        tenants=_tenants(src, doc),
     )
+
+
+def _scheduler(src: _Source, doc: dict[str, Any]) -> SchedulerConfig:
+    s = _section(src, doc, "scheduler")
+    config = SchedulerConfig(
+        workers=_get(src, s, "scheduler", "workers", int, 0),
+        intra_op_threads=_get(src, s, "scheduler", "intra_op_threads", int, 0),
+    )
+    for key in ("workers", "intra_op_threads"):
+        value = getattr(config, key)
+        if not 0 <= value <= 256:
+            raise src.error("scheduler", key, f"must be 0 (automatic) .. 256, got {value}")
+    return config
+
+
+def _pool(src: _Source, doc: dict[str, Any]) -> PoolConfig:
+    p = _section(src, doc, "pool")
+    config = PoolConfig(
+        memory_budget_mb=_get(src, p, "pool", "memory_budget_mb", float, 0.0),
+        idle_unload_s=_get(src, p, "pool", "idle_unload_s", float, 0.0),
+    )
+    for key in ("memory_budget_mb", "idle_unload_s"):
+        value = getattr(config, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise src.error("pool", key, f"must be 0 (off) or a positive number, got {value}")
+    return config
+
+
+def _api(src: _Source, doc: dict[str, Any]) -> ApiConfig:
+    a = _section(src, doc, "api")
+    mode_text = _get(src, a, "api", "socket_mode", str, "0660")
+    try:
+        mode = int(mode_text, 8)
+    except ValueError:
+        raise src.error(
+            "api", "socket_mode", f'expected an octal mode such as "0660", got {mode_text!r}'
+        ) from None
+    if mode & ~0o777 or mode & 0o007:
+        raise src.error("api", "socket_mode", f"must be within 0770 (no access for others), got {mode_text}")
+    return ApiConfig(require_token=_get(src, a, "api", "require_token", bool, False), socket_mode=mode)
+
+
+def _tenants(src: _Source, doc: dict[str, Any]) -> tuple[TenantSpec, ...]:
+    tables = doc.get("tenants", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise src.error(None, "tenants", "expected [[tenants]] tables")
+    tenants: list[TenantSpec] = []
+    for number, table in enumerate(tables, start=1):
+        try:
+            tenant = parse_tenant(table, f"tenants[{number}]")
+        except TenantError as exc:
+            line = src.line_of("tenants", "id") if "id" not in table else _line_of_value(src, table["id"])
+            where = f"{src.path}:{line}" if line else str(src.path)
+            raise ConfigError(f"{where}: {exc}") from None
+        if any(t.id == tenant.id for t in tenants):
+            raise ConfigError(f"{src.path}: tenants[{number}]: tenant id {tenant.id!r} is declared twice")
+        tenants.append(tenant)
+    return tuple(tenants)
+
+
+def _line_of_value(src: _Source, value: object) -> int | None:
+    """The line of a tenant's ``id = ...``: where an error in its table is easiest to find."""
+    pattern = re.compile(rf"^\s*id\s*=\s*[\"']{re.escape(str(value))}[\"']")
+    return next((n for n, line in enumerate(src.lines, start=1) if pattern.match(line)), None)
