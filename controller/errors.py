@@ -8,7 +8,11 @@
     │   ├── DeviceNotFound
     │   ├── RolloutNotFound
     │   ├── ProfileNotFound
-    │   └── ArtifactNotFound
+    │   ├── ArtifactNotFound
+    │   ├── BaselineNotFound             a model version without a drift baseline yet
+    │   ├── DatasetNotFound
+    │   ├── PolicyNotFound
+    │   └── RetrainingRunNotFound
     ├── ConflictError                    the thing already exists (HTTP 409)
     │   ├── VersionExists
     │   └── DeviceExists
@@ -16,7 +20,10 @@
     │   ├── InvalidModel                 onnx.checker / onnxruntime refused the file
     │   ├── InvalidDeviceId
     │   ├── InvalidProfile               a device profile that does not follow the schema (names the line)
-    │   └── UnknownTargets               a rollout names devices or versions that do not exist
+    │   ├── UnknownTargets               a rollout names devices or versions that do not exist
+    │   ├── InvalidDriftInput            a sketch, bin edges or reference data set that cannot be used
+    │   ├── InvalidDataset               a capture upload or label file that does not hold together
+    │   └── InvalidPolicy                a retraining policy with a bad condition, trigger or cooldown
     ├── TooLargeError                    an upload over the configured limit (HTTP 413)
     ├── ConfigError                      controller.toml missing or invalid (fatal at start)
     │   ├── AlreadyInitialised
@@ -24,7 +31,8 @@
     ├── StoreError                       SQLite failed underneath us (HTTP 500)
     │   └── DuplicateKeyError            a unique key was violated (callers raise a ConflictError)
     ├── BrokerAuthError                  the password file or the reload command failed (HTTP 503)
-    └── OptimizeError                    a variant could not be produced (kept as the variant's reason)
+    ├── OptimizeError                    a variant could not be produced (kept as the variant's reason)
+    └── TriggerError                     a retraining trigger failed after its retries (kept on the run)
 
 Third-party errors (sqlite3, onnx, onnxruntime, paho, subprocess) are translated
 into these at the module that calls the library; nothing above that module sees
@@ -123,4 +131,36 @@ class BrokerAuthError(ControllerError):
 
 
 class OptimizeError(ControllerError):
+    pass
+
+
+class BaselineNotFound(NotFoundError):
+    pass
+
+
+class DatasetNotFound(NotFoundError):
+    pass
+
+
+class PolicyNotFound(NotFoundError):
+    pass
+
+
+class RetrainingRunNotFound(NotFoundError):
+    pass
+
+
+class InvalidDriftInput(InvalidInputError):
+    pass
+
+
+class InvalidDataset(InvalidInputError):
+    pass
+
+
+class InvalidPolicy(InvalidInputError):
+    pass
+
+
+class TriggerError(ControllerError):
     pass
