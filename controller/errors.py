@@ -15,7 +15,9 @@
     │   └── RetrainingRunNotFound
     ├── ConflictError                    the thing already exists (HTTP 409)
     │   ├── VersionExists
-    │   └── DeviceExists
+    │   ├── DeviceExists
+    │   ├── RolloutConflict              a device and tenant already in another active rollout
+    │   └── CommandRefused               an operator command the rollout's state does not allow
     ├── InvalidInputError                bad input, nothing was changed (HTTP 422)
     │   ├── InvalidModel                 onnx.checker / onnxruntime refused the file
     │   ├── InvalidDeviceId
@@ -79,6 +81,14 @@ class VersionExists(ConflictError):
 
 
 class DeviceExists(ConflictError):
+    pass
+
+
+class RolloutConflict(ConflictError):
+    pass
+
+
+class CommandRefused(ConflictError):
     pass
 
 
