@@ -1,27 +1,51 @@
-"""Models and their versions; every version is an ONNX artifact that loads.
+"""Models, their versions and each version's artifact variants.
 
-An upload is staged in the artifact store, checked with onnx.checker and by
-opening an onnxruntime session (the loader's own reason is the operator's
-error message), and only then committed: a refused upload leaves nothing
-behind.
+An upload is staged in the artifact store, checked the way a device will load
+it (onnx.checker and an onnxruntime session, or the LiteRT interpreter for a
+.tflite file; the loader's own reason is the operator's error message), and
+only then committed: a refused upload leaves nothing behind.
+
+A version is immutable once registered: its lineage (parent version, training
+data set digest, code version, metrics) and its uploaded artifact never change;
+only its stage moves (see :data:`STAGE_TRANSITIONS`) and variants are added.
+The uploaded artifact is the reference variant; quantized variants are queued
+as ``pending`` and produced in the background by :mod:`controller.optimize`.
+Every variant's manifest is signed by the controller's key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
+import os
 import re
+import tempfile
 import time
-from dataclasses import dataclass, field
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
-from controller.artifacts import ArtifactStore
-from controller.errors import DuplicateKeyError, InvalidInputError, InvalidModel, ModelNotFound, VersionExists
+from controller.artifacts import ArtifactStore, StagedArtifact
+from controller.errors import (
+    ConflictError,
+    DuplicateKeyError,
+    InvalidInputError,
+    InvalidModel,
+    ModelNotFound,
+    TooLargeError,
+    VersionExists,
+)
+from controller.signing import Signer
 from controller.store import Store
+from controller.tflite import inspect_tflite, is_tflite
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +84,82 @@ class Signature:
     outputs: list[TensorSpec]
 
 
+STAGES = ("development", "staging", "production", "archived")
+# (from, to) pairs an operator may ask for; promoting to production archives
+# the model's previous production version.
+STAGE_TRANSITIONS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("development", "staging"),
+        ("development", "production"),
+        ("development", "archived"),
+        ("staging", "production"),
+        ("staging", "development"),
+        ("staging", "archived"),
+        ("production", "staging"),
+        ("production", "archived"),
+        ("archived", "development"),
+        ("archived", "staging"),
+    }
+)
+TASKS = ("classifier", "regression")
+SENSOR_KINDS = ("", "camera", "microphone", "sensor")
+DEFAULT_GATE = 0.99
+VARIANT_STATUSES = ("pending", "running", "ready", "rejected", "failed")
+STATIC_INT8 = "onnx-int8-static"
+DYNAMIC_INT8 = "onnx-int8-dynamic"
+MAX_CALIBRATION_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Lineage:
+    parent_version: str = ""
+    dataset_digest: str = ""
+    code_version: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UploadOptions:
+    """Everything about a version besides its file and metadata."""
+
+    lineage: Lineage = field(default_factory=Lineage)
+    # "classifier" (gate on top-1 agreement) or "regression" (gate on relative
+    # deviation); empty: guessed from the outputs.
+    task: str = ""
+    # Which kind of sensor feeds the first input: "camera", "microphone", "sensor" or "".
+    sensor_kind: str = ""
+    gate: float = DEFAULT_GATE
+    # Also produce a dynamic int8 variant (the static one comes with a calibration set).
+    dynamic: bool = False
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    version: str
+    variant: str
+    format: str
+    precision: str
+    # "uploaded" or "quantized".
+    source: str
+    status: str
+    progress: float
+    digest: str
+    size: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    opset: int
+    runtime: str
+    runtime_version: str
+    latency_ms: float | None
+    report: dict[str, Any]
+    reason: str
+    signature: str
+    key_id: str
+    created_at: float
+    updated_at: float
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     name: str
@@ -71,6 +171,16 @@ class ModelVersion:
     outputs: list[TensorSpec]
     metadata: dict[str, Any]
     created_at: float
+    lineage: Lineage = field(default_factory=Lineage)
+    stage: str = "development"
+    task: str = ""
+    sensor_kind: str = ""
+    gate: float = DEFAULT_GATE
+    calibration_digest: str = ""
+    variants: list[Variant] = field(default_factory=list)
+
+    def variant(self, variant: str) -> Variant | None:
+        return next((v for v in self.variants if v.variant == variant), None)
 
 
 @dataclass(frozen=True)
@@ -79,6 +189,7 @@ class VersionSummary:
     digest: str
     size: int
     created_at: float
+    stage: str = "development"
 
 
 @dataclass(frozen=True)
@@ -144,7 +255,55 @@ def _specs(raw: str) -> list[TensorSpec]:
     return [TensorSpec(**item) for item in json.loads(raw)]
 
 
-def _version_from_row(row: dict[str, Any]) -> ModelVersion:
+def _dump_specs(specs: list[TensorSpec]) -> str:
+    return json.dumps([asdict(s) for s in specs])
+
+
+def _variant_from_row(row: dict[str, Any]) -> Variant:
+    return Variant(
+        name=row["name"],
+        version=row["version"],
+        variant=row["variant"],
+        format=row["format"],
+        precision=row["precision"],
+        source=row["source"],
+        status=row["status"],
+        progress=row["progress"],
+        digest=row["digest"],
+        size=row["size"],
+        inputs=_specs(row["inputs"]),
+        outputs=_specs(row["outputs"]),
+        opset=row["opset"],
+        runtime=row["runtime"],
+        runtime_version=row["runtime_version"],
+        latency_ms=row["latency_ms"],
+        report=json.loads(row["report"]),
+        reason=row["reason"],
+        signature=bytes(row["signature"]).hex() if row["signature"] else "",
+        key_id=row["key_id"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _version_from_row(
+    row: dict[str, Any], details: dict[str, Any] | None, variants: list[Variant]
+) -> ModelVersion:
+    extra: dict[str, Any] = {}
+    if details is not None:
+        extra = {
+            "lineage": Lineage(
+                parent_version=details["parent_version"],
+                dataset_digest=details["dataset_digest"],
+                code_version=details["code_version"],
+                metrics=json.loads(details["metrics"]),
+            ),
+            "stage": details["stage"],
+            "task": details["task"],
+            "sensor_kind": details["sensor_kind"],
+            "gate": details["gate"],
+            "calibration_digest": details["calibration_digest"],
+        }
     return ModelVersion(
         name=row["name"],
         version=row["version"],
@@ -155,25 +314,154 @@ def _version_from_row(row: dict[str, Any]) -> ModelVersion:
         outputs=_specs(row["outputs"]),
         metadata=json.loads(row["metadata"]),
         created_at=row["created_at"],
+        variants=variants,
+        **extra,
     )
 
 
+@dataclass(frozen=True)
+class Inspected:
+    """What a device needs to know about one artifact file."""
+
+    format: str
+    precision: str
+    signature: Signature
+    opset: int
+    runtime: str
+    runtime_version: str
+    quantization: dict[str, Any] = field(default_factory=dict)
+
+
+def onnx_opset_and_precision(path: Path) -> tuple[int, str]:
+    """The default-domain opset and the precision the weights are stored in."""
+    model = onnx.load(str(path), load_external_data=False)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    ops = {n.op_type for n in model.graph.node}
+    types = {t.data_type for t in model.graph.initializer}
+    if ops & {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul"}:
+        return opset, "int8"
+    if types & {onnx.TensorProto.INT8, onnx.TensorProto.UINT8} and "MatMulInteger" in ops:
+        return opset, "int8"
+    if onnx.TensorProto.FLOAT16 in types:
+        return opset, "fp16"
+    return opset, "fp32"
+
+
+def inspect_artifact(path: Path) -> Inspected:
+    with path.open("rb") as f:
+        head = f.read(8)
+    if is_tflite(head):
+        info = inspect_tflite(path)
+        quant = {t.name: t.quantization for t in [*info.inputs, *info.outputs] if t.quantization}
+        return Inspected(
+            format="tflite",
+            precision=info.precision,
+            signature=Signature(
+                inputs=[TensorSpec(t.name, t.dtype, t.shape) for t in info.inputs],
+                outputs=[TensorSpec(t.name, t.dtype, t.shape) for t in info.outputs],
+            ),
+            opset=0,
+            runtime=info.runtime,
+            runtime_version=info.runtime_version,
+            quantization=quant,
+        )
+    signature = inspect_onnx(path)
+    opset, precision = onnx_opset_and_precision(path)
+    return Inspected(FORMAT, precision, signature, opset, "onnxruntime", ort.__version__)
+
+
+def variant_name(fmt: str, precision: str) -> str:
+    return f"{fmt}-{precision}"
+
+
+def guess_task(outputs: list[TensorSpec]) -> str:
+    """A model with an integer output (a label) or a (batch, classes) float output classifies."""
+    first = outputs[0] if outputs else None
+    if first is not None and (
+        first.dtype.startswith("int") or (len(first.shape) == 2 and first.shape[1] > 1)
+    ):
+        return "classifier"
+    return "regression"
+
+
+def load_calibration(path: Path, inputs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """The operator's .npz: one array per model input, samples along the first axis."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise InvalidInputError(f"calibration set is not a readable .npz: {exc}") from None
+    want = {s.name: s for s in inputs}
+    if set(arrays) != set(want):
+        raise InvalidInputError(
+            f"calibration set has arrays {sorted(arrays)}, the model's inputs are {sorted(want)}"
+        )
+    counts = set()
+    for name, array in arrays.items():
+        spec = want[name]
+        if array.dtype.name != spec.dtype:
+            raise InvalidInputError(
+                f"calibration array {name!r} is {array.dtype.name}, the input wants {spec.dtype}"
+            )
+        if array.ndim != len(spec.shape) or any(
+            w >= 0 and h != w for h, w in zip(array.shape[1:], spec.shape[1:], strict=False)
+        ):
+            raise InvalidInputError(
+                f"calibration array {name!r} has shape {list(array.shape)}, the input is {spec.shape} "
+                "(samples along the first axis)"
+            )
+        counts.add(array.shape[0])
+    if len(counts) != 1 or 0 in counts:
+        raise InvalidInputError(
+            f"calibration arrays need the same, non-zero number of samples, got {sorted(counts)}"
+        )
+    return arrays
+
+
 class Registry:
-    def __init__(self, store: Store, artifacts: ArtifactStore, max_upload_bytes: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        artifacts: ArtifactStore,
+        max_upload_bytes: int,
+        signer: Signer | None = None,
+    ) -> None:
         self.store = store
         self.artifacts = artifacts
         self.max_upload_bytes = max_upload_bytes
+        self.signer = signer or Signer.load_or_create(artifacts.root.parent / "signing")
+        self.calibration_dir = artifacts.root.parent / "calibration"
+        # Called with (name, version) after a version with pending variants is committed.
+        self.on_pending: Callable[[str, str], None] | None = None
 
-    def upload(self, name: str, version: str, source: BinaryIO, metadata: dict[str, Any]) -> ModelVersion:
+    # -- upload -------------------------------------------------------------
+
+    def upload(
+        self,
+        name: str,
+        version: str,
+        source: BinaryIO,
+        metadata: dict[str, Any],
+        options: UploadOptions | None = None,
+        calibration: BinaryIO | None = None,
+    ) -> ModelVersion:
+        options = options or UploadOptions()
         validate_name("model name", name)
         validate_name("version", version)
+        self._check_options(name, options)
         if self.find(name, version) is not None:
             raise VersionExists(f"model {name} version {version} already exists")
         with self.artifacts.stage(source, self.max_upload_bytes) as staged:
             if staged.size == 0:
                 raise InvalidModel("the uploaded file is empty")
-            signature = inspect_onnx(staged.path)
+            inspected = inspect_artifact(staged.path)
+            calibration_digest = ""
+            if calibration is not None:
+                calibration_digest = self._store_calibration(calibration, inspected.signature.inputs)
+            pending = self._pending_variants(inspected, options, calibration_digest)
+            task = options.task or guess_task(inspected.signature.outputs)
             now = time.time()
+            reference = variant_name(inspected.format, inspected.precision)
             try:
                 with self.store.transaction() as tx:
                     tx.execute("INSERT OR IGNORE INTO models (name, created_at) VALUES (?, ?)", (name, now))
@@ -185,31 +473,291 @@ class Registry:
                             version,
                             staged.digest,
                             staged.size,
-                            FORMAT,
-                            json.dumps([s.__dict__ for s in signature.inputs]),
-                            json.dumps([s.__dict__ for s in signature.outputs]),
+                            inspected.format,
+                            _dump_specs(inspected.signature.inputs),
+                            _dump_specs(inspected.signature.outputs),
                             json.dumps(metadata),
                             now,
                         ),
                     )
-                    # Inside the transaction: if the rename fails, the row is rolled back.
-                    self.artifacts.commit(staged, FORMAT)
+                    lineage = options.lineage
+                    tx.execute(
+                        "INSERT INTO version_details (name, version, parent_version, dataset_digest, code_version,"
+                        " metrics, task, sensor_kind, gate, calibration_digest, stage, stage_changed_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'development', ?)",
+                        (
+                            name,
+                            version,
+                            lineage.parent_version,
+                            lineage.dataset_digest,
+                            lineage.code_version,
+                            json.dumps(lineage.metrics),
+                            task,
+                            options.sensor_kind,
+                            options.gate,
+                            calibration_digest,
+                            now,
+                        ),
+                    )
+                    self._insert_variant(tx, name, version, reference, staged, inspected, "uploaded", now)
+                    for variant in pending:
+                        self._insert_pending(tx, name, version, variant, now)
+                    # Inside the transaction: if the rename fails, the rows are rolled back.
+                    self.artifacts.commit(staged, inspected.format)
             except DuplicateKeyError:
                 raise VersionExists(f"model {name} version {version} already exists") from None
         log.info(
-            "model version registered model=%s version=%s digest=%s size=%d",
-            name,
-            version,
-            staged.digest,
-            staged.size,
+            "model version registered model=%s version=%s digest=%s size=%d format=%s precision=%s pending=%s",
+            name, version, staged.digest, staged.size, inspected.format, inspected.precision, ",".join(pending),
+        )  # fmt: skip
+        if pending and self.on_pending is not None:
+            self.on_pending(name, version)
+        return self.get(name, version)
+
+    def add_variant(self, name: str, version: str, source: BinaryIO) -> Variant:
+        """Another artifact of an existing version (e.g. a TFLite export), checked like an upload."""
+        found = self.get(name, version)
+        with self.artifacts.stage(source, self.max_upload_bytes) as staged:
+            if staged.size == 0:
+                raise InvalidModel("the uploaded file is empty")
+            inspected = inspect_artifact(staged.path)
+            variant = variant_name(inspected.format, inspected.precision)
+            if len(inspected.signature.inputs) != len(found.inputs) or len(
+                inspected.signature.outputs
+            ) != len(found.outputs):
+                raise InvalidModel(
+                    f"the variant has {len(inspected.signature.inputs)} inputs and "
+                    f"{len(inspected.signature.outputs)} outputs, version {version} has "
+                    f"{len(found.inputs)} and {len(found.outputs)}"
+                )
+            now = time.time()
+            # Validated against the reference in the background when there is a calibration set.
+            status = "pending" if found.calibration_digest else "ready"
+            try:
+                with self.store.transaction() as tx:
+                    self._insert_variant(
+                        tx, name, version, variant, staged, inspected, "uploaded", now, status
+                    )
+                    self.artifacts.commit(staged, inspected.format)
+            except DuplicateKeyError:
+                raise ConflictError(
+                    f"model {name} version {version} already has a {variant} variant"
+                ) from None
+        log.info(
+            "variant uploaded model=%s version=%s variant=%s digest=%s status=%s",
+            name, version, variant, staged.digest, status,
+        )  # fmt: skip
+        if status == "pending" and self.on_pending is not None:
+            self.on_pending(name, version)
+        found_variant = self.get(name, version).variant(variant)
+        assert found_variant is not None
+        return found_variant
+
+    def _check_options(self, name: str, options: UploadOptions) -> None:
+        if options.task and options.task not in TASKS:
+            raise InvalidInputError(f"task must be one of {', '.join(TASKS)}, not {options.task!r}")
+        if options.sensor_kind not in SENSOR_KINDS:
+            raise InvalidInputError(
+                f"sensor must be one of {', '.join(k for k in SENSOR_KINDS if k)}, not {options.sensor_kind!r}"
+            )
+        if not (math.isfinite(options.gate) and 0 < options.gate <= 1):
+            raise InvalidInputError(f"gate must be in (0, 1], got {options.gate}")
+        parent = options.lineage.parent_version
+        if parent and self.find(name, parent) is None:
+            raise InvalidInputError(f"parent version {parent} of model {name} does not exist")
+        digest = options.lineage.dataset_digest
+        if digest and not re.match(r"^(sha256:)?[0-9a-f]{64}$", digest):
+            raise InvalidInputError(f"dataset digest {digest!r} is not a sha256 (64 hex digits)")
+        if not isinstance(options.lineage.metrics, dict):
+            raise InvalidInputError("metrics must be a JSON object")
+
+    @staticmethod
+    def _pending_variants(inspected: Inspected, options: UploadOptions, calibration: str) -> list[str]:
+        if options.dynamic and not calibration:
+            raise InvalidInputError("a dynamic int8 variant needs a calibration set to be validated on")
+        if not calibration or inspected.format != FORMAT or inspected.precision != "fp32":
+            return []
+        return [STATIC_INT8, DYNAMIC_INT8] if options.dynamic else [STATIC_INT8]
+
+    def _store_calibration(self, source: BinaryIO, inputs: list[TensorSpec]) -> str:
+        self.calibration_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".calibration-", suffix=".npz", dir=self.calibration_dir)
+        tmp = Path(tmp_name)
+        try:
+            sha = hashlib.sha256()
+            size = 0
+            with os.fdopen(fd, "wb") as out:
+                while data := source.read(1024 * 1024):
+                    size += len(data)
+                    if size > MAX_CALIBRATION_BYTES:
+                        raise TooLargeError(f"calibration set exceeds {MAX_CALIBRATION_BYTES} bytes")
+                    sha.update(data)
+                    out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            load_calibration(tmp, inputs)
+            digest = sha.hexdigest()
+            os.replace(tmp, self.calibration_path(digest))
+            return digest
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def calibration_path(self, digest: str) -> Path:
+        return self.calibration_dir / f"{digest}.npz"
+
+    def _insert_variant(
+        self,
+        tx: Store,
+        name: str,
+        version: str,
+        variant: str,
+        staged: StagedArtifact,
+        inspected: Inspected,
+        source: str,
+        now: float,
+        status: str = "ready",
+    ) -> None:
+        signature = self.signer.sign_manifest(name, version, variant, staged.digest, staged.size)
+        report: dict[str, Any] = {"reference": True} if status == "ready" and source == "uploaded" else {}
+        if inspected.quantization:
+            report["quantization"] = inspected.quantization
+        tx.execute(
+            "INSERT INTO variants (name, version, variant, format, precision, source, status, progress, digest,"
+            " size, inputs, outputs, opset, runtime, runtime_version, latency_ms, report, reason, signature,"
+            " key_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, '',"
+            " ?, ?, ?, ?)",
+            (
+                name, version, variant, inspected.format, inspected.precision, source, status,
+                1.0 if status == "ready" else 0.0, staged.digest, staged.size,
+                _dump_specs(inspected.signature.inputs), _dump_specs(inspected.signature.outputs),
+                inspected.opset, inspected.runtime, inspected.runtime_version, json.dumps(report),
+                signature, self.signer.key_id, now, now,
+            ),
+        )  # fmt: skip
+
+    @staticmethod
+    def _insert_pending(tx: Store, name: str, version: str, variant: str, now: float) -> None:
+        tx.execute(
+            "INSERT INTO variants (name, version, variant, format, precision, source, status, progress, digest,"
+            " size, inputs, outputs, opset, runtime, runtime_version, latency_ms, report, reason, signature,"
+            " key_id, created_at, updated_at) VALUES (?, ?, ?, 'onnx', 'int8', 'quantized', 'pending', 0, '',"
+            " 0, '[]', '[]', 0, 'onnxruntime', '', NULL, '{}', '', NULL, '', ?, ?)",
+            (name, version, variant, now, now),
         )
+
+    # -- variants produced in the background ------------------------------------
+
+    def unfinished(self) -> list[tuple[str, str]]:
+        """Versions with variants still to produce or validate (a restart resumes them)."""
+        rows = self.store.query(
+            "SELECT DISTINCT name, version FROM variants WHERE status IN ('pending', 'running')"
+            " ORDER BY created_at, name, version"
+        )
+        return [(r["name"], r["version"]) for r in rows]
+
+    def set_variant_state(
+        self,
+        name: str,
+        version: str,
+        variant: str,
+        status: str,
+        progress: float,
+        reason: str = "",
+        report: dict[str, Any] | None = None,
+        latency_ms: float | None = None,
+    ) -> None:
+        assert status in VARIANT_STATUSES
+        sets = "status = ?, progress = ?, reason = ?, updated_at = ?"
+        params: list[Any] = [status, progress, reason, time.time()]
+        if report is not None:
+            sets += ", report = ?"
+            params.append(json.dumps(report))
+        if latency_ms is not None:
+            sets += ", latency_ms = ?"
+            params.append(latency_ms)
+        self.store.execute(
+            f"UPDATE variants SET {sets} WHERE name = ? AND version = ? AND variant = ?",
+            [*params, name, version, variant],
+        )
+
+    def attach_artifact(self, name: str, version: str, variant: str, path: Path) -> Variant:
+        """Store a produced file as the artifact of a pending variant (signed, inspected)."""
+        with path.open("rb") as source, self.artifacts.stage(source, self.max_upload_bytes) as staged:
+            inspected = inspect_artifact(staged.path)
+            signature = self.signer.sign_manifest(name, version, variant, staged.digest, staged.size)
+            with self.store.transaction() as tx:
+                tx.execute(
+                    "UPDATE variants SET format = ?, precision = ?, digest = ?, size = ?, inputs = ?, outputs = ?,"
+                    " opset = ?, runtime = ?, runtime_version = ?, signature = ?, key_id = ?, updated_at = ?"
+                    " WHERE name = ? AND version = ? AND variant = ?",
+                    (
+                        inspected.format, inspected.precision, staged.digest, staged.size,
+                        _dump_specs(inspected.signature.inputs), _dump_specs(inspected.signature.outputs),
+                        inspected.opset, inspected.runtime, inspected.runtime_version, signature,
+                        self.signer.key_id, time.time(), name, version, variant,
+                    ),
+                )  # fmt: skip
+                self.artifacts.commit(staged, inspected.format)
+        found = self.get(name, version).variant(variant)
+        assert found is not None
+        return found
+
+    def resign_all(self, signer: Signer) -> int:
+        """Sign every variant with ``signer`` (after a key rotation); returns how many."""
+        rows = self.store.query(
+            "SELECT name, version, variant, digest, size FROM variants WHERE digest != ''"
+        )
+        with self.store.transaction() as tx:
+            for r in rows:
+                signature = signer.sign_manifest(
+                    r["name"], r["version"], r["variant"], r["digest"], r["size"]
+                )
+                tx.execute(
+                    "UPDATE variants SET signature = ?, key_id = ? WHERE name = ? AND version = ? AND variant = ?",
+                    (signature, signer.key_id, r["name"], r["version"], r["variant"]),
+                )
+        self.signer = signer
+        return len(rows)
+
+    # -- stages, lookups, comparison ---------------------------------------------
+
+    def set_stage(self, name: str, version: str, stage: str) -> ModelVersion:
+        current = self.get(name, version)
+        if stage not in STAGES:
+            raise InvalidInputError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
+        if stage == current.stage:
+            return current
+        if (current.stage, stage) not in STAGE_TRANSITIONS:
+            raise InvalidInputError(f"version {version} of {name} cannot go from {current.stage} to {stage}")
+        now = time.time()
+        with self.store.transaction() as tx:
+            if stage == "production":
+                tx.execute(
+                    "UPDATE version_details SET stage = 'archived', stage_changed_at = ?"
+                    " WHERE name = ? AND stage = 'production'",
+                    (now, name),
+                )
+            tx.execute(
+                "UPDATE version_details SET stage = ?, stage_changed_at = ? WHERE name = ? AND version = ?",
+                (stage, now, name, version),
+            )
+        log.info("stage changed model=%s version=%s from=%s to=%s", name, version, current.stage, stage)
         return self.get(name, version)
 
     def find(self, name: str, version: str) -> ModelVersion | None:
         row = self.store.query_one(
             "SELECT * FROM model_versions WHERE name = ? AND version = ?", (name, version)
         )
-        return _version_from_row(row) if row else None
+        if row is None:
+            return None
+        details = self.store.query_one(
+            "SELECT * FROM version_details WHERE name = ? AND version = ?", (name, version)
+        )
+        variants = self.store.query(
+            "SELECT * FROM variants WHERE name = ? AND version = ? ORDER BY source DESC, variant",
+            (name, version),
+        )
+        return _version_from_row(row, details, [_variant_from_row(v) for v in variants])
 
     def get(self, name: str, version: str) -> ModelVersion:
         found = self.find(name, version)
@@ -220,13 +768,80 @@ class Registry:
     def all(self) -> list[ModelSummary]:
         models = self.store.query("SELECT name FROM models ORDER BY name")
         versions = self.store.query(
-            "SELECT name, version, digest, size, created_at FROM model_versions ORDER BY name, created_at, version"
+            "SELECT v.name, v.version, v.digest, v.size, v.created_at, coalesce(d.stage, 'development') AS stage"
+            " FROM model_versions v LEFT JOIN version_details d ON d.name = v.name AND d.version = v.version"
+            " ORDER BY v.name, v.created_at, v.version"
         )
         by_name: dict[str, list[VersionSummary]] = {m["name"]: [] for m in models}
         for v in versions:
             by_name.setdefault(v["name"], []).append(
                 VersionSummary(
-                    version=v["version"], digest=v["digest"], size=v["size"], created_at=v["created_at"]
+                    version=v["version"],
+                    digest=v["digest"],
+                    size=v["size"],
+                    created_at=v["created_at"],
+                    stage=v["stage"],
                 )
             )
         return [ModelSummary(name=n, versions=vs) for n, vs in by_name.items()]
+
+    def compare(self, name: str, a: str, b: str) -> dict[str, Any]:
+        """What differs between two versions: lineage, metrics (with deltas), signature, variants."""
+        left, right = self.get(name, a), self.get(name, b)
+        metrics: dict[str, dict[str, Any]] = {}
+        for key in sorted(set(left.lineage.metrics) | set(right.lineage.metrics)):
+            x, y = left.lineage.metrics.get(key), right.lineage.metrics.get(key)
+            entry: dict[str, Any] = {a: x, b: y}
+            if (
+                isinstance(x, int | float)
+                and isinstance(y, int | float)
+                and not isinstance(x, bool)
+                and not isinstance(y, bool)
+            ):
+                entry["delta"] = y - x
+            metrics[key] = entry
+        lineage = {
+            key: {a: getattr(left.lineage, key), b: getattr(right.lineage, key)}
+            for key in ("parent_version", "dataset_digest", "code_version")
+            if getattr(left.lineage, key) != getattr(right.lineage, key)
+        }
+        variants = {
+            v: {
+                side.version: (
+                    {
+                        "size": found.size,
+                        "latency_ms": found.latency_ms,
+                        "status": found.status,
+                        "digest": found.digest,
+                    }
+                    if (found := side.variant(v)) is not None
+                    else None
+                )
+                for side in (left, right)
+            }
+            for v in sorted({x.variant for x in left.variants} | {x.variant for x in right.variants})
+        }
+        return {
+            "name": name,
+            "versions": [a, b],
+            "stages": {a: left.stage, b: right.stage},
+            "same_signature": (left.inputs, left.outputs) == (right.inputs, right.outputs),
+            "same_artifact": left.digest == right.digest,
+            "lineage": lineage,
+            "metrics": metrics,
+            "variants": variants,
+            "b_descends_from_a": self._descends(name, b, a),
+        }
+
+    def _descends(self, name: str, child: str, ancestor: str) -> bool:
+        seen: set[str] = set()
+        current = child
+        while current and current not in seen:
+            seen.add(current)
+            row = self.store.query_one(
+                "SELECT parent_version FROM version_details WHERE name = ? AND version = ?", (name, current)
+            )
+            current = row["parent_version"] if row else ""
+            if current == ancestor:
+                return True
+        return False
