@@ -153,11 +153,13 @@ class OnnxRuntimeBackend:
         return OnnxModel(session)
 
 
-BACKENDS: dict[str, Callable[[], Backend]] = {"onnxruntime": OnnxRuntimeBackend}
+# Factories take an optional ``threads`` keyword: the intra-op threads per loaded
+# model, which the scheduler sets so its workers do not oversubscribe the cores.
+BACKENDS: dict[str, Callable[..., Backend]] = {"onnxruntime": OnnxRuntimeBackend}
 DEFAULT_RUNTIME_FOR_FORMAT = {"onnx": "onnxruntime", "tflite": "litert"}
 
 
-def backend_for(runtime: str, fmt: str = "onnx") -> Backend:
+def backend_for(runtime: str, fmt: str = "onnx", threads: int | None = None) -> Backend:
     name = runtime or DEFAULT_RUNTIME_FOR_FORMAT.get(fmt, "")
     factory = BACKENDS.get(name)
     if factory is None:
@@ -165,4 +167,4 @@ def backend_for(runtime: str, fmt: str = "onnx") -> Backend:
             f"runtime {name or '(none)'!r} for format {fmt!r} is not available on this agent "
             f"(available: {', '.join(sorted(BACKENDS))})"
         )
-    return factory()
+    return factory(threads=threads) if threads else factory()
