@@ -1,12 +1,30 @@
-"""The models each tenant is serving right now, swapped atomically."""
+"""The models each tenant is serving, one loaded copy per artifact, within a memory budget.
+
+Tenants are mapped to :class:`ServingModel` records (swapped atomically); the
+loaded sessions live in :class:`PooledModel` objects keyed by artifact digest, so
+tenants that use the same artifact share one copy. The pool accounts each loaded
+model at its file size (onnxruntime and LiteRT keep the weights once), refuses a
+load that would exceed the budget with a reason an operator can act on, and
+unloads models idle for ``idle_unload_s``; a request for an unloaded model
+reloads it on demand.
+"""
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.runtime import LoadedModel
+import numpy as np
+
+from agent.errors import MemoryBudgetExceeded
+from agent.runtime import LoadedModel, TensorSpec, backend_for
+
+log = logging.getLogger(__name__)
+MB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -20,11 +38,81 @@ class ServingModel:
     model: LoadedModel
 
 
-class ModelPool:
-    def __init__(self) -> None:
+class PooledModel:
+    """A LoadedModel that the pool may unload while idle and reload on the next run."""
+
+    def __init__(self, pool: ModelPool, digest: str, size: int, load: Callable[[], LoadedModel]) -> None:
+        self._pool = pool
+        self.digest = digest
+        self.size = size
+        self._load = load
         self._lock = threading.Lock()
+        self._model: LoadedModel | None = load()
+        self._inputs = self._model.inputs
+        self._outputs = self._model.outputs
+        self.in_use = 0
+        self.last_used = pool.clock()
+        self.loads = 1
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return list(self._inputs)
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return list(self._outputs)
+
+    def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        with self._lock:
+            self.in_use += 1
+            self.last_used = self._pool.clock()
+            model = self._model
+            if model is None:
+                try:
+                    self._pool.reserve(self)
+                    model = self._model = self._load()
+                except BaseException:
+                    self.in_use -= 1
+                    raise
+                self.loads += 1
+                log.info("model reloaded digest=%s size=%d", self.digest[:12], self.size)
+        try:
+            return model.run(inputs, output_names)
+        finally:
+            with self._lock:
+                self.in_use -= 1
+                self.last_used = self._pool.clock()
+
+    def unload_if_idle(self, idle_s: float, now: float) -> bool:
+        with self._lock:
+            if self._model is None or self.in_use or now - self.last_used < idle_s:
+                return False
+            self._model = None
+            return True
+
+
+class ModelPool:
+    def __init__(
+        self,
+        budget_bytes: int = 0,
+        idle_unload_s: float = 0.0,
+        threads: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.budget_bytes = budget_bytes
+        self.idle_unload_s = idle_unload_s
+        self.threads = threads
+        self.clock = clock
+        self._lock = threading.RLock()
         self._models: dict[str, ServingModel] = {}
         self._expected: frozenset[str] = frozenset()
+        self._loaded: dict[str, PooledModel] = {}
+
+    # -- tenants ----------------------------------------------------------------
 
     def get(self, tenant: str) -> ServingModel | None:
         with self._lock:
@@ -34,11 +122,14 @@ class ModelPool:
         with self._lock:
             old = self._models.get(serving.tenant)
             self._models[serving.tenant] = serving
+            self._forget_unused()
             return old
 
     def remove(self, tenant: str) -> ServingModel | None:
         with self._lock:
-            return self._models.pop(tenant, None)
+            old = self._models.pop(tenant, None)
+            self._forget_unused()
+            return old
 
     def all(self) -> list[ServingModel]:
         with self._lock:
@@ -52,3 +143,76 @@ class ModelPool:
     def is_expected(self, tenant: str) -> bool:
         with self._lock:
             return tenant in self._expected
+
+    # -- loaded copies ----------------------------------------------------------
+
+    def load(self, digest: str, path: Path, runtime: str, fmt: str = "onnx") -> LoadedModel:
+        """The shared loaded copy of an artifact, loading it if no tenant has it yet."""
+        with self._lock:
+            shared = self._loaded.get(digest)
+            if shared is not None:
+                return shared
+            size = path.stat().st_size
+
+            def load() -> LoadedModel:
+                return backend_for(runtime, fmt, self.threads).load(path)
+
+            pending = _Reservation(digest, size)
+            self.reserve(pending)
+            model = PooledModel(self, digest, size, load)
+            self._loaded[digest] = model
+            log.info("model loaded digest=%s size=%d loaded_bytes=%d", digest[:12], size, self.loaded_bytes())
+            return model
+
+    def reserve(self, model: PooledModel | _Reservation) -> None:
+        """Make room for ``model``: unload idle ones if needed, else refuse with the figures."""
+        with self._lock:
+            if not self.budget_bytes:
+                return
+            others = [m for m in self._loaded.values() if m is not model and m.loaded]
+            used = sum(m.size for m in others)
+            if model.size > self.budget_bytes:
+                raise MemoryBudgetExceeded(
+                    f"model {model.digest[:12]} needs {model.size / MB:.1f} MB, more than the device's "
+                    f"model memory budget of {self.budget_bytes / MB:.1f} MB"
+                )
+            for victim in sorted(others, key=lambda m: m.last_used):
+                if used + model.size <= self.budget_bytes:
+                    break
+                if victim.unload_if_idle(0.0, self.clock()):
+                    used -= victim.size
+                    log.info("model unloaded for room digest=%s size=%d", victim.digest[:12], victim.size)
+            if used + model.size > self.budget_bytes:
+                raise MemoryBudgetExceeded(
+                    f"model {model.digest[:12]} needs {model.size / MB:.1f} MB but {used / MB:.1f} MB of the "
+                    f"{self.budget_bytes / MB:.1f} MB model memory budget are in use"
+                )
+
+    def loaded_bytes(self) -> int:
+        with self._lock:
+            return sum(m.size for m in self._loaded.values() if m.loaded)
+
+    def sweep(self) -> list[str]:
+        """Unload models idle for longer than ``idle_unload_s``; returns their digests."""
+        if not self.idle_unload_s:
+            return []
+        now = self.clock()
+        with self._lock:
+            models = list(self._loaded.values())
+        unloaded = [m.digest for m in models if m.unload_if_idle(self.idle_unload_s, now)]
+        for digest in unloaded:
+            log.info("model unloaded after idle digest=%s idle_s=%.0f", digest[:12], self.idle_unload_s)
+        return unloaded
+
+    def _forget_unused(self) -> None:
+        used = {s.digest for s in self._models.values()}
+        for digest in [d for d in self._loaded if d not in used]:
+            del self._loaded[digest]
+
+
+@dataclass(frozen=True)
+class _Reservation:
+    """A model about to be loaded, as the budget sees it."""
+
+    digest: str
+    size: int

@@ -44,7 +44,7 @@ from agent.reconciler import (
     Wait,
     plan,
 )
-from agent.runtime import BACKENDS, backend_for
+from agent.runtime import BACKENDS
 from agent.state import Assignment, Desired, DeviceState, Failure, Installed, StateStore, TenantState
 
 log = logging.getLogger(__name__)
@@ -474,8 +474,8 @@ class Updater:
         self.installed.discard(digest)
 
     def _load(self, a: Assignment) -> Any:
-        path = self.artifacts.model_path(a.digest, a.format)
-        return backend_for(a.runtime, a.format).load(path)
+        # Through the pool: tenants on the same artifact share one copy, within the memory budget.
+        return self.pool.load(a.digest, self.artifacts.model_path(a.digest, a.format), a.runtime, a.format)
 
     def _serve(self, a: Assignment, model: Any) -> None:
         path = self.artifacts.model_path(a.digest, a.format)
