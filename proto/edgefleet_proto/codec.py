@@ -27,6 +27,7 @@ MESSAGE_FOR_KIND: dict[Kind, type[Message]] = {
     Kind.EVENTS: fleet_pb2.Event,
     Kind.ARTIFACT_REQUEST: artifact_pb2.ChunkRequest,
     Kind.ARTIFACT_RESPONSE: artifact_pb2.ArtifactResponse,
+    Kind.CAPTURE: fleet_pb2.CaptureChunk,
 }
 
 

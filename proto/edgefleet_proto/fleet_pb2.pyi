@@ -196,6 +196,8 @@ class DesiredState(_message.Message):
     ISSUED_AT_MS_FIELD_NUMBER: _builtins.int
     KEY_ROTATION_FIELD_NUMBER: _builtins.int
     TENANTS_FIELD_NUMBER: _builtins.int
+    DRIFT_SPECS_FIELD_NUMBER: _builtins.int
+    CAPTURE_POLICIES_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     generation: _builtins.int
     issued_at_ms: _builtins.int
@@ -211,6 +213,12 @@ class DesiredState(_message.Message):
         so concurrent additions cannot collide).
         """
 
+    @_builtins.property
+    def drift_specs(self) -> _containers.RepeatedCompositeFieldContainer[Global___DriftSpec]:
+        """Drift sketching and data capture (issue 6 numbers its fields from 60)."""
+
+    @_builtins.property
+    def capture_policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___CapturePolicy]: ...
     def __init__(
         self,
         *,
@@ -220,10 +228,12 @@ class DesiredState(_message.Message):
         issued_at_ms: _builtins.int = ...,
         key_rotation: Global___KeyRotation | None = ...,
         tenants: _abc.Iterable[Global___TenantSpec] | None = ...,
+        drift_specs: _abc.Iterable[Global___DriftSpec] | None = ...,
+        capture_policies: _abc.Iterable[Global___CapturePolicy] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key_rotation", b"key_rotation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "generation", b"generation", "issued_at_ms", b"issued_at_ms", "key_rotation", b"key_rotation", "models", b"models", "tenants", b"tenants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_policies", b"capture_policies", "device_id", b"device_id", "drift_specs", b"drift_specs", "generation", b"generation", "issued_at_ms", b"issued_at_ms", "key_rotation", b"key_rotation", "models", b"models", "tenants", b"tenants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -456,6 +466,7 @@ class Telemetry(_message.Message):
     OUTBOX_DROPPED_FIELD_NUMBER: _builtins.int
     TENANTS_FIELD_NUMBER: _builtins.int
     SHADOWS_FIELD_NUMBER: _builtins.int
+    DRIFT_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     seq: _builtins.int
     window_start_ms: _builtins.int
@@ -474,6 +485,10 @@ class Telemetry(_message.Message):
 
     @_builtins.property
     def shadows(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShadowStats]: ...
+    @_builtins.property
+    def drift(self) -> _containers.RepeatedCompositeFieldContainer[Global___DriftSketch]:
+        """One drift sketch per tenant and model version that served in the window."""
+
     def __init__(
         self,
         *,
@@ -486,10 +501,11 @@ class Telemetry(_message.Message):
         outbox_dropped: _builtins.int = ...,
         tenants: _abc.Iterable[Global___TenantStats] | None = ...,
         shadows: _abc.Iterable[Global___ShadowStats] | None = ...,
+        drift: _abc.Iterable[Global___DriftSketch] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["system", b"system"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "models", b"models", "outbox_dropped", b"outbox_dropped", "seq", b"seq", "shadows", b"shadows", "system", b"system", "tenants", b"tenants", "window_end_ms", b"window_end_ms", "window_start_ms", b"window_start_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "drift", b"drift", "models", b"models", "outbox_dropped", b"outbox_dropped", "seq", b"seq", "shadows", b"shadows", "system", b"system", "tenants", b"tenants", "window_end_ms", b"window_end_ms", "window_start_ms", b"window_start_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -789,3 +805,263 @@ class ShadowStats(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ShadowStats: _TypeAlias = ShadowStats  # noqa: Y015
+
+@_typing.final
+class Histogram(_message.Message):
+    """Fixed-bin histogram. `edges` are the interior edges, strictly ascending;
+    `counts` has len(edges) + 1 bins: (-inf, e0), [e0, e1), ..., [e_last, +inf).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    EDGES_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Feature ("f3": input column 3) or channel statistic ("ch0": mean of channel 0)."""
+    @_builtins.property
+    def edges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        edges: _abc.Iterable[_builtins.float] | None = ...,
+        counts: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "edges", b"edges", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Histogram: _TypeAlias = Histogram  # noqa: Y015
+
+@_typing.final
+class DriftSketch(_message.Message):
+    """What one tenant's model version saw in one telemetry window, in bins the
+    controller compares with the version's baseline (PSI, KL).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    CLASS_COUNTS_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    model_name: _builtins.str
+    model_version: _builtins.str
+    samples: _builtins.int
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___Histogram]: ...
+    @_builtins.property
+    def class_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Predicted-class counts; index i is class i."""
+
+    @_builtins.property
+    def confidence(self) -> Global___Histogram:
+        """Top-class probability."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        samples: _builtins.int = ...,
+        features: _abc.Iterable[Global___Histogram] | None = ...,
+        class_counts: _abc.Iterable[_builtins.int] | None = ...,
+        confidence: Global___Histogram | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_counts", b"class_counts", "confidence", b"confidence", "features", b"features", "model_name", b"model_name", "model_version", b"model_version", "samples", b"samples", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftSketch: _TypeAlias = DriftSketch  # noqa: Y015
+
+@_typing.final
+class DriftSpec(_message.Message):
+    """The bin edges a tenant's model version is sketched with (counts left empty),
+    derived by the controller from the version's baseline.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_EDGES_FIELD_NUMBER: _builtins.int
+    NUM_CLASSES_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    model_name: _builtins.str
+    model_version: _builtins.str
+    num_classes: _builtins.int
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___Histogram]: ...
+    @_builtins.property
+    def confidence_edges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        features: _abc.Iterable[Global___Histogram] | None = ...,
+        confidence_edges: _abc.Iterable[_builtins.float] | None = ...,
+        num_classes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence_edges", b"confidence_edges", "features", b"features", "model_name", b"model_name", "model_version", b"model_version", "num_classes", b"num_classes", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftSpec: _TypeAlias = DriftSpec  # noqa: Y015
+
+@_typing.final
+class CapturePolicy(_message.Message):
+    """Which inputs a tenant uploads for retraining, and how much at most."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    POLICY_ID_FIELD_NUMBER: _builtins.int
+    RANDOM_FRACTION_FIELD_NUMBER: _builtins.int
+    LOW_CONFIDENCE_BELOW_FIELD_NUMBER: _builtins.int
+    DRIFTED_FEATURE_SHARE_FIELD_NUMBER: _builtins.int
+    MAX_SAMPLES_PER_HOUR_FIELD_NUMBER: _builtins.int
+    MAX_SAMPLES_PER_UPLOAD_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_PER_UPLOAD_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    model_name: _builtins.str
+    policy_id: _builtins.str
+    """Recorded in the data set's manifest."""
+    random_fraction: _builtins.float
+    """Probability of capturing any sample (0..1)."""
+    low_confidence_below: _builtins.float
+    """Capture a sample whose top-class probability is below this (0: off)."""
+    drifted_feature_share: _builtins.float
+    """Capture a sample when more than this share of its features fall outside
+    the drift spec's outermost edges (0: off).
+    """
+    max_samples_per_hour: _builtins.int
+    """Bounds: samples per hour, samples and bytes per uploaded data set."""
+    max_samples_per_upload: _builtins.int
+    max_bytes_per_upload: _builtins.int
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        policy_id: _builtins.str = ...,
+        random_fraction: _builtins.float = ...,
+        low_confidence_below: _builtins.float = ...,
+        drifted_feature_share: _builtins.float = ...,
+        max_samples_per_hour: _builtins.int = ...,
+        max_samples_per_upload: _builtins.int = ...,
+        max_bytes_per_upload: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drifted_feature_share", b"drifted_feature_share", "low_confidence_below", b"low_confidence_below", "max_bytes_per_upload", b"max_bytes_per_upload", "max_samples_per_hour", b"max_samples_per_hour", "max_samples_per_upload", b"max_samples_per_upload", "model_name", b"model_name", "policy_id", b"policy_id", "random_fraction", b"random_fraction", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CapturePolicy: _TypeAlias = CapturePolicy  # noqa: Y015
+
+@_typing.final
+class CaptureChunk(_message.Message):
+    """Published on edgefleet/v1/devices/{id}/capture: one chunk of a captured
+    data set (an .npz file, see docs/interfaces.md). The controller stores the
+    data set once every chunk has arrived and the whole matches `sha256`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ReasonsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    POLICY_ID_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    START_MS_FIELD_NUMBER: _builtins.int
+    END_MS_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    upload_id: _builtins.str
+    """Chosen by the device, unique per upload; resending a chunk is harmless."""
+    tenant: _builtins.str
+    model_name: _builtins.str
+    model_version: _builtins.str
+    policy_id: _builtins.str
+    index: _builtins.int
+    count: _builtins.int
+    data: _builtins.bytes
+    sha256: _builtins.str
+    """sha256 (hex) of the whole upload, repeated in every chunk."""
+    size: _builtins.int
+    start_ms: _builtins.int
+    end_ms: _builtins.int
+    samples: _builtins.int
+    @_builtins.property
+    def reasons(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Samples captured per reason ("random", "low_confidence", "drifted")."""
+
+    def __init__(
+        self,
+        *,
+        upload_id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        policy_id: _builtins.str = ...,
+        index: _builtins.int = ...,
+        count: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        sha256: _builtins.str = ...,
+        size: _builtins.int = ...,
+        start_ms: _builtins.int = ...,
+        end_ms: _builtins.int = ...,
+        samples: _builtins.int = ...,
+        reasons: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "data", b"data", "end_ms", b"end_ms", "index", b"index", "model_name", b"model_name", "model_version", b"model_version", "policy_id", b"policy_id", "reasons", b"reasons", "samples", b"samples", "sha256", b"sha256", "size", b"size", "start_ms", b"start_ms", "tenant", b"tenant", "upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaptureChunk: _TypeAlias = CaptureChunk  # noqa: Y015

@@ -30,6 +30,7 @@ class Kind(StrEnum):
     EVENTS = "events"
     ARTIFACT_REQUEST = "artifact/request"
     ARTIFACT_RESPONSE = "artifact/response"
+    CAPTURE = "capture"
 
 
 def validate_device_id(device_id: str) -> str:
