@@ -1,0 +1,101 @@
+"""The agent's drift sketch builder, checked against the controller's drift math."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from edgefleet_proto import fleet_pb2
+
+from agent.drift_sketch import Sketcher, build_sketch
+from controller import drift
+
+
+def spec_for(names: list[str], edges: tuple[float, ...], classes: int = 3) -> fleet_pb2.DriftSpec:
+    spec = fleet_pb2.DriftSpec(
+        tenant="default",
+        model_name="m",
+        model_version="1",
+        confidence_edges=list(drift.CONFIDENCE_EDGES),
+        num_classes=classes,
+    )
+    for name in names:
+        spec.features.add(name=name, edges=list(edges))
+    return spec
+
+
+def as_controller_sketch(msg: fleet_pb2.DriftSketch) -> drift.Sketch:
+    return drift.Sketch(
+        samples=msg.samples,
+        features={h.name: tuple(h.counts) for h in msg.features},
+        classes=tuple(msg.class_counts),
+        confidence=tuple(msg.confidence.counts),
+    )
+
+
+def test_tabular_sketch_bins_like_the_controller() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(200, 2))
+    x[0, 0] = np.nan
+    probs = rng.dirichlet([1, 1, 1], size=200)
+    edges = (-1.0, 0.0, 1.0)
+    msg = build_sketch(spec_for(["f0", "f1"], edges), x, probs)
+    assert msg.samples == 200
+    assert [h.name for h in msg.features] == ["f0", "f1"]
+    for i, h in enumerate(msg.features):
+        assert tuple(h.counts) == drift.histogram(x[:, i], edges)
+        assert list(h.edges) == list(edges)
+    assert list(msg.class_counts) == np.bincount(probs.argmax(axis=1), minlength=3).tolist()
+    assert tuple(msg.confidence.counts) == drift.histogram(probs.max(axis=1), drift.CONFIDENCE_EDGES)
+
+
+def test_image_inputs_are_sketched_per_channel_mean() -> None:
+    x = np.zeros((4, 2, 3, 3), dtype=np.float32)
+    x[:, 1] = 5.0
+    msg = build_sketch(spec_for(["ch0", "ch1"], (1.0,)), x)
+    assert {h.name: list(h.counts) for h in msg.features} == {"ch0": [4, 0], "ch1": [0, 4]}
+    assert not msg.HasField("confidence") and list(msg.class_counts) == [0, 0, 0]
+
+
+def test_features_without_edges_are_skipped() -> None:
+    msg = build_sketch(spec_for(["f1"], (0.0,)), np.array([[5.0, -1.0]]))
+    assert [(h.name, list(h.counts)) for h in msg.features] == [("f1", [1, 0])]
+
+
+def test_sketcher_adds_a_window_up_and_drains_it() -> None:
+    sketcher = Sketcher()
+    assert not sketcher.observe("default", "m", "1", np.zeros((1, 1)))
+    sketcher.set_specs([spec_for(["f0"], (0.5,))])
+    rng = np.random.default_rng(0)
+    batches = [rng.uniform(size=(5, 1)) for _ in range(4)]
+    probs = [rng.dirichlet([1, 1, 1], size=5) for _ in range(4)]
+    for b, p in zip(batches, probs, strict=True):
+        assert sketcher.observe("default", "m", "1", b, p)
+    (window,) = sketcher.drain()
+    whole = build_sketch(spec_for(["f0"], (0.5,)), np.vstack(batches), np.vstack(probs))
+    assert window == whole
+    assert sketcher.drain() == []
+
+
+def test_a_bad_batch_leaves_the_window_alone() -> None:
+    sketcher = Sketcher()
+    sketcher.set_specs([spec_for(["f0"], (0.5,))])
+    sketcher.observe("default", "m", "1", np.ones((2, 1)), np.full((2, 3), 1 / 3))
+    with pytest.raises(ValueError, match="do not match"):
+        sketcher.observe("default", "m", "1", np.ones((2, 1)), np.ones((3, 3)))
+    with pytest.raises(ValueError, match="expected"):
+        sketcher.observe("default", "m", "1", np.ones((2, 1, 1)))
+    (window,) = sketcher.drain()
+    assert window.samples == 2
+
+
+def test_round_trip_scores_zero_against_itself() -> None:
+    rng = np.random.default_rng(5)
+    ref = rng.normal(size=(500, 3))
+    spec_c, baseline = drift.reference_baseline(ref, rng.dirichlet([1, 1], size=500))
+    spec = fleet_pb2.DriftSpec(confidence_edges=list(spec_c.confidence_edges), num_classes=2)
+    for name, edges in spec_c.features.items():
+        spec.features.add(name=name, edges=list(edges))
+    same = build_sketch(spec, ref, rng.dirichlet([1, 1], size=500))
+    shifted = build_sketch(spec, ref + 2.0)
+    assert drift.score(baseline, as_controller_sketch(same)).psi < drift.PSI_MODERATE
+    assert drift.score(baseline, as_controller_sketch(shifted)).psi > drift.PSI_MAJOR
