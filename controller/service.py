@@ -15,7 +15,7 @@ from controller.errors import AlreadyInitialised, ConfigError
 from controller.fleet import Fleet
 from controller.mosquitto_auth import BrokerAuth, generate_password, hash_password
 from controller.registry import Registry
-from controller.rollouts import Rollouts
+from controller.rollouts import RolloutRunner, Rollouts
 from controller.settings import Settings
 from controller.store import Store
 from controller.telemetry import TelemetryStore
@@ -35,6 +35,7 @@ class Controller:
         self.rollouts = Rollouts(self.store, self.registry, self.fleet)
         self.telemetry = TelemetryStore(self.store)
         self.transport: Transport | None = None
+        self.rollout_runner: RolloutRunner | None = None
         self._token_hash = settings.admin_token_sha256
         self._settings_mtime = self._mtime()
 
@@ -61,9 +62,15 @@ class Controller:
         self.rollouts.publisher = transport
         self.transport = transport
         transport.start()
+        # The engine publishes desired states, so it runs only with a transport.
+        self.rollout_runner = RolloutRunner(self.rollouts)
+        self.rollout_runner.start()
         return transport
 
     def close(self) -> None:
+        if self.rollout_runner is not None:
+            self.rollout_runner.stop()
+            self.rollout_runner = None
         if self.transport is not None:
             self.transport.stop()
             self.rollouts.publisher = None
