@@ -1,29 +1,64 @@
-"""Rollouts: a model version sent to explicit devices, all at once.
+"""Rollouts: a model version sent to a target in waves, judged by gates, rolled back when it misbehaves.
 
-The planner is pure: :func:`plan` turns a rollout and a snapshot of the
-targeted devices into steps (today one kind, ``set_desired``); executors in
-:data:`ACTIONS` persist each step inside the rollout's transaction, and the new
-desired states are published (retained) only after the commit. Per-device and
-rollout status are never stored: they are derived from what the devices
-report, matched by (tenant, artifact digest).
+This module is the service the API calls: it validates and stores a plan,
+resolves its target into waves, runs engine passes (plan -> persist -> act, see
+:mod:`controller.rollout_engine` and :mod:`controller.rollout_executor`), takes
+the operator's commands and reads rollouts back. :class:`RolloutRunner` is the
+controller thread that keeps every active rollout moving.
+
+The foundation's "send this version to these devices now" is a one-wave plan
+without gates; two such plans on the same device supersede each other as they
+always did. Any staged plan (waves, soak, gates, approval, rollback) refuses to
+share a device and tenant with another active rollout.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from edgefleet_proto import fleet_pb2
-from edgefleet_proto.codec import PayloadError, decode_as, encode
+from edgefleet_proto.codec import encode
 
-from controller.errors import InvalidInputError, RolloutNotFound, UnknownTargets
+from controller.errors import (
+    CommandRefused,
+    InvalidInputError,
+    RolloutConflict,
+    RolloutNotFound,
+    UnknownTargets,
+)
 from controller.fleet import Fleet, Reported
 from controller.registry import FORMAT, Registry
+from controller.rollout_engine import (
+    ACTIVE_STATES,
+    COMMANDS,
+    Command,
+    DeviceRolloutStatus,
+    SetDesired,
+    State,
+    Wait,
+    carries,
+    plan,
+)
+from controller.rollout_executor import (
+    EXECUTORS,
+    Outgoing,
+    active_digest,
+    decode_desired,
+    device_status,
+    load_run,
+    record,
+    snapshot,
+)
+from controller.rollout_plans import Plan, Target, split_waves, validate
 from controller.store import Store
 
 log = logging.getLogger(__name__)
@@ -31,47 +66,15 @@ log = logging.getLogger(__name__)
 RUNTIME = "onnxruntime"
 DEFAULT_TENANT = "default"
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Engine passes per advance() call; a pass that changes the run is followed by another.
+MAX_ROUNDS = 16
+RUNNER_INTERVAL_S = 0.5
 
-DeviceRolloutStatus = Literal["pending", "downloading", "verifying", "loading", "active", "failed"]
 RolloutStatus = Literal["in_progress", "succeeded", "failed"]
-_PHASES: dict[str, DeviceRolloutStatus] = {
-    "downloading": "downloading",
-    "verifying": "verifying",
-    "loading": "loading",
-    "active": "active",
-    "failed": "failed",
-}
 
 
 class DesiredPublisher(Protocol):
     def publish_desired(self, device_id: str, payload: bytes) -> None: ...
-
-
-@dataclass(frozen=True)
-class RolloutSpec:
-    id: str
-    model: str
-    version: str
-    tenant: str
-    digest: str
-    size: int
-
-
-@dataclass(frozen=True)
-class DeviceSnapshot:
-    device_id: str
-    desired_generation: int
-    desired: fleet_pb2.DesiredState | None
-
-
-@dataclass(frozen=True)
-class SetDesired:
-    device_id: str
-    desired: fleet_pb2.DesiredState
-    action: str = "set_desired"
-
-
-Step = SetDesired
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class RolloutDevice:
     status: DeviceRolloutStatus
     detail: str
     updated_at: float
+    wave: int
 
 
 @dataclass(frozen=True)
@@ -90,61 +94,28 @@ class Rollout:
     tenant: str
     digest: str
     status: RolloutStatus
+    state: str
+    # 1-based; 0 before the first wave starts.
+    wave: int
+    waves: int
+    reason: str
     created_at: float
+    plan: dict[str, Any]
     devices: list[RolloutDevice]
 
 
-def assignment(spec: RolloutSpec) -> fleet_pb2.ModelAssignment:
-    return fleet_pb2.ModelAssignment(
-        tenant=spec.tenant,
-        model_name=spec.model,
-        model_version=spec.version,
-        artifact_digest=spec.digest,
-        artifact_size=spec.size,
-        format=FORMAT,
-        runtime=RUNTIME,
-        rollout_id=spec.id,
-    )
+@dataclass(frozen=True)
+class RolloutEvent:
+    at: float
+    kind: str
+    wave: int
+    device_id: str
+    state: str
+    reason: str
 
 
-def plan(spec: RolloutSpec, devices: Sequence[DeviceSnapshot], now_ms: int) -> list[Step]:
-    """One ``set_desired`` per device whose desired state does not already carry this rollout."""
-    wanted = assignment(spec)
-    steps: list[Step] = []
-    for device in devices:
-        current = list(device.desired.models) if device.desired is not None else []
-        if wanted in current:
-            continue
-        models = [m for m in current if m.tenant != spec.tenant] + [wanted]
-        desired = fleet_pb2.DesiredState(
-            device_id=device.device_id,
-            generation=device.desired_generation + 1,
-            models=sorted(models, key=lambda m: m.tenant),
-            issued_at_ms=now_ms,
-        )
-        steps.append(SetDesired(device_id=device.device_id, desired=desired))
-    return steps
-
-
-def device_status(tenant: str, digest: str, reported: Reported | None) -> tuple[DeviceRolloutStatus, str]:
-    """Where one device is with (tenant, digest), from its last reported state."""
-    if reported is None:
-        return "pending", "the device has not reported yet"
-    for model in reported.models:
-        if model.tenant == tenant and model.artifact_digest == digest:
-            status = _PHASES.get(model.phase)
-            if status is None:
-                return "pending", f"reported phase {model.phase}"
-            if status == "failed":
-                return status, model.error or "the device reported a failure without a reason"
-            if status == "downloading" and model.bytes_total:
-                return status, f"{model.bytes_have}/{model.bytes_total} bytes"
-            return status, ""
-    return "pending", "the device has not picked up this version yet"
-
-
-def rollout_status(statuses: Sequence[DeviceRolloutStatus]) -> RolloutStatus:
-    """Succeeded when every device is active; failed once every device has finished and one failed."""
+def rollout_status(statuses: Sequence[str]) -> RolloutStatus:
+    """The foundation's rule: succeeded when every device is active; failed once all finished and one failed."""
     if statuses and all(s == "active" for s in statuses):
         return "succeeded"
     if statuses and all(s in ("active", "failed") for s in statuses):
@@ -152,120 +123,287 @@ def rollout_status(statuses: Sequence[DeviceRolloutStatus]) -> RolloutStatus:
     return "in_progress"
 
 
-def _decode_desired(blob: bytes | None) -> fleet_pb2.DesiredState | None:
-    if blob is None:
-        return None
-    try:
-        return decode_as(fleet_pb2.DesiredState, bytes(blob))
-    except PayloadError:
-        log.error("stored desired state is unreadable; replacing it")
-        return None
-
-
-def _set_desired(store: Store, step: Step) -> None:
-    store.execute(
-        "UPDATE devices SET desired_generation = ?, desired = ? WHERE device_id = ?",
-        (step.desired.generation, encode(step.desired), step.device_id),
-    )
-
-
-ACTIONS: dict[str, Callable[[Store, Step], None]] = {"set_desired": _set_desired}
+def coarse_status(state: State, statuses: Sequence[str]) -> RolloutStatus:
+    if state in ACTIVE_STATES:
+        return "in_progress"
+    if state is State.SUCCEEDED:
+        return "succeeded"
+    if state is State.SUPERSEDED:
+        return rollout_status(statuses)
+    return "failed"
 
 
 class Rollouts:
-    def __init__(self, store: Store, registry: Registry, fleet: Fleet) -> None:
+    def __init__(
+        self, store: Store, registry: Registry, fleet: Fleet, clock: Callable[[], float] = time.time
+    ) -> None:
         self.store = store
         self.registry = registry
         self.fleet = fleet
+        self.clock = clock
         self.publisher: DesiredPublisher | None = None
+        self._lock = threading.RLock()
+
+    # -- create ---------------------------------------------------------------
 
     def create(
-        self, model: str, version: str, device_ids: Sequence[str], tenant: str = DEFAULT_TENANT
+        self,
+        model: str,
+        version: str,
+        device_ids: Sequence[str] = (),
+        tenant: str = DEFAULT_TENANT,
+        plan_: Plan | None = None,
     ) -> Rollout:
         if not _TENANT.match(tenant):
             raise InvalidInputError(f"invalid tenant {tenant!r}: use 1-64 letters, digits, '_', '.', '-'")
-        targets = list(dict.fromkeys(device_ids))
-        if not targets:
-            raise InvalidInputError("a rollout needs at least one device")
+        the_plan = plan_ or Plan(Target(devices=tuple(dict.fromkeys(device_ids))))
+        if the_plan.target.empty:
+            raise InvalidInputError(
+                "a rollout needs at least one device (or tags, a profile, or all devices)"
+            )
+        validate(the_plan)
         found = self.registry.find(model, version)
         problems = []
         if found is None:
             problems.append(f"unknown model version {model} {version}")
-        known = self.fleet.known(targets)
-        missing = [d for d in targets if d not in known]
+        explicit = list(the_plan.target.devices)
+        known = self.fleet.known(explicit)
+        missing = [d for d in explicit if d not in known]
         if missing:
             problems.append(f"unknown devices: {', '.join(missing)}")
         if found is None or missing:
             raise UnknownTargets("; ".join(problems))
-        spec = RolloutSpec(
-            id=uuid.uuid4().hex,
-            model=model,
-            version=version,
+        targets = self._resolve(the_plan.target)
+        if not targets:
+            raise InvalidInputError(f"the target matches no registered device: {_describe(the_plan.target)}")
+        rollout_id = uuid.uuid4().hex
+        wanted = fleet_pb2.ModelAssignment(
             tenant=tenant,
-            digest=found.digest,
-            size=found.size,
+            model_name=model,
+            model_version=version,
+            artifact_digest=found.digest,
+            artifact_size=found.size,
+            format=FORMAT,
+            runtime=RUNTIME,
+            rollout_id=rollout_id,
+            probation_s=the_plan.probation_s,
+            max_error_rate=the_plan.probation_max_error_rate,
         )
-        now = time.time()
-        published: list[SetDesired] = []
-        with self.store.transaction() as tx:
-            snapshots = [self._snapshot(d) for d in targets]
-            steps = plan(spec, snapshots, int(now * 1000))
+        now = self.clock()
+        waves = split_waves(targets, the_plan.waves)
+        with self._lock, self.store.transaction() as tx:
+            self._claim(tx, rollout_id, tenant, targets, the_plan)
             tx.execute(
                 "INSERT INTO rollouts (id, model, version, tenant, digest, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (spec.id, model, version, tenant, spec.digest, now),
+                (rollout_id, model, version, tenant, found.digest, now),
             )
-            generations = {s.device_id: s.desired_generation for s in snapshots}
-            for step in steps:
-                ACTIONS[step.action](tx, step)
-                generations[step.device_id] = step.desired.generation
-                published.append(step)
-            for device_id in targets:
-                tx.execute(
-                    "INSERT INTO rollout_devices (rollout_id, device_id, generation) VALUES (?, ?, ?)",
-                    (spec.id, device_id, generations[device_id]),
-                )
+            tx.execute(
+                "INSERT INTO rollout_runs (rollout_id, plan, state, updated_at) VALUES (?, ?, ?, ?)",
+                (rollout_id, json.dumps(the_plan.to_json()), State.RUNNING.value, now),
+            )
+            for index, wave in enumerate(waves):
+                for device_id in wave:
+                    previous = self._previous(device_id, tenant)
+                    tx.execute(
+                        "INSERT INTO rollout_members (rollout_id, device_id, tenant, wave, wanted, previous)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            rollout_id,
+                            device_id,
+                            tenant,
+                            index,
+                            encode(wanted),
+                            encode(previous) if previous else None,
+                        ),
+                    )
+            sizes = "/".join(str(len(w)) for w in waves)
+            record(
+                tx,
+                rollout_id,
+                "created",
+                -1,
+                State.RUNNING.value,
+                f"{len(targets)} devices in waves of {sizes}",
+            )
         log.info(
-            "rollout created rollout=%s model=%s version=%s tenant=%s digest=%s devices=%s",
-            spec.id, model, version, tenant, spec.digest, ",".join(targets),
+            "rollout created rollout=%s model=%s version=%s tenant=%s digest=%s devices=%d waves=%s",
+            rollout_id, model, version, tenant, found.digest, len(targets), sizes,
         )  # fmt: skip
-        for step in published:
-            log.info(
-                "desired state set device=%s generation=%d rollout=%s model=%s version=%s",
-                step.device_id, step.desired.generation, spec.id, model, version,
-            )  # fmt: skip
-            if self.publisher is not None:
-                self.publisher.publish_desired(step.device_id, encode(step.desired))
-        return self.get(spec.id)
+        self.advance(rollout_id)
+        return self.get(rollout_id)
 
-    def _snapshot(self, device_id: str) -> DeviceSnapshot:
-        row = self.store.query_one(
-            "SELECT desired_generation, desired FROM devices WHERE device_id = ?", (device_id,)
+    def _resolve(self, target: Target) -> list[str]:
+        devices = self.fleet.all()
+        chosen = {d.device_id for d in devices} if target.all_devices else None
+        if target.devices:
+            ids = set(target.devices)
+            chosen = ids if chosen is None else chosen & ids
+        if target.tags:
+            tagged = {d.device_id for d in devices if set(target.tags) <= set(d.tags)}
+            chosen = tagged if chosen is None else chosen & tagged
+        if target.profile:
+            rows = self.store.query(
+                "SELECT device_id FROM device_profiles WHERE profile_id = ?", (target.profile,)
+            )
+            profiled = {r["device_id"] for r in rows}
+            chosen = profiled if chosen is None else chosen & profiled
+        return sorted(chosen or ())
+
+    def _claim(self, tx: Store, rollout_id: str, tenant: str, targets: list[str], new: Plan) -> None:
+        """Refuse a second active rollout on a device and tenant; plain ones supersede plain ones."""
+        marks = ",".join("?" * len(targets))
+        states = [s.value for s in ACTIVE_STATES]
+        rows = tx.query(
+            f"SELECT m.rollout_id, m.device_id, u.state, u.plan FROM rollout_members m"
+            f" JOIN rollout_runs u ON u.rollout_id = m.rollout_id WHERE m.tenant = ?"
+            f" AND u.state IN ({','.join('?' * len(states))}) AND m.device_id IN ({marks})"
+            f" ORDER BY m.rollout_id, m.device_id",
+            [tenant, *states, *targets],
         )
-        assert row is not None  # checked before the transaction; devices are never deleted
-        return DeviceSnapshot(device_id, row["desired_generation"], _decode_desired(row["desired"]))
+        if not rows:
+            return
+        busy: dict[str, list[str]] = {}
+        for r in rows:
+            busy.setdefault(r["rollout_id"], []).append(r["device_id"])
+        plans = {r["rollout_id"]: (Plan.from_json(json.loads(r["plan"])), r["state"]) for r in rows}
+        if new.staged or any(p.staged for p, _ in plans.values()):
+            other, devices = next(iter(busy.items()))
+            shown = ", ".join(devices[:5]) + (f" and {len(devices) - 5} more" if len(devices) > 5 else "")
+            raise RolloutConflict(
+                f"device {shown} (tenant {tenant}) is already in active rollout {other} "
+                f"({plans[other][1]}); abort or roll it back first"
+            )
+        for other in busy:
+            tx.execute(
+                "UPDATE rollout_runs SET state = ?, reason = ?, updated_at = ? WHERE rollout_id = ?",
+                (State.SUPERSEDED.value, f"superseded by rollout {rollout_id}", self.clock(), other),
+            )
+            record(tx, other, "superseded", -1, State.SUPERSEDED.value, f"superseded by rollout {rollout_id}")
+
+    def _previous(self, device_id: str, tenant: str) -> fleet_pb2.ModelAssignment | None:
+        row = self.store.query_one("SELECT desired FROM devices WHERE device_id = ?", (device_id,))
+        desired = decode_desired(row["desired"]) if row else None
+        for m in desired.models if desired is not None else []:
+            if (m.tenant or DEFAULT_TENANT) == tenant:
+                return m
+        return None
+
+    # -- the engine loop --------------------------------------------------------
+
+    def active_ids(self) -> list[str]:
+        states = [s.value for s in ACTIVE_STATES]
+        rows = self.store.query(
+            f"SELECT rollout_id FROM rollout_runs WHERE state IN ({','.join('?' * len(states))})"
+            " ORDER BY rollout_id",
+            states,
+        )
+        return [r["rollout_id"] for r in rows]
+
+    def advance(self, rollout_id: str) -> float:
+        """Plan, persist, execute, plan again until only waiting is left; returns the next deadline."""
+        with self._lock:
+            for _ in range(MAX_ROUNDS):
+                run = load_run(self.store, rollout_id)
+                if run is None:
+                    return math.inf
+                now = self.clock()
+                steps = plan(run, snapshot(self.store, run, now), now)
+                work = [s for s in steps if not isinstance(s, Wait)]
+                if not work:
+                    return min((s.until for s in steps if isinstance(s, Wait)), default=math.inf)
+                outgoing: list[Outgoing] = []
+                with self.store.transaction() as tx:
+                    for step in work:
+                        outgoing += EXECUTORS[step.action](tx, run, step, now)
+                for step in work:
+                    self._log_step(run.id, step)
+                for out in outgoing:
+                    if self.publisher is not None:
+                        self.publisher.publish_desired(out.device_id, out.payload)
+            return now
+
+    @staticmethod
+    def _log_step(rollout_id: str, step: Any) -> None:
+        if isinstance(step, SetDesired):
+            log.info(
+                "desired state set rollout=%s device=%s generation=%d revert=%s reason=%r models=%s",
+                rollout_id,
+                step.device_id,
+                step.desired.generation,
+                step.revert,
+                step.reason,
+                ";".join(f"{a.tenant}:{a.model_name}@{a.model_version}" for a in step.desired.models),
+            )
+            return
+        level = logging.WARNING if step.action in ("pause", "roll_back") else logging.INFO
+        log.log(level, "rollout step rollout=%s action=%s reason=%r", rollout_id, step.action, step.reason)
+
+    # -- operator commands ------------------------------------------------------
+
+    def command(self, rollout_id: str, command: Command, note: str = "") -> Rollout:
+        with self._lock, self.store.transaction() as tx:
+            run = load_run(tx, rollout_id)
+            if run is None:
+                raise RolloutNotFound(f"unknown rollout {rollout_id}")
+            target = COMMANDS.get((run.state, command))
+            if target is None:
+                raise CommandRefused(f"cannot {command.value} rollout {rollout_id}: it is {run.state.value}")
+            reason = f"operator: {note or command.value}"
+            extra: dict[str, Any] = {}
+            if command is Command.PROMOTE:
+                extra["promoted"] = 1
+            if command in (Command.APPROVE, Command.PROMOTE):
+                extra["approved_wave"] = run.wave + 1
+            sets = ", ".join(f"{c} = ?" for c in ("state", "reason", "updated_at", *extra))
+            tx.execute(
+                f"UPDATE rollout_runs SET {sets} WHERE rollout_id = ?",
+                (target.value, reason, self.clock(), *extra.values(), rollout_id),
+            )
+            record(tx, rollout_id, command.value, run.wave, target.value, reason)
+        log.info("rollout command rollout=%s command=%s state=%s", rollout_id, command.value, target.value)
+        self.advance(rollout_id)
+        return self.get(rollout_id)
+
+    # -- reading ----------------------------------------------------------------
 
     def get(self, rollout_id: str) -> Rollout:
         row = self.store.query_one("SELECT * FROM rollouts WHERE id = ?", (rollout_id,))
-        if row is None:
+        run = load_run(self.store, rollout_id)
+        if row is None or run is None:
             raise RolloutNotFound(f"unknown rollout {rollout_id}")
-        members = self.store.query(
-            "SELECT rd.device_id, d.reported, d.reported_received_at, d.desired FROM rollout_devices rd"
-            " JOIN devices d ON d.device_id = rd.device_id WHERE rd.rollout_id = ? ORDER BY rd.device_id",
+        devices_rows = self.store.query(
+            "SELECT d.device_id, d.reported, d.reported_received_at, d.desired FROM rollout_members m"
+            " JOIN devices d ON d.device_id = m.device_id WHERE m.rollout_id = ?",
             (rollout_id,),
         )
+        by_id = {r["device_id"]: r for r in devices_rows}
         devices = []
-        for m in members:
-            reported = Reported.from_json(m["reported"]) if m["reported"] else None
-            status, detail = device_status(row["tenant"], row["digest"], reported)
-            if status == "pending":
-                detail = self._superseded(rollout_id, row["tenant"], m["desired"]) or detail
-            matched = status != "pending" and m["reported_received_at"] is not None
+        for m in sorted(run.members, key=lambda m: m.device_id):
+            r = by_id[m.device_id]
+            reported = Reported.from_json(r["reported"]) if r["reported"] else None
+            desired = decode_desired(r["desired"])
+            status, detail = device_status(run.tenant, m.wanted.artifact_digest, reported)
+            reverted = run.state in (State.ROLLING_BACK, State.ROLLED_BACK) and not carries(desired, m.wanted)
+            if m.set_at is not None and reverted:
+                back_to = m.previous.artifact_digest if m.previous else None
+                name = f"{m.previous.model_name} {m.previous.model_version}" if m.previous else "no model"
+                status = "rolled_back"
+                here = active_digest(run.tenant, reported) == back_to
+                detail = (
+                    f"back on {name}" if here else f"sent back to {name}; the device has not confirmed yet"
+                )
+            elif m.set_at is None and not carries(desired, m.wanted):
+                status, detail = "waiting", f"wave {m.wave + 1}; rollout {run.state.value}"
+            elif status == "pending":
+                detail = _superseded(rollout_id, run.tenant, desired) or detail
+            matched = status not in ("pending", "waiting") and r["reported_received_at"] is not None
             devices.append(
                 RolloutDevice(
-                    device_id=m["device_id"],
+                    device_id=m.device_id,
                     status=status,
                     detail=detail,
-                    updated_at=m["reported_received_at"] if matched else row["created_at"],
+                    updated_at=r["reported_received_at"] if matched else row["created_at"],
+                    wave=m.wave + 1,
                 )
             )
         return Rollout(
@@ -274,19 +412,87 @@ class Rollouts:
             version=row["version"],
             tenant=row["tenant"],
             digest=row["digest"],
-            status=rollout_status([d.status for d in devices]),
+            status=coarse_status(run.state, [d.status for d in devices]),
+            state=run.state.value,
+            wave=run.wave + 1,
+            waves=len(run.plan.waves),
+            reason=run.reason,
             created_at=row["created_at"],
+            plan=run.plan.to_json(),
             devices=devices,
         )
-
-    @staticmethod
-    def _superseded(rollout_id: str, tenant: str, blob: bytes | None) -> str:
-        desired = _decode_desired(blob)
-        for m in desired.models if desired is not None else []:
-            if m.tenant == tenant and m.rollout_id != rollout_id:
-                return f"superseded by rollout {m.rollout_id}"
-        return ""
 
     def all(self) -> list[Rollout]:
         rows = self.store.query("SELECT id FROM rollouts ORDER BY created_at DESC, id")
         return [self.get(r["id"]) for r in rows]
+
+    def events(self, rollout_id: str) -> list[RolloutEvent]:
+        if self.store.query_one("SELECT id FROM rollouts WHERE id = ?", (rollout_id,)) is None:
+            raise RolloutNotFound(f"unknown rollout {rollout_id}")
+        rows = self.store.query(
+            "SELECT * FROM rollout_events WHERE rollout_id = ? ORDER BY id", (rollout_id,)
+        )
+        return [
+            RolloutEvent(r["at"], r["kind"], r["wave"] + 1, r["device_id"], r["state"], r["reason"])
+            for r in rows
+        ]
+
+
+def _superseded(rollout_id: str, tenant: str, desired: fleet_pb2.DesiredState | None) -> str:
+    for m in desired.models if desired is not None else []:
+        if m.tenant == tenant and m.rollout_id != rollout_id:
+            return f"superseded by rollout {m.rollout_id}"
+    return ""
+
+
+def _describe(target: Target) -> str:
+    parts = []
+    if target.all_devices:
+        parts.append("all devices")
+    if target.devices:
+        parts.append(f"devices {', '.join(target.devices)}")
+    if target.tags:
+        parts.append(f"tags {', '.join(target.tags)}")
+    if target.profile:
+        parts.append(f"profile {target.profile}")
+    return " and ".join(parts)
+
+
+class RolloutRunner:
+    """The controller thread that keeps every active rollout moving."""
+
+    def __init__(self, rollouts: Rollouts, interval_s: float = RUNNER_INTERVAL_S) -> None:
+        self.rollouts = rollouts
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="rollout-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+
+    def _run(self) -> None:
+        log.info("rollout engine started interval_s=%.2f", self.interval_s)
+        while not self._stop.is_set():
+            self.tick()
+            self._stop.wait(self.interval_s)
+
+    def tick(self) -> None:
+        try:
+            ids = self.rollouts.active_ids()
+        except Exception:
+            log.exception("rollout engine cannot list active rollouts")
+            return
+        for rollout_id in ids:
+            try:
+                self.rollouts.advance(rollout_id)
+            except Exception:
+                # One broken rollout must not stop the others; the next tick retries it.
+                log.exception("rollout engine pass failed rollout=%s", rollout_id)

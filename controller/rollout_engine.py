@@ -1,0 +1,387 @@
+"""The rollout engine: a pure planner over a rollout's persisted run and a fleet snapshot.
+
+``plan(run, fleet, now) -> list[Step]`` decides what happens next; the
+executors (:mod:`controller.rollout_executor`) persist each step with its
+reason in the rollout's event log and only then act. Steps are idempotent by
+construction: a device's desired state is set only while it does not carry the
+wanted assignment and the device was never set by this rollout, a wave starts
+only once. A controller killed at any point plans again from what is stored
+and does nothing twice.
+
+Rollout states and the operator's commands are one transition table,
+:data:`COMMANDS`; the engine's own transitions are the steps it returns.
+Wall-clock seconds throughout: they are stored and must survive a restart.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import ClassVar, Literal
+
+from edgefleet_proto import fleet_pb2
+
+from controller.rollout_plans import FailureAction, Plan
+
+DeviceRolloutStatus = Literal[
+    "waiting",
+    "pending",
+    "downloading",
+    "verifying",
+    "loading",
+    "probation",
+    "active",
+    "failed",
+    "rolled_back",
+]
+_DONE = ("active", "failed")
+
+
+class State(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    AWAITING_APPROVAL = "awaiting_approval"
+    ROLLING_BACK = "rolling_back"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+    ABORTED = "aborted"
+    SUPERSEDED = "superseded"
+
+
+ACTIVE_STATES = frozenset({State.RUNNING, State.PAUSED, State.AWAITING_APPROVAL, State.ROLLING_BACK})
+
+
+class Command(StrEnum):
+    PAUSE = "pause"
+    RESUME = "resume"
+    APPROVE = "approve"
+    ABORT = "abort"
+    ROLLBACK = "rollback"
+    PROMOTE = "promote"
+
+
+# (state, operator command) -> next state. Anything else is refused with the state named.
+COMMANDS: dict[tuple[State, Command], State] = {
+    (State.RUNNING, Command.PAUSE): State.PAUSED,
+    (State.AWAITING_APPROVAL, Command.PAUSE): State.PAUSED,
+    (State.PAUSED, Command.RESUME): State.RUNNING,
+    (State.AWAITING_APPROVAL, Command.APPROVE): State.RUNNING,
+    # Promote: the current wave counts as passed, its remaining soak and gates are skipped.
+    (State.RUNNING, Command.PROMOTE): State.RUNNING,
+    (State.PAUSED, Command.PROMOTE): State.RUNNING,
+    (State.AWAITING_APPROVAL, Command.PROMOTE): State.RUNNING,
+    (State.RUNNING, Command.ABORT): State.ABORTED,
+    (State.PAUSED, Command.ABORT): State.ABORTED,
+    (State.AWAITING_APPROVAL, Command.ABORT): State.ABORTED,
+    **{
+        (s, Command.ROLLBACK): State.ROLLING_BACK
+        for s in (
+            State.RUNNING,
+            State.PAUSED,
+            State.AWAITING_APPROVAL,
+            State.SUCCEEDED,
+            State.FAILED,
+            State.ABORTED,
+        )
+    },
+}
+
+
+@dataclass(frozen=True)
+class Member:
+    device_id: str
+    wave: int
+    # What this device is sent (per device: the variant may differ between devices).
+    wanted: fleet_pb2.ModelAssignment
+    # The tenant's assignment before the rollout; None: the tenant had no model.
+    previous: fleet_pb2.ModelAssignment | None
+    # When this rollout set the device's desired state (None: not yet).
+    set_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Run:
+    """A rollout's persisted engine state."""
+
+    id: str
+    tenant: str
+    plan: Plan
+    state: State
+    members: tuple[Member, ...]
+    wave: int = -1
+    soak_started_at: float | None = None
+    promoted: bool = False
+    approved_wave: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class VersionStats:
+    inferences: int = 0
+    errors: int = 0
+    p95_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """One member device as the controller knows it now."""
+
+    device_id: str
+    online: bool
+    desired_generation: int
+    desired: fleet_pb2.DesiredState | None
+    # Where the device is with the wanted artifact, from its reported state.
+    status: DeviceRolloutStatus = "pending"
+    detail: str = ""
+    # The new version since the device was set; the previous version before that.
+    new: VersionStats = VersionStats()
+    baseline: VersionStats = VersionStats()
+
+
+@dataclass(frozen=True)
+class Step:
+    action: ClassVar[str]
+
+
+@dataclass(frozen=True)
+class SetDesired(Step):
+    action: ClassVar[str] = "set_desired"
+    device_id: str
+    desired: fleet_pb2.DesiredState
+    revert: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class StartWave(Step):
+    action: ClassVar[str] = "start_wave"
+    wave: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class StartSoak(Step):
+    action: ClassVar[str] = "start_soak"
+    wave: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Pause(Step):
+    action: ClassVar[str] = "pause"
+    reason: str
+
+
+@dataclass(frozen=True)
+class AwaitApproval(Step):
+    action: ClassVar[str] = "await_approval"
+    wave: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RollBack(Step):
+    action: ClassVar[str] = "roll_back"
+    reason: str
+
+
+@dataclass(frozen=True)
+class Complete(Step):
+    action: ClassVar[str] = "complete"
+    state: State
+    reason: str
+
+
+@dataclass(frozen=True)
+class Wait(Step):
+    action: ClassVar[str] = "wait"
+    until: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class WaveVerdict:
+    failure: str | None
+    settled: bool
+    deadline: float
+    failed: int
+    reporting: int
+    size: int
+
+
+def carries(desired: fleet_pb2.DesiredState | None, assignment: fleet_pb2.ModelAssignment) -> bool:
+    return desired is not None and any(m == assignment for m in desired.models)
+
+
+def desired_with(
+    view: DeviceView, tenant: str, assignment: fleet_pb2.ModelAssignment | None, now: float
+) -> fleet_pb2.DesiredState:
+    """The device's next desired state: the same, with ``tenant`` set to ``assignment`` (or removed)."""
+    current = list(view.desired.models) if view.desired is not None else []
+    models = [m for m in current if (m.tenant or "default") != tenant]
+    if assignment is not None:
+        models.append(assignment)
+    return fleet_pb2.DesiredState(
+        device_id=view.device_id,
+        generation=view.desired_generation + 1,
+        models=sorted(models, key=lambda m: m.tenant),
+        issued_at_ms=int(now * 1000),
+    )
+
+
+def judge(run: Run, members: Sequence[Member], fleet: Mapping[str, DeviceView], now: float) -> WaveVerdict:
+    """Where one wave stands: settled or not, and the first gate it fails, if any."""
+    plan, gates = run.plan, run.plan.gates
+    failed = reporting = 0
+    settled = True
+    deadline = math.inf
+    for m in members:
+        view = fleet[m.device_id]
+        if view.status in _DONE:
+            reporting += 1
+            failed += view.status == "failed"
+            continue
+        if m.set_at is None:
+            settled = False
+            continue
+        timeout_at = m.set_at + plan.device_timeout_s if plan.device_timeout_s is not None else math.inf
+        if now >= timeout_at:
+            # Online but silent about its update: a failure. Offline: only not reporting.
+            failed += view.online
+            continue
+        settled = False
+        deadline = min(deadline, timeout_at)
+    n = len(members)
+    verdict = WaveVerdict(None, settled, deadline, failed, reporting, n)
+    if not n or run.promoted:
+        return verdict
+    if failed / n > gates.max_failure_fraction:
+        return _fail(
+            verdict, f"{failed} of {n} devices failed to update (limit {gates.max_failure_fraction:g})"
+        )
+    views = [fleet[m.device_id] for m in members]
+    judged = [v for v in views if v.new.inferences >= gates.min_inferences]
+    if gates.max_error_rate is not None and judged:
+        inferences = sum(v.new.inferences for v in judged)
+        errors = sum(v.new.errors for v in judged)
+        if errors / inferences > gates.max_error_rate:
+            return _fail(
+                verdict,
+                f"error rate {errors / inferences:.3f} ({errors}/{inferences} inferences on "
+                f"{len(judged)} devices) exceeds {gates.max_error_rate:g}",
+            )
+    ratios = [v.new.p95_ms / v.baseline.p95_ms for v in judged if v.baseline.p95_ms > 0 and v.new.p95_ms > 0]
+    if gates.max_latency_ratio is not None and ratios:
+        ratio = statistics.median(ratios)
+        if ratio > gates.max_latency_ratio:
+            return _fail(
+                verdict,
+                f"p95 latency {ratio:.2f}x the previous version on the same devices "
+                f"(median of {len(ratios)} devices) exceeds {gates.max_latency_ratio:g}x",
+            )
+    return verdict
+
+
+def _fail(verdict: WaveVerdict, reason: str) -> WaveVerdict:
+    return WaveVerdict(
+        reason, verdict.settled, verdict.deadline, verdict.failed, verdict.reporting, verdict.size
+    )
+
+
+def plan(run: Run, fleet: Mapping[str, DeviceView], now: float) -> list[Step]:
+    if run.state is State.ROLLING_BACK:
+        return _rollback_steps(run, fleet, now)
+    if run.state is State.PAUSED:
+        return [Wait(math.inf, f"paused: {run.reason}")]
+    if run.state is State.AWAITING_APPROVAL:
+        return [Wait(math.inf, f"wave {run.wave + 2} awaits approval")]
+    if run.state is not State.RUNNING:
+        return []
+    if run.wave < 0:
+        return [StartWave(0, "rollout started")]
+    last = len(run.plan.waves) - 1
+    label = f"wave {run.wave + 1} of {last + 1}"
+    members = [m for m in run.members if m.wave == run.wave]
+    verdict = judge(run, members, fleet, now)
+    if verdict.failure is not None:
+        reason = f"{label}: {verdict.failure}"
+        if run.plan.failure_action is FailureAction.ROLLBACK:
+            return [RollBack(reason)]
+        return [Pause(reason)]
+    sets = _set_steps(run, members, fleet, now, label)
+    if sets:
+        return sets
+    if not verdict.settled:
+        return [Wait(verdict.deadline, f"{label}: devices updating")]
+    if run.soak_started_at is None:
+        return [StartSoak(run.wave, f"{label}: {verdict.reporting} of {verdict.size} devices reported")]
+    soak_end = run.soak_started_at + run.plan.waves[run.wave].soak_s
+    if now < soak_end and not run.promoted:
+        return [Wait(soak_end, f"{label}: soaking")]
+    gates = run.plan.gates
+    if not run.promoted and verdict.size and verdict.reporting / verdict.size < gates.min_reporting_fraction:
+        reason = (
+            f"{label}: only {verdict.reporting} of {verdict.size} devices reported "
+            f"(need {gates.min_reporting_fraction:g})"
+        )
+        return [RollBack(reason) if run.plan.failure_action is FailureAction.ROLLBACK else Pause(reason)]
+    if run.wave == last:
+        failed = sum(fleet[m.device_id].status == "failed" for m in run.members)
+        if failed:
+            return [Complete(State.FAILED, f"{label} done; {failed} of {len(run.members)} devices failed")]
+        return [Complete(State.SUCCEEDED, f"{label} done; all {len(run.members)} devices updated")]
+    if run.plan.manual_approval and run.approved_wave <= run.wave and not run.promoted:
+        return [AwaitApproval(run.wave, f"{label} passed its gates; wave {run.wave + 2} awaits approval")]
+    why = "promoted by the operator" if run.promoted else "passed its gates"
+    return [StartWave(run.wave + 1, f"{label} {why}")]
+
+
+def _set_steps(
+    run: Run, members: Sequence[Member], fleet: Mapping[str, DeviceView], now: float, label: str
+) -> list[Step]:
+    todo = [m for m in members if m.set_at is None and not carries(fleet[m.device_id].desired, m.wanted)]
+    if run.plan.max_concurrent:
+        busy = sum(
+            1
+            for m in members
+            if m.set_at is not None
+            and fleet[m.device_id].status not in _DONE
+            and (run.plan.device_timeout_s is None or now < m.set_at + run.plan.device_timeout_s)
+        )
+        todo = todo[: max(0, run.plan.max_concurrent - busy)]
+    return [
+        SetDesired(
+            m.device_id,
+            desired_with(fleet[m.device_id], run.tenant, m.wanted, now),
+            revert=False,
+            reason=f"{label}: send {m.wanted.model_name} {m.wanted.model_version}",
+        )
+        for m in todo
+    ]
+
+
+def _rollback_steps(run: Run, fleet: Mapping[str, DeviceView], now: float) -> list[Step]:
+    steps: list[Step] = []
+    for m in run.members:
+        view = fleet[m.device_id]
+        if not carries(view.desired, m.wanted):
+            continue
+        back = f"{m.previous.model_name} {m.previous.model_version}" if m.previous else "no model"
+        steps.append(
+            SetDesired(
+                m.device_id,
+                desired_with(view, run.tenant, m.previous, now),
+                revert=True,
+                reason=f"back to {back}",
+            )
+        )
+    if steps:
+        return steps
+    touched = sum(m.set_at is not None for m in run.members)
+    return [
+        Complete(State.ROLLED_BACK, f"desired state restored on the {touched} devices this rollout touched")
+    ]

@@ -1,0 +1,274 @@
+"""The I/O around the rollout engine: load a run, snapshot the fleet, execute steps.
+
+Each executor runs inside the store transaction that also appends the step and
+its reason to ``rollout_events``: the transition is on disk before anything
+leaves the controller. Desired states are published only after that commit; a
+controller killed in between republishes every stored desired state when its
+MQTT session comes up, so nothing is lost and nothing is sent twice by the
+engine (the next plan sees the stored desired state and skips the device).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edgefleet_proto import fleet_pb2
+from edgefleet_proto.codec import PayloadError, decode_as, encode
+
+from controller.fleet import Reported
+from controller.rollout_engine import (
+    AwaitApproval,
+    Complete,
+    DeviceRolloutStatus,
+    DeviceView,
+    Member,
+    Pause,
+    RollBack,
+    Run,
+    SetDesired,
+    StartSoak,
+    StartWave,
+    State,
+    Step,
+    VersionStats,
+)
+from controller.rollout_plans import Plan
+from controller.store import Store
+
+log = logging.getLogger(__name__)
+
+# How far back telemetry of the previous version counts as a device's baseline.
+BASELINE_LOOKBACK_S = 900.0
+BASELINE_WINDOWS = 100
+
+_PHASES: dict[str, DeviceRolloutStatus] = {
+    "downloading": "downloading",
+    "verifying": "verifying",
+    "loading": "loading",
+    "probation": "probation",
+    "active": "active",
+    "failed": "failed",
+}
+
+
+def decode_desired(blob: bytes | None) -> fleet_pb2.DesiredState | None:
+    if blob is None:
+        return None
+    try:
+        return decode_as(fleet_pb2.DesiredState, bytes(blob))
+    except PayloadError:
+        log.error("stored desired state is unreadable; replacing it")
+        return None
+
+
+def _assignment(blob: bytes | None) -> fleet_pb2.ModelAssignment | None:
+    return decode_as(fleet_pb2.ModelAssignment, bytes(blob)) if blob is not None else None
+
+
+def load_run(store: Store, rollout_id: str) -> Run | None:
+    row = store.query_one(
+        "SELECT r.tenant, u.* FROM rollout_runs u JOIN rollouts r ON r.id = u.rollout_id WHERE u.rollout_id = ?",
+        (rollout_id,),
+    )
+    if row is None:
+        return None
+    members = store.query(
+        "SELECT * FROM rollout_members WHERE rollout_id = ? ORDER BY wave, device_id", (rollout_id,)
+    )
+    return Run(
+        id=rollout_id,
+        tenant=row["tenant"],
+        plan=Plan.from_json(json.loads(row["plan"])),
+        state=State(row["state"]),
+        members=tuple(
+            Member(
+                device_id=m["device_id"],
+                wave=m["wave"],
+                wanted=decode_as(fleet_pb2.ModelAssignment, bytes(m["wanted"])),
+                previous=_assignment(m["previous"]),
+                set_at=m["set_at"],
+            )
+            for m in members
+        ),
+        wave=row["wave"],
+        soak_started_at=row["soak_started_at"],
+        promoted=bool(row["promoted"]),
+        approved_wave=row["approved_wave"],
+        reason=row["reason"],
+    )
+
+
+def device_status(tenant: str, digest: str, reported: Reported | None) -> tuple[DeviceRolloutStatus, str]:
+    """Where one device is with (tenant, digest), from its last reported state."""
+    if reported is None:
+        return "pending", "the device has not reported yet"
+    for model in reported.models:
+        if model.tenant == tenant and model.artifact_digest == digest:
+            status = _PHASES.get(model.phase)
+            if status is None:
+                return "pending", f"reported phase {model.phase}"
+            if status == "failed":
+                return status, model.error or "the device reported a failure without a reason"
+            if status == "downloading" and model.bytes_total:
+                return status, f"{model.bytes_have}/{model.bytes_total} bytes"
+            return status, ""
+    return "pending", "the device has not picked up this version yet"
+
+
+def active_digest(tenant: str, reported: Reported | None) -> str | None:
+    for model in reported.models if reported is not None else []:
+        if model.tenant == tenant and model.phase == "active":
+            return model.artifact_digest
+    return None
+
+
+def _stats(rows: list[dict[str, Any]], tenant: str, a: fleet_pb2.ModelAssignment | None) -> VersionStats:
+    if a is None:
+        return VersionStats()
+    inferences = errors = 0
+    weighted = 0.0
+    served = 0
+    for row in rows:
+        for m in json.loads(row["models"]):
+            if (m["tenant"] or "default", m["model_name"], m["model_version"]) != (
+                tenant,
+                a.model_name,
+                a.model_version,
+            ):
+                continue
+            inferences += m["inference_count"]
+            errors += m["error_count"]
+            ok = m["inference_count"] - m["error_count"]
+            if ok > 0 and m["latency_p95_ms"] > 0:
+                weighted += m["latency_p95_ms"] * ok
+                served += ok
+    return VersionStats(inferences, errors, weighted / served if served else 0.0)
+
+
+def snapshot(store: Store, run: Run, now: float) -> dict[str, DeviceView]:
+    """Every member as the controller knows it now; telemetry only for the current wave."""
+    rows = store.query(
+        "SELECT d.device_id, d.online, d.desired_generation, d.desired, d.reported FROM rollout_members m"
+        " JOIN devices d ON d.device_id = m.device_id WHERE m.rollout_id = ?",
+        (run.id,),
+    )
+    by_id = {r["device_id"]: r for r in rows}
+    views: dict[str, DeviceView] = {}
+    for m in run.members:
+        r = by_id[m.device_id]
+        reported = Reported.from_json(r["reported"]) if r["reported"] else None
+        status, detail = device_status(run.tenant, m.wanted.artifact_digest, reported)
+        new = baseline = VersionStats()
+        if m.wave == run.wave and run.state is State.RUNNING:
+            since = m.set_at if m.set_at is not None else now
+            after = store.query(
+                "SELECT models FROM telemetry WHERE device_id = ? AND received_at >= ?", (m.device_id, since)
+            )
+            before = store.query(
+                "SELECT models FROM telemetry WHERE device_id = ? AND received_at < ? AND received_at >= ?"
+                " ORDER BY received_at DESC LIMIT ?",
+                (m.device_id, since, since - BASELINE_LOOKBACK_S, BASELINE_WINDOWS),
+            )
+            new = _stats(after, run.tenant, m.wanted)
+            baseline = _stats(before, run.tenant, m.previous)
+        views[m.device_id] = DeviceView(
+            device_id=m.device_id,
+            online=bool(r["online"]),
+            desired_generation=r["desired_generation"],
+            desired=decode_desired(r["desired"]),
+            status=status,
+            detail=detail,
+            new=new,
+            baseline=baseline,
+        )
+    return views
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    device_id: str
+    payload: bytes
+
+
+def record(
+    store: Store, run_id: str, kind: str, wave: int, state: str, reason: str, device_id: str = ""
+) -> None:
+    store.execute(
+        "INSERT INTO rollout_events (rollout_id, at, kind, wave, device_id, state, reason)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (run_id, time.time(), kind, wave, device_id, state, reason),
+    )
+
+
+def _set_state(store: Store, run: Run, state: State, reason: str, **columns: Any) -> None:
+    sets = ", ".join(f"{c} = ?" for c in ("state", "reason", "updated_at", *columns))
+    store.execute(
+        f"UPDATE rollout_runs SET {sets} WHERE rollout_id = ?",
+        (state.value, reason, time.time(), *columns.values(), run.id),
+    )
+
+
+def _set_desired(store: Store, run: Run, step: Step, now: float) -> list[Outgoing]:
+    assert isinstance(step, SetDesired)
+    # Compare-and-set on the generation: a snapshot gone stale changes nothing.
+    changed = store.execute(
+        "UPDATE devices SET desired_generation = ?, desired = ? WHERE device_id = ? AND desired_generation = ?",
+        (step.desired.generation, encode(step.desired), step.device_id, step.desired.generation - 1),
+    )
+    if not changed:
+        return []
+    if not step.revert:
+        store.execute(
+            "UPDATE rollout_members SET set_at = ? WHERE rollout_id = ? AND device_id = ?",
+            (now, run.id, step.device_id),
+        )
+    kind = "revert_desired" if step.revert else "set_desired"
+    record(store, run.id, kind, run.wave, run.state.value, step.reason, step.device_id)
+    return [Outgoing(step.device_id, encode(step.desired))]
+
+
+def _start_wave(store: Store, run: Run, step: Step, now: float) -> list[Outgoing]:
+    assert isinstance(step, StartWave)
+    _set_state(store, run, State.RUNNING, step.reason, wave=step.wave, soak_started_at=None, promoted=0)
+    record(store, run.id, "start_wave", step.wave, State.RUNNING.value, step.reason)
+    return []
+
+
+def _start_soak(store: Store, run: Run, step: Step, now: float) -> list[Outgoing]:
+    assert isinstance(step, StartSoak)
+    _set_state(store, run, run.state, step.reason, soak_started_at=now)
+    record(store, run.id, "start_soak", step.wave, run.state.value, step.reason)
+    return []
+
+
+def _transition(state: State, kind: str) -> Callable[[Store, Run, Step, float], list[Outgoing]]:
+    def execute(store: Store, run: Run, step: Step, now: float) -> list[Outgoing]:
+        assert isinstance(step, Pause | RollBack | AwaitApproval)
+        _set_state(store, run, state, step.reason)
+        record(store, run.id, kind, run.wave, state.value, step.reason)
+        return []
+
+    return execute
+
+
+def _complete(store: Store, run: Run, step: Step, now: float) -> list[Outgoing]:
+    assert isinstance(step, Complete)
+    _set_state(store, run, step.state, step.reason)
+    record(store, run.id, "complete", run.wave, step.state.value, step.reason)
+    return []
+
+
+EXECUTORS: dict[str, Callable[[Store, Run, Step, float], list[Outgoing]]] = {
+    "set_desired": _set_desired,
+    "start_wave": _start_wave,
+    "start_soak": _start_soak,
+    "pause": _transition(State.PAUSED, "pause"),
+    "await_approval": _transition(State.AWAITING_APPROVAL, "await_approval"),
+    "roll_back": _transition(State.ROLLING_BACK, "roll_back"),
+    "complete": _complete,
+}
