@@ -115,14 +115,18 @@ class FairQueue:
         lane = self._lanes.get(tenant)
         return len(lane.items) if lane else 0
 
-    def drain_counters(self, tenant: str) -> tuple[int, float]:
-        """(items dropped, seconds of work done) since the last call."""
+    def dropped(self, tenant: str) -> int:
+        """Items dropped from the tenant's lane since it was configured."""
+        lane = self._lanes.get(tenant)
+        return lane.dropped if lane else 0
+
+    def drain_busy(self, tenant: str) -> float:
+        """Seconds of work the tenant's jobs took since the last call."""
         lane = self._lanes.get(tenant)
         if lane is None:
-            return 0, 0.0
-        out = (lane.dropped, lane.busy_s)
-        lane.dropped, lane.busy_s = 0, 0.0
-        return out
+            return 0.0
+        busy, lane.busy_s = lane.busy_s, 0.0
+        return busy
 
     def busy(self) -> bool:
         return any(lane.items or lane.running for lane in self._lanes.values())
@@ -166,9 +170,9 @@ class Scheduler:
             self._cond.notify()
             return dropped
 
-    def counters(self, tenant: str) -> tuple[int, float]:
+    def drain_busy(self, tenant: str) -> float:
         with self._cond:
-            return self._queue.drain_counters(tenant)
+            return self._queue.drain_busy(tenant)
 
     def depth(self, tenant: str) -> int:
         with self._cond:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +67,167 @@ class InferenceStats:
         return stats
 
 
+def _percentiles(samples: list[float]) -> tuple[float, float, float]:
+    if not samples:
+        return 0.0, 0.0, 0.0
+    p50, p95, p99 = np.percentile(np.asarray(samples), [50, 95, 99])
+    return float(p50), float(p95), float(p99)
+
+
+class _Reservoir:
+    """A bounded uniform sample of a window's latencies."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.seen = 0
+        self.values: list[float] = []
+        self._rng = rng
+
+    def add(self, value: float) -> None:
+        self.seen += 1
+        if len(self.values) < MAX_SAMPLES:
+            self.values.append(value)
+        else:
+            slot = self._rng.randrange(self.seen)
+            if slot < MAX_SAMPLES:
+                self.values[slot] = value
+
+
+@dataclass
+class _TenantWindow:
+    samples: int = 0
+    inferences: int = 0
+    dropped: int = 0
+    errors: int = 0
+    source_failures: int = 0
+    latencies: _Reservoir | None = None
+
+
+@dataclass
+class _ShadowWindow:
+    live_version: str
+    compared: int = 0
+    top1_counted: int = 0
+    top1_agreed: float = 0.0
+    deviation_sum: float = 0.0
+    candidate: _Reservoir | None = None
+    live: _Reservoir | None = None
+
+
+class PipelineStats:
+    """Per-tenant pipeline counters and shadow agreement, drained once per window."""
+
+    def __init__(self, rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lock = threading.Lock()
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._since = clock()
+        self._tenants: dict[str, _TenantWindow] = {}
+        self._shadows: dict[tuple[str, str, str], _ShadowWindow] = {}
+
+    def _tenant(self, tenant: str) -> _TenantWindow:
+        w = self._tenants.get(tenant)
+        if w is None:
+            w = self._tenants[tenant] = _TenantWindow(latencies=_Reservoir(self._rng))
+        return w
+
+    def sample(self, tenant: str) -> None:
+        with self._lock:
+            self._tenant(tenant).samples += 1
+
+    def dropped(self, tenant: str, count: int) -> None:
+        with self._lock:
+            self._tenant(tenant).dropped += count
+
+    def source_failed(self, tenant: str) -> None:
+        with self._lock:
+            self._tenant(tenant).source_failures += 1
+
+    def inference(self, tenant: str, latency_ms: float, ok: bool) -> None:
+        with self._lock:
+            w = self._tenant(tenant)
+            if ok:
+                w.inferences += 1
+                assert w.latencies is not None
+                w.latencies.add(latency_ms)
+            else:
+                w.errors += 1
+
+    def shadow(
+        self,
+        tenant: str,
+        live_version: str,
+        candidate: tuple[str, str],
+        top1: float | None,
+        deviation: float,
+        candidate_ms: float,
+        live_ms: float,
+    ) -> None:
+        with self._lock:
+            key = (tenant, *candidate)
+            w = self._shadows.get(key)
+            if w is None:
+                w = self._shadows[key] = _ShadowWindow(
+                    live_version, candidate=_Reservoir(self._rng), live=_Reservoir(self._rng)
+                )
+            w.live_version = live_version
+            w.compared += 1
+            if top1 is not None:
+                w.top1_counted += 1
+                w.top1_agreed += top1
+            w.deviation_sum += deviation
+            assert w.candidate is not None and w.live is not None
+            w.candidate.add(candidate_ms)
+            w.live.add(live_ms)
+
+    def drain(
+        self, weights: dict[str, float], busy_s: dict[str, float]
+    ) -> tuple[list[fleet_pb2.TenantStats], list[fleet_pb2.ShadowStats]]:
+        with self._lock:
+            tenants, self._tenants = self._tenants, {}
+            shadows, self._shadows = self._shadows, {}
+            now = self._clock()
+            elapsed, self._since = max(now - self._since, 1e-9), now
+        out = []
+        for tenant in sorted(set(tenants) | set(weights)):
+            w = tenants.get(tenant, _TenantWindow())
+            p50, p95, p99 = _percentiles(w.latencies.values if w.latencies else [])
+            out.append(
+                fleet_pb2.TenantStats(
+                    tenant=tenant,
+                    samples=w.samples,
+                    inferences=w.inferences,
+                    dropped=w.dropped,
+                    errors=w.errors,
+                    rate_hz=w.inferences / elapsed,
+                    latency_p50_ms=p50,
+                    latency_p95_ms=p95,
+                    latency_p99_ms=p99,
+                    source_failures=w.source_failures,
+                    weight=weights.get(tenant, 0.0),
+                    busy_s=busy_s.get(tenant, 0.0),
+                )
+            )
+        shadow_stats = []
+        for (tenant, name, version), s in sorted(shadows.items()):
+            c50, c95, _ = _percentiles(s.candidate.values if s.candidate else [])
+            l50, _, _ = _percentiles(s.live.values if s.live else [])
+            shadow_stats.append(
+                fleet_pb2.ShadowStats(
+                    tenant=tenant,
+                    live_model_version=s.live_version,
+                    candidate_model_name=name,
+                    candidate_model_version=version,
+                    compared=s.compared,
+                    top1_agreement=s.top1_agreed / s.top1_counted if s.top1_counted else 0.0,
+                    mean_abs_deviation=s.deviation_sum / s.compared if s.compared else 0.0,
+                    candidate_latency_p50_ms=c50,
+                    candidate_latency_p95_ms=c95,
+                    live_latency_p50_ms=l50,
+                )
+            )
+        return out, shadow_stats
+
+
 def temperature_c() -> float | None:
     read = getattr(psutil, "sensors_temperatures", None)
     if read is None:
@@ -114,6 +277,8 @@ def build_telemetry(
     system: fleet_pb2.SystemStats,
     models: list[fleet_pb2.ModelStats],
     outbox_dropped: int,
+    tenants: list[fleet_pb2.TenantStats] | None = None,
+    shadows: list[fleet_pb2.ShadowStats] | None = None,
 ) -> fleet_pb2.Telemetry:
     return fleet_pb2.Telemetry(
         device_id=device_id,
@@ -123,4 +288,6 @@ def build_telemetry(
         system=system,
         models=models,
         outbox_dropped=outbox_dropped,
+        tenants=tenants or [],
+        shadows=shadows or [],
     )

@@ -1,0 +1,376 @@
+"""In-process tenant pipelines: source -> preprocessing -> fair scheduler -> model -> results.
+
+One reader thread per tenant pulls samples from its source, prepares them and
+hands them to the :class:`~agent.scheduler.Scheduler`, which never blocks (a
+full lane drops its oldest job, counted). The scheduler's workers run the
+tenant's live model, then its shadow candidate if one is loaded (tenant
+``{id}.shadow`` in the pool), and deliver only the live result: to gRPC
+StreamResults subscribers, to ``edgefleet/v1/devices/{id}/results/{tenant}``
+over MQTT, or both. Samples never go through gRPC. A source that fails or ends
+is reported as an Event and reopened with jittered backoff; other tenants are
+untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from edgefleet_proto import inference_pb2
+from edgefleet_proto.codec import encode
+from edgefleet_proto.topics import PREFIX, validate_device_id
+
+from agent.errors import AgentError, InferenceError, SourceError
+from agent.link import backoff_delay
+from agent.pool import ModelPool, ServingModel
+from agent.preprocess import Prepared, Preprocessor
+from agent.scheduler import Scheduler
+from agent.sensors.base import Source, open_source
+from agent.shadow import compare
+from agent.telemetry import PipelineStats
+from agent.tenants import TenantSpec, shadow_of
+from agent.tensors import from_numpy
+
+log = logging.getLogger(__name__)
+
+EmitEvent = Callable[[str, str, str, dict[str, str]], None]
+PublishResult = Callable[[str, bytes], None]
+# Results a slow StreamResults reader may fall behind by before its oldest are dropped.
+SUBSCRIBER_QUEUE = 64
+
+
+def results_topic(device_id: str, tenant: str) -> str:
+    return f"{PREFIX}/{validate_device_id(device_id)}/results/{tenant}"
+
+
+@dataclass(frozen=True)
+class Job:
+    prepared: Prepared
+    epoch: int
+    queued_at: float
+
+
+class ResultHub:
+    """Fan-out of a tenant's results to its StreamResults callers; a slow caller loses its oldest."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscribers: dict[str, list[queue.Queue[inference_pb2.Result | None]]] = {}
+
+    def subscribe(self, tenant: str) -> queue.Queue[inference_pb2.Result | None]:
+        q: queue.Queue[inference_pb2.Result | None] = queue.Queue(SUBSCRIBER_QUEUE)
+        with self._lock:
+            self._subscribers.setdefault(tenant, []).append(q)
+        return q
+
+    def unsubscribe(self, tenant: str, q: queue.Queue[inference_pb2.Result | None]) -> None:
+        with self._lock:
+            subs = self._subscribers.get(tenant, [])
+            if q in subs:
+                subs.remove(q)
+
+    def wanted(self, tenant: str) -> bool:
+        with self._lock:
+            return bool(self._subscribers.get(tenant))
+
+    def publish(self, tenant: str, result: inference_pb2.Result) -> None:
+        with self._lock:
+            subs = list(self._subscribers.get(tenant, []))
+        for q in subs:
+            _put_dropping_oldest(q, result)
+
+    def close(self) -> None:
+        """Wake every caller so the streams end (shutdown)."""
+        with self._lock:
+            subs = [q for qs in self._subscribers.values() for q in qs]
+        for q in subs:
+            _put_dropping_oldest(q, None)
+
+
+def _put_dropping_oldest(
+    q: queue.Queue[inference_pb2.Result | None], item: inference_pb2.Result | None
+) -> None:
+    while True:
+        try:
+            q.put_nowait(item)
+            return
+        except queue.Full:
+            with contextlib.suppress(queue.Empty):
+                q.get_nowait()
+
+
+class _Reader:
+    """The thread that feeds one tenant from its source."""
+
+    def __init__(self, pipelines: Pipelines, spec: TenantSpec) -> None:
+        self.p = pipelines
+        self.spec = spec
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"source-{spec.id}", daemon=True)
+        self.epoch = 0
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self.stop.is_set():
+            try:
+                self._read_until_end()
+                reason = "source ended"
+            except SourceError as exc:
+                reason = str(exc)
+            except AgentError as exc:
+                reason = f"preprocessing failed: {exc}"
+            except Exception as exc:
+                # A driver or decoder bug must not end the tenant: report it, retry.
+                log.exception("source crashed device=%s tenant=%s", self.p.device_id, self.spec.id)
+                reason = f"source crashed: {type(exc).__name__}: {exc}"
+            if self.stop.is_set():
+                return
+            attempt += 1
+            delay = backoff_delay(attempt)
+            self.p.stats.source_failed(self.spec.id)
+            self.p.source_lost(self.spec, reason, attempt, delay)
+            if self._delivered:
+                attempt = 0
+            self.stop.wait(delay)
+
+    _delivered = False
+
+    def _read_until_end(self) -> None:
+        assert self.spec.source is not None
+        source: Source = open_source(self.spec.source)
+        self.epoch += 1
+        self._delivered = False
+        preprocessor = Preprocessor(self.spec.preprocess)
+        period = 1.0 / self.spec.rate_hz if self.spec.rate_hz else 0.0
+        next_at = time.monotonic()
+        try:
+            while not self.stop.is_set():
+                sample = source.read()
+                if sample is None:
+                    return
+                self._delivered = True
+                self.p.stats.sample(self.spec.id)
+                for prepared in preprocessor.feed(sample):
+                    self.p.submit(self.spec.id, Job(prepared, self.epoch, time.perf_counter()))
+                if period:
+                    next_at = max(next_at + period, time.monotonic() - period)
+                    self.stop.wait(max(0.0, next_at - time.monotonic()))
+        finally:
+            source.close()
+
+
+class Pipelines:
+    def __init__(
+        self,
+        device_id: str,
+        pool: ModelPool,
+        workers: int,
+        stats: PipelineStats,
+        emit: EmitEvent,
+        publish: PublishResult,
+        hub: ResultHub,
+    ) -> None:
+        self.device_id = device_id
+        self.pool = pool
+        self.stats = stats
+        self.emit = emit
+        self.publish = publish
+        self.hub = hub
+        self.scheduler = Scheduler(workers, self._run_job)
+        self._lock = threading.Lock()
+        self._specs: dict[str, TenantSpec] = {}
+        self._readers: dict[str, _Reader] = {}
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def specs(self) -> dict[str, TenantSpec]:
+        with self._lock:
+            return dict(self._specs)
+
+    def apply(self, tenants: tuple[TenantSpec, ...]) -> None:
+        """Run exactly these tenants: start new ones, restart changed ones, stop removed ones."""
+        with self._lock:
+            wanted = {t.id: t for t in tenants}
+            for tenant in [t for t in self._specs if wanted.get(t) != self._specs[t]]:
+                reader = self._readers.pop(tenant, None)
+                if reader is not None:
+                    reader.stop.set()
+                if tenant not in wanted:
+                    self.scheduler.remove(tenant)
+                del self._specs[tenant]
+                log.info("tenant pipeline stopped device=%s tenant=%s", self.device_id, tenant)
+            for tenant, spec in sorted(wanted.items()):
+                if tenant in self._specs:
+                    continue
+                self._specs[tenant] = spec
+                self.scheduler.configure(tenant, spec.weight, spec.queue)
+                if spec.source is not None:
+                    reader = self._readers[tenant] = _Reader(self, spec)
+                    reader.thread.start()
+                log.info(
+                    "tenant pipeline started device=%s tenant=%s model=%s source=%s weight=%g queue=%d",
+                    self.device_id,
+                    tenant,
+                    spec.model or "-",
+                    spec.source.kind if spec.source else "-",
+                    spec.weight,
+                    spec.queue,
+                )
+
+    def submit(self, tenant: str, job: Job) -> None:
+        dropped = self.scheduler.submit(tenant, job)
+        if dropped:
+            self.stats.dropped(tenant, dropped)
+
+    def source_lost(self, spec: TenantSpec, reason: str, attempt: int, delay: float) -> None:
+        assert spec.source is not None
+        log.warning(
+            "source lost device=%s tenant=%s kind=%s uri=%s attempt=%d retry_in_s=%.1f error=%s",
+            self.device_id,
+            spec.id,
+            spec.source.kind,
+            spec.source.uri,
+            attempt,
+            delay,
+            reason,
+        )
+        attrs = {
+            "tenant": spec.id,
+            "source": spec.source.kind,
+            "uri": spec.source.uri,
+            "attempt": str(attempt),
+            "retry_in_s": f"{delay:.1f}",
+        }
+        self.emit("source_lost", "warning", reason, attrs)
+
+    # -- the scheduler's runner -------------------------------------------------
+
+    def _run_job(self, tenant: str, job: Job) -> None:
+        spec = self._specs.get(tenant)
+        serving = self.pool.get(tenant)
+        if spec is None or serving is None:
+            self.stats.inference(tenant, 0.0, ok=False)
+            return
+        if spec.model and serving.model_name != spec.model:
+            self.stats.inference(tenant, 0.0, ok=False)
+            log.warning(
+                "model mismatch device=%s tenant=%s want=%s serving=%s",
+                self.device_id,
+                tenant,
+                spec.model,
+                serving.model_name,
+            )
+            return
+        inputs = self._inputs(spec, serving, job.prepared.array)
+        try:
+            start = time.perf_counter()
+            outputs = serving.model.run(inputs)
+            live_ms = (time.perf_counter() - start) * 1000.0
+        except AgentError as exc:
+            self.stats.inference(tenant, 0.0, ok=False)
+            log.warning(
+                "inference failed device=%s tenant=%s model=%s version=%s error=%s",
+                self.device_id,
+                tenant,
+                serving.model_name,
+                serving.model_version,
+                exc,
+            )
+            return
+        latency_ms = (time.perf_counter() - job.queued_at) * 1000.0
+        self.stats.inference(tenant, latency_ms, ok=True)
+        self._deliver(spec, serving, job, outputs, latency_ms)
+        self._shadow(spec, serving, inputs, outputs, live_ms)
+
+    def _inputs(self, spec: TenantSpec, serving: ServingModel, array: np.ndarray) -> dict[str, np.ndarray]:
+        name = spec.preprocess.input or serving.model.inputs[0].name
+        return {name: array}
+
+    def _deliver(
+        self,
+        spec: TenantSpec,
+        serving: ServingModel,
+        job: Job,
+        outputs: dict[str, np.ndarray],
+        latency_ms: float,
+    ) -> None:
+        want_grpc = "grpc" in spec.results and self.hub.wanted(spec.id)
+        if not (want_grpc or "mqtt" in spec.results):
+            return
+        result = inference_pb2.Result(
+            tenant=spec.id,
+            model_name=serving.model_name,
+            model_version=serving.model_version,
+            seq=job.prepared.seq,
+            captured_at_ms=job.prepared.captured_at_ms,
+            latency_ms=latency_ms,
+            source_epoch=job.epoch,
+        )
+        for name, array in outputs.items():
+            result.outputs[name].CopyFrom(from_numpy(array, f"output {name!r}"))
+        if want_grpc:
+            self.hub.publish(spec.id, result)
+        if "mqtt" in spec.results:
+            self.publish(results_topic(self.device_id, spec.id), encode(result))
+
+    def _shadow(
+        self,
+        spec: TenantSpec,
+        live: ServingModel,
+        inputs: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+        live_ms: float,
+    ) -> None:
+        candidate = self.pool.get(shadow_of(spec.id))
+        if candidate is None:
+            return
+        try:
+            start = time.perf_counter()
+            shadow_out = candidate.model.run(inputs)
+            candidate_ms = (time.perf_counter() - start) * 1000.0
+            comparison = compare(outputs, shadow_out)
+        except (InferenceError, ValueError) as exc:
+            self.stats.inference(shadow_of(spec.id), 0.0, ok=False)
+            log.warning(
+                "shadow failed device=%s tenant=%s model=%s version=%s error=%s",
+                self.device_id,
+                spec.id,
+                candidate.model_name,
+                candidate.model_version,
+                exc,
+            )
+            return
+        self.stats.shadow(
+            spec.id,
+            live.model_version,
+            (candidate.model_name, candidate.model_version),
+            comparison.top1,
+            comparison.mean_abs_deviation,
+            candidate_ms,
+            live_ms,
+        )
+
+    def telemetry_inputs(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(weights, busy seconds) per tenant for the telemetry window."""
+        weights, busy = {}, {}
+        for tenant, spec in self.specs().items():
+            weights[tenant], busy[tenant] = spec.weight, self.scheduler.drain_busy(tenant)
+        return weights, busy
+
+    def stop(self, timeout: float) -> bool:
+        """Stop the sources, let in-flight and queued work finish for up to ``timeout`` s."""
+        with self._lock:
+            readers = list(self._readers.values())
+            self._readers.clear()
+        for reader in readers:
+            reader.stop.set()
+        finished = self.scheduler.stop(timeout)
+        self.hub.close()
+        return finished

@@ -1,0 +1,39 @@
+"""How far a shadow candidate's outputs are from the live model's. Pure code.
+
+For classifiers (an integer label output, or scores whose last axis holds the
+classes) the figure that matters is top-1 agreement; for everything else the
+mean absolute deviation of the outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Comparison:
+    # Fraction of the batch whose top-1 class matched; None when the outputs are not classes.
+    top1: float | None
+    mean_abs_deviation: float
+
+
+def compare(live: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> Comparison:
+    names = [n for n in live if n in candidate and live[n].shape == candidate[n].shape]
+    if not names:
+        raise ValueError(
+            f"the candidate's outputs {sorted(candidate)} do not match the live model's {sorted(live)}"
+        )
+    top1: float | None = None
+    deviations = []
+    for name in names:
+        a, b = live[name], candidate[name]
+        if top1 is None and np.issubdtype(a.dtype, np.integer) and a.ndim <= 2:
+            top1 = float(np.mean(a == b))
+        elif top1 is None and np.issubdtype(a.dtype, np.floating) and a.ndim >= 2 and a.shape[-1] >= 2:
+            top1 = float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
+        if np.issubdtype(a.dtype, np.number) and a.size:
+            deviations.append(float(np.mean(np.abs(a.astype(np.float64) - b.astype(np.float64)))))
+    return Comparison(top1, float(np.mean(deviations)) if deviations else 0.0)
