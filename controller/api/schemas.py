@@ -93,31 +93,6 @@ class DevicePublic(_Public):
     created_at: float
 
 
-class RolloutCreate(_Create):
-    model: str
-    version: str
-    devices: list[str]
-    tenant: str = "default"
-
-
-class RolloutDevicePublic(_Public):
-    device_id: str
-    status: Literal["pending", "downloading", "verifying", "loading", "active", "failed"]
-    detail: str
-    updated_at: float
-
-
-class RolloutPublic(_Public):
-    id: str
-    model: str
-    version: str
-    tenant: str
-    digest: str
-    status: Literal["in_progress", "succeeded", "failed"]
-    created_at: float
-    devices: list[RolloutDevicePublic]
-
-
 class SystemStatsPublic(_Public):
     cpu_percent: float
     mem_total_bytes: int

@@ -1,0 +1,130 @@
+"""Request and response bodies of /v1/rollouts: plans with waves and gates, progress, the event log."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from controller.rollout_plans import FailureAction, Gates, Plan, Target, Wave
+
+
+class _Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class _Create(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WaveIn(_Create):
+    count: int | None = Field(None, description="devices in this wave (or give percent)")
+    percent: float | None = Field(None, description="percent of the target in this wave (or give count)")
+    soak_s: float = Field(0.0, description="seconds the wave's gates are watched after its devices updated")
+
+
+class GatesIn(_Create):
+    max_failure_fraction: float = 0.0
+    max_error_rate: float | None = None
+    max_latency_ratio: float | None = None
+    min_reporting_fraction: float = 0.0
+    min_inferences: int = 20
+
+
+class TargetIn(_Create):
+    devices: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list, description="devices carrying every one of these tags")
+    profile: str | None = None
+    all: bool = False
+
+
+class RolloutCreate(_Create):
+    model: str
+    version: str
+    tenant: str = "default"
+    # The foundation's shorthand for target.devices.
+    devices: list[str] = Field(default_factory=list)
+    target: TargetIn | None = None
+    waves: list[WaveIn] | None = Field(None, description="default: one wave of 100 %, no soak")
+    gates: GatesIn | None = Field(
+        None, description="default: none when no waves are given, else the strict defaults of GatesIn"
+    )
+    failure_action: Literal["pause", "rollback"] = "pause"
+    manual_approval: bool = False
+    device_timeout_s: float | None = None
+    max_concurrent: int = 0
+    probation_s: float = 0.0
+    probation_max_error_rate: float = 0.0
+
+    def to_plan(self) -> Plan:
+        t = self.target or TargetIn()
+        target = Target(
+            devices=tuple(dict.fromkeys([*t.devices, *self.devices])),
+            tags=tuple(t.tags),
+            profile=t.profile,
+            all_devices=t.all,
+        )
+        plain = Plan(target)
+        waves = tuple(Wave(w.count, w.percent, w.soak_s) for w in self.waves) if self.waves else plain.waves
+        if self.gates is not None:
+            gates = Gates(**self.gates.model_dump())
+        else:
+            gates = Gates() if self.waves else plain.gates
+        return Plan(
+            target=target,
+            waves=waves,
+            gates=gates,
+            failure_action=FailureAction(self.failure_action),
+            manual_approval=self.manual_approval,
+            device_timeout_s=self.device_timeout_s,
+            max_concurrent=self.max_concurrent,
+            probation_s=self.probation_s,
+            probation_max_error_rate=self.probation_max_error_rate,
+        )
+
+
+class RolloutCommandIn(_Create):
+    reason: str = ""
+
+
+class RolloutDevicePublic(_Public):
+    device_id: str
+    status: Literal[
+        "waiting",
+        "pending",
+        "downloading",
+        "verifying",
+        "loading",
+        "probation",
+        "active",
+        "failed",
+        "rolled_back",
+    ]
+    detail: str
+    updated_at: float
+    wave: int
+
+
+class RolloutPublic(_Public):
+    id: str
+    model: str
+    version: str
+    tenant: str
+    digest: str
+    status: Literal["in_progress", "succeeded", "failed"]
+    state: str
+    wave: int
+    waves: int
+    reason: str
+    created_at: float
+    plan: dict[str, Any]
+    devices: list[RolloutDevicePublic]
+
+
+class RolloutEventPublic(_Public):
+    at: float
+    kind: str
+    wave: int
+    device_id: str
+    state: str
+    reason: str
