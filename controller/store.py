@@ -191,6 +191,94 @@ CREATE TABLE IF NOT EXISTS rollout_targets (
     skipped TEXT NOT NULL,
     PRIMARY KEY (rollout_id, device_id)
 );
+-- Monitoring (issue 6): telemetry rolled up per device, model version and time bucket.
+-- Latency is the inference-weighted mean of the windows' p50/p95 (kept as sums) and the max p99.
+CREATE TABLE IF NOT EXISTS telemetry_rollups (
+    device_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    bucket_start_ms INTEGER NOT NULL,
+    windows INTEGER NOT NULL,
+    inference_count INTEGER NOT NULL,
+    error_count INTEGER NOT NULL,
+    latency_p50_sum REAL NOT NULL,
+    latency_p95_sum REAL NOT NULL,
+    latency_p99_max REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (model_name, model_version, bucket_start_ms, device_id, tenant)
+);
+CREATE INDEX IF NOT EXISTS telemetry_rollups_age ON telemetry_rollups (bucket_start_ms);
+CREATE INDEX IF NOT EXISTS telemetry_received ON telemetry (received_at);
+CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
+-- Drift: each window's sketch, and each model version's baseline (spec = bin edges).
+CREATE TABLE IF NOT EXISTS drift_sketches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    window_start_ms INTEGER NOT NULL,
+    window_end_ms INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    samples INTEGER NOT NULL,
+    sketch TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS drift_sketches_version ON drift_sketches (model_name, model_version, window_end_ms);
+CREATE TABLE IF NOT EXISTS drift_baselines (
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    source TEXT NOT NULL,
+    windows_needed INTEGER NOT NULL,
+    spec TEXT NOT NULL,
+    sketch TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (model_name, model_version)
+);
+-- Captured data sets (content-addressed files under DIR/datasets/) and their labels.
+CREATE TABLE IF NOT EXISTS datasets (
+    digest TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    policy_id TEXT NOT NULL,
+    start_ms INTEGER NOT NULL,
+    end_ms INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    reasons TEXT NOT NULL,
+    labels TEXT,
+    labels_digest TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS datasets_model ON datasets (model_name, model_version, created_at);
+-- Retraining: policies are versioned (a change adds a version); each run names the version that fired.
+CREATE TABLE IF NOT EXISTS retraining_policies (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    model_name TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS retraining_runs (
+    id TEXT PRIMARY KEY,
+    policy_name TEXT NOT NULL,
+    policy_version INTEGER NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    fired TEXT NOT NULL,
+    datasets TEXT NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    result_version TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS retraining_runs_policy ON retraining_runs (policy_name, created_at);
 """
 
 
