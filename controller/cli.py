@@ -192,14 +192,80 @@ def cmd_devices_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_wave(spec: str) -> dict[str, Any]:
+    """``10%`` or ``10%:30`` (percent, soak seconds) or ``5`` / ``5:30`` (device count, soak seconds)."""
+    size, _, soak = spec.partition(":")
+    try:
+        wave: dict[str, Any] = {"soak_s": float(soak) if soak else 0.0}
+        if size.endswith("%"):
+            wave["percent"] = float(size[:-1])
+        else:
+            wave["count"] = int(size)
+    except ValueError:
+        raise CommandError(
+            f"--wave {spec!r}: use COUNT[:SOAK_S] or PERCENT%[:SOAK_S], e.g. 10%:300"
+        ) from None
+    return wave
+
+
+def rollout_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": args.model,
+        "version": args.version,
+        "tenant": args.tenant,
+        "target": {
+            "devices": args.device or [],
+            "tags": args.tag or [],
+            "profile": args.profile,
+            "all": args.all,
+        },
+        "failure_action": args.on_failure,
+        "manual_approval": args.manual_approval,
+        "device_timeout_s": args.device_timeout,
+        "max_concurrent": args.max_concurrent,
+        "probation_s": args.probation,
+        "probation_max_error_rate": args.probation_max_error_rate,
+    }
+    if args.wave:
+        body["waves"] = [parse_wave(w) for w in args.wave]
+    gates = {
+        key: value
+        for key, value in (
+            ("max_failure_fraction", args.max_failure_fraction),
+            ("max_error_rate", args.max_error_rate),
+            ("max_latency_ratio", args.max_latency_ratio),
+            ("min_reporting_fraction", args.min_reporting),
+            ("min_inferences", args.min_inferences),
+        )
+        if value is not None
+    }
+    if gates:
+        body["gates"] = gates
+    return body
+
+
 def cmd_rollouts_create(args: argparse.Namespace) -> int:
-    body = {"model": args.model, "version": args.version, "devices": args.device, "tenant": args.tenant}
-    _print(_call(args, "POST", "/v1/rollouts", json=body))
+    _print(_call(args, "POST", "/v1/rollouts", json=rollout_body(args)))
     return 0
 
 
 def cmd_rollouts_show(args: argparse.Namespace) -> int:
     _print(_call(args, "GET", f"/v1/rollouts/{args.id}"))
+    return 0
+
+
+def cmd_rollouts_list(args: argparse.Namespace) -> int:
+    _print(_call(args, "GET", "/v1/rollouts"))
+    return 0
+
+
+def cmd_rollouts_events(args: argparse.Namespace) -> int:
+    _print(_call(args, "GET", f"/v1/rollouts/{args.id}/events"))
+    return 0
+
+
+def cmd_rollouts_command(args: argparse.Namespace) -> int:
+    _print(_call(args, "POST", f"/v1/rollouts/{args.id}/{args.action}", json={"reason": args.reason or ""}))
     return 0
 
 
@@ -270,15 +336,43 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_parser("list", parents=[remote]).set_defaults(func=cmd_devices_list)
 
     rollouts = commands.add_parser("rollouts", help="rollouts").add_subparsers(dest="action", required=True)
-    create = rollouts.add_parser("create", parents=[remote], help="send a model version to devices")
+    create = rollouts.add_parser("create", parents=[remote], help="send a model version to a target in waves")
     create.add_argument("--model", required=True)
     create.add_argument("--version", required=True)
-    create.add_argument("--device", action="append", required=True)
     create.add_argument("--tenant", default="default")
+    target = create.add_argument_group("target (devices matching every criterion given)")
+    target.add_argument("--device", action="append", metavar="ID")
+    target.add_argument("--tag", action="extend", nargs="+", metavar="T")
+    target.add_argument("--profile", default=None)
+    target.add_argument("--all", action="store_true", help="every registered device")
+    staged = create.add_argument_group("waves and gates")
+    staged.add_argument(
+        "--wave", action="append", metavar="SIZE[:SOAK_S]", help="e.g. 10%%:300 or 5:60; repeat per wave"
+    )
+    staged.add_argument("--max-failure-fraction", type=float, default=None)
+    staged.add_argument("--max-error-rate", type=float, default=None)
+    staged.add_argument("--max-latency-ratio", type=float, default=None)
+    staged.add_argument("--min-reporting", type=float, default=None, metavar="FRACTION")
+    staged.add_argument("--min-inferences", type=int, default=None)
+    staged.add_argument("--on-failure", choices=("pause", "rollback"), default="pause")
+    staged.add_argument("--manual-approval", action="store_true", help="wait for `approve` between waves")
+    staged.add_argument("--device-timeout", type=float, default=None, metavar="S")
+    staged.add_argument("--max-concurrent", type=int, default=0, metavar="N")
+    staged.add_argument("--probation", type=float, default=0.0, metavar="S", help="agent probation seconds")
+    staged.add_argument("--probation-max-error-rate", type=float, default=0.0, metavar="RATE")
     create.set_defaults(func=cmd_rollouts_create)
+    rollouts.add_parser("list", parents=[remote]).set_defaults(func=cmd_rollouts_list)
     show = rollouts.add_parser("show", parents=[remote])
     show.add_argument("id")
     show.set_defaults(func=cmd_rollouts_show)
+    events = rollouts.add_parser("events", parents=[remote], help="the rollout's transitions and reasons")
+    events.add_argument("id")
+    events.set_defaults(func=cmd_rollouts_events)
+    for action in ("pause", "resume", "approve", "abort", "rollback", "promote"):
+        sub = rollouts.add_parser(action, parents=[remote], help=f"{action} a rollout")
+        sub.add_argument("id")
+        sub.add_argument("--reason", default="")
+        sub.set_defaults(func=cmd_rollouts_command)
 
     for name, func in (("telemetry", cmd_telemetry), ("events", cmd_events)):
         sub = commands.add_parser(name, parents=[remote], help=f"a device's {name}, newest first")
