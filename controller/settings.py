@@ -39,6 +39,16 @@ class Settings:
     broker_reload_command: str = ""
     chunk_size: int = DEFAULT_CHUNK_SIZE
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    # Monitoring and the closed loop (issue 6): raw telemetry, events and drift
+    # sketches are pruned after telemetry_retention_days, roll-ups after
+    # rollup_retention_days; roll-ups and fleet-wide drift use windows of
+    # rollup_window_s; maintenance (pruning, retraining policies) runs every
+    # maintenance_interval_s; /metrics also accepts a scrape token with this hash.
+    telemetry_retention_days: float = 7.0
+    rollup_retention_days: float = 90.0
+    rollup_window_s: int = 60
+    maintenance_interval_s: float = 10.0
+    metrics_token_sha256: str = ""
 
     def __post_init__(self) -> None:
         if self.mqtt_protocol not in PROTOCOLS:
@@ -49,6 +59,10 @@ class Settings:
             raise ConfigError(f"chunk_size must be between 1024 and {MAX_CHUNK_SIZE}, not {self.chunk_size}")
         if self.max_upload_bytes < 1:
             raise ConfigError("max_upload_bytes must be positive")
+        if min(self.telemetry_retention_days, self.rollup_retention_days, self.maintenance_interval_s) <= 0:
+            raise ConfigError("retention days and maintenance_interval_s must be positive")
+        if self.rollup_window_s < 1:
+            raise ConfigError("rollup_window_s must be at least 1")
 
     @property
     def settings_path(self) -> Path:
@@ -79,7 +93,7 @@ def is_initialised(data_dir: Path) -> bool:
 
 
 def save(settings: Settings) -> None:
-    doc: dict[str, str | int] = {}
+    doc: dict[str, str | int | float] = {}
     for key, value in asdict(settings).items():
         if key == "data_dir" or value is None:
             continue
