@@ -1,18 +1,26 @@
-"""The local inference API: gRPC InferenceService on a Unix socket.
+"""The local inference API: gRPC InferenceService and TenantResults on a Unix socket.
 
-Handlers are thin: decode tensors (:mod:`agent.tensors`), find the tenant's
-model in the pool, run it, record latency and errors for telemetry. Every
-failure becomes a gRPC status with a message; nothing a caller sends can crash
-the agent.
+Handlers are thin: check the caller's tenant token (:class:`TenantAuth`), decode
+tensors (:mod:`agent.tensors`), find the tenant's model in the pool, run it,
+record latency and errors for telemetry. Every failure becomes a gRPC status
+with a message; nothing a caller sends can crash the agent.
+
+Who may call: the socket's mode (``[api] socket_mode``, 0660 by default) keeps
+out users outside the agent's group; within it, the token in the
+``x-edgefleet-token`` metadata names the tenant, and a tenant can only use its
+own model and results. A tenant declared without a token (the foundation's
+``default``) is open to anyone who can reach the socket unless
+``[api] require_token`` is set. Shadow candidates are never served.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
@@ -21,15 +29,71 @@ import grpc
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
 from agent.errors import InferenceError, InvalidInput, TensorCodecError
-from agent.pool import ModelPool
+from agent.pipeline import ResultHub
+from agent.pool import ModelPool, ServingModel
 from agent.runtime import TensorSpec
 from agent.telemetry import InferenceStats
+from agent.tenants import DEFAULT_TENANT, TenantSpec, is_shadow
 from agent.tensors import from_numpy, to_numpy
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-DEFAULT_TENANT = "default"
+TOKEN_METADATA = "x-edgefleet-token"
+# How often a StreamResults call checks that its caller is still there.
+STREAM_POLL_S = 0.5
+
+
+class TenantAuth:
+    """Which tenant a call may act for, from its token and the tenants declared now."""
+
+    def __init__(self, specs: Callable[[], dict[str, TenantSpec]], require_token: bool = False) -> None:
+        self.specs = specs
+        self.require_token = require_token
+
+    def caller(self, context: Any) -> str | None:
+        """The tenant whose token the call carries; None without a token; aborts on a bad one."""
+        token = next((v for k, v in context.invocation_metadata() or () if k == TOKEN_METADATA), None)
+        if token is None:
+            return None
+        for spec in self.specs().values():
+            if spec.accepts(str(token)):
+                return spec.id
+        _abort(context, grpc.StatusCode.UNAUTHENTICATED, "the token matches no tenant on this device")
+
+    def check(self, context: Any, tenant: str) -> None:
+        """Abort unless the caller may use ``tenant``'s model and results."""
+        if is_shadow(tenant):
+            _abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{tenant!r} is a shadow candidate; it is not served",
+            )
+        caller = self.caller(context)
+        if caller is not None and caller != tenant:
+            log.warning("call refused caller=%s tenant=%s reason=foreign-tenant", caller, tenant)
+            _abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the token of tenant {caller!r} cannot use tenant {tenant!r}",
+            )
+        if caller is None:
+            spec = self.specs().get(tenant)
+            if self.require_token or (spec is not None and spec.token_sha256):
+                _abort(
+                    context,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"tenant {tenant!r} needs its token in the {TOKEN_METADATA!r} metadata",
+                )
+
+    def visible(self, context: Any, tenant: str) -> bool:
+        if is_shadow(tenant):
+            return False
+        caller = self.caller(context)
+        if caller is not None:
+            return caller == tenant
+        spec = self.specs().get(tenant)
+        return not self.require_token and not (spec is not None and spec.token_sha256)
 
 
 def _specs(specs: list[TensorSpec]) -> list[inference_pb2.TensorSpec]:
@@ -37,13 +101,21 @@ def _specs(specs: list[TensorSpec]) -> list[inference_pb2.TensorSpec]:
 
 
 class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, pool: ModelPool, stats: InferenceStats, broker_connected: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        pool: ModelPool,
+        stats: InferenceStats,
+        broker_connected: Callable[[], bool],
+        auth: TenantAuth | None = None,
+    ) -> None:
         self.pool = pool
         self.stats = stats
         self.broker_connected = broker_connected
+        self.auth = auth or TenantAuth(dict)
 
     def Infer(self, request: inference_pb2.InferRequest, context: Any) -> inference_pb2.InferResponse:
         tenant = request.tenant or DEFAULT_TENANT
+        self.auth.check(context, tenant)
         serving = self.pool.get(tenant)
         if serving is None:
             if self.pool.is_expected(tenant):
@@ -101,12 +173,15 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
                     inputs=_specs(s.model.inputs),
                     outputs=_specs(s.model.outputs),
                 )
-                for s in self.pool.all()
+                for s in self._visible(context)
             ]
         )
 
+    def _visible(self, context: Any) -> list[ServingModel]:
+        return [s for s in self.pool.all() if self.auth.visible(context, s.tenant)]
+
     def Health(self, request: inference_pb2.HealthRequest, context: Any) -> inference_pb2.HealthResponse:
-        loaded = len(self.pool.all())
+        loaded = len([s for s in self.pool.all() if not is_shadow(s.tenant)])
         return inference_pb2.HealthResponse(
             status="serving" if loaded else "starting",
             broker_connected=self.broker_connected(),
@@ -114,12 +189,60 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
         )
 
 
+class ResultsApi(inference_pb2_grpc.TenantResultsServicer):
+    """StreamResults: a tenant's pipeline results as they are produced."""
+
+    def __init__(self, hub: ResultHub, specs: Callable[[], dict[str, TenantSpec]], auth: TenantAuth) -> None:
+        self.hub = hub
+        self.specs = specs
+        self.auth = auth
+
+    def StreamResults(
+        self, request: inference_pb2.StreamResultsRequest, context: Any
+    ) -> Iterator[inference_pb2.Result]:
+        tenant = request.tenant or DEFAULT_TENANT
+        self.auth.check(context, tenant)
+        spec = self.specs().get(tenant)
+        if spec is None or spec.source is None:
+            _abort(context, grpc.StatusCode.NOT_FOUND, f"tenant {tenant!r} has no pipeline on this device")
+        if "grpc" not in spec.results:
+            _abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"tenant {tenant!r} sends its results to {', '.join(sorted(spec.results))}, not gRPC",
+            )
+        wanted = set(request.output_names)
+        q = self.hub.subscribe(tenant)
+        log.info("results stream opened tenant=%s", tenant)
+        try:
+            while context.is_active():
+                try:
+                    result = q.get(timeout=STREAM_POLL_S)
+                except queue.Empty:
+                    continue
+                if result is None:
+                    return
+                if wanted:
+                    for name in [n for n in result.outputs if n not in wanted]:
+                        del result.outputs[name]
+                yield result
+        finally:
+            self.hub.unsubscribe(tenant, q)
+            log.info("results stream closed tenant=%s", tenant)
+
+
 def _abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
     context.abort(code, message)
     raise AssertionError("context.abort returned")
 
 
-def serve(socket_path: Path, api: InferenceApi, workers: int = 8) -> grpc.Server:
+def serve(
+    socket_path: Path,
+    api: InferenceApi,
+    workers: int = 8,
+    results: ResultsApi | None = None,
+    socket_mode: int = 0o660,
+) -> grpc.Server:
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         if stat.S_ISSOCK(socket_path.lstat().st_mode):
@@ -134,7 +257,14 @@ def serve(socket_path: Path, api: InferenceApi, workers: int = 8) -> grpc.Server
         ],
     )
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(api, server)
-    server.add_insecure_port(f"unix:{socket_path}")
-    server.start()
-    os.chmod(socket_path, 0o660)
+    if results is not None:
+        inference_pb2_grpc.add_TenantResultsServicer_to_server(results, server)
+    # Created under a tight umask, so the socket is never reachable wider than its mode.
+    old_umask = os.umask(0o777 & ~socket_mode)
+    try:
+        server.add_insecure_port(f"unix:{socket_path}")
+        server.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(socket_path, socket_mode)
     return server

@@ -3,14 +3,20 @@
 Start order matters: the models on disk are loaded and the gRPC socket serves
 before the broker is contacted, so inference never waits for the network. One
 loop thread owns the state, the outbox and the artifact store; paho's thread
-only decodes and queues, gRPC threads only read the model pool and record stats.
-SIGTERM/SIGINT stop the loop; shutdown stops gRPC, flushes the outbox for a
-bounded time and disconnects cleanly after publishing the offline status.
+only decodes and queues, gRPC threads only read the model pool and record stats;
+tenant pipelines (:mod:`agent.pipeline`) read their sources and run on the
+scheduler's workers. Under systemd (Type=notify) the agent sends READY once
+the socket serves, pings the watchdog from this loop (so a stuck loop gets the
+agent restarted) and keeps a STATUS line. SIGTERM/SIGINT stop the loop;
+shutdown sends STOPPING, stops the sources, finishes queued and in-flight
+inference, stops gRPC, flushes the outbox for a bounded time and disconnects
+cleanly after publishing the offline status.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
@@ -24,14 +30,18 @@ from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind
 
 from agent import __version__
-from agent.api import InferenceApi, serve
+from agent.api import InferenceApi, ResultsApi, TenantAuth, serve
 from agent.artifacts import ArtifactStore
 from agent.config import AgentConfig
+from agent.errors import TenantError
 from agent.link import Inbound, Link, LinkDown, LinkUp, Publication, Rejected, now_ms
 from agent.outbox import Outbox, OutboxSender
-from agent.pool import ModelPool
+from agent.pipeline import Pipelines, ResultHub
+from agent.pool import MB, ModelPool
 from agent.state import StateStore
-from agent.telemetry import InferenceStats, SystemSampler, build_telemetry
+from agent.systemd import Notifier
+from agent.telemetry import InferenceStats, PipelineStats, SystemSampler, build_telemetry
+from agent.tenants import TenantSpec, from_proto, merge
 from agent.updater import Updater
 
 log = logging.getLogger(__name__)
@@ -39,6 +49,8 @@ log = logging.getLogger(__name__)
 # The loop wakes at least this often (signal flags, outbox acknowledgements).
 TICK_S = 0.2
 FLUSH_ON_STOP_S = 3.0
+# Queued and in-flight inference gets this long to finish at SIGTERM.
+DRAIN_ON_STOP_S = 3.0
 
 
 class Service:
@@ -49,8 +61,27 @@ class Service:
         data.mkdir(parents=True, exist_ok=True)
         self.inbox: queue.Queue[Any] = queue.Queue()
         self.outbox = Outbox(data / "outbox.db", config.outbox.max_records)
-        self.pool = ModelPool()
+        workers, threads = config.scheduler.resolved(os.cpu_count() or 1)
+        self.pool = ModelPool(
+            budget_bytes=int(config.pool.memory_budget_mb * MB),
+            idle_unload_s=config.pool.idle_unload_s,
+            threads=threads,
+        )
         self.stats = InferenceStats()
+        self.pipeline_stats = PipelineStats()
+        self.hub = ResultHub()
+        self.pipelines = Pipelines(
+            config.device_id,
+            self.pool,
+            workers,
+            self.pipeline_stats,
+            self.emit,
+            self._publish_result,
+            self.hub,
+        )
+        self.declared: tuple[TenantSpec, ...] = ()
+        self.declared_generation = -1
+        self.notifier = Notifier()
         self.sampler = SystemSampler(data)
         self.link = Link(config.device_id, config.mqtt, self.inbox, __version__)
         self.sender = OutboxSender(self.outbox, self._publish_record)
@@ -66,6 +97,11 @@ class Service:
             request_timeout_s=config.transfer.request_timeout_s,
         )
         self.server: grpc.Server | None = None
+
+    def _publish_result(self, topic: str, payload: bytes) -> None:
+        # Results are live: while the broker is away they are not queued.
+        if self.link.connected:
+            self.link.publish(topic, payload)
 
     def _publish_record(self, kind: str, payload: bytes) -> Publication:
         return self.link.publish(self.link.topic(Kind(kind)), payload)
@@ -88,12 +124,21 @@ class Service:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         self.updater.boot()
-        api = InferenceApi(self.pool, self.stats, lambda: self.link.connected)
-        self.server = serve(self.config.socket, api)
+        auth = TenantAuth(self.pipelines.specs, self.config.api.require_token)
+        api = InferenceApi(self.pool, self.stats, lambda: self.link.connected, auth)
+        results = ResultsApi(self.hub, self.pipelines.specs, auth)
+        self.server = serve(self.config.socket, api, results=results, socket_mode=self.config.api.socket_mode)
+        self.pipelines.start()
+        self.pipelines.apply(self.config.tenants)
         served = ", ".join(f"{s.tenant}:{s.model_name}:{s.model_version}" for s in self.pool.all()) or "-"
         log.info(
-            "agent ready device=%s socket=%s models=%s", self.config.device_id, self.config.socket, served
+            "agent ready device=%s socket=%s models=%s tenants=%s",
+            self.config.device_id,
+            self.config.socket,
+            served,
+            ",".join(sorted(self.pipelines.specs())) or "-",
         )
+        self.notifier.ready(self._status_line())
         self.link.start()
         try:
             self._loop()
@@ -104,19 +149,30 @@ class Service:
         interval = self.config.telemetry_interval_s
         next_telemetry = time.monotonic() + interval
         window_start = now_ms()
+        watchdog = self.notifier.watchdog_interval_s
+        next_ping = time.monotonic()
         while not self.stopping.is_set():
             deadline = self.updater.converge()
             self.sender.pump(self.link.connected)
             now = time.monotonic()
+            if watchdog is not None and now >= next_ping:
+                # Pinged from this loop only: a loop stuck anywhere above stops the pings.
+                self.notifier.watchdog()
+                next_ping = now + watchdog
             if now >= next_telemetry:
                 window_end = now_ms()
                 self._telemetry(window_start, window_end)
                 window_start = window_end
                 next_telemetry = max(next_telemetry + interval, now)
+                self.pool.sweep()
+                self.notifier.status(self._status_line())
                 continue
             # While records await their PUBACK, look again soon to free the window.
             tick = 0.01 if self.sender.busy else TICK_S
-            timeout = max(0.0, min(deadline, next_telemetry, now + tick) - now)
+            wake = min(deadline, next_telemetry, now + tick)
+            if watchdog is not None:
+                wake = min(wake, next_ping)
+            timeout = max(0.0, wake - now)
             try:
                 event = self.inbox.get(timeout=timeout)
             except queue.Empty:
@@ -144,6 +200,8 @@ class Service:
                 refused = self.updater.on_desired(event.message)
                 if refused:
                     self._payload_rejected(Kind.DESIRED.value, refused)
+                else:
+                    self._declare_tenants(event.message)
             elif isinstance(event.message, artifact_pb2.ArtifactResponse):
                 self.updater.on_artifact(event.message)
         elif isinstance(event, Rejected):
@@ -152,6 +210,30 @@ class Service:
             self.updater.on_link_up()
         elif isinstance(event, LinkDown):
             log.info("working offline device=%s reason=%s", self.config.device_id, event.reason)
+
+    def _declare_tenants(self, msg: fleet_pb2.DesiredState) -> None:
+        """Run the tenants the controller declares beside those of the config (newest generation wins)."""
+        if int(msg.generation) <= self.declared_generation:
+            return
+        try:
+            declared = tuple(from_proto(t) for t in msg.tenants)
+        except TenantError as exc:
+            self._payload_rejected(Kind.DESIRED.value, f"tenant spec refused: {exc}")
+            return
+        if len({t.id for t in declared}) != len(declared):
+            self._payload_rejected(Kind.DESIRED.value, "desired state declares a tenant twice")
+            return
+        self.declared_generation = int(msg.generation)
+        if declared != self.declared:
+            self.declared = declared
+            self.pipelines.apply(merge(self.config.tenants, declared))
+
+    def _status_line(self) -> str:
+        return (
+            f"serving {len(self.pool.all())} model(s), {len(self.pipelines.specs())} tenant pipeline(s), "
+            f"broker {'connected' if self.link.connected else 'disconnected'}, "
+            f"{self.pool.loaded_bytes() / MB:.1f} MB of models loaded"
+        )
 
     def _payload_rejected(self, topic: str, reason: str) -> None:
         log.warning("payload rejected device=%s topic=%s error=%s", self.config.device_id, topic, reason)
@@ -166,6 +248,7 @@ class Service:
             self.sampler.sample(),
             self.stats.drain(),
             self.outbox.dropped(),
+            *self.pipeline_stats.drain(*self.pipelines.telemetry_inputs()),
         )
         dropped = self.outbox.append(Kind.TELEMETRY.value, encode(telemetry), window_end)
         if dropped:
@@ -173,6 +256,9 @@ class Service:
 
     def _shutdown(self) -> None:
         log.info("agent stopping device=%s", self.config.device_id)
+        self.notifier.stopping()
+        if not self.pipelines.stop(DRAIN_ON_STOP_S):
+            log.warning("inference still running at stop device=%s", self.config.device_id)
         if self.server is not None:
             self.server.stop(grace=1.0).wait(2.0)
         deadline = time.monotonic() + FLUSH_ON_STOP_S
@@ -183,4 +269,5 @@ class Service:
             time.sleep(0.02)
         self.link.stop()
         self.outbox.close()
+        self.notifier.close()
         log.info("agent stopped device=%s", self.config.device_id)
