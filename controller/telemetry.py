@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,9 @@ def clamp_limit(limit: int) -> int:
 class TelemetryStore:
     def __init__(self, store: Store) -> None:
         self.store = store
+        # Called, inside the ingest transaction, for each newly stored window
+        # (roll-ups and drift sketches: controller.monitoring).
+        self.observers: list[Callable[[str, fleet_pb2.Telemetry, float], None]] = []
 
     def ingest_telemetry(self, device_id: str, msg: fleet_pb2.Telemetry, received_at: float) -> bool:
         """Store one window; False for a window already stored (an outbox resend)."""
@@ -90,6 +94,9 @@ class TelemetryStore:
             ),
         )
         log.debug("telemetry device=%s seq=%d stored=%s", device_id, msg.seq, bool(added))
+        if added:
+            for observe in self.observers:
+                observe(device_id, msg, received_at)
         return bool(added)
 
     def ingest_event(self, device_id: str, msg: fleet_pb2.Event, received_at: float) -> None:

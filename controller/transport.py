@@ -18,7 +18,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,13 +40,16 @@ from controller.telemetry import TelemetryStore
 
 log = logging.getLogger(__name__)
 
-INBOUND = (Kind.REPORTED, Kind.STATUS, Kind.TELEMETRY, Kind.EVENTS, Kind.ARTIFACT_REQUEST)
+INBOUND = (Kind.REPORTED, Kind.STATUS, Kind.TELEMETRY, Kind.EVENTS, Kind.ARTIFACT_REQUEST, Kind.CAPTURE)
 QOS = 1
 KEEPALIVE_S = 30
 SESSION_EXPIRY_S = 7 * 24 * 3600
 MAX_QUEUED_JOBS = 100_000
 # A well-behaved agent keeps `window` (default 8) chunks outstanding.
 MAX_INDICES_PER_REQUEST = 64
+# Telemetry windows written per SQLite transaction: whatever queued up while
+# the previous batch was being written, up to this many.
+MAX_INGEST_BATCH = 500
 
 
 def backoff_delay(attempt: int, rng: Callable[[float, float], float] = random.uniform) -> float:
@@ -95,6 +98,9 @@ class Transport:
         self._client.on_subscribe = self._on_subscribe
         self._state_jobs: queue.Queue[Job] = queue.Queue(MAX_QUEUED_JOBS)
         self._artifact_jobs: queue.Queue[Job] = queue.Queue(MAX_QUEUED_JOBS)
+        self._telemetry_jobs: queue.Queue[Job] = queue.Queue(MAX_QUEUED_JOBS)
+        # Set by the controller to store captured data set chunks (controller.datasets).
+        self.on_capture: Callable[[str, fleet_pb2.CaptureChunk, float], None] | None = None
         self._acks_lock = threading.Lock()
         self._inflight: dict[int, Topic] = {}
         self._early_acks: dict[int, ReasonCode] = {}
@@ -113,6 +119,7 @@ class Transport:
             threading.Thread(
                 target=self._run_worker, args=(self._artifact_jobs,), name="mqtt-artifacts", daemon=True
             ),
+            threading.Thread(target=self._run_ingest, name="mqtt-ingest", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -125,6 +132,7 @@ class Transport:
             log.debug("mqtt disconnect failed error=%s", exc)
         self._state_jobs.put(None)
         self._artifact_jobs.put(None)
+        self._telemetry_jobs.put(None)
         for thread in self._threads:
             thread.join(timeout)
         self.connected.clear()
@@ -227,6 +235,8 @@ class Transport:
             return
         job = Inbound(topic=topic, message=message, received_at=time.time(), retained=bool(msg.retain))
         target = self._artifact_jobs if topic.kind is Kind.ARTIFACT_REQUEST else self._state_jobs
+        if topic.kind is Kind.TELEMETRY:
+            target = self._telemetry_jobs
         self._enqueue(target, job)
 
     def _enqueue(self, jobs: queue.Queue[Job], job: Job) -> None:
@@ -299,6 +309,39 @@ class Transport:
                 device = job.topic.device_id if isinstance(job, Inbound) else "-"
                 log.exception("message handling failed device=%s job=%s", device, job)
 
+    def _run_ingest(self) -> None:
+        while True:
+            job = self._telemetry_jobs.get()
+            if job is None:
+                return
+            batch = [job]
+            while len(batch) < MAX_INGEST_BATCH:
+                try:
+                    job = self._telemetry_jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._ingest(batch)
+                    return
+                batch.append(job)
+            self._ingest(batch)
+
+    def _ingest(self, batch: Sequence[Job]) -> None:
+        """One transaction per batch; a savepoint per window, so a bad one spoils only itself."""
+        store = self.telemetry.store
+        try:
+            with store.transaction():
+                for job in batch:
+                    if not isinstance(job, Inbound):
+                        continue
+                    try:
+                        with store.transaction():
+                            self._handle(job)
+                    except Exception:
+                        log.exception("telemetry dropped device=%s", job.topic.device_id)
+        except Exception:
+            log.exception("telemetry batch failed count=%d", len(batch))
+
     def _republish_desired(self, reason: str) -> None:
         states = self.fleet.desired_states()
         for device_id, payload in states:
@@ -336,6 +379,10 @@ class Transport:
         elif kind is Kind.ARTIFACT_REQUEST:
             assert isinstance(job.message, artifact_pb2.ChunkRequest)
             self._serve_artifact(device_id, job.message)
+        elif kind is Kind.CAPTURE:
+            assert isinstance(job.message, fleet_pb2.CaptureChunk)
+            if self.on_capture is not None:
+                self.on_capture(device_id, job.message, job.received_at)
 
     def _serve_artifact(self, device_id: str, request: artifact_pb2.ChunkRequest) -> None:
         reply_to = Topic(device_id, Kind.ARTIFACT_RESPONSE)
