@@ -431,8 +431,9 @@ class Registry:
         self.max_upload_bytes = max_upload_bytes
         self.signer = signer or Signer.load_or_create(artifacts.root.parent / "signing")
         self.calibration_dir = artifacts.root.parent / "calibration"
-        # Called with (name, version) after a version with pending variants is committed.
-        self.on_pending: Callable[[str, str], None] | None = None
+        # Called with (name, version) after a version or variant is committed: the
+        # optimizer measures latency and produces or validates pending variants.
+        self.on_added: Callable[[str, str], None] | None = None
 
     # -- upload -------------------------------------------------------------
 
@@ -510,8 +511,8 @@ class Registry:
             "model version registered model=%s version=%s digest=%s size=%d format=%s precision=%s pending=%s",
             name, version, staged.digest, staged.size, inspected.format, inspected.precision, ",".join(pending),
         )  # fmt: skip
-        if pending and self.on_pending is not None:
-            self.on_pending(name, version)
+        if self.on_added is not None:
+            self.on_added(name, version)
         return self.get(name, version)
 
     def add_variant(self, name: str, version: str, source: BinaryIO) -> Variant:
@@ -547,8 +548,8 @@ class Registry:
             "variant uploaded model=%s version=%s variant=%s digest=%s status=%s",
             name, version, variant, staged.digest, status,
         )  # fmt: skip
-        if status == "pending" and self.on_pending is not None:
-            self.on_pending(name, version)
+        if self.on_added is not None:
+            self.on_added(name, version)
         found_variant = self.get(name, version).variant(variant)
         assert found_variant is not None
         return found_variant

@@ -14,9 +14,11 @@ from controller.auth import generate_token, hash_token
 from controller.errors import AlreadyInitialised, ConfigError
 from controller.fleet import Fleet
 from controller.mosquitto_auth import BrokerAuth, generate_password, hash_password
+from controller.optimize import Optimizer
 from controller.registry import Registry
 from controller.rollouts import RolloutRunner, Rollouts
 from controller.settings import Settings
+from controller.signing import Signer
 from controller.store import Store
 from controller.telemetry import TelemetryStore
 from controller.transport import Transport
@@ -30,7 +32,11 @@ class Controller:
         self.store = Store(settings.db_path)
         self.artifacts = ArtifactStore(settings.artifacts_dir, settings.chunk_size)
         self.broker_auth = BrokerAuth(settings.passwd_file, settings.broker_reload_command)
-        self.registry = Registry(self.store, self.artifacts, settings.max_upload_bytes)
+        self.signer = Signer.load_or_create(settings.data_dir / "signing")
+        self.registry = Registry(self.store, self.artifacts, settings.max_upload_bytes, self.signer)
+        self.optimizer = Optimizer(self.registry, settings.data_dir / "work")
+        self.registry.on_added = self.optimizer.submit
+        self.optimizer.start()
         self.fleet = Fleet(self.store, settings, self.broker_auth)
         self.rollouts = Rollouts(self.store, self.registry, self.fleet)
         self.telemetry = TelemetryStore(self.store)
@@ -75,6 +81,7 @@ class Controller:
             self.transport.stop()
             self.rollouts.publisher = None
             self.transport = None
+        self.optimizer.stop()
         self.store.close()
 
 

@@ -1,4 +1,4 @@
-"""/v1/models: upload and list model versions."""
+"""/v1/models: upload versions and variants, inspect, change stages, compare."""
 
 from __future__ import annotations
 
@@ -8,19 +8,20 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, UploadFile, status
 
 from controller.api.deps import RegistryDep
-from controller.api.schemas import ModelPublic, ModelVersionPublic
+from controller.api.schemas import ModelPublic, ModelVersionPublic, StageChange, VariantPublic
 from controller.errors import InvalidInputError
+from controller.registry import DEFAULT_GATE, Lineage, UploadOptions
 
 router = APIRouter(tags=["models"])
 
 
-def parse_metadata(raw: str) -> dict[str, Any]:
+def parse_metadata(raw: str, what: str = "metadata") -> dict[str, Any]:
     try:
         metadata = json.loads(raw) if raw.strip() else {}
     except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"metadata is not valid JSON: {exc}") from None
+        raise InvalidInputError(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(metadata, dict):
-        raise InvalidInputError("metadata must be a JSON object")
+        raise InvalidInputError(f"{what} must be a JSON object")
     return metadata
 
 
@@ -33,8 +34,33 @@ def upload_version(
     version: Annotated[str, Form()],
     registry: RegistryDep,
     metadata: Annotated[str, Form()] = "{}",
+    parent_version: Annotated[str, Form()] = "",
+    dataset_digest: Annotated[str, Form()] = "",
+    code_version: Annotated[str, Form()] = "",
+    metrics: Annotated[str, Form()] = "{}",
+    task: Annotated[str, Form()] = "",
+    sensor: Annotated[str, Form()] = "",
+    gate: Annotated[float, Form()] = DEFAULT_GATE,
+    dynamic: Annotated[bool, Form()] = False,
+    calibration: UploadFile | None = None,
 ) -> ModelVersionPublic:
-    created = registry.upload(name, version, file.file, parse_metadata(metadata))
+    """Register a version; with a calibration set (.npz of named inputs) int8 variants are
+    produced in the background: this call returns at once with them ``pending``."""
+    options = UploadOptions(
+        lineage=Lineage(parent_version, dataset_digest, code_version, parse_metadata(metrics, "metrics")),
+        task=task,
+        sensor_kind=sensor,
+        gate=gate,
+        dynamic=dynamic,
+    )
+    created = registry.upload(
+        name,
+        version,
+        file.file,
+        parse_metadata(metadata),
+        options,
+        calibration.file if calibration is not None else None,
+    )
     return ModelVersionPublic.model_validate(created)
 
 
@@ -46,3 +72,23 @@ def list_models(registry: RegistryDep) -> list[ModelPublic]:
 @router.get("/models/{name}/versions/{version}", response_model=ModelVersionPublic)
 def get_version(name: str, version: str, registry: RegistryDep) -> ModelVersionPublic:
     return ModelVersionPublic.model_validate(registry.get(name, version))
+
+
+@router.post(
+    "/models/{name}/versions/{version}/variants",
+    status_code=status.HTTP_201_CREATED,
+    response_model=VariantPublic,
+)
+def upload_variant(name: str, version: str, file: UploadFile, registry: RegistryDep) -> VariantPublic:
+    """Another artifact of the version, e.g. a float or int8 .tflite export."""
+    return VariantPublic.model_validate(registry.add_variant(name, version, file.file))
+
+
+@router.post("/models/{name}/versions/{version}/stage", response_model=ModelVersionPublic)
+def change_stage(name: str, version: str, body: StageChange, registry: RegistryDep) -> ModelVersionPublic:
+    return ModelVersionPublic.model_validate(registry.set_stage(name, version, body.stage))
+
+
+@router.get("/models/{name}/compare")
+def compare(name: str, a: str, b: str, registry: RegistryDep) -> dict[str, Any]:
+    return registry.compare(name, a, b)

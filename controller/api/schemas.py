@@ -24,6 +24,36 @@ class TensorSpecPublic(_Public):
     shape: list[int]
 
 
+class LineagePublic(_Public):
+    parent_version: str
+    dataset_digest: str
+    code_version: str
+    metrics: dict[str, Any]
+
+
+class VariantPublic(_Public):
+    variant: str
+    format: str
+    precision: str
+    source: Literal["uploaded", "quantized"]
+    status: Literal["pending", "running", "ready", "rejected", "failed"]
+    progress: float
+    digest: str
+    size: int
+    inputs: list[TensorSpecPublic]
+    outputs: list[TensorSpecPublic]
+    opset: int
+    runtime: str
+    runtime_version: str
+    latency_ms: float | None
+    report: dict[str, Any]
+    reason: str
+    signature: str
+    key_id: str
+    created_at: float
+    updated_at: float
+
+
 class ModelVersionPublic(_Public):
     name: str
     version: str
@@ -34,6 +64,17 @@ class ModelVersionPublic(_Public):
     outputs: list[TensorSpecPublic]
     metadata: dict[str, Any]
     created_at: float
+    lineage: LineagePublic
+    stage: Literal["development", "staging", "production", "archived"]
+    task: str
+    sensor_kind: str
+    gate: float
+    calibration_digest: str
+    variants: list[VariantPublic]
+
+
+class StageChange(_Create):
+    stage: Literal["development", "staging", "production", "archived"]
 
 
 class VersionSummaryPublic(_Public):
@@ -41,6 +82,7 @@ class VersionSummaryPublic(_Public):
     digest: str
     size: int
     created_at: float
+    stage: str
 
 
 class ModelPublic(_Public):

@@ -1,0 +1,410 @@
+"""Quantized variants, produced and validated in the background.
+
+An upload with a calibration set (a .npz of named inputs) leaves ``pending``
+variants in the registry; :class:`Optimizer` runs one worker thread that takes
+versions off a queue and, per pending variant, quantizes the fp32 reference
+with onnxruntime.quantization (static int8 QDQ from the calibration set, with
+per-channel weights when that agrees better; or dynamic int8), validates it
+against the reference on the same set, measures its latency here, and marks it
+``ready`` or ``rejected`` with the reason. A restart resumes what was pending.
+
+:func:`validate` is pure: top-1 agreement for classifiers, maximum and mean
+absolute deviation otherwise (gated on ``1 - mean |dev| / mean |reference|``).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+
+from controller.errors import ControllerError, OptimizeError
+from controller.registry import DYNAMIC_INT8, STATIC_INT8, ModelVersion, Registry, Variant, load_calibration
+from controller.tflite import interpreter_module
+
+log = logging.getLogger(__name__)
+
+# Enough samples to fix the activation ranges of a small model; the whole set
+# (up to VALIDATION_SAMPLES) is used to validate.
+CALIBRATION_SAMPLES = 64
+VALIDATION_SAMPLES = 512
+LATENCY_WARMUP = 3
+LATENCY_RUNS = 20
+
+
+@dataclass(frozen=True)
+class Validation:
+    passed: bool
+    report: dict[str, Any]
+    reason: str
+
+
+def validate(
+    reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], task: str, gate: float
+) -> Validation:
+    """Compare a variant's outputs with the reference's (same order, same samples)."""
+    if len(reference) != len(candidate):
+        return Validation(
+            False, {}, f"the variant has {len(candidate)} outputs, the reference {len(reference)}"
+        )
+    for i, (r, c) in enumerate(zip(reference, candidate, strict=True)):
+        if r.shape != c.shape:
+            return Validation(
+                False, {}, f"output {i} has shape {list(c.shape)}, the reference {list(r.shape)}"
+            )
+    report: dict[str, Any] = {
+        "task": task,
+        "gate": gate,
+        "samples": int(reference[0].shape[0]) if reference[0].ndim else 1,
+    }
+    deviations = [
+        np.abs(r.astype(np.float64) - c.astype(np.float64))
+        for r, c in zip(reference, candidate, strict=True)
+        if r.dtype.kind == "f"
+    ]
+    if deviations:
+        report["max_abs_deviation"] = float(max(d.max() for d in deviations))
+        report["mean_abs_deviation"] = float(np.mean([d.mean() for d in deviations]))
+    if task == "classifier":
+        agreement = _top1_agreement(reference[0], candidate[0])
+        report["top1_agreement"] = agreement
+        if agreement < gate:
+            return Validation(False, report, f"top-1 agreement {agreement:.2%} is below the gate {gate:.2%}")
+        return Validation(True, report, "")
+    if not deviations:
+        return Validation(False, report, "no float output to compare")
+    scale = float(np.mean([np.abs(r.astype(np.float64)).mean() for r in reference if r.dtype.kind == "f"]))
+    agreement = (
+        1.0 - report["mean_abs_deviation"] / scale if scale > 0 else float(report["mean_abs_deviation"] == 0)
+    )
+    report["relative_agreement"] = agreement
+    if agreement < gate:
+        return Validation(
+            False,
+            report,
+            f"1 - mean |deviation| / mean |reference| is {agreement:.2%}, below the gate {gate:.2%}",
+        )
+    return Validation(True, report, "")
+
+
+def _top1_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+    if reference.dtype.kind in "iu" or reference.ndim == 1:
+        same = reference.reshape(len(reference), -1) == candidate.reshape(len(candidate), -1)
+        return float(np.mean(np.all(same, axis=1)))
+    return float(np.mean(np.argmax(reference, axis=-1) == np.argmax(candidate, axis=-1)))
+
+
+# -- running a model file on samples -------------------------------------------
+
+
+class Runner:
+    """One model file (ONNX or TFLite), run one sample at a time on named inputs by position."""
+
+    def __init__(self, path: Path, fmt: str) -> None:
+        self.format = fmt
+        if fmt == "tflite":
+            mod, _, _ = interpreter_module()
+            self._interpreter = mod.Interpreter(model_path=str(path), num_threads=1)
+            self._interpreter.allocate_tensors()
+            self._in = self._interpreter.get_input_details()
+            self._out = self._interpreter.get_output_details()
+        else:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self._names = [i.name for i in self._session.get_inputs()]
+
+    def run(self, sample: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """``sample``: the inputs in the model's order, each with a leading batch axis of 1."""
+        if self.format == "tflite":
+            for detail, array in zip(self._in, sample, strict=True):
+                self._interpreter.set_tensor(detail["index"], _to_tflite(array, detail))
+            self._interpreter.invoke()
+            return [_from_tflite(self._interpreter.get_tensor(d["index"]), d) for d in self._out]
+        outputs = self._session.run(None, dict(zip(self._names, sample, strict=True)))
+        return [np.asarray(o) for o in outputs]
+
+    def run_all(self, samples: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
+        """Every sample, outputs stacked along the batch axis."""
+        per_sample = [self.run(s) for s in samples]
+        return [np.concatenate([out[i] for out in per_sample]) for i in range(len(per_sample[0]))]
+
+    def latency_ms(self, sample: Sequence[np.ndarray]) -> float:
+        for _ in range(LATENCY_WARMUP):
+            self.run(sample)
+        times = []
+        for _ in range(LATENCY_RUNS):
+            start = time.perf_counter()
+            self.run(sample)
+            times.append((time.perf_counter() - start) * 1000)
+        return statistics.median(times)
+
+
+def _to_tflite(array: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    """Quantize a float input when the TFLite model takes int8/uint8 (scale, zero point)."""
+    dtype = np.dtype(detail["dtype"])
+    scale, zero = float(detail["quantization"][0]), int(detail["quantization"][1])
+    if dtype.kind in "iu" and array.dtype.kind == "f" and scale:
+        info = np.iinfo(dtype)
+        return np.clip(np.round(array / scale + zero), info.min, info.max).astype(dtype)
+    return array.astype(dtype, copy=False)
+
+
+def _from_tflite(array: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    scale, zero = float(detail["quantization"][0]), int(detail["quantization"][1])
+    if array.dtype.kind in "iu" and scale:
+        return ((array.astype(np.float32) - zero) * scale).astype(np.float32)
+    return np.array(array)
+
+
+def samples_of(arrays: dict[str, np.ndarray], order: Sequence[str], limit: int) -> list[list[np.ndarray]]:
+    count = min(limit, next(iter(arrays.values())).shape[0])
+    return [[arrays[name][i : i + 1] for name in order] for i in range(count)]
+
+
+class _Reader(CalibrationDataReader):  # type: ignore[misc]
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        count = min(CALIBRATION_SAMPLES, next(iter(arrays.values())).shape[0])
+        self._items = iter([{k: v[i : i + 1] for k, v in arrays.items()} for i in range(count)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._items, None)
+
+
+def quantize(
+    kind: str, source: Path, target: Path, calibration: dict[str, np.ndarray], per_channel: bool
+) -> None:
+    """Write the int8 model of ``kind`` (static QDQ or dynamic) to ``target``; OptimizeError on failure."""
+    try:
+        if kind == STATIC_INT8:
+            quantize_static(
+                source,
+                target,
+                _Reader(calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+            )
+        elif kind == DYNAMIC_INT8:
+            quantize_dynamic(source, target, per_channel=per_channel, weight_type=QuantType.QInt8)
+        else:
+            raise OptimizeError(f"unknown variant kind {kind!r}")
+    except OptimizeError:
+        raise
+    except Exception as exc:  # onnxruntime.quantization raises whatever its passes raise
+        raise OptimizeError(f"onnxruntime.quantization failed: {str(exc).strip()[:1000]}") from None
+
+
+# -- the background worker ---------------------------------------------------------
+
+
+class Optimizer:
+    def __init__(self, registry: Registry, work_dir: Path) -> None:
+        self.registry = registry
+        self.work_dir = work_dir
+        self._jobs: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+        # Tests wait on this; never used to decide anything.
+        self.on_done: Callable[[str, str], None] | None = None
+
+    def start(self) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name="optimizer", daemon=True)
+        self._thread.start()
+        for name, version in self.registry.unfinished():
+            log.info("variants resumed model=%s version=%s", name, version)
+            self.submit(name, version)
+
+    def submit(self, name: str, version: str) -> None:
+        self._idle.clear()
+        self._jobs.put((name, version))
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join(timeout=60)
+            self._thread = None
+
+    def wait_idle(self, timeout: float) -> bool:
+        return self._idle.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                self.process(*job)
+            except Exception:
+                log.exception("variant production crashed model=%s version=%s", *job)
+            if self._jobs.empty():
+                self._idle.set()
+
+    def process(self, name: str, version: str) -> None:
+        """Measure, produce and validate everything this version still lacks."""
+        found = self.registry.find(name, version)
+        if found is None:
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        reference = found.variant(next(v.variant for v in found.variants if v.digest == found.digest))
+        assert reference is not None
+        arrays = (
+            load_calibration(self.registry.calibration_path(found.calibration_digest), found.inputs)
+            if found.calibration_digest
+            else None
+        )
+        order = [s.name for s in found.inputs]
+        ref_path = self.registry.artifacts.path(reference.digest)
+        ref_runner = Runner(ref_path, reference.format)
+        for v in found.variants:
+            if v.status == "ready" and v.latency_ms is None:
+                runner = (
+                    ref_runner if v is reference else Runner(self.registry.artifacts.path(v.digest), v.format)
+                )
+                self._measure(found, v, runner, samples_of(arrays, order, 1)[0] if arrays else _zeros(v))
+        if arrays is None:
+            return
+        samples = samples_of(arrays, order, VALIDATION_SAMPLES)
+        expected: list[np.ndarray] | None = None
+        for variant in found.variants:
+            if variant.status not in ("pending", "running"):
+                continue
+            if expected is None:
+                expected = ref_runner.run_all(samples)
+            try:
+                self._produce(found, variant, ref_path, arrays, samples, expected)
+            except (OptimizeError, ControllerError, OSError) as exc:
+                self.registry.set_variant_state(name, version, variant.variant, "failed", 1.0, str(exc))
+                log.error(
+                    "variant failed model=%s version=%s variant=%s reason=%s",
+                    name,
+                    version,
+                    variant.variant,
+                    exc,
+                )
+        if self.on_done is not None:
+            self.on_done(name, version)
+
+    def _measure(
+        self, found: ModelVersion, variant: Variant, runner: Runner, sample: list[np.ndarray]
+    ) -> None:
+        try:
+            latency = runner.latency_ms(sample)
+        except Exception as exc:  # a model that loads but cannot run this sample: say so, keep going
+            log.warning(
+                "latency not measured model=%s version=%s variant=%s reason=%s",
+                found.name, found.version, variant.variant, exc,
+            )  # fmt: skip
+            return
+        self.registry.set_variant_state(
+            found.name, found.version, variant.variant, variant.status, variant.progress, variant.reason,
+            latency_ms=latency,
+        )  # fmt: skip
+
+    def _produce(
+        self,
+        found: ModelVersion,
+        variant: Variant,
+        ref_path: Path,
+        arrays: dict[str, np.ndarray],
+        samples: list[list[np.ndarray]],
+        expected: list[np.ndarray],
+    ) -> None:
+        name, version, kind = found.name, found.version, variant.variant
+        state = self.registry.set_variant_state
+        if variant.source == "uploaded":
+            state(name, version, kind, "running", 0.5)
+            path = self.registry.artifacts.path(variant.digest)
+            checked = validate(
+                expected, Runner(path, variant.format).run_all(samples), found.task, found.gate
+            )
+            best, per_channel = (checked, path), None
+        else:
+            best, per_channel = self._quantize_best(found, kind, ref_path, arrays, samples, expected)
+            checked, path = best
+        report = {**checked.report, **({"per_channel": per_channel} if per_channel is not None else {})}
+        if variant.source == "quantized":
+            stored = self.registry.attach_artifact(name, version, kind, path)
+            if stored.precision != "int8":
+                state(
+                    name,
+                    version,
+                    kind,
+                    "rejected",
+                    1.0,
+                    "no operator of this model could be quantized",
+                    report,
+                )
+                return
+            path.unlink(missing_ok=True)
+            path = self.registry.artifacts.path(stored.digest)
+        state(name, version, kind, "running", 0.9, "", report)
+        latency = Runner(path, variant.format).latency_ms(samples[0])
+        status = "ready" if checked.passed else "rejected"
+        state(name, version, kind, status, 1.0, checked.reason, report, latency)
+        log.info(
+            "variant %s model=%s version=%s variant=%s latency_ms=%.3f report=%s reason=%s",
+            status, name, version, kind, latency, report, checked.reason or "-",
+        )  # fmt: skip
+
+    def _quantize_best(
+        self,
+        found: ModelVersion,
+        kind: str,
+        ref_path: Path,
+        arrays: dict[str, np.ndarray],
+        samples: list[list[np.ndarray]],
+        expected: list[np.ndarray],
+    ) -> tuple[tuple[Validation, Path], bool]:
+        """Per-channel weights first; per-tensor too when per-channel misses the gate. Keeps the better."""
+        best: tuple[Validation, Path] | None = None
+        best_channel = True
+        for step, per_channel in enumerate((True, False)):
+            self.registry.set_variant_state(found.name, found.version, kind, "running", 0.1 + 0.4 * step)
+            target = self.work_dir / f"{kind}-{uuid.uuid4().hex}.onnx"
+            quantize(kind, ref_path, target, arrays, per_channel)
+            checked = validate(expected, Runner(target, "onnx").run_all(samples), found.task, found.gate)
+            if best is None or _score(checked) > _score(best[0]):
+                if best is not None:
+                    best[1].unlink(missing_ok=True)
+                best, best_channel = (checked, target), per_channel
+            else:
+                target.unlink(missing_ok=True)
+            if best[0].passed:
+                break
+        assert best is not None
+        return best, best_channel
+
+
+def _score(v: Validation) -> tuple[bool, float]:
+    agreement = v.report.get("top1_agreement", v.report.get("relative_agreement", 0.0))
+    return v.passed, float(agreement)
+
+
+def _zeros(variant: Variant) -> list[np.ndarray]:
+    """A sample for latency when there is no calibration set: zeros of the input signature."""
+    return [
+        np.zeros([d if d > 0 else 1 for d in s.shape] or [1], dtype=np.dtype(s.dtype)) for s in variant.inputs
+    ]

@@ -1,0 +1,134 @@
+"""Which artifact variant a device gets: a pure function of the variants and the device's class.
+
+:func:`choose` drops every variant the device cannot run, each with the reason
+(not validated, runtime missing, opset too new, precision unsupported, too big
+for the model memory budget, input not fed by the device's sensor), then ranks
+what is left: the profile's preferred precision first, then int8 on CPU-only
+devices (fp16 on accelerated ones), then the smaller file. No I/O here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+RUNTIME_FOR_FORMAT: Mapping[str, str] = {"onnx": "onnxruntime", "tflite": "litert"}
+# Loaded weights plus the runtime's arena and activations: about twice the file.
+MEMORY_FACTOR = 2
+CPU_ORDER = ("int8", "fp16", "fp32")
+ACCELERATED_ORDER = ("fp16", "fp32", "int8")
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Candidate:
+    variant: str
+    format: str
+    precision: str
+    status: str
+    size: int
+    opset: int
+    # Shape of the first input (-1 for a free dimension).
+    input_shape: tuple[int, ...]
+    reference: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Sensor:
+    id: str
+    kind: str
+    channels: int = 0
+
+
+@dataclass(frozen=True)
+class DeviceClass:
+    profile_id: str
+    runtimes: Mapping[str, str]
+    precisions: tuple[str, ...]
+    preferred_precision: str
+    model_budget_bytes: int
+    max_onnx_opset: int | None = None
+    accelerated: bool = False
+    sensors: tuple[Sensor, ...] = ()
+
+
+@dataclass(frozen=True)
+class Choice:
+    variant: str | None
+    reason: str
+    rejected: Mapping[str, str] = field(default_factory=dict)
+
+
+def why_not(c: Candidate, device: DeviceClass, sensor_kind: str = "") -> str | None:
+    """The first reason ``device`` cannot run ``c``, or None when it can."""
+    if c.status != "ready":
+        return f"not usable ({c.status}{': ' + c.reason if c.reason else ''})"
+    runtime = RUNTIME_FOR_FORMAT.get(c.format)
+    if runtime is None or runtime not in device.runtimes:
+        have = ", ".join(sorted(device.runtimes)) or "none"
+        return f"needs {runtime or c.format}, profile {device.profile_id} has {have}"
+    if c.format == "onnx":
+        if device.max_onnx_opset is None:
+            return f"profile {device.profile_id} declares no ONNX opset"
+        if c.opset > device.max_onnx_opset:
+            return f"needs ONNX opset {c.opset}, profile {device.profile_id} supports up to {device.max_onnx_opset}"
+    if c.precision not in device.precisions:
+        return f"precision {c.precision} is not supported by profile {device.profile_id} ({', '.join(device.precisions)})"
+    need = c.size * MEMORY_FACTOR
+    if need > device.model_budget_bytes:
+        return (
+            f"needs about {need / MB:.1f} MB to run, profile {device.profile_id} "
+            f"budgets {device.model_budget_bytes / MB:.0f} MB for models"
+        )
+    if sensor_kind:
+        return _sensor_problem(c.input_shape, device, sensor_kind)
+    return None
+
+
+def _sensor_problem(shape: tuple[int, ...], device: DeviceClass, kind: str) -> str | None:
+    sensors = [s for s in device.sensors if s.kind == kind]
+    if not sensors:
+        return f"profile {device.profile_id} has no {kind}"
+    if kind == "camera":
+        # An image batch, channels first or last; the agent resizes frames to the model's size.
+        if len(shape) != 4 or not any(shape[axis] in (-1, 1, 3) for axis in (1, 3)):
+            return f"input shape {list(shape)} is not an image batch (N, C, H, W) or (N, H, W, C)"
+        return None
+    if not shape:
+        return f"input shape {list(shape)} has no channel axis for a {kind}"
+    channels = shape[1] if kind == "microphone" and len(shape) == 3 else shape[-1]
+    if channels == -1 or any(channels == s.channels for s in sensors):
+        return None
+    have = ", ".join(f"{s.id}: {s.channels}" for s in sensors)
+    return f"input wants {channels} channels, the profile's {kind} gives {have}"
+
+
+def choose(candidates: Sequence[Candidate], device: DeviceClass | None, sensor_kind: str = "") -> Choice:
+    if device is None:
+        reference = next((c for c in candidates if c.reference and c.status == "ready"), None)
+        if reference is None:
+            return Choice(None, "the device has no profile and the version has no ready uploaded variant")
+        return Choice(reference.variant, "the device has no profile: sent the uploaded variant")
+    rejected: dict[str, str] = {}
+    usable: list[Candidate] = []
+    for c in candidates:
+        problem = why_not(c, device, sensor_kind)
+        if problem is None:
+            usable.append(c)
+        else:
+            rejected[c.variant] = problem
+    if not usable:
+        detail = "; ".join(f"{v}: {r}" for v, r in sorted(rejected.items())) or "the version has no variants"
+        return Choice(None, f"no variant fits profile {device.profile_id}: {detail}", rejected)
+    order = ACCELERATED_ORDER if device.accelerated else CPU_ORDER
+
+    def rank(c: Candidate) -> tuple[bool, int, int, str]:
+        fallback = order.index(c.precision) if c.precision in order else len(order)
+        return (c.precision != device.preferred_precision, fallback, c.size, c.variant)
+
+    best = min(usable, key=rank)
+    why = (
+        "preferred precision" if best.precision == device.preferred_precision else "best available precision"
+    )
+    return Choice(best.variant, f"{why} {best.precision} for profile {device.profile_id}", rejected)
