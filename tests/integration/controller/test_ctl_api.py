@@ -50,11 +50,16 @@ def test_upload_a_real_model_then_read_it_back(ctl: Ctl, digits_model: Path) -> 
                     "digest": body["digest"],
                     "size": body["size"],
                     "created_at": body["created_at"],
+                    "stage": "development",
                 }
             ],
         }
     ]
-    assert ctl.api("GET", "/v1/models/digits/versions/1").json() == body
+    read = ctl.api("GET", "/v1/models/digits/versions/1").json()
+    # The background worker may have added the variant's latency meanwhile.
+    assert {k: v for k, v in read.items() if k != "variants"} == {
+        k: v for k, v in body.items() if k != "variants"
+    }
     assert ctl.api("GET", "/v1/models/digits/versions/2").status_code == 404
     again = ctl.upload(digits_model, "digits", "1")
     assert again.status_code == 409 and "already exists" in again.json()["detail"]
@@ -160,5 +165,12 @@ def test_state_survives_a_restart(broker: Broker, ctl: Ctl, digits_model: Path) 
     ).json()
     ctl.client.__exit__(None, None, None)
     with running(broker, ctl.settings, ctl.token) as again:
-        assert again.api("GET", "/v1/models/digits/versions/1").json() == version
+        # Variants gain a latency in the background; the version itself is immutable.
+        after = again.api("GET", "/v1/models/digits/versions/1").json()
+        assert {k: v for k, v in after.items() if k != "variants"} == {
+            k: v for k, v in version.items() if k != "variants"
+        }
+        assert [(v["variant"], v["digest"], v["signature"]) for v in after["variants"]] == [
+            (v["variant"], v["digest"], v["signature"]) for v in version["variants"]
+        ]
         assert again.api("GET", f"/v1/rollouts/{rollout['id']}").json()["digest"] == version["digest"]
