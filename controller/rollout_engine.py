@@ -382,6 +382,5 @@ def _rollback_steps(run: Run, fleet: Mapping[str, DeviceView], now: float) -> li
     if steps:
         return steps
     touched = sum(m.set_at is not None for m in run.members)
-    return [
-        Complete(State.ROLLED_BACK, f"desired state restored on the {touched} devices this rollout touched")
-    ]
+    restored = f"desired state restored on the {touched} devices this rollout touched"
+    return [Complete(State.ROLLED_BACK, f"{run.reason}; {restored}" if run.reason else restored)]

@@ -1,0 +1,270 @@
+"""Table tests of the pure rollout engine: builders in, steps out, no I/O."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from edgefleet_proto import fleet_pb2
+
+from controller.errors import InvalidInputError
+from controller.rollout_engine import (
+    COMMANDS,
+    AwaitApproval,
+    Command,
+    Complete,
+    DeviceView,
+    Member,
+    Pause,
+    RollBack,
+    Run,
+    SetDesired,
+    StartSoak,
+    StartWave,
+    State,
+    Step,
+    VersionStats,
+    Wait,
+    desired_with,
+    plan,
+)
+from controller.rollout_plans import FailureAction, Gates, Plan, Target, Wave, split_waves, validate
+
+NOW = 10_000.0
+OLD = fleet_pb2.ModelAssignment(tenant="default", model_name="m", model_version="1", artifact_digest="a" * 64)
+NEW = fleet_pb2.ModelAssignment(
+    tenant="default", model_name="m", model_version="2", artifact_digest="b" * 64, rollout_id="r"
+)
+NONE = VersionStats()
+STAGED = Plan(
+    Target(all_devices=True),
+    waves=(Wave(count=1, soak_s=30), Wave(percent=50, soak_s=30), Wave(percent=100, soak_s=0)),
+    gates=Gates(max_error_rate=0.05, max_latency_ratio=2.0, min_reporting_fraction=0.5, min_inferences=10),
+    failure_action=FailureAction.ROLLBACK,
+    device_timeout_s=60,
+)
+
+
+def member(device_id: str, wave: int = 0, set_at: float | None = None) -> Member:
+    return Member(device_id, wave, NEW, OLD, set_at)
+
+
+def run(*members: Member, p: Plan = STAGED, **kw: Any) -> Run:
+    return Run("r", "default", p, kw.pop("state", State.RUNNING), members, **kw)
+
+
+def view(
+    device_id: str,
+    carries: fleet_pb2.ModelAssignment | None = OLD,
+    status: str = "pending",
+    online: bool = True,
+    new: VersionStats = NONE,
+    baseline: VersionStats = NONE,
+    generation: int = 3,
+) -> DeviceView:
+    desired = fleet_pb2.DesiredState(
+        device_id=device_id, generation=generation, models=[carries] if carries else []
+    )
+    return DeviceView(device_id, online, generation, desired, status, "", new, baseline)  # type: ignore[arg-type]
+
+
+def expect_steps(steps: list[Step], *expected: tuple[Any, ...]) -> None:
+    got = []
+    for s in steps:
+        if isinstance(s, SetDesired):
+            got.append((s.action, s.device_id, s.desired.generation, s.revert))
+        elif isinstance(s, StartWave | StartSoak | AwaitApproval):
+            got.append((s.action, s.wave))
+        elif isinstance(s, Complete):
+            got.append((s.action, s.state))
+        elif isinstance(s, Wait):
+            got.append((s.action, s.until))
+        else:
+            got.append((s.action,))
+    assert got == list(expected), steps
+
+
+def test_a_new_rollout_starts_its_first_wave() -> None:
+    expect_steps(plan(run(member("a")), {"a": view("a")}, NOW), ("start_wave", 0))
+
+
+def test_first_wave_sets_desired_only_for_its_members_keeping_other_tenants() -> None:
+    other = fleet_pb2.ModelAssignment(tenant="audio", model_name="kws", artifact_digest="c" * 64)
+    r = run(member("a"), member("b", wave=1), wave=0)
+    a = view("a")
+    a.desired.models.append(other)  # type: ignore[union-attr]
+    steps = plan(r, {"a": a, "b": view("b")}, NOW)
+    expect_steps(steps, ("set_desired", "a", 4, False))
+    step = steps[0]
+    assert isinstance(step, SetDesired)
+    assert [(m.tenant, m.model_version) for m in step.desired.models] == [("audio", ""), ("default", "2")]
+    assert step.desired.issued_at_ms == int(NOW * 1000)
+
+
+def test_setting_is_idempotent_a_device_set_or_carrying_the_assignment_is_not_set_again() -> None:
+    r = run(member("a", set_at=NOW - 1), member("b"), wave=0)
+    steps = plan(r, {"a": view("a", carries=NEW, status="downloading"), "b": view("b", carries=NEW)}, NOW)
+    expect_steps(steps, ("wait", NOW - 1 + 60))
+
+
+def test_max_concurrent_limits_devices_updating_at_once() -> None:
+    p = replace(STAGED, waves=(Wave(percent=100),), max_concurrent=2)
+    r = run(member("a", set_at=NOW - 5), member("b"), member("c"), member("d"), p=p, wave=0)
+    fleet = {"a": view("a", NEW, "downloading"), "b": view("b"), "c": view("c"), "d": view("d")}
+    expect_steps(plan(r, fleet, NOW), ("set_desired", "b", 4, False))
+    fleet["a"] = view("a", NEW, "active")
+    expect_steps(plan(r, fleet, NOW), ("set_desired", "b", 4, False), ("set_desired", "c", 4, False))
+
+
+def settled_wave(**kw: Any) -> Run:
+    return run(member("a", set_at=NOW - 10), member("b", set_at=NOW - 10), member("c", 1), wave=0, **kw)
+
+
+def test_soak_starts_when_every_device_settled_then_waits_then_advances() -> None:
+    fleet = {"a": view("a", NEW, "active"), "b": view("b", NEW, "active"), "c": view("c")}
+    expect_steps(plan(settled_wave(), fleet, NOW), ("start_soak", 0))
+    expect_steps(plan(settled_wave(soak_started_at=NOW - 5), fleet, NOW), ("wait", NOW + 25))
+    expect_steps(plan(settled_wave(soak_started_at=NOW - 31), fleet, NOW), ("start_wave", 1))
+    expect_steps(plan(settled_wave(soak_started_at=NOW - 5, promoted=True), fleet, NOW), ("start_wave", 1))
+
+
+def test_manual_approval_holds_the_next_wave_until_approved() -> None:
+    p = replace(STAGED, manual_approval=True)
+    fleet = {"a": view("a", NEW, "active"), "b": view("b", NEW, "active"), "c": view("c")}
+    expect_steps(plan(settled_wave(p=p, soak_started_at=NOW - 31), fleet, NOW), ("await_approval", 0))
+    waiting = settled_wave(p=p, soak_started_at=NOW - 31, state=State.AWAITING_APPROVAL)
+    expect_steps(plan(waiting, fleet, NOW), ("wait", math.inf))
+    approved = settled_wave(p=p, soak_started_at=NOW - 31, approved_wave=1)
+    expect_steps(plan(approved, fleet, NOW), ("start_wave", 1))
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "reason"),
+    [
+        (view("a", NEW, "failed"), view("b", NEW, "downloading"), "1 of 2 devices failed to update"),
+        (
+            view("a", NEW, "active", new=VersionStats(100, 11, 1.0)),
+            view("b", NEW, "active", new=VersionStats(100, 0, 1.0)),
+            "error rate 0.055 (11/200 inferences on 2 devices) exceeds 0.05",
+        ),
+        (
+            view("a", NEW, "active", new=VersionStats(50, 0, 5.0), baseline=VersionStats(50, 0, 1.0)),
+            view("b", NEW, "active", new=VersionStats(50, 0, 5.5), baseline=VersionStats(50, 0, 1.0)),
+            "p95 latency 5.25x the previous version",
+        ),
+    ],
+)
+def test_a_failing_gate_rolls_back_with_the_reason(a: DeviceView, b: DeviceView, reason: str) -> None:
+    r = settled_wave(soak_started_at=NOW - 1)
+    [step] = plan(r, {"a": a, "b": b, "c": view("c")}, NOW)
+    assert isinstance(step, RollBack) and step.reason.startswith("wave 1 of 3: ")
+    assert reason in step.reason
+
+
+def test_gates_ignore_devices_below_the_inference_minimum_and_pause_when_asked() -> None:
+    p = replace(STAGED, failure_action=FailureAction.PAUSE)
+    quiet = view("a", NEW, "active", new=VersionStats(5, 5, 9.0), baseline=VersionStats(5, 0, 1.0))
+    fleet = {"a": quiet, "b": view("b", NEW, "active"), "c": view("c")}
+    expect_steps(plan(settled_wave(p=p, soak_started_at=NOW - 1), fleet, NOW), ("wait", NOW + 29))
+    fleet["b"] = view("b", NEW, "failed")
+    [step] = plan(settled_wave(p=p, soak_started_at=NOW - 1), fleet, NOW)
+    assert isinstance(step, Pause) and "1 of 2 devices failed" in step.reason
+
+
+def test_an_offline_device_past_its_timeout_counts_against_reporting_not_as_a_failure() -> None:
+    r = run(member("a", set_at=NOW - 61), member("b", set_at=NOW - 61), member("c", 1), wave=0)
+    fleet = {"a": view("a", NEW, "pending", online=False), "b": view("b", NEW, "active"), "c": view("c")}
+    expect_steps(plan(r, fleet, NOW), ("start_soak", 0))
+    soaked = replace(r, soak_started_at=NOW - 31)
+    expect_steps(plan(soaked, fleet, NOW), ("start_wave", 1))  # 1 of 2 reported >= 0.5
+    strict = replace(soaked, plan=replace(STAGED, gates=replace(STAGED.gates, min_reporting_fraction=0.9)))
+    [step] = plan(strict, fleet, NOW)
+    assert isinstance(step, RollBack) and "only 1 of 2 devices reported" in step.reason
+    # Online and silent past the timeout: that one is a failure.
+    fleet["a"] = view("a", NEW, "downloading", online=True)
+    [step] = plan(r, fleet, NOW)
+    assert isinstance(step, RollBack) and "1 of 2 devices failed" in step.reason
+
+
+def test_last_wave_completes_succeeded_or_failed() -> None:
+    p = replace(STAGED, waves=(Wave(percent=100),), gates=Gates(max_failure_fraction=1.0))
+    r = run(member("a", set_at=NOW), member("b", set_at=NOW), p=p, wave=0, soak_started_at=NOW)
+    expect_steps(
+        plan(r, {"a": view("a", NEW, "active"), "b": view("b", NEW, "active")}, NOW),
+        ("complete", State.SUCCEEDED),
+    )
+    expect_steps(
+        plan(r, {"a": view("a", NEW, "active"), "b": view("b", NEW, "failed")}, NOW),
+        ("complete", State.FAILED),
+    )
+
+
+def test_rolling_back_reverts_only_devices_that_carry_the_rollout_then_completes() -> None:
+    r = run(
+        member("a", set_at=NOW), member("b", set_at=NOW), member("c", 1), wave=0, state=State.ROLLING_BACK
+    )
+    fleet = {"a": view("a", NEW, "active"), "b": view("b", OLD), "c": view("c")}
+    steps = plan(r, fleet, NOW)
+    expect_steps(steps, ("set_desired", "a", 4, True))
+    assert isinstance(steps[0], SetDesired) and list(steps[0].desired.models) == [OLD]
+    fleet["a"] = view("a", OLD, generation=4)
+    expect_steps(plan(r, fleet, NOW), ("complete", State.ROLLED_BACK))
+    # A device that had no model for the tenant goes back to none.
+    bare = replace(r, members=(Member("a", 0, NEW, None, NOW),))
+    [step] = plan(bare, {"a": view("a", NEW)}, NOW)
+    assert isinstance(step, SetDesired) and list(step.desired.models) == []
+
+
+@pytest.mark.parametrize("state", [State.PAUSED, State.AWAITING_APPROVAL])
+def test_paused_and_awaiting_wait_forever(state: State) -> None:
+    expect_steps(plan(run(member("a"), state=state, wave=0), {"a": view("a")}, NOW), ("wait", math.inf))
+
+
+@pytest.mark.parametrize("state", [State.SUCCEEDED, State.FAILED, State.ROLLED_BACK, State.ABORTED])
+def test_finished_rollouts_plan_nothing(state: State) -> None:
+    assert plan(run(member("a"), state=state), {"a": view("a")}, NOW) == []
+
+
+def test_command_table() -> None:
+    assert COMMANDS[(State.RUNNING, Command.PAUSE)] is State.PAUSED
+    assert COMMANDS[(State.PAUSED, Command.RESUME)] is State.RUNNING
+    assert COMMANDS[(State.AWAITING_APPROVAL, Command.APPROVE)] is State.RUNNING
+    assert COMMANDS[(State.SUCCEEDED, Command.ROLLBACK)] is State.ROLLING_BACK
+    assert (State.ROLLING_BACK, Command.ABORT) not in COMMANDS
+    assert (State.ROLLED_BACK, Command.RESUME) not in COMMANDS
+
+
+def test_desired_with_bumps_the_generation_and_replaces_the_tenant() -> None:
+    d = desired_with(view("a", OLD, generation=7), "default", NEW, NOW)
+    assert (d.generation, list(d.models)) == (8, [NEW])
+
+
+def test_split_waves_rounds_percentages_up_and_the_last_wave_takes_the_rest() -> None:
+    ids = [f"d{i:02}" for i in range(20)]
+    waves = split_waves(ids, (Wave(percent=10), Wave(count=3), Wave(percent=10)))
+    assert [len(w) for w in waves] == [2, 3, 15]
+    assert waves[0] == ["d00", "d01"]
+    assert [len(w) for w in split_waves(["a"], (Wave(percent=10), Wave(percent=50)))] == [1, 0]
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (Plan(Target()), "needs a target"),
+        (Plan(Target(all_devices=True), waves=()), "at least one wave"),
+        (Plan(Target(all_devices=True), waves=(Wave(count=1, percent=5),)), "wave 1: give either"),
+        (Plan(Target(all_devices=True), waves=(Wave(percent=0),)), "percentage must be"),
+        (Plan(Target(all_devices=True), gates=Gates(max_error_rate=2)), "max_error_rate must be between"),
+        (Plan(Target(all_devices=True), max_concurrent=-1), "max_concurrent"),
+    ],
+)
+def test_bad_plans_name_the_problem(bad: Plan, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        validate(bad)
+
+
+def test_plan_round_trips_through_json_and_knows_when_it_is_staged() -> None:
+    assert Plan.from_json(STAGED.to_json()) == STAGED
+    assert STAGED.staged and not Plan(Target(devices=("a",))).staged
