@@ -96,3 +96,92 @@ def test_relative_data_dir_is_relative_to_the_config_file(tmp_path: Path) -> Non
     path = tmp_path / "agent.toml"
     path.write_text('device_id = "d"\ndata_dir = "data"\n[mqtt]\npassword = "p"\n')
     assert load_config(path).data_dir == tmp_path / "data"
+
+
+TENANTS = """\
+device_id = "cam-1"
+data_dir = "/var/lib/edgefleet-agent"
+[mqtt]
+password = "p"
+[scheduler]
+workers = 2
+[pool]
+memory_budget_mb = 64
+idle_unload_s = 300
+[api]
+require_token = true
+socket_mode = "0640"
+
+[[tenants]]
+id = "door"
+model = "person-detect"
+token = "door-token-0123456789"
+weight = 3
+queue = 2
+rate_hz = 15
+results = ["grpc", "mqtt"]
+[tenants.source]
+kind = "video"
+uri = "/srv/door.avi"
+loop = true
+[tenants.preprocess]
+resize = [32, 32]
+color = "rgb"
+scale = 0.00392156862745098
+layout = "nchw"
+
+[[tenants]]
+id = "keyword"
+[tenants.source]
+kind = "wav"
+uri = "speech.wav"
+[tenants.preprocess]
+window = 16000
+hop = 8000
+features = "log_mel"
+"""
+
+
+def test_tenants_scheduler_pool_and_api_sections() -> None:
+    from agent.tenants import hash_token
+
+    cfg = parse_config(TENANTS, Path("/etc/edgefleet/agent.toml"))
+    assert cfg.scheduler.resolved(4) == (2, 2) and cfg.scheduler.resolved(1) == (2, 1)
+    assert (cfg.pool.memory_budget_mb, cfg.pool.idle_unload_s) == (64.0, 300.0)
+    assert (cfg.api.require_token, cfg.api.socket_mode) == (True, 0o640)
+    door, keyword = cfg.tenants
+    assert (door.id, door.model, door.weight, door.queue, door.rate_hz) == (
+        "door",
+        "person-detect",
+        3.0,
+        2,
+        15.0,
+    )
+    assert door.results == {"grpc", "mqtt"} and door.token_sha256 == hash_token("door-token-0123456789")
+    assert door.accepts("door-token-0123456789") and not door.accepts("door-token-0123456780")
+    assert door.source is not None and door.source.flag("loop") and door.source.uri == "/srv/door.avi"
+    assert door.preprocess.resize == (32, 32) and door.preprocess.layout == "nchw"
+    assert keyword.preprocess.features == "log_mel" and keyword.preprocess.window == 16000
+    assert not keyword.token_sha256 and keyword.weight == 1.0 and keyword.results == {"grpc"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (('kind = "video"', 'kind = "hologram"'), "tenants[1] 'door'.source.kind: must be one of"),
+        (("loop = true", "loop = true\nexposure = 3"), "unknown option(s) ['exposure'] for a video source"),
+        (("weight = 3", "weight = 0"), "tenants[1] 'door'.weight: must be greater than 0"),
+        (("resize = [32, 32]", "resize = [32]"), "preprocess.resize: expected 2 non-negative integers"),
+        (('results = ["grpc", "mqtt"]', 'results = ["email"]'), "results: must be some of grpc, mqtt"),
+        (('token = "door-token-0123456789"', 'token = "short"'), "token: use a random string of at least 16"),
+        (('id = "keyword"', 'id = "door"'), "tenant id 'door' is declared twice"),
+        (('id = "keyword"', 'id = "key.word"'), "invalid tenant id 'key.word'"),
+        (('socket_mode = "0640"', 'socket_mode = "0666"'), "api.socket_mode: must be within 0770"),
+        (("workers = 2", "workers = -1"), "scheduler.workers: must be 0 (automatic) .. 256"),
+    ],
+)
+def test_bad_tenant_declarations_name_the_problem(edit: tuple[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(TENANTS.replace(*edit, 1), Path("agent.toml"))
+    assert message in str(err.value)
+    assert str(err.value).startswith("agent.toml")
