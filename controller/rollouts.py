@@ -123,13 +123,15 @@ def rollout_status(statuses: Sequence[str]) -> RolloutStatus:
     return "in_progress"
 
 
-def coarse_status(state: State, statuses: Sequence[str]) -> RolloutStatus:
+def coarse_status(plan: Plan, state: State, statuses: Sequence[str]) -> RolloutStatus:
+    """A plain plan keeps the foundation's live rule; a staged one reports the engine's verdict."""
+    live = state in (State.RUNNING, State.SUCCEEDED, State.FAILED) and not plan.staged
+    if live or state is State.SUPERSEDED:
+        return rollout_status(statuses)
     if state in ACTIVE_STATES:
         return "in_progress"
     if state is State.SUCCEEDED:
         return "succeeded"
-    if state is State.SUPERSEDED:
-        return rollout_status(statuses)
     return "failed"
 
 
@@ -412,7 +414,7 @@ class Rollouts:
             version=row["version"],
             tenant=row["tenant"],
             digest=row["digest"],
-            status=coarse_status(run.state, [d.status for d in devices]),
+            status=coarse_status(run.plan, run.state, [d.status for d in devices]),
             state=run.state.value,
             wave=run.wave + 1,
             waves=len(run.plan.waves),
