@@ -104,6 +104,8 @@ class Device:
     reported: Reported | None
     reported_received_at: float | None
     desired_generation: int
+    # The device class (firmware_profiles/) variant choice is made for; "" before one is set.
+    profile: str = ""
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,9 @@ class Credentials:
     broker_host: str
     broker_port: int
     mqtt_protocol: str
+    # Hex of the controller's Ed25519 public key, for the agent's [security] controller_public_key.
+    controller_public_key: str = ""
+    profile: str = ""
 
 
 def validate_tags(tags: Sequence[str]) -> list[str]:
@@ -138,16 +143,23 @@ def _device_from_row(row: dict[str, Any]) -> Device:
         reported=Reported.from_json(row["reported"]) if row["reported"] else None,
         reported_received_at=row["reported_received_at"],
         desired_generation=row["desired_generation"],
+        profile=row.get("profile") or "",
     )
 
 
+_DEVICES = "SELECT d.*, p.profile_id AS profile FROM devices d LEFT JOIN device_profiles p ON p.device_id = d.device_id"
+
+
 class Fleet:
-    def __init__(self, store: Store, settings: Settings, broker_auth: BrokerAuth) -> None:
+    def __init__(
+        self, store: Store, settings: Settings, broker_auth: BrokerAuth, controller_public_key: str = ""
+    ) -> None:
         self.store = store
         self.settings = settings
         self.broker_auth = broker_auth
+        self.controller_public_key = controller_public_key
 
-    def register(self, device_id: str, tags: Sequence[str] = ()) -> Credentials:
+    def register(self, device_id: str, tags: Sequence[str] = (), profile: str = "") -> Credentials:
         try:
             validate_device_id(device_id)
         except TopicError as exc:
@@ -155,22 +167,36 @@ class Fleet:
         if device_id == self.settings.mqtt_username:
             raise InvalidDeviceId(f"device id {device_id!r} is reserved for the controller's MQTT user")
         clean_tags = validate_tags(tags)
+        if profile and self.store.query_one("SELECT 1 FROM profiles WHERE id = ?", (profile,)) is None:
+            raise InvalidInputError(
+                f"unknown profile {profile!r}: register it first (edgefleet profiles register)"
+            )
         password = generate_password()
         try:
-            self.store.execute(
-                "INSERT INTO devices (device_id, tags, password_hash, created_at) VALUES (?, ?, ?, ?)",
-                (device_id, json.dumps(clean_tags), hash_password(password), time.time()),
-            )
+            with self.store.transaction() as tx:
+                tx.execute(
+                    "INSERT INTO devices (device_id, tags, password_hash, created_at) VALUES (?, ?, ?, ?)",
+                    (device_id, json.dumps(clean_tags), hash_password(password), time.time()),
+                )
+                if profile:
+                    tx.execute(
+                        "INSERT INTO device_profiles (device_id, profile_id) VALUES (?, ?)",
+                        (device_id, profile),
+                    )
         except DuplicateKeyError:
             raise DeviceExists(f"device {device_id} is already registered") from None
         try:
             self.sync_broker()
         except BrokerAuthError:
             # Without broker credentials the device could never connect: undo.
-            self.store.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
+            with self.store.transaction() as tx:
+                tx.execute("DELETE FROM device_profiles WHERE device_id = ?", (device_id,))
+                tx.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
             log.error("device registration undone device=%s reason=broker credentials not applied", device_id)
             raise
-        log.info("device registered device=%s tags=%s", device_id, ",".join(clean_tags))
+        log.info(
+            "device registered device=%s tags=%s profile=%s", device_id, ",".join(clean_tags), profile or "-"
+        )
         return Credentials(
             device_id=device_id,
             mqtt_username=device_id,
@@ -178,6 +204,8 @@ class Fleet:
             broker_host=self.settings.broker_host,
             broker_port=self.settings.broker_port,
             mqtt_protocol=self.settings.mqtt_protocol,
+            controller_public_key=self.controller_public_key,
+            profile=profile,
         )
 
     def password_entries(self) -> list[tuple[str, str]]:
@@ -190,13 +218,13 @@ class Fleet:
         self.broker_auth.sync(self.password_entries())
 
     def get(self, device_id: str) -> Device:
-        row = self.store.query_one("SELECT * FROM devices WHERE device_id = ?", (device_id,))
+        row = self.store.query_one(f"{_DEVICES} WHERE d.device_id = ?", (device_id,))
         if row is None:
             raise DeviceNotFound(f"unknown device {device_id}")
         return _device_from_row(row)
 
     def all(self) -> list[Device]:
-        return [_device_from_row(r) for r in self.store.query("SELECT * FROM devices ORDER BY device_id")]
+        return [_device_from_row(r) for r in self.store.query(f"{_DEVICES} ORDER BY d.device_id")]
 
     def known(self, device_ids: Sequence[str]) -> set[str]:
         if not device_ids:

@@ -15,6 +15,7 @@ from controller.errors import AlreadyInitialised, ConfigError
 from controller.fleet import Fleet
 from controller.mosquitto_auth import BrokerAuth, generate_password, hash_password
 from controller.optimize import Optimizer
+from controller.profiles import Profiles
 from controller.registry import Registry
 from controller.rollouts import RolloutRunner, Rollouts
 from controller.settings import Settings
@@ -37,7 +38,8 @@ class Controller:
         self.optimizer = Optimizer(self.registry, settings.data_dir / "work")
         self.registry.on_added = self.optimizer.submit
         self.optimizer.start()
-        self.fleet = Fleet(self.store, settings, self.broker_auth)
+        self.fleet = Fleet(self.store, settings, self.broker_auth, self.signer.public_key_hex)
+        self.profiles = Profiles(self.store)
         self.rollouts = Rollouts(self.store, self.registry, self.fleet)
         self.telemetry = TelemetryStore(self.store)
         self.transport: Transport | None = None

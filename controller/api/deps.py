@@ -9,6 +9,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from controller.auth import token_matches
 from controller.fleet import Fleet
+from controller.profiles import Profiles
 from controller.registry import Registry
 from controller.rollouts import Rollouts
 from controller.service import Controller
@@ -45,6 +46,10 @@ def get_fleet(controller: ControllerDep) -> Fleet:
     return controller.fleet
 
 
+def get_profiles(controller: ControllerDep) -> Profiles:
+    return controller.profiles
+
+
 def get_rollouts(controller: ControllerDep) -> Rollouts:
     return controller.rollouts
 
@@ -55,6 +60,7 @@ def get_telemetry(controller: ControllerDep) -> TelemetryStore:
 
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 FleetDep = Annotated[Fleet, Depends(get_fleet)]
+ProfilesDep = Annotated[Profiles, Depends(get_profiles)]
 RolloutsDep = Annotated[Rollouts, Depends(get_rollouts)]
 TelemetryDep = Annotated[TelemetryStore, Depends(get_telemetry)]
 Authenticated = Depends(require_token)

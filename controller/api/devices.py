@@ -12,7 +12,7 @@ router = APIRouter(tags=["devices"])
 
 @router.post("/devices", status_code=status.HTTP_201_CREATED, response_model=DeviceCredentialsPublic)
 def register_device(body: DeviceCreate, fleet: FleetDep) -> DeviceCredentialsPublic:
-    return DeviceCredentialsPublic.model_validate(fleet.register(body.device_id, body.tags))
+    return DeviceCredentialsPublic.model_validate(fleet.register(body.device_id, body.tags, body.profile))
 
 
 @router.get("/devices", response_model=list[DevicePublic])

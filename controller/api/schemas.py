@@ -93,6 +93,7 @@ class ModelPublic(_Public):
 class DeviceCreate(_Create):
     device_id: str
     tags: list[str] = Field(default_factory=list)
+    profile: str = ""
 
 
 class DeviceCredentialsPublic(_Public):
@@ -102,6 +103,8 @@ class DeviceCredentialsPublic(_Public):
     broker_host: str
     broker_port: int
     mqtt_protocol: str
+    controller_public_key: str
+    profile: str
 
 
 class ModelStatePublic(_Public):
@@ -133,6 +136,7 @@ class DevicePublic(_Public):
     desired_generation: int
     reported: ReportedPublic | None
     created_at: float
+    profile: str
 
 
 class SystemStatsPublic(_Public):
@@ -175,3 +179,20 @@ class EventPublic(_Public):
     severity: str
     message: str
     attributes: dict[str, str]
+
+
+class ProfileCreate(_Create):
+    source: str = Field(description="The profile's TOML text")
+    filename: str = Field("", description="The file it came from; its stem must equal the profile's id")
+
+
+class ProfilePublic(_Public):
+    id: str
+    doc: dict[str, Any]
+    source: str
+    created_at: float
+    updated_at: float
+
+
+class DeviceProfileSet(_Create):
+    profile: str

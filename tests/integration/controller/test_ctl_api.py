@@ -111,7 +111,10 @@ def test_devices_register_once_with_valid_ids(ctl: Ctl) -> None:
         "broker_host",
         "broker_port",
         "mqtt_protocol",
+        "controller_public_key",
+        "profile",
     }
+    assert creds["controller_public_key"] == ctl.controller.signer.public_key_hex
     assert (creds["mqtt_username"], creds["broker_port"], creds["mqtt_protocol"]) == (
         "cam-1",
         ctl.broker.port,
