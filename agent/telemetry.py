@@ -32,11 +32,16 @@ class InferenceStats:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._lock = threading.Lock()
         self._windows: dict[tuple[str, str, str], _Window] = {}
+        # Since start, never drained: what the updater's probation judges.
+        self._totals: dict[tuple[str, str, str], tuple[int, int]] = {}
         self._rng = rng or random.Random()
 
     def record(self, tenant: str, model_name: str, model_version: str, latency_ms: float, ok: bool) -> None:
         with self._lock:
-            w = self._windows.setdefault((tenant, model_name, model_version), _Window())
+            key = (tenant, model_name, model_version)
+            count, errors = self._totals.get(key, (0, 0))
+            self._totals[key] = (count + 1, errors + (not ok))
+            w = self._windows.setdefault(key, _Window())
             w.count += 1
             if not ok:
                 w.errors += 1
@@ -47,6 +52,11 @@ class InferenceStats:
                 slot = self._rng.randrange(w.count)
                 if slot < MAX_SAMPLES:
                     w.latencies_ms[slot] = latency_ms
+
+    def totals(self, tenant: str, model_name: str, model_version: str) -> tuple[int, int]:
+        """(inferences, errors) of one model version since the agent started."""
+        with self._lock:
+            return self._totals.get((tenant, model_name, model_version), (0, 0))
 
     def drain(self) -> list[fleet_pb2.ModelStats]:
         with self._lock:
