@@ -1,0 +1,321 @@
+"""Several tenants on one real agent: video, WAV and CSV sources, real models, tokens, shadow.
+
+Everything is made in the test: a small conv net, an audio net over log-mel
+frames (onnx.helper), the digits classifier (scikit-learn's bundled set), an
+MJPG video written with OpenCV, a WAV written with the stdlib, a CSV with numpy.
+The models reach the agent the way they do in production: a desired state and
+chunked artifacts from the protocol peer over the real Mosquitto.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import wave
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from edgefleet_proto import fleet_pb2, inference_pb2, inference_pb2_grpc
+from onnx import TensorProto, helper, numpy_helper
+
+from agent.preprocess import log_mel
+from tests.integration.agent.conftest import AgentProcess
+from tests.integration.agent.peer import Peer, wait_until
+from tests.localfleet import from_tensor, to_tensors
+from tests.models import digits_classifier, small_conv
+
+cv2 = pytest.importorskip("cv2")
+# The shadow candidate is an under-trained classifier on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:lbfgs failed to converge")
+
+TOKENS = {t: f"{t}-token-{'x' * 16}" for t in ("vision", "audio", "tabular", "cam")}
+RATE, CHUNK, WINDOW, HOP, N_FFT, N_MELS = 16000, 4000, 8000, 4000, 512, 40
+
+
+def audio_model(path: Path) -> Path:
+    """Mean over time of the log-mel frames, then a dense layer to 5 keywords."""
+    w = np.random.default_rng(3).standard_normal((N_MELS, 5)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["mel", "axes"], ["m"], keepdims=0),
+            helper.make_node("MatMul", ["m", "w"], ["scores"]),
+        ],
+        "keywords",
+        [helper.make_tensor_value_info("mel", TensorProto.FLOAT, ["N", "T", N_MELS])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 5])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([1], np.int64), "axes")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@dataclass
+class Media:
+    video: Path
+    frames: list[np.ndarray]
+    wav: Path
+    pcm: np.ndarray
+    csv: Path
+    rows: np.ndarray
+
+
+def make_media(folder: Path, rows: np.ndarray) -> Media:
+    video = folder / "door.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (48, 40))
+    rng = np.random.default_rng(5)
+    for _ in range(8):
+        writer.write(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    writer.release()
+    capture = cv2.VideoCapture(str(video))
+    frames = []
+    while (got := capture.read())[0]:
+        frames.append(got[1])
+    capture.release()
+    wav = folder / "speech.wav"
+    t = np.arange(2 * RATE) / RATE
+    pcm = (8000 * np.sin(2 * np.pi * (300 + 400 * t) * t)).astype(np.int16)
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes(pcm.tobytes())
+    csv = folder / "readings.csv"
+    np.savetxt(csv, rows, delimiter=",")
+    return Media(video, frames, wav, pcm, csv, rows)
+
+
+def tenants_toml(media: Media, extra: str = "") -> str:
+    return f"""
+[[tenants]]
+id = "vision"
+model = "doorcam"
+token = "{TOKENS["vision"]}"
+queue = 64
+[tenants.source]
+kind = "video"
+uri = "{media.video}"
+[tenants.preprocess]
+resize = [32, 32]
+color = "rgb"
+scale = {1 / 255!r}
+layout = "nchw"
+
+[[tenants]]
+id = "audio"
+model = "keywords"
+token = "{TOKENS["audio"]}"
+queue = 64
+[tenants.source]
+kind = "wav"
+uri = "{media.wav}"
+chunk = {CHUNK}
+[tenants.preprocess]
+window = {WINDOW}
+hop = {HOP}
+features = "log_mel"
+n_fft = {N_FFT}
+n_mels = {N_MELS}
+
+[[tenants]]
+id = "tabular"
+model = "digits"
+token = "{TOKENS["tabular"]}"
+queue = 64
+results = ["grpc", "mqtt"]
+[tenants.source]
+kind = "csv"
+uri = "{media.csv}"
+{extra}"""
+
+
+class Stream:
+    """A StreamResults call collecting results in the background."""
+
+    def __init__(self, agent: AgentProcess, tenant: str, token: str) -> None:
+        self.results: queue.Queue[inference_pb2.Result] = queue.Queue()
+        self.error: grpc.RpcError | None = None
+        stub = inference_pb2_grpc.TenantResultsStub(_channel(agent))
+        self.call = stub.StreamResults(
+            inference_pb2.StreamResultsRequest(tenant=tenant), metadata=[("x-edgefleet-token", token)]
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for result in self.call:
+                self.results.put(result)
+        except grpc.RpcError as exc:
+            self.error = exc
+
+    def collect(self, count: int, timeout: float = 30.0) -> list[inference_pb2.Result]:
+        got: list[inference_pb2.Result] = []
+        wait_until(lambda: self._drain(got) >= count, timeout, f"{count} results")
+        return got
+
+    def _drain(self, into: list[inference_pb2.Result]) -> int:
+        while True:
+            try:
+                into.append(self.results.get_nowait())
+            except queue.Empty:
+                return len(into)
+
+
+def _channel(agent: AgentProcess) -> grpc.Channel:
+    channel = grpc.insecure_channel(f"unix:{agent.socket}")
+    agent.channels.append(channel)
+    return channel
+
+
+def outputs(result: inference_pb2.Result) -> dict[str, np.ndarray]:
+    return {name: from_tensor(t) for name, t in result.outputs.items()}
+
+
+@pytest.fixture
+def fleet(
+    make_agent: Callable[..., AgentProcess], make_peer: Callable[[str], Peer], tmp_path: Path
+) -> Iterator[tuple[AgentProcess, Peer, dict[str, Path], Media]]:
+    digits = digits_classifier(tmp_path / "digits.onnx")
+    models = {
+        "vision": small_conv(tmp_path / "conv.onnx"),
+        "audio": audio_model(tmp_path / "audio.onnx"),
+        "tabular": digits.path,
+        "tabular.shadow": digits_classifier(tmp_path / "digits2.onnx", seed=1, max_iter=5).path,
+    }
+    media = make_media(tmp_path, digits.samples[:20])
+    agent = make_agent(telemetry_interval_s=1.0)
+    broken = (
+        '\n[[tenants]]\nid = "cam"\ntoken = "'
+        + TOKENS["cam"]
+        + '"\n[tenants.source]\nkind = "camera"\nuri = "/dev/video-unplugged-7"\n'
+    )
+    with agent.config.open("a") as f:
+        f.write(tenants_toml(media, broken))
+    peer = make_peer(agent.device_id)
+    names = {"vision": "doorcam", "audio": "keywords", "tabular": "digits", "tabular.shadow": "digits"}
+    versions = {"vision": "1", "audio": "1", "tabular": "1", "tabular.shadow": "2"}
+    assignments = [
+        peer.assignment(peer.add_artifact(path), versions[t], name=names[t], tenant=t)
+        for t, path in models.items()
+    ]
+    peer.publish_desired(1, *assignments)
+    agent.start()
+    agent.wait_ready()
+    for a in assignments:
+        peer.wait_active(a.artifact_digest, tenant=a.tenant)
+    yield agent, peer, models, media
+
+
+def test_three_tenants_match_their_models_run_directly(
+    fleet: tuple[AgentProcess, Peer, dict[str, Path], Media],
+) -> None:
+    agent, peer, models, media = fleet
+    vision = Stream(agent, "vision", TOKENS["vision"])
+    audio = Stream(agent, "audio", TOKENS["audio"])
+    tabular = Stream(agent, "tabular", TOKENS["tabular"])
+
+    session = {t: ort.InferenceSession(str(p)) for t, p in models.items()}
+    for r in vision.collect(len(media.frames)):
+        frame = cv2.resize(media.frames[r.seq], (32, 32), interpolation=cv2.INTER_AREA)[:, :, ::-1]
+        x = (frame.astype(np.float64) / 255).transpose(2, 0, 1)[None].astype(np.float32)
+        want = session["vision"].run(None, {"image": x})[0]
+        np.testing.assert_allclose(outputs(r)["logits"], want, rtol=1e-4, atol=1e-5)
+        assert (r.tenant, r.model_name, r.model_version) == ("vision", "doorcam", "1")
+
+    signal = media.pcm.astype(np.float32) / 32768.0
+    for r in audio.collect(3):
+        window = signal[r.seq * CHUNK : r.seq * CHUNK + WINDOW].astype(np.float64)
+        x = log_mel(window, RATE, N_FFT, N_MELS)[None].astype(np.float32)
+        want = session["audio"].run(None, {"mel": x})[0]
+        np.testing.assert_allclose(outputs(r)["scores"], want, rtol=1e-4, atol=1e-4)
+
+    for r in tabular.collect(len(media.rows)):
+        x = media.rows[r.seq][None].astype(np.float32)
+        label, probabilities = session["tabular"].run(None, {"X": x})
+        got = outputs(r)
+        np.testing.assert_array_equal(got["label"], label)
+        np.testing.assert_allclose(got["probabilities"], probabilities, rtol=1e-4, atol=1e-6)
+
+    # The unplugged camera is reported and retried; the others went on meanwhile.
+    lost = wait_until(
+        lambda: [e for e in peer.events if e.kind == "source_lost" and e.attributes["tenant"] == "cam"][1:],
+        30,
+        "two source_lost events for the camera",
+    )
+    assert "cannot be opened" in lost[0].message and int(lost[-1].attributes["attempt"]) >= 2
+    assert vision.collect(1, timeout=30)  # the video replays after it ended: still producing
+
+    # Shadow agreement and per-tenant stats reach the controller in telemetry.
+    def shadow_stats() -> list[fleet_pb2.ShadowStats]:
+        return [s for t in list(peer.telemetry) for s in t.shadows if s.tenant == "tabular" and s.compared]
+
+    shadows = wait_until(shadow_stats, 20, "shadow stats in telemetry")
+    assert {(s.candidate_model_name, s.candidate_model_version, s.live_model_version) for s in shadows} == {
+        ("digits", "2", "1")
+    }
+    rows, direct = media.rows.astype(np.float32), {}
+    for t in ("tabular", "tabular.shadow"):
+        direct[t] = session[t].run(None, {"X": rows})[0]
+    expected = float(np.mean(direct["tabular"] == direct["tabular.shadow"]))
+    compared = sum(s.compared for s in shadows)
+    agreement = sum(s.top1_agreement * s.compared for s in shadows) / compared
+    assert compared >= len(rows) and 0 < expected < 1
+    assert agreement == pytest.approx(expected, abs=0.25)  # replays cover the rows unevenly
+    stats = [s for t in list(peer.telemetry) for s in t.tenants]
+    assert {"vision", "audio", "tabular", "cam"} <= {s.tenant for s in stats}
+    assert sum(s.source_failures for s in stats if s.tenant == "cam") >= 1
+    assert sum(s.inferences for s in stats if s.tenant == "tabular") >= len(rows)
+    assert all(s.latency_p95_ms > 0 for s in stats if s.inferences)
+
+
+def test_a_tenant_token_cannot_reach_another_tenant(
+    fleet: tuple[AgentProcess, Peer, dict[str, Path], Media],
+) -> None:
+    agent, _peer, _models, media = fleet
+    stub = agent.stub()
+    x = media.rows[:1].astype(np.float32)
+    request = inference_pb2.InferRequest(tenant="tabular", inputs=to_tensors({"X": x}))
+
+    ok = stub.Infer(request, metadata=[("x-edgefleet-token", TOKENS["tabular"])], timeout=10)
+    assert ok.model_name == "digits"
+    for token, code in [
+        (TOKENS["vision"], grpc.StatusCode.PERMISSION_DENIED),
+        ("not-a-token-of-anyone", grpc.StatusCode.UNAUTHENTICATED),
+        (None, grpc.StatusCode.UNAUTHENTICATED),
+    ]:
+        metadata = [("x-edgefleet-token", token)] if token else []
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Infer(request, metadata=metadata, timeout=10)
+        assert err.value.code() == code, err.value.details()
+    assert "tenant 'vision' cannot use tenant 'tabular'" in _details(stub, request, TOKENS["vision"])
+
+    shadow = inference_pb2.InferRequest(tenant="tabular.shadow", inputs=to_tensors({"X": x}))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Infer(shadow, metadata=[("x-edgefleet-token", TOKENS["tabular"])], timeout=10)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    stolen = Stream(agent, "audio", TOKENS["vision"])
+    wait_until(lambda: stolen.error is not None, 10, "StreamResults refused")
+    assert stolen.error is not None and stolen.error.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    listed = stub.ListModels(
+        inference_pb2.ListModelsRequest(), metadata=[("x-edgefleet-token", TOKENS["audio"])]
+    )
+    assert [m.tenant for m in listed.models] == ["audio"]
+
+
+def _details(
+    stub: inference_pb2_grpc.InferenceServiceStub, request: inference_pb2.InferRequest, token: str
+) -> str:
+    try:
+        stub.Infer(request, metadata=[("x-edgefleet-token", token)], timeout=10)
+    except grpc.RpcError as exc:
+        return str(exc.details())
+    return ""
