@@ -36,6 +36,7 @@ DeviceRolloutStatus = Literal[
     "active",
     "failed",
     "rolled_back",
+    "skipped",
 ]
 _DONE = ("active", "failed")
 

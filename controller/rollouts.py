@@ -36,6 +36,7 @@ from controller.errors import (
     UnknownTargets,
 )
 from controller.fleet import Fleet, Reported
+from controller.profiles import Profiles, Targeted
 from controller.registry import FORMAT, Registry
 from controller.rollout_engine import (
     ACTIVE_STATES,
@@ -144,6 +145,7 @@ class Rollouts:
         self.fleet = fleet
         self.clock = clock
         self.publisher: DesiredPublisher | None = None
+        self.profiles = Profiles(store)
         self._lock = threading.RLock()
 
     # -- create ---------------------------------------------------------------
@@ -191,6 +193,16 @@ class Rollouts:
             probation_s=the_plan.probation_s,
             max_error_rate=the_plan.probation_max_error_rate,
         )
+        # Variant choice (issue #3): each device gets the signed variant its profile runs best
+        # (controller.variants.choose); a device that can run none is skipped with the reason.
+        targeted = {d: self.profiles.target(d, found, wanted) for d in targets}
+        skipped = {d: t.choice.reason for d, t in targeted.items() if t.assignment is None}
+        if len(skipped) == len(targets):
+            raise InvalidInputError(
+                f"no target device can run {model} {version}: "
+                + "; ".join(f"{d}: {reason}" for d, reason in skipped.items())
+            )
+        targets = [d for d in targets if d not in skipped]
         now = self.clock()
         waves = split_waves(targets, the_plan.waves)
         with self._lock, self.store.transaction() as tx:
@@ -214,10 +226,22 @@ class Rollouts:
                             device_id,
                             tenant,
                             index,
-                            encode(wanted),
+                            encode(_wanted(targeted[device_id])),
                             encode(previous) if previous else None,
                         ),
                     )
+            for device_id, t in targeted.items():
+                tx.execute(
+                    "INSERT INTO rollout_targets (rollout_id, device_id, variant, digest, skipped)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (
+                        rollout_id,
+                        device_id,
+                        t.assignment.variant if t.assignment else "",
+                        t.assignment.artifact_digest if t.assignment else "",
+                        t.choice.reason if t.assignment is None else "",
+                    ),
+                )
             sizes = "/".join(str(len(w)) for w in waves)
             record(
                 tx,
@@ -421,8 +445,16 @@ class Rollouts:
             reason=run.reason,
             created_at=row["created_at"],
             plan=run.plan.to_json(),
-            devices=devices,
+            devices=sorted(devices + self._skipped(rollout_id, row["created_at"]), key=lambda d: d.device_id),
         )
+
+    def _skipped(self, rollout_id: str, created_at: float) -> list[RolloutDevice]:
+        """Targets no variant fits (issue #3): named with the reason, never sent anything."""
+        rows = self.store.query(
+            "SELECT device_id, skipped FROM rollout_targets WHERE rollout_id = ? AND skipped != ''",
+            (rollout_id,),
+        )
+        return [RolloutDevice(r["device_id"], "skipped", r["skipped"], created_at, 0) for r in rows]
 
     def all(self) -> list[Rollout]:
         rows = self.store.query("SELECT id FROM rollouts ORDER BY created_at DESC, id")
@@ -445,6 +477,11 @@ def _superseded(rollout_id: str, tenant: str, desired: fleet_pb2.DesiredState | 
         if m.tenant == tenant and m.rollout_id != rollout_id:
             return f"superseded by rollout {m.rollout_id}"
     return ""
+
+
+def _wanted(targeted: Targeted) -> fleet_pb2.ModelAssignment:
+    assert targeted.assignment is not None  # skipped devices are not members
+    return targeted.assignment
 
 
 def _describe(target: Target) -> str:

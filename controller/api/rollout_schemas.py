@@ -99,6 +99,7 @@ class RolloutDevicePublic(_Public):
         "active",
         "failed",
         "rolled_back",
+        "skipped",
     ]
     detail: str
     updated_at: float
