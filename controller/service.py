@@ -11,6 +11,7 @@ from pathlib import Path
 from controller import settings as settings_mod
 from controller.artifacts import ArtifactStore
 from controller.auth import generate_token, hash_token
+from controller.closed_loop import ClosedLoop, rollout_starter
 from controller.errors import AlreadyInitialised, ConfigError
 from controller.fleet import Fleet
 from controller.mosquitto_auth import BrokerAuth, generate_password, hash_password
@@ -42,6 +43,8 @@ class Controller:
         self.profiles = Profiles(self.store)
         self.rollouts = Rollouts(self.store, self.registry, self.fleet)
         self.telemetry = TelemetryStore(self.store)
+        self.closed_loop = ClosedLoop(self.store, settings, self.telemetry)
+        self.closed_loop.retraining.start_rollout = rollout_starter(self.rollouts)
         self.transport: Transport | None = None
         self.rollout_runner: RolloutRunner | None = None
         self._token_hash = settings.admin_token_sha256
@@ -73,9 +76,12 @@ class Controller:
         # The engine publishes desired states, so it runs only with a transport.
         self.rollout_runner = RolloutRunner(self.rollouts)
         self.rollout_runner.start()
+        transport.on_capture = self.closed_loop.datasets.receive
+        self.closed_loop.start()
         return transport
 
     def close(self) -> None:
+        self.closed_loop.stop()
         if self.rollout_runner is not None:
             self.rollout_runner.stop()
             self.rollout_runner = None

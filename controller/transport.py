@@ -100,7 +100,7 @@ class Transport:
         self._artifact_jobs: queue.Queue[Job] = queue.Queue(MAX_QUEUED_JOBS)
         self._telemetry_jobs: queue.Queue[Job] = queue.Queue(MAX_QUEUED_JOBS)
         # Set by the controller to store captured data set chunks (controller.datasets).
-        self.on_capture: Callable[[str, fleet_pb2.CaptureChunk, float], None] | None = None
+        self.on_capture: Callable[[str, fleet_pb2.CaptureChunk, float], object] | None = None
         self._acks_lock = threading.Lock()
         self._inflight: dict[int, Topic] = {}
         self._early_acks: dict[int, ReasonCode] = {}

@@ -1,0 +1,302 @@
+"""Drift baselines and the devices' drift sketches, scored with controller.drift.
+
+A model version's baseline is either computed from a reference data set
+uploaded for it (bin edges at the reference's quantiles) or taken from its
+first N sketched windows in production (edges given by the operator). The
+baseline's spec (bin edges) is what the devices sketch with.
+
+Scores are computed when read: per device for each of its windows, and
+fleet-wide per ``bucket_s`` window from the sum of every device's sketches in it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy.typing as npt
+from edgefleet_proto import fleet_pb2
+
+from controller import drift
+from controller.drift import Sketch, SketchSpec
+from controller.errors import BaselineNotFound, InvalidDriftInput
+from controller.store import Store
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("reference", "production")
+MAX_WINDOWS = 2000
+
+
+@dataclass(frozen=True)
+class Baseline:
+    model_name: str
+    model_version: str
+    source: str
+    windows_needed: int
+    spec: SketchSpec
+    sketch: Sketch | None
+    created_at: float
+
+    @property
+    def ready(self) -> bool:
+        return self.sketch is not None
+
+
+@dataclass(frozen=True)
+class WindowScore:
+    window_start_ms: int
+    window_end_ms: int
+    devices: int
+    score: drift.DriftScore
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "window_start_ms": self.window_start_ms,
+            "window_end_ms": self.window_end_ms,
+            "devices": self.devices,
+            **self.score.to_json(),
+        }
+
+
+def sketch_from_proto(msg: fleet_pb2.DriftSketch, spec: SketchSpec | None = None) -> Sketch:
+    """A wire sketch as counts; with a spec, histograms whose edges differ from it are refused."""
+    features: dict[str, tuple[int, ...]] = {}
+    for h in msg.features:
+        if len(h.counts) != len(h.edges) + 1:
+            raise InvalidDriftInput(f"feature {h.name!r}: {len(h.counts)} counts for {len(h.edges)} edges")
+        if spec is not None and h.name in spec.features and tuple(h.edges) != spec.features[h.name]:
+            raise InvalidDriftInput(f"feature {h.name!r} was sketched with other bin edges than the baseline")
+        features[h.name] = tuple(h.counts)
+    if msg.HasField("confidence") and len(msg.confidence.counts) != len(msg.confidence.edges) + 1:
+        raise InvalidDriftInput("confidence histogram: counts do not match edges")
+    return Sketch(msg.samples, features, tuple(msg.class_counts), tuple(msg.confidence.counts))
+
+
+def spec_message(tenant: str, model_name: str, model_version: str, spec: SketchSpec) -> fleet_pb2.DriftSpec:
+    """The DriftSpec for a device's desired state."""
+    msg = fleet_pb2.DriftSpec(
+        tenant=tenant,
+        model_name=model_name,
+        model_version=model_version,
+        confidence_edges=list(spec.confidence_edges),
+        num_classes=spec.num_classes,
+    )
+    for name, edges in spec.features.items():
+        msg.features.add(name=name, edges=list(edges))
+    return msg
+
+
+class Baselines:
+    def __init__(self, store: Store, bucket_s: int, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.bucket_ms = bucket_s * 1000
+        self.clock = clock
+
+    # -- ingest ---------------------------------------------------------------
+
+    def observe(self, device_id: str, msg: fleet_pb2.Telemetry, received_at: float) -> None:
+        for sk in msg.drift:
+            try:
+                sketch = sketch_from_proto(sk)
+            except InvalidDriftInput as exc:
+                log.warning(
+                    "drift sketch rejected device=%s model=%s version=%s reason=%s",
+                    device_id,
+                    sk.model_name,
+                    sk.model_version,
+                    exc,
+                )
+                continue
+            self.store.execute(
+                "INSERT INTO drift_sketches (device_id, tenant, model_name, model_version, window_start_ms,"
+                " window_end_ms, received_at, samples, sketch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    device_id,
+                    sk.tenant or "default",
+                    sk.model_name,
+                    sk.model_version,
+                    msg.window_start_ms,
+                    msg.window_end_ms,
+                    received_at,
+                    sk.samples,
+                    json.dumps(sketch.to_json()),
+                ),
+            )
+
+    # -- baselines --------------------------------------------------------------
+
+    def set_reference(
+        self,
+        model_name: str,
+        model_version: str,
+        inputs: npt.ArrayLike,
+        probabilities: npt.ArrayLike | None,
+        bins: int = drift.DEFAULT_BINS,
+    ) -> Baseline:
+        spec, sketch = drift.reference_baseline(inputs, probabilities, bins)
+        return self._save(model_name, model_version, "reference", 0, spec, sketch)
+
+    def set_production(self, model_name: str, model_version: str, windows: int, spec: SketchSpec) -> Baseline:
+        if not 1 <= windows <= MAX_WINDOWS:
+            raise InvalidDriftInput(f"windows must be between 1 and {MAX_WINDOWS}, not {windows}")
+        return self._save(model_name, model_version, "production", windows, spec, None)
+
+    def _save(
+        self, name: str, version: str, source: str, windows: int, spec: SketchSpec, sketch: Sketch | None
+    ) -> Baseline:
+        now = self.clock()
+        self.store.execute(
+            "INSERT INTO drift_baselines (model_name, model_version, source, windows_needed, spec, sketch,"
+            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (model_name, model_version) DO UPDATE SET source = excluded.source,"
+            " windows_needed = excluded.windows_needed, spec = excluded.spec, sketch = excluded.sketch,"
+            " updated_at = excluded.updated_at",
+            (
+                name,
+                version,
+                source,
+                windows,
+                json.dumps(spec.to_json()),
+                None if sketch is None else json.dumps(sketch.to_json()),
+                now,
+                now,
+            ),
+        )
+        log.info(
+            "drift baseline set model=%s version=%s source=%s windows=%d", name, version, source, windows
+        )
+        return self.get(name, version)
+
+    def get(self, model_name: str, model_version: str) -> Baseline:
+        row = self.store.query_one(
+            "SELECT * FROM drift_baselines WHERE model_name = ? AND model_version = ?",
+            (model_name, model_version),
+        )
+        if row is None:
+            raise BaselineNotFound(f"model {model_name} version {model_version} has no drift baseline")
+        baseline = Baseline(
+            model_name=model_name,
+            model_version=model_version,
+            source=row["source"],
+            windows_needed=row["windows_needed"],
+            spec=SketchSpec.from_json(json.loads(row["spec"])),
+            sketch=Sketch.from_json(json.loads(row["sketch"])) if row["sketch"] else None,
+            created_at=row["created_at"],
+        )
+        if baseline.sketch is None:
+            return self._complete(baseline)
+        return baseline
+
+    def _complete(self, baseline: Baseline) -> Baseline:
+        """A production baseline becomes fixed once its first N windows are in."""
+        rows = self.store.query(
+            "SELECT sketch FROM drift_sketches WHERE model_name = ? AND model_version = ?"
+            " ORDER BY window_end_ms, id LIMIT ?",
+            (baseline.model_name, baseline.model_version, baseline.windows_needed),
+        )
+        sketch = drift.production_baseline(
+            [Sketch.from_json(json.loads(r["sketch"])) for r in rows], baseline.windows_needed
+        )
+        if sketch is None:
+            return baseline
+        self.store.execute(
+            "UPDATE drift_baselines SET sketch = ?, updated_at = ? WHERE model_name = ? AND model_version = ?"
+            " AND sketch IS NULL",
+            (json.dumps(sketch.to_json()), self.clock(), baseline.model_name, baseline.model_version),
+        )
+        log.info(
+            "drift baseline fixed from production model=%s version=%s windows=%d",
+            baseline.model_name,
+            baseline.model_version,
+            baseline.windows_needed,
+        )
+        return Baseline(**{**baseline.__dict__, "sketch": sketch})
+
+    def all(self) -> list[Baseline]:
+        rows = self.store.query("SELECT model_name, model_version FROM drift_baselines ORDER BY 1, 2")
+        return [self.get(r["model_name"], r["model_version"]) for r in rows]
+
+    # -- scores -------------------------------------------------------------------
+
+    def _windows(self, name: str, version: str, since_ms: int, device_id: str | None) -> list[dict[str, Any]]:
+        sql = (
+            "SELECT device_id, window_start_ms, window_end_ms, sketch FROM drift_sketches"
+            " WHERE model_name = ? AND model_version = ? AND window_end_ms > ?"
+        )
+        params: list[object] = [name, version, since_ms]
+        if device_id is not None:
+            sql += " AND device_id = ?"
+            params.append(device_id)
+        return self.store.query(sql + " ORDER BY window_end_ms, id", params)
+
+    def _scorable(self, name: str, version: str) -> Baseline | None:
+        baseline = self.get(name, version)
+        return baseline if baseline.sketch is not None else None
+
+    def fleet_scores(self, name: str, version: str, since_ms: int = 0) -> list[WindowScore]:
+        """One score per fleet-wide window: every device's sketches in it added up."""
+        baseline = self._scorable(name, version)
+        if baseline is None or baseline.sketch is None:
+            return []
+        buckets: dict[int, list[Sketch]] = defaultdict(list)
+        devices: dict[int, set[str]] = defaultdict(set)
+        for r in self._windows(name, version, since_ms, None):
+            start = drift.bucket_start_ms(int(r["window_end_ms"]), self.bucket_ms)
+            buckets[start].append(Sketch.from_json(json.loads(str(r["sketch"]))))
+            devices[start].add(str(r["device_id"]))
+        return [
+            WindowScore(
+                start,
+                start + self.bucket_ms,
+                len(devices[start]),
+                drift.score(baseline.sketch, drift.merge(s)),
+            )
+            for start, s in sorted(buckets.items())
+        ]
+
+    def device_scores(self, name: str, version: str, device_id: str, since_ms: int = 0) -> list[WindowScore]:
+        baseline = self._scorable(name, version)
+        if baseline is None or baseline.sketch is None:
+            return []
+        return [
+            WindowScore(
+                int(r["window_start_ms"]),
+                int(r["window_end_ms"]),
+                1,
+                drift.score(baseline.sketch, Sketch.from_json(json.loads(str(r["sketch"])))),
+            )
+            for r in self._windows(name, version, since_ms, device_id)
+        ]
+
+    def latest_by_device(self, name: str, version: str, since_ms: int = 0) -> dict[str, WindowScore]:
+        """Each device's newest window score (the per-device view of the fleet)."""
+        baseline = self._scorable(name, version)
+        if baseline is None or baseline.sketch is None:
+            return {}
+        newest: dict[str, dict[str, Any]] = {}
+        for r in self._windows(name, version, since_ms, None):
+            newest[str(r["device_id"])] = r
+        return {
+            device: WindowScore(
+                int(r["window_start_ms"]),
+                int(r["window_end_ms"]),
+                1,
+                drift.score(baseline.sketch, Sketch.from_json(json.loads(str(r["sketch"])))),
+            )
+            for device, r in sorted(newest.items())
+        }
+
+    def versions_with_sketches(self, since_ms: int) -> Sequence[tuple[str, str]]:
+        rows = self.store.query(
+            "SELECT DISTINCT d.model_name, d.model_version FROM drift_sketches d JOIN drift_baselines b"
+            " ON b.model_name = d.model_name AND b.model_version = d.model_version"
+            " WHERE d.window_end_ms > ? ORDER BY 1, 2",
+            (since_ms,),
+        )
+        return [(r["model_name"], r["model_version"]) for r in rows]

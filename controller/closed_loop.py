@@ -1,0 +1,97 @@
+"""The closed loop assembled: roll-ups, drift baselines, captured data sets and
+retraining policies, plus the maintenance thread that prunes old telemetry and
+evaluates the policies every ``maintenance_interval_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from controller.baselines import Baselines
+from controller.datasets import Datasets
+from controller.retraining import Retraining
+from controller.rollouts import Rollouts
+from controller.rollups import DAY_S, Retention, Rollups
+from controller.settings import Settings
+from controller.store import Store
+from controller.telemetry import TelemetryStore
+
+log = logging.getLogger(__name__)
+
+PRUNE_EVERY_S = 60.0
+
+
+class ClosedLoop:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        telemetry: TelemetryStore,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        retention = Retention(
+            telemetry_s=settings.telemetry_retention_days * DAY_S,
+            rollup_s=settings.rollup_retention_days * DAY_S,
+        )
+        self.rollups = Rollups(store, settings.rollup_window_s, retention, clock)
+        self.baselines = Baselines(store, settings.rollup_window_s, clock)
+        self.datasets = Datasets(store, settings.data_dir / "datasets", clock)
+        self.retraining = Retraining(store, self.baselines, self.datasets, clock)
+        telemetry.observers += [self.rollups.observe, self.baselines.observe]
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_prune = 0.0
+
+    def tick(self) -> None:
+        """One maintenance pass; each part fails alone."""
+        now = self.clock()
+        for name, step in (
+            ("baselines", self.baselines.all),
+            ("retraining", lambda: self.retraining.tick(now)),
+            ("staging", lambda: self.datasets.expire_uploads(now)),
+        ):
+            try:
+                step()
+            except Exception:
+                log.exception("maintenance step failed step=%s", name)
+        if now - self._last_prune >= PRUNE_EVERY_S:
+            self._last_prune = now
+            try:
+                self.rollups.prune(now)
+            except Exception:
+                log.exception("maintenance step failed step=prune")
+
+    def start(self) -> None:
+        self._stop.clear()
+        self.retraining.start()
+        self._thread = threading.Thread(target=self._run, name="closed-loop", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.maintenance_interval_s):
+            self.tick()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self.retraining.stop(timeout)
+
+
+def rollout_starter(rollouts: Rollouts) -> Callable[[str, str, Mapping[str, Any]], str]:
+    """What a retraining policy's ``rollout`` field does with the version a run registered."""
+
+    def start(model: str, version: str, spec: Mapping[str, Any]) -> str:
+        rollout = rollouts.create(
+            model, version, list(spec.get("devices", [])), str(spec.get("tenant", "default"))
+        )
+        return str(rollout.id)
+
+    return start

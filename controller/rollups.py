@@ -1,0 +1,187 @@
+"""Telemetry roll-ups per device, model version and time bucket, and the retention policy.
+
+The ingest worker calls :meth:`Rollups.observe` for every newly stored window,
+inside the batch's transaction, so a roll-up never counts a window twice (an
+outbox resend is not "newly stored"). Quantiles cannot be added up; a bucket
+keeps the inference-weighted mean of its windows' p50 and p95 and the largest
+p99, which is what an operator reads a dashboard for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edgefleet_proto import fleet_pb2
+
+from controller.store import Store
+
+log = logging.getLogger(__name__)
+
+DAY_S = 86_400.0
+
+
+@dataclass(frozen=True)
+class VersionStats:
+    """One model version across the fleet over the last ``window_s`` seconds."""
+
+    model_name: str
+    model_version: str
+    inference_count: int
+    error_count: int
+    window_s: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+
+    @property
+    def inference_rate(self) -> float:
+        return self.inference_count / self.window_s
+
+    @property
+    def error_rate(self) -> float:
+        return self.error_count / self.inference_count if self.inference_count else 0.0
+
+
+@dataclass(frozen=True)
+class Retention:
+    telemetry_s: float
+    rollup_s: float
+
+    def cutoffs(self, now: float) -> tuple[float, int]:
+        """(received_at cutoff for raw rows, bucket_start_ms cutoff for roll-ups)."""
+        return now - self.telemetry_s, int((now - self.rollup_s) * 1000)
+
+
+def bucket_of(window_end_ms: int, bucket_ms: int) -> int:
+    return (max(window_end_ms, 1) - 1) // bucket_ms * bucket_ms
+
+
+class Rollups:
+    def __init__(
+        self, store: Store, bucket_s: int, retention: Retention, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.store = store
+        self.bucket_ms = bucket_s * 1000
+        self.retention = retention
+        self.clock = clock
+
+    def observe(self, device_id: str, msg: fleet_pb2.Telemetry, received_at: float) -> None:
+        bucket = bucket_of(msg.window_end_ms, self.bucket_ms)
+        for m in msg.models:
+            n = m.inference_count
+            self.store.execute(
+                "INSERT INTO telemetry_rollups (device_id, tenant, model_name, model_version, bucket_start_ms,"
+                " windows, inference_count, error_count, latency_p50_sum, latency_p95_sum, latency_p99_max,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (model_name, model_version, bucket_start_ms, device_id, tenant) DO UPDATE SET"
+                " windows = windows + 1, inference_count = inference_count + excluded.inference_count,"
+                " error_count = error_count + excluded.error_count,"
+                " latency_p50_sum = latency_p50_sum + excluded.latency_p50_sum,"
+                " latency_p95_sum = latency_p95_sum + excluded.latency_p95_sum,"
+                " latency_p99_max = max(latency_p99_max, excluded.latency_p99_max),"
+                " updated_at = excluded.updated_at",
+                (
+                    device_id,
+                    m.tenant,
+                    m.model_name,
+                    m.model_version,
+                    bucket,
+                    n,
+                    m.error_count,
+                    m.latency_p50_ms * n,
+                    m.latency_p95_ms * n,
+                    m.latency_p99_ms,
+                    received_at,
+                ),
+            )
+
+    def query(
+        self,
+        device_id: str | None = None,
+        model_name: str | None = None,
+        since_ms: int = 0,
+        limit: int = 1000,
+    ) -> list[dict[str, object]]:
+        """Buckets newest first, with the weighted latencies worked out."""
+        where: list[str] = ["bucket_start_ms >= ?"]
+        params: list[Any] = [since_ms]
+        if device_id is not None:
+            where.append("device_id = ?")
+            params.append(device_id)
+        if model_name is not None:
+            where.append("model_name = ?")
+            params.append(model_name)
+        rows = self.store.query(
+            f"SELECT * FROM telemetry_rollups WHERE {' AND '.join(where)}"
+            " ORDER BY bucket_start_ms DESC, device_id, model_name, model_version LIMIT ?",
+            [*params, max(1, min(limit, 10_000))],
+        )
+        out: list[dict[str, object]] = []
+        for r in rows:
+            n = r["inference_count"]
+            out.append(
+                {
+                    "device_id": r["device_id"],
+                    "tenant": r["tenant"],
+                    "model_name": r["model_name"],
+                    "model_version": r["model_version"],
+                    "bucket_start_ms": r["bucket_start_ms"],
+                    "bucket_s": self.bucket_ms // 1000,
+                    "windows": r["windows"],
+                    "inference_count": n,
+                    "error_count": r["error_count"],
+                    "latency_p50_ms": r["latency_p50_sum"] / n if n else 0.0,
+                    "latency_p95_ms": r["latency_p95_sum"] / n if n else 0.0,
+                    "latency_p99_ms": r["latency_p99_max"],
+                }
+            )
+        return out
+
+    def by_version(self, window_s: float, now: float | None = None) -> list[VersionStats]:
+        """Fleet-wide figures per model version over the newest ``window_s`` seconds of buckets."""
+        now = self.clock() if now is None else now
+        since = bucket_of(int((now - window_s) * 1000) + 1, self.bucket_ms)
+        rows = self.store.query(
+            "SELECT model_name, model_version, sum(inference_count) AS n, sum(error_count) AS e,"
+            " sum(latency_p50_sum) AS p50, sum(latency_p95_sum) AS p95, max(latency_p99_max) AS p99"
+            " FROM telemetry_rollups WHERE bucket_start_ms >= ?"
+            " GROUP BY model_name, model_version ORDER BY model_name, model_version",
+            (since,),
+        )
+        return [
+            VersionStats(
+                model_name=r["model_name"],
+                model_version=r["model_version"],
+                inference_count=r["n"],
+                error_count=r["e"],
+                window_s=window_s,
+                latency_p50_ms=r["p50"] / r["n"] if r["n"] else 0.0,
+                latency_p95_ms=r["p95"] / r["n"] if r["n"] else 0.0,
+                latency_p99_ms=r["p99"] or 0.0,
+            )
+            for r in rows
+        ]
+
+    def prune(self, now: float | None = None) -> dict[str, int]:
+        """Apply the retention policy; returns the rows removed per table."""
+        now = self.clock() if now is None else now
+        raw_cutoff, rollup_cutoff = self.retention.cutoffs(now)
+        removed: dict[str, int] = {}
+        with self.store.transaction():
+            removed["telemetry"] = self.store.execute(
+                "DELETE FROM telemetry WHERE received_at < ?", (raw_cutoff,)
+            )
+            removed["events"] = self.store.execute("DELETE FROM events WHERE received_at < ?", (raw_cutoff,))
+            removed["drift_sketches"] = self.store.execute(
+                "DELETE FROM drift_sketches WHERE received_at < ?", (raw_cutoff,)
+            )
+            removed["telemetry_rollups"] = self.store.execute(
+                "DELETE FROM telemetry_rollups WHERE bucket_start_ms < ?", (rollup_cutoff,)
+            )
+        if any(removed.values()):
+            log.info("retention pruned %s", " ".join(f"{k}={v}" for k, v in removed.items()))
+        return removed
