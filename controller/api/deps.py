@@ -8,6 +8,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from controller.auth import token_matches
+from controller.closed_loop import ClosedLoop
 from controller.fleet import Fleet
 from controller.profiles import Profiles
 from controller.registry import Registry
@@ -58,9 +59,14 @@ def get_telemetry(controller: ControllerDep) -> TelemetryStore:
     return controller.telemetry
 
 
+def get_closed_loop(controller: ControllerDep) -> ClosedLoop:
+    return controller.closed_loop
+
+
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 FleetDep = Annotated[Fleet, Depends(get_fleet)]
 ProfilesDep = Annotated[Profiles, Depends(get_profiles)]
 RolloutsDep = Annotated[Rollouts, Depends(get_rollouts)]
 TelemetryDep = Annotated[TelemetryStore, Depends(get_telemetry)]
+ClosedLoopDep = Annotated[ClosedLoop, Depends(get_closed_loop)]
 Authenticated = Depends(require_token)
