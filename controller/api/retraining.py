@@ -1,0 +1,62 @@
+"""/v1/retraining: versioned policies, their runs, and the result a pipeline reports."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query
+
+from controller.api.deps import ClosedLoopDep, RegistryDep
+from controller.api.loop_schemas import RunPublic, RunResult, RunResultPublic
+
+router = APIRouter(tags=["retraining"])
+
+
+@router.put("/retraining/policies/{name}")
+def put_policy(name: str, loop: ClosedLoopDep, doc: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+    """Create the policy, or add a version of it (the newest version is in force)."""
+    return loop.retraining.put_policy(name, doc).public()
+
+
+@router.get("/retraining/policies")
+def list_policies(loop: ClosedLoopDep) -> list[dict[str, Any]]:
+    return [p.public() for p in loop.retraining.policies()]
+
+
+@router.get("/retraining/policies/{name}")
+def get_policy(name: str, loop: ClosedLoopDep) -> dict[str, Any]:
+    return loop.retraining.policy(name).public()
+
+
+@router.get("/retraining/policies/{name}/versions")
+def policy_versions(name: str, loop: ClosedLoopDep) -> list[dict[str, Any]]:
+    return [p.public() for p in loop.retraining.policy_versions(name)]
+
+
+@router.post("/retraining/evaluate", response_model=list[RunPublic])
+def evaluate_now(loop: ClosedLoopDep) -> list[RunPublic]:
+    """Evaluate every policy now instead of at the next maintenance tick."""
+    return [RunPublic.model_validate(r) for r in loop.retraining.tick()]
+
+
+@router.get("/retraining/runs", response_model=list[RunPublic])
+def list_runs(
+    loop: ClosedLoopDep, policy: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[RunPublic]:
+    return [RunPublic.model_validate(r) for r in loop.retraining.runs(policy, limit)]
+
+
+@router.get("/retraining/runs/{run_id}", response_model=RunPublic)
+def get_run(run_id: str, loop: ClosedLoopDep) -> RunPublic:
+    return RunPublic.model_validate(loop.retraining.run(run_id))
+
+
+@router.post("/retraining/runs/{run_id}/result", response_model=RunResultPublic)
+def report_result(
+    run_id: str, body: RunResult, loop: ClosedLoopDep, registry: RegistryDep
+) -> RunResultPublic:
+    """A pipeline registered a version for this run; the policy's rollout (if any) starts."""
+    run = loop.retraining.run(run_id)
+    registry.get(run.model_name, body.version)
+    done, rollout_id = loop.retraining.complete(run_id, body.version)
+    return RunResultPublic(run=RunPublic.model_validate(done), rollout_id=rollout_id)
