@@ -1,0 +1,98 @@
+"""Three saturating tenants on one real agent: CPU time follows the weights, overflow is dropped and counted."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from edgefleet_proto import fleet_pb2
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.integration.agent.conftest import AgentProcess
+from tests.integration.agent.peer import Peer, wait_until
+
+SIZE = 96
+
+
+def heavy_conv(path: Path) -> Path:
+    """A conv net big enough (tens of ms a run) that inference, not the sources, is the bottleneck."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((32, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((64, 32, 3, 3)).astype(np.float32), "w2")
+    w3 = numpy_helper.from_array(rng.standard_normal((64, 64, 3, 3)).astype(np.float32), "w3")
+    nodes = [
+        helper.make_node("Conv", ["image", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w3"], ["c3"], pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c3"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "heavy_conv",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 64])],
+        initializer=[w1, w2, w3],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+WEIGHTS = {"low": 1.0, "mid": 2.0, "high": 4.0}
+
+
+def tenant(name: str, weight: float, seed: int) -> str:
+    return f"""
+[[tenants]]
+id = "{name}"
+weight = {weight}
+queue = 2
+[tenants.source]
+kind = "synthetic"
+shape = "{SIZE},{SIZE},3"
+seed = {seed}
+[tenants.preprocess]
+scale = 0.00392156862745098
+layout = "nchw"
+"""
+
+
+def test_weights_are_respected_under_overload(
+    make_agent: Callable[..., AgentProcess], make_peer: Callable[[str], Peer], tmp_path: Path
+) -> None:
+    agent = make_agent(telemetry_interval_s=1.0)
+    with agent.config.open("a") as f:
+        f.write("[scheduler]\nworkers = 2\nintra_op_threads = 1\n")
+        for i, (name, weight) in enumerate(WEIGHTS.items()):
+            f.write(tenant(name, weight, i))
+    peer = make_peer(agent.device_id)
+    digest = peer.add_artifact(heavy_conv(tmp_path / "conv.onnx"))
+    # Three tenants on one artifact: one loaded copy serves them all.
+    peer.publish_desired(1, *(peer.assignment(digest, "1", name="conv", tenant=t) for t in WEIGHTS))
+    agent.start()
+    agent.wait_ready()
+    for t in WEIGHTS:
+        peer.wait_active(digest, tenant=t)
+
+    def busy_windows() -> list[dict[str, fleet_pb2.TenantStats]] | None:
+        windows = [{s.tenant: s for s in t.tenants} for t in list(peer.telemetry)]
+        full = [w for w in windows if all(w.get(t) and w[t].inferences for t in WEIGHTS)]
+        # The first full window may have started before every model was active.
+        return full[1:4] if len(full) >= 4 else None
+
+    windows = wait_until(busy_windows, 40, "three telemetry windows with every tenant busy")
+    busy = {t: sum(w[t].busy_s for w in windows) for t in WEIGHTS}
+    total = sum(busy.values())
+    for t, weight in WEIGHTS.items():
+        share, want = busy[t] / total, weight / sum(WEIGHTS.values())
+        assert abs(share - want) / want < 0.10, (t, busy, share, want)
+    assert all(
+        sum(w[t].dropped for w in windows) > 0 for t in WEIGHTS
+    )  # live sources overflow, never queue up
+    assert {w[t].weight for w in windows for t in WEIGHTS} == set(WEIGHTS.values())
