@@ -66,7 +66,9 @@ class PooledModel:
     def outputs(self) -> list[TensorSpec]:
         return list(self._outputs)
 
-    def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    def run(
+        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] = ()
+    ) -> dict[str, np.ndarray]:
         with self._lock:
             self.in_use += 1
             self.last_used = self._pool.clock()
