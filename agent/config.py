@@ -68,6 +68,13 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    # Hex of the controller's raw Ed25519 public key, pinned at provisioning; empty
+    # accepts unsigned models (development only, logged at start).
+    controller_public_key: str = ""
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str
     data_dir: Path
@@ -80,6 +87,7 @@ class AgentConfig:
     pool: PoolConfig = PoolConfig()
     api: ApiConfig = ApiConfig()
     tenants: tuple[TenantSpec, ...] = ()
+    security: SecurityConfig = SecurityConfig()
 
 
 _TOP_KEYS = {
@@ -94,6 +102,7 @@ _TOP_KEYS = {
     "pool",
     "api",
     "tenants",
+    "security",
 }
 _SECTION_KEYS = {
     "mqtt": {"host", "port", "username", "password", "protocol"},
@@ -102,6 +111,7 @@ _SECTION_KEYS = {
     "scheduler": {"workers", "intra_op_threads"},
     "pool": {"memory_budget_mb", "idle_unload_s"},
     "api": {"require_token", "socket_mode"},
+    "security": {"controller_public_key"},
 }
 
 
@@ -236,7 +246,20 @@ def parse_config(text: str, path: Path = Path("agent.toml")) -> AgentConfig:
         pool=_pool(src, doc),
         api=_api(src, doc),
         tenants=_tenants(src, doc),
+        security=_security(src, doc),
     )
+
+
+def _security(src: _Source, doc: dict[str, Any]) -> SecurityConfig:
+    s = _section(src, doc, "security")
+    key = _get(src, s, "security", "controller_public_key", str, "").strip()
+    if key and not re.fullmatch(r"[0-9a-fA-F]{64}", key):
+        raise src.error(
+            "security",
+            "controller_public_key",
+            "expected 64 hex digits (the controller's raw Ed25519 public key)",
+        )
+    return SecurityConfig(controller_public_key=key.lower())
 
 
 def _scheduler(src: _Source, doc: dict[str, Any]) -> SchedulerConfig:

@@ -1,14 +1,17 @@
 """Model runtimes behind one small interface.
 
 A :class:`Backend` loads a model file and returns a :class:`LoadedModel` that
-runs named numpy tensors. ONNX Runtime is the implementation today; a LiteRT
-backend plugs into :data:`BACKENDS` the same way. No other agent module imports
-a runtime library.
+runs named numpy tensors. Two implementations: ONNX Runtime, and LiteRT
+(``ai_edge_litert``, or ``tflite_runtime`` where only that is installed) for
+.tflite files; :data:`BACKENDS` lists those that import on this device. No
+other agent module imports a runtime library.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,9 +156,106 @@ class OnnxRuntimeBackend:
         return OnnxModel(session)
 
 
+def litert_interpreter() -> Any | None:
+    """The LiteRT interpreter class, or tflite-runtime's; None when neither imports.
+
+    tflite-runtime 2.14 wheels need numpy < 2 and crash with numpy 2, so LiteRT is tried first.
+    """
+    for module in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
+        try:
+            return importlib.import_module(module).Interpreter
+        except ImportError:
+            continue
+    return None
+
+
+def _litert_spec(detail: Mapping[str, Any]) -> TensorSpec:
+    signature = detail.get("shape_signature")
+    shape = signature if signature is not None and len(signature) else detail["shape"]
+    return TensorSpec(str(detail["name"]), np.dtype(detail["dtype"]).name, tuple(int(d) for d in shape))
+
+
+class LiteRtModel:
+    """One TFLite interpreter. It is not thread-safe, so runs are serialised; a batch size
+    other than the one allocated resizes the input tensors first."""
+
+    def __init__(self, interpreter: Any) -> None:
+        self._interpreter = interpreter
+        self._lock = threading.Lock()
+        self._in = interpreter.get_input_details()
+        self._out = interpreter.get_output_details()
+        self._inputs = [_litert_spec(d) for d in self._in]
+        self._outputs = [_litert_spec(d) for d in self._out]
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return list(self._inputs)
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return list(self._outputs)
+
+    def run(
+        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] = ()
+    ) -> dict[str, np.ndarray]:
+        check_inputs(self._inputs, inputs)
+        known = [o.name for o in self._outputs]
+        names = list(output_names) or known
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise InvalidInput(f"unknown output(s) {unknown}; the model has {known}")
+        with self._lock:
+            try:
+                self._resize(inputs)
+                for detail in self._in:
+                    self._interpreter.set_tensor(
+                        detail["index"], np.ascontiguousarray(inputs[detail["name"]])
+                    )
+                self._interpreter.invoke()
+                by_name = {d["name"]: d["index"] for d in self._interpreter.get_output_details()}
+                return {n: np.array(self._interpreter.get_tensor(by_name[n])) for n in names}
+            except ValueError as exc:
+                raise InvalidInput(f"LiteRT refused the inputs: {exc}") from None
+            except RuntimeError as exc:
+                raise InferenceError(f"LiteRT failed: {exc}") from None
+
+    def _resize(self, inputs: Mapping[str, np.ndarray]) -> None:
+        current = {
+            d["name"]: tuple(int(x) for x in d["shape"]) for d in self._interpreter.get_input_details()
+        }
+        changed = False
+        for detail in self._in:
+            shape = inputs[detail["name"]].shape
+            if current[detail["name"]] != shape:
+                self._interpreter.resize_tensor_input(detail["index"], list(shape), strict=True)
+                changed = True
+        if changed:
+            self._interpreter.allocate_tensors()
+
+
+class LiteRtBackend:
+    name = "litert"
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads or os.cpu_count() or 1
+
+    def load(self, path: Path) -> LoadedModel:
+        interpreter_class = litert_interpreter()
+        if interpreter_class is None:
+            raise UnsupportedRuntime("neither ai-edge-litert nor tflite-runtime is installed on this agent")
+        try:
+            interpreter = interpreter_class(model_path=str(path), num_threads=self.threads)
+            interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"LiteRT cannot load {path.name}: {exc}") from None
+        return LiteRtModel(interpreter)
+
+
 # Factories take an optional ``threads`` keyword: the intra-op threads per loaded
 # model, which the scheduler sets so its workers do not oversubscribe the cores.
 BACKENDS: dict[str, Callable[..., Backend]] = {"onnxruntime": OnnxRuntimeBackend}
+if litert_interpreter() is not None:
+    BACKENDS["litert"] = LiteRtBackend
 DEFAULT_RUNTIME_FOR_FORMAT = {"onnx": "onnxruntime", "tflite": "litert"}
 
 

@@ -1,0 +1,139 @@
+"""The controller key this device trusts, and the checks made with it.
+
+The key is pinned at provisioning (``[security] controller_public_key`` in
+agent.toml, hex of the raw Ed25519 key). Every model assignment must carry the
+controller's signature over its manifest (model name, version, variant, sha256,
+size; byte format in :mod:`edgefleet_proto.signing`); since the artifact's
+sha256 is checked against the signed digest before it is installed, a signed
+assignment authenticates the file itself. An assignment that is unsigned,
+tampered with or signed by another key is refused with the reason; the tenant
+keeps its previous model.
+
+Key rotation: a desired state may carry a ``KeyRotation`` (the new key signed by
+the old one). It is accepted only when the signature verifies with the key
+pinned now; the new key is then persisted (``controller_key.json``, atomic
+write) and replaces the old one. The persisted key is used as long as the
+configured key is the one the rotation chain started from, so re-provisioning
+the device with another key in agent.toml takes precedence.
+
+Without a configured key the agent runs unverified (development set-ups) and
+says so at start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from edgefleet_proto import fleet_pb2
+from edgefleet_proto.signing import (
+    PUBLIC_KEY_BYTES,
+    SigningFormatError,
+    key_id,
+    manifest_bytes,
+    rotation_bytes,
+)
+
+from agent.atomic import write_atomic
+from agent.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+KEY_FILE = "controller_key.json"
+
+
+def parse_public_key(text: str) -> bytes:
+    """Hex of a raw Ed25519 public key -> its 32 bytes; ConfigError otherwise."""
+    try:
+        raw = bytes.fromhex(text.strip())
+    except ValueError:
+        raise ConfigError(f"controller public key is not hex: {text[:80]!r}") from None
+    if len(raw) != PUBLIC_KEY_BYTES:
+        raise ConfigError(
+            f"controller public key has {len(raw)} bytes, an Ed25519 key has {PUBLIC_KEY_BYTES}"
+        )
+    return raw
+
+
+def _verifies(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+class KeyRing:
+    def __init__(self, data_dir: Path, configured: bytes | None) -> None:
+        self.path = Path(data_dir) / KEY_FILE
+        self.configured = configured
+        self.key = configured
+        if configured is not None:
+            self.key = self._persisted() or configured
+
+    @property
+    def enabled(self) -> bool:
+        return self.key is not None
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.key) if self.key is not None else ""
+
+    def _persisted(self) -> bytes | None:
+        try:
+            doc = json.loads(self.path.read_text())
+            if bytes.fromhex(doc["provisioned_key"]) != self.configured:
+                log.warning("rotated controller key ignored: agent.toml pins another key path=%s", self.path)
+                return None
+            key = bytes.fromhex(doc["public_key"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error(
+                "rotated controller key unreadable, using the configured key path=%s error=%s", self.path, exc
+            )
+            return None
+        return key if len(key) == PUBLIC_KEY_BYTES else None
+
+    def rotate(self, rotation: fleet_pb2.KeyRotation) -> str | None:
+        """Apply a rotation signed by the pinned key; returns why it was refused, if it was."""
+        new = bytes(rotation.new_public_key)
+        if not new or self.key is None or new == self.key:
+            return None
+        try:
+            message = rotation_bytes(new)
+        except SigningFormatError as exc:
+            return f"key rotation refused: {exc}"
+        if not _verifies(self.key, bytes(rotation.signature), message):
+            return f"key rotation to {key_id(new)} refused: not signed by the pinned controller key {self.key_id}"
+        assert self.configured is not None
+        doc = {
+            "public_key": new.hex(),
+            "provisioned_key": self.configured.hex(),
+            "previous_key": self.key.hex(),
+        }
+        write_atomic(self.path, json.dumps(doc, indent=1).encode())
+        log.info("controller key rotated old_key=%s new_key=%s", self.key_id, key_id(new))
+        self.key = new
+        return None
+
+    def check(self, m: fleet_pb2.ModelAssignment) -> str | None:
+        """Why this assignment must be refused, or None when it is signed by the pinned key."""
+        if self.key is None:
+            return None
+        if not m.signature:
+            return "refused: the assignment is not signed by the controller"
+        try:
+            message = manifest_bytes(
+                m.model_name, m.model_version, m.variant, m.artifact_digest, m.artifact_size
+            )
+        except SigningFormatError as exc:
+            return f"refused: {exc}"
+        if _verifies(self.key, bytes(m.signature), message):
+            return None
+        if m.key_id and m.key_id != self.key_id:
+            return f"refused: signed by key {m.key_id}, this device trusts controller key {self.key_id}"
+        return f"refused: the signature does not match the manifest (key {self.key_id}); tampered or corrupt"
