@@ -45,6 +45,7 @@ from agent.reconciler import (
     plan,
 )
 from agent.runtime import BACKENDS
+from agent.signing import KeyRing
 from agent.state import Assignment, Desired, DeviceState, Failure, Installed, StateStore, TenantState
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class Updater:
         window: int = 8,
         request_timeout_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        keys: KeyRing | None = None,
     ) -> None:
         self.device_id = device_id
         self.states = states
@@ -131,6 +133,8 @@ class Updater:
         self.window = window
         self.request_timeout_s = request_timeout_s
         self.clock = clock
+        # The pinned controller key (issue #3); without one, assignments are not verified.
+        self.keys = keys if keys is not None else KeyRing(states.path.parent, None)
         self.state = DeviceState()
         self.installed: set[str] = set()
         self.transfers: dict[str, Transfer] = {}
@@ -230,7 +234,12 @@ class Updater:
             )
             return None
         desired = Desired.from_proto(msg)
-        self._save(replace(self.state, desired=desired))
+        state = replace(self.state, desired=desired)
+        # Unsigned or wrongly signed artifacts fail here, before any download; the tenant keeps its model.
+        for digest, reason in self.keys.refusals(msg).items():
+            state = state.with_failure(Failure(digest, reason, generation))
+            self.emit("artifact_refused", "error", reason, {"digest": digest})
+        self._save(state)
         self.pool.expect(frozenset(tenants))
         log.info("desired received device=%s generation=%d tenants=%s", self.device_id, generation, tenants)
         return None
