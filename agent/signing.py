@@ -137,3 +137,20 @@ class KeyRing:
         if m.key_id and m.key_id != self.key_id:
             return f"refused: signed by key {m.key_id}, this device trusts controller key {self.key_id}"
         return f"refused: the signature does not match the manifest (key {self.key_id}); tampered or corrupt"
+
+    def refusals(self, msg: fleet_pb2.DesiredState) -> dict[str, str]:
+        """Apply the desired state's key rotation, then check every assignment: digest -> reason."""
+        refused: dict[str, str] = {}
+        if msg.HasField("key_rotation"):
+            problem = self.rotate(msg.key_rotation)
+            if problem is not None:
+                log.error("key rotation refused device_key=%s reason=%s", self.key_id, problem)
+        for m in msg.models:
+            reason = self.check(m)
+            if reason is not None:
+                refused[m.artifact_digest] = reason
+                log.error(
+                    "artifact refused tenant=%s model=%s version=%s variant=%s digest=%s reason=%s",
+                    m.tenant or "default", m.model_name, m.model_version, m.variant, m.artifact_digest[:12], reason,
+                )  # fmt: skip
+        return refused
