@@ -104,8 +104,11 @@ class Divergence:
 
 @dataclass(frozen=True)
 class DriftScore:
-    """A window against the baseline. ``psi``/``kl`` are the worst component, the
-    number a policy compares with its threshold; the parts say which one it was."""
+    """A window against the baseline. ``psi``/``kl`` are what a policy compares with
+    its threshold: the larger of the features' mean, the predicted classes' and the
+    confidence's divergence. The features' mean, not their max: with tens of
+    features and a few hundred samples a window, the max of the per-feature PSIs
+    is mostly sampling noise; the parts (and ``worst_feature``) say where it moved."""
 
     samples: int
     psi: float
@@ -216,7 +219,14 @@ def score(baseline: Sketch, window: Sketch, epsilon: float = EPSILON) -> DriftSc
     confidence = None
     if baseline.confidence and window.confidence and sum(window.confidence) > 0:
         confidence = divergence(baseline.confidence, window.confidence, epsilon)
-    parts = [*features.values(), *(d for d in (prediction, confidence) if d is not None)]
+    parts = [d for d in (prediction, confidence) if d is not None]
+    if features:
+        n = len(features)
+        parts.append(
+            Divergence(
+                psi=sum(d.psi for d in features.values()) / n, kl=sum(d.kl for d in features.values()) / n
+            )
+        )
     return DriftScore(
         samples=window.samples,
         psi=max((d.psi for d in parts), default=0.0),

@@ -76,12 +76,15 @@ def test_merge_sums_bins_and_pads_classes() -> None:
         drift.merge([a, Sketch(1, {"f0": (1, 0, 0)})])
 
 
-def test_score_names_the_drifted_feature_and_takes_the_worst() -> None:
+def test_score_names_the_drifted_feature_and_averages_features() -> None:
     base = Sketch(200, {"f0": (50, 50), "f1": (50, 50)}, (100, 100), (100, 100))
     window = Sketch(200, {"f0": (50, 50), "f1": (95, 5)}, (100, 100), (100, 100))
     result = drift.score(base, window)
     assert result.worst_feature() == "f1"
-    assert result.psi == pytest.approx(result.features["f1"].psi)
+    assert result.psi == pytest.approx(result.features["f1"].psi / 2)
+    shifted_classes = drift.score(base, Sketch(200, {"f0": (50, 50)}, (190, 10), (100, 100)))
+    assert shifted_classes.prediction is not None
+    assert shifted_classes.psi == pytest.approx(shifted_classes.prediction.psi)
     assert result.features["f0"].psi == pytest.approx(0.0, abs=1e-12)
     assert result.prediction is not None and result.prediction.psi == pytest.approx(0.0, abs=1e-12)
 
