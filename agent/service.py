@@ -38,6 +38,7 @@ from agent.link import Inbound, Link, LinkDown, LinkUp, Publication, Rejected, n
 from agent.outbox import Outbox, OutboxSender
 from agent.pipeline import Pipelines, ResultHub
 from agent.pool import MB, ModelPool
+from agent.signing import KeyRing, parse_public_key
 from agent.state import StateStore
 from agent.systemd import Notifier
 from agent.telemetry import InferenceStats, PipelineStats, SystemSampler, build_telemetry
@@ -95,6 +96,7 @@ class Service:
             __version__,
             window=config.transfer.window,
             request_timeout_s=config.transfer.request_timeout_s,
+            keys=_keys(config),
         )
         self.server: grpc.Server | None = None
 
@@ -271,3 +273,18 @@ class Service:
         self.outbox.close()
         self.notifier.close()
         log.info("agent stopped device=%s", self.config.device_id)
+
+
+def _keys(config: AgentConfig) -> KeyRing:
+    """The pinned controller key (issue #3); without one, models are not verified."""
+    key = config.security.controller_public_key
+    ring = KeyRing(config.data_dir, parse_public_key(key) if key else None)
+    if ring.enabled:
+        log.info("controller key pinned device=%s key=%s", config.device_id, ring.key_id)
+    else:
+        log.warning(
+            "no controller key pinned: models are accepted unsigned device=%s "
+            "(set [security] controller_public_key)",
+            config.device_id,
+        )
+    return ring
