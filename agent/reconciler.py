@@ -18,10 +18,13 @@ from typing import ClassVar
 
 from agent.artifacts import FORMATS, valid_digest
 from agent.runtime import DEFAULT_RUNTIME_FOR_FORMAT
-from agent.state import Assignment, Desired, DeviceState
+from agent.state import Assignment, Desired, DeviceState, Update
+from agent.update_machine import OUTCOMES, SERVING_NEW, UpdateEvent, UpdateState, judge_probation
 
 # Progress-only changes of the reported state are published at most this often.
 PROGRESS_REPORT_INTERVAL_S = 1.0
+# How often a model on probation has its error rate looked at.
+PROBATION_POLL_S = 0.25
 
 
 class Action(StrEnum):
@@ -34,6 +37,8 @@ class Action(StrEnum):
     DEACTIVATE = "deactivate"
     MARK_APPLIED = "mark_applied"
     COLLECT_GARBAGE = "collect_garbage"
+    COMMIT = "commit"
+    ROLLBACK = "rollback"
     WAIT = "wait"
 
 
@@ -43,6 +48,7 @@ class Phase(StrEnum):
     LOADING = "loading"
     ACTIVE = "active"
     FAILED = "failed"
+    PROBATION = "probation"
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,9 @@ class ModelEntry:
     bytes_total: int = 0
     error: str = ""
     rollout_id: str = ""
+    # "succeeded", "failed" or "rolled_back" once the update ended; the machine's state.
+    outcome: str = ""
+    update_state: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,8 @@ class Current:
     reported_at: float = -math.inf
     window: int = 8
     request_timeout_s: float = 5.0
+    # (inferences, errors) since start of each tenant's serving model version.
+    probes: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -162,6 +173,20 @@ class CollectGarbage(Step):
 
 
 @dataclass(frozen=True)
+class Commit(Step):
+    action: ClassVar[Action] = Action.COMMIT
+    tenant: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RollBack(Step):
+    action: ClassVar[Action] = Action.ROLLBACK
+    tenant: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Wait(Step):
     action: ClassVar[Action] = Action.WAIT
     until: float
@@ -194,19 +219,23 @@ def build_report(desired: Desired | None, current: Current) -> Report:
     for tenant in tenants:
         ts = state.tenants.get(tenant)
         active = ts.active if ts else None
+        update = _update_for(state, tenant, active.assignment.digest if active else "")
         if active is not None:
             a = active.assignment
+            machine = UpdateState(update.state) if update else None
             entries.append(
                 ModelEntry(
                     tenant,
                     a.model_name,
                     a.model_version,
                     a.digest,
-                    Phase.ACTIVE,
+                    Phase.PROBATION if machine in SERVING_NEW else Phase.ACTIVE,
                     a.size,
                     a.size,
                     "",
                     a.rollout_id,
+                    OUTCOMES.get(machine, "") if machine else "",
+                    machine.value if machine else "",
                 )
             )
         want = desired.for_tenant(tenant) if desired else None
@@ -234,9 +263,56 @@ def _pending_entry(desired: Desired | None, current: Current, a: Assignment) -> 
         phase, have = Phase.VERIFYING, total
     else:
         phase = Phase.DOWNLOADING
+    update = _update_for(current.state, a.tenant, a.digest)
+    machine = update.state if update else ""
+    outcome = ""
+    if phase is Phase.FAILED:
+        outcome = "rolled_back" if machine == UpdateState.ROLLED_BACK else "failed"
     return ModelEntry(
-        a.tenant, a.model_name, a.model_version, a.digest, phase, have, total, error or "", a.rollout_id
+        a.tenant,
+        a.model_name,
+        a.model_version,
+        a.digest,
+        phase,
+        have,
+        total,
+        error or "",
+        a.rollout_id,
+        outcome,
+        machine,
     )
+
+
+def _update_for(state: DeviceState, tenant: str, digest: str) -> Update | None:
+    update = state.updates.get(tenant)
+    return update if update is not None and update.assignment.digest == digest else None
+
+
+def _machine_steps(a: Assignment, current: Current, now: float) -> list[Step] | None:
+    """What the update state machine needs of a tenant already serving ``a``; None: nothing."""
+    update = _update_for(current.state, a.tenant, a.digest)
+    if update is None:
+        return None
+    machine = UpdateState(update.state)
+    if machine is UpdateState.COMMIT:
+        return [Commit(a.tenant, "resuming the commit")]
+    if machine in (UpdateState.ACTIVATE, UpdateState.ROLLBACK):
+        return [RollBack(a.tenant, update.reason or f"interrupted in {machine.value}")]
+    if machine is not UpdateState.PROBATION:
+        return None
+    inferences, errors = current.probes.get(a.tenant, (0, 0))
+    event, why = judge_probation(
+        inferences - update.base_inferences,
+        errors - update.base_errors,
+        a.max_error_rate,
+        now,
+        update.probation_until,
+    )
+    if event is UpdateEvent.PROBATION_FAILED:
+        return [RollBack(a.tenant, why)]
+    if event is UpdateEvent.PROBATION_PASSED:
+        return [Commit(a.tenant, why)]
+    return [Wait(min(update.probation_until, now + PROBATION_POLL_S), f"probation of {a.digest[:12]}")]
 
 
 def _transfer_steps(a: Assignment, current: Current, now: float, free: int) -> list[Step]:
@@ -278,6 +354,11 @@ def plan(desired: Desired | None, current: Current, now: float) -> list[Step]:
         ts = state.tenants.get(a.tenant)
         active = ts.active if ts else None
         if active is not None and active.assignment == a:
+            machine = _machine_steps(a, current, now)
+            if machine is not None:
+                converged = False
+                waits.extend(s for s in machine if isinstance(s, Wait))
+                steps.extend(s for s in machine if not isinstance(s, Wait))
             continue
         converged = False
         if failure_reason(desired, current, a) is not None:

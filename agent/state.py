@@ -37,6 +37,8 @@ class Assignment:
     format: str = "onnx"
     runtime: str = "onnxruntime"
     rollout_id: str = ""
+    probation_s: float = 0.0
+    max_error_rate: float = 0.0
 
     @classmethod
     def from_proto(cls, m: fleet_pb2.ModelAssignment) -> Assignment:
@@ -49,6 +51,8 @@ class Assignment:
             format=m.format or "onnx",
             runtime=m.runtime,
             rollout_id=m.rollout_id,
+            probation_s=max(0.0, float(m.probation_s)),
+            max_error_rate=max(0.0, float(m.max_error_rate)),
         )
 
 
@@ -79,6 +83,20 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class Update:
+    """One tenant's update in the state machine of :mod:`agent.update_machine`."""
+
+    assignment: Assignment
+    state: str
+    reason: str = ""
+    # Probation: its end on the monotonic clock and the version's totals when it began. Only
+    # meaningful within one run of the agent: a restart during probation rolls back.
+    probation_until: float = 0.0
+    base_inferences: int = 0
+    base_errors: int = 0
+
+
+@dataclass(frozen=True)
 class TenantState:
     active: Installed | None = None
     previous: Installed | None = None
@@ -90,6 +108,7 @@ class DeviceState:
     applied_generation: int = 0
     tenants: dict[str, TenantState] = field(default_factory=dict)
     failures: dict[str, Failure] = field(default_factory=dict)
+    updates: dict[str, Update] = field(default_factory=dict)
 
     @property
     def desired_generation(self) -> int:
@@ -110,6 +129,14 @@ class DeviceState:
         else:
             failures[failure.digest] = failure
         return replace(self, failures=failures)
+
+    def with_update(self, tenant: str, update: Update | None) -> DeviceState:
+        updates = dict(self.updates)
+        if update is None:
+            updates.pop(tenant, None)
+        else:
+            updates[tenant] = update
+        return replace(self, updates=updates)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, **asdict(self)}
@@ -135,6 +162,10 @@ class DeviceState:
                 for t, v in doc.get("tenants", {}).items()
             },
             failures={d: Failure(**f) for d, f in doc.get("failures", {}).items()},
+            updates={
+                t: Update(**{**u, "assignment": Assignment(**u["assignment"])})
+                for t, u in doc.get("updates", {}).items()
+            },
         )
 
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import numpy as np
 from edgefleet_proto import artifact_pb2, fleet_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind
@@ -29,6 +32,7 @@ from agent.reconciler import (
     Action,
     Activate,
     CollectGarbage,
+    Commit,
     Current,
     Deactivate,
     Fail,
@@ -38,15 +42,26 @@ from agent.reconciler import (
     ReportState,
     RequestChunks,
     RequestManifest,
+    RollBack,
     Step,
     TransferView,
     Verify,
     Wait,
     plan,
 )
-from agent.runtime import BACKENDS
+from agent.runtime import BACKENDS, LoadedModel
 from agent.signing import KeyRing
-from agent.state import Assignment, Desired, DeviceState, Failure, Installed, StateStore, TenantState
+from agent.state import (
+    Assignment,
+    Desired,
+    DeviceState,
+    Failure,
+    Installed,
+    StateStore,
+    TenantState,
+    Update,
+)
+from agent.update_machine import ENTRY, OUTCOMES, UpdateState, check, resume
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +76,17 @@ _PHASES = {
     Phase.LOADING: fleet_pb2.MODEL_PHASE_LOADING,
     Phase.ACTIVE: fleet_pb2.MODEL_PHASE_ACTIVE,
     Phase.FAILED: fleet_pb2.MODEL_PHASE_FAILED,
+    Phase.PROBATION: fleet_pb2.MODEL_PHASE_PROBATION,
 }
+_OUTCOMES = {
+    "": fleet_pb2.UPDATE_OUTCOME_UNSPECIFIED,
+    "succeeded": fleet_pb2.UPDATE_OUTCOME_SUCCEEDED,
+    "failed": fleet_pb2.UPDATE_OUTCOME_FAILED,
+    "rolled_back": fleet_pb2.UPDATE_OUTCOME_ROLLED_BACK,
+}
+# Fault injection for the crash-safety tests: SIGKILL the agent right after it
+# persisted this update state (e.g. "probation"). Unset in production.
+KILL_AT_ENV = "EDGEFLEET_AGENT_KILL_AT"
 
 
 class Publisher(Protocol):
@@ -74,6 +99,19 @@ class Publisher(Protocol):
 
 
 EmitEvent = Callable[[str, str, str, dict[str, str]], None]
+Probe = Callable[[str, str, str], tuple[int, int]]
+
+
+def _no_probe(tenant: str, model_name: str, model_version: str) -> tuple[int, int]:
+    return 0, 0
+
+
+def smoke_inputs(model: LoadedModel) -> dict[str, np.ndarray]:
+    """Zeros shaped like the model's inputs (free dimensions as 1): the stored smoke sample."""
+    return {
+        spec.name: np.zeros(tuple(d if d > 0 else 1 for d in spec.shape), dtype=np.dtype(spec.dtype))
+        for spec in model.inputs
+    }
 
 
 @dataclass
@@ -122,8 +160,13 @@ class Updater:
         request_timeout_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         keys: KeyRing | None = None,
+        probe: Probe = _no_probe,
     ) -> None:
         self.device_id = device_id
+        self.probe = probe
+        # The model a tenant served before the one on probation, kept loaded until commit.
+        self.standby: dict[str, ServingModel] = {}
+        self.kill_at = os.environ.get(KILL_AT_ENV, "")
         self.states = states
         self.artifacts = artifacts
         self.pool = pool
@@ -150,6 +193,8 @@ class Updater:
             Action.DEACTIVATE: self.deactivate,
             Action.MARK_APPLIED: self.mark_applied,
             Action.COLLECT_GARBAGE: self.collect_garbage,
+            Action.COMMIT: self.commit,
+            Action.ROLLBACK: self.rollback,
             Action.WAIT: lambda step: None,
         }
 
@@ -159,6 +204,7 @@ class Updater:
         """Load what the device served before it stopped; fall back to the previous model."""
         self.state = self.states.load()
         self.installed = set(self.artifacts.installed())
+        self._resume_updates()
         for tenant in sorted(self.state.tenants):
             self._boot_tenant(tenant)
         for digest in self.artifacts.pending():
@@ -209,6 +255,24 @@ class Updater:
         for broken in (ts.active, ts.previous):
             if broken is not None:
                 self._drop_unloadable(broken.assignment.digest)
+
+    def _resume_updates(self) -> None:
+        """The one resume switch: where each tenant's persisted update goes after a restart."""
+        for tenant, update in sorted(self.state.updates.items()):
+            persisted = UpdateState(update.state)
+            after = resume(persisted)
+            if after is UpdateState.ROLLBACK:
+                reason = update.reason or f"the agent restarted during {persisted.value}"
+                log.warning(
+                    "update resumed device=%s tenant=%s version=%s state=%s next=rollback",
+                    self.device_id,
+                    tenant,
+                    update.assignment.model_version,
+                    persisted.value,
+                )
+                self.rollback(RollBack(tenant, reason))
+            elif after is UpdateState.COMMIT:
+                self.commit(Commit(tenant, "resumed after a restart"))
 
     def _assignment_for(self, digest: str) -> Assignment | None:
         desired = self.state.desired
@@ -324,6 +388,11 @@ class Updater:
             reported_at=self.reported_at,
             window=self.window,
             request_timeout_s=self.request_timeout_s,
+            probes={
+                t: self.probe(t, ts.active.assignment.model_name, ts.active.assignment.model_version)
+                for t, ts in self.state.tenants.items()
+                if ts.active is not None
+            },
         )
 
     def converge(self) -> float:
@@ -371,6 +440,8 @@ class Updater:
                     bytes_total=m.bytes_total,
                     error=m.error,
                     rollout_id=m.rollout_id,
+                    outcome=_OUTCOMES[m.outcome],
+                    update_state=m.update_state,
                 )
                 for m in r.models
             ],
@@ -399,12 +470,18 @@ class Updater:
                 reason,
             )
             self.emit("model_failed", "error", reason, _attrs(a))
+        for tenant, update in sorted(self.state.updates.items()):
+            # Only a model that never served fails; one that served is rolled back instead.
+            if update.assignment.digest == digest and UpdateState(update.state) in ENTRY:
+                self._end(tenant, UpdateState.FAILED, reason)
 
     def request_manifest(self, step: RequestManifest) -> None:
         a = step.assignment
         t = self.transfers.get(a.digest)
         if t is None:
             t = self.transfers[a.digest] = Transfer(a)
+            for wanting in self._wanting(a.digest):
+                self._enter(wanting, UpdateState.FETCH)
             log.info(
                 "download started device=%s tenant=%s model=%s version=%s digest=%s size=%d",
                 self.device_id,
@@ -430,20 +507,45 @@ class Updater:
     def verify(self, step: Verify) -> None:
         t = self.transfers[step.digest]
         assert t.download is not None
+        for wanting in self._wanting(step.digest):
+            self._enter(wanting, UpdateState.VERIFY)
         self.artifacts.finalize(t.download)
         self.transfers.pop(step.digest)
         self.installed.add(step.digest)
         log.info("artifact verified device=%s digest=%s", self.device_id, step.digest[:12])
 
     def activate(self, step: Activate) -> None:
+        """Stage (load, smoke inference) while the old model serves, then swap and start probation."""
         a = step.assignment
+        self._enter(a, UpdateState.STAGE)
         serving = self.pool.get(a.tenant)
-        model = serving.model if serving and serving.digest == a.digest else self._load(a)
+        standby = self.standby.get(a.tenant)
+        try:
+            if serving is not None and serving.digest == a.digest:
+                model = serving.model
+            elif standby is not None and standby.digest == a.digest:
+                model = standby.model
+            else:
+                model = self._load(a)
+            model.run(smoke_inputs(model))
+        except (AgentError, OSError) as exc:
+            # Nothing was swapped: the old model never stopped serving.
+            self._fail_digest(a.digest, f"staging failed: {exc}")
+            self._drop_unloadable(a.digest)
+            return
+        self._enter(a, UpdateState.ACTIVATE)
         ts = self.state.tenants.get(a.tenant, TenantState())
         previous = ts.active if ts.active and ts.active.assignment.digest != a.digest else ts.previous
+        if serving is not None and serving.digest != a.digest:
+            self.standby[a.tenant] = serving
         path = str(self.artifacts.model_path(a.digest, a.format))
+        inferences, errors = self.probe(a.tenant, a.model_name, a.model_version)
+        probation = Update(
+            a, UpdateState.PROBATION.value, "", self.clock() + a.probation_s, inferences, errors
+        )
         state = self.state.with_tenant(a.tenant, TenantState(Installed(a, path), previous))
-        self._save(state.with_failure(None, a.digest))
+        self._save(state.with_failure(None, a.digest).with_update(a.tenant, probation))
+        self._maybe_die(UpdateState.PROBATION)
         self._serve(a, model)
         log.info(
             "model activated device=%s tenant=%s model=%s version=%s digest=%s",
@@ -454,6 +556,41 @@ class Updater:
             a.digest[:12],
         )
         self.emit("model_activated", "info", f"{a.model_name} {a.model_version} is serving", _attrs(a))
+
+    def commit(self, step: Commit) -> None:
+        update = self.state.updates[step.tenant]
+        self._enter(update.assignment, UpdateState.COMMIT)
+        released = self.standby.pop(step.tenant, None)
+        self._end(step.tenant, UpdateState.COMMITTED, step.reason)
+        if released is not None:
+            log.info(
+                "previous model released device=%s tenant=%s version=%s",
+                self.device_id,
+                step.tenant,
+                released.model_version,
+            )
+
+    def rollback(self, step: RollBack) -> None:
+        """Serve the previous model again (kept loaded, or from disk after a restart)."""
+        update = self.state.updates[step.tenant]
+        a = update.assignment
+        self._enter(a, UpdateState.ROLLBACK, step.reason)
+        ts = self.state.tenants.get(step.tenant)
+        if ts is not None and ts.active is not None and ts.active.assignment.digest == a.digest:
+            back = ts.previous
+            standby = self.standby.pop(step.tenant, None)
+            if back is None:
+                self._save(self.state.with_tenant(step.tenant, None))
+                self.pool.remove(step.tenant)
+            else:
+                ready = standby is not None and standby.digest == back.assignment.digest
+                model = standby.model if standby is not None and ready else self._load(back.assignment)
+                self._save(self.state.with_tenant(step.tenant, TenantState(back, None)))
+                self._serve(back.assignment, model)
+        reason = f"rolled back: {step.reason}"
+        self._save(self.state.with_failure(Failure(a.digest, reason, self.state.desired_generation)))
+        self._end(step.tenant, UpdateState.ROLLED_BACK, step.reason)
+        self.emit("model_rolled_back", "error", reason, _attrs(a))
 
     def deactivate(self, step: Deactivate) -> None:
         self._save(self.state.with_tenant(step.tenant, None))
@@ -490,6 +627,55 @@ class Updater:
         path = self.artifacts.model_path(a.digest, a.format)
         runtime = a.runtime or "onnxruntime"
         self.pool.put(ServingModel(a.tenant, a.model_name, a.model_version, a.digest, runtime, path, model))
+
+    def _wanting(self, digest: str) -> list[Assignment]:
+        desired = self.state.desired
+        return [a for a in desired.assignments if a.digest == digest] if desired else []
+
+    def _enter(self, a: Assignment, state: UpdateState, reason: str = "") -> None:
+        """Persist the tenant's update in ``state`` before that state acts."""
+        current = self.state.updates.get(a.tenant)
+        same = current is not None and current.assignment == a
+        check(UpdateState(current.state) if current is not None and same else None, state)
+        update = Update(a, state.value, reason)
+        if current is not None and same:
+            update = replace(current, state=state.value, reason=reason or current.reason)
+        self._save(self.state.with_update(a.tenant, update))
+        log.info(
+            "update state device=%s tenant=%s model=%s version=%s state=%s",
+            self.device_id,
+            a.tenant,
+            a.model_name,
+            a.model_version,
+            state.value,
+        )
+        self._maybe_die(state)
+
+    def _end(self, tenant: str, state: UpdateState, reason: str) -> None:
+        update = self.state.updates[tenant]
+        a = update.assignment
+        check(UpdateState(update.state), state)
+        self._save(self.state.with_update(tenant, replace(update, state=state.value, reason=reason)))
+        outcome = OUTCOMES[state]
+        level = logging.INFO if outcome == "succeeded" else logging.WARNING
+        log.log(
+            level,
+            "update outcome device=%s tenant=%s model=%s version=%s outcome=%s reason=%r",
+            self.device_id,
+            tenant,
+            a.model_name,
+            a.model_version,
+            outcome,
+            reason,
+        )
+        severity = "info" if outcome == "succeeded" else "error"
+        attrs = {**_attrs(a), "outcome": outcome}
+        self.emit("update_outcome", severity, f"{a.model_name} {a.model_version}: {outcome}: {reason}", attrs)
+
+    def _maybe_die(self, state: UpdateState) -> None:
+        if self.kill_at == state.value:
+            log.warning("fault injection: SIGKILL in update state %s device=%s", state.value, self.device_id)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _save(self, state: DeviceState) -> None:
         self.states.save(state)

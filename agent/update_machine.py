@@ -1,0 +1,121 @@
+"""The update state machine of one tenant, in the mender style: one transition table.
+
+::
+
+    fetch -> verify -> stage -> activate -> probation -> commit -> committed
+      |        |         |          |            |
+      +--------+---------+-> failed +------------+-> rollback -> rolled_back
+
+``fetch`` and ``verify`` are the artifact transfer; ``stage`` loads the model
+and answers a smoke inference while the old one still serves; ``activate``
+swaps the serving model (the previous one stays loaded and on disk);
+``probation`` watches the new model's error rate for ``probation_s``;
+``commit`` releases the previous model; ``rollback`` serves it again.
+
+The updater persists the state (atomically) before the state acts, and on
+start :func:`resume` decides where to go from what was persisted: a restart
+inside ``activate``, ``probation`` or ``rollback`` rolls back (the new model
+may be what killed the agent), one inside ``commit`` finishes the commit, and
+the rest repeat their idempotent work. Pure code, no I/O.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class UpdateState(StrEnum):
+    FETCH = "fetch"
+    VERIFY = "verify"
+    STAGE = "stage"
+    ACTIVATE = "activate"
+    PROBATION = "probation"
+    COMMIT = "commit"
+    ROLLBACK = "rollback"
+    COMMITTED = "committed"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+
+
+class UpdateEvent(StrEnum):
+    FETCHED = "fetched"
+    VERIFIED = "verified"
+    STAGED = "staged"
+    ACTIVATED = "activated"
+    PROBATION_PASSED = "probation_passed"
+    PROBATION_FAILED = "probation_failed"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled_back"
+    ERROR = "error"
+
+
+S, E = UpdateState, UpdateEvent
+
+TRANSITIONS: dict[tuple[UpdateState, UpdateEvent], UpdateState] = {
+    (S.FETCH, E.FETCHED): S.VERIFY,
+    (S.FETCH, E.ERROR): S.FAILED,
+    (S.VERIFY, E.VERIFIED): S.STAGE,
+    (S.VERIFY, E.ERROR): S.FAILED,
+    (S.STAGE, E.STAGED): S.ACTIVATE,
+    (S.STAGE, E.ERROR): S.FAILED,
+    (S.ACTIVATE, E.ACTIVATED): S.PROBATION,
+    (S.ACTIVATE, E.ERROR): S.ROLLBACK,
+    (S.PROBATION, E.PROBATION_PASSED): S.COMMIT,
+    (S.PROBATION, E.PROBATION_FAILED): S.ROLLBACK,
+    (S.PROBATION, E.ERROR): S.ROLLBACK,
+    (S.COMMIT, E.COMMITTED): S.COMMITTED,
+    (S.ROLLBACK, E.ROLLED_BACK): S.ROLLED_BACK,
+}
+
+FINAL = frozenset({S.COMMITTED, S.FAILED, S.ROLLED_BACK})
+# While in these the new model serves and the previous one is kept loaded.
+SERVING_NEW = frozenset({S.ACTIVATE, S.PROBATION, S.COMMIT})
+
+OUTCOMES = {S.COMMITTED: "succeeded", S.FAILED: "failed", S.ROLLED_BACK: "rolled_back"}
+
+
+class UnhandledTransition(RuntimeError):
+    """A bug: the table has no entry. Crash loudly; systemd restarts the agent and resume() recovers."""
+
+
+def next_state(state: UpdateState, event: UpdateEvent) -> UpdateState:
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise UnhandledTransition(f"no transition from {state.value} on {event.value}") from None
+
+
+# Where an update may begin: the artifact may already be half downloaded or on disk.
+ENTRY = frozenset({S.FETCH, S.VERIFY, S.STAGE})
+
+
+def check(current: UpdateState | None, new: UpdateState) -> None:
+    """Refuse a move the table does not allow; a state may be re-entered (resume repeats its work)."""
+    if current is None or current in FINAL:
+        if new in ENTRY:
+            return
+    elif new is current or any(TRANSITIONS.get((current, e)) is new for e in UpdateEvent):
+        return
+    raise UnhandledTransition(f"no transition from {current.value if current else 'none'} to {new.value}")
+
+
+def resume(state: UpdateState) -> UpdateState:
+    """Where an update persisted in ``state`` continues after the agent restarts."""
+    if state in (S.ACTIVATE, S.PROBATION, S.ROLLBACK):
+        return S.ROLLBACK
+    return state
+
+
+def judge_probation(
+    inferences: int, errors: int, max_error_rate: float, now: float, until: float
+) -> tuple[UpdateEvent | None, str]:
+    """PROBATION_FAILED as soon as the error rate exceeds the limit, PASSED once the time is up."""
+    if inferences and errors / inferences > max_error_rate:
+        return (
+            E.PROBATION_FAILED,
+            f"error rate {errors / inferences:.3f} ({errors}/{inferences} inferences) "
+            f"exceeds {max_error_rate:g} during probation",
+        )
+    if now >= until:
+        return E.PROBATION_PASSED, f"{inferences} inferences, {errors} errors"
+    return None, ""
