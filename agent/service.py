@@ -97,6 +97,7 @@ class Service:
             window=config.transfer.window,
             request_timeout_s=config.transfer.request_timeout_s,
             keys=_keys(config),
+            probe=self.stats.totals,
         )
         self.server: grpc.Server | None = None
 
