@@ -1,0 +1,210 @@
+"""Retraining policies: the pure decision as a table, policy validation, signing,
+and the triggers against a real HTTP server and a real command."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.errors import InvalidPolicy, TriggerError
+from controller.retraining import (
+    Observation,
+    Policy,
+    evaluate,
+    parse_policy,
+    policy_doc,
+    post_webhook,
+    run_command,
+    sign,
+    verify,
+)
+
+WEBHOOK = {"kind": "webhook", "url": "http://127.0.0.1:9/hook", "secret": "s" * 16}
+
+
+def policy(**conditions: Any) -> Policy:
+    return parse_policy(
+        "p", {"model": "digits", "conditions": conditions, "cooldown_s": 100, "trigger": WEBHOOK}
+    )
+
+
+def drifting(*psi: float, version: str = "1") -> Observation:
+    return Observation(version, [(1000 * i, v, v / 2) for i, v in enumerate(psi)])
+
+
+DRIFT = {"drift": {"threshold": 0.25, "windows": 3}}
+
+
+@pytest.mark.parametrize(
+    ("conditions", "observations", "last_run_at", "fires"),
+    [
+        (DRIFT, [drifting(0.3, 0.4, 0.5)], None, ["drift"]),
+        (DRIFT, [drifting(0.3, 0.1, 0.4, 0.5)], None, []),  # not K in a row
+        (DRIFT, [drifting(0.4, 0.5)], None, []),  # fewer than K windows
+        (DRIFT, [drifting(0.3, 0.4, 0.5)], 950.0, []),  # cooldown
+        (DRIFT, [drifting(0.3, 0.4, 0.5)], 900.0, ["drift"]),  # cooldown over
+        ({"drift": {"threshold": 0.2, "windows": 2, "metric": "kl"}}, [drifting(0.3, 0.5)], None, []),
+        (
+            {"accuracy": {"below": 0.8, "min_samples": 10}},
+            [Observation("1", feedback=(0.7, 50))],
+            None,
+            ["accuracy"],
+        ),
+        ({"accuracy": {"below": 0.8, "min_samples": 10}}, [Observation("1", feedback=(0.7, 5))], None, []),
+        ({"accuracy": {"below": 0.8}}, [Observation("1", feedback=(0.9, 50))], None, []),
+        ({"schedule": {"every_s": 500}}, [], None, ["schedule"]),
+        ({"schedule": {"every_s": 500}}, [], 600.0, []),
+        ({"schedule": {"every_s": 500}, **DRIFT}, [drifting(0.3, 0.4, 0.5)], 400.0, ["drift"]),
+    ],
+)
+def test_evaluate(
+    conditions: dict[str, Any], observations: list[Observation], last_run_at: float | None, fires: list[str]
+) -> None:
+    decision = evaluate(policy(**conditions), observations, last_run_at, now=1000.0)
+    assert ([f["condition"] for f in decision.fired] if decision else []) == fires
+
+
+def test_the_first_drifting_version_fires_and_the_payload_says_why() -> None:
+    decision = evaluate(
+        policy(**DRIFT), [drifting(0.1, 0.1, 0.1, version="2"), drifting(0.3, 0.4, 0.5)], None, 0
+    )
+    assert decision is not None and decision.model_version == "1"
+    (fired,) = decision.fired
+    assert fired["values"] == [0.3, 0.4, 0.5] and fired["window_end_ms"] == 2000
+
+
+def test_a_disabled_policy_never_fires() -> None:
+    doc = {"model": "m", "conditions": {"schedule": {"every_s": 1}}, "trigger": WEBHOOK, "enabled": False}
+    assert evaluate(parse_policy("p", doc), [], None, 10.0) is None
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"conditions": DRIFT, "trigger": WEBHOOK}, "model must name"),
+        ({"model": "m", "conditions": {}, "trigger": WEBHOOK}, "at least one"),
+        ({"model": "m", "conditions": {"vibes": {}}, "trigger": WEBHOOK}, "unknown conditions: vibes"),
+        ({"model": "m", "conditions": {"drift": {"threshold": -1}}, "trigger": WEBHOOK}, "threshold"),
+        (
+            {"model": "m", "conditions": {"drift": {"threshold": 1, "metric": "x"}}, "trigger": WEBHOOK},
+            "psi or kl",
+        ),
+        ({"model": "m", "conditions": {"accuracy": {"below": 2}}, "trigger": WEBHOOK}, "fraction"),
+        ({"model": "m", "conditions": DRIFT, "trigger": {**WEBHOOK, "secret": "short"}}, "16 characters"),
+        ({"model": "m", "conditions": DRIFT, "trigger": {**WEBHOOK, "url": "ftp://x"}}, "http"),
+        ({"model": "m", "conditions": DRIFT, "trigger": {"kind": "command", "command": "ls"}}, "argv"),
+        ({"model": "m", "conditions": DRIFT, "trigger": {"kind": "email"}}, "webhook or command"),
+        ({"model": "m", "conditions": DRIFT, "trigger": WEBHOOK, "cooldown_s": "1h"}, "cooldown_s"),
+        ({"model": "m", "conditions": DRIFT, "trigger": WEBHOOK, "extra": 1}, "unknown policy fields: extra"),
+    ],
+)
+def test_bad_policies_are_refused_with_the_reason(doc: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidPolicy, match=message):
+        parse_policy("p", doc)
+
+
+def test_policy_documents_round_trip_and_hide_the_secret() -> None:
+    p = policy(**DRIFT, accuracy={"below": 0.9})
+    assert parse_policy("p", policy_doc(p)) == p
+    public = p.public()
+    assert "secret" not in public["trigger"] and public["trigger"]["secret_set"] is True
+
+
+def test_signatures() -> None:
+    body = b'{"run_id": "x"}'
+    header = sign("k" * 16, body)
+    assert header.startswith("sha256=") and verify("k" * 16, body, header)
+    assert not verify("k" * 16, body + b" ", header) and not verify("j" * 16, body, header)
+
+
+class Hook:
+    """A real HTTP server answering with the statuses it is given, recording requests."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = statuses
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                hook.requests.append((dict(self.headers), body))
+                code = hook.statuses.pop(0) if hook.statuses else 200
+                self.send_response(code)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def hook_factory() -> Iterator[Any]:
+    hooks: list[Hook] = []
+
+    def make(statuses: list[int]) -> Hook:
+        hooks.append(Hook(statuses))
+        return hooks[-1]
+
+    yield make
+    for h in hooks:
+        h.server.shutdown()
+        h.server.server_close()
+
+
+def test_webhook_retries_with_jittered_backoff_then_succeeds(hook_factory: Any) -> None:
+    hook = hook_factory([500, 503])
+    trigger = parse_policy(
+        "p", {"model": "m", "conditions": DRIFT, "trigger": {**WEBHOOK, "url": hook.url}}
+    ).trigger
+    sleeps: list[float] = []
+    body = json.dumps({"run_id": "r1"}).encode()
+    detail = post_webhook(trigger, body, "r1", sleep=sleeps.append, rng=lambda lo, hi: hi)
+    assert "after 3 attempt" in detail
+    assert sleeps == [1.5, 1.5**2]
+    headers, received = hook.requests[-1]
+    assert received == body and headers["X-EdgeFleet-Run"] == "r1"
+    assert verify(trigger.secret, received, headers["X-EdgeFleet-Signature"])
+
+
+def test_webhook_gives_up_after_max_attempts_and_on_a_client_error(hook_factory: Any) -> None:
+    hook = hook_factory([500, 500, 500])
+    doc = {"model": "m", "conditions": DRIFT, "trigger": {**WEBHOOK, "url": hook.url, "max_attempts": 2}}
+    trigger = parse_policy("p", doc).trigger
+    with pytest.raises(TriggerError, match="after 2 attempts"):
+        post_webhook(trigger, b"{}", "r", sleep=lambda s: None)
+    refusing = hook_factory([403])
+    trigger = parse_policy("p", {**doc, "trigger": {**doc["trigger"], "url": refusing.url}}).trigger
+    with pytest.raises(TriggerError, match="refused"):
+        post_webhook(trigger, b"{}", "r", sleep=lambda s: None)
+    assert len(refusing.requests) == 1
+
+
+def test_command_trigger_gets_the_payload_on_stdin(tmp_path: Path) -> None:
+    out = tmp_path / "payload.json"
+    script = f"import sys, os; open({str(out)!r}, 'wb').write(os.environ['EDGEFLEET_RUN_ID'].encode() + sys.stdin.buffer.read())"
+    doc = {
+        "model": "m",
+        "conditions": DRIFT,
+        "trigger": {"kind": "command", "command": [sys.executable, "-c", script]},
+    }
+    assert run_command(parse_policy("p", doc).trigger, b"{}", "run9") == "command exited 0"
+    assert out.read_bytes() == b"run9{}"
+    failing = {
+        **doc,
+        "trigger": {"kind": "command", "command": [sys.executable, "-c", "import sys; sys.exit('no data')"]},
+    }
+    with pytest.raises(TriggerError, match="exited 1: no data"):
+        run_command(parse_policy("p", failing).trigger, b"{}", "r")
