@@ -7,13 +7,14 @@ API's message on stderr and exits 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 import tomli_w
@@ -131,23 +132,99 @@ def _print(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=False))
 
 
-def cmd_models_upload(args: argparse.Namespace) -> int:
-    path = Path(args.file)
-    if args.metadata is not None:
-        try:
-            json.loads(args.metadata)
-        except json.JSONDecodeError as exc:
-            raise CommandError(f"--metadata is not valid JSON: {exc}") from None
+def _json_object(option: str, raw: str | None) -> str:
+    if raw is None:
+        return "{}"
     try:
-        handle = path.open("rb")
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"{option} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise CommandError(f"{option} must be a JSON object")
+    return raw
+
+
+def _open(path: Path) -> BinaryIO:
+    try:
+        return path.open("rb")
     except OSError as exc:
         raise CommandError(f"cannot read {path}: {exc}") from None
-    with handle:
-        data = {"version": args.version, "metadata": args.metadata or "{}"}
-        files = {"file": (path.name, handle, "application/octet-stream")}
+
+
+def cmd_models_upload(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    data = {
+        "version": args.version,
+        "metadata": _json_object("--metadata", args.metadata),
+        "metrics": _json_object("--metrics", args.metrics),
+        "parent_version": args.parent or "",
+        "dataset_digest": args.dataset_digest or "",
+        "code_version": args.code_version or "",
+        "task": args.task or "",
+        "sensor": args.sensor or "",
+        "gate": str(args.gate),
+        "dynamic": "true" if args.dynamic else "false",
+    }
+    with contextlib.ExitStack() as stack:
+        files = {"file": (path.name, stack.enter_context(_open(path)), "application/octet-stream")}
+        if args.calibration:
+            cal = Path(args.calibration)
+            files["calibration"] = (cal.name, stack.enter_context(_open(cal)), "application/octet-stream")
         _print(
             _call(args, "POST", f"/v1/models/{args.name}/versions", UPLOAD_TIMEOUT_S, data=data, files=files)
         )
+    return 0
+
+
+def cmd_models_add_variant(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    with _open(path) as handle:
+        files = {"file": (path.name, handle, "application/octet-stream")}
+        url = f"/v1/models/{args.name}/versions/{args.version}/variants"
+        _print(_call(args, "POST", url, UPLOAD_TIMEOUT_S, files=files))
+    return 0
+
+
+def cmd_models_show(args: argparse.Namespace) -> int:
+    _print(_call(args, "GET", f"/v1/models/{args.name}/versions/{args.version}"))
+    return 0
+
+
+def cmd_models_stage(args: argparse.Namespace) -> int:
+    stage = "archived" if args.action == "archive" else args.to
+    url = f"/v1/models/{args.name}/versions/{args.version}/stage"
+    _print(_call(args, "POST", url, json={"stage": stage}))
+    return 0
+
+
+def cmd_models_compare(args: argparse.Namespace) -> int:
+    _print(_call(args, "GET", f"/v1/models/{args.name}/compare", params={"a": args.a, "b": args.b}))
+    return 0
+
+
+def cmd_profiles_register(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"cannot read {path}: {exc}") from None
+    _print(_call(args, "POST", "/v1/profiles", json={"source": text, "filename": path.name}))
+    return 0
+
+
+def cmd_profiles_list(args: argparse.Namespace) -> int:
+    _print([{"id": p["id"], "name": p["doc"].get("name", "")} for p in _call(args, "GET", "/v1/profiles")])
+    return 0
+
+
+def cmd_profiles_show(args: argparse.Namespace) -> int:
+    _print(_call(args, "GET", f"/v1/profiles/{args.id}"))
+    return 0
+
+
+def cmd_devices_set_profile(args: argparse.Namespace) -> int:
+    _call(args, "PUT", f"/v1/devices/{args.device_id}/profile", json={"profile": args.profile})
+    _print(_call(args, "GET", f"/v1/devices/{args.device_id}"))
     return 0
 
 
@@ -167,12 +244,18 @@ def agent_config(credentials: dict[str, Any], data_dir: str, socket: str | None)
         "password": credentials["mqtt_password"],
         "protocol": credentials["mqtt_protocol"],
     }
+    if credentials.get("controller_public_key"):
+        # Pinned at provisioning: the agent refuses models this key did not sign.
+        doc["security"] = {"controller_public_key": credentials["controller_public_key"]}
     return tomli_w.dumps(doc)
 
 
 def cmd_devices_register(args: argparse.Namespace) -> int:
     credentials = _call(
-        args, "POST", "/v1/devices", json={"device_id": args.device_id, "tags": args.tag or []}
+        args,
+        "POST",
+        "/v1/devices",
+        json={"device_id": args.device_id, "tags": args.tag or [], "profile": args.profile or ""},
     )
     if args.agent_config:
         out = Path(args.agent_config)
@@ -315,13 +398,60 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     models = commands.add_parser("models", help="model registry").add_subparsers(dest="action", required=True)
-    upload = models.add_parser("upload", parents=[remote], help="upload an ONNX model version")
+    upload = models.add_parser("upload", parents=[remote], help="upload a model version (.onnx or .tflite)")
     upload.add_argument("file")
     upload.add_argument("--name", required=True)
     upload.add_argument("--version", required=True)
     upload.add_argument("--metadata", default=None, help="a JSON object")
+    upload.add_argument("--parent", default=None, help="the version this one was trained from")
+    upload.add_argument("--dataset-digest", default=None, help="sha256 of the training data set")
+    upload.add_argument("--code-version", default=None, help="training code or pipeline version")
+    upload.add_argument("--metrics", default=None, help="a JSON object, e.g. '{\"accuracy\": 0.97}'")
+    upload.add_argument(
+        "--calibration", default=None, metavar="NPZ", help="named inputs; enables int8 variants"
+    )
+    upload.add_argument("--dynamic", action="store_true", help="also produce a dynamic int8 variant")
+    upload.add_argument(
+        "--gate", type=float, default=0.99, help="minimum agreement of a variant (default 0.99)"
+    )
+    upload.add_argument("--task", choices=("classifier", "regression"), default=None)
+    upload.add_argument("--sensor", choices=("camera", "microphone", "sensor"), default=None)
     upload.set_defaults(func=cmd_models_upload)
     models.add_parser("list", parents=[remote]).set_defaults(func=cmd_models_list)
+    for action, func, help_ in (
+        ("show", cmd_models_show, "a version with its lineage, stage and variants"),
+        ("archive", cmd_models_stage, "archive a version (kept out of rollouts)"),
+        ("promote", cmd_models_stage, "move a version to another stage"),
+        ("add-variant", cmd_models_add_variant, "add an artifact (e.g. .tflite) to a version"),
+    ):
+        sub = models.add_parser(action, parents=[remote], help=help_)
+        sub.add_argument("name")
+        sub.add_argument("version")
+        if action == "promote":
+            sub.add_argument(
+                "--to", required=True, choices=("development", "staging", "production", "archived")
+            )
+        if action == "add-variant":
+            sub.add_argument("file")
+        sub.set_defaults(func=func)
+    compare = models.add_parser("compare", parents=[remote], help="what differs between two versions")
+    compare.add_argument("name")
+    compare.add_argument("a")
+    compare.add_argument("b")
+    compare.set_defaults(func=cmd_models_compare)
+
+    profiles = commands.add_parser("profiles", help="device classes").add_subparsers(
+        dest="action", required=True
+    )
+    preg = profiles.add_parser(
+        "register", parents=[remote], help="register or update a profile from its TOML file"
+    )
+    preg.add_argument("file")
+    preg.set_defaults(func=cmd_profiles_register)
+    profiles.add_parser("list", parents=[remote]).set_defaults(func=cmd_profiles_list)
+    pshow = profiles.add_parser("show", parents=[remote])
+    pshow.add_argument("id")
+    pshow.set_defaults(func=cmd_profiles_show)
 
     devices = commands.add_parser("devices", help="fleet").add_subparsers(dest="action", required=True)
     register = devices.add_parser(
@@ -332,8 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--agent-config", default=None, metavar="OUT.toml")
     register.add_argument("--agent-data-dir", default="/var/lib/edgefleet-agent")
     register.add_argument("--agent-socket", default=None)
+    register.add_argument("--profile", default=None, help="the device's class (edgefleet profiles list)")
     register.set_defaults(func=cmd_devices_register)
     devices.add_parser("list", parents=[remote]).set_defaults(func=cmd_devices_list)
+    set_profile = devices.add_parser("set-profile", parents=[remote], help="put a device in a profile")
+    set_profile.add_argument("device_id")
+    set_profile.add_argument("profile")
+    set_profile.set_defaults(func=cmd_devices_set_profile)
 
     rollouts = commands.add_parser("rollouts", help="rollouts").add_subparsers(dest="action", required=True)
     create = rollouts.add_parser("create", parents=[remote], help="send a model version to a target in waves")
