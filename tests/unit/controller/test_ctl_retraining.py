@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from controller.retraining import (
     sign,
     verify,
 )
+from tests.webhook import Hook
 
 WEBHOOK = {"kind": "webhook", "url": "http://127.0.0.1:9/hook", "secret": "s" * 16}
 
@@ -124,32 +123,6 @@ def test_signatures() -> None:
     assert not verify("k" * 16, body + b" ", header) and not verify("j" * 16, body, header)
 
 
-class Hook:
-    """A real HTTP server answering with the statuses it is given, recording requests."""
-
-    def __init__(self, statuses: list[int]) -> None:
-        self.statuses = statuses
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                hook.requests.append((dict(self.headers), body))
-                code = hook.statuses.pop(0) if hook.statuses else 200
-                self.send_response(code)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 @pytest.fixture
 def hook_factory() -> Iterator[Any]:
     hooks: list[Hook] = []
@@ -160,8 +133,7 @@ def hook_factory() -> Iterator[Any]:
 
     yield make
     for h in hooks:
-        h.server.shutdown()
-        h.server.server_close()
+        h.close()
 
 
 def test_webhook_retries_with_jittered_backoff_then_succeeds(hook_factory: Any) -> None:
