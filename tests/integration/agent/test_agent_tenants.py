@@ -15,6 +15,7 @@ import wave
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -22,13 +23,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 from edgefleet_proto import fleet_pb2, inference_pb2, inference_pb2_grpc
+from edgefleet_proto.codec import encode
+from edgefleet_proto.topics import Kind
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.preprocess import log_mel
+from agent.tenants import hash_token
 from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer, wait_until
 from tests.localfleet import from_tensor, to_tensors
-from tests.models import digits_classifier, small_conv
+from tests.models import dense_of_size, digits_classifier, small_conv
 
 cv2 = pytest.importorskip("cv2")
 # The shadow candidate is an under-trained classifier on purpose.
@@ -217,6 +221,11 @@ def test_three_tenants_match_their_models_run_directly(
     fleet: tuple[AgentProcess, Peer, dict[str, Path], Media],
 ) -> None:
     agent, peer, models, media = fleet
+    # The peer is logged in as the controller; results are not a contract kind it decodes.
+    over_mqtt: list[Any] = []
+    results_filter = f"edgefleet/v1/devices/{agent.device_id}/results/#"
+    peer.client.message_callback_add(results_filter, lambda client, userdata, msg: over_mqtt.append(msg))
+    peer.client.subscribe(results_filter, qos=1)
     vision = Stream(agent, "vision", TOKENS["vision"])
     audio = Stream(agent, "audio", TOKENS["audio"])
     tabular = Stream(agent, "tabular", TOKENS["tabular"])
@@ -242,6 +251,12 @@ def test_three_tenants_match_their_models_run_directly(
         got = outputs(r)
         np.testing.assert_array_equal(got["label"], label)
         np.testing.assert_allclose(got["probabilities"], probabilities, rtol=1e-4, atol=1e-6)
+
+    # The tabular tenant also publishes its results under the device's MQTT subtree.
+    wait_until(lambda: over_mqtt, 20, "results over MQTT")
+    first = inference_pb2.Result.FromString(over_mqtt[0].payload)
+    assert over_mqtt[0].topic == f"edgefleet/v1/devices/{agent.device_id}/results/tabular"
+    assert first.tenant == "tabular" and set(first.outputs) == {"label", "probabilities"}
 
     # The unplugged camera is reported and retried; the others went on meanwhile.
     lost = wait_until(
@@ -319,3 +334,62 @@ def _details(
     except grpc.RpcError as exc:
         return str(exc.details())
     return ""
+
+
+def test_controller_declares_a_tenant_and_the_memory_budget_refuses_a_big_model(
+    make_agent: Callable[..., AgentProcess], make_peer: Callable[[str], Peer], tmp_path: Path
+) -> None:
+    agent = make_agent(telemetry_interval_s=1.0)
+    with agent.config.open("a") as f:
+        f.write("[pool]\nmemory_budget_mb = 1\n")
+    peer = make_peer(agent.device_id)
+    small = peer.add_artifact(small_conv(tmp_path / "conv.onnx"))
+    big = peer.add_artifact(dense_of_size(tmp_path / "big.onnx", 2.0))
+    spec = fleet_pb2.TenantSpec(
+        tenant="yard",
+        model_name="conv",
+        source=fleet_pb2.SourceSpec(kind="synthetic", options={"shape": "32,32,3"}),
+        preprocess={"layout": "nchw", "scale": "0.00392156862745098"},
+        target_rate_hz=50,
+        weight=2,
+        token_sha256=hash_token(TOKENS["vision"]),
+    )
+    desired = fleet_pb2.DesiredState(
+        device_id=agent.device_id,
+        generation=1,
+        models=[
+            peer.assignment(small, "1", name="conv", tenant="yard"),
+            peer.assignment(big, "1", name="big", tenant="big"),
+        ],
+        tenants=[spec],
+    )
+    peer.publish_raw(Kind.DESIRED, encode(desired), retain=True)
+    agent.start()
+    agent.wait_ready()
+    peer.wait_active(small, tenant="yard")
+    stream = Stream(agent, "yard", TOKENS["vision"])
+    result = stream.collect(3)[0]
+    assert (result.tenant, result.model_name, list(from_tensor(result.outputs["logits"]).shape)) == (
+        "yard",
+        "conv",
+        [1, 10],
+    )
+
+    failed = wait_until(
+        lambda: (e := peer.entry("big", big)) is not None and e.phase == fleet_pb2.MODEL_PHASE_FAILED and e,
+        30,
+        "the big model refused",
+    )
+    assert "memory budget of 1.0 MB" in failed.error
+
+    bad = fleet_pb2.DesiredState(
+        device_id=agent.device_id, generation=2, tenants=[fleet_pb2.TenantSpec(tenant="x y")]
+    )
+    peer.publish_raw(Kind.DESIRED, encode(bad), retain=True)
+    rejected = wait_until(
+        lambda: [e for e in peer.events if e.kind == "payload_rejected" and "tenant" in e.message],
+        10,
+        "rejected spec",
+    )
+    assert "invalid tenant id 'x y'" in rejected[0].message
+    assert stream.collect(1)  # the running tenant was left alone
