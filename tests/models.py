@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -75,4 +76,166 @@ def dense_of_size(path: Path, megabytes: float, seed: int = 0) -> Path:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path.write_bytes(model.SerializeToString())
+    return path
+
+
+# -- digits as a small MLP, in ONNX and TFLite (issue #3: variants of one version) --
+
+
+@dataclass(frozen=True)
+class DigitsMlp:
+    """A scikit-learn MLP on the digits set (inputs scaled to [0, 1]), exported by hand:
+    the same weights as ONNX (MatMul/Add/Relu, logits out) and as TFLite."""
+
+    path: Path
+    layers: list[tuple[np.ndarray, np.ndarray]]  # (weights (in, out), bias) per layer
+    samples: np.ndarray  # float32 (n, 64), held out
+    labels: np.ndarray
+    calibration: np.ndarray  # float32 (m, 64) from the training split
+
+
+def digits_mlp(path: Path, hidden: int = 32, seed: int = 0) -> DigitsMlp:
+    from sklearn.datasets import load_digits
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    mlp = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=300, random_state=seed).fit(x[:1500], y[:1500])
+    layers = [
+        (w.astype(np.float32), b.astype(np.float32)) for w, b in zip(mlp.coefs_, mlp.intercepts_, strict=True)
+    ]
+    nodes, inits, current = [], [], "X"
+    for i, (w, b) in enumerate(layers):
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        out = "logits" if i == len(layers) - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [f"m{i}"]))
+        nodes.append(helper.make_node("Add", [f"m{i}", f"b{i}"], [out if i == len(layers) - 1 else f"a{i}"]))
+        if i < len(layers) - 1:
+            nodes.append(helper.make_node("Relu", [f"a{i}"], [out]))
+        current = out
+    graph = helper.make_graph(
+        nodes,
+        "digits_mlp",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+    return DigitsMlp(path, layers, x[1500:], y[1500:], x[:200])
+
+
+def _schema() -> Any:
+    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated
+
+    return schema_py_generated
+
+
+def sine_float_tflite() -> Path:
+    """The tiny real model the tflite-micro package ships (float, 1 -> 1)."""
+    import tflite_micro
+
+    return Path(tflite_micro.__file__).parent / "python" / "tflite_micro" / "sine_float.tflite"
+
+
+def _quant(s: Any, scale: float, zero: int) -> Any:
+    q = s.QuantizationParametersT()
+    q.scale, q.zeroPoint = [float(scale)], [int(zero)]
+    return q
+
+
+def _affine(lo: float, hi: float) -> tuple[float, int]:
+    """int8 scale and zero point covering [lo, hi] (which always includes 0)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255 or 1.0
+    return scale, int(np.clip(round(-128 - lo / scale), -128, 127))
+
+
+def tflite_mlp(
+    path: Path,
+    layers: list[tuple[np.ndarray, np.ndarray]],
+    int8: bool = False,
+    calibration: np.ndarray | None = None,
+) -> Path:
+    """Fully-connected layers (ReLU between them) as a TFLite flatbuffer, float or int8.
+
+    The int8 model takes and returns int8 tensors (per-tensor scales: weights symmetric,
+    activations from the ranges seen on ``calibration``), like a fully-quantized export.
+    """
+    import flatbuffers
+
+    s = _schema()
+    buffers = [s.BufferT()]  # buffer 0 is the empty sentinel
+
+    def buffer(array: np.ndarray | None) -> int:
+        b = s.BufferT()
+        if array is not None:
+            b.data = np.frombuffer(np.ascontiguousarray(array).tobytes(), dtype=np.uint8).tolist()
+        buffers.append(b)
+        return len(buffers) - 1
+
+    tensors: list[Any] = []
+
+    def tensor(name: str, shape: list[int], ttype: int, data: np.ndarray | None, q: Any = None) -> int:
+        t = s.TensorT()
+        t.name, t.type, t.shape = name, ttype, [abs(d) for d in shape]
+        t.shapeSignature = shape if -1 in shape else None
+        t.buffer = buffer(data)
+        t.quantization = q
+        tensors.append(t)
+        return len(tensors) - 1
+
+    ranges: list[tuple[float, int]] = []
+    if int8:
+        assert calibration is not None, "an int8 model needs calibration samples for its activation ranges"
+        act = calibration.astype(np.float32)
+        ranges.append(_affine(0.0, 1.0))
+        for i, (w, b) in enumerate(layers):
+            act = act @ w + b
+            if i < len(layers) - 1:
+                act = np.maximum(act, 0)
+            ranges.append(_affine(float(act.min()), float(act.max())))
+    f32, i8, i32 = s.TensorType.FLOAT32, s.TensorType.INT8, s.TensorType.INT32
+    in_dim = layers[0][0].shape[0]
+    current = tensor(
+        "input", [-1, in_dim], i8 if int8 else f32, None, _quant(s, *ranges[0]) if int8 else None
+    )
+    first = current
+    operators = []
+    for i, (w, b) in enumerate(layers):
+        out_dim = w.shape[1]
+        if int8:
+            in_scale = ranges[i][0]
+            w_scale = float(np.abs(w).max()) / 127 or 1.0
+            wq = np.clip(np.round(w.T / w_scale), -127, 127).astype(np.int8)
+            bq = np.round(b / (in_scale * w_scale)).astype(np.int32)
+            wt = tensor(f"w{i}", [out_dim, w.shape[0]], i8, wq, _quant(s, w_scale, 0))
+            bt = tensor(f"b{i}", [out_dim], i32, bq, _quant(s, in_scale * w_scale, 0))
+            out = tensor(f"fc{i}", [-1, out_dim], i8, None, _quant(s, *ranges[i + 1]))
+        else:
+            wt = tensor(f"w{i}", [out_dim, w.shape[0]], f32, np.ascontiguousarray(w.T))
+            bt = tensor(f"b{i}", [out_dim], f32, b)
+            out = tensor(f"fc{i}", [-1, out_dim], f32, None)
+        options = s.FullyConnectedOptionsT()
+        options.fusedActivationFunction = (
+            s.ActivationFunctionType.RELU if i < len(layers) - 1 else s.ActivationFunctionType.NONE
+        )
+        op = s.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = 0, [current, wt, bt], [out]
+        op.builtinOptionsType, op.builtinOptions = s.BuiltinOptions.FullyConnectedOptions, options
+        operators.append(op)
+        current = out
+    code = s.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = s.BuiltinOperator.FULLY_CONNECTED
+    code.version = 4 if int8 else 1
+    subgraph = s.SubGraphT()
+    subgraph.tensors, subgraph.inputs, subgraph.outputs = tensors, [first], [current]
+    subgraph.operators, subgraph.name = operators, "main"
+    model = s.ModelT()
+    model.version, model.operatorCodes, model.subgraphs = 3, [code], [subgraph]
+    model.buffers, model.description = buffers, "edgefleet test model"
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(bytes(builder.Output()))
     return path
