@@ -92,6 +92,7 @@ class ModelAssignment(_message.Message):
     KEY_ID_FIELD_NUMBER: _builtins.int
     PROBATION_S_FIELD_NUMBER: _builtins.int
     MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    KEY_ROTATION_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     model_name: _builtins.str
     model_version: _builtins.str
@@ -122,6 +123,13 @@ class ModelAssignment(_message.Message):
     """Probation fails, and the agent rolls back to the previous model, when the
     new one's inference error rate (errors / requests) exceeds this.
     """
+    @_builtins.property
+    def key_rotation(self) -> Global___KeyRotation:
+        """The rotation that introduced key_id, when it is not the key the device was
+        provisioned with: the agent applies it (if the key it pins signed it) before
+        checking `signature`, so a device offline during a rotation still converges.
+        """
+
     def __init__(
         self,
         *,
@@ -139,10 +147,11 @@ class ModelAssignment(_message.Message):
         key_id: _builtins.str = ...,
         probation_s: _builtins.float = ...,
         max_error_rate: _builtins.float = ...,
+        key_rotation: Global___KeyRotation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key_rotation", b"key_rotation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "format", b"format", "key_id", b"key_id", "max_error_rate", b"max_error_rate", "model_name", b"model_name", "model_version", b"model_version", "precision", b"precision", "probation_s", b"probation_s", "rollout_id", b"rollout_id", "runtime", b"runtime", "signature", b"signature", "tenant", b"tenant", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "format", b"format", "key_id", b"key_id", "key_rotation", b"key_rotation", "max_error_rate", b"max_error_rate", "model_name", b"model_name", "model_version", b"model_version", "precision", b"precision", "probation_s", b"probation_s", "rollout_id", b"rollout_id", "runtime", b"runtime", "signature", b"signature", "tenant", b"tenant", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
