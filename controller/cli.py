@@ -514,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("device")
         sub.add_argument("--limit", type=int, default=50)
         sub.set_defaults(func=func)
+    from controller import cli_loop  # drift, datasets, retraining (imports this module's helpers)
+
+    cli_loop.add_commands(commands, remote)
     return parser
 
 

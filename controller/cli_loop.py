@@ -1,0 +1,188 @@
+"""``edgefleet drift|datasets|retraining``: the closed loop's operator commands over REST."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from controller.cli import UPLOAD_TIMEOUT_S, CommandError, _call, _print
+from controller.files import atomic_write
+
+
+def _read_json(path: str, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CommandError(f"cannot read {what} from {path}: {exc}") from None
+
+
+def _upload(args: argparse.Namespace, path: str, model: str, version: str, **fields: str) -> Any:
+    try:
+        content = Path(path).read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc}") from None
+    files = {"file": (Path(path).name, content, "application/octet-stream")}
+    data = {"model": model, "version": version, **fields}
+    return _call(args, "POST", "/v1/datasets", UPLOAD_TIMEOUT_S, data=data, files=files)
+
+
+def cmd_drift_baseline(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"bins": args.bins}
+    if args.reference:
+        digest = _upload(args, args.reference, args.model, args.version, policy_id="reference")["digest"]
+        body["dataset"] = digest
+    elif args.dataset:
+        body["dataset"] = args.dataset
+    elif args.production_windows:
+        if not args.spec:
+            raise CommandError("--production-windows needs --spec FILE.json with the bin edges")
+        body["production"] = {"windows": args.production_windows, "spec": _read_json(args.spec, "the spec")}
+    else:
+        raise CommandError(
+            "give --reference FILE.npz, --dataset DIGEST or --production-windows N --spec FILE"
+        )
+    _print(_call(args, "PUT", f"/v1/models/{args.model}/versions/{args.version}/drift/baseline", json=body))
+    return 0
+
+
+def cmd_drift_show(args: argparse.Namespace) -> int:
+    base = f"/v1/models/{args.model}/versions/{args.version}/drift"
+    path = f"{base}/devices/{args.device}" if args.device else base
+    _print(_call(args, "GET", path, params={"since_ms": args.since_ms}))
+    return 0
+
+
+def cmd_datasets_upload(args: argparse.Namespace) -> int:
+    _print(
+        _upload(args, args.file, args.model, args.version, device_id=args.device_id, policy_id=args.policy_id)
+    )
+    return 0
+
+
+def cmd_datasets_list(args: argparse.Namespace) -> int:
+    params = {k: v for k, v in (("model", args.model), ("version", args.version)) if v}
+    _print(_call(args, "GET", "/v1/datasets", params=params))
+    return 0
+
+
+def cmd_datasets_download(args: argparse.Namespace) -> int:
+    from controller.cli import _client
+
+    with _client(args, UPLOAD_TIMEOUT_S) as client:
+        response = client.get(f"/v1/datasets/{args.digest}/download")
+    if not response.is_success:
+        raise CommandError(f"{response.status_code}: {response.text.strip()}")
+    atomic_write(Path(args.output), response.content)
+    _print({"digest": args.digest, "path": args.output, "size": len(response.content)})
+    return 0
+
+
+def cmd_datasets_label(args: argparse.Namespace) -> int:
+    labels = _read_json(args.labels, "labels")
+    body = {"labels": labels.get("labels") if isinstance(labels, dict) else labels}
+    _print(_call(args, "PUT", f"/v1/datasets/{args.digest}/labels", json=body))
+    return 0
+
+
+def cmd_policy_put(args: argparse.Namespace) -> int:
+    _print(
+        _call(args, "PUT", f"/v1/retraining/policies/{args.name}", json=_read_json(args.file, "the policy"))
+    )
+    return 0
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    path = f"/v1/retraining/policies/{args.name}/versions" if args.name else "/v1/retraining/policies"
+    _print(_call(args, "GET", path))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    if args.id:
+        _print(_call(args, "GET", f"/v1/retraining/runs/{args.id}"))
+    else:
+        params = {"policy": args.policy} if args.policy else {}
+        _print(_call(args, "GET", "/v1/retraining/runs", params=params))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    _print(_call(args, "POST", "/v1/retraining/evaluate"))
+    return 0
+
+
+def cmd_result(args: argparse.Namespace) -> int:
+    _print(_call(args, "POST", f"/v1/retraining/runs/{args.run_id}/result", json={"version": args.version}))
+    return 0
+
+
+def add_commands(commands: Any, remote: argparse.ArgumentParser) -> None:
+    drift = commands.add_parser("drift", help="drift baselines and scores").add_subparsers(
+        dest="action", required=True
+    )
+    baseline = drift.add_parser("baseline", parents=[remote], help="set a model version's drift baseline")
+    baseline.add_argument("model")
+    baseline.add_argument("version")
+    baseline.add_argument(
+        "--reference", metavar="FILE.npz", help="reference data set (inputs[, probabilities])"
+    )
+    baseline.add_argument("--dataset", metavar="DIGEST", help="a stored data set as the reference")
+    baseline.add_argument(
+        "--production-windows", type=int, metavar="N", help="the first N production windows"
+    )
+    baseline.add_argument("--spec", metavar="FILE.json", help="bin edges for a production baseline")
+    baseline.add_argument("--bins", type=int, default=10)
+    baseline.set_defaults(func=cmd_drift_baseline)
+    show = drift.add_parser("show", parents=[remote], help="PSI/KL fleet-wide and per device")
+    show.add_argument("model")
+    show.add_argument("version")
+    show.add_argument("--device", default=None, help="one device's windows")
+    show.add_argument("--since-ms", type=int, default=0)
+    show.set_defaults(func=cmd_drift_show)
+
+    datasets = commands.add_parser("datasets", help="captured data sets").add_subparsers(
+        dest="action", required=True
+    )
+    upload = datasets.add_parser("upload", parents=[remote], help="store an .npz data set")
+    upload.add_argument("file")
+    upload.add_argument("--model", required=True)
+    upload.add_argument("--version", required=True)
+    upload.add_argument("--device-id", default="operator")
+    upload.add_argument("--policy-id", default="upload")
+    upload.set_defaults(func=cmd_datasets_upload)
+    listing = datasets.add_parser("list", parents=[remote])
+    listing.add_argument("--model", default=None)
+    listing.add_argument("--version", default=None)
+    listing.set_defaults(func=cmd_datasets_list)
+    download = datasets.add_parser("download", parents=[remote])
+    download.add_argument("digest")
+    download.add_argument("-o", "--output", required=True)
+    download.set_defaults(func=cmd_datasets_download)
+    label = datasets.add_parser("label", parents=[remote], help="attach ground-truth labels")
+    label.add_argument("digest")
+    label.add_argument("--labels", required=True, metavar="FILE.json", help="[0, 3, ...] or {labels: [...]}")
+    label.set_defaults(func=cmd_datasets_label)
+
+    retraining = commands.add_parser("retraining", help="retraining policies and runs").add_subparsers(
+        dest="action", required=True
+    )
+    put = retraining.add_parser("put-policy", parents=[remote], help="create a policy or add a version")
+    put.add_argument("name")
+    put.add_argument("--file", required=True, metavar="POLICY.json")
+    put.set_defaults(func=cmd_policy_put)
+    policies = retraining.add_parser("policies", parents=[remote], help="policies, or one policy's versions")
+    policies.add_argument("name", nargs="?")
+    policies.set_defaults(func=cmd_policies)
+    runs = retraining.add_parser("runs", parents=[remote], help="runs, newest first, or one run")
+    runs.add_argument("id", nargs="?")
+    runs.add_argument("--policy", default=None)
+    runs.set_defaults(func=cmd_runs)
+    retraining.add_parser("evaluate", parents=[remote], help="evaluate every policy now").set_defaults(
+        func=cmd_evaluate
+    )
+    result = retraining.add_parser("result", parents=[remote], help="report the version a run registered")
+    result.add_argument("run_id")
+    result.add_argument("--version", required=True)
+    result.set_defaults(func=cmd_result)
