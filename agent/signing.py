@@ -146,6 +146,10 @@ class KeyRing:
             if problem is not None:
                 log.error("key rotation refused device_key=%s reason=%s", self.key_id, problem)
         for m in msg.models:
+            if m.HasField("key_rotation"):
+                problem = self.rotate(m.key_rotation)
+                if problem is not None:
+                    log.error("key rotation refused device_key=%s reason=%s", self.key_id, problem)
             reason = self.check(m)
             if reason is not None:
                 refused[m.artifact_digest] = reason

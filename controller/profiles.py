@@ -21,7 +21,7 @@ from typing import Any
 from edgefleet_proto import fleet_pb2
 
 from controller.errors import DeviceNotFound, InvalidProfile, ProfileNotFound
-from controller.registry import ModelVersion
+from controller.registry import ModelVersion, Registry
 from controller.store import Store
 from controller.variants import RUNTIME_FOR_FORMAT, Candidate, Choice, DeviceClass, Sensor, choose
 
@@ -284,8 +284,12 @@ class Targeted:
 
 
 class Profiles:
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, store: Store, registry: Registry | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         self.store = store
+        # For the signing key's rotation record, attached to assignments it signed.
+        self.registry = registry
         self.clock = clock
 
     def register(
@@ -357,6 +361,9 @@ class Profiles:
         wanted.precision = variant.precision
         wanted.signature = bytes.fromhex(variant.signature)
         wanted.key_id = variant.key_id
+        rotation = self.registry.signer.rotation if self.registry is not None else None
+        if rotation is not None and rotation.new_key_id == variant.key_id:
+            wanted.key_rotation.CopyFrom(rotation)
         log.info(
             "variant chosen device=%s model=%s version=%s variant=%s reason=%s",
             device_id, found.name, found.version, variant.variant, choice.reason,

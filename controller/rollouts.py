@@ -145,7 +145,7 @@ class Rollouts:
         self.fleet = fleet
         self.clock = clock
         self.publisher: DesiredPublisher | None = None
-        self.profiles = Profiles(store)
+        self.profiles = Profiles(store, registry)
         self._lock = threading.RLock()
 
     # -- create ---------------------------------------------------------------

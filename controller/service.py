@@ -56,6 +56,15 @@ class Controller:
         except OSError:
             return None
 
+    def rotate_signing_key(self) -> Signer:
+        """A new signing key; every variant is re-signed, and assignments signed with it carry
+        the rotation (signed by the old key) so agents learn the new key from the one they trust."""
+        self.signer = self.signer.rotate()
+        count = self.registry.resign_all(self.signer)
+        self.fleet.controller_public_key = self.signer.public_key_hex
+        log.info("variants re-signed count=%d key=%s", count, self.signer.key_id)
+        return self.signer
+
     def admin_token_hash(self) -> str:
         """The current token's hash; `controller init --rotate-token` takes effect without a restart."""
         mtime = self._mtime()

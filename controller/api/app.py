@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from controller.api import devices, loop, models, profiles, rollouts, telemetry
+from controller.api import devices, loop, models, profiles, rollouts, signing, telemetry
 from controller.api.deps import Authenticated
 from controller.auth import token_matches
 from controller.errors import (
@@ -116,7 +116,7 @@ def create_app(settings: Settings, *, start_transport: bool = True) -> FastAPI:
         )
         return JSONResponse(status_code=code, content={"detail": str(exc)})
 
-    for module in (models, devices, profiles, rollouts, telemetry):
+    for module in (models, devices, profiles, rollouts, telemetry, signing):
         app.include_router(module.router, prefix="/v1", dependencies=[Authenticated])
     app.include_router(loop.router)
     app.add_middleware(UploadGuard, controller=controller)

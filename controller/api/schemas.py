@@ -196,3 +196,9 @@ class ProfilePublic(_Public):
 
 class DeviceProfileSet(_Create):
     profile: str
+
+
+class SigningKeyPublic(_Public):
+    key_id: str
+    public_key: str
+    previous_key_id: str
