@@ -1,0 +1,229 @@
+"""Data capture: which inputs a tenant keeps for retraining, and how they travel.
+
+Pure code (numpy, no I/O): :func:`capture_reason` is the policy decision for
+one sample, :class:`Capturer` applies it with the policy's bounds (samples per
+hour, samples and bytes per upload) and packs a full buffer into an ``.npz``
+data set, and :func:`chunk_upload` cuts that into ``CaptureChunk`` messages
+for the ``capture`` topic (the controller reassembles them, checks the sha256
+and stores the data set; see docs/interfaces.md).
+
+How to wire it (the tenant pipeline and the link own the I/O)::
+
+    capturer = Capturer(policy, drift_spec, rng=random.Random(), clock=time.time)
+    # per inference, after the model answered
+    capturer.offer(inputs_row, probabilities_row)
+    # when a buffer is full, or on a timer
+    if capturer.ready():
+        for chunk in capturer.take_upload():
+            outbox.put(Topic(device_id, Kind.CAPTURE), encode(chunk))
+
+``inputs_row`` is one sample's input tensor (any shape, numeric), and
+``probabilities_row`` its output probabilities (1-D) or None.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+from edgefleet_proto import fleet_pb2
+
+DEFAULT_CHUNK_SIZE = 64 * 1024
+REASON_CODES = {"random": 0, "low_confidence": 1, "drifted": 2}
+HOUR_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Each feature's [first edge, last edge] from the drift spec: the baseline's body."""
+
+    low: npt.NDArray[np.float64]
+    high: npt.NDArray[np.float64]
+
+    @classmethod
+    def from_spec(cls, spec: fleet_pb2.DriftSpec | None) -> Bounds | None:
+        if spec is None:
+            return None
+        edges = {h.name: (h.edges[0], h.edges[-1]) for h in spec.features if h.edges}
+        names = sorted((n for n in edges if n.startswith("f") and n[1:].isdigit()), key=lambda n: int(n[1:]))
+        if not names or [int(n[1:]) for n in names] != list(range(len(names))):
+            return None  # only tabular features f0..fN-1 are checked per sample
+        return cls(
+            np.array([edges[n][0] for n in names], dtype=np.float64),
+            np.array([edges[n][1] for n in names], dtype=np.float64),
+        )
+
+    def outside_share(self, features: npt.NDArray[np.float64]) -> float:
+        if features.size != self.low.size:
+            return 0.0
+        return float(np.mean((features < self.low) | (features > self.high)))
+
+
+def capture_reason(
+    policy: fleet_pb2.CapturePolicy,
+    inputs: npt.ArrayLike,
+    probabilities: npt.ArrayLike | None,
+    bounds: Bounds | None,
+    draw: float,
+) -> str | None:
+    """Why this sample should be kept, or None. ``draw`` is uniform in [0, 1).
+
+    A drifted input says most about what the model has not seen, a
+    low-confidence one about where it hesitates; the random sample keeps the
+    captured data representative.
+    """
+    if policy.drifted_feature_share > 0 and bounds is not None:
+        features = np.asarray(inputs, dtype=np.float64).ravel()
+        if bounds.outside_share(features) > policy.drifted_feature_share:
+            return "drifted"
+    if policy.low_confidence_below > 0 and probabilities is not None:
+        probs = np.asarray(probabilities, dtype=np.float64).ravel()
+        if probs.size and float(probs.max()) < policy.low_confidence_below:
+            return "low_confidence"
+    if draw < policy.random_fraction:
+        return "random"
+    return None
+
+
+def chunk_upload(
+    data: bytes,
+    policy: fleet_pb2.CapturePolicy,
+    model_version: str,
+    start_ms: int,
+    end_ms: int,
+    samples: int,
+    reasons: dict[str, int],
+    upload_id: str,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> list[fleet_pb2.CaptureChunk]:
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be positive")
+    digest = hashlib.sha256(data).hexdigest()
+    parts = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)] or [b""]
+    return [
+        fleet_pb2.CaptureChunk(
+            upload_id=upload_id,
+            tenant=policy.tenant,
+            model_name=policy.model_name,
+            model_version=model_version,
+            policy_id=policy.policy_id,
+            index=i,
+            count=len(parts),
+            data=part,
+            sha256=digest,
+            size=len(data),
+            start_ms=start_ms,
+            end_ms=end_ms,
+            samples=samples,
+            reasons=reasons,
+        )
+        for i, part in enumerate(parts)
+    ]
+
+
+@dataclass
+class _Buffer:
+    inputs: list[npt.NDArray[np.float32]] = field(default_factory=list)
+    probabilities: list[npt.NDArray[np.float32]] = field(default_factory=list)
+    at_ms: list[int] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    nbytes: int = 0
+
+
+class Capturer:
+    """One tenant's capture: the policy's decision, its bounds, and the upload buffer."""
+
+    def __init__(
+        self,
+        policy: fleet_pb2.CapturePolicy,
+        model_version: str,
+        spec: fleet_pb2.DriftSpec | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        self.policy = policy
+        self.model_version = model_version
+        self.bounds = Bounds.from_spec(spec)
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.chunk_size = chunk_size
+        self._recent: deque[float] = deque()
+        self._buffer = _Buffer()
+
+    def _under_hourly_bound(self, now: float) -> bool:
+        while self._recent and now - self._recent[0] >= HOUR_S:
+            self._recent.popleft()
+        limit = self.policy.max_samples_per_hour
+        return limit == 0 or len(self._recent) < limit
+
+    def ready(self) -> bool:
+        """The buffer is full: upload it (take_upload) before more is captured."""
+        p, b = self.policy, self._buffer
+        full_count = p.max_samples_per_upload > 0 and len(b.inputs) >= p.max_samples_per_upload
+        return bool(b.inputs) and (
+            full_count or (p.max_bytes_per_upload > 0 and b.nbytes >= p.max_bytes_per_upload)
+        )
+
+    def offer(self, inputs: npt.ArrayLike, probabilities: npt.ArrayLike | None = None) -> str | None:
+        """Keep the sample if the policy wants it and the bounds allow; returns the reason kept."""
+        now = self.clock()
+        if self.ready() or not self._under_hourly_bound(now):
+            return None
+        reason = capture_reason(self.policy, inputs, probabilities, self.bounds, self.rng.random())
+        if reason is None:
+            return None
+        row = np.asarray(inputs, dtype=np.float32)
+        probs = None if probabilities is None else np.asarray(probabilities, dtype=np.float32).ravel()
+        size = row.nbytes + (probs.nbytes if probs is not None else 0)
+        b = self._buffer
+        if (
+            self.policy.max_bytes_per_upload
+            and b.nbytes + size > self.policy.max_bytes_per_upload
+            and b.inputs
+        ):
+            return None
+        if b.inputs and (row.shape != b.inputs[0].shape or (probs is None) != (not b.probabilities)):
+            return None  # one data set holds one input shape; a model change starts a new one
+        b.inputs.append(row)
+        if probs is not None:
+            b.probabilities.append(probs)
+        b.at_ms.append(int(now * 1000))
+        b.reasons.append(reason)
+        b.nbytes += size
+        self._recent.append(now)
+        return reason
+
+    def take_upload(self, upload_id: str | None = None) -> list[fleet_pb2.CaptureChunk]:
+        """The buffer as an .npz data set in chunks; the buffer starts empty again."""
+        b, self._buffer = self._buffer, _Buffer()
+        if not b.inputs:
+            return []
+        arrays: dict[str, npt.NDArray[np.generic]] = {
+            "inputs": np.stack(b.inputs),
+            "at_ms": np.asarray(b.at_ms, dtype=np.int64),
+            "reason_codes": np.asarray([REASON_CODES[r] for r in b.reasons], dtype=np.uint8),
+        }
+        if b.probabilities and len(b.probabilities) == len(b.inputs):
+            arrays["probabilities"] = np.stack(b.probabilities)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)  # type: ignore[arg-type]
+        return chunk_upload(
+            buf.getvalue(),
+            self.policy,
+            self.model_version,
+            start_ms=b.at_ms[0],
+            end_ms=b.at_ms[-1],
+            samples=len(b.inputs),
+            reasons=dict(Counter(b.reasons)),
+            upload_id=upload_id or uuid.uuid4().hex,
+            chunk_size=self.chunk_size,
+        )
