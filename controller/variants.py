@@ -4,7 +4,9 @@
 (not validated, runtime missing, opset too new, precision unsupported, too big
 for the model memory budget, input not fed by the device's sensor), then ranks
 what is left: the profile's preferred precision first, then int8 on CPU-only
-devices (fp16 on accelerated ones), then the smaller file. No I/O here.
+devices (fp16 on accelerated ones), then ONNX before TFLite (the registry's
+primary format; TFLite variants serve devices without ONNX Runtime), then the
+smaller file. No I/O here.
 """
 
 from __future__ import annotations
@@ -123,9 +125,9 @@ def choose(candidates: Sequence[Candidate], device: DeviceClass | None, sensor_k
         return Choice(None, f"no variant fits profile {device.profile_id}: {detail}", rejected)
     order = ACCELERATED_ORDER if device.accelerated else CPU_ORDER
 
-    def rank(c: Candidate) -> tuple[bool, int, int, str]:
+    def rank(c: Candidate) -> tuple[bool, int, bool, int, str]:
         fallback = order.index(c.precision) if c.precision in order else len(order)
-        return (c.precision != device.preferred_precision, fallback, c.size, c.variant)
+        return (c.precision != device.preferred_precision, fallback, c.format != "onnx", c.size, c.variant)
 
     best = min(usable, key=rank)
     why = (
