@@ -5,45 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import onnx
 from edgefleet_proto import fleet_pb2
-from onnx import TensorProto, helper, numpy_helper
 
 from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer, wait_until
+from tests.models import wide_conv
 
+# Inference (about 10 ms a run here), not the sources, must be the bottleneck.
 SIZE = 96
-
-
-def heavy_conv(path: Path) -> Path:
-    """A conv net big enough (tens of ms a run) that inference, not the sources, is the bottleneck."""
-    rng = np.random.default_rng(0)
-    w1 = numpy_helper.from_array(rng.standard_normal((32, 3, 3, 3)).astype(np.float32), "w1")
-    w2 = numpy_helper.from_array(rng.standard_normal((64, 32, 3, 3)).astype(np.float32), "w2")
-    w3 = numpy_helper.from_array(rng.standard_normal((64, 64, 3, 3)).astype(np.float32), "w3")
-    nodes = [
-        helper.make_node("Conv", ["image", "w1"], ["c1"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c2"], ["r2"]),
-        helper.make_node("Conv", ["r2", "w3"], ["c3"], pads=[1, 1, 1, 1]),
-        helper.make_node("GlobalAveragePool", ["c3"], ["g"]),
-        helper.make_node("Flatten", ["g"], ["logits"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "heavy_conv",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 64])],
-        initializer=[w1, w2, w3],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    path.write_bytes(model.SerializeToString())
-    return path
-
-
 WEIGHTS = {"low": 1.0, "mid": 2.0, "high": 4.0}
 
 
@@ -72,7 +41,7 @@ def test_weights_are_respected_under_overload(
         for i, (name, weight) in enumerate(WEIGHTS.items()):
             f.write(tenant(name, weight, i))
     peer = make_peer(agent.device_id)
-    digest = peer.add_artifact(heavy_conv(tmp_path / "conv.onnx"))
+    digest = peer.add_artifact(wide_conv(tmp_path / "conv.onnx", SIZE))
     # Three tenants on one artifact: one loaded copy serves them all.
     peer.publish_desired(1, *(peer.assignment(digest, "1", name="conv", tenant=t) for t in WEIGHTS))
     agent.start()

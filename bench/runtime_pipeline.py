@@ -1,0 +1,145 @@
+"""The in-process tenant pipeline against raw onnxruntime, measured in the same run.
+
+(a) overhead per inference: one job at a time through the fair scheduler, the
+    pooled model and the result hub (submit -> result in a StreamResults queue),
+    beside ``session.run`` on the same input and the same thread count;
+(b) three saturating tenants (synthetic camera sources, weights 1:2:4, one
+    shared wider conv model) for a few seconds: total inferences per second beside the best
+    raw single-session throughput, and the CPU-time share each tenant got
+    against its weight.
+
+Run: ``.venv/bin/python bench/runtime_pipeline.py [--iterations 2000] [--seconds 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent.pipeline import Job, Pipelines, ResultHub
+from agent.pool import ModelPool, ServingModel
+from agent.preprocess import Prepared
+from agent.telemetry import PipelineStats
+from agent.tenants import PreprocessSpec, SourceSpec, TenantSpec
+from tests.models import small_conv, wide_conv
+
+
+def pipelines(
+    model: Path, tenants: dict[str, float], workers: int, threads: int
+) -> tuple[Pipelines, ResultHub]:
+    pool = ModelPool(threads=threads)
+    loaded = pool.load("c" * 64, model, "onnxruntime")
+    for tenant in tenants:
+        pool.put(ServingModel(tenant, "conv", "1", "c" * 64, "onnxruntime", model, loaded))
+    hub = ResultHub()
+    p = Pipelines("bench", pool, workers, PipelineStats(), lambda *a: None, lambda t, b: None, hub)
+    p.start()
+    return p, hub
+
+
+def overhead(model: Path, iterations: int) -> None:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
+    raw = np.empty(iterations)
+    for i in range(-100, iterations):
+        start = time.perf_counter()
+        session.run(None, {"image": x})
+        if i >= 0:
+            raw[i] = time.perf_counter() - start
+
+    p, hub = pipelines(model, {"t": 1.0}, workers=1, threads=1)
+    p.apply((TenantSpec("t", results=frozenset({"grpc"})),))
+    results = hub.subscribe("t")
+    piped = np.empty(iterations)
+    for i in range(-100, iterations):
+        start = time.perf_counter()
+        p.submit("t", Job(Prepared(x, i + 100, 0), 1, start))
+        results.get(timeout=10)
+        if i >= 0:
+            piped[i] = time.perf_counter() - start
+    p.stop(5)
+    r50, p50 = np.median(raw) * 1e6, np.median(piped) * 1e6
+    print("(a) one inference, small conv 1x3x32x32, 1 intra-op thread")
+    print(f"    raw session.run        p50 {r50:8.1f} us   p99 {np.percentile(raw, 99) * 1e6:8.1f} us")
+    print(f"    pipeline (sched+hub)   p50 {p50:8.1f} us   p99 {np.percentile(piped, 99) * 1e6:8.1f} us")
+    print(f"    overhead               p50 {p50 - r50:8.1f} us   ratio {p50 / r50:.2f}x")
+
+
+def saturated(model: Path, size: int, seconds: float) -> None:
+    cores = os.cpu_count() or 1
+    x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+    best = 0.0
+    for threads in sorted({1, cores}):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        count, end = 0, time.perf_counter() + seconds / 2
+        while time.perf_counter() < end:
+            session.run(None, {"image": x})
+            count += 1
+        best = max(best, count / (seconds / 2))
+
+    weights = {"low": 1.0, "mid": 2.0, "high": 4.0}
+    p, _hub = pipelines(model, weights, workers=cores, threads=1)
+    specs = tuple(
+        TenantSpec(
+            t,
+            source=SourceSpec("synthetic", "", {"shape": f"{size},{size},3", "seed": str(i)}),
+            preprocess=PreprocessSpec(scale=1 / 255, layout="nchw"),
+            weight=w,
+            # Live sources deliver at their own pace; each offers the raw capacity, 3x overload in all.
+            rate_hz=best,
+            queue=4,
+            results=frozenset({"grpc"}),
+        )
+        for i, (t, w) in enumerate(weights.items())
+    )
+    p.apply(specs)
+    time.sleep(1.0)
+    p.telemetry_inputs()
+    p.stats.drain({}, {})
+    time.sleep(seconds)
+    weights_now, busy = p.telemetry_inputs()
+    stats, _ = p.stats.drain(weights_now, busy)
+    p.stop(5)
+    total = sum(s.inferences for s in stats) / seconds
+    total_busy = sum(busy.values())
+    print(
+        f"(b) three tenants on one {size}x{size} conv, each offered {best:.0f}/s (3x what raw does), "
+        f"{cores} workers x 1 thread, {seconds:.0f} s"
+    )
+    print(f"    raw best single session  {best:9.0f} inferences/s")
+    print(f"    pipeline, all tenants    {total:9.0f} inferences/s   ratio {total / best:.2f}")
+    for s in stats:
+        share, want = busy[s.tenant] / total_busy, weights[s.tenant] / sum(weights.values())
+        print(
+            f"    {s.tenant:5s} weight {s.weight:.0f}: cpu share {share:6.1%} (weight share {want:6.1%}, "
+            f"off {abs(share - want) / want:5.1%}), {s.inferences / seconds:7.0f}/s, dropped {s.dropped}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--size", type=int, default=64, help="image side of the saturating tenants' model")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = small_conv(Path(tmp) / "conv.onnx")
+        overhead(model, args.iterations)
+        saturated(wide_conv(Path(tmp) / "wide.onnx", args.size), args.size, args.seconds)
+
+
+if __name__ == "__main__":
+    main()
