@@ -270,3 +270,19 @@ def wide_conv(path: Path, size: int = 96) -> Path:
 
 
 WEIGHTS = {"low": 1.0, "mid": 2.0, "high": 4.0}
+
+
+def sklearn_mlp(path: Path, hidden: int = 32, seed: int = 0) -> Digits:
+    """A scikit-learn MLP classifier on digits, converted with skl2onnx (MatMul/Add/Relu inside)."""
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    model = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=300, random_state=seed).fit(
+        x[:1500], y[:1500]
+    )
+    onx = to_onnx(model, x[:1], options={id(model): {"zipmap": False}}, target_opset=17)
+    path.write_bytes(onx.SerializeToString())
+    return Digits(path, x[1500:], y[1500:])
