@@ -370,6 +370,12 @@ def inspect_artifact(path: Path) -> Inspected:
     return Inspected(FORMAT, precision, signature, opset, "onnxruntime", ort.__version__)
 
 
+def _per_sample(spec: TensorSpec) -> int:
+    """Values per sample (all but the batch axis); 0 when a dimension is free."""
+    dims = spec.shape[1:]
+    return 0 if any(d < 0 for d in dims) else math.prod(dims)
+
+
 def variant_name(fmt: str, precision: str) -> str:
     return f"{fmt}-{precision}"
 
@@ -531,6 +537,12 @@ class Registry:
                     f"{len(inspected.signature.outputs)} outputs, version {version} has "
                     f"{len(found.inputs)} and {len(found.outputs)}"
                 )
+            for i, (mine, theirs) in enumerate(zip(inspected.signature.inputs, found.inputs, strict=True)):
+                if _per_sample(mine) and _per_sample(theirs) and _per_sample(mine) != _per_sample(theirs):
+                    raise InvalidModel(
+                        f"input {i} takes {_per_sample(mine)} values per sample, "
+                        f"version {version} takes {_per_sample(theirs)}"
+                    )
             now = time.time()
             # Validated against the reference in the background when there is a calibration set.
             status = "pending" if found.calibration_digest else "ready"
