@@ -1,0 +1,99 @@
+"""The agent's pinned controller key: unsigned, tampered and wrongly signed assignments are
+refused with the reason; a rotation is accepted only when the pinned key signed it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from edgefleet_proto import fleet_pb2
+from edgefleet_proto.signing import key_id, manifest_bytes, rotation_bytes
+
+from agent.errors import ConfigError
+from agent.signing import KEY_FILE, KeyRing, parse_public_key
+
+
+def raw(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def signed(key: Ed25519PrivateKey, digest: str = "a" * 64, size: int = 10) -> fleet_pb2.ModelAssignment:
+    m = fleet_pb2.ModelAssignment(
+        tenant="default", model_name="m", model_version="1", variant="onnx-int8-static",
+        artifact_digest=digest, artifact_size=size, key_id=key_id(raw(key)),
+    )  # fmt: skip
+    m.signature = key.sign(manifest_bytes("m", "1", "onnx-int8-static", digest, size))
+    return m
+
+
+def rotation(old: Ed25519PrivateKey, new: Ed25519PrivateKey) -> fleet_pb2.KeyRotation:
+    return fleet_pb2.KeyRotation(
+        new_public_key=raw(new), new_key_id=key_id(raw(new)), old_key_id=key_id(raw(old)),
+        signature=old.sign(rotation_bytes(raw(new))),
+    )  # fmt: skip
+
+
+CONTROLLER = Ed25519PrivateKey.generate()
+FORGER = Ed25519PrivateKey.generate()
+
+
+def test_only_assignments_signed_by_the_pinned_key_pass(tmp_path: Path) -> None:
+    ring = KeyRing(tmp_path, raw(CONTROLLER))
+    good = signed(CONTROLLER)
+    assert ring.check(good) is None
+    unsigned = fleet_pb2.ModelAssignment()
+    unsigned.CopyFrom(good)
+    unsigned.ClearField("signature")
+    assert ring.check(unsigned) == "refused: the assignment is not signed by the controller"
+    tampered = fleet_pb2.ModelAssignment()
+    tampered.CopyFrom(good)
+    tampered.artifact_digest = "b" * 64  # points the device at another artifact
+    assert "does not match the manifest" in str(ring.check(tampered))
+    bigger = fleet_pb2.ModelAssignment()
+    bigger.CopyFrom(good)
+    bigger.artifact_size = 11
+    assert ring.check(bigger) is not None
+    wrong = signed(FORGER)
+    assert (
+        ring.check(wrong)
+        == f"refused: signed by key {key_id(raw(FORGER))}, this device trusts controller key {ring.key_id}"
+    )
+
+
+def test_refusals_of_a_desired_state_name_each_digest(tmp_path: Path) -> None:
+    ring = KeyRing(tmp_path, raw(CONTROLLER))
+    desired = fleet_pb2.DesiredState(models=[signed(CONTROLLER, "a" * 64), signed(FORGER, "c" * 64)])
+    assert list(ring.refusals(desired)) == ["c" * 64]
+
+
+def test_without_a_pinned_key_nothing_is_checked(tmp_path: Path) -> None:
+    ring = KeyRing(tmp_path, None)
+    assert not ring.enabled and ring.check(fleet_pb2.ModelAssignment()) is None
+
+
+def test_rotation_needs_the_old_keys_signature_and_persists(tmp_path: Path) -> None:
+    new, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    ring = KeyRing(tmp_path, raw(CONTROLLER))
+    forged = rotation(FORGER, other)
+    assert "not signed by the pinned controller key" in str(ring.rotate(forged))
+    assert ring.key == raw(CONTROLLER) and not (tmp_path / KEY_FILE).exists()
+    # The rotation rides on the first assignment signed with the new key.
+    assignment = signed(new)
+    assignment.key_rotation.CopyFrom(rotation(CONTROLLER, new))
+    assert ring.refusals(fleet_pb2.DesiredState(models=[assignment])) == {}
+    assert ring.key == raw(new) and ring.check(signed(CONTROLLER)) is not None
+    assert json.loads((tmp_path / KEY_FILE).read_text())["public_key"] == raw(new).hex()
+    # A restart keeps the rotated key; re-provisioning with another key takes precedence.
+    assert KeyRing(tmp_path, raw(CONTROLLER)).key == raw(new)
+    assert KeyRing(tmp_path, raw(other)).key == raw(other)
+
+
+def test_public_key_text_is_checked() -> None:
+    assert parse_public_key(raw(CONTROLLER).hex()) == raw(CONTROLLER)
+    with pytest.raises(ConfigError, match="not hex"):
+        parse_public_key("zz")
+    with pytest.raises(ConfigError, match="has 3 bytes"):
+        parse_public_key("abcdef")
