@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from edgefleet_proto import fleet_pb2
 
 from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer, wait_until
@@ -82,3 +83,75 @@ def test_sigkill_at_each_stage_keeps_a_working_model_and_converges_after_restart
     assert tenant["active"]["assignment"]["digest"] == d2
     assert tenant["previous"]["assignment"]["digest"] == d1
     assert infer(agent, np.ones((1, 256), np.float32)).model_version == "2"
+
+
+def entry_for(peer: Peer, digest: str) -> Any:
+    return peer.entry("default", digest)
+
+
+# state the agent is SIGKILLed in -> (model serving after the restart, the new one's outcome)
+UPDATE_STATES = {
+    "fetch": ("new", fleet_pb2.UPDATE_OUTCOME_SUCCEEDED),
+    "verify": ("new", fleet_pb2.UPDATE_OUTCOME_SUCCEEDED),
+    "stage": ("new", fleet_pb2.UPDATE_OUTCOME_SUCCEEDED),
+    "activate": ("old", fleet_pb2.UPDATE_OUTCOME_ROLLED_BACK),
+    "probation": ("old", fleet_pb2.UPDATE_OUTCOME_ROLLED_BACK),
+    "commit": ("new", fleet_pb2.UPDATE_OUTCOME_SUCCEEDED),
+}
+
+
+@pytest.mark.parametrize("state", list(UPDATE_STATES))
+def test_sigkill_in_each_update_state_resumes_on_a_working_model_and_reports_the_outcome(
+    make_agent: Callable[..., AgentProcess],
+    make_peer: Callable[..., Peer],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    state: str,
+) -> None:
+    agent = make_agent()
+    peer = make_peer(agent.device_id)
+    m1, m2 = tmp_path / "m1.onnx", tmp_path / "m2.onnx"
+    d1, d2 = write_model(m1, linear_model(31, 256, 64)), write_model(m2, linear_model(32, 256, 64))
+    peer.add_artifact(m1)
+    peer.add_artifact(m2)
+    peer.publish_desired(1, peer.assignment(d1, "1"))
+    agent.start()
+    agent.wait_ready()
+    peer.wait_active(d1)
+    agent.terminate()
+
+    # The fault-injection switch kills the agent right after it persisted `state`.
+    monkeypatch.setenv("EDGEFLEET_AGENT_KILL_AT", state)
+    agent.start()
+    agent.wait_ready()
+    monkeypatch.delenv("EDGEFLEET_AGENT_KILL_AT")
+    peer.publish_desired(2, peer.assignment(d2, "2"))
+    assert agent.proc is not None
+    agent.proc.wait(30)
+    assert agent.proc.returncode == -9, agent.output()[-3000:]
+    log = persisted(agent)
+    assert log["updates"]["default"]["state"] == state
+    # Whatever the state, the persisted active model is one that loads and answered a smoke inference.
+    assert active_digest(agent) in (d1, d2)
+    assert (agent.data_dir / "models" / f"{active_digest(agent)}.onnx").exists()
+
+    agent.start()
+    agent.wait_ready()
+    serving, outcome = UPDATE_STATES[state]
+    want, other = (d2, d1) if serving == "new" else (d1, d2)
+    wait_until(lambda: (e := entry_for(peer, other if serving == "old" else want)) is not None
+               and e.outcome == outcome, 30, f"outcome reported after a kill in {state}")  # fmt: skip
+    reported = peer.last_reported()
+    assert reported is not None
+    active = [m for m in reported.models if m.phase == fleet_pb2.MODEL_PHASE_ACTIVE]
+    assert [m.artifact_digest for m in active] == [want]
+    assert infer(agent, np.ones((1, 256), np.float32)).model_version == ("2" if serving == "new" else "1")
+    if serving == "old":
+        failed = entry_for(peer, d2)
+        assert failed.phase == fleet_pb2.MODEL_PHASE_FAILED
+        assert f"the agent restarted during {state}" in failed.error
+        assert persisted(agent)["updates"]["default"]["state"] == "rolled_back"
+    else:
+        assert persisted(agent)["updates"]["default"]["state"] == "committed"
+        assert persisted(agent)["tenants"]["default"]["previous"]["assignment"]["digest"] == d1
+    wait_until(lambda: "update_outcome" in peer.event_kinds(), 20, "update_outcome event")
