@@ -43,6 +43,8 @@ EmitEvent = Callable[[str, str, str, dict[str, str]], None]
 PublishResult = Callable[[str, bytes], None]
 # Results a slow StreamResults reader may fall behind by before its oldest are dropped.
 SUBSCRIBER_QUEUE = 64
+# A source that delivered this long before it failed or ended starts its backoff afresh.
+STABLE_S = 10.0
 
 
 def results_topic(device_id: str, tenant: str) -> str:
@@ -131,21 +133,23 @@ class _Reader:
                 reason = f"source crashed: {type(exc).__name__}: {exc}"
             if self.stop.is_set():
                 return
+            # A source that ran well for a while and then dropped is a new problem: retry
+            # soon. One that keeps failing or ending quickly (a short file) backs off.
+            if self._stable_since is not None and time.monotonic() - self._stable_since >= STABLE_S:
+                attempt = 0
             attempt += 1
             delay = backoff_delay(attempt)
             self.p.stats.source_failed(self.spec.id)
             self.p.source_lost(self.spec, reason, attempt, delay)
-            if self._delivered:
-                attempt = 0
             self.stop.wait(delay)
 
-    _delivered = False
+    _stable_since: float | None = None
 
     def _read_until_end(self) -> None:
         assert self.spec.source is not None
         source: Source = open_source(self.spec.source)
         self.epoch += 1
-        self._delivered = False
+        self._stable_since = None
         preprocessor = Preprocessor(self.spec.preprocess)
         period = 1.0 / self.spec.rate_hz if self.spec.rate_hz else 0.0
         next_at = time.monotonic()
@@ -154,7 +158,8 @@ class _Reader:
                 sample = source.read()
                 if sample is None:
                     return
-                self._delivered = True
+                if self._stable_since is None:
+                    self._stable_since = time.monotonic()
                 self.p.stats.sample(self.spec.id)
                 for prepared in preprocessor.feed(sample):
                     self.p.submit(self.spec.id, Job(prepared, self.epoch, time.perf_counter()))
