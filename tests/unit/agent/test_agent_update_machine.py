@@ -1,0 +1,113 @@
+"""The update state machine's table, resume switch and probation judge; the planner's probation steps."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.reconciler import Commit, Current, Phase, ReportState, RollBack, Wait, build_report, plan
+from agent.state import Assignment, Desired, DeviceState, Installed, TenantState, Update
+from agent.update_machine import (
+    TRANSITIONS,
+    UnhandledTransition,
+    UpdateEvent,
+    UpdateState,
+    check,
+    judge_probation,
+    next_state,
+    resume,
+)
+
+S, E = UpdateState, UpdateEvent
+A1 = Assignment("default", "m", "1", "1" * 64, 100)
+A2 = Assignment("default", "m", "2", "2" * 64, 100, probation_s=10.0, max_error_rate=0.1)
+
+
+@pytest.mark.parametrize(
+    ("state", "event", "after"),
+    [
+        (S.FETCH, E.FETCHED, S.VERIFY),
+        (S.VERIFY, E.VERIFIED, S.STAGE),
+        (S.STAGE, E.STAGED, S.ACTIVATE),
+        (S.STAGE, E.ERROR, S.FAILED),
+        (S.ACTIVATE, E.ACTIVATED, S.PROBATION),
+        (S.PROBATION, E.PROBATION_PASSED, S.COMMIT),
+        (S.PROBATION, E.PROBATION_FAILED, S.ROLLBACK),
+        (S.COMMIT, E.COMMITTED, S.COMMITTED),
+        (S.ROLLBACK, E.ROLLED_BACK, S.ROLLED_BACK),
+    ],
+)
+def test_transition_table(state: UpdateState, event: UpdateEvent, after: UpdateState) -> None:
+    assert next_state(state, event) is after
+
+
+def test_an_unhandled_event_is_a_loud_bug_and_finals_have_no_way_out() -> None:
+    with pytest.raises(UnhandledTransition, match="no transition from commit on probation_failed"):
+        next_state(S.COMMIT, E.PROBATION_FAILED)
+    assert not [k for k in TRANSITIONS if k[0] in (S.COMMITTED, S.FAILED, S.ROLLED_BACK)]
+    # A model that served is never "failed": it is rolled back.
+    assert (S.PROBATION, E.ERROR) in TRANSITIONS and TRANSITIONS[(S.PROBATION, E.ERROR)] is S.ROLLBACK
+
+
+@pytest.mark.parametrize(
+    ("persisted", "after"),
+    [
+        (S.FETCH, S.FETCH),
+        (S.VERIFY, S.VERIFY),
+        (S.STAGE, S.STAGE),
+        (S.ACTIVATE, S.ROLLBACK),
+        (S.PROBATION, S.ROLLBACK),
+        (S.ROLLBACK, S.ROLLBACK),
+        (S.COMMIT, S.COMMIT),
+        (S.COMMITTED, S.COMMITTED),
+    ],
+)
+def test_resume_switch(persisted: UpdateState, after: UpdateState) -> None:
+    assert resume(persisted) is after
+
+
+def test_check_allows_entry_re_entry_and_table_moves_only() -> None:
+    check(None, S.FETCH)
+    check(S.COMMITTED, S.STAGE)
+    check(S.STAGE, S.STAGE)
+    check(S.PROBATION, S.ROLLBACK)
+    with pytest.raises(UnhandledTransition):
+        check(S.FETCH, S.COMMIT)
+    with pytest.raises(UnhandledTransition):
+        check(None, S.PROBATION)
+
+
+def test_probation_judge() -> None:
+    assert judge_probation(10, 2, 0.1, now=1.0, until=5.0)[0] is E.PROBATION_FAILED
+    assert judge_probation(10, 1, 0.1, now=1.0, until=5.0) == (None, "")
+    assert judge_probation(0, 0, 0.0, now=5.0, until=5.0)[0] is E.PROBATION_PASSED
+    assert "error rate 0.200 (2/10 inferences) exceeds 0.1" in judge_probation(10, 2, 0.1, 1.0, 5.0)[1]
+
+
+def on_probation(base: tuple[int, int] = (100, 0), probes: tuple[int, int] = (100, 0)) -> Current:
+    state = DeviceState(
+        desired=Desired(2, (A2,)),
+        applied_generation=1,
+        tenants={"default": TenantState(Installed(A2, "/m/2"), Installed(A1, "/m/1"))},
+        updates={"default": Update(A2, S.PROBATION.value, "", 50.0, *base)},
+    )
+    return Current(state=state, installed=frozenset({A1.digest, A2.digest}), probes={"default": probes})
+
+
+def test_planner_watches_probation_then_commits_or_rolls_back() -> None:
+    steps = plan(on_probation().state.desired, on_probation(), now=40.0)
+    assert [type(s) for s in steps] == [ReportState, Wait]
+    assert isinstance(steps[1], Wait) and steps[1].until == 40.25
+    ok = plan(on_probation().state.desired, on_probation(probes=(150, 5)), now=50.0)
+    assert [s for s in ok if isinstance(s, Commit)] == [Commit("default", "50 inferences, 5 errors")]
+    bad = plan(on_probation().state.desired, on_probation(probes=(110, 3)), now=41.0)
+    [rollback] = [s for s in bad if isinstance(s, RollBack)]
+    assert "error rate 0.300 (3/10 inferences) exceeds 0.1" in rollback.reason
+
+
+def test_report_shows_probation_phase_and_outcomes() -> None:
+    current = on_probation()
+    [entry] = build_report(current.state.desired, current).models
+    assert (entry.phase, entry.update_state, entry.outcome) == (Phase.PROBATION, "probation", "")
+    state = current.state.with_update("default", Update(A2, S.COMMITTED.value))
+    [entry] = build_report(state.desired, Current(state=state)).models
+    assert (entry.phase, entry.outcome) == (Phase.ACTIVE, "succeeded")
