@@ -4,10 +4,14 @@ pipeline's result starts a rollout; versions, cooldown and /metrics follow."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -144,3 +148,74 @@ def test_drift_fires_the_policy_and_the_result_rolls_out(quiet_ctl: Ctl, hook: H
         'edgefleet_retraining_runs_total{policy="digits-drift",status="succeeded"} 1.0'
         in ctl.api("GET", "/metrics").text
     )
+
+
+def load_job_module() -> Any:
+    path = Path(__file__).parents[3] / "examples" / "retrain_job.py"
+    spec = importlib.util.spec_from_file_location("retrain_job", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["retrain_job"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_shipped_retraining_job_retrains_on_captured_data_and_registers_with_lineage(
+    quiet_ctl: Ctl, tmp_path: Path
+) -> None:
+    ctl = quiet_ctl
+    job_module = load_job_module()
+    digits = digits_classifier(tmp_path / "digits.onnx")
+    x, y = digits.samples, digits.labels
+    assert ctl.upload(digits.path, "digits", "1").status_code == 201
+    assert ctl.api(
+        "PUT", "/v1/models/digits/versions/1/drift/baseline", json={"reference": {"inputs": x[:150].tolist()}}
+    ).is_success
+    drifted = 16.0 - x  # the camera now sees inverted digits
+    up = ctl.api(
+        "POST",
+        "/v1/datasets",
+        data={"model": "digits", "version": "1", "device_id": "cam-1", "policy_id": "drifted"},
+        files={"file": ("c.npz", npz(drifted[:240]), "application/octet-stream")},
+    ).json()
+    assert ctl.api("PUT", f"/v1/datasets/{up['digest']}/labels", json={"labels": y[:240].tolist()}).is_success
+
+    done: list[dict[str, Any]] = []
+    finished = threading.Event()
+    ctl.client.headers["Authorization"] = f"Bearer {ctl.token}"
+    budget = job_module.Budget.from_profile(
+        Path(__file__).parents[3] / "firmware_profiles" / "raspberry-pi-zero-2-w.toml", 50.0, 0.05
+    )
+    job = job_module.Job(job_module.Api("", "", client=ctl.client), budget)
+    job.on_done = lambda outcome: (done.append(outcome), finished.set())
+    server = job_module.serve(job, SECRET, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        doc = {
+            "model": "digits",
+            "conditions": {"schedule": {"every_s": 86_400}},
+            "trigger": {"kind": "webhook", "url": url, "secret": SECRET},
+        }
+        assert ctl.api("PUT", "/v1/retraining/policies/nightly", json=doc).is_success
+        (run,) = ctl.api("POST", "/v1/retraining/evaluate").json()
+        assert finished.wait(120), "the job never reported"
+    finally:
+        server.shutdown()
+        server.server_close()
+    (outcome,) = done
+    version = ctl.api("GET", f"/v1/models/digits/versions/{outcome['version']}").json()
+    assert version["lineage"]["parent_version"] == "1" and version["lineage"]["code_version"].startswith(
+        "examples/"
+    )
+    assert version["metadata"]["retraining_run"] == run["id"] and version["metadata"]["datasets"] == [
+        up["digest"]
+    ]
+    assert version["metadata"]["policy"] == {"name": "nightly", "version": 1}
+    assert len(version["metadata"]["search"]) >= 4
+    assert ctl.api("GET", f"/v1/retraining/runs/{run['id']}").json()["status"] == "succeeded"
+    # The retrained model reads inverted digits; the old one does not.
+    held_out = drifted[240:], y[240:]
+    old = job_module.onnx_accuracy(digits.path.read_bytes(), *held_out)
+    new_bytes = ctl.controller.artifacts.path(version["digest"]).read_bytes()
+    assert job_module.onnx_accuracy(new_bytes, *held_out) > max(0.8, old + 0.3)
