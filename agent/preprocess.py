@@ -9,6 +9,7 @@ else is a pure function of its arguments.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,16 +21,18 @@ from agent.sensors.base import Sample
 from agent.tenants import PreprocessSpec
 
 
+@functools.cache
 def _opencv() -> Any:
+    """OpenCV resizes better and faster; without it, nearest neighbour in numpy.
+
+    Imported on first use: it costs tens of MB that a device without image
+    tenants should not pay.
+    """
     try:
         import cv2
     except ImportError:
         return None
     return cv2
-
-
-# OpenCV resizes better and faster; without it, nearest neighbour in numpy.
-cv2: Any = _opencv()
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Prepared:
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     if image.shape[:2] == (height, width):
         return image
+    cv2 = _opencv()
     if cv2 is not None:
         out: np.ndarray = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
         return out.reshape((height, width, *image.shape[2:]))
