@@ -223,8 +223,7 @@ def cmd_profiles_show(args: argparse.Namespace) -> int:
 
 
 def cmd_devices_set_profile(args: argparse.Namespace) -> int:
-    _call(args, "PUT", f"/v1/devices/{args.device_id}/profile", json={"profile": args.profile})
-    _print(_call(args, "GET", f"/v1/devices/{args.device_id}"))
+    _print(_call(args, "PUT", f"/v1/devices/{args.device_id}/profile", json={"profile": args.profile}))
     return 0
 
 

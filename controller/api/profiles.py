@@ -6,8 +6,8 @@ from pathlib import PurePath
 
 from fastapi import APIRouter, Response, status
 
-from controller.api.deps import ProfilesDep
-from controller.api.schemas import DeviceProfileSet, ProfileCreate, ProfilePublic
+from controller.api.deps import FleetDep, ProfilesDep
+from controller.api.schemas import DevicePublic, DeviceProfileSet, ProfileCreate, ProfilePublic
 
 router = APIRouter(tags=["profiles"])
 
@@ -33,6 +33,9 @@ def get_profile(profile_id: str, profiles: ProfilesDep) -> ProfilePublic:
     return ProfilePublic.model_validate(profiles.get(profile_id))
 
 
-@router.put("/devices/{device_id}/profile", status_code=status.HTTP_204_NO_CONTENT)
-def set_device_profile(device_id: str, body: DeviceProfileSet, profiles: ProfilesDep) -> None:
+@router.put("/devices/{device_id}/profile", response_model=DevicePublic)
+def set_device_profile(
+    device_id: str, body: DeviceProfileSet, profiles: ProfilesDep, fleet: FleetDep
+) -> DevicePublic:
     profiles.assign(device_id, body.profile)
+    return DevicePublic.model_validate(fleet.get(device_id))
