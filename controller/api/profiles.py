@@ -7,7 +7,7 @@ from pathlib import PurePath
 from fastapi import APIRouter, Response, status
 
 from controller.api.deps import FleetDep, ProfilesDep
-from controller.api.schemas import DevicePublic, DeviceProfileSet, ProfileCreate, ProfilePublic
+from controller.api.schemas import DeviceProfileSet, DevicePublic, ProfileCreate, ProfilePublic
 
 router = APIRouter(tags=["profiles"])
 
