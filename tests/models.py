@@ -286,3 +286,43 @@ def sklearn_mlp(path: Path, hidden: int = 32, seed: int = 0) -> Digits:
     onx = to_onnx(model, x[:1], options={id(model): {"zipmap": False}}, target_opset=17)
     path.write_bytes(onx.SerializeToString())
     return Digits(path, x[1500:], y[1500:])
+
+
+def conv_net(path: Path, width: int = 32, size: int = 64, seed: int = 0) -> Path:
+    """A wider 3-layer conv net on 1x3xSIZExSIZE images (He-initialised random weights), for benchmarks."""
+    rng = np.random.default_rng(seed)
+
+    def he(shape: tuple[int, ...]) -> np.ndarray:
+        fan_in = int(np.prod(shape[1:]))
+        return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    chans = [3, width, 2 * width, 4 * width]
+    inits, nodes, current = [], [], "image"
+    for i in range(3):
+        inits += [
+            numpy_helper.from_array(he((chans[i + 1], chans[i], 3, 3)), f"w{i}"),
+            numpy_helper.from_array(np.zeros(chans[i + 1], np.float32), f"b{i}"),
+        ]
+        nodes += [
+            helper.make_node("Conv", [current, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", [f"c{i}"], [f"r{i}"]),
+            helper.make_node("MaxPool", [f"r{i}"], [f"p{i}"], kernel_shape=[2, 2], strides=[2, 2]),
+        ]
+        current = f"p{i}"
+    inits.append(numpy_helper.from_array(he((10, chans[3])).T.copy(), "wf"))
+    nodes += [
+        helper.make_node("GlobalAveragePool", [current], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("MatMul", ["f", "wf"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_net",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+    return path
