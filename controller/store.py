@@ -279,6 +279,15 @@ CREATE TABLE IF NOT EXISTS retraining_runs (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS retraining_runs_policy ON retraining_runs (policy_name, created_at);
+-- What each tenant running a model captures for retraining (sent in the desired state).
+CREATE TABLE IF NOT EXISTS capture_policies (
+    model_name TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    doc TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (model_name, tenant)
+);
 """
 
 
