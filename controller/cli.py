@@ -222,6 +222,14 @@ def cmd_profiles_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_signing_key(args: argparse.Namespace) -> int:
+    if args.action == "rotate":
+        _print(_call(args, "POST", "/v1/signing-key/rotate"))
+    else:
+        _print(_call(args, "GET", "/v1/signing-key"))
+    return 0
+
+
 def cmd_devices_set_profile(args: argparse.Namespace) -> int:
     _print(_call(args, "PUT", f"/v1/devices/{args.device_id}/profile", json={"profile": args.profile}))
     return 0
@@ -451,6 +459,16 @@ def build_parser() -> argparse.ArgumentParser:
     pshow = profiles.add_parser("show", parents=[remote])
     pshow.add_argument("id")
     pshow.set_defaults(func=cmd_profiles_show)
+
+    keys = commands.add_parser("signing-key", help="the key artifacts are signed with").add_subparsers(
+        dest="action", required=True
+    )
+    keys.add_parser("show", parents=[remote], help="the public key agents pin").set_defaults(
+        func=cmd_signing_key
+    )
+    keys.add_parser(
+        "rotate", parents=[remote], help="new key, announced to agents signed by the old one"
+    ).set_defaults(func=cmd_signing_key)
 
     devices = commands.add_parser("devices", help="fleet").add_subparsers(dest="action", required=True)
     register = devices.add_parser(
