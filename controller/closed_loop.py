@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from controller.baselines import Baselines
+from controller.capture_policies import DesiredMonitoring
 from controller.datasets import Datasets
 from controller.retraining import Retraining
 from controller.rollouts import Rollouts
@@ -43,6 +44,7 @@ class ClosedLoop:
         self.baselines = Baselines(store, settings.rollup_window_s, clock)
         self.datasets = Datasets(store, settings.data_dir / "datasets", clock)
         self.retraining = Retraining(store, self.baselines, self.datasets, clock)
+        self.desired = DesiredMonitoring(store, self.baselines, clock)
         telemetry.observers += [self.rollups.observe, self.baselines.observe]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -53,6 +55,7 @@ class ClosedLoop:
         now = self.clock()
         for name, step in (
             ("baselines", self.baselines.all),
+            ("desired", self.desired.reconcile),
             ("retraining", lambda: self.retraining.tick(now)),
             ("staging", lambda: self.datasets.expire_uploads(now)),
         ):

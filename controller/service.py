@@ -86,6 +86,7 @@ class Controller:
         self.rollout_runner = RolloutRunner(self.rollouts)
         self.rollout_runner.start()
         transport.on_capture = self.closed_loop.datasets.receive
+        self.closed_loop.desired.publisher = transport
         self.closed_loop.start()
         return transport
 

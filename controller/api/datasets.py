@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, UploadFile, status
+from fastapi import APIRouter, Body, Form, UploadFile, status
 from fastapi.responses import Response
 
-from controller.api.deps import ClosedLoopDep
+from controller.api.deps import ClosedLoopDep, RegistryDep
 from controller.api.loop_schemas import DatasetPublic, LabelsBody
 from controller.datasets import MAX_DATASET_BYTES, Manifest
-from controller.errors import InvalidDataset
+from controller.errors import InvalidDataset, ModelNotFound
 
 router = APIRouter(tags=["datasets"])
 
@@ -63,3 +63,22 @@ def put_labels(digest: str, body: LabelsBody, loop: ClosedLoopDep) -> DatasetPub
 @router.get("/datasets/{digest}/labels")
 def get_labels(digest: str, loop: ClosedLoopDep) -> dict[str, list[int] | None]:
     return {"labels": loop.datasets.labels(digest)}
+
+
+@router.put("/models/{name}/capture-policy")
+def put_capture_policy(
+    name: str,
+    loop: ClosedLoopDep,
+    registry: RegistryDep,
+    doc: Annotated[dict[str, Any], Body()],
+    tenant: str = "default",
+) -> dict[str, Any]:
+    """What the model's tenants capture; devices get it in their desired state at the next maintenance tick."""
+    if name not in {m.name for m in registry.all()}:
+        raise ModelNotFound(f"no model {name!r}")
+    return loop.desired.put(name, tenant, doc)
+
+
+@router.get("/models/{name}/capture-policy")
+def get_capture_policy(name: str, loop: ClosedLoopDep, tenant: str = "default") -> dict[str, Any]:
+    return loop.desired.get(name, tenant)
