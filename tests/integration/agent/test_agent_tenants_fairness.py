@@ -21,7 +21,7 @@ def tenant(name: str, weight: float, seed: int) -> str:
 [[tenants]]
 id = "{name}"
 weight = {weight}
-queue = 2
+queue = 4
 [tenants.source]
 kind = "synthetic"
 shape = "{SIZE},{SIZE},3"
@@ -53,9 +53,9 @@ def test_weights_are_respected_under_overload(
         windows = [{s.tenant: s for s in t.tenants} for t in list(peer.telemetry)]
         full = [w for w in windows if all(w.get(t) and w[t].inferences for t in WEIGHTS)]
         # The first full window may have started before every model was active.
-        return full[1:4] if len(full) >= 4 else None
+        return full[1:5] if len(full) >= 5 else None
 
-    windows = wait_until(busy_windows, 40, "three telemetry windows with every tenant busy")
+    windows = wait_until(busy_windows, 40, "four telemetry windows with every tenant busy")
     busy = {t: sum(w[t].busy_s for w in windows) for t in WEIGHTS}
     total = sum(busy.values())
     for t, weight in WEIGHTS.items():
