@@ -2,8 +2,9 @@
 
 Per tenant the model being served (``active``) and the one before it
 (``previous``, kept on disk as the fallback), the newest desired state seen and
-the generation fully applied, and artifacts refused for good (with the reason
-reported to the controller).
+the generation fully applied, artifacts refused for good (with the reason
+reported to the controller), and per tenant the update in progress or last
+ended, in the state machine of :mod:`agent.update_machine`.
 """
 
 from __future__ import annotations

@@ -164,7 +164,8 @@ class Updater:
     ) -> None:
         self.device_id = device_id
         self.probe = probe
-        # The model a tenant served before the one on probation, kept loaded until commit.
+        # The model a tenant served before the one on probation, kept loaded until commit. The
+        # pool no longer counts it against the memory budget once the new one serves.
         self.standby: dict[str, ServingModel] = {}
         self.kill_at = os.environ.get(KILL_AT_ENV, "")
         self.states = states
@@ -593,8 +594,9 @@ class Updater:
         self.emit("model_rolled_back", "error", reason, _attrs(a))
 
     def deactivate(self, step: Deactivate) -> None:
-        self._save(self.state.with_tenant(step.tenant, None))
+        self._save(self.state.with_tenant(step.tenant, None).with_update(step.tenant, None))
         self.pool.remove(step.tenant)
+        self.standby.pop(step.tenant, None)
         log.info("tenant removed device=%s tenant=%s", self.device_id, step.tenant)
 
     def mark_applied(self, step: MarkApplied) -> None:
