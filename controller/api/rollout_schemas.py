@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from controller.rollout_plans import FailureAction, Gates, Plan, Target, Wave
 
+STAGED_DEVICE_TIMEOUT_S = 900.0
+
 
 class _Public(BaseModel):
     model_config = ConfigDict(from_attributes=True)
@@ -51,7 +53,9 @@ class RolloutCreate(_Create):
     )
     failure_action: Literal["pause", "rollback"] = "pause"
     manual_approval: bool = False
-    device_timeout_s: float | None = None
+    device_timeout_s: float | None = Field(
+        None, description=f"default: none without waves, else {STAGED_DEVICE_TIMEOUT_S:g} s"
+    )
     max_concurrent: int = 0
     probation_s: float = 0.0
     probation_max_error_rate: float = 0.0
@@ -76,7 +80,10 @@ class RolloutCreate(_Create):
             gates=gates,
             failure_action=FailureAction(self.failure_action),
             manual_approval=self.manual_approval,
-            device_timeout_s=self.device_timeout_s,
+            # A staged plan must not wait forever for a device that stays offline.
+            device_timeout_s=self.device_timeout_s
+            if self.device_timeout_s is not None or not self.waves
+            else STAGED_DEVICE_TIMEOUT_S,
             max_concurrent=self.max_concurrent,
             probation_s=self.probation_s,
             probation_max_error_rate=self.probation_max_error_rate,
