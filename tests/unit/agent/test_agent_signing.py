@@ -97,3 +97,19 @@ def test_public_key_text_is_checked() -> None:
         parse_public_key("zz")
     with pytest.raises(ConfigError, match="has 3 bytes"):
         parse_public_key("abcdef")
+
+
+def test_the_key_is_read_from_agent_toml_with_line_precise_errors() -> None:
+    from agent.config import parse_config
+
+    base = 'device_id = "cam-1"\ndata_dir = "/tmp/x"\n[mqtt]\npassword = "p"\n'
+    assert parse_config(base).security.controller_public_key == ""
+    key = raw(CONTROLLER).hex()
+    config = parse_config(base + f'[security]\ncontroller_public_key = "{key.upper()}"\n')
+    assert config.security.controller_public_key == key
+    with pytest.raises(
+        ConfigError, match=r"agent.toml:6: security.controller_public_key: expected 64 hex digits"
+    ):
+        parse_config(base + '[security]\ncontroller_public_key = "abc"\n')
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_config(base + "[security]\nallow_unsigned = true\n")
