@@ -20,7 +20,7 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from controller.errors import ControllerError, OptimizeError
+from controller.errors import OptimizeError
 from controller.registry import DYNAMIC_INT8, STATIC_INT8, ModelVersion, Registry, Variant, load_calibration
 from controller.tflite import interpreter_module
 
@@ -226,8 +226,6 @@ class Optimizer:
         self._thread: threading.Thread | None = None
         self._idle = threading.Event()
         self._idle.set()
-        # Tests wait on this; never used to decide anything.
-        self.on_done: Callable[[str, str], None] | None = None
 
     def start(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -295,7 +293,8 @@ class Optimizer:
                 expected = ref_runner.run_all(samples)
             try:
                 self._produce(found, variant, ref_path, arrays, samples, expected)
-            except (OptimizeError, ControllerError, OSError) as exc:
+            # onnxruntime and LiteRT raise their own types: any failure becomes this variant's reason.
+            except Exception as exc:
                 self.registry.set_variant_state(name, version, variant.variant, "failed", 1.0, str(exc))
                 log.error(
                     "variant failed model=%s version=%s variant=%s reason=%s",
@@ -304,8 +303,6 @@ class Optimizer:
                     variant.variant,
                     exc,
                 )
-        if self.on_done is not None:
-            self.on_done(name, version)
 
     def _measure(
         self, found: ModelVersion, variant: Variant, runner: Runner, sample: list[np.ndarray]
@@ -337,16 +334,18 @@ class Optimizer:
         if variant.source == "uploaded":
             state(name, version, kind, "running", 0.5)
             path = self.registry.artifacts.path(variant.digest)
-            checked = validate(
-                expected, Runner(path, variant.format).run_all(samples), found.task, found.gate
-            )
-            best, per_channel = (checked, path), None
+            outputs = Runner(path, variant.format).run_all(samples)
+            checked = validate(expected, outputs, found.task, found.gate)
+            report = checked.report
         else:
-            best, per_channel = self._quantize_best(found, kind, ref_path, arrays, samples, expected)
-            checked, path = best
-        report = {**checked.report, **({"per_channel": per_channel} if per_channel is not None else {})}
-        if variant.source == "quantized":
-            stored = self.registry.attach_artifact(name, version, kind, path)
+            checked, produced, per_channel = self._quantize_best(
+                found, kind, ref_path, arrays, samples, expected
+            )
+            report = {**checked.report, "per_channel": per_channel}
+            try:
+                stored = self.registry.attach_artifact(name, version, kind, produced)
+            finally:
+                produced.unlink(missing_ok=True)
             if stored.precision != "int8":
                 state(
                     name,
@@ -358,7 +357,6 @@ class Optimizer:
                     report,
                 )
                 return
-            path.unlink(missing_ok=True)
             path = self.registry.artifacts.path(stored.digest)
         state(name, version, kind, "running", 0.9, "", report)
         latency = Runner(path, variant.format).latency_ms(samples[0])
@@ -377,25 +375,31 @@ class Optimizer:
         arrays: dict[str, np.ndarray],
         samples: list[list[np.ndarray]],
         expected: list[np.ndarray],
-    ) -> tuple[tuple[Validation, Path], bool]:
-        """Per-channel weights first; per-tensor too when per-channel misses the gate. Keeps the better."""
-        best: tuple[Validation, Path] | None = None
-        best_channel = True
+    ) -> tuple[Validation, Path, bool]:
+        """Per-channel weights first; per-tensor too when per-channel misses the gate. Keeps the better
+        (validation, file in the work folder, per_channel); the other file is removed."""
+        best: tuple[Validation, Path, bool] | None = None
         for step, per_channel in enumerate((True, False)):
             self.registry.set_variant_state(found.name, found.version, kind, "running", 0.1 + 0.4 * step)
             target = self.work_dir / f"{kind}-{uuid.uuid4().hex}.onnx"
-            quantize(kind, ref_path, target, arrays, per_channel)
-            checked = validate(expected, Runner(target, "onnx").run_all(samples), found.task, found.gate)
+            try:
+                quantize(kind, ref_path, target, arrays, per_channel)
+                checked = validate(expected, Runner(target, "onnx").run_all(samples), found.task, found.gate)
+            except BaseException:
+                target.unlink(missing_ok=True)
+                if best is not None:
+                    best[1].unlink(missing_ok=True)
+                raise
             if best is None or _score(checked) > _score(best[0]):
                 if best is not None:
                     best[1].unlink(missing_ok=True)
-                best, best_channel = (checked, target), per_channel
+                best = (checked, target, per_channel)
             else:
                 target.unlink(missing_ok=True)
             if best[0].passed:
                 break
         assert best is not None
-        return best, best_channel
+        return best
 
 
 def _score(v: Validation) -> tuple[bool, float]:
