@@ -41,7 +41,9 @@ def require_scrape_token(
     )
 
 
-@router.get("/metrics", response_class=Response, dependencies=[Depends(require_scrape_token)])
+@router.get(
+    "/metrics", response_class=Response, dependencies=[Depends(require_scrape_token)], include_in_schema=False
+)
 def prometheus_metrics(controller: ControllerDep) -> Response:
     loop = controller.closed_loop
     sources = metrics.Sources(
