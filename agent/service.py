@@ -28,10 +28,12 @@ import grpc
 from edgefleet_proto import artifact_pb2, fleet_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind
+from google.protobuf.message import DecodeError
 
 from agent import __version__
 from agent.api import InferenceApi, ResultsApi, TenantAuth, serve
 from agent.artifacts import ArtifactStore
+from agent.atomic import write_atomic
 from agent.config import AgentConfig
 from agent.errors import TenantError
 from agent.link import Inbound, Link, LinkDown, LinkUp, Publication, Rejected, now_ms
@@ -52,6 +54,8 @@ TICK_S = 0.2
 FLUSH_ON_STOP_S = 3.0
 # Queued and in-flight inference gets this long to finish at SIGTERM.
 DRAIN_ON_STOP_S = 3.0
+# The tenants the controller declared last (a DesiredState holding only them).
+TENANTS_FILE = "tenants.pb"
 
 
 class Service:
@@ -132,7 +136,8 @@ class Service:
         results = ResultsApi(self.hub, self.pipelines.specs, auth)
         self.server = serve(self.config.socket, api, results=results, socket_mode=self.config.api.socket_mode)
         self.pipelines.start()
-        self.pipelines.apply(self.config.tenants)
+        self._load_declared()
+        self.pipelines.apply(merge(self.config.tenants, self.declared))
         served = ", ".join(f"{s.tenant}:{s.model_name}:{s.model_version}" for s in self.pool.all()) or "-"
         log.info(
             "agent ready device=%s socket=%s models=%s tenants=%s",
@@ -227,9 +232,31 @@ class Service:
             self._payload_rejected(Kind.DESIRED.value, "desired state declares a tenant twice")
             return
         self.declared_generation = int(msg.generation)
-        if declared != self.declared:
-            self.declared = declared
-            self.pipelines.apply(merge(self.config.tenants, declared))
+        if declared == self.declared:
+            return
+        # Persisted before they run, so a restart without the broker runs them too.
+        record = fleet_pb2.DesiredState(generation=msg.generation, tenants=msg.tenants)
+        try:
+            write_atomic(self.config.data_dir / TENANTS_FILE, encode(record))
+        except OSError as exc:
+            log.error("cannot persist declared tenants device=%s error=%s", self.config.device_id, exc)
+        self.declared = declared
+        self.pipelines.apply(merge(self.config.tenants, declared))
+
+    def _load_declared(self) -> None:
+        path = self.config.data_dir / TENANTS_FILE
+        try:
+            record = fleet_pb2.DesiredState.FromString(path.read_bytes())
+            declared = tuple(from_proto(t) for t in record.tenants)
+        except FileNotFoundError:
+            return
+        except (OSError, DecodeError, TenantError) as exc:
+            # The controller declares them again with its next desired state.
+            log.error(
+                "declared tenants unreadable device=%s path=%s error=%s", self.config.device_id, path, exc
+            )
+            return
+        self.declared, self.declared_generation = declared, int(record.generation)
 
     def _status_line(self) -> str:
         return (

@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from agent.preprocess import log_mel
 from agent.tenants import hash_token
+from tests.broker import Broker
 from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer, wait_until
 from tests.localfleet import from_tensor, to_tensors
@@ -344,7 +345,7 @@ def _details(
 
 
 def test_controller_declares_a_tenant_and_the_memory_budget_refuses_a_big_model(
-    make_agent: Callable[..., AgentProcess], make_peer: Callable[[str], Peer], tmp_path: Path
+    make_agent: Callable[..., AgentProcess], make_peer: Callable[[str], Peer], tmp_path: Path, broker: Broker
 ) -> None:
     agent = make_agent(telemetry_interval_s=1.0)
     with agent.config.open("a") as f:
@@ -390,7 +391,10 @@ def test_controller_declares_a_tenant_and_the_memory_budget_refuses_a_big_model(
     assert "memory budget of 1.0 MB" in failed.error
 
     bad = fleet_pb2.DesiredState(
-        device_id=agent.device_id, generation=2, tenants=[fleet_pb2.TenantSpec(tenant="x y")]
+        device_id=agent.device_id,
+        generation=2,
+        models=desired.models,
+        tenants=[fleet_pb2.TenantSpec(tenant="x y")],
     )
     peer.publish_raw(Kind.DESIRED, encode(bad), retain=True)
     rejected = wait_until(
@@ -400,3 +404,10 @@ def test_controller_declares_a_tenant_and_the_memory_budget_refuses_a_big_model(
     )
     assert "invalid tenant id 'x y'" in rejected[0].message
     assert stream.collect(1)  # the running tenant was left alone
+
+    # Declared tenants survive a restart without the broker: inference never waits for the network.
+    assert agent.terminate() == 0
+    broker.stop()
+    agent.start()
+    agent.wait_ready()
+    assert Stream(agent, "yard", TOKENS["vision"]).collect(2)
