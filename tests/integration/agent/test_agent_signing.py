@@ -91,15 +91,14 @@ def test_only_what_the_pinned_key_signed_is_installed(
         )
     )
     peer.publish_desired(5, forged)
-    wait_until(
-        lambda: (
-            "this device trusts controller key"
-            in (peer.entry("default", second) or fleet_pb2.ModelStatus()).error
-            and peer.last_reported().desired_generation == 5
-        ),
-        30,
-        "forged rotation refused",
-    )  # type: ignore[union-attr]
+
+    def forged_refused() -> bool:
+        last = peer.last_reported()
+        entry = peer.entry("default", second)
+        seen = last is not None and last.desired_generation == 5
+        return seen and entry is not None and "this device trusts controller key" in entry.error
+
+    wait_until(forged_refused, 30, "forged rotation refused")
     assert not (agent.data_dir / "controller_key.json").exists()
 
     # The real rotation: signed by the pinned key, carried by the first assignment the new key signed.
