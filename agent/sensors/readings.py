@@ -47,10 +47,14 @@ class LineSource:
         self.spec = spec
         try:
             self._file: IO[str] = open(spec.uri, encoding="ascii", errors="replace")  # noqa: SIM115 - closed by close()
+        except OSError as exc:
+            raise SourceError(f"line source {spec.uri!r} cannot be opened: {exc}") from None
+        try:
             if "baud" in spec.options:
                 self._set_speed(int(spec.number("baud", 9600)))
-        except (OSError, termios.error) as exc:
-            raise SourceError(f"line source {spec.uri!r} cannot be opened: {exc}") from None
+        except (OSError, termios.error, SourceError) as exc:
+            self._file.close()
+            raise SourceError(f"line source {spec.uri!r}: {exc}") from None
         self._seq = 0
 
     def _set_speed(self, baud: int) -> None:

@@ -72,3 +72,31 @@ def test_synthetic_source_is_seeded_and_finite() -> None:
     assert first is not None and first.kind == "image"
     np.testing.assert_array_equal(first.data, b.read().data)  # type: ignore[union-attr]
     assert a.read() is not None and a.read() is None
+
+
+def test_serial_line_source_on_a_real_pty_sets_the_baud_rate() -> None:
+    import os
+    import termios
+
+    master, slave = os.openpty()
+    try:
+        src = open_source(SourceSpec("lines", os.ttyname(slave), {"baud": "9600"}))
+        attrs = termios.tcgetattr(slave)
+        assert attrs[4] == attrs[5] == termios.B9600
+        os.write(master, b"0.5,1.5,-2\n")
+        sample = src.read()
+        assert sample is not None and sample.data.tolist() == [0.5, 1.5, -2.0]
+        src.close()
+        with pytest.raises(SourceError, match="unsupported baud rate 12345"):
+            open_source(SourceSpec("lines", os.ttyname(slave), {"baud": "12345"}))
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_the_agent_does_not_load_opencv_until_an_image_needs_it() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, agent.service; assert 'cv2' not in sys.modules and 'sounddevice' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
