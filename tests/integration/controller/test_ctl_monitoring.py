@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -17,7 +19,10 @@ from edgefleet_proto.topics import Kind, Topic
 from google.protobuf.json_format import ParseDict
 
 from agent.drift_sketch import build_sketch
+from controller.auth import hash_token
+from tests.broker import Broker
 from tests.integration.controller.conftest import Ctl, wait_for
+from tests.localfleet import Controller as LocalController
 from tests.models import digits_classifier
 from tests.mqtt_peer import Peer
 
@@ -186,3 +191,59 @@ def test_captured_chunks_become_a_content_addressed_data_set(ctl: Ctl) -> None:
     assert ctl.api("GET", "/v1/datasets/" + "f" * 64).status_code == 404
     staging = ctl.settings.data_dir / "datasets" / "staging" / "cam-cap"
     assert not any(staging.glob("*/*.part"))
+
+
+def test_closed_loop_cli_and_the_scrape_token(broker: Broker, tmp_path: Path) -> None:
+    controller = LocalController(
+        tmp_path / "ctl", broker.port, passwd_file=broker.passwd_file, reload_command=broker.reload_command
+    )
+    controller.init()
+    settings_file = controller.data_dir / "controller.toml"
+    text = settings_file.read_text().replace(
+        'metrics_token_sha256 = ""', f'metrics_token_sha256 = "{hash_token("scrape-me")}"'
+    )
+    assert "scrape" not in text and hash_token("scrape-me") in text
+    settings_file.write_text(text)
+    controller.start()
+    try:
+        digits = digits_classifier(tmp_path / "digits.onnx")
+        controller.cli("models", "upload", str(digits.path), "--name", "digits", "--version", "1")
+        reference = tmp_path / "reference.npz"
+        np.savez(reference, inputs=digits.samples[:100])
+        baseline = controller.cli(
+            "drift", "baseline", "digits", "1", "--reference", str(reference), "--bins", "4"
+        )
+        assert baseline["ready"] and baseline["samples"] == 100
+        (ref,) = controller.cli("datasets", "list", "--model", "digits")
+        assert ref["manifest"]["policy_id"] == "reference"
+        labels = tmp_path / "labels.json"
+        labels.write_text(json.dumps(digits.labels[:100].tolist()))
+        assert controller.cli("datasets", "label", ref["digest"], "--labels", str(labels))["labelled"]
+        out = tmp_path / "copy.npz"
+        controller.cli("datasets", "download", ref["digest"], "-o", str(out))
+        assert hashlib.sha256(out.read_bytes()).hexdigest() == ref["digest"]
+        assert controller.cli("drift", "show", "digits", "1")["fleet"] == []
+        policy = tmp_path / "policy.json"
+        policy.write_text(json.dumps({"model": "digits", "conditions": {"accuracy": {"below": 0.5}},
+                                      "trigger": {"kind": "command", "command": ["true"]}}))  # fmt: skip
+        assert controller.cli("retraining", "put-policy", "acc", "--file", str(policy))["version"] == 1
+        assert [p["name"] for p in controller.cli("retraining", "policies")] == ["acc"]
+        assert controller.cli("retraining", "runs") == []
+        policy.write_text(json.dumps({"model": "digits", "conditions": {"accuracy": {"below": 0.5}}}))
+        refused = controller.cli("retraining", "put-policy", "acc", "--file", str(policy), check=False)
+        assert refused.returncode == 1 and "422: trigger must be an object" in refused.stderr
+
+        assert httpx.get(f"{controller.url}/metrics", timeout=10).status_code == 401
+        scraped = httpx.get(
+            f"{controller.url}/metrics", headers={"Authorization": "Bearer scrape-me"}, timeout=10
+        )
+        assert scraped.status_code == 200 and "edgefleet_devices 0.0" in scraped.text
+        # The scrape token opens /metrics only.
+        assert (
+            httpx.get(
+                f"{controller.url}/v1/datasets", headers={"Authorization": "Bearer scrape-me"}
+            ).status_code
+            == 401
+        )
+    finally:
+        controller.stop()
