@@ -85,5 +85,6 @@ def test_bad_inputs_are_invalid_input(
 def test_backend_lookup() -> None:
     assert backend_for("onnxruntime").name == "onnxruntime"
     assert backend_for("", "onnx").name == "onnxruntime"
-    with pytest.raises(UnsupportedRuntime, match="'litert' for format 'tflite' is not available"):
-        backend_for("", "tflite")
+    assert backend_for("", "tflite").name == "litert"
+    with pytest.raises(UnsupportedRuntime, match="'tensorrt' for format 'onnx' is not available"):
+        backend_for("tensorrt", "onnx")
