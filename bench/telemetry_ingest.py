@@ -133,8 +133,7 @@ def raw_inserts(path: Path, messages: list[tuple[str, fleet_pb2.Telemetry]]) -> 
     ]  # fmt: skip
     sketches = [
         (d, s.tenant, s.model_name, s.model_version, m.window_start_ms, m.window_end_ms, 0.0, s.samples,
-         json.dumps({"samples": s.samples, "features": {h.name: list(h.counts) for h in s.features},
-                     "classes": list(s.class_counts), "confidence": list(s.confidence.counts)}))
+         s.SerializeToString())
         for d, m in messages for s in m.drift
     ]  # fmt: skip
     start = time.perf_counter()

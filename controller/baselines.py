@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy.typing as npt
 from edgefleet_proto import fleet_pb2
+from edgefleet_proto.codec import decode_as
 
 from controller import drift
 from controller.drift import Sketch, SketchSpec
@@ -65,17 +66,28 @@ class WindowScore:
 
 
 def sketch_from_proto(msg: fleet_pb2.DriftSketch, spec: SketchSpec | None = None) -> Sketch:
-    """A wire sketch as counts; with a spec, histograms whose edges differ from it are refused."""
-    features: dict[str, tuple[int, ...]] = {}
+    """A wire sketch as counts. With a spec, a feature binned with other edges
+    (a device still on an older spec) is left out rather than compared bin by bin."""
+    check_shape(msg)
+    features = {
+        h.name: tuple(h.counts)
+        for h in msg.features
+        if spec is None or tuple(h.edges) == spec.features.get(h.name, tuple(h.edges))
+    }
+    return Sketch(msg.samples, features, tuple(msg.class_counts), tuple(msg.confidence.counts))
+
+
+def check_shape(msg: fleet_pb2.DriftSketch) -> None:
     for h in msg.features:
         if len(h.counts) != len(h.edges) + 1:
             raise InvalidDriftInput(f"feature {h.name!r}: {len(h.counts)} counts for {len(h.edges)} edges")
-        if spec is not None and h.name in spec.features and tuple(h.edges) != spec.features[h.name]:
-            raise InvalidDriftInput(f"feature {h.name!r} was sketched with other bin edges than the baseline")
-        features[h.name] = tuple(h.counts)
     if msg.HasField("confidence") and len(msg.confidence.counts) != len(msg.confidence.edges) + 1:
         raise InvalidDriftInput("confidence histogram: counts do not match edges")
-    return Sketch(msg.samples, features, tuple(msg.class_counts), tuple(msg.confidence.counts))
+
+
+def stored_sketch(blob: bytes, spec: SketchSpec | None = None) -> Sketch:
+    """A sketch row (wire bytes, checked at ingest) as counts."""
+    return sketch_from_proto(decode_as(fleet_pb2.DriftSketch, bytes(blob)), spec)
 
 
 def spec_message(tenant: str, model_name: str, model_version: str, spec: SketchSpec) -> fleet_pb2.DriftSpec:
@@ -101,9 +113,11 @@ class Baselines:
     # -- ingest ---------------------------------------------------------------
 
     def observe(self, device_id: str, msg: fleet_pb2.Telemetry, received_at: float) -> None:
+        # Kept as the wire bytes: converting to counts costs more than the rest of
+        # the ingest together, and most windows are only ever read in aggregate.
         for sk in msg.drift:
             try:
-                sketch = sketch_from_proto(sk)
+                check_shape(sk)
             except InvalidDriftInput as exc:
                 log.warning(
                     "drift sketch rejected device=%s model=%s version=%s reason=%s",
@@ -125,7 +139,7 @@ class Baselines:
                     msg.window_end_ms,
                     received_at,
                     sk.samples,
-                    json.dumps(sketch.to_json()),
+                    sk.SerializeToString(),
                 ),
             )
 
@@ -201,7 +215,7 @@ class Baselines:
             (baseline.model_name, baseline.model_version, baseline.windows_needed),
         )
         sketch = drift.production_baseline(
-            [Sketch.from_json(json.loads(r["sketch"])) for r in rows], baseline.windows_needed
+            [stored_sketch(r["sketch"], baseline.spec) for r in rows], baseline.windows_needed
         )
         if sketch is None:
             return baseline
@@ -248,7 +262,7 @@ class Baselines:
         devices: dict[int, set[str]] = defaultdict(set)
         for r in self._windows(name, version, since_ms, None):
             start = drift.bucket_start_ms(int(r["window_end_ms"]), self.bucket_ms)
-            buckets[start].append(Sketch.from_json(json.loads(str(r["sketch"]))))
+            buckets[start].append(stored_sketch(r["sketch"], baseline.spec))
             devices[start].add(str(r["device_id"]))
         return [
             WindowScore(
@@ -269,7 +283,7 @@ class Baselines:
                 int(r["window_start_ms"]),
                 int(r["window_end_ms"]),
                 1,
-                drift.score(baseline.sketch, Sketch.from_json(json.loads(str(r["sketch"])))),
+                drift.score(baseline.sketch, stored_sketch(r["sketch"], baseline.spec)),
             )
             for r in self._windows(name, version, since_ms, device_id)
         ]
@@ -287,7 +301,7 @@ class Baselines:
                 int(r["window_start_ms"]),
                 int(r["window_end_ms"]),
                 1,
-                drift.score(baseline.sketch, Sketch.from_json(json.loads(str(r["sketch"])))),
+                drift.score(baseline.sketch, stored_sketch(r["sketch"], baseline.spec)),
             )
             for device, r in sorted(newest.items())
         }
