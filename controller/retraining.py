@@ -93,7 +93,8 @@ class Policy:
     schedule: ScheduleCondition | None = None
     cooldown_s: float = 3600.0
     enabled: bool = True
-    # Passed to the rollout of the version a run registers: {"devices": [...], "tenant": "default"}.
+    # The rollout of the version a run registers: a POST /v1/rollouts body without
+    # model and version (devices or target, waves, gates, failure_action, ...).
     rollout: Mapping[str, Any] | None = None
     version: int = 0
 
@@ -180,8 +181,8 @@ def parse_trigger(doc: Any) -> Trigger:
 def _rollout(doc: Any) -> Mapping[str, Any] | None:
     if doc is None:
         return None
-    if not isinstance(doc, dict) or not isinstance(doc.get("devices", []), list):
-        raise InvalidPolicy("rollout must be an object like {devices: [...], tenant: 'default'}")
+    if not isinstance(doc, dict) or "model" in doc or "version" in doc:
+        raise InvalidPolicy("rollout must be a rollout body without model and version, e.g. {devices: [...]}")
     return dict(doc)
 
 
@@ -593,15 +594,19 @@ class Retraining:
         )
         return self.run(run_id)
 
-    def complete(self, run_id: str, version: str) -> tuple[Run, str]:
-        """A pipeline registered ``version``; start the policy's rollout of it, if it has one."""
+    def complete(
+        self, run_id: str, version: str, start_rollout: RolloutStarter | None = None
+    ) -> tuple[Run, str]:
+        """A pipeline registered ``version``; start the policy's rollout of it, if it has one
+        (with ``start_rollout``, else the controller's default starter)."""
         run = self.run(run_id)
         if run.status in ("succeeded",):
             raise InvalidPolicy(f"run {run_id} already reported version {run.result_version}")
         policy = self.policy(run.policy_name, run.policy_version)
         rollout_id = ""
-        if policy.rollout is not None and self.start_rollout is not None:
-            rollout_id = self.start_rollout(run.model_name, version, policy.rollout)
+        starter = start_rollout or self.start_rollout
+        if policy.rollout is not None and starter is not None:
+            rollout_id = starter(run.model_name, version, policy.rollout)
         detail = f"registered {run.model_name} {version}" + (f"; rollout {rollout_id}" if rollout_id else "")
         self.store.execute(
             "UPDATE retraining_runs SET status = 'succeeded', result_version = ?, detail = ?, updated_at = ?"

@@ -2,19 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query
+from pydantic import ValidationError
 
-from controller.api.deps import ClosedLoopDep, RegistryDep
+from controller.api.deps import ClosedLoopDep, RegistryDep, RolloutsDep
 from controller.api.loop_schemas import RunPublic, RunResult, RunResultPublic
+from controller.api.rollout_schemas import RolloutCreate
+from controller.errors import InvalidPolicy
+from controller.retraining import RolloutStarter
+from controller.rollouts import Rollouts
 
 router = APIRouter(tags=["retraining"])
+
+
+def rollout_body(model: str, version: str, spec: Mapping[str, Any]) -> RolloutCreate:
+    try:
+        return RolloutCreate.model_validate({**spec, "model": model, "version": version})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise InvalidPolicy(f"rollout: {problems}") from None
+
+
+def rollout_starter(rollouts: Rollouts) -> RolloutStarter:
+    """Start a policy's rollout exactly as POST /v1/rollouts would (waves, gates: a canary)."""
+
+    def start(model: str, version: str, spec: Mapping[str, Any]) -> str:
+        body = rollout_body(model, version, spec)
+        return str(rollouts.create(model, version, tenant=body.tenant, plan_=body.to_plan()).id)
+
+    return start
 
 
 @router.put("/retraining/policies/{name}")
 def put_policy(name: str, loop: ClosedLoopDep, doc: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
     """Create the policy, or add a version of it (the newest version is in force)."""
+    if isinstance(doc.get("rollout"), dict):
+        rollout_body(str(doc.get("model", "")), "0", doc["rollout"])
     return loop.retraining.put_policy(name, doc).public()
 
 
@@ -53,10 +79,10 @@ def get_run(run_id: str, loop: ClosedLoopDep) -> RunPublic:
 
 @router.post("/retraining/runs/{run_id}/result", response_model=RunResultPublic)
 def report_result(
-    run_id: str, body: RunResult, loop: ClosedLoopDep, registry: RegistryDep
+    run_id: str, body: RunResult, loop: ClosedLoopDep, registry: RegistryDep, rollouts: RolloutsDep
 ) -> RunResultPublic:
     """A pipeline registered a version for this run; the policy's rollout (if any) starts."""
     run = loop.retraining.run(run_id)
     registry.get(run.model_name, body.version)
-    done, rollout_id = loop.retraining.complete(run_id, body.version)
+    done, rollout_id = loop.retraining.complete(run_id, body.version, rollout_starter(rollouts))
     return RunResultPublic(run=RunPublic.model_validate(done), rollout_id=rollout_id)

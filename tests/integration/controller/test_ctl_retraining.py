@@ -73,7 +73,11 @@ def test_drift_fires_the_policy_and_the_result_rolls_out(quiet_ctl: Ctl, hook: H
         "conditions": {"drift": {"threshold": 0.25, "windows": 2}},
         "cooldown_s": 3600,
         "trigger": {"kind": "webhook", "url": hook.url, "secret": SECRET, "max_attempts": 3},
-        "rollout": {"devices": ["cam-1"]},
+        "rollout": {
+            "devices": ["cam-1"],
+            "waves": [{"percent": 100, "soak_s": 0}],
+            "failure_action": "rollback",
+        },
     }
     created = ctl.api("PUT", "/v1/retraining/policies/digits-drift", json=doc)
     assert created.status_code == 200 and created.json()["version"] == 1
@@ -81,6 +85,8 @@ def test_drift_fires_the_policy_and_the_result_rolls_out(quiet_ctl: Ctl, hook: H
     bad = ctl.api("PUT", "/v1/retraining/policies/digits-drift", json={**doc, "cooldown_s": -1})
     assert bad.status_code == 422 and "cooldown_s" in bad.text
     assert ctl.api("GET", "/v1/retraining/policies/digits-drift").json()["version"] == 1
+    bad_rollout = ctl.api("PUT", "/v1/retraining/policies/x", json={**doc, "rollout": {"waves": "soon"}})
+    assert bad_rollout.status_code == 422 and "rollout: waves" in bad_rollout.text
 
     credentials = ctl.register("cam-1")
     peer = ctl.device_peer(credentials)
