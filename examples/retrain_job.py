@@ -5,7 +5,8 @@ or the same JSON on stdin for a ``command`` trigger), downloads the run's
 captured data sets and their labels through the controller's API, retrains the
 scikit-learn model with a small hyperparameter search, converts the winner to
 ONNX with skl2onnx and registers it with lineage (data set digests, parent
-version, policy run id), then reports the version to the run, which starts the
+version, policy run id), sets the new version's drift baseline from its
+training inputs, then reports the version to the run, which starts the
 policy's rollout.
 
 Device-aware tuning: a candidate must fit the target device profile's model
@@ -263,6 +264,13 @@ class Job:
             files={"file": ("model.onnx", best.onnx, "application/octet-stream")},
         )
         response.raise_for_status()
+        # The new version's drift baseline is the data it learned from: its drift score
+        # starts from what the devices see now, not from what the parent was trained on.
+        baseline = self.api.client.put(
+            f"/v1/models/{model['name']}/versions/{version}/drift/baseline",
+            json={"reference": {"inputs": x_train.tolist()}},
+        )
+        baseline.raise_for_status()
         result = self.api.client.post(payload["report_to"], json={"version": version})
         result.raise_for_status()
         outcome = {"run_id": run_id, "version": version, **metrics, "rollout_id": result.json()["rollout_id"]}

@@ -220,6 +220,8 @@ def test_the_shipped_retraining_job_retrains_on_captured_data_and_registers_with
     assert version["metadata"]["policy"] == {"name": "nightly", "version": 1}
     assert len(version["metadata"]["search"]) >= 4
     assert ctl.api("GET", f"/v1/retraining/runs/{run['id']}").json()["status"] == "succeeded"
+    new_baseline = ctl.api("GET", f"/v1/models/digits/versions/{outcome['version']}/drift/baseline").json()
+    assert new_baseline["ready"] and new_baseline["source"] == "reference"
     # The retrained model reads inverted digits; the old one does not.
     held_out = drifted[240:], y[240:]
     old = job_module.onnx_accuracy(digits.path.read_bytes(), *held_out)
