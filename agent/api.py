@@ -23,12 +23,12 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
-from agent.errors import InferenceError, InvalidInput, TensorCodecError
+from agent.errors import InferenceError, InvalidInput, Overloaded, TensorCodecError
 from agent.pipeline import ResultHub
 from agent.pool import ModelPool, ServingModel
 from agent.runtime import TensorSpec
@@ -42,6 +42,8 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 TOKEN_METADATA = "x-edgefleet-token"
 # How often a StreamResults call checks that its caller is still there.
 STREAM_POLL_S = 0.5
+# Longest a call waits for its inference when the caller set no deadline.
+DEFAULT_CALL_TIMEOUT_S = 30.0
 
 
 class TenantAuth:
@@ -100,6 +102,14 @@ def _specs(specs: list[TensorSpec]) -> list[inference_pb2.TensorSpec]:
     return [inference_pb2.TensorSpec(name=s.name, dtype=s.dtype, shape=list(s.shape)) for s in specs]
 
 
+T = TypeVar("T")
+RunOn = Callable[[str, Callable[[], Any], float], Any]
+
+
+def _inline(tenant: str, work: Callable[[], T], timeout: float) -> T:
+    return work()
+
+
 class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(
         self,
@@ -107,11 +117,14 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
         stats: InferenceStats,
         broker_connected: Callable[[], bool],
         auth: TenantAuth | None = None,
+        run: RunOn | None = None,
     ) -> None:
         self.pool = pool
         self.stats = stats
         self.broker_connected = broker_connected
         self.auth = auth or TenantAuth(dict)
+        # Where a call's inference runs: the fair scheduler in the service, inline without one.
+        self.run: RunOn = run or _inline
 
     def Infer(self, request: inference_pb2.InferRequest, context: Any) -> inference_pb2.InferResponse:
         tenant = request.tenant or DEFAULT_TENANT
@@ -128,7 +141,11 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
         response = inference_pb2.InferResponse()
         try:
             inputs = {name: to_numpy(t, f"input {name!r}") for name, t in request.inputs.items()}
-            outputs = serving.model.run(inputs, list(request.output_names))
+            names = list(request.output_names)
+            timeout = context.time_remaining() or DEFAULT_CALL_TIMEOUT_S
+            outputs = self.run(
+                tenant, lambda: serving.model.run(inputs, names), min(timeout, DEFAULT_CALL_TIMEOUT_S)
+            )
             latency_ms = (time.perf_counter() - start) * 1000.0
             response = inference_pb2.InferResponse(
                 model_name=serving.model_name,
@@ -139,6 +156,8 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
                 response.outputs[name].CopyFrom(from_numpy(array, f"output {name!r}"))
         except (TensorCodecError, InvalidInput) as exc:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        except Overloaded as exc:
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
         except InferenceError as exc:
             code, message = grpc.StatusCode.INTERNAL, str(exc)
         except Exception as exc:

@@ -16,7 +16,8 @@
     │   ├── UnsupportedRuntime      no backend for the requested runtime (fatal)
     │   ├── MemoryBudgetExceeded    loading would exceed the model memory budget (fatal)
     │   └── InferenceError          a run failed inside the backend
-    │       └── InvalidInput        the caller's tensors do not fit the model
+    │       ├── InvalidInput        the caller's tensors do not fit the model
+    │       └── Overloaded          the tenant's queue was full, the call dropped (transient)
     ├── TensorCodecError            a wire Tensor that is not a valid numpy array
     ├── TenantError                 a tenant declaration that cannot be used (fatal)
     ├── SourceError                 a sensor source failed or ended (transient: reopened with backoff)
@@ -113,3 +114,9 @@ class MemoryBudgetExceeded(ModelError):
     """Loading the model would take the pool over the device's memory budget."""
 
     fatal = True
+
+
+class Overloaded(InferenceError):
+    """The tenant's scheduler queue was full or stopping: the call was not run (try again)."""
+
+    fatal = False

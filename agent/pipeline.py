@@ -19,14 +19,17 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 from edgefleet_proto import inference_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import PREFIX, validate_device_id
 
-from agent.errors import AgentError, InferenceError, SourceError
+from agent.errors import AgentError, InferenceError, Overloaded, SourceError
 from agent.link import backoff_delay
 from agent.pool import ModelPool, ServingModel
 from agent.preprocess import Prepared, Preprocessor
@@ -39,10 +42,13 @@ from agent.tensors import from_numpy
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 EmitEvent = Callable[[str, str, str, dict[str, str]], None]
 PublishResult = Callable[[str, bytes], None]
 # Results a slow StreamResults reader may fall behind by before its oldest are dropped.
 SUBSCRIBER_QUEUE = 64
+# Calls a gRPC-only tenant may have waiting before the oldest is refused.
+CALLER_QUEUE = 64
 # A source that delivered this long before it failed or ended starts its backoff afresh.
 STABLE_S = 10.0
 
@@ -56,6 +62,14 @@ class Job:
     prepared: Prepared
     epoch: int
     queued_at: float
+
+
+@dataclass(frozen=True)
+class Call:
+    """A gRPC caller's inference, run by a scheduler worker; the caller waits on ``future``."""
+
+    run: Callable[[], Any]
+    future: Future[Any]
 
 
 class ResultHub:
@@ -191,6 +205,8 @@ class Pipelines:
         self._lock = threading.Lock()
         self._specs: dict[str, TenantSpec] = {}
         self._readers: dict[str, _Reader] = {}
+        # Tenants that only call over gRPC: a lane of weight 1 each, made on first call.
+        self._callers: set[str] = set()
 
     def start(self) -> None:
         self.scheduler.start()
@@ -208,12 +224,13 @@ class Pipelines:
                 if reader is not None:
                     reader.stop.set()
                 if tenant not in wanted:
-                    self.scheduler.remove(tenant)
+                    self._dropped(tenant, self.scheduler.remove(tenant))
                 del self._specs[tenant]
                 log.info("tenant pipeline stopped device=%s tenant=%s", self.device_id, tenant)
             for tenant, spec in sorted(wanted.items()):
                 if tenant in self._specs:
                     continue
+                self._callers.discard(tenant)
                 self._specs[tenant] = spec
                 self.scheduler.configure(tenant, spec.weight, spec.queue)
                 if spec.source is not None:
@@ -231,8 +248,34 @@ class Pipelines:
 
     def submit(self, tenant: str, job: Job) -> None:
         dropped = self.scheduler.submit(tenant, job)
-        if dropped:
-            self.stats.dropped(tenant, dropped)
+        self._dropped(tenant, dropped)
+
+    def _dropped(self, tenant: str, dropped: list[Any]) -> None:
+        if not dropped:
+            return
+        self.stats.dropped(tenant, len(dropped))
+        for item in dropped:
+            if isinstance(item, Call):
+                item.future.set_exception(Overloaded(f"tenant {tenant!r} is over its queue bound; try again"))
+
+    def call(self, tenant: str, run: Callable[[], T], timeout: float) -> T:
+        """Run ``run`` on the scheduler as one of ``tenant``'s jobs (a gRPC Infer) and wait for it.
+
+        Local apps calling over gRPC get the same weighted share as the pipelines,
+        so a greedy caller cannot starve a camera tenant.
+        """
+        with self._lock:
+            if tenant not in self._specs and tenant not in self._callers:
+                self._callers.add(tenant)
+                self.scheduler.configure(tenant, 1.0, CALLER_QUEUE)
+        call: Call = Call(run, Future())
+        self._dropped(tenant, self.scheduler.submit(tenant, call))
+        try:
+            result: T = call.future.result(timeout)
+        except FutureTimeout:
+            call.future.cancel()
+            raise Overloaded(f"tenant {tenant!r}: no worker was free within {timeout:.1f} s") from None
+        return result
 
     def source_lost(self, spec: TenantSpec, reason: str, attempt: int, delay: float) -> None:
         assert spec.source is not None
@@ -257,7 +300,14 @@ class Pipelines:
 
     # -- the scheduler's runner -------------------------------------------------
 
-    def _run_job(self, tenant: str, job: Job) -> None:
+    def _run_job(self, tenant: str, job: Job | Call) -> None:
+        if isinstance(job, Call):
+            if job.future.set_running_or_notify_cancel():
+                try:
+                    job.future.set_result(job.run())
+                except BaseException as exc:  # handed to the caller, who turns it into a status
+                    job.future.set_exception(exc)
+            return
         spec = self._specs.get(tenant)
         serving = self.pool.get(tenant)
         if spec is None or serving is None:

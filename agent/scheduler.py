@@ -69,23 +69,27 @@ class FairQueue:
             lane.items.popleft()
             lane.dropped += 1
 
-    def remove(self, tenant: str) -> None:
-        self._lanes.pop(tenant, None)
+    def remove(self, tenant: str) -> list[Any]:
+        """Forget the tenant; returns the items it had waiting."""
+        lane = self._lanes.pop(tenant, None)
+        return list(lane.items) if lane else []
+
+    def has(self, tenant: str) -> bool:
+        return tenant in self._lanes
 
     def tenants(self) -> list[str]:
         return sorted(self._lanes)
 
-    def push(self, tenant: str, item: Any) -> int:
-        """Queue ``item``; returns how many older items were dropped to make room."""
+    def push(self, tenant: str, item: Any) -> list[Any]:
+        """Queue ``item``; returns the older items dropped to make room (oldest first)."""
         lane = self._lanes[tenant]
         if not lane.items and not lane.running:
             lane.finish = max(lane.finish, self._vtime)
-        dropped = 0
+        dropped = []
         while len(lane.items) >= lane.bound:
-            lane.items.popleft()
-            dropped += 1
+            dropped.append(lane.items.popleft())
         lane.items.append(item)
-        lane.dropped += dropped
+        lane.dropped += len(dropped)
         return dropped
 
     def pop(self) -> Ticket | None:
@@ -157,15 +161,15 @@ class Scheduler:
         with self._cond:
             self._queue.configure(tenant, weight, bound)
 
-    def remove(self, tenant: str) -> None:
+    def remove(self, tenant: str) -> list[Any]:
         with self._cond:
-            self._queue.remove(tenant)
+            return self._queue.remove(tenant)
 
-    def submit(self, tenant: str, item: Any) -> int:
-        """Queue one job; returns the number of older jobs dropped (0 if none). Never blocks."""
+    def submit(self, tenant: str, item: Any) -> list[Any]:
+        """Queue one job; returns the jobs dropped for it (``[item]`` itself once stopping). Never blocks."""
         with self._cond:
-            if self._stopping:
-                return 1
+            if self._stopping or not self._queue.has(tenant):
+                return [item]
             dropped = self._queue.push(tenant, item)
             self._cond.notify()
             return dropped

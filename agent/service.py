@@ -132,7 +132,7 @@ class Service:
         signal.signal(signal.SIGINT, self.request_stop)
         self.updater.boot()
         auth = TenantAuth(self.pipelines.specs, self.config.api.require_token)
-        api = InferenceApi(self.pool, self.stats, lambda: self.link.connected, auth)
+        api = InferenceApi(self.pool, self.stats, lambda: self.link.connected, auth, self.pipelines.call)
         results = ResultsApi(self.hub, self.pipelines.specs, auth)
         self.server = serve(self.config.socket, api, results=results, socket_mode=self.config.api.socket_mode)
         self.pipelines.start()
@@ -287,10 +287,11 @@ class Service:
     def _shutdown(self) -> None:
         log.info("agent stopping device=%s", self.config.device_id)
         self.notifier.stopping()
-        if not self.pipelines.stop(DRAIN_ON_STOP_S):
-            log.warning("inference still running at stop device=%s", self.config.device_id)
+        # Calls in flight finish on the scheduler's workers, so gRPC stops first.
         if self.server is not None:
             self.server.stop(grace=1.0).wait(2.0)
+        if not self.pipelines.stop(DRAIN_ON_STOP_S):
+            log.warning("inference still running at stop device=%s", self.config.device_id)
         deadline = time.monotonic() + FLUSH_ON_STOP_S
         while self.link.connected and time.monotonic() < deadline:
             self.sender.pump(True)

@@ -57,7 +57,7 @@ def test_equal_weights_equal_time() -> None:
 def test_full_lane_drops_its_oldest_and_counts_it() -> None:
     q = FairQueue()
     q.configure("cam", 1.0, bound=2)
-    assert [q.push("cam", i) for i in range(5)] == [0, 0, 1, 1, 1]
+    assert [q.push("cam", i) for i in range(5)] == [[], [], [0], [1], [2]]
     assert q.dropped("cam") == 3 and q.depth("cam") == 2
     first = q.pop()
     assert first is not None and first.item == 3  # the newest two survive, oldest first
@@ -117,4 +117,4 @@ def test_executor_runs_every_job_and_finishes_queued_work_at_stop() -> None:
         s.submit("b", i)
     assert s.stop(10.0)
     assert sorted(done) == sorted((t, i) for t in "ab" for i in range(20) if i != 3)
-    assert s.submit("a", 99) == 1  # refused after stop, counted as a drop
+    assert s.submit("a", 99) == [99]  # refused after stop: handed back as dropped
