@@ -47,6 +47,8 @@ EmitEvent = Callable[[str, str, str, dict[str, str]], None]
 PublishResult = Callable[[str, bytes], None]
 # Results a slow StreamResults reader may fall behind by before its oldest are dropped.
 SUBSCRIBER_QUEUE = 64
+# A failure repeating on every sample is logged at most this often per tenant.
+WARN_EVERY_S = 10.0
 # Calls a gRPC-only tenant may have waiting before the oldest is refused.
 CALLER_QUEUE = 64
 # A source that delivered this long before it failed or ended starts its backoff afresh.
@@ -207,6 +209,7 @@ class Pipelines:
         self._readers: dict[str, _Reader] = {}
         # Tenants that only call over gRPC: a lane of weight 1 each, made on first call.
         self._callers: set[str] = set()
+        self._warned: dict[tuple[str, str], tuple[float, int]] = {}
 
     def start(self) -> None:
         self.scheduler.start()
@@ -298,6 +301,17 @@ class Pipelines:
         }
         self.emit("source_lost", "warning", reason, attrs)
 
+    def _warn(self, key: tuple[str, str], message: str, *args: object) -> None:
+        """A failure that repeats on every sample is logged once per WARN_EVERY_S (errors are counted)."""
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._warned.get(key, (-WARN_EVERY_S, 0))
+            if now - last < WARN_EVERY_S:
+                self._warned[key] = (last, suppressed + 1)
+                return
+            self._warned[key] = (now, 0)
+        log.warning(message + " repeated=%d", *args, suppressed)
+
     # -- the scheduler's runner -------------------------------------------------
 
     def _run_job(self, tenant: str, job: Job | Call) -> None:
@@ -315,7 +329,8 @@ class Pipelines:
             return
         if spec.model and serving.model_name != spec.model:
             self.stats.inference(tenant, 0.0, ok=False)
-            log.warning(
+            self._warn(
+                (tenant, "mismatch"),
                 "model mismatch device=%s tenant=%s want=%s serving=%s",
                 self.device_id,
                 tenant,
@@ -330,7 +345,8 @@ class Pipelines:
             live_ms = (time.perf_counter() - start) * 1000.0
         except AgentError as exc:
             self.stats.inference(tenant, 0.0, ok=False)
-            log.warning(
+            self._warn(
+                (tenant, "inference"),
                 "inference failed device=%s tenant=%s model=%s version=%s error=%s",
                 self.device_id,
                 tenant,
@@ -393,7 +409,8 @@ class Pipelines:
             comparison = compare(outputs, shadow_out)
         except (InferenceError, ValueError) as exc:
             self.stats.inference(shadow_of(spec.id), 0.0, ok=False)
-            log.warning(
+            self._warn(
+                (spec.id, "shadow"),
                 "shadow failed device=%s tenant=%s model=%s version=%s error=%s",
                 self.device_id,
                 spec.id,

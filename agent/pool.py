@@ -90,11 +90,17 @@ class PooledModel:
                 self.last_used = self._pool.clock()
 
     def unload_if_idle(self, idle_s: float, now: float) -> bool:
-        with self._lock:
+        # Never wait for the lock: its holder is loading or starting a run (busy), and
+        # waiting here, under the pool's lock, could deadlock with a concurrent reload.
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
             if self._model is None or self.in_use or now - self.last_used < idle_s:
                 return False
             self._model = None
             return True
+        finally:
+            self._lock.release()
 
 
 class ModelPool:
