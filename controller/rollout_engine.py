@@ -125,6 +125,9 @@ class VersionStats:
     inferences: int = 0
     errors: int = 0
     p95_ms: float = 0.0
+    # Samples in the drift sketches' confidence histograms, and their mean top-class confidence.
+    confidence_samples: int = 0
+    confidence_mean: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -284,7 +287,27 @@ def judge(run: Run, members: Sequence[Member], fleet: Mapping[str, DeviceView], 
                 f"p95 latency {ratio:.2f}x the previous version on the same devices "
                 f"(median of {len(ratios)} devices) exceeds {gates.max_latency_ratio:g}x",
             )
+    if gates.min_confidence_ratio is not None:
+        failure = _confidence_gate(views, gates.min_inferences, gates.min_confidence_ratio)
+        if failure:
+            return _fail(verdict, failure)
     return verdict
+
+
+def _confidence_gate(views: Sequence[DeviceView], min_samples: int, min_ratio: float) -> str | None:
+    paired = [v for v in views if v.new.confidence_samples >= min_samples and v.baseline.confidence_samples]
+    if not paired:
+        return None
+    new = sum(v.new.confidence_mean * v.new.confidence_samples for v in paired)
+    new /= sum(v.new.confidence_samples for v in paired)
+    old = sum(v.baseline.confidence_mean * v.baseline.confidence_samples for v in paired)
+    old /= sum(v.baseline.confidence_samples for v in paired)
+    if old <= 0 or new / old >= min_ratio:
+        return None
+    return (
+        f"mean confidence {new:.3f} is {new / old:.2f}x the previous version's {old:.3f} on the same "
+        f"{len(paired)} devices (limit {min_ratio:g}x)"
+    )
 
 
 def _fail(verdict: WaveVerdict, reason: str) -> WaveVerdict:

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from edgefleet_proto import fleet_pb2
@@ -150,6 +150,48 @@ def _stats(rows: list[dict[str, Any]], tenant: str, a: fleet_pb2.ModelAssignment
     return VersionStats(inferences, errors, weighted / served if served else 0.0)
 
 
+def mean_confidence(histogram: fleet_pb2.Histogram) -> tuple[int, float]:
+    """(samples, mean) from a confidence histogram: bins between the edges, plus one below and above."""
+    edges = list(histogram.edges)
+    counts = list(histogram.counts)
+    if len(counts) != len(edges) + 1 or not sum(counts):
+        return 0, 0.0
+    bounds = [0.0, *edges, 1.0]
+    mids = [(bounds[i] + bounds[i + 1]) / 2 for i in range(len(counts))]
+    total = sum(counts)
+    return total, sum(m * c for m, c in zip(mids, counts, strict=True)) / total
+
+
+def _with_confidence(
+    store: Store,
+    stats: VersionStats,
+    device_id: str,
+    tenant: str,
+    a: fleet_pb2.ModelAssignment | None,
+    span: str,
+    params: tuple[float, ...],
+) -> VersionStats:
+    if a is None:
+        return stats
+    rows = store.query(
+        "SELECT sketch FROM drift_sketches WHERE device_id = ? AND tenant = ? AND model_name = ?"
+        f" AND model_version = ? AND {span} ORDER BY received_at DESC LIMIT ?",
+        (device_id, tenant, a.model_name, a.model_version, *params, BASELINE_WINDOWS),
+    )
+    samples, weighted = 0, 0.0
+    for r in rows:
+        try:
+            sketch = decode_as(fleet_pb2.DriftSketch, bytes(r["sketch"]))
+        except PayloadError:
+            continue
+        n, mean = mean_confidence(sketch.confidence)
+        samples += n
+        weighted += n * mean
+    if not samples:
+        return stats
+    return replace(stats, confidence_samples=samples, confidence_mean=weighted / samples)
+
+
 def snapshot(store: Store, run: Run, now: float) -> dict[str, DeviceView]:
     """Every member as the controller knows it now; telemetry only for the current wave."""
     rows = store.query(
@@ -176,6 +218,19 @@ def snapshot(store: Store, run: Run, now: float) -> dict[str, DeviceView]:
             )
             new = _stats(after, run.tenant, m.wanted)
             baseline = _stats(before, run.tenant, m.previous)
+            if run.plan.gates.min_confidence_ratio is not None:
+                new = _with_confidence(
+                    store, new, m.device_id, run.tenant, m.wanted, "received_at >= ?", (since,)
+                )
+                baseline = _with_confidence(
+                    store,
+                    baseline,
+                    m.device_id,
+                    run.tenant,
+                    m.previous,
+                    "received_at < ? AND received_at >= ?",
+                    (since, since - BASELINE_LOOKBACK_S),
+                )
         views[m.device_id] = DeviceView(
             device_id=m.device_id,
             online=bool(r["online"]),

@@ -47,6 +47,9 @@ class Gates:
     min_reporting_fraction: float = 0.0
     # Inferences of the new version a device needs before its error rate and latency count.
     min_inferences: int = 20
+    # Mean top-class confidence of the new version / the previous version's on the same devices
+    # (from the drift sketches in telemetry, when the devices send them).
+    min_confidence_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,8 @@ def validate(plan: Plan) -> Plan:
     _fraction("probation_max_error_rate", plan.probation_max_error_rate)
     if g.max_latency_ratio is not None and g.max_latency_ratio <= 0:
         raise InvalidInputError(f"gates.max_latency_ratio must be positive, not {g.max_latency_ratio}")
+    if g.min_confidence_ratio is not None and g.min_confidence_ratio <= 0:
+        raise InvalidInputError(f"gates.min_confidence_ratio must be positive, not {g.min_confidence_ratio}")
     if g.min_inferences < 1:
         raise InvalidInputError(f"gates.min_inferences must be at least 1, not {g.min_inferences}")
     if plan.device_timeout_s is not None and plan.device_timeout_s <= 0:

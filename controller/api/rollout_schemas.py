@@ -31,6 +31,7 @@ class GatesIn(_Create):
     max_latency_ratio: float | None = None
     min_reporting_fraction: float = 0.0
     min_inferences: int = 20
+    min_confidence_ratio: float | None = None
 
 
 class TargetIn(_Create):

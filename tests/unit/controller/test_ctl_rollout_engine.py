@@ -268,3 +268,24 @@ def test_bad_plans_name_the_problem(bad: Plan, message: str) -> None:
 def test_plan_round_trips_through_json_and_knows_when_it_is_staged() -> None:
     assert Plan.from_json(STAGED.to_json()) == STAGED
     assert STAGED.staged and not Plan(Target(devices=("a",))).staged
+
+
+def test_confidence_gate_compares_the_new_versions_mean_confidence_with_the_previous_on_the_same_devices() -> (
+    None
+):
+    p = replace(STAGED, gates=Gates(min_confidence_ratio=0.9, min_inferences=10))
+
+    def conf(new: float, old: float) -> DeviceView:
+        return view(
+            "a",
+            NEW,
+            "active",
+            new=VersionStats(50, 0, 1.0, confidence_samples=50, confidence_mean=new),
+            baseline=VersionStats(50, 0, 1.0, confidence_samples=50, confidence_mean=old),
+        )
+
+    r = run(member("a", set_at=NOW - 10), member("c", 1), p=p, wave=0, soak_started_at=NOW - 1)
+    expect_steps(plan(r, {"a": conf(0.88, 0.9), "c": view("c")}, NOW), ("wait", NOW + 29))
+    [step] = plan(r, {"a": conf(0.6, 0.9), "c": view("c")}, NOW)
+    assert isinstance(step, RollBack)
+    assert "mean confidence 0.600 is 0.67x the previous version's 0.900 on the same 1 devices" in step.reason

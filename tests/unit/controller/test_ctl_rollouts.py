@@ -279,3 +279,39 @@ def test_device_status_matches_by_tenant_and_digest(models: tuple, expected: tup
 )
 def test_rollout_status(statuses: list, expected: str) -> None:  # type: ignore[type-arg]
     assert rollout_status(statuses) == expected
+
+
+def test_confidence_gate_reads_the_drift_sketches_devices_send(parts: Parts, clock: Clock) -> None:
+    from controller.baselines import Baselines
+    from controller.rollout_executor import mean_confidence
+
+    sketches = Baselines(parts.store, 60)
+
+    def sketch(device_id: str, version: str, counts: list[int], at: float) -> None:
+        msg = fleet_pb2.Telemetry(device_id=device_id, seq=int(at), window_start_ms=int(at * 1000))
+        sk = msg.drift.add(tenant="default", model_name="adder", model_version=version, samples=sum(counts))
+        sk.confidence.edges[:] = [0.5]
+        sk.confidence.counts[:] = counts
+        sketches.observe(device_id, msg, at)
+
+    assert mean_confidence(fleet_pb2.Histogram(edges=[0.5], counts=[1, 3])) == (4, 0.625)
+    first = parts.rollouts.create("adder", "1", ["dev-1", "dev-2"])
+    for d in ("dev-1", "dev-2"):
+        report(parts, d, first.digest, fleet_pb2.MODEL_PHASE_ACTIVE, clock.now)
+        sketch(d, "1", [0, 40], clock.now)
+    parts.rollouts.advance(first.id)
+    clock.now += 10
+    plan = Plan(
+        Target(devices=("dev-1", "dev-2")),
+        waves=(Wave(count=1, soak_s=30), Wave(percent=100)),
+        gates=Gates(min_confidence_ratio=0.8, min_inferences=10),
+        failure_action=FailureAction.ROLLBACK,
+    )
+    r = parts.rollouts.create("adder", "2", plan_=plan)
+    clock.now += 1
+    report(parts, "dev-1", r.digest, fleet_pb2.MODEL_PHASE_ACTIVE, clock.now)
+    sketch("dev-1", "2", [30, 10], clock.now)
+    parts.rollouts.advance(r.id)
+    done = parts.rollouts.get(r.id)
+    assert done.state == "rolled_back"
+    assert "mean confidence 0.375 is 0.50x the previous version's 0.750" in done.reason
