@@ -5,8 +5,8 @@ or the same JSON on stdin for a ``command`` trigger), downloads the run's
 captured data sets and their labels through the controller's API, retrains the
 scikit-learn model with a small hyperparameter search, converts the winner to
 ONNX with skl2onnx and registers it with lineage (data set digests, parent
-version, policy run id), sets the new version's drift baseline from its
-training inputs, then reports the version to the run, which starts the
+version, policy run id), sets the new version's drift baseline from the
+captured inputs (what the devices see now), then reports the version to the run, which starts the
 policy's rollout.
 
 Device-aware tuning: a candidate must fit the target device profile's model
@@ -208,18 +208,19 @@ class Job:
     def captured(self, payload: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
         xs, ys, used, labels = [], [], [], []
         for ds in payload["datasets"]:
-            if not ds["labelled"]:
+            # Asked now, not taken from the payload: labels may come after the run fired.
+            found = self.api.get(f"/v1/datasets/{ds['digest']}/labels")["labels"]
+            if found is None:
                 log.warning(
                     "data set skipped digest=%s reason=no labels (edgefleet datasets label)", ds["digest"]
                 )
                 continue
             with np.load(io.BytesIO(self.api.get(ds["download"])), allow_pickle=False) as npz:
                 x = np.asarray(npz["inputs"], dtype=np.float32).reshape(len(npz["inputs"]), -1)
-            y = np.asarray(self.api.get(f"/v1/datasets/{ds['digest']}/labels")["labels"])
             xs.append(x)
-            ys.append(y)
+            ys.append(np.asarray(found))
             used.append(ds["digest"])
-            labels.append(ds["labels_digest"])
+            labels.append(self.api.get(f"/v1/datasets/{ds['digest']}")["labels_digest"])
         if not xs:
             raise RuntimeError(
                 "the run's data sets hold no labelled samples; label them and fire the policy again"
@@ -264,11 +265,11 @@ class Job:
             files={"file": ("model.onnx", best.onnx, "application/octet-stream")},
         )
         response.raise_for_status()
-        # The new version's drift baseline is the data it learned from: its drift score
-        # starts from what the devices see now, not from what the parent was trained on.
+        # The new version's drift baseline is what the devices captured, i.e. what they
+        # see now, not what the parent was trained on.
         baseline = self.api.client.put(
             f"/v1/models/{model['name']}/versions/{version}/drift/baseline",
-            json={"reference": {"inputs": x_train.tolist()}},
+            json={"reference": {"inputs": x_cap.tolist()}},
         )
         baseline.raise_for_status()
         result = self.api.client.post(payload["report_to"], json={"version": version})
