@@ -15,15 +15,24 @@ import re
 import time
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from edgefleet_proto import fleet_pb2
+from edgefleet_proto.codec import PayloadError, decode_as
 
 from controller.errors import DeviceNotFound, InvalidProfile, ProfileNotFound
 from controller.registry import ModelVersion, Registry
 from controller.store import Store
-from controller.variants import RUNTIME_FOR_FORMAT, Candidate, Choice, DeviceClass, Sensor, choose
+from controller.variants import (
+    MEMORY_FACTOR,
+    RUNTIME_FOR_FORMAT,
+    Candidate,
+    Choice,
+    DeviceClass,
+    Sensor,
+    choose,
+)
 
 log = logging.getLogger(__name__)
 
@@ -338,12 +347,28 @@ class Profiles:
         row = self.store.query_one("SELECT profile_id FROM device_profiles WHERE device_id = ?", (device_id,))
         return self.get(row["profile_id"]) if row else None
 
+    def _other_tenants_bytes(self, device_id: str, tenant: str) -> int:
+        row = self.store.query_one("SELECT desired FROM devices WHERE device_id = ?", (device_id,))
+        if row is None or row["desired"] is None:
+            return 0
+        try:
+            desired = decode_as(fleet_pb2.DesiredState, bytes(row["desired"]))
+        except PayloadError:
+            return 0
+        return sum(int(m.artifact_size) for m in desired.models if (m.tenant or "default") != tenant)
+
     def target(self, device_id: str, found: ModelVersion, base: fleet_pb2.ModelAssignment) -> Targeted:
         """The assignment ``device_id`` should get for ``found``: ``base`` with the chosen variant, signed."""
         if found.stage == "archived":
             return Targeted(device_id, None, Choice(None, f"version {found.version} is archived"))
         profile = self.of_device(device_id)
-        choice = choose(candidates(found), profile.device_class() if profile else None, found.sensor_kind)
+        device = None
+        if profile is not None:
+            device = profile.device_class()
+            # The budget is for every loaded model: what the device's other tenants run counts.
+            others = self._other_tenants_bytes(device_id, base.tenant)
+            device = replace(device, model_budget_bytes=device.model_budget_bytes - MEMORY_FACTOR * others)
+        choice = choose(candidates(found), device, found.sensor_kind)
         variant = found.variant(choice.variant) if choice.variant else None
         if variant is None:
             log.info(

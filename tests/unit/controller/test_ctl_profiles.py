@@ -101,3 +101,49 @@ def test_register_update_and_put_devices_in_profiles(tmp_path: Path) -> None:
         profiles.assign("cam-2", "nope")
     with pytest.raises(DeviceNotFound):
         profiles.assign("ghost", "raspberry-pi-4-4gb")
+
+
+def test_target_signs_the_chosen_variant_and_counts_other_tenants_against_the_budget(tmp_path: Path) -> None:
+    from edgefleet_proto import fleet_pb2
+    from edgefleet_proto.codec import encode
+    from edgefleet_proto.signing import manifest_bytes
+
+    from controller.signing import verify
+    from tests.models import digits_mlp
+
+    p = Parts(tmp_path)
+    profiles = Profiles(p.store, p.registry)
+    profiles.register((PROFILES / "raspberry-pi-zero-2-w.toml").read_text())
+    found = p.registry.upload("mlp", "1", digits_mlp(tmp_path / "mlp.onnx").path.open("rb"), {})
+    p.fleet.register("zero", profile="raspberry-pi-zero-2-w")
+    p.fleet.register("bare")
+    base = fleet_pb2.ModelAssignment(tenant="default", model_name="mlp", model_version="1", rollout_id="r1")
+
+    targeted = profiles.target("zero", found, base)
+    m = targeted.assignment
+    assert (
+        m is not None
+        and targeted.choice.reason == "best available precision fp32 for profile raspberry-pi-zero-2-w"
+    )
+    assert (m.variant, m.precision, m.format, m.runtime, m.artifact_digest, m.rollout_id) == (
+        "onnx-fp32", "fp32", "onnx", "onnxruntime", found.digest, "r1",
+    )  # fmt: skip
+    assert verify(
+        p.registry.signer.public_key,
+        m.signature,
+        manifest_bytes("mlp", "1", "onnx-fp32", m.artifact_digest, m.artifact_size),
+    )
+    assert profiles.target("bare", found, base).assignment is not None  # no profile: the uploaded variant
+
+    # Another tenant's model already takes the whole 96 MB (twice its 48 MB file).
+    big = fleet_pb2.ModelAssignment(tenant="audio", artifact_size=48 * 1024 * 1024)
+    p.store.execute(
+        "UPDATE devices SET desired = ? WHERE device_id = 'zero'",
+        (encode(fleet_pb2.DesiredState(device_id="zero", generation=1, models=[big])),),
+    )
+    full = profiles.target("zero", found, base)
+    assert full.assignment is None and "budgets 0 MB for models" in full.choice.reason
+    p.registry.set_stage("mlp", "1", "archived")
+    assert profiles.target("bare", found, base).assignment is not None  # found is the snapshot taken before
+    archived = profiles.target("bare", p.registry.get("mlp", "1"), base)
+    assert archived.assignment is None and archived.choice.reason == "version 1 is archived"
