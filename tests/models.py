@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,11 +97,16 @@ class DigitsMlp:
 
 def digits_mlp(path: Path, hidden: int = 32, seed: int = 0) -> DigitsMlp:
     from sklearn.datasets import load_digits
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
-    mlp = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=300, random_state=seed).fit(x[:1500], y[:1500])
+    with warnings.catch_warnings():  # a few hundred steps are enough for these tests
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mlp = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=300, random_state=seed).fit(
+            x[:1500], y[:1500]
+        )
     layers = [
         (w.astype(np.float32), b.astype(np.float32)) for w, b in zip(mlp.coefs_, mlp.intercepts_, strict=True)
     ]
@@ -276,13 +282,16 @@ def sklearn_mlp(path: Path, hidden: int = 32, seed: int = 0) -> Digits:
     """A scikit-learn MLP classifier on digits, converted with skl2onnx (MatMul/Add/Relu inside)."""
     from skl2onnx import to_onnx
     from sklearn.datasets import load_digits
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
-    model = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=300, random_state=seed).fit(
-        x[:1500], y[:1500]
-    )
+    with warnings.catch_warnings():  # a few hundred steps are enough for these tests
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=300, random_state=seed).fit(
+            x[:1500], y[:1500]
+        )
     onx = to_onnx(model, x[:1], options={id(model): {"zipmap": False}}, target_opset=17)
     path.write_bytes(onx.SerializeToString())
     return Digits(path, x[1500:], y[1500:])
