@@ -21,7 +21,7 @@ from typing import Any
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import PayloadError, decode_as
 
-from controller.errors import DeviceNotFound, InvalidProfile, ProfileNotFound
+from controller.errors import DeviceNotFound, InvalidProfile, ProfileNotFound, RolloutNotFound
 from controller.registry import ModelVersion, Registry
 from controller.store import Store
 from controller.variants import (
@@ -284,6 +284,17 @@ def candidates(found: ModelVersion) -> list[Candidate]:
 
 
 @dataclass(frozen=True)
+class RolloutTarget:
+    """What one device of a rollout was sent (``variant``, ``digest``) or why not (``skipped``)."""
+
+    device_id: str
+    profile: str
+    variant: str
+    digest: str
+    skipped: str
+
+
+@dataclass(frozen=True)
 class Targeted:
     """What one device of a rollout is sent: a signed assignment, or nothing and why."""
 
@@ -346,6 +357,17 @@ class Profiles:
     def of_device(self, device_id: str) -> Profile | None:
         row = self.store.query_one("SELECT profile_id FROM device_profiles WHERE device_id = ?", (device_id,))
         return self.get(row["profile_id"]) if row else None
+
+    def rollout_targets(self, rollout_id: str) -> list[RolloutTarget]:
+        if self.store.query_one("SELECT 1 FROM rollouts WHERE id = ?", (rollout_id,)) is None:
+            raise RolloutNotFound(f"unknown rollout {rollout_id}")
+        rows = self.store.query(
+            "SELECT t.device_id, coalesce(p.profile_id, '') AS profile, t.variant, t.digest, t.skipped"
+            " FROM rollout_targets t LEFT JOIN device_profiles p ON p.device_id = t.device_id"
+            " WHERE t.rollout_id = ? ORDER BY t.device_id",
+            (rollout_id,),
+        )
+        return [RolloutTarget(**r) for r in rows]
 
     def _other_tenants_bytes(self, device_id: str, tenant: str) -> int:
         row = self.store.query_one("SELECT desired FROM devices WHERE device_id = ?", (device_id,))

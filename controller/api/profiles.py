@@ -7,7 +7,13 @@ from pathlib import PurePath
 from fastapi import APIRouter, Response, status
 
 from controller.api.deps import FleetDep, ProfilesDep
-from controller.api.schemas import DeviceProfileSet, DevicePublic, ProfileCreate, ProfilePublic
+from controller.api.schemas import (
+    DeviceProfileSet,
+    DevicePublic,
+    ProfileCreate,
+    ProfilePublic,
+    RolloutTargetPublic,
+)
 
 router = APIRouter(tags=["profiles"])
 
@@ -39,3 +45,9 @@ def set_device_profile(
 ) -> DevicePublic:
     profiles.assign(device_id, body.profile)
     return DevicePublic.model_validate(fleet.get(device_id))
+
+
+@router.get("/rollouts/{rollout_id}/variants", response_model=list[RolloutTargetPublic])
+def rollout_variants(rollout_id: str, profiles: ProfilesDep) -> list[RolloutTargetPublic]:
+    """Which variant each targeted device was sent, or why it was sent nothing."""
+    return [RolloutTargetPublic.model_validate(t) for t in profiles.rollout_targets(rollout_id)]

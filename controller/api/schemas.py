@@ -202,3 +202,11 @@ class SigningKeyPublic(_Public):
     key_id: str
     public_key: str
     previous_key_id: str
+
+
+class RolloutTargetPublic(_Public):
+    device_id: str
+    profile: str
+    variant: str
+    digest: str
+    skipped: str

@@ -126,6 +126,14 @@ def test_each_device_is_sent_its_own_signed_variant(ctl: Ctl, tmp_path: Path) ->
         ).json()
         skipped = {d["device_id"]: d for d in rollout["devices"] if d["status"] == "skipped"}
         assert list(skipped) == ["coral"] and "needs onnxruntime" in skipped["coral"]["detail"]
+        targets = ctl.api("GET", f"/v1/rollouts/{rollout['id']}/variants").json()
+        assert [(t["device_id"], t["profile"], t["variant"], t["digest"]) for t in targets] == [
+            ("coral", "coral-dev-board", "", ""),
+            ("orin", "jetson-orin-nano-8gb", "onnx-fp32", variants["onnx-fp32"]["digest"]),
+            ("zero", "raspberry-pi-zero-2-w", "onnx-int8-static", variants["onnx-int8-static"]["digest"]),
+        ]
+        assert targets[0]["skipped"] == skipped["coral"]["detail"]
+        assert ctl.api("GET", "/v1/rollouts/nope/variants").status_code == 404
         for device_id, variant in (("zero", "onnx-int8-static"), ("orin", "onnx-fp32")):
 
             def desired(device_id: str = device_id) -> fleet_pb2.DesiredState | None:
