@@ -232,6 +232,7 @@ def test_drift_is_detected_retrained_and_redeployed_without_an_operator(
             "steady windows",
         )
         assert max(calm) < THRESHOLD, calm
+        print(f"\nsteady PSI on v1: {[round(v, 3) for v in calm]}")
         assert controller.api("GET", "/v1/retraining/runs").json() == []
 
         drifted.set()
