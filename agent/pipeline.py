@@ -272,12 +272,18 @@ class Pipelines:
                 self._callers.add(tenant)
                 self.scheduler.configure(tenant, 1.0, CALLER_QUEUE)
         call: Call = Call(run, Future())
+        start = time.perf_counter()
         self._dropped(tenant, self.scheduler.submit(tenant, call))
         try:
             result: T = call.future.result(timeout)
         except FutureTimeout:
             call.future.cancel()
+            self.stats.inference(tenant, 0.0, ok=False)
             raise Overloaded(f"tenant {tenant!r}: no worker was free within {timeout:.1f} s") from None
+        except BaseException:
+            self.stats.inference(tenant, 0.0, ok=False)
+            raise
+        self.stats.inference(tenant, (time.perf_counter() - start) * 1000.0, ok=True)
         return result
 
     def source_lost(self, spec: TenantSpec, reason: str, attempt: int, delay: float) -> None:
@@ -432,8 +438,10 @@ class Pipelines:
     def telemetry_inputs(self) -> tuple[dict[str, float], dict[str, float]]:
         """(weights, busy seconds) per tenant for the telemetry window."""
         weights, busy = {}, {}
-        for tenant, spec in self.specs().items():
-            weights[tenant], busy[tenant] = spec.weight, self.scheduler.drain_busy(tenant)
+        with self._lock:
+            lanes = {t: s.weight for t, s in self._specs.items()} | dict.fromkeys(self._callers, 1.0)
+        for tenant, weight in lanes.items():
+            weights[tenant], busy[tenant] = weight, self.scheduler.drain_busy(tenant)
         return weights, busy
 
     def stop(self, timeout: float) -> bool:

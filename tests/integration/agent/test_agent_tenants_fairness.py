@@ -1,19 +1,37 @@
-"""Three saturating tenants on one real agent: CPU time follows the weights, overflow is dropped and counted."""
+"""Saturating tenants on one real agent: CPU time follows the weights, a greedy gRPC app included;
+overflow is dropped and counted."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from edgefleet_proto import fleet_pb2
+import grpc
+import numpy as np
+from edgefleet_proto import fleet_pb2, inference_pb2
 
 from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer, wait_until
+from tests.localfleet import to_tensors
 from tests.models import wide_conv
 
 # Inference (about 10 ms a run here), not the sources, must be the bottleneck.
 SIZE = 96
 WEIGHTS = {"low": 1.0, "mid": 2.0, "high": 4.0}
+
+
+def hammer(agent: AgentProcess, stop: threading.Event) -> None:
+    stub = agent.stub()
+    x = np.zeros((1, 3, SIZE, SIZE), np.float32)
+    request = inference_pb2.InferRequest(tenant="app", inputs=to_tensors({"image": x}))
+    while not stop.is_set():
+        try:
+            stub.Infer(request, timeout=10)
+        except grpc.RpcError:
+            if stop.is_set():
+                return
+            raise
 
 
 def tenant(name: str, weight: float, seed: int) -> str:
@@ -42,25 +60,37 @@ def test_weights_are_respected_under_overload(
             f.write(tenant(name, weight, i))
     peer = make_peer(agent.device_id)
     digest = peer.add_artifact(wide_conv(tmp_path / "conv.onnx", SIZE))
-    # Three tenants on one artifact: one loaded copy serves them all.
-    peer.publish_desired(1, *(peer.assignment(digest, "1", name="conv", tenant=t) for t in WEIGHTS))
+    # Every tenant on one artifact: one loaded copy serves them all.
+    # A local app on the same model calls Infer as fast as four threads can: it gets the
+    # weight of a gRPC-only tenant (1), and cannot starve the pipelines.
+    peer.publish_desired(1, *(peer.assignment(digest, "1", name="conv", tenant=t) for t in [*WEIGHTS, "app"]))
     agent.start()
     agent.wait_ready()
-    for t in WEIGHTS:
+    for t in [*WEIGHTS, "app"]:
         peer.wait_active(digest, tenant=t)
+    stop = threading.Event()
+    callers = [threading.Thread(target=hammer, args=(agent, stop), daemon=True) for _ in range(4)]
+    for caller in callers:
+        caller.start()
 
     def busy_windows() -> list[dict[str, fleet_pb2.TenantStats]] | None:
         windows = [{s.tenant: s for s in t.tenants} for t in list(peer.telemetry)]
-        full = [w for w in windows if all(w.get(t) and w[t].inferences for t in WEIGHTS)]
+        full = [w for w in windows if all(w.get(t) and w[t].inferences for t in [*WEIGHTS, "app"])]
         # The first full window may have started before every model was active.
         return full[1:5] if len(full) >= 5 else None
 
-    windows = wait_until(busy_windows, 40, "four telemetry windows with every tenant busy")
-    busy = {t: sum(w[t].busy_s for w in windows) for t in WEIGHTS}
+    try:
+        windows = wait_until(busy_windows, 40, "four telemetry windows with every tenant busy")
+    finally:
+        stop.set()
+    weights = {**WEIGHTS, "app": 1.0}
+    busy = {t: sum(w[t].busy_s for w in windows) for t in weights}
     total = sum(busy.values())
     for t, weight in WEIGHTS.items():
-        share, want = busy[t] / total, weight / sum(WEIGHTS.values())
+        share, want = busy[t] / total, weight / sum(weights.values())
         assert abs(share - want) / want < 0.10, (t, busy, share, want)
+    assert busy["app"] / total < 1.1 * 1 / sum(weights.values()), busy
+    assert all(w["app"].inferences for w in windows)
     assert all(
         sum(w[t].dropped for w in windows) > 0 for t in WEIGHTS
     )  # live sources overflow, never queue up
