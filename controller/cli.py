@@ -240,7 +240,9 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def agent_config(credentials: dict[str, Any], data_dir: str, socket: str | None) -> str:
+def agent_config(
+    credentials: dict[str, Any], data_dir: str, socket: str | None, model_budget_mb: float = 0.0
+) -> str:
     doc: dict[str, Any] = {"device_id": credentials["device_id"], "data_dir": data_dir}
     if socket:
         doc["socket"] = socket
@@ -254,6 +256,9 @@ def agent_config(credentials: dict[str, Any], data_dir: str, socket: str | None)
     if credentials.get("controller_public_key"):
         # Pinned at provisioning: the agent refuses models this key did not sign.
         doc["security"] = {"controller_public_key": credentials["controller_public_key"]}
+    if model_budget_mb:
+        # The device class's budget for loaded models (firmware_profiles/), enforced by the agent's pool.
+        doc["pool"] = {"memory_budget_mb": float(model_budget_mb)}
     return tomli_w.dumps(doc)
 
 
@@ -266,7 +271,10 @@ def cmd_devices_register(args: argparse.Namespace) -> int:
     )
     if args.agent_config:
         out = Path(args.agent_config)
-        text = agent_config(credentials, args.agent_data_dir, args.agent_socket)
+        budget = 0.0
+        if args.profile:
+            budget = _call(args, "GET", f"/v1/profiles/{args.profile}")["doc"]["memory"]["model_budget_mb"]
+        text = agent_config(credentials, args.agent_data_dir, args.agent_socket, budget)
         try:
             atomic_write(out, text.encode(), mode=0o600)
         except OSError as exc:
