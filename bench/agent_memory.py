@@ -6,13 +6,12 @@ then reads the agent's RSS (psutil):
 - idle: connected, serving no model;
 - one ONNX model: after a small conv net arrived through the desired state and
   answered a few Infer calls;
-- LiteRT-only: when agent.runtime has a ``litert`` backend, an agent started
-  without onnxruntime loaded is not possible yet (onnxruntime is imported by
-  agent.runtime), so this prints the raw LiteRT interpreter process instead.
+- LiteRT-only: a fresh agent serving only a TFLite model (tflite-micro's
+  sine_float.tflite) through LiteRT.
 
 Baselines in the same run: a bare Python interpreter; Python with numpy and
-onnxruntime imported and the same model loaded in one session (what any app
-running the model itself would pay).
+onnxruntime imported and the same model loaded in one session, and Python with
+LiteRT and the TFLite model (what an app running the model itself would pay).
 
 Run: ``.venv/bin/python bench/agent_memory.py``.
 """
@@ -26,6 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
+import grpc
 import numpy as np
 import psutil
 
@@ -36,7 +36,7 @@ from edgefleet_proto import inference_pb2, inference_pb2_grpc
 from tests.broker import REPO, Broker
 from tests.integration.agent.peer import Peer, wait_until
 from tests.localfleet import to_tensors
-from tests.models import small_conv
+from tests.models import sine_float_tflite, small_conv
 
 MB = 1024 * 1024
 
@@ -61,6 +61,48 @@ def settle_rss(pid: int, seconds: float = 2.0) -> float:
     return psutil.Process(pid).memory_info().rss / MB
 
 
+def agent_rss(folder: Path, broker: Broker, model: Path, fmt: str) -> tuple[float, float]:
+    """(idle RSS, RSS once ``model`` serves and answered 20 calls) of a fresh agent process."""
+    device = f"mem-{uuid.uuid4().hex[:6]}"
+    password = uuid.uuid4().hex
+    broker.add_user(device, password)
+    data = folder / device
+    config = folder / f"{device}.toml"
+    socket = folder / f"{device}.sock"
+    config.write_text(
+        f'device_id = "{device}"\ndata_dir = "{data}"\nsocket = "{socket}"\n'
+        f'[mqtt]\nport = {broker.port}\npassword = "{password}"\n'
+    )
+    log_path = folder / f"{device}.log"
+    with log_path.open("wb") as log:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+            cwd=REPO,
+            stdout=log,
+            stderr=log,
+        )
+    peer = Peer(broker, device)
+    try:
+        wait_until(lambda: b"agent ready" in log_path.read_bytes(), 30, "agent ready")
+        idle = settle_rss(agent.pid)
+        digest = peer.add_artifact(model, fmt=fmt)
+        assignment = peer.assignment(digest, "1", name="m")
+        assignment.format, assignment.runtime = fmt, "litert" if fmt == "tflite" else "onnxruntime"
+        peer.publish_desired(1, assignment)
+        peer.wait_active(digest)
+        with grpc.insecure_channel(f"unix:{socket}") as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            spec = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10).models[0].inputs[0]
+            x = np.zeros([d if d > 0 else 1 for d in spec.shape], np.dtype(spec.dtype))
+            for _ in range(20):
+                stub.Infer(inference_pb2.InferRequest(inputs=to_tensors({spec.name: x})), timeout=10)
+        return idle, settle_rss(agent.pid)
+    finally:
+        peer.close()
+        agent.terminate()
+        agent.wait(20)
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="efm-") as tmp:
         folder = Path(tmp)
@@ -71,58 +113,31 @@ def main() -> None:
             f"s = ort.InferenceSession({str(model)!r}, providers=['CPUExecutionProvider'])\n"
             "s.run(None, {'image': np.zeros((1, 3, 32, 32), np.float32)})"
         )
+        tflite = sine_float_tflite()
+        raw_litert = rss_of(
+            "import numpy as np\nfrom ai_edge_litert.interpreter import Interpreter\n"
+            f"i = Interpreter(model_path={str(tflite)!r}); i.allocate_tensors(); i.invoke()"
+        )
         broker = Broker(folder / "mosquitto").start()
         try:
-            device = f"mem-{uuid.uuid4().hex[:6]}"
-            password = uuid.uuid4().hex
-            broker.add_user(device, password)
-            config = folder / "agent.toml"
-            config.write_text(
-                f'device_id = "{device}"\ndata_dir = "{folder / "data"}"\nsocket = "{folder / "s.sock"}"\n'
-                f'[mqtt]\nport = {broker.port}\npassword = "{password}"\n'
-            )
-            log = (folder / "agent.log").open("wb")
-            agent = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-                cwd=REPO,
-                stdout=log,
-                stderr=log,
-            )
-            try:
-                wait_until(lambda: b"agent ready" in (folder / "agent.log").read_bytes(), 30, "agent ready")
-                peer = Peer(broker, device)
-                idle = settle_rss(agent.pid)
-                digest = peer.add_artifact(model)
-                peer.publish_desired(1, peer.assignment(digest, "1", name="conv"))
-                peer.wait_active(digest)
-                import grpc
-
-                with grpc.insecure_channel(f"unix:{folder / 's.sock'}") as channel:
-                    stub = inference_pb2_grpc.InferenceServiceStub(channel)
-                    x = np.zeros((1, 3, 32, 32), np.float32)
-                    for _ in range(20):
-                        stub.Infer(inference_pb2.InferRequest(inputs=to_tensors({"image": x})), timeout=10)
-                loaded = settle_rss(agent.pid)
-                peer.close()
-            finally:
-                agent.terminate()
-                agent.wait(20)
-                log.close()
+            idle, loaded = agent_rss(folder, broker, model, "onnx")
+            _, litert = agent_rss(folder, broker, tflite, "tflite")
         finally:
             broker.stop()
-    try:
-        litert = rss_of("from ai_edge_litert.interpreter import Interpreter")
-        litert_line = f"{litert:7.1f} MB  (raw LiteRT import; the agent has no LiteRT-only mode yet)"
-    except (AssertionError, OSError):
-        litert_line = "n/a (ai-edge-litert not installed)"
     print("agent RSS (psutil), one run")
     print(f"    bare python                           {bare:7.1f} MB")
-    print(f"    python + onnxruntime + model (raw)    {raw:7.1f} MB")
+    print(f"    python + onnxruntime + conv (raw)     {raw:7.1f} MB")
+    print(f"    python + LiteRT + sine model (raw)    {raw_litert:7.1f} MB")
     print(
         f"    agent idle, no model                  {idle:7.1f} MB   ({idle - bare:+.1f} MB over bare python)"
     )
-    print(f"    agent, one ONNX model, after Infer    {loaded:7.1f} MB   ratio to raw {loaded / raw:.2f}")
-    print(f"    LiteRT-only                           {litert_line}")
+    print(
+        f"    agent, one ONNX model, after Infer    {loaded:7.1f} MB   ratio to raw onnxruntime {loaded / raw:.2f}"
+    )
+    print(
+        f"    agent, LiteRT model only, after Infer {litert:7.1f} MB   ratio to raw LiteRT {litert / raw_litert:.2f}"
+    )
+    print("    (agent.runtime imports onnxruntime in every agent, LiteRT-only ones included)")
 
 
 if __name__ == "__main__":
