@@ -506,7 +506,17 @@ class Registry:
                             now,
                         ),
                     )
-                    self._insert_variant(tx, name, version, reference, staged, inspected, "uploaded", now)
+                    self._insert_variant(
+                        tx,
+                        name,
+                        version,
+                        reference,
+                        staged,
+                        inspected,
+                        "uploaded",
+                        now,
+                        note={"reference": True},
+                    )
                     for variant in pending:
                         self._insert_pending(tx, name, version, variant, now)
                     # Inside the transaction: if the rename fails, the rows are rolled back.
@@ -546,10 +556,15 @@ class Registry:
             now = time.time()
             # Validated against the reference in the background when there is a calibration set.
             status = "pending" if found.calibration_digest else "ready"
+            note = (
+                {}
+                if found.calibration_digest
+                else {"validated": False, "why": "the version has no calibration set"}
+            )
             try:
                 with self.store.transaction() as tx:
                     self._insert_variant(
-                        tx, name, version, variant, staged, inspected, "uploaded", now, status
+                        tx, name, version, variant, staged, inspected, "uploaded", now, status, note
                     )
                     self.artifacts.commit(staged, inspected.format)
             except DuplicateKeyError:
@@ -629,9 +644,10 @@ class Registry:
         source: str,
         now: float,
         status: str = "ready",
+        note: dict[str, Any] | None = None,
     ) -> None:
         signature = self.signer.sign_manifest(name, version, variant, staged.digest, staged.size)
-        report: dict[str, Any] = {"reference": True} if status == "ready" and source == "uploaded" else {}
+        report: dict[str, Any] = dict(note or {})
         if inspected.quantization:
             report["quantization"] = inspected.quantization
         tx.execute(

@@ -137,6 +137,7 @@ def test_tflite_uploads_are_inspected_with_litert(registry: Registry, mlp_path: 
         "fp32",
         "ready",
     )  # nothing to validate on
+    assert added.report == {"validated": False, "why": "the version has no calibration set"}
     quantized = registry.add_variant(
         "mlp",
         "1",
