@@ -411,3 +411,24 @@ def test_controller_declares_a_tenant_and_the_memory_budget_refuses_a_big_model(
     agent.start()
     agent.wait_ready()
     assert Stream(agent, "yard", TOKENS["vision"]).collect(2)
+
+
+def test_an_idle_model_is_unloaded_and_reloaded_on_the_next_call(
+    make_agent: Callable[..., AgentProcess], make_peer: Callable[[str], Peer], tmp_path: Path
+) -> None:
+    agent = make_agent(telemetry_interval_s=0.2)
+    with agent.config.open("a") as f:
+        f.write("[pool]\nidle_unload_s = 0.5\n")
+    peer = make_peer(agent.device_id)
+    model = small_conv(tmp_path / "conv.onnx")
+    digest = peer.add_artifact(model)
+    peer.publish_desired(1, peer.assignment(digest, "1", name="conv"))
+    agent.start()
+    agent.wait_ready()
+    peer.wait_active(digest)
+    wait_until(lambda: "model unloaded after idle" in agent.output(), 20, "the idle model unloaded")
+    x = np.random.default_rng(1).random((1, 3, 32, 32), dtype=np.float32)
+    response = agent.stub().Infer(inference_pb2.InferRequest(inputs=to_tensors({"image": x})), timeout=10)
+    want = ort.InferenceSession(str(model)).run(None, {"image": x})[0]
+    np.testing.assert_allclose(from_tensor(response.outputs["logits"]), want, rtol=1e-5, atol=1e-6)
+    assert "model reloaded" in agent.output()
