@@ -132,10 +132,13 @@ class _Reader:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"source-{spec.id}", daemon=True)
         self.epoch = 0
+        # When the current run of the source delivered its first sample.
+        self._stable_since: float | None = None
 
     def _run(self) -> None:
         attempt = 0
         while not self.stop.is_set():
+            self._stable_since = None
             try:
                 self._read_until_end()
                 reason = "source ended"
@@ -159,13 +162,10 @@ class _Reader:
             self.p.source_lost(self.spec, reason, attempt, delay)
             self.stop.wait(delay)
 
-    _stable_since: float | None = None
-
     def _read_until_end(self) -> None:
         assert self.spec.source is not None
         source: Source = open_source(self.spec.source)
         self.epoch += 1
-        self._stable_since = None
         preprocessor = Preprocessor(self.spec.preprocess)
         period = 1.0 / self.spec.rate_hz if self.spec.rate_hz else 0.0
         next_at = time.monotonic()
