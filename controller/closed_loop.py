@@ -8,14 +8,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 from controller.baselines import Baselines
 from controller.capture_policies import DesiredMonitoring
 from controller.datasets import Datasets
 from controller.retraining import Retraining
-from controller.rollouts import Rollouts
 from controller.rollups import DAY_S, Retention, Rollups
 from controller.settings import Settings
 from controller.store import Store
@@ -86,15 +84,3 @@ class ClosedLoop:
             self._thread.join(timeout)
             self._thread = None
         self.retraining.stop(timeout)
-
-
-def rollout_starter(rollouts: Rollouts) -> Callable[[str, str, Mapping[str, Any]], str]:
-    """What a retraining policy's ``rollout`` field does with the version a run registered."""
-
-    def start(model: str, version: str, spec: Mapping[str, Any]) -> str:
-        rollout = rollouts.create(
-            model, version, list(spec.get("devices", [])), str(spec.get("tenant", "default"))
-        )
-        return str(rollout.id)
-
-    return start

@@ -389,8 +389,6 @@ class Retraining:
         self.baselines = baselines
         self.datasets = datasets
         self.clock = clock
-        # Set by the controller: starts a rollout, returns its id.
-        self.start_rollout: RolloutStarter | None = None
         self._jobs: queue.Queue[str | None] = queue.Queue()
         self._worker: threading.Thread | None = None
 
@@ -594,19 +592,16 @@ class Retraining:
         )
         return self.run(run_id)
 
-    def complete(
-        self, run_id: str, version: str, start_rollout: RolloutStarter | None = None
-    ) -> tuple[Run, str]:
+    def complete(self, run_id: str, version: str, start_rollout: RolloutStarter) -> tuple[Run, str]:
         """A pipeline registered ``version``; start the policy's rollout of it, if it has one
-        (with ``start_rollout``, else the controller's default starter)."""
+        (``start_rollout`` starts it and returns its id)."""
         run = self.run(run_id)
         if run.status in ("succeeded",):
             raise InvalidPolicy(f"run {run_id} already reported version {run.result_version}")
         policy = self.policy(run.policy_name, run.policy_version)
         rollout_id = ""
-        starter = start_rollout or self.start_rollout
-        if policy.rollout is not None and starter is not None:
-            rollout_id = starter(run.model_name, version, policy.rollout)
+        if policy.rollout is not None:
+            rollout_id = start_rollout(run.model_name, version, policy.rollout)
         detail = f"registered {run.model_name} {version}" + (f"; rollout {rollout_id}" if rollout_id else "")
         self.store.execute(
             "UPDATE retraining_runs SET status = 'succeeded', result_version = ?, detail = ?, updated_at = ?"

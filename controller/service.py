@@ -11,7 +11,7 @@ from pathlib import Path
 from controller import settings as settings_mod
 from controller.artifacts import ArtifactStore
 from controller.auth import generate_token, hash_token
-from controller.closed_loop import ClosedLoop, rollout_starter
+from controller.closed_loop import ClosedLoop
 from controller.errors import AlreadyInitialised, ConfigError
 from controller.fleet import Fleet
 from controller.mosquitto_auth import BrokerAuth, generate_password, hash_password
@@ -44,7 +44,6 @@ class Controller:
         self.rollouts = Rollouts(self.store, self.registry, self.fleet)
         self.telemetry = TelemetryStore(self.store)
         self.closed_loop = ClosedLoop(self.store, settings, self.telemetry)
-        self.closed_loop.retraining.start_rollout = rollout_starter(self.rollouts)
         self.transport: Transport | None = None
         self.rollout_runner: RolloutRunner | None = None
         self._token_hash = settings.admin_token_sha256
