@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -138,8 +139,12 @@ class KeyRing:
             return f"refused: signed by key {m.key_id}, this device trusts controller key {self.key_id}"
         return f"refused: the signature does not match the manifest (key {self.key_id}); tampered or corrupt"
 
-    def refusals(self, msg: fleet_pb2.DesiredState) -> dict[str, str]:
-        """Apply the desired state's key rotation, then check every assignment: digest -> reason."""
+    def refusals(self, msg: fleet_pb2.DesiredState, verified: Collection[str] = ()) -> dict[str, str]:
+        """Apply the desired state's key rotations, then check every assignment: digest -> reason.
+
+        Digests in ``verified`` (what the device already runs, checked when they came) are not
+        checked again: after a rotation the controller keeps the other tenants' assignments,
+        signed by the old key, in the desired states it sends."""
         refused: dict[str, str] = {}
         if msg.HasField("key_rotation"):
             problem = self.rotate(msg.key_rotation)
@@ -150,7 +155,7 @@ class KeyRing:
                 problem = self.rotate(m.key_rotation)
                 if problem is not None:
                     log.error("key rotation refused device_key=%s reason=%s", self.key_id, problem)
-            reason = self.check(m)
+            reason = None if m.artifact_digest in verified else self.check(m)
             if reason is not None:
                 refused[m.artifact_digest] = reason
                 log.error(

@@ -301,7 +301,11 @@ class Updater:
         desired = Desired.from_proto(msg)
         state = replace(self.state, desired=desired)
         # Unsigned or wrongly signed artifacts fail here, before any download; the tenant keeps its model.
-        for digest, reason in self.keys.refusals(msg).items():
+        # What a tenant already runs was verified when it came (perhaps under a key rotated since).
+        running = {
+            i.assignment.digest for ts in self.state.tenants.values() for i in (ts.active, ts.previous) if i
+        }
+        for digest, reason in self.keys.refusals(msg, running).items():
             state = state.with_failure(Failure(digest, reason, generation))
             self.emit("artifact_refused", "error", reason, {"digest": digest})
         self._save(state)

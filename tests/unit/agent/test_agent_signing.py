@@ -113,3 +113,15 @@ def test_the_key_is_read_from_agent_toml_with_line_precise_errors() -> None:
         parse_config(base + '[security]\ncontroller_public_key = "abc"\n')
     with pytest.raises(ConfigError, match="unknown key"):
         parse_config(base + "[security]\nallow_unsigned = true\n")
+
+
+def test_what_the_device_already_runs_is_not_checked_again_after_a_rotation(tmp_path: Path) -> None:
+    new = Ed25519PrivateKey.generate()
+    ring = KeyRing(tmp_path, raw(CONTROLLER))
+    running = signed(CONTROLLER, "a" * 64)  # tenant A, accepted before the rotation
+    fresh = signed(new, "b" * 64)
+    fresh.key_rotation.CopyFrom(rotation(CONTROLLER, new))
+    desired = fleet_pb2.DesiredState(models=[running, fresh])
+    assert ring.refusals(desired, verified={"a" * 64}) == {}
+    assert ring.key == raw(new)
+    assert list(ring.refusals(desired)) == ["a" * 64]  # unless it is not running: then it must verify
