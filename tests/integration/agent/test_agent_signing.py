@@ -51,11 +51,11 @@ def test_only_what_the_pinned_key_signed_is_installed(
         f.write(f'[security]\ncontroller_public_key = "{raw(controller).hex()}"\n')
     peer = make_peer(agent.device_id)
     digests = []
-    for seed in (1, 2):
+    for seed in (1, 2, 3):
         path = tmp_path / f"m{seed}.onnx"
         digests.append(write_model(path, linear_model(seed, 256, 64)))
         peer.add_artifact(path)
-    first, second = digests
+    first, second, third = digests
     peer.publish_desired(1, sign(controller, peer.assignment(first, "1")))
     agent.start()
     agent.wait_ready()
@@ -113,8 +113,8 @@ def test_only_what_the_pinned_key_signed_is_installed(
     assert infer(agent, X).model_version == "2"
     # After a restart the device still trusts the new key only.
     agent.terminate()
-    peer.publish_desired(7, sign(controller, peer.assignment(first, "1")))
+    peer.publish_desired(7, sign(controller, peer.assignment(third, "3")))
     agent.start()
     agent.wait_ready()
-    assert "signed by key" in failed_with(peer, first)
+    assert "signed by key" in failed_with(peer, third)
     assert infer(agent, X).model_version == "2"
