@@ -164,6 +164,7 @@ def cmd_models_upload(args: argparse.Namespace) -> int:
         "sensor": args.sensor or "",
         "gate": str(args.gate),
         "dynamic": "true" if args.dynamic else "false",
+        "fp16": "true" if args.fp16 else "false",
     }
     with contextlib.ExitStack() as stack:
         files = {"file": (path.name, stack.enter_context(_open(path)), "application/octet-stream")}
@@ -427,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration", default=None, metavar="NPZ", help="named inputs; enables int8 variants"
     )
     upload.add_argument("--dynamic", action="store_true", help="also produce a dynamic int8 variant")
+    upload.add_argument("--fp16", action="store_true", help="also produce an fp16 variant (GPUs, NPUs)")
     upload.add_argument(
         "--gate", type=float, default=0.99, help="minimum agreement of a variant (default 0.99)"
     )

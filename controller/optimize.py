@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -34,9 +35,19 @@ from onnxruntime.quantization import (
     quantize_dynamic,
     quantize_static,
 )
+from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from controller.errors import OptimizeError
-from controller.registry import DYNAMIC_INT8, STATIC_INT8, ModelVersion, Registry, Variant, load_calibration
+from controller.registry import (
+    DYNAMIC_INT8,
+    FP16,
+    PRODUCED_PRECISION,
+    STATIC_INT8,
+    ModelVersion,
+    Registry,
+    Variant,
+    load_calibration,
+)
 from controller.tflite import interpreter_module
 
 log = logging.getLogger(__name__)
@@ -193,7 +204,7 @@ class _Reader(CalibrationDataReader):  # type: ignore[misc]
 def quantize(
     kind: str, source: Path, target: Path, calibration: dict[str, np.ndarray], per_channel: bool
 ) -> None:
-    """Write the int8 model of ``kind`` (static QDQ or dynamic) to ``target``; OptimizeError on failure."""
+    """Write the ``kind`` variant (static QDQ int8, dynamic int8 or fp16) to ``target``; OptimizeError on failure."""
     try:
         if kind == STATIC_INT8:
             quantize_static(
@@ -207,12 +218,36 @@ def quantize(
             )
         elif kind == DYNAMIC_INT8:
             quantize_dynamic(source, target, per_channel=per_channel, weight_type=QuantType.QInt8)
+        elif kind == FP16:
+            # Inputs and outputs stay float32, so apps feed the fp16 variant like the reference.
+            half = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+            onnx.save(_sorted(half), str(target))
         else:
             raise OptimizeError(f"unknown variant kind {kind!r}")
     except OptimizeError:
         raise
     except Exception as exc:  # onnxruntime.quantization raises whatever its passes raise
         raise OptimizeError(f"onnxruntime.quantization failed: {str(exc).strip()[:1000]}") from None
+
+
+def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Nodes in topological order: the fp16 converter appends its input casts at the end."""
+    graph = model.graph
+    ready = {""} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    pending, ordered = list(graph.node), list[onnx.NodeProto]()
+    while pending:
+        runnable = [n for n in pending if all(i in ready for i in n.input)]
+        if not runnable:
+            raise OptimizeError("the fp16 graph has a cycle or an input nothing produces")
+        for node in runnable:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            ordered.append(copy)
+            ready.update(node.output)
+        pending = [n for n in pending if all(n is not r for r in runnable)]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return model
 
 
 # -- the background worker ---------------------------------------------------------
@@ -341,21 +376,14 @@ class Optimizer:
             checked, produced, per_channel = self._quantize_best(
                 found, kind, ref_path, arrays, samples, expected
             )
-            report = {**checked.report, "per_channel": per_channel}
+            report = {**checked.report, **({"per_channel": per_channel} if kind != FP16 else {})}
             try:
                 stored = self.registry.attach_artifact(name, version, kind, produced)
             finally:
                 produced.unlink(missing_ok=True)
-            if stored.precision != "int8":
-                state(
-                    name,
-                    version,
-                    kind,
-                    "rejected",
-                    1.0,
-                    "no operator of this model could be quantized",
-                    report,
-                )
+            if stored.precision != PRODUCED_PRECISION[kind]:
+                reason = f"no operator of this model could be converted to {PRODUCED_PRECISION[kind]}"
+                state(name, version, kind, "rejected", 1.0, reason, report)
                 return
             path = self.registry.artifacts.path(stored.digest)
         state(name, version, kind, "running", 0.9, "", report)
@@ -379,7 +407,7 @@ class Optimizer:
         """Per-channel weights first; per-tensor too when per-channel misses the gate. Keeps the better
         (validation, file in the work folder, per_channel); the other file is removed."""
         best: tuple[Validation, Path, bool] | None = None
-        for step, per_channel in enumerate((True, False)):
+        for step, per_channel in enumerate((True, False) if kind != FP16 else (False,)):
             self.registry.set_variant_state(found.name, found.version, kind, "running", 0.1 + 0.4 * step)
             target = self.work_dir / f"{kind}-{uuid.uuid4().hex}.onnx"
             try:

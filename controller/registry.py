@@ -107,6 +107,9 @@ DEFAULT_GATE = 0.99
 VARIANT_STATUSES = ("pending", "running", "ready", "rejected", "failed")
 STATIC_INT8 = "onnx-int8-static"
 DYNAMIC_INT8 = "onnx-int8-dynamic"
+FP16 = "onnx-fp16"
+# The precision each produced variant must end up in.
+PRODUCED_PRECISION = {STATIC_INT8: "int8", DYNAMIC_INT8: "int8", FP16: "fp16"}
 MAX_CALIBRATION_BYTES = 256 * 1024 * 1024
 
 
@@ -131,6 +134,8 @@ class UploadOptions:
     gate: float = DEFAULT_GATE
     # Also produce a dynamic int8 variant (the static one comes with a calibration set).
     dynamic: bool = False
+    # Also produce an fp16 variant (inputs and outputs stay float32), for GPUs and NPUs.
+    fp16: bool = False
 
 
 @dataclass(frozen=True)
@@ -601,11 +606,12 @@ class Registry:
 
     @staticmethod
     def _pending_variants(inspected: Inspected, options: UploadOptions, calibration: str) -> list[str]:
-        if options.dynamic and not calibration:
-            raise InvalidInputError("a dynamic int8 variant needs a calibration set to be validated on")
+        for wanted, what in ((options.dynamic, "a dynamic int8"), (options.fp16, "an fp16")):
+            if wanted and not calibration:
+                raise InvalidInputError(f"{what} variant needs a calibration set to be validated on")
         if not calibration or inspected.format != FORMAT or inspected.precision != "fp32":
             return []
-        return [STATIC_INT8, DYNAMIC_INT8] if options.dynamic else [STATIC_INT8]
+        return [STATIC_INT8] + [DYNAMIC_INT8] * options.dynamic + [FP16] * options.fp16
 
     def _store_calibration(self, source: BinaryIO, inputs: list[TensorSpec]) -> str:
         self.calibration_dir.mkdir(parents=True, exist_ok=True)
@@ -669,9 +675,9 @@ class Registry:
         tx.execute(
             "INSERT INTO variants (name, version, variant, format, precision, source, status, progress, digest,"
             " size, inputs, outputs, opset, runtime, runtime_version, latency_ms, report, reason, signature,"
-            " key_id, created_at, updated_at) VALUES (?, ?, ?, 'onnx', 'int8', 'quantized', 'pending', 0, '',"
+            " key_id, created_at, updated_at) VALUES (?, ?, ?, 'onnx', ?, 'quantized', 'pending', 0, '',"
             " 0, '[]', '[]', 0, 'onnxruntime', '', NULL, '{}', '', NULL, '', ?, ?)",
-            (name, version, variant, now, now),
+            (name, version, variant, PRODUCED_PRECISION[variant], now, now),
         )
 
     # -- variants produced in the background ------------------------------------

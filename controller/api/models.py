@@ -42,6 +42,7 @@ def upload_version(
     sensor: Annotated[str, Form()] = "",
     gate: Annotated[float, Form()] = DEFAULT_GATE,
     dynamic: Annotated[bool, Form()] = False,
+    fp16: Annotated[bool, Form()] = False,
     calibration: UploadFile | None = None,
 ) -> ModelVersionPublic:
     """Register a version; with a calibration set (.npz of named inputs) int8 variants are
@@ -52,6 +53,7 @@ def upload_version(
         sensor_kind=sensor,
         gate=gate,
         dynamic=dynamic,
+        fp16=fp16,
     )
     created = registry.upload(
         name,

@@ -10,7 +10,7 @@ import pytest
 from edgefleet_proto.signing import manifest_bytes
 
 from controller.optimize import Optimizer, validate
-from controller.registry import DYNAMIC_INT8, STATIC_INT8, Registry, UploadOptions
+from controller.registry import DYNAMIC_INT8, FP16, STATIC_INT8, Registry, UploadOptions
 from controller.signing import verify
 from tests.models import digits_classifier, digits_mlp, sklearn_mlp, small_conv, tflite_mlp
 from tests.unit.controller.helpers import Parts
@@ -65,25 +65,37 @@ def parts(tmp_path: Path) -> Parts:
     return Parts(tmp_path)
 
 
-def test_static_and_dynamic_int8_of_a_skl2onnx_classifier_pass_the_gate(parts: Parts, tmp_path: Path) -> None:
+def test_int8_and_fp16_variants_of_a_skl2onnx_classifier_pass_the_gate(parts: Parts, tmp_path: Path) -> None:
     digits = sklearn_mlp(tmp_path / "mlp.onnx")
     registry: Registry = parts.registry
     created = registry.upload(
-        "digits", "1", digits.path.open("rb"), {}, UploadOptions(dynamic=True), npz(X=digits.samples[:200])
+        "digits",
+        "1",
+        digits.path.open("rb"),
+        {},
+        UploadOptions(dynamic=True, fp16=True),
+        npz(X=digits.samples[:200]),
     )
     assert {v.variant: v.status for v in created.variants} == {
         "onnx-fp32": "ready",
         STATIC_INT8: "pending",
         DYNAMIC_INT8: "pending",
+        FP16: "pending",
     }
     Optimizer(registry, tmp_path / "work").process("digits", "1")
     done = registry.get("digits", "1")
     fp32 = done.variant("onnx-fp32")
     assert fp32 is not None and fp32.latency_ms is not None and fp32.latency_ms > 0
-    for name in (STATIC_INT8, DYNAMIC_INT8):
+    for name, precision in ((STATIC_INT8, "int8"), (DYNAMIC_INT8, "int8"), (FP16, "fp16")):
         v = done.variant(name)
         assert v is not None
-        assert (v.status, v.precision, v.format, v.progress, v.reason) == ("ready", "int8", "onnx", 1.0, "")
+        assert (v.status, v.precision, v.format, v.progress, v.reason) == (
+            "ready",
+            precision,
+            "onnx",
+            1.0,
+            "",
+        )
         assert v.report["top1_agreement"] >= 0.99 and v.report["samples"] == 200
         assert v.size < fp32.size and v.latency_ms is not None
         assert v.inputs == fp32.inputs and v.opset >= 13
