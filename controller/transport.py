@@ -327,20 +327,27 @@ class Transport:
             self._ingest(batch)
 
     def _ingest(self, batch: Sequence[Job]) -> None:
-        """One transaction per batch; a savepoint per window, so a bad one spoils only itself."""
+        """One transaction per batch. Should a window fail, the batch is rolled back and
+        written again with a savepoint per window, so a bad one spoils only itself."""
         store = self.telemetry.store
+        jobs = [job for job in batch if isinstance(job, Inbound)]
         try:
             with store.transaction():
-                for job in batch:
-                    if not isinstance(job, Inbound):
-                        continue
+                for job in jobs:
+                    self._handle(job)
+            return
+        except Exception as exc:
+            log.warning("telemetry batch retried window by window count=%d error=%s", len(jobs), exc)
+        try:
+            with store.transaction():
+                for job in jobs:
                     try:
                         with store.transaction():
                             self._handle(job)
                     except Exception:
                         log.exception("telemetry dropped device=%s", job.topic.device_id)
         except Exception:
-            log.exception("telemetry batch failed count=%d", len(batch))
+            log.exception("telemetry batch failed count=%d", len(jobs))
 
     def _republish_desired(self, reason: str) -> None:
         states = self.fleet.desired_states()
