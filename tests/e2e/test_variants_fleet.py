@@ -72,12 +72,13 @@ def test_each_profile_gets_its_variant_and_an_incompatible_device_is_skipped(
     np.savez(calibration, X=mlp.calibration)
     version = controller.cli(
         "models", "upload", str(mlp.path), "--name", "digits", "--version", "1",
-        "--calibration", str(calibration), "--metrics", '{"accuracy": 0.92}',
+        "--calibration", str(calibration), "--metrics", '{"accuracy": 0.92}', "--fp16",
     )  # fmt: skip
     # The upload returned before quantization finished.
     assert {v["variant"]: v["status"] in ("pending", "running") for v in version["variants"]} == {
         "onnx-fp32": False,
         "onnx-int8-static": True,
+        "onnx-fp16": True,
     }
     int8_tflite = tflite_mlp(tmp_path / "mlp-int8.tflite", mlp.layers, int8=True, calibration=mlp.calibration)
     controller.cli("models", "add-variant", "digits", "1", str(int8_tflite))
@@ -86,11 +87,12 @@ def test_each_profile_gets_its_variant_and_an_incompatible_device_is_skipped(
     assert {k: v["status"] for k, v in variants.items()} == {
         "onnx-fp32": "ready",
         "onnx-int8-static": "ready",
+        "onnx-fp16": "ready",
         "tflite-int8": "ready",
     }, variants
     assert variants["onnx-int8-static"]["report"]["top1_agreement"] >= 0.99
 
-    expected = {"pi-zero": "onnx-int8-static", "jetson": "onnx-fp32", "coral": "tflite-int8"}
+    expected = {"pi-zero": "onnx-int8-static", "jetson": "onnx-fp16", "coral": "tflite-int8"}
     profile_of = {
         "pi-zero": "raspberry-pi-zero-2-w",
         "jetson": "jetson-orin-nano-8gb",
