@@ -1,4 +1,4 @@
-"""fp32 vs static int8 (QDQ) vs dynamic int8 for conv models, on this CPU, in one run.
+"""fp32 vs static int8 (QDQ) vs dynamic int8 (and fp16) for conv models, on this CPU, in one run.
 
 Builds ``tests.models.small_conv`` (the conv model of the tests, 2 layers of 8 and
 16 channels) and ``tests.models.conv_net`` (3 layers, 32-64-128 channels, 64x64
@@ -28,13 +28,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from controller.optimize import Runner, quantize, validate
-from controller.registry import DYNAMIC_INT8, STATIC_INT8
+from controller.registry import DYNAMIC_INT8, FP16, STATIC_INT8
 from tests.models import conv_net, small_conv
 
 
 def measure(label: str, fp32: Path, images: np.ndarray, iterations: int, work: Path) -> None:
     files = {"fp32": fp32}
-    for kind in (STATIC_INT8, DYNAMIC_INT8):
+    for kind in (STATIC_INT8, DYNAMIC_INT8, FP16):
         files[kind] = work / f"{fp32.stem}-{kind}.onnx"
         quantize(kind, fp32, files[kind], {"image": images}, per_channel=True)
     runners = {name: Runner(path, "onnx") for name, path in files.items()}
