@@ -279,7 +279,9 @@ def judge(run: Run, members: Sequence[Member], fleet: Mapping[str, DeviceView], 
                 f"{len(judged)} devices) exceeds {gates.max_error_rate:g}",
             )
     ratios = [v.new.p95_ms / v.baseline.p95_ms for v in judged if v.baseline.p95_ms > 0 and v.new.p95_ms > 0]
-    if gates.max_latency_ratio is not None and ratios:
+    # Latency and confidence wait until every device settled: while a wave updates, devices
+    # busy downloading and loading answer slower for reasons that are not the new model's.
+    if gates.max_latency_ratio is not None and ratios and settled:
         ratio = statistics.median(ratios)
         if ratio > gates.max_latency_ratio:
             return _fail(
@@ -287,7 +289,7 @@ def judge(run: Run, members: Sequence[Member], fleet: Mapping[str, DeviceView], 
                 f"p95 latency {ratio:.2f}x the previous version on the same devices "
                 f"(median of {len(ratios)} devices) exceeds {gates.max_latency_ratio:g}x",
             )
-    if gates.min_confidence_ratio is not None:
+    if gates.min_confidence_ratio is not None and settled:
         failure = _confidence_gate(views, gates.min_inferences, gates.min_confidence_ratio)
         if failure:
             return _fail(verdict, failure)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -128,11 +129,16 @@ def active_digest(tenant: str, reported: Reported | None) -> str | None:
 
 
 def _stats(rows: list[dict[str, Any]], tenant: str, a: fleet_pb2.ModelAssignment | None) -> VersionStats:
+    """Counts summed over the windows; p95 as the median of the windows' p95.
+
+    A window's p95 is nearly its maximum, and a device busy with something else for a
+    few seconds (an update, a restart) spikes one or two windows: the median over the
+    windows keeps such a spike from deciding the latency gate.
+    """
     if a is None:
         return VersionStats()
     inferences = errors = 0
-    weighted = 0.0
-    served = 0
+    p95s: list[float] = []
     for row in rows:
         for m in json.loads(row["models"]):
             if (m["tenant"] or "default", m["model_name"], m["model_version"]) != (
@@ -143,11 +149,9 @@ def _stats(rows: list[dict[str, Any]], tenant: str, a: fleet_pb2.ModelAssignment
                 continue
             inferences += m["inference_count"]
             errors += m["error_count"]
-            ok = m["inference_count"] - m["error_count"]
-            if ok > 0 and m["latency_p95_ms"] > 0:
-                weighted += m["latency_p95_ms"] * ok
-                served += ok
-    return VersionStats(inferences, errors, weighted / served if served else 0.0)
+            if m["inference_count"] > m["error_count"] and m["latency_p95_ms"] > 0:
+                p95s.append(m["latency_p95_ms"])
+    return VersionStats(inferences, errors, statistics.median(p95s) if p95s else 0.0)
 
 
 def mean_confidence(histogram: fleet_pb2.Histogram) -> tuple[int, float]:

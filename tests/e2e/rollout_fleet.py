@@ -26,6 +26,7 @@ from tests.localfleet import Agent, Controller, register_agent, rollout_done, to
 from tests.simfleet import Sessions, SimDevice, SimFleet
 
 REAL_EVERY = 4  # dev-00, dev-04, ... are real agent processes
+SLOW_DEPTH = 48
 
 
 def digits_samples() -> np.ndarray:
@@ -53,13 +54,14 @@ def classifier(path: Path, seed: int, slow: bool = False, faulty: bool = False) 
     ]
     last = "logits0"
     if slow:
-        inits += [init("s0", 64, 768)] + [init(f"s{i}", 768, 768, scale=0.01) for i in range(1, 7)]
-        inits.append(numpy_helper.from_array(np.zeros((768, 10), np.float32), "sz"))
+        # About 150x the arithmetic of the rest, with one shared matrix so the file stays small.
+        inits += [init("s0", 64, 512), init("s1", 512, 512, scale=0.02)]
+        inits.append(numpy_helper.from_array(np.zeros((512, 10), np.float32), "sz"))
         nodes.append(helper.make_node("MatMul", ["X", "s0"], ["c0"]))
-        for i in range(1, 7):
-            nodes.append(helper.make_node("MatMul", [f"c{i - 1}", f"s{i}"], [f"c{i}"]))
+        for i in range(1, SLOW_DEPTH + 1):
+            nodes.append(helper.make_node("MatMul", [f"c{i - 1}", "s1"], [f"c{i}"]))
         nodes += [
-            helper.make_node("MatMul", ["c6", "sz"], ["cz"]),
+            helper.make_node("MatMul", [f"c{SLOW_DEPTH}", "sz"], ["cz"]),
             helper.make_node("Add", [last, "cz"], ["logits1"]),
         ]
         last = "logits1"
@@ -141,6 +143,17 @@ class Fleet:
             raise AssertionError(
                 f"rollout did not finish: {self.rollout(rollout_id)}\nevents: {self.events(rollout_id)}"
             ) from None
+
+    def wait_wave(self, rollout_id: str, wave: int, timeout: float) -> None:
+        def there() -> bool:
+            r = self.rollout(rollout_id)
+            if r["state"] != "running":
+                raise AssertionError(
+                    f"rollout left running before wave {wave}: {r}\n{self.events(rollout_id)}"
+                )
+            return bool(r["wave"] >= wave)
+
+        wait_until(there, timeout, f"wave {wave}")
 
     def wait_baseline(self, version: str, min_windows: int = 2) -> None:
         """Every device has sent telemetry windows with inferences of ``version``."""
