@@ -103,7 +103,9 @@ class FleetCollector(Collector):
         device_psi = GaugeMetricFamily(
             "edgefleet_device_drift_psi", "PSI of each device's newest window", labels=[*labels, "device"]
         )
-        since_ms = int((now - RATE_WINDOW_S) * 1000)
+        # The newest complete fleet-wide window and the one being filled: a scrape
+        # stays cheap however many windows the retention keeps.
+        since_ms = int(now * 1000) - 3 * s.baselines.bucket_ms
         for name, version in s.baselines.versions_with_sketches(since_ms):
             windows = s.baselines.fleet_scores(name, version, since_ms)
             if windows:

@@ -50,6 +50,8 @@ RUN_HEADER = "X-EdgeFleet-Run"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RUN_STATUSES = ("pending", "triggered", "failed", "succeeded")
 MAX_DATASETS_IN_PAYLOAD = 100
+# A version counts as in production while it sent drift sketches this recently.
+VERSION_LOOKBACK_S = 3600.0
 
 
 # -- policy documents ------------------------------------------------------------
@@ -463,9 +465,19 @@ class Retraining:
         )
         return row["t"] if row and row["t"] is not None else None
 
-    def _observations(self, policy: Policy, since: float, now: float) -> list[Observation]:
-        since_ms, now_ms = int(since * 1000), int(now * 1000)
-        versions = [v for n, v in self.baselines.versions_with_sketches(since_ms) if n == policy.model_name]
+    def _observations(self, policy: Policy, last_run_at: float | None, now: float) -> list[Observation]:
+        # Windows the previous run saw do not count again; and only the newest few
+        # windows can decide, so only they are scored (a day of a large fleet's
+        # sketches would not fit in one tick).
+        seen = last_run_at if last_run_at is not None else 0.0
+        bucket_s = self.baselines.bucket_ms / 1000
+        lookback = (policy.drift.windows + 2) * bucket_s if policy.drift else 0.0
+        since_ms = int(max(seen, now - lookback) * 1000)
+        now_ms = int(now * 1000)
+        active_since = int(max(seen, now - VERSION_LOOKBACK_S) * 1000)
+        versions = [
+            v for n, v in self.baselines.versions_with_sketches(active_since) if n == policy.model_name
+        ]
         labelled = {d.manifest.model_version for d in self.datasets.find(policy.model_name) if d.labelled}
         out = []
         for version in sorted(set(versions) | labelled, reverse=True):
@@ -489,9 +501,7 @@ class Retraining:
         for policy in self.policies():
             try:
                 last = self._last_run_at(policy.name)
-                # Windows already seen by the previous run do not count again.
-                since = last if last is not None else now - 24 * 3600.0
-                decision = evaluate(policy, self._observations(policy, since, now), last, now)
+                decision = evaluate(policy, self._observations(policy, last, now), last, now)
                 if decision is not None:
                     started.append(self.fire(policy, decision))
             except ControllerError as exc:
