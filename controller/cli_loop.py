@@ -86,6 +86,28 @@ def cmd_datasets_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_capture_policy(args: argparse.Namespace) -> int:
+    path = f"/v1/models/{args.model}/capture-policy"
+    params = {"tenant": args.tenant}
+    fields = {
+        k: getattr(args, k)
+        for k in (
+            "random_fraction",
+            "low_confidence_below",
+            "drifted_feature_share",
+            "max_samples_per_hour",
+            "max_samples_per_upload",
+            "max_bytes_per_upload",
+        )
+        if getattr(args, k) is not None
+    }
+    if fields:
+        _print(_call(args, "PUT", path, params=params, json=fields))
+    else:
+        _print(_call(args, "GET", path, params=params))
+    return 0
+
+
 def cmd_policy_put(args: argparse.Namespace) -> int:
     _print(
         _call(args, "PUT", f"/v1/retraining/policies/{args.name}", json=_read_json(args.file, "the policy"))
@@ -164,6 +186,18 @@ def add_commands(commands: Any, remote: argparse.ArgumentParser) -> None:
     label.add_argument("digest")
     label.add_argument("--labels", required=True, metavar="FILE.json", help="[0, 3, ...] or {labels: [...]}")
     label.set_defaults(func=cmd_datasets_label)
+    capture = datasets.add_parser(
+        "capture-policy",
+        parents=[remote],
+        help="show, or set (with any option), what a model's devices capture",
+    )
+    capture.add_argument("model")
+    capture.add_argument("--tenant", default="default")
+    for name in ("random-fraction", "low-confidence-below", "drifted-feature-share"):
+        capture.add_argument(f"--{name}", type=float, default=None)
+    for name in ("max-samples-per-hour", "max-samples-per-upload", "max-bytes-per-upload"):
+        capture.add_argument(f"--{name}", type=int, default=None)
+    capture.set_defaults(func=cmd_capture_policy)
 
     retraining = commands.add_parser("retraining", help="retraining policies and runs").add_subparsers(
         dest="action", required=True

@@ -223,6 +223,9 @@ def test_closed_loop_cli_and_the_scrape_token(broker: Broker, tmp_path: Path) ->
         controller.cli("datasets", "download", ref["digest"], "-o", str(out))
         assert hashlib.sha256(out.read_bytes()).hexdigest() == ref["digest"]
         assert controller.cli("drift", "show", "digits", "1")["fleet"] == []
+        capture = controller.cli("datasets", "capture-policy", "digits", "--drifted-feature-share", "0.3")
+        assert capture["version"] == 1 and capture["drifted_feature_share"] == 0.3
+        assert controller.cli("datasets", "capture-policy", "digits")["policy_id"] == capture["policy_id"]
         policy = tmp_path / "policy.json"
         policy.write_text(json.dumps({"model": "digits", "conditions": {"accuracy": {"below": 0.5}},
                                       "trigger": {"kind": "command", "command": ["true"]}}))  # fmt: skip
