@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from edgefleet_proto import fleet_pb2
@@ -97,6 +98,8 @@ UPDATE_STATES = {
     "activate": ("old", fleet_pb2.UPDATE_OUTCOME_ROLLED_BACK),
     "probation": ("old", fleet_pb2.UPDATE_OUTCOME_ROLLED_BACK),
     "commit": ("new", fleet_pb2.UPDATE_OUTCOME_SUCCEEDED),
+    # Reached when probation fails: the new model on probation answers one request with an error.
+    "rollback": ("old", fleet_pb2.UPDATE_OUTCOME_ROLLED_BACK),
 }
 
 
@@ -125,7 +128,16 @@ def test_sigkill_in_each_update_state_resumes_on_a_working_model_and_reports_the
     agent.start()
     agent.wait_ready()
     monkeypatch.delenv("EDGEFLEET_AGENT_KILL_AT")
-    peer.publish_desired(2, peer.assignment(d2, "2"))
+    new = peer.assignment(d2, "2")
+    if state == "rollback":
+        new.probation_s, new.max_error_rate = 60.0, 0.0
+    peer.publish_desired(2, new)
+    if state == "rollback":
+        wait_until(
+            lambda: (e := entry_for(peer, d2)) is not None and e.update_state == "probation", 30, "probation"
+        )
+        with pytest.raises(grpc.RpcError):
+            infer(agent, np.ones((1, 3), np.float32))  # the wrong shape: an error the probation counts
     assert agent.proc is not None
     agent.proc.wait(30)
     assert agent.proc.returncode == -9, agent.output()[-3000:]
@@ -149,7 +161,8 @@ def test_sigkill_in_each_update_state_resumes_on_a_working_model_and_reports_the
     if serving == "old":
         failed = entry_for(peer, d2)
         assert failed.phase == fleet_pb2.MODEL_PHASE_FAILED
-        assert f"the agent restarted during {state}" in failed.error
+        why = "exceeds 0 during probation" if state == "rollback" else f"the agent restarted during {state}"
+        assert why in failed.error
         assert persisted(agent)["updates"]["default"]["state"] == "rolled_back"
     else:
         assert persisted(agent)["updates"]["default"]["state"] == "committed"
