@@ -10,6 +10,7 @@ chunked artifacts from the protocol peer over the real Mosquitto.
 from __future__ import annotations
 
 import queue
+import stat
 import threading
 import wave
 from collections.abc import Callable, Iterator
@@ -418,7 +419,7 @@ def test_an_idle_model_is_unloaded_and_reloaded_on_the_next_call(
 ) -> None:
     agent = make_agent(telemetry_interval_s=0.2)
     with agent.config.open("a") as f:
-        f.write("[pool]\nidle_unload_s = 0.5\n")
+        f.write('[pool]\nidle_unload_s = 0.5\n[api]\nsocket_mode = "0600"\n')
     peer = make_peer(agent.device_id)
     model = small_conv(tmp_path / "conv.onnx")
     digest = peer.add_artifact(model)
@@ -426,6 +427,7 @@ def test_an_idle_model_is_unloaded_and_reloaded_on_the_next_call(
     agent.start()
     agent.wait_ready()
     peer.wait_active(digest)
+    assert stat.S_IMODE(agent.socket.stat().st_mode) == 0o600  # only the agent's user may connect
     wait_until(lambda: "model unloaded after idle" in agent.output(), 20, "the idle model unloaded")
     x = np.random.default_rng(1).random((1, 3, 32, 32), dtype=np.float32)
     response = agent.stub().Infer(inference_pb2.InferRequest(inputs=to_tensors({"image": x})), timeout=10)
