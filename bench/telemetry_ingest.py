@@ -14,7 +14,9 @@ Measures, in the same run:
    timed until the last row is in the controller's SQLite file, against
    ``raw``: the same rows (telemetry + drift sketch) inserted with
    ``executemany`` in transactions of 500 into a fresh database with the same
-   schema — the floor, without MQTT, protobuf or roll-ups;
+   schema — the floor, without MQTT, protobuf or roll-ups — and ``bare MQTT``:
+   a plain paho subscriber that receives and decodes the same messages and
+   stores nothing (the transport's own ceiling on this machine);
 2. controller CPU (psutil, user + system) while every device reports every
    ``--period-s`` seconds for ``--duration-s``, against the same controller idle
    for as long; printed per 1,000 devices.
@@ -29,6 +31,7 @@ import json
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -157,6 +160,45 @@ def raw_inserts(path: Path, messages: list[tuple[str, fleet_pb2.Telemetry]]) -> 
     return elapsed
 
 
+def mqtt_floor(
+    port: int, username: str, password: str, payloads: list[tuple[str, bytes]], clients: int
+) -> float:
+    """Seconds for a bare paho subscriber (receive + protobuf decode, nothing stored) to get them all."""
+    got = 0
+    done = threading.Event()
+    subscribed = threading.Event()
+
+    def on_message(client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        nonlocal got
+        fleet_pb2.Telemetry.FromString(message.payload)
+        got += 1
+        if got == len(payloads):
+            done.set()
+
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-floor", protocol=mqtt.MQTTv5)
+    sub.username_pw_set(username, password)
+    sub.on_message = on_message
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.connect("127.0.0.1", port)
+    sub.subscribe("edgefleet/v1/devices/+/telemetry", qos=1)
+
+    def network() -> None:  # as the controller runs it: client.loop() in a thread
+        while not done.is_set():
+            sub.loop(timeout=0.5)
+
+    threading.Thread(target=network, daemon=True).start()
+    subscribed.wait(10)
+    pubs = Publishers(port, username, password, clients)
+    start = time.perf_counter()
+    for d, p in payloads:
+        pubs.publish(d, p)
+    done.wait(600)
+    elapsed = time.perf_counter() - start
+    pubs.close()
+    sub.disconnect()
+    return elapsed
+
+
 def cpu_seconds(proc: psutil.Process) -> float:
     t = proc.cpu_times()
     return float(t.user + t.system)
@@ -176,26 +218,27 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-ingest-"))
     broker = Broker(work / "mosquitto").start()
-    controller = Controller(
-        work / "controller", broker.port, passwd_file=broker.passwd_file, reload_command=broker.reload_command
-    )
-    controller.init()
-    devices = [f"dev-{i:05d}" for i in range(args.devices)]
-    # The simulated devices publish through the controller's account, so they need no broker
-    # passwords: put them straight into the fleet table instead of 1,000 API calls.
-    setup = Store(controller.data_dir / "controller.db")
-    with setup.transaction():
-        for d in devices:
-            setup.execute(
-                "INSERT INTO devices (device_id, tags, password_hash, created_at) VALUES (?, '[]', '', 0)",
-                (d,),
-            )
-    setup.close()
-    controller.start()
-    assert controller.proc is not None
-    proc = psutil.Process(controller.proc.pid)
-    pubs = Publishers(broker.port, "edgefleet-controller", controller.mqtt_password(), args.clients)
+    controller = None
+    pubs: Publishers | None = None
     try:
+        controller = Controller(
+            work / "controller",
+            broker.port,
+            passwd_file=broker.passwd_file,
+            reload_command=broker.reload_command,
+        )
+        controller.init()
+        devices = [f"dev-{i:05d}" for i in range(args.devices)]
+        # The simulated devices publish through the controller's account, so they need no broker
+        # passwords: put them straight into the fleet table instead of 1,000 API calls.
+        setup = Store(controller.data_dir / "controller.db")
+        with setup.transaction():
+            for d in devices:
+                setup.execute(
+                    "INSERT INTO devices (device_id, tags, password_hash, created_at) VALUES (?, '[]', '', 0)",
+                    (d,),
+                )
+        setup.close()
         now_ms = int(time.time() * 1000)
         messages = [
             (
@@ -205,6 +248,14 @@ def main() -> int:
             for i in range(args.burst)
         ]
         payloads = [(d, encode(m)) for d, m in messages]
+        # Before the controller runs, so the two do not share the broker.
+        floor_s = mqtt_floor(
+            broker.port, "edgefleet-controller", controller.mqtt_password(), payloads, args.clients
+        )
+        controller.start()
+        assert controller.proc is not None
+        proc = psutil.Process(controller.proc.pid)
+        pubs = Publishers(broker.port, "edgefleet-controller", controller.mqtt_password(), args.clients)
         size = sum(len(p) for _, p in payloads) / len(payloads)
         db = controller.data_dir / "controller.db"
 
@@ -225,7 +276,11 @@ def main() -> int:
             f"controller ingest (MQTT -> SQLite)   {args.burst / ingest_s:10.0f} windows/s   ({ingest_s:.2f} s; publishing took {published:.2f} s; controller CPU {ingest_cpu:.2f} s)"
         )
         print(f"raw batched inserts (same rows)      {args.burst / raw_s:10.0f} windows/s   ({raw_s:.2f} s)")
+        print(
+            f"bare MQTT receive (paho, no storage) {args.burst / floor_s:10.0f} windows/s   ({floor_s:.2f} s)"
+        )
         print(f"ratio controller/raw                 {raw_s / ingest_s:10.3f}")
+        print(f"ratio controller/bare MQTT           {floor_s / ingest_s:10.3f}")
 
         # Steady state: idle first, then every device every period_s.
         idle0 = cpu_seconds(proc)
@@ -257,8 +312,10 @@ def main() -> int:
             f"per 1,000 devices every 10 s        {(load_pct - idle_pct) * per_k * args.period_s / 10:8.2f} % of one core above idle (ratio reporting/idle {load_pct / max(idle_pct, 0.01):.1f})"
         )
     finally:
-        pubs.close()
-        controller.stop()
+        if pubs is not None:
+            pubs.close()
+        if controller is not None:
+            controller.stop()
         broker.stop()
     return 0
 
