@@ -5,8 +5,8 @@ tensors (:mod:`agent.tensors`), find the tenant's model in the pool, run it,
 record latency and errors for telemetry. Every failure becomes a gRPC status
 with a message; nothing a caller sends can crash the agent.
 
-Who may call: the socket's mode (``[api] socket_mode``, 0660 by default) keeps
-out users outside the agent's group; within it, the token in the
+Who may call: the socket's mode (``[api] socket_mode``, 0660 by default) and
+group (``[api] socket_group``) keep out users outside that group; within it, the token in the
 ``x-edgefleet-token`` metadata names the tenant, and a tenant can only use its
 own model and results. A tenant declared without a token (the foundation's
 ``default``) is open to anyone who can reach the socket unless
@@ -15,6 +15,7 @@ own model and results. A tenant declared without a token (the foundation's
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import queue
@@ -28,7 +29,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
-from agent.errors import InferenceError, InvalidInput, Overloaded, TensorCodecError
+from agent.errors import ConfigError, InferenceError, InvalidInput, Overloaded, TensorCodecError
 from agent.pipeline import ResultHub
 from agent.pool import ModelPool, ServingModel
 from agent.runtime import TensorSpec
@@ -261,6 +262,7 @@ def serve(
     workers: int = 8,
     results: ResultsApi | None = None,
     socket_mode: int = 0o660,
+    socket_group: str = "",
 ) -> grpc.Server:
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -286,4 +288,12 @@ def serve(
     finally:
         os.umask(old_umask)
     os.chmod(socket_path, socket_mode)
+    if socket_group:
+        try:
+            os.chown(socket_path, -1, grp.getgrnam(socket_group).gr_gid)
+        except (KeyError, PermissionError) as exc:
+            server.stop(None)
+            raise ConfigError(
+                f"cannot give the socket to group {socket_group!r} (the agent must be a member): {exc}"
+            ) from None
     return server

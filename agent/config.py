@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import math
 import re
 import tomllib
@@ -65,6 +66,9 @@ class ApiConfig:
     # When true every gRPC call must carry a tenant token, the default tenant's included.
     require_token: bool = False
     socket_mode: int = 0o660
+    # Group given the socket (the agent must be a member), so tenant apps need not
+    # share the agent's own group, which can read agent.toml.
+    socket_group: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ _SECTION_KEYS = {
     "outbox": {"max_records"},
     "scheduler": {"workers", "intra_op_threads"},
     "pool": {"memory_budget_mb", "idle_unload_s"},
-    "api": {"require_token", "socket_mode"},
+    "api": {"require_token", "socket_mode", "socket_group"},
     "security": {"controller_public_key"},
 }
 
@@ -299,7 +303,15 @@ def _api(src: _Source, doc: dict[str, Any]) -> ApiConfig:
         ) from None
     if mode & ~0o777 or mode & 0o007:
         raise src.error("api", "socket_mode", f"must be within 0770 (no access for others), got {mode_text}")
-    return ApiConfig(require_token=_get(src, a, "api", "require_token", bool, False), socket_mode=mode)
+    group = _get(src, a, "api", "socket_group", str, "")
+    if group:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise src.error("api", "socket_group", f"no such group {group!r} on this device") from None
+    return ApiConfig(
+        require_token=_get(src, a, "api", "require_token", bool, False), socket_mode=mode, socket_group=group
+    )
 
 
 def _tenants(src: _Source, doc: dict[str, Any]) -> tuple[TenantSpec, ...]:

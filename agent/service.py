@@ -134,7 +134,13 @@ class Service:
         auth = TenantAuth(self.pipelines.specs, self.config.api.require_token)
         api = InferenceApi(self.pool, self.stats, lambda: self.link.connected, auth, self.pipelines.call)
         results = ResultsApi(self.hub, self.pipelines.specs, auth)
-        self.server = serve(self.config.socket, api, results=results, socket_mode=self.config.api.socket_mode)
+        self.server = serve(
+            self.config.socket,
+            api,
+            results=results,
+            socket_mode=self.config.api.socket_mode,
+            socket_group=self.config.api.socket_group,
+        )
         self.pipelines.start()
         self._load_declared()
         self.pipelines.apply(merge(self.config.tenants, self.declared))

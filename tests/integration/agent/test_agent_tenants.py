@@ -9,6 +9,8 @@ chunked artifacts from the protocol peer over the real Mosquitto.
 
 from __future__ import annotations
 
+import grp
+import os
 import queue
 import stat
 import threading
@@ -414,12 +416,28 @@ def test_controller_declares_a_tenant_and_the_memory_budget_refuses_a_big_model(
     assert Stream(agent, "yard", TOKENS["vision"]).collect(2)
 
 
+def _apps_group() -> grp.struct_group:
+    """A group the agent (the test's user) may give the socket to, other than its own if it can."""
+    others = [g for g in os.getgroups() if g != os.getgid()]
+    if others:
+        return grp.getgrgid(others[0])
+    if os.geteuid() == 0:
+        return next(g for g in grp.getgrall() if g.gr_gid != os.getgid())
+    return grp.getgrgid(os.getgid())
+
+
+# Stands in for "edgefleet-apps", the group of the tenant apps.
+APPS_GROUP = _apps_group()
+
+
 def test_an_idle_model_is_unloaded_and_reloaded_on_the_next_call(
     make_agent: Callable[..., AgentProcess], make_peer: Callable[[str], Peer], tmp_path: Path
 ) -> None:
     agent = make_agent(telemetry_interval_s=0.2)
     with agent.config.open("a") as f:
-        f.write('[pool]\nidle_unload_s = 0.5\n[api]\nsocket_mode = "0600"\n')
+        f.write(
+            f'[pool]\nidle_unload_s = 0.5\n[api]\nsocket_mode = "0640"\nsocket_group = "{APPS_GROUP.gr_name}"\n'
+        )
     peer = make_peer(agent.device_id)
     model = small_conv(tmp_path / "conv.onnx")
     digest = peer.add_artifact(model)
@@ -427,7 +445,9 @@ def test_an_idle_model_is_unloaded_and_reloaded_on_the_next_call(
     agent.start()
     agent.wait_ready()
     peer.wait_active(digest)
-    assert stat.S_IMODE(agent.socket.stat().st_mode) == 0o600  # only the agent's user may connect
+    # Only the agent's user writes it, and only the apps' group may connect.
+    assert stat.S_IMODE(agent.socket.stat().st_mode) == 0o640
+    assert agent.socket.stat().st_gid == APPS_GROUP.gr_gid
     wait_until(lambda: "model unloaded after idle" in agent.output(), 20, "the idle model unloaded")
     x = np.random.default_rng(1).random((1, 3, 32, 32), dtype=np.float32)
     response = agent.stub().Infer(inference_pb2.InferRequest(inputs=to_tensors({"image": x})), timeout=10)

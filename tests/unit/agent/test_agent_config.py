@@ -178,6 +178,7 @@ def test_tenants_scheduler_pool_and_api_sections() -> None:
         (('id = "keyword"', 'id = "key.word"'), "invalid tenant id 'key.word'"),
         (('socket_mode = "0640"', 'socket_mode = "0666"'), "api.socket_mode: must be within 0770"),
         (("workers = 2", "workers = -1"), "scheduler.workers: must be 0 (automatic) .. 256"),
+        (('socket_mode = "0640"', 'socket_group = "no-such-group-ef"'), "api.socket_group: no such group"),
     ],
 )
 def test_bad_tenant_declarations_name_the_problem(edit: tuple[str, str], message: str) -> None:
