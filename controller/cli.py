@@ -336,6 +336,7 @@ def rollout_body(args: argparse.Namespace) -> dict[str, Any]:
             ("min_reporting_fraction", args.min_reporting),
             ("min_inferences", args.min_inferences),
             ("min_confidence_ratio", args.min_confidence_ratio),
+            ("max_prediction_psi", args.max_prediction_psi),
         )
         if value is not None
     }
@@ -518,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     staged.add_argument("--min-reporting", type=float, default=None, metavar="FRACTION")
     staged.add_argument("--min-inferences", type=int, default=None)
     staged.add_argument("--min-confidence-ratio", type=float, default=None, metavar="RATIO")
+    staged.add_argument("--max-prediction-psi", type=float, default=None, metavar="PSI")
     staged.add_argument("--on-failure", choices=("pause", "rollback"), default="pause")
     staged.add_argument("--manual-approval", action="store_true", help="wait for `approve` between waves")
     staged.add_argument("--device-timeout", type=float, default=None, metavar="S")

@@ -24,6 +24,7 @@ from typing import ClassVar, Literal
 
 from edgefleet_proto import fleet_pb2
 
+from controller import drift
 from controller.rollout_plans import FailureAction, Plan
 
 DeviceRolloutStatus = Literal[
@@ -128,6 +129,8 @@ class VersionStats:
     # Samples in the drift sketches' confidence histograms, and their mean top-class confidence.
     confidence_samples: int = 0
     confidence_mean: float = 0.0
+    # Predicted-class counts from the same sketches; index i is class i.
+    classes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -293,7 +296,29 @@ def judge(run: Run, members: Sequence[Member], fleet: Mapping[str, DeviceView], 
         failure = _confidence_gate(views, gates.min_inferences, gates.min_confidence_ratio)
         if failure:
             return _fail(verdict, failure)
+    if gates.max_prediction_psi is not None and settled:
+        failure = _prediction_gate(views, gates.min_inferences, gates.max_prediction_psi)
+        if failure:
+            return _fail(verdict, failure)
     return verdict
+
+
+def _prediction_gate(views: Sequence[DeviceView], min_samples: int, max_psi: float) -> str | None:
+    paired = [v for v in views if sum(v.new.classes) >= min_samples and sum(v.baseline.classes) > 0]
+    if not paired:
+        return None
+    size = max(len(c) for v in paired for c in (v.new.classes, v.baseline.classes))
+    new = [sum(v.new.classes[i] if i < len(v.new.classes) else 0 for v in paired) for i in range(size)]
+    old = [
+        sum(v.baseline.classes[i] if i < len(v.baseline.classes) else 0 for v in paired) for i in range(size)
+    ]
+    value = drift.psi(old, new)
+    if value <= max_psi:
+        return None
+    return (
+        f"predicted-class PSI {value:.3f} against the previous version on the same {len(paired)} devices "
+        f"exceeds {max_psi:g}"
+    )
 
 
 def _confidence_gate(views: Sequence[DeviceView], min_samples: int, min_ratio: float) -> str | None:

@@ -166,7 +166,7 @@ def mean_confidence(histogram: fleet_pb2.Histogram) -> tuple[int, float]:
     return total, sum(m * c for m, c in zip(mids, counts, strict=True)) / total
 
 
-def _with_confidence(
+def _with_sketches(
     store: Store,
     stats: VersionStats,
     device_id: str,
@@ -183,6 +183,7 @@ def _with_confidence(
         (device_id, tenant, a.model_name, a.model_version, *params, BASELINE_WINDOWS),
     )
     samples, weighted = 0, 0.0
+    classes: list[int] = []
     for r in rows:
         try:
             sketch = decode_as(fleet_pb2.DriftSketch, bytes(r["sketch"]))
@@ -191,9 +192,12 @@ def _with_confidence(
         n, mean = mean_confidence(sketch.confidence)
         samples += n
         weighted += n * mean
-    if not samples:
-        return stats
-    return replace(stats, confidence_samples=samples, confidence_mean=weighted / samples)
+        counts = list(sketch.class_counts)
+        classes += [0] * (len(counts) - len(classes))
+        for i, c in enumerate(counts):
+            classes[i] += c
+    mean = weighted / samples if samples else 0.0
+    return replace(stats, confidence_samples=samples, confidence_mean=mean, classes=tuple(classes))
 
 
 def snapshot(store: Store, run: Run, now: float) -> dict[str, DeviceView]:
@@ -222,11 +226,12 @@ def snapshot(store: Store, run: Run, now: float) -> dict[str, DeviceView]:
             )
             new = _stats(after, run.tenant, m.wanted)
             baseline = _stats(before, run.tenant, m.previous)
-            if run.plan.gates.min_confidence_ratio is not None:
-                new = _with_confidence(
+            gates = run.plan.gates
+            if gates.min_confidence_ratio is not None or gates.max_prediction_psi is not None:
+                new = _with_sketches(
                     store, new, m.device_id, run.tenant, m.wanted, "received_at >= ?", (since,)
                 )
-                baseline = _with_confidence(
+                baseline = _with_sketches(
                     store,
                     baseline,
                     m.device_id,

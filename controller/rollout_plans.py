@@ -50,6 +50,9 @@ class Gates:
     # Mean top-class confidence of the new version / the previous version's on the same devices
     # (from the drift sketches in telemetry, when the devices send them).
     min_confidence_ratio: float | None = None
+    # Population stability index of the predicted-class distribution, new version against the
+    # previous one on the same devices (drift sketches again).
+    max_prediction_psi: float | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,8 @@ def validate(plan: Plan) -> Plan:
         raise InvalidInputError(f"gates.max_latency_ratio must be positive, not {g.max_latency_ratio}")
     if g.min_confidence_ratio is not None and g.min_confidence_ratio <= 0:
         raise InvalidInputError(f"gates.min_confidence_ratio must be positive, not {g.min_confidence_ratio}")
+    if g.max_prediction_psi is not None and g.max_prediction_psi <= 0:
+        raise InvalidInputError(f"gates.max_prediction_psi must be positive, not {g.max_prediction_psi}")
     if g.min_inferences < 1:
         raise InvalidInputError(f"gates.min_inferences must be at least 1, not {g.min_inferences}")
     if plan.device_timeout_s is not None and plan.device_timeout_s <= 0:

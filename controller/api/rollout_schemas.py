@@ -32,6 +32,7 @@ class GatesIn(_Create):
     min_reporting_fraction: float = 0.0
     min_inferences: int = 20
     min_confidence_ratio: float | None = None
+    max_prediction_psi: float | None = None
 
 
 class TargetIn(_Create):

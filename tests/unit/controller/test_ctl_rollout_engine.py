@@ -289,3 +289,16 @@ def test_confidence_gate_compares_the_new_versions_mean_confidence_with_the_prev
     [step] = plan(r, {"a": conf(0.6, 0.9), "c": view("c")}, NOW)
     assert isinstance(step, RollBack)
     assert "mean confidence 0.600 is 0.67x the previous version's 0.900 on the same 1 devices" in step.reason
+
+
+def test_prediction_psi_gate_compares_class_distributions_on_the_same_devices() -> None:
+    p = replace(STAGED, gates=Gates(max_prediction_psi=0.25, min_inferences=10))
+
+    def classes(new: tuple[int, ...], old: tuple[int, ...]) -> DeviceView:
+        return view("a", NEW, "active", new=VersionStats(classes=new), baseline=VersionStats(classes=old))
+
+    r = run(member("a", set_at=NOW - 10), member("c", 1), p=p, wave=0, soak_started_at=NOW - 1)
+    expect_steps(plan(r, {"a": classes((48, 52), (50, 50)), "c": view("c")}, NOW), ("wait", NOW + 29))
+    [step] = plan(r, {"a": classes((95, 5, 0), (50, 50)), "c": view("c")}, NOW)
+    assert isinstance(step, RollBack)
+    assert "predicted-class PSI" in step.reason and "on the same 1 devices exceeds 0.25" in step.reason

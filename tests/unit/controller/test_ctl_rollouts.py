@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,8 @@ from controller.errors import (
     RolloutNotFound,
     UnknownTargets,
 )
-from controller.rollout_engine import Command
-from controller.rollout_executor import device_status
+from controller.rollout_engine import Command, State
+from controller.rollout_executor import device_status, load_run
 from controller.rollout_plans import FailureAction, Gates, Plan, Target, Wave
 from controller.rollouts import Rollouts, rollout_status
 from tests.unit.controller.helpers import Parts, reported, state
@@ -292,6 +293,7 @@ def test_confidence_gate_reads_the_drift_sketches_devices_send(parts: Parts, clo
         sk = msg.drift.add(tenant="default", model_name="adder", model_version=version, samples=sum(counts))
         sk.confidence.edges[:] = [0.5]
         sk.confidence.counts[:] = counts
+        sk.class_counts[:] = counts
         sketches.observe(device_id, msg, at)
 
     assert mean_confidence(fleet_pb2.Histogram(edges=[0.5], counts=[1, 3])) == (4, 0.625)
@@ -315,3 +317,10 @@ def test_confidence_gate_reads_the_drift_sketches_devices_send(parts: Parts, clo
     done = parts.rollouts.get(r.id)
     assert done.state == "rolled_back"
     assert "mean confidence 0.375 is 0.50x the previous version's 0.750" in done.reason
+    # The same sketches also carry the predicted classes: the PSI gate reads them.
+    from controller.rollout_executor import snapshot
+
+    run = load_run(parts.store, r.id)
+    assert run is not None
+    views = snapshot(parts.store, replace(run, state=State.RUNNING, wave=0), clock.now)
+    assert (views["dev-1"].new.classes, views["dev-1"].baseline.classes) == ((30, 10), (0, 40))
