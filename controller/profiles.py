@@ -278,6 +278,7 @@ def candidates(found: ModelVersion) -> list[Candidate]:
             input_shape=tuple(v.inputs[0].shape) if v.inputs else (),
             reference=v.source == "uploaded" and v.digest == found.digest,
             reason=v.reason,
+            runtime_version=v.runtime_version,
         )
         for v in found.variants
     ]

@@ -367,12 +367,36 @@ def inspect_artifact(path: Path) -> Inspected:
             ),
             opset=0,
             runtime=info.runtime,
-            runtime_version=info.runtime_version,
+            # LiteRT reads every schema version it was built for: no minimum is known here.
+            runtime_version="",
             quantization=quant,
         )
     signature = inspect_onnx(path)
     opset, precision = onnx_opset_and_precision(path)
-    return Inspected(FORMAT, precision, signature, opset, "onnxruntime", ort.__version__)
+    return Inspected(FORMAT, precision, signature, opset, "onnxruntime", min_onnxruntime(opset))
+
+
+# The first ONNX Runtime release that implements each default-domain opset
+# (ONNX Runtime's compatibility table); newer opsets need at least the version here.
+_ORT_FOR_OPSET = {
+    15: "1.10",
+    16: "1.11",
+    17: "1.12",
+    18: "1.14",
+    19: "1.15",
+    20: "1.17",
+    21: "1.18",
+    22: "1.20",
+}
+
+
+def min_onnxruntime(opset: int) -> str:
+    """The oldest ONNX Runtime that runs a model of this opset."""
+    if opset in _ORT_FOR_OPSET:
+        return _ORT_FOR_OPSET[opset]
+    if opset < min(_ORT_FOR_OPSET):
+        return _ORT_FOR_OPSET[min(_ORT_FOR_OPSET)]
+    return ".".join(ort.__version__.split(".")[:2])
 
 
 def _per_sample(spec: TensorSpec) -> int:

@@ -1,7 +1,7 @@
 """Which artifact variant a device gets: a pure function of the variants and the device's class.
 
 :func:`choose` drops every variant the device cannot run, each with the reason
-(not validated, runtime missing, opset too new, precision unsupported, too big
+(not validated, runtime missing or too old, opset too new, precision unsupported, too big
 for the model memory budget, input not fed by the device's sensor), then ranks
 what is left: the profile's preferred precision first, then int8 on CPU-only
 devices (fp16 on accelerated ones), then ONNX before TFLite (the registry's
@@ -11,6 +11,7 @@ smaller file. No I/O here.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +35,8 @@ class Candidate:
     input_shape: tuple[int, ...]
     reference: bool = False
     reason: str = ""
+    # Oldest runtime release that runs it ("" = any).
+    runtime_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,9 @@ def why_not(c: Candidate, device: DeviceClass, sensor_kind: str = "") -> str | N
     if runtime is None or runtime not in device.runtimes:
         have = ", ".join(sorted(device.runtimes)) or "none"
         return f"needs {runtime or c.format}, profile {device.profile_id} has {have}"
+    minimum, installed = c.runtime_version, device.runtimes[runtime]
+    if minimum and _version(installed) < _version(minimum):
+        return f"needs {runtime} >= {minimum}, profile {device.profile_id} has {installed}"
     if c.format == "onnx":
         if device.max_onnx_opset is None:
             return f"profile {device.profile_id} declares no ONNX opset"
@@ -86,6 +92,17 @@ def why_not(c: Candidate, device: DeviceClass, sensor_kind: str = "") -> str | N
     if sensor_kind:
         return _sensor_problem(c.input_shape, device, sensor_kind)
     return None
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """``"1.20.1"`` -> ``(1, 20, 1)``; digits after a non-digit (``"2.14rc1"``) are ignored."""
+    parts = []
+    for part in text.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
 
 
 def _sensor_problem(shape: tuple[int, ...], device: DeviceClass, kind: str) -> str | None:

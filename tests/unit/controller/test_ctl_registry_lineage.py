@@ -55,6 +55,7 @@ def test_lineage_is_recorded_and_checked(registry: Registry, mlp_path: Path) -> 
         manifest_bytes("mlp", "1", "onnx-fp32", first.digest, first.size),
     )
     assert reference.key_id == registry.signer.key_id
+    assert reference.runtime_version == "1.12"  # the first onnxruntime with opset 17
     second = registry.upload(
         "mlp",
         "2",

@@ -90,3 +90,15 @@ def test_choice_does_not_depend_on_the_order_of_the_variants() -> None:
     assert {choose(order, PI_ZERO).variant for order in (ALL, ALL[::-1], [TFL8, FP32, INT8])} == {
         "onnx-int8-static"
     }
+
+
+def test_a_runtime_older_than_the_variant_needs_is_refused() -> None:
+    old = replace(PI_ZERO, runtimes={"onnxruntime": "1.16.3"})
+    assert (
+        why_not(replace(FP32, runtime_version="1.18"), old)
+        == "needs onnxruntime >= 1.18, profile pi-zero has 1.16.3"
+    )
+    assert why_not(replace(FP32, runtime_version="1.16"), old) is None
+    assert (
+        why_not(replace(TFL8, runtime_version=""), replace(PI_ZERO, runtimes={"litert": "2.14rc1"})) is None
+    )
