@@ -37,6 +37,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
+from controller.calibration import load_calibration
 from controller.errors import OptimizeError
 from controller.registry import (
     DYNAMIC_INT8,
@@ -46,7 +47,6 @@ from controller.registry import (
     ModelVersion,
     Registry,
     Variant,
-    load_calibration,
 )
 from controller.tflite import interpreter_module
 

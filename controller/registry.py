@@ -1,9 +1,8 @@
 """Models, their versions and each version's artifact variants.
 
 An upload is staged in the artifact store, checked the way a device will load
-it (onnx.checker and an onnxruntime session, or the LiteRT interpreter for a
-.tflite file; the loader's own reason is the operator's error message), and
-only then committed: a refused upload leaves nothing behind.
+it (:mod:`controller.inspection`), and only then committed: a refused upload
+leaves nothing behind. Calibration sets are checked by :mod:`controller.calibration`.
 
 A version is immutable once registered: its lineage (parent version, training
 data set digest, code version, metrics) and its uploaded artifact never change;
@@ -23,17 +22,13 @@ import os
 import re
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
-import onnx
-import onnxruntime as ort
-
 from controller.artifacts import ArtifactStore, StagedArtifact
+from controller.calibration import MAX_CALIBRATION_BYTES, load_calibration
 from controller.errors import (
     ConflictError,
     DuplicateKeyError,
@@ -43,47 +38,16 @@ from controller.errors import (
     TooLargeError,
     VersionExists,
 )
+from controller.inspection import FORMAT as FORMAT  # re-exported: rollouts name the format
+from controller.inspection import Inspected, TensorSpec, inspect_artifact
 from controller.signing import Signer
 from controller.store import Store
-from controller.tflite import inspect_tflite, is_tflite
 
 log = logging.getLogger(__name__)
 
-FORMAT = "onnx"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 
 # onnxruntime's element type names -> numpy dtype names (the wire contract's spelling).
-_DTYPES = {
-    "float": "float32",
-    "double": "float64",
-    "float16": "float16",
-    "bfloat16": "bfloat16",
-    "int8": "int8",
-    "int16": "int16",
-    "int32": "int32",
-    "int64": "int64",
-    "uint8": "uint8",
-    "uint16": "uint16",
-    "uint32": "uint32",
-    "uint64": "uint64",
-    "bool": "bool",
-    "string": "str",
-}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str
-    shape: list[int]
-
-
-@dataclass(frozen=True)
-class Signature:
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-
-
 STAGES = ("development", "staging", "production", "archived")
 # (from, to) pairs an operator may ask for; promoting to production archives
 # the model's previous production version.
@@ -110,7 +74,6 @@ DYNAMIC_INT8 = "onnx-int8-dynamic"
 FP16 = "onnx-fp16"
 # The precision each produced variant must end up in.
 PRODUCED_PRECISION = {STATIC_INT8: "int8", DYNAMIC_INT8: "int8", FP16: "fp16"}
-MAX_CALIBRATION_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -212,50 +175,6 @@ def validate_name(kind: str, value: str) -> str:
     return value
 
 
-def _tensor_spec(arg: Any) -> TensorSpec:
-    type_name: str = arg.type
-    if not (type_name.startswith("tensor(") and type_name.endswith(")")):
-        raise InvalidModel(f"{arg.name!r} is a {type_name}, not a tensor")
-    element = type_name[len("tensor(") : -1]
-    shape = [dim if isinstance(dim, int) and dim >= 0 else -1 for dim in (arg.shape or [])]
-    return TensorSpec(name=arg.name, dtype=_DTYPES.get(element, element), shape=shape)
-
-
-def inspect_onnx(path: Path) -> Signature:
-    """Check the file the way the agent will load it; raise InvalidModel with the loader's reason."""
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as exc:  # onnx raises several unrelated types for a bad file
-        raise InvalidModel(f"onnx.checker refused the model: {_first_line(exc)}") from None
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime's errors share no public base class
-        raise InvalidModel(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
-    outputs = []
-    for arg in session.get_outputs():
-        try:
-            outputs.append(_tensor_spec(arg))
-        except InvalidModel as exc:
-            raise InvalidModel(
-                f"output {exc}; every output must be a tensor "
-                "(for scikit-learn classifiers convert with options={id(model): {'zipmap': False}})"
-            ) from None
-    inputs = []
-    for arg in session.get_inputs():
-        try:
-            inputs.append(_tensor_spec(arg))
-        except InvalidModel as exc:
-            raise InvalidModel(f"input {exc}; every input must be a tensor") from None
-    return Signature(inputs=inputs, outputs=outputs)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text if len(text) <= 2000 else text[:2000] + "..."
-
-
 def _specs(raw: str) -> list[TensorSpec]:
     return [TensorSpec(**item) for item in json.loads(raw)]
 
@@ -324,81 +243,6 @@ def _version_from_row(
     )
 
 
-@dataclass(frozen=True)
-class Inspected:
-    """What a device needs to know about one artifact file."""
-
-    format: str
-    precision: str
-    signature: Signature
-    opset: int
-    runtime: str
-    runtime_version: str
-    quantization: dict[str, Any] = field(default_factory=dict)
-
-
-def onnx_opset_and_precision(path: Path) -> tuple[int, str]:
-    """The default-domain opset and the precision the weights are stored in."""
-    model = onnx.load(str(path), load_external_data=False)
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    ops = {n.op_type for n in model.graph.node}
-    types = {t.data_type for t in model.graph.initializer}
-    if ops & {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul"}:
-        return opset, "int8"
-    if types & {onnx.TensorProto.INT8, onnx.TensorProto.UINT8} and "MatMulInteger" in ops:
-        return opset, "int8"
-    if onnx.TensorProto.FLOAT16 in types:
-        return opset, "fp16"
-    return opset, "fp32"
-
-
-def inspect_artifact(path: Path) -> Inspected:
-    with path.open("rb") as f:
-        head = f.read(8)
-    if is_tflite(head):
-        info = inspect_tflite(path)
-        quant = {t.name: t.quantization for t in [*info.inputs, *info.outputs] if t.quantization}
-        return Inspected(
-            format="tflite",
-            precision=info.precision,
-            signature=Signature(
-                inputs=[TensorSpec(t.name, t.dtype, t.shape) for t in info.inputs],
-                outputs=[TensorSpec(t.name, t.dtype, t.shape) for t in info.outputs],
-            ),
-            opset=0,
-            runtime=info.runtime,
-            # LiteRT reads every schema version it was built for: no minimum is known here.
-            runtime_version="",
-            quantization=quant,
-        )
-    signature = inspect_onnx(path)
-    opset, precision = onnx_opset_and_precision(path)
-    return Inspected(FORMAT, precision, signature, opset, "onnxruntime", min_onnxruntime(opset))
-
-
-# The first ONNX Runtime release that implements each default-domain opset
-# (ONNX Runtime's compatibility table); newer opsets need at least the version here.
-_ORT_FOR_OPSET = {
-    15: "1.10",
-    16: "1.11",
-    17: "1.12",
-    18: "1.14",
-    19: "1.15",
-    20: "1.17",
-    21: "1.18",
-    22: "1.20",
-}
-
-
-def min_onnxruntime(opset: int) -> str:
-    """The oldest ONNX Runtime that runs a model of this opset."""
-    if opset in _ORT_FOR_OPSET:
-        return _ORT_FOR_OPSET[opset]
-    if opset < min(_ORT_FOR_OPSET):
-        return _ORT_FOR_OPSET[min(_ORT_FOR_OPSET)]
-    return ".".join(ort.__version__.split(".")[:2])
-
-
 def _per_sample(spec: TensorSpec) -> int:
     """Values per sample (all but the batch axis); 0 when a dimension is free."""
     dims = spec.shape[1:]
@@ -417,40 +261,6 @@ def guess_task(outputs: list[TensorSpec]) -> str:
     ):
         return "classifier"
     return "regression"
-
-
-def load_calibration(path: Path, inputs: list[TensorSpec]) -> dict[str, np.ndarray]:
-    """The operator's .npz: one array per model input, samples along the first axis."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise InvalidInputError(f"calibration set is not a readable .npz: {exc}") from None
-    want = {s.name: s for s in inputs}
-    if set(arrays) != set(want):
-        raise InvalidInputError(
-            f"calibration set has arrays {sorted(arrays)}, the model's inputs are {sorted(want)}"
-        )
-    counts = set()
-    for name, array in arrays.items():
-        spec = want[name]
-        if array.dtype.name != spec.dtype:
-            raise InvalidInputError(
-                f"calibration array {name!r} is {array.dtype.name}, the input wants {spec.dtype}"
-            )
-        if array.ndim != len(spec.shape) or any(
-            w >= 0 and h != w for h, w in zip(array.shape[1:], spec.shape[1:], strict=False)
-        ):
-            raise InvalidInputError(
-                f"calibration array {name!r} has shape {list(array.shape)}, the input is {spec.shape} "
-                "(samples along the first axis)"
-            )
-        counts.add(array.shape[0])
-    if len(counts) != 1 or 0 in counts:
-        raise InvalidInputError(
-            f"calibration arrays need the same, non-zero number of samples, got {sorted(counts)}"
-        )
-    return arrays
 
 
 class Registry:

@@ -9,7 +9,8 @@ from onnx import TensorProto, helper
 
 from controller.artifacts import ArtifactStore
 from controller.errors import InvalidInputError, InvalidModel, ModelNotFound, TooLargeError, VersionExists
-from controller.registry import Registry, TensorSpec, inspect_onnx
+from controller.inspection import TensorSpec, inspect_onnx
+from controller.registry import Registry
 from controller.store import Store
 
 

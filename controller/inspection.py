@@ -1,0 +1,171 @@
+"""What an artifact file is, checked the way a device will load it.
+
+ONNX: onnx.checker, then an onnxruntime session (the loader's own reason is the
+operator's error message); TFLite (recognised by its ``TFL3`` identifier): the
+LiteRT interpreter (:mod:`controller.tflite`). The result is the signature
+(names, dtypes, shapes), the precision of the weights, the opset and the oldest
+runtime release that runs the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+
+from controller.errors import InvalidModel
+from controller.tflite import inspect_tflite, is_tflite
+
+FORMAT = "onnx"
+
+_DTYPES = {
+    "float": "float32",
+    "double": "float64",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+    "int8": "int8",
+    "int16": "int16",
+    "int32": "int32",
+    "int64": "int64",
+    "uint8": "uint8",
+    "uint16": "uint16",
+    "uint32": "uint32",
+    "uint64": "uint64",
+    "bool": "bool",
+    "string": "str",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+def _tensor_spec(arg: Any) -> TensorSpec:
+    type_name: str = arg.type
+    if not (type_name.startswith("tensor(") and type_name.endswith(")")):
+        raise InvalidModel(f"{arg.name!r} is a {type_name}, not a tensor")
+    element = type_name[len("tensor(") : -1]
+    shape = [dim if isinstance(dim, int) and dim >= 0 else -1 for dim in (arg.shape or [])]
+    return TensorSpec(name=arg.name, dtype=_DTYPES.get(element, element), shape=shape)
+
+
+def inspect_onnx(path: Path) -> Signature:
+    """Check the file the way the agent will load it; raise InvalidModel with the loader's reason."""
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # onnx raises several unrelated types for a bad file
+        raise InvalidModel(f"onnx.checker refused the model: {_first_line(exc)}") from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's errors share no public base class
+        raise InvalidModel(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+    outputs = []
+    for arg in session.get_outputs():
+        try:
+            outputs.append(_tensor_spec(arg))
+        except InvalidModel as exc:
+            raise InvalidModel(
+                f"output {exc}; every output must be a tensor "
+                "(for scikit-learn classifiers convert with options={id(model): {'zipmap': False}})"
+            ) from None
+    inputs = []
+    for arg in session.get_inputs():
+        try:
+            inputs.append(_tensor_spec(arg))
+        except InvalidModel as exc:
+            raise InvalidModel(f"input {exc}; every input must be a tensor") from None
+    return Signature(inputs=inputs, outputs=outputs)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= 2000 else text[:2000] + "..."
+
+
+@dataclass(frozen=True)
+class Inspected:
+    """What a device needs to know about one artifact file."""
+
+    format: str
+    precision: str
+    signature: Signature
+    opset: int
+    runtime: str
+    runtime_version: str
+    quantization: dict[str, Any] = field(default_factory=dict)
+
+
+def onnx_opset_and_precision(path: Path) -> tuple[int, str]:
+    """The default-domain opset and the precision the weights are stored in."""
+    model = onnx.load(str(path), load_external_data=False)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    ops = {n.op_type for n in model.graph.node}
+    types = {t.data_type for t in model.graph.initializer}
+    if ops & {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul"}:
+        return opset, "int8"
+    if types & {onnx.TensorProto.INT8, onnx.TensorProto.UINT8} and "MatMulInteger" in ops:
+        return opset, "int8"
+    if onnx.TensorProto.FLOAT16 in types:
+        return opset, "fp16"
+    return opset, "fp32"
+
+
+def inspect_artifact(path: Path) -> Inspected:
+    with path.open("rb") as f:
+        head = f.read(8)
+    if is_tflite(head):
+        info = inspect_tflite(path)
+        quant = {t.name: t.quantization for t in [*info.inputs, *info.outputs] if t.quantization}
+        return Inspected(
+            format="tflite",
+            precision=info.precision,
+            signature=Signature(
+                inputs=[TensorSpec(t.name, t.dtype, t.shape) for t in info.inputs],
+                outputs=[TensorSpec(t.name, t.dtype, t.shape) for t in info.outputs],
+            ),
+            opset=0,
+            runtime=info.runtime,
+            # LiteRT reads every schema version it was built for: no minimum is known here.
+            runtime_version="",
+            quantization=quant,
+        )
+    signature = inspect_onnx(path)
+    opset, precision = onnx_opset_and_precision(path)
+    return Inspected(FORMAT, precision, signature, opset, "onnxruntime", min_onnxruntime(opset))
+
+
+# The first ONNX Runtime release that implements each default-domain opset
+# (ONNX Runtime's compatibility table); newer opsets need at least the version here.
+_ORT_FOR_OPSET = {
+    15: "1.10",
+    16: "1.11",
+    17: "1.12",
+    18: "1.14",
+    19: "1.15",
+    20: "1.17",
+    21: "1.18",
+    22: "1.20",
+}
+
+
+def min_onnxruntime(opset: int) -> str:
+    """The oldest ONNX Runtime that runs a model of this opset."""
+    if opset in _ORT_FOR_OPSET:
+        return _ORT_FOR_OPSET[opset]
+    if opset < min(_ORT_FOR_OPSET):
+        return _ORT_FOR_OPSET[min(_ORT_FOR_OPSET)]
+    return ".".join(ort.__version__.split(".")[:2])
