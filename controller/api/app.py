@@ -36,7 +36,7 @@ _STATUS: list[tuple[type[ControllerError], int]] = [
     (InvalidInputError, 422),
     (BrokerAuthError, 503),
 ]
-_UPLOAD_PATH = re.compile(r"^/v1/models/[^/]+/versions/?$")
+_UPLOAD_PATH = re.compile(r"^/v1/models/[^/]+/versions(/[^/]+/variants)?/?$")
 # Room for the multipart envelope and the small form fields around the file.
 _MULTIPART_OVERHEAD = 1024 * 1024
 

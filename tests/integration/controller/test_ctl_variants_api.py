@@ -158,3 +158,24 @@ def test_each_device_is_sent_its_own_signed_variant(ctl: Ctl, tmp_path: Path) ->
     finally:
         for peer in peers.values():
             peer.close()
+
+
+def test_variant_uploads_are_guarded_like_version_uploads(ctl: Ctl, tmp_path: Path) -> None:
+    digits = sklearn_mlp(tmp_path / "mlp.onnx")
+    assert upload(ctl, digits.path, "1").status_code == 201
+    url = "/v1/models/digits/versions/1/variants"
+    refused = ctl.client.post(url, files={"file": ("x.tflite", b"x")})
+    assert refused.status_code == 401
+    limit = ctl.settings.max_upload_bytes
+    declared = ctl.api(
+        "POST",
+        url,
+        content=b"x",
+        headers={
+            "content-length": str(limit + 2 * 1024 * 1024),
+            "content-type": "multipart/form-data; boundary=b",
+        },
+    )
+    assert declared.status_code == 413 and f"limit of {limit} bytes" in declared.json()["detail"]
+    empty = ctl.api("POST", url, files={"file": ("x.tflite", b"")})
+    assert empty.status_code == 422 and "empty" in empty.json()["detail"]
