@@ -17,15 +17,18 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
+import numpy as np
 import numpy.typing as npt
+import onnxruntime as ort
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import decode_as
 
 from controller import drift
 from controller.drift import Sketch, SketchSpec
-from controller.errors import BaselineNotFound, InvalidDriftInput
+from controller.errors import BaselineNotFound, ControllerError, InvalidDriftInput
 from controller.store import Store
 
 log = logging.getLogger(__name__)
@@ -314,3 +317,63 @@ class Baselines:
             (since_ms,),
         )
         return [(r["model_name"], r["model_version"]) for r in rows]
+
+
+class Calibrations(Protocol):
+    """What the registry offers: where a version's calibration set and artifact are."""
+
+    def calibration_path(self, digest: str) -> Path: ...
+
+
+def model_probabilities(model: Path, inputs: npt.NDArray[Any]) -> npt.NDArray[np.float64] | None:
+    """Class probabilities of a classifier on ``inputs``: its last 2-D float output
+    (softmaxed when its rows are not already distributions); None if it has none."""
+    try:
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        outputs = session.run(None, {session.get_inputs()[0].name: inputs})
+    except Exception as exc:  # onnxruntime raises its own types; the baseline goes without classes
+        log.warning("reference predictions unavailable model=%s error=%s", model.name, exc)
+        return None
+    for out in reversed(outputs):
+        arr = np.asarray(out)
+        if arr.ndim == 2 and arr.dtype.kind == "f" and arr.shape[0] == inputs.shape[0] and arr.shape[1] > 1:
+            probs = arr.astype(np.float64)
+            if not (np.all(probs >= 0) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)):
+                e = np.exp(probs - probs.max(axis=1, keepdims=True))
+                probs = e / e.sum(axis=1, keepdims=True)
+            return probs
+    return None
+
+
+def baselines_from_calibration(
+    baselines: Baselines,
+    registry: Calibrations,
+    artifact_path: Callable[[str], Path],
+    skipped: set[tuple[str, str]],
+) -> list[tuple[str, str]]:
+    """Give every version registered with a calibration set (its reference data) and no
+    baseline yet a reference baseline: inputs from the set, classes and confidence
+    from the version's own predictions on it. Multi-input models are not sketched."""
+    rows = baselines.store.query(
+        "SELECT d.name, d.version, d.calibration_digest, v.digest FROM version_details d"
+        " JOIN model_versions v ON v.name = d.name AND v.version = d.version"
+        " LEFT JOIN drift_baselines b ON b.model_name = d.name AND b.model_version = d.version"
+        " WHERE d.calibration_digest != '' AND b.model_name IS NULL"
+    )
+    done = []
+    for r in rows:
+        key = (r["name"], r["version"])
+        if key in skipped:
+            continue
+        try:
+            with np.load(registry.calibration_path(r["calibration_digest"]), allow_pickle=False) as npz:
+                arrays = [npz[k] for k in npz.files]
+            if len(arrays) != 1:
+                raise InvalidDriftInput(f"{len(arrays)} inputs: only single-input models are sketched")
+            probs = model_probabilities(artifact_path(r["digest"]), arrays[0])
+            baselines.set_reference(r["name"], r["version"], arrays[0], probs)
+            done.append(key)
+        except (OSError, ValueError, ControllerError) as exc:
+            skipped.add(key)
+            log.warning("no drift baseline from calibration model=%s version=%s reason=%s", *key, exc)
+    return done

@@ -10,9 +10,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from controller.baselines import Baselines
+from controller.baselines import Baselines, baselines_from_calibration
 from controller.capture_policies import DesiredMonitoring
 from controller.datasets import Datasets
+from controller.registry import Registry
 from controller.retraining import Retraining
 from controller.rollups import DAY_S, Retention, Rollups
 from controller.settings import Settings
@@ -30,6 +31,7 @@ class ClosedLoop:
         store: Store,
         settings: Settings,
         telemetry: TelemetryStore,
+        registry: Registry,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -43,6 +45,8 @@ class ClosedLoop:
         self.datasets = Datasets(store, settings.data_dir / "datasets", clock)
         self.retraining = Retraining(store, self.baselines, self.datasets, clock)
         self.desired = DesiredMonitoring(store, self.baselines, clock)
+        self.registry = registry
+        self._no_calibration_baseline: set[tuple[str, str]] = set()
         telemetry.observers += [self.rollups.observe, self.baselines.observe]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -53,6 +57,12 @@ class ClosedLoop:
         now = self.clock()
         for name, step in (
             ("baselines", self.baselines.all),
+            (
+                "calibration baselines",
+                lambda: baselines_from_calibration(
+                    self.baselines, self.registry, self.registry.artifacts.path, self._no_calibration_baseline
+                ),
+            ),
             ("desired", self.desired.reconcile),
             ("retraining", lambda: self.retraining.tick(now)),
             ("staging", lambda: self.datasets.expire_uploads(now)),

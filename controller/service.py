@@ -43,7 +43,7 @@ class Controller:
         self.profiles = Profiles(self.store)
         self.rollouts = Rollouts(self.store, self.registry, self.fleet)
         self.telemetry = TelemetryStore(self.store)
-        self.closed_loop = ClosedLoop(self.store, settings, self.telemetry)
+        self.closed_loop = ClosedLoop(self.store, settings, self.telemetry, self.registry)
         self.transport: Transport | None = None
         self.rollout_runner: RolloutRunner | None = None
         self._token_hash = settings.admin_token_sha256

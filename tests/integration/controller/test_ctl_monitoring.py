@@ -20,6 +20,7 @@ from google.protobuf.json_format import ParseDict
 
 from agent.drift_sketch import build_sketch
 from controller.auth import hash_token
+from controller.baselines import sketch_from_proto as baselines_sketch
 from tests.broker import Broker
 from tests.integration.controller.conftest import Ctl, wait_for
 from tests.localfleet import Controller as LocalController
@@ -250,3 +251,29 @@ def test_closed_loop_cli_and_the_scrape_token(broker: Broker, tmp_path: Path) ->
         )
     finally:
         controller.stop()
+
+
+def test_a_calibration_set_uploaded_with_the_version_becomes_its_drift_baseline(
+    ctl: Ctl, digits: tuple[Path, np.ndarray, np.ndarray]
+) -> None:
+    path, x, probs = digits
+    calibration = io.BytesIO()
+    np.savez(calibration, X=x[:120])
+    with path.open("rb") as model:
+        uploaded = ctl.api(
+            "POST",
+            "/v1/models/digits/versions",
+            data={"version": "7"},
+            files={"file": ("d.onnx", model), "calibration": ("c.npz", calibration.getvalue())},
+        )
+    assert uploaded.status_code == 201, uploaded.text
+    ctl.controller.closed_loop.tick()
+    baseline = ctl.api("GET", "/v1/models/digits/versions/7/drift/baseline").json()
+    assert baseline["source"] == "reference" and baseline["ready"] and baseline["samples"] == 120
+    assert baseline["spec"]["num_classes"] == 10 and len(baseline["spec"]["features"]) == 64
+    spec = ParseDict(ctl.api("GET", "/v1/models/digits/versions/7/drift/spec").json(), fleet_pb2.DriftSpec())
+    same = build_sketch(spec, x[:120], probs[:120])
+    device_sketch = baselines_sketch(same)
+    stored = ctl.controller.closed_loop.baselines.get("digits", "7").sketch
+    assert stored is not None and stored.classes == device_sketch.classes
+    assert stored.confidence == device_sketch.confidence and stored.features == device_sketch.features
