@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from edgefleet_proto import fleet_pb2
 
@@ -76,3 +77,17 @@ def test_malformed_sketches_are_not_stored_and_other_edges_are_not_compared(
     assert drift.score(
         baselines.get("m", "1").sketch or Sketch(0), Sketch(10, {"f0": (5, 5, 0)})
     ).psi == pytest.approx(0.0, abs=1e-12)
+
+
+def test_reference_predictions_from_probabilities_or_logits(tmp_path: Path) -> None:
+    from controller.baselines import model_probabilities
+    from tests.models import digits_classifier, small_conv
+
+    digits = digits_classifier(tmp_path / "digits.onnx")
+    probs = model_probabilities(digits.path, digits.samples[:20])
+    assert probs is not None and probs.shape == (20, 10)
+    assert np.mean(probs.argmax(axis=1) == digits.labels[:20]) > 0.8
+    images = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    softmaxed = model_probabilities(small_conv(tmp_path / "conv.onnx"), images)  # logits out
+    assert softmaxed is not None and np.allclose(softmaxed.sum(axis=1), 1.0) and (softmaxed > 0).all()
+    assert model_probabilities(tmp_path / "missing.onnx", images) is None
