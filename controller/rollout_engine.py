@@ -400,6 +400,8 @@ def _set_steps(
             1
             for m in members
             if m.set_at is not None
+            # An offline device downloads nothing: it does not hold a slot.
+            and fleet[m.device_id].online
             and fleet[m.device_id].status not in _DONE
             and (run.plan.device_timeout_s is None or now < m.set_at + run.plan.device_timeout_s)
         )

@@ -116,6 +116,8 @@ def test_max_concurrent_limits_devices_updating_at_once() -> None:
     expect_steps(plan(r, fleet, NOW), ("set_desired", "b", 4, False))
     fleet["a"] = view("a", NEW, "active")
     expect_steps(plan(r, fleet, NOW), ("set_desired", "b", 4, False), ("set_desired", "c", 4, False))
+    fleet["a"] = view("a", NEW, "downloading", online=False)
+    expect_steps(plan(r, fleet, NOW), ("set_desired", "b", 4, False), ("set_desired", "c", 4, False))
 
 
 def settled_wave(**kw: Any) -> Run:
