@@ -30,6 +30,7 @@ import grpc
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
 from agent.errors import ConfigError, InferenceError, InvalidInput, Overloaded, TensorCodecError
+from agent.observe import Observer
 from agent.pipeline import ResultHub
 from agent.pool import ModelPool, ServingModel
 from agent.runtime import TensorSpec
@@ -119,8 +120,11 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
         broker_connected: Callable[[], bool],
         auth: TenantAuth | None = None,
         run: RunOn | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.pool = pool
+        # A caller's inferences feed the drift sketches and data capture like a pipeline's.
+        self.observer = observer
         self.stats = stats
         self.broker_connected = broker_connected
         self.auth = auth or TenantAuth(dict)
@@ -155,6 +159,11 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
             )
             for name, array in outputs.items():
                 response.outputs[name].CopyFrom(from_numpy(array, f"output {name!r}"))
+            first = serving.model.inputs[0].name if serving.model.inputs else ""
+            if self.observer is not None and first in inputs:
+                self.observer.observe(
+                    tenant, serving.model_name, serving.model_version, inputs[first], outputs
+                )
         except (TensorCodecError, InvalidInput) as exc:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except Overloaded as exc:

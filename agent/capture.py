@@ -7,15 +7,16 @@ data set, and :func:`chunk_upload` cuts that into ``CaptureChunk`` messages
 for the ``capture`` topic (the controller reassembles them, checks the sha256
 and stores the data set; see docs/interfaces.md).
 
-How to wire it (the tenant pipeline and the link own the I/O)::
+The agent holds one :class:`Captures` (a :class:`Capturer` per tenant, made
+from the desired state's capture policies) and wires it in :mod:`agent.observe`::
 
-    capturer = Capturer(policy, drift_spec, rng=random.Random(), clock=time.time)
+    captures.set_policies(desired.capture_policies, desired.drift_specs)
     # per inference, after the model answered
-    capturer.offer(inputs_row, probabilities_row)
-    # when a buffer is full, or on a timer
-    if capturer.ready():
-        for chunk in capturer.take_upload():
-            outbox.put(Topic(device_id, Kind.CAPTURE), encode(chunk))
+    captures.offer(tenant, model_name, model_version, inputs_batch, probabilities_batch)
+    # from the agent's loop: full buffers, and those waiting longer than max_age_s
+    for chunks in captures.uploads():
+        for chunk in chunks:
+            outbox.append("capture", encode(chunk), now_ms)
 
 ``inputs_row`` is one sample's input tensor (any shape, numeric), and
 ``probabilities_row`` its output probabilities (1-D) or None.
@@ -26,10 +27,11 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -165,6 +167,10 @@ class Capturer:
         limit = self.policy.max_samples_per_hour
         return limit == 0 or len(self._recent) < limit
 
+    def pending_since(self) -> float | None:
+        """When the oldest sample in the buffer was kept (clock seconds), None when empty."""
+        return self._buffer.at_ms[0] / 1000.0 if self._buffer.at_ms else None
+
     def ready(self) -> bool:
         """The buffer is full: upload it (take_upload) before more is captured."""
         p, b = self.policy, self._buffer
@@ -227,3 +233,102 @@ class Capturer:
             upload_id=upload_id or uuid.uuid4().hex,
             chunk_size=self.chunk_size,
         )
+
+
+class Captures:
+    """Every tenant's capture on one device, kept in step with the desired state. Thread-safe.
+
+    A tenant has a policy for one model; its capturer follows the version the
+    tenant serves: when the version changes, what was captured under the old one
+    is uploaded as its own data set (a data set names one model version).
+    """
+
+    def __init__(
+        self,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+        max_age_s: float = 60.0,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.max_age_s = max_age_s
+        self.chunk_size = chunk_size
+        self._lock = threading.Lock()
+        self._policies: dict[str, fleet_pb2.CapturePolicy] = {}
+        self._specs: dict[tuple[str, str, str], fleet_pb2.DriftSpec] = {}
+        self._capturers: dict[str, Capturer] = {}
+        # The drift spec each tenant's capturer took its bounds from.
+        self._made_with: dict[str, fleet_pb2.DriftSpec | None] = {}
+        self._done: list[list[fleet_pb2.CaptureChunk]] = []
+
+    def set_policies(
+        self, policies: Iterable[fleet_pb2.CapturePolicy], specs: Iterable[fleet_pb2.DriftSpec] = ()
+    ) -> None:
+        by_tenant = {p.tenant: p for p in policies}
+        by_key = {(s.tenant, s.model_name, s.model_version): s for s in specs}
+        with self._lock:
+            self._policies, self._specs = by_tenant, by_key
+            for tenant, capturer in list(self._capturers.items()):
+                policy = by_tenant.get(tenant)
+                spec = by_key.get((tenant, capturer.policy.model_name, capturer.model_version))
+                if policy == capturer.policy and spec == self._made_with.get(tenant):
+                    continue
+                # The policy or the bounds changed: what was kept under the old ones is uploaded.
+                self._retire(tenant)
+
+    def wants(self, tenant: str, model_name: str) -> bool:
+        """Whether the tenant captures for that model (a cheap check before any work per inference)."""
+        policy = self._policies.get(tenant)
+        return policy is not None and policy.model_name == model_name
+
+    def offer(
+        self,
+        tenant: str,
+        model_name: str,
+        model_version: str,
+        inputs: npt.NDArray[np.generic],
+        probabilities: npt.NDArray[np.generic] | None,
+    ) -> int:
+        """Offer a batch (samples along the first axis); returns how many samples were kept."""
+        with self._lock:
+            policy = self._policies.get(tenant)
+            if policy is None or policy.model_name != model_name:
+                return 0
+            capturer = self._capturers.get(tenant)
+            if capturer is not None and capturer.model_version != model_version:
+                self._retire(tenant)
+                capturer = None
+            if capturer is None:
+                spec = self._specs.get((tenant, model_name, model_version))
+                self._made_with[tenant] = spec
+                capturer = self._capturers[tenant] = Capturer(
+                    policy, model_version, spec, self.rng, self.clock, self.chunk_size
+                )
+            kept = 0
+            for i in range(len(inputs)):
+                if capturer.ready():
+                    self._done.append(capturer.take_upload())
+                row_probs = None if probabilities is None else probabilities[i]
+                kept += capturer.offer(inputs[i], row_probs) is not None
+            if capturer.ready():
+                self._done.append(capturer.take_upload())
+            return kept
+
+    def uploads(self) -> list[list[fleet_pb2.CaptureChunk]]:
+        """Finished uploads, oldest first: full buffers and buffers older than ``max_age_s``."""
+        now = self.clock()
+        with self._lock:
+            for tenant, capturer in list(self._capturers.items()):
+                since = capturer.pending_since()
+                if since is not None and now - since >= self.max_age_s:
+                    self._done.append(capturer.take_upload())
+                if tenant not in self._policies:
+                    self._retire(tenant)
+            done, self._done = self._done, []
+        return [chunks for chunks in done if chunks]
+
+    def _retire(self, tenant: str) -> None:
+        capturer = self._capturers.pop(tenant)
+        self._made_with.pop(tenant, None)
+        self._done.append(capturer.take_upload())

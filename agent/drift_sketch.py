@@ -6,11 +6,11 @@ what the model saw in a window into a ``DriftSketch`` for ``Telemetry.drift``.
 Binning matches the controller's ``controller.drift.histogram``: interior edges,
 with an underflow and an overflow bin, NaN and infinities left out.
 
-How to wire it (the telemetry loop owns the window)::
+The agent wires it in :mod:`agent.observe`::
 
     sketcher = Sketcher()                       # one per agent
     sketcher.set_specs(desired.drift_specs)     # on every desired state
-    # per inference, in the tenant pipeline (cheap: one searchsorted per feature)
+    # per inference (pipelines and gRPC Infer)
     sketcher.observe(tenant, model_name, model_version, inputs, probabilities)
     # when the telemetry window closes
     telemetry.drift.extend(sketcher.drain())
@@ -19,12 +19,16 @@ How to wire it (the telemetry loop owns the window)::
 (N, C, H, W) for images (sketched as the per-sample mean of each channel);
 ``probabilities`` is the (N, classes) output, or None for a model without one.
 A tenant whose model version has no spec is not sketched.
+
+Observing is per inference, so a spec is compiled once into one padded edge
+matrix: a batch is binned for every feature in a handful of numpy calls
+whatever the number of features, instead of one ``searchsorted`` per feature.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,99 +36,187 @@ import numpy.typing as npt
 from edgefleet_proto import fleet_pb2
 
 Key = tuple[str, str, str]
+Floats = npt.NDArray[np.float64]
+Counts = npt.NDArray[np.int64]
 
 
-def features_of(inputs: npt.ArrayLike) -> tuple[list[str], npt.NDArray[np.float64]]:
-    """Samples x features, named as the controller names them (``f3``, ``ch0``)."""
+def features_of(inputs: npt.ArrayLike) -> tuple[str, Floats]:
+    """Samples x features and the prefix the controller names them with (``f3``, ``ch0``)."""
     arr = np.asarray(inputs, dtype=np.float64)
     if arr.ndim == 1:
         arr = arr.reshape(1, -1)
     if arr.ndim == 2:
-        return [f"f{i}" for i in range(arr.shape[1])], arr
+        return "f", arr
     if arr.ndim == 4:
-        means = arr.mean(axis=(2, 3))
-        return [f"ch{i}" for i in range(means.shape[1])], means
+        return "ch", arr.mean(axis=(2, 3))
     raise ValueError(f"inputs of shape {arr.shape}: expected (N, F) or (N, C, H, W)")
 
 
-def bin_counts(values: npt.ArrayLike, edges: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+def bin_counts(values: npt.ArrayLike, edges: Floats) -> Counts:
     arr = np.asarray(values, dtype=np.float64).ravel()
     arr = arr[np.isfinite(arr)]
     idx = np.searchsorted(edges, arr, side="right")
-    counts: npt.NDArray[np.int64] = np.bincount(idx, minlength=edges.size + 1).astype(np.int64)
+    counts: Counts = np.bincount(idx, minlength=edges.size + 1).astype(np.int64)
     return counts
 
 
-@dataclass
-class _Accumulator:
+def probabilities_of(outputs: Mapping[str, np.ndarray]) -> Floats | None:
+    """The (N, classes) class distribution among a model's outputs, or None.
+
+    Prefers an output named ``probabilities`` (skl2onnx with zipmap off), else the
+    last 2-D float output with two or more columns; rows that are not
+    distributions (logits) are softmaxed, as the controller does for baselines.
+    """
+    chosen = outputs.get("probabilities")
+    if chosen is None:
+        candidates = [
+            a
+            for a in outputs.values()
+            if a.ndim == 2 and a.shape[1] >= 2 and np.issubdtype(a.dtype, np.floating)
+        ]
+        if not candidates:
+            return None
+        chosen = candidates[-1]
+    probs = np.asarray(chosen, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] < 2:
+        return None
+    if probs.min() < 0 or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+        shifted = np.exp(probs - probs.max(axis=1, keepdims=True))
+        probs = shifted / shifted.sum(axis=1, keepdims=True)
+    return probs
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """A spec as arrays: for each feature prefix, the input columns and their edges padded with +inf."""
+
     spec: fleet_pb2.DriftSpec
-    edges: dict[str, npt.NDArray[np.float64]]
-    confidence_edges: npt.NDArray[np.float64]
-    samples: int = 0
-    features: dict[str, npt.NDArray[np.int64]] = field(default_factory=dict)
-    classes: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
-    confidence: npt.NDArray[np.int64] | None = None
+    names: dict[str, list[str]]
+    columns: dict[str, npt.NDArray[np.intp]]
+    edges: dict[str, Floats]  # (features, max edges), +inf past a feature's own edges
+    widths: dict[str, npt.NDArray[np.intp]]  # each feature's edge count
+    confidence_edges: Floats
 
     @classmethod
-    def for_spec(cls, spec: fleet_pb2.DriftSpec) -> _Accumulator:
+    def of(cls, spec: fleet_pb2.DriftSpec) -> _Compiled:
+        names: dict[str, list[str]] = {"f": [], "ch": []}
+        columns: dict[str, list[int]] = {"f": [], "ch": []}
+        rows: dict[str, list[list[float]]] = {"f": [], "ch": []}
+        for h in spec.features:
+            prefix = "ch" if h.name.startswith("ch") else "f"
+            index = h.name[len(prefix) :]
+            if not h.edges or not index.isdigit() or not h.name.startswith(prefix):
+                continue
+            names[prefix].append(h.name)
+            columns[prefix].append(int(index))
+            rows[prefix].append(list(h.edges))
+        edges, widths = {}, {}
+        for prefix, table in rows.items():
+            width = max((len(r) for r in table), default=0)
+            edges[prefix] = np.array([r + [np.inf] * (width - len(r)) for r in table], np.float64).reshape(
+                len(table), width
+            )
+            widths[prefix] = np.array([len(r) for r in table], np.intp)
         return cls(
-            spec=spec,
-            edges={h.name: np.asarray(h.edges, dtype=np.float64) for h in spec.features if h.edges},
-            confidence_edges=np.asarray(spec.confidence_edges, dtype=np.float64),
-            classes=np.zeros(spec.num_classes, np.int64),
+            spec,
+            names,
+            {p: np.array(c, np.intp) for p, c in columns.items()},
+            edges,
+            widths,
+            np.asarray(spec.confidence_edges, dtype=np.float64),
         )
 
+
+@dataclass
+class _Window:
+    """One window of one model version: counts laid out like the compiled edge matrix."""
+
+    compiled: _Compiled
+    samples: int = 0
+    features: dict[str, Counts] = field(default_factory=dict)
+    # The widest input seen per prefix: features past it were never in the inputs.
+    columns: dict[str, int] = field(default_factory=dict)
+    classes: Counts = field(default_factory=lambda: np.zeros(0, np.int64))
+    confidence: Counts | None = None
+
     def add(self, inputs: npt.ArrayLike, probabilities: npt.ArrayLike | None) -> None:
-        names, matrix = features_of(inputs)
-        for i, name in enumerate(names):
-            edges = self.edges.get(name)
-            if edges is None:
-                continue
-            counts = bin_counts(matrix[:, i], edges)
-            acc = self.features.get(name)
-            self.features[name] = counts if acc is None else acc + counts
+        """Fold a batch in; ValueError (window untouched) for shapes that do not fit."""
+        prefix, matrix = features_of(inputs)
+        probs = None
+        if probabilities is not None:
+            probs = np.asarray(probabilities, dtype=np.float64)
+            if probs.ndim == 1:
+                probs = probs.reshape(1, -1)
+            if probs.ndim != 2 or probs.shape[0] != matrix.shape[0] or probs.shape[1] == 0:
+                raise ValueError(
+                    f"probabilities of shape {probs.shape} do not match {matrix.shape[0]} samples"
+                )
+        c = self.compiled
+        cols, edges = c.columns[prefix], c.edges[prefix]
+        present = cols < matrix.shape[1]
+        if present.any():
+            values = matrix[:, cols[present]]  # (N, features)
+            table = edges[present]
+            # Edges <= value is searchsorted(side="right"); +inf padding never counts.
+            idx = (table[None, :, :] <= values[:, :, None]).sum(axis=2)
+            slots = table.shape[1] + 1
+            flat = (np.arange(table.shape[0]) * slots)[None, :] + idx
+            counts = np.bincount(flat[np.isfinite(values)], minlength=table.shape[0] * slots)
+            acc = self.features.get(prefix)
+            grid = counts.reshape(table.shape[0], slots)
+            if acc is None or acc.shape != (cols.size, slots):
+                acc = self.features[prefix] = np.zeros((cols.size, slots), np.int64)
+            acc[present] += grid
+            self.columns[prefix] = max(self.columns.get(prefix, 0), matrix.shape[1])
         self.samples += matrix.shape[0]
-        if probabilities is None:
+        if probs is None:
             return
-        probs = np.asarray(probabilities, dtype=np.float64)
-        if probs.ndim == 1:
-            probs = probs.reshape(1, -1)
-        if probs.ndim != 2 or probs.shape[0] != matrix.shape[0] or probs.shape[1] == 0:
-            raise ValueError(f"probabilities of shape {probs.shape} do not match {matrix.shape[0]} samples")
         predicted = np.bincount(probs.argmax(axis=1), minlength=probs.shape[1]).astype(np.int64)
         if predicted.size > self.classes.size:
             self.classes = np.pad(self.classes, (0, predicted.size - self.classes.size))
         self.classes[: predicted.size] += predicted
-        if self.confidence_edges.size:
-            conf = bin_counts(probs.max(axis=1), self.confidence_edges)
+        if c.confidence_edges.size:
+            conf = bin_counts(probs.max(axis=1), c.confidence_edges)
             self.confidence = conf if self.confidence is None else self.confidence + conf
 
     def sketch(self) -> fleet_pb2.DriftSketch:
+        c = self.compiled
+        spec = c.spec
         out = fleet_pb2.DriftSketch(
-            tenant=self.spec.tenant,
-            model_name=self.spec.model_name,
-            model_version=self.spec.model_version,
+            tenant=spec.tenant,
+            model_name=spec.model_name,
+            model_version=spec.model_version,
             samples=self.samples,
-            class_counts=[int(c) for c in self.classes],
+            class_counts=[int(n) for n in self.classes],
         )
-        for name in sorted(self.features):
-            out.features.add(
-                name=name, edges=self.edges[name].tolist(), counts=[int(c) for c in self.features[name]]
-            )
+        named = []
+        for prefix, grid in self.features.items():
+            for i, name in enumerate(c.names[prefix]):
+                if c.columns[prefix][i] >= self.columns.get(prefix, 0):
+                    continue
+                width = int(c.widths[prefix][i])
+                named.append((name, c.edges[prefix][i, :width], grid[i, : width + 1]))
+        for name, edges, counts in sorted(named, key=lambda t: t[0]):
+            out.features.add(name=name, edges=edges.tolist(), counts=[int(n) for n in counts])
         if self.confidence is not None:
             out.confidence.name = "confidence"
-            out.confidence.edges.extend(self.confidence_edges.tolist())
-            out.confidence.counts.extend(int(c) for c in self.confidence)
+            out.confidence.edges.extend(c.confidence_edges.tolist())
+            out.confidence.counts.extend(int(n) for n in self.confidence)
         return out
+
+
+def _window(spec: fleet_pb2.DriftSpec | _Compiled) -> _Window:
+    compiled = spec if isinstance(spec, _Compiled) else _Compiled.of(spec)
+    return _Window(compiled, classes=np.zeros(compiled.spec.num_classes, np.int64))
 
 
 def build_sketch(
     spec: fleet_pb2.DriftSpec, inputs: npt.ArrayLike, probabilities: npt.ArrayLike | None = None
 ) -> fleet_pb2.DriftSketch:
     """One batch as a sketch (a pure function; :class:`Sketcher` adds batches up over a window)."""
-    acc = _Accumulator.for_spec(spec)
-    acc.add(inputs, probabilities)
-    return acc.sketch()
+    window = _window(spec)
+    window.add(inputs, probabilities)
+    return window.sketch()
 
 
 class Sketcher:
@@ -132,13 +224,19 @@ class Sketcher:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._specs: dict[Key, fleet_pb2.DriftSpec] = {}
-        self._windows: dict[Key, _Accumulator] = {}
+        self._specs: dict[Key, _Compiled] = {}
+        self._windows: dict[Key, _Window] = {}
 
     def set_specs(self, specs: Iterable[fleet_pb2.DriftSpec]) -> None:
+        compiled = {(s.tenant, s.model_name, s.model_version): s for s in specs}
         with self._lock:
-            self._specs = {(s.tenant, s.model_name, s.model_version): s for s in specs}
-            self._windows = {k: v for k, v in self._windows.items() if k in self._specs}
+            kept = {k: v for k, v in self._specs.items() if k in compiled and v.spec == compiled[k]}
+            self._specs = {k: kept.get(k) or _Compiled.of(s) for k, s in compiled.items()}
+            self._windows = {k: v for k, v in self._windows.items() if self._specs.get(k) is v.compiled}
+
+    def wants(self, tenant: str, model_name: str, model_version: str) -> bool:
+        """Whether that model version has a spec (a cheap check before any work per inference)."""
+        return (tenant, model_name, model_version) in self._specs
 
     def observe(
         self,
@@ -154,15 +252,19 @@ class Sketcher:
         which the caller logs; the window keeps what it had.
         """
         key = (tenant, model_name, model_version)
+        compiled = self._specs.get(key)
+        if compiled is None:
+            return False
+        batch = _window(compiled)
+        batch.add(inputs, probabilities)  # outside the lock: workers bin in parallel
         with self._lock:
-            spec = self._specs.get(key)
-            if spec is None:
-                return False
-            acc = self._windows.get(key) or _Accumulator.for_spec(spec)
-            probe = _Accumulator.for_spec(spec)
-            probe.add(inputs, probabilities)  # validates before the window is touched
-            _fold(acc, probe)
-            self._windows[key] = acc
+            if self._specs.get(key) is not compiled:
+                return False  # the spec changed meanwhile: this batch belongs to no window
+            acc = self._windows.get(key)
+            if acc is None:
+                self._windows[key] = batch
+            else:
+                _fold(acc, batch)
             return True
 
     def drain(self) -> list[fleet_pb2.DriftSketch]:
@@ -171,11 +273,12 @@ class Sketcher:
         return [windows[k].sketch() for k in sorted(windows) if windows[k].samples]
 
 
-def _fold(into: _Accumulator, batch: _Accumulator) -> None:
+def _fold(into: _Window, batch: _Window) -> None:
     into.samples += batch.samples
-    for name, counts in batch.features.items():
-        acc = into.features.get(name)
-        into.features[name] = counts if acc is None else acc + counts
+    for prefix, counts in batch.features.items():
+        acc = into.features.get(prefix)
+        into.features[prefix] = counts if acc is None else acc + counts
+        into.columns[prefix] = max(into.columns.get(prefix, 0), batch.columns.get(prefix, 0))
     if batch.classes.size > into.classes.size:
         into.classes = np.pad(into.classes, (0, batch.classes.size - into.classes.size))
     into.classes[: batch.classes.size] += batch.classes

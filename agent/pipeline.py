@@ -6,9 +6,10 @@ full lane drops its oldest job, counted). The scheduler's workers run the
 tenant's live model, then its shadow candidate if one is loaded (tenant
 ``{id}.shadow`` in the pool), and deliver only the live result: to gRPC
 StreamResults subscribers, to ``edgefleet/v1/devices/{id}/results/{tenant}``
-over MQTT, or both. Samples never go through gRPC. A source that fails or ends
-is reported as an Event and reopened with jittered backoff; other tenants are
-untouched.
+over MQTT, or both; the live inference is then sketched and offered to the
+tenant's capture policy (:mod:`agent.observe`). Samples never go through gRPC.
+A source that fails or ends is reported as an Event and reopened with jittered
+backoff; other tenants are untouched.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from edgefleet_proto.topics import PREFIX, validate_device_id
 
 from agent.errors import AgentError, InferenceError, Overloaded, SourceError
 from agent.link import backoff_delay
+from agent.observe import Observer
 from agent.pool import ModelPool, ServingModel
 from agent.preprocess import Prepared, Preprocessor
 from agent.scheduler import Scheduler
@@ -196,8 +198,11 @@ class Pipelines:
         emit: EmitEvent,
         publish: PublishResult,
         hub: ResultHub,
+        observer: Observer | None = None,
     ) -> None:
         self.device_id = device_id
+        # Drift sketches and data capture of every live inference (the closed loop).
+        self.observer = observer
         self.pool = pool
         self.stats = stats
         self.emit = emit
@@ -364,6 +369,10 @@ class Pipelines:
         latency_ms = (time.perf_counter() - job.queued_at) * 1000.0
         self.stats.inference(tenant, latency_ms, ok=True)
         self._deliver(spec, serving, job, outputs, latency_ms)
+        if self.observer is not None:
+            self.observer.observe(
+                tenant, serving.model_name, serving.model_version, job.prepared.array, outputs
+            )
         self._shadow(spec, serving, inputs, outputs, live_ms)
 
     def _inputs(self, spec: TenantSpec, serving: ServingModel, array: np.ndarray) -> dict[str, np.ndarray]:

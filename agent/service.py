@@ -37,6 +37,7 @@ from agent.atomic import write_atomic
 from agent.config import AgentConfig
 from agent.errors import TenantError
 from agent.link import Inbound, Link, LinkDown, LinkUp, Publication, Rejected, now_ms
+from agent.observe import Observer
 from agent.outbox import Outbox, OutboxSender
 from agent.pipeline import Pipelines, ResultHub
 from agent.pool import MB, ModelPool
@@ -75,6 +76,7 @@ class Service:
         self.stats = InferenceStats()
         self.pipeline_stats = PipelineStats()
         self.hub = ResultHub()
+        self.observer = Observer(config.device_id)
         self.pipelines = Pipelines(
             config.device_id,
             self.pool,
@@ -83,6 +85,7 @@ class Service:
             self.emit,
             self._publish_result,
             self.hub,
+            self.observer,
         )
         self.declared: tuple[TenantSpec, ...] = ()
         self.declared_generation = -1
@@ -132,7 +135,9 @@ class Service:
         signal.signal(signal.SIGINT, self.request_stop)
         self.updater.boot()
         auth = TenantAuth(self.pipelines.specs, self.config.api.require_token)
-        api = InferenceApi(self.pool, self.stats, lambda: self.link.connected, auth, self.pipelines.call)
+        api = InferenceApi(
+            self.pool, self.stats, lambda: self.link.connected, auth, self.pipelines.call, self.observer
+        )
         results = ResultsApi(self.hub, self.pipelines.specs, auth)
         self.server = serve(
             self.config.socket,
@@ -167,6 +172,7 @@ class Service:
         next_ping = time.monotonic()
         while not self.stopping.is_set():
             deadline = self.updater.converge()
+            self._queue_captures()
             self.sender.pump(self.link.connected)
             now = time.monotonic()
             if watchdog is not None and now >= next_ping:
@@ -215,6 +221,7 @@ class Service:
                 if refused:
                     self._payload_rejected(Kind.DESIRED.value, refused)
                 else:
+                    self.observer.configure(event.message)
                     self._declare_tenants(event.message)
             elif isinstance(event.message, artifact_pb2.ArtifactResponse):
                 self.updater.on_artifact(event.message)
@@ -285,10 +292,29 @@ class Service:
             self.stats.drain(),
             self.outbox.dropped(),
             *self.pipeline_stats.drain(*self.pipelines.telemetry_inputs()),
+            drift=self.observer.drain_sketches(),
         )
         dropped = self.outbox.append(Kind.TELEMETRY.value, encode(telemetry), window_end)
         if dropped:
             log.warning("outbox full device=%s dropped=%d", self.config.device_id, dropped)
+
+    def _queue_captures(self) -> None:
+        """Finished capture uploads go to the outbox, like telemetry: sent when the broker is there."""
+        for chunks in self.observer.uploads():
+            first = chunks[0]
+            at = now_ms()
+            for chunk in chunks:
+                self.outbox.append(Kind.CAPTURE.value, encode(chunk), at)
+            log.info(
+                "capture upload queued device=%s tenant=%s model=%s version=%s samples=%d bytes=%d chunks=%d",
+                self.config.device_id,
+                first.tenant,
+                first.model_name,
+                first.model_version,
+                first.samples,
+                first.size,
+                len(chunks),
+            )
 
     def _shutdown(self) -> None:
         log.info("agent stopping device=%s", self.config.device_id)

@@ -289,6 +289,7 @@ def build_telemetry(
     outbox_dropped: int,
     tenants: list[fleet_pb2.TenantStats] | None = None,
     shadows: list[fleet_pb2.ShadowStats] | None = None,
+    drift: list[fleet_pb2.DriftSketch] | None = None,
 ) -> fleet_pb2.Telemetry:
     return fleet_pb2.Telemetry(
         device_id=device_id,
@@ -300,4 +301,5 @@ def build_telemetry(
         outbox_dropped=outbox_dropped,
         tenants=tenants or [],
         shadows=shadows or [],
+        drift=drift or [],
     )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from edgefleet_proto import fleet_pb2
 
-from agent.capture import Bounds, Capturer, capture_reason, chunk_upload
+from agent.capture import Bounds, Capturer, Captures, capture_reason, chunk_upload
 from tests.unit.controller.helpers import Parts
 
 
@@ -129,3 +129,29 @@ def test_chunking_edges() -> None:
     assert [c.data for c in chunks] == [b"abcd", b"ef"] and chunks[1].index == 1
     with pytest.raises(ValueError):
         chunk_upload(b"x", policy(), "1", 0, 1, 1, {}, "u", chunk_size=0)
+
+
+def test_captures_follow_the_desired_state_and_the_served_version() -> None:
+    clock = Clock()
+    captures = Captures(rng=random.Random(0), clock=clock, max_age_s=60)
+    rows, probs = np.full((3, 4), 0.5), np.tile(SURE, (3, 1))
+    assert captures.offer("default", "digits", "1", rows, probs) == 0  # no policy yet
+    captures.set_policies([policy(random_fraction=1.0, max_samples_per_upload=5)], [spec()])
+    assert captures.wants("default", "digits") and not captures.wants("default", "other")
+    assert not captures.wants("cam", "digits")
+    assert captures.offer("default", "other", "1", rows, probs) == 0
+    assert captures.offer("default", "digits", "1", rows, probs) == 3
+    assert captures.uploads() == []  # neither full nor old
+    assert captures.offer("default", "digits", "1", rows, probs) == 3  # the 6th starts the next upload
+    (full,) = captures.uploads()
+    assert full[0].samples == 5 and full[0].model_version == "1"
+    captures.offer("default", "digits", "2", rows[:1], None)  # a new version: v1's rest goes up alone
+    (rest,) = captures.uploads()
+    assert (rest[0].model_version, rest[0].samples) == ("1", 1)
+    clock.now += 61
+    (old,) = captures.uploads()
+    assert (old[0].model_version, old[0].samples) == ("2", 1)
+    captures.offer("default", "digits", "2", rows, probs)
+    captures.set_policies([])  # policy withdrawn: what was kept is still sent
+    (last,) = captures.uploads()
+    assert last[0].samples == 3 and not captures.wants("default", "digits")

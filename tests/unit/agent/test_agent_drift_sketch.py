@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from edgefleet_proto import fleet_pb2
 
-from agent.drift_sketch import Sketcher, build_sketch
+from agent.drift_sketch import Sketcher, build_sketch, probabilities_of
 from controller import drift
 
 
@@ -99,3 +99,41 @@ def test_round_trip_scores_zero_against_itself() -> None:
     shifted = build_sketch(spec, ref + 2.0)
     assert drift.score(baseline, as_controller_sketch(same)).psi < drift.PSI_MODERATE
     assert drift.score(baseline, as_controller_sketch(shifted)).psi > drift.PSI_MAJOR
+
+
+def test_features_with_different_edge_counts_bin_like_the_controller() -> None:
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(50, 3))
+    x[3, 2] = np.inf
+    spec = spec_for([], ())
+    spec.features.add(name="f0", edges=[0.0])
+    spec.features.add(name="f2", edges=[-1.0, 0.0, 0.5, 1.0])
+    spec.features.add(name="f9", edges=[0.0])  # the model has no tenth column: skipped
+    msg = build_sketch(spec, x)
+    assert {h.name: tuple(h.counts) for h in msg.features} == {
+        "f0": drift.histogram(x[:, 0], (0.0,)),
+        "f2": drift.histogram(x[:, 2], (-1.0, 0.0, 0.5, 1.0)),
+    }
+
+
+def test_probabilities_are_found_among_the_outputs() -> None:
+    probs = np.array([[0.2, 0.8], [0.6, 0.4]], np.float32)
+    labels = np.array([1, 0], np.int64)
+    found = probabilities_of({"label": labels, "probabilities": probs})
+    assert found is not None and np.allclose(found, probs)
+    logits = probabilities_of({"scores": np.array([[0.0, 2.0]], np.float32)})
+    assert logits is not None and np.allclose(logits.sum(axis=1), 1.0) and logits[0, 1] > 0.8
+    assert probabilities_of({"label": labels, "value": np.ones((2, 1), np.float32)}) is None
+
+
+def test_a_changed_spec_starts_a_new_window() -> None:
+    sketcher = Sketcher()
+    sketcher.set_specs([spec_for(["f0"], (0.5,))])
+    assert sketcher.wants("default", "m", "1") and not sketcher.wants("default", "m", "2")
+    sketcher.observe("default", "m", "1", np.ones((2, 1)))
+    sketcher.set_specs([spec_for(["f0"], (0.5,))])  # the same spec again: the window stays
+    sketcher.observe("default", "m", "1", np.ones((1, 1)))
+    sketcher.set_specs([spec_for(["f0"], (0.25,))])
+    sketcher.observe("default", "m", "1", np.zeros((1, 1)))
+    (window,) = sketcher.drain()
+    assert window.samples == 1 and list(window.features[0].edges) == [0.25]

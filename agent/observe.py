@@ -1,0 +1,92 @@
+"""What the closed loop sees of each inference: drift sketches and captured samples.
+
+One :class:`Observer` per agent. The service gives it each accepted desired
+state (:meth:`Observer.configure`: drift specs and capture policies); the tenant
+pipelines and gRPC Infer call :meth:`Observer.observe` after every inference of
+a served (never a shadow) model; the service's loop drains the sketches into
+each telemetry window and sends finished capture uploads through the outbox.
+
+The per-inference path returns at once for a model version with neither a spec
+nor a capture policy, and a bad batch only costs that batch: the error is
+logged (rate-limited) and counted, never raised into the inference.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+
+import numpy as np
+from edgefleet_proto import fleet_pb2
+
+from agent.capture import Captures
+from agent.drift_sketch import Sketcher, probabilities_of
+
+log = logging.getLogger(__name__)
+
+WARN_EVERY_S = 30.0
+
+
+class Observer:
+    def __init__(
+        self, device_id: str, sketcher: Sketcher | None = None, captures: Captures | None = None
+    ) -> None:
+        self.device_id = device_id
+        self.sketcher = sketcher or Sketcher()
+        self.captures = captures or Captures()
+        self._lock = threading.Lock()
+        self._warned_at: dict[tuple[str, str], float] = {}
+        self.failures = 0
+
+    def configure(self, desired: fleet_pb2.DesiredState) -> None:
+        self.sketcher.set_specs(desired.drift_specs)
+        self.captures.set_policies(desired.capture_policies, desired.drift_specs)
+
+    def observe(
+        self,
+        tenant: str,
+        model_name: str,
+        model_version: str,
+        inputs: np.ndarray,
+        outputs: Mapping[str, np.ndarray],
+    ) -> None:
+        sketch = self.sketcher.wants(tenant, model_name, model_version)
+        capture = self.captures.wants(tenant, model_name)
+        if not (sketch or capture):
+            return
+        try:
+            probs = probabilities_of(outputs)
+            if sketch:
+                self.sketcher.observe(tenant, model_name, model_version, inputs, probs)
+            if capture:
+                batch = inputs if inputs.ndim > 1 else inputs[None, ...]
+                if probs is not None and len(probs) != len(batch):
+                    probs = None
+                self.captures.offer(tenant, model_name, model_version, batch, probs)
+        except (ValueError, TypeError) as exc:
+            self._failed(tenant, model_name, model_version, exc)
+
+    def _failed(self, tenant: str, model_name: str, model_version: str, exc: Exception) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.failures += 1
+            last = self._warned_at.get((tenant, model_name), -WARN_EVERY_S)
+            if now - last < WARN_EVERY_S:
+                return
+            self._warned_at[(tenant, model_name)] = now
+        log.warning(
+            "not sketched or captured device=%s tenant=%s model=%s version=%s error=%s",
+            self.device_id,
+            tenant,
+            model_name,
+            model_version,
+            exc,
+        )
+
+    def drain_sketches(self) -> list[fleet_pb2.DriftSketch]:
+        return self.sketcher.drain()
+
+    def uploads(self) -> list[list[fleet_pb2.CaptureChunk]]:
+        return self.captures.uploads()
