@@ -73,9 +73,11 @@ class ApiConfig:
 
 @dataclass(frozen=True)
 class SecurityConfig:
-    # Hex of the controller's raw Ed25519 public key, pinned at provisioning; empty
-    # accepts unsigned models (development only, logged at start).
+    # Hex of the controller's raw Ed25519 public key, pinned at provisioning.
     controller_public_key: str = ""
+    # Accept unsigned models when no key is pinned: development and protocol
+    # tests only, and it must be said in so many words (logged at start).
+    allow_unsigned: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ _SECTION_KEYS = {
     "scheduler": {"workers", "intra_op_threads"},
     "pool": {"memory_budget_mb", "idle_unload_s"},
     "api": {"require_token", "socket_mode", "socket_group"},
-    "security": {"controller_public_key"},
+    "security": {"controller_public_key", "allow_unsigned"},
 }
 
 
@@ -263,7 +265,16 @@ def _security(src: _Source, doc: dict[str, Any]) -> SecurityConfig:
             "controller_public_key",
             "expected 64 hex digits (the controller's raw Ed25519 public key)",
         )
-    return SecurityConfig(controller_public_key=key.lower())
+    allow_unsigned = _get(src, s, "security", "allow_unsigned", bool, False)
+    if not key and not allow_unsigned:
+        raise src.error(
+            "security",
+            "controller_public_key",
+            "missing: the agent only runs models signed by its controller; pin the controller's key "
+            "(`edgefleet devices register ID --agent-config FILE` writes it) or, for development only, "
+            "set allow_unsigned = true",
+        )
+    return SecurityConfig(controller_public_key=key.lower(), allow_unsigned=allow_unsigned)
 
 
 def _scheduler(src: _Source, doc: dict[str, Any]) -> SchedulerConfig:

@@ -72,6 +72,8 @@ def agent_rss(folder: Path, broker: Broker, model: Path, fmt: str) -> tuple[floa
     config.write_text(
         f'device_id = "{device}"\ndata_dir = "{data}"\nsocket = "{socket}"\n'
         f'[mqtt]\nport = {broker.port}\npassword = "{password}"\n'
+        # The bench's protocol peer does not sign.
+        "[security]\nallow_unsigned = true\n"
     )
     log_path = folder / f"{device}.log"
     with log_path.open("wb") as log:

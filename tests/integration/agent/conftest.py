@@ -83,7 +83,10 @@ def make_agent(broker: Broker, tmp_path: Path) -> Iterator[Callable[..., AgentPr
     sockets = Path(tempfile.mkdtemp(prefix="efa-"))
 
     def make(
-        device_id: str | None = None, telemetry_interval_s: float = 10.0, protocol: str = "v5"
+        device_id: str | None = None,
+        telemetry_interval_s: float = 10.0,
+        protocol: str = "v5",
+        controller_key: str | None = None,
     ) -> AgentProcess:
         device_id = device_id or f"dev-{uuid.uuid4().hex[:8]}"
         password = uuid.uuid4().hex
@@ -104,6 +107,12 @@ def make_agent(broker: Broker, tmp_path: Path) -> Iterator[Callable[..., AgentPr
             f'password = "{password}"\n'
             f'protocol = "{protocol}"\n'
             "[transfer]\nwindow = 4\nrequest_timeout_s = 2.0\n"
+            # The protocol peer signs only in the signing tests, which pin its key.
+            + (
+                f'[security]\ncontroller_public_key = "{controller_key}"\n'
+                if controller_key
+                else "[security]\nallow_unsigned = true\n"
+            )
         )
         agent = AgentProcess(device_id, config, data_dir, socket, tmp_path / f"{device_id}.log")
         agents.append(agent)

@@ -46,9 +46,7 @@ def test_only_what_the_pinned_key_signed_is_installed(
     make_agent: Callable[..., AgentProcess], make_peer: Callable[..., Peer], tmp_path: Path
 ) -> None:
     controller, forger, successor = (Ed25519PrivateKey.generate() for _ in range(3))
-    agent = make_agent()
-    with agent.config.open("a") as f:
-        f.write(f'[security]\ncontroller_public_key = "{raw(controller).hex()}"\n')
+    agent = make_agent(controller_key=raw(controller).hex())
     peer = make_peer(agent.device_id)
     digests = []
     for seed in (1, 2, 3):

@@ -8,6 +8,9 @@ import pytest
 from agent.config import load_config, parse_config
 from agent.errors import ConfigError
 
+# Protocol tests run without a signing controller; say so explicitly.
+UNSIGNED = "[security]\nallow_unsigned = true\n"
+
 GOOD = """\
 device_id = "cam-1"
 data_dir = "/var/lib/edgefleet-agent"
@@ -26,6 +29,9 @@ request_timeout_s = 5.0
 
 [outbox]
 max_records = 100
+
+[security]
+allow_unsigned = true
 """
 
 
@@ -41,7 +47,7 @@ def test_full_config_parses_into_frozen_dataclasses() -> None:
 
 
 def test_minimal_config_uses_documented_defaults() -> None:
-    cfg = parse_config('device_id = "d"\ndata_dir = "/d"\n[mqtt]\npassword = "p"\n')
+    cfg = parse_config('device_id = "d"\ndata_dir = "/d"\n[mqtt]\npassword = "p"\n' + UNSIGNED)
     assert (cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.username, cfg.mqtt.protocol) == (
         "127.0.0.1",
         1883,
@@ -94,7 +100,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_relative_data_dir_is_relative_to_the_config_file(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
-    path.write_text('device_id = "d"\ndata_dir = "data"\n[mqtt]\npassword = "p"\n')
+    path.write_text('device_id = "d"\ndata_dir = "data"\n[mqtt]\npassword = "p"\n' + UNSIGNED)
     assert load_config(path).data_dir == tmp_path / "data"
 
 
@@ -103,6 +109,8 @@ device_id = "cam-1"
 data_dir = "/var/lib/edgefleet-agent"
 [mqtt]
 password = "p"
+[security]
+allow_unsigned = true
 [scheduler]
 workers = 2
 [pool]

@@ -103,7 +103,10 @@ def test_the_key_is_read_from_agent_toml_with_line_precise_errors() -> None:
     from agent.config import parse_config
 
     base = 'device_id = "cam-1"\ndata_dir = "/tmp/x"\n[mqtt]\npassword = "p"\n'
-    assert parse_config(base).security.controller_public_key == ""
+    with pytest.raises(ConfigError, match=r"agent.toml: security.controller_public_key: missing"):
+        parse_config(base)
+    unsigned = parse_config(base + "[security]\nallow_unsigned = true\n").security
+    assert (unsigned.controller_public_key, unsigned.allow_unsigned) == ("", True)
     key = raw(CONTROLLER).hex()
     config = parse_config(base + f'[security]\ncontroller_public_key = "{key.upper()}"\n')
     assert config.security.controller_public_key == key
@@ -112,7 +115,7 @@ def test_the_key_is_read_from_agent_toml_with_line_precise_errors() -> None:
     ):
         parse_config(base + '[security]\ncontroller_public_key = "abc"\n')
     with pytest.raises(ConfigError, match="unknown key"):
-        parse_config(base + "[security]\nallow_unsigned = true\n")
+        parse_config(base + "[security]\nallow_unsigend = true\n")
 
 
 def test_what_the_device_already_runs_is_not_checked_again_after_a_rotation(tmp_path: Path) -> None:
