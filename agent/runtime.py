@@ -94,11 +94,7 @@ class OnnxModel:
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] = ()
     ) -> dict[str, np.ndarray]:
         check_inputs(self._inputs, inputs)
-        known = [o.name for o in self._outputs]
-        names = list(output_names) or known
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise InvalidInput(f"unknown output(s) {unknown}; the model has {known}")
+        names = select_outputs(self._outputs, output_names)
         try:
             results = self._session.run(names, dict(inputs))
         except Exception as exc:
@@ -134,6 +130,16 @@ def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) 
                 raise InvalidInput(
                     f"input {name!r} has shape {list(array.shape)}, the model wants {list(spec.shape)}"
                 )
+
+
+def select_outputs(specs: Sequence[TensorSpec], wanted: Sequence[str]) -> list[str]:
+    """The outputs to compute: those asked for (all when none are), each one the model has."""
+    known = [s.name for s in specs]
+    names = list(wanted) or known
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InvalidInput(f"unknown output(s) {unknown}; the model has {known}")
+    return names
 
 
 class OnnxRuntimeBackend:
@@ -199,11 +205,7 @@ class LiteRtModel:
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] = ()
     ) -> dict[str, np.ndarray]:
         check_inputs(self._inputs, inputs)
-        known = [o.name for o in self._outputs]
-        names = list(output_names) or known
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise InvalidInput(f"unknown output(s) {unknown}; the model has {known}")
+        names = select_outputs(self._outputs, output_names)
         with self._lock:
             try:
                 self._resize(inputs)
