@@ -10,17 +10,20 @@ other agent module imports a runtime library.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import onnxruntime as ort
 
 from agent.errors import InferenceError, InvalidInput, ModelLoadError, UnsupportedRuntime
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,10 @@ class OnnxRuntimeBackend:
         self.threads = threads or os.cpu_count() or 1
 
     def load(self, path: Path) -> LoadedModel:
+        # Imported on first use: an agent that only serves .tflite models never
+        # pays onnxruntime's import time and memory.
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
@@ -255,8 +262,11 @@ class LiteRtBackend:
 
 # Factories take an optional ``threads`` keyword: the intra-op threads per loaded
 # model, which the scheduler sets so its workers do not oversubscribe the cores.
-BACKENDS: dict[str, Callable[..., Backend]] = {"onnxruntime": OnnxRuntimeBackend}
-if litert_interpreter() is not None:
+# What is installed decides what is offered, found without importing anything.
+BACKENDS: dict[str, Callable[..., Backend]] = {}
+if importlib.util.find_spec("onnxruntime") is not None:
+    BACKENDS["onnxruntime"] = OnnxRuntimeBackend
+if any(importlib.util.find_spec(m) is not None for m in ("ai_edge_litert", "tflite_runtime")):
     BACKENDS["litert"] = LiteRtBackend
 DEFAULT_RUNTIME_FOR_FORMAT = {"onnx": "onnxruntime", "tflite": "litert"}
 
