@@ -1,50 +1,54 @@
-"""The closed loop with real processes: drift on the devices' inputs is detected
-from their telemetry, the retraining policy fires, the shipped retraining job
-retrains on the captured data, registers a version, the policy's canary rollout
-puts it on the agents, and the new version's drift score is back to normal.
+"""The closed loop with real processes, driven by the devices' own sensors.
 
-Real: mosquitto, the controller process, two agent processes serving the model
-over gRPC, the retraining job's webhook server (examples/retrain_job.py).
+Real: mosquitto, the controller process, two agent processes, the retraining
+job's webhook server (examples/retrain_job.py). Each agent runs a tenant on a
+CSV replay (its ``agent.toml`` ``[[tenants]]``): digits at 40 rows a second,
+the first rows as the model was trained on, then, from row ``STEADY_ROWS``
+on, the same digits inverted (16 - x): drift injected into the replayed data.
+The agents sketch every inference with the drift spec and capture samples
+under the capture policy the controller puts in their desired state, and send
+both themselves (telemetry windows, capture chunks through the outbox). The
+controller detects the drift, the policy fires, the job retrains on the
+captured data, registers a version, the policy's canary rollout puts it on
+the agents and the new version's drift score is back to normal.
 
-The agent's service does not yet feed its inferences to ``agent.drift_sketch``
-and ``agent.capture`` (issue 5 owns that wiring), so each device's replay loop
-here does what the tenant pipeline will: it replays digits through the agent's
-real Infer, sketches and captures with those agent modules, with the drift spec
-and capture policy the controller publishes, and sends telemetry and capture
-chunks with the device's own broker credentials. It also plays the labelling
-service: it knows the replayed samples' true classes and attaches them to each
-data set it uploaded.
+The one other actor is the operator attaching ground-truth labels to the
+captured data sets through the API (``PUT /v1/datasets/{digest}/labels``): the
+test knows the replayed rows' true classes, as a labelling team would.
+
+Onset and serving times come from the agents' own results (StreamResults):
+the drift onset is when the first inverted row was captured, the new model
+serves on a device when its first result names the new version.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import sys
 import threading
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
-from edgefleet_proto import fleet_pb2
-from edgefleet_proto.codec import encode
-from edgefleet_proto.topics import Kind, Topic
-from google.protobuf.json_format import ParseDict
+from edgefleet_proto import inference_pb2, inference_pb2_grpc
 from sklearn.datasets import load_digits
 
-from agent.capture import Capturer
-from agent.drift_sketch import Sketcher
 from tests.broker import Broker
-from tests.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done, wait_until
+from tests.localfleet import Agent, Controller, register_agent, rollout_done, wait_until
 from tests.models import digits_classifier
-from tests.mqtt_peer import Peer
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "closed-loop-secret-0123"
 DEVICES = ("cam-0", "cam-1")
 THRESHOLD = 0.25
+RATE_HZ = 40
+STEADY_ROWS = 12 * RATE_HZ
+# Long enough to outlast the test: the replay ends, it does not loop back to steady rows.
+TOTAL_ROWS = 300 * RATE_HZ
 
 
 def load_job() -> Any:
@@ -56,106 +60,98 @@ def load_job() -> Any:
     return module
 
 
-class Replay(threading.Thread):
-    """One device's sensor replay: digits through the agent, sketches and captures to the controller."""
+def replay_rows(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A device's replay: random digits, inverted from row STEADY_ROWS on."""
+    x, y = load_digits(return_X_y=True)
+    idx = np.random.default_rng(seed).integers(0, len(x), TOTAL_ROWS)
+    rows = x[idx].copy()
+    rows[STEADY_ROWS:] = 16.0 - rows[STEADY_ROWS:]
+    return rows, y[idx]
 
-    def __init__(self, agent: Agent, controller: Controller, drifted: threading.Event, seed: int) -> None:
-        super().__init__(name=f"replay-{agent.device_id}", daemon=True)
-        self.agent, self.controller, self.drifted = agent, controller, drifted
-        self.x, self.y = load_digits(return_X_y=True)
-        self.rng = np.random.default_rng(seed)
-        self.stopping = threading.Event()
-        self.versions: list[str] = []
-        self.errors: list[str] = []
-        mqtt = tomllib.loads(agent.config.read_text())["mqtt"]
-        self.peer = Peer(
-            mqtt["port"], mqtt["username"], mqtt["password"], client_id=f"{agent.device_id}-replay"
+
+def add_replay_tenant(agent: Agent, csv: Path) -> None:
+    with agent.config.open("a") as f:
+        f.write(
+            f"""
+[[tenants]]
+id = "default"
+model = "digits"
+rate_hz = {RATE_HZ}
+queue = 8
+[tenants.source]
+kind = "csv"
+uri = "{csv}"
+[tenants.preprocess]
+dtype = "float32"
+"""
         )
-        self.sketcher = Sketcher()
-        self.specs: dict[str, fleet_pb2.DriftSpec | None] = {}
-        self.capturers: dict[str, tuple[Capturer, list[int]]] = {}
-        self.unlabelled: dict[str, list[int]] = {}
-        self.seq = 10**9
 
-    def spec(self, version: str) -> fleet_pb2.DriftSpec | None:
-        if self.specs.get(version) is None:
-            r = self.controller.api("GET", f"/v1/models/digits/versions/{version}/drift/spec")
-            self.specs[version] = ParseDict(r.json(), fleet_pb2.DriftSpec()) if r.status_code == 200 else None
-            self.sketcher.set_specs([s for s in self.specs.values() if s is not None])
-        return self.specs[version]
 
-    def capturer(self, version: str, spec: fleet_pb2.DriftSpec) -> tuple[Capturer, list[int]]:
-        if version not in self.capturers:
-            doc = self.controller.api("GET", "/v1/models/digits/capture-policy").json()
-            policy = fleet_pb2.CapturePolicy(
-                tenant="default",
-                model_name="digits",
-                **{k: doc[k] for k in ("policy_id", "drifted_feature_share", "max_samples_per_upload")},
-            )
-            self.capturers[version] = (Capturer(policy, version, spec=spec), [])
-        return self.capturers[version]
+class Results(threading.Thread):
+    """The tenant's results as the agent streams them: which version served which row, when."""
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(name=f"results-{agent.device_id}", daemon=True)
+        self.channel = agent.channel()
+        self.call = inference_pb2_grpc.TenantResultsStub(self.channel).StreamResults(
+            inference_pb2.StreamResultsRequest(tenant="default", output_names=["label"])
+        )
+        self.onset_ms: int | None = None
+        self.first_seen: dict[str, float] = {}
+        self.last_version = ""
 
     def run(self) -> None:
-        last_telemetry = time.monotonic()
         try:
-            while not self.stopping.is_set():
-                self.step()
-                if time.monotonic() - last_telemetry >= 0.5:
-                    last_telemetry = time.monotonic()
-                    self.report()
-                self.stopping.wait(0.1)
-        except Exception as exc:  # surfaced by the test, not lost in a thread
-            self.errors.append(repr(exc))
-            raise
-
-    def step(self) -> None:
-        idx = self.rng.integers(0, len(self.x), 32)
-        x = (16.0 - self.x[idx] if self.drifted.is_set() else self.x[idx]).astype(np.float32)
-        response = self.agent.infer({"X": x})
-        version = response.model_version
-        self.versions.append(version)
-        probs = from_tensor(response.outputs["probabilities"])
-        spec = self.spec(version)
-        if spec is None:
-            return
-        self.sketcher.observe("default", "digits", version, x, probs)
-        capturer, labels = self.capturer(version, spec)
-        for row, p, label in zip(x, probs, self.y[idx], strict=True):
-            if capturer.offer(row, p):
-                labels.append(int(label))
-        if capturer.ready():
-            chunks = capturer.take_upload()
-            for chunk in chunks:
-                self.peer.publish(str(Topic(self.agent.device_id, Kind.CAPTURE)), encode(chunk))
-            self.unlabelled[chunks[0].sha256] = labels[:]
-            labels.clear()
-
-    def report(self) -> None:
-        now = int(time.time() * 1000)
-        self.seq += 1
-        msg = fleet_pb2.Telemetry(
-            device_id=self.agent.device_id, seq=self.seq, window_start_ms=now - 500, window_end_ms=now
-        )
-        msg.drift.extend(self.sketcher.drain())
-        if msg.drift:
-            self.peer.publish(str(Topic(self.agent.device_id, Kind.TELEMETRY)), encode(msg))
-        for digest, labels in list(self.unlabelled.items()):
-            r = self.controller.api("PUT", f"/v1/datasets/{digest}/labels", json={"labels": labels})
-            if r.status_code == 200:
-                del self.unlabelled[digest]
+            for result in self.call:
+                if self.onset_ms is None and result.seq >= STEADY_ROWS:
+                    self.onset_ms = result.captured_at_ms
+                self.first_seen.setdefault(result.model_version, time.time())
+                self.last_version = result.model_version
+        except grpc.RpcError:
+            return  # cancelled at the end, or the agent stopped
 
     def stop(self) -> None:
-        self.stopping.set()
-        self.join(10)
-        self.peer.close()
+        self.call.cancel()
+        self.channel.close()
 
 
-def fleet_psi(controller: Controller, version: str, since_ms: int) -> list[float]:
+class Labeller(threading.Thread):
+    """The operator's labelling step: ground truth for each captured data set, through the API."""
+
+    def __init__(self, controller: Controller, truth: dict[bytes, int]) -> None:
+        super().__init__(name="labeller", daemon=True)
+        self.controller, self.truth = controller, truth
+        self.stopping = threading.Event()
+        self.labelled: set[str] = set()
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        while not self.stopping.wait(0.1):
+            try:
+                self.label_new()
+            except Exception as exc:  # surfaced by the test, not lost in a thread
+                self.errors.append(repr(exc))
+
+    def label_new(self) -> None:
+        for ds in self.controller.api("GET", "/v1/datasets", params={"model": "digits"}).json():
+            # The reference set the baseline was made from is the operator's own upload.
+            if ds["labelled"] or ds["digest"] in self.labelled or ds["manifest"]["device_id"] not in DEVICES:
+                continue
+            raw = self.controller.api("GET", f"/v1/datasets/{ds['digest']}/download").content
+            with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+                inputs = np.asarray(npz["inputs"], np.float32).reshape(len(npz["inputs"]), -1)
+            labels = [self.truth[row.tobytes()] for row in inputs]
+            r = self.controller.api("PUT", f"/v1/datasets/{ds['digest']}/labels", json={"labels": labels})
+            r.raise_for_status()
+            self.labelled.add(ds["digest"])
+
+
+def fleet_windows(controller: Controller, version: str, since_ms: int) -> list[dict[str, Any]]:
     body = controller.api("GET", f"/v1/models/digits/versions/{version}/drift", params={"since_ms": since_ms})
-    return [w["psi"] for w in body.json()["fleet"]] if body.status_code == 200 else []
+    return list(body.json()["fleet"]) if body.status_code == 200 else []
 
 
-def test_drift_is_detected_retrained_and_redeployed_without_an_operator(
+def test_drift_in_the_replayed_data_is_detected_retrained_and_redeployed(
     broker: Broker, tmp_path: Path
 ) -> None:
     controller = Controller(
@@ -169,10 +165,10 @@ def test_drift_is_detected_retrained_and_redeployed_without_an_operator(
     text = settings.read_text().replace("rollup_window_s = 60", "rollup_window_s = 2")
     settings.write_text(text.replace("maintenance_interval_s = 10.0", "maintenance_interval_s = 0.5"))
     agents: list[Agent] = []
-    replays: list[Replay] = []
+    streams: list[Results] = []
+    labeller: Labeller | None = None
     job_module = load_job()
     server = None
-    drifted = threading.Event()
     try:
         controller.start()
         digits = digits_classifier(tmp_path / "digits.onnx")
@@ -180,15 +176,8 @@ def test_drift_is_detected_retrained_and_redeployed_without_an_operator(
         reference = tmp_path / "reference.npz"
         np.savez(reference, inputs=load_digits(return_X_y=True)[0][:400].astype(np.float32))
         controller.cli("drift", "baseline", "digits", "1", "--reference", str(reference))
-        assert controller.api(
-            "PUT",
-            "/v1/models/digits/capture-policy",
-            json={
-                "drifted_feature_share": 0.3,
-                "max_samples_per_upload": 100,
-                "max_samples_per_hour": 100_000,
-            },
-        ).is_success
+        controller.cli("datasets", "capture-policy", "digits", "--drifted-feature-share", "0.3",
+                       "--max-samples-per-upload", "50", "--max-samples-per-hour", "100000")  # fmt: skip
         for device_id in DEVICES:
             agents.append(register_agent(controller, tmp_path / "agents", device_id).start())
         rollout = controller.cli("rollouts", "create", "--model", "digits", "--version", "1",
@@ -222,80 +211,101 @@ def test_drift_is_detected_retrained_and_redeployed_without_an_operator(
         }
         assert controller.api("PUT", "/v1/retraining/policies/digits-drift", json=policy).is_success
 
-        replays = [Replay(a, controller, drifted, seed=i) for i, a in enumerate(agents)]
-        for r in replays:
-            r.start()
-        steady_since = int(time.time() * 1000)
-        calm = wait_until(
-            lambda: (s := fleet_psi(controller, "1", steady_since)) and len(s) >= 3 and s,
-            60,
-            "steady windows",
-        )
-        assert max(calm) < THRESHOLD, calm
-        print(f"\nsteady PSI on v1: {[round(v, 3) for v in calm]}")
-        assert controller.api("GET", "/v1/retraining/runs").json() == []
+        # The sensor app is installed: each agent restarts with its CSV replay tenant.
+        truth: dict[bytes, int] = {}
+        for i, agent in enumerate(agents):
+            rows, labels = replay_rows(seed=i)
+            csv = tmp_path / f"{agent.device_id}.csv"
+            np.savetxt(csv, rows, delimiter=",", fmt="%g")
+            for row, label in zip(rows.astype(np.float32), labels, strict=True):
+                truth.setdefault(row.tobytes(), int(label))
+            agent.stop()
+            add_replay_tenant(agent, csv)
+        started_ms = int(time.time() * 1000)
+        for agent in agents:
+            agent.start()
+        for agent in agents:
+            wait_until(agent.socket.exists, 30, f"{agent.device_id} socket")
+            stream = Results(agent)
+            stream.start()
+            streams.append(stream)
+        labeller = Labeller(controller, truth)
+        labeller.start()
 
-        drifted.set()
-        onset = time.monotonic()
-        onset_ms = int(time.time() * 1000)
+        onset_ms = wait_until(
+            lambda: min((s.onset_ms for s in streams if s.onset_ms), default=None), 60, "the drift onset"
+        )
+        onset = onset_ms / 1000.0
+        calm = [
+            w["psi"] for w in fleet_windows(controller, "1", started_ms) if w["window_end_ms"] <= onset_ms
+        ]
+        assert calm and max(calm) < THRESHOLD, calm
+        print(f"\nsteady PSI on v1 from the agents' own sketches: {[round(v, 3) for v in calm]}")
+
         run = wait_until(
             lambda: next(iter(controller.api("GET", "/v1/retraining/runs").json()), None),
-            120,
+            60,
             "the policy to fire",
         )
-        fired_after = time.monotonic() - onset
+        assert run["created_at"] >= onset - 1.0, "the policy fired before the drift"
         assert run["fired"][0]["condition"] == "drift" and min(run["fired"][0]["values"]) > THRESHOLD
-
         done = wait_until(
             lambda: (
                 (r := controller.api("GET", f"/v1/retraining/runs/{run['id']}").json())["status"]
                 in ("succeeded", "failed")
                 and r
             ),
-            240,
+            120,
             "the retraining job to report",
         )
         assert done["status"] == "succeeded", done
         new_version = done["result_version"]
         wait_until(
-            lambda: all(r.versions and r.versions[-1] == new_version for r in replays),
-            240,
+            lambda: all(new_version in s.first_seen for s in streams),
+            120,
             "the new version serving everywhere",
         )
-        serving_after = time.monotonic() - onset
+        serving_at = max(s.first_seen[new_version] for s in streams)
 
         registered = controller.api("GET", f"/v1/models/digits/versions/{new_version}").json()
         assert registered["lineage"]["parent_version"] == "1"
         assert registered["metadata"]["retraining_run"] == run["id"]
         captured = registered["metadata"]["datasets"]
+        manifests = [controller.api("GET", f"/v1/datasets/{d}").json()["manifest"] for d in captured]
         assert captured and all(
-            controller.api("GET", f"/v1/datasets/{d}").json()["manifest"]["device_id"] in DEVICES
-            for d in captured
+            m["device_id"] in DEVICES and m["model_version"] == "1" and m["policy_id"] for m in manifests
         )
         assert (
             hashlib.sha256("\n".join(sorted(captured)).encode()).hexdigest()
             == registered["lineage"]["dataset_digest"]
         )
 
-        serving_ms = int(time.time() * 1000)
+        serving_ms = int(serving_at * 1000)
         recovered = wait_until(
-            lambda: (s := fleet_psi(controller, new_version, serving_ms)) and len(s) >= 3 and s,
+            lambda: (
+                (s := [w["psi"] for w in fleet_windows(controller, new_version, serving_ms)])
+                and len(s) >= 3
+                and s
+            ),
             60,
             "new version drift windows",
         )
         assert max(recovered[1:]) < THRESHOLD, recovered
-        drifted_v1 = fleet_psi(controller, "1", onset_ms)
+        drifted_v1 = [w["psi"] for w in fleet_windows(controller, "1", onset_ms)]
         assert drifted_v1 and max(drifted_v1) > THRESHOLD
         print(
-            f"\nclosed loop: drift onset -> policy fired {fired_after:.1f} s; "
-            f"-> new model {new_version} serving on every device {serving_after:.1f} s; "
-            f"PSI {max(drifted_v1):.2f} on v1 under drift, {max(recovered[1:]):.3f} on {new_version}"
+            f"closed loop: drift onset -> policy fired {run['created_at'] - onset:.1f} s; "
+            f"-> new model {new_version} serving on every device {serving_at - onset:.1f} s; "
+            f"{len(captured)} captured data sets; PSI {max(drifted_v1):.2f} on v1 under drift, "
+            f"{max(recovered[1:]):.3f} on {new_version}"
         )
-        for r in replays:
-            assert not r.errors, r.errors
+        assert not labeller.errors, labeller.errors
     finally:
-        for r in replays:
-            r.stop()
+        if labeller is not None:
+            labeller.stopping.set()
+            labeller.join(10)
+        for s in streams:
+            s.stop()
         if server is not None:
             server.shutdown()
             server.server_close()
