@@ -27,6 +27,7 @@ class TelemetryRecord:
     system: dict[str, Any]
     models: list[dict[str, Any]]
     outbox_dropped: int
+    shadows: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,31 @@ def model_stats_dict(stats: fleet_pb2.ModelStats) -> dict[str, Any]:
     }
 
 
+def shadow_stats_dict(stats: fleet_pb2.ShadowStats) -> dict[str, Any]:
+    return {
+        "tenant": stats.tenant,
+        "live_model_version": stats.live_model_version,
+        "candidate_model_name": stats.candidate_model_name,
+        "candidate_model_version": stats.candidate_model_version,
+        "compared": stats.compared,
+        "top1_agreement": stats.top1_agreement,
+        "mean_abs_deviation": stats.mean_abs_deviation,
+        "candidate_latency_p50_ms": stats.candidate_latency_p50_ms,
+        "candidate_latency_p95_ms": stats.candidate_latency_p95_ms,
+        "live_latency_p50_ms": stats.live_latency_p50_ms,
+    }
+
+
+def _add_shadows_column(store: Store) -> None:
+    """Shadow stats (issue 5) live beside the window's model stats, so retention prunes them together.
+
+    Databases made before them get the column here, once; existing rows read as no shadows.
+    """
+    columns = {r["name"] for r in store.query("PRAGMA table_info(telemetry)")}
+    if "shadows" not in columns:
+        store.execute("ALTER TABLE telemetry ADD COLUMN shadows TEXT NOT NULL DEFAULT '[]'")
+
+
 def clamp_limit(limit: int) -> int:
     return max(1, min(limit, MAX_LIMIT))
 
@@ -73,6 +99,7 @@ def clamp_limit(limit: int) -> int:
 class TelemetryStore:
     def __init__(self, store: Store) -> None:
         self.store = store
+        _add_shadows_column(store)
         # Called, inside the ingest transaction, for each newly stored window
         # (roll-ups and drift sketches: controller.monitoring).
         self.observers: list[Callable[[str, fleet_pb2.Telemetry, float], None]] = []
@@ -81,7 +108,7 @@ class TelemetryStore:
         """Store one window; False for a window already stored (an outbox resend)."""
         added = self.store.execute(
             "INSERT OR IGNORE INTO telemetry (device_id, received_at, seq, window_start_ms, window_end_ms,"
-            " system, models, outbox_dropped) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " system, models, outbox_dropped, shadows) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 device_id,
                 received_at,
@@ -91,6 +118,7 @@ class TelemetryStore:
                 json.dumps(system_dict(msg.system)),
                 json.dumps([model_stats_dict(m) for m in msg.models]),
                 msg.outbox_dropped,
+                json.dumps([shadow_stats_dict(s) for s in msg.shadows]),
             ),
         )
         log.debug("telemetry device=%s seq=%d stored=%s", device_id, msg.seq, bool(added))
@@ -138,6 +166,7 @@ class TelemetryStore:
                 system=json.loads(r["system"]),
                 models=json.loads(r["models"]),
                 outbox_dropped=r["outbox_dropped"],
+                shadows=json.loads(r["shadows"]),
             )
             for r in rows
         ]

@@ -162,6 +162,21 @@ class ModelStatsPublic(_Public):
     latency_p99_ms: float
 
 
+class ShadowStatsPublic(_Public):
+    """A shadow candidate beside a tenant's live model in one window (issue 5)."""
+
+    tenant: str
+    live_model_version: str
+    candidate_model_name: str
+    candidate_model_version: str
+    compared: int
+    top1_agreement: float
+    mean_abs_deviation: float
+    candidate_latency_p50_ms: float
+    candidate_latency_p95_ms: float
+    live_latency_p50_ms: float
+
+
 class TelemetryPublic(_Public):
     received_at: float
     window_start_ms: int
@@ -170,6 +185,7 @@ class TelemetryPublic(_Public):
     system: SystemStatsPublic
     models: list[ModelStatsPublic]
     outbox_dropped: int
+    shadows: list[ShadowStatsPublic] = []
 
 
 class EventPublic(_Public):
