@@ -42,13 +42,14 @@ Counts = npt.NDArray[np.int64]
 
 def features_of(inputs: npt.ArrayLike) -> tuple[str, Floats]:
     """Samples x features and the prefix the controller names them with (``f3``, ``ch0``)."""
-    arr = np.asarray(inputs, dtype=np.float64)
+    arr = np.asarray(inputs)
     if arr.ndim == 1:
         arr = arr.reshape(1, -1)
     if arr.ndim == 2:
-        return "f", arr
+        return "f", arr.astype(np.float64, copy=False)
     if arr.ndim == 4:
-        return "ch", arr.mean(axis=(2, 3))
+        # Averaged in float64 without first copying the whole image to float64.
+        return "ch", arr.mean(axis=(2, 3), dtype=np.float64)
     raise ValueError(f"inputs of shape {arr.shape}: expected (N, F) or (N, C, H, W)")
 
 
@@ -80,7 +81,7 @@ def probabilities_of(outputs: Mapping[str, np.ndarray]) -> Floats | None:
     probs = np.asarray(chosen, dtype=np.float64)
     if probs.ndim != 2 or probs.shape[1] < 2:
         return None
-    if probs.min() < 0 or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+    if probs.min() < 0 or float(np.abs(probs.sum(axis=1) - 1.0).max()) > 1e-3:
         shifted = np.exp(probs - probs.max(axis=1, keepdims=True))
         probs = shifted / shifted.sum(axis=1, keepdims=True)
     return probs
@@ -96,6 +97,13 @@ class _Compiled:
     edges: dict[str, Floats]  # (features, max edges), +inf past a feature's own edges
     widths: dict[str, npt.NDArray[np.intp]]  # each feature's edge count
     confidence_edges: Floats
+
+    # Where each feature's bins start in the flat counts (features x (max edges + 1)).
+    offsets: dict[str, npt.NDArray[np.intp]]
+
+    @property
+    def slots(self) -> dict[str, int]:
+        return {p: e.shape[0] * (e.shape[1] + 1) for p, e in self.edges.items()}
 
     @classmethod
     def of(cls, spec: fleet_pb2.DriftSpec) -> _Compiled:
@@ -124,7 +132,62 @@ class _Compiled:
             edges,
             widths,
             np.asarray(spec.confidence_edges, dtype=np.float64),
+            {p: np.arange(e.shape[0], dtype=np.intp) * (e.shape[1] + 1) for p, e in edges.items()},
         )
+
+
+@dataclass(frozen=True)
+class _Bins:
+    """Where one batch falls: flat indices into a window's counts (computed without the window)."""
+
+    prefix: str
+    columns: int
+    samples: int
+    features: npt.NDArray[np.intp]  # flat (feature, bin) indices of finite values
+    classes: npt.NDArray[np.intp]
+    num_classes: int
+    confidence: npt.NDArray[np.intp] | None
+
+
+def _bins(c: _Compiled, inputs: npt.ArrayLike, probabilities: npt.ArrayLike | None) -> _Bins:
+    """Bin a batch against a compiled spec; ValueError for shapes that do not fit."""
+    prefix, matrix = features_of(inputs)
+    probs = None
+    if probabilities is not None:
+        probs = np.asarray(probabilities, dtype=np.float64)
+        if probs.ndim == 1:
+            probs = probs.reshape(1, -1)
+        if probs.ndim != 2 or probs.shape[0] != matrix.shape[0] or probs.shape[1] == 0:
+            raise ValueError(f"probabilities of shape {probs.shape} do not match {matrix.shape[0]} samples")
+    cols, table = c.columns[prefix], c.edges[prefix]
+    flat = np.zeros(0, np.intp)
+    if cols.size:
+        present = cols < matrix.shape[1]
+        if not present.all():
+            cols, table = cols[present], table[present]
+            offsets = c.offsets[prefix][present]
+        else:
+            offsets = c.offsets[prefix]
+        values = matrix[:, cols]  # (N, features)
+        # Edges <= value is searchsorted(side="right"); the +inf padding never counts.
+        flat = (offsets + (table <= values[:, :, None]).sum(axis=2)).ravel()
+        finite = np.isfinite(values).ravel()
+        if not finite.all():
+            flat = flat[finite]
+    classes, confidence, num_classes = np.zeros(0, np.intp), None, 0
+    if probs is not None:
+        classes, num_classes = probs.argmax(axis=1), probs.shape[1]
+        if c.confidence_edges.size:
+            top = probs.max(axis=1)
+            confidence = np.searchsorted(c.confidence_edges, top[np.isfinite(top)], side="right")
+    return _Bins(prefix, matrix.shape[1], matrix.shape[0], flat, classes, num_classes, confidence)
+
+
+def _bump(counts: Counts, indices: npt.NDArray[np.intp]) -> None:
+    if indices.size == 1:
+        counts[int(indices[0])] += 1  # one sample, the usual case: no bincount
+    elif indices.size:
+        counts += np.bincount(indices, minlength=counts.size)[: counts.size]
 
 
 @dataclass
@@ -133,51 +196,32 @@ class _Window:
 
     compiled: _Compiled
     samples: int = 0
-    features: dict[str, Counts] = field(default_factory=dict)
+    features: dict[str, Counts] = field(default_factory=dict)  # flat (feature x bins) per prefix
     # The widest input seen per prefix: features past it were never in the inputs.
     columns: dict[str, int] = field(default_factory=dict)
     classes: Counts = field(default_factory=lambda: np.zeros(0, np.int64))
     confidence: Counts | None = None
 
     def add(self, inputs: npt.ArrayLike, probabilities: npt.ArrayLike | None) -> None:
-        """Fold a batch in; ValueError (window untouched) for shapes that do not fit."""
-        prefix, matrix = features_of(inputs)
-        probs = None
-        if probabilities is not None:
-            probs = np.asarray(probabilities, dtype=np.float64)
-            if probs.ndim == 1:
-                probs = probs.reshape(1, -1)
-            if probs.ndim != 2 or probs.shape[0] != matrix.shape[0] or probs.shape[1] == 0:
-                raise ValueError(
-                    f"probabilities of shape {probs.shape} do not match {matrix.shape[0]} samples"
-                )
+        self.apply(_bins(self.compiled, inputs, probabilities))
+
+    def apply(self, b: _Bins) -> None:
         c = self.compiled
-        cols, edges = c.columns[prefix], c.edges[prefix]
-        present = cols < matrix.shape[1]
-        if present.any():
-            values = matrix[:, cols[present]]  # (N, features)
-            table = edges[present]
-            # Edges <= value is searchsorted(side="right"); +inf padding never counts.
-            idx = (table[None, :, :] <= values[:, :, None]).sum(axis=2)
-            slots = table.shape[1] + 1
-            flat = (np.arange(table.shape[0]) * slots)[None, :] + idx
-            counts = np.bincount(flat[np.isfinite(values)], minlength=table.shape[0] * slots)
-            acc = self.features.get(prefix)
-            grid = counts.reshape(table.shape[0], slots)
-            if acc is None or acc.shape != (cols.size, slots):
-                acc = self.features[prefix] = np.zeros((cols.size, slots), np.int64)
-            acc[present] += grid
-            self.columns[prefix] = max(self.columns.get(prefix, 0), matrix.shape[1])
-        self.samples += matrix.shape[0]
-        if probs is None:
-            return
-        predicted = np.bincount(probs.argmax(axis=1), minlength=probs.shape[1]).astype(np.int64)
-        if predicted.size > self.classes.size:
-            self.classes = np.pad(self.classes, (0, predicted.size - self.classes.size))
-        self.classes[: predicted.size] += predicted
-        if c.confidence_edges.size:
-            conf = bin_counts(probs.max(axis=1), c.confidence_edges)
-            self.confidence = conf if self.confidence is None else self.confidence + conf
+        if b.features.size or b.prefix in self.features:
+            grid = self.features.get(b.prefix)
+            if grid is None:
+                grid = self.features[b.prefix] = np.zeros(c.slots[b.prefix], np.int64)
+            _bump(grid, b.features)
+        if c.columns[b.prefix].size:
+            self.columns[b.prefix] = max(self.columns.get(b.prefix, 0), b.columns)
+        self.samples += b.samples
+        if b.num_classes > self.classes.size:
+            self.classes = np.pad(self.classes, (0, b.num_classes - self.classes.size))
+        _bump(self.classes, b.classes)
+        if b.confidence is not None:
+            if self.confidence is None:
+                self.confidence = np.zeros(c.confidence_edges.size + 1, np.int64)
+            _bump(self.confidence, b.confidence)
 
     def sketch(self) -> fleet_pb2.DriftSketch:
         c = self.compiled
@@ -190,12 +234,14 @@ class _Window:
             class_counts=[int(n) for n in self.classes],
         )
         named = []
-        for prefix, grid in self.features.items():
+        for prefix, flat in self.features.items():
+            table = c.edges[prefix]
+            grid = flat.reshape(table.shape[0], table.shape[1] + 1)
             for i, name in enumerate(c.names[prefix]):
                 if c.columns[prefix][i] >= self.columns.get(prefix, 0):
                     continue
                 width = int(c.widths[prefix][i])
-                named.append((name, c.edges[prefix][i, :width], grid[i, : width + 1]))
+                named.append((name, table[i, :width], grid[i, : width + 1]))
         for name, edges, counts in sorted(named, key=lambda t: t[0]):
             out.features.add(name=name, edges=edges.tolist(), counts=[int(n) for n in counts])
         if self.confidence is not None:
@@ -255,32 +301,17 @@ class Sketcher:
         compiled = self._specs.get(key)
         if compiled is None:
             return False
-        batch = _window(compiled)
-        batch.add(inputs, probabilities)  # outside the lock: workers bin in parallel
+        bins = _bins(compiled, inputs, probabilities)  # outside the lock: workers bin in parallel
         with self._lock:
             if self._specs.get(key) is not compiled:
                 return False  # the spec changed meanwhile: this batch belongs to no window
-            acc = self._windows.get(key)
-            if acc is None:
-                self._windows[key] = batch
-            else:
-                _fold(acc, batch)
+            window = self._windows.get(key)
+            if window is None:
+                window = self._windows[key] = _window(compiled)
+            window.apply(bins)
             return True
 
     def drain(self) -> list[fleet_pb2.DriftSketch]:
         with self._lock:
             windows, self._windows = self._windows, {}
         return [windows[k].sketch() for k in sorted(windows) if windows[k].samples]
-
-
-def _fold(into: _Window, batch: _Window) -> None:
-    into.samples += batch.samples
-    for prefix, counts in batch.features.items():
-        acc = into.features.get(prefix)
-        into.features[prefix] = counts if acc is None else acc + counts
-        into.columns[prefix] = max(into.columns.get(prefix, 0), batch.columns.get(prefix, 0))
-    if batch.classes.size > into.classes.size:
-        into.classes = np.pad(into.classes, (0, batch.classes.size - into.classes.size))
-    into.classes[: batch.classes.size] += batch.classes
-    if batch.confidence is not None:
-        into.confidence = batch.confidence if into.confidence is None else into.confidence + batch.confidence

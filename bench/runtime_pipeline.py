@@ -2,7 +2,9 @@
 
 (a) overhead per inference: one job at a time through the fair scheduler, the
     pooled model and the result hub (submit -> result in a StreamResults queue),
-    beside ``session.run`` on the same input and the same thread count;
+    beside ``session.run`` on the same input and the same thread count; then the
+    same with the closed loop on (a drift spec and a capture policy for the
+    tenant: every inference sketched and offered to capture, agent.observe);
 (b) three saturating tenants (synthetic camera sources, weights 1:2:4, one
     shared wider conv model) for a few seconds: total inferences per second beside the best
     raw single-session throughput, and the CPU-time share each tenant got
@@ -25,6 +27,9 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from edgefleet_proto import fleet_pb2
+
+from agent.observe import Observer
 from agent.pipeline import Job, Pipelines, ResultHub
 from agent.pool import ModelPool, ServingModel
 from agent.preprocess import Prepared
@@ -34,14 +39,14 @@ from tests.models import small_conv, wide_conv
 
 
 def pipelines(
-    model: Path, tenants: dict[str, float], workers: int, threads: int
+    model: Path, tenants: dict[str, float], workers: int, threads: int, observer: Observer | None = None
 ) -> tuple[Pipelines, ResultHub]:
     pool = ModelPool(threads=threads)
     loaded = pool.load("c" * 64, model, "onnxruntime")
     for tenant in tenants:
         pool.put(ServingModel(tenant, "conv", "1", "c" * 64, "onnxruntime", model, loaded))
     hub = ResultHub()
-    p = Pipelines("bench", pool, workers, PipelineStats(), lambda *a: None, lambda t, b: None, hub)
+    p = Pipelines("bench", pool, workers, PipelineStats(), lambda *a: None, lambda t, b: None, hub, observer)
     p.start()
     return p, hub
 
@@ -58,7 +63,52 @@ def overhead(model: Path, iterations: int) -> None:
         if i >= 0:
             raw[i] = time.perf_counter() - start
 
-    p, hub = pipelines(model, {"t": 1.0}, workers=1, threads=1)
+    piped = through_pipeline(model, x, iterations, None)
+    looped = through_pipeline(model, x, iterations, closed_loop())
+    r50, p50, l50 = np.median(raw) * 1e6, np.median(piped) * 1e6, np.median(looped) * 1e6
+    print("(a) one inference, small conv 1x3x32x32, 1 intra-op thread")
+    print(f"    raw session.run        p50 {r50:8.1f} us   p99 {np.percentile(raw, 99) * 1e6:8.1f} us")
+    print(f"    pipeline (sched+hub)   p50 {p50:8.1f} us   p99 {np.percentile(piped, 99) * 1e6:8.1f} us")
+    print(f"    overhead               p50 {p50 - r50:8.1f} us   ratio {p50 / r50:.2f}x")
+    print(f"    + sketch and capture   p50 {l50:8.1f} us   p99 {np.percentile(looped, 99) * 1e6:8.1f} us")
+    print(f"    closed-loop cost       p50 {l50 - p50:8.1f} us per inference (after the result is delivered)")
+    logits = session.run(None, {"image": x})[0]
+    image = observe_cost(closed_loop(), "conv", x, {"logits": logits}, iterations)
+    row = np.random.default_rng(1).random((1, 64), dtype=np.float32) * 16
+    probs = np.full((1, 10), 0.1, np.float32)
+    tabular = observe_cost(closed_loop(64), "tab", row, {"probabilities": probs}, iterations)
+    print(f"    observe() alone        p50 {image:8.1f} us (1x3x32x32 image)   {tabular:8.1f} us (1x64 row)")
+
+
+def observe_cost(
+    observer: Observer, model: str, x: np.ndarray, outputs: dict[str, np.ndarray], iterations: int
+) -> float:
+    took = np.empty(iterations)
+    for i in range(iterations):
+        start = time.perf_counter()
+        observer.observe("t", model, "1", x, outputs)
+        took[i] = time.perf_counter() - start
+    return float(np.median(took) * 1e6)
+
+
+def closed_loop(features: int = 0) -> Observer:
+    """A drift spec (per-channel means, or ``features`` columns; confidence) and a capture policy."""
+    model = "tab" if features else "conv"
+    spec = fleet_pb2.DriftSpec(
+        tenant="t", model_name=model, model_version="1", num_classes=10, confidence_edges=[0.2, 0.4, 0.6, 0.8]
+    )
+    for c in range(features or 3):
+        spec.features.add(name=f"f{c}" if features else f"ch{c}", edges=[0.1 * i for i in range(1, 10)])
+    policy = fleet_pb2.CapturePolicy(
+        tenant="t", model_name=model, policy_id="bench", random_fraction=0.01, max_samples_per_upload=200
+    )
+    observer = Observer("bench")
+    observer.configure(fleet_pb2.DesiredState(drift_specs=[spec], capture_policies=[policy]))
+    return observer
+
+
+def through_pipeline(model: Path, x: np.ndarray, iterations: int, observer: Observer | None) -> np.ndarray:
+    p, hub = pipelines(model, {"t": 1.0}, workers=1, threads=1, observer=observer)
     p.apply((TenantSpec("t", results=frozenset({"grpc"})),))
     results = hub.subscribe("t")
     piped = np.empty(iterations)
@@ -69,11 +119,7 @@ def overhead(model: Path, iterations: int) -> None:
         if i >= 0:
             piped[i] = time.perf_counter() - start
     p.stop(5)
-    r50, p50 = np.median(raw) * 1e6, np.median(piped) * 1e6
-    print("(a) one inference, small conv 1x3x32x32, 1 intra-op thread")
-    print(f"    raw session.run        p50 {r50:8.1f} us   p99 {np.percentile(raw, 99) * 1e6:8.1f} us")
-    print(f"    pipeline (sched+hub)   p50 {p50:8.1f} us   p99 {np.percentile(piped, 99) * 1e6:8.1f} us")
-    print(f"    overhead               p50 {p50 - r50:8.1f} us   ratio {p50 / r50:.2f}x")
+    return piped
 
 
 def saturated(model: Path, size: int, seconds: float) -> None:
