@@ -328,6 +328,14 @@ class Captures:
             done, self._done = self._done, []
         return [chunks for chunks in done if chunks]
 
+    def flush(self) -> list[list[fleet_pb2.CaptureChunk]]:
+        """Everything captured so far, as uploads (the agent is stopping: the outbox keeps them)."""
+        with self._lock:
+            for tenant in list(self._capturers):
+                self._retire(tenant)
+            done, self._done = self._done, []
+        return [chunks for chunks in done if chunks]
+
     def _retire(self, tenant: str) -> None:
         capturer = self._capturers.pop(tenant)
         self._made_with.pop(tenant, None)

@@ -88,5 +88,6 @@ class Observer:
     def drain_sketches(self) -> list[fleet_pb2.DriftSketch]:
         return self.sketcher.drain()
 
-    def uploads(self) -> list[list[fleet_pb2.CaptureChunk]]:
-        return self.captures.uploads()
+    def uploads(self, final: bool = False) -> list[list[fleet_pb2.CaptureChunk]]:
+        """Finished capture uploads; with ``final``, partly filled buffers too (shutdown)."""
+        return self.captures.flush() if final else self.captures.uploads()

@@ -298,9 +298,9 @@ class Service:
         if dropped:
             log.warning("outbox full device=%s dropped=%d", self.config.device_id, dropped)
 
-    def _queue_captures(self) -> None:
+    def _queue_captures(self, final: bool = False) -> None:
         """Finished capture uploads go to the outbox, like telemetry: sent when the broker is there."""
-        for chunks in self.observer.uploads():
+        for chunks in self.observer.uploads(final):
             first = chunks[0]
             at = now_ms()
             for chunk in chunks:
@@ -324,6 +324,8 @@ class Service:
             self.server.stop(grace=1.0).wait(2.0)
         if not self.pipelines.stop(DRAIN_ON_STOP_S):
             log.warning("inference still running at stop device=%s", self.config.device_id)
+        # What was captured but not yet uploaded waits in the outbox for the next start.
+        self._queue_captures(final=True)
         deadline = time.monotonic() + FLUSH_ON_STOP_S
         while self.link.connected and time.monotonic() < deadline:
             self.sender.pump(True)
