@@ -237,6 +237,7 @@ def desired_with(
         generation=view.desired_generation + 1,
         models=sorted(models, key=lambda m: m.tenant),
         issued_at_ms=int(now * 1000),
+        tenants=view.desired.tenants if view.desired is not None else [],
     )
 
 
