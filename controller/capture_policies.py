@@ -25,6 +25,7 @@ from edgefleet_proto.codec import PayloadError, decode_as, encode
 from controller.baselines import Baselines, spec_message
 from controller.errors import InvalidPolicy, NotFoundError
 from controller.store import Store
+from controller.tenants import DeviceTenants, with_tenants
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class DesiredMonitoring:
         self.baselines = baselines
         self.clock = clock
         self.publisher: Publisher | None = None
+        self.tenants = DeviceTenants(store, clock)
 
     # -- capture policies ---------------------------------------------------------
 
@@ -146,7 +148,7 @@ class DesiredMonitoring:
 
     def reconcile(self) -> list[str]:
         """Re-issue every desired state whose monitoring entries are out of date; returns the devices."""
-        specs, policies = self._specs(), self._policies()
+        specs, policies, tenants = self._specs(), self._policies(), self.tenants.all()
         changed = []
         rows = self.store.query(
             "SELECT device_id, desired_generation, desired FROM devices WHERE desired IS NOT NULL ORDER BY device_id"
@@ -157,7 +159,7 @@ class DesiredMonitoring:
             except PayloadError as exc:
                 log.error("stored desired state unreadable device=%s error=%s", r["device_id"], exc)
                 continue
-            wanted = decorate(desired, specs, policies)
+            wanted = with_tenants(decorate(desired, specs, policies), tenants.get(r["device_id"], []))
             if encode(wanted) == encode(desired):
                 continue
             wanted.generation = max(desired.generation, r["desired_generation"]) + 1
@@ -171,11 +173,12 @@ class DesiredMonitoring:
                 continue
             changed.append(r["device_id"])
             log.info(
-                "desired monitoring updated device=%s generation=%d drift_specs=%d capture_policies=%d",
+                "desired monitoring updated device=%s generation=%d drift_specs=%d capture_policies=%d tenants=%d",
                 r["device_id"],
                 wanted.generation,
                 len(wanted.drift_specs),
                 len(wanted.capture_policies),
+                len(wanted.tenants),
             )
             if self.publisher is not None:
                 self.publisher.publish_desired(r["device_id"], payload)

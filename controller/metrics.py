@@ -115,6 +115,18 @@ class FleetCollector(Collector):
                 device_psi.add_metric([name, version, device], w.score.psi)
         yield from (psi, kl, device_psi)
 
+        tenant_labels = ["device", "tenant"]
+        dropped = CounterMetricFamily(
+            "edgefleet_tenant_dropped", "Samples a tenant's full queue dropped", labels=tenant_labels
+        )
+        tenant_errors = CounterMetricFamily(
+            "edgefleet_tenant_errors", "Failed inferences of a tenant pipeline", labels=tenant_labels
+        )
+        for r in s.store.query("SELECT * FROM tenant_counters ORDER BY device_id, tenant"):
+            dropped.add_metric([r["device_id"], r["tenant"]], r["dropped"])
+            tenant_errors.add_metric([r["device_id"], r["tenant"]], r["errors"])
+        yield from (dropped, tenant_errors)
+
         runs = CounterMetricFamily(
             "edgefleet_retraining_runs", "Retraining runs by policy and status", labels=["policy", "status"]
         )

@@ -44,6 +44,8 @@ class Controller:
         self.rollouts = Rollouts(self.store, self.registry, self.fleet)
         self.telemetry = TelemetryStore(self.store)
         self.closed_loop = ClosedLoop(self.store, settings, self.telemetry, self.registry)
+        # One service for the API and the maintenance tick that keeps desired states carrying them.
+        self.tenants = self.closed_loop.desired.tenants
         self.transport: Transport | None = None
         self.rollout_runner: RolloutRunner | None = None
         self._token_hash = settings.admin_token_sha256
@@ -86,6 +88,7 @@ class Controller:
         self.rollout_runner.start()
         transport.on_capture = self.closed_loop.datasets.receive
         self.closed_loop.desired.publisher = transport
+        self.tenants.publisher = transport
         self.closed_loop.start()
         return transport
 
@@ -97,6 +100,7 @@ class Controller:
         if self.transport is not None:
             self.transport.stop()
             self.rollouts.publisher = None
+            self.tenants.publisher = None
             self.transport = None
         self.optimizer.stop()
         self.store.close()

@@ -288,6 +288,21 @@ CREATE TABLE IF NOT EXISTS capture_policies (
     updated_at REAL NOT NULL,
     PRIMARY KEY (model_name, tenant)
 );
+-- Tenant apps the controller declares on each device (sent in its desired state).
+CREATE TABLE IF NOT EXISTS device_tenants (
+    device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
+    tenants TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+-- Per device and tenant totals of the tenant stats in telemetry (exported on /metrics).
+CREATE TABLE IF NOT EXISTS tenant_counters (
+    device_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    inferences INTEGER NOT NULL DEFAULT 0,
+    dropped INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (device_id, tenant)
+);
 """
 
 

@@ -28,6 +28,7 @@ class TelemetryRecord:
     models: list[dict[str, Any]]
     outbox_dropped: int
     shadows: list[dict[str, Any]]
+    tenants: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -82,14 +83,31 @@ def shadow_stats_dict(stats: fleet_pb2.ShadowStats) -> dict[str, Any]:
     }
 
 
-def _add_shadows_column(store: Store) -> None:
-    """Shadow stats (issue 5) live beside the window's model stats, so retention prunes them together.
+def tenant_stats_dict(stats: fleet_pb2.TenantStats) -> dict[str, Any]:
+    return {
+        "tenant": stats.tenant,
+        "samples": stats.samples,
+        "inferences": stats.inferences,
+        "dropped": stats.dropped,
+        "errors": stats.errors,
+        "rate_hz": stats.rate_hz,
+        "latency_p50_ms": stats.latency_p50_ms,
+        "latency_p95_ms": stats.latency_p95_ms,
+        "latency_p99_ms": stats.latency_p99_ms,
+        "source_failures": stats.source_failures,
+        "weight": stats.weight,
+        "busy_s": stats.busy_s,
+    }
 
-    Databases made before them get the column here, once; existing rows read as no shadows.
+
+def _add_issue5_columns(store: Store) -> None:
+    """Shadow and tenant stats (issue 5) live beside the window's model stats, so retention prunes
+    them together. Databases made before them get the columns here, once; existing rows read as none.
     """
     columns = {r["name"] for r in store.query("PRAGMA table_info(telemetry)")}
-    if "shadows" not in columns:
-        store.execute("ALTER TABLE telemetry ADD COLUMN shadows TEXT NOT NULL DEFAULT '[]'")
+    for name in ("shadows", "tenants"):
+        if name not in columns:
+            store.execute(f"ALTER TABLE telemetry ADD COLUMN {name} TEXT NOT NULL DEFAULT '[]'")
 
 
 def clamp_limit(limit: int) -> int:
@@ -99,7 +117,7 @@ def clamp_limit(limit: int) -> int:
 class TelemetryStore:
     def __init__(self, store: Store) -> None:
         self.store = store
-        _add_shadows_column(store)
+        _add_issue5_columns(store)
         # Called, inside the ingest transaction, for each newly stored window
         # (roll-ups and drift sketches: controller.monitoring).
         self.observers: list[Callable[[str, fleet_pb2.Telemetry, float], None]] = []
@@ -108,7 +126,7 @@ class TelemetryStore:
         """Store one window; False for a window already stored (an outbox resend)."""
         added = self.store.execute(
             "INSERT OR IGNORE INTO telemetry (device_id, received_at, seq, window_start_ms, window_end_ms,"
-            " system, models, outbox_dropped, shadows) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " system, models, outbox_dropped, shadows, tenants) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 device_id,
                 received_at,
@@ -119,13 +137,25 @@ class TelemetryStore:
                 json.dumps([model_stats_dict(m) for m in msg.models]),
                 msg.outbox_dropped,
                 json.dumps([shadow_stats_dict(s) for s in msg.shadows]),
+                json.dumps([tenant_stats_dict(t) for t in msg.tenants]),
             ),
         )
         log.debug("telemetry device=%s seq=%d stored=%s", device_id, msg.seq, bool(added))
         if added:
+            self._count_tenants(device_id, msg)
             for observe in self.observers:
                 observe(device_id, msg, received_at)
         return bool(added)
+
+    def _count_tenants(self, device_id: str, msg: fleet_pb2.Telemetry) -> None:
+        """Running totals per device and tenant, so /metrics reads one small table."""
+        for t in msg.tenants:
+            self.store.execute(
+                "INSERT INTO tenant_counters (device_id, tenant, inferences, dropped, errors) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (device_id, tenant) DO UPDATE SET inferences = inferences + excluded.inferences,"
+                " dropped = dropped + excluded.dropped, errors = errors + excluded.errors",
+                (device_id, t.tenant, t.inferences, t.dropped, t.errors),
+            )
 
     def ingest_event(self, device_id: str, msg: fleet_pb2.Event, received_at: float) -> None:
         self.store.execute(
@@ -167,6 +197,7 @@ class TelemetryStore:
                 models=json.loads(r["models"]),
                 outbox_dropped=r["outbox_dropped"],
                 shadows=json.loads(r["shadows"]),
+                tenants=json.loads(r["tenants"]),
             )
             for r in rows
         ]

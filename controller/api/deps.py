@@ -15,6 +15,7 @@ from controller.registry import Registry
 from controller.rollouts import Rollouts
 from controller.service import Controller
 from controller.telemetry import TelemetryStore
+from controller.tenants import DeviceTenants
 
 _bearer = HTTPBearer(auto_error=False, description="The admin token printed by `edgefleet controller init`")
 
@@ -63,10 +64,15 @@ def get_closed_loop(controller: ControllerDep) -> ClosedLoop:
     return controller.closed_loop
 
 
+def get_tenants(controller: ControllerDep) -> DeviceTenants:
+    return controller.tenants
+
+
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 FleetDep = Annotated[Fleet, Depends(get_fleet)]
 ProfilesDep = Annotated[Profiles, Depends(get_profiles)]
 RolloutsDep = Annotated[Rollouts, Depends(get_rollouts)]
 TelemetryDep = Annotated[TelemetryStore, Depends(get_telemetry)]
+TenantsDep = Annotated[DeviceTenants, Depends(get_tenants)]
 ClosedLoopDep = Annotated[ClosedLoop, Depends(get_closed_loop)]
 Authenticated = Depends(require_token)

@@ -1,11 +1,17 @@
-"""/v1/devices: register devices (credentials shown once) and read their state."""
+"""/v1/devices: register devices (credentials shown once), read their state, declare their tenants."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from controller.api.deps import FleetDep
-from controller.api.schemas import DeviceCreate, DeviceCredentialsPublic, DevicePublic
+from controller.api.deps import FleetDep, TenantsDep
+from controller.api.schemas import (
+    DeviceCreate,
+    DeviceCredentialsPublic,
+    DevicePublic,
+    TenantCreate,
+    TenantPublic,
+)
 
 router = APIRouter(tags=["devices"])
 
@@ -23,3 +29,16 @@ def list_devices(fleet: FleetDep) -> list[DevicePublic]:
 @router.get("/devices/{device_id}", response_model=DevicePublic)
 def get_device(device_id: str, fleet: FleetDep) -> DevicePublic:
     return DevicePublic.model_validate(fleet.get(device_id))
+
+
+@router.put("/devices/{device_id}/tenants", response_model=list[TenantPublic])
+def set_device_tenants(device_id: str, body: list[TenantCreate], tenants: TenantsDep) -> list[TenantPublic]:
+    """Replace the tenants the controller declares on the device; its desired state is re-issued."""
+    docs = [t.model_dump(exclude_defaults=True) | {"id": t.id} for t in body]
+    return [TenantPublic.model_validate(t) for t in tenants.put(device_id, docs)]
+
+
+@router.get("/devices/{device_id}/tenants", response_model=list[TenantPublic])
+def get_device_tenants(device_id: str, fleet: FleetDep, tenants: TenantsDep) -> list[TenantPublic]:
+    fleet.get(device_id)
+    return [TenantPublic.model_validate(t) for t in tenants.get(device_id)]

@@ -139,6 +139,48 @@ class DevicePublic(_Public):
     profile: str
 
 
+class TenantSourceCreate(_Create):
+    kind: str
+    uri: str = ""
+    # Kind-specific options as in agent.toml's [tenants.source] (loop, fps, delimiter, ...).
+    options: dict[str, str | int | float | bool] = {}
+
+
+class TenantCreate(_Create):
+    """A tenant app as agent.toml's [[tenants]] declares it; ``token`` is hashed on arrival."""
+
+    id: str
+    model: str = ""
+    source: TenantSourceCreate | None = None
+    preprocess: dict[str, str | int | float | bool | list[int] | list[float]] = {}
+    rate_hz: float = 0.0
+    weight: float = 1.0
+    queue: int = 4
+    results: list[str] = ["grpc"]
+    token: str = ""
+    token_sha256: str = ""
+
+
+class TenantSourcePublic(_Public):
+    kind: str
+    uri: str
+    options: dict[str, str]
+
+
+class TenantPublic(_Public):
+    """A declared tenant; its token is a secret and never shown (``has_token`` says whether one is set)."""
+
+    id: str
+    model: str
+    source: TenantSourcePublic | None
+    preprocess: dict[str, str]
+    rate_hz: float
+    weight: float
+    queue: int
+    results: list[str]
+    has_token: bool
+
+
 class SystemStatsPublic(_Public):
     cpu_percent: float
     mem_total_bytes: int
@@ -177,6 +219,23 @@ class ShadowStatsPublic(_Public):
     live_latency_p50_ms: float
 
 
+class TenantStatsPublic(_Public):
+    """One tenant pipeline in one window (issue 5)."""
+
+    tenant: str
+    samples: int
+    inferences: int
+    dropped: int
+    errors: int
+    rate_hz: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    source_failures: int
+    weight: float
+    busy_s: float
+
+
 class TelemetryPublic(_Public):
     received_at: float
     window_start_ms: int
@@ -186,6 +245,7 @@ class TelemetryPublic(_Public):
     models: list[ModelStatsPublic]
     outbox_dropped: int
     shadows: list[ShadowStatsPublic] = []
+    tenants: list[TenantStatsPublic] = []
 
 
 class EventPublic(_Public):

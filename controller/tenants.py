@@ -1,0 +1,291 @@
+"""Tenant apps the controller declares on a device (issue 5), carried in its desired state.
+
+An operator puts a device's whole tenant list at once (``PUT /v1/devices/{id}/tenants``).
+:func:`parse_tenants` checks it with the agent's rules (``agent.tenants``; the
+halves share no code, so the rules are repeated here and the messages match), the
+list is stored in SQLite, and the device's desired state is re-issued with
+``DesiredState.tenants`` replaced (generation + 1, compare-and-set on the stored
+generation, published after the commit). Tokens are hashed on the way in: only
+``token_sha256`` is stored or sent, and no response carries either.
+:func:`with_tenants` (pure) is also what the maintenance tick uses to keep every
+desired state carrying exactly its device's stored tenants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from edgefleet_proto import fleet_pb2
+from edgefleet_proto.codec import PayloadError, decode_as, encode
+
+from controller.errors import InvalidInputError, UnknownTargets
+from controller.store import Store
+
+log = logging.getLogger(__name__)
+
+# No '.' in tenant ids: the agent reads "{tenant}.shadow" as the tenant's shadow candidate.
+_TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+SINKS = ("grpc", "mqtt")
+SOURCE_OPTIONS: dict[str, frozenset[str]] = {
+    "video": frozenset({"loop", "fps"}),
+    "camera": frozenset({"width", "height", "fps"}),
+    "wav": frozenset({"loop", "chunk"}),
+    "microphone": frozenset({"sample_rate", "channels", "chunk"}),
+    "csv": frozenset({"loop", "skip_header", "delimiter"}),
+    "lines": frozenset({"baud", "delimiter"}),
+    "synthetic": frozenset({"shape", "dtype", "count", "seed", "sample_kind"}),
+}
+PREPROCESS_KEYS = frozenset(
+    {"input", "crop", "resize", "color", "scale", "mean", "std", "layout", "dtype"}
+    | {"window", "hop", "features", "n_fft", "n_mels", "batch"}
+)
+MAX_TENANTS = 64
+MIN_TOKEN_CHARS = 16
+
+
+class InvalidTenantSpec(InvalidInputError):
+    pass
+
+
+class Publisher(Protocol):
+    def publish_desired(self, device_id: str, payload: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str
+    uri: str = ""
+    options: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeviceTenant:
+    id: str
+    model: str
+    source: Source | None
+    preprocess: dict[str, str]
+    rate_hz: float
+    weight: float
+    queue: int
+    results: list[str]
+    token_sha256: str = ""
+
+    @property
+    def has_token(self) -> bool:
+        return bool(self.token_sha256)
+
+    def to_proto(self) -> fleet_pb2.TenantSpec:
+        msg = fleet_pb2.TenantSpec(
+            tenant=self.id,
+            model_name=self.model,
+            preprocess=self.preprocess,
+            target_rate_hz=self.rate_hz,
+            weight=self.weight,
+            queue_bound=self.queue,
+            results=self.results,
+            token_sha256=self.token_sha256,
+        )
+        if self.source is not None:
+            msg.source.CopyFrom(
+                fleet_pb2.SourceSpec(kind=self.source.kind, uri=self.source.uri, options=self.source.options)
+            )
+        return msg
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DeviceTenant:
+        source = data.pop("source")
+        return cls(source=Source(**source) if source else None, **data)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return ",".join(_text(v) for v in value)
+    return str(value)
+
+
+def _number(value: Any, what: str, *, integer: bool = False, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidTenantSpec(f"{what}: expected a number, got {value!r}")
+    if (
+        not math.isfinite(value)
+        or value < 0
+        or (positive and value <= 0)
+        or (integer and value != int(value))
+    ):
+        kind = "a whole number" if integer else "a number"
+        bound = "greater than 0" if positive else "at least 0"
+        raise InvalidTenantSpec(f"{what}: must be {kind} {bound}, got {value!r}")
+    return value
+
+
+def _source(doc: Any, where: str) -> Source:
+    if not isinstance(doc, Mapping):
+        raise InvalidTenantSpec(f"{where}: expected an object with kind, uri and options")
+    unknown = sorted(set(doc) - {"kind", "uri", "options"})
+    if unknown:
+        raise InvalidTenantSpec(f"{where}: unknown field(s) {unknown} (expected kind, uri, options)")
+    kind = doc.get("kind", "")
+    if kind not in SOURCE_OPTIONS:
+        raise InvalidTenantSpec(
+            f"{where}.kind: unknown source kind {kind!r} (expected one of {', '.join(sorted(SOURCE_OPTIONS))})"
+        )
+    uri = doc.get("uri", "")
+    if not isinstance(uri, str | int) or isinstance(uri, bool):
+        raise InvalidTenantSpec(f"{where}.uri: expected text, got {uri!r}")
+    if kind not in ("synthetic", "microphone") and not str(uri):
+        raise InvalidTenantSpec(f"{where}.uri: a {kind} source needs a uri")
+    options = doc.get("options") or {}
+    if not isinstance(options, Mapping):
+        raise InvalidTenantSpec(f"{where}.options: expected an object")
+    bad = sorted(set(options) - SOURCE_OPTIONS[kind])
+    if bad:
+        allowed = ", ".join(sorted(SOURCE_OPTIONS[kind]))
+        raise InvalidTenantSpec(
+            f"{where}.options: unknown option(s) {bad} for a {kind} source (expected: {allowed})"
+        )
+    return Source(kind, str(uri), {k: _text(v) for k, v in sorted(options.items())})
+
+
+def parse_tenant(doc: Mapping[str, Any], models: set[str], where: str) -> DeviceTenant:
+    tenant_id = doc.get("id")
+    if not isinstance(tenant_id, str) or not _TENANT_ID.match(tenant_id):
+        raise InvalidTenantSpec(
+            f"{where}.id: invalid tenant id {tenant_id!r}: use 1-64 letters, digits, '_' or '-',"
+            " starting with a letter or digit"
+        )
+    where = f"tenant {tenant_id!r}"
+    model = doc.get("model") or ""
+    if not isinstance(model, str) or not model:
+        raise InvalidTenantSpec(f"{where}.model: missing (the name of the registered model it runs)")
+    if model not in models:
+        raise InvalidTenantSpec(f"{where}.model: unknown model {model!r} (upload it first)")
+    preprocess = doc.get("preprocess") or {}
+    if not isinstance(preprocess, Mapping):
+        raise InvalidTenantSpec(f"{where}.preprocess: expected an object")
+    unknown = sorted(set(preprocess) - PREPROCESS_KEYS)
+    if unknown:
+        raise InvalidTenantSpec(
+            f"{where}.preprocess: unknown key(s) {unknown} (expected some of {', '.join(sorted(PREPROCESS_KEYS))})"
+        )
+    results = doc.get("results") or ["grpc"]
+    if not isinstance(results, list) or not results or not set(results) <= set(SINKS):
+        raise InvalidTenantSpec(f"{where}.results: must be some of {', '.join(SINKS)}, got {results!r}")
+    token, token_sha256 = doc.get("token") or "", doc.get("token_sha256") or ""
+    if token and token_sha256:
+        raise InvalidTenantSpec(f"{where}: give token or token_sha256, not both")
+    if token:
+        if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS:
+            raise InvalidTenantSpec(
+                f"{where}.token: use a random string of at least {MIN_TOKEN_CHARS} characters"
+            )
+        token_sha256 = hashlib.sha256(token.encode()).hexdigest()
+    if token_sha256 and not re.fullmatch(r"[0-9a-f]{64}", str(token_sha256)):
+        raise InvalidTenantSpec(f"{where}.token_sha256: expected 64 lowercase hex digits")
+    source = doc.get("source")
+    return DeviceTenant(
+        id=tenant_id,
+        model=model,
+        source=_source(source, f"{where}.source") if source is not None else None,
+        preprocess={k: _text(v) for k, v in sorted(preprocess.items())},
+        rate_hz=float(_number(doc.get("rate_hz", 0.0), f"{where}.rate_hz")),
+        weight=float(_number(doc.get("weight", 1.0), f"{where}.weight", positive=True)),
+        queue=int(_number(doc.get("queue", 4), f"{where}.queue", integer=True, positive=True)),
+        results=sorted(set(results)),
+        token_sha256=str(token_sha256),
+    )
+
+
+def parse_tenants(docs: Sequence[Mapping[str, Any]], models: set[str]) -> list[DeviceTenant]:
+    """A device's tenant list, checked whole: the first problem is raised, naming the tenant and field."""
+    if len(docs) > MAX_TENANTS:
+        raise InvalidTenantSpec(f"at most {MAX_TENANTS} tenants per device, got {len(docs)}")
+    tenants = [parse_tenant(doc, models, f"tenants[{i}]") for i, doc in enumerate(docs)]
+    seen: set[str] = set()
+    for t in tenants:
+        if t.id in seen:
+            raise InvalidTenantSpec(f"tenant id {t.id!r} is declared twice")
+        seen.add(t.id)
+    return sorted(tenants, key=lambda t: t.id)
+
+
+def with_tenants(desired: fleet_pb2.DesiredState, tenants: Sequence[DeviceTenant]) -> fleet_pb2.DesiredState:
+    """``desired`` carrying exactly ``tenants``; the generation is left to the caller."""
+    out = fleet_pb2.DesiredState()
+    out.CopyFrom(desired)
+    del out.tenants[:]
+    out.tenants.extend(t.to_proto() for t in tenants)
+    return out
+
+
+class DeviceTenants:
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+        self.publisher: Publisher | None = None
+
+    def get(self, device_id: str) -> list[DeviceTenant]:
+        row = self.store.query_one("SELECT tenants FROM device_tenants WHERE device_id = ?", (device_id,))
+        return [DeviceTenant.from_json(t) for t in json.loads(row["tenants"])] if row else []
+
+    def all(self) -> dict[str, list[DeviceTenant]]:
+        rows = self.store.query("SELECT device_id, tenants FROM device_tenants")
+        return {r["device_id"]: [DeviceTenant.from_json(t) for t in json.loads(r["tenants"])] for r in rows}
+
+    def put(self, device_id: str, docs: Sequence[Mapping[str, Any]]) -> list[DeviceTenant]:
+        """Replace the device's tenants and re-issue its desired state; nothing changes on bad input."""
+        if self.store.query_one("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)) is None:
+            raise UnknownTargets(f"unknown device {device_id}")
+        models = {r["name"] for r in self.store.query("SELECT name FROM models")}
+        tenants = parse_tenants(docs, models)
+        # Read, compare and write in one transaction: a rollout pass cannot interleave.
+        with self.store.transaction() as tx:
+            tx.execute(
+                "INSERT INTO device_tenants (device_id, tenants, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (device_id) DO UPDATE SET tenants = excluded.tenants,"
+                " updated_at = excluded.updated_at",
+                (device_id, json.dumps([asdict(t) for t in tenants]), self.clock()),
+            )
+            payload = self._reissue(tx, device_id, tenants)
+        log.info(
+            "device tenants set device=%s tenants=%s",
+            device_id,
+            ",".join(f"{t.id}:{t.model}" for t in tenants) or "-",
+        )
+        if payload and self.publisher is not None:
+            self.publisher.publish_desired(device_id, payload)
+        return tenants
+
+    def _reissue(self, tx: Store, device_id: str, tenants: Sequence[DeviceTenant]) -> bytes | None:
+        """The new desired payload; None when it already carried these tenants."""
+        row = tx.query_one(
+            "SELECT desired_generation, desired FROM devices WHERE device_id = ?", (device_id,)
+        )
+        assert row is not None
+        current = fleet_pb2.DesiredState(device_id=device_id)
+        if row["desired"] is not None:
+            try:
+                current = decode_as(fleet_pb2.DesiredState, bytes(row["desired"]))
+            except PayloadError as exc:
+                log.error("stored desired state unreadable device=%s error=%s", device_id, exc)
+        wanted = with_tenants(current, tenants)
+        if row["desired"] is not None and encode(wanted) == encode(current):
+            return None
+        wanted.generation = max(current.generation, row["desired_generation"]) + 1
+        wanted.issued_at_ms = int(self.clock() * 1000)
+        payload = encode(wanted)
+        tx.execute(
+            "UPDATE devices SET desired_generation = ?, desired = ? WHERE device_id = ?",
+            (wanted.generation, payload, device_id),
+        )
+        log.info("desired tenants updated device=%s generation=%d", device_id, wanted.generation)
+        return payload
