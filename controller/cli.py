@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -233,6 +234,42 @@ def cmd_signing_key(args: argparse.Namespace) -> int:
 
 def cmd_devices_set_profile(args: argparse.Namespace) -> int:
     _print(_call(args, "PUT", f"/v1/devices/{args.device_id}/profile", json={"profile": args.profile}))
+    return 0
+
+
+def tenants_from_toml(text: str, where: str) -> list[dict[str, Any]]:
+    """agent.toml's ``[[tenants]]`` tables as the API's tenant specs (source options moved under ``options``)."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CommandError(f"{where}: invalid TOML: {exc}") from None
+    tables = doc.get("tenants", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise CommandError(f"{where}: expected [[tenants]] tables")
+    specs = []
+    for table in tables:
+        spec = dict(table)
+        source = spec.get("source")
+        if isinstance(source, dict):
+            options = {k: v for k, v in source.items() if k not in ("kind", "uri")}
+            spec["source"] = {k: source[k] for k in ("kind", "uri") if k in source} | {"options": options}
+        specs.append(spec)
+    return specs
+
+
+def cmd_devices_set_tenants(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror or exc}") from None
+    body = tenants_from_toml(text, str(path))
+    _print(_call(args, "PUT", f"/v1/devices/{args.device_id}/tenants", json=body))
+    return 0
+
+
+def cmd_devices_tenants(args: argparse.Namespace) -> int:
+    _print(_call(args, "GET", f"/v1/devices/{args.device_id}/tenants"))
     return 0
 
 
@@ -498,6 +535,17 @@ def build_parser() -> argparse.ArgumentParser:
     set_profile.add_argument("device_id")
     set_profile.add_argument("profile")
     set_profile.set_defaults(func=cmd_devices_set_profile)
+    set_tenants = devices.add_parser(
+        "set-tenants", parents=[remote], help="declare a device's tenant apps ([[tenants]] as in agent.toml)"
+    )
+    set_tenants.add_argument("device_id")
+    set_tenants.add_argument(
+        "--file", required=True, help="TOML file with [[tenants]] tables; none clears them"
+    )
+    set_tenants.set_defaults(func=cmd_devices_set_tenants)
+    show_tenants = devices.add_parser("tenants", parents=[remote], help="the tenants declared on a device")
+    show_tenants.add_argument("device_id")
+    show_tenants.set_defaults(func=cmd_devices_tenants)
 
     rollouts = commands.add_parser("rollouts", help="rollouts").add_subparsers(dest="action", required=True)
     create = rollouts.add_parser("create", parents=[remote], help="send a model version to a target in waves")
