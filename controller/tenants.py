@@ -128,6 +128,52 @@ def _number(value: Any, what: str, *, integer: bool = False, positive: bool = Fa
     return value
 
 
+_CHOICES = {
+    "color": ("rgb", "bgr", "gray"),
+    "layout": ("nhwc", "nchw"),
+    "dtype": ("float32", "float16", "float64", "uint8", "int8", "int32", "int64"),
+    "features": ("raw", "log_mel"),
+    "batch": ("true", "false", "1", "0", "yes", "no", "on", "off"),
+}
+# Lists: how many numbers (None: any), integers or not.
+_LISTS: dict[str, tuple[int | None, bool]] = {
+    "crop": (4, True),
+    "resize": (2, True),
+    "mean": (None, False),
+    "std": (None, False),
+    "scale": (1, False),
+    "window": (1, True),
+    "hop": (1, True),
+    "n_fft": (1, True),
+    "n_mels": (1, True),
+}
+
+
+def _preprocess_value(key: str, value: str, what: str) -> None:
+    """The agent's checks on one preprocessing value (agent.tenants.parse_preprocess), on its text form."""
+    if key in _CHOICES:
+        if value.lower() not in _CHOICES[key]:
+            raise InvalidTenantSpec(f"{what}: must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+        return
+    if key not in _LISTS:
+        return
+    count, integer = _LISTS[key]
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        numbers = [int(v) if integer else float(v) for v in items]
+    except ValueError:
+        numbers = []
+    if not numbers or (count is not None and len(numbers) != count) or not all(map(math.isfinite, numbers)):
+        kind = "integers" if integer else "numbers"
+        raise InvalidTenantSpec(f"{what}: expected {count or 'some'} {kind}, got {value!r}")
+    if integer and (
+        min(numbers) < (2 if key in ("n_fft", "n_mels") else 0) or (key == "resize" and 0 in numbers)
+    ):
+        raise InvalidTenantSpec(f"{what}: out of range, got {value!r}")
+    if key == "std" and 0 in numbers:
+        raise InvalidTenantSpec(f"{what}: a standard deviation of 0 would divide by zero")
+
+
 def _source(doc: Any, where: str) -> Source:
     if not isinstance(doc, Mapping):
         raise InvalidTenantSpec(f"{where}: expected an object with kind, uri and options")
@@ -177,6 +223,11 @@ def parse_tenant(doc: Mapping[str, Any], models: set[str], where: str) -> Device
         raise InvalidTenantSpec(
             f"{where}.preprocess: unknown key(s) {unknown} (expected some of {', '.join(sorted(PREPROCESS_KEYS))})"
         )
+    preprocess = {k: _text(v) for k, v in sorted(preprocess.items())}
+    for key, value in preprocess.items():
+        _preprocess_value(key, value, f"{where}.preprocess.{key}")
+    if "hop" in preprocess and "window" not in preprocess:
+        raise InvalidTenantSpec(f"{where}.preprocess.hop: needs a window")
     results = doc.get("results") or ["grpc"]
     if not isinstance(results, list) or not results or not set(results) <= set(SINKS):
         raise InvalidTenantSpec(f"{where}.results: must be some of {', '.join(SINKS)}, got {results!r}")
@@ -196,7 +247,7 @@ def parse_tenant(doc: Mapping[str, Any], models: set[str], where: str) -> Device
         id=tenant_id,
         model=model,
         source=_source(source, f"{where}.source") if source is not None else None,
-        preprocess={k: _text(v) for k, v in sorted(preprocess.items())},
+        preprocess=preprocess,
         rate_hz=float(_number(doc.get("rate_hz", 0.0), f"{where}.rate_hz")),
         weight=float(_number(doc.get("weight", 1.0), f"{where}.weight", positive=True)),
         queue=int(_number(doc.get("queue", 4), f"{where}.queue", integer=True, positive=True)),

@@ -30,7 +30,7 @@ def spec(**over: Any) -> dict[str, Any]:
         "id": "door",
         "model": "adder",
         "source": {"kind": "csv", "uri": "/srv/rows.csv", "options": {"loop": True, "skip_header": True}},
-        "preprocess": {"window": 1, "dtype": "float32"},
+        "preprocess": {"window": 1, "dtype": "float32", "mean": [0.5, 0.25]},
         "rate_hz": 20,
         "weight": 2.0,
         "queue": 8,
@@ -58,6 +58,10 @@ def spec(**over: Any) -> dict[str, Any]:
         (spec(results=["file"]), "results: must be some of grpc, mqtt"),
         (spec(token="short"), "at least 16 characters"),
         (spec(preprocess={"zoom": 2}), "unknown key(s) ['zoom']"),
+        (spec(preprocess={"resize": [224]}), "preprocess.resize: expected 2 integers"),
+        (spec(preprocess={"layout": "chw"}), "preprocess.layout: must be one of nhwc, nchw"),
+        (spec(preprocess={"std": "0.2,0"}), "would divide by zero"),
+        (spec(preprocess={"hop": 4}), "preprocess.hop: needs a window"),
     ],
 )
 def test_an_invalid_tenant_spec_is_refused_naming_the_problem(doc: dict[str, Any], problem: str) -> None:
@@ -76,7 +80,7 @@ def test_a_valid_spec_becomes_the_agents_text_form_with_only_the_token_hash() ->
     msg = tenant.to_proto()
     assert msg.tenant == "door" and msg.model_name == "adder"
     assert msg.source.kind == "csv" and dict(msg.source.options) == {"loop": "true", "skip_header": "true"}
-    assert dict(msg.preprocess) == {"dtype": "float32", "window": "1"}
+    assert dict(msg.preprocess) == {"dtype": "float32", "mean": "0.5,0.25", "window": "1"}
     assert (msg.target_rate_hz, msg.weight, msg.queue_bound) == (20.0, 2.0, 8)
     assert list(msg.results) == ["grpc", "mqtt"]
     assert msg.token_sha256 == hashlib.sha256(TOKEN.encode()).hexdigest()
