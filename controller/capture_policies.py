@@ -8,7 +8,8 @@ state: :func:`decorate` (pure) puts the matching ``DriftSpec`` and
 :class:`DesiredMonitoring` keeps every device's desired state decorated: a
 rollout writes desired states without these entries, a new baseline or policy
 changes them; each maintenance tick re-issues (generation + 1) the desired
-states that differ from their decorated form.
+states that differ from their decorated form, which also carries exactly the
+tenants the controller declares on the device (:mod:`controller.tenants`).
 """
 
 from __future__ import annotations
