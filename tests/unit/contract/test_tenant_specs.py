@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from agent.tenants import from_proto
 from controller.tenants import parse_tenants
@@ -11,7 +12,7 @@ TOKEN = "cam-app-token-0123456789"
 
 
 def test_the_agent_parses_every_tenant_the_controller_accepts() -> None:
-    docs = [
+    docs: list[dict[str, Any]] = [
         {
             "id": "door",
             "model": "conv",
