@@ -16,9 +16,10 @@ from controller import metrics
 from controller.api.schemas import TelemetryPublic
 from controller.baselines import Baselines
 from controller.capture_policies import DesiredMonitoring
+from controller.cli import CommandError, tenants_from_toml
 from controller.errors import InvalidInputError
 from controller.rollups import Retention, Rollups
-from controller.tenants import DeviceTenants, InvalidTenantSpec, parse_tenants
+from controller.tenants import DeviceTenants, InvalidTenantSpec, Source, parse_tenants
 from tests.unit.controller.helpers import Parts
 from tests.unit.controller.test_ctl_registry import add_model
 
@@ -177,3 +178,25 @@ def test_tenant_stats_are_served_with_their_window_and_counted_on_metrics(parts:
     labels = (("device", "d1"), ("tenant", "door"))
     assert got[("edgefleet_tenant_dropped_total", labels)] == 5
     assert got[("edgefleet_tenant_errors_total", labels)] == 2
+
+
+def test_the_cli_reads_agent_toml_tenants_into_the_api_form() -> None:
+    text = """
+[[tenants]]
+id = "door"
+model = "adder"
+weight = 3.0
+[tenants.source]
+kind = "video"
+uri = "/srv/door.avi"
+loop = true
+[tenants.preprocess]
+resize = [32, 32]
+"""
+    (doc,) = tenants_from_toml(text, "tenants.toml")
+    assert doc["source"] == {"kind": "video", "uri": "/srv/door.avi", "options": {"loop": True}}
+    (tenant,) = parse_tenants([doc], {"adder"})
+    assert tenant.source == Source("video", "/srv/door.avi", {"loop": "true"}) and tenant.weight == 3.0
+    assert tenant.preprocess == {"resize": "32,32"}
+    with pytest.raises(CommandError, match=r"tenants\.toml: invalid TOML"):
+        tenants_from_toml("[[tenants]\n", "tenants.toml")
