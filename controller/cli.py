@@ -379,6 +379,24 @@ def rollout_body(args: argparse.Namespace) -> dict[str, Any]:
     }
     if gates:
         body["gates"] = gates
+    if args.shadow_soak is not None:
+        body["shadow"] = {
+            key: value
+            for key, value in (
+                ("soak_s", args.shadow_soak),
+                ("min_agreement", args.min_shadow_agreement),
+                ("max_deviation", args.max_shadow_deviation),
+                ("min_compared", args.min_shadow_compared),
+            )
+            if value is not None
+        }
+    elif any(
+        v is not None
+        for v in (args.min_shadow_agreement, args.max_shadow_deviation, args.min_shadow_compared)
+    ):
+        raise CommandError(
+            "--min-shadow-agreement, --max-shadow-deviation and --min-shadow-compared need --shadow-soak"
+        )
     return body
 
 
@@ -574,6 +592,21 @@ def build_parser() -> argparse.ArgumentParser:
     staged.add_argument("--max-concurrent", type=int, default=0, metavar="N")
     staged.add_argument("--probation", type=float, default=0.0, metavar="S", help="agent probation seconds")
     staged.add_argument("--probation-max-error-rate", type=float, default=0.0, metavar="RATE")
+    shadow = create.add_argument_group(
+        "shadow phase (each wave runs the candidate beside the live model first)"
+    )
+    shadow.add_argument(
+        "--shadow-soak", type=float, default=None, metavar="S", help="seconds in shadow per wave"
+    )
+    shadow.add_argument(
+        "--min-shadow-agreement", type=float, default=None, metavar="F", help="top-1 agreement"
+    )
+    shadow.add_argument(
+        "--max-shadow-deviation", type=float, default=None, metavar="D", help="mean |deviation|"
+    )
+    shadow.add_argument(
+        "--min-shadow-compared", type=int, default=None, metavar="N", help="samples per device"
+    )
     create.set_defaults(func=cmd_rollouts_create)
     rollouts.add_parser("list", parents=[remote]).set_defaults(func=cmd_rollouts_list)
     show = rollouts.add_parser("show", parents=[remote])

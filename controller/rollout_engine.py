@@ -25,10 +25,11 @@ from typing import ClassVar, Literal
 from edgefleet_proto import fleet_pb2
 
 from controller import drift
-from controller.rollout_plans import FailureAction, Plan
+from controller.rollout_plans import FailureAction, Plan, ShadowGate
 
 DeviceRolloutStatus = Literal[
     "waiting",
+    "shadow",
     "pending",
     "downloading",
     "verifying",
@@ -52,6 +53,21 @@ class State(StrEnum):
     ROLLED_BACK = "rolled_back"
     ABORTED = "aborted"
     SUPERSEDED = "superseded"
+
+
+class Phase(StrEnum):
+    """Where the current wave is: its candidate in shadow beside the live model, or going live."""
+
+    SHADOW = "shadow"
+    LIVE = "live"
+
+
+SHADOW_SUFFIX = ".shadow"
+
+
+def shadow_tenant(tenant: str) -> str:
+    """The agent runs an assignment for ``{tenant}.shadow`` as that tenant's shadow candidate."""
+    return f"{tenant}{SHADOW_SUFFIX}"
 
 
 ACTIVE_STATES = frozenset({State.RUNNING, State.PAUSED, State.AWAITING_APPROVAL, State.ROLLING_BACK})
@@ -103,6 +119,17 @@ class Member:
     previous: fleet_pb2.ModelAssignment | None
     # When this rollout set the device's desired state (None: not yet).
     set_at: float | None = None
+    # When this rollout set the candidate as the tenant's shadow on the device (None: not yet).
+    shadow_set_at: float | None = None
+
+    def shadow(self) -> fleet_pb2.ModelAssignment:
+        """The wanted assignment as the tenant's shadow candidate (no probation: it never serves)."""
+        a = fleet_pb2.ModelAssignment()
+        a.CopyFrom(self.wanted)
+        a.tenant = shadow_tenant(self.wanted.tenant or "default")
+        a.probation_s = 0.0
+        a.max_error_rate = 0.0
+        return a
 
 
 @dataclass(frozen=True)
@@ -119,6 +146,7 @@ class Run:
     promoted: bool = False
     approved_wave: int = 0
     reason: str = ""
+    phase: Phase = Phase.LIVE
 
 
 @dataclass(frozen=True)
@@ -131,6 +159,16 @@ class VersionStats:
     confidence_mean: float = 0.0
     # Predicted-class counts from the same sketches; index i is class i.
     classes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ShadowView:
+    """The candidate in shadow on one device since it was set there, summed over telemetry windows."""
+
+    compared: int = 0
+    # Means over the windows, weighted by their compared samples.
+    top1_agreement: float = 0.0
+    mean_abs_deviation: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +185,9 @@ class DeviceView:
     # The new version since the device was set; the previous version before that.
     new: VersionStats = VersionStats()
     baseline: VersionStats = VersionStats()
+    # Where the device is with the candidate as the tenant's shadow, and how it compared.
+    shadow_status: DeviceRolloutStatus = "pending"
+    shadow: ShadowView = ShadowView()
 
 
 @dataclass(frozen=True)
@@ -161,6 +202,8 @@ class SetDesired(Step):
     desired: fleet_pb2.DesiredState
     revert: bool
     reason: str
+    # Sets the candidate as the tenant's shadow (the member's shadow_set_at, not its set_at).
+    shadow: bool = False
 
 
 @dataclass(frozen=True)
@@ -173,6 +216,15 @@ class StartWave(Step):
 @dataclass(frozen=True)
 class StartSoak(Step):
     action: ClassVar[str] = "start_soak"
+    wave: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class GoLive(Step):
+    """The wave's shadow phase is over (its gate passed, or the operator promoted): send it live."""
+
+    action: ClassVar[str] = "go_live"
     wave: int
     reason: str
 
@@ -225,13 +277,18 @@ def carries(desired: fleet_pb2.DesiredState | None, assignment: fleet_pb2.ModelA
 
 
 def desired_with(
-    view: DeviceView, tenant: str, assignment: fleet_pb2.ModelAssignment | None, now: float
+    view: DeviceView,
+    tenant: str,
+    assignment: fleet_pb2.ModelAssignment | None,
+    now: float,
+    *more: tuple[str, fleet_pb2.ModelAssignment | None],
 ) -> fleet_pb2.DesiredState:
-    """The device's next desired state: the same, with ``tenant`` set to ``assignment`` (or removed)."""
+    """The device's next desired state: the same, with ``tenant`` set to ``assignment`` (or removed),
+    and likewise each further ``(tenant, assignment)``."""
+    changes = dict([(tenant, assignment), *more])
     current = list(view.desired.models) if view.desired is not None else []
-    models = [m for m in current if (m.tenant or "default") != tenant]
-    if assignment is not None:
-        models.append(assignment)
+    models = [m for m in current if (m.tenant or "default") not in changes]
+    models += [a for a in changes.values() if a is not None]
     return fleet_pb2.DesiredState(
         device_id=view.device_id,
         generation=view.desired_generation + 1,
@@ -358,12 +415,11 @@ def plan(run: Run, fleet: Mapping[str, DeviceView], now: float) -> list[Step]:
     last = len(run.plan.waves) - 1
     label = f"wave {run.wave + 1} of {last + 1}"
     members = [m for m in run.members if m.wave == run.wave]
+    if run.phase is Phase.SHADOW and run.plan.shadow is not None:
+        return _shadow_steps(run, members, fleet, now, label)
     verdict = judge(run, members, fleet, now)
     if verdict.failure is not None:
-        reason = f"{label}: {verdict.failure}"
-        if run.plan.failure_action is FailureAction.ROLLBACK:
-            return [RollBack(reason)]
-        return [Pause(reason)]
+        return [_on_failure(run, f"{label}: {verdict.failure}")]
     sets = _set_steps(run, members, fleet, now, label)
     if sets:
         return sets
@@ -380,7 +436,7 @@ def plan(run: Run, fleet: Mapping[str, DeviceView], now: float) -> list[Step]:
             f"{label}: only {verdict.reporting} of {verdict.size} devices reported "
             f"(need {gates.min_reporting_fraction:g})"
         )
-        return [RollBack(reason) if run.plan.failure_action is FailureAction.ROLLBACK else Pause(reason)]
+        return [_on_failure(run, reason)]
     if run.wave == last:
         failed = sum(fleet[m.device_id].status == "failed" for m in run.members)
         if failed:
@@ -392,49 +448,192 @@ def plan(run: Run, fleet: Mapping[str, DeviceView], now: float) -> list[Step]:
     return [StartWave(run.wave + 1, f"{label} {why}")]
 
 
+def _on_failure(run: Run, reason: str) -> Step:
+    return RollBack(reason) if run.plan.failure_action is FailureAction.ROLLBACK else Pause(reason)
+
+
+def _limit(
+    run: Run,
+    todo: list[Member],
+    busy_members: Sequence[tuple[float, DeviceView, DeviceRolloutStatus]],
+    now: float,
+) -> list[Member]:
+    """At most ``max_concurrent`` devices updating at once; ``busy_members`` are (set at, view, status)."""
+    if not run.plan.max_concurrent:
+        return todo
+    timeout = run.plan.device_timeout_s
+    busy = sum(
+        1
+        for set_at, view, status in busy_members
+        # An offline device downloads nothing: it does not hold a slot.
+        if view.online and status not in _DONE and (timeout is None or now < set_at + timeout)
+    )
+    return todo[: max(0, run.plan.max_concurrent - busy)]
+
+
 def _set_steps(
     run: Run, members: Sequence[Member], fleet: Mapping[str, DeviceView], now: float, label: str
 ) -> list[Step]:
     todo = [m for m in members if m.set_at is None and not carries(fleet[m.device_id].desired, m.wanted)]
-    if run.plan.max_concurrent:
-        busy = sum(
-            1
-            for m in members
-            if m.set_at is not None
-            # An offline device downloads nothing: it does not hold a slot.
-            and fleet[m.device_id].online
-            and fleet[m.device_id].status not in _DONE
-            and (run.plan.device_timeout_s is None or now < m.set_at + run.plan.device_timeout_s)
-        )
-        todo = todo[: max(0, run.plan.max_concurrent - busy)]
+    busy = [
+        (m.set_at, fleet[m.device_id], fleet[m.device_id].status) for m in members if m.set_at is not None
+    ]
+    # Going live ends the shadow phase: the candidate leaves the shadow slot in the same desired state.
+    clear = (shadow_tenant(run.tenant), None) if run.plan.shadow is not None else None
     return [
         SetDesired(
             m.device_id,
-            desired_with(fleet[m.device_id], run.tenant, m.wanted, now),
+            desired_with(fleet[m.device_id], run.tenant, m.wanted, now, *([clear] if clear else [])),
             revert=False,
             reason=f"{label}: send {m.wanted.model_name} {m.wanted.model_version}",
         )
-        for m in todo
+        for m in _limit(run, todo, busy, now)
     ]
+
+
+def _shadow_steps(
+    run: Run, members: Sequence[Member], fleet: Mapping[str, DeviceView], now: float, label: str
+) -> list[Step]:
+    """A wave's shadow phase: set the candidate as ``{tenant}.shadow``, wait, soak, judge, go live."""
+    gate = run.plan.shadow
+    assert gate is not None
+    if not members:
+        return [GoLive(run.wave, f"{label}: no devices in this wave")]
+    if run.promoted:
+        return [GoLive(run.wave, f"{label}: promoted by the operator; shadow gate skipped")]
+    verdict = _judge_shadow_loading(run, members, fleet, now)
+    if verdict.failure is not None:
+        return [_on_failure(run, f"{label}: shadow: {verdict.failure}")]
+    todo = [
+        m for m in members if m.shadow_set_at is None and not carries(fleet[m.device_id].desired, m.shadow())
+    ]
+    busy = [
+        (m.shadow_set_at, fleet[m.device_id], fleet[m.device_id].shadow_status)
+        for m in members
+        if m.shadow_set_at is not None
+    ]
+    sets: list[Step] = [
+        SetDesired(
+            m.device_id,
+            desired_with(fleet[m.device_id], shadow_tenant(run.tenant), m.shadow(), now),
+            revert=False,
+            reason=f"{label}: {m.wanted.model_name} {m.wanted.model_version} in shadow beside the live model",
+            shadow=True,
+        )
+        for m in _limit(run, todo, busy, now)
+    ]
+    if sets:
+        return sets
+    if not verdict.settled:
+        return [Wait(verdict.deadline, f"{label}: shadow candidates loading")]
+    if run.soak_started_at is None:
+        return [
+            StartSoak(
+                run.wave,
+                f"{label}: shadow soak; candidate loaded on {verdict.reporting} of {verdict.size} devices",
+            )
+        ]
+    soak_end = run.soak_started_at + gate.soak_s
+    if now < soak_end:
+        return [Wait(soak_end, f"{label}: shadow soaking")]
+    views = [fleet[m.device_id] for m in members]
+    failure, summary = shadow_gate(gate, views, run.plan.gates.min_reporting_fraction)
+    if failure is not None:
+        return [_on_failure(run, f"{label}: shadow gate: {failure}; nothing went live")]
+    return [GoLive(run.wave, f"{label}: shadow gate passed ({summary}); going live")]
+
+
+def _judge_shadow_loading(
+    run: Run, members: Sequence[Member], fleet: Mapping[str, DeviceView], now: float
+) -> WaveVerdict:
+    """Like :func:`judge` for the shadow assignments: loaded, failed, or still on their way."""
+    timeout = run.plan.device_timeout_s
+    failed = reporting = 0
+    settled = True
+    deadline = math.inf
+    for m in members:
+        view = fleet[m.device_id]
+        if view.shadow_status in _DONE:
+            reporting += 1
+            failed += view.shadow_status == "failed"
+            continue
+        if m.shadow_set_at is None:
+            settled = False
+            continue
+        timeout_at = m.shadow_set_at + timeout if timeout is not None else math.inf
+        if now >= timeout_at:
+            failed += view.online
+            continue
+        settled = False
+        deadline = min(deadline, timeout_at)
+    n = len(members)
+    verdict = WaveVerdict(None, settled, deadline, failed, reporting, n)
+    limit = run.plan.gates.max_failure_fraction
+    if n and failed / n > limit:
+        return _fail(verdict, f"{failed} of {n} devices could not load the candidate (limit {limit:g})")
+    return verdict
+
+
+def shadow_gate(
+    gate: ShadowGate, views: Sequence[DeviceView], min_reporting: float
+) -> tuple[str | None, str]:
+    """(the failure or None, a summary) of a wave's shadow comparison.
+
+    Devices with fewer than ``min_compared`` samples do not count towards the means and
+    count against ``min_reporting``; a wave where no device compared enough never passes.
+    """
+    n = len(views)
+    counted = [v.shadow for v in views if v.shadow.compared >= gate.min_compared]
+    if not counted:
+        most = max((v.shadow.compared for v in views), default=0)
+        return f"no device compared {gate.min_compared} samples (most: {most})", ""
+    if len(counted) / n < min_reporting:
+        return (
+            f"only {len(counted)} of {n} devices compared {gate.min_compared} samples (need {min_reporting:g})",
+            "",
+        )
+    compared = sum(s.compared for s in counted)
+    agreement = sum(s.top1_agreement * s.compared for s in counted) / compared
+    deviation = sum(s.mean_abs_deviation * s.compared for s in counted) / compared
+    where = f"{compared} samples compared on {len(counted)} of {n} devices"
+    if gate.min_agreement is not None and agreement < gate.min_agreement:
+        return (
+            f"top-1 agreement with the live model {agreement:.3f} ({where}) is below {gate.min_agreement:g}",
+            "",
+        )
+    if gate.max_deviation is not None and deviation > gate.max_deviation:
+        return (
+            f"mean deviation from the live model {deviation:.4g} ({where}) exceeds {gate.max_deviation:g}",
+            "",
+        )
+    return None, f"top-1 agreement {agreement:.3f}, mean deviation {deviation:.4g}, {where}"
 
 
 def _rollback_steps(run: Run, fleet: Mapping[str, DeviceView], now: float) -> list[Step]:
     steps: list[Step] = []
     for m in run.members:
         view = fleet[m.device_id]
-        if not carries(view.desired, m.wanted):
+        changes: list[tuple[str, fleet_pb2.ModelAssignment | None]] = []
+        reasons = []
+        if carries(view.desired, m.wanted):
+            changes.append((run.tenant, m.previous))
+            back = f"{m.previous.model_name} {m.previous.model_version}" if m.previous else "no model"
+            reasons.append(f"back to {back}")
+        if run.plan.shadow is not None and carries(view.desired, m.shadow()):
+            changes.append((shadow_tenant(run.tenant), None))
+            reasons.append("shadow candidate cleared")
+        if not changes:
             continue
-        back = f"{m.previous.model_name} {m.previous.model_version}" if m.previous else "no model"
         steps.append(
             SetDesired(
                 m.device_id,
-                desired_with(view, run.tenant, m.previous, now),
+                desired_with(view, *changes[0], now, *changes[1:]),
                 revert=True,
-                reason=f"back to {back}",
+                reason="; ".join(reasons),
             )
         )
     if steps:
         return steps
-    touched = sum(m.set_at is not None for m in run.members)
+    touched = sum(m.set_at is not None or m.shadow_set_at is not None for m in run.members)
     restored = f"desired state restored on the {touched} devices this rollout touched"
     return [Complete(State.ROLLED_BACK, f"{run.reason}; {restored}" if run.reason else restored)]

@@ -27,16 +27,20 @@ from controller.rollout_engine import (
     Complete,
     DeviceRolloutStatus,
     DeviceView,
+    GoLive,
     Member,
     Pause,
+    Phase,
     RollBack,
     Run,
     SetDesired,
+    ShadowView,
     StartSoak,
     StartWave,
     State,
     Step,
     VersionStats,
+    shadow_tenant,
 )
 from controller.rollout_plans import Plan
 from controller.store import Store
@@ -55,6 +59,17 @@ _PHASES: dict[str, DeviceRolloutStatus] = {
     "active": "active",
     "failed": "failed",
 }
+
+
+def add_shadow_columns(store: Store) -> None:
+    """The shadow phase (issue 5) keeps a run's phase and when each member got the candidate in
+    shadow; databases made before them get the columns here, once."""
+    runs = {r["name"] for r in store.query("PRAGMA table_info(rollout_runs)")}
+    if "phase" not in runs:
+        store.execute("ALTER TABLE rollout_runs ADD COLUMN phase TEXT NOT NULL DEFAULT 'live'")
+    members = {r["name"] for r in store.query("PRAGMA table_info(rollout_members)")}
+    if "shadow_set_at" not in members:
+        store.execute("ALTER TABLE rollout_members ADD COLUMN shadow_set_at REAL")
 
 
 def decode_desired(blob: bytes | None) -> fleet_pb2.DesiredState | None:
@@ -93,6 +108,7 @@ def load_run(store: Store, rollout_id: str) -> Run | None:
                 wanted=decode_as(fleet_pb2.ModelAssignment, bytes(m["wanted"])),
                 previous=_assignment(m["previous"]),
                 set_at=m["set_at"],
+                shadow_set_at=m["shadow_set_at"],
             )
             for m in members
         ),
@@ -101,6 +117,7 @@ def load_run(store: Store, rollout_id: str) -> Run | None:
         promoted=bool(row["promoted"]),
         approved_wave=row["approved_wave"],
         reason=row["reason"],
+        phase=Phase(row["phase"]),
     )
 
 
@@ -200,6 +217,26 @@ def _with_sketches(
     return replace(stats, confidence_samples=samples, confidence_mean=mean, classes=tuple(classes))
 
 
+def shadow_view(rows: list[dict[str, Any]], tenant: str, candidate: fleet_pb2.ModelAssignment) -> ShadowView:
+    """The candidate's shadow stats over the windows, means weighted by the samples compared."""
+    compared = 0
+    agreed = deviation = 0.0
+    for row in rows:
+        for s in json.loads(row["shadows"]):
+            if (s["tenant"] or "default", s["candidate_model_name"], s["candidate_model_version"]) != (
+                tenant,
+                candidate.model_name,
+                candidate.model_version,
+            ):
+                continue
+            compared += s["compared"]
+            agreed += s["top1_agreement"] * s["compared"]
+            deviation += s["mean_abs_deviation"] * s["compared"]
+    if not compared:
+        return ShadowView()
+    return ShadowView(compared, agreed / compared, deviation / compared)
+
+
 def snapshot(store: Store, run: Run, now: float) -> dict[str, DeviceView]:
     """Every member as the controller knows it now; telemetry only for the current wave."""
     rows = store.query(
@@ -214,7 +251,16 @@ def snapshot(store: Store, run: Run, now: float) -> dict[str, DeviceView]:
         reported = Reported.from_json(r["reported"]) if r["reported"] else None
         status, detail = device_status(run.tenant, m.wanted.artifact_digest, reported)
         new = baseline = VersionStats()
-        if m.wave == run.wave and run.state is State.RUNNING:
+        shadow_status, _ = device_status(shadow_tenant(run.tenant), m.wanted.artifact_digest, reported)
+        shadow = ShadowView()
+        current = m.wave == run.wave and run.state is State.RUNNING
+        if current and run.phase is Phase.SHADOW and m.shadow_set_at is not None:
+            rows = store.query(
+                "SELECT shadows FROM telemetry WHERE device_id = ? AND received_at >= ?",
+                (m.device_id, m.shadow_set_at),
+            )
+            shadow = shadow_view(rows, run.tenant, m.wanted)
+        if current and run.phase is Phase.LIVE:
             since = m.set_at if m.set_at is not None else now
             after = store.query(
                 "SELECT models FROM telemetry WHERE device_id = ? AND received_at >= ?", (m.device_id, since)
@@ -249,6 +295,8 @@ def snapshot(store: Store, run: Run, now: float) -> dict[str, DeviceView]:
             detail=detail,
             new=new,
             baseline=baseline,
+            shadow_status=shadow_status,
+            shadow=shadow,
         )
     return views
 
@@ -287,19 +335,37 @@ def _set_desired(store: Store, run: Run, step: Step, now: float) -> list[Outgoin
     if not changed:
         return []
     if not step.revert:
+        column = "shadow_set_at" if step.shadow else "set_at"
         store.execute(
-            "UPDATE rollout_members SET set_at = ? WHERE rollout_id = ? AND device_id = ?",
+            f"UPDATE rollout_members SET {column} = ? WHERE rollout_id = ? AND device_id = ?",
             (now, run.id, step.device_id),
         )
-    kind = "revert_desired" if step.revert else "set_desired"
+    kind = "revert_desired" if step.revert else "set_shadow" if step.shadow else "set_desired"
     record(store, run.id, kind, run.wave, run.state.value, step.reason, step.device_id)
     return [Outgoing(step.device_id, encode(step.desired))]
 
 
 def _start_wave(store: Store, run: Run, step: Step, now: float) -> list[Outgoing]:
     assert isinstance(step, StartWave)
-    _set_state(store, run, State.RUNNING, step.reason, wave=step.wave, soak_started_at=None, promoted=0)
+    phase = Phase.SHADOW if run.plan.shadow is not None else Phase.LIVE
+    _set_state(
+        store,
+        run,
+        State.RUNNING,
+        step.reason,
+        wave=step.wave,
+        soak_started_at=None,
+        promoted=0,
+        phase=phase.value,
+    )
     record(store, run.id, "start_wave", step.wave, State.RUNNING.value, step.reason)
+    return []
+
+
+def _go_live(store: Store, run: Run, step: Step, now: float) -> list[Outgoing]:
+    assert isinstance(step, GoLive)
+    _set_state(store, run, run.state, step.reason, soak_started_at=None, phase=Phase.LIVE.value)
+    record(store, run.id, "go_live", step.wave, run.state.value, step.reason)
     return []
 
 
@@ -331,6 +397,7 @@ EXECUTORS: dict[str, Callable[[Store, Run, Step, float], list[Outgoing]]] = {
     "set_desired": _set_desired,
     "start_wave": _start_wave,
     "start_soak": _start_soak,
+    "go_live": _go_live,
     "pause": _transition(State.PAUSED, "pause"),
     "await_approval": _transition(State.AWAITING_APPROVAL, "await_approval"),
     "roll_back": _transition(State.ROLLING_BACK, "roll_back"),

@@ -56,6 +56,20 @@ class Gates:
 
 
 @dataclass(frozen=True)
+class ShadowGate:
+    """Before a wave goes live its devices run the candidate as ``{tenant}.shadow`` beside the live
+    model for ``soak_s``; the wave goes live only if the candidate agreed with the live model."""
+
+    soak_s: float = 0.0
+    # Top-1 agreement with the live model, mean over the wave's devices weighted by compared samples.
+    min_agreement: float | None = None
+    # Mean absolute deviation of the outputs, weighted likewise (for models that are not classifiers).
+    max_deviation: float | None = None
+    # Compared samples a device needs to count; devices with fewer count against the reporting gate.
+    min_compared: int = 20
+
+
+@dataclass(frozen=True)
 class Target:
     """Devices matching every given criterion; ``all_devices`` alone means the whole fleet."""
 
@@ -83,6 +97,8 @@ class Plan:
     # Sent to the agent: its own probation before it commits the new model.
     probation_s: float = 0.0
     probation_max_error_rate: float = 0.0
+    # A shadow phase before each wave goes live; None: waves go live at once.
+    shadow: ShadowGate | None = None
 
     @property
     def staged(self) -> bool:
@@ -93,6 +109,7 @@ class Plan:
             or self.gates != Plan(self.target).gates
             or self.manual_approval
             or self.failure_action is not FailureAction.PAUSE
+            or self.shadow is not None
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -111,6 +128,8 @@ class Plan:
             max_concurrent=int(doc["max_concurrent"]),
             probation_s=float(doc["probation_s"]),
             probation_max_error_rate=float(doc["probation_max_error_rate"]),
+            # Plans stored before shadow gates existed have no key.
+            shadow=ShadowGate(**doc["shadow"]) if doc.get("shadow") else None,
         )
 
 
@@ -155,7 +174,19 @@ def validate(plan: Plan) -> Plan:
         raise InvalidInputError(f"max_concurrent must be 0 (no limit) or more, not {plan.max_concurrent}")
     if plan.probation_s < 0:
         raise InvalidInputError(f"probation_s must not be negative, not {plan.probation_s}")
+    if plan.shadow is not None:
+        _validate_shadow(plan.shadow)
     return plan
+
+
+def _validate_shadow(s: ShadowGate) -> None:
+    if not (0 <= s.soak_s < math.inf):
+        raise InvalidInputError(f"shadow.soak_s must be a non-negative number of seconds, not {s.soak_s}")
+    _fraction("shadow.min_agreement", s.min_agreement)
+    if s.max_deviation is not None and s.max_deviation < 0:
+        raise InvalidInputError(f"shadow.max_deviation must not be negative, not {s.max_deviation}")
+    if s.min_compared < 1:
+        raise InvalidInputError(f"shadow.min_compared must be at least 1, not {s.min_compared}")
 
 
 def split_waves(device_ids: Sequence[str], waves: Sequence[Wave]) -> list[list[str]]:

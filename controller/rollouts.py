@@ -41,18 +41,22 @@ from controller.registry import FORMAT, Registry
 from controller.rollout_engine import (
     ACTIVE_STATES,
     COMMANDS,
+    SHADOW_SUFFIX,
     Command,
     DeviceRolloutStatus,
+    Phase,
     SetDesired,
     State,
     Wait,
     carries,
     plan,
 )
+from controller.rollout_engine import shadow_tenant as shadow_of
 from controller.rollout_executor import (
     EXECUTORS,
     Outgoing,
     active_digest,
+    add_shadow_columns,
     decode_desired,
     device_status,
     load_run,
@@ -147,6 +151,7 @@ class Rollouts:
         self.publisher: DesiredPublisher | None = None
         self.profiles = Profiles(store, registry)
         self._lock = threading.RLock()
+        add_shadow_columns(store)
 
     # -- create ---------------------------------------------------------------
 
@@ -166,6 +171,10 @@ class Rollouts:
                 "a rollout needs at least one device (or tags, a profile, or all devices)"
             )
         validate(the_plan)
+        if the_plan.shadow is not None and tenant.endswith(SHADOW_SUFFIX):
+            raise InvalidInputError(
+                f"tenant {tenant!r} is itself a shadow slot; a shadow phase is for the live tenant"
+            )
         found = self.registry.find(model, version)
         problems = []
         if found is None:
@@ -418,6 +427,15 @@ class Rollouts:
                 detail = (
                     f"back on {name}" if here else f"sent back to {name}; the device has not confirmed yet"
                 )
+            elif m.set_at is None and m.shadow_set_at is not None and reverted:
+                status = "rolled_back"
+                cleared = "cleared" if not carries(desired, m.shadow()) else "being cleared"
+                detail = f"shadow candidate {cleared}; it never went live"
+            elif m.set_at is None and m.shadow_set_at is not None and not carries(desired, m.wanted):
+                loaded, why = device_status(shadow_of(run.tenant), m.wanted.artifact_digest, reported)
+                status = "shadow"
+                phase = "in shadow beside the live model" if run.phase is Phase.SHADOW else "was in shadow"
+                detail = f"candidate {phase}: {loaded}" + (f" ({why})" if why else "")
             elif m.set_at is None and not carries(desired, m.wanted):
                 status, detail = "waiting", f"wave {m.wave + 1}; rollout {run.state.value}"
             elif status == "pending":

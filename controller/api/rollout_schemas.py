@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from controller.rollout_plans import FailureAction, Gates, Plan, Target, Wave
+from controller.rollout_plans import FailureAction, Gates, Plan, ShadowGate, Target, Wave
 
 STAGED_DEVICE_TIMEOUT_S = 900.0
 
@@ -35,6 +35,17 @@ class GatesIn(_Create):
     max_prediction_psi: float | None = None
 
 
+class ShadowIn(_Create):
+    soak_s: float = Field(
+        ..., description="seconds each wave's candidate runs in shadow before the gate is judged"
+    )
+    min_agreement: float | None = Field(
+        None, description="top-1 agreement with the live model, weighted by samples compared"
+    )
+    max_deviation: float | None = Field(None, description="mean absolute deviation of the outputs, likewise")
+    min_compared: int = Field(20, description="samples a device must compare to count towards the gate")
+
+
 class TargetIn(_Create):
     devices: list[str] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list, description="devices carrying every one of these tags")
@@ -61,6 +72,9 @@ class RolloutCreate(_Create):
     max_concurrent: int = 0
     probation_s: float = 0.0
     probation_max_error_rate: float = 0.0
+    shadow: ShadowIn | None = Field(
+        None, description="a shadow phase per wave: the candidate beside the live model, gated on agreement"
+    )
 
     def to_plan(self) -> Plan:
         t = self.target or TargetIn()
@@ -76,6 +90,7 @@ class RolloutCreate(_Create):
             gates = Gates(**self.gates.model_dump())
         else:
             gates = Gates() if self.waves else plain.gates
+        staged = bool(self.waves) or self.shadow is not None
         return Plan(
             target=target,
             waves=waves,
@@ -84,11 +99,12 @@ class RolloutCreate(_Create):
             manual_approval=self.manual_approval,
             # A staged plan must not wait forever for a device that stays offline.
             device_timeout_s=self.device_timeout_s
-            if self.device_timeout_s is not None or not self.waves
+            if self.device_timeout_s is not None or not staged
             else STAGED_DEVICE_TIMEOUT_S,
             max_concurrent=self.max_concurrent,
             probation_s=self.probation_s,
             probation_max_error_rate=self.probation_max_error_rate,
+            shadow=ShadowGate(**self.shadow.model_dump()) if self.shadow is not None else None,
         )
 
 
@@ -100,6 +116,7 @@ class RolloutDevicePublic(_Public):
     device_id: str
     status: Literal[
         "waiting",
+        "shadow",
         "pending",
         "downloading",
         "verifying",

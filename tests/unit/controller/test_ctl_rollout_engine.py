@@ -16,11 +16,14 @@ from controller.rollout_engine import (
     Command,
     Complete,
     DeviceView,
+    GoLive,
     Member,
     Pause,
+    Phase,
     RollBack,
     Run,
     SetDesired,
+    ShadowView,
     StartSoak,
     StartWave,
     State,
@@ -30,7 +33,16 @@ from controller.rollout_engine import (
     desired_with,
     plan,
 )
-from controller.rollout_plans import FailureAction, Gates, Plan, Target, Wave, split_waves, validate
+from controller.rollout_plans import (
+    FailureAction,
+    Gates,
+    Plan,
+    ShadowGate,
+    Target,
+    Wave,
+    split_waves,
+    validate,
+)
 
 NOW = 10_000.0
 OLD = fleet_pb2.ModelAssignment(tenant="default", model_name="m", model_version="1", artifact_digest="a" * 64)
@@ -75,7 +87,7 @@ def expect_steps(steps: list[Step], *expected: tuple[Any, ...]) -> None:
     for s in steps:
         if isinstance(s, SetDesired):
             got.append((s.action, s.device_id, s.desired.generation, s.revert))
-        elif isinstance(s, StartWave | StartSoak | AwaitApproval):
+        elif isinstance(s, StartWave | StartSoak | AwaitApproval | GoLive):
             got.append((s.action, s.wave))
         elif isinstance(s, Complete):
             got.append((s.action, s.state))
@@ -304,3 +316,133 @@ def test_prediction_psi_gate_compares_class_distributions_on_the_same_devices() 
     [step] = plan(r, {"a": classes((95, 5, 0), (50, 50)), "c": view("c")}, NOW)
     assert isinstance(step, RollBack)
     assert "predicted-class PSI" in step.reason and "on the same 1 devices exceeds 0.25" in step.reason
+
+
+# -- the shadow phase: the candidate beside the live model before a wave goes live ------------------
+
+SHADOW_GATE = ShadowGate(soak_s=20, min_agreement=0.95, min_compared=50)
+SHADOWED = replace(STAGED, shadow=SHADOW_GATE)
+CANDIDATE = Member("x", 0, NEW, OLD).shadow()
+
+
+def shadowed(*members: Member, **kw: Any) -> Run:
+    return run(*members, p=kw.pop("p", SHADOWED), wave=kw.pop("wave", 0), phase=Phase.SHADOW, **kw)
+
+
+def in_shadow(
+    device_id: str, status: str = "active", compared: int = 0, agreement: float = 0.0, online: bool = True
+) -> DeviceView:
+    v = view(device_id, OLD, online=online)
+    v.desired.models.append(CANDIDATE)  # type: ignore[union-attr]
+    return replace(v, shadow_status=status, shadow=ShadowView(compared, agreement, 0.1))  # type: ignore[arg-type]
+
+
+def shadow_member(device_id: str, wave: int = 0, at: float | None = NOW - 10) -> Member:
+    return Member(device_id, wave, NEW, OLD, shadow_set_at=at)
+
+
+def test_shadow_phase_sets_the_candidate_as_the_shadow_tenant_keeping_the_live_assignment() -> None:
+    steps = plan(shadowed(member("a"), member("c", 1)), {"a": view("a"), "c": view("c")}, NOW)
+    expect_steps(steps, ("set_desired", "a", 4, False))
+    [step] = steps
+    assert isinstance(step, SetDesired) and step.shadow
+    assert [(m.tenant, m.model_version) for m in step.desired.models] == [
+        ("default", "1"),
+        ("default.shadow", "2"),
+    ]
+    assert (
+        step.desired.models[1].probation_s == 0
+        and step.desired.models[1].artifact_digest == NEW.artifact_digest
+    )
+
+
+def test_shadow_phase_waits_for_the_candidate_to_load_then_soaks() -> None:
+    r = shadowed(shadow_member("a"), shadow_member("b"), member("c", 1))
+    loading = {"a": in_shadow("a", "loading"), "b": in_shadow("b"), "c": view("c")}
+    expect_steps(plan(r, loading, NOW), ("wait", NOW - 10 + 60))
+    loaded = {"a": in_shadow("a"), "b": in_shadow("b"), "c": view("c")}
+    expect_steps(plan(r, loaded, NOW), ("start_soak", 0))
+    expect_steps(plan(replace(r, soak_started_at=NOW - 5), loaded, NOW), ("wait", NOW + 15))
+
+
+def _judged(a: DeviceView, b: DeviceView, p: Plan = SHADOWED) -> list[Step]:
+    r = shadowed(shadow_member("a"), shadow_member("b"), member("c", 1), p=p, soak_started_at=NOW - 21)
+    return plan(r, {"a": a, "b": b, "c": view("c")}, NOW)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "reason"),
+    [
+        # Agreement is the mean weighted by samples compared: (100 * 0.99 + 300 * 0.90) / 400 = 0.9225.
+        (
+            in_shadow("a", compared=100, agreement=0.99),
+            in_shadow("b", compared=300, agreement=0.90),
+            "top-1 agreement with the live model 0.922 (400 samples compared on 2 of 2 devices) is below 0.95",
+        ),
+        (
+            in_shadow("a", compared=10, agreement=1.0),
+            in_shadow("b", compared=3),
+            "no device compared 50 samples",
+        ),
+        (
+            in_shadow("a", "failed"),
+            in_shadow("b", compared=100, agreement=1.0),
+            "1 of 2 devices could not load",
+        ),
+    ],
+    ids=["disagrees", "no-evidence", "load-failed"],
+)
+def test_a_failing_shadow_gate_rolls_back_and_nothing_goes_live(
+    a: DeviceView, b: DeviceView, reason: str
+) -> None:
+    [step] = _judged(a, b)
+    assert isinstance(step, RollBack), step
+    assert step.reason.startswith("wave 1 of 3: shadow") and reason in step.reason
+
+
+def test_devices_short_of_compared_samples_count_against_reporting_and_pause_when_asked() -> None:
+    p = replace(SHADOWED, failure_action=FailureAction.PAUSE)
+    a, b = in_shadow("a", compared=200, agreement=1.0), in_shadow("b", compared=49, agreement=0.1)
+    # 1 of 2 devices with enough samples meets min_reporting_fraction 0.5; b's 0.1 does not count.
+    expect_steps(_judged(a, b, p), ("go_live", 0))
+    strict = replace(p, gates=replace(p.gates, min_reporting_fraction=0.9))
+    [step] = _judged(a, b, strict)
+    assert isinstance(step, Pause) and "only 1 of 2 devices compared 50 samples (need 0.9)" in step.reason
+
+
+def test_a_passing_shadow_gate_goes_live_then_the_live_set_clears_the_shadow() -> None:
+    a, b = in_shadow("a", compared=100, agreement=0.97), in_shadow("b", compared=100, agreement=0.99)
+    [step] = _judged(a, b)
+    assert isinstance(step, GoLive) and "top-1 agreement 0.980" in step.reason
+    live = run(shadow_member("a"), shadow_member("b"), member("c", 1), p=SHADOWED, wave=0, phase=Phase.LIVE)
+    steps = plan(live, {"a": a, "b": b, "c": view("c")}, NOW)
+    expect_steps(steps, ("set_desired", "a", 4, False), ("set_desired", "b", 4, False))
+    assert isinstance(steps[0], SetDesired) and not steps[0].shadow
+    assert list(steps[0].desired.models) == [NEW]
+
+
+def test_promote_skips_the_shadow_gate() -> None:
+    r = shadowed(shadow_member("a"), member("c", 1), promoted=True)
+    expect_steps(plan(r, {"a": in_shadow("a", "loading"), "c": view("c")}, NOW), ("go_live", 0))
+
+
+def test_rolling_back_from_the_shadow_phase_clears_the_shadow_and_keeps_the_live_model() -> None:
+    r = shadowed(shadow_member("a"), member("b"), member("c", 1), state=State.ROLLING_BACK)
+    steps = plan(r, {"a": in_shadow("a"), "b": view("b"), "c": view("c")}, NOW)
+    expect_steps(steps, ("set_desired", "a", 4, True))
+    assert isinstance(steps[0], SetDesired) and list(steps[0].desired.models) == [OLD]
+    assert steps[0].reason == "shadow candidate cleared"
+    [done] = plan(r, {"a": view("a", generation=4), "b": view("b"), "c": view("c")}, NOW)
+    assert isinstance(done, Complete) and "restored on the 1 devices" in done.reason
+
+
+def test_shadow_plans_validate_and_round_trip() -> None:
+    assert Plan.from_json(SHADOWED.to_json()) == SHADOWED and SHADOWED.staged
+    assert replace(STAGED, shadow=None).to_json()["shadow"] is None
+    legacy = STAGED.to_json()
+    del legacy["shadow"]
+    assert Plan.from_json(legacy) == STAGED
+    with pytest.raises(InvalidInputError, match=r"shadow\.min_agreement must be between"):
+        validate(replace(SHADOWED, shadow=ShadowGate(soak_s=1, min_agreement=1.5)))
+    with pytest.raises(InvalidInputError, match=r"shadow\.min_compared"):
+        validate(replace(SHADOWED, shadow=ShadowGate(soak_s=1, min_compared=0)))
