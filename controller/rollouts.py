@@ -288,20 +288,25 @@ class Rollouts:
         """Refuse a second active rollout on a device and tenant; plain ones supersede plain ones."""
         marks = ",".join("?" * len(targets))
         states = [s.value for s in ACTIVE_STATES]
+        # A shadow phase also uses the tenant's shadow slot: such a plan and a rollout straight to
+        # that slot may not share a device either.
+        base = tenant.removesuffix(SHADOW_SUFFIX)
+        related = sorted({tenant, shadow_of(tenant), base})
         rows = tx.query(
-            f"SELECT m.rollout_id, m.device_id, u.state, u.plan FROM rollout_members m"
-            f" JOIN rollout_runs u ON u.rollout_id = m.rollout_id WHERE m.tenant = ?"
+            f"SELECT m.rollout_id, m.device_id, m.tenant, u.state, u.plan FROM rollout_members m"
+            f" JOIN rollout_runs u ON u.rollout_id = m.rollout_id WHERE m.tenant IN ({','.join('?' * len(related))})"
             f" AND u.state IN ({','.join('?' * len(states))}) AND m.device_id IN ({marks})"
             f" ORDER BY m.rollout_id, m.device_id",
-            [tenant, *states, *targets],
+            [*related, *states, *targets],
         )
+        rows = [r for r in rows if r["tenant"] == tenant or _shares_shadow_slot(tenant, new, r)]
         if not rows:
             return
         busy: dict[str, list[str]] = {}
         for r in rows:
             busy.setdefault(r["rollout_id"], []).append(r["device_id"])
         plans = {r["rollout_id"]: (Plan.from_json(json.loads(r["plan"])), r["state"]) for r in rows}
-        if new.staged or any(p.staged for p, _ in plans.values()):
+        if new.staged or any(p.staged for p, _ in plans.values()) or any(r["tenant"] != tenant for r in rows):
             other, devices = next(iter(busy.items()))
             shown = ", ".join(devices[:5]) + (f" and {len(devices) - 5} more" if len(devices) > 5 else "")
             raise RolloutConflict(
@@ -488,6 +493,14 @@ class Rollouts:
             RolloutEvent(r["at"], r["kind"], r["wave"] + 1, r["device_id"], r["state"], r["reason"])
             for r in rows
         ]
+
+
+def _shares_shadow_slot(tenant: str, new: Plan, row: dict[str, Any]) -> bool:
+    """Whether an active rollout on another tenant (``row``) uses the shadow slot the new one uses."""
+    other = row["tenant"]
+    if new.shadow is not None and other == shadow_of(tenant):
+        return True
+    return tenant == shadow_of(other) and Plan.from_json(json.loads(row["plan"])).shadow is not None
 
 
 def _superseded(rollout_id: str, tenant: str, desired: fleet_pb2.DesiredState | None) -> str:

@@ -30,6 +30,9 @@ STAGED: dict[str, Any] = {
         ({"target": {"devices": ["ghost"]}}, "unknown devices: ghost"),
         ({"target": {}}, "a rollout needs at least one device"),
         ({"failure_action": "explode"}, "failure_action"),
+        ({"shadow": {"soak_s": 30, "min_agreement": 1.5}}, "shadow.min_agreement must be between 0 and 1"),
+        ({"shadow": {"min_agreement": 0.9}}, "soak_s"),
+        ({"shadow": {"soak_s": 30}, "tenant": "app.shadow"}, "is itself a shadow slot"),
     ],
 )
 def test_bad_plans_are_refused_naming_the_problem(
@@ -132,5 +135,24 @@ def test_cli_creates_a_staged_rollout_and_steers_it(
             "rollouts", "create", "--model", "digits", "--version", "1", "--all", "--wave", "x%", check=False
         )
         assert bad.returncode == 1 and "--wave 'x%'" in bad.stderr
+        shadowed = controller.cli(
+            "rollouts", "create", "--model", "digits", "--version", "1", "--tag", "lab",
+            "--shadow-soak", "30", "--min-shadow-agreement", "0.95", "--min-shadow-compared", "100",
+        )  # fmt: skip
+        assert shadowed["plan"]["shadow"] == {
+            "soak_s": 30.0,
+            "min_agreement": 0.95,
+            "max_deviation": None,
+            "min_compared": 100,
+        }
+        assert shadowed["plan"]["device_timeout_s"] == 900
+        assert {d["status"] for d in shadowed["devices"]} == {"shadow"}
+        kinds = [e["kind"] for e in controller.cli("rollouts", "events", shadowed["id"])]
+        assert kinds == ["created", "start_wave", "set_shadow", "set_shadow"]
+        lonely = controller.cli(
+            "rollouts", "create", "--model", "digits", "--version", "1", "--all", "--min-shadow-agreement", "0.9",
+            check=False,
+        )  # fmt: skip
+        assert lonely.returncode == 1 and "need --shadow-soak" in lonely.stderr
     finally:
         controller.stop()

@@ -18,8 +18,8 @@ from controller.errors import (
     UnknownTargets,
 )
 from controller.rollout_engine import Command, State
-from controller.rollout_executor import device_status, load_run
-from controller.rollout_plans import FailureAction, Gates, Plan, Target, Wave
+from controller.rollout_executor import decode_desired, device_status, load_run
+from controller.rollout_plans import FailureAction, Gates, Plan, ShadowGate, Target, Wave
 from controller.rollouts import Rollouts, rollout_status
 from tests.unit.controller.helpers import Parts, reported, state
 from tests.unit.controller.test_ctl_registry import add_model
@@ -324,3 +324,84 @@ def test_confidence_gate_reads_the_drift_sketches_devices_send(parts: Parts, clo
     assert run is not None
     views = snapshot(parts.store, replace(run, state=State.RUNNING, wave=0), clock.now)
     assert (views["dev-1"].new.classes, views["dev-1"].baseline.classes) == ((30, 10), (0, 40))
+
+
+def shadow_window(parts: Parts, device_id: str, at: float, compared: int, agreement: float) -> None:
+    msg = fleet_pb2.Telemetry(device_id=device_id, seq=int(at * 10), window_start_ms=int(at * 1000))
+    msg.shadows.add(
+        tenant="default",
+        live_model_version="1",
+        candidate_model_name="adder",
+        candidate_model_version="2",
+        compared=compared,
+        top1_agreement=agreement,
+    )
+    parts.telemetry.ingest_telemetry(device_id, msg, received_at=at)
+
+
+def report_shadow(parts: Parts, device_id: str, live: str, candidate: str | None, at: float) -> None:
+    msg = fleet_pb2.ReportedState(device_id=device_id, reported_at_ms=int(at * 1000))
+    msg.models.add(tenant="default", artifact_digest=live, phase=fleet_pb2.MODEL_PHASE_ACTIVE)
+    if candidate is not None:
+        msg.models.add(tenant="default.shadow", artifact_digest=candidate, phase=fleet_pb2.MODEL_PHASE_ACTIVE)
+    parts.fleet.record_reported(device_id, msg, received_at=at)
+
+
+def desired_models(parts: Parts, device_id: str) -> list[tuple[str, str]]:
+    row = parts.store.query_one("SELECT desired FROM devices WHERE device_id = ?", (device_id,))
+    desired = decode_desired(row["desired"]) if row else None
+    return [(m.tenant, m.model_version) for m in desired.models] if desired else []
+
+
+SHADOWED = replace(
+    STAGED,
+    target=Target(devices=("dev-1", "dev-2")),
+    gates=Gates(),
+    shadow=ShadowGate(soak_s=10, min_agreement=0.9, min_compared=50),
+)
+
+
+@pytest.mark.parametrize(("agreement", "state"), [(0.4, "rolled_back"), (0.97, "running")])
+def test_shadow_phase_reads_the_stored_shadow_stats_and_gates_going_live(
+    parts: Parts, clock: Clock, agreement: float, state: str
+) -> None:
+    first = parts.rollouts.create("adder", "1", ["dev-1", "dev-2"])
+    for d in ("dev-1", "dev-2"):
+        report(parts, d, first.digest, fleet_pb2.MODEL_PHASE_ACTIVE, clock.now)
+    parts.rollouts.advance(first.id)
+    r = parts.rollouts.create("adder", "2", plan_=SHADOWED)
+    assert desired_models(parts, "dev-1") == [("default", "1"), ("default.shadow", "2")]
+    assert [d.status for d in parts.rollouts.get(r.id).devices] == ["shadow", "waiting"]
+    # Another rollout may not take the shadow slot the plan uses.
+    with pytest.raises(RolloutConflict):
+        parts.rollouts.create("adder", "2", ["dev-1"], tenant="default.shadow")
+
+    clock.now += 1
+    report_shadow(parts, "dev-1", first.digest, r.digest, clock.now)
+    parts.rollouts.advance(r.id)
+    clock.now += 11
+    shadow_window(parts, "dev-1", clock.now - 5, 30, agreement)
+    shadow_window(parts, "dev-1", clock.now - 4, 30, agreement)
+    # A window from before the shadow was set does not count.
+    shadow_window(parts, "dev-1", clock.now - 100, 1000, 1.0 - agreement)
+    parts.rollouts.advance(r.id)
+    done = parts.rollouts.get(r.id)
+    assert done.state == state, done
+    kinds = [e.kind for e in parts.rollouts.events(r.id)]
+    models = desired_models(parts, "dev-1")
+    if state == "rolled_back":
+        assert done.reason.startswith("wave 1 of 2: shadow gate: top-1 agreement with the live model 0.400")
+        assert kinds[-3:] == ["roll_back", "revert_desired", "complete"]
+        assert models == [("default", "1")]
+        assert (done.devices[0].status, done.devices[0].detail) == (
+            "rolled_back",
+            "shadow candidate cleared; it never went live",
+        )
+    else:
+        assert "go_live" in kinds and kinds[-1] == "set_desired"
+        assert models == [("default", "2")]
+
+
+def test_a_shadow_phase_needs_a_live_tenant(parts: Parts) -> None:
+    with pytest.raises(InvalidInputError, match="is itself a shadow slot"):
+        parts.rollouts.create("adder", "2", tenant="default.shadow", plan_=SHADOWED)
