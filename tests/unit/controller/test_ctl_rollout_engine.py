@@ -446,3 +446,16 @@ def test_shadow_plans_validate_and_round_trip() -> None:
         validate(replace(SHADOWED, shadow=ShadowGate(soak_s=1, min_agreement=1.5)))
     with pytest.raises(InvalidInputError, match=r"shadow\.min_compared"):
         validate(replace(SHADOWED, shadow=ShadowGate(soak_s=1, min_compared=0)))
+
+
+def test_the_deviation_gate_judges_models_that_are_not_classifiers() -> None:
+    p = replace(SHADOWED, shadow=ShadowGate(soak_s=20, max_deviation=0.05, min_compared=50))
+    a, b = in_shadow("a", compared=100), in_shadow("b", compared=100)  # deviation 0.1 each, no top-1
+    [step] = _judged(a, b, p)
+    assert isinstance(step, RollBack)
+    assert (
+        "mean deviation from the live model 0.1 (200 samples compared on 2 of 2 devices) exceeds 0.05"
+        in step.reason
+    )
+    loose = replace(p, shadow=ShadowGate(soak_s=20, max_deviation=0.2, min_compared=50))
+    expect_steps(_judged(a, b, loose), ("go_live", 0))
