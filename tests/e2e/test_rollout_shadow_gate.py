@@ -4,11 +4,12 @@ engine judges the agreement they report.
 
 A candidate trained on permuted labels disagrees with the live model: it is stopped in the first
 wave's shadow phase and never serves; a retrained candidate agrees, passes both waves' shadow
-gates and goes live everywhere.
+gates and goes live everywhere, through a controller killed in its shadow phase.
 """
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,13 @@ def test_shadow_gate_stops_a_disagreeing_candidate_and_lets_an_agreeing_one_go_l
     assert {d["status"] for d in final["devices"]} == {"rolled_back", "waiting"}
 
     # The retrained candidate agrees with the live model: each wave's shadow gate passes, it goes live.
+    # The controller is killed in the first wave's shadow phase and resumes from its database.
     good = create(controller, "2")
+    wait_until(
+        lambda: any(e["kind"] == "set_shadow" for e in events(controller, good)), 30, "the first shadow set"
+    )
+    controller.stop(signal.SIGKILL)
+    controller.start()
     final = finished(controller, good, 90)
     assert (final["state"], final["status"]) == ("succeeded", "succeeded"), final
     log = events(controller, good)
