@@ -18,44 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgefleet_proto import fleet_pb2
+from edgefleet_proto.tenancy import PREPROCESS_KEYS, SHADOW_SUFFIX, SINKS, SOURCE_OPTIONS, TENANT_ID
 
 from agent.errors import TenantError
 
-# No '.' in tenant ids: "{tenant}.shadow" names the tenant's shadow candidate.
-_TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-SHADOW_SUFFIX = ".shadow"
 DEFAULT_TENANT = "default"
-SINKS = frozenset({"grpc", "mqtt"})
-
-# Options each source kind understands (anything else is a typo worth reporting).
-SOURCE_OPTIONS: dict[str, frozenset[str]] = {
-    "video": frozenset({"loop", "fps"}),
-    "camera": frozenset({"width", "height", "fps"}),
-    "wav": frozenset({"loop", "chunk"}),
-    "microphone": frozenset({"sample_rate", "channels", "chunk"}),
-    "csv": frozenset({"loop", "skip_header", "delimiter"}),
-    "lines": frozenset({"baud", "delimiter"}),
-    "synthetic": frozenset({"shape", "dtype", "count", "seed", "sample_kind"}),
-}
-PREPROCESS_KEYS = frozenset(
-    {
-        "input",
-        "crop",
-        "resize",
-        "color",
-        "scale",
-        "mean",
-        "std",
-        "layout",
-        "dtype",
-        "window",
-        "hop",
-        "features",
-        "n_fft",
-        "n_mels",
-        "batch",
-    }
-)
 TENANT_KEYS = frozenset(
     {"id", "model", "token", "token_sha256", "rate_hz", "weight", "queue", "results", "source", "preprocess"}
 )
@@ -127,7 +94,7 @@ class TenantSpec:
 
 
 def validate_tenant_id(tenant: str) -> str:
-    if not _TENANT_ID.match(tenant):
+    if not TENANT_ID.match(tenant):
         raise TenantError(
             f"invalid tenant id {tenant!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit"
         )

@@ -23,6 +23,7 @@ from enum import StrEnum
 from typing import ClassVar, Literal
 
 from edgefleet_proto import fleet_pb2
+from edgefleet_proto.tenancy import SHADOW_SUFFIX
 
 from controller import drift
 from controller.rollout_plans import FailureAction, Plan, ShadowGate
@@ -60,9 +61,6 @@ class Phase(StrEnum):
 
     SHADOW = "shadow"
     LIVE = "live"
-
-
-SHADOW_SUFFIX = ".shadow"
 
 
 def shadow_tenant(tenant: str) -> str:

@@ -27,6 +27,7 @@ from typing import Any, Literal, Protocol
 
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import encode
+from edgefleet_proto.tenancy import SHADOW_SUFFIX
 
 from controller.errors import (
     CommandRefused,
@@ -41,7 +42,6 @@ from controller.registry import FORMAT, Registry
 from controller.rollout_engine import (
     ACTIVE_STATES,
     COMMANDS,
-    SHADOW_SUFFIX,
     Command,
     DeviceRolloutStatus,
     Phase,

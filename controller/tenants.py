@@ -25,28 +25,13 @@ from typing import Any, Protocol
 
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import PayloadError, decode_as, encode
+from edgefleet_proto.tenancy import PREPROCESS_KEYS, SINKS, SOURCE_OPTIONS, TENANT_ID
 
 from controller.errors import InvalidInputError, UnknownTargets
 from controller.store import Store
 
 log = logging.getLogger(__name__)
 
-# No '.' in tenant ids: the agent reads "{tenant}.shadow" as the tenant's shadow candidate.
-_TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-SINKS = ("grpc", "mqtt")
-SOURCE_OPTIONS: dict[str, frozenset[str]] = {
-    "video": frozenset({"loop", "fps"}),
-    "camera": frozenset({"width", "height", "fps"}),
-    "wav": frozenset({"loop", "chunk"}),
-    "microphone": frozenset({"sample_rate", "channels", "chunk"}),
-    "csv": frozenset({"loop", "skip_header", "delimiter"}),
-    "lines": frozenset({"baud", "delimiter"}),
-    "synthetic": frozenset({"shape", "dtype", "count", "seed", "sample_kind"}),
-}
-PREPROCESS_KEYS = frozenset(
-    {"input", "crop", "resize", "color", "scale", "mean", "std", "layout", "dtype"}
-    | {"window", "hop", "features", "n_fft", "n_mels", "batch"}
-)
 MAX_TENANTS = 64
 MIN_TOKEN_CHARS = 16
 
@@ -204,7 +189,7 @@ def _source(doc: Any, where: str) -> Source:
 
 def parse_tenant(doc: Mapping[str, Any], models: set[str], where: str) -> DeviceTenant:
     tenant_id = doc.get("id")
-    if not isinstance(tenant_id, str) or not _TENANT_ID.match(tenant_id):
+    if not isinstance(tenant_id, str) or not TENANT_ID.match(tenant_id):
         raise InvalidTenantSpec(
             f"{where}.id: invalid tenant id {tenant_id!r}: use 1-64 letters, digits, '_' or '-',"
             " starting with a letter or digit"
@@ -230,7 +215,9 @@ def parse_tenant(doc: Mapping[str, Any], models: set[str], where: str) -> Device
         raise InvalidTenantSpec(f"{where}.preprocess.hop: needs a window")
     results = doc.get("results") or ["grpc"]
     if not isinstance(results, list) or not results or not set(results) <= set(SINKS):
-        raise InvalidTenantSpec(f"{where}.results: must be some of {', '.join(SINKS)}, got {results!r}")
+        raise InvalidTenantSpec(
+            f"{where}.results: must be some of {', '.join(sorted(SINKS))}, got {results!r}"
+        )
     token, token_sha256 = doc.get("token") or "", doc.get("token_sha256") or ""
     if token and token_sha256:
         raise InvalidTenantSpec(f"{where}: give token or token_sha256, not both")
