@@ -47,7 +47,7 @@ from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind, Topic
 
 from controller.store import Store
-from controller.telemetry import model_stats_dict, system_dict
+from controller.telemetry import fields_dict
 from tests.broker import Broker
 from tests.localfleet import Controller, wait_until
 
@@ -130,8 +130,8 @@ def raw_inserts(path: Path, messages: list[tuple[str, fleet_pb2.Telemetry]]) -> 
                 (d,),
             )
     telemetry = [
-        (d, 0.0, m.seq, m.window_start_ms, m.window_end_ms, json.dumps(system_dict(m.system)),
-         json.dumps([model_stats_dict(s) for s in m.models]), 0)
+        (d, 0.0, m.seq, m.window_start_ms, m.window_end_ms, json.dumps(fields_dict(m.system)),
+         json.dumps([fields_dict(s) for s in m.models]), 0)
         for d, m in messages
     ]  # fmt: skip
     sketches = [

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgefleet_proto import fleet_pb2
+from google.protobuf.message import Message
 
 from controller.store import Store
 
@@ -41,62 +42,15 @@ class EventRecord:
     attributes: dict[str, str]
 
 
-def system_dict(stats: fleet_pb2.SystemStats) -> dict[str, Any]:
+def fields_dict(message: Message) -> dict[str, Any]:
+    """Every field of a flat stats message by name, in declaration order; an unset
+    optional field (a device without a temperature sensor) is None.
+
+    json_format.MessageToDict is not used: it renders 64-bit integers as strings.
+    """
     return {
-        "cpu_percent": stats.cpu_percent,
-        "mem_total_bytes": stats.mem_total_bytes,
-        "mem_used_bytes": stats.mem_used_bytes,
-        "mem_percent": stats.mem_percent,
-        "disk_total_bytes": stats.disk_total_bytes,
-        "disk_used_bytes": stats.disk_used_bytes,
-        "disk_percent": stats.disk_percent,
-        "temperature_c": stats.temperature_c if stats.HasField("temperature_c") else None,
-        "load1": stats.load1,
-    }
-
-
-def model_stats_dict(stats: fleet_pb2.ModelStats) -> dict[str, Any]:
-    return {
-        "tenant": stats.tenant,
-        "model_name": stats.model_name,
-        "model_version": stats.model_version,
-        "inference_count": stats.inference_count,
-        "error_count": stats.error_count,
-        "latency_p50_ms": stats.latency_p50_ms,
-        "latency_p95_ms": stats.latency_p95_ms,
-        "latency_p99_ms": stats.latency_p99_ms,
-    }
-
-
-def shadow_stats_dict(stats: fleet_pb2.ShadowStats) -> dict[str, Any]:
-    return {
-        "tenant": stats.tenant,
-        "live_model_version": stats.live_model_version,
-        "candidate_model_name": stats.candidate_model_name,
-        "candidate_model_version": stats.candidate_model_version,
-        "compared": stats.compared,
-        "top1_agreement": stats.top1_agreement,
-        "mean_abs_deviation": stats.mean_abs_deviation,
-        "candidate_latency_p50_ms": stats.candidate_latency_p50_ms,
-        "candidate_latency_p95_ms": stats.candidate_latency_p95_ms,
-        "live_latency_p50_ms": stats.live_latency_p50_ms,
-    }
-
-
-def tenant_stats_dict(stats: fleet_pb2.TenantStats) -> dict[str, Any]:
-    return {
-        "tenant": stats.tenant,
-        "samples": stats.samples,
-        "inferences": stats.inferences,
-        "dropped": stats.dropped,
-        "errors": stats.errors,
-        "rate_hz": stats.rate_hz,
-        "latency_p50_ms": stats.latency_p50_ms,
-        "latency_p95_ms": stats.latency_p95_ms,
-        "latency_p99_ms": stats.latency_p99_ms,
-        "source_failures": stats.source_failures,
-        "weight": stats.weight,
-        "busy_s": stats.busy_s,
+        f.name: getattr(message, f.name) if not f.has_presence or message.HasField(f.name) else None
+        for f in message.DESCRIPTOR.fields
     }
 
 
@@ -133,11 +87,11 @@ class TelemetryStore:
                 msg.seq,
                 msg.window_start_ms,
                 msg.window_end_ms,
-                json.dumps(system_dict(msg.system)),
-                json.dumps([model_stats_dict(m) for m in msg.models]),
+                json.dumps(fields_dict(msg.system)),
+                json.dumps([fields_dict(m) for m in msg.models]),
                 msg.outbox_dropped,
-                json.dumps([shadow_stats_dict(s) for s in msg.shadows]),
-                json.dumps([tenant_stats_dict(t) for t in msg.tenants]),
+                json.dumps([fields_dict(s) for s in msg.shadows]),
+                json.dumps([fields_dict(t) for t in msg.tenants]),
             ),
         )
         log.debug("telemetry device=%s seq=%d stored=%s", device_id, msg.seq, bool(added))
