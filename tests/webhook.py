@@ -19,13 +19,15 @@ class Hook:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 code = hook.statuses.pop(0) if hook.statuses else 200
+                # Record before answering: the caller may read `requests` the
+                # moment it has the response, before this thread runs again.
+                with hook.received:
+                    hook.requests.append((dict(self.headers), body))
+                    hook.received.notify_all()
                 self.send_response(code)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
-                with hook.received:
-                    hook.requests.append((dict(self.headers), body))
-                    hook.received.notify_all()
 
             def log_message(self, *args: Any) -> None:
                 pass
