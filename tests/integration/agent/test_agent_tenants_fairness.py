@@ -88,10 +88,10 @@ def test_weights_are_respected_under_overload(
     total = sum(busy.values())
     for t, weight in WEIGHTS.items():
         share, want = busy[t] / total, weight / sum(weights.values())
-        # 20 %: a shared, noisy CI machine inflates wall-clock busy time; plain
-        # round robin would still miss by 60 % (low) and 43 % (high).
-        assert abs(share - want) / want < 0.20, (t, busy, share, want)
-    assert busy["app"] / total < 1.2 * 1 / sum(weights.values()), busy
+        # The bound. Six windows, not four: one window in which the machine's
+        # other load starved a source thread once put a tenant 10.2 % off.
+        assert abs(share - want) / want < 0.10, (t, busy, share, want)
+    assert busy["app"] / total < 1.1 * 1 / sum(weights.values()), busy
     assert all(w["app"].inferences for w in windows)
     assert all(
         sum(w[t].dropped for w in windows) > 0 for t in WEIGHTS
