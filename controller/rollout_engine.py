@@ -49,6 +49,8 @@ class State(StrEnum):
     PAUSED = "paused"
     AWAITING_APPROVAL = "awaiting_approval"
     ROLLING_BACK = "rolling_back"
+    # Abort takes back only what never served: shadow candidates this rollout set.
+    ABORTING = "aborting"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     ROLLED_BACK = "rolled_back"
@@ -68,7 +70,9 @@ def shadow_tenant(tenant: str) -> str:
     return f"{tenant}{SHADOW_SUFFIX}"
 
 
-ACTIVE_STATES = frozenset({State.RUNNING, State.PAUSED, State.AWAITING_APPROVAL, State.ROLLING_BACK})
+ACTIVE_STATES = frozenset(
+    {State.RUNNING, State.PAUSED, State.AWAITING_APPROVAL, State.ROLLING_BACK, State.ABORTING}
+)
 
 
 class Command(StrEnum):
@@ -90,15 +94,16 @@ COMMANDS: dict[tuple[State, Command], State] = {
     (State.RUNNING, Command.PROMOTE): State.RUNNING,
     (State.PAUSED, Command.PROMOTE): State.RUNNING,
     (State.AWAITING_APPROVAL, Command.PROMOTE): State.RUNNING,
-    (State.RUNNING, Command.ABORT): State.ABORTED,
-    (State.PAUSED, Command.ABORT): State.ABORTED,
-    (State.AWAITING_APPROVAL, Command.ABORT): State.ABORTED,
+    (State.RUNNING, Command.ABORT): State.ABORTING,
+    (State.PAUSED, Command.ABORT): State.ABORTING,
+    (State.AWAITING_APPROVAL, Command.ABORT): State.ABORTING,
     **{
         (s, Command.ROLLBACK): State.ROLLING_BACK
         for s in (
             State.RUNNING,
             State.PAUSED,
             State.AWAITING_APPROVAL,
+            State.ABORTING,
             State.SUCCEEDED,
             State.FAILED,
             State.ABORTED,
@@ -402,6 +407,8 @@ def _fail(verdict: WaveVerdict, reason: str) -> WaveVerdict:
 def plan(run: Run, fleet: Mapping[str, DeviceView], now: float) -> list[Step]:
     if run.state is State.ROLLING_BACK:
         return _rollback_steps(run, fleet, now)
+    if run.state is State.ABORTING:
+        return _abort_steps(run, fleet, now)
     if run.state is State.PAUSED:
         return [Wait(math.inf, f"paused: {run.reason}")]
     if run.state is State.AWAITING_APPROVAL:
@@ -605,6 +612,27 @@ def shadow_gate(
             "",
         )
     return None, f"top-1 agreement {agreement:.3f}, mean deviation {deviation:.4g}, {where}"
+
+
+def _abort_steps(run: Run, fleet: Mapping[str, DeviceView], now: float) -> list[Step]:
+    """Abort leaves every live assignment where it is, but a shadow candidate left
+    behind would keep costing the device CPU for a rollout that no longer judges it."""
+    steps: list[Step] = []
+    if run.plan.shadow is not None:
+        for m in run.members:
+            view = fleet[m.device_id]
+            if carries(view.desired, m.shadow()):
+                steps.append(
+                    SetDesired(
+                        m.device_id,
+                        desired_with(view, shadow_tenant(run.tenant), None, now),
+                        revert=True,
+                        reason="aborted: shadow candidate cleared; live model left as it is",
+                    )
+                )
+    if steps:
+        return steps
+    return [Complete(State.ABORTED, run.reason or "aborted")]
 
 
 def _rollback_steps(run: Run, fleet: Mapping[str, DeviceView], now: float) -> list[Step]:

@@ -436,6 +436,15 @@ class Rollouts:
                 status = "rolled_back"
                 cleared = "cleared" if not carries(desired, m.shadow()) else "being cleared"
                 detail = f"shadow candidate {cleared}; it never went live"
+            elif (
+                m.set_at is None
+                and m.shadow_set_at is not None
+                and run.state in (State.ABORTING, State.ABORTED)
+                and not carries(desired, m.wanted)
+            ):
+                status = "shadow"
+                cleared = "cleared" if not carries(desired, m.shadow()) else "being cleared"
+                detail = f"rollout aborted: shadow candidate {cleared}; it never went live"
             elif m.set_at is None and m.shadow_set_at is not None and not carries(desired, m.wanted):
                 loaded, why = device_status(shadow_of(run.tenant), m.wanted.artifact_digest, reported)
                 status = "shadow"

@@ -129,7 +129,7 @@ def test_cli_creates_a_staged_rollout_and_steers_it(
         assert controller.cli("rollouts", "resume", rid)["state"] == "running"
         assert controller.cli("rollouts", "abort", rid)["state"] == "aborted"
         kinds = [e["kind"] for e in controller.cli("rollouts", "events", rid)]
-        assert kinds[-3:] == ["pause", "resume", "abort"]
+        assert kinds[-4:] == ["pause", "resume", "abort", "complete"]
         assert [r["id"] for r in controller.cli("rollouts", "list")] == [rid]
         bad = controller.cli(
             "rollouts", "create", "--model", "digits", "--version", "1", "--all", "--wave", "x%", check=False
@@ -154,5 +154,14 @@ def test_cli_creates_a_staged_rollout_and_steers_it(
             check=False,
         )  # fmt: skip
         assert lonely.returncode == 1 and "need --shadow-soak" in lonely.stderr
+        # Abort in the shadow phase takes the candidates back out of the shadow slot.
+        # ("cleared" is read from each device's stored desired state.)
+        aborted = controller.cli("rollouts", "abort", shadowed["id"])
+        assert aborted["state"] == "aborted", aborted
+        assert {d["detail"] for d in aborted["devices"]} == {
+            "rollout aborted: shadow candidate cleared; it never went live"
+        }
+        kinds = [e["kind"] for e in controller.cli("rollouts", "events", shadowed["id"])]
+        assert kinds[-4:] == ["abort", "revert_desired", "revert_desired", "complete"]
     finally:
         controller.stop()

@@ -247,6 +247,8 @@ def test_command_table() -> None:
     assert COMMANDS[(State.AWAITING_APPROVAL, Command.APPROVE)] is State.RUNNING
     assert COMMANDS[(State.SUCCEEDED, Command.ROLLBACK)] is State.ROLLING_BACK
     assert (State.ROLLING_BACK, Command.ABORT) not in COMMANDS
+    assert COMMANDS[(State.RUNNING, Command.ABORT)] is State.ABORTING
+    assert COMMANDS[(State.ABORTING, Command.ROLLBACK)] is State.ROLLING_BACK
     assert (State.ROLLED_BACK, Command.RESUME) not in COMMANDS
 
 
@@ -434,6 +436,24 @@ def test_rolling_back_from_the_shadow_phase_clears_the_shadow_and_keeps_the_live
     assert steps[0].reason == "shadow candidate cleared"
     [done] = plan(r, {"a": view("a", generation=4), "b": view("b"), "c": view("c")}, NOW)
     assert isinstance(done, Complete) and "restored on the 1 devices" in done.reason
+
+
+def test_aborting_clears_shadow_candidates_only_then_completes_as_aborted() -> None:
+    # a: candidate in shadow; b: its wave already went live; c: never touched.
+    r = shadowed(shadow_member("a"), member("b"), member("c", 1), state=State.ABORTING, reason="operator: abort")
+    live_b = view("b", NEW)
+    steps = plan(r, {"a": in_shadow("a"), "b": live_b, "c": view("c")}, NOW)
+    expect_steps(steps, ("set_desired", "a", 4, True))
+    assert isinstance(steps[0], SetDesired) and list(steps[0].desired.models) == [OLD]
+    assert "shadow candidate cleared" in steps[0].reason
+    [done] = plan(r, {"a": view("a", generation=4), "b": live_b, "c": view("c")}, NOW)
+    assert isinstance(done, Complete) and done.state is State.ABORTED and done.reason == "operator: abort"
+
+
+def test_aborting_a_rollout_without_a_shadow_phase_completes_at_once() -> None:
+    r = run(member("a"), state=State.ABORTING, wave=0)
+    [done] = plan(r, {"a": view("a", NEW)}, NOW)
+    assert isinstance(done, Complete) and done.state is State.ABORTED
 
 
 def test_shadow_plans_validate_and_round_trip() -> None:
