@@ -7,6 +7,17 @@ model at its file size (onnxruntime and LiteRT keep the weights once), refuses a
 load that would exceed the budget with a reason an operator can act on, and
 unloads models idle for ``idle_unload_s``; a request for an unloaded model
 reloads it on demand.
+
+During an update the tenant's previous model is *held* (:meth:`ModelPool.hold`)
+from staging until the update commits or rolls back, so a rollback serves it at
+once. A held model counts against the budget like a serving one and is never
+unloaded, neither when idle (it is idle by design) nor to make room: the budget
+must fit the new model *and* the held one. Idle models of other tenants are
+unloaded first, as for any load (they reload on demand when there is room); if
+the two still do not fit, the new model's load is refused with the figures and
+the update fails with the tenant still on its current model. A device whose
+budget cannot hold two versions of a model at once cannot update it safely, and
+we would rather say so than lose the rollback copy or go over the budget.
 """
 
 from __future__ import annotations
@@ -72,22 +83,32 @@ class PooledModel:
         with self._lock:
             self.in_use += 1
             self.last_used = self._pool.clock()
-            model = self._model
-            if model is None:
-                try:
-                    self._pool.reserve(self)
-                    model = self._model = self._load()
-                except BaseException:
-                    self.in_use -= 1
-                    raise
-                self.loads += 1
-                log.info("model reloaded digest=%s size=%d", self.digest[:12], self.size)
+            try:
+                model = self._reload_if_unloaded()
+            except BaseException:
+                self.in_use -= 1
+                raise
         try:
             return model.run(inputs, output_names)
         finally:
             with self._lock:
                 self.in_use -= 1
                 self.last_used = self._pool.clock()
+
+    def ensure_loaded(self) -> None:
+        """Load the model again if it was unloaded (within the budget)."""
+        with self._lock:
+            self._reload_if_unloaded()
+
+    def _reload_if_unloaded(self) -> LoadedModel:
+        # Caller holds self._lock; the lock order is always model, then pool.
+        model = self._model
+        if model is None:
+            self._pool.reserve(self)
+            model = self._model = self._load()
+            self.loads += 1
+            log.info("model reloaded digest=%s size=%d", self.digest[:12], self.size)
+        return model
 
     def unload_if_idle(self, idle_s: float, now: float) -> bool:
         # Never wait for the lock: its holder is loading or starting a run (busy), and
@@ -119,6 +140,8 @@ class ModelPool:
         self._models: dict[str, ServingModel] = {}
         self._expected: frozenset[str] = frozenset()
         self._loaded: dict[str, PooledModel] = {}
+        # Per tenant, the model it served before the update in progress (kept for rollback).
+        self._held: dict[str, ServingModel] = {}
 
     # -- tenants ----------------------------------------------------------------
 
@@ -126,16 +149,20 @@ class ModelPool:
         with self._lock:
             return self._models.get(tenant)
 
-    def put(self, serving: ServingModel) -> ServingModel | None:
+    def put(self, serving: ServingModel, hold_previous: bool = False) -> ServingModel | None:
+        """Serve ``serving`` for its tenant; with ``hold_previous`` the model it replaces is held."""
         with self._lock:
             old = self._models.get(serving.tenant)
             self._models[serving.tenant] = serving
+            if hold_previous and old is not None and old.digest != serving.digest:
+                self._held[serving.tenant] = old
             self._forget_unused()
             return old
 
     def remove(self, tenant: str) -> ServingModel | None:
         with self._lock:
             old = self._models.pop(tenant, None)
+            self._held.pop(tenant, None)
             self._forget_unused()
             return old
 
@@ -151,6 +178,44 @@ class ModelPool:
     def is_expected(self, tenant: str) -> bool:
         with self._lock:
             return tenant in self._expected
+
+    # -- the rollback copy of an update ----------------------------------------
+
+    def hold(self, tenant: str) -> ServingModel | None:
+        """Keep the tenant's serving model loaded and counted until :meth:`release`.
+
+        Called before the update's new model is loaded, so that load has to fit
+        beside it. An earlier hold of the tenant is released (its update was
+        superseded). A serving model that was unloaded while idle is loaded
+        again; if that does not fit, the hold is dropped and MemoryBudgetExceeded raised.
+        """
+        with self._lock:
+            serving = self._models.get(tenant)
+            self._held.pop(tenant, None)
+            if serving is not None:
+                self._held[tenant] = serving
+            self._forget_unused()
+        if serving is None:
+            return None
+        if isinstance(serving.model, PooledModel):
+            try:
+                # Outside the pool's lock: a reload takes the model's lock, then the pool's.
+                serving.model.ensure_loaded()
+            except BaseException:
+                self.release(tenant)
+                raise
+        return serving
+
+    def held(self, tenant: str) -> ServingModel | None:
+        with self._lock:
+            return self._held.get(tenant)
+
+    def release(self, tenant: str) -> ServingModel | None:
+        """The update ended: stop holding the tenant's previous model (unloaded unless it serves)."""
+        with self._lock:
+            released = self._held.pop(tenant, None)
+            self._forget_unused()
+            return released
 
     # -- loaded copies ----------------------------------------------------------
 
@@ -184,17 +249,37 @@ class ModelPool:
                     f"model {model.digest[:12]} needs {model.size / MB:.1f} MB, more than the device's "
                     f"model memory budget of {self.budget_bytes / MB:.1f} MB"
                 )
+            held = self._held_digests()
             for victim in sorted(others, key=lambda m: m.last_used):
                 if used + model.size <= self.budget_bytes:
                     break
-                if victim.unload_if_idle(0.0, self.clock()):
+                if victim.digest not in held and victim.unload_if_idle(0.0, self.clock()):
                     used -= victim.size
                     log.info("model unloaded for room digest=%s size=%d", victim.digest[:12], victim.size)
             if used + model.size > self.budget_bytes:
                 raise MemoryBudgetExceeded(
                     f"model {model.digest[:12]} needs {model.size / MB:.1f} MB but {used / MB:.1f} MB of the "
                     f"{self.budget_bytes / MB:.1f} MB model memory budget are in use"
+                    + self._held_note(model.digest)
                 )
+
+    def _held_digests(self) -> set[str]:
+        return {s.digest for s in self._held.values()}
+
+    def _held_note(self, digest: str) -> str:
+        """Which of the memory in use is held for rollback, for the refusal's reason."""
+        held = {
+            s.digest: (s, m)
+            for s in self._held.values()
+            if s.digest != digest and (m := self._loaded.get(s.digest)) is not None and m.loaded
+        }
+        if not held:
+            return ""
+        parts = [
+            f"{m.size / MB:.1f} MB by {s.model_name} {s.model_version} of tenant {s.tenant}"
+            for s, m in (held[d] for d in sorted(held))
+        ]
+        return f" ({', '.join(parts)}, kept loaded for rollback until its update ends)"
 
     def loaded_bytes(self) -> int:
         with self._lock:
@@ -206,14 +291,15 @@ class ModelPool:
             return []
         now = self.clock()
         with self._lock:
-            models = list(self._loaded.values())
+            held = self._held_digests()
+            models = [m for m in self._loaded.values() if m.digest not in held]
         unloaded = [m.digest for m in models if m.unload_if_idle(self.idle_unload_s, now)]
         for digest in unloaded:
             log.info("model unloaded after idle digest=%s idle_s=%.0f", digest[:12], self.idle_unload_s)
         return unloaded
 
     def _forget_unused(self) -> None:
-        used = {s.digest for s in self._models.values()}
+        used = {s.digest for s in self._models.values()} | self._held_digests()
         for digest in [d for d in self._loaded if d not in used]:
             del self._loaded[digest]
 

@@ -26,7 +26,7 @@ from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind
 
 from agent.artifacts import ArtifactStore, Download
-from agent.errors import AgentError, ArtifactError, ChunkRejected, ModelError
+from agent.errors import AgentError, ArtifactError, ChunkRejected, MemoryBudgetExceeded, ModelError
 from agent.pool import ModelPool, ServingModel
 from agent.reconciler import (
     Action,
@@ -164,9 +164,6 @@ class Updater:
     ) -> None:
         self.device_id = device_id
         self.probe = probe
-        # The model a tenant served before the one on probation, kept loaded until commit. The
-        # pool no longer counts it against the memory budget once the new one serves.
-        self.standby: dict[str, ServingModel] = {}
         self.kill_at = os.environ.get(KILL_AT_ENV, "")
         self.states = states
         self.artifacts = artifacts
@@ -524,25 +521,29 @@ class Updater:
         a = step.assignment
         self._enter(a, UpdateState.STAGE)
         serving = self.pool.get(a.tenant)
-        standby = self.standby.get(a.tenant)
+        held = self.pool.held(a.tenant)
         try:
             if serving is not None and serving.digest == a.digest:
                 model = serving.model
-            elif standby is not None and standby.digest == a.digest:
-                model = standby.model
+            elif held is not None and held.digest == a.digest:
+                model = held.model
             else:
+                # The model serving now is the rollback copy: held (counted against the memory
+                # budget, never unloaded) before the new one loads, so the new one must fit beside it.
+                self.pool.hold(a.tenant)
                 model = self._load(a)
             model.run(smoke_inputs(model))
         except (AgentError, OSError) as exc:
             # Nothing was swapped: the old model never stopped serving.
+            self.pool.release(a.tenant)
             self._fail_digest(a.digest, f"staging failed: {exc}")
-            self._drop_unloadable(a.digest)
+            if not isinstance(exc, MemoryBudgetExceeded):
+                # A model refused for want of memory is sound: keep it for a later generation.
+                self._drop_unloadable(a.digest)
             return
         self._enter(a, UpdateState.ACTIVATE)
         ts = self.state.tenants.get(a.tenant, TenantState())
         previous = ts.active if ts.active and ts.active.assignment.digest != a.digest else ts.previous
-        if serving is not None and serving.digest != a.digest:
-            self.standby[a.tenant] = serving
         path = str(self.artifacts.model_path(a.digest, a.format))
         inferences, errors = self.probe(a.tenant, a.model_name, a.model_version)
         probation = Update(
@@ -551,7 +552,7 @@ class Updater:
         state = self.state.with_tenant(a.tenant, TenantState(Installed(a, path), previous))
         self._save(state.with_failure(None, a.digest).with_update(a.tenant, probation))
         self._maybe_die(UpdateState.PROBATION)
-        self._serve(a, model)
+        self._serve(a, model, hold_previous=True)
         log.info(
             "model activated device=%s tenant=%s model=%s version=%s digest=%s",
             self.device_id,
@@ -565,7 +566,7 @@ class Updater:
     def commit(self, step: Commit) -> None:
         update = self.state.updates[step.tenant]
         self._enter(update.assignment, UpdateState.COMMIT)
-        released = self.standby.pop(step.tenant, None)
+        released = self.pool.release(step.tenant)
         self._end(step.tenant, UpdateState.COMMITTED, step.reason)
         if released is not None:
             log.info(
@@ -583,15 +584,16 @@ class Updater:
         ts = self.state.tenants.get(step.tenant)
         if ts is not None and ts.active is not None and ts.active.assignment.digest == a.digest:
             back = ts.previous
-            standby = self.standby.pop(step.tenant, None)
+            held = self.pool.held(step.tenant)
             if back is None:
                 self._save(self.state.with_tenant(step.tenant, None))
                 self.pool.remove(step.tenant)
             else:
-                ready = standby is not None and standby.digest == back.assignment.digest
-                model = standby.model if standby is not None and ready else self._load(back.assignment)
+                ready = held is not None and held.digest == back.assignment.digest
+                model = held.model if held is not None and ready else self._load(back.assignment)
                 self._save(self.state.with_tenant(step.tenant, TenantState(back, None)))
                 self._serve(back.assignment, model)
+        self.pool.release(step.tenant)
         reason = f"rolled back: {step.reason}"
         self._save(self.state.with_failure(Failure(a.digest, reason, self.state.desired_generation)))
         self._end(step.tenant, UpdateState.ROLLED_BACK, step.reason)
@@ -600,7 +602,6 @@ class Updater:
     def deactivate(self, step: Deactivate) -> None:
         self._save(self.state.with_tenant(step.tenant, None).with_update(step.tenant, None))
         self.pool.remove(step.tenant)
-        self.standby.pop(step.tenant, None)
         log.info("tenant removed device=%s tenant=%s", self.device_id, step.tenant)
 
     def mark_applied(self, step: MarkApplied) -> None:
@@ -629,10 +630,11 @@ class Updater:
         # Through the pool: tenants on the same artifact share one copy, within the memory budget.
         return self.pool.load(a.digest, self.artifacts.model_path(a.digest, a.format), a.runtime, a.format)
 
-    def _serve(self, a: Assignment, model: Any) -> None:
+    def _serve(self, a: Assignment, model: Any, hold_previous: bool = False) -> None:
         path = self.artifacts.model_path(a.digest, a.format)
         runtime = a.runtime or "onnxruntime"
-        self.pool.put(ServingModel(a.tenant, a.model_name, a.model_version, a.digest, runtime, path, model))
+        serving = ServingModel(a.tenant, a.model_name, a.model_version, a.digest, runtime, path, model)
+        self.pool.put(serving, hold_previous=hold_previous)
 
     def _wanting(self, digest: str) -> list[Assignment]:
         desired = self.state.desired
