@@ -10,7 +10,9 @@ group (``[api] socket_group``) keep out users outside that group; within it, the
 ``x-edgefleet-token`` metadata names the tenant, and a tenant can only use its
 own model and results. A tenant declared without a token (the foundation's
 ``default``) is open to anyone who can reach the socket unless
-``[api] require_token`` is set. Shadow candidates are never served.
+``[api] require_token`` is set. Shadow candidates are never served, but a
+tenant's calls are offered to its shadow candidate (``shadow``, in the service
+:meth:`agent.pipeline.Pipelines.offer_shadow`) once the live answer is ready.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+import numpy as np
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
 from agent.errors import ConfigError, InferenceError, InvalidInput, Overloaded, TensorCodecError
@@ -106,6 +109,8 @@ def _specs(specs: list[TensorSpec]) -> list[inference_pb2.TensorSpec]:
 
 T = TypeVar("T")
 RunOn = Callable[[str, Callable[[], Any], float], Any]
+# (tenant, live model, inputs, live outputs, live run ms): hands a call to the shadow comparison.
+OfferShadow = Callable[[str, ServingModel, dict[str, np.ndarray], dict[str, np.ndarray], float], None]
 
 
 def _inline(tenant: str, work: Callable[[], T], timeout: float) -> T:
@@ -121,8 +126,11 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
         auth: TenantAuth | None = None,
         run: RunOn | None = None,
         observer: Observer | None = None,
+        shadow: OfferShadow | None = None,
     ) -> None:
         self.pool = pool
+        # Where a call goes to be compared with the tenant's shadow candidate, if it has one.
+        self.shadow = shadow
         # A caller's inferences feed the drift sketches and data capture like a pipeline's.
         self.observer = observer
         self.stats = stats
@@ -148,9 +156,13 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
             inputs = {name: to_numpy(t, f"input {name!r}") for name, t in request.inputs.items()}
             names = list(request.output_names)
             timeout = context.time_remaining() or DEFAULT_CALL_TIMEOUT_S
-            outputs = self.run(
-                tenant, lambda: serving.model.run(inputs, names), min(timeout, DEFAULT_CALL_TIMEOUT_S)
-            )
+
+            def live() -> tuple[dict[str, np.ndarray], float]:
+                begin = time.perf_counter()
+                out = serving.model.run(inputs, names)
+                return out, (time.perf_counter() - begin) * 1000.0
+
+            outputs, live_ms = self.run(tenant, live, min(timeout, DEFAULT_CALL_TIMEOUT_S))
             latency_ms = (time.perf_counter() - start) * 1000.0
             response = inference_pb2.InferResponse(
                 model_name=serving.model_name,
@@ -176,6 +188,8 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
         ok = code == grpc.StatusCode.OK
         elapsed = (time.perf_counter() - start) * 1000.0
         self.stats.record(tenant, serving.model_name, serving.model_version, elapsed, ok)
+        if ok and self.shadow is not None:
+            self._offer_shadow(tenant, serving, inputs, outputs, live_ms)
         if not ok:
             log.info(
                 "inference refused tenant=%s model=%s version=%s code=%s error=%s",
@@ -187,6 +201,21 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
             )
             _abort(context, code, message)
         return response
+
+    def _offer_shadow(
+        self,
+        tenant: str,
+        serving: ServingModel,
+        inputs: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+        live_ms: float,
+    ) -> None:
+        assert self.shadow is not None
+        try:
+            self.shadow(tenant, serving, inputs, outputs, live_ms)
+        except Exception:
+            # The answer is ready and must reach the caller whatever the comparison does.
+            log.exception("shadow offer failed tenant=%s model=%s", tenant, serving.model_name)
 
     def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: Any

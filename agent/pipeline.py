@@ -8,6 +8,10 @@ tenant's live model, then its shadow candidate if one is loaded (tenant
 StreamResults subscribers, to ``edgefleet/v1/devices/{id}/results/{tenant}``
 over MQTT, or both; the live inference is then sketched and offered to the
 tenant's capture policy (:mod:`agent.observe`). Samples never go through gRPC.
+A gRPC Infer for a tenant with a shadow candidate hands its inputs and live
+outputs to :meth:`Pipelines.offer_shadow` once the caller has its answer: the
+candidate runs later as a job of its own lane, and the comparison lands in the
+same shadow stats as the pipeline's.
 A source that fails or ends is reported as an Event and reopened with jittered
 backoff; other tenants are untouched.
 """
@@ -30,7 +34,7 @@ from edgefleet_proto import inference_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import PREFIX, validate_device_id
 
-from agent.errors import AgentError, InferenceError, Overloaded, SourceError
+from agent.errors import AgentError, Overloaded, SourceError
 from agent.link import backoff_delay
 from agent.observe import Observer
 from agent.pool import ModelPool, ServingModel
@@ -55,6 +59,13 @@ WARN_EVERY_S = 10.0
 CALLER_QUEUE = 64
 # A source that delivered this long before it failed or ended starts its backoff afresh.
 STABLE_S = 10.0
+# The shadow comparisons of gRPC calls wait in a lane ``{tenant}.shadow`` of their own, off the
+# caller's latency path: under contention it gets this share against a tenant's weight 1 (low,
+# yet never starved, or a busy device would gather no samples for its shadow gate), and past
+# the bound it drops its oldest comparison (counted as the lane's ``dropped``). The bound is
+# small because each waiting job keeps a call's inputs alive.
+SHADOW_WEIGHT = 0.25
+SHADOW_QUEUE = 8
 
 
 def results_topic(device_id: str, tenant: str) -> str:
@@ -74,6 +85,18 @@ class Call:
 
     run: Callable[[], Any]
     future: Future[Any]
+
+
+@dataclass(frozen=True)
+class ShadowJob:
+    """A gRPC call's inputs and the live model's outputs, to run on the tenant's shadow candidate."""
+
+    tenant: str
+    live: ServingModel
+    candidate: ServingModel
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+    live_ms: float
 
 
 class ResultHub:
@@ -214,6 +237,8 @@ class Pipelines:
         self._readers: dict[str, _Reader] = {}
         # Tenants that only call over gRPC: a lane of weight 1 each, made on first call.
         self._callers: set[str] = set()
+        # Lanes of gRPC shadow comparisons, ``{tenant}.shadow``, made on the first one.
+        self._shadow_lanes: set[str] = set()
         self._warned: dict[tuple[str, str], tuple[float, int]] = {}
 
     def start(self) -> None:
@@ -291,6 +316,45 @@ class Pipelines:
         self.stats.inference(tenant, (time.perf_counter() - start) * 1000.0, ok=True)
         return result
 
+    def offer_shadow(
+        self,
+        tenant: str,
+        live: ServingModel,
+        inputs: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+        live_ms: float,
+    ) -> None:
+        """Queue a gRPC call's shadow comparison if the tenant has a candidate; never blocks.
+
+        Called after the live answer was computed, so the caller never waits for the
+        candidate; the caller's arrays are not changed afterwards (they are copies).
+        """
+        lane = shadow_of(tenant)
+        candidate = self.pool.get(lane)
+        with self._lock:
+            if candidate is None:
+                if lane in self._shadow_lanes:
+                    # The candidate was cleared: what still waits has nothing to run on.
+                    self._shadow_lanes.discard(lane)
+                    self.scheduler.remove(lane)
+                return
+            if lane not in self._shadow_lanes:
+                self._shadow_lanes.add(lane)
+                self.scheduler.configure(lane, SHADOW_WEIGHT, SHADOW_QUEUE)
+        job = ShadowJob(tenant, live, candidate, inputs, outputs, live_ms)
+        dropped = self.scheduler.submit(lane, job)
+        if dropped:
+            self.stats.dropped(lane, len(dropped))
+            self._warn(
+                (tenant, "shadow-dropped"),
+                "shadow comparison dropped device=%s tenant=%s model=%s version=%s queue=%d",
+                self.device_id,
+                tenant,
+                candidate.model_name,
+                candidate.model_version,
+                SHADOW_QUEUE,
+            )
+
     def source_lost(self, spec: TenantSpec, reason: str, attempt: int, delay: float) -> None:
         assert spec.source is not None
         log.warning(
@@ -325,13 +389,16 @@ class Pipelines:
 
     # -- the scheduler's runner -------------------------------------------------
 
-    def _run_job(self, tenant: str, job: Job | Call) -> None:
+    def _run_job(self, tenant: str, job: Job | Call | ShadowJob) -> None:
         if isinstance(job, Call):
             if job.future.set_running_or_notify_cancel():
                 try:
                     job.future.set_result(job.run())
                 except BaseException as exc:  # handed to the caller, who turns it into a status
                     job.future.set_exception(exc)
+            return
+        if isinstance(job, ShadowJob):
+            self._compare(job.tenant, job.live, job.candidate, job.inputs, job.outputs, job.live_ms)
             return
         spec = self._specs.get(tenant)
         serving = self.pool.get(tenant)
@@ -373,7 +440,9 @@ class Pipelines:
             self.observer.observe(
                 tenant, serving.model_name, serving.model_version, job.prepared.array, outputs
             )
-        self._shadow(spec, serving, inputs, outputs, live_ms)
+        candidate = self.pool.get(shadow_of(tenant))
+        if candidate is not None:
+            self._compare(tenant, serving, candidate, inputs, outputs, live_ms)
 
     def _inputs(self, spec: TenantSpec, serving: ServingModel, array: np.ndarray) -> dict[str, np.ndarray]:
         name = spec.preprocess.input or serving.model.inputs[0].name
@@ -406,36 +475,35 @@ class Pipelines:
         if "mqtt" in spec.results:
             self.publish(results_topic(self.device_id, spec.id), encode(result))
 
-    def _shadow(
+    def _compare(
         self,
-        spec: TenantSpec,
+        tenant: str,
         live: ServingModel,
+        candidate: ServingModel,
         inputs: dict[str, np.ndarray],
         outputs: dict[str, np.ndarray],
         live_ms: float,
     ) -> None:
-        candidate = self.pool.get(shadow_of(spec.id))
-        if candidate is None:
-            return
+        """Run the shadow candidate on the live model's inputs and record how far it is."""
         try:
             start = time.perf_counter()
             shadow_out = candidate.model.run(inputs)
             candidate_ms = (time.perf_counter() - start) * 1000.0
             comparison = compare(outputs, shadow_out)
-        except (InferenceError, ValueError) as exc:
-            self.stats.inference(shadow_of(spec.id), 0.0, ok=False)
+        except (AgentError, ValueError) as exc:  # e.g. no room to reload it: the live side goes on
+            self.stats.inference(shadow_of(tenant), 0.0, ok=False)
             self._warn(
-                (spec.id, "shadow"),
+                (tenant, "shadow"),
                 "shadow failed device=%s tenant=%s model=%s version=%s error=%s",
                 self.device_id,
-                spec.id,
+                tenant,
                 candidate.model_name,
                 candidate.model_version,
                 exc,
             )
             return
         self.stats.shadow(
-            spec.id,
+            tenant,
             live.model_version,
             (candidate.model_name, candidate.model_version),
             comparison.top1,
@@ -448,7 +516,11 @@ class Pipelines:
         """(weights, busy seconds) per tenant for the telemetry window."""
         weights, busy = {}, {}
         with self._lock:
-            lanes = {t: s.weight for t, s in self._specs.items()} | dict.fromkeys(self._callers, 1.0)
+            lanes = (
+                {t: s.weight for t, s in self._specs.items()}
+                | dict.fromkeys(self._callers, 1.0)
+                | dict.fromkeys(self._shadow_lanes, SHADOW_WEIGHT)
+            )
         for tenant, weight in lanes.items():
             weights[tenant], busy[tenant] = weight, self.scheduler.drain_busy(tenant)
         return weights, busy

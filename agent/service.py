@@ -136,7 +136,13 @@ class Service:
         self.updater.boot()
         auth = TenantAuth(self.pipelines.specs, self.config.api.require_token)
         api = InferenceApi(
-            self.pool, self.stats, lambda: self.link.connected, auth, self.pipelines.call, self.observer
+            self.pool,
+            self.stats,
+            lambda: self.link.connected,
+            auth,
+            self.pipelines.call,
+            self.observer,
+            shadow=self.pipelines.offer_shadow,
         )
         results = ResultsApi(self.hub, self.pipelines.specs, auth)
         self.server = serve(
