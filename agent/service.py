@@ -9,8 +9,9 @@ scheduler's workers. Under systemd (Type=notify) the agent sends READY once
 the socket serves, pings the watchdog from this loop (so a stuck loop gets the
 agent restarted) and keeps a STATUS line. SIGTERM/SIGINT stop the loop;
 shutdown sends STOPPING, stops the sources, finishes queued and in-flight
-inference, stops gRPC, flushes the outbox for a bounded time and disconnects
-cleanly after publishing the offline status.
+inference, stops gRPC, queues the last (partial) telemetry window with its
+drift sketches, flushes the outbox for a bounded time and disconnects cleanly
+after publishing the offline status.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ class Service:
             probe=self.stats.totals,
         )
         self.server: grpc.Server | None = None
+        # Start of the telemetry window in progress (ms since the epoch).
+        self.window_start = now_ms()
 
     def _publish_result(self, topic: str, payload: bytes) -> None:
         # Results are live: while the broker is away they are not queued.
@@ -173,7 +176,7 @@ class Service:
     def _loop(self) -> None:
         interval = self.config.telemetry_interval_s
         next_telemetry = time.monotonic() + interval
-        window_start = now_ms()
+        self.window_start = now_ms()
         watchdog = self.notifier.watchdog_interval_s
         next_ping = time.monotonic()
         while not self.stopping.is_set():
@@ -187,8 +190,8 @@ class Service:
                 next_ping = now + watchdog
             if now >= next_telemetry:
                 window_end = now_ms()
-                self._telemetry(window_start, window_end)
-                window_start = window_end
+                self._telemetry(self.window_start, window_end)
+                self.window_start = window_end
                 next_telemetry = max(next_telemetry + interval, now)
                 self.pool.sweep()
                 self.notifier.status(self._status_line())
@@ -332,6 +335,9 @@ class Service:
             log.warning("inference still running at stop device=%s", self.config.device_id)
         # What was captured but not yet uploaded waits in the outbox for the next start.
         self._queue_captures(final=True)
+        # So does the window in progress, with its drift sketches: inference has stopped, so
+        # nothing more lands in it, and without it the last seconds served would be lost.
+        self._telemetry(self.window_start, now_ms())
         deadline = time.monotonic() + FLUSH_ON_STOP_S
         while self.link.connected and time.monotonic() < deadline:
             self.sender.pump(True)

@@ -177,3 +177,36 @@ def test_replayed_and_called_inferences_are_sketched_and_captured(
     np.testing.assert_allclose(captured_probs, expected, rtol=1e-5, atol=1e-6)
     assert set(codes.tolist()) == {0}
     assert "not sketched or captured" not in agent.output()
+
+
+def test_the_window_in_progress_at_sigterm_is_sent_with_its_drift_sketch(
+    make_agent: Callable[..., AgentProcess], make_peer: Callable[[str], Peer], tmp_path: Path
+) -> None:
+    digits = digits_classifier(tmp_path / "digits.onnx")
+    rows = digits.samples[:ROWS].astype(np.float32)
+    agent = make_agent(telemetry_interval_s=3600.0)  # no window ends while the agent runs
+    peer = make_peer(agent.device_id)
+    digest = peer.add_artifact(digits.path)
+    spec = spec_for("app", digits.samples[ROWS:].astype(np.float64))
+    desired = fleet_pb2.DesiredState(
+        device_id=agent.device_id,
+        generation=1,
+        models=[peer.assignment(digest, "1", name="digits", tenant="app")],
+        drift_specs=[spec],
+    )
+    peer.publish_raw(Kind.DESIRED, encode(desired), retain=True)
+    agent.start()
+    agent.wait_ready()
+    peer.wait_active(digest, tenant="app")
+    stub = agent.stub()
+    for _ in range(2):
+        stub.Infer(inference_pb2.InferRequest(tenant="app", inputs=to_tensors({"X": rows})), timeout=10)
+
+    assert agent.terminate() == 0
+    [window] = wait_until(lambda: list(peer.telemetry), 10, "the last window, sent at stop")
+    _, probs = ort.InferenceSession(str(digits.path)).run(None, {"X": rows})
+    [sketch] = window.drift
+    assert (sketch.tenant, sketch.model_name, sketch.model_version) == ("app", "digits", "1")
+    assert plain(sketch) == scaled(build_sketch(spec, rows, probs), 2)
+    assert [(m.tenant, m.inference_count) for m in window.models] == [("app", 2)]
+    assert 0 < window.window_end_ms - window.window_start_ms < 3_600_000
