@@ -10,8 +10,10 @@ tampered with or signed by another key is refused with the reason; the tenant
 keeps its previous model.
 
 Key rotation: a desired state may carry a ``KeyRotation`` (the new key signed by
-the old one). It is accepted only when the signature verifies with the key
-pinned now; the new key is then persisted (``controller_key.json``, atomic
+the old one), preceded by the earlier rotations, oldest first. Each is accepted
+only when its signature verifies with the key pinned at that moment, so a device
+that slept through several rotations walks the chain one link at a time from the
+key it trusts. Each new key is then persisted (``controller_key.json``, atomic
 write) and replaces the old one. The persisted key is used as long as the
 configured key is the one the rotation chain started from, so re-provisioning
 the device with another key in agent.toml takes precedence.
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -121,6 +123,18 @@ class KeyRing:
         self.key = new
         return None
 
+    def follow(self, chain: Sequence[fleet_pb2.KeyRotation]) -> str | None:
+        """Walk a rotation chain (oldest first) from the pinned key to its last link.
+
+        An earlier link the pinned key did not sign is history this device already
+        followed (or never needed) and is passed over; only the last link's refusal
+        is reported. Nothing but signatures decides: ``old_key_id`` is not trusted."""
+        if not chain or self.key is None:
+            return None
+        for link in chain[:-1]:
+            self.rotate(link)
+        return self.rotate(chain[-1])
+
     def check(self, m: fleet_pb2.ModelAssignment) -> str | None:
         """Why this assignment must be refused, or None when it is signed by the pinned key."""
         if self.key is None:
@@ -152,7 +166,7 @@ class KeyRing:
                 log.error("key rotation refused device_key=%s reason=%s", self.key_id, problem)
         for m in msg.models:
             if m.HasField("key_rotation"):
-                problem = self.rotate(m.key_rotation)
+                problem = self.follow([*m.earlier_rotations, m.key_rotation])
                 if problem is not None:
                     log.error("key rotation refused device_key=%s reason=%s", self.key_id, problem)
             reason = None if m.artifact_digest in verified else self.check(m)

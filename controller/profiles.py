@@ -409,9 +409,14 @@ class Profiles:
         wanted.precision = variant.precision
         wanted.signature = bytes.fromhex(variant.signature)
         wanted.key_id = variant.key_id
-        rotation = self.registry.signer.rotation if self.registry is not None else None
-        if rotation is not None and rotation.new_key_id == variant.key_id:
-            wanted.key_rotation.CopyFrom(rotation)
+        signer = self.registry.signer if self.registry is not None else None
+        if (
+            signer is not None
+            and signer.rotation is not None
+            and signer.rotation.new_key_id == variant.key_id
+        ):
+            wanted.key_rotation.CopyFrom(signer.rotation)
+            wanted.earlier_rotations.extend(signer.earlier_rotations)
         log.info(
             "variant chosen device=%s model=%s version=%s variant=%s reason=%s",
             device_id, found.name, found.version, variant.variant, choice.reason,

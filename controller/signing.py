@@ -4,8 +4,11 @@ Every variant's manifest (name, version, variant, sha256, size, in the byte
 format of :mod:`edgefleet_proto.signing`) is signed with it; agents pin the
 public key at provisioning. Rotation writes a new key and a
 :class:`~edgefleet_proto.fleet_pb2.KeyRotation` signed by the old one, which
-travels in every desired state so that a device offline during the rotation
-still learns the new key from the key it trusts.
+travels in every assignment signed with the new key so that a device offline
+during the rotation still learns the new key from the key it trusts. Every
+rotation is kept (``rotations.pb``, oldest first) and the earlier links travel
+too: a device provisioned three keys ago walks the chain one verified link at a
+time instead of having to be re-provisioned.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 
 KEY_FILE = "ed25519.key"
 ROTATION_FILE = "rotation.pb"
+CHAIN_FILE = "rotations.pb"
 
 
 def public_bytes(key: Ed25519PublicKey) -> bytes:
@@ -52,13 +56,19 @@ class Signer:
     """The current key of one data folder, and the rotation that introduced it (if any)."""
 
     def __init__(
-        self, directory: Path, key: Ed25519PrivateKey, rotation: fleet_pb2.KeyRotation | None
+        self,
+        directory: Path,
+        key: Ed25519PrivateKey,
+        rotation: fleet_pb2.KeyRotation | None,
+        earlier: tuple[fleet_pb2.KeyRotation, ...] = (),
     ) -> None:
         self.directory = directory
         self._key = key
         self.public_key = public_bytes(key.public_key())
         self.key_id = key_id(self.public_key)
         self.rotation = rotation
+        # The rotations before `rotation`, oldest first.
+        self.earlier_rotations = earlier
 
     @classmethod
     def load_or_create(cls, directory: Path) -> Signer:
@@ -68,7 +78,12 @@ class Signer:
             os.chmod(directory, 0o700)
             atomic_write(path, _private_bytes(Ed25519PrivateKey.generate()), mode=0o600)
             log.info("signing key created path=%s", path)
-        return cls(directory, _load_key(path), _load_rotation(directory / ROTATION_FILE))
+        rotation = _load_rotation(directory / ROTATION_FILE)
+        chain = _load_chain(directory / CHAIN_FILE)
+        # A data folder from before the chain was kept, or a crash between writing
+        # the chain and the rotation record: the chain is cut to end at the record.
+        chain = chain[: chain.index(rotation)] if rotation is not None and rotation in chain else []
+        return cls(directory, _load_key(path), rotation, tuple(chain))
 
     @property
     def public_key_hex(self) -> str:
@@ -88,12 +103,16 @@ class Signer:
             signature=self._key.sign(rotation_bytes(new_public)),
         )
         atomic_write(self.directory / f"{KEY_FILE}.{self.key_id}", _private_bytes(self._key), mode=0o600)
-        # Rotation record first: a crash between the two writes leaves the old key
-        # in place with a record the agents would reject, never a key they cannot learn.
+        earlier = (*self.earlier_rotations, self.rotation) if self.rotation is not None else ()
+        # Chain, then rotation record, then key: a crash between any two writes leaves
+        # the old key in place with records the agents would reject, never a key they
+        # cannot learn; a chain longer than the record is cut back on load.
+        chain = fleet_pb2.KeyRotationChain(rotations=[*earlier, rotation])
+        atomic_write(self.directory / CHAIN_FILE, encode(chain), mode=0o600)
         atomic_write(self.directory / ROTATION_FILE, encode(rotation), mode=0o600)
         atomic_write(self.directory / KEY_FILE, _private_bytes(new), mode=0o600)
         log.info("signing key rotated old_key=%s new_key=%s", self.key_id, rotation.new_key_id)
-        return Signer(self.directory, new, rotation)
+        return Signer(self.directory, new, rotation, earlier)
 
 
 def _load_key(path: Path) -> Ed25519PrivateKey:
@@ -104,6 +123,15 @@ def _load_key(path: Path) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise SigningKeyError(f"{path} is not an Ed25519 private key")
     return key
+
+
+def _load_chain(path: Path) -> list[fleet_pb2.KeyRotation]:
+    try:
+        return list(decode_as(fleet_pb2.KeyRotationChain, path.read_bytes()).rotations)
+    except FileNotFoundError:
+        return []
+    except (OSError, PayloadError) as exc:
+        raise SigningKeyError(f"cannot read {path}: {exc}") from None
 
 
 def _load_rotation(path: Path) -> fleet_pb2.KeyRotation | None:

@@ -93,6 +93,7 @@ class ModelAssignment(_message.Message):
     PROBATION_S_FIELD_NUMBER: _builtins.int
     MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
     KEY_ROTATION_FIELD_NUMBER: _builtins.int
+    EARLIER_ROTATIONS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     model_name: _builtins.str
     model_version: _builtins.str
@@ -130,6 +131,13 @@ class ModelAssignment(_message.Message):
         checking `signature`, so a device offline during a rotation still converges.
         """
 
+    @_builtins.property
+    def earlier_rotations(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyRotation]:
+        """The rotations before key_rotation, oldest first: a device that was offline
+        through several rotations walks the chain from the key it pins, each link
+        verified with the key before it.
+        """
+
     def __init__(
         self,
         *,
@@ -148,10 +156,11 @@ class ModelAssignment(_message.Message):
         probation_s: _builtins.float = ...,
         max_error_rate: _builtins.float = ...,
         key_rotation: Global___KeyRotation | None = ...,
+        earlier_rotations: _abc.Iterable[Global___KeyRotation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key_rotation", b"key_rotation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "format", b"format", "key_id", b"key_id", "key_rotation", b"key_rotation", "max_error_rate", b"max_error_rate", "model_name", b"model_name", "model_version", b"model_version", "precision", b"precision", "probation_s", b"probation_s", "rollout_id", b"rollout_id", "runtime", b"runtime", "signature", b"signature", "tenant", b"tenant", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "earlier_rotations", b"earlier_rotations", "format", b"format", "key_id", b"key_id", "key_rotation", b"key_rotation", "max_error_rate", b"max_error_rate", "model_name", b"model_name", "model_version", b"model_version", "precision", b"precision", "probation_s", b"probation_s", "rollout_id", b"rollout_id", "runtime", b"runtime", "signature", b"signature", "tenant", b"tenant", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -190,6 +199,30 @@ class KeyRotation(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KeyRotation: _TypeAlias = KeyRotation  # noqa: Y015
+
+@_typing.final
+class KeyRotationChain(_message.Message):
+    """Every rotation of the controller's signing key, oldest first (the controller
+    keeps it in its data folder; links travel in ModelAssignment).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROTATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rotations(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyRotation]: ...
+    def __init__(
+        self,
+        *,
+        rotations: _abc.Iterable[Global___KeyRotation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rotations", b"rotations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyRotationChain: _TypeAlias = KeyRotationChain  # noqa: Y015
 
 @_typing.final
 class DesiredState(_message.Message):

@@ -168,7 +168,8 @@ def test_wrong_signer_is_refused_with_the_model_kept_and_a_signed_rotation_is_fo
     controller.cli("models", "upload", str(other.path), "--name", "digits", "--version", "2", "--parent", "1")
     trusting = register_agent(controller, tmp_path / "agents", "trusting")
     doubting = register_agent(controller, tmp_path / "agents", "doubting")
-    agents += [trusting.start(), doubting.start()]
+    sleeper = register_agent(controller, tmp_path / "agents", "sleeper")
+    agents += [trusting.start(), doubting.start(), sleeper.start()]
 
     def roll(version: str, *devices: str) -> dict[str, Any]:
         args = ["rollouts", "create", "--model", "digits", "--version", version]
@@ -177,7 +178,9 @@ def test_wrong_signer_is_refused_with_the_model_kept_and_a_signed_rotation_is_fo
         rollout = controller.cli(*args)
         return wait_until(lambda: rollout_done(controller, rollout["id"]), 90, f"rollout of {version}")
 
-    assert roll("1", "trusting", "doubting")["status"] == "succeeded"
+    assert roll("1", "trusting", "doubting", "sleeper")["status"] == "succeeded"
+    # The sleeper is off through both rotations below.
+    sleeper.stop()
 
     # The doubting device is re-provisioned to trust another controller key.
     doubting.stop()
@@ -204,3 +207,14 @@ def test_wrong_signer_is_refused_with_the_model_kept_and_a_signed_rotation_is_fo
     pinned = json.loads((trusting.data_dir / "controller_key.json").read_text())
     assert pinned["public_key"] == new_key["public_key"]
     assert trusting.infer({"X": mlp.samples[:3]}).model_version == "1"
+
+    # A second rotation; the sleeper wakes still pinning the first key and walks the chain.
+    third_key = controller.api("POST", "/v1/signing-key/rotate").json()
+    assert third_key["previous_key_id"] == new_key["key_id"]
+    sleeper.start()
+    final = roll("2", "trusting", "sleeper")
+    assert {d["status"] for d in final["devices"]} == {"active"}, final
+    for device in (trusting, sleeper):
+        pinned = json.loads((device.data_dir / "controller_key.json").read_text())
+        assert pinned["public_key"] == third_key["public_key"], device.data_dir
+        assert device.infer({"X": mlp.samples[:3]}).model_version == "2"

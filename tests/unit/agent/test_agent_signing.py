@@ -91,6 +91,30 @@ def test_rotation_needs_the_old_keys_signature_and_persists(tmp_path: Path) -> N
     assert KeyRing(tmp_path, raw(other)).key == raw(other)
 
 
+def test_a_device_that_slept_through_two_rotations_walks_the_chain(tmp_path: Path) -> None:
+    second, third = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    ring = KeyRing(tmp_path, raw(CONTROLLER))
+    assignment = signed(third)
+    assignment.key_rotation.CopyFrom(rotation(second, third))
+    # Without the earlier link the device cannot get from its key to the third.
+    assert ring.refusals(fleet_pb2.DesiredState(models=[assignment])) != {}
+    assert ring.key == raw(CONTROLLER)
+    # A forged earlier link is passed over: the chain still does not reach the pinned key.
+    assignment.earlier_rotations.append(rotation(FORGER, second))
+    assert ring.refusals(fleet_pb2.DesiredState(models=[assignment])) != {}
+    assert ring.key == raw(CONTROLLER)
+    del assignment.earlier_rotations[:]
+    assignment.earlier_rotations.append(rotation(CONTROLLER, second))
+    assert ring.refusals(fleet_pb2.DesiredState(models=[assignment])) == {}
+    assert ring.key == raw(third) and KeyRing(tmp_path, raw(CONTROLLER)).key == raw(third)
+    # A device already on the second key skips the link it has followed.
+    (tmp_path / "b").mkdir()
+    on_second = KeyRing(tmp_path / "b", raw(CONTROLLER))
+    on_second.rotate(rotation(CONTROLLER, second))
+    assert on_second.refusals(fleet_pb2.DesiredState(models=[assignment])) == {}
+    assert on_second.key == raw(third)
+
+
 def test_public_key_text_is_checked() -> None:
     assert parse_public_key(raw(CONTROLLER).hex()) == raw(CONTROLLER)
     with pytest.raises(ConfigError, match="not hex"):
