@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from agent.artifacts import FORMATS, valid_digest
 from agent.runtime import DEFAULT_RUNTIME_FOR_FORMAT
-from agent.state import Assignment, Desired, DeviceState, Update
+from agent.state import Assignment, Desired, DeviceState, TenantState, Update
 from agent.update_machine import OUTCOMES, SERVING_NEW, UpdateEvent, UpdateState, judge_probation
 
 # Progress-only changes of the reported state are published at most this often.
@@ -184,6 +184,8 @@ class RollBack(Step):
     action: ClassVar[Action] = Action.ROLLBACK
     tenant: str
     reason: str
+    # Why: the probation failed (or was interrupted), or a newer desired version superseded it.
+    cause: UpdateEvent = UpdateEvent.PROBATION_FAILED
 
 
 @dataclass(frozen=True)
@@ -288,8 +290,23 @@ def _update_for(state: DeviceState, tenant: str, digest: str) -> Update | None:
     return update if update is not None and update.assignment.digest == digest else None
 
 
-def _machine_steps(a: Assignment, current: Current, now: float) -> list[Step] | None:
-    """What the update state machine needs of a tenant already serving ``a``; None: nothing."""
+def superseded_reason(desired: Desired, want: Assignment, ts: TenantState) -> str:
+    back = ts.previous is not None and ts.previous.assignment.digest == want.digest
+    newer = f"{want.model_name} {want.model_version} (desired generation {desired.generation})"
+    return f"the controller rolled back to {newer}" if back else f"superseded by {newer}"
+
+
+def _machine_steps(want: Assignment, desired: Desired, current: Current, now: float) -> list[Step] | None:
+    """What the update state machine needs of the model the tenant of ``want`` serves; None: nothing.
+
+    When ``want`` is another artifact, an update on probation is rolled back before
+    the newer one starts, so that one's rollback target is the last committed model,
+    never a version that has not proved itself.
+    """
+    ts = current.state.tenants.get(want.tenant)
+    if ts is None or ts.active is None:
+        return None
+    a = ts.active.assignment
     update = _update_for(current.state, a.tenant, a.digest)
     if update is None:
         return None
@@ -299,6 +316,11 @@ def _machine_steps(a: Assignment, current: Current, now: float) -> list[Step] | 
     if machine in (UpdateState.ACTIVATE, UpdateState.ROLLBACK):
         return [RollBack(a.tenant, update.reason or f"interrupted in {machine.value}")]
     if machine is not UpdateState.PROBATION:
+        return None
+    if want.digest != a.digest:
+        return [RollBack(a.tenant, superseded_reason(desired, want, ts), UpdateEvent.SUPERSEDED)]
+    if want != a:
+        # The same artifact assigned anew (e.g. another rollout): activating it restarts the probation.
         return None
     inferences, errors = current.probes.get(a.tenant, (0, 0))
     event, why = judge_probation(
@@ -338,6 +360,8 @@ def _transfer_steps(a: Assignment, current: Current, now: float, free: int) -> l
 def plan(desired: Desired | None, current: Current, now: float) -> list[Step]:
     state = current.state
     steps: list[Step] = []
+    # Commits and rollbacks of updates in progress, executed before the rest of the plan.
+    finishing: list[Step] = []
     waits: list[Wait] = []
     converged = desired is not None
     seen_digests: set[str] = set()
@@ -353,12 +377,14 @@ def plan(desired: Desired | None, current: Current, now: float) -> list[Step]:
         assert desired is not None
         ts = state.tenants.get(a.tenant)
         active = ts.active if ts else None
+        machine = _machine_steps(a, desired, current, now)
+        if machine is not None:
+            # Before any transfer: a tenant sharing the new artifact enters its update too.
+            converged = False
+            waits.extend(s for s in machine if isinstance(s, Wait))
+            finishing.extend(s for s in machine if not isinstance(s, Wait))
+            continue
         if active is not None and active.assignment == a:
-            machine = _machine_steps(a, current, now)
-            if machine is not None:
-                converged = False
-                waits.extend(s for s in machine if isinstance(s, Wait))
-                steps.extend(s for s in machine if not isinstance(s, Wait))
             continue
         converged = False
         if failure_reason(desired, current, a) is not None:
@@ -382,6 +408,7 @@ def plan(desired: Desired | None, current: Current, now: float) -> list[Step]:
                     steps.append(step)
         seen_digests.add(a.digest)
 
+    steps = finishing + steps
     if desired is not None:
         wanted = {a.tenant for a in desired.assignments}
         steps.extend(Deactivate(t) for t in sorted(state.tenants) if t not in wanted)

@@ -12,6 +12,13 @@ swaps the serving model (the previous one stays loaded and on disk);
 ``probation`` watches the new model's error rate for ``probation_s``;
 ``commit`` releases the previous model; ``rollback`` serves it again.
 
+One update per tenant at a time. A newer desired version supersedes the
+update in progress (``superseded``): one that has not served yet ends
+``failed``; one on probation is rolled back first, so the previous model
+serves again before the newer version is fetched. The rollback target of an
+update is therefore always the tenant's last *committed* model, never a
+version still on probation (it has not proved itself).
+
 The updater persists the state (atomically) before the state acts, and on
 start :func:`resume` decides where to go from what was persisted: a restart
 inside ``activate``, ``probation`` or ``rollback`` rolls back (the new model
@@ -47,6 +54,8 @@ class UpdateEvent(StrEnum):
     COMMITTED = "committed"
     ROLLED_BACK = "rolled_back"
     ERROR = "error"
+    # The controller wants another version of the tenant before this update ended.
+    SUPERSEDED = "superseded"
 
 
 S, E = UpdateState, UpdateEvent
@@ -54,15 +63,19 @@ S, E = UpdateState, UpdateEvent
 TRANSITIONS: dict[tuple[UpdateState, UpdateEvent], UpdateState] = {
     (S.FETCH, E.FETCHED): S.VERIFY,
     (S.FETCH, E.ERROR): S.FAILED,
+    (S.FETCH, E.SUPERSEDED): S.FAILED,
     (S.VERIFY, E.VERIFIED): S.STAGE,
     (S.VERIFY, E.ERROR): S.FAILED,
+    (S.VERIFY, E.SUPERSEDED): S.FAILED,
     (S.STAGE, E.STAGED): S.ACTIVATE,
     (S.STAGE, E.ERROR): S.FAILED,
+    (S.STAGE, E.SUPERSEDED): S.FAILED,
     (S.ACTIVATE, E.ACTIVATED): S.PROBATION,
     (S.ACTIVATE, E.ERROR): S.ROLLBACK,
     (S.PROBATION, E.PROBATION_PASSED): S.COMMIT,
     (S.PROBATION, E.PROBATION_FAILED): S.ROLLBACK,
     (S.PROBATION, E.ERROR): S.ROLLBACK,
+    (S.PROBATION, E.SUPERSEDED): S.ROLLBACK,
     (S.COMMIT, E.COMMITTED): S.COMMITTED,
     (S.ROLLBACK, E.ROLLED_BACK): S.ROLLED_BACK,
 }

@@ -61,7 +61,17 @@ from agent.state import (
     TenantState,
     Update,
 )
-from agent.update_machine import ENTRY, OUTCOMES, UpdateState, check, resume
+from agent.update_machine import (
+    ENTRY,
+    FINAL,
+    OUTCOMES,
+    UnhandledTransition,
+    UpdateEvent,
+    UpdateState,
+    check,
+    next_state,
+    resume,
+)
 
 log = logging.getLogger(__name__)
 
@@ -577,10 +587,15 @@ class Updater:
             )
 
     def rollback(self, step: RollBack) -> None:
-        """Serve the previous model again (kept loaded, or from disk after a restart)."""
+        """Serve the previous model again (kept loaded, or from disk after a restart).
+
+        The previous model is the tenant's last committed one; a first install has
+        none, and the tenant is left without a model until a newer one is active.
+        """
         update = self.state.updates[step.tenant]
         a = update.assignment
         self._enter(a, UpdateState.ROLLBACK, step.reason)
+        superseded = step.cause is UpdateEvent.SUPERSEDED
         ts = self.state.tenants.get(step.tenant)
         if ts is not None and ts.active is not None and ts.active.assignment.digest == a.digest:
             back = ts.previous
@@ -596,8 +611,8 @@ class Updater:
         self.pool.release(step.tenant)
         reason = f"rolled back: {step.reason}"
         self._save(self.state.with_failure(Failure(a.digest, reason, self.state.desired_generation)))
-        self._end(step.tenant, UpdateState.ROLLED_BACK, step.reason)
-        self.emit("model_rolled_back", "error", reason, _attrs(a))
+        self._end(step.tenant, UpdateState.ROLLED_BACK, step.reason, superseded)
+        self.emit("model_rolled_back", "warning" if superseded else "error", reason, _attrs(a))
 
     def deactivate(self, step: Deactivate) -> None:
         self._save(self.state.with_tenant(step.tenant, None).with_update(step.tenant, None))
@@ -637,13 +652,32 @@ class Updater:
         self.pool.put(serving, hold_previous=hold_previous)
 
     def _wanting(self, digest: str) -> list[Assignment]:
+        """The assignments whose update this transfer advances.
+
+        A tenant still serving another update's model is left out: the planner ends
+        that update first, and the tenant's own update starts when it stages.
+        """
         desired = self.state.desired
-        return [a for a in desired.assignments if a.digest == digest] if desired else []
+
+        def free(a: Assignment) -> bool:
+            u = self.state.updates.get(a.tenant)
+            return u is None or u.assignment.digest == digest or UpdateState(u.state) in FINAL | ENTRY
+
+        return [a for a in desired.assignments if a.digest == digest and free(a)] if desired else []
 
     def _enter(self, a: Assignment, state: UpdateState, reason: str = "") -> None:
-        """Persist the tenant's update in ``state`` before that state acts."""
+        """Persist the tenant's update in ``state`` before that state acts.
+
+        A tenant has one update at a time. One for another artifact that has not
+        served yet ends here (``failed``, superseded by ``a``); one whose model
+        serves must have been committed or rolled back by the planner first, else
+        its record (and with it the rollback target) would be lost: that is a bug.
+        """
         current = self.state.updates.get(a.tenant)
         same = current is not None and current.assignment == a
+        if current is not None and not same and UpdateState(current.state) not in FINAL:
+            self._supersede(current, a)
+            current = self.state.updates.get(a.tenant)
         check(UpdateState(current.state) if current is not None and same else None, state)
         update = Update(a, state.value, reason)
         if current is not None and same:
@@ -659,13 +693,37 @@ class Updater:
         )
         self._maybe_die(state)
 
-    def _end(self, tenant: str, state: UpdateState, reason: str) -> None:
+    def _supersede(self, update: Update, newer: Assignment) -> None:
+        old = update.assignment
+        machine = UpdateState(update.state)
+        if old.digest == newer.digest:
+            # The same artifact assigned anew: the newer assignment's update takes over.
+            log.info(
+                "update reassigned device=%s tenant=%s model=%s version=%s state=%s",
+                self.device_id,
+                old.tenant,
+                newer.model_name,
+                newer.model_version,
+                machine.value,
+            )
+            return
+        if machine not in ENTRY:
+            raise UnhandledTransition(
+                f"update of {old.model_name} {old.model_version} for tenant {old.tenant} is in "
+                f"{machine.value}: it must end before {newer.model_name} {newer.model_version} starts"
+            )
+        reason = f"superseded by {newer.model_name} {newer.model_version} before it served"
+        self._end(old.tenant, next_state(machine, UpdateEvent.SUPERSEDED), reason, superseded=True)
+
+    def _end(self, tenant: str, state: UpdateState, reason: str, superseded: bool = False) -> None:
         update = self.state.updates[tenant]
         a = update.assignment
         check(UpdateState(update.state), state)
         self._save(self.state.with_update(tenant, replace(update, state=state.value, reason=reason)))
         outcome = OUTCOMES[state]
-        level = logging.INFO if outcome == "succeeded" else logging.WARNING
+        # A superseded update is the controller changing its mind, not a fault of the model.
+        expected = outcome == "succeeded" or superseded
+        level = logging.INFO if expected else logging.WARNING
         log.log(
             level,
             "update outcome device=%s tenant=%s model=%s version=%s outcome=%s reason=%r",
@@ -676,7 +734,7 @@ class Updater:
             outcome,
             reason,
         )
-        severity = "info" if outcome == "succeeded" else "error"
+        severity = "info" if outcome == "succeeded" else "warning" if superseded else "error"
         attrs = {**_attrs(a), "outcome": outcome}
         self.emit("update_outcome", severity, f"{a.model_name} {a.model_version}: {outcome}: {reason}", attrs)
 

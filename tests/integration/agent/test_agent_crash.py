@@ -168,3 +168,56 @@ def test_sigkill_in_each_update_state_resumes_on_a_working_model_and_reports_the
         assert persisted(agent)["updates"]["default"]["state"] == "committed"
         assert persisted(agent)["tenants"]["default"]["previous"]["assignment"]["digest"] == d1
     wait_until(lambda: "update_outcome" in peer.event_kinds(), 20, "update_outcome event")
+
+
+def test_sigkill_while_a_superseded_probation_rolls_back_resumes_on_the_committed_model(
+    make_agent: Callable[..., AgentProcess],
+    make_peer: Callable[..., Peer],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """v1 committed, v2 on probation, v3 wanted: killed as v2's rollback starts, the device ends on v3 over v1."""
+    agent = make_agent()
+    peer = make_peer(agent.device_id)
+    models = [tmp_path / f"m{i}.onnx" for i in (1, 2, 3)]
+    d1, d2, d3 = (write_model(m, linear_model(40 + i, 256, 64)) for i, m in enumerate(models))
+    for m in models:
+        peer.add_artifact(m)
+    monkeypatch.setenv("EDGEFLEET_AGENT_KILL_AT", "rollback")
+    peer.publish_desired(1, peer.assignment(d1, "1"))
+    agent.start()
+    agent.wait_ready()
+    monkeypatch.delenv("EDGEFLEET_AGENT_KILL_AT")
+    peer.wait_active(d1)
+    v2 = peer.assignment(d2, "2")
+    v2.probation_s = 600.0
+    peer.publish_desired(2, v2)
+    wait_until(
+        lambda: (e := entry_for(peer, d2)) is not None and e.update_state == "probation",
+        30,
+        "v2 on probation",
+    )
+    v3 = peer.assignment(d3, "3")
+    v3.probation_s = 0.5
+    peer.publish_desired(3, v3)
+    assert agent.proc is not None
+    agent.proc.wait(30)
+    assert agent.proc.returncode == -9, agent.output()[-3000:]
+    update = persisted(agent)["updates"]["default"]
+    assert (update["assignment"]["model_version"], update["state"]) == ("2", "rollback")
+    assert "superseded by linear 3" in update["reason"]
+    tenant = persisted(agent)["tenants"]["default"]
+    for installed in (tenant["active"], tenant["previous"]):
+        assert (agent.data_dir / "models" / f"{installed['assignment']['digest']}.onnx").exists()
+
+    agent.start()
+    agent.wait_ready()
+    wait_until(
+        lambda: (e := entry_for(peer, d3)) is not None and e.outcome == fleet_pb2.UPDATE_OUTCOME_SUCCEEDED,
+        30,
+        "v3 committed",
+    )
+    tenant = persisted(agent)["tenants"]["default"]
+    assert tenant["active"]["assignment"]["digest"] == d3
+    assert tenant["previous"]["assignment"]["digest"] == d1, "v3's rollback target was v1, not v2"
+    assert infer(agent, np.ones((1, 256), np.float32)).model_version == "3"

@@ -13,6 +13,7 @@ from edgefleet_proto import fleet_pb2, inference_pb2
 from tests.e2e.rollout_fleet import classifier, digits_samples
 from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer, wait_until
+from tests.integration.agent.test_agent_crash import persisted
 from tests.localfleet import from_tensor, to_tensors
 from tests.models import dense_of_size
 
@@ -128,3 +129,98 @@ def test_an_update_that_cannot_fit_beside_the_held_previous_model_fails_and_the_
 
     assert wait_until(committed, 30, "the update committed").phase == fleet_pb2.MODEL_PHASE_ACTIVE
     assert not [r for r in peer.requests[asked:] if r.digest == d2], "the refused artifact was kept"
+
+
+def on_probation(peer: Peer, digest: str) -> Callable[[], bool]:
+    def check() -> bool:
+        e = peer.entry("default", digest)
+        return e is not None and e.phase == fleet_pb2.MODEL_PHASE_PROBATION and e.update_state == "probation"
+
+    return check
+
+
+def outcome_event(peer: Peer, version: str) -> Callable[[], fleet_pb2.Event | None]:
+    def find() -> fleet_pb2.Event | None:
+        with peer.lock:
+            return next(
+                (e for e in peer.events if e.kind == "update_outcome" and e.attributes["version"] == version),
+                None,
+            )
+
+    return find
+
+
+def test_a_newer_version_during_probation_falls_back_on_the_last_committed_model(
+    make_agent: Callable[..., AgentProcess], make_peer: Callable[..., Peer], tmp_path: Path
+) -> None:
+    """v1 committed, v2 on probation, v3 arrives: v3's rollback target is v1, never v2."""
+    agent = make_agent()
+    peer = make_peer(agent.device_id)
+    d1 = peer.add_artifact(classifier(tmp_path / "v1.onnx", seed=1))
+    d2 = peer.add_artifact(classifier(tmp_path / "v2.onnx", seed=2))
+    d3 = peer.add_artifact(classifier(tmp_path / "v3.onnx", seed=3, faulty=True))
+    peer.publish_desired(1, peer.assignment(d1, "1"))
+    agent.start()
+    agent.wait_ready()
+    peer.wait_active(d1)
+
+    v2 = peer.assignment(d2, "2")
+    v2.probation_s, v2.max_error_rate = 600.0, 0.2
+    peer.publish_desired(2, v2)
+    wait_until(on_probation(peer, d2), 30, "version 2 on probation")
+
+    v3 = peer.assignment(d3, "3")
+    v3.probation_s, v3.max_error_rate = 600.0, 0.2
+    peer.publish_desired(3, v3)
+    wait_until(on_probation(peer, d3), 30, "version 3 on probation")
+    state = persisted(agent)
+    assert state["tenants"]["default"]["previous"]["assignment"]["digest"] == d1, "v3 falls back on v1"
+    superseded = wait_until(outcome_event(peer, "2"), 20, "version 2's outcome")
+    assert superseded.attributes["outcome"] == "rolled_back"
+    assert "superseded by linear 3 (desired generation 3)" in superseded.message
+
+    samples = digits_samples()
+    bright = samples[samples.max(axis=1) >= 16][:10]
+    assert any(infer_x(agent, x[None, :]) is None for x in bright), "version 3 refuses bright inputs"
+    failed = wait_until(outcome_event(peer, "3"), 20, "version 3 rolled back by its probation")
+    assert failed.attributes["outcome"] == "rolled_back" and "error rate" in failed.message
+    active = peer.wait_active(d1)
+    assert [m.artifact_digest for m in active.models if m.phase == fleet_pb2.MODEL_PHASE_ACTIVE] == [d1]
+    answer = infer_x(agent, bright[0][None, :])
+    assert answer is not None and answer.model_version == "1", "version 1 serves, not version 2"
+    assert persisted(agent)["tenants"]["default"]["active"]["assignment"]["digest"] == d1
+
+
+def test_the_controller_rolling_back_during_probation_serves_the_previous_model_without_a_download(
+    make_agent: Callable[..., AgentProcess], make_peer: Callable[..., Peer], tmp_path: Path
+) -> None:
+    agent = make_agent()
+    peer = make_peer(agent.device_id)
+    d1 = peer.add_artifact(classifier(tmp_path / "v1.onnx", seed=1))
+    d2 = peer.add_artifact(classifier(tmp_path / "v2.onnx", seed=2))
+    v1 = peer.assignment(d1, "1")
+    peer.publish_desired(1, v1)
+    agent.start()
+    agent.wait_ready()
+    peer.wait_active(d1)
+    v2 = peer.assignment(d2, "2")
+    v2.probation_s = 600.0
+    peer.publish_desired(2, v2)
+    wait_until(on_probation(peer, d2), 30, "version 2 on probation")
+
+    asked = len(peer.requests)
+    peer.publish_desired(3, v1)
+    wait_until(lambda: persisted(agent).get("applied_generation") == 3, 20, "generation 3 applied")
+    reported = peer.wait_active(d1)
+    assert [m.artifact_digest for m in reported.models] == [d1]
+    assert peer.requests[asked:] == [], "nothing was downloaded"
+    x = digits_samples()[:1]
+    answer = infer_x(agent, x)
+    assert answer is not None and answer.model_version == "1"
+    rolled_back = wait_until(outcome_event(peer, "2"), 20, "version 2's outcome")
+    assert rolled_back.attributes["outcome"] == "rolled_back"
+    assert "the controller rolled back to linear 1 (desired generation 3)" in rolled_back.message
+    tenant = persisted(agent)["tenants"]["default"]
+    assert tenant["active"]["assignment"]["digest"] == d1 and tenant["previous"] is None
+    # The candidate is released: not loaded, and its file removed once the device converged.
+    wait_until(lambda: not (agent.data_dir / "models" / f"{d2}.onnx").exists(), 20, "version 2 removed")

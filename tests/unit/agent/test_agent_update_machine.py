@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from agent.reconciler import Commit, Current, Phase, ReportState, RollBack, Wait, build_report, plan
+from agent.reconciler import (
+    Activate,
+    Commit,
+    Current,
+    MarkApplied,
+    Phase,
+    ReportState,
+    RequestManifest,
+    RollBack,
+    Wait,
+    build_report,
+    plan,
+)
 from agent.state import Assignment, Desired, DeviceState, Installed, TenantState, Update
 from agent.update_machine import (
     TRANSITIONS,
@@ -111,3 +125,67 @@ def test_report_shows_probation_phase_and_outcomes() -> None:
     state = current.state.with_update("default", Update(A2, S.COMMITTED.value))
     [entry] = build_report(state.desired, Current(state=state)).models
     assert (entry.phase, entry.outcome) == (Phase.ACTIVE, "succeeded")
+
+
+def test_a_newer_version_supersedes_an_update_before_it_served_or_rolls_back_one_on_probation() -> None:
+    for state in (S.FETCH, S.VERIFY, S.STAGE):
+        assert next_state(state, E.SUPERSEDED) is S.FAILED
+    assert next_state(S.PROBATION, E.SUPERSEDED) is S.ROLLBACK
+    with pytest.raises(UnhandledTransition):
+        next_state(S.COMMIT, E.SUPERSEDED)  # a commit in progress finishes: the model proved itself
+
+
+A3 = Assignment("default", "m", "3", "3" * 64, 100, probation_s=10.0, max_error_rate=0.1)
+
+
+def superseding(*assignments: Assignment, installed: frozenset[str] = frozenset()) -> tuple[Desired, Current]:
+    """Version 2 on probation (version 1 committed before it) when generation 3 arrives."""
+    current = on_probation()
+    desired = Desired(3, assignments)
+    state = replace(current.state, desired=desired)
+    return desired, replace(current, state=state, installed=current.installed | installed)
+
+
+def test_a_newer_version_during_probation_rolls_back_to_the_committed_model_before_anything_else() -> None:
+    desired, current = superseding(A3)
+    steps = plan(desired, current, now=41.0)
+    work = [s for s in steps if not isinstance(s, (ReportState, Wait))]
+    assert work == [RollBack("default", "superseded by m 3 (desired generation 3)", E.SUPERSEDED)]
+    # Once it is rolled back (version 1 serves, no previous), version 3 is fetched as a plain update.
+    state = replace(
+        current.state,
+        tenants={"default": TenantState(Installed(A1, "/m/1"), None)},
+        updates={"default": Update(A2, S.ROLLED_BACK.value, "superseded by m 3")},
+    )
+    after = plan(desired, replace(current, state=state), now=41.0)
+    assert [type(s) for s in after if not isinstance(s, ReportState)] == [RequestManifest]
+
+
+def test_the_controller_rolling_back_during_probation_serves_the_committed_model_without_a_download() -> None:
+    desired, current = superseding(A1)
+    work = [s for s in plan(desired, current, now=41.0) if not isinstance(s, (ReportState, Wait))]
+    assert work == [
+        RollBack("default", "the controller rolled back to m 1 (desired generation 3)", E.SUPERSEDED)
+    ]
+    state = replace(
+        current.state,
+        tenants={"default": TenantState(Installed(A1, "/m/1"), None)},
+        updates={"default": Update(A2, S.ROLLED_BACK.value, "the controller rolled back to m 1")},
+    )
+    after = plan(desired, replace(current, state=state), now=41.0)
+    assert not [s for s in after if isinstance(s, (RequestManifest, Activate, RollBack))]
+    assert [s for s in after if isinstance(s, MarkApplied)] == [MarkApplied(3)]
+
+
+def test_the_same_artifact_assigned_anew_during_probation_is_activated_again_not_rolled_back() -> None:
+    desired, current = superseding(replace(A2, rollout_id="again"))
+    work = [s for s in plan(desired, current, now=41.0) if not isinstance(s, (ReportState, Wait))]
+    assert work == [Activate(replace(A2, rollout_id="again"))]
+
+
+def test_a_superseded_probation_rolls_back_before_another_tenant_fetches_the_new_artifact() -> None:
+    # Tenant "b" comes first in the desired state and wants the same new artifact.
+    b3 = replace(A3, tenant="b")
+    desired, current = superseding(b3, A3)
+    work = [s for s in plan(desired, current, now=41.0) if not isinstance(s, (ReportState, Wait))]
+    assert [type(s) for s in work] == [RollBack, RequestManifest]
