@@ -4,6 +4,11 @@ A device's password is generated here, returned once, and only its mosquitto
 hash is stored. Every change of the device list rewrites the broker's password
 file. Reported state and online status arrive from the transport; the last
 message received is the device's current state.
+
+The transport asks, for every message, whether the device is registered and
+notes when it was seen. A device downloading a model sends dozens of chunk
+requests a second, so registered ids are remembered and the last_seen of chunk
+requests is written at most once a second per device (shown at once all the same).
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from edgefleet_proto import fleet_pb2
@@ -35,6 +41,9 @@ log = logging.getLogger(__name__)
 
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,63}$")
 MAX_TAGS = 32
+# A device fetching a model sends a chunk request every few milliseconds; its
+# last_seen is written at most this often, the times in between wait in memory.
+SEEN_WRITE_INTERVAL_S = 1.0
 
 
 def phase_name(phase: int) -> str:
@@ -147,6 +156,7 @@ def _device_from_row(row: dict[str, Any]) -> Device:
     )
 
 
+_TOUCH = "UPDATE devices SET last_seen = max(coalesce(last_seen, 0), ?) WHERE device_id = ?"
 _DEVICES = "SELECT d.*, p.profile_id AS profile FROM devices d LEFT JOIN device_profiles p ON p.device_id = d.device_id"
 
 
@@ -158,6 +168,15 @@ class Fleet:
         self.settings = settings
         self.broker_auth = broker_auth
         self.controller_public_key = controller_public_key
+        # Devices are never deleted except when a registration is undone, so an id
+        # found once stays known; an unknown id is looked up every time (it may be
+        # registered a moment later).
+        self._known_lock = threading.Lock()
+        self._known: set[str] = set()
+        # note_seen(): last write per device and the newer times not yet written.
+        self._seen_lock = threading.Lock()
+        self._seen_written: dict[str, float] = {}
+        self._seen_pending: dict[str, float] = {}
 
     def register(self, device_id: str, tags: Sequence[str] = (), profile: str = "") -> Credentials:
         try:
@@ -192,6 +211,7 @@ class Fleet:
             with self.store.transaction() as tx:
                 tx.execute("DELETE FROM device_profiles WHERE device_id = ?", (device_id,))
                 tx.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
+            self._forget(device_id)
             log.error("device registration undone device=%s reason=broker credentials not applied", device_id)
             raise
         log.info(
@@ -221,10 +241,13 @@ class Fleet:
         row = self.store.query_one(f"{_DEVICES} WHERE d.device_id = ?", (device_id,))
         if row is None:
             raise DeviceNotFound(f"unknown device {device_id}")
-        return _device_from_row(row)
+        return self._with_pending_seen(_device_from_row(row))
 
     def all(self) -> list[Device]:
-        return [_device_from_row(r) for r in self.store.query(f"{_DEVICES} ORDER BY d.device_id")]
+        return [
+            self._with_pending_seen(_device_from_row(r))
+            for r in self.store.query(f"{_DEVICES} ORDER BY d.device_id")
+        ]
 
     def known(self, device_ids: Sequence[str]) -> set[str]:
         if not device_ids:
@@ -236,13 +259,67 @@ class Fleet:
         return {r["device_id"] for r in rows}
 
     def is_known(self, device_id: str) -> bool:
-        return bool(self.known([device_id]))
+        """Whether ``device_id`` is registered; asked for every message, so a hit is cached."""
+        with self._known_lock:
+            if device_id in self._known:
+                return True
+        if not self.known([device_id]):
+            return False
+        with self._known_lock:
+            self._known.add(device_id)
+        return True
+
+    def _forget(self, device_id: str) -> None:
+        with self._known_lock:
+            self._known.discard(device_id)
+        with self._seen_lock:
+            self._seen_written.pop(device_id, None)
+            self._seen_pending.pop(device_id, None)
 
     def touch(self, device_id: str, seen_at: float) -> None:
-        self.store.execute(
-            "UPDATE devices SET last_seen = max(coalesce(last_seen, 0), ?) WHERE device_id = ?",
-            (seen_at, device_id),
-        )
+        self.store.execute(_TOUCH, (seen_at, device_id))
+
+    def note_seen(self, device_id: str, seen_at: float) -> None:
+        """:meth:`touch` for frequent messages: at most one write per device every
+        :data:`SEEN_WRITE_INTERVAL_S` of ``seen_at``. A time not written yet is kept in
+        memory, shown by :meth:`get` and :meth:`all`, and written by the next write
+        for that device or by :meth:`flush_seen`."""
+        with self._seen_lock:
+            written = self._seen_written.get(device_id)
+            pending = self._seen_pending.get(device_id, 0.0)
+            if written is not None and seen_at < written + SEEN_WRITE_INTERVAL_S:
+                self._seen_pending[device_id] = max(pending, seen_at)
+                return
+            seen_at = max(seen_at, pending)
+            self._seen_written[device_id] = seen_at
+            self._seen_pending.pop(device_id, None)
+        self.touch(device_id, seen_at)
+
+    def flush_seen(self) -> int:
+        """Write every last_seen :meth:`note_seen` held back, in one transaction; returns how many."""
+        with self._seen_lock:
+            pending, self._seen_pending = self._seen_pending, {}
+            self._seen_written.update(pending)
+        if not pending:
+            return 0
+        try:
+            with self.store.transaction() as tx:
+                for device_id, seen_at in pending.items():
+                    tx.execute(_TOUCH, (seen_at, device_id))
+        except Exception:
+            # Not written: keep them for the next flush rather than lose them.
+            with self._seen_lock:
+                for device_id, seen_at in pending.items():
+                    self._seen_pending[device_id] = max(seen_at, self._seen_pending.get(device_id, 0.0))
+            raise
+        return len(pending)
+
+    def _with_pending_seen(self, device: Device) -> Device:
+        with self._seen_lock:
+            pending = self._seen_pending.get(device.device_id)
+        if pending is None or (device.last_seen is not None and device.last_seen >= pending):
+            return device
+        return replace(device, last_seen=pending)
 
     def record_reported(self, device_id: str, msg: fleet_pb2.ReportedState, received_at: float) -> None:
         """Store the reported state as the device's current one.
