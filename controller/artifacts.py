@@ -4,7 +4,9 @@ Uploads stream into a temporary file in the same folder, hashed (whole and per
 chunk) as they arrive and cut off at a size limit; only a complete, accepted
 file is renamed to its digest. The manifest (per-chunk sha256) is computed once
 and cached next to the artifact as ``<sha256>.manifest``; serving a chunk reads
-exactly that chunk's bytes.
+exactly that chunk's bytes, from a file descriptor kept open for the artifacts
+served last (checked against the path on every read, so an artifact replaced
+or removed on disk is never served from a stale descriptor).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 import re
 import tempfile
 import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +35,8 @@ log = logging.getLogger(__name__)
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _READ_SIZE = 1024 * 1024
+# Artifacts kept open for serving chunks: a rollout serves one or a few at a time.
+OPEN_ARTIFACTS = 8
 
 
 def is_digest(value: str) -> bool:
@@ -85,6 +91,42 @@ class _ChunkHasher:
         return self.chunks
 
 
+class _OpenFiles:
+    """Read-only descriptors of the artifacts served last, each with the (device, inode)
+    it was opened at. Reads happen under the lock, so a descriptor is never closed
+    while another thread reads from it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._fds: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
+
+    def pread(self, path: str, length: int, offset: int) -> bytes:
+        identity = os.stat(path)
+        with self._lock:
+            fd = self._current(path, identity.st_dev, identity.st_ino)
+            return os.pread(fd, length, offset)
+
+    def _current(self, path: str, dev: int, ino: int) -> int:
+        entry = self._fds.get(path)
+        if entry is not None and entry[1:] == (dev, ino):
+            self._fds.move_to_end(path)
+            return entry[0]
+        if entry is not None:
+            os.close(self._fds.pop(path)[0])
+        fd = os.open(path, os.O_RDONLY)
+        st = os.fstat(fd)
+        self._fds[path] = (fd, st.st_dev, st.st_ino)
+        while len(self._fds) > self.limit:
+            os.close(self._fds.popitem(last=False)[1][0])
+        return fd
+
+    def close(self) -> None:
+        with self._lock:
+            while self._fds:
+                os.close(self._fds.popitem()[1][0])
+
+
 class ArtifactStore:
     def __init__(self, root: Path, chunk_size: int) -> None:
         self.root = root
@@ -92,6 +134,8 @@ class ArtifactStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._manifests: dict[str, artifact_pb2.ArtifactManifest] = {}
         self._lock = threading.Lock()
+        self._open = _OpenFiles(OPEN_ARTIFACTS)
+        weakref.finalize(self, self._open.close)
 
     def path(self, digest: str) -> Path:
         if not is_digest(digest):
@@ -102,7 +146,8 @@ class ArtifactStore:
         return self.root / f"{digest}.manifest"
 
     def exists(self, digest: str) -> bool:
-        return is_digest(digest) and (self.root / digest).is_file()
+        # Asked for every chunk request: os.path, not pathlib.
+        return is_digest(digest) and os.path.isfile(os.path.join(self.root, digest))
 
     @contextmanager
     def stage(self, source: BinaryIO, max_bytes: int) -> Iterator[StagedArtifact]:
@@ -155,11 +200,11 @@ class ArtifactStore:
         return manifest
 
     def manifest(self, digest: str, fmt: str = "onnx") -> artifact_pb2.ArtifactManifest:
-        path = self.path(digest)
         with self._lock:
             cached = self._manifests.get(digest)
         if cached is not None and cached.chunk_size == self.chunk_size:
             return cached
+        path = self.path(digest)
         if not path.is_file():
             raise ArtifactNotFound(f"unknown artifact {digest}")
         manifest = self._read_cached_manifest(digest)
@@ -202,8 +247,7 @@ class ArtifactStore:
             raise ArtifactNotFound(f"artifact {digest} has no chunk {index} (it has {count})")
         offset = index * manifest.chunk_size
         length = min(manifest.chunk_size, manifest.size - offset)
-        with self.path(digest).open("rb") as f:
-            data = os.pread(f.fileno(), length, offset)
+        data = self._open.pread(os.path.join(self.root, digest), length, offset)
         if len(data) != length:
             raise ArtifactNotFound(f"artifact {digest} is truncated on disk")
         return artifact_pb2.Chunk(digest=digest, index=index, offset=offset, data=data)
