@@ -240,6 +240,8 @@ class Pipelines:
         # Lanes of gRPC shadow comparisons, ``{tenant}.shadow``, made on the first one.
         self._shadow_lanes: set[str] = set()
         self._warned: dict[tuple[str, str], tuple[float, int]] = {}
+        # Tenants skipping their samples for want of an active model: how many so far.
+        self._waiting: dict[str, int] = {}
 
     def start(self) -> None:
         self.scheduler.start()
@@ -259,6 +261,7 @@ class Pipelines:
                 if tenant not in wanted:
                     self._dropped(tenant, self.scheduler.remove(tenant))
                 del self._specs[tenant]
+                self._waiting.pop(tenant, None)
                 log.info("tenant pipeline stopped device=%s tenant=%s", self.device_id, tenant)
             for tenant, spec in sorted(wanted.items()):
                 if tenant in self._specs:
@@ -387,6 +390,37 @@ class Pipelines:
             self._warned[key] = (now, 0)
         log.warning(message + " repeated=%d", *args, suppressed)
 
+    def _skip_without_model(self, spec: TenantSpec) -> None:
+        """A tenant declared before its model is active: its samples are skipped, logged once."""
+        tenant = spec.id
+        self.stats.skipped_no_model(tenant)
+        with self._lock:
+            skipped = self._waiting.get(tenant)
+            self._waiting[tenant] = (skipped or 0) + 1
+        if skipped is None:
+            log.info(
+                "tenant has no active model device=%s tenant=%s want=%s: its samples are skipped "
+                "(counted as skipped_no_model, not errors) until one is active",
+                self.device_id,
+                tenant,
+                spec.model or "-",
+            )
+
+    def _model_arrived(self, tenant: str, serving: ServingModel) -> None:
+        if tenant not in self._waiting:  # the common case, without the lock
+            return
+        with self._lock:
+            skipped = self._waiting.pop(tenant, None)
+        if skipped is not None:
+            log.info(
+                "tenant model active device=%s tenant=%s model=%s version=%s skipped=%d",
+                self.device_id,
+                tenant,
+                serving.model_name,
+                serving.model_version,
+                skipped,
+            )
+
     # -- the scheduler's runner -------------------------------------------------
 
     def _run_job(self, tenant: str, job: Job | Call | ShadowJob) -> None:
@@ -402,9 +436,13 @@ class Pipelines:
             return
         spec = self._specs.get(tenant)
         serving = self.pool.get(tenant)
-        if spec is None or serving is None:
+        if spec is None:
             self.stats.inference(tenant, 0.0, ok=False)
             return
+        if serving is None:
+            self._skip_without_model(spec)
+            return
+        self._model_arrived(tenant, serving)
         if spec.model and serving.model_name != spec.model:
             self.stats.inference(tenant, 0.0, ok=False)
             self._warn(

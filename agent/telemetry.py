@@ -109,6 +109,7 @@ class _TenantWindow:
     dropped: int = 0
     errors: int = 0
     source_failures: int = 0
+    skipped_no_model: int = 0
     latencies: _Reservoir | None = None
 
 
@@ -147,6 +148,11 @@ class PipelineStats:
     def dropped(self, tenant: str, count: int) -> None:
         with self._lock:
             self._tenant(tenant).dropped += count
+
+    def skipped_no_model(self, tenant: str) -> None:
+        """A prepared input the tenant had no active model for: not an inference, not an error."""
+        with self._lock:
+            self._tenant(tenant).skipped_no_model += 1
 
     def source_failed(self, tenant: str) -> None:
         with self._lock:
@@ -215,6 +221,7 @@ class PipelineStats:
                     source_failures=w.source_failures,
                     weight=weights.get(tenant, 0.0),
                     busy_s=busy_s.get(tenant, 0.0),
+                    skipped_no_model=w.skipped_no_model,
                 )
             )
         shadow_stats = []

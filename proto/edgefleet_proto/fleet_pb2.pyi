@@ -761,6 +761,7 @@ class TenantStats(_message.Message):
     SOURCE_FAILURES_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
     BUSY_S_FIELD_NUMBER: _builtins.int
+    SKIPPED_NO_MODEL_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     samples: _builtins.int
     inferences: _builtins.int
@@ -774,6 +775,11 @@ class TenantStats(_message.Message):
     weight: _builtins.float
     busy_s: _builtins.float
     """Seconds of inference CPU time the tenant got in the window."""
+    skipped_no_model: _builtins.int
+    """Prepared inputs skipped because the tenant had no active model yet (declared
+    before its model arrived, or between a failed update and the next): neither
+    inferences nor errors, nor `dropped` (which counts a full queue's drops).
+    """
     def __init__(
         self,
         *,
@@ -789,10 +795,11 @@ class TenantStats(_message.Message):
         source_failures: _builtins.int = ...,
         weight: _builtins.float = ...,
         busy_s: _builtins.float = ...,
+        skipped_no_model: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_s", b"busy_s", "dropped", b"dropped", "errors", b"errors", "inferences", b"inferences", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "rate_hz", b"rate_hz", "samples", b"samples", "source_failures", b"source_failures", "tenant", b"tenant", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_s", b"busy_s", "dropped", b"dropped", "errors", b"errors", "inferences", b"inferences", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "rate_hz", b"rate_hz", "samples", b"samples", "skipped_no_model", b"skipped_no_model", "source_failures", b"source_failures", "tenant", b"tenant", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -454,3 +454,53 @@ def test_an_idle_model_is_unloaded_and_reloaded_on_the_next_call(
     want = ort.InferenceSession(str(model)).run(None, {"image": x})[0]
     np.testing.assert_allclose(from_tensor(response.outputs["logits"]), want, rtol=1e-5, atol=1e-6)
     assert "model reloaded" in agent.output()
+
+
+def test_a_tenant_declared_before_its_model_skips_its_samples_without_counting_errors(
+    make_agent: Callable[..., AgentProcess], make_peer: Callable[[str], Peer], tmp_path: Path
+) -> None:
+    agent = make_agent(telemetry_interval_s=0.5)
+    peer = make_peer(agent.device_id)
+    conv = peer.add_artifact(small_conv(tmp_path / "conv.onnx"))
+    spec = fleet_pb2.TenantSpec(
+        tenant="yard",
+        model_name="conv",
+        source=fleet_pb2.SourceSpec(kind="synthetic", options={"shape": "32,32,3"}),
+        preprocess={"layout": "nchw", "scale": "0.00392156862745098"},
+        target_rate_hz=50,
+    )
+    declared = fleet_pb2.DesiredState(device_id=agent.device_id, generation=1, tenants=[spec])
+    peer.publish_raw(Kind.DESIRED, encode(declared), retain=True)
+    agent.start()
+    agent.wait_ready()
+
+    def yard(since: int = 0) -> list[fleet_pb2.TenantStats]:
+        with peer.lock:
+            return [s for t in peer.telemetry[since:] for s in t.tenants if s.tenant == "yard"]
+
+    wait_until(lambda: sum(s.skipped_no_model for s in yard()) >= 20, 30, "samples skipped without a model")
+    before = yard()
+    assert sum(s.errors for s in before) == 0, "no model is not an inference error"
+    assert sum(s.inferences for s in before) == 0 and sum(s.dropped for s in before) == 0
+    assert sum(s.samples for s in before) > 0
+    assert agent.output().count("tenant has no active model") == 1, "logged once, not per sample"
+
+    assigned = fleet_pb2.DesiredState(
+        device_id=agent.device_id,
+        generation=2,
+        models=[peer.assignment(conv, "1", name="conv", tenant="yard")],
+        tenants=[spec],
+    )
+    peer.publish_raw(Kind.DESIRED, encode(assigned), retain=True)
+    peer.wait_active(conv, tenant="yard")
+    since = len(peer.telemetry)
+    wait_until(
+        lambda: sum(s.inferences for s in yard(since)) >= 20, 30, "inferences once the model is active"
+    )
+    after = yard(since)
+    assert sum(s.errors for s in yard()) == 0, "not one error, before or after the model came"
+    assert sum(s.skipped_no_model for s in after[1:]) == 0
+    assert (
+        "tenant model active" in agent.output()
+        and "tenant=yard model=conv version=1 skipped=" in agent.output()
+    )

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.telemetry import MAX_SAMPLES, InferenceStats, SystemSampler, temperature_c
+from agent.telemetry import MAX_SAMPLES, InferenceStats, PipelineStats, SystemSampler, temperature_c
 
 
 def test_window_statistics_per_model_version_then_reset() -> None:
@@ -34,3 +34,16 @@ def test_system_sample_has_memory_disk_and_optional_temperature(tmp_path: Path) 
     assert s.mem_total_bytes > 0 and 0 <= s.mem_percent <= 100
     assert s.disk_total_bytes >= s.disk_used_bytes > 0
     assert s.HasField("temperature_c") == (temperature_c() is not None)
+
+
+def test_samples_without_a_model_are_skipped_not_errors_nor_drops() -> None:
+    stats = PipelineStats(clock=lambda: 1.0)
+    stats.sample("yard")
+    stats.skipped_no_model("yard")
+    stats.skipped_no_model("yard")
+    stats.dropped("yard", 1)
+    [yard], _ = stats.drain({"yard": 1.0}, {})
+    counts = (yard.samples, yard.skipped_no_model, yard.errors, yard.dropped, yard.inferences)
+    assert counts == (1, 2, 0, 1, 0)
+    [again], _ = stats.drain({"yard": 1.0}, {})
+    assert again.skipped_no_model == 0
