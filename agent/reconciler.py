@@ -379,7 +379,8 @@ def plan(desired: Desired | None, current: Current, now: float) -> list[Step]:
         active = ts.active if ts else None
         machine = _machine_steps(a, desired, current, now)
         if machine is not None:
-            # Before any transfer: a tenant sharing the new artifact enters its update too.
+            # Executed first: a transfer of the newer artifact for another tenant enters this
+            # tenant's update as well, which must not happen while its model is on probation.
             converged = False
             waits.extend(s for s in machine if isinstance(s, Wait))
             finishing.extend(s for s in machine if not isinstance(s, Wait))
