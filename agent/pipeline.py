@@ -222,6 +222,7 @@ class Pipelines:
         publish: PublishResult,
         hub: ResultHub,
         observer: Observer | None = None,
+        cost_clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.device_id = device_id
         # Drift sketches and data capture of every live inference (the closed loop).
@@ -231,7 +232,7 @@ class Pipelines:
         self.emit = emit
         self.publish = publish
         self.hub = hub
-        self.scheduler = Scheduler(workers, self._run_job)
+        self.scheduler = Scheduler(workers, self._run_job, clock=cost_clock)
         self._lock = threading.Lock()
         self._specs: dict[str, TenantSpec] = {}
         self._readers: dict[str, _Reader] = {}
