@@ -6,6 +6,7 @@ is registered."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import time
 from functools import partial
@@ -83,7 +84,9 @@ def test_devices_fetching_at_once_get_every_chunk_and_stay_online_and_seen(
     assert {r["device_id"]: r["last_seen"] for r in rows} == shown, "nothing held back is lost at stop"
 
 
-def test_a_device_is_served_from_the_moment_it_is_registered(broker: Broker, tmp_path: Path) -> None:
+def test_a_device_is_served_from_the_moment_it_is_registered(
+    broker: Broker, tmp_path: Path, caplog: Any
+) -> None:
     settings, token = init_controller(broker, tmp_path / "controller")
     (tmp_path / "m.onnx").write_bytes(dense_of_size(tmp_path / "dense.onnx", 0.1).read_bytes())
     with running(broker, settings, token) as ctl:
@@ -94,12 +97,12 @@ def test_a_device_is_served_from_the_moment_it_is_registered(broker: Broker, tmp
             ask = encode(artifact_pb2.ChunkRequest(digest=digest, want_manifest=True))
             # Not registered yet: ignored (the controller's user may publish for anyone).
             as_controller.publish(str(Topic("late", Kind.ARTIFACT_REQUEST)), ask)
+            wait_for(lambda: "unknown device ignored device=late" in caplog.text, 10, "the request ignored")
             ctl.register("late")
             as_controller.publish(str(Topic("late", Kind.ARTIFACT_REQUEST)), ask)
             got = wait_for(
                 lambda: responses(as_controller, "late"), 10, "the manifest for the registered device"
             )
-            # A device's requests are handled in order, so a reply to the first would have come first.
             assert [r.WhichOneof("body") for r in got] == ["manifest"]
         finally:
             as_controller.close()
@@ -114,7 +117,8 @@ class SmallWindowBroker(Broker):
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(conf.read_text().replace("max_inflight_messages 100", "max_inflight_messages 4"))
         with (self.workdir / "stderr.log").open("ab") as err:
-            self.proc = subprocess.Popen(["/usr/sbin/mosquitto", "-c", str(conf)], stderr=err)
+            binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+            self.proc = subprocess.Popen([binary, "-c", str(conf)], stderr=err)
         wait_for_port(self.port)
         return self
 
