@@ -440,7 +440,9 @@ def test_rolling_back_from_the_shadow_phase_clears_the_shadow_and_keeps_the_live
 
 def test_aborting_clears_shadow_candidates_only_then_completes_as_aborted() -> None:
     # a: candidate in shadow; b: its wave already went live; c: never touched.
-    r = shadowed(shadow_member("a"), member("b"), member("c", 1), state=State.ABORTING, reason="operator: abort")
+    r = shadowed(
+        shadow_member("a"), member("b"), member("c", 1), state=State.ABORTING, reason="operator: abort"
+    )
     live_b = view("b", NEW)
     steps = plan(r, {"a": in_shadow("a"), "b": live_b, "c": view("c")}, NOW)
     expect_steps(steps, ("set_desired", "a", 4, True))
