@@ -1,8 +1,9 @@
 """Many simulated devices in one process: real MQTT clients that speak the agent's protocol.
 
 Each :class:`SimDevice` is a paho client logged in with its own broker
-credentials. It takes the retained desired state, fetches the artifact a window
-of chunks at a time (checking every chunk and the whole file like the agent),
+credentials. It takes the retained desired state, fetches the artifact through a
+window of chunks, asking in batches with the agent's own rule
+(:func:`agent.reconciler.chunk_requests`), checks every chunk and the whole file,
 loads it in onnxruntime (one session per artifact per process), answers a smoke
 inference, reports its state, and, when given samples, runs inferences and
 publishes telemetry windows with real counts, errors and latency percentiles.
@@ -29,6 +30,8 @@ from edgefleet_proto import artifact_pb2, fleet_pb2
 from edgefleet_proto.codec import decode, encode
 from edgefleet_proto.topics import Kind, Topic
 from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.reconciler import chunk_requests
 
 WINDOW = 8
 CHUNK_TIMEOUT_S = 3.0
@@ -225,12 +228,10 @@ class SimDevice:
         for i, at in list(t.outstanding.items()):
             if now - at >= CHUNK_TIMEOUT_S:
                 del t.outstanding[i]
-        free = WINDOW - len(t.outstanding)
         todo = [
             i for i in range(len(t.manifest.chunk_sha256)) if i not in t.chunks and i not in t.outstanding
         ]
-        if free > 0 and todo:
-            indices = todo[:free]
+        for indices in chunk_requests(todo, WINDOW - len(t.outstanding), WINDOW):
             for i in indices:
                 t.outstanding[i] = now
             req = artifact_pb2.ChunkRequest(digest=digest, indices=indices)

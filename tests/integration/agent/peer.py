@@ -59,6 +59,8 @@ class Peer:
     telemetry: list[fleet_pb2.Telemetry] = field(default_factory=list)
     events: list[fleet_pb2.Event] = field(default_factory=list)
     corrupt_once: set[tuple[str, int]] = field(default_factory=set)
+    # Chunks whose first request goes unanswered (lost in flight).
+    drop_once: set[tuple[str, int]] = field(default_factory=set)
     serve_limit: int | None = None
     chunks_sent: int = 0
     sent: list[tuple[str, int]] = field(default_factory=list)
@@ -127,6 +129,9 @@ class Peer:
             with self.lock:
                 if self.serve_limit is not None and self.chunks_sent >= self.serve_limit:
                     return
+                if (req.digest, index) in self.drop_once:
+                    self.drop_once.discard((req.digest, index))
+                    continue
                 self.chunks_sent += 1
                 self.sent.append((req.digest, index))
                 corrupt = (req.digest, index) in self.corrupt_once

@@ -73,6 +73,30 @@ def test_corrupt_chunk_is_rejected_and_fetched_again(
     assert output(infer(agent, X)).shape == (1, 64)
 
 
+def test_chunks_are_asked_for_in_batches_and_one_lost_is_asked_for_again_after_its_timeout(
+    make_agent: Callable[..., AgentProcess], make_peer: Callable[..., Peer], tmp_path: Path
+) -> None:
+    agent = make_agent()
+    peer = make_peer(agent.device_id)
+    model = tmp_path / "m.onnx"
+    digest = write_model(model, linear_model(7, 256, 64))
+    peer.add_artifact(model)
+    chunks = len(peer.artifacts[digest].manifest.chunk_sha256)
+    peer.drop_once.add((digest, 1))
+    peer.publish_desired(1, peer.assignment(digest, "1"))
+    agent.start()
+    agent.wait_ready()
+    peer.wait_active(digest)
+    with peer.lock:
+        batches = [list(r.indices) for r in peer.requests if r.digest == digest and r.indices]
+    assert sum(b.count(1) for b in batches) == 2, batches
+    assert sorted(i for b in batches for i in b) == sorted([*range(chunks), 1]), batches
+    # A window of 4 asks again once 2 slots are free: 2 or more chunks a request, but for
+    # the last chunk (asked for as soon as it fits) and the lost one after its timeout.
+    assert all(len(b) >= 2 or b in ([chunks - 1], [1]) for b in batches), batches
+    assert output(infer(agent, X)).shape == (1, 64)
+
+
 def test_digest_mismatch_is_refused_and_previous_model_keeps_serving(
     make_agent: Callable[..., AgentProcess], make_peer: Callable[..., Peer], tmp_path: Path
 ) -> None:

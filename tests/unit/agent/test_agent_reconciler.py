@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 
+import pytest
+
 from agent.reconciler import (
+    MAX_INDICES_PER_REQUEST,
     Activate,
     CollectGarbage,
     Current,
@@ -22,6 +26,7 @@ from agent.reconciler import (
     Verify,
     Wait,
     build_report,
+    chunk_requests,
     plan,
 )
 from agent.state import Assignment, Desired, DeviceState, Failure, Installed, TenantState
@@ -134,6 +139,86 @@ def test_timed_out_chunks_are_requested_again_first() -> None:
     )
 
 
+def test_chunks_are_requested_in_batches_once_half_the_window_is_free() -> None:
+    a = assignment()
+    t = transfer(chunks=20, have={0, 1}, outstanding={i: NOW - 1 for i in range(2, 7)})
+    expect_steps(
+        desired(1, a), Current(device(), transfers={D1: t}, window=8), Wait(NOW + 4, f"chunks of {D1[:12]}")
+    )
+    t = transfer(chunks=20, have={0, 1, 2}, outstanding={i: NOW - 1 for i in range(3, 7)})
+    expect_steps(
+        desired(1, a),
+        Current(device(), transfers={D1: t}, window=8),
+        RequestChunks(D1, (7, 8, 9, 10)),
+        Wait(NOW + 4, f"chunks of {D1[:12]}"),
+    )
+
+
+def test_a_chunk_lost_in_a_batch_goes_out_with_the_next_batch_after_its_timeout() -> None:
+    a = assignment()
+    # Chunk 2 of the batch 2..5 never came: its slot is free again, not yet half the window.
+    lost = {2: NOW - 5, 3: NOW - 1, 4: NOW - 1, 5: NOW - 1}
+    t = transfer(chunks=20, have={0, 1}, outstanding=lost)
+    expect_steps(
+        desired(1, a),
+        Current(device(), transfers={D1: t}, window=4),
+        Wait(NOW + 4, f"chunks of {D1[:12]}"),
+    )
+    del lost[3]  # arrived: half the window is free
+    t = transfer(chunks=20, have={0, 1, 3}, outstanding=lost)
+    expect_steps(
+        desired(1, a),
+        Current(device(), transfers={D1: t}, window=4),
+        RequestChunks(D1, (2, 6)),
+        Wait(NOW + 4, f"chunks of {D1[:12]}"),
+    )
+
+
+def test_the_last_chunks_are_asked_for_as_soon_as_they_all_fit() -> None:
+    a = assignment()
+    in_flight = {i: NOW - 1 for i in range(2, 7)}
+    expect_steps(
+        desired(1, a),
+        Current(device(), transfers={D1: transfer(chunks=10, have={0, 1}, outstanding=in_flight)}, window=8),
+        RequestChunks(D1, (7, 8, 9)),
+        Wait(NOW + 4, f"chunks of {D1[:12]}"),
+    )
+    expect_steps(
+        desired(1, a),
+        Current(device(), transfers={D1: transfer(chunks=11, have={0, 1}, outstanding=in_flight)}, window=8),
+        Wait(NOW + 4, f"chunks of {D1[:12]}"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("candidates", "free", "window", "requests"),
+    [
+        # Less than half the window free: wait for more chunks to arrive.
+        (range(10), 3, 8, []),
+        (range(10), 4, 8, [(0, 1, 2, 3)]),
+        (range(10), 6, 8, [(0, 1, 2, 3, 4, 5)]),
+        (range(3), 8, 8, [(0, 1, 2)]),
+        # Odd windows round half up; a window of 1 or 2 asks for every chunk on its own.
+        (range(10), 2, 5, []),
+        (range(10), 3, 5, [(0, 1, 2)]),
+        (range(10), 1, 1, [(0,)]),
+        (range(10), 1, 2, [(0,)]),
+        # The tail: all that is left fits, so nothing is gained by waiting.
+        ((7, 8), 2, 8, [(7, 8)]),
+        ((7, 8, 9), 2, 8, []),
+        ((), 8, 8, []),
+        ((5,), 0, 8, []),
+        # A window wider than the controller serves per request is split.
+        (range(200), 150, 200, [tuple(range(64)), tuple(range(64, 128)), tuple(range(128, 150))]),
+    ],
+)
+def test_chunk_requests_batch_the_free_slots(
+    candidates: Sequence[int], free: int, window: int, requests: list[tuple[int, ...]]
+) -> None:
+    assert chunk_requests(list(candidates), free, window) == requests
+    assert all(len(r) <= MAX_INDICES_PER_REQUEST for r in requests)
+
+
 def test_full_window_only_waits() -> None:
     a = assignment()
     t = transfer(outstanding={0: NOW - 1, 1: NOW - 1})
@@ -242,7 +327,6 @@ def test_the_window_is_shared_by_every_artifact_in_flight() -> None:
     expect_steps(
         desired(1, a, b),
         Current(device(), transfers=transfers, window=3),
-        RequestChunks(D1, (2,)),
         Wait(NOW + 4, f"chunks of {D1[:12]}"),
     )
     transfers[D1] = transfer(D1, outstanding={0: NOW - 1})
