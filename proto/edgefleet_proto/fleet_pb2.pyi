@@ -59,7 +59,9 @@ class _UpdateOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UpdateO
     UPDATE_OUTCOME_FAILED: _UpdateOutcome.ValueType  # 2
     """Refused before it served (download, verification, load, smoke inference)."""
     UPDATE_OUTCOME_ROLLED_BACK: _UpdateOutcome.ValueType  # 3
-    """It served, failed probation, and the previous model serves again."""
+    """It served, then failed probation or was superseded by a newer version (or a
+    controller rollback) while on probation; the previous model serves again.
+    """
 
 class UpdateOutcome(_UpdateOutcome, metaclass=_UpdateOutcomeEnumTypeWrapper):
     """How an update (one tenant moving to one artifact) ended on the device."""
@@ -69,7 +71,9 @@ UPDATE_OUTCOME_SUCCEEDED: UpdateOutcome.ValueType  # 1
 UPDATE_OUTCOME_FAILED: UpdateOutcome.ValueType  # 2
 """Refused before it served (download, verification, load, smoke inference)."""
 UPDATE_OUTCOME_ROLLED_BACK: UpdateOutcome.ValueType  # 3
-"""It served, failed probation, and the previous model serves again."""
+"""It served, then failed probation or was superseded by a newer version (or a
+controller rollback) while on probation; the previous model serves again.
+"""
 Global___UpdateOutcome: _TypeAlias = UpdateOutcome  # noqa: Y015
 
 @_typing.final
