@@ -549,6 +549,7 @@ class Pipelines:
             comparison.mean_abs_deviation,
             candidate_ms,
             live_ms,
+            comparison.rows,
         )
 
     def telemetry_inputs(self) -> tuple[dict[str, float], dict[str, float]]:

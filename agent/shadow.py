@@ -3,6 +3,9 @@
 For classifiers (an integer label output, or scores whose last axis holds the
 classes) the figure that matters is top-1 agreement; for everything else the
 mean absolute deviation of the outputs.
+
+Both are figures over rows (the outputs' leading axis): a batched gRPC call of N
+rows is N samples for a shadow gate's minimum, not one.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ class Comparison:
     # Fraction of the batch whose top-1 class matched; None when the outputs are not classes.
     top1: float | None
     mean_abs_deviation: float
+    # How many samples (rows along the leading axis) the comparison covers.
+    rows: int = 1
 
 
 def compare(live: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> Comparison:
@@ -36,4 +41,6 @@ def compare(live: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray])
             top1 = float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
         if np.issubdtype(a.dtype, np.number) and a.size:
             deviations.append(float(np.mean(np.abs(a.astype(np.float64) - b.astype(np.float64)))))
-    return Comparison(top1, float(np.mean(deviations)) if deviations else 0.0)
+    first = live[names[0]]
+    rows = int(first.shape[0]) if first.ndim else 1
+    return Comparison(top1, float(np.mean(deviations)) if deviations else 0.0, rows)

@@ -177,7 +177,10 @@ class PipelineStats:
         deviation: float,
         candidate_ms: float,
         live_ms: float,
+        rows: int = 1,
     ) -> None:
+        """Record one run of the candidate over ``rows`` samples; ``top1`` and ``deviation``
+        are that run's means over its rows, so each row weighs the same in the window."""
         with self._lock:
             key = (tenant, *candidate)
             w = self._shadows.get(key)
@@ -186,11 +189,11 @@ class PipelineStats:
                     live_version, candidate=_Reservoir(self._rng), live=_Reservoir(self._rng)
                 )
             w.live_version = live_version
-            w.compared += 1
+            w.compared += rows
             if top1 is not None:
-                w.top1_counted += 1
-                w.top1_agreed += top1
-            w.deviation_sum += deviation
+                w.top1_counted += rows
+                w.top1_agreed += top1 * rows
+            w.deviation_sum += deviation * rows
             assert w.candidate is not None and w.live is not None
             w.candidate.add(candidate_ms)
             w.live.add(live_ms)

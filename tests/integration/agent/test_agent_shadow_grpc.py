@@ -4,7 +4,8 @@ Two tenants served only through gRPC, both on the same live digits classifier:
 one has a shadow candidate that mostly agrees (trained for fewer iterations), the
 other one trained on labels shifted by one (confident and wrong). The callers get
 exactly the live model's answers; the telemetry's shadow stats match the top-1
-agreement computed here with onnxruntime on the same inputs.
+agreement computed here with onnxruntime on the same inputs, row by row: calls
+carry batches of different sizes and every row counts as one comparison.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from tests.models import digits_classifier
 # The agreeing candidate is an under-trained classifier on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:lbfgs failed to converge")
 
-ROUNDS, CALLS, BATCH = 4, 8, 5  # CALLS per round stays within the shadow queue: nothing is dropped
+ROUNDS, CALLS = 4, 8  # CALLS per round stays within the shadow queue: nothing is dropped
+SIZES = [1 + c for c in range(CALLS)]  # rows per call, the same in every round
 
 
 def shifted_digits(path: Path) -> Path:
@@ -74,13 +76,15 @@ def test_infer_calls_are_compared_with_the_shadow_and_reach_telemetry(
 
     sessions = {t: ort.InferenceSession(str(p)) for t, p in models.items()}
     stub = agent.stub()
-    rows = live.samples[: ROUNDS * CALLS * BATCH]
-    agreement: dict[str, list[float]] = {"agree": [], "disagree": []}
+    rows = live.samples[: ROUNDS * sum(SIZES)]
+    assert len(rows) == ROUNDS * sum(SIZES)
+    # One entry per row: did the candidate's top-1 match the live model's?
+    agreement: dict[str, list[bool]] = {"agree": [], "disagree": []}
     for r in range(ROUNDS):
         for tenant in agreement:
             for c in range(CALLS):
-                start = (r * CALLS + c) * BATCH
-                x = rows[start : start + BATCH]
+                start = r * sum(SIZES) + sum(SIZES[:c])
+                x = rows[start : start + SIZES[c]]
                 req = inference_pb2.InferRequest(tenant=tenant, inputs=to_tensors({"X": x}))
                 response = stub.Infer(req, timeout=10)
                 label, probabilities = sessions[tenant].run(None, {"X": x})
@@ -91,14 +95,14 @@ def test_infer_calls_are_compared_with_the_shadow_and_reach_telemetry(
                     from_tensor(response.outputs["probabilities"]), probabilities, rtol=1e-5
                 )
                 shadow_label = sessions[f"{tenant}.shadow"].run(None, {"X": x})[0]
-                agreement[tenant].append(float(np.mean(label == shadow_label)))
+                agreement[tenant].extend((label == shadow_label).tolist())
         # Comparisons run after the answers, on the scheduler: await them before the next round,
         # so the shadow queue never holds more than one round (its bound) and nothing drops.
         for tenant, seen in agreement.items():
             wait_until(
                 lambda t=tenant, seen=seen: sum(s.compared for s in shadow_stats(peer, t)) == len(seen),
                 30,
-                f"{tenant}: {len(seen)} comparisons in telemetry",
+                f"{tenant}: {len(seen)} rows compared in telemetry",
             )
 
     for tenant, seen in agreement.items():
@@ -108,7 +112,7 @@ def test_infer_calls_are_compared_with_the_shadow_and_reach_telemetry(
         }
         compared = sum(s.compared for s in stats)
         got = sum(s.top1_agreement * s.compared for s in stats) / compared
-        assert compared == ROUNDS * CALLS
+        assert compared == ROUNDS * sum(SIZES)
         assert got == pytest.approx(float(np.mean(seen)), abs=1e-9)
     assert 0.8 < np.mean(agreement["agree"]) < 1.0, "the under-trained candidate mostly agrees"
     assert np.mean(agreement["disagree"]) < 0.2, "the candidate on shifted labels disagrees"

@@ -24,3 +24,10 @@ def test_labels_and_regression_outputs() -> None:
 def test_outputs_that_do_not_match_are_an_error() -> None:
     with pytest.raises(ValueError, match="do not match"):
         compare({"y": np.zeros((1, 2))}, {"z": np.zeros((1, 2))})
+
+
+def test_a_comparison_covers_the_rows_of_its_batch() -> None:
+    scores = np.zeros((5, 3), np.float32)
+    assert compare({"s": scores}, {"s": scores}).rows == 5
+    assert compare({"label": np.array([1, 2])}, {"label": np.array([1, 3])}).rows == 2
+    assert compare({"y": np.float32(1.0)}, {"y": np.float32(2.0)}).rows == 1

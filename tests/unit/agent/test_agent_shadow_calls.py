@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from agent.pipeline import SHADOW_QUEUE, SHADOW_WEIGHT, Pipelines, ResultHub
 from agent.pool import ModelPool, ServingModel
-from agent.shadow import compare
 from agent.telemetry import PipelineStats
 from tests.unit.agent.models import linear_model, write_model
 
@@ -29,18 +29,17 @@ def pipelines() -> Pipelines:
     )
 
 
-def test_calls_past_the_shadow_queue_are_dropped_and_counted_the_rest_compared(
+def test_calls_past_the_shadow_queue_are_dropped_and_counted_the_rest_compared_per_row(
     pipelines: Pipelines, tmp_path: Path
 ) -> None:
-    live = serve(
-        pipelines.pool, "app", tmp_path / "l.onnx", write_model(tmp_path / "l.onnx", linear_model(1)), "1"
-    )
-    cand_path = tmp_path / "c.onnx"
+    live_path, cand_path = tmp_path / "l.onnx", tmp_path / "c.onnx"
+    live = serve(pipelines.pool, "app", live_path, write_model(live_path, linear_model(1)), "1")
     serve(pipelines.pool, "app.shadow", cand_path, write_model(cand_path, linear_model(2)), "2")
     rng = np.random.default_rng(0)
     calls = []
-    for _ in range(SHADOW_QUEUE + 3):
-        x = {"x": rng.standard_normal((2, 4)).astype(np.float32)}
+    for i in range(SHADOW_QUEUE + 3):
+        # Batches of different sizes: each row must weigh the same, whatever call it came in.
+        x = {"x": rng.standard_normal((1 + i % 4, 4)).astype(np.float32)}
         out = live.model.run(x)
         calls.append((x, out))
         # The scheduler's workers are not started: nothing runs, the call still returns at once.
@@ -49,18 +48,23 @@ def test_calls_past_the_shadow_queue_are_dropped_and_counted_the_rest_compared(
     assert pipelines.scheduler.stop(10)
 
     tenants, shadows = pipelines.stats.drain(*pipelines.telemetry_inputs())
-    candidate = pipelines.pool.get("app.shadow")
-    assert candidate is not None
-    kept = [compare(out, candidate.model.run(x)) for x, out in calls[3:]]  # the oldest were dropped
+    # The expected figures straight from onnxruntime, row by row, over the calls kept
+    # (the oldest three were dropped).
+    live_ort, cand_ort = ort.InferenceSession(str(live_path)), ort.InferenceSession(str(cand_path))
+    x_kept = np.concatenate([x["x"] for x, _ in calls[3:]])
+    want_live = live_ort.run(None, {"x": x_kept})[0]
+    want_cand = cand_ort.run(None, {"x": x_kept})[0]
     [s] = shadows
     assert (s.tenant, s.live_model_version, s.candidate_model_version, s.compared) == (
         "app",
         "1",
         "2",
-        SHADOW_QUEUE,
+        len(x_kept),
     )
-    assert s.top1_agreement == pytest.approx(np.mean([c.top1 for c in kept]))
-    assert s.mean_abs_deviation == pytest.approx(np.mean([c.mean_abs_deviation for c in kept]))
+    assert s.top1_agreement == pytest.approx(
+        float(np.mean(np.argmax(want_live, -1) == np.argmax(want_cand, -1)))
+    )
+    assert s.mean_abs_deviation == pytest.approx(float(np.mean(np.abs(want_live - want_cand))), rel=1e-5)
     lane = next(t for t in tenants if t.tenant == "app.shadow")
     assert (lane.dropped, lane.weight) == (3, SHADOW_WEIGHT) and lane.busy_s > 0
 
