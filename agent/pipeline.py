@@ -438,7 +438,10 @@ class Pipelines:
         spec = self._specs.get(tenant)
         serving = self.pool.get(tenant)
         if spec is None:
-            self.stats.inference(tenant, 0.0, ok=False)
+            # The tenant was removed after a worker took this job: nothing failed, the sample
+            # just has no pipeline any more. Counted as dropped, like the jobs still queued
+            # when the tenant went (apply() drops those), so its last window stays honest.
+            self.stats.dropped(tenant, 1)
             return
         if serving is None:
             self._skip_without_model(spec)
