@@ -19,6 +19,11 @@ serves again before the newer version is fetched. The rollback target of an
 update is therefore always the tenant's last *committed* model, never a
 version still on probation (it has not proved itself).
 
+A tenant the controller no longer assigns at all (``removed``) ends its update
+too, with an outcome reported: one that has not served ends ``failed``; one on
+probation ends ``rolled_back`` straight away, as nothing of the tenant serves
+any more (its held previous model goes with it, there is no one to serve it to).
+
 The updater persists the state (atomically) before the state acts, and on
 start :func:`resume` decides where to go from what was persisted: a restart
 inside ``activate``, ``probation`` or ``rollback`` rolls back (the new model
@@ -56,6 +61,8 @@ class UpdateEvent(StrEnum):
     ERROR = "error"
     # The controller wants another version of the tenant before this update ended.
     SUPERSEDED = "superseded"
+    # The controller's desired state no longer assigns the tenant at all.
+    REMOVED = "removed"
 
 
 S, E = UpdateState, UpdateEvent
@@ -64,18 +71,22 @@ TRANSITIONS: dict[tuple[UpdateState, UpdateEvent], UpdateState] = {
     (S.FETCH, E.FETCHED): S.VERIFY,
     (S.FETCH, E.ERROR): S.FAILED,
     (S.FETCH, E.SUPERSEDED): S.FAILED,
+    (S.FETCH, E.REMOVED): S.FAILED,
     (S.VERIFY, E.VERIFIED): S.STAGE,
     (S.VERIFY, E.ERROR): S.FAILED,
     (S.VERIFY, E.SUPERSEDED): S.FAILED,
+    (S.VERIFY, E.REMOVED): S.FAILED,
     (S.STAGE, E.STAGED): S.ACTIVATE,
     (S.STAGE, E.ERROR): S.FAILED,
     (S.STAGE, E.SUPERSEDED): S.FAILED,
+    (S.STAGE, E.REMOVED): S.FAILED,
     (S.ACTIVATE, E.ACTIVATED): S.PROBATION,
     (S.ACTIVATE, E.ERROR): S.ROLLBACK,
     (S.PROBATION, E.PROBATION_PASSED): S.COMMIT,
     (S.PROBATION, E.PROBATION_FAILED): S.ROLLBACK,
     (S.PROBATION, E.ERROR): S.ROLLBACK,
     (S.PROBATION, E.SUPERSEDED): S.ROLLBACK,
+    (S.PROBATION, E.REMOVED): S.ROLLED_BACK,
     (S.COMMIT, E.COMMITTED): S.COMMITTED,
     (S.ROLLBACK, E.ROLLED_BACK): S.ROLLED_BACK,
 }

@@ -615,6 +615,20 @@ class Updater:
         self.emit("model_rolled_back", "warning" if superseded else "error", reason, _attrs(a))
 
     def deactivate(self, step: Deactivate) -> None:
+        """Stop serving a tenant the controller no longer assigns.
+
+        An update of the tenant still going ends first, so the controller hears its
+        outcome (``rolled_back`` on probation, ``failed`` before it served); the removal
+        is the controller's decision, not a fault of the model, hence a warning. One in
+        activate, rollback or commit cannot be here (those finish in one step, or on
+        start through resume()), so the table refuses it loudly.
+        """
+        update = self.state.updates.get(step.tenant)
+        if update is not None and (machine := UpdateState(update.state)) not in FINAL:
+            during = "on probation" if machine is UpdateState.PROBATION else f"in {machine.value}"
+            after = next_state(machine, UpdateEvent.REMOVED)
+            self._end(step.tenant, after, f"tenant removed while {during}", superseded=True)
+        # Removing the tenant from the pool releases the previous model it held too.
         self._save(self.state.with_tenant(step.tenant, None).with_update(step.tenant, None))
         self.pool.remove(step.tenant)
         log.info("tenant removed device=%s tenant=%s", self.device_id, step.tenant)

@@ -127,6 +127,17 @@ def test_report_shows_probation_phase_and_outcomes() -> None:
     assert (entry.phase, entry.outcome) == (Phase.ACTIVE, "succeeded")
 
 
+def test_a_removed_tenant_ends_its_update_failed_before_it_served_rolled_back_on_probation() -> None:
+    for state in (S.FETCH, S.VERIFY, S.STAGE):
+        assert next_state(state, E.REMOVED) is S.FAILED
+    # Nothing of the tenant serves any more: there is no rollback to go through.
+    assert next_state(S.PROBATION, E.REMOVED) is S.ROLLED_BACK
+    check(S.PROBATION, S.ROLLED_BACK)
+    for state in (S.ACTIVATE, S.ROLLBACK, S.COMMIT):  # these finish in one step or on start
+        with pytest.raises(UnhandledTransition):
+            next_state(state, E.REMOVED)
+
+
 def test_a_newer_version_supersedes_an_update_before_it_served_or_rolls_back_one_on_probation() -> None:
     for state in (S.FETCH, S.VERIFY, S.STAGE):
         assert next_state(state, E.SUPERSEDED) is S.FAILED

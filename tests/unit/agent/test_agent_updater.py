@@ -182,3 +182,49 @@ def test_a_restart_during_the_rollback_of_a_superseded_probation_ends_on_the_com
     assert device.update() == ("2", "rolled_back", "superseded by linear 3")
     serving = device.pool.get("default")
     assert serving is not None and serving.model_version == "1"
+
+
+def test_removing_the_tenant_during_probation_reports_the_update_rolled_back_and_releases_both_models(
+    device: Device,
+) -> None:
+    assert device.pool.held("default") is not None, "version 1 is held while version 2 is on probation"
+    desired = fleet_pb2.DesiredState(device_id="dev-1", generation=3)  # assigns no tenant at all
+    assert device.updater.on_desired(desired) is None
+    device.updater.converge()
+
+    assert "default" not in device.persisted()["tenants"]
+    assert "default" not in device.persisted()["updates"]
+    assert device.outcomes()[-1] == ("2", "rolled_back", "warning")
+    [message] = [
+        m for kind, _, m, attrs in device.events if kind == "update_outcome" and attrs["version"] == "2"
+    ]
+    assert message.endswith("rolled_back: tenant removed while on probation")
+    assert device.pool.get("default") is None and device.pool.held("default") is None
+    assert device.pool.loaded_bytes() == 0, "neither version stays loaded"
+    assert device.persisted()["applied_generation"] == 3
+
+    # Converging again reports nothing more: the update ended once.
+    device.updater.converge()
+    assert len([o for o in device.outcomes() if o[0] == "2"]) == 1
+
+
+def test_removing_the_tenant_while_a_newer_version_is_fetched_reports_that_update_failed(
+    tmp_path: Path,
+) -> None:
+    device = Device(tmp_path)
+    device.want(1, "1")
+    device.want(2, "3")  # version 3 never arrives: its update waits in fetch
+    # What the updater persists when it asks for version 3's manifest (the link is down here).
+    state = device.updater.state
+    assert state.desired is not None
+    [v3] = state.desired.assignments
+    device.updater.states.save(state.with_update("default", Update(v3, "fetch", "")))
+    device.pool = ModelPool(threads=1, clock=lambda: device.now)
+    device.updater = device.start()
+    assert device.update()[:2] == ("3", "fetch")
+    assert device.updater.on_desired(fleet_pb2.DesiredState(device_id="dev-1", generation=3)) is None
+    device.updater.converge()
+
+    assert device.outcomes()[-1] == ("3", "failed", "warning")
+    assert "default" not in device.persisted()["tenants"] and "default" not in device.persisted()["updates"]
+    assert device.pool.get("default") is None
