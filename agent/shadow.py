@@ -41,6 +41,10 @@ def compare(live: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray])
             top1 = float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
         if np.issubdtype(a.dtype, np.number) and a.size:
             deviations.append(float(np.mean(np.abs(a.astype(np.float64) - b.astype(np.float64)))))
+    # Rows along the leading axis, read the way top-1 reads the outputs: labels of any rank, else
+    # arrays of rank 2 and up. A 1-D float array is one unbatched sample (a pipeline job with
+    # batch = false), not one row per element.
     first = live[names[0]]
-    rows = int(first.shape[0]) if first.ndim else 1
+    batched = first.ndim >= 2 or (first.ndim == 1 and np.issubdtype(first.dtype, np.integer))
+    rows = int(first.shape[0]) if batched else 1
     return Comparison(top1, float(np.mean(deviations)) if deviations else 0.0, rows)

@@ -31,3 +31,5 @@ def test_a_comparison_covers_the_rows_of_its_batch() -> None:
     assert compare({"s": scores}, {"s": scores}).rows == 5
     assert compare({"label": np.array([1, 2])}, {"label": np.array([1, 3])}).rows == 2
     assert compare({"y": np.float32(1.0)}, {"y": np.float32(2.0)}).rows == 1
+    unbatched = np.zeros(3, np.float32)  # the scores of one sample, without a batch axis
+    assert compare({"s": unbatched}, {"s": unbatched}).rows == 1
