@@ -301,30 +301,38 @@ def desired_with(
     )
 
 
-def judge(run: Run, members: Sequence[Member], fleet: Mapping[str, DeviceView], now: float) -> WaveVerdict:
-    """Where one wave stands: settled or not, and the first gate it fails, if any."""
-    plan, gates = run.plan, run.plan.gates
+def _tally(
+    loads: Sequence[tuple[DeviceRolloutStatus, float | None, bool]], timeout: float | None, now: float
+) -> WaveVerdict:
+    """Count a wave's devices from (status, when the assignment was set, online): done, failed,
+    or still on their way, and when the first of those times out. No gate is judged here."""
     failed = reporting = 0
     settled = True
     deadline = math.inf
-    for m in members:
-        view = fleet[m.device_id]
-        if view.status in _DONE:
+    for status, set_at, online in loads:
+        if status in _DONE:
             reporting += 1
-            failed += view.status == "failed"
+            failed += status == "failed"
             continue
-        if m.set_at is None:
+        if set_at is None:
             settled = False
             continue
-        timeout_at = m.set_at + plan.device_timeout_s if plan.device_timeout_s is not None else math.inf
+        timeout_at = set_at + timeout if timeout is not None else math.inf
         if now >= timeout_at:
             # Online but silent about its update: a failure. Offline: only not reporting.
-            failed += view.online
+            failed += online
             continue
         settled = False
         deadline = min(deadline, timeout_at)
-    n = len(members)
-    verdict = WaveVerdict(None, settled, deadline, failed, reporting, n)
+    return WaveVerdict(None, settled, deadline, failed, reporting, len(loads))
+
+
+def judge(run: Run, members: Sequence[Member], fleet: Mapping[str, DeviceView], now: float) -> WaveVerdict:
+    """Where one wave stands: settled or not, and the first gate it fails, if any."""
+    gates = run.plan.gates
+    loads = [(fleet[m.device_id].status, m.set_at, fleet[m.device_id].online) for m in members]
+    verdict = _tally(loads, run.plan.device_timeout_s, now)
+    failed, n, settled = verdict.failed, verdict.size, verdict.settled
     if not n or run.promoted:
         return verdict
     if failed / n > gates.max_failure_fraction:
@@ -552,27 +560,9 @@ def _judge_shadow_loading(
     run: Run, members: Sequence[Member], fleet: Mapping[str, DeviceView], now: float
 ) -> WaveVerdict:
     """Like :func:`judge` for the shadow assignments: loaded, failed, or still on their way."""
-    timeout = run.plan.device_timeout_s
-    failed = reporting = 0
-    settled = True
-    deadline = math.inf
-    for m in members:
-        view = fleet[m.device_id]
-        if view.shadow_status in _DONE:
-            reporting += 1
-            failed += view.shadow_status == "failed"
-            continue
-        if m.shadow_set_at is None:
-            settled = False
-            continue
-        timeout_at = m.shadow_set_at + timeout if timeout is not None else math.inf
-        if now >= timeout_at:
-            failed += view.online
-            continue
-        settled = False
-        deadline = min(deadline, timeout_at)
-    n = len(members)
-    verdict = WaveVerdict(None, settled, deadline, failed, reporting, n)
+    loads = [(fleet[m.device_id].shadow_status, m.shadow_set_at, fleet[m.device_id].online) for m in members]
+    verdict = _tally(loads, run.plan.device_timeout_s, now)
+    failed, n = verdict.failed, verdict.size
     limit = run.plan.gates.max_failure_fraction
     if n and failed / n > limit:
         return _fail(verdict, f"{failed} of {n} devices could not load the candidate (limit {limit:g})")
