@@ -16,6 +16,20 @@ from tests.integration.agent.peer import Peer, wait_until
 from tests.unit.agent.models import linear_model, write_model
 
 
+def serving_first_of_two(agent: AgentProcess, peer: Peer, tmp_path: Path, seed: int) -> tuple[str, str]:
+    """Two linear models on the peer (seeds ``seed`` and ``seed + 1``), the agent started and
+    serving the first; returns both digests."""
+    m1, m2 = tmp_path / "m1.onnx", tmp_path / "m2.onnx"
+    d1, d2 = write_model(m1, linear_model(seed, 256, 64)), write_model(m2, linear_model(seed + 1, 256, 64))
+    peer.add_artifact(m1)
+    peer.add_artifact(m2)
+    peer.publish_desired(1, peer.assignment(d1, "1"))
+    agent.start()
+    agent.wait_ready()
+    peer.wait_active(d1)
+    return d1, d2
+
+
 def infer(agent: AgentProcess, x: np.ndarray, tenant: str = "") -> inference_pb2.InferResponse:
     req = inference_pb2.InferRequest(tenant=tenant)
     req.inputs["x"].CopyFrom(inference_pb2.Tensor(dtype="float32", shape=list(x.shape), data=x.tobytes()))
@@ -93,14 +107,7 @@ def test_model_that_no_longer_loads_at_start_falls_back_to_the_previous(
 ) -> None:
     agent = make_agent()
     peer = make_peer(agent.device_id)
-    m1, m2 = tmp_path / "m1.onnx", tmp_path / "m2.onnx"
-    d1, d2 = write_model(m1, linear_model(11, 256, 64)), write_model(m2, linear_model(12, 256, 64))
-    peer.add_artifact(m1)
-    peer.add_artifact(m2)
-    peer.publish_desired(1, peer.assignment(d1, "1"))
-    agent.start()
-    agent.wait_ready()
-    peer.wait_active(d1)
+    _, d2 = serving_first_of_two(agent, peer, tmp_path, 11)
     x = np.ones((1, 256), np.float32)
     v1 = output(infer(agent, x))
     peer.publish_desired(2, peer.assignment(d2, "2"))

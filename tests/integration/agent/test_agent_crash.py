@@ -18,7 +18,7 @@ from edgefleet_proto import fleet_pb2
 
 from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer, wait_until
-from tests.integration.agent.test_agent_converge import infer
+from tests.integration.agent.test_agent_converge import infer, serving_first_of_two
 from tests.unit.agent.models import linear_model, write_model
 
 
@@ -37,14 +37,7 @@ def test_sigkill_at_each_stage_keeps_a_working_model_and_converges_after_restart
 ) -> None:
     agent = make_agent()
     peer = make_peer(agent.device_id)
-    m1, m2 = tmp_path / "m1.onnx", tmp_path / "m2.onnx"
-    d1, d2 = write_model(m1, linear_model(21, 256, 64)), write_model(m2, linear_model(22, 256, 64))
-    peer.add_artifact(m1)
-    peer.add_artifact(m2)
-    peer.publish_desired(1, peer.assignment(d1, "1"))
-    agent.start()
-    agent.wait_ready()
-    peer.wait_active(d1)
+    d1, d2 = serving_first_of_two(agent, peer, tmp_path, 21)
 
     if stage == "desired_persisted":
         peer.paused.set()
@@ -113,14 +106,7 @@ def test_sigkill_in_each_update_state_resumes_on_a_working_model_and_reports_the
 ) -> None:
     agent = make_agent()
     peer = make_peer(agent.device_id)
-    m1, m2 = tmp_path / "m1.onnx", tmp_path / "m2.onnx"
-    d1, d2 = write_model(m1, linear_model(31, 256, 64)), write_model(m2, linear_model(32, 256, 64))
-    peer.add_artifact(m1)
-    peer.add_artifact(m2)
-    peer.publish_desired(1, peer.assignment(d1, "1"))
-    agent.start()
-    agent.wait_ready()
-    peer.wait_active(d1)
+    d1, d2 = serving_first_of_two(agent, peer, tmp_path, 31)
     agent.terminate()
 
     # The fault-injection switch kills the agent right after it persisted `state`.
