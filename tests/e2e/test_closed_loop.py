@@ -281,9 +281,11 @@ def test_drift_in_the_replayed_data_is_detected_retrained_and_redeployed(
         )
 
         serving_ms = int(serving_at * 1000)
+        # The newest fleet window is still filling (some devices' windows, few samples, so
+        # a noisy PSI): judge only the windows before it.
         recovered = wait_until(
             lambda: (
-                (s := [w["psi"] for w in fleet_windows(controller, new_version, serving_ms)])
+                (s := [w["psi"] for w in fleet_windows(controller, new_version, serving_ms)][:-1])
                 and len(s) >= 3
                 and s
             ),
