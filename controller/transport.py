@@ -91,6 +91,8 @@ class Transport:
         self.telemetry = telemetry
         self.artifacts = artifacts
         self.connected = threading.Event()
+        # Counted, not just flagged: a reconnect can be faster than anyone polling `connected`.
+        self.disconnects = 0
         self._stopping = threading.Event()
         self._v5 = settings.mqtt_protocol == "v5"
         self._client = mqtt.Client(
@@ -221,6 +223,7 @@ class Transport:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
     ) -> None:
         self.connected.clear()
+        self.disconnects += 1
         if not self._stopping.is_set():
             log.warning("mqtt disconnected reason=%s", reason_code)
 

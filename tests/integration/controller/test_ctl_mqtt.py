@@ -303,8 +303,9 @@ def test_desired_states_are_republished_when_the_broker_lost_them(ctl: Ctl, digi
     as_controller.close()
     transport = ctl.controller.transport
     assert transport is not None
+    before = transport.disconnects
     ctl.broker.restart()
-    wait_for(lambda: not transport.connected.is_set() or None, 10, "the controller to notice")
+    wait_for(lambda: transport.disconnects > before or None, 10, "the controller to notice")
     assert transport.wait_connected(30)
     peer = ctl.device_peer(creds)
     try:
