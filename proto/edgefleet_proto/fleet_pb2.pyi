@@ -467,6 +467,12 @@ class ModelStats(_message.Message):
     LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
     LATENCY_P95_MS_FIELD_NUMBER: _builtins.int
     LATENCY_P99_MS_FIELD_NUMBER: _builtins.int
+    PIPELINE_INFERENCES_FIELD_NUMBER: _builtins.int
+    PIPELINE_ERRORS_FIELD_NUMBER: _builtins.int
+    GRPC_INFERENCES_FIELD_NUMBER: _builtins.int
+    GRPC_ERRORS_FIELD_NUMBER: _builtins.int
+    SHADOW_INFERENCES_FIELD_NUMBER: _builtins.int
+    SHADOW_ERRORS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     model_name: _builtins.str
     model_version: _builtins.str
@@ -475,6 +481,18 @@ class ModelStats(_message.Message):
     latency_p50_ms: _builtins.float
     latency_p95_ms: _builtins.float
     latency_p99_ms: _builtins.float
+    pipeline_inferences: _builtins.int
+    """What fed the inferences, counted like inference_count (every attempt) and
+    error_count (the failed ones), which are the sums over the three.
+    A tenant pipeline's source (camera, microphone, CSV, ...):
+    """
+    pipeline_errors: _builtins.int
+    grpc_inferences: _builtins.int
+    """gRPC Infer calls of local apps:"""
+    grpc_errors: _builtins.int
+    shadow_inferences: _builtins.int
+    """The shadow lane: a candidate run on the live model's inputs (tenant `{tenant}.shadow`)."""
+    shadow_errors: _builtins.int
     def __init__(
         self,
         *,
@@ -486,10 +504,16 @@ class ModelStats(_message.Message):
         latency_p50_ms: _builtins.float = ...,
         latency_p95_ms: _builtins.float = ...,
         latency_p99_ms: _builtins.float = ...,
+        pipeline_inferences: _builtins.int = ...,
+        pipeline_errors: _builtins.int = ...,
+        grpc_inferences: _builtins.int = ...,
+        grpc_errors: _builtins.int = ...,
+        shadow_inferences: _builtins.int = ...,
+        shadow_errors: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_count", b"error_count", "inference_count", b"inference_count", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "model_name", b"model_name", "model_version", b"model_version", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_count", b"error_count", "grpc_errors", b"grpc_errors", "grpc_inferences", b"grpc_inferences", "inference_count", b"inference_count", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "model_name", b"model_name", "model_version", b"model_version", "pipeline_errors", b"pipeline_errors", "pipeline_inferences", b"pipeline_inferences", "shadow_errors", b"shadow_errors", "shadow_inferences", b"shadow_inferences", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
