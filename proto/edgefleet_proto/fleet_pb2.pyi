@@ -721,6 +721,26 @@ class TenantSpec(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class PostprocessEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TENANT_FIELD_NUMBER: _builtins.int
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
@@ -730,6 +750,8 @@ class TenantSpec(_message.Message):
     QUEUE_BOUND_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
     TOKEN_SHA256_FIELD_NUMBER: _builtins.int
+    POSTPROCESS_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     model_name: _builtins.str
     """The model (name) the tenant's ModelAssignment must carry."""
@@ -750,6 +772,16 @@ class TenantSpec(_message.Message):
     def results(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Any of "grpc", "mqtt"."""
 
+    @_builtins.property
+    def postprocess(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Post-processing as in the agent config's [tenants.postprocess], values as text
+        (lists comma-separated), e.g. "kind" = "ssd", "strides" = "8,16,16,16".
+        """
+
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputFeed]:
+        """Model inputs fed besides the source: constants and state carried between runs."""
+
     def __init__(
         self,
         *,
@@ -762,14 +794,59 @@ class TenantSpec(_message.Message):
         queue_bound: _builtins.int = ...,
         results: _abc.Iterable[_builtins.str] | None = ...,
         token_sha256: _builtins.str = ...,
+        postprocess: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        inputs: _abc.Iterable[Global___InputFeed] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "preprocess", b"preprocess", "queue_bound", b"queue_bound", "results", b"results", "source", b"source", "target_rate_hz", b"target_rate_hz", "tenant", b"tenant", "token_sha256", b"token_sha256", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model_name", b"model_name", "postprocess", b"postprocess", "preprocess", b"preprocess", "queue_bound", b"queue_bound", "results", b"results", "source", b"source", "target_rate_hz", b"target_rate_hz", "tenant", b"tenant", "token_sha256", b"token_sha256", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TenantSpec: _TypeAlias = TenantSpec  # noqa: Y015
+
+@_typing.final
+class InputFeed(_message.Message):
+    """One model input a tenant feeds itself (agent.feeds)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    FROM_OUTPUT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    role: _builtins.str
+    """"constant" or "state"."""
+    dtype: _builtins.str
+    """numpy dtype name, e.g. "float32", "int64"."""
+    from_output: _builtins.str
+    """State only: the output whose value feeds this input on the next run."""
+    @_builtins.property
+    def value(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The constant, or the state's initial value; one value fills the whole shape."""
+
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        role: _builtins.str = ...,
+        value: _abc.Iterable[_builtins.float] | None = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        dtype: _builtins.str = ...,
+        from_output: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "from_output", b"from_output", "name", b"name", "role", b"role", "shape", b"shape", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputFeed: _TypeAlias = InputFeed  # noqa: Y015
 
 @_typing.final
 class TenantStats(_message.Message):

@@ -355,6 +355,9 @@ class Result(_message.Message):
     LATENCY_MS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     SOURCE_EPOCH_FIELD_NUMBER: _builtins.int
+    CLASSES_FIELD_NUMBER: _builtins.int
+    DETECTIONS_FIELD_NUMBER: _builtins.int
+    MASK_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     model_name: _builtins.str
     model_version: _builtins.str
@@ -368,6 +371,18 @@ class Result(_message.Message):
     """Counts the source run; it grows each time the source is reopened."""
     @_builtins.property
     def outputs(self) -> _containers.MessageMap[_builtins.str, Global___Tensor]: ...
+    @_builtins.property
+    def classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassScore]:
+        """Post-processed results when the tenant configures post-processing; `outputs`
+        then holds the raw tensors only when the tenant asks for them.
+        """
+
+    @_builtins.property
+    def detections(self) -> _containers.RepeatedCompositeFieldContainer[Global___Detection]: ...
+    @_builtins.property
+    def mask(self) -> Global___Tensor:
+        """Class index per pixel (uint8) of a segmentation model."""
+
     def __init__(
         self,
         *,
@@ -379,11 +394,78 @@ class Result(_message.Message):
         latency_ms: _builtins.float = ...,
         outputs: _abc.Mapping[_builtins.str, Global___Tensor] | None = ...,
         source_epoch: _builtins.int = ...,
+        classes: _abc.Iterable[Global___ClassScore] | None = ...,
+        detections: _abc.Iterable[Global___Detection] | None = ...,
+        mask: Global___Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mask", b"mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["captured_at_ms", b"captured_at_ms", "latency_ms", b"latency_ms", "model_name", b"model_name", "model_version", b"model_version", "outputs", b"outputs", "seq", b"seq", "source_epoch", b"source_epoch", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captured_at_ms", b"captured_at_ms", "classes", b"classes", "detections", b"detections", "latency_ms", b"latency_ms", "mask", b"mask", "model_name", b"model_name", "model_version", b"model_version", "outputs", b"outputs", "seq", b"seq", "source_epoch", b"source_epoch", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Result: _TypeAlias = Result  # noqa: Y015
+
+@_typing.final
+class ClassScore(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    label: _builtins.str
+    score: _builtins.float
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        label: _builtins.str = ...,
+        score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "label", b"label", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassScore: _TypeAlias = ClassScore  # noqa: Y015
+
+@_typing.final
+class Detection(_message.Message):
+    """A detected object; the box is normalised to the source frame (0..1)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    X0_FIELD_NUMBER: _builtins.int
+    Y0_FIELD_NUMBER: _builtins.int
+    X1_FIELD_NUMBER: _builtins.int
+    Y1_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    label: _builtins.str
+    score: _builtins.float
+    x0: _builtins.float
+    y0: _builtins.float
+    x1: _builtins.float
+    y1: _builtins.float
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        label: _builtins.str = ...,
+        score: _builtins.float = ...,
+        x0: _builtins.float = ...,
+        y0: _builtins.float = ...,
+        x1: _builtins.float = ...,
+        y1: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "label", b"label", "score", b"score", "x0", b"x0", "x1", b"x1", "y0", b"y0", "y1", b"y1"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Detection: _TypeAlias = Detection  # noqa: Y015

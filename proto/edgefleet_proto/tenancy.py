@@ -30,6 +30,17 @@ SOURCE_OPTIONS: dict[str, frozenset[str]] = {
 
 # Image keys, then audio/sensor windowing keys.
 PREPROCESS_KEYS = frozenset(
-    {"input", "crop", "resize", "color", "scale", "mean", "std", "layout", "dtype"}
+    {"input", "crop", "resize", "fit", "color", "scale", "mean", "std", "layout", "dtype"}
     | {"window", "hop", "features", "n_fft", "n_mels", "batch"}
 )
+
+# How a tenant's outputs become classes, detections or masks (agent.postprocess).
+POSTPROCESS_KINDS = ("classes", "threshold", "ssd", "yolo", "mask")
+POSTPROCESS_KEYS = frozenset(
+    {"kind", "output", "boxes_output", "activation", "top_k", "threshold", "iou_threshold"}
+    | {"max_detections", "labels", "strides", "anchors_per_layer", "anchor_offset", "yolo_layout", "raw"}
+)
+
+# Model inputs a tenant feeds besides its source: a constant, or state carried from an output.
+INPUT_ROLES = ("constant", "state")
+INPUT_KEYS = frozenset({"role", "value", "shape", "dtype", "from"})
