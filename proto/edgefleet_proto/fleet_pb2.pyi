@@ -244,9 +244,21 @@ class DesiredState(_message.Message):
     TENANTS_FIELD_NUMBER: _builtins.int
     DRIFT_SPECS_FIELD_NUMBER: _builtins.int
     CAPTURE_POLICIES_FIELD_NUMBER: _builtins.int
+    STATE_SIGNATURE_FIELD_NUMBER: _builtins.int
+    STATE_KEY_ID_FIELD_NUMBER: _builtins.int
+    EARLIER_ROTATIONS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     generation: _builtins.int
     issued_at_ms: _builtins.int
+    state_signature: _builtins.bytes
+    """The whole state signed (fields from 70): Ed25519 by the controller over
+    edgefleet_proto.signing.desired_bytes(state), i.e. everything above and
+    below except these two fields. The agent refuses a state whose signature
+    does not verify with the key it pins (after following the rotations the
+    state carries, each signed by the key before it).
+    """
+    state_key_id: _builtins.str
+    """The signing key: first 16 hex digits of sha256 over its 32 raw bytes."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelAssignment]: ...
     @_builtins.property
@@ -265,6 +277,12 @@ class DesiredState(_message.Message):
 
     @_builtins.property
     def capture_policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___CapturePolicy]: ...
+    @_builtins.property
+    def earlier_rotations(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyRotation]:
+        """The rotations before key_rotation, oldest first, so that a device that was
+        offline through several rotations can verify the state.
+        """
+
     def __init__(
         self,
         *,
@@ -276,10 +294,13 @@ class DesiredState(_message.Message):
         tenants: _abc.Iterable[Global___TenantSpec] | None = ...,
         drift_specs: _abc.Iterable[Global___DriftSpec] | None = ...,
         capture_policies: _abc.Iterable[Global___CapturePolicy] | None = ...,
+        state_signature: _builtins.bytes = ...,
+        state_key_id: _builtins.str = ...,
+        earlier_rotations: _abc.Iterable[Global___KeyRotation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key_rotation", b"key_rotation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_policies", b"capture_policies", "device_id", b"device_id", "drift_specs", b"drift_specs", "generation", b"generation", "issued_at_ms", b"issued_at_ms", "key_rotation", b"key_rotation", "models", b"models", "tenants", b"tenants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_policies", b"capture_policies", "device_id", b"device_id", "drift_specs", b"drift_specs", "earlier_rotations", b"earlier_rotations", "generation", b"generation", "issued_at_ms", b"issued_at_ms", "key_rotation", b"key_rotation", "models", b"models", "state_key_id", b"state_key_id", "state_signature", b"state_signature", "tenants", b"tenants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -349,6 +370,7 @@ class ReportedState(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     REPORTED_AT_MS_FIELD_NUMBER: _builtins.int
+    CONDITIONS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     desired_generation: _builtins.int
     """Newest desired generation the agent has seen."""
@@ -360,6 +382,12 @@ class ReportedState(_message.Message):
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]:
         """What each tenant is serving right now or moving towards."""
 
+    @_builtins.property
+    def conditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceCondition]:
+        """What keeps the device from doing its work right now (e.g. a full disk), while
+        the models it already serves go on serving. Empty when nothing does.
+        """
+
     def __init__(
         self,
         *,
@@ -369,14 +397,53 @@ class ReportedState(_message.Message):
         models: _abc.Iterable[Global___ModelStatus] | None = ...,
         agent_version: _builtins.str = ...,
         reported_at_ms: _builtins.int = ...,
+        conditions: _abc.Iterable[Global___DeviceCondition] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "applied_generation", b"applied_generation", "desired_generation", b"desired_generation", "device_id", b"device_id", "models", b"models", "reported_at_ms", b"reported_at_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "applied_generation", b"applied_generation", "conditions", b"conditions", "desired_generation", b"desired_generation", "device_id", b"device_id", "models", b"models", "reported_at_ms", b"reported_at_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportedState: _TypeAlias = ReportedState  # noqa: Y015
+
+@_typing.final
+class DeviceCondition(_message.Message):
+    """A transient condition of the device, reported while it lasts and gone from the
+    next report once it cleared.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    SINCE_MS_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """What kind of condition: "disk_full" (a write failed with ENOSPC or EDQUOT;
+    downloads wait for free space).
+    """
+    message: _builtins.str
+    """What it stops, in words an operator can act on (the path, bytes needed, free)."""
+    since_ms: _builtins.int
+    """When it began (ms since the epoch); unchanged while it lasts."""
+    count: _builtins.int
+    """How many times it was hit since it began (e.g. writes refused)."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        message: _builtins.str = ...,
+        since_ms: _builtins.int = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "kind", b"kind", "message", b"message", "since_ms", b"since_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceCondition: _TypeAlias = DeviceCondition  # noqa: Y015
 
 @_typing.final
 class DeviceStatus(_message.Message):
