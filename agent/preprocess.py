@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from agent.errors import PreprocessError
+from agent.postprocess import NO_LETTERBOX, Letterbox
 from agent.sensors.base import Sample
 from agent.tenants import PreprocessSpec
 
@@ -42,6 +43,8 @@ class Prepared:
     array: np.ndarray
     seq: int
     captured_at_ms: int
+    # Where the source frame sits in a letterboxed image input, to map boxes back.
+    letterbox: Letterbox = NO_LETTERBOX
 
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -57,7 +60,23 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return nearest
 
 
+def letterbox(image: np.ndarray, height: int, width: int, fill: int = 0) -> tuple[np.ndarray, Letterbox]:
+    """Resize keeping the aspect ratio and pad to (height, width), centred, as detectors expect."""
+    scale = min(height / image.shape[0], width / image.shape[1])
+    h, w = max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))
+    inner = resize(image, h, w)
+    top, left = (height - h) // 2, (width - w) // 2
+    out = np.full((height, width, *image.shape[2:]), fill, dtype=image.dtype)
+    out[top : top + h, left : left + w] = inner
+    return out, Letterbox(w / width, h / height, left / width, top / height)
+
+
 def image(frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    return image_with_box(frame, spec)[0]
+
+
+def image_with_box(frame: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, Letterbox]:
+    box = NO_LETTERBOX
     if frame.ndim == 2:
         frame = frame[:, :, None]
     if frame.ndim != 3:
@@ -69,7 +88,9 @@ def image(frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
                 f"crop {list(spec.crop)} does not fit a {frame.shape[0]}x{frame.shape[1]} frame"
             )
         frame = frame[top : top + h, left : left + w]
-    if spec.resize is not None:
+    if spec.resize is not None and spec.fit == "letterbox":
+        frame, box = letterbox(frame, *spec.resize)
+    elif spec.resize is not None:
         frame = resize(frame, *spec.resize)
     if spec.color == "rgb" and frame.shape[2] == 3:
         frame = frame[:, :, ::-1]
@@ -82,7 +103,7 @@ def image(frame: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         x = x / _per_channel(spec.std, x.shape[2], "std")
     if spec.layout == "nchw":
         x = x.transpose(2, 0, 1)
-    return x
+    return x, box
 
 
 def _per_channel(values: tuple[float, ...], channels: int, what: str) -> np.ndarray:
@@ -139,7 +160,8 @@ class Preprocessor:
     def feed(self, sample: Sample) -> Iterator[Prepared]:
         spec = self.spec
         if sample.kind == "image":
-            yield self._finish(image(sample.data, spec), sample.seq, sample.captured_at_ms)
+            x, box = image_with_box(sample.data, spec)
+            yield replace(self._finish(x, sample.seq, sample.captured_at_ms), letterbox=box)
             return
         data = np.asarray(sample.data)
         if sample.kind == "audio" and data.ndim == 2:

@@ -18,14 +18,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgefleet_proto import fleet_pb2
-from edgefleet_proto.tenancy import PREPROCESS_KEYS, SHADOW_SUFFIX, SINKS, SOURCE_OPTIONS, TENANT_ID
+from edgefleet_proto.tenancy import (
+    INPUT_KEYS,
+    INPUT_ROLES,
+    POSTPROCESS_KEYS,
+    POSTPROCESS_KINDS,
+    PREPROCESS_KEYS,
+    SHADOW_SUFFIX,
+    SINKS,
+    SOURCE_OPTIONS,
+    TENANT_ID,
+)
 
 from agent.errors import TenantError
+from agent.feeds import InputFeed
+from agent.postprocess import ACTIVATIONS, PostprocessSpec
 
 DEFAULT_TENANT = "default"
 TENANT_KEYS = frozenset(
     {"id", "model", "token", "token_sha256", "rate_hz", "weight", "queue", "results", "source", "preprocess"}
+    | {"postprocess", "inputs"}
 )
+DTYPES = ("float32", "float16", "float64", "uint8", "int8", "int32", "int64", "bool")
 
 
 def shadow_of(tenant: str) -> str:
@@ -63,6 +77,7 @@ class PreprocessSpec:
     input: str = ""
     crop: tuple[int, int, int, int] | None = None  # top, left, height, width
     resize: tuple[int, int] | None = None  # height, width
+    fit: str = "stretch"  # or "letterbox": keep the aspect ratio and pad
     color: str = ""  # "rgb", "bgr" or "gray"; image sources deliver BGR
     scale: float = 1.0
     mean: tuple[float, ...] = ()
@@ -88,6 +103,8 @@ class TenantSpec:
     queue: int = 4
     results: frozenset[str] = frozenset({"grpc"})
     token_sha256: str = ""
+    postprocess: PostprocessSpec = field(default_factory=PostprocessSpec)
+    inputs: tuple[InputFeed, ...] = ()
 
     def accepts(self, token: str) -> bool:
         return bool(self.token_sha256) and hmac.compare_digest(hash_token(token), self.token_sha256)
@@ -182,6 +199,8 @@ def parse_preprocess(table: Mapping[str, Any], where: str) -> PreprocessSpec:
             if 0 in size:
                 raise TenantError(f"{what}: sizes must be positive, got {value!r}")
             kw[key] = size
+        elif key == "fit":
+            kw[key] = _choice(value, what, ("stretch", "letterbox"))
         elif key == "color":
             kw[key] = _choice(value, what, ("rgb", "bgr", "gray"))
         elif key == "scale":
@@ -193,9 +212,7 @@ def parse_preprocess(table: Mapping[str, Any], where: str) -> PreprocessSpec:
         elif key == "layout":
             kw[key] = _choice(value, what, ("nhwc", "nchw"))
         elif key == "dtype":
-            kw[key] = _choice(
-                value, what, ("float32", "float16", "float64", "uint8", "int8", "int32", "int64")
-            )
+            kw[key] = _choice(value, what, DTYPES[:-1])
         elif key in ("window", "hop"):
             kw[key] = int(_number(value, what, 0, integer=True))
         elif key == "features":
@@ -208,6 +225,78 @@ def parse_preprocess(table: Mapping[str, Any], where: str) -> PreprocessSpec:
     if spec.hop and not spec.window:
         raise TenantError(f"{where}.hop: needs a window")
     return spec
+
+
+def parse_postprocess(table: Mapping[str, Any], where: str) -> PostprocessSpec:
+    unknown = sorted(set(table) - POSTPROCESS_KEYS)
+    if unknown:
+        raise TenantError(
+            f"{where}: unknown key(s) {unknown} (expected some of {', '.join(sorted(POSTPROCESS_KEYS))})"
+        )
+    if "kind" not in table:
+        raise TenantError(f"{where}.kind: missing (one of {', '.join(POSTPROCESS_KINDS)})")
+    kw: dict[str, Any] = {}
+    for key, value in table.items():
+        what = f"{where}.{key}"
+        if key == "kind":
+            kw[key] = _choice(value, what, POSTPROCESS_KINDS)
+        elif key in ("output", "boxes_output"):
+            kw[key] = str(value)
+        elif key == "activation":
+            kw[key] = _choice(value, what, ACTIVATIONS)
+        elif key == "yolo_layout":
+            kw[key] = _choice(value, what, ("v5", "v8"))
+        elif key in ("top_k", "max_detections", "anchors_per_layer"):
+            kw[key] = int(_number(value, what, 1, integer=True))
+        elif key in ("threshold", "iou_threshold", "anchor_offset"):
+            kw[key] = _number(value, what, 0)
+        elif key == "labels":
+            kw[key] = tuple(str(v).strip() for v in _list(value, what))
+        elif key == "strides":
+            strides = tuple(int(_number(v, what, 1, integer=True)) for v in _list(value, what))
+            kw[key] = strides
+        elif key == "raw":
+            kw[key] = _bool(value, what)
+    spec = PostprocessSpec(**kw)
+    if spec.kind == "ssd" and not spec.strides:
+        raise TenantError(f"{where}.strides: an ssd decoder needs the anchor strides, e.g. [8, 16, 16, 16]")
+    return spec
+
+
+def parse_inputs(table: Mapping[str, Any], where: str) -> tuple[InputFeed, ...]:
+    feeds = []
+    for name, doc in sorted(table.items()):
+        what = f"{where}.{name}"
+        if not isinstance(doc, Mapping):
+            raise TenantError(f"{what}: expected a table with a role")
+        unknown = sorted(set(doc) - INPUT_KEYS)
+        if unknown:
+            raise TenantError(
+                f"{what}: unknown key(s) {unknown} (expected some of {', '.join(sorted(INPUT_KEYS))})"
+            )
+        role = _choice(doc.get("role", ""), f"{what}.role", INPUT_ROLES)
+        value = doc.get("value", 0.0)
+        values = tuple(_number(v, f"{what}.value", -math.inf) for v in _list(value, f"{what}.value"))
+        shape = tuple(
+            int(_number(v, f"{what}.shape", 1, integer=True))
+            for v in _list(doc.get("shape", []), f"{what}.shape")
+        )
+        from_output = str(doc.get("from", ""))
+        if role == "state" and not from_output:
+            raise TenantError(f"{what}.from: a state input needs the output it is carried from")
+        if role == "constant" and from_output:
+            raise TenantError(f"{what}.from: only a state input is carried from an output")
+        feed = InputFeed(
+            name=str(name),
+            role=role,
+            value=values or (0.0,),
+            shape=shape,
+            dtype=_choice(doc.get("dtype", "float32"), f"{what}.dtype", DTYPES),
+            from_output=from_output,
+        )
+        feed.initial()  # refuses values that do not fill the shape, now rather than per inference
+        feeds.append(feed)
+    return tuple(feeds)
 
 
 def parse_source(table: Mapping[str, Any], where: str) -> SourceSpec:
@@ -257,8 +346,18 @@ def parse_tenant(table: Mapping[str, Any], where: str = "tenant") -> TenantSpec:
         raise TenantError(
             f"{where}.results: must be some of {', '.join(sorted(SINKS))}, got {sorted(results)}"
         )
+    postprocess = table.get("postprocess")
+    if postprocess is not None and not isinstance(postprocess, Mapping):
+        raise TenantError(f"{where}.postprocess: expected a table")
+    inputs = table.get("inputs", {})
+    if not isinstance(inputs, Mapping):
+        raise TenantError(f"{where}.inputs: expected a table of input names")
     return TenantSpec(
         id=tenant,
+        postprocess=parse_postprocess(postprocess, f"{where}.postprocess")
+        if postprocess
+        else PostprocessSpec(),
+        inputs=parse_inputs(inputs, f"{where}.inputs"),
         source=parse_source(source, f"{where}.source") if source is not None else None,
         model=str(table.get("model", "")),
         preprocess=parse_preprocess(preprocess, f"{where}.preprocess"),
@@ -294,6 +393,19 @@ def from_proto(msg: fleet_pb2.TenantSpec) -> TenantSpec:
         table["results"] = list(msg.results)
     if msg.token_sha256:
         table["token_sha256"] = msg.token_sha256
+    if msg.postprocess:
+        table["postprocess"] = dict(msg.postprocess)
+    if msg.inputs:
+        table["inputs"] = {
+            f.name: {
+                "role": f.role,
+                "value": list(f.value),
+                "shape": list(f.shape),
+                "dtype": f.dtype or "float32",
+                **({"from": f.from_output} if f.from_output else {}),
+            }
+            for f in msg.inputs
+        }
     return parse_tenant(table, "desired tenant")
 
 
