@@ -6,7 +6,8 @@ import grp
 import math
 import re
 import tomllib
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,13 @@ class MqttConfig:
     password: str = ""
     protocol: str = "v5"
     keepalive_s: int = 30
+    # TLS: the broker's certificate is verified against this CA file. Empty means
+    # plain TCP, for a broker on the device or its local network (logged as such).
+    tls_ca_file: str = ""
+    # A client certificate and its key (`edgefleet devices register ID --issue-cert`),
+    # for a broker that takes the username from the certificate.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,15 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class UpdatesConfig:
+    # Times an update may crash the agent while staging before it is marked failed; keep
+    # it below the unit's StartLimitBurst, or systemd stops the agent first.
+    max_attempts: int = 3
+    # Free space (MB) downloads leave on the data disk for the agent's state and telemetry.
+    reserve_mb: float = 16.0
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str
     data_dir: Path
@@ -94,30 +111,20 @@ class AgentConfig:
     api: ApiConfig = ApiConfig()
     tenants: tuple[TenantSpec, ...] = ()
     security: SecurityConfig = SecurityConfig()
+    updates: UpdatesConfig = UpdatesConfig()
 
 
-_TOP_KEYS = {
-    "device_id",
-    "data_dir",
-    "socket",
-    "telemetry_interval_s",
-    "mqtt",
-    "transfer",
-    "outbox",
-    "scheduler",
-    "pool",
-    "api",
-    "tenants",
-    "security",
-}
-_SECTION_KEYS = {
-    "mqtt": {"host", "port", "username", "password", "protocol"},
-    "transfer": {"window", "request_timeout_s"},
-    "outbox": {"max_records"},
-    "scheduler": {"workers", "intra_op_threads"},
-    "pool": {"memory_budget_mb", "idle_unload_s"},
-    "api": {"require_token", "socket_mode", "socket_group"},
-    "security": {"controller_public_key", "allow_unsigned"},
+def _keys(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+# The accepted keys are the dataclasses' fields: one definition, so a field cannot
+# be added without the file accepting it.
+_TOP_KEYS = _keys(AgentConfig)
+_SECTIONS: dict[str, type] = {
+    name: kind
+    for name, kind in typing.get_type_hints(AgentConfig).items()
+    if isinstance(kind, type) and is_dataclass(kind)
 }
 
 
@@ -162,6 +169,24 @@ def _get(
     return value
 
 
+def _read(
+    src: _Source,
+    table: dict[str, Any],
+    section: str,
+    cls: type,
+    defaults: dict[str, Any] | None = None,
+    kinds: dict[str, type] | None = None,
+) -> dict[str, Any]:
+    """Every field of ``cls`` from ``table``: of the field's type (or ``kinds``), with the
+    field's default (or ``defaults``) when absent."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        default = (defaults or {}).get(f.name, f.default)
+        values[f.name] = _get(src, table, section, f.name, (kinds or {}).get(f.name, hints[f.name]), default)
+    return values
+
+
 def _check_keys(src: _Source, table: dict[str, Any], section: str | None, allowed: set[str]) -> None:
     for key in table:
         if key not in allowed:
@@ -172,7 +197,7 @@ def _section(src: _Source, doc: dict[str, Any], name: str) -> dict[str, Any]:
     table = doc.get(name, {})
     if not isinstance(table, dict):
         raise src.error(None, name, "expected a [table]")
-    _check_keys(src, table, name, _SECTION_KEYS[name])
+    _check_keys(src, table, name, _keys(_SECTIONS[name]))
     return table
 
 
@@ -210,24 +235,8 @@ def parse_config(text: str, path: Path = Path("agent.toml")) -> AgentConfig:
     if not (math.isfinite(interval) and interval > 0):
         raise src.error(None, "telemetry_interval_s", f"must be a positive number of seconds, got {interval}")
 
-    m = _section(src, doc, "mqtt")
-    mqtt = MqttConfig(
-        host=_get(src, m, "mqtt", "host", str, "127.0.0.1"),
-        port=_get(src, m, "mqtt", "port", int, 1883),
-        username=_get(src, m, "mqtt", "username", str, device_id),
-        password=_get(src, m, "mqtt", "password", str),
-        protocol=_get(src, m, "mqtt", "protocol", str, "v5"),
-    )
-    if not 1 <= mqtt.port <= 65535:
-        raise src.error("mqtt", "port", f"must be 1..65535, got {mqtt.port}")
-    if mqtt.protocol not in ("v5", "v311"):
-        raise src.error("mqtt", "protocol", f"must be 'v5' or 'v311', got {mqtt.protocol!r}")
-
-    t = _section(src, doc, "transfer")
-    transfer = TransferConfig(
-        window=_get(src, t, "transfer", "window", int, 8),
-        request_timeout_s=_get(src, t, "transfer", "request_timeout_s", float, 5.0),
-    )
+    mqtt = _mqtt(src, doc, device_id)
+    transfer = TransferConfig(**_read(src, _section(src, doc, "transfer"), "transfer", TransferConfig))
     if not 1 <= transfer.window <= 1024:
         raise src.error("transfer", "window", f"must be 1..1024, got {transfer.window}")
     if not (math.isfinite(transfer.request_timeout_s) and transfer.request_timeout_s > 0):
@@ -235,8 +244,7 @@ def parse_config(text: str, path: Path = Path("agent.toml")) -> AgentConfig:
             "transfer", "request_timeout_s", f"must be positive, got {transfer.request_timeout_s}"
         )
 
-    o = _section(src, doc, "outbox")
-    outbox = OutboxConfig(max_records=_get(src, o, "outbox", "max_records", int, 10000))
+    outbox = OutboxConfig(**_read(src, _section(src, doc, "outbox"), "outbox", OutboxConfig))
     if outbox.max_records < 1:
         raise src.error("outbox", "max_records", f"must be at least 1, got {outbox.max_records}")
 
@@ -253,19 +261,73 @@ def parse_config(text: str, path: Path = Path("agent.toml")) -> AgentConfig:
         api=_api(src, doc),
         tenants=_tenants(src, doc),
         security=_security(src, doc),
+        updates=_updates(src, doc),
     )
 
 
+def _updates(src: _Source, doc: dict[str, Any]) -> UpdatesConfig:
+    u = _section(src, doc, "updates")
+    config = UpdatesConfig(
+        max_attempts=_get(src, u, "updates", "max_attempts", int, UpdatesConfig.max_attempts),
+        reserve_mb=_get(src, u, "updates", "reserve_mb", float, UpdatesConfig.reserve_mb),
+    )
+    if not 1 <= config.max_attempts <= 100:
+        raise src.error("updates", "max_attempts", f"must be 1..100, got {config.max_attempts}")
+    if not (math.isfinite(config.reserve_mb) and config.reserve_mb >= 0):
+        raise src.error("updates", "reserve_mb", f"must be 0 or more MB, got {config.reserve_mb}")
+    return config
+
+
+def _mqtt(src: _Source, doc: dict[str, Any], device_id: str) -> MqttConfig:
+    m = _section(src, doc, "mqtt")
+    values = _read(src, m, "mqtt", MqttConfig, defaults={"username": device_id})
+    for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+        values[key] = _existing_file(src, "mqtt", key, values[key])
+    mqtt = MqttConfig(**values)
+    if not mqtt.password and not mqtt.tls_cert_file:
+        raise src.error("mqtt", "password", "missing (required)")
+    if not 1 <= mqtt.port <= 65535:
+        raise src.error("mqtt", "port", f"must be 1..65535, got {mqtt.port}")
+    if mqtt.protocol not in ("v5", "v311"):
+        raise src.error("mqtt", "protocol", f"must be 'v5' or 'v311', got {mqtt.protocol!r}")
+    if not 1 <= mqtt.keepalive_s <= 65535:
+        raise src.error("mqtt", "keepalive_s", f"must be 1..65535 seconds, got {mqtt.keepalive_s}")
+    if bool(mqtt.tls_cert_file) != bool(mqtt.tls_key_file):
+        missing = "tls_key_file" if mqtt.tls_cert_file else "tls_cert_file"
+        raise src.error(
+            "mqtt", missing, "missing: a client certificate needs both tls_cert_file and tls_key_file"
+        )
+    if mqtt.tls_cert_file and not mqtt.tls_ca_file:
+        raise src.error(
+            "mqtt",
+            "tls_ca_file",
+            "missing: a client certificate is only sent over TLS, which needs the broker's CA",
+        )
+    return mqtt
+
+
+def _existing_file(src: _Source, section: str, key: str, value: str) -> str:
+    """A file path from the config, relative to the config's folder; it must exist."""
+    if not value:
+        return ""
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = (src.path.parent / path).resolve()
+    if not path.is_file():
+        raise src.error(section, key, f"no such file: {path}")
+    return str(path)
+
+
 def _security(src: _Source, doc: dict[str, Any]) -> SecurityConfig:
-    s = _section(src, doc, "security")
-    key = _get(src, s, "security", "controller_public_key", str, "").strip()
+    values = _read(src, _section(src, doc, "security"), "security", SecurityConfig)
+    key = values["controller_public_key"].strip()
     if key and not re.fullmatch(r"[0-9a-fA-F]{64}", key):
         raise src.error(
             "security",
             "controller_public_key",
             "expected 64 hex digits (the controller's raw Ed25519 public key)",
         )
-    allow_unsigned = _get(src, s, "security", "allow_unsigned", bool, False)
+    allow_unsigned = values["allow_unsigned"]
     if not key and not allow_unsigned:
         raise src.error(
             "security",
@@ -278,11 +340,7 @@ def _security(src: _Source, doc: dict[str, Any]) -> SecurityConfig:
 
 
 def _scheduler(src: _Source, doc: dict[str, Any]) -> SchedulerConfig:
-    s = _section(src, doc, "scheduler")
-    config = SchedulerConfig(
-        workers=_get(src, s, "scheduler", "workers", int, 0),
-        intra_op_threads=_get(src, s, "scheduler", "intra_op_threads", int, 0),
-    )
+    config = SchedulerConfig(**_read(src, _section(src, doc, "scheduler"), "scheduler", SchedulerConfig))
     for key in ("workers", "intra_op_threads"):
         value = getattr(config, key)
         if not 0 <= value <= 256:
@@ -291,11 +349,7 @@ def _scheduler(src: _Source, doc: dict[str, Any]) -> SchedulerConfig:
 
 
 def _pool(src: _Source, doc: dict[str, Any]) -> PoolConfig:
-    p = _section(src, doc, "pool")
-    config = PoolConfig(
-        memory_budget_mb=_get(src, p, "pool", "memory_budget_mb", float, 0.0),
-        idle_unload_s=_get(src, p, "pool", "idle_unload_s", float, 0.0),
-    )
+    config = PoolConfig(**_read(src, _section(src, doc, "pool"), "pool", PoolConfig))
     for key in ("memory_budget_mb", "idle_unload_s"):
         value = getattr(config, key)
         if not (math.isfinite(value) and value >= 0):
@@ -305,7 +359,8 @@ def _pool(src: _Source, doc: dict[str, Any]) -> PoolConfig:
 
 def _api(src: _Source, doc: dict[str, Any]) -> ApiConfig:
     a = _section(src, doc, "api")
-    mode_text = _get(src, a, "api", "socket_mode", str, "0660")
+    values = _read(src, a, "api", ApiConfig, defaults={"socket_mode": "0660"}, kinds={"socket_mode": str})
+    mode_text = values["socket_mode"]
     try:
         mode = int(mode_text, 8)
     except ValueError:
@@ -314,15 +369,13 @@ def _api(src: _Source, doc: dict[str, Any]) -> ApiConfig:
         ) from None
     if mode & ~0o777 or mode & 0o007:
         raise src.error("api", "socket_mode", f"must be within 0770 (no access for others), got {mode_text}")
-    group = _get(src, a, "api", "socket_group", str, "")
+    group = values["socket_group"]
     if group:
         try:
             grp.getgrnam(group)
         except KeyError:
             raise src.error("api", "socket_group", f"no such group {group!r} on this device") from None
-    return ApiConfig(
-        require_token=_get(src, a, "api", "require_token", bool, False), socket_mode=mode, socket_group=group
-    )
+    return ApiConfig(require_token=values["require_token"], socket_mode=mode, socket_group=group)
 
 
 def _tenants(src: _Source, doc: dict[str, Any]) -> tuple[TenantSpec, ...]:
