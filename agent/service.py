@@ -234,7 +234,9 @@ class Service:
                 refused = self.updater.on_desired(event.message)
                 if refused:
                     self._payload_rejected(Kind.DESIRED.value, refused)
-                else:
+                elif int(event.message.generation) == self.updater.state.desired_generation:
+                    # Not for an older (replayed) state: it must not undo the newer one's tenants
+                    # and monitoring. The same generation again (retained, after a restart) does.
                     self.observer.configure(event.message)
                     self._declare_tenants(event.message)
             elif isinstance(event.message, artifact_pb2.ArtifactResponse):
@@ -363,7 +365,7 @@ def _keys(config: AgentConfig) -> KeyRing:
         log.info("controller key pinned device=%s key=%s", config.device_id, ring.key_id)
     else:
         log.warning(
-            "no controller key pinned: models are accepted unsigned device=%s "
+            "no controller key pinned: desired states and models are accepted unsigned device=%s "
             "(set [security] controller_public_key)",
             config.device_id,
         )

@@ -9,6 +9,15 @@ assignment authenticates the file itself. An assignment that is unsigned,
 tampered with or signed by another key is refused with the reason; the tenant
 keeps its previous model.
 
+The desired state itself is signed whole (generation, device, assignments,
+tenants, drift specs, capture policies, rotations; byte format
+:func:`edgefleet_proto.signing.desired_bytes`). :meth:`KeyRing.admit` refuses a
+state that is unsigned, signed by another key, tampered with, or meant for
+another device, before anything of it is used: nothing is persisted, not even a
+rotation it carries, so no message from anyone but the controller can move the
+device's generation, tenants or models. Older generations are ignored by the
+updater, so a replayed signed state changes nothing either.
+
 Key rotation: a desired state may carry a ``KeyRotation`` (the new key signed by
 the old one), preceded by the earlier rotations, oldest first. Each is accepted
 only when its signature verifies with the key pinned at that moment, so a device
@@ -26,7 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -35,6 +44,7 @@ from edgefleet_proto import fleet_pb2
 from edgefleet_proto.signing import (
     PUBLIC_KEY_BYTES,
     SigningFormatError,
+    desired_bytes,
     key_id,
     manifest_bytes,
     rotation_bytes,
@@ -135,6 +145,29 @@ class KeyRing:
             self.rotate(link)
         return self.rotate(chain[-1])
 
+    def admit(self, msg: fleet_pb2.DesiredState, device_id: str) -> str | None:
+        """Why this desired state must be refused, or None when the controller signed it for this device.
+
+        The rotations it carries are walked in memory first (each link verified with the key
+        before it, from the pinned key); only once the state verifies with the key they lead
+        to are they persisted, so a refused state changes nothing at all."""
+        if self.key is None:
+            return None
+        what = f"desired state generation {msg.generation} refused"
+        if msg.device_id != device_id:
+            named = f"is for device {msg.device_id!r}" if msg.device_id else "names no device"
+            return f"{what}: it {named}, this is {device_id!r}"
+        if not msg.state_signature:
+            return f"{what}: not signed by the controller (this device trusts controller key {self.key_id})"
+        key, links = _walk(self.key, _rotations(msg))
+        if not _verifies(key, bytes(msg.state_signature), desired_bytes(msg)):
+            if msg.state_key_id and msg.state_key_id != key_id(key):
+                return f"{what}: signed by key {msg.state_key_id}, this device trusts controller key {key_id(key)}"
+            return f"{what}: the signature does not match the state (key {key_id(key)}); tampered or corrupt"
+        for link in links:
+            self.rotate(link)
+        return None
+
     def check(self, m: fleet_pb2.ModelAssignment) -> str | None:
         """Why this assignment must be refused, or None when it is signed by the pinned key."""
         if self.key is None:
@@ -177,3 +210,28 @@ class KeyRing:
                     m.tenant or "default", m.model_name, m.model_version, m.variant, m.artifact_digest[:12], reason,
                 )  # fmt: skip
         return refused
+
+
+def _rotations(msg: fleet_pb2.DesiredState) -> list[fleet_pb2.KeyRotation]:
+    """Every rotation a desired state carries, each chain oldest first: the state's own, then
+    those riding on its assignments (how controllers announced rotations before states were signed)."""
+    links: list[fleet_pb2.KeyRotation] = []
+    if msg.HasField("key_rotation"):
+        links += [*msg.earlier_rotations, msg.key_rotation]
+    for m in msg.models:
+        if m.HasField("key_rotation"):
+            links += [*m.earlier_rotations, m.key_rotation]
+    return links
+
+
+def _walk(key: bytes, links: Iterable[fleet_pb2.KeyRotation]) -> tuple[bytes, list[fleet_pb2.KeyRotation]]:
+    """The key the links lead to from ``key``, and the links taken; a link ``key`` did not sign is passed over."""
+    taken = []
+    for link in links:
+        new = bytes(link.new_public_key)
+        if len(new) != PUBLIC_KEY_BYTES or new == key:
+            continue
+        if _verifies(key, bytes(link.signature), rotation_bytes(new)):
+            key = new
+            taken.append(link)
+    return key, taken

@@ -290,6 +290,11 @@ class Updater:
 
     def on_desired(self, msg: fleet_pb2.DesiredState) -> str | None:
         """Take a new desired state; returns why it was refused, if it was."""
+        # First of all: a state the controller did not sign for this device changes nothing, not
+        # even the generation (one forged huge generation would otherwise hide every real state).
+        refused = self.keys.admit(msg, self.device_id)
+        if refused is not None:
+            return refused
         if msg.device_id and msg.device_id != self.device_id:
             return f"desired state is for device {msg.device_id!r}"
         tenants = [m.tenant or "default" for m in msg.models]

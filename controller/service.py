@@ -66,6 +66,10 @@ class Controller:
         log.info("variants re-signed count=%d key=%s", count, self.signer.key_id)
         return self.signer
 
+    def sign_desired(self, device_id: str, payload: bytes) -> bytes:
+        """A stored desired state signed whole with the key current now (it may have rotated)."""
+        return self.signer.sign_desired_payload(device_id, payload)
+
     def admin_token_hash(self) -> str:
         """The current token's hash; `controller init --rotate-token` takes effect without a restart."""
         mtime = self._mtime()
@@ -79,7 +83,9 @@ class Controller:
         return self._token_hash
 
     def start_transport(self) -> Transport:
-        transport = Transport(self.settings, self.fleet, self.telemetry, self.artifacts)
+        transport = Transport(
+            self.settings, self.fleet, self.telemetry, self.artifacts, sign_desired=self.sign_desired
+        )
         self.rollouts.publisher = transport
         self.transport = transport
         transport.start()

@@ -9,6 +9,14 @@ during the rotation still learns the new key from the key it trusts. Every
 rotation is kept (``rotations.pb``, oldest first) and the earlier links travel
 too: a device provisioned three keys ago walks the chain one verified link at a
 time instead of having to be re-provisioned.
+
+Every desired state is signed whole as it is published (:meth:`Signer.sign_desired`,
+byte format :func:`edgefleet_proto.signing.desired_bytes`): generation, device,
+assignments, tenants, drift specs, capture policies and removals (what a state no
+longer lists). The state carries the rotation chain that leads to the signing key,
+so a device pinning an older key verifies it; states are stored unsigned and
+signed again at every publication, so a republished state is always signed by the
+current key.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import PayloadError, decode_as, encode
-from edgefleet_proto.signing import key_id, manifest_bytes, rotation_bytes
+from edgefleet_proto.signing import desired_bytes, key_id, manifest_bytes, rotation_bytes
 
 from controller.errors import SigningKeyError
 from controller.files import atomic_write
@@ -91,6 +99,28 @@ class Signer:
 
     def sign_manifest(self, name: str, version: str, variant: str, digest: str, size: int) -> bytes:
         return self._key.sign(manifest_bytes(name, version, variant, digest, size))
+
+    def sign_desired(self, state: fleet_pb2.DesiredState) -> fleet_pb2.DesiredState:
+        """``state`` signed whole with the current key, with the rotations that lead to that key."""
+        signed = fleet_pb2.DesiredState()
+        signed.CopyFrom(state)
+        signed.ClearField("key_rotation")
+        signed.ClearField("earlier_rotations")
+        if self.rotation is not None:
+            signed.key_rotation.CopyFrom(self.rotation)
+            signed.earlier_rotations.extend(self.earlier_rotations)
+        signed.state_key_id = self.key_id
+        signed.state_signature = self._key.sign(desired_bytes(signed))
+        return signed
+
+    def sign_desired_payload(self, device_id: str, payload: bytes) -> bytes:
+        """A stored desired state, bound to ``device_id`` (the device whose topic it goes to) and signed."""
+        try:
+            state = decode_as(fleet_pb2.DesiredState, payload)
+        except PayloadError as exc:
+            raise SigningKeyError(f"cannot sign the desired state of {device_id}: {exc}") from None
+        state.device_id = device_id
+        return encode(self.sign_desired(state))
 
     def rotate(self) -> Signer:
         """A new key, announced by a rotation the current key signs; the old key is kept aside."""

@@ -84,9 +84,18 @@ Job = Inbound | Republish | None
 
 class Transport:
     def __init__(
-        self, settings: Settings, fleet: Fleet, telemetry: TelemetryStore, artifacts: ArtifactStore
+        self,
+        settings: Settings,
+        fleet: Fleet,
+        telemetry: TelemetryStore,
+        artifacts: ArtifactStore,
+        sign_desired: Callable[[str, bytes], bytes] | None = None,
     ) -> None:
         self.settings = settings
+        # Signs each stored desired state as it goes out (Controller.sign_desired), so every
+        # publication, republished ones too, carries the current key's signature. Without it
+        # (tests of the session alone) states go out as given and agents pinning a key refuse them.
+        self.sign_desired = sign_desired
         self.fleet = fleet
         self.telemetry = telemetry
         self.artifacts = artifacts
@@ -97,7 +106,9 @@ class Transport:
         self._v5 = settings.mqtt_protocol == "v5"
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=settings.mqtt_client_id,
+            # The broker binds client ids to usernames (use_username_as_clientid in
+            # deploy/mosquitto/edgefleet.conf): the persistent session is the username's.
+            client_id=settings.mqtt_username,
             protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
             clean_session=None if self._v5 else False,
         )
@@ -288,6 +299,12 @@ class Transport:
     # -- publishing ------------------------------------------------------
 
     def publish_desired(self, device_id: str, payload: bytes) -> None:
+        if self.sign_desired is not None:
+            try:
+                payload = self.sign_desired(device_id, payload)
+            except ControllerError as exc:
+                log.error("desired state not published: not signed device=%s error=%s", device_id, exc)
+                return
         self._publish(Topic(device_id, Kind.DESIRED), payload, retain=True)
 
     def _publish(self, topic: Topic, payload: bytes, retain: bool) -> None:
