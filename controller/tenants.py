@@ -25,7 +25,16 @@ from typing import Any, Protocol
 
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import PayloadError, decode_as, encode
-from edgefleet_proto.tenancy import PREPROCESS_KEYS, SINKS, SOURCE_OPTIONS, TENANT_ID
+from edgefleet_proto.tenancy import (
+    INPUT_KEYS,
+    INPUT_ROLES,
+    POSTPROCESS_KEYS,
+    POSTPROCESS_KINDS,
+    PREPROCESS_KEYS,
+    SINKS,
+    SOURCE_OPTIONS,
+    TENANT_ID,
+)
 
 from controller.errors import InvalidInputError, UnknownTargets
 from controller.store import Store
@@ -62,6 +71,10 @@ class DeviceTenant:
     queue: int
     results: list[str]
     token_sha256: str = ""
+    # Post-processing, values as text (lists comma-separated), and input feeds as the
+    # agent's [tenants.inputs] tables; the agent checks both against the model it runs.
+    postprocess: dict[str, str] = field(default_factory=dict)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def has_token(self) -> bool:
@@ -77,7 +90,17 @@ class DeviceTenant:
             queue_bound=self.queue,
             results=self.results,
             token_sha256=self.token_sha256,
+            postprocess=self.postprocess,
         )
+        for feed in self.inputs:
+            msg.inputs.add(
+                name=feed["name"],
+                role=feed["role"],
+                value=feed["value"],
+                shape=feed["shape"],
+                dtype=feed["dtype"],
+                from_output=feed.get("from", ""),
+            )
         if self.source is not None:
             msg.source.CopyFrom(
                 fleet_pb2.SourceSpec(kind=self.source.kind, uri=self.source.uri, options=self.source.options)
@@ -230,7 +253,11 @@ def parse_tenant(doc: Mapping[str, Any], models: set[str], where: str) -> Device
     if token_sha256 and not re.fullmatch(r"[0-9a-f]{64}", str(token_sha256)):
         raise InvalidTenantSpec(f"{where}.token_sha256: expected 64 lowercase hex digits")
     source = doc.get("source")
+    postprocess = _postprocess(doc.get("postprocess") or {}, f"{where}.postprocess")
+    inputs = _inputs(doc.get("inputs") or {}, f"{where}.inputs")
     return DeviceTenant(
+        postprocess=postprocess,
+        inputs=inputs,
         id=tenant_id,
         model=model,
         source=_source(source, f"{where}.source") if source is not None else None,
@@ -241,6 +268,73 @@ def parse_tenant(doc: Mapping[str, Any], models: set[str], where: str) -> Device
         results=sorted(set(results)),
         token_sha256=str(token_sha256),
     )
+
+
+def _postprocess(doc: Any, where: str) -> dict[str, str]:
+    if not isinstance(doc, Mapping):
+        raise InvalidTenantSpec(f"{where}: expected an object")
+    if not doc:
+        return {}
+    unknown = sorted(set(doc) - POSTPROCESS_KEYS)
+    if unknown:
+        raise InvalidTenantSpec(
+            f"{where}: unknown key(s) {unknown} (expected some of {', '.join(sorted(POSTPROCESS_KEYS))})"
+        )
+    if doc.get("kind") not in POSTPROCESS_KINDS:
+        raise InvalidTenantSpec(
+            f"{where}.kind: must be one of {', '.join(POSTPROCESS_KINDS)}, got {doc.get('kind')!r}"
+        )
+    if doc["kind"] == "ssd" and not doc.get("strides"):
+        raise InvalidTenantSpec(
+            f"{where}.strides: an ssd decoder needs the anchor strides, e.g. [8, 16, 16, 16]"
+        )
+    return {k: _text(v) for k, v in sorted(doc.items())}
+
+
+def _finite(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidTenantSpec(f"{what}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _inputs(doc: Any, where: str) -> list[dict[str, Any]]:
+    """Input feeds as the agent reads them; numbers are checked here, names against the model there."""
+    if not isinstance(doc, Mapping):
+        raise InvalidTenantSpec(f"{where}: expected an object of input names")
+    feeds = []
+    for name, feed in sorted(doc.items()):
+        what = f"{where}.{name}"
+        if not isinstance(feed, Mapping):
+            raise InvalidTenantSpec(f"{what}: expected an object with a role")
+        unknown = sorted(set(feed) - INPUT_KEYS)
+        if unknown:
+            raise InvalidTenantSpec(
+                f"{what}: unknown key(s) {unknown} (expected some of {', '.join(sorted(INPUT_KEYS))})"
+            )
+        if feed.get("role") not in INPUT_ROLES:
+            raise InvalidTenantSpec(
+                f"{what}.role: must be one of {', '.join(INPUT_ROLES)}, got {feed.get('role')!r}"
+            )
+        if (feed["role"] == "state") != bool(feed.get("from")):
+            raise InvalidTenantSpec(
+                f"{what}.from: a state input, and only a state input, names the output it is carried from"
+            )
+        value = feed.get("value", 0.0)
+        values = value if isinstance(value, list) else [value]
+        shape = feed.get("shape", [])
+        if not isinstance(shape, list):
+            raise InvalidTenantSpec(f"{what}.shape: expected a list of sizes")
+        entry: dict[str, Any] = {
+            "name": str(name),
+            "role": feed["role"],
+            "value": [_finite(v, f"{what}.value") for v in values],
+            "shape": [int(_number(v, f"{what}.shape", integer=True, positive=True)) for v in shape],
+            "dtype": str(feed.get("dtype", "float32")),
+        }
+        if feed.get("from"):
+            entry["from"] = str(feed["from"])
+        feeds.append(entry)
+    return feeds
 
 
 def parse_tenants(docs: Sequence[Mapping[str, Any]], models: set[str]) -> list[DeviceTenant]:

@@ -200,3 +200,29 @@ resize = [32, 32]
     assert tenant.preprocess == {"resize": "32,32"}
     with pytest.raises(CommandError, match=r"tenants\.toml: invalid TOML"):
         tenants_from_toml("[[tenants]\n", "tenants.toml")
+
+
+def test_postprocess_and_input_feeds_are_checked_and_travel_to_the_agent() -> None:
+    from agent.tenants import from_proto
+
+    doc = {
+        "id": "vad",
+        "model": "vad",
+        "postprocess": {"kind": "threshold", "threshold": 0.6, "labels": ["speech"]},
+        "inputs": {
+            "sr": {"role": "constant", "value": 16000, "dtype": "int64"},
+            "state": {"role": "state", "from": "stateN", "shape": [2, 1, 128], "value": -0.5},
+        },
+    }
+    (tenant,) = parse_tenants([doc], {"vad"})
+    spec = from_proto(tenant.to_proto())
+    assert spec.postprocess.threshold == 0.6 and spec.postprocess.labels == ("speech",)
+    assert [(f.name, f.value, f.shape, f.from_output) for f in spec.inputs] == [
+        ("sr", (16000.0,), (), ""),
+        ("state", (-0.5,), (2, 1, 128), "stateN"),
+    ]
+    bad = {**doc, "inputs": {"state": {"role": "state"}}}
+    with pytest.raises(InvalidTenantSpec, match=r"tenant 'vad'.inputs.state.from"):
+        parse_tenants([bad], {"vad"})
+    with pytest.raises(InvalidTenantSpec, match=r"postprocess.kind"):
+        parse_tenants([{**doc, "postprocess": {"kind": "boxes"}}], {"vad"})
