@@ -41,6 +41,8 @@ class _Lane:
     running: int = 0
     dropped: int = 0
     busy_s: float = 0.0
+    # One job at a time, in order: a stateful model needs each run's state for the next.
+    serial: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,14 +59,14 @@ class FairQueue:
         self._lanes: dict[str, _Lane] = {}
         self._vtime = 0.0
 
-    def configure(self, tenant: str, weight: float, bound: int) -> None:
+    def configure(self, tenant: str, weight: float, bound: int, serial: bool = False) -> None:
         if weight <= 0 or bound < 1:
             raise ValueError(f"tenant {tenant!r}: weight must be > 0 and bound >= 1")
         lane = self._lanes.get(tenant)
         if lane is None:
-            self._lanes[tenant] = _Lane(weight, bound, finish=self._vtime)
+            self._lanes[tenant] = _Lane(weight, bound, finish=self._vtime, serial=serial)
             return
-        lane.weight, lane.bound = weight, bound
+        lane.weight, lane.bound, lane.serial = weight, bound, serial
         while len(lane.items) > bound:
             lane.items.popleft()
             lane.dropped += 1
@@ -93,7 +95,11 @@ class FairQueue:
         return dropped
 
     def pop(self) -> Ticket | None:
-        ready = [(lane.finish, tenant) for tenant, lane in self._lanes.items() if lane.items]
+        ready = [
+            (lane.finish, tenant)
+            for tenant, lane in self._lanes.items()
+            if lane.items and not (lane.serial and lane.running)
+        ]
         if not ready:
             return None
         start, tenant = min(ready)
@@ -157,9 +163,9 @@ class Scheduler:
             thread.start()
             self._threads.append(thread)
 
-    def configure(self, tenant: str, weight: float, bound: int) -> None:
+    def configure(self, tenant: str, weight: float, bound: int, serial: bool = False) -> None:
         with self._cond:
-            self._queue.configure(tenant, weight, bound)
+            self._queue.configure(tenant, weight, bound, serial)
 
     def remove(self, tenant: str) -> list[Any]:
         with self._cond:

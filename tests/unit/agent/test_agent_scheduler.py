@@ -118,3 +118,20 @@ def test_executor_runs_every_job_and_finishes_queued_work_at_stop() -> None:
     assert s.stop(10.0)
     assert sorted(done) == sorted((t, i) for t in "ab" for i in range(20) if i != 3)
     assert s.submit("a", 99) == [99]  # refused after stop: handed back as dropped
+
+
+def test_a_serial_lane_never_runs_two_jobs_at_once() -> None:
+    q = FairQueue()
+    q.configure("vad", 1.0, 8, serial=True)
+    q.configure("cam", 1.0, 8)
+    for i in range(3):
+        q.push("vad", i)
+        q.push("cam", i)
+    popped = [q.pop() for _ in range(4)]
+    tickets = [t for t in popped if t is not None]
+    # Four workers asked; vad started one job and cam all three, whatever the fair order.
+    assert sorted((t.tenant, t.item) for t in tickets) == [("cam", 0), ("cam", 1), ("cam", 2), ("vad", 0)]
+    assert q.pop() is None
+    q.done(next(t for t in tickets if t.tenant == "vad"), 0.001)
+    nxt = q.pop()
+    assert nxt is not None and (nxt.tenant, nxt.item) == ("vad", 1)
