@@ -34,6 +34,8 @@ class Settings:
     broker_port: int = 1883
     mqtt_protocol: str = "v5"
     mqtt_username: str = CONTROLLER_USER
+    # Not sent: the broker makes the username the client id (use_username_as_clientid).
+    # Kept so that controller.toml files written with it still load.
     mqtt_client_id: str = CONTROLLER_USER
     mosquitto_passwd_file: Path | None = None
     broker_reload_command: str = ""

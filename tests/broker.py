@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,7 @@ class Broker:
     workdir: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    tool_users: list[str] = field(default_factory=list)
 
     @property
     def passwd_file(self) -> Path:
@@ -85,7 +87,7 @@ class Broker:
         (self.workdir / "data").mkdir(exist_ok=True)
         if not self.passwd_file.exists():
             self.passwd_file.touch(mode=0o600)
-        shutil.copy(DEPLOY / "edgefleet.acl", self.acl_file)
+        self._write_acl()
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             render_config(self.port, self.passwd_file, self.acl_file, self.workdir / "data", self.log_file)
@@ -103,6 +105,24 @@ class Broker:
     def _diagnostics(self) -> str:
         parts = [p.read_text() for p in (self.workdir / "stderr.log", self.log_file) if p.exists()]
         return "\n".join(parts)[-2000:]
+
+    def _write_acl(self) -> None:
+        """The deploy ACL, plus the test tools' accounts (add_tool_user)."""
+        tools = "".join(f"\nuser {name}\ntopic readwrite edgefleet/#\n" for name in self.tool_users)
+        self.acl_file.write_text((DEPLOY / "edgefleet.acl").read_text() + tools)
+
+    def add_tool_user(self, username: str) -> str:
+        """A broker account with the controller's rights on the whole tree; returns its password.
+
+        For test tools (observers, forgers, load generators) that connect beside a
+        running controller: the broker binds client ids to usernames, so a second
+        login as edgefleet-controller would take the controller's own session over.
+        """
+        password = uuid.uuid4().hex
+        self.tool_users.append(username)
+        self._write_acl()
+        self.add_user(username, password)
+        return password
 
     def add_user(self, username: str, password: str) -> None:
         subprocess.run(["mosquitto_passwd", "-b", str(self.passwd_file), username, password], check=True)

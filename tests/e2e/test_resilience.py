@@ -33,9 +33,7 @@ def test_malformed_payloads_on_every_topic_are_ignored(
     # Garbage from the controller's side reaches the agent (desired is retained: the
     # controller's next publish replaces it), garbage from the device's side reaches
     # the controller, and traffic for a device nobody registered.
-    as_controller = Peer(
-        broker.port, "edgefleet-controller", controller.mqtt_password(), client_id="test-garbage"
-    )
+    as_controller = Peer(broker.port, "test-garbage", broker.add_tool_user("test-garbage"))
     for kind in Kind:
         for payload in GARBAGE:
             assert not as_controller.publish(str(Topic("dev-m", kind)), payload).is_failure

@@ -22,9 +22,7 @@ class RequestLog:
     def __init__(self, controller: Controller, broker: Broker, device_id: str) -> None:
         self.indices: list[int] = []
         self._lock = threading.Lock()
-        self.peer = Peer(
-            broker.port, "edgefleet-controller", controller.mqtt_password(), client_id="test-observer"
-        )
+        self.peer = Peer(broker.port, "test-observer", broker.add_tool_user("test-observer"))
         self.peer.on_message = self._record
         self.peer.subscribe(f"edgefleet/v1/devices/{device_id}/artifact/request")
 
@@ -116,7 +114,7 @@ def test_corrupt_chunk_in_flight_is_rejected_and_fetched_again(
     agent = register_agent(controller, tmp_path / "agents", "dev-c")
     agents.append(agent.start())
     wait_until(lambda: controller.cli("devices", "list")[0]["online"], 30, "agent online")
-    forger = Peer(broker.port, "edgefleet-controller", controller.mqtt_password(), client_id="test-forger")
+    forger = Peer(broker.port, "test-forger", broker.add_tool_user("test-forger"))
     requests = RequestLog(controller, broker, "dev-c")
     rollout = controller.cli("rollouts", "create", "--model", "big", "--version", "1", "--device", "dev-c")
     wait_until(lambda: requests.count() > 0, 60, "download under way", interval=0.005)

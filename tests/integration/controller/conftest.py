@@ -94,7 +94,9 @@ class Ctl:
         )
 
     def controller_peer(self, client_id: str = "test-as-controller") -> Peer:
-        return connect(self.broker.port, self.settings.mqtt_username, self.settings.mqtt_password, client_id)
+        """A client with the controller's rights, beside the running controller (its own account:
+        a login with the controller's credentials would take the controller's session over)."""
+        return connect(self.broker.port, client_id, self.broker.add_tool_user(client_id), client_id)
 
 
 def init_controller(broker: Broker, data_dir: Path, **options: Any) -> tuple[Settings, str]:
