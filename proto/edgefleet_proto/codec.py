@@ -24,6 +24,7 @@ MESSAGE_FOR_KIND: dict[Kind, type[Message]] = {
     Kind.REPORTED: fleet_pb2.ReportedState,
     Kind.STATUS: fleet_pb2.DeviceStatus,
     Kind.TELEMETRY: fleet_pb2.Telemetry,
+    Kind.TELEMETRY_ACK: fleet_pb2.TelemetryAck,
     Kind.EVENTS: fleet_pb2.Event,
     Kind.ARTIFACT_REQUEST: artifact_pb2.ChunkRequest,
     Kind.ARTIFACT_RESPONSE: artifact_pb2.ArtifactResponse,

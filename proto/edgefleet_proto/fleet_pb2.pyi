@@ -604,6 +604,8 @@ class Telemetry(_message.Message):
     TENANTS_FIELD_NUMBER: _builtins.int
     SHADOWS_FIELD_NUMBER: _builtins.int
     DRIFT_FIELD_NUMBER: _builtins.int
+    OUTBOX_UNWRITABLE_FIELD_NUMBER: _builtins.int
+    OUTBOX_DROPPED_FOR_SPACE_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     seq: _builtins.int
     window_start_ms: _builtins.int
@@ -611,6 +613,15 @@ class Telemetry(_message.Message):
     outbox_dropped: _builtins.int
     """Telemetry records the outbox bound has dropped since the agent's data
     folder was created.
+    """
+    outbox_unwritable: _builtins.int
+    """Records (telemetry windows, events, capture chunks) the outbox could not
+    store since the agent started, because its disk was full or a write failed;
+    they are lost. Counted in memory: a full disk cannot keep the count.
+    """
+    outbox_dropped_for_space: _builtins.int
+    """Telemetry windows the outbox deleted, oldest first, to make room for newer
+    records on a full disk, since the agent's data folder was created.
     """
     @_builtins.property
     def system(self) -> Global___SystemStats: ...
@@ -639,14 +650,44 @@ class Telemetry(_message.Message):
         tenants: _abc.Iterable[Global___TenantStats] | None = ...,
         shadows: _abc.Iterable[Global___ShadowStats] | None = ...,
         drift: _abc.Iterable[Global___DriftSketch] | None = ...,
+        outbox_unwritable: _builtins.int = ...,
+        outbox_dropped_for_space: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["system", b"system"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "drift", b"drift", "models", b"models", "outbox_dropped", b"outbox_dropped", "seq", b"seq", "shadows", b"shadows", "system", b"system", "tenants", b"tenants", "window_end_ms", b"window_end_ms", "window_start_ms", b"window_start_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "drift", b"drift", "models", b"models", "outbox_dropped", b"outbox_dropped", "outbox_dropped_for_space", b"outbox_dropped_for_space", "outbox_unwritable", b"outbox_unwritable", "seq", b"seq", "shadows", b"shadows", "system", b"system", "tenants", b"tenants", "window_end_ms", b"window_end_ms", "window_start_ms", b"window_start_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Telemetry: _TypeAlias = Telemetry  # noqa: Y015
+
+@_typing.final
+class TelemetryAck(_message.Message):
+    """Published by the controller on edgefleet/v1/devices/{id}/telemetry/ack once
+    the windows named by their seq are stored (or were already): the agent keeps
+    a window in its outbox, and sends it again, until then.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    SEQS_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    @_builtins.property
+    def seqs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        seqs: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "seqs", b"seqs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TelemetryAck: _TypeAlias = TelemetryAck  # noqa: Y015
 
 @_typing.final
 class Event(_message.Message):

@@ -27,6 +27,8 @@ class Kind(StrEnum):
     REPORTED = "reported"
     STATUS = "status"
     TELEMETRY = "telemetry"
+    # controller -> agent: these telemetry windows are stored (TelemetryAck).
+    TELEMETRY_ACK = "telemetry/ack"
     EVENTS = "events"
     ARTIFACT_REQUEST = "artifact/request"
     ARTIFACT_RESPONSE = "artifact/response"
