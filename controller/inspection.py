@@ -5,10 +5,15 @@ operator's error message); TFLite (recognised by its ``TFL3`` identifier): the
 LiteRT interpreter (:mod:`controller.tflite`). The result is the signature
 (names, dtypes, shapes), the precision of the weights, the opset and the oldest
 runtime release that runs the file.
+
+Precision is what the kernels compute in (what a device must support); the
+weights may be stored in another (``storage``): fp16 weights dequantized to
+float32 once run on any CPU.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,21 +112,61 @@ class Inspected:
     runtime: str
     runtime_version: str
     quantization: dict[str, Any] = field(default_factory=dict)
+    # What most weight bytes are stored as; ``precision`` is what the kernels compute in.
+    storage: str = ""
 
 
-def onnx_opset_and_precision(path: Path) -> tuple[int, str]:
-    """The default-domain opset and the precision the weights are stored in."""
+_QDQ_OPS = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul"}
+)
+_STORAGE: dict[int, str] = {
+    onnx.TensorProto.FLOAT: "fp32",
+    onnx.TensorProto.FLOAT16: "fp16",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "int8",
+}
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and the tensors of Constant nodes (Paddle and PyTorch exports store weights so)."""
+    found = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.HasField("t"):
+                    found[node.output[0]] = attr.t
+    return found
+
+
+def onnx_opset_and_precision(path: Path) -> tuple[int, str, str]:
+    """The default-domain opset, the precision the operators compute in and the one most
+    weight bytes are stored in. fp16 weights that are Cast to float before use are storage
+    only: the kernels run float32, as on a CPU without fp16."""
     model = onnx.load(str(path), load_external_data=False)
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    ops = {n.op_type for n in model.graph.node}
-    types = {t.data_type for t in model.graph.initializer}
-    if ops & {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul"}:
-        return opset, "int8"
-    if types & {onnx.TensorProto.INT8, onnx.TensorProto.UINT8} and "MatMulInteger" in ops:
-        return opset, "int8"
-    if onnx.TensorProto.FLOAT16 in types:
-        return opset, "fp16"
-    return opset, "fp32"
+    graph = model.graph
+    ops = {n.op_type for n in graph.node}
+    constants = _constants(graph)
+    weight_bytes: dict[str, int] = {}
+    for tensor in constants.values():
+        if tensor.data_type in _STORAGE:
+            size = math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            weight_bytes[_STORAGE[tensor.data_type]] = weight_bytes.get(_STORAGE[tensor.data_type], 0) + size
+    storage = max(weight_bytes, key=lambda p: weight_bytes[p]) if weight_bytes else "fp32"
+    types = {t.data_type for t in constants.values()}
+    if ops & _QDQ_OPS or (types & {onnx.TensorProto.INT8, onnx.TensorProto.UINT8} and "MatMulInteger" in ops):
+        return opset, "int8", storage
+    half = {n for n, t in constants.items() if t.data_type == onnx.TensorProto.FLOAT16}
+    half |= {i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
+    for node in graph.node:
+        if node.op_type == "Cast" and any(
+            a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in node.attribute
+        ):
+            half.update(node.output)
+    computes_half = any(
+        node.op_type not in ("Cast", "Constant") and any(i in half for i in node.input) for node in graph.node
+    )
+    return opset, "fp16" if computes_half else "fp32", storage
 
 
 def inspect_artifact(path: Path) -> Inspected:
@@ -142,10 +187,13 @@ def inspect_artifact(path: Path) -> Inspected:
             # LiteRT reads every schema version it was built for: no minimum is known here.
             runtime_version="",
             quantization=quant,
+            storage=info.storage,
         )
     signature = inspect_onnx(path)
-    opset, precision = onnx_opset_and_precision(path)
-    return Inspected(FORMAT, precision, signature, opset, "onnxruntime", min_onnxruntime(opset))
+    opset, precision, storage = onnx_opset_and_precision(path)
+    return Inspected(
+        FORMAT, precision, signature, opset, "onnxruntime", min_onnxruntime(opset), storage=storage
+    )
 
 
 # The first ONNX Runtime release that implements each default-domain opset

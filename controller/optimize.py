@@ -37,8 +37,9 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from controller.calibration import load_calibration
+from controller.calibration import CalibrationSet, load_calibration
 from controller.errors import OptimizeError
+from controller.onnx_preparation import prepare
 from controller.registry import (
     DYNAMIC_INT8,
     FP16,
@@ -157,7 +158,10 @@ class Runner:
     def run_all(self, samples: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
         """Every sample, outputs stacked along the batch axis."""
         per_sample = [self.run(s) for s in samples]
-        return [np.concatenate([out[i] for out in per_sample]) for i in range(len(per_sample[0]))]
+        return [
+            np.stack(outs) if outs[0].ndim == 0 else np.concatenate(outs)
+            for outs in ([out[i] for out in per_sample] for i in range(len(per_sample[0])))
+        ]
 
     def latency_ms(self, sample: Sequence[np.ndarray]) -> float:
         for _ in range(LATENCY_WARMUP):
@@ -187,47 +191,57 @@ def _from_tflite(array: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     return np.array(array)
 
 
-def samples_of(arrays: dict[str, np.ndarray], order: Sequence[str], limit: int) -> list[list[np.ndarray]]:
-    count = min(limit, next(iter(arrays.values())).shape[0])
-    return [[arrays[name][i : i + 1] for name in order] for i in range(count)]
-
-
 class _Reader(CalibrationDataReader):  # type: ignore[misc]
-    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
-        count = min(CALIBRATION_SAMPLES, next(iter(arrays.values())).shape[0])
-        self._items = iter([{k: v[i : i + 1] for k, v in arrays.items()} for i in range(count)])
+    def __init__(self, calibration: CalibrationSet) -> None:
+        count = min(CALIBRATION_SAMPLES, calibration.count)
+        self._items = iter([calibration.feed(i) for i in range(count)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._items, None)
 
 
 def quantize(
-    kind: str, source: Path, target: Path, calibration: dict[str, np.ndarray], per_channel: bool
-) -> None:
-    """Write the ``kind`` variant (static QDQ int8, dynamic int8 or fp16) to ``target``; OptimizeError on failure."""
+    kind: str, source: Path, target: Path, calibration: CalibrationSet | None, per_channel: bool
+) -> dict[str, object]:
+    """Write the ``kind`` variant (static QDQ int8, dynamic int8 or fp16) to ``target``; OptimizeError
+    on failure. The source is first made ready for the tools (:mod:`controller.onnx_preparation`);
+    returns what that did, for the variant's report."""
+    prepared = target.with_name(f"{target.stem}.prepared.onnx")
     try:
-        if kind == STATIC_INT8:
-            quantize_static(
-                source,
-                target,
-                _Reader(calibration),
-                quant_format=QuantFormat.QDQ,
-                per_channel=per_channel,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-            )
-        elif kind == DYNAMIC_INT8:
-            quantize_dynamic(source, target, per_channel=per_channel, weight_type=QuantType.QInt8)
-        elif kind == FP16:
-            # Inputs and outputs stay float32, so apps feed the fp16 variant like the reference.
-            half = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
-            onnx.save(_sorted(half), str(target))
-        else:
-            raise OptimizeError(f"unknown variant kind {kind!r}")
+        done = prepare(source, prepared, pre_process=kind != FP16)
+        _convert(kind, prepared, target, calibration, per_channel)
+        return done
     except OptimizeError:
         raise
     except Exception as exc:  # onnxruntime.quantization raises whatever its passes raise
         raise OptimizeError(f"onnxruntime.quantization failed: {str(exc).strip()[:1000]}") from None
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+def _convert(
+    kind: str, source: Path, target: Path, calibration: CalibrationSet | None, per_channel: bool
+) -> None:
+    if kind == STATIC_INT8:
+        if calibration is None:
+            raise OptimizeError("static int8 needs a calibration set")
+        quantize_static(
+            source,
+            target,
+            _Reader(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+        )
+    elif kind == DYNAMIC_INT8:
+        quantize_dynamic(source, target, per_channel=per_channel, weight_type=QuantType.QInt8)
+    elif kind == FP16:
+        # Inputs and outputs stay float32, so apps feed the fp16 variant like the reference.
+        half = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+        onnx.save(_sorted(half), str(target))
+    else:
+        raise OptimizeError(f"unknown variant kind {kind!r}")
 
 
 def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -296,47 +310,84 @@ class Optimizer:
                 self._idle.set()
 
     def process(self, name: str, version: str) -> None:
-        """Measure, produce and validate everything this version still lacks."""
+        """Measure, produce and validate everything this version still lacks. Whatever goes
+        wrong ends each unfinished variant ``failed`` with the reason: none stays pending."""
         found = self.registry.find(name, version)
         if found is None:
             return
+        try:
+            self._process(found)
+        # onnxruntime and LiteRT raise their own types; any escape is this version's reason.
+        except Exception as exc:
+            self._fail_unfinished(name, version, f"variant production stopped: {_reason(exc)}")
+            raise
+
+    def _process(self, found: ModelVersion) -> None:
+        name, version = found.name, found.version
         self.work_dir.mkdir(parents=True, exist_ok=True)
         reference = found.variant(next(v.variant for v in found.variants if v.digest == found.digest))
         assert reference is not None
-        arrays = (
-            load_calibration(self.registry.calibration_path(found.calibration_digest), found.inputs)
-            if found.calibration_digest
-            else None
-        )
+        try:
+            calibration = (
+                load_calibration(self.registry.calibration_path(found.calibration_digest), found.inputs)
+                if found.calibration_digest
+                else None
+            )
+        except Exception as exc:
+            self._fail_unfinished(name, version, f"the calibration set cannot be used: {_reason(exc)}")
+            return
         order = [s.name for s in found.inputs]
         ref_path = self.registry.artifacts.path(reference.digest)
-        ref_runner = Runner(ref_path, reference.format)
+        try:
+            ref_runner = Runner(ref_path, reference.format)
+        except Exception as exc:
+            self._fail_unfinished(name, version, f"the uploaded model does not load here: {_reason(exc)}")
+            return
         for v in found.variants:
             if v.status == "ready" and v.latency_ms is None:
                 runner = (
                     ref_runner if v is reference else Runner(self.registry.artifacts.path(v.digest), v.format)
                 )
-                self._measure(found, v, runner, samples_of(arrays, order, 1)[0] if arrays else _zeros(v))
-        if arrays is None:
+                self._measure(found, v, runner, calibration.sample(0, order) if calibration else _zeros(v))
+        unfinished = [v for v in found.variants if v.status in ("pending", "running")]
+        if calibration is None or not unfinished:
             return
-        samples = samples_of(arrays, order, VALIDATION_SAMPLES)
-        expected: list[np.ndarray] | None = None
-        for variant in found.variants:
-            if variant.status not in ("pending", "running"):
-                continue
-            if expected is None:
-                expected = ref_runner.run_all(samples)
+        samples = calibration.samples(order, VALIDATION_SAMPLES)
+        try:
+            expected = ref_runner.run_all(samples)
+        except Exception as exc:
+            self._fail_unfinished(
+                name,
+                version,
+                "the uploaded model fails on the calibration set, so no variant can be validated: "
+                + _reason(exc),
+            )
+            return
+        for variant in unfinished:
             try:
-                self._produce(found, variant, ref_path, arrays, samples, expected)
+                self._produce(found, variant, ref_path, calibration, samples, expected)
             # onnxruntime and LiteRT raise their own types: any failure becomes this variant's reason.
             except Exception as exc:
-                self.registry.set_variant_state(name, version, variant.variant, "failed", 1.0, str(exc))
+                self.registry.set_variant_state(name, version, variant.variant, "failed", 1.0, _reason(exc))
                 log.error(
                     "variant failed model=%s version=%s variant=%s reason=%s",
                     name,
                     version,
                     variant.variant,
                     exc,
+                )
+
+    def _fail_unfinished(self, name: str, version: str, reason: str) -> None:
+        found = self.registry.find(name, version)
+        for v in found.variants if found is not None else []:
+            if v.status in ("pending", "running"):
+                self.registry.set_variant_state(name, version, v.variant, "failed", 1.0, reason)
+                log.error(
+                    "variant failed model=%s version=%s variant=%s reason=%s",
+                    name,
+                    version,
+                    v.variant,
+                    reason,
                 )
 
     def _measure(
@@ -360,7 +411,7 @@ class Optimizer:
         found: ModelVersion,
         variant: Variant,
         ref_path: Path,
-        arrays: dict[str, np.ndarray],
+        calibration: CalibrationSet,
         samples: list[list[np.ndarray]],
         expected: list[np.ndarray],
     ) -> None:
@@ -373,16 +424,21 @@ class Optimizer:
             checked = validate(expected, outputs, found.task, found.gate)
             report = checked.report
         else:
-            checked, produced, per_channel = self._quantize_best(
-                found, kind, ref_path, arrays, samples, expected
+            checked, produced, per_channel, prepared = self._quantize_best(
+                found, kind, ref_path, calibration, samples, expected
             )
-            report = {**checked.report, **({"per_channel": per_channel} if kind != FP16 else {})}
+            report = {
+                **checked.report,
+                **({"per_channel": per_channel} if kind != FP16 else {}),
+                **({"preparation": prepared} if prepared else {}),
+            }
             try:
                 stored = self.registry.attach_artifact(name, version, kind, produced)
             finally:
                 produced.unlink(missing_ok=True)
             if stored.precision != PRODUCED_PRECISION[kind]:
-                reason = f"no operator of this model could be converted to {PRODUCED_PRECISION[kind]}"
+                ops = ", ".join(sorted({n.op_type for n in onnx.load(str(ref_path)).graph.node}))
+                reason = f"no operator of this model could be converted to {PRODUCED_PRECISION[kind]} ({ops})"
                 state(name, version, kind, "rejected", 1.0, reason, report)
                 return
             path = self.registry.artifacts.path(stored.digest)
@@ -400,19 +456,31 @@ class Optimizer:
         found: ModelVersion,
         kind: str,
         ref_path: Path,
-        arrays: dict[str, np.ndarray],
+        calibration: CalibrationSet,
         samples: list[list[np.ndarray]],
         expected: list[np.ndarray],
-    ) -> tuple[Validation, Path, bool]:
-        """Per-channel weights first; per-tensor too when per-channel misses the gate. Keeps the better
-        (validation, file in the work folder, per_channel); the other file is removed."""
+    ) -> tuple[Validation, Path, bool, dict[str, object]]:
+        """Per-channel weights first; per-tensor too when per-channel misses the gate or fails
+        (onnxruntime's per-channel bias adjustment breaks on some fused Gemm biases). Keeps the
+        better (validation, file in the work folder, per_channel, what preparing the source did,
+        with the per-channel failure if any); the other file is removed."""
         best: tuple[Validation, Path, bool] | None = None
-        for step, per_channel in enumerate((True, False) if kind != FP16 else (False,)):
+        prepared: dict[str, object] = {}
+        modes = (True, False) if kind != FP16 else (False,)
+        for step, per_channel in enumerate(modes):
             self.registry.set_variant_state(found.name, found.version, kind, "running", 0.1 + 0.4 * step)
             target = self.work_dir / f"{kind}-{uuid.uuid4().hex}.onnx"
             try:
-                quantize(kind, ref_path, target, arrays, per_channel)
+                prepared = {**prepared, **quantize(kind, ref_path, target, calibration, per_channel)}
                 checked = validate(expected, Runner(target, "onnx").run_all(samples), found.task, found.gate)
+            except Exception as exc:
+                target.unlink(missing_ok=True)
+                if per_channel and step + 1 < len(modes):
+                    prepared["per_channel_failed"] = _reason(exc)
+                    continue
+                if best is not None:
+                    best[1].unlink(missing_ok=True)
+                raise
             except BaseException:
                 target.unlink(missing_ok=True)
                 if best is not None:
@@ -427,7 +495,13 @@ class Optimizer:
             if best[0].passed:
                 break
         assert best is not None
-        return best
+        return (*best, prepared)
+
+
+def _reason(exc: BaseException) -> str:
+    """The runtime's own words, short enough for the API and ``models show``."""
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= 1000 else text[:1000] + "..."
 
 
 def _score(v: Validation) -> tuple[bool, float]:

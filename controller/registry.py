@@ -39,7 +39,9 @@ from controller.errors import (
     VersionExists,
 )
 from controller.inspection import FORMAT as FORMAT  # re-exported: rollouts name the format
-from controller.inspection import Inspected, TensorSpec, inspect_artifact
+from controller.inspection import Inspected, TensorSpec
+from controller.model_check import check_artifact
+from controller.settings import DEFAULT_MAX_MODEL_MEMORY_BYTES
 from controller.signing import Signer
 from controller.store import Store
 
@@ -270,15 +272,18 @@ class Registry:
         artifacts: ArtifactStore,
         max_upload_bytes: int,
         signer: Signer | None = None,
+        max_model_memory_bytes: int = DEFAULT_MAX_MODEL_MEMORY_BYTES,
     ) -> None:
         self.store = store
         self.artifacts = artifacts
         self.max_upload_bytes = max_upload_bytes
+        self.max_model_memory_bytes = max_model_memory_bytes
         self.signer = signer or Signer.load_or_create(artifacts.root.parent / "signing")
         self.calibration_dir = artifacts.root.parent / "calibration"
         # Called with (name, version) after a version or variant is committed: the
         # optimizer measures latency and produces or validates pending variants.
         self.on_added: Callable[[str, str], None] | None = None
+        self._remove_partial_uploads()
 
     # -- upload -------------------------------------------------------------
 
@@ -300,7 +305,7 @@ class Registry:
         with self.artifacts.stage(source, self.max_upload_bytes) as staged:
             if staged.size == 0:
                 raise InvalidModel("the uploaded file is empty")
-            inspected = inspect_artifact(staged.path)
+            inspected = self._check(staged.path)
             calibration_digest = ""
             if calibration is not None:
                 calibration_digest = self._store_calibration(calibration, inspected.signature.inputs)
@@ -376,7 +381,7 @@ class Registry:
         with self.artifacts.stage(source, self.max_upload_bytes) as staged:
             if staged.size == 0:
                 raise InvalidModel("the uploaded file is empty")
-            inspected = inspect_artifact(staged.path)
+            inspected = self._check(staged.path)
             variant = variant_name(inspected.format, inspected.precision)
             if len(inspected.signature.inputs) != len(found.inputs) or len(
                 inspected.signature.outputs
@@ -419,6 +424,23 @@ class Registry:
         found_variant = self.get(name, version).variant(variant)
         assert found_variant is not None
         return found_variant
+
+    def _check(self, path: Path) -> Inspected:
+        """Checked in a child process: the file never has to fit in the controller's memory."""
+        return check_artifact(path, self.max_model_memory_bytes)
+
+    def _remove_partial_uploads(self) -> None:
+        """Uploads and calibration sets a killed controller left half-written (a running
+        controller removes its own on every exit path)."""
+        leftovers = [
+            *self.artifacts.root.glob(".upload-*.tmp"),
+            *self.artifacts.root.glob(".*.manifest.*.tmp"),
+            *(self.calibration_dir.glob(".calibration-*.npz") if self.calibration_dir.is_dir() else []),
+        ]
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        if leftovers:
+            log.info("partial uploads removed count=%d dir=%s", len(leftovers), self.artifacts.root)
 
     def _check_options(self, name: str, options: UploadOptions) -> None:
         if options.task and options.task not in TASKS:
@@ -488,6 +510,10 @@ class Registry:
     ) -> None:
         signature = self.signer.sign_manifest(name, version, variant, staged.digest, staged.size)
         report: dict[str, Any] = dict(note or {})
+        # Weights stored in another precision than the kernels compute in (fp16 weights
+        # dequantized to float32): said beside ``precision``, which devices must support.
+        if inspected.storage and inspected.storage != inspected.precision:
+            report["storage"] = inspected.storage
         if inspected.quantization:
             report["quantization"] = inspected.quantization
         tx.execute(
@@ -552,7 +578,7 @@ class Registry:
     def attach_artifact(self, name: str, version: str, variant: str, path: Path) -> Variant:
         """Store a produced file as the artifact of a pending variant (signed, inspected)."""
         with path.open("rb") as source, self.artifacts.stage(source, self.max_upload_bytes) as staged:
-            inspected = inspect_artifact(staged.path)
+            inspected = self._check(staged.path)
             signature = self.signer.sign_manifest(name, version, variant, staged.digest, staged.size)
             with self.store.transaction() as tx:
                 tx.execute(
