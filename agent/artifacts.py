@@ -3,16 +3,23 @@
 Layout under ``{data_dir}``::
 
     downloads/<digest>/manifest.pb     the controller's manifest (atomic write)
-    downloads/<digest>/artifact.part   sparse file of the artifact's final size
+    downloads/<digest>/artifact.part   the artifact's final size, allocated up front
     models/<digest>.<format>           verified artifacts, ready to load
 
 There is no bitmap of received chunks to get out of step with the data: which
 chunks are present is decided by hashing each chunk range of ``artifact.part``
 against ``manifest.chunk_sha256`` when a download is reopened.
+
+A download takes its whole size from the disk when it starts (``posix_fallocate``),
+and only when that leaves ``reserve_bytes`` free: a transfer never fills the disk
+half way and leaves the agent without room for its state and telemetry. A write
+refused for want of space raises :class:`~agent.errors.DiskFull`, which is
+transient: the download waits and resumes, it is not refused.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -24,7 +31,8 @@ from edgefleet_proto import artifact_pb2
 from edgefleet_proto.codec import PayloadError, decode_as, encode
 
 from agent.atomic import fsync_dir, move_atomic, write_atomic
-from agent.errors import ChunkRejected, DigestMismatch, ManifestError
+from agent.diskspace import refused_for_space
+from agent.errors import ChunkRejected, DigestMismatch, DiskFull, ManifestError
 
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 FORMATS = ("onnx", "tflite")
@@ -94,8 +102,20 @@ def validate_manifest(digest: str, manifest: artifact_pb2.ArtifactManifest, expe
         raise ManifestError(f"manifest format {manifest.format!r} is not one of {', '.join(FORMATS)}")
 
 
+def _allocate(fd: int, size: int) -> None:
+    """Take ``size`` bytes from the disk now; sparse where the file system cannot allocate."""
+    try:
+        if size:
+            os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)
+
+
 class ArtifactStore:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, reserve_bytes: int = 0) -> None:
+        self.reserve_bytes = reserve_bytes
         self.downloads_dir = Path(data_dir) / "downloads"
         self.models_dir = Path(data_dir) / "models"
         self.downloads_dir.mkdir(parents=True, exist_ok=True)
@@ -140,17 +160,31 @@ class ArtifactStore:
 
     def start(self, digest: str, manifest: artifact_pb2.ArtifactManifest, expected_size: int = 0) -> Download:
         validate_manifest(digest, manifest, expected_size)
-        free = shutil.disk_usage(self.downloads_dir).free
-        if manifest.size > free:
-            raise ManifestError(f"artifact of {manifest.size} bytes does not fit: {free} bytes free")
+        usage = shutil.disk_usage(self.downloads_dir)
+        if manifest.size + self.reserve_bytes > usage.total:
+            raise ManifestError(
+                f"artifact of {manifest.size} bytes can never fit in {self.downloads_dir}: the disk holds "
+                f"{usage.total} bytes, {self.reserve_bytes} of them kept free"
+            )
+        free = usage.free
+        if manifest.size + self.reserve_bytes > free:
+            raise DiskFull(
+                f"artifact {digest[:12]} of {manifest.size} bytes does not fit in {self.downloads_dir}: "
+                f"{free} bytes free, {self.reserve_bytes} kept free"
+            )
         directory = self.downloads_dir / digest
-        directory.mkdir(exist_ok=True)
         download = Download(digest, manifest, directory)
-        # Sparse: the size is reserved in the inode, blocks come with the chunks.
-        with open(download.part, "wb") as f:
-            f.truncate(download.size)
-        write_atomic(directory / "manifest.pb", encode(manifest))
-        fsync_dir(self.downloads_dir)
+        try:
+            with refused_for_space(f"allocating {manifest.size} bytes for artifact {digest[:12]}"):
+                directory.mkdir(exist_ok=True)
+                with open(download.part, "wb") as f:
+                    _allocate(f.fileno(), download.size)
+                write_atomic(directory / "manifest.pb", encode(manifest))
+                fsync_dir(self.downloads_dir)
+        except DiskFull:
+            # Nothing half-allocated stays behind to hold the space.
+            self.discard(digest)
+            raise
         return download
 
     def write_chunk(self, download: Download, index: int, offset: int, data: bytes) -> None:
@@ -163,11 +197,12 @@ class ArtifactStore:
             raise ChunkRejected(f"chunk {index} has {len(data)} bytes, expected {length}")
         if hashlib.sha256(data).digest() != download.manifest.chunk_sha256[index]:
             raise ChunkRejected(f"chunk {index} does not match its sha256 in the manifest")
-        fd = os.open(download.part, os.O_WRONLY)
-        try:
-            os.pwrite(fd, data, start)
-        finally:
-            os.close(fd)
+        with refused_for_space(f"writing chunk {index} of artifact {download.digest[:12]}"):
+            fd = os.open(download.part, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, start)
+            finally:
+                os.close(fd)
         download.have.add(index)
 
     def finalize(self, download: Download) -> Path:

@@ -5,6 +5,8 @@
     AgentError                      base; ``fatal`` says whether retrying can help
     ├── ConfigError                 agent.toml is missing, unreadable or invalid (fatal)
     ├── StateError                  the persisted device state cannot be read or written
+    ├── DiskFull                    a write refused for want of space (ENOSPC, EDQUOT): transient,
+    │                               the work waits until free space is back
     ├── ArtifactError               an artifact transfer went wrong
     │   ├── ManifestError           the manifest does not fit what was asked (fatal)
     │   ├── ChunkRejected           a chunk failed its sha256 or range check (transient:
@@ -42,6 +44,12 @@ class ConfigError(AgentError):
 
 class StateError(AgentError):
     fatal = True
+
+
+class DiskFull(AgentError):
+    """A write the disk refused for want of space or quota; retried once space is back."""
+
+    fatal = False
 
 
 class ArtifactError(AgentError):

@@ -17,6 +17,7 @@ from enum import StrEnum
 from typing import ClassVar
 
 from agent.artifacts import FORMATS, valid_digest
+from agent.conditions import Condition
 from agent.runtime import DEFAULT_RUNTIME_FOR_FORMAT
 from agent.state import Assignment, Desired, DeviceState, TenantState, Update
 from agent.update_machine import OUTCOMES, SERVING_NEW, UpdateEvent, UpdateState, judge_probation
@@ -74,6 +75,7 @@ class Report:
     desired_generation: int
     applied_generation: int
     models: tuple[ModelEntry, ...]
+    conditions: tuple[Condition, ...] = ()
 
     def structure(self) -> Report:
         """The report without byte counts: what must be published without delay."""
@@ -111,6 +113,8 @@ class Current:
     request_timeout_s: float = 5.0
     # (inferences, errors) since start of each tenant's serving model version.
     probes: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    # What keeps the device from its work (a full disk), reported as it changes.
+    conditions: tuple[Condition, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -250,6 +254,7 @@ def build_report(desired: Desired | None, current: Current) -> Report:
         desired_generation=state.desired_generation,
         applied_generation=state.applied_generation,
         models=tuple(entries),
+        conditions=current.conditions,
     )
 
 

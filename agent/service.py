@@ -35,8 +35,9 @@ from agent import __version__
 from agent.api import InferenceApi, ResultsApi, TenantAuth, serve
 from agent.artifacts import ArtifactStore
 from agent.atomic import write_atomic
+from agent.conditions import Conditions
 from agent.config import AgentConfig
-from agent.errors import TenantError
+from agent.errors import OutboxError, TenantError
 from agent.link import Inbound, Link, LinkDown, LinkUp, Publication, Rejected, now_ms
 from agent.observe import Observer
 from agent.outbox import Outbox, OutboxSender
@@ -99,10 +100,12 @@ class Service:
         self.sampler = SystemSampler(data)
         self.link = Link(config.device_id, config.mqtt, self.inbox, __version__)
         self.sender = OutboxSender(self.outbox, self._publish_record)
+        # Reported with the device's state while they hold (a full disk, ...).
+        self.conditions = Conditions()
         self.updater = Updater(
             config.device_id,
             StateStore(data / "state.json"),
-            ArtifactStore(data),
+            ArtifactStore(data, reserve_bytes=int(config.updates.reserve_mb * MB)),
             self.pool,
             self.link,
             self.emit,
@@ -111,6 +114,8 @@ class Service:
             request_timeout_s=config.transfer.request_timeout_s,
             keys=_keys(config),
             probe=self.stats.totals,
+            conditions=self.conditions,
+            max_attempts=config.updates.max_attempts,
         )
         self.server: grpc.Server | None = None
         # Start of the telemetry window in progress (ms since the epoch).
@@ -133,7 +138,11 @@ class Service:
             message=message,
             attributes=attributes,
         )
-        self.outbox.append(Kind.EVENTS.value, encode(event), event.at_ms)
+        try:
+            self.outbox.append(Kind.EVENTS.value, encode(event), event.at_ms)
+        except OutboxError as exc:
+            # An event that cannot be stored (a full disk) is lost, not the step that emitted it.
+            log.error("event not stored device=%s kind=%s error=%s", self.config.device_id, kind, exc)
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping.set()

@@ -4,7 +4,8 @@ Per tenant the model being served (``active``) and the one before it
 (``previous``, kept on disk as the fallback), the newest desired state seen and
 the generation fully applied, artifacts refused for good (with the reason
 reported to the controller), and per tenant the update in progress or last
-ended, in the state machine of :mod:`agent.update_machine`.
+ended, in the state machine of :mod:`agent.update_machine`, with the number of
+times the agent died while staging it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from edgefleet_proto import fleet_pb2
 
 from agent.atomic import write_atomic
+from agent.diskspace import refused_for_space
 from agent.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,10 @@ class Update:
     probation_until: float = 0.0
     base_inferences: int = 0
     base_errors: int = 0
+    # Times the agent died while staging this artifact for this tenant, counted at the
+    # start after (the persisted state was still ``stage``); carried over while the
+    # tenant is assigned the same artifact, whatever the generation.
+    crashes: int = 0
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,7 @@ class StateStore:
 
     def save(self, state: DeviceState) -> None:
         try:
-            write_atomic(self.path, json.dumps(state.to_json(), indent=1, sort_keys=True).encode())
+            with refused_for_space(f"writing {self.path.name}"):
+                write_atomic(self.path, json.dumps(state.to_json(), indent=1, sort_keys=True).encode())
         except OSError as exc:
             raise StateError(f"cannot write {self.path}: {exc}") from None

@@ -28,7 +28,14 @@ The updater persists the state (atomically) before the state acts, and on
 start :func:`resume` decides where to go from what was persisted: a restart
 inside ``activate``, ``probation`` or ``rollback`` rolls back (the new model
 may be what killed the agent), one inside ``commit`` finishes the commit, and
-the rest repeat their idempotent work. Pure code, no I/O.
+the rest repeat their idempotent work.
+
+A restart inside ``stage`` means the agent died while loading the new model or
+running its smoke inference: a segfault in a runtime, an out-of-memory kill. The
+old model still serves, so staging is tried again, but each such death is
+counted (``crashed``) and persisted before the next attempt; after
+``max_attempts`` of them the update ends ``failed`` instead of crashing the
+agent until systemd gives up on it. Pure code, no I/O.
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ class UpdateEvent(StrEnum):
     SUPERSEDED = "superseded"
     # The controller's desired state no longer assigns the tenant at all.
     REMOVED = "removed"
+    # The agent died while in the state, as many times as an update may be attempted.
+    CRASHED = "crashed"
 
 
 S, E = UpdateState, UpdateEvent
@@ -80,6 +89,7 @@ TRANSITIONS: dict[tuple[UpdateState, UpdateEvent], UpdateState] = {
     (S.STAGE, E.ERROR): S.FAILED,
     (S.STAGE, E.SUPERSEDED): S.FAILED,
     (S.STAGE, E.REMOVED): S.FAILED,
+    (S.STAGE, E.CRASHED): S.FAILED,
     (S.ACTIVATE, E.ACTIVATED): S.PROBATION,
     (S.ACTIVATE, E.ERROR): S.ROLLBACK,
     (S.PROBATION, E.PROBATION_PASSED): S.COMMIT,
@@ -123,11 +133,24 @@ def check(current: UpdateState | None, new: UpdateState) -> None:
     raise UnhandledTransition(f"no transition from {current.value if current else 'none'} to {new.value}")
 
 
-def resume(state: UpdateState) -> UpdateState:
-    """Where an update persisted in ``state`` continues after the agent restarts."""
+# How many times an update may crash the agent while staging, unless configured.
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+def resume(state: UpdateState, crashes: int = 0, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> UpdateState:
+    """Where an update persisted in ``state`` continues after the agent restarts.
+
+    ``crashes`` counts the restarts that found the update in ``stage``, this one included.
+    """
     if state in (S.ACTIVATE, S.PROBATION, S.ROLLBACK):
         return S.ROLLBACK
+    if state is S.STAGE and crashes >= max_attempts:
+        return next_state(state, E.CRASHED)
     return state
+
+
+def crash_reason(crashes: int) -> str:
+    return f"crashed the agent {crashes} time{'s' if crashes != 1 else ''} while staging"
 
 
 def judge_probation(

@@ -26,7 +26,16 @@ from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind
 
 from agent.artifacts import ArtifactStore, Download
-from agent.errors import AgentError, ArtifactError, ChunkRejected, MemoryBudgetExceeded, ModelError
+from agent.conditions import Conditions
+from agent.diskspace import FreeSpace, is_disk_full
+from agent.errors import (
+    AgentError,
+    ArtifactError,
+    ChunkRejected,
+    DiskFull,
+    MemoryBudgetExceeded,
+    ModelError,
+)
 from agent.pool import ModelPool, ServingModel
 from agent.reconciler import (
     Action,
@@ -62,6 +71,7 @@ from agent.state import (
     Update,
 )
 from agent.update_machine import (
+    DEFAULT_MAX_ATTEMPTS,
     ENTRY,
     FINAL,
     OUTCOMES,
@@ -69,6 +79,7 @@ from agent.update_machine import (
     UpdateEvent,
     UpdateState,
     check,
+    crash_reason,
     next_state,
     resume,
 )
@@ -79,6 +90,10 @@ log = logging.getLogger(__name__)
 MAX_CHUNK_REJECTIONS = 64
 # Plan/execute rounds per converge() call; the loop comes back after inbound work.
 MAX_ROUNDS = 32
+# What may run while the data disk is full: reporting, and the steps that end or remove
+# things (their state writes wait in memory, see Updater._save). Anything that would
+# download, stage or commit waits until free space is back.
+WHILE_DISK_FULL = frozenset({Action.REPORT, Action.FAIL, Action.ROLLBACK, Action.COLLECT_GARBAGE})
 
 _PHASES = {
     Phase.DOWNLOADING: fleet_pb2.MODEL_PHASE_DOWNLOADING,
@@ -171,8 +186,17 @@ class Updater:
         clock: Callable[[], float] = time.monotonic,
         keys: KeyRing | None = None,
         probe: Probe = _no_probe,
+        conditions: Conditions | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> None:
         self.device_id = device_id
+        self.conditions = conditions if conditions is not None else Conditions()
+        self.space = FreeSpace(states.path.parent, artifacts.reserve_bytes, self.conditions, clock=clock)
+        self.max_attempts = max_attempts
+        # The in-memory state is ahead of state.json: a write the full disk refused on an
+        # ending or at start. Written first thing once space is back.
+        self.unsaved = False
+        self._booting = False
         self.probe = probe
         self.kill_at = os.environ.get(KILL_AT_ENV, "")
         self.states = states
@@ -209,7 +233,19 @@ class Updater:
     # -- start ----------------------------------------------------------------
 
     def boot(self) -> None:
-        """Load what the device served before it stopped; fall back to the previous model."""
+        """Load what the device served before it stopped; fall back to the previous model.
+
+        A full disk does not stop the start: what boot would write waits in memory
+        (nothing it does moves forward to a model that has not served), and the
+        device serves what it has.
+        """
+        self._booting = True
+        try:
+            self._boot()
+        finally:
+            self._booting = False
+
+    def _boot(self) -> None:
         self.state = self.states.load()
         self.installed = set(self.artifacts.installed())
         self._resume_updates()
@@ -265,11 +301,29 @@ class Updater:
                 self._drop_unloadable(broken.assignment.digest)
 
     def _resume_updates(self) -> None:
-        """The one resume switch: where each tenant's persisted update goes after a restart."""
+        """The one resume switch: where each tenant's persisted update goes after a restart.
+
+        An update found in ``stage`` died with the agent while loading its model: the
+        death is counted and persisted before staging may be tried again.
+        """
         for tenant, update in sorted(self.state.updates.items()):
             persisted = UpdateState(update.state)
-            after = resume(persisted)
-            if after is UpdateState.ROLLBACK:
+            if persisted is UpdateState.STAGE:
+                update = replace(update, crashes=update.crashes + 1)
+                self._save(self.state.with_update(tenant, update))
+            after = resume(persisted, update.crashes, self.max_attempts)
+            if after is UpdateState.FAILED:
+                self._crashed_out(tenant, update)
+            elif persisted is UpdateState.STAGE:
+                log.warning(
+                    "update resumed device=%s tenant=%s version=%s state=stage crashes=%d max_attempts=%d",
+                    self.device_id,
+                    tenant,
+                    update.assignment.model_version,
+                    update.crashes,
+                    self.max_attempts,
+                )
+            elif after is UpdateState.ROLLBACK:
                 reason = update.reason or f"the agent restarted during {persisted.value}"
                 log.warning(
                     "update resumed device=%s tenant=%s version=%s state=%s next=rollback",
@@ -281,6 +335,29 @@ class Updater:
                 self.rollback(RollBack(tenant, reason))
             elif after is UpdateState.COMMIT:
                 self.commit(Commit(tenant, "resumed after a restart"))
+
+    def _crashed_out(self, tenant: str, update: Update) -> None:
+        """The update killed the agent as often as it may: it fails, and is not staged again."""
+        a = update.assignment
+        reason = crash_reason(update.crashes)
+        log.error(
+            "update crashed the agent device=%s tenant=%s model=%s version=%s digest=%s crashes=%d",
+            self.device_id,
+            tenant,
+            a.model_name,
+            a.model_version,
+            a.digest[:12],
+            update.crashes,
+        )
+        # The model file stays: the same artifact assigned again fails at once, without a download.
+        self._fail_digest(a.digest, reason)
+
+    def _crash_limit(self, a: Assignment) -> str | None:
+        """Why ``a`` is not tried again: it crashed the agent too often for this tenant (any generation)."""
+        update = self.state.updates.get(a.tenant)
+        if update is None or update.assignment.digest != a.digest or update.crashes < self.max_attempts:
+            return None
+        return crash_reason(update.crashes)
 
     def _assignment_for(self, digest: str) -> Assignment | None:
         desired = self.state.desired
@@ -320,7 +397,9 @@ class Updater:
         for digest, reason in self.keys.refusals(msg, running).items():
             state = state.with_failure(Failure(digest, reason, generation))
             self.emit("artifact_refused", "error", reason, {"digest": digest})
-        self._save(state)
+        # Kept in memory on a full disk (it is never sent again, being retained): nothing is
+        # downloaded for it before space is back, and then it is written first.
+        self._save(state, deferrable=True)
         self.pool.expect(frozenset(tenants))
         log.info("desired received device=%s generation=%d tenants=%s", self.device_id, generation, tenants)
         return None
@@ -346,6 +425,10 @@ class Updater:
             if manifest.format != t.assignment.format:
                 raise ArtifactError(f"manifest format {manifest.format!r} is not {t.assignment.format!r}")
             t.download = self.artifacts.start(manifest.digest, manifest, t.assignment.size)
+        except DiskFull as exc:
+            # Not the artifact's fault: the manifest is asked for again once there is room.
+            self.space.hit(str(exc))
+            return
         except (ArtifactError, OSError) as exc:
             self._fail_digest(manifest.digest, f"bad manifest: {exc}")
             return
@@ -380,6 +463,9 @@ class Updater:
             self.emit("chunk_rejected", "warning", str(exc), attrs)
             if t.rejected > MAX_CHUNK_REJECTIONS:
                 self._fail_digest(chunk.digest, f"more than {MAX_CHUNK_REJECTIONS} corrupt chunks")
+        except DiskFull as exc:
+            # The chunk is asked for again once there is room; requests stop until then.
+            self.space.hit(str(exc))
         except OSError as exc:
             log.error(
                 "chunk write failed device=%s digest=%s error=%s", self.device_id, chunk.digest[:12], exc
@@ -403,6 +489,7 @@ class Updater:
             runtimes=frozenset(BACKENDS),
             reported=self.reported,
             reported_at=self.reported_at,
+            conditions=self.conditions.active(),
             window=self.window,
             request_timeout_s=self.request_timeout_s,
             probes={
@@ -414,19 +501,49 @@ class Updater:
 
     def converge(self) -> float:
         """Plan and execute until only waiting is left; returns the earliest deadline."""
+        self._look_for_space()
         for _ in range(MAX_ROUNDS):
             steps = plan(self.state.desired, self.current(), self.clock())
             work = [s for s in steps if not isinstance(s, Wait)]
+            waits = [s.until for s in steps if isinstance(s, Wait)]
+            if self.space.full:
+                work = [s for s in work if s.action in WHILE_DISK_FULL]
+                waits.append(self.space.next_poll)
             if not work:
-                return min((s.until for s in steps if isinstance(s, Wait)), default=math.inf)
+                return min(waits, default=math.inf)
             for step in work:
                 self.execute(step)
         return self.clock()
 
+    def _look_for_space(self) -> None:
+        """While the disk is full, see (with backoff) whether what waits fits again; if so, go on."""
+        if not self.space.full:
+            return
+        need = sum(t.assignment.size for t in self.transfers.values() if t.download is None)
+        if not self.space.poll(need):
+            return
+        try:
+            if self.unsaved:
+                self._save(self.state)
+        except DiskFull as exc:
+            self.space.hit(str(exc))
+            return
+        # What the full disk refused is asked for again now.
+        for t in self.transfers.values():
+            t.manifest_requested_at = None
+            t.outstanding.clear()
+
     def execute(self, step: Step) -> None:
         try:
             self.handlers[step.action](step)
+        except DiskFull as exc:
+            self.space.hit(str(exc))
+            log.warning(
+                "step waits for disk space device=%s action=%s error=%s", self.device_id, step.action, exc
+            )
         except OSError as exc:
+            if is_disk_full(exc):
+                self.space.hit(str(exc))
             log.error("step failed device=%s action=%s error=%s", self.device_id, step.action, exc)
         except AgentError as exc:
             log.error("step failed device=%s action=%s error=%s", self.device_id, step.action, exc)
@@ -462,6 +579,7 @@ class Updater:
                 )
                 for m in r.models
             ],
+            conditions=[c.to_proto() for c in r.conditions],
         )
         self.link.publish(self.link.topic(Kind.REPORTED), encode(msg), retain=True)
         self.reported, self.reported_at = r, self.clock()
@@ -470,7 +588,8 @@ class Updater:
         self._fail_digest(step.assignment.digest, step.reason)
 
     def _fail_digest(self, digest: str, reason: str) -> None:
-        self._save(self.state.with_failure(Failure(digest, reason, self.state.desired_generation)))
+        failure = Failure(digest, reason, self.state.desired_generation)
+        self._save(self.state.with_failure(failure), deferrable=True)
         t = self.transfers.pop(digest, None)
         self.artifacts.discard(digest)
         desired = self.state.desired
@@ -496,9 +615,14 @@ class Updater:
         a = step.assignment
         t = self.transfers.get(a.digest)
         if t is None:
-            t = self.transfers[a.digest] = Transfer(a)
+            crashed = self._crash_limit(a)
+            if crashed is not None:
+                self._fail_digest(a.digest, crashed)
+                return
+            # Entered before the transfer exists, so a refused write leaves nothing half begun.
             for wanting in self._wanting(a.digest):
                 self._enter(wanting, UpdateState.FETCH)
+            t = self.transfers[a.digest] = Transfer(a)
             log.info(
                 "download started device=%s tenant=%s model=%s version=%s digest=%s size=%d",
                 self.device_id,
@@ -534,6 +658,10 @@ class Updater:
     def activate(self, step: Activate) -> None:
         """Stage (load, smoke inference) while the old model serves, then swap and start probation."""
         a = step.assignment
+        crashed = self._crash_limit(a)
+        if crashed is not None:
+            self._fail_digest(a.digest, crashed)
+            return
         self._enter(a, UpdateState.STAGE)
         serving = self.pool.get(a.tenant)
         held = self.pool.held(a.tenant)
@@ -556,16 +684,20 @@ class Updater:
                 # A model refused for want of memory is sound: keep it for a later generation.
                 self._drop_unloadable(a.digest)
             return
-        self._enter(a, UpdateState.ACTIVATE)
-        ts = self.state.tenants.get(a.tenant, TenantState())
-        previous = ts.active if ts.active and ts.active.assignment.digest != a.digest else ts.previous
-        path = str(self.artifacts.model_path(a.digest, a.format))
-        inferences, errors = self.probe(a.tenant, a.model_name, a.model_version)
-        probation = Update(
-            a, UpdateState.PROBATION.value, "", self.clock() + a.probation_s, inferences, errors
-        )
-        state = self.state.with_tenant(a.tenant, TenantState(Installed(a, path), previous))
-        self._save(state.with_failure(None, a.digest).with_update(a.tenant, probation))
+        try:
+            self._enter(a, UpdateState.ACTIVATE)
+            ts = self.state.tenants.get(a.tenant, TenantState())
+            previous = ts.active if ts.active and ts.active.assignment.digest != a.digest else ts.previous
+            path = str(self.artifacts.model_path(a.digest, a.format))
+            inferences, errors = self.probe(a.tenant, a.model_name, a.model_version)
+            probation = Update(
+                a, UpdateState.PROBATION.value, "", self.clock() + a.probation_s, inferences, errors
+            )
+            state = self.state.with_tenant(a.tenant, TenantState(Installed(a, path), previous))
+            self._save(state.with_failure(None, a.digest).with_update(a.tenant, probation))
+        except DiskFull:
+            self._unstage(a)
+            raise
         self._maybe_die(UpdateState.PROBATION)
         self._serve(a, model, hold_previous=True)
         log.info(
@@ -577,6 +709,16 @@ class Updater:
             a.digest[:12],
         )
         self.emit("model_activated", "info", f"{a.model_name} {a.model_version} is serving", _attrs(a))
+
+    def _unstage(self, a: Assignment) -> None:
+        """A full disk refused the write that would let the staged model serve: nothing was
+        swapped, so the update goes back to ``stage`` (in memory; state.json has it there or
+        in ``activate``, which rolls back) and stages again once space is back."""
+        self.pool.release(a.tenant)
+        update = self.state.updates.get(a.tenant)
+        if update is not None and update.assignment.digest == a.digest:
+            staged = replace(update, state=UpdateState.STAGE.value)
+            self._save(self.state.with_update(a.tenant, staged), deferrable=True)
 
     def commit(self, step: Commit) -> None:
         update = self.state.updates[step.tenant]
@@ -599,23 +741,25 @@ class Updater:
         """
         update = self.state.updates[step.tenant]
         a = update.assignment
-        self._enter(a, UpdateState.ROLLBACK, step.reason)
+        # A rollback finishes even when the disk is full: its writes wait in memory.
+        self._enter(a, UpdateState.ROLLBACK, step.reason, deferrable=True)
         superseded = step.cause is UpdateEvent.SUPERSEDED
         ts = self.state.tenants.get(step.tenant)
         if ts is not None and ts.active is not None and ts.active.assignment.digest == a.digest:
             back = ts.previous
             held = self.pool.held(step.tenant)
             if back is None:
-                self._save(self.state.with_tenant(step.tenant, None))
+                self._save(self.state.with_tenant(step.tenant, None), deferrable=True)
                 self.pool.remove(step.tenant)
             else:
                 ready = held is not None and held.digest == back.assignment.digest
                 model = held.model if held is not None and ready else self._load(back.assignment)
-                self._save(self.state.with_tenant(step.tenant, TenantState(back, None)))
+                self._save(self.state.with_tenant(step.tenant, TenantState(back, None)), deferrable=True)
                 self._serve(back.assignment, model)
         self.pool.release(step.tenant)
         reason = f"rolled back: {step.reason}"
-        self._save(self.state.with_failure(Failure(a.digest, reason, self.state.desired_generation)))
+        failure = Failure(a.digest, reason, self.state.desired_generation)
+        self._save(self.state.with_failure(failure), deferrable=True)
         self._end(step.tenant, UpdateState.ROLLED_BACK, step.reason, superseded)
         self.emit("model_rolled_back", "warning" if superseded else "error", reason, _attrs(a))
 
@@ -684,7 +828,7 @@ class Updater:
 
         return [a for a in desired.assignments if a.digest == digest and free(a)] if desired else []
 
-    def _enter(self, a: Assignment, state: UpdateState, reason: str = "") -> None:
+    def _enter(self, a: Assignment, state: UpdateState, reason: str = "", deferrable: bool = False) -> None:
         """Persist the tenant's update in ``state`` before that state acts.
 
         A tenant has one update at a time. One for another artifact that has not
@@ -701,7 +845,13 @@ class Updater:
         update = Update(a, state.value, reason)
         if current is not None and same:
             update = replace(current, state=state.value, reason=reason or current.reason)
-        self._save(self.state.with_update(a.tenant, update))
+        elif current is not None and current.assignment.digest == a.digest:
+            # The same artifact for the tenant, assigned anew: its crashes still count.
+            update = replace(update, crashes=current.crashes)
+        if state is UpdateState.ACTIVATE:
+            # Staging finished in this run: the crashes counted were not consecutive any more.
+            update = replace(update, crashes=0)
+        self._save(self.state.with_update(a.tenant, update), deferrable)
         log.info(
             "update state device=%s tenant=%s model=%s version=%s state=%s",
             self.device_id,
@@ -738,7 +888,9 @@ class Updater:
         update = self.state.updates[tenant]
         a = update.assignment
         check(UpdateState(update.state), state)
-        self._save(self.state.with_update(tenant, replace(update, state=state.value, reason=reason)))
+        # An ending is recorded even on a full disk (in memory until space is back).
+        ended = replace(update, state=state.value, reason=reason)
+        self._save(self.state.with_update(tenant, ended), deferrable=True)
         outcome = OUTCOMES[state]
         # A superseded update is the controller changing its mind, not a fault of the model.
         expected = outcome == "succeeded" or superseded
@@ -762,6 +914,23 @@ class Updater:
             log.warning("fault injection: SIGKILL in update state %s device=%s", state.value, self.device_id)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def _save(self, state: DeviceState) -> None:
-        self.states.save(state)
+    def _save(self, state: DeviceState, deferrable: bool = False) -> None:
+        """Persist ``state``, then make it current.
+
+        On a full disk a forward move (``deferrable`` false) raises :class:`DiskFull` and
+        does not happen; an ending, a rollback, a desired state taken in, or anything at
+        start is made current in memory anyway and written once space is back.
+        """
+        try:
+            self.states.save(state)
+        except DiskFull as exc:
+            self.space.hit(str(exc))
+            if not (deferrable or self._booting):
+                raise
+            log.warning(
+                "state kept in memory until disk space is back device=%s error=%s", self.device_id, exc
+            )
+            self.unsaved = True
+        else:
+            self.unsaved = False
         self.state = state
