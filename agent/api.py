@@ -1,9 +1,10 @@
 """The local inference API: gRPC InferenceService and TenantResults on a Unix socket.
 
 Handlers are thin: check the caller's tenant token (:class:`TenantAuth`), decode
-tensors (:mod:`agent.tensors`), find the tenant's model in the pool, run it,
-record latency and errors for telemetry. Every failure becomes a gRPC status
-with a message; nothing a caller sends can crash the agent.
+tensors (:mod:`agent.tensors`), find the tenant's model in the pool, run it, and
+record the inference (latency or error) in :class:`agent.telemetry.Inferences`,
+where pipelines and the shadow lane record theirs. Every failure becomes a gRPC
+status with a message; nothing a caller sends can crash the agent.
 
 Who may call: the socket's mode (``[api] socket_mode``, 0660 by default) and
 group (``[api] socket_group``) keep out users outside that group; within it, the token in the
@@ -37,7 +38,7 @@ from agent.observe import Observer
 from agent.pipeline import ResultHub
 from agent.pool import ModelPool, ServingModel
 from agent.runtime import TensorSpec
-from agent.telemetry import InferenceStats
+from agent.telemetry import Inference, Inferences, Origin
 from agent.tenants import DEFAULT_TENANT, TenantSpec, is_shadow
 from agent.tensors import from_numpy, to_numpy
 
@@ -121,7 +122,7 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(
         self,
         pool: ModelPool,
-        stats: InferenceStats,
+        inferences: Inferences,
         broker_connected: Callable[[], bool],
         auth: TenantAuth | None = None,
         run: RunOn | None = None,
@@ -133,7 +134,8 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
         self.shadow = shadow
         # A caller's inferences feed the drift sketches and data capture like a pipeline's.
         self.observer = observer
-        self.stats = stats
+        # Where each call counts, for its model version and its tenant, like a pipeline's inference.
+        self.inferences = inferences
         self.broker_connected = broker_connected
         self.auth = auth or TenantAuth(dict)
         # Where a call's inference runs: the fair scheduler in the service, inline without one.
@@ -187,7 +189,9 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
             code, message = grpc.StatusCode.INTERNAL, f"inference failed: {exc}"
         ok = code == grpc.StatusCode.OK
         elapsed = (time.perf_counter() - start) * 1000.0
-        self.stats.record(tenant, serving.model_name, serving.model_version, elapsed, ok)
+        self.inferences.record(
+            Inference(tenant, serving.model_name, serving.model_version, Origin.GRPC, elapsed, ok)
+        )
         if ok and self.shadow is not None:
             self._offer_shadow(tenant, serving, inputs, outputs, live_ms)
         if not ok:

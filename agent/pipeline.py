@@ -42,7 +42,7 @@ from agent.preprocess import Prepared, Preprocessor
 from agent.scheduler import Scheduler
 from agent.sensors.base import Source, open_source
 from agent.shadow import compare
-from agent.telemetry import PipelineStats
+from agent.telemetry import Inference, Inferences, InferenceStats, Origin, PipelineStats
 from agent.tenants import TenantSpec, shadow_of
 from agent.tensors import from_numpy
 
@@ -223,8 +223,11 @@ class Pipelines:
         hub: ResultHub,
         observer: Observer | None = None,
         cost_clock: Callable[[], float] = time.perf_counter,
+        inferences: Inferences | None = None,
     ) -> None:
         self.device_id = device_id
+        # Where every inference run here is counted, live or shadow (gRPC calls count in the API).
+        self.inferences = inferences or Inferences(InferenceStats(), stats)
         # Drift sketches and data capture of every live inference (the closed loop).
         self.observer = observer
         self.pool = pool
@@ -299,25 +302,20 @@ class Pipelines:
         """Run ``run`` on the scheduler as one of ``tenant``'s jobs (a gRPC Infer) and wait for it.
 
         Local apps calling over gRPC get the same weighted share as the pipelines,
-        so a greedy caller cannot starve a camera tenant.
+        so a greedy caller cannot starve a camera tenant. The caller records the
+        inference, since only it knows the model version that ran and how it ended.
         """
         with self._lock:
             if tenant not in self._specs and tenant not in self._callers:
                 self._callers.add(tenant)
                 self.scheduler.configure(tenant, 1.0, CALLER_QUEUE)
         call: Call = Call(run, Future())
-        start = time.perf_counter()
         self._dropped(tenant, self.scheduler.submit(tenant, call))
         try:
             result: T = call.future.result(timeout)
         except FutureTimeout:
             call.future.cancel()
-            self.stats.inference(tenant, 0.0, ok=False)
             raise Overloaded(f"tenant {tenant!r}: no worker was free within {timeout:.1f} s") from None
-        except BaseException:
-            self.stats.inference(tenant, 0.0, ok=False)
-            raise
-        self.stats.inference(tenant, (time.perf_counter() - start) * 1000.0, ok=True)
         return result
 
     def offer_shadow(
@@ -448,7 +446,7 @@ class Pipelines:
             return
         self._model_arrived(tenant, serving)
         if spec.model and serving.model_name != spec.model:
-            self.stats.inference(tenant, 0.0, ok=False)
+            self.inferences.tenant_failed(tenant)
             self._warn(
                 (tenant, "mismatch"),
                 "model mismatch device=%s tenant=%s want=%s serving=%s",
@@ -464,7 +462,7 @@ class Pipelines:
             outputs = serving.model.run(inputs)
             live_ms = (time.perf_counter() - start) * 1000.0
         except AgentError as exc:
-            self.stats.inference(tenant, 0.0, ok=False)
+            self._record(tenant, serving, Origin.PIPELINE, 0.0, ok=False)
             self._warn(
                 (tenant, "inference"),
                 "inference failed device=%s tenant=%s model=%s version=%s error=%s",
@@ -476,7 +474,7 @@ class Pipelines:
             )
             return
         latency_ms = (time.perf_counter() - job.queued_at) * 1000.0
-        self.stats.inference(tenant, latency_ms, ok=True)
+        self._record(tenant, serving, Origin.PIPELINE, latency_ms, ok=True)
         self._deliver(spec, serving, job, outputs, latency_ms)
         if self.observer is not None:
             self.observer.observe(
@@ -533,7 +531,9 @@ class Pipelines:
             candidate_ms = (time.perf_counter() - start) * 1000.0
             comparison = compare(outputs, shadow_out)
         except (AgentError, ValueError) as exc:  # e.g. no room to reload it: the live side goes on
-            self.stats.inference(shadow_of(tenant), 0.0, ok=False)
+            # Outputs that do not match the live model's count as a failure too: the tenant's
+            # consumers could not read them if the candidate went live.
+            self._record(shadow_of(tenant), candidate, Origin.SHADOW, 0.0, ok=False)
             self._warn(
                 (tenant, "shadow"),
                 "shadow failed device=%s tenant=%s model=%s version=%s error=%s",
@@ -544,6 +544,7 @@ class Pipelines:
                 exc,
             )
             return
+        self._record(shadow_of(tenant), candidate, Origin.SHADOW, candidate_ms, ok=True)
         self.stats.shadow(
             tenant,
             live.model_version,
@@ -553,6 +554,11 @@ class Pipelines:
             candidate_ms,
             live_ms,
             comparison.rows,
+        )
+
+    def _record(self, tenant: str, serving: ServingModel, origin: Origin, latency_ms: float, ok: bool) -> None:
+        self.inferences.record(
+            Inference(tenant, serving.model_name, serving.model_version, origin, latency_ms, ok)
         )
 
     def telemetry_inputs(self) -> tuple[dict[str, float], dict[str, float]]:

@@ -46,7 +46,7 @@ from agent.pool import MB, ModelPool
 from agent.signing import KeyRing, parse_public_key
 from agent.state import StateStore
 from agent.systemd import Notifier
-from agent.telemetry import InferenceStats, PipelineStats, SystemSampler, build_telemetry
+from agent.telemetry import Inferences, InferenceStats, PipelineStats, SystemSampler, build_telemetry
 from agent.tenants import TenantSpec, from_proto, merge
 from agent.updater import Updater
 
@@ -77,6 +77,8 @@ class Service:
         )
         self.stats = InferenceStats()
         self.pipeline_stats = PipelineStats()
+        # Every inference, whatever fed it (pipeline, gRPC, shadow lane), counts here once.
+        self.inferences = Inferences(self.stats, self.pipeline_stats)
         self.hub = ResultHub()
         self.observer = Observer(config.device_id)
         self.pipelines = Pipelines(
@@ -93,6 +95,7 @@ class Service:
             # exactly, unmoved by other processes taking the core or by GIL waits; with
             # more, the runtime's own threads do part of the work and wall time is closer.
             cost_clock=time.thread_time if threads == 1 else time.perf_counter,
+            inferences=self.inferences,
         )
         self.declared: tuple[TenantSpec, ...] = ()
         self.declared_generation = -1
@@ -154,7 +157,7 @@ class Service:
         auth = TenantAuth(self.pipelines.specs, self.config.api.require_token)
         api = InferenceApi(
             self.pool,
-            self.stats,
+            self.inferences,
             lambda: self.link.connected,
             auth,
             self.pipelines.call,

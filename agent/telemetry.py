@@ -1,4 +1,4 @@
-"""System metrics and per-model inference statistics, one Telemetry per window."""
+"""System metrics and inference statistics (per model version and per tenant), one Telemetry per window."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +20,41 @@ MAX_SAMPLES = 50_000
 _PREFERRED_SENSORS = ("cpu_thermal", "soc_thermal", "coretemp", "k10temp", "cpu-thermal", "acpitz")
 
 
+class Origin(StrEnum):
+    """What fed an inference."""
+
+    # A tenant pipeline's source: camera, microphone, CSV replay, ...
+    PIPELINE = "pipeline"
+    # A local app's gRPC Infer call.
+    GRPC = "grpc"
+    # A shadow candidate run on the live model's inputs (tenant ``{tenant}.shadow``).
+    SHADOW = "shadow"
+
+
+@dataclass(frozen=True)
+class Inference:
+    """One run of a model version on this device, successful or not."""
+
+    # As the model pool names it: ``{tenant}.shadow`` for a shadow candidate.
+    tenant: str
+    model_name: str
+    model_version: str
+    origin: Origin
+    latency_ms: float
+    ok: bool
+
+
 @dataclass
 class _Window:
     count: int = 0
     errors: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    # Per origin: [inferences, errors].
+    origins: dict[Origin, list[int]] = field(default_factory=dict)
 
 
 class InferenceStats:
-    """Thread-safe counters filled by the gRPC handlers, drained once per window."""
+    """Per model version and tenant: counters of every inference, drained once per window."""
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._lock = threading.Lock()
@@ -36,25 +63,29 @@ class InferenceStats:
         self._totals: dict[tuple[str, str, str], tuple[int, int]] = {}
         self._rng = rng or random.Random()
 
-    def record(self, tenant: str, model_name: str, model_version: str, latency_ms: float, ok: bool) -> None:
+    def record(self, inference: Inference) -> None:
+        ok = inference.ok
         with self._lock:
-            key = (tenant, model_name, model_version)
+            key = (inference.tenant, inference.model_name, inference.model_version)
             count, errors = self._totals.get(key, (0, 0))
             self._totals[key] = (count + 1, errors + (not ok))
             w = self._windows.setdefault(key, _Window())
             w.count += 1
+            by_origin = w.origins.setdefault(inference.origin, [0, 0])
+            by_origin[0] += 1
             if not ok:
                 w.errors += 1
+                by_origin[1] += 1
                 return
             if len(w.latencies_ms) < MAX_SAMPLES:
-                w.latencies_ms.append(latency_ms)
+                w.latencies_ms.append(inference.latency_ms)
             else:
                 slot = self._rng.randrange(w.count)
                 if slot < MAX_SAMPLES:
-                    w.latencies_ms[slot] = latency_ms
+                    w.latencies_ms[slot] = inference.latency_ms
 
     def totals(self, tenant: str, model_name: str, model_version: str) -> tuple[int, int]:
-        """(inferences, errors) of one model version since the agent started."""
+        """(inferences, errors) of one model version since the agent started, whatever fed them."""
         with self._lock:
             return self._totals.get((tenant, model_name, model_version), (0, 0))
 
@@ -70,11 +101,37 @@ class InferenceStats:
                 inference_count=w.count,
                 error_count=w.errors,
             )
+            for origin, (count, errors) in w.origins.items():
+                # The proto's fields are named after the origins: pipeline_inferences, ...
+                setattr(s, f"{origin.value}_inferences", count)
+                setattr(s, f"{origin.value}_errors", errors)
             if w.latencies_ms:
                 p50, p95, p99 = np.percentile(np.asarray(w.latencies_ms), [50, 95, 99])
                 s.latency_p50_ms, s.latency_p95_ms, s.latency_p99_ms = float(p50), float(p95), float(p99)
             stats.append(s)
         return stats
+
+
+class Inferences:
+    """The one place an inference is recorded, whatever fed it: tenant pipelines, gRPC Infer
+    and the shadow lane all call :meth:`record`.
+
+    Each inference counts for its model version and tenant (``models`` of the telemetry, and the
+    totals the updater's probation judges) and for its tenant's lane (``tenants``).
+    """
+
+    def __init__(self, models: InferenceStats, tenants: PipelineStats) -> None:
+        self.models = models
+        self.tenants = tenants
+
+    def record(self, inference: Inference) -> None:
+        self.models.record(inference)
+        self.tenants.inference(inference.tenant, inference.latency_ms, inference.ok)
+
+    def tenant_failed(self, tenant: str) -> None:
+        """A tenant's input no model version ran (its pipeline serves another model than it
+        declares): an error of the tenant, not of the model that happens to be loaded."""
+        self.tenants.inference(tenant, 0.0, ok=False)
 
 
 def _percentiles(samples: list[float]) -> tuple[float, float, float]:

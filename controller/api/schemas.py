@@ -223,6 +223,14 @@ class TenantStatsPublic(_Public):
     """One tenant pipeline in one window (issue 5)."""
 
     tenant: str
+    # What fed them (counted like inference_count and error_count); 0 in windows stored before
+    # the agents reported it.
+    pipeline_inferences: int = 0
+    pipeline_errors: int = 0
+    grpc_inferences: int = 0
+    grpc_errors: int = 0
+    shadow_inferences: int = 0
+    shadow_errors: int = 0
     samples: int
     inferences: int
     dropped: int

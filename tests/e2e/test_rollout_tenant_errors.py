@@ -1,0 +1,152 @@
+"""A tenant pipeline's inferences count for the model version that made them, and the gates judge
+them: real controller, real mosquitto, three real agent processes.
+
+Every device runs tenant ``meter`` fed by a CSV replay of 64-feature rows, and no app calls the
+agents over gRPC. Version 1 takes those rows; version 2 wants 32 features, so it passes the
+agent's staging smoke test (zeros of its own shape) and then fails every inference the tenant
+makes. Version 1's inferences show in the telemetry under the model version and the tenant; a
+staged rollout of version 2 is stopped at its first wave and rolled back, whether the
+controller's error-rate gate or the agent's probation judges it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.broker import Broker
+from tests.e2e.rollout_fleet import classifier, digits_samples
+from tests.localfleet import Agent, Controller, register_agent, rollout_done, wait_until
+from tests.unit.agent.models import linear_model
+
+pytestmark = pytest.mark.slow
+
+DEVICES = ("meter-0", "meter-1", "meter-2")
+
+
+def tenant_toml(csv: Path) -> str:
+    return f"""
+[[tenants]]
+id = "meter"
+model = "clf"
+rate_hz = 20
+queue = 8
+results = ["mqtt"]
+[tenants.source]
+kind = "csv"
+uri = "{csv}"
+loop = true
+"""
+
+
+def telemetry_models(controller: Controller, device_id: str, version: str) -> list[dict[str, Any]]:
+    rows = controller.api("GET", f"/v1/devices/{device_id}/telemetry", params={"limit": 200}).json()
+    return [
+        m
+        for r in rows
+        for m in r["models"]
+        if (m["tenant"], m["model_name"], m["model_version"]) == ("meter", "clf", version)
+    ]
+
+
+def summed(models: list[dict[str, Any]], *fields: str) -> tuple[int, ...]:
+    return tuple(sum(m[f] for m in models) for f in fields)
+
+
+def active_version(controller: Controller, device_id: str) -> str | None:
+    reported = controller.api("GET", f"/v1/devices/{device_id}").json().get("reported") or {}
+    return next(
+        (
+            m["model_version"]
+            for m in reported.get("models", [])
+            if m["tenant"] == "meter" and m["phase"] == "active"
+        ),
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("gate", "reason"),
+    [
+        (("--max-error-rate", "0.02", "--min-inferences", "10"), "error rate"),
+        (("--probation", "60", "--probation-max-error-rate", "0.02"), "failed to update"),
+    ],
+    ids=["controller-gate", "agent-probation"],
+)
+def test_a_version_failing_every_tenant_inference_is_stopped_at_the_first_wave_and_rolled_back(
+    broker: Broker,
+    controller: Controller,
+    agents: list[Agent],
+    tmp_path: Path,
+    gate: tuple[str, ...],
+    reason: str,
+) -> None:
+    csv = tmp_path / "meter.csv"
+    np.savetxt(csv, digits_samples()[:200], delimiter=",", fmt="%g")
+    v1 = tmp_path / "v1.onnx"
+    classifier(v1, seed=1)
+    v2 = tmp_path / "v2.onnx"
+    v2.write_bytes(linear_model(2, n_in=32, n_out=10))
+    controller.cli("models", "upload", str(v1), "--name", "clf", "--version", "1")
+    controller.cli("models", "upload", str(v2), "--name", "clf", "--version", "2")
+    for device_id in DEVICES:
+        agent = register_agent(controller, tmp_path / "agents", device_id, telemetry_interval=0.5)
+        with agent.config.open("a") as f:
+            f.write(tenant_toml(csv))
+        agents.append(agent.start())
+
+    first = controller.cli(
+        "rollouts", "create", "--model", "clf", "--version", "1", "--all", "--tenant", "meter"
+    )
+    done = wait_until(lambda: rollout_done(controller, first["id"]), 120, "version 1 on every device")
+    assert done["status"] == "succeeded", done
+
+    # Only the pipeline feeds version 1, and its telemetry says so, under the model and the tenant.
+    def pipeline_inferences(device_id: str) -> bool:
+        return summed(telemetry_models(controller, device_id, "1"), "pipeline_inferences")[0] >= 20
+
+    for device_id in DEVICES:
+        wait_until(
+            lambda: pipeline_inferences(device_id),  # noqa: B023 - called before the loop moves on
+            60,
+            f"{device_id}: pipeline inferences of version 1 in its telemetry",
+        )
+        models = telemetry_models(controller, device_id, "1")
+        n, errors, pipeline, grpc_calls = summed(
+            models, "inference_count", "error_count", "pipeline_inferences", "grpc_inferences"
+        )
+        assert (errors, grpc_calls, pipeline) == (0, 0, n), models
+
+    staged = controller.cli(
+        "rollouts", "create", "--model", "clf", "--version", "2", "--all", "--tenant", "meter",
+        "--wave", "1:5", "--wave", "100%:2", *gate,
+        "--on-failure", "rollback", "--device-timeout", "60",
+    )  # fmt: skip
+    rid = staged["id"]
+
+    def finished() -> dict[str, Any] | None:
+        r: dict[str, Any] = controller.api("GET", f"/v1/rollouts/{rid}").json()
+        return r if r["state"] not in ("running", "rolling_back", "paused", "awaiting_approval") else None
+
+    final = wait_until(finished, 120, "the staged rollout of version 2 to finish")
+    events = controller.api("GET", f"/v1/rollouts/{rid}/events").json()
+    assert final["state"] == "rolled_back", (final, events)
+    assert final["reason"].startswith("wave 1 of 2") and reason in final["reason"], final["reason"]
+    assert [e["wave"] for e in events if e["kind"] == "start_wave"] == [1]
+    [tried] = [d["device_id"] for d in final["devices"] if d["wave"] == 1]
+    assert {d["status"] for d in final["devices"] if d["wave"] > 1} == {"waiting"}
+
+    # The failures are in the telemetry under version 2 and the tenant, as pipeline errors.
+    def failures_reported() -> tuple[int, ...] | None:
+        counted = summed(
+            telemetry_models(controller, tried, "2"), "inference_count", "error_count", "pipeline_errors"
+        )
+        return counted if counted[0] else None
+
+    n, errors, pipeline_errors = wait_until(failures_reported, 30, f"{tried}: version 2 in its telemetry")
+    assert errors == pipeline_errors == n > 0
+    wait_until(lambda: active_version(controller, tried) == "1", 60, f"{tried} back on version 1")
+    assert [active_version(controller, d) for d in DEVICES] == ["1", "1", "1"]
