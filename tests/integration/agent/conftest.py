@@ -13,10 +13,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgefleet_proto import inference_pb2_grpc
 
 from tests.broker import REPO, Broker
-from tests.integration.agent.peer import Peer, wait_until
+from tests.integration.agent.peer import Peer, public_key, wait_until
 
 
 @dataclass
@@ -77,8 +78,17 @@ class AgentProcess:
 
 
 @pytest.fixture
-def make_agent(broker: Broker, tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+def controller_key() -> Ed25519PrivateKey:
+    """The test's controller signing key: the agents pin it, the peers sign with it."""
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def make_agent(
+    broker: Broker, tmp_path: Path, controller_key: Ed25519PrivateKey
+) -> Iterator[Callable[..., AgentProcess]]:
     agents: list[AgentProcess] = []
+    pinned = controller_key
     # sun_path is short; keep sockets in a short folder of their own.
     sockets = Path(tempfile.mkdtemp(prefix="efa-"))
 
@@ -87,7 +97,10 @@ def make_agent(broker: Broker, tmp_path: Path) -> Iterator[Callable[..., AgentPr
         telemetry_interval_s: float = 10.0,
         protocol: str = "v5",
         controller_key: str | None = None,
+        unsigned: bool = False,
     ) -> AgentProcess:
+        """An agent pinning ``controller_key`` (hex), by default the test's key; ``unsigned``: none."""
+        key = "" if unsigned else controller_key or public_key(pinned).hex()
         device_id = device_id or f"dev-{uuid.uuid4().hex[:8]}"
         password = uuid.uuid4().hex
         broker.add_user(device_id, password)
@@ -107,10 +120,9 @@ def make_agent(broker: Broker, tmp_path: Path) -> Iterator[Callable[..., AgentPr
             f'password = "{password}"\n'
             f'protocol = "{protocol}"\n'
             "[transfer]\nwindow = 4\nrequest_timeout_s = 2.0\n"
-            # The protocol peer signs only in the signing tests, which pin its key.
             + (
-                f'[security]\ncontroller_public_key = "{controller_key}"\n'
-                if controller_key
+                f'[security]\ncontroller_public_key = "{key}"\n'
+                if key
                 else "[security]\nallow_unsigned = true\n"
             )
         )
@@ -125,11 +137,11 @@ def make_agent(broker: Broker, tmp_path: Path) -> Iterator[Callable[..., AgentPr
 
 
 @pytest.fixture
-def make_peer(broker: Broker) -> Iterator[Callable[..., Peer]]:
+def make_peer(broker: Broker, controller_key: Ed25519PrivateKey) -> Iterator[Callable[..., Peer]]:
     peers: list[Peer] = []
 
-    def make(device_id: str, persistent: bool = False) -> Peer:
-        peer = Peer(broker, device_id, persistent=persistent)
+    def make(device_id: str, persistent: bool = False, key: Ed25519PrivateKey | None = None) -> Peer:
+        peer = Peer(broker, device_id, persistent=persistent, key=key or controller_key)
         peers.append(peer)
         return peer
 

@@ -1,7 +1,8 @@
 """The controller's side of the protocol, small enough to read in one go.
 
-Logged in as ``edgefleet-controller``, it publishes a retained DesiredState and
-answers ChunkRequests from model files on disk, like the real controller does.
+Logged in as ``edgefleet-controller``, it publishes a retained DesiredState signed
+whole with its Ed25519 key (assignments signed too, unless a test asks otherwise)
+and answers ChunkRequests from model files on disk, like the real controller does.
 It records what it saw (requests, reported states, telemetry, events) so tests
 can assert on the conversation. Knobs let a test make it misbehave on purpose:
 corrupt a chunk once, stop answering after N chunks.
@@ -19,8 +20,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgefleet_proto import artifact_pb2, fleet_pb2
 from edgefleet_proto.codec import decode, encode
+from edgefleet_proto.signing import desired_bytes, key_id, manifest_bytes
 from edgefleet_proto.topics import Kind, Topic
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -39,6 +43,18 @@ def wait_until(predicate: Callable[[], T | None], timeout: float = 30.0, what: s
             return value
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def public_key(key: Ed25519PrivateKey) -> bytes:
+    """The raw 32 bytes an agent pins."""
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def sign_state(key: Ed25519PrivateKey, desired: fleet_pb2.DesiredState) -> fleet_pb2.DesiredState:
+    """``desired`` signed whole by ``key``, as the controller publishes it."""
+    desired.state_key_id = key_id(public_key(key))
+    desired.state_signature = key.sign(desired_bytes(desired))
+    return desired
 
 
 @dataclass
@@ -67,6 +83,10 @@ class Peer:
     paused: threading.Event = field(default_factory=threading.Event)
     # A persistent session: the broker keeps what arrives while the peer is away.
     persistent: bool = False
+    # Acknowledge each telemetry window as stored, as the controller does once it stored it.
+    ack_telemetry: bool = True
+    # The controller's signing key; a test may swap it (a rotation) between publications.
+    key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
@@ -148,19 +168,25 @@ class Peer:
     # -- desired state --------------------------------------------------------
 
     def publish_desired(self, generation: int, *models: fleet_pb2.ModelAssignment) -> None:
-        desired = fleet_pb2.DesiredState(
-            device_id=self.device_id,
-            generation=generation,
-            models=models,
-            issued_at_ms=int(time.time() * 1000),
-        )
-        self.client.publish(self.topic(Kind.DESIRED), encode(desired), qos=1, retain=True).wait_for_publish(
-            10
+        self.publish_state(
+            fleet_pb2.DesiredState(
+                device_id=self.device_id,
+                generation=generation,
+                models=models,
+                issued_at_ms=int(time.time() * 1000),
+            )
         )
 
-    def assignment(self, digest: str, version: str, name: str = "linear", tenant: str = "default") -> Any:
+    def publish_state(self, desired: fleet_pb2.DesiredState) -> None:
+        """Publish ``desired`` (retained) signed with the peer's key."""
+        signed = encode(sign_state(self.key, desired))
+        self.client.publish(self.topic(Kind.DESIRED), signed, qos=1, retain=True).wait_for_publish(10)
+
+    def assignment(
+        self, digest: str, version: str, name: str = "linear", tenant: str = "default", signed: bool = True
+    ) -> Any:
         served = self.artifacts[digest]
-        return fleet_pb2.ModelAssignment(
+        m = fleet_pb2.ModelAssignment(
             tenant=tenant,
             model_name=name,
             model_version=version,
@@ -170,6 +196,10 @@ class Peer:
             runtime="onnxruntime",
             rollout_id=f"r-{version}",
         )
+        if signed:
+            m.key_id = key_id(public_key(self.key))
+            m.signature = self.key.sign(manifest_bytes(name, version, "", digest, served.manifest.size))
+        return m
 
     def publish_raw(self, kind: Kind, payload: bytes, retain: bool = False) -> None:
         self.client.publish(self.topic(kind), payload, qos=1, retain=retain).wait_for_publish(10)
@@ -192,6 +222,9 @@ class Peer:
                 self.events.append(message)  # type: ignore[arg-type]
         if kind == Kind.ARTIFACT_REQUEST and not self.paused.is_set():
             self._answer(message)  # type: ignore[arg-type]
+        if kind == Kind.TELEMETRY and self.ack_telemetry:
+            ack = fleet_pb2.TelemetryAck(device_id=self.device_id, seqs=[message.seq])  # type: ignore[attr-defined]
+            self.client.publish(self.topic(Kind.TELEMETRY_ACK), encode(ack), qos=1)
 
     def requested_indices(self, digest: str, since: int = 0) -> list[int]:
         with self.lock:

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from edgefleet_proto import fleet_pb2, inference_pb2
-from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind
 
 from agent.drift_sketch import build_sketch
@@ -121,7 +120,7 @@ def test_replayed_and_called_inferences_are_sketched_and_captured(
         drift_specs=specs.values(),
         capture_policies=[policy],
     )
-    peer.publish_raw(Kind.DESIRED, encode(desired), retain=True)
+    peer.publish_state(desired)
     agent.start()
     agent.wait_ready()
     for tenant in ("replay", "app"):
@@ -194,7 +193,7 @@ def test_the_window_in_progress_at_sigterm_is_sent_with_its_drift_sketch(
         models=[peer.assignment(digest, "1", name="digits", tenant="app")],
         drift_specs=[spec],
     )
-    peer.publish_raw(Kind.DESIRED, encode(desired), retain=True)
+    peer.publish_state(desired)
     agent.start()
     agent.wait_ready()
     peer.wait_active(digest, tenant="app")

@@ -47,7 +47,7 @@ def test_only_what_the_pinned_key_signed_is_installed(
 ) -> None:
     controller, forger, successor = (Ed25519PrivateKey.generate() for _ in range(3))
     agent = make_agent(controller_key=raw(controller).hex())
-    peer = make_peer(agent.device_id)
+    peer = make_peer(agent.device_id, key=controller)
     digests = []
     for seed in (1, 2, 3):
         path = tmp_path / f"m{seed}.onnx"
@@ -65,7 +65,7 @@ def test_only_what_the_pinned_key_signed_is_installed(
     tampered.signature = sign(controller, peer.assignment(first, "1")).signature
     peer.publish_desired(2, tampered)
     assert "does not match the manifest" in failed_with(peer, second)
-    peer.publish_desired(3, peer.assignment(second, "2"))
+    peer.publish_desired(3, peer.assignment(second, "2", signed=False))
     wait_until(
         lambda: "not signed" in (peer.entry("default", second) or fleet_pb2.ModelStatus()).error,
         30,
@@ -99,7 +99,9 @@ def test_only_what_the_pinned_key_signed_is_installed(
     wait_until(forged_refused, 30, "forged rotation refused")
     assert not (agent.data_dir / "controller_key.json").exists()
 
-    # The real rotation: signed by the pinned key, carried by the first assignment the new key signed.
+    # The real rotation: signed by the pinned key, carried by the first assignment the new key signed
+    # and followed before the state, which the new key signed, is checked.
+    peer.key = successor
     rotated = sign(successor, peer.assignment(second, "2"))
     rotated.key_rotation.CopyFrom(
         fleet_pb2.KeyRotation(
@@ -109,7 +111,8 @@ def test_only_what_the_pinned_key_signed_is_installed(
     peer.publish_desired(6, rotated)
     peer.wait_active(second)
     assert infer(agent, X).model_version == "2"
-    # After a restart the device still trusts the new key only.
+    # After a restart the device still trusts the new key only: a state it signed is taken, an
+    # assignment the old key signed is not.
     agent.terminate()
     peer.publish_desired(7, sign(controller, peer.assignment(third, "3")))
     agent.start()

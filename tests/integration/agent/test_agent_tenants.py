@@ -26,8 +26,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 from edgefleet_proto import fleet_pb2, inference_pb2, inference_pb2_grpc
-from edgefleet_proto.codec import encode
-from edgefleet_proto.topics import Kind
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.preprocess import log_mel
@@ -374,7 +372,7 @@ def test_controller_declares_a_tenant_and_the_memory_budget_refuses_a_big_model(
         ],
         tenants=[spec],
     )
-    peer.publish_raw(Kind.DESIRED, encode(desired), retain=True)
+    peer.publish_state(desired)
     agent.start()
     agent.wait_ready()
     peer.wait_active(small, tenant="yard")
@@ -399,7 +397,7 @@ def test_controller_declares_a_tenant_and_the_memory_budget_refuses_a_big_model(
         models=desired.models,
         tenants=[fleet_pb2.TenantSpec(tenant="x y")],
     )
-    peer.publish_raw(Kind.DESIRED, encode(bad), retain=True)
+    peer.publish_state(bad)
     rejected = wait_until(
         lambda: [e for e in peer.events if e.kind == "payload_rejected" and "tenant" in e.message],
         10,
@@ -470,7 +468,7 @@ def test_a_tenant_declared_before_its_model_skips_its_samples_without_counting_e
         target_rate_hz=50,
     )
     declared = fleet_pb2.DesiredState(device_id=agent.device_id, generation=1, tenants=[spec])
-    peer.publish_raw(Kind.DESIRED, encode(declared), retain=True)
+    peer.publish_state(declared)
     agent.start()
     agent.wait_ready()
 
@@ -491,7 +489,7 @@ def test_a_tenant_declared_before_its_model_skips_its_samples_without_counting_e
         models=[peer.assignment(conv, "1", name="conv", tenant="yard")],
         tenants=[spec],
     )
-    peer.publish_raw(Kind.DESIRED, encode(assigned), retain=True)
+    peer.publish_state(assigned)
     peer.wait_active(conv, tenant="yard")
     since = len(peer.telemetry)
     wait_until(
