@@ -1,0 +1,158 @@
+"""A full data disk during an update, on a real agent process whose data folder is a small tmpfs.
+
+The disk is filled to the last byte (as another program on the device, or the
+download itself, would). What must hold: the agent stays up and keeps serving the
+model it has, the ``disk_full`` condition is reported with the device's state, a
+restart on the full disk comes up too, and once space is freed the pending update
+completes by itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edgefleet_proto import fleet_pb2, inference_pb2
+
+from tests.integration.agent.conftest import AgentProcess
+from tests.integration.agent.peer import Peer, wait_until
+from tests.unit.agent.models import linear_model, write_model
+
+DISK_MB = 12
+CHUNK = 64 * 1024
+
+
+@pytest.fixture
+def small_disk() -> Iterator[Callable[[Path], None]]:
+    """Mount a DISK_MB tmpfs over a folder (the agent's data folder)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs as the agent's data disk needs root (CI runs the tests as root)")
+    mounted: list[Path] = []
+
+    def mount(path: Path) -> None:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m,mode=0700", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (no CAP_SYS_ADMIN?): {done.stderr.strip()}")
+        mounted.append(path)
+
+    yield mount
+    for path in mounted:
+        # Lazily: the agent may still hold files open while the fixtures tear down.
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the disk refuses another byte; returns it (remove it to free the space)."""
+    filler = disk / f"filler-{uuid.uuid4().hex[:6]}"
+    block = b"\xa5" * 4096
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(block)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+        try:
+            while True:
+                f.write(b"\xa5")
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    assert os.statvfs(disk).f_bavail == 0
+    return filler
+
+
+def served_version(agent: AgentProcess) -> str:
+    x = np.ones((1, 256), np.float32)
+    req = inference_pb2.InferRequest()
+    req.inputs["x"].CopyFrom(inference_pb2.Tensor(dtype="float32", shape=list(x.shape), data=x.tobytes()))
+    resp: inference_pb2.InferResponse = agent.stub().Infer(req, timeout=10)
+    return str(resp.model_version)
+
+
+def disk_full(peer: Peer) -> fleet_pb2.DeviceCondition | None:
+    reported = peer.last_reported()
+    if reported is None:
+        return None
+    return next((c for c in reported.conditions if c.kind == "disk_full"), None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("filled", ["before_the_download", "during_the_download"])
+def test_a_full_disk_pauses_the_update_while_the_old_model_serves_and_it_completes_once_space_is_freed(
+    make_agent: Callable[..., AgentProcess],
+    make_peer: Callable[..., Peer],
+    small_disk: Callable[[Path], None],
+    tmp_path: Path,
+    filled: str,
+) -> None:
+    # No telemetry window falls in the test: the telemetry outbox on a full disk is another story.
+    agent = make_agent(telemetry_interval_s=3600.0)
+    with open(agent.config, "a") as config:
+        config.write("[updates]\nreserve_mb = 1.0\n")
+    small_disk(agent.data_dir)
+    peer = make_peer(agent.device_id)
+    peer.chunk_size = CHUNK
+    m1, m2 = tmp_path / "m1.onnx", tmp_path / "m2.onnx"
+    d1 = write_model(m1, linear_model(71, 256, 64))
+    d2 = write_model(m2, linear_model(72, 256, 4096))  # 4 MiB: a third of the disk
+    peer.add_artifact(m1)
+    peer.add_artifact(m2)
+    peer.publish_desired(1, peer.assignment(d1, "1"))
+    agent.start()
+    agent.wait_ready()
+    peer.wait_active(d1)
+
+    if filled == "before_the_download":
+        filler = fill(agent.data_dir)
+        peer.publish_desired(2, peer.assignment(d2, "2"))
+        what = "state.json"  # not even the new desired state could be written
+    else:
+        peer.serve_limit = peer.chunks_sent + 5
+        peer.publish_desired(2, peer.assignment(d2, "2"))
+        wait_until(
+            lambda: (e := peer.entry("default", d2)) is not None and e.bytes_have == 5 * CHUNK,
+            30,
+            "5 chunks on disk",
+        )
+        filler = fill(agent.data_dir)
+        peer.serve_limit = None
+        what = "state.json"  # the download had its space; the next state write has none
+
+    condition = wait_until(lambda: disk_full(peer), 30, "disk_full reported")
+    assert what in condition.message and "No space left on device" in condition.message
+    assert condition.since_ms > 0 and condition.count >= 1
+    reported = peer.last_reported()
+    assert reported is not None and reported.desired_generation == 2
+    pending = peer.entry("default", d2)
+    assert pending is not None and pending.phase != fleet_pb2.MODEL_PHASE_FAILED, pending
+    assert served_version(agent) == "1"
+
+    # A restart on the full disk comes up, serves, and reports the condition again.
+    agent.kill()
+    restarted_ms = int(time.time() * 1000)
+    agent.start()
+    agent.wait_ready()
+
+    def reported_again() -> fleet_pb2.DeviceCondition | None:
+        r = peer.last_reported()
+        return disk_full(peer) if r is not None and r.reported_at_ms >= restarted_ms else None
+
+    wait_until(reported_again, 30, "disk_full reported after the restart")
+    assert served_version(agent) == "1"
+    assert agent.proc is not None and agent.proc.poll() is None
+
+    filler.unlink()
+    peer.wait_active(d2, timeout=90)
+    wait_until(lambda: (r := peer.last_reported()) is not None and not r.conditions, 30, "condition cleared")
+    assert served_version(agent) == "2"
+    assert "disk space back" in agent.output()
