@@ -11,12 +11,17 @@ The agent wires it in :mod:`agent.observe`::
     sketcher = Sketcher()                       # one per agent
     sketcher.set_specs(desired.drift_specs)     # on every desired state
     # per inference (pipelines and gRPC Infer)
-    sketcher.observe(tenant, model_name, model_version, inputs, probabilities)
+    sketcher.observe(tenant, model_name, model_version, inputs, probabilities, layout)
     # when the telemetry window closes
     telemetry.drift.extend(sketcher.drain())
 
-``inputs`` is the model's input batch, (N, F) for tabular models or
-(N, C, H, W) for images (sketched as the per-sample mean of each channel);
+``inputs`` is the model's input batch: (N, F) rows, sketched per feature;
+(N, T, F) windows of rows or audio frames x bands, sketched per feature or
+band as its mean over the window; images, sketched as the per-sample mean of
+each channel, on axis 1 for ``nchw`` and on the last axis for ``nhwc``. A
+pipeline knows its images' layout (its preprocessing makes them); for a gRPC
+caller's image the spec's channel count tells which axis holds the channels.
+The controller's ``controller.drift.feature_matrix`` computes the same features.
 ``probabilities`` is the (N, classes) output, or None for a model without one.
 A tenant whose model version has no spec is not sketched.
 
@@ -36,21 +41,43 @@ import numpy.typing as npt
 from edgefleet_proto import fleet_pb2
 
 Key = tuple[str, str, str]
+# The axes an image's per-channel mean is taken over, by layout.
+LAYOUTS = {"nchw": (2, 3), "nhwc": (1, 2)}
 Floats = npt.NDArray[np.float64]
 Counts = npt.NDArray[np.int64]
 
 
-def features_of(inputs: npt.ArrayLike) -> tuple[str, Floats]:
-    """Samples x features and the prefix the controller names them with (``f3``, ``ch0``)."""
+def features_of(inputs: npt.ArrayLike, layout: str = "nchw") -> tuple[str, Floats]:
+    """Samples x features and the prefix the controller names them with (``f3``, ``ch0``);
+    ``layout`` (``nchw`` or ``nhwc``) says where an image's channels are."""
     arr = np.asarray(inputs)
     if arr.ndim == 1:
         arr = arr.reshape(1, -1)
     if arr.ndim == 2:
         return "f", arr.astype(np.float64, copy=False)
+    if arr.ndim == 3:
+        return "f", arr.mean(axis=1, dtype=np.float64)
     if arr.ndim == 4:
+        if layout not in LAYOUTS:
+            raise ValueError(f"image layout {layout!r}: expected nchw or nhwc")
         # Averaged in float64 without first copying the whole image to float64.
-        return "ch", arr.mean(axis=(2, 3), dtype=np.float64)
-    raise ValueError(f"inputs of shape {arr.shape}: expected (N, F) or (N, C, H, W)")
+        return "ch", arr.mean(axis=LAYOUTS[layout], dtype=np.float64)
+    raise ValueError(f"inputs of shape {arr.shape}: expected (N, F), (N, T, F) or an image batch")
+
+
+def image_layout(shape: tuple[int, ...], channels: int) -> str:
+    """Where a spec of ``channels`` channel features finds them in an image batch of ``shape``.
+
+    ValueError when neither or both of axes 1 and 3 have that size (the batch cannot be
+    sketched against this spec without its layout)."""
+    first, last = shape[1] == channels, shape[3] == channels
+    if first != last:
+        return "nchw" if first else "nhwc"
+    raise ValueError(
+        f"an image batch of shape {list(shape)} against a spec of {channels} channels: "
+        f"{'neither' if not first else 'both'} of axes 1 and 3 hold {channels} channels; "
+        "give the layout (nchw or nhwc)"
+    )
 
 
 def bin_counts(values: npt.ArrayLike, edges: Floats) -> Counts:
@@ -149,9 +176,16 @@ class _Bins:
     confidence: npt.NDArray[np.intp] | None
 
 
-def _bins(c: _Compiled, inputs: npt.ArrayLike, probabilities: npt.ArrayLike | None) -> _Bins:
-    """Bin a batch against a compiled spec; ValueError for shapes that do not fit."""
-    prefix, matrix = features_of(inputs)
+def _bins(
+    c: _Compiled, inputs: npt.ArrayLike, probabilities: npt.ArrayLike | None, layout: str = ""
+) -> _Bins:
+    """Bin a batch against a compiled spec; ValueError for shapes that do not fit. An image
+    batch without its ``layout`` is read the way the spec's channel count fits it."""
+    arr = np.asarray(inputs)
+    if arr.ndim == 4 and not layout:
+        channels = int(c.columns["ch"].max()) + 1 if c.columns["ch"].size else 0
+        layout = image_layout(arr.shape, channels) if channels else "nchw"
+    prefix, matrix = features_of(arr, layout)
     probs = None
     if probabilities is not None:
         probs = np.asarray(probabilities, dtype=np.float64)
@@ -202,8 +236,8 @@ class _Window:
     classes: Counts = field(default_factory=lambda: np.zeros(0, np.int64))
     confidence: Counts | None = None
 
-    def add(self, inputs: npt.ArrayLike, probabilities: npt.ArrayLike | None) -> None:
-        self.apply(_bins(self.compiled, inputs, probabilities))
+    def add(self, inputs: npt.ArrayLike, probabilities: npt.ArrayLike | None, layout: str = "") -> None:
+        self.apply(_bins(self.compiled, inputs, probabilities, layout))
 
     def apply(self, b: _Bins) -> None:
         c = self.compiled
@@ -257,11 +291,14 @@ def _window(spec: fleet_pb2.DriftSpec | _Compiled) -> _Window:
 
 
 def build_sketch(
-    spec: fleet_pb2.DriftSpec, inputs: npt.ArrayLike, probabilities: npt.ArrayLike | None = None
+    spec: fleet_pb2.DriftSpec,
+    inputs: npt.ArrayLike,
+    probabilities: npt.ArrayLike | None = None,
+    layout: str = "",
 ) -> fleet_pb2.DriftSketch:
     """One batch as a sketch (a pure function; :class:`Sketcher` adds batches up over a window)."""
     window = _window(spec)
-    window.add(inputs, probabilities)
+    window.add(inputs, probabilities, layout)
     return window.sketch()
 
 
@@ -291,8 +328,11 @@ class Sketcher:
         model_version: str,
         inputs: npt.ArrayLike,
         probabilities: npt.ArrayLike | None = None,
+        layout: str = "",
     ) -> bool:
         """Add one inference; False when the model version has no spec (not sketched).
+        ``layout`` (``nchw``/``nhwc``) places an image's channels; without it the spec's
+        channel count does.
 
         Raises ValueError for inputs or probabilities of an unexpected shape,
         which the caller logs; the window keeps what it had.
@@ -301,7 +341,7 @@ class Sketcher:
         compiled = self._specs.get(key)
         if compiled is None:
             return False
-        bins = _bins(compiled, inputs, probabilities)  # outside the lock: workers bin in parallel
+        bins = _bins(compiled, inputs, probabilities, layout)  # outside the lock: workers bin in parallel
         with self._lock:
             if self._specs.get(key) is not compiled:
                 return False  # the spec changed meanwhile: this batch belongs to no window

@@ -51,7 +51,10 @@ class Observer:
         model_version: str,
         inputs: np.ndarray,
         outputs: Mapping[str, np.ndarray],
+        layout: str = "",
     ) -> None:
+        """``layout`` (``nchw``/``nhwc``) is where an image's channels are, when the caller
+        knows (a pipeline's preprocessing made it); else the drift spec tells."""
         sketch = self.sketcher.wants(tenant, model_name, model_version)
         capture = self.captures.wants(tenant, model_name)
         if not (sketch or capture):
@@ -59,7 +62,7 @@ class Observer:
         try:
             probs = probabilities_of(outputs)
             if sketch:
-                self.sketcher.observe(tenant, model_name, model_version, inputs, probs)
+                self.sketcher.observe(tenant, model_name, model_version, inputs, probs, layout)
             if capture:
                 batch = inputs if inputs.ndim > 1 else inputs[None, ...]
                 if probs is not None and len(probs) != len(batch):

@@ -477,8 +477,14 @@ class Pipelines:
         self._record(tenant, serving, Origin.PIPELINE, latency_ms, ok=True)
         self._deliver(spec, serving, job, outputs, latency_ms)
         if self.observer is not None:
+            # The preprocessing made the image, so its layout is known, not read from the shape.
             self.observer.observe(
-                tenant, serving.model_name, serving.model_version, job.prepared.array, outputs
+                tenant,
+                serving.model_name,
+                serving.model_version,
+                job.prepared.array,
+                outputs,
+                layout=spec.preprocess.layout,
             )
         candidate = self.pool.get(shadow_of(tenant))
         if candidate is not None:

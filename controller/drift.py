@@ -269,29 +269,53 @@ def histogram(values: npt.ArrayLike, edges: Sequence[float]) -> tuple[int, ...]:
     return tuple(int(c) for c in np.bincount(idx, minlength=len(edges) + 1))
 
 
-def feature_matrix(inputs: npt.ArrayLike) -> tuple[list[str], npt.NDArray[np.float64]]:
-    """Samples x features: tabular inputs by column (``f0``, ``f1``...), images
-    (N, C, H, W) by the per-sample mean of each channel (``ch0``...)."""
+# Channel counts of images (gray, colour, colour with alpha).
+IMAGE_CHANNELS = (1, 3, 4)
+
+
+def image_layout(shape: Sequence[int]) -> str:
+    """``nhwc`` or ``nchw`` for an image batch of this shape: the one of axes 1 and 3 whose
+    size is a channel count; ``nchw`` when both or neither are (the ONNX convention)."""
+    first, last = shape[1] in IMAGE_CHANNELS, shape[3] in IMAGE_CHANNELS
+    return "nhwc" if last and not first else "nchw"
+
+
+def feature_matrix(inputs: npt.ArrayLike, layout: str = "") -> tuple[list[str], npt.NDArray[np.float64]]:
+    """Samples x features: rows by column (``f0``, ``f1``...); windows of rows or audio frames
+    (N, T, F) by the mean of each feature or band over the window (``f0``...); images by the
+    per-sample mean of each channel (``ch0``...), on axis 1 for ``nchw`` and on the last axis for
+    ``nhwc`` (without a layout, :func:`image_layout` tells them apart).
+
+    The agent's sketches (agent/drift_sketch.py) compute the same features."""
     arr = np.asarray(inputs, dtype=np.float64)
     if arr.ndim == 1:
         arr = arr.reshape(-1, 1)
     if arr.ndim == 2:
         return [f"f{i}" for i in range(arr.shape[1])], arr
+    if arr.ndim == 3:
+        means = arr.mean(axis=1)
+        return [f"f{i}" for i in range(means.shape[1])], means
     if arr.ndim == 4:
-        means = arr.mean(axis=(2, 3))
+        layout = layout or image_layout(arr.shape)
+        if layout not in ("nchw", "nhwc"):
+            raise InvalidDriftInput(f"image layout {layout!r}: expected nchw or nhwc")
+        means = arr.mean(axis=(1, 2) if layout == "nhwc" else (2, 3))
         return [f"ch{i}" for i in range(means.shape[1])], means
-    raise InvalidDriftInput(f"inputs of shape {arr.shape}: expected (N, F) or (N, C, H, W)")
+    raise InvalidDriftInput(f"inputs of shape {arr.shape}: expected (N, F), (N, T, F) or an image batch")
 
 
 def reference_baseline(
-    inputs: npt.ArrayLike, probabilities: npt.ArrayLike | None = None, bins: int = DEFAULT_BINS
+    inputs: npt.ArrayLike,
+    probabilities: npt.ArrayLike | None = None,
+    bins: int = DEFAULT_BINS,
+    layout: str = "",
 ) -> tuple[SketchSpec, Sketch]:
     """Spec and baseline sketch from a reference data set uploaded with a model version.
 
     Edges are the reference's quantiles, so each baseline bin holds about the
     same share and PSI reacts evenly across the range.
     """
-    names, matrix = feature_matrix(inputs)
+    names, matrix = feature_matrix(inputs, layout)
     if matrix.shape[0] < bins:
         raise InvalidDriftInput(f"a reference data set needs at least {bins} samples, got {matrix.shape[0]}")
     spec_features = {name: quantile_edges(matrix[:, i], bins) for i, name in enumerate(names)}

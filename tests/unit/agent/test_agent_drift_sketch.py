@@ -83,7 +83,7 @@ def test_a_bad_batch_leaves_the_window_alone() -> None:
     with pytest.raises(ValueError, match="do not match"):
         sketcher.observe("default", "m", "1", np.ones((2, 1)), np.ones((3, 3)))
     with pytest.raises(ValueError, match="expected"):
-        sketcher.observe("default", "m", "1", np.ones((2, 1, 1)))
+        sketcher.observe("default", "m", "1", np.ones((2, 1, 1, 1, 1)))
     (window,) = sketcher.drain()
     assert window.samples == 2
 
@@ -137,3 +137,68 @@ def test_a_changed_spec_starts_a_new_window() -> None:
     sketcher.observe("default", "m", "1", np.zeros((1, 1)))
     (window,) = sketcher.drain()
     assert window.samples == 1 and list(window.features[0].edges) == [0.25]
+
+
+def spec_of(reference: drift.SketchSpec) -> fleet_pb2.DriftSpec:
+    spec = spec_for([], ())
+    for name, edges in reference.features.items():
+        spec.features.add(name=name, edges=list(edges))
+    return spec
+
+
+def video(frames: int, seed: int) -> np.ndarray:
+    """NHWC frames of one unchanging scene, each colour channel at its own level, under light
+    that flickers and with sensor noise; ``seed`` picks the frames, not the scene."""
+    scene = np.stack([np.full((32, 32), 40.0), np.full((32, 32), 120.0), np.full((32, 32), 200.0)], axis=-1)
+    scene += np.random.default_rng(0).normal(0, 30, size=scene.shape)
+    rng = np.random.default_rng(seed)
+    light = rng.uniform(0.8, 1.2, size=(frames, 1, 1, 1))
+    noisy = scene[None] * light + rng.normal(0, 2, size=(frames, 32, 32, 3))
+    return np.clip(noisy, 0, 255).astype(np.float32) / 255.0
+
+
+def test_an_nhwc_image_is_sketched_per_channel_on_its_last_axis() -> None:
+    baseline_frames, later_frames = video(1000, seed=1), video(1000, seed=2)
+    reference, baseline = drift.reference_baseline(baseline_frames, layout="nhwc")
+    assert set(reference.features) == {"ch0", "ch1", "ch2"}
+    spec = spec_of(reference)
+
+    # The pipeline knows its layout; a gRPC caller's image is told apart by the spec's channels.
+    for layout in ("nhwc", ""):
+        sketcher = Sketcher()
+        sketcher.set_specs([spec])
+        for frame in later_frames:
+            assert sketcher.observe("default", "m", "1", frame[None], layout=layout)
+        (window,) = sketcher.drain()
+        assert [h.name for h in window.features] == ["ch0", "ch1", "ch2"], layout
+        means = later_frames.mean(axis=(1, 2), dtype=np.float64)
+        for i, h in enumerate(window.features):
+            assert tuple(h.counts) == drift.histogram(means[:, i], reference.features[f"ch{i}"])
+        # The same scene, unchanged: no drift.
+        assert drift.score(baseline, as_controller_sketch(window)).psi < drift.PSI_MODERATE
+
+    # Red and blue swapped is a changed scene.
+    swapped = build_sketch(spec, later_frames[..., ::-1], layout="nhwc")
+    assert drift.score(baseline, as_controller_sketch(swapped)).psi > drift.PSI_MAJOR
+    # The same frames laid out NCHW give the same sketch.
+    nchw = build_sketch(spec, later_frames.transpose(0, 3, 1, 2), layout="nchw")
+    assert [tuple(h.counts) for h in nchw.features] == [tuple(h.counts) for h in window.features]
+
+
+def test_windowed_rows_and_audio_bands_are_sketched_per_feature() -> None:
+    rng = np.random.default_rng(4)
+    # (N, T, F): windows of sensor rows over time, or log-mel frames x bands.
+    windows = rng.normal(size=(60, 16, 5)) + np.arange(5)
+    reference, _ = drift.reference_baseline(windows)
+    assert set(reference.features) == {f"f{i}" for i in range(5)}
+    msg = build_sketch(spec_of(reference), windows)
+    means = windows.mean(axis=1)
+    assert [h.name for h in msg.features] == [f"f{i}" for i in range(5)]
+    for i, h in enumerate(msg.features):
+        assert tuple(h.counts) == drift.histogram(means[:, i], reference.features[f"f{i}"])
+
+
+def test_an_image_whose_layout_cannot_be_told_is_refused() -> None:
+    reference, _ = drift.reference_baseline(video(20, seed=3), layout="nhwc")
+    with pytest.raises(ValueError, match="3 channels"):
+        build_sketch(spec_of(reference), np.zeros((2, 4, 8, 5), np.float32))

@@ -36,7 +36,7 @@ def test_a_batch_of_the_wrong_shape_is_skipped_not_raised() -> None:
     observer = Observer("d")
     observer.configure(desired())
     observer.observe("t", "m", "1", np.ones((2, 2), np.float32), {"p": np.full((3, 2), 0.5, np.float32)})
-    observer.observe("t", "m", "1", np.ones((1, 2, 2), np.float32), {})
+    observer.observe("t", "m", "1", np.ones((1, 2, 2, 2, 2), np.float32), {})
     assert observer.failures == 2 and observer.drain_sketches() == []
     observer.configure(fleet_pb2.DesiredState())
     observer.observe("t", "m", "1", np.ones((1, 2), np.float32), {})
