@@ -46,6 +46,8 @@ class TransferConfig:
 @dataclass(frozen=True)
 class OutboxConfig:
     max_records: int = 10000
+    # A telemetry window the controller has not acknowledged storing by then is sent again.
+    ack_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,8 @@ def parse_config(text: str, path: Path = Path("agent.toml")) -> AgentConfig:
     outbox = OutboxConfig(**_read(src, _section(src, doc, "outbox"), "outbox", OutboxConfig))
     if outbox.max_records < 1:
         raise src.error("outbox", "max_records", f"must be at least 1, got {outbox.max_records}")
+    if not (math.isfinite(outbox.ack_timeout_s) and outbox.ack_timeout_s > 0):
+        raise src.error("outbox", "ack_timeout_s", f"must be positive, got {outbox.ack_timeout_s}")
 
     return AgentConfig(
         device_id=device_id,

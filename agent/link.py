@@ -30,7 +30,7 @@ from agent.config import MqttConfig
 
 log = logging.getLogger(__name__)
 
-SUBSCRIBED_KINDS = (Kind.DESIRED, Kind.ARTIFACT_RESPONSE)
+SUBSCRIBED_KINDS = (Kind.DESIRED, Kind.ARTIFACT_RESPONSE, Kind.TELEMETRY_ACK)
 
 
 def backoff_delay(attempt: int) -> float:

@@ -102,7 +102,9 @@ class Service:
         self.notifier = Notifier()
         self.sampler = SystemSampler(data)
         self.link = Link(config.device_id, config.mqtt, self.inbox, __version__)
-        self.sender = OutboxSender(self.outbox, self._publish_record)
+        self.sender = OutboxSender(
+            self.outbox, self._publish_record, ack_timeout_s=config.outbox.ack_timeout_s
+        )
         # Reported with the device's state while they hold (a full disk, ...).
         self.conditions = Conditions()
         self.updater = Updater(
@@ -253,10 +255,13 @@ class Service:
                     self._declare_tenants(event.message)
             elif isinstance(event.message, artifact_pb2.ArtifactResponse):
                 self.updater.on_artifact(event.message)
+            elif isinstance(event.message, fleet_pb2.TelemetryAck):
+                self.sender.acknowledge(event.message.seqs)
         elif isinstance(event, Rejected):
             self._payload_rejected(event.topic, event.reason)
         elif isinstance(event, LinkUp):
             self.updater.on_link_up()
+            self.sender.link_up()
         elif isinstance(event, LinkDown):
             log.info("working offline device=%s reason=%s", self.config.device_id, event.reason)
 
@@ -322,7 +327,9 @@ class Service:
             *self.pipeline_stats.drain(*self.pipelines.telemetry_inputs()),
             drift=self.observer.drain_sketches(),
         )
-        dropped = self.outbox.append(Kind.TELEMETRY.value, encode(telemetry), window_end)
+        telemetry.outbox_unwritable = self.outbox.unwritable
+        telemetry.outbox_dropped_for_space = self.outbox.dropped_for_space()
+        dropped = self.outbox.append(Kind.TELEMETRY.value, encode(telemetry), window_end, seq=telemetry.seq)
         if dropped:
             log.warning("outbox full device=%s dropped=%d", self.config.device_id, dropped)
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,6 +67,8 @@ def cmd_init(args: argparse.Namespace) -> int:
             mqtt_protocol=args.mqtt_protocol,
             chunk_size=args.chunk_size,
             max_upload_bytes=args.max_upload_bytes,
+            mqtt_tls_ca_file=Path(args.mqtt_tls_ca_file).resolve() if args.mqtt_tls_ca_file else None,
+            mqtt_client_certificate=args.mqtt_client_certificate,
         )
         token = service.initialise(data_dir, options)
         print(f"initialised {data_dir}; the admin bearer token follows (shown once):", file=sys.stderr)
@@ -279,7 +282,11 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def agent_config(
-    credentials: dict[str, Any], data_dir: str, socket: str | None, model_budget_mb: float = 0.0
+    credentials: dict[str, Any],
+    data_dir: str,
+    socket: str | None,
+    model_budget_mb: float = 0.0,
+    tls: dict[str, str] | None = None,
 ) -> str:
     doc: dict[str, Any] = {"device_id": credentials["device_id"], "data_dir": data_dir}
     if socket:
@@ -290,6 +297,8 @@ def agent_config(
         "username": credentials["mqtt_username"],
         "password": credentials["mqtt_password"],
         "protocol": credentials["mqtt_protocol"],
+        # TLS files (tls_ca_file, tls_cert_file, tls_key_file), relative to the config's folder.
+        **(tls or {}),
     }
     if credentials.get("controller_public_key"):
         # Pinned at provisioning: the agent refuses models this key did not sign.
@@ -301,6 +310,8 @@ def agent_config(
 
 
 def cmd_devices_register(args: argparse.Namespace) -> int:
+    if args.issue_cert and not args.agent_config:
+        raise CommandError("--issue-cert writes the certificate beside the agent config: give --agent-config")
     credentials = _call(
         args,
         "POST",
@@ -312,7 +323,8 @@ def cmd_devices_register(args: argparse.Namespace) -> int:
         budget = 0.0
         if args.profile:
             budget = _call(args, "GET", f"/v1/profiles/{args.profile}")["doc"]["memory"]["model_budget_mb"]
-        text = agent_config(credentials, args.agent_data_dir, args.agent_socket, budget)
+        tls = _device_certificate(args, out.parent) if args.issue_cert else None
+        text = agent_config(credentials, args.agent_data_dir, args.agent_socket, budget, tls)
         try:
             atomic_write(out, text.encode(), mode=0o600)
         except OSError as exc:
@@ -320,6 +332,54 @@ def cmd_devices_register(args: argparse.Namespace) -> int:
             raise CommandError(f"device registered but cannot write {out}: {exc}") from None
         print(f"agent config written to {out}", file=sys.stderr)
     _print(credentials)
+    return 0
+
+
+def _device_certificate(args: argparse.Namespace, folder: Path) -> dict[str, str]:
+    """Make the device's key pair here, have the controller's CA certify the public key, and
+    write key, certificate and the broker's CA into ``folder``; returns the [mqtt] TLS keys."""
+    from controller.certificates import new_client_key, private_key_pem, public_key_pem
+
+    broker_ca = ""
+    if args.broker_ca:
+        try:
+            broker_ca = Path(args.broker_ca).read_text()
+        except (OSError, UnicodeError) as exc:
+            raise CommandError(f"--broker-ca {args.broker_ca}: cannot read: {exc}") from None
+    key = new_client_key()
+    issued = _call(
+        args,
+        "POST",
+        f"/v1/devices/{args.device_id}/certificate",
+        json={"public_key_pem": public_key_pem(key), "valid_days": args.valid_days},
+    )
+    broker_ca = broker_ca or issued["broker_ca_pem"]
+    if not broker_ca:
+        raise CommandError(
+            "certificate issued, but the controller talks to its broker in plain TCP, so it cannot say "
+            "which CA the broker's certificate comes from: pass --broker-ca FILE"
+        )
+    files = {
+        "tls_key_file": (f"{args.device_id}.key", private_key_pem(key), 0o600),
+        "tls_cert_file": (f"{args.device_id}.crt", issued["certificate_pem"].encode(), 0o644),
+        "tls_ca_file": ("broker-ca.crt", broker_ca.encode(), 0o644),
+    }
+    try:
+        for name, data, mode in files.values():
+            atomic_write(folder / name, data, mode=mode)
+    except OSError as exc:
+        raise CommandError(f"certificate issued but cannot write it into {folder}: {exc}") from None
+    print(
+        f"device certificate written to {folder / files['tls_cert_file'][0]} (serial {issued['serial']}, "
+        f"valid until {time.strftime('%Y-%m-%d', time.gmtime(issued['not_after']))})",
+        file=sys.stderr,
+    )
+    return {key: name for key, (name, _, _) in files.items()}
+
+
+def cmd_devices_issue_cert(args: argparse.Namespace) -> int:
+    folder = Path(args.out_dir)
+    _print(_device_certificate(args, folder))
     return 0
 
 
@@ -463,6 +523,14 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     init.add_argument("--max-upload-bytes", type=int, default=DEFAULT_MAX_UPLOAD_BYTES)
     init.add_argument("--rotate-token", action="store_true", help="keep the data, print a new token")
+    init.add_argument(
+        "--mqtt-tls-ca-file", default=None, help="connect to the broker over TLS, verifying it with this CA"
+    )
+    init.add_argument(
+        "--mqtt-client-certificate",
+        action="store_true",
+        help="log in to the broker with a client certificate from the controller's CA",
+    )
     init.set_defaults(func=cmd_init)
     serve = ctl.add_parser("serve", help="serve the REST API and the MQTT transport")
     serve.add_argument("--data-dir", required=True)
@@ -547,7 +615,22 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--agent-data-dir", default="/var/lib/edgefleet-agent")
     register.add_argument("--agent-socket", default=None)
     register.add_argument("--profile", default=None, help="the device's class (edgefleet profiles list)")
+    register.add_argument(
+        "--issue-cert",
+        action="store_true",
+        help="also issue a client certificate from the controller's CA; key, certificate and the "
+        "broker's CA are written next to --agent-config",
+    )
     register.set_defaults(func=cmd_devices_register)
+    issue_cert = devices.add_parser(
+        "issue-cert", parents=[remote], help="issue a new client certificate for a registered device"
+    )
+    issue_cert.add_argument("device_id")
+    issue_cert.add_argument("--out-dir", required=True, help="where ID.key, ID.crt and broker-ca.crt go")
+    for sub in (register, issue_cert):
+        sub.add_argument("--valid-days", type=int, default=730, help="certificate validity (default 730)")
+        sub.add_argument("--broker-ca", default=None, help="CA of the broker's certificate, for the device")
+    issue_cert.set_defaults(func=cmd_devices_issue_cert)
     devices.add_parser("list", parents=[remote]).set_defaults(func=cmd_devices_list)
     set_profile = devices.add_parser("set-profile", parents=[remote], help="put a device in a profile")
     set_profile.add_argument("device_id")

@@ -25,11 +25,13 @@
     │   ├── UnknownTargets               a rollout names devices or versions that do not exist
     │   ├── InvalidDriftInput            a sketch, bin edges or reference data set that cannot be used
     │   ├── InvalidDataset               a capture upload or label file that does not hold together
-    │   └── InvalidPolicy                a retraining policy with a bad condition, trigger or cooldown
+    │   ├── InvalidPolicy                a retraining policy with a bad condition, trigger or cooldown
+    │   └── InvalidPublicKey             a device public key (or validity) a certificate cannot be issued for
     ├── TooLargeError                    an upload over the configured limit (HTTP 413)
     ├── ConfigError                      controller.toml missing or invalid (fatal at start)
     │   ├── AlreadyInitialised
-    │   └── SigningKeyError              the controller's Ed25519 key is missing or unreadable
+    │   ├── SigningKeyError              the controller's Ed25519 key is missing or unreadable
+    │   └── CertificateError             the controller's CA (DATA/ca/) is unreadable or inconsistent
     ├── StoreError                       SQLite failed underneath us (HTTP 500)
     │   └── DuplicateKeyError            a unique key was violated (callers raise a ConflictError)
     ├── BrokerAuthError                  the password file or the reload command failed (HTTP 503)
@@ -128,6 +130,10 @@ class SigningKeyError(ConfigError):
     pass
 
 
+class CertificateError(ConfigError):
+    pass
+
+
 class StoreError(ControllerError):
     pass
 
@@ -169,6 +175,10 @@ class InvalidDataset(InvalidInputError):
 
 
 class InvalidPolicy(InvalidInputError):
+    pass
+
+
+class InvalidPublicKey(InvalidInputError):
     pass
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from controller import settings as settings_mod
 from controller.artifacts import ArtifactStore
 from controller.auth import generate_token, hash_token
+from controller.certificates import CertificateAuthority
 from controller.closed_loop import ClosedLoop
 from controller.errors import AlreadyInitialised, ConfigError
 from controller.fleet import Fleet
@@ -35,6 +36,7 @@ class Controller:
         self.artifacts = ArtifactStore(settings.artifacts_dir, settings.chunk_size)
         self.broker_auth = BrokerAuth(settings.passwd_file, settings.broker_reload_command)
         self.signer = Signer.load_or_create(settings.data_dir / "signing")
+        self.certificates = CertificateAuthority.load_or_create(settings.data_dir / "ca")
         self.registry = Registry(self.store, self.artifacts, settings.max_upload_bytes, self.signer)
         self.optimizer = Optimizer(self.registry, settings.data_dir / "work")
         self.registry.on_added = self.optimizer.submit
@@ -121,6 +123,10 @@ class InitOptions:
     mqtt_protocol: str = "v5"
     chunk_size: int = settings_mod.DEFAULT_CHUNK_SIZE
     max_upload_bytes: int = settings_mod.DEFAULT_MAX_UPLOAD_BYTES
+    mqtt_tls_ca_file: Path | None = None
+    # Issue the controller's own client certificate from its CA (CN edgefleet-controller),
+    # for a TLS listener that takes usernames from certificates.
+    mqtt_client_certificate: bool = False
 
 
 def initialise(data_dir: Path, options: InitOptions) -> str:
@@ -141,10 +147,17 @@ def initialise(data_dir: Path, options: InitOptions) -> str:
         broker_reload_command=options.broker_reload_command,
         chunk_size=options.chunk_size,
         max_upload_bytes=options.max_upload_bytes,
+        mqtt_tls_ca_file=options.mqtt_tls_ca_file,
+        mqtt_tls_cert_file=data_dir / "ca" / "controller.crt" if options.mqtt_client_certificate else None,
+        mqtt_tls_key_file=data_dir / "ca" / "controller.key" if options.mqtt_client_certificate else None,
     )
     data_dir.mkdir(parents=True, exist_ok=True)
     controller = Controller(settings)
     try:
+        if settings.mqtt_tls_cert_file is not None and settings.mqtt_tls_key_file is not None:
+            controller.certificates.write_client(
+                settings.mqtt_username, settings.mqtt_tls_cert_file, settings.mqtt_tls_key_file
+            )
         controller.fleet.sync_broker()
     finally:
         controller.close()

@@ -21,6 +21,7 @@ CONTROLLER_USER = "edgefleet-controller"
 DEFAULT_CHUNK_SIZE = 65536
 MAX_CHUNK_SIZE = 1024 * 1024
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+DEFAULT_MAX_MODEL_MEMORY_BYTES = 2 * 1024 * 1024 * 1024
 PROTOCOLS = ("v5", "v311")
 
 
@@ -39,8 +40,18 @@ class Settings:
     mqtt_client_id: str = CONTROLLER_USER
     mosquitto_passwd_file: Path | None = None
     broker_reload_command: str = ""
+    # TLS to the broker: its certificate is verified against this CA file; unset
+    # means plain TCP (logged as unencrypted: for a broker on this machine). A
+    # client certificate and key log in where the broker's TLS listener takes the
+    # username from the certificate (use_identity_as_username).
+    mqtt_tls_ca_file: Path | None = None
+    mqtt_tls_cert_file: Path | None = None
+    mqtt_tls_key_file: Path | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    # What checking one uploaded model may take in memory (weights, constants it expands
+    # on load, and the checker process around them); a model needing more is refused.
+    max_model_memory_bytes: int = DEFAULT_MAX_MODEL_MEMORY_BYTES
     # Monitoring and the closed loop (issue 6): raw telemetry, events and drift
     # sketches are pruned after telemetry_retention_days, roll-ups after
     # rollup_retention_days; roll-ups and fleet-wide drift use windows of
@@ -51,20 +62,57 @@ class Settings:
     rollup_window_s: int = 60
     maintenance_interval_s: float = 10.0
     metrics_token_sha256: str = ""
+    # Per-device limits (docs/interfaces.md, "Controller limits"): artifact chunks served
+    # (bytes and requests per second, each with a burst), events accepted per second,
+    # and what a device may keep stored (events, telemetry bytes, captured data bytes).
+    chunk_bytes_per_s: float = 8 * 1024 * 1024
+    chunk_bytes_burst: int = 16 * 1024 * 1024
+    chunk_requests_per_s: float = 100.0
+    chunk_requests_burst: int = 200
+    events_per_s: float = 2.0
+    events_burst: int = 100
+    events_quota: int = 2000
+    telemetry_quota_bytes: int = 64 * 1024 * 1024
+    capture_quota_bytes: int = 512 * 1024 * 1024
+    # Warnings about one device's bad messages: at most this many a second (burst 10).
+    bad_message_logs_per_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mqtt_protocol not in PROTOCOLS:
             raise ConfigError(f"mqtt_protocol must be one of {PROTOCOLS}, not {self.mqtt_protocol!r}")
         if not 1 <= self.broker_port <= 65535:
             raise ConfigError(f"broker_port {self.broker_port} is not a TCP port")
+        if (self.mqtt_tls_cert_file is None) != (self.mqtt_tls_key_file is None):
+            raise ConfigError("mqtt_tls_cert_file and mqtt_tls_key_file go together: set both or neither")
+        if self.mqtt_tls_cert_file is not None and self.mqtt_tls_ca_file is None:
+            raise ConfigError(
+                "mqtt_tls_cert_file needs mqtt_tls_ca_file: a client certificate is only sent over TLS"
+            )
         if not 1024 <= self.chunk_size <= MAX_CHUNK_SIZE:
             raise ConfigError(f"chunk_size must be between 1024 and {MAX_CHUNK_SIZE}, not {self.chunk_size}")
         if self.max_upload_bytes < 1:
             raise ConfigError("max_upload_bytes must be positive")
+        if self.max_model_memory_bytes < 1:
+            raise ConfigError("max_model_memory_bytes must be positive")
         if min(self.telemetry_retention_days, self.rollup_retention_days, self.maintenance_interval_s) <= 0:
             raise ConfigError("retention days and maintenance_interval_s must be positive")
         if self.rollup_window_s < 1:
             raise ConfigError("rollup_window_s must be at least 1")
+        self._check_device_limits()
+
+    def _check_device_limits(self) -> None:
+        rates = ("chunk_bytes_per_s", "chunk_requests_per_s", "events_per_s", "bad_message_logs_per_s")
+        for name in rates:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        sizes = ("chunk_requests_burst", "events_burst", "events_quota", "telemetry_quota_bytes")
+        for name in (*sizes, "capture_quota_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.chunk_bytes_burst < self.chunk_size:
+            raise ConfigError(
+                f"chunk_bytes_burst ({self.chunk_bytes_burst}) must hold at least one chunk ({self.chunk_size})"
+            )
 
     @property
     def settings_path(self) -> Path:
@@ -84,6 +132,10 @@ class Settings:
 
     def with_changes(self, **changes: Any) -> Settings:
         return replace(self, **changes)
+
+
+# Settings stored as text and read back as paths.
+_PATH_FIELDS = frozenset(f.name for f in fields(Settings) if f.name != "data_dir" and "Path" in str(f.type))
 
 
 def settings_path(data_dir: Path) -> Path:
@@ -117,8 +169,9 @@ def load(data_dir: Path) -> Settings:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown settings {', '.join(unknown)}")
-    if raw.get("mosquitto_passwd_file"):
-        raw["mosquitto_passwd_file"] = Path(raw["mosquitto_passwd_file"])
+    for key in _PATH_FIELDS:
+        if raw.get(key):
+            raw[key] = Path(raw[key])
     try:
         return Settings(data_dir=data_dir, **raw)
     except TypeError as exc:

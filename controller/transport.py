@@ -129,6 +129,8 @@ class Transport:
         self._early_acks: dict[int, ReasonCode] = {}
         self._attempt = 0
         self._threads: list[threading.Thread] = []
+        # Telemetry windows handled in the ingest transaction under way, acknowledged once it commits.
+        self._stored_windows: list[tuple[str, int]] = []
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -395,13 +397,17 @@ class Transport:
         written again with a savepoint per window, so a bad one spoils only itself."""
         store = self.telemetry.store
         jobs = [job for job in batch if isinstance(job, Inbound)]
+        stored = self._stored_windows
+        stored.clear()
         try:
             with store.transaction():
                 for job in jobs:
                     self._handle(job)
+            self._acknowledge_telemetry(stored)
             return
         except Exception as exc:
             log.warning("telemetry batch retried window by window count=%d error=%s", len(jobs), exc)
+        stored.clear()
         try:
             with store.transaction():
                 for job in jobs:
@@ -410,8 +416,19 @@ class Transport:
                             self._handle(job)
                     except Exception:
                         log.exception("telemetry dropped device=%s", job.topic.device_id)
+            self._acknowledge_telemetry(stored)
         except Exception:
             log.exception("telemetry batch failed count=%d", len(jobs))
+
+    def _acknowledge_telemetry(self, stored: Sequence[tuple[str, int]]) -> None:
+        """Tell each device which of its windows are stored (committed, or stored before): until
+        then its agent keeps them and sends them again, so no window is lost with a broker session."""
+        seqs: dict[str, list[int]] = {}
+        for device_id, seq in stored:
+            seqs.setdefault(device_id, []).append(seq)
+        for device_id, device_seqs in seqs.items():
+            ack = fleet_pb2.TelemetryAck(device_id=device_id, seqs=device_seqs)
+            self._publish(Topic(device_id, Kind.TELEMETRY_ACK), encode(ack), retain=False)
 
     def _republish_desired(self, reason: str) -> None:
         states = self.fleet.desired_states()
@@ -448,6 +465,7 @@ class Transport:
         elif kind is Kind.TELEMETRY:
             assert isinstance(job.message, fleet_pb2.Telemetry)
             self.telemetry.ingest_telemetry(device_id, job.message, job.received_at)
+            self._stored_windows.append((device_id, job.message.seq))
         elif kind is Kind.EVENTS:
             assert isinstance(job.message, fleet_pb2.Event)
             self.telemetry.ingest_event(device_id, job.message, job.received_at)

@@ -54,11 +54,38 @@ def render_config(port: int, passwd: Path, acl: Path, persistence: Path, log: Pa
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class TlsListener:
+    """deploy/mosquitto/edgefleet-tls.conf's listener, with the test's certificates."""
+
+    cert_file: Path
+    key_file: Path
+    # The CA that client certificates must come from.
+    ca_file: Path
+    require_certificate: bool = False
+    port: int = field(default_factory=free_port)
+
+
+def render_tls_config(tls: TlsListener) -> str:
+    certificate_login = "true" if tls.require_certificate else "false"
+    replaced = {
+        "listener": f"listener {tls.port} 127.0.0.1",
+        "certfile": f"certfile {tls.cert_file}",
+        "keyfile": f"keyfile {tls.key_file}",
+        "cafile": f"cafile {tls.ca_file}",
+        "require_certificate": f"require_certificate {certificate_login}",
+        "use_identity_as_username": f"use_identity_as_username {certificate_login}",
+    }
+    lines = (DEPLOY / "edgefleet-tls.conf").read_text().splitlines()
+    return "\n".join(replaced.get(line.split(" ", 1)[0], line) for line in lines) + "\n"
+
+
 @dataclass
 class Broker:
     workdir: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    tls: TlsListener | None = None
     tool_users: list[str] = field(default_factory=list)
 
     @property
@@ -91,6 +118,7 @@ class Broker:
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             render_config(self.port, self.passwd_file, self.acl_file, self.workdir / "data", self.log_file)
+            + (render_tls_config(self.tls) if self.tls else "")
         )
         # Startup errors (bad config, busy port) go to stderr before the log file opens.
         with (self.workdir / "stderr.log").open("ab") as err:

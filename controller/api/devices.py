@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from controller.api.deps import FleetDep, TenantsDep
+from controller.api.deps import ControllerDep, FleetDep, TenantsDep
 from controller.api.schemas import (
+    DeviceCertificateCreate,
+    DeviceCertificatePublic,
     DeviceCreate,
     DeviceCredentialsPublic,
     DevicePublic,
     TenantCreate,
     TenantPublic,
 )
+from controller.certificates import broker_ca_pem
 
 router = APIRouter(tags=["devices"])
 
@@ -19,6 +22,27 @@ router = APIRouter(tags=["devices"])
 @router.post("/devices", status_code=status.HTTP_201_CREATED, response_model=DeviceCredentialsPublic)
 def register_device(body: DeviceCreate, fleet: FleetDep) -> DeviceCredentialsPublic:
     return DeviceCredentialsPublic.model_validate(fleet.register(body.device_id, body.tags, body.profile))
+
+
+@router.post(
+    "/devices/{device_id}/certificate",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DeviceCertificatePublic,
+)
+def issue_device_certificate(
+    device_id: str, body: DeviceCertificateCreate, controller: ControllerDep
+) -> DeviceCertificatePublic:
+    """A client certificate from the controller's CA for a registered device's public key."""
+    controller.fleet.get(device_id)
+    issued = controller.certificates.issue_client(device_id, body.public_key_pem, body.valid_days)
+    return DeviceCertificatePublic(
+        device_id=device_id,
+        serial=f"{issued.serial:x}",
+        certificate_pem=issued.certificate_pem,
+        not_after=issued.not_after,
+        ca_pem=controller.certificates.cert_pem,
+        broker_ca_pem=broker_ca_pem(controller.settings.mqtt_tls_ca_file),
+    )
 
 
 @router.get("/devices", response_model=list[DevicePublic])

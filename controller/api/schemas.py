@@ -107,6 +107,27 @@ class DeviceCredentialsPublic(_Public):
     profile: str
 
 
+class DeviceCertificateCreate(_Create):
+    # The device's public key (PEM, EC P-256/P-384 or RSA >= 2048 bits); its private key
+    # stays with whoever made the pair (the operator's CLI).
+    public_key_pem: str = Field(max_length=16384)
+    valid_days: int = Field(default=730, ge=1, le=3650)
+
+
+class DeviceCertificatePublic(_Public):
+    device_id: str
+    serial: str
+    # Its common name is the device id: the MQTT username a broker with
+    # use_identity_as_username takes from it.
+    certificate_pem: str
+    not_after: float
+    # The controller's CA, which the broker's TLS listener checks client certificates with.
+    ca_pem: str
+    # The CA the broker's own certificate is verified with (the controller's
+    # mqtt_tls_ca_file); empty when the controller talks to its broker in plain TCP.
+    broker_ca_pem: str
+
+
 class ModelStatePublic(_Public):
     tenant: str
     model_name: str
