@@ -1,22 +1,38 @@
-"""Bounded store-and-forward queue on disk (SQLite, WAL) for telemetry and events.
+"""Bounded store-and-forward queue on disk (SQLite, WAL) for telemetry, events and captures.
 
-Append always writes to disk first; the sender reads the oldest rows, publishes
-them and deletes a row only once the broker acknowledged it. When the bound is
-exceeded the oldest rows are dropped and a persisted counter says how many.
+Append always writes to disk first; the sender reads the oldest rows and
+publishes them. An event or capture row is deleted once the broker acknowledged
+it (PUBACK). A telemetry window stays until the controller says it stored it
+(TelemetryAck, keyed by the window's seq): a PUBACK only means the broker has
+it, and the broker loses what it queued for the controller when the
+controller's session is lost. A window without that acknowledgement is sent
+again after ``ack_timeout_s`` and whenever the link comes back; the controller
+stores each window once however many copies arrive. When the bound is exceeded
+the oldest rows are dropped and a persisted counter says how many.
+
+A full disk is a condition, not a fault: no write here raises. A record that
+cannot be stored makes room first, the oldest telemetry going first, and is
+counted as unwritable if there is still none; storing resumes by itself when
+space returns. Room is only possible with some slack: in WAL mode a delete is
+itself a write, and a checkpoint may need the database file to grow, so the
+outbox keeps a reserve file it gives back to the disk when it is full and
+writes again once there is space.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent.errors import OutboxError
 
@@ -33,8 +49,18 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
-INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0), ('seq', 0);
+INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0), ('seq', 0), ('dropped_for_space', 0);
 """
+# Telemetry rows carry their window's seq, which the controller's acknowledgement names.
+_SEQ_COLUMN = "ALTER TABLE outbox ADD COLUMN seq INTEGER"
+_SEQ_INDEX = "CREATE INDEX IF NOT EXISTS outbox_seq ON outbox (seq)"
+
+# Given back to a full disk so that making room (a checkpoint, a delete) can be written.
+RESERVE_BYTES = 1024 * 1024
+# Checkpoint often, so little of the outbox waits in the WAL for the database file to grow.
+WAL_AUTOCHECKPOINT_PAGES = 64
+# Telemetry deleted to make room for a record: at least this many times its size.
+ROOM_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -43,6 +69,7 @@ class Record:
     kind: str
     payload: bytes
     created_ms: int
+    seq: int | None = None
 
 
 class Outbox:
@@ -50,36 +77,101 @@ class Outbox:
         if max_records < 1:
             raise ValueError("max_records must be at least 1")
         self.path = Path(path)
+        self.reserve = self.path.with_name(self.path.name + ".reserve")
         self.max_records = max_records
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        # Records that could not be stored since the agent started (Telemetry.outbox_unwritable).
+        self.unwritable = 0
+        self._failing_since: float | None = None
+        # Rows sent and done with whose delete could not be written yet (disk full).
+        self._undeleted: set[int] = set()
         try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise OutboxError(f"cannot open outbox {self.path}: {exc}") from None
+            self._db = self._open()
+        except sqlite3.Error as first:
+            # A full disk can refuse even opening (the WAL index): give the reserve back, try again.
+            if not self._release_reserve():
+                raise OutboxError(f"cannot open outbox {self.path}: {first}") from None
+            try:
+                self._db = self._open()
+            except sqlite3.Error as exc:
+                raise OutboxError(f"cannot open outbox {self.path}: {exc}") from None
+        (self._seq,) = self._db.execute(
+            "SELECT MAX((SELECT value FROM counters WHERE name = 'seq'), IFNULL(MAX(seq), 0)) FROM outbox"
+        ).fetchone()
+        self._keep_reserve()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            db.executescript(_SCHEMA)
+            columns = {r[1] for r in db.execute("PRAGMA table_info(outbox)")}
+            if "seq" not in columns:
+                db.execute(_SEQ_COLUMN)
+            db.execute(_SEQ_INDEX)
+        except sqlite3.Error:
+            db.close()
+            raise
+        return db
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; raises sqlite3.Error (callers decide whether it is fatal)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                # SQLite may have rolled back already (a full disk does that).
+                if self._db.in_transaction:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error as exc:
+                        log.debug("outbox rollback failed path=%s error=%s", self.path, exc)
+                raise
+
+    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
+                return list(self._db.execute(sql, args).fetchall())
             except sqlite3.Error as exc:
                 raise OutboxError(f"outbox {self.path}: {exc}") from None
 
-    def append(self, kind: str, payload: bytes, created_ms: int) -> int:
-        """Store a record; returns how many old records the bound dropped to make room."""
+    # -- writing ---------------------------------------------------------------
+
+    def append(self, kind: str, payload: bytes, created_ms: int, seq: int | None = None) -> int:
+        """Store a record; returns how many old records the bound dropped to make room.
+
+        Never raises for a full disk or a failed write: the record is then counted
+        in :attr:`unwritable` and lost, after the oldest telemetry was dropped to
+        make room for it, if there was any.
+        """
+        with self._lock:
+            try:
+                dropped = self._insert(kind, payload, created_ms, seq)
+            except sqlite3.Error as first:
+                self._failing(first)
+                try:
+                    self._make_room(len(payload))
+                    dropped = self._insert(kind, payload, created_ms, seq)
+                except sqlite3.Error as exc:
+                    self.unwritable += 1
+                    log.debug("outbox record not stored kind=%s error=%s", kind, exc)
+                    return 0
+            self._recovered()
+            return dropped
+
+    def _insert(self, kind: str, payload: bytes, created_ms: int, seq: int | None) -> int:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO outbox (kind, payload, created_ms) VALUES (?, ?, ?)", (kind, payload, created_ms)
+                "INSERT INTO outbox (kind, payload, created_ms, seq) VALUES (?, ?, ?, ?)",
+                (kind, payload, created_ms, seq),
             )
+            if seq is not None:
+                db.execute("UPDATE counters SET value = MAX(value, ?) WHERE name = 'seq'", (seq,))
             (count,) = db.execute("SELECT COUNT(*) FROM outbox").fetchone()
             excess = int(count) - self.max_records
             if excess > 0:
@@ -89,38 +181,180 @@ class Outbox:
                 db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (excess,))
             return max(0, excess)
 
-    def oldest(self, limit: int, after_id: int = 0) -> list[Record]:
+    def _make_room(self, need: int) -> None:
+        """Give the reserve back, checkpoint, and delete the oldest telemetry worth ``need`` bytes and more."""
+        self._release_reserve()
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(RESTART)")
+        except sqlite3.Error as exc:
+            log.debug("outbox checkpoint failed path=%s error=%s", self.path, exc)
+        rows = self._db.execute(
+            "SELECT id, length(payload) FROM outbox ORDER BY kind != 'telemetry', id LIMIT 1000"
+        ).fetchall()
+        victims: list[int] = []
+        freed = 0
+        for record_id, size in rows:
+            if freed >= need * ROOM_FACTOR:
+                break
+            victims.append(int(record_id))
+            freed += int(size)
+        if not victims:
+            return
         with self._tx() as db:
-            rows = db.execute(
-                "SELECT id, kind, payload, created_ms FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-                (after_id, limit),
-            ).fetchall()
-        return [Record(int(r[0]), str(r[1]), bytes(r[2]), int(r[3])) for r in rows]
+            db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in victims])
+            db.execute(
+                "UPDATE counters SET value = value + ? WHERE name = 'dropped_for_space'", (len(victims),)
+            )
+        log.warning(
+            "outbox full, oldest records dropped to make room path=%s count=%d", self.path, len(victims)
+        )
+
+    def _failing(self, exc: sqlite3.Error) -> None:
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.error(
+                "outbox cannot store: disk full or write failed, the oldest telemetry makes room and what "
+                "does not fit is counted path=%s error=%s",
+                self.path,
+                exc,
+            )
+
+    def _recovered(self) -> None:
+        if self._undeleted:
+            self._flush_undeleted()
+        if self._failing_since is not None:
+            log.warning(
+                "outbox storing again path=%s after_s=%.1f unwritable=%d",
+                self.path,
+                time.monotonic() - self._failing_since,
+                self.unwritable,
+            )
+            self._failing_since = None
+        self._keep_reserve()
+
+    def _keep_reserve(self) -> None:
+        """Write the reserve file when it is missing and the disk has room for it twice over."""
+        try:
+            if self.reserve.exists() and self.reserve.stat().st_size >= RESERVE_BYTES:
+                return
+            if shutil.disk_usage(self.path.parent).free < 2 * RESERVE_BYTES:
+                return
+            fd = os.open(self.reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                # Written, not sparse: the blocks must really be held.
+                os.write(fd, bytes(RESERVE_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.debug("outbox reserve not written path=%s error=%s", self.reserve, exc)
+            self._release_reserve()
+
+    def _release_reserve(self) -> bool:
+        try:
+            self.reserve.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            log.warning("outbox reserve not removed path=%s error=%s", self.reserve, exc)
+            return False
+        return True
 
     def delete(self, record_id: int) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM outbox WHERE id = ?", (record_id,))
+        """Forget a record that was delivered; on a full disk, as soon as a write succeeds."""
+        with self._lock:
+            self._undeleted.add(record_id)
+            self._flush_undeleted()
 
-    def __len__(self) -> int:
-        with self._tx() as db:
-            (count,) = db.execute("SELECT COUNT(*) FROM outbox").fetchone()
-        return int(count)
+    def acknowledge(self, seqs: Iterable[int]) -> list[int]:
+        """Forget the telemetry windows the controller stored; returns their record ids."""
+        wanted = sorted({int(s) for s in seqs})
+        if not wanted:
+            return []
+        marks = ",".join("?" * len(wanted))
+        rows = self._read(
+            f"SELECT id FROM outbox WHERE kind = 'telemetry' AND seq IN ({marks})", tuple(wanted)
+        )
+        ids = [int(r[0]) for r in rows]
+        with self._lock:
+            self._undeleted.update(ids)
+            self._flush_undeleted()
+        return ids
 
-    def dropped(self) -> int:
-        with self._tx() as db:
-            (value,) = db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
-        return int(value)
+    def _flush_undeleted(self) -> None:
+        ids = sorted(self._undeleted)
+        try:
+            with self._tx() as db:
+                db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+        except sqlite3.Error as exc:
+            self._failing(exc)
+            return
+        self._undeleted.difference_update(ids)
 
     def next_seq(self) -> int:
-        """A per-device sequence number that survives restarts (Telemetry.seq)."""
-        with self._tx() as db:
-            db.execute("UPDATE counters SET value = value + 1 WHERE name = 'seq'")
-            (value,) = db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()
+        """A per-device sequence number that survives restarts (Telemetry.seq).
+
+        Persisted with the window that carries it and, when the disk allows, at
+        once; a number whose window was never stored may be given again after a restart.
+        """
+        with self._lock:
+            self._seq += 1
+            try:
+                with self._tx() as db:
+                    db.execute("UPDATE counters SET value = MAX(value, ?) WHERE name = 'seq'", (self._seq,))
+            except sqlite3.Error as exc:
+                self._failing(exc)
+            return int(self._seq)
+
+    # -- reading ---------------------------------------------------------------
+
+    def oldest(self, limit: int, after_id: int = 0) -> list[Record]:
+        rows = self._read(
+            "SELECT id, kind, payload, created_ms, seq FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, limit + len(self._undeleted)),
+        )
+        return [r for r in map(_record, rows) if r.id not in self._undeleted][:limit]
+
+    def records(self, ids: Iterable[int]) -> list[Record]:
+        """The records among ``ids`` still stored, oldest first."""
+        wanted = sorted(set(ids) - self._undeleted)
+        if not wanted:
+            return []
+        marks = ",".join("?" * len(wanted))
+        rows = self._read(
+            f"SELECT id, kind, payload, created_ms, seq FROM outbox WHERE id IN ({marks}) ORDER BY id",
+            tuple(wanted),
+        )
+        return [_record(r) for r in rows]
+
+    def __len__(self) -> int:
+        ((count,),) = self._read("SELECT COUNT(*) FROM outbox")
+        return int(count) - len(self._undeleted)
+
+    def _counter(self, name: str) -> int:
+        ((value,),) = self._read("SELECT value FROM counters WHERE name = ?", (name,))
         return int(value)
+
+    def dropped(self) -> int:
+        return self._counter("dropped")
+
+    def dropped_for_space(self) -> int:
+        return self._counter("dropped_for_space")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _record(row: Any) -> Record:
+    record_id, kind, payload, created_ms, seq = row
+    return Record(
+        int(record_id),
+        str(kind),
+        bytes(payload),
+        int(created_ms),
+        None if seq is None else int(seq),
+    )
 
 
 class Acknowledgeable(Protocol):
@@ -134,9 +368,10 @@ class Acknowledgeable(Protocol):
 class OutboxSender:
     """Drains the outbox oldest first over a publish function, a bounded window at a time.
 
-    A row is deleted only when the broker acknowledged it with a success reason
-    code. A refusal keeps the row and pauses sending (jittered backoff); the
-    bound eventually drops what can never be delivered.
+    An event or capture row is deleted when the broker acknowledged it with a
+    success reason code; a telemetry row when the controller acknowledged its
+    seq (:meth:`acknowledge`). A refusal keeps the row and pauses sending
+    (jittered backoff); the bound eventually drops what can never be delivered.
     """
 
     def __init__(
@@ -145,35 +380,75 @@ class OutboxSender:
         publish: Callable[[str, bytes], Acknowledgeable],
         window: int = 16,
         clock: Callable[[], float] = time.monotonic,
+        ack_timeout_s: float = 30.0,
     ) -> None:
         self.outbox = outbox
         self.publish = publish
         self.window = window
         self.clock = clock
-        self.inflight: dict[int, Acknowledgeable] = {}
+        self.ack_timeout_s = ack_timeout_s
+        self.inflight: dict[int, tuple[Acknowledgeable, Record]] = {}
+        # Telemetry the broker took, waiting for the controller's acknowledgement: id -> when.
+        self.awaiting: dict[int, float] = {}
+        # Rows to send again (refused, or not acknowledged in time), oldest first.
+        self.again: set[int] = set()
+        # The newest row sent since the agent started; newer rows have not been sent yet.
+        self.cursor = 0
         self.refusals = 0
         self.paused_until = 0.0
+        self.resent = 0
 
     def pump(self, connected: bool) -> None:
-        for record_id, pub in list(self.inflight.items()):
+        now = self.clock()
+        for record_id, (pub, record) in list(self.inflight.items()):
             if not pub.done:
                 continue
             del self.inflight[record_id]
             if pub.ok:
-                self.outbox.delete(record_id)
+                if record.seq is None:
+                    self.outbox.delete(record_id)
+                else:
+                    self.awaiting[record_id] = now
                 self.refusals = 0
             else:
+                self.again.add(record_id)
                 self.refusals += 1
-                self.paused_until = self.clock() + random.uniform(0, 1.5 ** min(10, self.refusals))
+                self.paused_until = now + random.uniform(0, 1.5 ** min(10, self.refusals))
                 log.error("outbox record refused id=%d reason=%s", record_id, pub.reason)
-        if not connected or self.clock() < self.paused_until:
+        late = [i for i, at in self.awaiting.items() if now - at >= self.ack_timeout_s]
+        if late:
+            log.info("telemetry not acknowledged in time, sent again count=%d", len(late))
+            self._send_again(late)
+        if not connected or now < self.paused_until:
             return
         free = self.window - len(self.inflight)
         if free <= 0:
             return
-        after = max(self.inflight, default=0)
-        for record in self.outbox.oldest(free, after_id=after):
-            self.inflight[record.id] = self.publish(record.kind, record.payload)
+        if self.again:
+            retry = sorted(self.again)[:free]
+            self.again.difference_update(retry)
+            for record in self.outbox.records(retry):
+                self.inflight[record.id] = (self.publish(record.kind, record.payload), record)
+                self.resent += 1
+            free = self.window - len(self.inflight)
+        for record in self.outbox.oldest(max(0, free), after_id=self.cursor):
+            self.inflight[record.id] = (self.publish(record.kind, record.payload), record)
+            self.cursor = max(self.cursor, record.id)
+
+    def acknowledge(self, seqs: Iterable[int]) -> None:
+        """The controller stored these telemetry windows: forget them."""
+        for record_id in self.outbox.acknowledge(seqs):
+            self.awaiting.pop(record_id, None)
+            self.again.discard(record_id)
+
+    def link_up(self) -> None:
+        """Acknowledgements published while the link was down are lost: ask again for all."""
+        self._send_again(list(self.awaiting))
+
+    def _send_again(self, ids: list[int]) -> None:
+        for record_id in ids:
+            del self.awaiting[record_id]
+        self.again.update(ids)
 
     @property
     def busy(self) -> bool:

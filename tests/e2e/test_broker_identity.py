@@ -9,6 +9,7 @@ window until the controller acknowledges having stored it.
 from __future__ import annotations
 
 import random
+import signal
 import sqlite3
 import threading
 import time
@@ -17,6 +18,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from tests.broker import CONTROLLER_USER, Broker
@@ -115,6 +118,10 @@ def assert_every_window_stored_once(controller: Controller, agent: Agent) -> lis
     return seqs
 
 
+def quick_acks(agent: Agent, ack_timeout_s: float) -> None:
+    agent.config.write_text(agent.config.read_text() + f"\n[outbox]\nack_timeout_s = {ack_timeout_s}\n")
+
+
 def test_device_credentials_cannot_take_over_the_controller_or_another_device(
     broker: Broker, controller: Controller, agents: list[Agent], tmp_path: Path
 ) -> None:
@@ -135,4 +142,33 @@ def test_device_credentials_cannot_take_over_the_controller_or_another_device(
     assert taken_over(broker, CONTROLLER_USER) == 0 and taken_over(broker, "dev-b") == 0
     assert controller_disconnects(controller) == controller_before, "the controller was disconnected"
     assert agent_disconnects(agent) == agent_before, "dev-b was disconnected"
+    assert_every_window_stored_once(controller, agent)
+
+
+def test_no_window_is_lost_when_the_controller_and_its_broker_session_are_lost(
+    broker: Broker, controller: Controller, agents: list[Agent], tmp_path: Path
+) -> None:
+    agent = register_agent(controller, tmp_path / "agents", "dev-s", telemetry_interval=0.2)
+    quick_acks(agent, 2.0)
+    agents.append(agent.start())
+    wait_until(lambda: len(stored_seqs(controller, "dev-s")) >= 3, 30, "first windows stored")
+
+    # The controller dies mid-ingest, then its persistent session (and every window the
+    # broker queued for it) is discarded, as a clean-start login with its credentials does.
+    controller.stop(signal.SIGKILL)
+    time.sleep(1.5)
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 0
+    wiper = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=CONTROLLER_USER, protocol=mqtt.MQTTv5)
+    wiper.username_pw_set(CONTROLLER_USER, controller.mqtt_password())
+    connected = threading.Event()
+    wiper.on_connect = lambda c, u, f, rc, p: connected.set()
+    wiper.connect("127.0.0.1", broker.port, clean_start=True, properties=props)
+    wiper.loop_start()
+    assert connected.wait(10)
+    time.sleep(1.0)  # windows published now reach nobody
+    wiper.disconnect()
+    wiper.loop_stop()
+    controller.start()
+
     assert_every_window_stored_once(controller, agent)
