@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from edgefleet_proto import fleet_pb2
+from edgefleet_proto.broker_tls import LastError, explain
 from edgefleet_proto.codec import PayloadError, decode, encode
 from edgefleet_proto.topics import Kind, Topic, TopicError
 from google.protobuf.message import Message
@@ -27,6 +29,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import MqttConfig
+from agent.tls import broker_tls, certificate_problem, client_context
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,19 @@ class Link:
             clean_session=None if protocol == mqtt.MQTTv5 else True,
         )
         self._client.username_pw_set(config.username or device_id, config.password)
+        self._tls = broker_tls(config)
+        self._paho_errors = LastError()
+        self._client.enable_logger(self._paho_errors.logger())
+        if self._tls is not None:
+            self._client.tls_set_context(client_context(self._tls))
+        else:
+            log.warning(
+                "broker connection is unencrypted device=%s host=%s port=%s: plain TCP is for a broker on "
+                "this device or a trusted local network; set [mqtt] tls_ca_file for TLS",
+                device_id,
+                config.host,
+                config.port,
+            )
         self._client.max_queued_messages_set(0)
         self._client.on_connect = self._on_connect
         self._client.on_connect_fail = self._on_connect_fail
@@ -211,15 +227,21 @@ class Link:
         try:
             self._attempt += 1
             self._set_delay()
+            # paho calls this from the `except OSError` around its connect: the error is current.
+            error = sys.exception()
             log.warning(
-                "broker unreachable device=%s host=%s port=%s attempt=%d",
+                "broker connection failed device=%s host=%s port=%s attempt=%d reason=%s",
                 self.device_id,
                 self.config.host,
                 self.config.port,
                 self._attempt,
+                self._reason(error) if error is not None else "unknown",
             )
         except Exception:
             log.exception("on_connect_fail failed device=%s", self.device_id)
+
+    def _reason(self, error: BaseException | str) -> str:
+        return explain(error, self._tls, self.config.host, certificate_problem)
 
     def _on_disconnect(
         self,
@@ -234,9 +256,20 @@ class Link:
             self._connected.clear()
             self._attempt += 1
             self._set_delay()
+            paho_error = self._paho_errors.take()
             if was:
                 log.warning("broker disconnected device=%s reason=%s", self.device_id, reason_code)
                 self.inbox.put(LinkDown(str(reason_code)))
+            elif paho_error:
+                # Ended before CONNACK: under TLS 1.3 this is how a refused client certificate shows.
+                log.warning(
+                    "broker connection failed device=%s host=%s port=%s attempt=%d reason=%s",
+                    self.device_id,
+                    self.config.host,
+                    self.config.port,
+                    self._attempt,
+                    self._reason(paho_error),
+                )
         except Exception:
             log.exception("on_disconnect failed device=%s", self.device_id)
 

@@ -22,10 +22,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from edgefleet_proto import artifact_pb2, fleet_pb2
+from edgefleet_proto.broker_tls import BrokerTls, LastError, TlsSetupError, explain
 from edgefleet_proto.codec import PayloadError, decode, encode
 from edgefleet_proto.topics import Kind, Topic, TopicError, fleet_subscription
 from google.protobuf.message import Message
@@ -35,7 +37,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from controller.artifacts import ArtifactStore
-from controller.errors import ArtifactNotFound, ControllerError
+from controller.certificates import certificate_problem
+from controller.errors import ArtifactNotFound, ConfigError, ControllerError
 from controller.fleet import Fleet
 from controller.settings import Settings
 from controller.telemetry import TelemetryStore
@@ -113,6 +116,21 @@ class Transport:
             clean_session=None if self._v5 else False,
         )
         self._client.username_pw_set(settings.mqtt_username, settings.mqtt_password)
+        self._tls = _broker_tls(settings)
+        self._paho_errors = LastError()
+        self._client.enable_logger(self._paho_errors.logger())
+        if self._tls is not None:
+            try:
+                self._client.tls_set_context(self._tls.context())
+            except TlsSetupError as exc:
+                raise ConfigError(f"{settings.settings_path}: mqtt_tls_*: {exc}") from None
+        else:
+            log.warning(
+                "mqtt connection to the broker is unencrypted broker=%s:%d: plain TCP is for a broker on "
+                "this machine; set mqtt_tls_ca_file in controller.toml for TLS",
+                settings.broker_host,
+                settings.broker_port,
+            )
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -165,6 +183,12 @@ class Transport:
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
 
+    def _reason(self, error: BaseException | str) -> str:
+        """Why connecting failed, in words naming the cause (a wrong CA, an expired certificate)."""
+        return explain(
+            error, self._tls, self.settings.broker_host, lambda path: certificate_problem(Path(path))
+        )
+
     def _run_network(self) -> None:
         host, port = self.settings.broker_host, self.settings.broker_port
         while not self._stopping.is_set():
@@ -180,8 +204,8 @@ class Transport:
                 while not self._stopping.is_set():
                     if self._client.loop(timeout=0.5) != mqtt.MQTT_ERR_SUCCESS:
                         break
-            except Exception as exc:  # socket errors and anything paho raises: retry
-                log.warning("mqtt connection failed broker=%s:%d error=%s", host, port, exc)
+            except Exception as exc:  # socket errors, TLS refusals and anything paho raises: retry
+                log.warning("mqtt connection failed broker=%s:%d error=%s", host, port, self._reason(exc))
             self.connected.clear()
             if self._stopping.is_set():
                 break
@@ -235,10 +259,22 @@ class Transport:
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
     ) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
         self.disconnects += 1
-        if not self._stopping.is_set():
+        paho_error = self._paho_errors.take()
+        if self._stopping.is_set():
+            return
+        if was_connected or not paho_error:
             log.warning("mqtt disconnected reason=%s", reason_code)
+        else:
+            # Ended before CONNACK: under TLS 1.3 this is how a refused client certificate shows.
+            log.warning(
+                "mqtt connection failed broker=%s:%d error=%s",
+                self.settings.broker_host,
+                self.settings.broker_port,
+                self._reason(paho_error),
+            )
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode], properties: Any
@@ -514,3 +550,13 @@ class Transport:
                 log.debug("chunks sent device=%s digest=%s count=%d", device_id, request.digest, len(indices))
         except (ControllerError, OSError) as exc:
             refuse(f"cannot read artifact: {exc}")
+
+
+def _broker_tls(settings: Settings) -> BrokerTls | None:
+    if settings.mqtt_tls_ca_file is None:
+        return None
+    return BrokerTls(
+        str(settings.mqtt_tls_ca_file),
+        str(settings.mqtt_tls_cert_file or ""),
+        str(settings.mqtt_tls_key_file or ""),
+    )
