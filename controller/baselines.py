@@ -22,13 +22,13 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import decode_as
 
 from controller import drift
 from controller.drift import Sketch, SketchSpec
 from controller.errors import BaselineNotFound, ControllerError, InvalidDriftInput
+from controller.model_runner import Runner, file_format
 from controller.store import Store
 
 log = logging.getLogger(__name__)
@@ -326,12 +326,16 @@ class Calibrations(Protocol):
 
 
 def model_probabilities(model: Path, inputs: npt.NDArray[Any]) -> npt.NDArray[np.float64] | None:
-    """Class probabilities of a classifier on ``inputs``: its last 2-D float output
+    """Class probabilities of a classifier (ONNX or TFLite) on ``inputs``: its last 2-D float output
     (softmaxed when its rows are not already distributions); None if it has none."""
     try:
-        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-        outputs = session.run(None, {session.get_inputs()[0].name: inputs})
-    except Exception as exc:  # onnxruntime raises its own types; the baseline goes without classes
+        # The runtime the file's format needs (LiteRT for .tflite), one sample at a time:
+        # a TFLite model's batch is usually fixed at 1.
+        runner = Runner(model, file_format(model))
+        outputs = runner.run_all([[inputs[i : i + 1]] for i in range(len(inputs))])
+    except (
+        Exception
+    ) as exc:  # onnxruntime and LiteRT raise their own types; the baseline goes without classes
         log.warning("reference predictions unavailable model=%s error=%s", model.name, exc)
         return None
     for out in reversed(outputs):

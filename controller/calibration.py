@@ -32,6 +32,14 @@ class CalibrationSet:
     scalars: frozenset[str]
     count: int
 
+    @classmethod
+    def stacked(cls, arrays: Mapping[str, np.ndarray]) -> CalibrationSet:
+        """Arrays whose samples all lie along the first axis (a set not read from a file)."""
+        counts = {a.shape[0] for a in arrays.values()}
+        if len(counts) != 1:
+            raise InvalidInputError(f"arrays need the same number of samples, got {sorted(counts)}")
+        return cls(dict(arrays), dict.fromkeys(arrays, 0), frozenset(), counts.pop())
+
     def sample(self, index: int, order: Sequence[str]) -> list[np.ndarray]:
         """Sample ``index`` as the model takes it (batch axis kept, of size 1), inputs in ``order``."""
         return [self._one(name, index) for name in order]

@@ -138,15 +138,28 @@ def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return found
 
 
+def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """The graph and every subgraph (If branches, Loop and Scan bodies): silero-vad keeps
+    all its weights inside the branches of an If."""
+    found = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+            for sub in subgraphs:
+                found.extend(_graphs(sub))
+    return found
+
+
 def onnx_opset_and_precision(path: Path) -> tuple[int, str, str]:
     """The default-domain opset, the precision the operators compute in and the one most
     weight bytes are stored in. fp16 weights that are Cast to float before use are storage
     only: the kernels run float32, as on a CPU without fp16."""
     model = onnx.load(str(path), load_external_data=False)
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    graph = model.graph
-    ops = {n.op_type for n in graph.node}
-    constants = _constants(graph)
+    graphs = _graphs(model.graph)
+    nodes = [n for g in graphs for n in g.node]
+    ops = {n.op_type for n in nodes}
+    constants = {name: t for g in graphs for name, t in _constants(g).items()}
     weight_bytes: dict[str, int] = {}
     for tensor in constants.values():
         if tensor.data_type in _STORAGE:
@@ -157,14 +170,16 @@ def onnx_opset_and_precision(path: Path) -> tuple[int, str, str]:
     if ops & _QDQ_OPS or (types & {onnx.TensorProto.INT8, onnx.TensorProto.UINT8} and "MatMulInteger" in ops):
         return opset, "int8", storage
     half = {n for n, t in constants.items() if t.data_type == onnx.TensorProto.FLOAT16}
-    half |= {i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
-    for node in graph.node:
+    half |= {
+        i.name for g in graphs for i in g.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    }
+    for node in nodes:
         if node.op_type == "Cast" and any(
             a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in node.attribute
         ):
             half.update(node.output)
     computes_half = any(
-        node.op_type not in ("Cast", "Constant") and any(i in half for i in node.input) for node in graph.node
+        node.op_type not in ("Cast", "Constant") and any(i in half for i in node.input) for node in nodes
     )
     return opset, "fp16" if computes_half else "fp32", storage
 

@@ -8,6 +8,8 @@ Exporters write graphs those tools do not expect:
 - the default domain listed twice in ``opset_import`` (``""`` and ``"ai.onnx"``, or
   ``""`` twice, as skl2onnx writes): the quantizer stops with "Failed to find
   proper ai.onnx domain";
+- an opset below 13, where DequantizeLinear has no ``axis``: per-channel int8
+  weights cannot be written (Paddle exports are opset 11 or 12);
 - no shapes for intermediate tensors: onnxruntime's quantization pre-processing
   (symbolic shape inference, graph optimization, ONNX shape inference) is what its
   authors ask for before quantizing, and without it many operators stay float.
@@ -26,6 +28,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 log = logging.getLogger(__name__)
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+# The first opset whose QuantizeLinear/DequantizeLinear take an ``axis`` (per-channel weights).
+PER_CHANNEL_OPSET = 13
 # Constant attributes other than a tensor, and the dtype their value becomes.
 _SCALAR_ATTRS = {
     "value_float": np.float32,
@@ -101,12 +105,19 @@ def prepare(source: Path, target: Path, pre_process: bool = True) -> dict[str, o
     moved = constants_to_initializers(model.graph)
     if moved:
         done["constants_to_initializers"] = moved
+    opset = next((e.version for e in model.opset_import if e.domain == ""), PER_CHANNEL_OPSET)
+    if pre_process and opset < PER_CHANNEL_OPSET:
+        try:
+            model = onnx.version_converter.convert_version(model, PER_CHANNEL_OPSET)
+            done["opset_upgraded"] = f"{opset} -> {PER_CHANNEL_OPSET}"
+        except Exception as exc:  # the converter has no adapter for some operators; per-tensor still works
+            done["opset_upgraded"] = f"failed: {_first_line(exc)}"
     onnx.save(model, str(target))
     for skip_symbolic in (False, True) if pre_process else ():
         try:
             quant_pre_process(str(target), str(target), skip_symbolic_shape=skip_symbolic)
         except Exception as exc:  # the shape inferers raise whatever their passes raise
-            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            reason = _first_line(exc)
             done["pre_processing"] = f"failed: {reason}"
             log.info("quantization pre-processing failed skip_symbolic=%s reason=%s", skip_symbolic, reason)
             onnx.save(model, str(target))
@@ -114,3 +125,8 @@ def prepare(source: Path, target: Path, pre_process: bool = True) -> dict[str, o
         done["pre_processing"] = "without symbolic shapes" if skip_symbolic else "done"
         break
     return done
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

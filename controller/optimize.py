@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import logging
 import queue
-import statistics
 import threading
-import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnxruntime.quantization import (
     CalibrationDataReader,
     QuantFormat,
@@ -39,6 +36,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from controller.calibration import CalibrationSet, load_calibration
 from controller.errors import OptimizeError
+from controller.model_runner import Runner
 from controller.onnx_preparation import prepare
 from controller.registry import (
     DYNAMIC_INT8,
@@ -49,7 +47,6 @@ from controller.registry import (
     Registry,
     Variant,
 )
-from controller.tflite import interpreter_module
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +54,6 @@ log = logging.getLogger(__name__)
 # (up to VALIDATION_SAMPLES) is used to validate.
 CALIBRATION_SAMPLES = 64
 VALIDATION_SAMPLES = 512
-LATENCY_WARMUP = 3
-LATENCY_RUNS = 20
 
 
 @dataclass(frozen=True)
@@ -123,74 +118,6 @@ def _top1_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.mean(np.argmax(reference, axis=-1) == np.argmax(candidate, axis=-1)))
 
 
-# -- running a model file on samples -------------------------------------------
-
-
-class Runner:
-    """One model file (ONNX or TFLite), run one sample at a time on named inputs by position."""
-
-    def __init__(self, path: Path, fmt: str) -> None:
-        self.format = fmt
-        if fmt == "tflite":
-            mod, _, _ = interpreter_module()
-            self._interpreter = mod.Interpreter(model_path=str(path), num_threads=1)
-            self._interpreter.allocate_tensors()
-            self._in = self._interpreter.get_input_details()
-            self._out = self._interpreter.get_output_details()
-        else:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            options.inter_op_num_threads = 1
-            options.log_severity_level = 3
-            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            self._names = [i.name for i in self._session.get_inputs()]
-
-    def run(self, sample: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """``sample``: the inputs in the model's order, each with a leading batch axis of 1."""
-        if self.format == "tflite":
-            for detail, array in zip(self._in, sample, strict=True):
-                self._interpreter.set_tensor(detail["index"], _to_tflite(array, detail))
-            self._interpreter.invoke()
-            return [_from_tflite(self._interpreter.get_tensor(d["index"]), d) for d in self._out]
-        outputs = self._session.run(None, dict(zip(self._names, sample, strict=True)))
-        return [np.asarray(o) for o in outputs]
-
-    def run_all(self, samples: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
-        """Every sample, outputs stacked along the batch axis."""
-        per_sample = [self.run(s) for s in samples]
-        return [
-            np.stack(outs) if outs[0].ndim == 0 else np.concatenate(outs)
-            for outs in ([out[i] for out in per_sample] for i in range(len(per_sample[0])))
-        ]
-
-    def latency_ms(self, sample: Sequence[np.ndarray]) -> float:
-        for _ in range(LATENCY_WARMUP):
-            self.run(sample)
-        times = []
-        for _ in range(LATENCY_RUNS):
-            start = time.perf_counter()
-            self.run(sample)
-            times.append((time.perf_counter() - start) * 1000)
-        return statistics.median(times)
-
-
-def _to_tflite(array: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
-    """Quantize a float input when the TFLite model takes int8/uint8 (scale, zero point)."""
-    dtype = np.dtype(detail["dtype"])
-    scale, zero = float(detail["quantization"][0]), int(detail["quantization"][1])
-    if dtype.kind in "iu" and array.dtype.kind == "f" and scale:
-        info = np.iinfo(dtype)
-        return np.clip(np.round(array / scale + zero), info.min, info.max).astype(dtype)
-    return array.astype(dtype, copy=False)
-
-
-def _from_tflite(array: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
-    scale, zero = float(detail["quantization"][0]), int(detail["quantization"][1])
-    if array.dtype.kind in "iu" and scale:
-        return ((array.astype(np.float32) - zero) * scale).astype(np.float32)
-    return np.array(array)
-
-
 class _Reader(CalibrationDataReader):  # type: ignore[misc]
     def __init__(self, calibration: CalibrationSet) -> None:
         count = min(CALIBRATION_SAMPLES, calibration.count)
@@ -201,11 +128,17 @@ class _Reader(CalibrationDataReader):  # type: ignore[misc]
 
 
 def quantize(
-    kind: str, source: Path, target: Path, calibration: CalibrationSet | None, per_channel: bool
+    kind: str,
+    source: Path,
+    target: Path,
+    calibration: CalibrationSet | Mapping[str, np.ndarray] | None,
+    per_channel: bool,
 ) -> dict[str, object]:
     """Write the ``kind`` variant (static QDQ int8, dynamic int8 or fp16) to ``target``; OptimizeError
     on failure. The source is first made ready for the tools (:mod:`controller.onnx_preparation`);
     returns what that did, for the variant's report."""
+    if calibration is not None and not isinstance(calibration, CalibrationSet):
+        calibration = CalibrationSet.stacked(calibration)
     prepared = target.with_name(f"{target.stem}.prepared.onnx")
     try:
         done = prepare(source, prepared, pre_process=kind != FP16)
@@ -437,8 +370,13 @@ class Optimizer:
             finally:
                 produced.unlink(missing_ok=True)
             if stored.precision != PRODUCED_PRECISION[kind]:
-                ops = ", ".join(sorted({n.op_type for n in onnx.load(str(ref_path)).graph.node}))
-                reason = f"no operator of this model could be converted to {PRODUCED_PRECISION[kind]} ({ops})"
+                op_types = {n.op_type for n in onnx.load(str(ref_path)).graph.node}
+                reason = (
+                    f"no operator of this model could be converted to {PRODUCED_PRECISION[kind]} "
+                    f"({', '.join(sorted(op_types))})"
+                )
+                if op_types & {"If", "Loop", "Scan"}:
+                    reason += "; onnxruntime.quantization leaves the weights inside If/Loop/Scan subgraphs as they are"
                 state(name, version, kind, "rejected", 1.0, reason, report)
                 return
             path = self.registry.artifacts.path(stored.digest)

@@ -255,6 +255,17 @@ def variant_name(fmt: str, precision: str) -> str:
     return f"{fmt}-{precision}"
 
 
+def reference_note(inspected: Inspected, calibration_digest: str) -> dict[str, Any]:
+    """The uploaded variant's report: what its calibration set will (and will not) be used for."""
+    note: dict[str, Any] = {"reference": True}
+    if calibration_digest and inspected.format != FORMAT:
+        note["variants"] = (
+            f"none produced from a {inspected.format} file; uploaded variants are validated "
+            "against this one on the calibration set, which also gives the drift baseline"
+        )
+    return note
+
+
 def guess_task(outputs: list[TensorSpec]) -> str:
     """A model with an integer output (a label) or a (batch, classes) float output classifies."""
     first = outputs[0] if outputs else None
@@ -359,7 +370,7 @@ class Registry:
                         inspected,
                         "uploaded",
                         now,
-                        note={"reference": True},
+                        note=reference_note(inspected, calibration_digest),
                     )
                     for variant in pending:
                         self._insert_pending(tx, name, version, variant, now)
@@ -463,6 +474,13 @@ class Registry:
     @staticmethod
     def _pending_variants(inspected: Inspected, options: UploadOptions, calibration: str) -> list[str]:
         for wanted, what in ((options.dynamic, "a dynamic int8"), (options.fp16, "an fp16")):
+            if wanted and inspected.format != FORMAT:
+                # LiteRT on PyPI runs .tflite files but cannot rewrite them; saying so beats ignoring it.
+                raise InvalidInputError(
+                    f"{what} variant cannot be produced from a {inspected.format} file: the controller "
+                    "quantizes ONNX models only; convert the model to that precision with your exporter "
+                    "and upload it as a variant (POST /v1/models/{name}/versions/{version}/variants)"
+                )
             if wanted and not calibration:
                 raise InvalidInputError(f"{what} variant needs a calibration set to be validated on")
         if not calibration or inspected.format != FORMAT or inspected.precision != "fp32":

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 CACHE_ENV = "EDGEFLEET_TEST_MODELS"
 PIP_TIMEOUT_S = 600
 
@@ -164,3 +166,107 @@ class ModelCorpus:
                     shutil.copyfileobj(src, dst)
                 # Renamed into place whole: a run stopped mid-copy leaves no half file behind.
                 os.replace(staged, self.cache / model.filename)
+
+
+# -- inputs the way each model's own pipeline prepares them ----------------------
+
+SAMPLE_RATE = 16000
+# silero-vad 5+ takes 512 new samples at 16 kHz plus the 64 before them as context.
+VAD_CHUNK, VAD_CONTEXT = 512, 64
+
+
+def face_image(size: int = 128, center: tuple[float, float] = (0.5, 0.5), scale: float = 0.35) -> np.ndarray:
+    """A frontal face drawn with OpenCV (skin ellipse, eyes, brows, nose, mouth) on a
+    cluttered background: uint8 RGB, (size, size, 3)."""
+    import cv2
+
+    rng = np.random.default_rng(7)
+    img = np.full((size, size, 3), (70, 90, 110), np.uint8)
+    for _ in range(12):
+        p = rng.integers(0, size, 2)
+        cv2.rectangle(
+            img,
+            tuple(int(v) for v in p),
+            tuple(int(v) for v in p + 20),
+            tuple(int(c) for c in rng.integers(0, 255, 3)),
+            -1,
+        )
+    cx, cy, r = int(center[0] * size), int(center[1] * size), int(scale * size)
+    cv2.ellipse(img, (cx, cy), (int(r * 0.78), r), 0, 0, 360, (224, 172, 140), -1)
+    cv2.ellipse(img, (cx, cy - int(r * 0.9)), (int(r * 0.8), int(r * 0.45)), 0, 180, 360, (40, 30, 25), -1)
+    for side in (-1, 1):
+        eye = (cx + side * int(r * 0.33), cy - int(r * 0.18))
+        cv2.ellipse(img, eye, (int(r * 0.16), int(r * 0.08)), 0, 0, 360, (255, 255, 255), -1)
+        cv2.circle(img, eye, max(1, int(r * 0.07)), (50, 35, 30), -1)
+        cv2.line(
+            img,
+            (eye[0] - int(r * 0.18), eye[1] - int(r * 0.17)),
+            (eye[0] + int(r * 0.18), eye[1] - int(r * 0.2)),
+            (60, 40, 30),
+            2,
+        )
+    cv2.line(img, (cx, cy - int(r * 0.05)), (cx - int(r * 0.08), cy + int(r * 0.22)), (180, 120, 100), 2)
+    cv2.ellipse(img, (cx, cy + int(r * 0.48)), (int(r * 0.3), int(r * 0.12)), 0, 0, 180, (150, 60, 60), -1)
+    return img
+
+
+def text_image(height: int, width: int, text: str) -> np.ndarray:
+    """Dark text printed with OpenCV on white: uint8 RGB, (height, width, 3)."""
+    import cv2
+
+    img = np.full((height, width, 3), 255, np.uint8)
+    cv2.putText(img, text, (4, height * 2 // 3), cv2.FONT_HERSHEY_SIMPLEX, height / 60, (0, 0, 0), 2)
+    return img
+
+
+def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
+    """Voiced syllables: a 120-200 Hz harmonic source with formant-like partials, syllable-rate
+    envelope and a little noise; float32 in [-1, 1] at 16 kHz."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    f0 = 150 + 30 * np.sin(2 * np.pi * 3 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
+    voice = sum(
+        np.sin(k * phase) * np.exp(-(((k * f0) - formant) ** 2) / 2e5)
+        for k in range(1, 25)
+        for formant in (700, 1200, 2600)
+    )
+    envelope = np.clip(np.sin(2 * np.pi * 4 * t), 0, None) ** 0.5
+    audio = voice * envelope
+    audio = 0.5 * audio / (np.abs(audio).max() or 1.0) + 0.005 * rng.standard_normal(t.size)
+    return audio.astype(np.float32)
+
+
+def vad_chunks(audio: np.ndarray) -> np.ndarray:
+    """(chunks, 576): each 512-sample chunk with the 64 samples before it, as silero-vad is fed."""
+    padded = np.concatenate([np.zeros(VAD_CONTEXT, np.float32), audio])
+    count = audio.size // VAD_CHUNK
+    return np.stack([padded[i * VAD_CHUNK : i * VAD_CHUNK + VAD_CHUNK + VAD_CONTEXT] for i in range(count)])
+
+
+def sample_inputs(name: str, count: int = 8) -> dict[str, np.ndarray]:
+    """``count`` samples for the model, named as its inputs, in its own layout and dtype."""
+    if name == "face_detection_short_range":
+        faces = [face_image(128, (0.3 + 0.05 * i, 0.5), 0.25 + 0.02 * i) for i in range(count)]
+        return {"input": (np.stack(faces).astype(np.float32) / 127.5 - 1.0)}
+    if name == "selfie_segmentation":
+        people = [face_image(256, (0.5, 0.4), 0.2 + 0.02 * i) for i in range(count)]
+        return {"input_1": np.stack(people).astype(np.float32) / 255.0}
+    if name == "silero_vad":
+        chunks = vad_chunks(speech_like(count * VAD_CHUNK / SAMPLE_RATE + 0.1))[:count]
+        return {
+            "input": chunks,
+            "state": np.zeros((2, count, 128), np.float32),  # batch on axis 1
+            "sr": np.array(SAMPLE_RATE, np.int64),  # a scalar, the same for every sample
+        }
+    if name in ("ppocr_det", "ppocr_cls"):
+        h, w = (96, 96) if name == "ppocr_det" else (48, 192)
+        mean, std = (
+            (np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225]))
+            if name == "ppocr_det"
+            else (0.5, 0.5)
+        )
+        images = [text_image(h, w, f"EDGE {i}7{i}") for i in range(count)]
+        x = (np.stack(images).astype(np.float32) / 255.0 - mean) / std
+        return {"x": x.transpose(0, 3, 1, 2).astype(np.float32)}
+    raise KeyError(name)

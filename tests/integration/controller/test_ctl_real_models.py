@@ -1,0 +1,221 @@
+"""Real third-party models (MediaPipe, silero-vad, RapidOCR; tests/realmodels.py) through the
+controller's REST API: upload with a calibration set, precision and the variant each CPU-only
+device class gets, quantized variants that end in a final state with their gate figures."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from controller.baselines import baselines_from_calibration
+from controller.calibration import load_calibration
+from controller.inspection import TensorSpec
+from controller.model_runner import Runner, file_format
+from tests.integration.controller.conftest import Ctl, wait_for
+from tests.realmodels import CorpusUnavailable, ModelCorpus, sample_inputs
+
+PROFILES = Path(__file__).resolve().parents[3] / "firmware_profiles"
+CPU_ONLY = ("raspberry-pi-4-4gb", "raspberry-pi-zero-2-w", "siemens-simatic-ipc127e")
+FINAL = ("ready", "rejected", "failed")
+
+RealModels = Callable[[str], Path]
+
+
+def npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def upload(ctl: Ctl, name: str, path: Path, calibration: dict[str, np.ndarray] | None, **form: str) -> Any:
+    files: dict[str, Any] = {"file": (path.name, path.read_bytes(), "application/octet-stream")}
+    if calibration is not None:
+        files["calibration"] = ("samples.npz", npz(calibration), "application/octet-stream")
+    return ctl.api("POST", f"/v1/models/{name}/versions", data={"version": "1", **form}, files=files)
+
+
+def finished(ctl: Ctl, name: str, timeout: float = 240) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        body: dict[str, Any] = ctl.api("GET", f"/v1/models/{name}/versions/1").json()
+        return body if all(v["status"] in FINAL for v in body["variants"]) else None
+
+    return wait_for(check, timeout, f"every variant of {name} in a final state")
+
+
+def targets_on_cpu_only_devices(ctl: Ctl, name: str) -> dict[str, dict[str, Any]]:
+    """The variant (or the reason for none) each CPU-only device class gets for ``name``."""
+    for profile in CPU_ONLY:
+        ctl.api("POST", "/v1/profiles", json={"source": (PROFILES / f"{profile}.toml").read_text()})
+        ctl.api("POST", "/v1/devices", json={"device_id": f"{name}-{profile}", "profile": profile})
+    rollout = ctl.api(
+        "POST",
+        "/v1/rollouts",
+        json={"model": name, "version": "1", "devices": [f"{name}-{p}" for p in CPU_ONLY]},
+    )
+    assert rollout.status_code == 201, rollout.text
+    targets = ctl.api("GET", f"/v1/rollouts/{rollout.json()['id']}/variants").json()
+    return {t["profile"]: t for t in targets}
+
+
+def test_the_corpus_is_fetched_once_and_then_read_from_the_cache(tmp_path: Path) -> None:
+    first = ModelCorpus(tmp_path / "cache")
+    try:
+        path = first.path("silero_vad")
+    except CorpusUnavailable as exc:
+        pytest.skip(f"pip cannot fetch silero-vad: {exc}")
+    assert first.downloads == 1 and path.parent == tmp_path / "cache"
+    # A second run must not call pip at all: a pip that always fails proves it.
+    offline = ModelCorpus(tmp_path / "cache", pip=["false"])
+    assert offline.path("silero_vad") == path and offline.downloads == 0
+    path.write_bytes(b"truncated")
+    with pytest.raises(CorpusUnavailable):
+        offline.path("silero_vad")  # a damaged cache file is fetched again, not trusted
+
+
+@pytest.mark.parametrize("name", ["face_detection_short_range", "selfie_segmentation"])
+def test_mediapipe_models_with_fp16_weights_run_on_cpu_only_devices(
+    ctl: Ctl, real_models: RealModels, name: str
+) -> None:
+    path = real_models(name)
+    samples = sample_inputs(name, 4)
+    refused = upload(ctl, name, path, samples, fp16="true")
+    assert refused.status_code == 422 and "cannot be produced from a tflite file" in refused.json()["detail"]
+    refused = upload(ctl, name, path, samples, dynamic="true")
+    assert refused.status_code == 422 and "dynamic int8" in refused.json()["detail"]
+    assert ctl.api("GET", f"/v1/models/{name}/versions/1").status_code == 404  # nothing stored
+    created = upload(ctl, name, path, samples)
+    assert created.status_code == 201, created.text
+    [reference] = created.json()["variants"]
+    # float32 kernels on float16-stored weights: what a CPU without fp16 runs.
+    assert (reference["variant"], reference["precision"], reference["report"]["storage"]) == (
+        "tflite-fp32",
+        "fp32",
+        "fp16",
+    )
+    assert "validated against this one" in reference["report"]["variants"]
+    targets = targets_on_cpu_only_devices(ctl, name)
+    assert {p: (t["variant"], t["skipped"]) for p, t in targets.items()} == {
+        p: ("tflite-fp32", "") for p in CPU_ONLY
+    }
+
+
+def test_the_drift_baseline_of_a_tflite_model_is_computed_with_litert(
+    ctl: Ctl, real_models: RealModels, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = "face_detection_short_range"
+    assert upload(ctl, name, real_models(name), sample_inputs(name, 12)).status_code == 201
+    controller = ctl.controller
+    skipped: set[tuple[str, str]] = set()
+    baselines_from_calibration(
+        controller.closed_loop.baselines, controller.registry, controller.registry.artifacts.path, skipped
+    )
+    assert skipped == set()
+    baseline = controller.closed_loop.baselines.get(name, "1")
+    assert baseline.ready and baseline.sketch is not None and baseline.sketch.samples == 12
+    # The model ran on the reference data (onnxruntime refused the file: INVALID_PROTOBUF).
+    assert not [r.message for r in caplog.records if "reference predictions unavailable" in r.message]
+
+
+def _gate_figures(variant: dict[str, Any]) -> str:
+    report = variant["report"]
+    figures = {
+        k: report[k]
+        for k in ("top1_agreement", "relative_agreement", "max_abs_deviation", "mean_abs_deviation")
+        if k in report
+    }
+    return f"{variant['variant']}: {variant['status']} size={variant['size']} {figures} {variant['reason']}"
+
+
+def _compare_with_reference(ctl: Ctl, body: dict[str, Any]) -> None:
+    """Run each ready variant and the uploaded file on the same samples here; print the
+    largest absolute difference of every output."""
+    artifacts = ctl.controller.registry.artifacts
+    reference = next(v for v in body["variants"] if v["source"] == "uploaded")
+    order = [i["name"] for i in reference["inputs"]]
+    calibration = ctl.controller.registry.calibration_path(body["calibration_digest"])
+    inputs = load_calibration(calibration, [TensorSpec(**i) for i in reference["inputs"]]).samples(order, 64)
+    ref_path = artifacts.path(reference["digest"])
+    expected = Runner(ref_path, file_format(ref_path)).run_all(inputs)
+    for v in body["variants"]:
+        if v["source"] != "quantized" or v["status"] != "ready":
+            continue
+        got = Runner(artifacts.path(v["digest"]), "onnx").run_all(inputs)
+        diffs = [float(np.abs(e.astype(np.float64) - g).max()) for e, g in zip(expected, got, strict=True)]
+        print(f"{body['name']} {v['variant']} max |output - fp32| per output: {diffs}")
+        assert v["report"]["max_abs_deviation"] == pytest.approx(max(diffs), rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["silero_vad", "ppocr_det", "ppocr_cls"])
+def test_onnx_exports_get_variants_that_end_with_their_gate_figures(
+    ctl: Ctl, real_models: RealModels, name: str
+) -> None:
+    path = real_models(name)
+    samples = sample_inputs(name, 8)
+    created = upload(ctl, name, path, samples, fp16="true", dynamic="true", task="regression")
+    assert created.status_code == 201, created.text
+    body = finished(ctl, name)
+    for v in body["variants"]:
+        print(f"{name} {_gate_figures(v)}")
+        if v["source"] == "quantized":
+            assert v["status"] in ("ready", "rejected"), v  # a real verdict, not a crash
+            assert v["reason"] or v["status"] == "ready"
+            if v["status"] == "ready" or "agreement" in v["reason"]:
+                assert "max_abs_deviation" in v["report"] and v["latency_ms"] is not None
+    _compare_with_reference(ctl, body)
+    variants = {v["variant"]: v for v in body["variants"]}
+    if name.startswith("ppocr"):
+        # Paddle keeps every weight in a Constant node: quantized once moved to initializers.
+        for kind in ("onnx-int8-static", "onnx-int8-dynamic"):
+            v = variants[kind]
+            assert v["precision"] == "int8" and v["size"] < 0.75 * variants["onnx-fp32"]["size"], v
+            assert v["report"]["preparation"]["constants_to_initializers"] > 100
+        assert variants["onnx-fp16"]["precision"] == "fp16"
+    if name == "ppocr_cls":
+        assert variants["onnx-int8-static"]["status"] == "ready"
+        assert variants["onnx-fp16"]["status"] == "ready"
+        assert targets_on_cpu_only_devices(ctl, name)["raspberry-pi-4-4gb"]["variant"] == "onnx-int8-static"
+    if name == "silero_vad":
+        # The weights live in the branches of an If: what fp16 converts is seen there too.
+        assert variants["onnx-fp16"]["precision"] == "fp16"
+        assert targets_on_cpu_only_devices(ctl, name)["raspberry-pi-4-4gb"]["variant"] in variants
+
+
+def test_a_reference_that_fails_on_its_calibration_set_fails_its_variants_with_the_reason(
+    ctl: Ctl, real_models: RealModels
+) -> None:
+    samples = sample_inputs("silero_vad", 4)
+    samples["input"] = samples["input"][:, :1]  # one audio sample per chunk: the STFT's padding refuses it
+    created = upload(ctl, "silero_vad", real_models("silero_vad"), samples, fp16="true")
+    assert created.status_code == 201, created.text
+    body = finished(ctl, "silero_vad", timeout=60)
+    quantized = [v for v in body["variants"] if v["source"] == "quantized"]
+    assert {v["variant"] for v in quantized} == {"onnx-int8-static", "onnx-fp16"}
+    for v in quantized:
+        assert v["status"] == "failed", v
+        assert v["reason"].startswith("the uploaded model fails on the calibration set"), v["reason"]
+        assert "Pad reflect requires axis length >= 2" in v["reason"]
+
+
+def test_a_calibration_set_that_does_not_fit_is_refused_naming_the_input(
+    ctl: Ctl, real_models: RealModels
+) -> None:
+    path = real_models("silero_vad")
+    samples = sample_inputs("silero_vad", 4)
+    cases = [
+        ({**samples, "sr": np.array([[16000]], np.int64)}, "'sr'"),
+        ({**samples, "state": np.zeros((2, 3, 128), np.float32)}, "state: 3 (axis 1)"),
+        ({**samples, "state": np.zeros((2, 4, 64), np.float32)}, "axis 2 must be 128"),
+        ({**samples, "sr": np.array(16000.0, np.float32)}, "'sr' is float32, the input wants int64"),
+    ]
+    for arrays, message in cases:
+        refused = upload(ctl, "silero_vad", path, arrays)
+        assert refused.status_code == 422 and message in refused.json()["detail"], refused.text
+    assert ctl.api("GET", "/v1/models/silero_vad/versions/1").status_code == 404
+    per_sample_rate = {**samples, "sr": np.full(4, 16000, np.int64)}  # one value per sample is fine too
+    assert upload(ctl, "silero_vad", path, per_sample_rate).status_code == 201
