@@ -19,6 +19,9 @@ from edgefleet_proto import fleet_pb2
 
 # A write to the data disk failed with ENOSPC or EDQUOT; downloads wait for space.
 DISK_FULL = "disk_full"
+# Desired states arrive that the device refuses (unsigned, another key, another device); it keeps
+# following the last state it verified. Cleared by the next state it verifies.
+DESIRED_REFUSED = "desired_refused"
 
 
 def _now_ms() -> int:

@@ -26,7 +26,7 @@ from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind
 
 from agent.artifacts import ArtifactStore, Download
-from agent.conditions import Conditions
+from agent.conditions import DESIRED_REFUSED, Conditions
 from agent.diskspace import FreeSpace, is_disk_full
 from agent.errors import (
     AgentError,
@@ -371,7 +371,11 @@ class Updater:
         # even the generation (one forged huge generation would otherwise hide every real state).
         refused = self.keys.admit(msg, self.device_id)
         if refused is not None:
+            # Reported (in memory only), so the controller and the operator see why the device
+            # does not follow, e.g. a device provisioned with another controller's key.
+            self.conditions.hit(DESIRED_REFUSED, refused)
             return refused
+        self.conditions.clear(DESIRED_REFUSED)
         if msg.device_id and msg.device_id != self.device_id:
             return f"desired state is for device {msg.device_id!r}"
         tenants = [m.tenant or "default" for m in msg.models]

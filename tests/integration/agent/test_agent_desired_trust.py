@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgefleet_proto import fleet_pb2, inference_pb2
 from edgefleet_proto.codec import encode
@@ -55,6 +56,13 @@ def refused(peer: Peer, count: int, text: str) -> str:
     return message
 
 
+def refusal_condition(peer: Peer) -> str:
+    """The message of the desired_refused condition the device last reported, or ""."""
+    last = peer.last_reported()
+    held = [c.message for c in last.conditions if c.kind == "desired_refused"] if last is not None else []
+    return held[0] if held else ""
+
+
 def wait_applied(peer: Peer, generation: int) -> None:
     def applied() -> bool:
         last = peer.last_reported()
@@ -72,6 +80,7 @@ def persisted_generations(agent: AgentProcess) -> str:
     return json.dumps(json.loads((agent.data_dir / "state.json").read_text()))
 
 
+@pytest.mark.slow
 def test_forged_desired_states_change_nothing_and_signed_ones_still_apply(
     make_agent: Callable[..., AgentProcess], make_peer: Callable[..., Peer], tmp_path: Path
 ) -> None:
@@ -100,6 +109,8 @@ def test_forged_desired_states_change_nothing_and_signed_ones_still_apply(
     peer.publish_raw(Kind.DESIRED, encode(elsewhere), True)
     refused(peer, 3, "is for device 'dev-elsewhere'")
 
+    # Reported as a condition of the device, its generations and models left as they were.
+    wait_until(lambda: "dev-elsewhere" in refusal_condition(peer), 30, "desired_refused condition")
     assert served_version(agent) == "1"
     assert str(HUGE) not in persisted_generations(agent)
     assert HUGE not in generations_reported(peer)
@@ -111,6 +122,7 @@ def test_forged_desired_states_change_nothing_and_signed_ones_still_apply(
     peer.publish_desired(2, peer.assignment(second, "2"))
     peer.wait_active(second)
     assert served_version(agent) == "2"
+    wait_until(lambda: refusal_condition(peer) == "", 30, "condition cleared by a verified state")
 
     # A signed "remove everything" is obeyed, and so is the signed state after it.
     peer.publish_desired(3)
