@@ -26,7 +26,7 @@ from edgefleet_proto import fleet_pb2
 from edgefleet_proto.tenancy import SHADOW_SUFFIX
 
 from controller import drift
-from controller.rollout_plans import FailureAction, Plan, ShadowGate
+from controller.rollout_plans import FailureAction, Gates, Plan, ShadowGate
 
 DeviceRolloutStatus = Literal[
     "waiting",
@@ -154,6 +154,8 @@ class Run:
 
 @dataclass(frozen=True)
 class VersionStats:
+    """A model version's inferences on one device, whatever fed them (tenant pipeline, gRPC)."""
+
     inferences: int = 0
     errors: int = 0
     p95_ms: float = 0.0
@@ -191,6 +193,8 @@ class DeviceView:
     # Where the device is with the candidate as the tenant's shadow, and how it compared.
     shadow_status: DeviceRolloutStatus = "pending"
     shadow: ShadowView = ShadowView()
+    # The candidate's own inferences in the shadow lane since it was set there.
+    shadow_stats: VersionStats = VersionStats()
 
 
 @dataclass(frozen=True)
@@ -341,15 +345,9 @@ def judge(run: Run, members: Sequence[Member], fleet: Mapping[str, DeviceView], 
         )
     views = [fleet[m.device_id] for m in members]
     judged = [v for v in views if v.new.inferences >= gates.min_inferences]
-    if gates.max_error_rate is not None and judged:
-        inferences = sum(v.new.inferences for v in judged)
-        errors = sum(v.new.errors for v in judged)
-        if errors / inferences > gates.max_error_rate:
-            return _fail(
-                verdict,
-                f"error rate {errors / inferences:.3f} ({errors}/{inferences} inferences on "
-                f"{len(judged)} devices) exceeds {gates.max_error_rate:g}",
-            )
+    failure = _error_rate(gates, [v.new for v in views], "inferences")
+    if failure:
+        return _fail(verdict, failure)
     ratios = [v.new.p95_ms / v.baseline.p95_ms for v in judged if v.baseline.p95_ms > 0 and v.new.p95_ms > 0]
     # Latency and confidence wait until every device settled: while a wave updates, devices
     # busy downloading and loading answer slower for reasons that are not the new model's.
@@ -370,6 +368,22 @@ def judge(run: Run, members: Sequence[Member], fleet: Mapping[str, DeviceView], 
         if failure:
             return _fail(verdict, failure)
     return verdict
+
+
+def _error_rate(gates: Gates, stats: Sequence[VersionStats], what: str) -> str | None:
+    """The error-rate gate over the devices with at least ``min_inferences``: every inference
+    the version made there counts, whatever fed it."""
+    judged = [s for s in stats if s.inferences >= gates.min_inferences]
+    if gates.max_error_rate is None or not judged:
+        return None
+    inferences = sum(s.inferences for s in judged)
+    errors = sum(s.errors for s in judged)
+    if errors / inferences <= gates.max_error_rate:
+        return None
+    return (
+        f"error rate {errors / inferences:.3f} ({errors}/{inferences} {what} on "
+        f"{len(judged)} devices) exceeds {gates.max_error_rate:g}"
+    )
 
 
 def _prediction_gate(views: Sequence[DeviceView], min_samples: int, max_psi: float) -> str | None:
@@ -517,6 +531,12 @@ def _shadow_steps(
     verdict = _judge_shadow_loading(run, members, fleet, now)
     if verdict.failure is not None:
         return [_on_failure(run, f"{label}: shadow: {verdict.failure}")]
+    # Judged continuously, like a live wave's: a candidate that fails in the shadow lane stops early.
+    failure = _error_rate(
+        run.plan.gates, [fleet[m.device_id].shadow_stats for m in members], "shadow inferences"
+    )
+    if failure:
+        return [_on_failure(run, f"{label}: shadow: {failure}; nothing went live")]
     todo = [
         m for m in members if m.shadow_set_at is None and not carries(fleet[m.device_id].desired, m.shadow())
     ]

@@ -253,13 +253,16 @@ def snapshot(store: Store, run: Run, now: float) -> dict[str, DeviceView]:
         new = baseline = VersionStats()
         shadow_status, _ = device_status(shadow_tenant(run.tenant), m.wanted.artifact_digest, reported)
         shadow = ShadowView()
+        shadow_stats = VersionStats()
         current = m.wave == run.wave and run.state is State.RUNNING
         if current and run.phase is Phase.SHADOW and m.shadow_set_at is not None:
             rows = store.query(
-                "SELECT shadows FROM telemetry WHERE device_id = ? AND received_at >= ?",
+                "SELECT shadows, models FROM telemetry WHERE device_id = ? AND received_at >= ?",
                 (m.device_id, m.shadow_set_at),
             )
             shadow = shadow_view(rows, run.tenant, m.wanted)
+            # The agent counts the candidate's inferences under the shadow tenant it was assigned to.
+            shadow_stats = _stats(rows, shadow_tenant(run.tenant), m.wanted)
         if current and run.phase is Phase.LIVE:
             since = m.set_at if m.set_at is not None else now
             after = store.query(
@@ -297,6 +300,7 @@ def snapshot(store: Store, run: Run, now: float) -> dict[str, DeviceView]:
             baseline=baseline,
             shadow_status=shadow_status,
             shadow=shadow,
+            shadow_stats=shadow_stats,
         )
     return views
 

@@ -6,7 +6,8 @@ agents over gRPC. Version 1 takes those rows; version 2 wants 32 features, so it
 agent's staging smoke test (zeros of its own shape) and then fails every inference the tenant
 makes. Version 1's inferences show in the telemetry under the model version and the tenant; a
 staged rollout of version 2 is stopped at its first wave and rolled back, whether the
-controller's error-rate gate or the agent's probation judges it.
+controller's error-rate gate, the agent's probation or, with a shadow phase, the error rate of
+the candidate's own inferences in the shadow lane judges it.
 """
 
 from __future__ import annotations
@@ -42,13 +43,15 @@ loop = true
 """
 
 
-def telemetry_models(controller: Controller, device_id: str, version: str) -> list[dict[str, Any]]:
+def telemetry_models(
+    controller: Controller, device_id: str, version: str, tenant: str = "meter"
+) -> list[dict[str, Any]]:
     rows = controller.api("GET", f"/v1/devices/{device_id}/telemetry", params={"limit": 200}).json()
     return [
         m
         for r in rows
         for m in r["models"]
-        if (m["tenant"], m["model_name"], m["model_version"]) == ("meter", "clf", version)
+        if (m["tenant"], m["model_name"], m["model_version"]) == (tenant, "clf", version)
     ]
 
 
@@ -68,13 +71,18 @@ def active_version(controller: Controller, device_id: str) -> str | None:
     )
 
 
+ERROR_GATE = ("--max-error-rate", "0.02", "--min-inferences", "10")
+
+
 @pytest.mark.parametrize(
-    ("gate", "reason"),
+    ("gate", "reason", "origin"),
     [
-        (("--max-error-rate", "0.02", "--min-inferences", "10"), "error rate"),
-        (("--probation", "60", "--probation-max-error-rate", "0.02"), "failed to update"),
+        (ERROR_GATE, "error rate", "pipeline"),
+        (("--probation", "60", "--probation-max-error-rate", "0.02"), "failed to update", "pipeline"),
+        # The shadow soak is long: only the error rate can end the phase within the test's wait.
+        ((*ERROR_GATE, "--shadow-soak", "600"), "shadow: error rate", "shadow"),
     ],
-    ids=["controller-gate", "agent-probation"],
+    ids=["controller-gate", "agent-probation", "shadow-lane"],
 )
 def test_a_version_failing_every_tenant_inference_is_stopped_at_the_first_wave_and_rolled_back(
     broker: Broker,
@@ -83,6 +91,7 @@ def test_a_version_failing_every_tenant_inference_is_stopped_at_the_first_wave_a
     tmp_path: Path,
     gate: tuple[str, ...],
     reason: str,
+    origin: str,
 ) -> None:
     csv = tmp_path / "meter.csv"
     np.savetxt(csv, digits_samples()[:200], delimiter=",", fmt="%g")
@@ -139,14 +148,20 @@ def test_a_version_failing_every_tenant_inference_is_stopped_at_the_first_wave_a
     [tried] = [d["device_id"] for d in final["devices"] if d["wave"] == 1]
     assert {d["status"] for d in final["devices"] if d["wave"] > 1} == {"waiting"}
 
-    # The failures are in the telemetry under version 2 and the tenant, as pipeline errors.
+    # The failures are in the telemetry under version 2 and the tenant it ran for: the tenant's
+    # pipeline, or the shadow lane beside it (tenant meter.shadow), where version 2 never served.
+    tenant = "meter.shadow" if origin == "shadow" else "meter"
+
     def failures_reported() -> tuple[int, ...] | None:
         counted = summed(
-            telemetry_models(controller, tried, "2"), "inference_count", "error_count", "pipeline_errors"
+            telemetry_models(controller, tried, "2", tenant),
+            "inference_count",
+            "error_count",
+            f"{origin}_errors",
         )
         return counted if counted[0] else None
 
-    n, errors, pipeline_errors = wait_until(failures_reported, 30, f"{tried}: version 2 in its telemetry")
-    assert errors == pipeline_errors == n > 0
+    n, errors, origin_errors = wait_until(failures_reported, 30, f"{tried}: version 2 in its telemetry")
+    assert errors == origin_errors == n > 0
     wait_until(lambda: active_version(controller, tried) == "1", 60, f"{tried} back on version 1")
     assert [active_version(controller, d) for d in DEVICES] == ["1", "1", "1"]

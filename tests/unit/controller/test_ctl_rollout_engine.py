@@ -481,3 +481,30 @@ def test_the_deviation_gate_judges_models_that_are_not_classifiers() -> None:
     )
     loose = replace(p, shadow=ShadowGate(soak_s=20, max_deviation=0.2, min_compared=50))
     expect_steps(_judged(a, b, loose), ("go_live", 0))
+
+
+def test_a_candidate_failing_its_shadow_inferences_is_stopped_without_waiting_for_the_soak() -> None:
+    failing = replace(in_shadow("a"), shadow_stats=VersionStats(inferences=40, errors=40))
+    r = shadowed(shadow_member("a"), shadow_member("b"), member("c", 1))
+    # b is still loading its candidate: the gate does not wait for it.
+    [step] = plan(r, {"a": failing, "b": in_shadow("b", "loading"), "c": view("c")}, NOW)
+    assert isinstance(step, RollBack), step
+    assert step.reason == (
+        "wave 1 of 3: shadow: error rate 1.000 (40/40 shadow inferences on 1 devices) exceeds 0.05; "
+        "nothing went live"
+    )
+    # Below min_inferences a device is not judged yet.
+    few = replace(in_shadow("a"), shadow_stats=VersionStats(inferences=5, errors=5))
+    expect_steps(
+        plan(r, {"a": few, "b": in_shadow("b", "loading"), "c": view("c")}, NOW), ("wait", NOW - 10 + 60)
+    )
+
+
+def test_the_error_gate_counts_every_inference_of_the_new_version() -> None:
+    # 2 of 100 inferences failed on a, 30 of 30 on b: 32/130 over the wave.
+    a = view("a", NEW, "active", new=VersionStats(inferences=100, errors=2))
+    b = view("b", NEW, "active", new=VersionStats(inferences=30, errors=30))
+    r = run(member("a", set_at=NOW - 5), member("b", set_at=NOW - 5), member("c", 1), wave=0)
+    [step] = plan(r, {"a": a, "b": b, "c": view("c")}, NOW)
+    assert isinstance(step, RollBack)
+    assert step.reason == "wave 1 of 3: error rate 0.246 (32/130 inferences on 2 devices) exceeds 0.05"
