@@ -1,5 +1,10 @@
 """An update that kills the agent while staging, on real agent processes restarted as systemd would.
 
+Two ways to die: a SIGKILL right after ``stage`` was persisted (fault injection, at
+every start), and a real one: a 300-byte ONNX model whose smoke inference fills
+1.5 GiB, run by an agent in a memory cgroup of 768 MiB, so the kernel's OOM
+killer ends it as it would on a device.
+
 Each start finds the update persisted in ``stage`` and counts a crash; after
 ``[updates] max_attempts`` of them the update is failed with the reason, reported
 with UPDATE_OUTCOME_FAILED, and the last committed model keeps serving: the agent
@@ -8,10 +13,13 @@ stays up instead of dying until systemd's StartLimitBurst stops it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +29,10 @@ from edgefleet_proto import fleet_pb2, inference_pb2
 
 from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer, wait_until
-from tests.unit.agent.models import linear_model, write_model
+from tests.unit.agent.models import linear_model, memory_hungry_model, write_model
 
 REASON = "crashed the agent 3 times while staging"
+MEMORY_LIMIT = 768 << 20
 
 
 def persisted(agent: AgentProcess) -> dict[str, Any]:
@@ -132,3 +141,105 @@ def test_an_update_that_kills_the_agent_while_staging_is_failed_after_three_cras
     assert served_version(agent) == "3"
     update = persisted(agent)["updates"]["default"]
     assert (update["assignment"]["model_version"], update["crashes"]) == ("3", 0)
+
+
+def _memory_group() -> tuple[Path, str, str, Path]:
+    """A new memory cgroup: (folder, limit file, swap limit file, where its processes go back to)."""
+    if os.geteuid() != 0:
+        pytest.skip("a memory cgroup for the agent needs root (CI runs the tests as root)")
+    name = f"edgefleet-test-{uuid.uuid4().hex[:8]}"
+    own = dict(line.split(":", 2)[1:] for line in Path("/proc/self/cgroup").read_text().splitlines())
+    v1 = Path("/sys/fs/cgroup/memory")
+    if "memory" in own and (v1 / "memory.limit_in_bytes").exists():
+        home = v1 / own["memory"].lstrip("/")
+        return home / name, "memory.limit_in_bytes", "memory.memsw.limit_in_bytes", home
+    v2 = Path("/sys/fs/cgroup")
+    if "memory" in (v2 / "cgroup.subtree_control").read_text(errors="replace").split():
+        return v2 / name, "memory.max", "memory.swap.max", v2 / own.get("", "/").lstrip("/")
+    pytest.skip(
+        "no cgroup memory controller to put the agent in (cgroup v1 memory, or v2 with memory enabled)"
+    )
+
+
+class MemoryLimit:
+    """A cgroup limited to MEMORY_LIMIT bytes (no swap): the kernel OOM-kills what goes past it."""
+
+    def __init__(self, group: Path) -> None:
+        self.group = group
+
+    def put(self, pid: int) -> None:
+        (self.group / "cgroup.procs").write_text(str(pid))
+
+    def oom_kills(self) -> int:
+        for name in ("memory.oom_control", "memory.events"):
+            path = self.group / name
+            if path.exists():
+                counts = dict(line.split() for line in path.read_text().splitlines())
+                return int(counts.get("oom_kill", 0))
+        return 0
+
+
+@pytest.fixture
+def memory_limited() -> Iterator[MemoryLimit]:
+    group, limit, swap_limit, home = _memory_group()
+    try:
+        group.mkdir()
+        (group / limit).write_text(str(MEMORY_LIMIT))
+        if (group / swap_limit).exists():
+            (group / swap_limit).write_text(
+                str(MEMORY_LIMIT) if swap_limit.startswith("memory.memsw") else "0"
+            )
+    except OSError as exc:
+        pytest.skip(f"cannot set up a memory cgroup at {group}: {exc}")
+
+    yield MemoryLimit(group)
+    for pid in (group / "cgroup.procs").read_text().split():
+        with contextlib.suppress(OSError):
+            (home / "cgroup.procs").write_text(pid)
+    with contextlib.suppress(OSError):
+        group.rmdir()
+
+
+@pytest.mark.slow
+def test_a_model_that_gets_the_agent_oom_killed_while_staging_is_failed_after_three_kills_and_v1_serves(
+    make_agent: Callable[..., AgentProcess],
+    make_peer: Callable[..., Peer],
+    memory_limited: MemoryLimit,
+    tmp_path: Path,
+) -> None:
+    agent = make_agent()
+    peer = make_peer(agent.device_id)
+    good, hungry = tmp_path / "good.onnx", tmp_path / "hungry.onnx"
+    d1 = write_model(good, linear_model(81, 256, 64))
+    d2 = write_model(hungry, memory_hungry_model(256, gib=1.5))
+    peer.add_artifact(good)
+    peer.add_artifact(hungry)
+
+    def start() -> None:
+        # As systemd's MemoryMax= would: the limit holds from the agent's first instruction.
+        agent.start()
+        assert agent.proc is not None
+        memory_limited.put(agent.proc.pid)
+
+    peer.publish_desired(1, peer.assignment(d1, "1"))
+    start()
+    agent.wait_ready()
+    peer.wait_active(d1)
+
+    peer.publish_desired(2, peer.assignment(d2, "2"))
+    for crashes in range(3):
+        assert agent.proc is not None
+        agent.proc.wait(120)
+        assert agent.proc.returncode == -9, f"not killed by the kernel:\n{agent.output()[-3000:]}"
+        update = persisted(agent)["updates"]["default"]
+        assert (update["state"], update["crashes"]) == ("stage", crashes)
+        start()
+    assert memory_limited.oom_kills() == 3, "each death was the kernel's OOM killer"
+
+    agent.wait_ready()
+    wait_until(lambda: failed_with(peer, d2, REASON), 60, "the memory-hungry version reported failed")
+    assert served_version(agent) == "1"
+    time.sleep(2)
+    assert agent.proc is not None and agent.proc.poll() is None, "the agent stays up"
+    staged = re.findall(r"update state .* version=2 state=stage", agent.output())
+    assert len(staged) == 3

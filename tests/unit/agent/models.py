@@ -35,3 +35,29 @@ def linear_model(seed: int = 0, n_in: int = 4, n_out: int = 3) -> bytes:
 def write_model(path: Path, data: bytes) -> str:
     path.write_bytes(data)
     return hashlib.sha256(data).hexdigest()
+
+
+def memory_hungry_model(n_in: int = 256, gib: float = 1.5) -> bytes:
+    """A model of a few hundred bytes whose every run fills ``gib`` GiB of memory.
+
+    y = x + sum(ConstantOfShape([gib GiB of float32 ones])): the constant is too large for
+    onnxruntime to fold at load, so each inference allocates and fills it. Under a memory
+    limit below that, the kernel's OOM killer ends the process running it.
+    """
+    count = int(gib * (1 << 30)) // 4
+    ones = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    graph = helper.make_graph(
+        [
+            helper.make_node("ConstantOfShape", ["shape"], ["big"], value=ones),
+            helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+            helper.make_node("Add", ["x", "total"], ["y"]),
+        ],
+        "memory_hungry",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n_in])],
+        [numpy_helper.from_array(np.array([count], np.int64), "shape")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
