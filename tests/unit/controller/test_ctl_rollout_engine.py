@@ -83,7 +83,7 @@ def view(
 
 
 def expect_steps(steps: list[Step], *expected: tuple[Any, ...]) -> None:
-    got = []
+    got: list[tuple[Any, ...]] = []
     for s in steps:
         if isinstance(s, SetDesired):
             got.append((s.action, s.device_id, s.desired.generation, s.revert))
