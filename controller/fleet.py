@@ -9,6 +9,9 @@ The transport asks, for every message, whether the device is registered and
 notes when it was seen. A device downloading a model sends dozens of chunk
 requests a second, so registered ids are remembered and the last_seen of chunk
 requests is written at most once a second per device (shown at once all the same).
+
+A device may fetch only the artifacts it was ever assigned (:meth:`Fleet.may_fetch`):
+those in its desired state and those any rollout set or restored for it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from edgefleet_proto import fleet_pb2
+from edgefleet_proto.codec import PayloadError, decode_as
 from edgefleet_proto.topics import TopicError, validate_device_id
+from google.protobuf.message import Message
 
 from controller.errors import (
     BrokerAuthError,
@@ -177,6 +182,10 @@ class Fleet:
         self._seen_lock = threading.Lock()
         self._seen_written: dict[str, float] = {}
         self._seen_pending: dict[str, float] = {}
+        # may_fetch(): digests each device was ever assigned. Assignments are never
+        # taken back from history, so a digest found once stays granted.
+        self._grants_lock = threading.Lock()
+        self._grants: dict[str, frozenset[str]] = {}
 
     def register(self, device_id: str, tags: Sequence[str] = (), profile: str = "") -> Credentials:
         try:
@@ -275,6 +284,50 @@ class Fleet:
         with self._seen_lock:
             self._seen_written.pop(device_id, None)
             self._seen_pending.pop(device_id, None)
+        with self._grants_lock:
+            self._grants.pop(device_id, None)
+
+    def may_fetch(self, device_id: str, digest: str) -> bool:
+        """Whether ``digest`` is, or once was, assigned to ``device_id`` (asked for every
+        chunk request, so a grant found is cached; a miss reads the database again)."""
+        with self._grants_lock:
+            if digest in self._grants.get(device_id, ()):
+                return True
+        granted = self.assigned_digests(device_id)
+        with self._grants_lock:
+            self._grants[device_id] = granted
+        return digest in granted
+
+    def assigned_digests(self, device_id: str) -> frozenset[str]:
+        """Every artifact digest in the device's desired state and in any rollout's
+        assignment for it (the one a rollout sets, and the one it restores on rollback)."""
+        digests: set[str] = set()
+        row = self.store.query_one("SELECT desired FROM devices WHERE device_id = ?", (device_id,))
+        if row is not None and row["desired"] is not None:
+            try:
+                digests |= _digests_in(decode_as(fleet_pb2.DesiredState, bytes(row["desired"])))
+            except PayloadError:
+                log.warning(
+                    "stored desired state unreadable, rollout assignments still apply device=%s", device_id
+                )
+        for r in self.store.query(
+            "SELECT wanted, previous FROM rollout_members WHERE device_id = ?", (device_id,)
+        ):
+            for blob in (r["wanted"], r["previous"]):
+                if blob:
+                    try:
+                        digests |= _digests_in(decode_as(fleet_pb2.ModelAssignment, bytes(blob)))
+                    except PayloadError:
+                        continue
+        for r in self.store.query("SELECT digest FROM rollout_targets WHERE device_id = ?", (device_id,)):
+            digests.add(r["digest"])
+        for r in self.store.query(
+            "SELECT r.digest FROM rollout_devices d JOIN rollouts r ON r.id = d.rollout_id WHERE d.device_id = ?",
+            (device_id,),
+        ):
+            digests.add(r["digest"])
+        digests.discard("")
+        return frozenset(digests)
 
     def touch(self, device_id: str, seen_at: float) -> None:
         self.store.execute(_TOUCH, (seen_at, device_id))
@@ -356,3 +409,18 @@ class Fleet:
             "SELECT device_id, desired FROM devices WHERE desired IS NOT NULL ORDER BY device_id"
         )
         return [(r["device_id"], bytes(r["desired"])) for r in rows]
+
+
+def _digests_in(message: Message) -> set[str]:
+    """Every ``*_digest`` string field anywhere in ``message`` (an assignment's artifact,
+    and any other file an assignment may name by digest)."""
+    found: set[str] = set()
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is not None:
+            values = value if descriptor.is_repeated else [value]
+            for item in values:
+                if isinstance(item, Message):
+                    found |= _digests_in(item)
+        elif descriptor.name.endswith("digest") and isinstance(value, str):
+            found.add(value)
+    return found

@@ -4,24 +4,33 @@ Nothing is kept in process memory: a restarted controller, or several replicas
 behind one scrape target, report the same numbers. Every scrape runs a handful
 of indexed queries over the roll-ups, the newest drift windows and the
 retraining runs.
+
+Model, version and tenant names reach the devices' telemetry from the devices,
+so a label carries only names the controller registered (a model version in the
+registry; a tenant declared on a device or named by a rollout): any other is
+folded into :data:`UNREGISTERED`, and its figures are added to that series.
+What the controller refused or cut short is counted from ``message_counters``
+(controller.message_counters).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from controller import message_counters
 from controller.baselines import Baselines
 from controller.errors import ControllerError
-from controller.rollups import Rollups
+from controller.rollups import Rollups, VersionStats
 from controller.store import Store
 
 log = logging.getLogger(__name__)
@@ -29,6 +38,10 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Rates are averaged over this many seconds of roll-up buckets.
 RATE_WINDOW_S = 300.0
+# The label value of every model, version or tenant name the controller did not register.
+UNREGISTERED = "unregistered"
+DEFAULT_TENANT = "default"
+SHADOW_SUFFIX = ".shadow"
 
 
 @dataclass
@@ -38,6 +51,56 @@ class Sources:
     baselines: Baselines
     rollouts: Callable[[], list[Any]]
     clock: Callable[[], float] = time.time
+
+
+class Registered:
+    """The names a label may carry, read once per scrape."""
+
+    def __init__(self, store: Store) -> None:
+        self.versions = {
+            (r["name"], r["version"]) for r in store.query("SELECT name, version FROM model_versions")
+        }
+        self.models = {name for name, _ in self.versions}
+        tenants = {DEFAULT_TENANT}
+        for r in store.query("SELECT tenants FROM device_tenants"):
+            try:
+                tenants.update(str(t["id"]) for t in json.loads(r["tenants"]))
+            except (ValueError, TypeError, KeyError):
+                continue
+        tenants.update(r["tenant"] for r in store.query("SELECT DISTINCT tenant FROM rollout_members"))
+        tenants.update(r["tenant"] for r in store.query("SELECT DISTINCT tenant FROM rollouts"))
+        self.tenants = tenants
+
+    def model(self, name: str, version: str) -> tuple[str, str]:
+        return (
+            name if name in self.models else UNREGISTERED,
+            version if (name, version) in self.versions else UNREGISTERED,
+        )
+
+    def tenant(self, tenant: str) -> str:
+        return tenant if tenant.removesuffix(SHADOW_SUFFIX) in self.tenants else UNREGISTERED
+
+
+def fold_versions(stats: list[VersionStats], registered: Registered) -> dict[tuple[str, str], VersionStats]:
+    """Per label pair, the versions' figures combined (latency weighted by inferences, worst p99)."""
+    out: dict[tuple[str, str], VersionStats] = {}
+    for v in stats:
+        key = registered.model(v.model_name, v.model_version)
+        seen = out.get(key)
+        if seen is None:
+            out[key] = replace(v, model_name=key[0], model_version=key[1])
+            continue
+        n = seen.inference_count + v.inference_count
+        weights = (seen.inference_count / n, v.inference_count / n) if n else (0.0, 0.0)
+        out[key] = replace(
+            seen,
+            inference_count=n,
+            error_count=seen.error_count + v.error_count,
+            latency_p50_ms=weights[0] * seen.latency_p50_ms + weights[1] * v.latency_p50_ms,
+            latency_p95_ms=weights[0] * seen.latency_p95_ms + weights[1] * v.latency_p95_ms,
+            latency_p99_ms=max(seen.latency_p99_ms, v.latency_p99_ms),
+        )
+    return out
 
 
 def _rollout_state(rollout: Any) -> str:
@@ -53,6 +116,7 @@ class FleetCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self.sources
         now = s.clock()
+        registered = Registered(s.store)
         row = s.store.query_one("SELECT count(*) AS n, coalesce(sum(online), 0) AS online FROM devices")
         total, online = (row["n"], row["online"]) if row else (0, 0)
         yield GaugeMetricFamily("edgefleet_devices", "Registered devices", value=total)
@@ -72,8 +136,8 @@ class FleetCollector(Collector):
             "Inference latency quantiles (fleet-wide, weighted by inferences; 0.99 is the worst device window)",
             labels=[*labels, "quantile"],
         )
-        for v in s.rollups.by_version(RATE_WINDOW_S, now):
-            key = [v.model_name, v.model_version]
+        for (name, version), v in fold_versions(s.rollups.by_version(RATE_WINDOW_S, now), registered).items():
+            key = [name, version]
             rate.add_metric(key, v.inference_rate)
             errors.add_metric(key, v.error_rate)
             for q, value in (
@@ -106,13 +170,26 @@ class FleetCollector(Collector):
         # The newest complete fleet-wide window and the one being filled: a scrape
         # stays cheap however many windows the retention keeps.
         since_ms = int(now * 1000) - 3 * s.baselines.bucket_ms
+        # Folded names keep the worst score among the versions folded together.
+        fleet: dict[tuple[str, str], tuple[float, float]] = {}
+        per_device: dict[tuple[str, str, str], float] = {}
         for name, version in s.baselines.versions_with_sketches(since_ms):
+            label, label_version = registered.model(name, version)
             windows = s.baselines.fleet_scores(name, version, since_ms)
             if windows:
-                psi.add_metric([name, version], windows[-1].score.psi)
-                kl.add_metric([name, version], windows[-1].score.kl)
+                old_psi, old_kl = fleet.get((label, label_version), (float("-inf"), float("-inf")))
+                fleet[(label, label_version)] = (
+                    max(old_psi, windows[-1].score.psi),
+                    max(old_kl, windows[-1].score.kl),
+                )
             for device, w in s.baselines.latest_by_device(name, version, since_ms).items():
-                device_psi.add_metric([name, version, device], w.score.psi)
+                one = (label, label_version, device)
+                per_device[one] = max(per_device.get(one, float("-inf")), w.score.psi)
+        for pair, (psi_value, kl_value) in fleet.items():
+            psi.add_metric(list(pair), psi_value)
+            kl.add_metric(list(pair), kl_value)
+        for device_key, value in per_device.items():
+            device_psi.add_metric(list(device_key), value)
         yield from (psi, kl, device_psi)
 
         tenant_labels = ["device", "tenant"]
@@ -122,10 +199,16 @@ class FleetCollector(Collector):
         tenant_errors = CounterMetricFamily(
             "edgefleet_tenant_errors", "Failed inferences of a tenant pipeline", labels=tenant_labels
         )
+        tenant_totals: dict[tuple[str, str], tuple[int, int]] = {}
         for r in s.store.query("SELECT * FROM tenant_counters ORDER BY device_id, tenant"):
-            dropped.add_metric([r["device_id"], r["tenant"]], r["dropped"])
-            tenant_errors.add_metric([r["device_id"], r["tenant"]], r["errors"])
+            device_tenant = (r["device_id"], registered.tenant(r["tenant"]))
+            d, e = tenant_totals.get(device_tenant, (0, 0))
+            tenant_totals[device_tenant] = (d + r["dropped"], e + r["errors"])
+        for (device, tenant), (d, e) in tenant_totals.items():
+            dropped.add_metric([device, tenant], d)
+            tenant_errors.add_metric([device, tenant], e)
         yield from (dropped, tenant_errors)
+        yield from _limit_counters(s.store)
 
         runs = CounterMetricFamily(
             "edgefleet_retraining_runs", "Retraining runs by policy and status", labels=["policy", "status"]
@@ -135,6 +218,39 @@ class FleetCollector(Collector):
         ):
             runs.add_metric([r["policy_name"], r["status"]], r["n"])
         yield runs
+
+
+def _limit_counters(store: Store) -> Iterator[CounterMetricFamily]:
+    rejected = CounterMetricFamily(
+        "edgefleet_rejected_messages",
+        "Device messages refused, by topic kind and reason",
+        labels=["kind", "reason"],
+    )
+    limited = CounterMetricFamily(
+        "edgefleet_device_rate_limited",
+        "Messages (chunk_requests, events) or artifact replies (chunk_bytes) a device's rate limit held back",
+        labels=["device", "limit"],
+    )
+    quota = CounterMetricFamily(
+        "edgefleet_device_quota",
+        "Items of a device's stored data dropped (oldest first) or refused at its quota",
+        labels=["device", "store", "action"],
+    )
+    served = CounterMetricFamily(
+        "edgefleet_artifact_bytes_served",
+        "Artifact bytes (manifests and chunks) sent to a device",
+        labels=["device"],
+    )
+    for c in message_counters.read(store):
+        if c.counter == message_counters.REJECTED:
+            rejected.add_metric([c.kind, c.reason], c.value)
+        elif c.counter == message_counters.RATE_LIMITED:
+            limited.add_metric([c.device_id, c.kind], c.value)
+        elif c.counter == message_counters.QUOTA:
+            quota.add_metric([c.device_id, c.kind, c.reason], c.value)
+        elif c.counter == message_counters.BYTES_SERVED:
+            served.add_metric([c.device_id], c.value)
+    yield from (rejected, limited, quota, served)
 
 
 def render(sources: Sources) -> bytes:

@@ -13,6 +13,7 @@ from controller.artifacts import ArtifactStore
 from controller.auth import generate_token, hash_token
 from controller.certificates import CertificateAuthority
 from controller.closed_loop import ClosedLoop
+from controller.device_quotas import CaptureQuota
 from controller.errors import AlreadyInitialised, ConfigError
 from controller.fleet import Fleet
 from controller.mosquitto_auth import BrokerAuth, generate_password, hash_password
@@ -37,7 +38,9 @@ class Controller:
         self.broker_auth = BrokerAuth(settings.passwd_file, settings.broker_reload_command)
         self.signer = Signer.load_or_create(settings.data_dir / "signing")
         self.certificates = CertificateAuthority.load_or_create(settings.data_dir / "ca")
-        self.registry = Registry(self.store, self.artifacts, settings.max_upload_bytes, self.signer)
+        self.registry = Registry(
+            self.store, self.artifacts, settings.max_upload_bytes, self.signer, settings.max_model_memory_bytes
+        )
         self.optimizer = Optimizer(self.registry, settings.data_dir / "work")
         self.registry.on_added = self.optimizer.submit
         self.optimizer.start()
@@ -95,6 +98,9 @@ class Controller:
         self.rollout_runner = RolloutRunner(self.rollouts)
         self.rollout_runner.start()
         transport.on_capture = self.closed_loop.datasets.receive
+        transport.capture_quota = CaptureQuota(
+            self.store, self.closed_loop.datasets.staging, self.settings.capture_quota_bytes, transport.counters
+        )
         self.closed_loop.desired.publisher = transport
         self.tenants.publisher = transport
         self.closed_loop.start()

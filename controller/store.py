@@ -303,6 +303,16 @@ CREATE TABLE IF NOT EXISTS tenant_counters (
     errors INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (device_id, tenant)
 );
+-- Messages refused or cut short (per topic kind and reason; per device for rate limits,
+-- storage quotas and bytes served): controller.message_counters, exported on /metrics.
+CREATE TABLE IF NOT EXISTS message_counters (
+    counter TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    value INTEGER NOT NULL,
+    PRIMARY KEY (counter, device_id, kind, reason)
+);
 """
 
 

@@ -1,4 +1,5 @@
-"""Telemetry windows and device events: ingest from MQTT, read back newest first."""
+"""Telemetry windows: ingest from MQTT; windows and device events read back newest first
+(events are stored by controller.device_events)."""
 
 from __future__ import annotations
 
@@ -110,31 +111,6 @@ class TelemetryStore:
                 " dropped = dropped + excluded.dropped, errors = errors + excluded.errors",
                 (device_id, t.tenant, t.inferences, t.dropped, t.errors),
             )
-
-    def ingest_event(self, device_id: str, msg: fleet_pb2.Event, received_at: float) -> None:
-        self.store.execute(
-            "INSERT INTO events (device_id, received_at, at_ms, kind, severity, message, attributes)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                device_id,
-                received_at,
-                msg.at_ms,
-                msg.kind,
-                msg.severity,
-                msg.message,
-                json.dumps(dict(sorted(msg.attributes.items()))),
-            ),
-        )
-        level = {"error": logging.ERROR, "warning": logging.WARNING}.get(msg.severity, logging.INFO)
-        log.log(
-            level,
-            "device event device=%s kind=%s severity=%s message=%r %s",
-            device_id,
-            msg.kind,
-            msg.severity,
-            msg.message,
-            " ".join(f"{k}={v}" for k, v in sorted(msg.attributes.items())),
-        )
 
     def telemetry(self, device_id: str, limit: int = DEFAULT_LIMIT) -> list[TelemetryRecord]:
         rows = self.store.query(

@@ -35,17 +35,26 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from controller.artifacts import ArtifactStore
+from controller.artifacts import ArtifactStore, chunk_count
 from controller.certificates import certificate_problem
+from controller.device_events import DeviceEvents
+from controller.device_quotas import CaptureQuota, TelemetryQuota
 from controller.errors import ArtifactNotFound, ConfigError, ControllerError
 from controller.fleet import Fleet
+from controller.log_bounds import BadMessageLog, clip
+from controller.message_counters import MessageCounters
+from controller.rate_limits import DeviceBuckets, Limit
 from controller.settings import Settings
 from controller.telemetry import TelemetryStore
 
 log = logging.getLogger(__name__)
 
 INBOUND = (Kind.REPORTED, Kind.STATUS, Kind.TELEMETRY, Kind.EVENTS, Kind.ARTIFACT_REQUEST, Kind.CAPTURE)
+# What devices keep on the broker (a device twin); every other inbound kind is only
+# ingested, so a retained copy of one is junk: refused, and cleared on the broker.
+RETAINED_KINDS = frozenset({Kind.REPORTED, Kind.STATUS})
 QOS = 1
 KEEPALIVE_S = 30
 SESSION_EXPIRY_S = 7 * 24 * 3600
@@ -149,11 +158,26 @@ class Transport:
         self._threads: list[threading.Thread] = []
         # Telemetry windows handled in the ingest transaction under way, acknowledged once it commits.
         self._stored_windows: list[tuple[str, int]] = []
+        # Per-device limits (docs/interfaces.md, "Controller limits"), counted on /metrics.
+        self.counters = MessageCounters()
+        self._chunk_requests = DeviceBuckets(
+            Limit("chunk_requests", settings.chunk_requests_per_s, settings.chunk_requests_burst)
+        )
+        self._chunk_bytes = DeviceBuckets(
+            Limit("chunk_bytes", settings.chunk_bytes_per_s, settings.chunk_bytes_burst)
+        )
+        self._events_limit = DeviceBuckets(Limit("events", settings.events_per_s, settings.events_burst))
+        self._bad = BadMessageLog(log, settings.bad_message_logs_per_s)
+        self.events = DeviceEvents(fleet.store, settings.events_quota, self.counters)
+        self._telemetry_quota = TelemetryQuota(fleet.store, settings.telemetry_quota_bytes, self.counters)
+        # Set by the controller beside on_capture (it knows where uploads are staged).
+        self.capture_quota: CaptureQuota | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
         self._stopping.clear()
+        self.telemetry.observers.append(self._telemetry_quota.observe)
         self._threads = [
             threading.Thread(target=self._run_network, name="mqtt-network", daemon=True),
             threading.Thread(
@@ -177,6 +201,9 @@ class Transport:
         for thread in self._threads:
             thread.join(timeout)
         self._flush_seen()
+        self._flush_counters()
+        if self._telemetry_quota.observe in self.telemetry.observers:
+            self.telemetry.observers.remove(self._telemetry_quota.observe)
         self.connected.clear()
         log.info("mqtt transport stopped")
 
@@ -250,11 +277,25 @@ class Transport:
             getattr(flags, "session_present", None),
         )
         try:
-            client.subscribe([(fleet_subscription(kind), QOS) for kind in INBOUND])
+            client.subscribe(self._subscriptions())
             self._enqueue(self._state_jobs, Republish(reason="connected"))
         except Exception:
             log.exception("mqtt subscribe after connect failed")
         self.connected.set()
+
+    def _subscriptions(self) -> list[tuple[str, Any]]:
+        """One filter per inbound kind. With MQTT 5, ingest-only kinds keep the retain flag
+        as published, so a device's retained publish is recognised (and refused) live, not
+        only when the broker replays it at the next subscribe."""
+        if not self._v5:
+            return [(fleet_subscription(kind), QOS) for kind in INBOUND]
+        return [
+            (
+                fleet_subscription(kind),
+                SubscribeOptions(qos=QOS, retainAsPublished=kind not in RETAINED_KINDS),
+            )
+            for kind in INBOUND
+        ]
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
@@ -290,24 +331,49 @@ class Transport:
             log.exception("mqtt message dropped topic=%s", msg.topic)
 
     def _accept(self, msg: mqtt.MQTTMessage) -> None:
+        """Parse, check and queue one message (network thread: cheap checks only, and the
+        per-device rate limits before decoding, so a flood costs little)."""
         try:
             topic = Topic.parse(msg.topic)
         except TopicError as exc:
-            log.warning("mqtt message ignored topic=%s reason=%s", msg.topic, exc)
+            self.counters.rejected("unknown", "bad_topic")
+            self._bad.warning("-", "mqtt message ignored topic=%s reason=%s", msg.topic, exc)
             return
         if topic.kind not in INBOUND:
-            log.warning(
-                "mqtt message ignored device=%s topic=%s reason=unexpected kind", topic.device_id, msg.topic
+            self.counters.rejected(topic.kind.value, "unexpected_kind")
+            self._bad.warning(
+                topic.device_id,
+                "mqtt message ignored device=%s topic=%s reason=unexpected kind",
+                topic.device_id,
+                msg.topic,
             )
             return
         if not msg.payload:
-            # An empty retained payload only clears the broker's copy.
-            log.info("empty payload ignored device=%s topic=%s", topic.device_id, msg.topic)
+            # An empty retained payload only clears the broker's copy (ours included).
+            self._bad.log(
+                logging.INFO,
+                topic.device_id,
+                "empty payload ignored device=%s topic=%s",
+                topic.device_id,
+                msg.topic,
+            )
+            return
+        if msg.retain and topic.kind not in RETAINED_KINDS:
+            self._refuse_retained(topic)
+            return
+        if not self._within_rate(topic):
             return
         try:
             message = decode(topic.kind, bytes(msg.payload))
         except PayloadError as exc:
-            log.warning("payload rejected device=%s topic=%s reason=%s", topic.device_id, msg.topic, exc)
+            self.counters.rejected(topic.kind.value, "undecodable")
+            self._bad.warning(
+                topic.device_id,
+                "payload rejected device=%s topic=%s reason=%s",
+                topic.device_id,
+                msg.topic,
+                exc,
+            )
             return
         job = Inbound(topic=topic, message=message, received_at=time.time(), retained=bool(msg.retain))
         target = self._artifact_jobs if topic.kind is Kind.ARTIFACT_REQUEST else self._state_jobs
@@ -319,7 +385,50 @@ class Transport:
         try:
             jobs.put_nowait(job)
         except queue.Full:
-            log.error("controller overloaded, message dropped job=%s", job)
+            if isinstance(job, Inbound):
+                self.counters.rejected(job.topic.kind.value, "overloaded")
+                self._bad.log(
+                    logging.ERROR,
+                    job.topic.device_id,
+                    "controller overloaded, message dropped device=%s topic=%s",
+                    job.topic.device_id,
+                    job.topic,
+                )
+            else:
+                log.error("controller overloaded, job dropped job=%s", job)
+
+    def _refuse_retained(self, topic: Topic) -> None:
+        """A retained message on a kind that is only ingested would come back at every
+        reconnect: refuse it and clear the broker's copy (an empty retained payload)."""
+        self.counters.rejected(topic.kind.value, "retained")
+        self._bad.warning(
+            topic.device_id,
+            "retained message refused and cleared device=%s topic=%s reason=%s is never retained",
+            topic.device_id,
+            topic,
+            topic.kind.value,
+        )
+        self._publish(topic, b"", retain=True)
+
+    def _within_rate(self, topic: Topic) -> bool:
+        """The per-device limits on chunk requests and events (counted when they bite)."""
+        buckets = {Kind.ARTIFACT_REQUEST: self._chunk_requests, Kind.EVENTS: self._events_limit}.get(
+            topic.kind
+        )
+        if buckets is None or buckets.allow(topic.device_id):
+            return True
+        self.counters.rejected(topic.kind.value, "rate_limited")
+        self.counters.rate_limited(topic.device_id, buckets.limit.name)
+        self._bad.warning(
+            topic.device_id,
+            "message over the device's rate limit dropped device=%s topic=%s limit=%s per_s=%g burst=%g",
+            topic.device_id,
+            topic,
+            buckets.limit.name,
+            buckets.limit.rate,
+            buckets.limit.burst,
+        )
+        return False
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason_code: ReasonCode, properties: Any
@@ -386,6 +495,7 @@ class Transport:
         while True:
             if time.monotonic() >= flush_at:
                 self._flush_seen()
+                self._flush_counters()
                 flush_at = time.monotonic() + SEEN_FLUSH_S
             try:
                 job = self._artifact_jobs.get(timeout=SEEN_FLUSH_S)
@@ -402,14 +512,24 @@ class Transport:
             else:
                 self._handle(job)
         except Exception:
-            device = job.topic.device_id if isinstance(job, Inbound) else "-"
-            log.exception("message handling failed device=%s job=%s", device, job)
+            if isinstance(job, Inbound):
+                # The topic, not the job: the message is the device's and may be megabytes.
+                self.counters.rejected(job.topic.kind.value, "handling_failed")
+                log.exception("message handling failed device=%s topic=%s", job.topic.device_id, job.topic)
+            else:
+                log.exception("job failed job=%s", job)
 
     def _flush_seen(self) -> None:
         try:
             self.fleet.flush_seen()
         except ControllerError as exc:
             log.warning("last_seen times not written, kept for the next flush error=%s", exc)
+
+    def _flush_counters(self) -> None:
+        try:
+            self.counters.flush(self.fleet.store)
+        except ControllerError as exc:
+            log.warning("message counters not written, kept for the next flush error=%s", exc)
 
     def _run_ingest(self) -> None:
         while True:
@@ -475,15 +595,20 @@ class Transport:
     def _handle(self, job: Inbound) -> None:
         device_id, kind = job.topic.device_id, job.topic.kind
         if not self.fleet.is_known(device_id):
-            log.warning("message from unknown device ignored device=%s topic=%s", device_id, job.topic)
+            self.counters.rejected(kind.value, "unknown_device")
+            self._bad.warning(
+                device_id, "message from unknown device ignored device=%s topic=%s", device_id, job.topic
+            )
             return
         claimed = getattr(job.message, "device_id", "")
         if claimed and claimed != device_id:
-            log.warning(
+            self.counters.rejected(kind.value, "device_mismatch")
+            self._bad.warning(
+                device_id,
                 "payload rejected device=%s topic=%s reason=payload names device %r",
                 device_id,
                 job.topic,
-                claimed,
+                clip(claimed, 64),
             )
             return
         seen = not job.retained and not (kind is Kind.STATUS and not getattr(job.message, "online", True))
@@ -504,52 +629,99 @@ class Transport:
             self._stored_windows.append((device_id, job.message.seq))
         elif kind is Kind.EVENTS:
             assert isinstance(job.message, fleet_pb2.Event)
-            self.telemetry.ingest_event(device_id, job.message, job.received_at)
+            self.events.ingest(device_id, job.message, job.received_at)
         elif kind is Kind.ARTIFACT_REQUEST:
             assert isinstance(job.message, artifact_pb2.ChunkRequest)
             self._serve_artifact(device_id, job.message)
         elif kind is Kind.CAPTURE:
             assert isinstance(job.message, fleet_pb2.CaptureChunk)
-            if self.on_capture is not None:
+            if self.capture_quota is not None and not self.capture_quota.admit(device_id, job.message):
+                self.counters.rejected(kind.value, "quota")
+                self._bad.warning(
+                    device_id,
+                    "capture chunk refused device=%s reason=captured data quota of %d bytes reached",
+                    device_id,
+                    self.capture_quota.quota,
+                )
+            elif self.on_capture is not None:
                 self.on_capture(device_id, job.message, job.received_at)
 
     def _serve_artifact(self, device_id: str, request: artifact_pb2.ChunkRequest) -> None:
+        """Serve an artifact the device was assigned, within its bytes-per-second budget.
+        Chunks over the budget are not sent and not refused: the agent asks again for what
+        is missing after its request timeout, and an error would fail its download."""
         reply_to = Topic(device_id, Kind.ARTIFACT_RESPONSE)
+        digest = clip(request.digest, 64)
 
         def reply(response: artifact_pb2.ArtifactResponse) -> None:
             self._publish(reply_to, encode(response), retain=False)
 
-        def refuse(reason: str) -> None:
-            log.warning(
-                "artifact request refused device=%s digest=%s reason=%s", device_id, request.digest, reason
+        def refuse(code: str, reason: str) -> None:
+            self.counters.rejected(Kind.ARTIFACT_REQUEST.value, code)
+            self._bad.warning(
+                device_id, "artifact request refused device=%s digest=%s reason=%s", device_id, digest, reason
             )
             reply(
-                artifact_pb2.ArtifactResponse(
-                    error=artifact_pb2.ArtifactError(digest=request.digest, reason=reason)
-                )
+                artifact_pb2.ArtifactResponse(error=artifact_pb2.ArtifactError(digest=digest, reason=reason))
             )
 
+        # Asked before whether the file exists, so the answer says nothing about other devices' artifacts.
+        if not self.fleet.may_fetch(device_id, request.digest):
+            refuse("not_assigned", f"artifact {digest} is not assigned to device {device_id}")
+            return
         if not self.artifacts.exists(request.digest):
-            refuse(f"unknown artifact {request.digest!r}")
+            refuse("unknown_artifact", f"unknown artifact {digest!r}")
             return
         try:
+            manifest = self.artifacts.manifest(request.digest)
             if request.want_manifest:
-                reply(artifact_pb2.ArtifactResponse(manifest=self.artifacts.manifest(request.digest)))
-                log.info("manifest sent device=%s digest=%s", device_id, request.digest)
-            indices = list(request.indices)
-            for index in indices[:MAX_INDICES_PER_REQUEST]:
+                response = artifact_pb2.ArtifactResponse(manifest=manifest)
+                if not self._spend_bytes(device_id, response.ByteSize(), 1):
+                    return
+                reply(response)
+                log.info("manifest sent device=%s digest=%s", device_id, digest)
+            # A repeated index is served once: each costs the device's budget only once too.
+            indices = list(dict.fromkeys(request.indices))
+            count = chunk_count(manifest.size, manifest.chunk_size)
+            for i, index in enumerate(indices[:MAX_INDICES_PER_REQUEST]):
+                if not 0 <= index < count:
+                    refuse("bad_index", f"artifact {digest} has no chunk {index} (it has {count})")
+                    continue
+                length = min(manifest.chunk_size, manifest.size - index * manifest.chunk_size)
+                if not self._spend_bytes(device_id, length, len(indices[:MAX_INDICES_PER_REQUEST]) - i):
+                    break
                 try:
                     chunk = self.artifacts.read_chunk(request.digest, index)
                 except ArtifactNotFound as exc:
-                    refuse(str(exc))
+                    refuse("unknown_artifact", str(exc))
                     continue
                 reply(artifact_pb2.ArtifactResponse(chunk=chunk))
             if len(indices) > MAX_INDICES_PER_REQUEST:
-                refuse(f"at most {MAX_INDICES_PER_REQUEST} chunk indices per request, got {len(indices)}")
+                refuse(
+                    "too_many_indices",
+                    f"at most {MAX_INDICES_PER_REQUEST} chunk indices per request, got {len(indices)}",
+                )
             if indices:
-                log.debug("chunks sent device=%s digest=%s count=%d", device_id, request.digest, len(indices))
+                log.debug("chunks sent device=%s digest=%s count=%d", device_id, digest, len(indices))
         except (ControllerError, OSError) as exc:
-            refuse(f"cannot read artifact: {exc}")
+            refuse("unreadable", f"cannot read artifact: {exc}")
+
+    def _spend_bytes(self, device_id: str, size: int, withheld: int) -> bool:
+        """Charge ``size`` bytes to the device's budget; False (counting the ``withheld``
+        replies not sent) when it is spent."""
+        if self._chunk_bytes.allow(device_id, size):
+            self.counters.bytes_served(device_id, size)
+            return True
+        self.counters.rejected(Kind.ARTIFACT_REQUEST.value, "rate_limited")
+        self.counters.rate_limited(device_id, "chunk_bytes", withheld)
+        self._bad.warning(
+            device_id,
+            "artifact replies over the device's byte rate held back device=%s withheld=%d bytes_per_s=%g",
+            device_id,
+            withheld,
+            self._chunk_bytes.limit.rate,
+        )
+        return False
 
 
 def _broker_tls(settings: Settings) -> BrokerTls | None:

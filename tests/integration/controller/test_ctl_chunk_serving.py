@@ -53,6 +53,9 @@ def test_devices_fetching_at_once_get_every_chunk_and_stay_online_and_seen(
                 peer.subscribe(str(Topic(device_id, Kind.ARTIFACT_RESPONSE)))
                 status = fleet_pb2.DeviceStatus(online=True, at_ms=int(time.time() * 1000), agent_version="t")
                 peer.publish(str(Topic(device_id, Kind.STATUS)), encode(status), retain=True)
+            # A device is served only what it was assigned.
+            body = {"model": "dense", "version": "1", "devices": list(peers)}
+            assert ctl.api("POST", "/v1/rollouts", json=body).status_code == 201
             # Every device asks for every chunk, interleaved, one window of 8 at a time.
             for start in range(0, count, 8):
                 for device_id, peer in peers.items():
@@ -99,6 +102,8 @@ def test_a_device_is_served_from_the_moment_it_is_registered(
             as_controller.publish(str(Topic("late", Kind.ARTIFACT_REQUEST)), ask)
             wait_for(lambda: "unknown device ignored device=late" in caplog.text, 10, "the request ignored")
             ctl.register("late")
+            body = {"model": "dense", "version": "1", "devices": ["late"]}
+            assert ctl.api("POST", "/v1/rollouts", json=body).status_code == 201
             as_controller.publish(str(Topic("late", Kind.ARTIFACT_REQUEST)), ask)
             got = wait_for(
                 lambda: responses(as_controller, "late"), 10, "the manifest for the registered device"
@@ -136,6 +141,8 @@ def test_replies_in_flight_stay_within_the_brokers_receive_maximum(tmp_path: Pat
             digest = ctl.upload(tmp_path / "m.onnx", "dense", "1").json()["digest"]
             count = -(-ctl.controller.artifacts.manifest(digest).size // settings.chunk_size)
             peer = ctl.device_peer(ctl.register("cam-1"))
+            body = {"model": "dense", "version": "1", "devices": ["cam-1"]}
+            assert ctl.api("POST", "/v1/rollouts", json=body).status_code == 201
             try:
                 peer.subscribe(str(Topic("cam-1", Kind.ARTIFACT_RESPONSE)))
                 request = artifact_pb2.ChunkRequest(digest=digest, indices=list(range(count)))

@@ -111,6 +111,7 @@ def test_chunk_requests_are_answered_from_the_store(ctl: Ctl, tmp_path: Path) ->
     version = ctl.upload(model, "dense", "1").json()
     digest = version["digest"]
     peer = ctl.device_peer(ctl.register("cam-1"))
+    rollout(ctl, "dense", "1", "cam-1")  # a device is served only what it was assigned
     request_topic = str(Topic("cam-1", Kind.ARTIFACT_REQUEST))
     try:
         peer.subscribe(str(Topic("cam-1", Kind.ARTIFACT_RESPONSE)))
@@ -155,7 +156,7 @@ def test_chunk_requests_are_answered_from_the_store(ctl: Ctl, tmp_path: Path) ->
             "two errors",
         )
         assert errors[0].digest == digest and f"no chunk {count}" in errors[0].reason
-        assert errors[1].digest == "f" * 64 and "unknown artifact" in errors[1].reason
+        assert errors[1].digest == "f" * 64 and "is not assigned to device cam-1" in errors[1].reason
     finally:
         peer.close()
 
@@ -248,6 +249,7 @@ def test_malformed_payloads_are_ignored_and_the_controller_keeps_working(
 ) -> None:
     digest = ctl.upload(digits_model, "digits", "1").json()["digest"]
     peer = ctl.device_peer(ctl.register("cam-1"))
+    rollout(ctl, "digits", "1", "cam-1")
     as_controller = ctl.controller_peer()
     try:
         peer.subscribe(str(Topic("cam-1", Kind.ARTIFACT_RESPONSE)))

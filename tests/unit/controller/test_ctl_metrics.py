@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controller import metrics
 from controller.baselines import Baselines, spec_message
+from controller.device_events import DeviceEvents
 from controller.rollups import Retention, Rollups
 from tests.unit.controller.helpers import Parts
 
@@ -75,7 +76,7 @@ def test_retention_prunes_raw_rows_and_old_buckets(parts: Parts) -> None:
     parts.telemetry.ingest_telemetry("cam-1", window(int((NOW - 500) * 1000), 1, 0, 1, 1), NOW - 500)
     parts.telemetry.ingest_telemetry("cam-1", window(int(NOW * 1000), 1, 0, 1, 1), NOW)
     ev = fleet_pb2.Event(device_id="cam-1", at_ms=1, kind="x", severity="info")
-    parts.telemetry.ingest_event("cam-1", ev, NOW - 200)
+    DeviceEvents(parts.store, quota=100).ingest("cam-1", ev, NOW - 200)
     removed = rollups.prune()
     assert removed == {"telemetry": 2, "events": 1, "drift_sketches": 0, "telemetry_rollups": 1}
     assert len(parts.telemetry.telemetry("cam-1")) == 1
@@ -97,6 +98,12 @@ def test_exposition_has_fleet_model_drift_rollout_and_run_figures(parts: Parts) 
     baselines = Baselines(parts.store, 60, clock)
     parts.telemetry.observers += [rollups.observe, baselines.observe]
     parts.store.execute("UPDATE devices SET online = 1 WHERE device_id = 'cam-1'")
+    # Labels carry registered names only: digits 1 is in the registry.
+    parts.store.execute("INSERT INTO models (name, created_at) VALUES ('digits', 0)")
+    parts.store.execute(
+        "INSERT INTO model_versions (name, version, digest, size, format, inputs, outputs, metadata, created_at)"
+        " VALUES ('digits', '1', '', 0, 'onnx', '[]', '[]', '{}', 0)"
+    )
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(400, 2))
     baseline = baselines.set_reference("digits", "1", ref, None, bins=5)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from edgefleet_proto import fleet_pb2
 
+from controller.device_events import DeviceEvents
 from tests.unit.controller.helpers import Parts
 
 
@@ -42,7 +43,7 @@ def test_events_newest_first(tmp_path: Path) -> None:
     for at_ms, kind in ((5, "download_started"), (9, "model_activated"), (7, "chunk_rejected")):
         event = fleet_pb2.Event(device_id="d", at_ms=at_ms, kind=kind, severity="info", message=kind)
         event.attributes["digest"] = "abc"
-        parts.telemetry.ingest_event("d", event, received_at=1.0)
+        DeviceEvents(parts.store, quota=100).ingest("d", event, received_at=1.0)
     events = parts.telemetry.events("d", limit=2)
     assert [e.kind for e in events] == ["model_activated", "chunk_rejected"]
     assert events[0].attributes == {"digest": "abc"}

@@ -160,6 +160,8 @@ def window(seq: int, dropped: int) -> fleet_pb2.Telemetry:
 
 
 def test_tenant_stats_are_served_with_their_window_and_counted_on_metrics(parts: Parts) -> None:
+    # Labels carry registered names only: door is declared on d1.
+    parts.store.execute("INSERT INTO device_tenants VALUES ('d1', '[{\"id\": \"door\"}]', 0)")
     assert parts.telemetry.ingest_telemetry("d1", window(1, dropped=2), received_at=1.0)
     assert parts.telemetry.ingest_telemetry("d1", window(2, dropped=3), received_at=2.0)
     assert not parts.telemetry.ingest_telemetry("d1", window(2, dropped=3), received_at=3.0)  # a resend
