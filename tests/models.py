@@ -335,3 +335,46 @@ def conv_net(path: Path, width: int = 32, size: int = 64, seed: int = 0) -> Path
     onnx.checker.check_model(model)
     path.write_bytes(model.SerializeToString())
     return path
+
+
+# -- hostile models: small files that expand when loaded, big files that fail late --
+
+
+def expanding_onnx(path: Path, elements: int, hidden: bool = False) -> Path:
+    """A file of a few hundred bytes whose ConstantOfShape is folded into ``elements`` floats
+    when a runtime loads it. ``hidden``: the shape passes through Abs first, so ONNX shape
+    inference cannot size the expansion (only loading it shows how big it is)."""
+    shape = numpy_helper.from_array(np.array([elements], dtype=np.int64))
+    nodes = [helper.make_node("Constant", [], ["shape"], value=shape)]
+    if hidden:
+        nodes.append(helper.make_node("Abs", ["shape"], ["dims"]))
+    fill = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    nodes += [
+        helper.make_node("ConstantOfShape", ["dims" if hidden else "shape"], ["big"], value=fill),
+        helper.make_node("Add", ["x", "big"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "expanding",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def big_onnx_failing_late(path: Path, megabytes: int) -> Path:
+    """``megabytes`` MB of weights followed by a node reading a tensor nothing produces:
+    a checker must read the whole file before it can refuse it."""
+    w = numpy_helper.from_array(np.zeros((megabytes * 1024 * 1024 // 4,), dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["s"]), helper.make_node("Mul", ["s", "nowhere"], ["y"])],
+        "late",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])],
+        initializer=[w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path.write_bytes(model.SerializeToString())
+    return path

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller.api import devices, loop, models, profiles, rollouts, signing, telemetry
 from controller.api.deps import Authenticated
+from controller.api.upload_limits import BodyMeter, limits_for
 from controller.auth import token_matches
 from controller.errors import (
     BrokerAuthError,
@@ -36,9 +36,6 @@ _STATUS: list[tuple[type[ControllerError], int]] = [
     (InvalidInputError, 422),
     (BrokerAuthError, 503),
 ]
-_UPLOAD_PATH = re.compile(r"^/v1/models/[^/]+/versions(/[^/]+/variants)?/?$")
-# Room for the multipart envelope and the small form fields around the file.
-_MULTIPART_OVERHEAD = 1024 * 1024
 
 
 def status_for(exc: ControllerError) -> int:
@@ -48,30 +45,43 @@ def status_for(exc: ControllerError) -> int:
     return 500
 
 
-class UploadGuard:
-    """Refuses an upload before its body is read: 401 without the token, 413 when
-    Content-Length already exceeds the limit (the store enforces it again while
-    streaming, for bodies that do not declare a length)."""
+class BodyLimitGuard:
+    """Holds every request body to its route's limits (:mod:`controller.api.upload_limits`)
+    as it arrives. Uploads are refused before their body is read: 401 without the token,
+    413 when the declared Content-Length is already over the limit."""
 
     def __init__(self, app: ASGIApp, controller: Controller) -> None:
         self.app = app
         self.controller = controller
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and _UPLOAD_PATH.match(scope["path"]):
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        limits = None
+        if scope["type"] == "http":
+            limits = limits_for(scope["method"], scope["path"], self.controller.settings.max_upload_bytes)
+        if limits is None:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if limits.parts and scope["path"].startswith("/v1/"):
             scheme, _, token = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not token_matches(
                 token.strip(), self.controller.admin_token_hash()
             ):
                 await _reply(send, 401, "missing or invalid bearer token", {"www-authenticate": "Bearer"})
                 return
-            length = headers.get("content-length", "")
-            limit = self.controller.settings.max_upload_bytes
-            if length.isdigit() and int(length) > limit + _MULTIPART_OVERHEAD:
-                await _reply(send, 413, f"upload of {length} bytes exceeds the limit of {limit} bytes", {})
-                return
-        await self.app(scope, receive, send)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limits.total:
+            await _reply(send, 413, limits.describe_total(int(length)), {})
+            return
+        meter = BodyMeter(limits, headers.get("content-type", ""))
+
+        async def metered() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                meter.feed(message.get("body", b""))
+            return message
+
+        await self.app(scope, metered, send)
 
 
 async def _reply(send: Send, status: int, detail: str, extra: dict[str, str]) -> None:
@@ -119,5 +129,5 @@ def create_app(settings: Settings, *, start_transport: bool = True) -> FastAPI:
     for module in (models, devices, profiles, rollouts, telemetry, signing):
         app.include_router(module.router, prefix="/v1", dependencies=[Authenticated])
     app.include_router(loop.router)
-    app.add_middleware(UploadGuard, controller=controller)
+    app.add_middleware(BodyLimitGuard, controller=controller)
     return app
