@@ -87,7 +87,9 @@ def disk_full(peer: Peer) -> fleet_pb2.DeviceCondition | None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("filled", ["before_the_download", "during_the_download"])
+@pytest.mark.parametrize(
+    "filled", ["before_the_download", "leaving_too_little_for_it", "during_the_download"]
+)
 def test_a_full_disk_pauses_the_update_while_the_old_model_serves_and_it_completes_once_space_is_freed(
     make_agent: Callable[..., AgentProcess],
     make_peer: Callable[..., Peer],
@@ -115,7 +117,12 @@ def test_a_full_disk_pauses_the_update_while_the_old_model_serves_and_it_complet
     if filled == "before_the_download":
         filler = fill(agent.data_dir)
         peer.publish_desired(2, peer.assignment(d2, "2"))
-        what = "state.json"  # not even the new desired state could be written
+        what = "writing state.json: No space left on device"  # not even the new desired state
+    elif filled == "leaving_too_little_for_it":
+        filler = fill(agent.data_dir)
+        os.truncate(filler, filler.stat().st_size - (3 << 20))  # 3 MiB free: less than 4 MiB + 1 MiB kept
+        peer.publish_desired(2, peer.assignment(d2, "2"))
+        what = f"artifact {d2[:12]} of {m2.stat().st_size} bytes does not fit"
     else:
         peer.serve_limit = peer.chunks_sent + 5
         peer.publish_desired(2, peer.assignment(d2, "2"))
@@ -126,10 +133,10 @@ def test_a_full_disk_pauses_the_update_while_the_old_model_serves_and_it_complet
         )
         filler = fill(agent.data_dir)
         peer.serve_limit = None
-        what = "state.json"  # the download had its space; the next state write has none
+        what = "writing state.json: No space left on device"  # the download had its space; the state has none
 
     condition = wait_until(lambda: disk_full(peer), 30, "disk_full reported")
-    assert what in condition.message and "No space left on device" in condition.message
+    assert what in condition.message, condition.message
     assert condition.since_ms > 0 and condition.count >= 1
     reported = peer.last_reported()
     assert reported is not None and reported.desired_generation == 2
