@@ -23,6 +23,7 @@ import tomli_w
 
 from controller.errors import ControllerError
 from controller.files import atomic_write
+from controller.log_bounds import LineBound
 from controller.settings import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_UPLOAD_BYTES, PROTOCOLS
 
 log = logging.getLogger("controller.cli")
@@ -44,6 +45,9 @@ def _setup_logging() -> None:
     )
     # httpx logs every request at INFO: noise on an operator's terminal.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # A device chooses what it sends; no line it shapes may grow without bound.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(LineBound())
 
 
 # -- controller init / serve --------------------------------------------------

@@ -38,6 +38,7 @@ from controller.errors import (
     InvalidDeviceId,
     InvalidInputError,
 )
+from controller.log_bounds import bounded_line
 from controller.mosquitto_auth import BrokerAuth, generate_password, hash_password
 from controller.settings import Settings
 from controller.store import Store
@@ -386,12 +387,16 @@ class Fleet:
             "UPDATE devices SET reported = ?, reported_at_ms = ?, reported_received_at = ? WHERE device_id = ?",
             (json.dumps(asdict(reported)), msg.reported_at_ms, received_at, device_id),
         )
+        # Names and versions are the device's: the line is bounded (controller.log_bounds).
         log.info(
-            "reported state device=%s desired_generation=%d applied_generation=%d models=%s",
-            device_id,
-            msg.desired_generation,
-            msg.applied_generation,
-            ";".join(f"{m.tenant}:{m.model_name}@{m.model_version}={m.phase}" for m in reported.models),
+            "%s",
+            bounded_line(
+                "reported state device=%s desired_generation=%d applied_generation=%d models=%s",
+                device_id,
+                msg.desired_generation,
+                msg.applied_generation,
+                ";".join(f"{m.tenant}:{m.model_name}@{m.model_version}={m.phase}" for m in reported.models),
+            ),
         )
 
     def record_status(self, device_id: str, msg: fleet_pb2.DeviceStatus) -> None:
@@ -401,7 +406,10 @@ class Fleet:
             (int(msg.online), msg.at_ms, msg.agent_version, device_id),
         )
         log.info(
-            "device status device=%s online=%s agent_version=%s", device_id, msg.online, msg.agent_version
+            "%s",
+            bounded_line(
+                "device status device=%s online=%s agent_version=%s", device_id, msg.online, msg.agent_version
+            ),
         )
 
     def desired_states(self) -> list[tuple[str, bytes]]:

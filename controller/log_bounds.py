@@ -75,3 +75,14 @@ class BadMessageLog:
             line = f"{line} (held back {held} similar lines)"
         self.logger.log(level, "%s", line)
         return True
+
+
+class LineBound(logging.Filter):
+    """Cuts any record's message to :data:`MAX_LINE_CHARS`: a safety net on the controller's
+    log handlers for lines that carry a device's strings without going through :func:`clip`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if len(message) > MAX_LINE_CHARS:
+            record.msg, record.args = clip(message, MAX_LINE_CHARS), None
+        return True

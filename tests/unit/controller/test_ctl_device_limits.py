@@ -3,6 +3,7 @@ event and telemetry quotas and message counters over a real SQLite file."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -14,7 +15,7 @@ from controller import message_counters
 from controller.device_events import MAX_ATTRIBUTES_CHARS, MAX_MESSAGE_CHARS, DeviceEvents
 from controller.device_quotas import CaptureQuota, TelemetryQuota
 from controller.errors import ConfigError
-from controller.log_bounds import MAX_LINE_CHARS, BadMessageLog, bounded_line, clip
+from controller.log_bounds import MAX_LINE_CHARS, BadMessageLog, LineBound, bounded_line, clip
 from controller.message_counters import MessageCounters
 from controller.rate_limits import DeviceBuckets, Limit
 from tests.unit.controller.helpers import Parts
@@ -84,6 +85,22 @@ def test_bad_message_lines_are_rate_limited_per_device_and_kind(caplog: pytest.L
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 6 and all(len(line) < 300 for line in lines)
     assert lines[-1] == "payload rejected device=cam-1 reason=late (held back 47 similar lines)"
+
+
+def test_the_log_handlers_cut_any_line_that_did_not_go_through_clip() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(LineBound())
+    logger = logging.getLogger("controller.test.line_bound")
+    logger.addHandler(handler)
+    try:
+        logger.warning("capture chunk rejected upload=%s", "u" * 1_000_000)
+        logger.warning("short line %d", 7)
+    finally:
+        logger.removeHandler(handler)
+    first, second = stream.getvalue().splitlines()
+    assert len(first) <= MAX_LINE_CHARS + 30 and first.endswith("chars)")
+    assert second == "short line 7"
 
 
 def event(i: int, message: str = "m") -> fleet_pb2.Event:
