@@ -35,6 +35,13 @@ def _write(folder: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurv
     return Issued(cert_file, key_file, cert, key)
 
 
+def _general_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
 def _validity(expired: bool) -> tuple[dt.datetime, dt.datetime]:
     now = dt.datetime.now(dt.UTC)
     if expired:
@@ -76,9 +83,16 @@ def make_ca(folder: Path, name: str = "ca") -> Issued:
 
 
 def issue(
-    ca: Issued, folder: Path, name: str, common_name: str, *, server: bool = False, expired: bool = False
+    ca: Issued,
+    folder: Path,
+    name: str,
+    common_name: str,
+    *,
+    server: bool = False,
+    expired: bool = False,
+    hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
 ) -> Issued:
-    """A leaf certificate signed by ``ca``: a server one names 127.0.0.1 and localhost."""
+    """A leaf certificate signed by ``ca``: a server one names ``hosts``."""
     key = ec.generate_private_key(ec.SECP256R1())
     start, end = _validity(expired)
     builder = (
@@ -102,9 +116,7 @@ def issue(
     )
     if server:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
+            x509.SubjectAlternativeName([_general_name(host) for host in hosts]),
             critical=False,
         )
     return _write(folder, name, builder.sign(ca.key, hashes.SHA256()), key)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 _NOT_YET_VALID = 9
 _EXPIRED = 10
 _UNTRUSTED = {2, 18, 19, 20, 21}
-_HOST_MISMATCH = 62
+_HOST_MISMATCH = {62, 64}  # a host name, an IP address
 
 
 class TlsSetupError(Exception):
@@ -91,9 +91,12 @@ def explain(
                 f"the broker's certificate is not signed by the CA in {tls.ca_file} ({detail}): "
                 "wrong CA file, or the wrong broker"
             )
-        if code == _HOST_MISMATCH:
+        if code in _HOST_MISMATCH:
             return f"the broker's certificate does not name the host {host!r} ({detail})"
         return f"the broker's certificate was refused: {detail}"
+    if isinstance(error, ConnectionResetError):
+        # Raised while connecting, before any MQTT: Mosquitto resets a TLS hello on a plain listener.
+        return f"the broker reset the connection during the TLS handshake: is the port its plain listener? ({text})"
     problem = certificate_problem(tls.cert_file) if tls.cert_file and certificate_problem else None
     if problem:
         return problem
