@@ -149,7 +149,10 @@ class CertificateAuthority:
         else:
             raise InvalidPublicKey(f"{type(key).__name__} keys are not accepted: use EC P-256 or RSA")
         now = dt.datetime.now(dt.UTC)
-        not_after = min(now + dt.timedelta(days=valid_days), self.cert.not_valid_after_utc)
+        # Whole seconds: what the certificate holds, and so what not_after reports.
+        not_after = min(now + dt.timedelta(days=valid_days), self.cert.not_valid_after_utc).replace(
+            microsecond=0
+        )
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
