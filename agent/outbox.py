@@ -59,8 +59,9 @@ _SEQ_INDEX = "CREATE INDEX IF NOT EXISTS outbox_seq ON outbox (seq)"
 RESERVE_BYTES = 1024 * 1024
 # Checkpoint often, so little of the outbox waits in the WAL for the database file to grow.
 WAL_AUTOCHECKPOINT_PAGES = 64
-# Telemetry deleted to make room for a record: at least this many times its size.
-ROOM_FACTOR = 2
+# Below this much free space records are stored in pages freed by dropping the oldest,
+# so the file does not grow; more than the WAL holds before a checkpoint.
+LOW_SPACE_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class Outbox:
         # Records that could not be stored since the agent started (Telemetry.outbox_unwritable).
         self.unwritable = 0
         self._failing_since: float | None = None
+        self._dropping = False
         # Rows sent and done with whose delete could not be written yet (disk full).
         self._undeleted: set[int] = set()
         try:
@@ -145,31 +147,51 @@ class Outbox:
     def append(self, kind: str, payload: bytes, created_ms: int, seq: int | None = None) -> int:
         """Store a record; returns how many old records the bound dropped to make room.
 
-        Never raises for a full disk or a failed write: the record is then counted
-        in :attr:`unwritable` and lost, after the oldest telemetry was dropped to
-        make room for it, if there was any.
+        Never raises for a full disk or a failed write. Short of space, the oldest
+        records (telemetry first) are dropped in the same transaction to free the
+        pages the new one needs; a record that still cannot be stored is counted
+        in :attr:`unwritable` and lost.
         """
         with self._lock:
+            tight = self._short_of_space()
             try:
-                dropped = self._insert(kind, payload, created_ms, seq)
+                dropped = self._insert(kind, payload, created_ms, seq, tight)
             except sqlite3.Error as first:
                 self._failing(first)
+                # The slack that lets a checkpoint and the next transaction through.
+                self._release_reserve()
+                self._checkpoint()
                 try:
-                    self._make_room(len(payload))
-                    dropped = self._insert(kind, payload, created_ms, seq)
+                    dropped = self._insert(kind, payload, created_ms, seq, make_room=True)
                 except sqlite3.Error as exc:
                     self.unwritable += 1
                     log.debug("outbox record not stored kind=%s error=%s", kind, exc)
                     return 0
-            self._recovered()
+            if not tight:
+                self._recovered()
             return dropped
 
-    def _insert(self, kind: str, payload: bytes, created_ms: int, seq: int | None) -> int:
+    def _short_of_space(self) -> bool:
+        try:
+            return shutil.disk_usage(self.path.parent).free < LOW_SPACE_BYTES
+        except OSError:
+            return True
+
+    def _checkpoint(self) -> None:
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(RESTART)")
+        except sqlite3.Error as exc:
+            log.debug("outbox checkpoint failed path=%s error=%s", self.path, exc)
+
+    def _insert(self, kind: str, payload: bytes, created_ms: int, seq: int | None, make_room: bool) -> int:
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO outbox (kind, payload, created_ms, seq) VALUES (?, ?, ?, ?)",
-                (kind, payload, created_ms, seq),
-            )
+            if make_room:
+                self._insert_in_place(db, kind, payload, created_ms, seq)
+            else:
+                db.execute(
+                    "INSERT INTO outbox (kind, payload, created_ms, seq) VALUES (?, ?, ?, ?)",
+                    (kind, payload, created_ms, seq),
+                )
             if seq is not None:
                 db.execute("UPDATE counters SET value = MAX(value, ?) WHERE name = 'seq'", (seq,))
             (count,) = db.execute("SELECT COUNT(*) FROM outbox").fetchone()
@@ -181,33 +203,43 @@ class Outbox:
                 db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (excess,))
             return max(0, excess)
 
-    def _make_room(self, need: int) -> None:
-        """Give the reserve back, checkpoint, and delete the oldest telemetry worth ``need`` bytes and more."""
-        self._release_reserve()
-        try:
-            self._db.execute("PRAGMA wal_checkpoint(RESTART)")
-        except sqlite3.Error as exc:
-            log.debug("outbox checkpoint failed path=%s error=%s", self.path, exc)
-        rows = self._db.execute(
-            "SELECT id, length(payload) FROM outbox ORDER BY kind != 'telemetry', id LIMIT 1000"
-        ).fetchall()
-        victims: list[int] = []
-        freed = 0
-        for record_id, size in rows:
-            if freed >= need * ROOM_FACTOR:
-                break
-            victims.append(int(record_id))
-            freed += int(size)
-        if not victims:
-            return
-        with self._tx() as db:
-            db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in victims])
+    def _insert_in_place(
+        self, db: sqlite3.Connection, kind: str, payload: bytes, created_ms: int, seq: int | None
+    ) -> None:
+        """Insert without growing the database file: while the record needs new pages, drop the
+        oldest records (telemetry first, in doubling batches) and try again. Raises, dropping
+        nothing, when even an empty outbox would not hold it."""
+        (pages,) = db.execute("PRAGMA page_count").fetchone()
+        dropped, batch = 0, 1
+        while True:
+            db.execute("SAVEPOINT record")
             db.execute(
-                "UPDATE counters SET value = value + ? WHERE name = 'dropped_for_space'", (len(victims),)
+                "INSERT INTO outbox (kind, payload, created_ms, seq) VALUES (?, ?, ?, ?)",
+                (kind, payload, created_ms, seq),
             )
-        log.warning(
-            "outbox full, oldest records dropped to make room path=%s count=%d", self.path, len(victims)
-        )
+            (grown,) = db.execute("PRAGMA page_count").fetchone()
+            if grown <= pages:
+                db.execute("RELEASE record")
+                break
+            db.execute("ROLLBACK TO record")
+            db.execute("RELEASE record")
+            victims = db.execute(
+                "SELECT id FROM outbox ORDER BY kind != 'telemetry', id LIMIT ?", (batch,)
+            ).fetchall()
+            if not victims:
+                raise sqlite3.OperationalError(f"no room for a record of {len(payload)} bytes")
+            db.executemany("DELETE FROM outbox WHERE id = ?", victims)
+            dropped += len(victims)
+            batch *= 2
+        if dropped:
+            db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped_for_space'", (dropped,))
+            if not self._dropping:
+                self._dropping = True
+                log.warning(
+                    "outbox short of space, oldest records dropped to make room path=%s count=%d",
+                    self.path,
+                    dropped,
+                )
 
     def _failing(self, exc: sqlite3.Error) -> None:
         if self._failing_since is None:
@@ -222,14 +254,14 @@ class Outbox:
     def _recovered(self) -> None:
         if self._undeleted:
             self._flush_undeleted()
-        if self._failing_since is not None:
+        if self._failing_since is not None or self._dropping:
             log.warning(
-                "outbox storing again path=%s after_s=%.1f unwritable=%d",
+                "outbox has room again path=%s unwritable=%d dropped_for_space=%d",
                 self.path,
-                time.monotonic() - self._failing_since,
                 self.unwritable,
+                self.dropped_for_space(),
             )
-            self._failing_since = None
+            self._failing_since, self._dropping = None, False
         self._keep_reserve()
 
     def _keep_reserve(self) -> None:

@@ -72,3 +72,82 @@ def test_sender_deletes_only_acknowledged_rows_in_order(tmp_path: Path) -> None:
     now[0] = 100.0
     sender.pump(connected=True)
     assert [p for p, _ in sent[2:]] == [b"\x01", b"\x02"]
+
+
+class Sent:
+    """What a sender published, with the broker's answer set by the test."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[bytes, Ack]] = []
+
+    def __call__(self, kind: str, payload: bytes) -> Ack:
+        ack = Ack()
+        self.log.append((payload, ack))
+        return ack
+
+    def payloads(self, since: int = 0) -> list[bytes]:
+        return [p for p, _ in self.log[since:]]
+
+    def puback_all(self) -> None:
+        for _, ack in self.log:
+            ack.done, ack.ok = True, True
+
+
+def telemetry_box(tmp_path: Path, count: int) -> Outbox:
+    box = Outbox(tmp_path / "outbox.db", max_records=100)
+    for seq in range(1, count + 1):
+        box.append("telemetry", f"w{seq}".encode(), seq, seq=seq)
+    return box
+
+
+def test_a_window_stays_until_the_controller_acknowledges_it_not_the_broker(tmp_path: Path) -> None:
+    box = telemetry_box(tmp_path, 3)
+    box.append("events", b"e", 4)
+    sent = Sent()
+    sender = OutboxSender(box, sent, window=8, clock=lambda: 0.0)
+    sender.pump(connected=True)
+    assert sent.payloads() == [b"w1", b"w2", b"w3", b"e"]
+    sent.puback_all()
+    sender.pump(connected=True)
+    assert [r.payload for r in box.oldest(10)] == [b"w1", b"w2", b"w3"], "the event goes at PUBACK"
+    assert len(sent.log) == 4, "nothing sent twice before the acknowledgement is due"
+
+    sender.acknowledge([2, 3, 99])
+    assert [r.payload for r in box.oldest(10)] == [b"w1"]
+    box.close()
+    assert [r.seq for r in Outbox(tmp_path / "outbox.db", max_records=100).oldest(10)] == [1]
+
+
+def test_a_window_not_acknowledged_in_time_is_sent_again_and_so_are_all_after_a_reconnect(
+    tmp_path: Path,
+) -> None:
+    box = telemetry_box(tmp_path, 3)
+    now = [0.0]
+    sent = Sent()
+    sender = OutboxSender(box, sent, window=8, clock=lambda: now[0], ack_timeout_s=10.0)
+    sender.pump(connected=True)
+    sent.puback_all()
+    sender.pump(connected=True)
+    sender.acknowledge([1])
+    now[0] = 9.9
+    sender.pump(connected=True)
+    assert len(sent.log) == 3
+    now[0] = 10.0
+    sender.pump(connected=True)
+    assert sent.payloads(3) == [b"w2", b"w3"], "oldest first"
+
+    sent.puback_all()
+    sender.pump(connected=True)
+    box.append("telemetry", b"w4", 4, seq=4)
+    sender.link_up()
+    sender.pump(connected=True)
+    assert sent.payloads(5) == [b"w2", b"w3", b"w4"], "unacknowledged first, then the new window"
+    sender.acknowledge([2, 3, 4])
+    assert len(box) == 0
+
+
+def test_sequence_numbers_continue_after_the_stored_windows(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "outbox.db", max_records=10)
+    box.append("telemetry", b"w", 0, seq=41)
+    box.close()
+    assert Outbox(tmp_path / "outbox.db", max_records=10).next_seq() == 42

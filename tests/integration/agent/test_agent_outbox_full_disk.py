@@ -1,0 +1,146 @@
+"""The telemetry outbox on a real full disk (a small tmpfs filled to the last byte).
+
+What must hold: no write kills the agent; the oldest telemetry makes room for the
+newest and what does not fit is counted; the counts travel in the telemetry; the
+model keeps serving; storing resumes by itself once space is freed.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edgefleet_proto import inference_pb2
+
+from agent.outbox import RESERVE_BYTES, Outbox
+from tests.broker import Broker
+from tests.disks import fill, small_tmpfs
+from tests.integration.agent.conftest import AgentProcess
+from tests.integration.agent.peer import Peer, wait_until
+from tests.unit.agent.models import linear_model, write_model
+
+
+def window(seq: int) -> bytes:
+    return os.urandom(2000) + seq.to_bytes(8, "big")
+
+
+def stored_seqs(box: Outbox) -> list[int]:
+    return [r.seq for r in box.oldest(1_000_000) if r.seq is not None]
+
+
+def test_the_oldest_telemetry_makes_room_for_the_newest_and_storing_resumes_when_space_returns(
+    tmp_path: Path,
+) -> None:
+    with small_tmpfs(tmp_path / "disk", 6) as disk:
+        box = Outbox(disk / "outbox.db", max_records=1_000_000)
+        assert box.reserve.stat().st_size == RESERVE_BYTES
+        for seq in range(1, 201):
+            box.append("telemetry", window(seq), seq, seq=seq)
+        filler = fill(disk)
+
+        for seq in range(201, 1001):
+            box.append("telemetry", window(seq), seq, seq=seq)
+        seqs = stored_seqs(box)
+        assert seqs == sorted(seqs) and seqs[0] > 1, "the oldest windows went first"
+        assert seqs[-1] == 1000, "the newest window is stored"
+        assert box.dropped_for_space() >= 200
+        assert not box.reserve.exists(), "the reserve was given to the full disk"
+
+        # A record larger than all there is to drop cannot be stored: counted, not raised.
+        box.append("capture", os.urandom(8 * 1024 * 1024), 0)
+        assert box.unwritable == 1
+
+        filler.unlink()
+        for seq in range(1001, 1101):
+            box.append("telemetry", window(seq), seq, seq=seq)
+        assert box.unwritable == 1
+        assert stored_seqs(box)[-100:] == list(range(1001, 1101))
+        assert box.reserve.stat().st_size == RESERVE_BYTES, "the reserve is kept again"
+        box.close()
+
+
+def queued_windows(agent: AgentProcess) -> int:
+    db = sqlite3.connect(agent.data_dir / "outbox.db")
+    try:
+        (count,) = db.execute("SELECT COUNT(*) FROM outbox WHERE kind = 'telemetry'").fetchone()
+        return int(count)
+    finally:
+        db.close()
+
+
+def newest_window(agent: AgentProcess) -> int:
+    db = sqlite3.connect(agent.data_dir / "outbox.db")
+    try:
+        (seq,) = db.execute("SELECT IFNULL(MAX(seq), 0) FROM outbox").fetchone()
+        return int(seq)
+    finally:
+        db.close()
+
+
+def served(agent: AgentProcess) -> bool:
+    x = np.ones((1, 256), np.float32)
+    req = inference_pb2.InferRequest()
+    req.inputs["x"].CopyFrom(inference_pb2.Tensor(dtype="float32", shape=list(x.shape), data=x.tobytes()))
+    resp: inference_pb2.InferResponse = agent.stub().Infer(req, timeout=10)
+    return resp.model_version == "1"
+
+
+@pytest.mark.slow
+def test_an_agent_whose_disk_fills_keeps_serving_and_reports_the_telemetry_it_could_not_keep(
+    broker: Broker,
+    make_agent: Callable[..., AgentProcess],
+    make_peer: Callable[..., Peer],
+    tmp_path: Path,
+) -> None:
+    agent = make_agent(telemetry_interval_s=0.1)
+    with open(agent.config, "a") as config:
+        # Downloads keep 1 MiB free for the agent's own small writes (the default is larger than this disk).
+        config.write("[updates]\nreserve_mb = 1.0\n")
+    with small_tmpfs(agent.data_dir, 12):
+        peer = make_peer(agent.device_id)
+        model = tmp_path / "m1.onnx"
+        digest = write_model(model, linear_model(71, 256, 64))
+        peer.add_artifact(model)
+        peer.publish_desired(1, peer.assignment(digest, "1"))
+        agent.start()
+        agent.wait_ready()
+        peer.wait_active(digest)
+
+        # The controller is out of reach, so windows pile up in the outbox, and the disk fills.
+        broker.stop()
+        wait_until(lambda: queued_windows(agent) >= 30, 30, "windows queued while the controller is away")
+        filler = fill(agent.data_dir)
+        wait_until(lambda: "oldest records dropped" in agent.output(), 60, "the oldest telemetry dropped")
+        assert served(agent), "the model keeps serving on a full disk"
+        # A restart on the full disk comes up, serves and stays up.
+        assert agent.terminate() == 0
+        agent.start()
+        agent.wait_ready()
+        assert served(agent)
+        newest = newest_window(agent)
+        wait_until(lambda: newest_window(agent) > newest, 10, "windows stored after the restart")
+        assert agent.proc is not None and agent.proc.poll() is None
+
+        broker.start()
+        reported = wait_until(
+            lambda: [t for t in list(peer.telemetry) if t.outbox_dropped_for_space > 0],
+            60,
+            "telemetry counting the windows dropped for space",
+        )
+        assert reported[0].seq > 1
+
+        filler.unlink()
+        wait_until(lambda: (agent.data_dir / "outbox.db.reserve").exists(), 30, "the reserve written again")
+        last = max(t.seq for t in list(peer.telemetry))
+        later = wait_until(
+            lambda: [t for t in list(peer.telemetry) if t.seq > last + 5], 30, "windows after space returned"
+        )
+        assert all(t.outbox_unwritable == later[0].outbox_unwritable for t in later), "no new losses"
+        assert agent.proc is not None and agent.proc.poll() is None
+        assert served(agent)
+        assert agent.terminate() == 0
+    assert "Traceback" not in agent.output()
