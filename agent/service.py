@@ -247,7 +247,9 @@ class Service:
             if isinstance(event.message, fleet_pb2.DesiredState):
                 refused = self.updater.on_desired(event.message)
                 if refused:
-                    self._payload_rejected(Kind.DESIRED.value, refused)
+                    # The generation lets the controller tell which of its states was refused.
+                    generation = str(event.message.generation)
+                    self._payload_rejected(Kind.DESIRED.value, refused, generation=generation)
                 elif int(event.message.generation) == self.updater.state.desired_generation:
                     # Not for an older (replayed) state: it must not undo the newer one's tenants
                     # and monitoring. The same generation again (retained, after a restart) does.
@@ -311,9 +313,9 @@ class Service:
             f"{self.pool.loaded_bytes() / MB:.1f} MB of models loaded"
         )
 
-    def _payload_rejected(self, topic: str, reason: str) -> None:
+    def _payload_rejected(self, topic: str, reason: str, **attributes: str) -> None:
         log.warning("payload rejected device=%s topic=%s error=%s", self.config.device_id, topic, reason)
-        self.emit("payload_rejected", "warning", reason, {"topic": topic})
+        self.emit("payload_rejected", "warning", reason, {"topic": topic, **attributes})
 
     def _telemetry(self, window_start: int, window_end: int) -> None:
         telemetry = build_telemetry(

@@ -138,6 +138,39 @@ def device_status(tenant: str, digest: str, reported: Reported | None) -> tuple[
     return "pending", "the device has not picked up this version yet"
 
 
+def desired_refusal(store: Store, device_id: str, generation: int, since: float) -> str | None:
+    """Why the device refused its desired state ``generation``, sent at ``since``, if it said so.
+
+    A device that does not trust the controller's signing key (provisioned for another
+    controller, say) refuses the whole state and goes on reporting the previous one: its
+    ``payload_rejected`` event (``topic=desired``, ``generation``) is the only word of it."""
+    rows = store.query(
+        "SELECT message, attributes FROM events WHERE device_id = ? AND kind = 'payload_rejected'"
+        " AND received_at >= ? ORDER BY id DESC LIMIT 20",
+        (device_id, since),
+    )
+    for r in rows:
+        try:
+            attributes = json.loads(r["attributes"])
+        except ValueError:
+            continue
+        if attributes.get("topic") == "desired" and attributes.get("generation") == str(generation):
+            return str(r["message"])
+    return None
+
+
+def member_status(
+    store: Store, run: Run, m: Member, reported: Reported | None, desired_generation: int
+) -> tuple[DeviceRolloutStatus, str]:
+    """Where a member is with the rollout's version: what it reported, or that it refused the state."""
+    status, detail = device_status(run.tenant, m.wanted.artifact_digest, reported)
+    if status == "pending" and m.set_at is not None:
+        refusal = desired_refusal(store, m.device_id, desired_generation, m.set_at)
+        if refusal is not None:
+            return "failed", f"the device refused its desired state: {refusal}"
+    return status, detail
+
+
 def active_digest(tenant: str, reported: Reported | None) -> str | None:
     for model in reported.models if reported is not None else []:
         if model.tenant == tenant and model.phase == "active":
@@ -249,7 +282,7 @@ def snapshot(store: Store, run: Run, now: float) -> dict[str, DeviceView]:
     for m in run.members:
         r = by_id[m.device_id]
         reported = Reported.from_json(r["reported"]) if r["reported"] else None
-        status, detail = device_status(run.tenant, m.wanted.artifact_digest, reported)
+        status, detail = member_status(store, run, m, reported, r["desired_generation"])
         new = baseline = VersionStats()
         shadow_status, _ = device_status(shadow_tenant(run.tenant), m.wanted.artifact_digest, reported)
         shadow = ShadowView()

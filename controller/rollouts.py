@@ -60,6 +60,7 @@ from controller.rollout_executor import (
     decode_desired,
     device_status,
     load_run,
+    member_status,
     record,
     snapshot,
 )
@@ -412,7 +413,8 @@ class Rollouts:
         if row is None or run is None:
             raise RolloutNotFound(f"unknown rollout {rollout_id}")
         devices_rows = self.store.query(
-            "SELECT d.device_id, d.reported, d.reported_received_at, d.desired FROM rollout_members m"
+            "SELECT d.device_id, d.reported, d.reported_received_at, d.desired, d.desired_generation"
+            " FROM rollout_members m"
             " JOIN devices d ON d.device_id = m.device_id WHERE m.rollout_id = ?",
             (rollout_id,),
         )
@@ -422,7 +424,7 @@ class Rollouts:
             r = by_id[m.device_id]
             reported = Reported.from_json(r["reported"]) if r["reported"] else None
             desired = decode_desired(r["desired"])
-            status, detail = device_status(run.tenant, m.wanted.artifact_digest, reported)
+            status, detail = member_status(self.store, run, m, reported, r["desired_generation"])
             reverted = run.state in (State.ROLLING_BACK, State.ROLLED_BACK) and not carries(desired, m.wanted)
             if m.set_at is not None and reverted:
                 back_to = m.previous.artifact_digest if m.previous else None

@@ -100,6 +100,10 @@ def test_forged_desired_states_change_nothing_and_signed_ones_still_apply(
     )
     reason = refused(peer, 1, "not signed by the controller")
     assert f"generation {HUGE}" in reason
+    with peer.lock:  # the controller matches refusals to the generations it sent
+        assert str(HUGE) in {
+            e.attributes.get("generation") for e in peer.events if e.kind == "payload_rejected"
+        }
     # Signed, but by a key the device does not pin; signed by the controller, but for another device.
     forger = Ed25519PrivateKey.generate()
     forged = sign_state(forger, fleet_pb2.DesiredState(device_id=agent.device_id, generation=HUGE))
