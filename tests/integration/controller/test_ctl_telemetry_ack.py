@@ -22,7 +22,9 @@ def window(device_id: str, seq: int) -> bytes:
 
 def acknowledged(peer: Peer, device_id: str) -> Counter[int]:
     topic = str(Topic(device_id, Kind.TELEMETRY_ACK))
-    acks = [decode_as(fleet_pb2.TelemetryAck, m.payload) for m in list(peer.messages) if m.topic == topic]
+    acks = [
+        decode_as(fleet_pb2.TelemetryAck, bytes(m.payload)) for m in list(peer.messages) if m.topic == topic
+    ]
     assert all(a.device_id == device_id for a in acks)
     return Counter(seq for a in acks for seq in a.seqs)
 
