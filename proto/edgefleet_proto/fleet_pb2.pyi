@@ -98,6 +98,9 @@ class ModelAssignment(_message.Message):
     MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
     KEY_ROTATION_FIELD_NUMBER: _builtins.int
     EARLIER_ROTATIONS_FIELD_NUMBER: _builtins.int
+    SAMPLE_DIGEST_FIELD_NUMBER: _builtins.int
+    SAMPLE_SIZE_FIELD_NUMBER: _builtins.int
+    MODEL_SIGNATURE_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     model_name: _builtins.str
     model_version: _builtins.str
@@ -128,6 +131,13 @@ class ModelAssignment(_message.Message):
     """Probation fails, and the agent rolls back to the previous model, when the
     new one's inference error rate (errors / requests) exceeds this.
     """
+    sample_digest: _builtins.str
+    """The version's sample inputs: an .npz of named arrays in the model's own shapes
+    (uploaded with the version, or synthesized from its signature), fetched like the
+    artifact by digest and covered by the signed desired state. The agent's staging
+    smoke inference runs it; empty for an older controller (zeros, free dimensions 1).
+    """
+    sample_size: _builtins.int
     @_builtins.property
     def key_rotation(self) -> Global___KeyRotation:
         """The rotation that introduced key_id, when it is not the key the device was
@@ -140,6 +150,12 @@ class ModelAssignment(_message.Message):
         """The rotations before key_rotation, oldest first: a device that was offline
         through several rotations walks the chain from the key it pins, each link
         verified with the key before it.
+        """
+
+    @_builtins.property
+    def model_signature(self) -> Global___ModelSignature:
+        """How each input is fed and what each output means; the agent's tenants take their
+        constants and carried state from it unless they declare their own.
         """
 
     def __init__(
@@ -161,14 +177,128 @@ class ModelAssignment(_message.Message):
         max_error_rate: _builtins.float = ...,
         key_rotation: Global___KeyRotation | None = ...,
         earlier_rotations: _abc.Iterable[Global___KeyRotation] | None = ...,
+        sample_digest: _builtins.str = ...,
+        sample_size: _builtins.int = ...,
+        model_signature: Global___ModelSignature | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["key_rotation", b"key_rotation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key_rotation", b"key_rotation", "model_signature", b"model_signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "earlier_rotations", b"earlier_rotations", "format", b"format", "key_id", b"key_id", "key_rotation", b"key_rotation", "max_error_rate", b"max_error_rate", "model_name", b"model_name", "model_version", b"model_version", "precision", b"precision", "probation_s", b"probation_s", "rollout_id", b"rollout_id", "runtime", b"runtime", "signature", b"signature", "tenant", b"tenant", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "earlier_rotations", b"earlier_rotations", "format", b"format", "key_id", b"key_id", "key_rotation", b"key_rotation", "max_error_rate", b"max_error_rate", "model_name", b"model_name", "model_signature", b"model_signature", "model_version", b"model_version", "precision", b"precision", "probation_s", b"probation_s", "rollout_id", b"rollout_id", "runtime", b"runtime", "sample_digest", b"sample_digest", "sample_size", b"sample_size", "signature", b"signature", "tenant", b"tenant", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelAssignment: _TypeAlias = ModelAssignment  # noqa: Y015
+
+@_typing.final
+class ModelSignature(_message.Message):
+    """The one description of a model version: every stage (upload checks, variant
+    validation, staging, tenants, drift sketches, gates) reads it instead of guessing.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUTS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputRole]: ...
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutputMeaning]: ...
+    def __init__(
+        self,
+        *,
+        inputs: _abc.Iterable[Global___InputRole] | None = ...,
+        outputs: _abc.Iterable[Global___OutputMeaning] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "outputs", b"outputs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelSignature: _TypeAlias = ModelSignature  # noqa: Y015
+
+@_typing.final
+class InputRole(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    LAYOUT_FIELD_NUMBER: _builtins.int
+    BATCH_AXIS_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    FROM_OUTPUT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    role: _builtins.str
+    """"source" (fed by the tenant's source), "constant" or "state"."""
+    layout: _builtins.str
+    """Source inputs: "NHWC", "NCHW", "NC" (rows of features), "NTC" (time steps of
+    features), "NT" (audio samples) or "" when unknown.
+    """
+    batch_axis: _builtins.int
+    """Which axis is the batch; -1 when the input has none (a scalar, a state)."""
+    dtype: _builtins.str
+    """numpy dtype name, e.g. "float32", "int64"."""
+    from_output: _builtins.str
+    """State: the output carried back into this input on the next run."""
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """-1 marks a free dimension."""
+
+    @_builtins.property
+    def value(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Constant: its value; state: its initial value (one value fills the shape)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        role: _builtins.str = ...,
+        layout: _builtins.str = ...,
+        batch_axis: _builtins.int = ...,
+        dtype: _builtins.str = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        value: _abc.Iterable[_builtins.float] | None = ...,
+        from_output: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_axis", b"batch_axis", "dtype", b"dtype", "from_output", b"from_output", "layout", b"layout", "name", b"name", "role", b"role", "shape", b"shape", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputRole: _TypeAlias = InputRole  # noqa: Y015
+
+@_typing.final
+class OutputMeaning(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MEANING_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    meaning: _builtins.str
+    """"scores", "boxes", "embeddings", "state", "mask" or "" when unknown."""
+    dtype: _builtins.str
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        meaning: _builtins.str = ...,
+        dtype: _builtins.str = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "meaning", b"meaning", "name", b"name", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputMeaning: _TypeAlias = OutputMeaning  # noqa: Y015
 
 @_typing.final
 class KeyRotation(_message.Message):
