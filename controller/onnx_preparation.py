@@ -13,11 +13,19 @@ Exporters write graphs those tools do not expect:
 - no shapes for intermediate tensors: onnxruntime's quantization pre-processing
   (symbolic shape inference, graph optimization, ONNX shape inference) is what its
   authors ask for before quantizing, and without it many operators stay float.
+
+The pre-processing runs in a child process in a folder of its own: when symbolic
+shape inference gives up it writes ``sym_shape_infer_temp.onnx`` and a
+``<uuid>.data`` file into the current directory (the controller's), and a
+pass that hangs or crashes on a hostile file must not take the controller along.
 """
 
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +36,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 log = logging.getLogger(__name__)
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+PRE_PROCESS_TIMEOUT_S = 600
 # The first opset whose QuantizeLinear/DequantizeLinear take an ``axis`` (per-channel weights).
 PER_CHANNEL_OPSET = 13
 # Constant attributes other than a tensor, and the dtype their value becomes.
@@ -113,20 +122,50 @@ def prepare(source: Path, target: Path, pre_process: bool = True) -> dict[str, o
         except Exception as exc:  # the converter has no adapter for some operators; per-tensor still works
             done["opset_upgraded"] = f"failed: {_first_line(exc)}"
     onnx.save(model, str(target))
-    for skip_symbolic in (False, True) if pre_process else ():
-        try:
-            quant_pre_process(str(target), str(target), skip_symbolic_shape=skip_symbolic)
-        except Exception as exc:  # the shape inferers raise whatever their passes raise
-            reason = _first_line(exc)
-            done["pre_processing"] = f"failed: {reason}"
-            log.info("quantization pre-processing failed skip_symbolic=%s reason=%s", skip_symbolic, reason)
-            onnx.save(model, str(target))
-            continue
-        done["pre_processing"] = "without symbolic shapes" if skip_symbolic else "done"
-        break
+    if pre_process:
+        done["pre_processing"] = _pre_process(target)
+        log.info("quantization pre-processing source=%s result=%s", source.name, done["pre_processing"])
     return done
+
+
+def _pre_process(path: Path) -> str:
+    """onnxruntime's quantization pre-processing of ``path`` in place, in a child process:
+    with symbolic shape inference, else without it. Returns how it went ("done", "without
+    symbolic shapes" or "failed: reason"); on failure ``path`` is unchanged."""
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".pre-process-") as tmp:
+        output = Path(tmp) / "pre-processed.onnx"
+        command = [sys.executable, "-m", __name__, str(path), str(output)]
+        try:
+            done = subprocess.run(
+                command, cwd=tmp, capture_output=True, text=True, timeout=PRE_PROCESS_TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired:
+            return f"failed: took longer than {PRE_PROCESS_TIMEOUT_S} s"
+        result = done.stdout.strip().splitlines()[-1:] if done.returncode == 0 else []
+        if not result or not output.is_file():
+            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+            return "failed: " + (lines[-1] if lines else f"exit status {done.returncode}")[:300]
+        output.replace(path)
+        return result[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m controller.onnx_preparation SOURCE TARGET``: the child; prints how it went."""
+    source, target = sys.argv[1:3] if argv is None else argv[:2]
+    try:
+        quant_pre_process(source, target)
+        print("done")
+    except Exception as exc:  # symbolic shape inference gives up on some control flow
+        log.info("symbolic shape inference failed reason=%s", _first_line(exc))
+        quant_pre_process(source, target, skip_symbolic_shape=True)
+        print("without symbolic shapes")
+    return 0
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

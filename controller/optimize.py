@@ -141,15 +141,31 @@ def quantize(
         calibration = CalibrationSet.stacked(calibration)
     prepared = target.with_name(f"{target.stem}.prepared.onnx")
     try:
-        done = prepare(source, prepared, pre_process=kind != FP16)
-        _convert(kind, prepared, target, calibration, per_channel)
+        done = prepare_for(kind, source, prepared)
+        convert(kind, prepared, target, calibration, per_channel)
         return done
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+def prepare_for(kind: str, source: Path, target: Path) -> dict[str, object]:
+    """``source`` made ready for the ``kind`` conversion, at ``target``; returns what was done."""
+    try:
+        return prepare(source, target, pre_process=kind != FP16)
+    except Exception as exc:  # onnx raises whatever its loader and converters raise
+        raise OptimizeError(f"preparing the model for quantization failed: {_reason(exc)}") from None
+
+
+def convert(
+    kind: str, source: Path, target: Path, calibration: CalibrationSet | None, per_channel: bool
+) -> None:
+    """Write the ``kind`` variant of an already prepared ``source``; OptimizeError on failure."""
+    try:
+        _convert(kind, source, target, calibration, per_channel)
     except OptimizeError:
         raise
     except Exception as exc:  # onnxruntime.quantization raises whatever its passes raise
         raise OptimizeError(f"onnxruntime.quantization failed: {str(exc).strip()[:1000]}") from None
-    finally:
-        prepared.unlink(missing_ok=True)
 
 
 def _convert(
@@ -208,6 +224,9 @@ class Optimizer:
         self._thread: threading.Thread | None = None
         self._idle = threading.Event()
         self._idle.set()
+        # The reference made ready for int8 (True) or fp16 (False) while one version is
+        # processed: pre-processing runs once per version, not once per attempt.
+        self._preparations: dict[bool, tuple[Path, dict[str, object]]] = {}
 
     def start(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -254,6 +273,23 @@ class Optimizer:
         except Exception as exc:
             self._fail_unfinished(name, version, f"variant production stopped: {_reason(exc)}")
             raise
+        finally:
+            for path, _ in self._preparations.values():
+                path.unlink(missing_ok=True)
+            self._preparations.clear()
+
+    def _prepared(self, kind: str, ref_path: Path) -> tuple[Path, dict[str, object]]:
+        """The reference prepared for ``kind`` (made on first use for this version)."""
+        key = kind != FP16
+        if key not in self._preparations:
+            path = self.work_dir / f"prepared-{uuid.uuid4().hex}.onnx"
+            try:
+                done = prepare_for(kind, ref_path, path)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+            self._preparations[key] = (path, done)
+        return self._preparations[key]
 
     def _process(self, found: ModelVersion) -> None:
         name, version = found.name, found.version
@@ -409,7 +445,9 @@ class Optimizer:
             self.registry.set_variant_state(found.name, found.version, kind, "running", 0.1 + 0.4 * step)
             target = self.work_dir / f"{kind}-{uuid.uuid4().hex}.onnx"
             try:
-                prepared = {**prepared, **quantize(kind, ref_path, target, calibration, per_channel)}
+                source, done = self._prepared(kind, ref_path)
+                prepared = {**prepared, **done}
+                convert(kind, source, target, calibration, per_channel)
                 checked = validate(expected, Runner(target, "onnx").run_all(samples), found.task, found.gate)
             except Exception as exc:
                 target.unlink(missing_ok=True)
