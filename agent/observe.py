@@ -23,6 +23,7 @@ from edgefleet_proto import fleet_pb2
 
 from agent.capture import Captures
 from agent.drift_sketch import Sketcher, probabilities_of
+from agent.postprocess import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,13 @@ class Observer:
         inputs: np.ndarray,
         outputs: Mapping[str, np.ndarray],
         layout: str = "",
+        outcome: Outcome | None = None,
     ) -> None:
         """``layout`` (``nchw``/``nhwc``) is where an image's channels are, when the caller
-        knows (a pipeline's preprocessing made it); else the drift spec tells."""
+        knows (a pipeline's preprocessing made it); else the drift spec tells. ``outcome`` is
+        the tenant's post-processed result: its scores, not the raw outputs, are then the
+        predicted class and confidence that the sketch (and the confidence gate) read; a
+        captured sample keeps the model's own outputs."""
         sketch = self.sketcher.wants(tenant, model_name, model_version)
         capture = self.captures.wants(tenant, model_name)
         if not (sketch or capture):
@@ -62,7 +67,8 @@ class Observer:
         try:
             probs = probabilities_of(outputs)
             if sketch:
-                self.sketcher.observe(tenant, model_name, model_version, inputs, probs, layout)
+                scores = probs if outcome is None else scores_of(outcome)
+                self.sketcher.observe(tenant, model_name, model_version, inputs, scores, layout)
             if capture:
                 batch = inputs if inputs.ndim > 1 else inputs[None, ...]
                 if probs is not None and len(probs) != len(batch):
@@ -94,3 +100,16 @@ class Observer:
     def uploads(self, final: bool = False) -> list[list[fleet_pb2.CaptureChunk]]:
         """Finished capture uploads; with ``final``, partly filled buffers too (shutdown)."""
         return self.captures.flush() if final else self.captures.uploads()
+
+
+def scores_of(outcome: Outcome) -> np.ndarray | None:
+    """A post-processed result as one row of class scores: each class or detection's score at
+    its class index (a detector's best per class), so the row's argmax is the top class and its
+    maximum the top score; None when nothing was found (no class, no confidence to sketch)."""
+    found = [(c.index, c.score) for c in outcome.classes] + [(d.index, d.score) for d in outcome.detections]
+    if not found:
+        return None
+    row = np.full((1, max(i for i, _ in found) + 1), -np.inf)
+    for index, score in found:
+        row[0, index] = max(row[0, index], score)
+    return row

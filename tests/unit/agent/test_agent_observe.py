@@ -6,6 +6,7 @@ import numpy as np
 from edgefleet_proto import fleet_pb2
 
 from agent.observe import Observer
+from agent.postprocess import ClassScore, Detection, Outcome
 
 
 def desired() -> fleet_pb2.DesiredState:
@@ -41,3 +42,24 @@ def test_a_batch_of_the_wrong_shape_is_skipped_not_raised() -> None:
     observer.configure(fleet_pb2.DesiredState())
     observer.observe("t", "m", "1", np.ones((1, 2), np.float32), {})
     assert observer.failures == 2 and observer.drain_sketches() == []
+
+
+def test_a_post_processed_inference_is_sketched_on_its_post_processed_scores() -> None:
+    observer = Observer("d")
+    observer.configure(desired())
+    x = np.array([[1.0, -1.0]], np.float32)
+    # The raw logits say class 0 at 0.99995; the tenant's post-processing (a sigmoid, say) says
+    # class 1 at 0.6, and that is what its consumers get and what the confidence gate must read.
+    raw = {"scores": np.array([[5.0, -5.0]], np.float32)}
+    classes = Outcome(classes=(ClassScore(1, "dog", 0.6), ClassScore(0, "cat", 0.2)))
+    observer.observe("t", "m", "1", x, raw, outcome=classes)
+    # A detector: its best detection, of class 2 at 0.9.
+    box = (0.1, 0.1, 0.5, 0.5)
+    found = Outcome(detections=(Detection(0, "hand", 0.3, box), Detection(2, "face", 0.9, box)))
+    observer.observe("t", "m", "1", x, raw, outcome=found)
+    # Nothing detected: the inputs are sketched, no class and no confidence.
+    observer.observe("t", "m", "1", x, raw, outcome=Outcome())
+    (sketch,) = observer.drain_sketches()
+    assert sketch.samples == 3 and observer.failures == 0
+    assert list(sketch.class_counts) == [0, 1, 1]
+    assert list(sketch.confidence.counts) == [0, 1, 1]  # 0.6 in [0.5, 0.75), 0.9 from 0.75 up
