@@ -135,3 +135,20 @@ def test_consecutive_windows_and_buckets() -> None:
     assert drift.consecutive_above([0.3, 0.4, 0.1], 0.25) == 0
     assert drift.bucket_start_ms(60_000, 60_000) == 0
     assert drift.bucket_start_ms(60_001, 60_000) == 60_000
+
+
+def test_reference_images_are_read_per_channel_in_their_layout() -> None:
+    rng = np.random.default_rng(2)
+    levels = np.array([0.2, 0.5, 0.8])
+    nhwc = rng.normal(levels, 0.05, size=(40, 24, 24, 3))
+    # A calibration set comes without a layout: only its last axis has a channel count.
+    for frames, layout in ((nhwc, ""), (nhwc, "nhwc"), (nhwc.transpose(0, 3, 1, 2), "")):
+        spec, _ = drift.reference_baseline(frames, bins=5, layout=layout)
+        assert sorted(spec.features) == ["ch0", "ch1", "ch2"]
+        for i, level in enumerate(levels):
+            edges = spec.features[f"ch{i}"]
+            assert abs(edges[len(edges) // 2] - level) < 0.01
+    gray = rng.normal(size=(20, 1, 16, 16))
+    assert sorted(drift.reference_baseline(gray, bins=5)[0].features) == ["ch0"]
+    with pytest.raises(InvalidDriftInput, match="layout 'nwhc'"):
+        drift.reference_baseline(nhwc, bins=5, layout="nwhc")
