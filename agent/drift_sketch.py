@@ -49,7 +49,9 @@ Counts = npt.NDArray[np.int64]
 
 def features_of(inputs: npt.ArrayLike, layout: str = "nchw") -> tuple[str, Floats]:
     """Samples x features and the prefix the controller names them with (``f3``, ``ch0``);
-    ``layout`` (``nchw`` or ``nhwc``) says where an image's channels are."""
+    ``layout`` (``nchw`` or ``nhwc``, either case as a model signature writes it) says where
+    an image's channels are."""
+    layout = layout.lower()
     arr = np.asarray(inputs)
     if arr.ndim == 1:
         arr = arr.reshape(1, -1)

@@ -296,7 +296,7 @@ def feature_matrix(inputs: npt.ArrayLike, layout: str = "") -> tuple[list[str], 
         means = arr.mean(axis=1)
         return [f"f{i}" for i in range(means.shape[1])], means
     if arr.ndim == 4:
-        layout = layout or image_layout(arr.shape)
+        layout = layout.lower() or image_layout(arr.shape)
         if layout not in ("nchw", "nhwc"):
             raise InvalidDriftInput(f"image layout {layout!r}: expected nchw or nhwc")
         means = arr.mean(axis=(1, 2) if layout == "nhwc" else (2, 3))

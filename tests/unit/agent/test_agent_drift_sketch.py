@@ -180,8 +180,8 @@ def test_an_nhwc_image_is_sketched_per_channel_on_its_last_axis() -> None:
     # Red and blue swapped is a changed scene.
     swapped = build_sketch(spec, later_frames[..., ::-1], layout="nhwc")
     assert drift.score(baseline, as_controller_sketch(swapped)).psi > drift.PSI_MAJOR
-    # The same frames laid out NCHW give the same sketch.
-    nchw = build_sketch(spec, later_frames.transpose(0, 3, 1, 2), layout="nchw")
+    # The same frames laid out NCHW give the same sketch (the layout as a model signature writes it).
+    nchw = build_sketch(spec, later_frames.transpose(0, 3, 1, 2), layout="NCHW")
     assert [tuple(h.counts) for h in nchw.features] == [tuple(h.counts) for h in window.features]
 
 
