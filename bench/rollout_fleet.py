@@ -36,7 +36,7 @@ import httpx
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.broker import CONTROLLER_USER, Broker, free_port
+from tests.broker import Broker, free_port
 from tests.localfleet import Controller, wait_until
 from tests.models import dense_of_size
 from tests.simfleet import SimDevice, SimFleet
@@ -102,11 +102,12 @@ def sim_worker(port: int, creds: list[tuple[str, str]], digest: str, out: Any, s
     fleet.stop()
 
 
-def sub_worker(port: int, password: str, count: int, index: int, total: int, out: Any, stop: Any) -> None:
+def sub_worker(port: int, logins: list[tuple[str, str]], index: int, total: int, out: Any, stop: Any) -> None:
+    count = len(logins)
     got = [0] * count
     clients = []
     ready = threading.Semaphore(0)
-    for i in range(count):
+    for i, (username, password) in enumerate(logins):
 
         def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage, i: int = i) -> None:
             got[i] += len(msg.payload)
@@ -117,7 +118,7 @@ def sub_worker(port: int, password: str, count: int, index: int, total: int, out
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{index}-{i}", protocol=mqtt.MQTTv5
         )
-        client.username_pw_set(CONTROLLER_USER, password)
+        client.username_pw_set(username, password)
         client.on_message = on_message
         client.on_connect = on_connect
         client.on_subscribe = lambda c, u, mid, rcs, p: ready.release()
@@ -146,20 +147,22 @@ def collect(out: Any, kind: str, workers: int, timeout: float) -> list[tuple[str
     return got
 
 
-def broker_alone(broker_port: int, password: str, data: bytes, chunk: int, devices: int, procs: int) -> float:
+def broker_alone(broker: Broker, data: bytes, chunk: int, devices: int, procs: int) -> float:
     out: Any = mp.Queue()
     stop = mp.Event()
-    share = [devices // procs + (1 if i < devices % procs else 0) for i in range(procs)]
+    # One broker account per connection: the broker binds client ids to usernames.
+    names = [f"bench-sub-{i}" for i in range(devices)] + ["bench-pub"]
+    logins = list(zip(names, broker.add_tool_users(names), strict=True))
     workers = [
-        mp.Process(target=sub_worker, args=(broker_port, password, n, i, len(data), out, stop))
-        for i, n in enumerate(share)
+        mp.Process(target=sub_worker, args=(broker.port, logins[i:devices:procs], i, len(data), out, stop))
+        for i in range(procs)
     ]
     for w in workers:
         w.start()
     collect(out, "subscribed", procs, 120)
     pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub", protocol=mqtt.MQTTv5)
-    pub.username_pw_set(CONTROLLER_USER, password)
-    pub.connect("127.0.0.1", broker_port)
+    pub.username_pw_set(*logins[-1])
+    pub.connect("127.0.0.1", broker.port)
     pub.loop_start()
     start = time.perf_counter()
     infos = [pub.publish(FANOUT_TOPIC, data[i : i + chunk], qos=1) for i in range(0, len(data), chunk)]
@@ -202,9 +205,7 @@ def main() -> int:
             creds.append((body["device_id"], body["mqtt_password"]))
         chunk = 65536
 
-        alone = broker_alone(
-            broker.port, controller.mqtt_password(), data, chunk, args.devices, args.processes
-        )
+        alone = broker_alone(broker, data, chunk, args.devices, args.processes)
 
         out: Any = mp.Queue()
         workers = [

@@ -33,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -84,14 +83,10 @@ def window(device: str, seq: int, end_ms: int, features: int) -> fleet_pb2.Telem
 
 
 class Publishers:
-    def __init__(self, port: int, username: str, password: str, clients: int) -> None:
+    def __init__(self, port: int, logins: list[tuple[str, str]]) -> None:
         self.clients = []
-        for i in range(clients):
-            c = mqtt.Client(
-                CallbackAPIVersion.VERSION2,
-                client_id=f"bench-pub-{i}-{uuid.uuid4().hex[:6]}",
-                protocol=mqtt.MQTTv5,
-            )
+        for username, password in logins:
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=username, protocol=mqtt.MQTTv5)
             c.username_pw_set(username, password)
             c.max_inflight_messages_set(200)
             c.max_queued_messages_set(0)
@@ -161,7 +156,7 @@ def raw_inserts(path: Path, messages: list[tuple[str, fleet_pb2.Telemetry]]) -> 
 
 
 def mqtt_floor(
-    port: int, username: str, password: str, payloads: list[tuple[str, bytes]], clients: int
+    port: int, login: tuple[str, str], pub_logins: list[tuple[str, str]], payloads: list[tuple[str, bytes]]
 ) -> float:
     """Seconds for a bare paho subscriber (receive + protobuf decode, nothing stored) to get them all."""
     got = 0
@@ -176,7 +171,7 @@ def mqtt_floor(
             done.set()
 
     sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-floor", protocol=mqtt.MQTTv5)
-    sub.username_pw_set(username, password)
+    sub.username_pw_set(*login)
     sub.on_message = on_message
     sub.on_subscribe = lambda *a: subscribed.set()
     sub.connect("127.0.0.1", port)
@@ -188,7 +183,7 @@ def mqtt_floor(
 
     threading.Thread(target=network, daemon=True).start()
     subscribed.wait(10)
-    pubs = Publishers(port, username, password, clients)
+    pubs = Publishers(port, pub_logins)
     start = time.perf_counter()
     for d, p in payloads:
         pubs.publish(d, p)
@@ -249,13 +244,16 @@ def main() -> int:
         ]
         payloads = [(d, encode(m)) for d, m in messages]
         # Before the controller runs, so the two do not share the broker.
-        floor_s = mqtt_floor(
-            broker.port, "edgefleet-controller", controller.mqtt_password(), payloads, args.clients
-        )
+        # One broker account per connection (the broker binds client ids to usernames), none
+        # of them the controller's: a second login with its credentials would take it over.
+        names = [f"bench-pub-{i}" for i in range(args.clients)]
+        pub_logins = list(zip(names, broker.add_tool_users(names), strict=True))
+        floor_login = ("bench-floor", broker.add_tool_user("bench-floor"))
+        floor_s = mqtt_floor(broker.port, floor_login, pub_logins, payloads)
         controller.start()
         assert controller.proc is not None
         proc = psutil.Process(controller.proc.pid)
-        pubs = Publishers(broker.port, "edgefleet-controller", controller.mqtt_password(), args.clients)
+        pubs = Publishers(broker.port, pub_logins)
         size = sum(len(p) for _, p in payloads) / len(payloads)
         db = controller.data_dir / "controller.db"
 

@@ -146,11 +146,17 @@ class Broker:
         running controller: the broker binds client ids to usernames, so a second
         login as edgefleet-controller would take the controller's own session over.
         """
-        password = uuid.uuid4().hex
-        self.tool_users.append(username)
+        return self.add_tool_users([username])[0]
+
+    def add_tool_users(self, usernames: list[str]) -> list[str]:
+        """Several tool accounts at once (one per concurrent connection), with one reload."""
+        passwords = [uuid.uuid4().hex for _ in usernames]
+        self.tool_users.extend(usernames)
         self._write_acl()
-        self.add_user(username, password)
-        return password
+        for username, password in zip(usernames, passwords, strict=True):
+            subprocess.run(["mosquitto_passwd", "-b", str(self.passwd_file), username, password], check=True)
+        self.reload()
+        return passwords
 
     def add_user(self, username: str, password: str) -> None:
         subprocess.run(["mosquitto_passwd", "-b", str(self.passwd_file), username, password], check=True)
