@@ -129,9 +129,11 @@ def test_a_version_failing_every_tenant_inference_is_stopped_at_the_first_wave_a
         )
         assert (errors, grpc_calls, pipeline) == (0, 0, n), models
 
+    # The first wave soaks long enough for its telemetry to arrive on a busy machine; the gates
+    # are judged continuously, so a failing version is stopped long before the soak ends.
     staged = controller.cli(
         "rollouts", "create", "--model", "clf", "--version", "2", "--all", "--tenant", "meter",
-        "--wave", "1:5", "--wave", "100%:2", *gate,
+        "--wave", "1:20", "--wave", "100%:2", *gate,
         "--on-failure", "rollback", "--device-timeout", "60",
     )  # fmt: skip
     rid = staged["id"]
