@@ -184,7 +184,15 @@ def _convert(
             weight_type=QuantType.QInt8,
         )
     elif kind == DYNAMIC_INT8:
-        quantize_dynamic(source, target, per_channel=per_channel, weight_type=QuantType.QInt8)
+        # Subgraphs too (silero-vad keeps its weights in If branches); only the dynamic
+        # quantizer can reach them.
+        quantize_dynamic(
+            source,
+            target,
+            per_channel=per_channel,
+            weight_type=QuantType.QInt8,
+            extra_options={"EnableSubgraph": True},
+        )
     elif kind == FP16:
         # Inputs and outputs stay float32, so apps feed the fp16 variant like the reference.
         half = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
@@ -412,7 +420,9 @@ class Optimizer:
                     f"({', '.join(sorted(op_types))})"
                 )
                 if op_types & {"If", "Loop", "Scan"}:
-                    reason += "; onnxruntime.quantization leaves the weights inside If/Loop/Scan subgraphs as they are"
+                    reason += (
+                        "; the static quantizer leaves the weights inside If/Loop/Scan subgraphs as they are"
+                    )
                 state(name, version, kind, "rejected", 1.0, reason, report)
                 return
             path = self.registry.artifacts.path(stored.digest)

@@ -187,8 +187,11 @@ def test_onnx_exports_get_variants_that_end_with_their_gate_figures(
         assert variants["onnx-int8-static"]["status"] == "ready"
         assert variants["onnx-fp16"]["status"] == "ready"
     if name == "silero_vad":
-        # The weights live in the branches of an If: what fp16 converts is seen there too.
+        # The weights live in the branches of an If: what fp16 converts is seen there too,
+        # and the dynamic quantizer reaches them (its verdict is then the gate's).
         assert variants["onnx-fp16"]["precision"] == "fp16"
+        assert variants["onnx-int8-dynamic"]["precision"] == "int8"
+        assert "below the gate" in variants["onnx-int8-dynamic"]["reason"]
     # CPU-only devices (fp32 and int8 kernels) get the smallest ready int8 variant, else fp32.
     int8 = sorted(
         (v["size"], k) for k, v in variants.items() if v["status"] == "ready" and v["precision"] == "int8"
