@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,9 @@ from agent.link import backoff_delay
 log = logging.getLogger(__name__)
 
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# A disk full again this soon after space came back keeps the backoff it had: free space
+# can look sufficient while writes still fail (a quota), and the agent must not spin.
+SETTLED_S = 60.0
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -65,17 +69,22 @@ class FreeSpace:
         self.free = free
         self.polls = 0
         self.next_poll = 0.0
+        self.cleared_at = -math.inf
 
     @property
     def full(self) -> bool:
         return self.conditions.holds(DISK_FULL)
 
     def hit(self, message: str) -> None:
-        """A write was refused for want of space: report it and look again after a backoff."""
-        began = self.conditions.hit(DISK_FULL, message)
-        if began:
+        """A write was refused for want of space: report it and look again after a backoff.
+
+        Further refusals while the disk is full are counted but do not push the next look back.
+        """
+        if not self.conditions.hit(DISK_FULL, message):
+            return
+        if self.clock() - self.cleared_at >= SETTLED_S:
             self.polls = 0
-            log.warning("disk full, downloads wait for free space dir=%s error=%s", self.directory, message)
+        log.warning("disk full, downloads wait for free space dir=%s error=%s", self.directory, message)
         self._schedule()
 
     def room_for(self, need_bytes: int) -> tuple[bool, int]:
@@ -98,6 +107,7 @@ class FreeSpace:
             self._schedule()
             return False
         cleared = self.conditions.clear(DISK_FULL)
+        self.cleared_at = self.clock()
         log.info(
             "disk space back, downloads resume dir=%s free=%d need=%d reserve=%d refused_writes=%d",
             self.directory,

@@ -264,6 +264,17 @@ def test_free_space_is_looked_at_with_backoff_until_what_waits_fits_with_the_res
     assert space.poll(500)
     assert not space.full and conditions.active() == ()
 
+    # Full again at once (free space that writes still cannot use, as under a quota): the
+    # backoff goes on growing instead of starting over, so the agent does not spin.
+    polls = space.polls
+    space.hit("writing state.json: Disk quota exceeded")
+    assert space.polls == polls + 1
+    clock.now = space.next_poll
+    assert space.poll(500)
+    clock.now += 61
+    space.hit("writing state.json: No space left on device")
+    assert space.polls == 1, "a disk full long after the last one starts the backoff afresh"
+
 
 def manifest_of(path: Path, digest: str) -> artifact_pb2.ArtifactManifest:
     data = path.read_bytes()
