@@ -7,6 +7,11 @@ update the in-memory transfers and the persisted state; the planner decides what
 follows. Every state change is written (atomically) before the act it allows:
 the new desired state before downloading, the new active model before it
 serves, a failure before it is reported.
+
+A full data disk is a condition, not a failure (:mod:`agent.diskspace`): the
+write that hit it is dropped and reported as ``disk_full``, nothing that moves
+an update forward runs until free space is back, and endings (failures,
+rollbacks) still happen, their state kept in memory until it can be written.
 """
 
 from __future__ import annotations
