@@ -46,9 +46,9 @@ class Inference:
 
 @dataclass
 class _Window:
+    latencies: _Reservoir
     count: int = 0
     errors: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
     # Per origin: [inferences, errors].
     origins: dict[Origin, list[int]] = field(default_factory=dict)
 
@@ -69,7 +69,9 @@ class InferenceStats:
             key = (inference.tenant, inference.model_name, inference.model_version)
             count, errors = self._totals.get(key, (0, 0))
             self._totals[key] = (count + 1, errors + (not ok))
-            w = self._windows.setdefault(key, _Window())
+            w = self._windows.get(key)
+            if w is None:
+                w = self._windows[key] = _Window(_Reservoir(self._rng))
             w.count += 1
             by_origin = w.origins.setdefault(inference.origin, [0, 0])
             by_origin[0] += 1
@@ -77,12 +79,7 @@ class InferenceStats:
                 w.errors += 1
                 by_origin[1] += 1
                 return
-            if len(w.latencies_ms) < MAX_SAMPLES:
-                w.latencies_ms.append(inference.latency_ms)
-            else:
-                slot = self._rng.randrange(w.count)
-                if slot < MAX_SAMPLES:
-                    w.latencies_ms[slot] = inference.latency_ms
+            w.latencies.add(inference.latency_ms)
 
     def totals(self, tenant: str, model_name: str, model_version: str) -> tuple[int, int]:
         """(inferences, errors) of one model version since the agent started, whatever fed them."""
@@ -105,9 +102,7 @@ class InferenceStats:
                 # The proto's fields are named after the origins: pipeline_inferences, ...
                 setattr(s, f"{origin.value}_inferences", count)
                 setattr(s, f"{origin.value}_errors", errors)
-            if w.latencies_ms:
-                p50, p95, p99 = np.percentile(np.asarray(w.latencies_ms), [50, 95, 99])
-                s.latency_p50_ms, s.latency_p95_ms, s.latency_p99_ms = float(p50), float(p95), float(p99)
+            s.latency_p50_ms, s.latency_p95_ms, s.latency_p99_ms = _percentiles(w.latencies.values)
             stats.append(s)
         return stats
 
