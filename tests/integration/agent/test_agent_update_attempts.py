@@ -97,6 +97,7 @@ def test_an_update_that_kills_the_agent_while_staging_is_failed_after_three_cras
         assert persisted(agent)["tenants"]["default"]["active"]["assignment"]["digest"] == d1
 
     # The fourth start counts the third crash and fails the update; the agent stays up on version 1.
+    agent.readies = agent.output().count("agent ready")  # each crashed start was ready first
     agent.start()
     agent.wait_ready()
     failed = wait_until(lambda: failed_with(peer, d2, REASON), 30, "version 2 reported failed")
@@ -233,6 +234,7 @@ def test_a_model_that_gets_the_agent_oom_killed_while_staging_is_failed_after_th
         assert agent.proc.returncode == -9, f"not killed by the kernel:\n{agent.output()[-3000:]}"
         update = persisted(agent)["updates"]["default"]
         assert (update["state"], update["crashes"]) == ("stage", crashes)
+        agent.readies = agent.output().count("agent ready")  # each crashed start was ready first
         start()
     assert memory_limited.oom_kills() == 3, "each death was the kernel's OOM killer"
 
