@@ -19,7 +19,7 @@ import queue
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 # (up to VALIDATION_SAMPLES) is used to validate.
 CALIBRATION_SAMPLES = 64
 VALIDATION_SAMPLES = 512
+# Starts of one variant's production (across controller restarts) before it is given up.
+MAX_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -341,6 +343,26 @@ class Optimizer:
             )
             return
         for variant in unfinished:
+            # Counted before the work: a quantizer that kills the controller (a native crash
+            # on a hostile file) is tried MAX_ATTEMPTS times across restarts, not forever.
+            attempts = int(variant.report.get("attempts", 0)) + 1
+            if attempts > MAX_ATTEMPTS:
+                reason = (
+                    f"variant production was interrupted {MAX_ATTEMPTS} times (the controller stopped "
+                    "while producing it); not tried again"
+                )
+                self.registry.set_variant_state(name, version, variant.variant, "failed", 1.0, reason)
+                log.error(
+                    "variant failed model=%s version=%s variant=%s reason=%s",
+                    name,
+                    version,
+                    variant.variant,
+                    reason,
+                )
+                continue
+            progress = {**variant.report, "attempts": attempts}
+            self.registry.set_variant_state(name, version, variant.variant, "running", 0.05, "", progress)
+            variant = replace(variant, report=progress)
             try:
                 self._produce(found, variant, ref_path, calibration, samples, expected)
             # onnxruntime and LiteRT raise their own types: any failure becomes this variant's reason.
@@ -399,12 +421,14 @@ class Optimizer:
             path = self.registry.artifacts.path(variant.digest)
             outputs = Runner(path, variant.format).run_all(samples)
             checked = validate(expected, outputs, found.task, found.gate)
-            report = checked.report
+            # What the upload found (quantization parameters, weight storage) stays beside the figures.
+            report = {**variant.report, **checked.report}
         else:
             checked, produced, per_channel, prepared = self._quantize_best(
                 found, kind, ref_path, calibration, samples, expected
             )
             report = {
+                "attempts": variant.report.get("attempts", 1),
                 **checked.report,
                 **({"per_channel": per_channel} if kind != FP16 else {}),
                 **({"preparation": prepared} if prepared else {}),

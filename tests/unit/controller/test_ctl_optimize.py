@@ -165,3 +165,23 @@ def test_the_worker_thread_resumes_what_a_restart_left_pending(parts: Parts, tmp
     assert parts.registry.unfinished() == []
     v = parts.registry.get("mlp", "1").variant(STATIC_INT8)
     assert v is not None and v.status == "ready"
+
+
+def test_a_variant_whose_production_keeps_stopping_the_controller_is_given_up(
+    parts: Parts, tmp_path: Path
+) -> None:
+    mlp = digits_mlp(tmp_path / "mlp.onnx")
+    registry = parts.registry
+    registry.upload("mlp", "1", mlp.path.open("rb"), {}, UploadOptions(dynamic=True), npz(X=mlp.samples[:50]))
+    # What three controller runs killed while producing the static variant leave behind.
+    registry.set_variant_state("mlp", "1", STATIC_INT8, "running", 0.1, "", {"attempts": 3})
+    registry.set_variant_state("mlp", "1", DYNAMIC_INT8, "running", 0.1, "", {"attempts": 1})
+    Optimizer(registry, tmp_path / "work").process("mlp", "1")
+    found = registry.get("mlp", "1")
+    static, dynamic = found.variant(STATIC_INT8), found.variant(DYNAMIC_INT8)
+    assert static is not None and static.status == "failed"
+    assert static.reason == (
+        "variant production was interrupted 3 times (the controller stopped while producing it); not tried again"
+    )
+    assert dynamic is not None and dynamic.status == "ready" and dynamic.report["attempts"] == 2
+    assert registry.unfinished() == []
