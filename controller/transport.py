@@ -133,6 +133,10 @@ class Transport:
                 self._client.tls_set_context(self._tls.context())
             except TlsSetupError as exc:
                 raise ConfigError(f"{settings.settings_path}: mqtt_tls_*: {exc}") from None
+            # OpenSSL corrupts a connection that two threads read and write at once ("bad record
+            # mac", and the broker drops it). Publishes come from the worker threads: with a write
+            # callback registered, paho only queues them and wakes the network thread to write.
+            self._client.on_socket_register_write = _written_by_the_network_thread
         else:
             log.warning(
                 "mqtt connection to the broker is unencrypted broker=%s:%d: plain TCP is for a broker on "
@@ -722,6 +726,10 @@ class Transport:
             self._chunk_bytes.limit.rate,
         )
         return False
+
+
+def _written_by_the_network_thread(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Registered only so that paho leaves every socket write to the network thread."""
 
 
 def _broker_tls(settings: Settings) -> BrokerTls | None:

@@ -5,16 +5,21 @@ a CA file, and devices logging in with certificates from the controller's CA
 
 from __future__ import annotations
 
+import ssl
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 import tomli_w
+from cryptography import x509
+from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.broker import Broker, TlsListener
 from tests.certs import Issued, issue, make_ca
-from tests.localfleet import Agent, Controller, register_agent, wait_until
+from tests.localfleet import Agent, Controller, register_agent, rollout_done, wait_until
+from tests.models import digits_classifier
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +39,7 @@ class TlsFleet:
         return bool(self.controller.api("GET", f"/v1/devices/{device_id}").json()["online"])
 
 
-def start_tls_fleet(workdir: Path, client_certificates: bool) -> TlsFleet:
+def start_tls_fleet(workdir: Path, client_certificates: bool, *init_options: str) -> TlsFleet:
     """The controller is initialised first: its CA (made by `controller init`) is what the
     broker checks client certificates with, so it must exist before the broker starts."""
     pki = make_ca(workdir / "pki", "broker-ca")
@@ -47,6 +52,7 @@ def start_tls_fleet(workdir: Path, client_certificates: bool) -> TlsFleet:
         "--mqtt-tls-ca-file",
         str(pki.cert_file),
         *(["--mqtt-client-certificate"] if client_certificates else []),
+        *init_options,
     )
     # Clients may hold certificates from the controller's CA, or (to test an expired one)
     # from the test's own CA.
@@ -103,11 +109,52 @@ def test_controller_and_agent_log_in_with_certificates_over_tls(tmp_path: Path) 
         broker_log = fleet.broker.log_file.read_text()
         assert "as cam-tls (" in broker_log and "u'cam-tls'" in broker_log
         assert "u'edgefleet-controller'" in broker_log
+
+        # Renewal: a new certificate into the same folder, read by the agent when it starts.
+        first = x509.load_pem_x509_certificate((workdir / "cam-tls.crt").read_bytes())
+        fleet.controller.cli("devices", "issue-cert", "cam-tls", "--out-dir", str(workdir))
+        renewed = x509.load_pem_x509_certificate((workdir / "cam-tls.crt").read_bytes())
+        assert renewed.serial_number != first.serial_number
+        agent.stop()
+        wait_until(lambda: not fleet.online("cam-tls"), 30, "cam-tls offline")
+        agent.start()
+        wait_until(lambda: fleet.online("cam-tls"), 60, f"cam-tls online again; log:\n{agent.log()}")
+        agent.stop()
+
+        # On the TLS listener too the client id is the username: a device certificate
+        # asking for the controller's client id gets its own.
+        logins = broker_log_logins(fleet.broker, "cam-tls")
+        intruder = certificate_client(
+            fleet, workdir / "cam-tls.crt", workdir / "cam-tls.key", "edgefleet-controller"
+        )
+        try:
+            wait_until(
+                lambda: broker_log_logins(fleet.broker, "cam-tls") > logins, 10, "the intruder's login"
+            )
+            assert "mqtt disconnected" not in fleet.controller.log_file.read_text()
+        finally:
+            intruder.disconnect()
+            intruder.loop_stop()
     finally:
         if agent is not None:
             agent.stop()
         fleet.controller.stop()
         fleet.broker.stop()
+
+
+def broker_log_logins(broker: Broker, client_id: str) -> int:
+    return broker.log_file.read_text().count(f" as {client_id} (")
+
+
+def certificate_client(fleet: TlsFleet, cert_file: Path, key_file: Path, client_id: str) -> mqtt.Client:
+    assert fleet.broker.tls is not None
+    context = ssl.create_default_context(cafile=str(fleet.pki.cert_file))
+    context.load_cert_chain(str(cert_file), str(key_file))
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.tls_set_context(context)
+    client.connect("127.0.0.1", fleet.broker.tls.port, 30)
+    client.loop_start()
+    return client
 
 
 def test_wrong_ca_and_expired_certificate_are_refused_naming_the_cause(tmp_path: Path) -> None:
@@ -192,3 +239,49 @@ def test_plain_tcp_still_works_and_says_it_is_unencrypted(tmp_path: Path) -> Non
             agent.stop()
         controller.stop()
         broker.stop()
+
+
+def test_a_model_rolls_out_over_tls_while_telemetry_flows(tmp_path: Path) -> None:
+    """Chunks, acknowledgements and desired states go out from the controller's worker
+    threads while its network thread reads: over TLS the connection must stay whole."""
+    fleet = start_tls_fleet(tmp_path, True, "--chunk-size", "1024")
+    agents: list[Agent] = []
+    try:
+        digits = digits_classifier(tmp_path / "digits.onnx")
+        fleet.controller.cli("models", "upload", str(digits.path), "--name", "digits", "--version", "1")
+        workdir = tmp_path / "agents"
+        for i in range(2):
+            device_id = f"cam-{i}"
+            agent = register_agent(fleet.controller, workdir, device_id, telemetry_interval=0.2)
+            fleet.controller.cli("devices", "issue-cert", device_id, "--out-dir", str(workdir))
+            set_mqtt(
+                agent,
+                tls_ca_file="broker-ca.crt",
+                tls_cert_file=f"{device_id}.crt",
+                tls_key_file=f"{device_id}.key",
+            )
+            agents.append(agent.start())
+        wait_until(lambda: all(fleet.online(a.device_id) for a in agents), 60, "agents online over TLS")
+        rollout = fleet.controller.cli(
+            "rollouts",
+            "create",
+            "--model",
+            "digits",
+            "--version",
+            "1",
+            "--device",
+            "cam-0",
+            "--device",
+            "cam-1",
+        )
+        final = wait_until(
+            lambda: rollout_done(fleet.controller, rollout["id"]), 120, "the rollout to finish"
+        )
+        assert final["status"] == "succeeded", final
+        assert "mqtt disconnected" not in fleet.controller.log_file.read_text()
+        assert "Protocol error" not in fleet.broker.log_file.read_text()
+    finally:
+        for agent in agents:
+            agent.stop()
+        fleet.controller.stop()
+        fleet.broker.stop()
