@@ -42,6 +42,7 @@ def samples(tmp_path: Path) -> dict[tuple[str, str], tuple[str, Any]]:
         ("transfer", "window"): ("16", 16),
         ("transfer", "request_timeout_s"): ("2.5", 2.5),
         ("outbox", "max_records"): ("50", 50),
+        ("outbox", "ack_timeout_s"): ("12.5", 12.5),
         ("scheduler", "workers"): ("2", 2),
         ("scheduler", "intra_op_threads"): ("3", 3),
         ("pool", "memory_budget_mb"): ("100.0", 100.0),
