@@ -56,6 +56,8 @@ from agent.errors import ConfigError
 log = logging.getLogger(__name__)
 
 KEY_FILE = "controller_key.json"
+# The most characters of a device id or key id a refused desired state claimed that a reason repeats.
+MAX_CLAIM_CHARS = 64
 
 
 def parse_public_key(text: str) -> bytes:
@@ -154,15 +156,17 @@ class KeyRing:
         if self.key is None:
             return None
         what = f"desired state generation {msg.generation} refused"
+        # The sender chose these strings: cut, since the reason is logged, sent and reported.
+        claimed_device, claimed_key = msg.device_id[:MAX_CLAIM_CHARS], msg.state_key_id[:MAX_CLAIM_CHARS]
         if msg.device_id != device_id:
-            named = f"is for device {msg.device_id!r}" if msg.device_id else "names no device"
+            named = f"is for device {claimed_device!r}" if msg.device_id else "names no device"
             return f"{what}: it {named}, this is {device_id!r}"
         if not msg.state_signature:
             return f"{what}: not signed by the controller (this device trusts controller key {self.key_id})"
         key, links = _walk(self.key, _rotations(msg))
         if not _verifies(key, bytes(msg.state_signature), desired_bytes(msg)):
             if msg.state_key_id and msg.state_key_id != key_id(key):
-                return f"{what}: signed by key {msg.state_key_id}, this device trusts controller key {key_id(key)}"
+                return f"{what}: signed by key {claimed_key}, this device trusts controller key {key_id(key)}"
             return f"{what}: the signature does not match the state (key {key_id(key)}); tampered or corrupt"
         for link in links:
             self.rotate(link)

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.signing import desired_bytes, key_id, rotation_bytes
 
-from agent.signing import KEY_FILE, KeyRing
+from agent.signing import KEY_FILE, MAX_CLAIM_CHARS, KeyRing
 
 CONTROLLER = Ed25519PrivateKey.generate()
 FORGER = Ed25519PrivateKey.generate()
@@ -106,3 +106,14 @@ def test_a_rotation_riding_on_an_assignment_is_followed_too(tmp_path: Path) -> N
 
 def test_without_a_pinned_key_states_are_not_checked(tmp_path: Path) -> None:
     assert KeyRing(tmp_path, None).admit(fleet_pb2.DesiredState(generation=1), "dev-a") is None
+
+
+def test_what_a_refused_state_claims_is_cut_in_the_reason(tmp_path: Path) -> None:
+    ring = KeyRing(tmp_path, raw(CONTROLLER))
+    long = "d" * 100_000
+    reason = str(ring.admit(sign(CONTROLLER, state(device_id=long)), "dev-a"))
+    assert len(reason) < 300 and "d" * MAX_CLAIM_CHARS in reason
+    claimed = sign(FORGER, state())
+    claimed.state_key_id = "k" * 100_000
+    reason = str(ring.admit(claimed, "dev-a"))
+    assert len(reason) < 300 and "k" * MAX_CLAIM_CHARS in reason
