@@ -48,6 +48,8 @@ from controller.store import Store
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+# Model names and versions, for request schemas.
+NAME_PATTERN = _NAME.pattern
 
 # onnxruntime's element type names -> numpy dtype names (the wire contract's spelling).
 STAGES = ("development", "staging", "production", "archived")

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-EdgeFleet-Signature"
 RUN_HEADER = "X-EdgeFleet-Run"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RUN_STATUSES = ("pending", "triggered", "failed", "succeeded")
 MAX_DATASETS_IN_PAYLOAD = 100
 # A version counts as in production while it sent drift sketches this recently.
@@ -116,7 +116,7 @@ def _number(doc: Mapping[str, Any], key: str, default: float | None = None, mini
 
 def parse_policy(name: str, doc: Mapping[str, Any]) -> Policy:
     """A policy from its JSON document; InvalidPolicy names the first problem."""
-    if not _NAME.match(name):
+    if not POLICY_NAME.match(name):
         raise InvalidPolicy(f"invalid policy name {name!r}: use 1-64 letters, digits, '_', '.', '-'")
     known = {"model", "conditions", "cooldown_s", "trigger", "enabled", "rollout"}
     unknown = sorted(set(doc) - known)
@@ -131,6 +131,9 @@ def parse_policy(name: str, doc: Mapping[str, Any]) -> Policy:
     extra = sorted(set(conditions) - {"drift", "accuracy", "schedule"})
     if extra:
         raise InvalidPolicy(f"unknown conditions: {', '.join(extra)}")
+    for key, value in conditions.items():
+        if value is not None and not isinstance(value, dict):
+            raise InvalidPolicy(f"conditions.{key} must be an object, not {value!r}")
     drift = accuracy = schedule = None
     if (d := conditions.get("drift")) is not None:
         metric = d.get("metric", "psi")

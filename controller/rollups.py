@@ -10,6 +10,7 @@ p99, which is what an operator reads a dashboard for.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,11 @@ def bucket_of(window_end_ms: int, bucket_ms: int) -> int:
     return (max(window_end_ms, 1) - 1) // bucket_ms * bucket_ms
 
 
+def _finite(value: float) -> float:
+    """A latency a device reported as NaN or infinity (no inference measured) adds nothing."""
+    return value if math.isfinite(value) else 0.0
+
+
 class Rollups:
     def __init__(
         self, store: Store, bucket_s: int, retention: Retention, clock: Callable[[], float] = time.time
@@ -92,9 +98,9 @@ class Rollups:
                     bucket,
                     n,
                     m.error_count,
-                    m.latency_p50_ms * n,
-                    m.latency_p95_ms * n,
-                    m.latency_p99_ms,
+                    _finite(m.latency_p50_ms) * n,
+                    _finite(m.latency_p95_ms) * n,
+                    _finite(m.latency_p99_ms),
                     received_at,
                 ),
             )

@@ -9,11 +9,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller.api import devices, loop, models, profiles, rollouts, signing, telemetry
 from controller.api.deps import Authenticated
+from controller.api.responses import allowed_methods, install_openapi, validation_error_body
 from controller.api.upload_limits import BodyMeter, limits_for
 from controller.auth import token_matches
 from controller.errors import (
@@ -112,6 +115,19 @@ def create_app(settings: Settings, *, start_transport: bool = True) -> FastAPI:
     )
     app.state.controller = controller
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route on the path only; a path has
+            # one route per method here.
+            headers["Allow"] = ", ".join(allowed_methods(app.openapi(), request.url.path))
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(status_code=422, content=validation_error_body(exc))
+
     @app.exception_handler(ControllerError)
     async def controller_error(request: Request, exc: ControllerError) -> JSONResponse:
         code = status_for(exc)
@@ -130,4 +146,5 @@ def create_app(settings: Settings, *, start_transport: bool = True) -> FastAPI:
         app.include_router(module.router, prefix="/v1", dependencies=[Authenticated])
     app.include_router(loop.router)
     app.add_middleware(BodyLimitGuard, controller=controller)
+    install_openapi(app)
     return app

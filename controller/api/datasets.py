@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Body, Form, UploadFile, status
+from fastapi import APIRouter, Form, UploadFile, status
 from fastapi.responses import Response
 
 from controller.api.deps import ClosedLoopDep, RegistryDep
-from controller.api.loop_schemas import DatasetPublic, LabelsBody
+from controller.api.loop_schemas import CapturePolicyCreate, CapturePolicyPublic, DatasetPublic, LabelsBody
 from controller.datasets import MAX_DATASET_BYTES, Manifest
 from controller.errors import InvalidDataset, ModelNotFound
+from controller.registry import NAME_PATTERN
 
 router = APIRouter(tags=["datasets"])
 
@@ -18,8 +19,8 @@ router = APIRouter(tags=["datasets"])
 @router.post("/datasets", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic)
 def upload_dataset(
     file: UploadFile,
-    model: Annotated[str, Form()],
-    version: Annotated[str, Form()],
+    model: Annotated[str, Form(pattern=NAME_PATTERN)],
+    version: Annotated[str, Form(pattern=NAME_PATTERN)],
     loop: ClosedLoopDep,
     device_id: Annotated[str, Form()] = "operator",
     tenant: Annotated[str, Form()] = "default",
@@ -65,20 +66,20 @@ def get_labels(digest: str, loop: ClosedLoopDep) -> dict[str, list[int] | None]:
     return {"labels": loop.datasets.labels(digest)}
 
 
-@router.put("/models/{name}/capture-policy")
+@router.put("/models/{name}/capture-policy", response_model=CapturePolicyPublic)
 def put_capture_policy(
     name: str,
+    body: CapturePolicyCreate,
     loop: ClosedLoopDep,
     registry: RegistryDep,
-    doc: Annotated[dict[str, Any], Body()],
     tenant: str = "default",
-) -> dict[str, Any]:
+) -> CapturePolicyPublic:
     """What the model's tenants capture; devices get it in their desired state at the next maintenance tick."""
     if name not in {m.name for m in registry.all()}:
         raise ModelNotFound(f"no model {name!r}")
-    return loop.desired.put(name, tenant, doc)
+    return CapturePolicyPublic.model_validate(loop.desired.put(name, tenant, body.model_dump()))
 
 
-@router.get("/models/{name}/capture-policy")
-def get_capture_policy(name: str, loop: ClosedLoopDep, tenant: str = "default") -> dict[str, Any]:
-    return loop.desired.get(name, tenant)
+@router.get("/models/{name}/capture-policy", response_model=CapturePolicyPublic)
+def get_capture_policy(name: str, loop: ClosedLoopDep, tenant: str = "default") -> CapturePolicyPublic:
+    return CapturePolicyPublic.model_validate(loop.desired.get(name, tenant))

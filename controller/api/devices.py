@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from controller.api.deps import ControllerDep, FleetDep, TenantsDep
+from controller.api.responses import errors
 from controller.api.schemas import (
     DeviceCertificateCreate,
     DeviceCertificatePublic,
@@ -19,7 +20,12 @@ from controller.certificates import broker_ca_pem
 router = APIRouter(tags=["devices"])
 
 
-@router.post("/devices", status_code=status.HTTP_201_CREATED, response_model=DeviceCredentialsPublic)
+@router.post(
+    "/devices",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DeviceCredentialsPublic,
+    responses=errors(409, 503),
+)
 def register_device(body: DeviceCreate, fleet: FleetDep) -> DeviceCredentialsPublic:
     return DeviceCredentialsPublic.model_validate(fleet.register(body.device_id, body.tags, body.profile))
 
@@ -56,8 +62,11 @@ def get_device(device_id: str, fleet: FleetDep) -> DevicePublic:
 
 
 @router.put("/devices/{device_id}/tenants", response_model=list[TenantPublic])
-def set_device_tenants(device_id: str, body: list[TenantCreate], tenants: TenantsDep) -> list[TenantPublic]:
+def set_device_tenants(
+    device_id: str, body: list[TenantCreate], fleet: FleetDep, tenants: TenantsDep
+) -> list[TenantPublic]:
     """Replace the tenants the controller declares on the device; its desired state is re-issued."""
+    fleet.get(device_id)
     docs = [t.model_dump(exclude_defaults=True) | {"id": t.id} for t in body]
     return [TenantPublic.model_validate(t) for t in tenants.put(device_id, docs)]
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from controller.api.rollout_schemas import RolloutSpec
+from controller.capture_policies import DEFAULT_BOUNDS
 
 
 class _Create(BaseModel):
@@ -108,3 +111,126 @@ class RunResult(_Create):
 class RunResultPublic(_Public):
     run: RunPublic
     rollout_id: str
+
+
+# -- retraining policies --------------------------------------------------------------
+
+
+class DriftConditionIn(_Create):
+    threshold: float = Field(ge=0, description="PSI or KL above which a fleet-wide window counts as drifted")
+    windows: int = Field(3, ge=1, description="consecutive drifted windows that trigger")
+    metric: Literal["psi", "kl"] = "psi"
+
+
+class AccuracyConditionIn(_Create):
+    below: float = Field(ge=0, le=1, description="trigger when labelled accuracy falls below this fraction")
+    min_samples: int = Field(20, ge=1)
+
+
+class ScheduleConditionIn(_Create):
+    every_s: float = Field(ge=1)
+
+
+def _at_least_one_condition(schema: dict[str, Any]) -> None:
+    # What the validator below enforces, said in the schema: a condition is an object
+    # (null is only the default of one left out) and at least one is given.
+    schema["minProperties"] = 1
+    for prop in schema["properties"].values():
+        prop["anyOf"] = [s for s in prop.get("anyOf", []) if s.get("type") != "null"]
+        prop.pop("default", None)
+
+
+class ConditionsIn(_Create):
+    """At least one of drift, accuracy, schedule."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_at_least_one_condition)
+
+    drift: DriftConditionIn | None = None
+    accuracy: AccuracyConditionIn | None = None
+    schedule: ScheduleConditionIn | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _objects_only(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            nulls = sorted(k for k, v in data.items() if v is None)
+            if nulls:
+                raise ValueError(f"{', '.join(nulls)}: a condition must be an object; leave it out instead")
+            if not data:
+                raise ValueError("conditions must hold at least one of drift, accuracy, schedule")
+        return data
+
+
+class WebhookTriggerIn(_Create):
+    kind: Literal["webhook"]
+    url: str = Field(pattern=r"^https?://\S+$")
+    secret: str = Field(min_length=16, description="HMAC key the webhook's body is signed with")
+    timeout_s: float = Field(10.0, ge=0.1)
+    max_attempts: int = Field(5, ge=1)
+
+
+class CommandTriggerIn(_Create):
+    kind: Literal["command"]
+    command: list[str] = Field(min_length=1, description="argv, run without a shell")
+    timeout_s: float = Field(10.0, ge=0.1)
+    max_attempts: int = Field(5, ge=1)
+
+
+class PolicyCreate(_Create):
+    """A retraining policy: when to trigger (conditions, cooldown), how (trigger), and how to
+    roll out the version the triggered run registers (rollout)."""
+
+    model: str = Field(min_length=1)
+    conditions: ConditionsIn
+    trigger: Annotated[WebhookTriggerIn | CommandTriggerIn, Field(discriminator="kind")]
+    cooldown_s: float = Field(3600.0, ge=0)
+    enabled: bool = True
+    rollout: RolloutSpec | None = None
+
+
+class TriggerPublic(_Public):
+    kind: Literal["webhook", "command"]
+    url: str = ""
+    command: list[str] = []
+    timeout_s: float
+    max_attempts: int
+    secret_set: bool
+
+
+class PolicyPublic(_Public):
+    name: str
+    version: int
+    model: str
+    conditions: dict[str, dict[str, Any]]
+    trigger: TriggerPublic
+    cooldown_s: float
+    enabled: bool
+    rollout: dict[str, Any] | None = None
+
+
+# -- capture policies ------------------------------------------------------------------
+
+
+class CapturePolicyCreate(_Create):
+    """What a model's tenants capture for retraining; at least one fraction above 0."""
+
+    random_fraction: float = Field(0.0, ge=0, le=1)
+    low_confidence_below: float = Field(0.0, ge=0, le=1)
+    drifted_feature_share: float = Field(0.0, ge=0, le=1)
+    max_samples_per_hour: int = Field(DEFAULT_BOUNDS["max_samples_per_hour"], ge=0)
+    max_samples_per_upload: int = Field(DEFAULT_BOUNDS["max_samples_per_upload"], ge=0)
+    max_bytes_per_upload: int = Field(DEFAULT_BOUNDS["max_bytes_per_upload"], ge=0)
+
+
+class CapturePolicyPublic(_Public):
+    model_name: str
+    tenant: str
+    version: int
+    policy_id: str
+    random_fraction: float
+    low_confidence_below: float
+    drifted_feature_share: float
+    max_samples_per_hour: int
+    max_samples_per_upload: int
+    max_bytes_per_upload: int
+    updated_at: float

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, UploadFile, status
+from fastapi import APIRouter, Form, Path, UploadFile, status
 
 from controller.api.deps import RegistryDep
+from controller.api.responses import errors
 from controller.api.schemas import ModelPublic, ModelVersionPublic, StageChange, VariantPublic
 from controller.errors import InvalidInputError
-from controller.registry import DEFAULT_GATE, Lineage, UploadOptions
+from controller.registry import DEFAULT_GATE, NAME_PATTERN, Lineage, UploadOptions
 
 router = APIRouter(tags=["models"])
+
+ModelName = Annotated[str, Path(pattern=NAME_PATTERN)]
 
 
 def parse_metadata(raw: str, what: str = "metadata") -> dict[str, Any]:
@@ -26,12 +29,15 @@ def parse_metadata(raw: str, what: str = "metadata") -> dict[str, Any]:
 
 
 @router.post(
-    "/models/{name}/versions", status_code=status.HTTP_201_CREATED, response_model=ModelVersionPublic
+    "/models/{name}/versions",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ModelVersionPublic,
+    responses=errors(409),
 )
 def upload_version(
-    name: str,
+    name: ModelName,
     file: UploadFile,
-    version: Annotated[str, Form()],
+    version: Annotated[str, Form(pattern=NAME_PATTERN)],
     registry: RegistryDep,
     metadata: Annotated[str, Form()] = "{}",
     parent_version: Annotated[str, Form()] = "",
@@ -80,6 +86,7 @@ def get_version(name: str, version: str, registry: RegistryDep) -> ModelVersionP
     "/models/{name}/versions/{version}/variants",
     status_code=status.HTTP_201_CREATED,
     response_model=VariantPublic,
+    responses=errors(409),
 )
 def upload_variant(name: str, version: str, file: UploadFile, registry: RegistryDep) -> VariantPublic:
     """Another artifact of the version, e.g. a float or int8 .tflite export."""

@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Path, Query
 from pydantic import ValidationError
 
 from controller.api.deps import ClosedLoopDep, RegistryDep, RolloutsDep
-from controller.api.loop_schemas import RunPublic, RunResult, RunResultPublic
+from controller.api.loop_schemas import PolicyCreate, PolicyPublic, RunPublic, RunResult, RunResultPublic
+from controller.api.responses import errors
 from controller.api.rollout_schemas import RolloutCreate
-from controller.errors import InvalidPolicy
-from controller.retraining import RolloutStarter
+from controller.errors import InvalidPolicy, ModelNotFound
+from controller.retraining import POLICY_NAME, Policy, RolloutStarter
 from controller.rollouts import Rollouts
 
 router = APIRouter(tags=["retraining"])
@@ -36,27 +37,40 @@ def rollout_starter(rollouts: Rollouts) -> RolloutStarter:
     return start
 
 
-@router.put("/retraining/policies/{name}")
-def put_policy(name: str, loop: ClosedLoopDep, doc: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+PolicyName = Annotated[str, Path(pattern=POLICY_NAME.pattern, description="the policy's name")]
+
+
+def _public(policy: Policy) -> PolicyPublic:
+    return PolicyPublic.model_validate(policy.public())
+
+
+@router.put("/retraining/policies/{name}", response_model=PolicyPublic, responses=errors(404))
+def put_policy(
+    name: PolicyName, body: PolicyCreate, loop: ClosedLoopDep, registry: RegistryDep
+) -> PolicyPublic:
     """Create the policy, or add a version of it (the newest version is in force)."""
-    if isinstance(doc.get("rollout"), dict):
-        rollout_body(str(doc.get("model", "")), "0", doc["rollout"])
-    return loop.retraining.put_policy(name, doc).public()
+    if body.model not in {m.name for m in registry.all()}:
+        raise ModelNotFound(f"no model {body.model!r}")
+    doc = body.model_dump(exclude_none=True, exclude={"rollout"})
+    if body.rollout is not None:
+        # Kept as given: the defaults are applied when the rollout starts.
+        doc["rollout"] = body.rollout.model_dump(exclude_unset=True)
+    return _public(loop.retraining.put_policy(name, doc))
 
 
-@router.get("/retraining/policies")
-def list_policies(loop: ClosedLoopDep) -> list[dict[str, Any]]:
-    return [p.public() for p in loop.retraining.policies()]
+@router.get("/retraining/policies", response_model=list[PolicyPublic])
+def list_policies(loop: ClosedLoopDep) -> list[PolicyPublic]:
+    return [_public(p) for p in loop.retraining.policies()]
 
 
-@router.get("/retraining/policies/{name}")
-def get_policy(name: str, loop: ClosedLoopDep) -> dict[str, Any]:
-    return loop.retraining.policy(name).public()
+@router.get("/retraining/policies/{name}", response_model=PolicyPublic)
+def get_policy(name: str, loop: ClosedLoopDep) -> PolicyPublic:
+    return _public(loop.retraining.policy(name))
 
 
-@router.get("/retraining/policies/{name}/versions")
-def policy_versions(name: str, loop: ClosedLoopDep) -> list[dict[str, Any]]:
-    return [p.public() for p in loop.retraining.policy_versions(name)]
+@router.get("/retraining/policies/{name}/versions", response_model=list[PolicyPublic])
+def policy_versions(name: str, loop: ClosedLoopDep) -> list[PolicyPublic]:
+    return [_public(p) for p in loop.retraining.policy_versions(name)]
 
 
 @router.post("/retraining/evaluate", response_model=list[RunPublic])

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from controller.registry import NAME_PATTERN
 from controller.rollout_plans import FailureAction, Gates, Plan, ShadowGate, Target, Wave
 
 STAGED_DEVICE_TIMEOUT_S = 900.0
@@ -53,9 +54,10 @@ class TargetIn(_Create):
     all: bool = False
 
 
-class RolloutCreate(_Create):
-    model: str
-    version: str
+class RolloutSpec(_Create):
+    """How to roll a version out (without naming it): what a retraining policy keeps for the
+    version its run registers."""
+
     tenant: str = "default"
     # The foundation's shorthand for target.devices.
     devices: list[str] = Field(default_factory=list)
@@ -106,6 +108,11 @@ class RolloutCreate(_Create):
             probation_max_error_rate=self.probation_max_error_rate,
             shadow=ShadowGate(**self.shadow.model_dump()) if self.shadow is not None else None,
         )
+
+
+class RolloutCreate(RolloutSpec):
+    model: str = Field(pattern=NAME_PATTERN)
+    version: str = Field(pattern=NAME_PATTERN)
 
 
 class RolloutCommandIn(_Create):

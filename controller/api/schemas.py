@@ -5,9 +5,13 @@ Times are Unix seconds (float); ``*_ms`` fields are the device's milliseconds.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from edgefleet_proto.topics import _DEVICE_ID as DEVICE_ID
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from controller.fleet import _TAG as TAG
 
 
 class _Public(BaseModel):
@@ -91,8 +95,8 @@ class ModelPublic(_Public):
 
 
 class DeviceCreate(_Create):
-    device_id: str
-    tags: list[str] = Field(default_factory=list)
+    device_id: str = Field(pattern=DEVICE_ID.pattern)
+    tags: list[Annotated[str, Field(pattern=TAG.pattern)]] = Field(default_factory=list)
     profile: str = ""
 
 
@@ -202,16 +206,25 @@ class TenantPublic(_Public):
     has_token: bool
 
 
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+# A number a device reported: null when what it reported is not finite (NaN, infinity),
+# as JSON has no such numbers.
+Reported = Annotated[float | None, BeforeValidator(_finite_or_none)]
+
+
 class SystemStatsPublic(_Public):
-    cpu_percent: float
+    cpu_percent: Reported
     mem_total_bytes: int
     mem_used_bytes: int
-    mem_percent: float
+    mem_percent: Reported
     disk_total_bytes: int
     disk_used_bytes: int
-    disk_percent: float
-    temperature_c: float | None
-    load1: float
+    disk_percent: Reported
+    temperature_c: Reported
+    load1: Reported
 
 
 class ModelStatsPublic(_Public):
@@ -220,9 +233,17 @@ class ModelStatsPublic(_Public):
     model_version: str
     inference_count: int
     error_count: int
-    latency_p50_ms: float
-    latency_p95_ms: float
-    latency_p99_ms: float
+    latency_p50_ms: Reported
+    latency_p95_ms: Reported
+    latency_p99_ms: Reported
+    # What fed them (counted like inference_count and error_count); 0 in windows stored before
+    # the agents reported it.
+    pipeline_inferences: int = 0
+    pipeline_errors: int = 0
+    grpc_inferences: int = 0
+    grpc_errors: int = 0
+    shadow_inferences: int = 0
+    shadow_errors: int = 0
 
 
 class ShadowStatsPublic(_Public):
@@ -233,36 +254,28 @@ class ShadowStatsPublic(_Public):
     candidate_model_name: str
     candidate_model_version: str
     compared: int
-    top1_agreement: float
-    mean_abs_deviation: float
-    candidate_latency_p50_ms: float
-    candidate_latency_p95_ms: float
-    live_latency_p50_ms: float
+    top1_agreement: Reported
+    mean_abs_deviation: Reported
+    candidate_latency_p50_ms: Reported
+    candidate_latency_p95_ms: Reported
+    live_latency_p50_ms: Reported
 
 
 class TenantStatsPublic(_Public):
     """One tenant pipeline in one window (issue 5)."""
 
     tenant: str
-    # What fed them (counted like inference_count and error_count); 0 in windows stored before
-    # the agents reported it.
-    pipeline_inferences: int = 0
-    pipeline_errors: int = 0
-    grpc_inferences: int = 0
-    grpc_errors: int = 0
-    shadow_inferences: int = 0
-    shadow_errors: int = 0
     samples: int
     inferences: int
     dropped: int
     errors: int
-    rate_hz: float
-    latency_p50_ms: float
-    latency_p95_ms: float
-    latency_p99_ms: float
+    rate_hz: Reported
+    latency_p50_ms: Reported
+    latency_p95_ms: Reported
+    latency_p99_ms: Reported
     source_failures: int
-    weight: float
-    busy_s: float
+    weight: Reported
+    busy_s: Reported
 
 
 class TelemetryPublic(_Public):

@@ -235,7 +235,7 @@ def test_closed_loop_cli_and_the_scrape_token(broker: Broker, tmp_path: Path) ->
         assert controller.cli("retraining", "runs") == []
         policy.write_text(json.dumps({"model": "digits", "conditions": {"accuracy": {"below": 0.5}}}))
         refused = controller.cli("retraining", "put-policy", "acc", "--file", str(policy), check=False)
-        assert refused.returncode == 1 and "422: trigger must be an object" in refused.stderr
+        assert refused.returncode == 1 and "422: body.trigger: Field required" in refused.stderr
 
         assert httpx.get(f"{controller.url}/metrics", timeout=10).status_code == 401
         scraped = httpx.get(

@@ -86,7 +86,7 @@ def test_drift_fires_the_policy_and_the_result_rolls_out(quiet_ctl: Ctl, hook: H
     assert bad.status_code == 422 and "cooldown_s" in bad.text
     assert ctl.api("GET", "/v1/retraining/policies/digits-drift").json()["version"] == 1
     bad_rollout = ctl.api("PUT", "/v1/retraining/policies/x", json={**doc, "rollout": {"waves": "soon"}})
-    assert bad_rollout.status_code == 422 and "rollout: waves" in bad_rollout.text
+    assert bad_rollout.status_code == 422 and "body.rollout.waves" in bad_rollout.text
 
     credentials = ctl.register("cam-1")
     peer = ctl.device_peer(credentials)

@@ -76,7 +76,7 @@ def test_staged_plan_waves_conflicts_commands_and_event_log(ctl: Ctl, digits_mod
     )
     refused = ctl.api("POST", f"/v1/rollouts/{rid}/approve")
     assert refused.status_code == 409 and "it is paused" in refused.json()["detail"]
-    assert ctl.api("POST", f"/v1/rollouts/{rid}/explode").status_code == 422
+    assert ctl.api("POST", f"/v1/rollouts/{rid}/explode").status_code == 404
     assert ctl.api("POST", "/v1/rollouts/nope/pause").status_code == 404
     assert ctl.api("POST", f"/v1/rollouts/{rid}/rollback").json()["state"] == "rolled_back"
     events = ctl.api("GET", f"/v1/rollouts/{rid}/events").json()

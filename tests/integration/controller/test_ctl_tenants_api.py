@@ -38,7 +38,7 @@ def test_tenants_are_checked_stored_and_published_without_their_token(ctl: Ctl, 
         refused = ctl.api("PUT", path, json=body)
         assert refused.status_code == 422 and problem in refused.text, refused.text
     unknown = ctl.api("PUT", "/v1/devices/ghost/tenants", json=[tenant()])
-    assert unknown.status_code == 422 and "unknown device ghost" in unknown.text
+    assert unknown.status_code == 404 and "unknown device ghost" in unknown.text
     assert ctl.api("GET", path).json() == []
     assert ctl.api("GET", "/v1/devices/cam-1").json()["desired_generation"] == 0
     assert ctl.api("GET", "/v1/devices/ghost/tenants").status_code == 404
