@@ -85,8 +85,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from controller import settings as settings_mod
     from controller.api import create_app
+    from controller.transport import broker_tls_context
 
     settings = settings_mod.load(Path(args.data_dir).resolve())
+    broker_tls_context(settings)  # unusable TLS files: a clear error now, not a failed startup
     app = create_app(settings)
     url = f"http://{args.host}:{args.port}"
 

@@ -25,7 +25,7 @@ from controller.settings import Settings
 from controller.signing import Signer
 from controller.store import Store
 from controller.telemetry import TelemetryStore
-from controller.transport import Transport
+from controller.transport import Transport, broker_tls_context
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,9 @@ def initialise(data_dir: Path, options: InitOptions) -> str:
         mqtt_tls_cert_file=data_dir / "ca" / "controller.crt" if options.mqtt_client_certificate else None,
         mqtt_tls_key_file=data_dir / "ca" / "controller.key" if options.mqtt_client_certificate else None,
     )
+    # Unusable TLS files are refused before anything is written (the controller's own
+    # certificate is issued below, so only the broker's CA can be checked yet).
+    broker_tls_context(settings.with_changes(mqtt_tls_cert_file=None, mqtt_tls_key_file=None))
     data_dir.mkdir(parents=True, exist_ok=True)
     controller = Controller(settings)
     try:

@@ -86,7 +86,8 @@ class Settings:
             raise ConfigError("mqtt_tls_cert_file and mqtt_tls_key_file go together: set both or neither")
         if self.mqtt_tls_cert_file is not None and self.mqtt_tls_ca_file is None:
             raise ConfigError(
-                "mqtt_tls_cert_file needs mqtt_tls_ca_file: a client certificate is only sent over TLS"
+                "mqtt_tls_cert_file needs mqtt_tls_ca_file (init --mqtt-tls-ca-file FILE): "
+                "a client certificate is only sent over TLS"
             )
         if not 1024 <= self.chunk_size <= MAX_CHUNK_SIZE:
             raise ConfigError(f"chunk_size must be between 1024 and {MAX_CHUNK_SIZE}, not {self.chunk_size}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -128,11 +129,9 @@ class Transport:
         self._tls = _broker_tls(settings)
         self._paho_errors = LastError()
         self._client.enable_logger(self._paho_errors.logger())
-        if self._tls is not None:
-            try:
-                self._client.tls_set_context(self._tls.context())
-            except TlsSetupError as exc:
-                raise ConfigError(f"{settings.settings_path}: mqtt_tls_*: {exc}") from None
+        context = broker_tls_context(settings)
+        if context is not None:
+            self._client.tls_set_context(context)
             # OpenSSL corrupts a connection that two threads read and write at once ("bad record
             # mac", and the broker drops it). Publishes come from the worker threads: with a write
             # callback registered, paho only queues them and wakes the network thread to write.
@@ -730,6 +729,18 @@ class Transport:
 
 def _written_by_the_network_thread(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     """Registered only so that paho leaves every socket write to the network thread."""
+
+
+def broker_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context for the broker, or None for plain TCP. Unusable CA, certificate or key
+    files are a ConfigError naming the file: init and serve check before anything starts."""
+    tls = _broker_tls(settings)
+    if tls is None:
+        return None
+    try:
+        return tls.context()
+    except TlsSetupError as exc:
+        raise ConfigError(f"mqtt_tls_*: {exc}") from None
 
 
 def _broker_tls(settings: Settings) -> BrokerTls | None:

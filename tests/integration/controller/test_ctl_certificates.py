@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import datetime as dt
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controller.certificates import CertificateAuthority
-from tests.integration.controller.conftest import Ctl
+from controller.errors import ConfigError
+from tests.broker import Broker, free_port
+from tests.integration.controller.conftest import Ctl, init_controller
 
 
 def public_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> str:
@@ -71,3 +77,28 @@ def test_certificates_are_refused_for_unknown_devices_and_unfit_keys(ctl: Ctl) -
         "POST", "/v1/devices/cam-8/certificate", json={"public_key_pem": good, "valid_days": 0}
     )
     assert response.status_code == 422, response.text
+
+
+def test_unusable_tls_files_stop_init_and_serve_with_the_file_named(broker: Broker, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-ca.crt"
+    with pytest.raises(ConfigError, match=f"CA file {missing}: cannot load: No such file"):
+        init_controller(broker, tmp_path / "refused", mqtt_tls_ca_file=missing)
+    assert not (tmp_path / "refused").exists()
+
+    ca = tmp_path / "broker-ca.crt"
+    ca.write_text(CertificateAuthority.load_or_create(tmp_path / "some-ca").cert_pem)
+    settings, _ = init_controller(broker, tmp_path / "controller", mqtt_tls_ca_file=ca)
+    ca.write_text("not a certificate\n")
+    edgefleet = str(Path(sys.executable).parent / "edgefleet")
+    serve = [
+        edgefleet,
+        "controller",
+        "serve",
+        "--data-dir",
+        str(settings.data_dir),
+        "--port",
+        str(free_port()),
+    ]
+    done = subprocess.run(serve, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert f"error: mqtt_tls_*: CA file {ca}: cannot load" in done.stderr
