@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.conditions import DISK_FULL, Conditions
 from agent.errors import OutboxError
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ _SEQ_INDEX = "CREATE INDEX IF NOT EXISTS outbox_seq ON outbox (seq)"
 RESERVE_BYTES = 1024 * 1024
 # Checkpoint often, so little of the outbox waits in the WAL for the database file to grow.
 WAL_AUTOCHECKPOINT_PAGES = 64
+# How often an outbox that could not be opened is tried again.
+REOPEN_S = 5.0
 # Below this much free space records are stored in pages freed by dropping the oldest,
 # so the file does not grow; more than the WAL holds before a checkpoint.
 LOW_SPACE_BYTES = 512 * 1024
@@ -74,12 +77,14 @@ class Record:
 
 
 class Outbox:
-    def __init__(self, path: Path, max_records: int) -> None:
+    def __init__(self, path: Path, max_records: int, conditions: Conditions | None = None) -> None:
         if max_records < 1:
             raise ValueError("max_records must be at least 1")
         self.path = Path(path)
         self.reserve = self.path.with_name(self.path.name + ".reserve")
         self.max_records = max_records
+        # Where a full disk is reported with the device's state (cleared by whoever sees space return).
+        self.conditions = conditions
         self._lock = threading.RLock()
         # Records that could not be stored since the agent started (Telemetry.outbox_unwritable).
         self.unwritable = 0
@@ -87,20 +92,45 @@ class Outbox:
         self._dropping = False
         # Rows sent and done with whose delete could not be written yet (disk full).
         self._undeleted: set[int] = set()
+        self._seq = 0
+        # None while the database cannot be opened (a full disk can refuse even that):
+        # records are then counted as unwritable, and opening is tried again now and then.
+        self._db: sqlite3.Connection | None = None
+        self._open_again_at = 0.0
+        self._try_open()
+
+    def _try_open(self) -> bool:
+        db: sqlite3.Connection | None = None
         try:
-            self._db = self._open()
+            db = self._open()
         except sqlite3.Error as first:
-            # A full disk can refuse even opening (the WAL index): give the reserve back, try again.
-            if not self._release_reserve():
-                raise OutboxError(f"cannot open outbox {self.path}: {first}") from None
-            try:
-                self._db = self._open()
-            except sqlite3.Error as exc:
-                raise OutboxError(f"cannot open outbox {self.path}: {exc}") from None
-        (self._seq,) = self._db.execute(
+            error: sqlite3.Error = first
+            # Give the reserve back to the disk and try once more.
+            if self._release_reserve():
+                try:
+                    db = self._open()
+                except sqlite3.Error as exc:
+                    error = exc
+        if db is None:
+            self._open_again_at = time.monotonic() + REOPEN_S
+            self._failing(error)
+            if self._short_of_space():
+                self._disk_full(f"the telemetry outbox cannot be opened: {error}")
+            return False
+        (stored_seq,) = db.execute(
             "SELECT MAX((SELECT value FROM counters WHERE name = 'seq'), IFNULL(MAX(seq), 0)) FROM outbox"
         ).fetchone()
+        self._seq = max(self._seq, int(stored_seq))
+        self._db = db
         self._keep_reserve()
+        return True
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None and time.monotonic() >= self._open_again_at:
+            self._try_open()
+        if self._db is None:
+            raise sqlite3.OperationalError(f"outbox {self.path} is not open")
+        return self._db
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -122,21 +152,25 @@ class Outbox:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One transaction; raises sqlite3.Error (callers decide whether it is fatal)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-                self._db.execute("COMMIT")
+                yield db
+                db.execute("COMMIT")
             except BaseException:
                 # SQLite may have rolled back already (a full disk does that).
-                if self._db.in_transaction:
+                if db.in_transaction:
                     try:
-                        self._db.execute("ROLLBACK")
+                        db.execute("ROLLBACK")
                     except sqlite3.Error as exc:
                         log.debug("outbox rollback failed path=%s error=%s", self.path, exc)
                 raise
 
     def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
+        """Rows of a query; none while the database cannot be opened."""
         with self._lock:
+            if self._db is None:
+                return []
             try:
                 return list(self._db.execute(sql, args).fetchall())
             except sqlite3.Error as exc:
@@ -179,7 +213,7 @@ class Outbox:
 
     def _checkpoint(self) -> None:
         try:
-            self._db.execute("PRAGMA wal_checkpoint(RESTART)")
+            self._conn().execute("PRAGMA wal_checkpoint(RESTART)")
         except sqlite3.Error as exc:
             log.debug("outbox checkpoint failed path=%s error=%s", self.path, exc)
 
@@ -240,6 +274,7 @@ class Outbox:
                     self.path,
                     dropped,
                 )
+                self._disk_full("the telemetry outbox drops its oldest records to make room")
 
     def _failing(self, exc: sqlite3.Error) -> None:
         if self._failing_since is None:
@@ -250,6 +285,13 @@ class Outbox:
                 self.path,
                 exc,
             )
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                self._disk_full(f"the telemetry outbox cannot store: {exc}")
+
+    def _disk_full(self, message: str) -> None:
+        # Once per spell: the condition's count is the writes others saw refused.
+        if self.conditions is not None:
+            self.conditions.hit(DISK_FULL, f"{message} ({self.path})")
 
     def _recovered(self) -> None:
         if self._undeleted:
@@ -360,12 +402,12 @@ class Outbox:
         return [_record(r) for r in rows]
 
     def __len__(self) -> int:
-        ((count,),) = self._read("SELECT COUNT(*) FROM outbox")
-        return int(count) - len(self._undeleted)
+        rows = self._read("SELECT COUNT(*) FROM outbox")
+        return int(rows[0][0]) - len(self._undeleted) if rows else 0
 
     def _counter(self, name: str) -> int:
-        ((value,),) = self._read("SELECT value FROM counters WHERE name = ?", (name,))
-        return int(value)
+        rows = self._read("SELECT value FROM counters WHERE name = ?", (name,))
+        return int(rows[0][0]) if rows else 0
 
     def dropped(self) -> int:
         return self._counter("dropped")
@@ -375,7 +417,10 @@ class Outbox:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            self._open_again_at = float("inf")
 
 
 def _record(row: Any) -> Record:

@@ -68,7 +68,9 @@ class Service:
         data = config.data_dir
         data.mkdir(parents=True, exist_ok=True)
         self.inbox: queue.Queue[Any] = queue.Queue()
-        self.outbox = Outbox(data / "outbox.db", config.outbox.max_records)
+        # Reported with the device's state while they hold (a full disk, ...).
+        self.conditions = Conditions()
+        self.outbox = Outbox(data / "outbox.db", config.outbox.max_records, self.conditions)
         workers, threads = config.scheduler.resolved(os.cpu_count() or 1)
         self.pool = ModelPool(
             budget_bytes=int(config.pool.memory_budget_mb * MB),
@@ -105,8 +107,6 @@ class Service:
         self.sender = OutboxSender(
             self.outbox, self._publish_record, ack_timeout_s=config.outbox.ack_timeout_s
         )
-        # Reported with the device's state while they hold (a full disk, ...).
-        self.conditions = Conditions()
         self.updater = Updater(
             config.device_id,
             StateStore(data / "state.json"),
@@ -371,11 +371,21 @@ class Service:
             self.sender.pump(True)
             if not self.sender.busy and len(self.outbox) == 0:
                 break
-            time.sleep(0.02)
+            self._take_acknowledgements(0.02)
         self.link.stop()
         self.outbox.close()
         self.notifier.close()
         log.info("agent stopped device=%s", self.config.device_id)
+
+    def _take_acknowledgements(self, timeout: float) -> None:
+        """While stopping, the inbox is read for the controller's telemetry acknowledgements only:
+        a window it acknowledges leaves the outbox now rather than being sent again at the next start."""
+        try:
+            event = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return
+        if isinstance(event, Inbound) and isinstance(event.message, fleet_pb2.TelemetryAck):
+            self.sender.acknowledge(event.message.seqs)
 
 
 def _keys(config: AgentConfig) -> KeyRing:

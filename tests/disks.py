@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,3 +47,29 @@ def fill(disk: Path) -> Path:
                 assert exc.errno in (errno.ENOSPC, errno.EDQUOT), exc
     assert os.statvfs(disk).f_bavail == 0
     return filler
+
+
+class KeepFull:
+    """Another program writing to the disk: whatever space is freed, it takes again at once."""
+
+    def __init__(self, disk: Path) -> None:
+        self.disk = disk
+        self.files: list[Path] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> KeepFull:
+        self.files.append(fill(self.disk))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for f in self.files:
+            f.unlink(missing_ok=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            if os.statvfs(self.disk).f_bavail > 0:
+                self.files.append(fill(self.disk))

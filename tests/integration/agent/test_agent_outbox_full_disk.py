@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgefleet_proto import inference_pb2
+from edgefleet_proto import fleet_pb2, inference_pb2
 
 from agent.outbox import RESERVE_BYTES, Outbox
 from tests.broker import Broker
-from tests.disks import fill, small_tmpfs
+from tests.disks import KeepFull, fill, small_tmpfs
 from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer, wait_until
 from tests.unit.agent.models import linear_model, write_model
@@ -72,13 +72,11 @@ def queued_windows(agent: AgentProcess) -> int:
         db.close()
 
 
-def newest_window(agent: AgentProcess) -> int:
-    db = sqlite3.connect(agent.data_dir / "outbox.db")
-    try:
-        (seq,) = db.execute("SELECT IFNULL(MAX(seq), 0) FROM outbox").fetchone()
-        return int(seq)
-    finally:
-        db.close()
+def disk_full(peer: Peer) -> fleet_pb2.DeviceCondition | None:
+    reported = peer.last_reported()
+    if reported is None:
+        return None
+    return next((c for c in reported.conditions if c.kind == "disk_full"), None)
 
 
 def served(agent: AgentProcess) -> bool:
@@ -113,33 +111,35 @@ def test_an_agent_whose_disk_fills_keeps_serving_and_reports_the_telemetry_it_co
         # The controller is out of reach, so windows pile up in the outbox, and the disk fills.
         broker.stop()
         wait_until(lambda: queued_windows(agent) >= 30, 30, "windows queued while the controller is away")
-        filler = fill(agent.data_dir)
-        wait_until(lambda: "oldest records dropped" in agent.output(), 60, "the oldest telemetry dropped")
-        assert served(agent), "the model keeps serving on a full disk"
-        # A restart on the full disk comes up, serves and stays up.
-        assert agent.terminate() == 0
-        agent.start()
-        agent.wait_ready()
-        assert served(agent)
-        newest = newest_window(agent)
-        wait_until(lambda: newest_window(agent) > newest, 10, "windows stored after the restart")
-        assert agent.proc is not None and agent.proc.poll() is None
+        with KeepFull(agent.data_dir):
+            wait_until(lambda: "oldest records dropped" in agent.output(), 60, "the oldest telemetry dropped")
+            assert served(agent), "the model keeps serving on a full disk"
+            # A restart on the disk without a free byte comes up and serves; its outbox
+            # may not even open, and counts what it cannot store.
+            assert agent.terminate() == 0
+            agent.start()
+            agent.wait_ready()
+            assert served(agent)
+            broker.start()
+            condition = wait_until(lambda: disk_full(peer), 30, "the disk_full condition reported")
+            assert "telemetry outbox" in condition.message
+            assert agent.proc is not None and agent.proc.poll() is None
 
-        broker.start()
-        reported = wait_until(
-            lambda: [t for t in list(peer.telemetry) if t.outbox_dropped_for_space > 0],
-            60,
-            "telemetry counting the windows dropped for space",
-        )
-        assert reported[0].seq > 1
-
-        filler.unlink()
         wait_until(lambda: (agent.data_dir / "outbox.db.reserve").exists(), 30, "the reserve written again")
+        wait_until(lambda: peer.last_reported() and not disk_full(peer), 60, "the condition cleared")
+        counted = wait_until(
+            lambda: [
+                t for t in list(peer.telemetry) if t.outbox_dropped_for_space > 0 and t.outbox_unwritable > 0
+            ],
+            60,
+            "telemetry counting the windows dropped for space and those not stored",
+        )
         last = max(t.seq for t in list(peer.telemetry))
         later = wait_until(
             lambda: [t for t in list(peer.telemetry) if t.seq > last + 5], 30, "windows after space returned"
         )
         assert all(t.outbox_unwritable == later[0].outbox_unwritable for t in later), "no new losses"
+        assert later[0].outbox_dropped_for_space >= counted[0].outbox_dropped_for_space
         assert agent.proc is not None and agent.proc.poll() is None
         assert served(agent)
         assert agent.terminate() == 0
