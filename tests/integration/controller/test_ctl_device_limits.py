@@ -406,3 +406,51 @@ def refusals(db: Path) -> int:
     finally:
         store.close()
     return int(row["value"]) if row else 0
+
+
+def test_stored_telemetry_and_captured_data_stay_within_the_devices_quotas(
+    broker: Broker, tmp_path: Path
+) -> None:
+    limits = {"telemetry_quota_bytes": 100_000, "capture_quota_bytes": 50_000}
+    with controller(broker, tmp_path / "controller", **limits) as ctl:
+        peer = ctl.device_peer(ctl.register("cam-1"))
+        try:
+            for seq in range(1, 61):
+                models = [("default", f"model-{n:03d}", "1") for n in range(20)]
+                peer.publish(str(Topic("cam-1", Kind.TELEMETRY)), encode(telemetry(seq, *models)))
+            for n in range(20):
+                chunk = fleet_pb2.CaptureChunk(
+                    upload_id=f"up-{n}", index=0, count=2, data=b"x" * 5000, sha256="0" * 64, size=10_000
+                )
+                peer.publish(str(Topic("cam-1", Kind.CAPTURE)), encode(chunk))
+            quota = partial(metric, ctl, "edgefleet_device_quota_total", device="cam-1")
+            wait_for(
+                lambda: quota(store="capture", action="refused") >= 10 or None, 20, "capture chunks refused"
+            )
+            wait_for(
+                lambda: (
+                    60 in [t["seq"] for t in ctl.api("GET", "/v1/devices/cam-1/telemetry").json()] or None
+                ),
+                20,
+                "the newest window stored",
+            )
+            stored = [t["seq"] for t in ctl.api("GET", "/v1/devices/cam-1/telemetry?limit=1000").json()]
+            # The oldest went first, each counted.
+            assert stored == list(range(60, 60 - len(stored), -1)) and len(stored) < 60
+            wait_for(
+                lambda: quota(store="telemetry", action="dropped_oldest") == 60 - len(stored) or None,
+                10,
+                "the dropped windows counted",
+            )
+        finally:
+            peer.close()
+    db = Store(ctl.settings.db_path)
+    try:
+        row = db.query_one(
+            "SELECT sum(length(system) + length(models) + length(shadows) + length(tenants)) AS n FROM telemetry"
+        )
+    finally:
+        db.close()
+    assert row is not None and row["n"] <= 100_000
+    staged = sum(f.stat().st_size for f in (ctl.settings.data_dir / "datasets" / "staging").rglob("*.part"))
+    assert 0 < staged <= 50_000
