@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +58,21 @@ class Runner:
 
     def run_all(self, samples: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
         """Every sample, outputs stacked along the batch axis."""
-        per_sample = [self.run(s) for s in samples]
-        return [
-            np.stack(outs) if outs[0].ndim == 0 else np.concatenate(outs)
-            for outs in ([out[i] for out in per_sample] for i in range(len(per_sample[0])))
-        ]
+        return _stacked([self.run(s) for s in samples])
+
+    def run_sequence(
+        self, samples: Sequence[Sequence[np.ndarray]], feedback: Mapping[int, int]
+    ) -> list[np.ndarray]:
+        """The samples as one stream: from the second step on, input ``i`` takes output
+        ``feedback[i]`` of the step before (a recurrent state), the first step its sample's own."""
+        per_step: list[list[np.ndarray]] = []
+        for sample in samples:
+            feed = list(sample)
+            if per_step:
+                for i, o in feedback.items():
+                    feed[i] = per_step[-1][o].astype(feed[i].dtype, copy=False).reshape(feed[i].shape)
+            per_step.append(self.run(feed))
+        return _stacked(per_step)
 
     def latency_ms(self, sample: Sequence[np.ndarray]) -> float:
         for _ in range(LATENCY_WARMUP):
@@ -73,6 +83,13 @@ class Runner:
             self.run(sample)
             times.append((time.perf_counter() - start) * 1000)
         return statistics.median(times)
+
+
+def _stacked(per_sample: list[list[np.ndarray]]) -> list[np.ndarray]:
+    return [
+        np.stack(outs) if outs[0].ndim == 0 else np.concatenate(outs)
+        for outs in ([out[i] for out in per_sample] for i in range(len(per_sample[0])))
+    ]
 
 
 def _to_tflite(array: np.ndarray, detail: dict[str, Any]) -> np.ndarray:

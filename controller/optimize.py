@@ -47,6 +47,7 @@ from controller.registry import (
     Registry,
     Variant,
 )
+from controller.streaming import state_pairs
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,34 @@ def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+@dataclass(frozen=True)
+class Workload:
+    """What every variant of a version is run on: the calibration samples, as independent
+    samples, or for a stateful model as one stream with the state carried from step to step
+    (:mod:`controller.streaming`)."""
+
+    samples: list[list[np.ndarray]]
+    # {input index: index of the output fed back into it}; empty for a stateless model.
+    feedback: dict[int, int]
+    pairs: dict[str, str]
+
+    @classmethod
+    def of(cls, found: ModelVersion, samples: list[list[np.ndarray]]) -> Workload:
+        pairs = state_pairs(found.inputs, found.outputs)
+        inputs = [s.name for s in found.inputs]
+        outputs = [s.name for s in found.outputs]
+        feedback = {inputs.index(i): outputs.index(o) for i, o in pairs.items()}
+        return cls(samples, feedback, pairs)
+
+    def outputs(self, runner: Runner) -> list[np.ndarray]:
+        if self.feedback:
+            return runner.run_sequence(self.samples, self.feedback)
+        return runner.run_all(self.samples)
+
+    def report(self) -> dict[str, Any]:
+        return {"streaming": {"state": self.pairs, "steps": len(self.samples)}} if self.pairs else {}
+
+
 # -- the background worker ---------------------------------------------------------
 
 
@@ -331,9 +360,9 @@ class Optimizer:
         unfinished = [v for v in found.variants if v.status in ("pending", "running")]
         if calibration is None or not unfinished:
             return
-        samples = calibration.samples(order, VALIDATION_SAMPLES)
+        workload = Workload.of(found, calibration.samples(order, VALIDATION_SAMPLES))
         try:
-            expected = ref_runner.run_all(samples)
+            expected = workload.outputs(ref_runner)
         except Exception as exc:
             self._fail_unfinished(
                 name,
@@ -364,7 +393,7 @@ class Optimizer:
             self.registry.set_variant_state(name, version, variant.variant, "running", 0.05, "", progress)
             variant = replace(variant, report=progress)
             try:
-                self._produce(found, variant, ref_path, calibration, samples, expected)
+                self._produce(found, variant, ref_path, calibration, workload, expected)
             # onnxruntime and LiteRT raise their own types: any failure becomes this variant's reason.
             except Exception as exc:
                 self.registry.set_variant_state(name, version, variant.variant, "failed", 1.0, _reason(exc))
@@ -411,7 +440,7 @@ class Optimizer:
         variant: Variant,
         ref_path: Path,
         calibration: CalibrationSet,
-        samples: list[list[np.ndarray]],
+        workload: Workload,
         expected: list[np.ndarray],
     ) -> None:
         name, version, kind = found.name, found.version, variant.variant
@@ -419,17 +448,18 @@ class Optimizer:
         if variant.source == "uploaded":
             state(name, version, kind, "running", 0.5)
             path = self.registry.artifacts.path(variant.digest)
-            outputs = Runner(path, variant.format).run_all(samples)
+            outputs = workload.outputs(Runner(path, variant.format))
             checked = validate(expected, outputs, found.task, found.gate)
             # What the upload found (quantization parameters, weight storage) stays beside the figures.
-            report = {**variant.report, **checked.report}
+            report = {**variant.report, **checked.report, **workload.report()}
         else:
             checked, produced, per_channel, prepared = self._quantize_best(
-                found, kind, ref_path, calibration, samples, expected
+                found, kind, ref_path, calibration, workload, expected
             )
             report = {
                 "attempts": variant.report.get("attempts", 1),
                 **checked.report,
+                **workload.report(),
                 **({"per_channel": per_channel} if kind != FP16 else {}),
                 **({"preparation": prepared} if prepared else {}),
             }
@@ -451,7 +481,7 @@ class Optimizer:
                 return
             path = self.registry.artifacts.path(stored.digest)
         state(name, version, kind, "running", 0.9, "", report)
-        latency = Runner(path, variant.format).latency_ms(samples[0])
+        latency = Runner(path, variant.format).latency_ms(workload.samples[0])
         status = "ready" if checked.passed else "rejected"
         state(name, version, kind, status, 1.0, checked.reason, report, latency)
         log.info(
@@ -465,7 +495,7 @@ class Optimizer:
         kind: str,
         ref_path: Path,
         calibration: CalibrationSet,
-        samples: list[list[np.ndarray]],
+        workload: Workload,
         expected: list[np.ndarray],
     ) -> tuple[Validation, Path, bool, dict[str, object]]:
         """Per-channel weights first; per-tensor too when per-channel misses the gate or fails
@@ -482,7 +512,7 @@ class Optimizer:
                 source, done = self._prepared(kind, ref_path)
                 prepared = {**prepared, **done}
                 convert(kind, source, target, calibration, per_channel)
-                checked = validate(expected, Runner(target, "onnx").run_all(samples), found.task, found.gate)
+                checked = validate(expected, workload.outputs(Runner(target, "onnx")), found.task, found.gate)
             except Exception as exc:
                 target.unlink(missing_ok=True)
                 if per_channel and step + 1 < len(modes):
