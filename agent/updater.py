@@ -95,10 +95,13 @@ log = logging.getLogger(__name__)
 MAX_CHUNK_REJECTIONS = 64
 # Plan/execute rounds per converge() call; the loop comes back after inbound work.
 MAX_ROUNDS = 32
-# What may run while the data disk is full: reporting, and the steps that end or remove
-# things (their state writes wait in memory, see Updater._save). Anything that would
-# download, stage or commit waits until free space is back.
-WHILE_DISK_FULL = frozenset({Action.REPORT, Action.FAIL, Action.ROLLBACK, Action.COLLECT_GARBAGE})
+# What may run while the data disk is full: reporting, the steps that end or remove
+# things (their state writes wait in memory, see Updater._save), and the chunks of a
+# download already started, which took its whole size from the disk when it began.
+# Anything that would start a download, verify, stage or commit waits for free space.
+WHILE_DISK_FULL = frozenset(
+    {Action.REPORT, Action.FAIL, Action.ROLLBACK, Action.COLLECT_GARBAGE, Action.REQUEST_CHUNKS}
+)
 
 _PHASES = {
     Phase.DOWNLOADING: fleet_pb2.MODEL_PHASE_DOWNLOADING,

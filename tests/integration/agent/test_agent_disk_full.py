@@ -9,11 +9,9 @@ completes by itself.
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import os
-import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import numpy as np
 import pytest
 from edgefleet_proto import fleet_pb2, inference_pb2
 
+from tests.disks import fill, small_tmpfs
 from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer, wait_until
 from tests.unit.agent.models import linear_model, write_model
@@ -30,45 +29,10 @@ CHUNK = 64 * 1024
 
 
 @pytest.fixture
-def small_disk() -> Iterator[Callable[[Path], None]]:
-    """Mount a DISK_MB tmpfs over a folder (the agent's data folder)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs as the agent's data disk needs root (CI runs the tests as root)")
-    mounted: list[Path] = []
-
-    def mount(path: Path) -> None:
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m,mode=0700", "tmpfs", str(path)],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (no CAP_SYS_ADMIN?): {done.stderr.strip()}")
-        mounted.append(path)
-
-    yield mount
-    for path in mounted:
-        # Lazily: the agent may still hold files open while the fixtures tear down.
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    """Write a file until the disk refuses another byte; returns it (remove it to free the space)."""
-    filler = disk / f"filler-{uuid.uuid4().hex[:6]}"
-    block = b"\xa5" * 4096
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(block)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
-        try:
-            while True:
-                f.write(b"\xa5")
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
-    assert os.statvfs(disk).f_bavail == 0
-    return filler
+def small_disk() -> Iterator[Callable[[Path], Path]]:
+    """Mount a DISK_MB tmpfs over a folder (the agent's data folder) for the test's duration."""
+    with contextlib.ExitStack() as mounts:
+        yield lambda path: mounts.enter_context(small_tmpfs(path, DISK_MB))
 
 
 def served_version(agent: AgentProcess) -> str:
@@ -77,6 +41,14 @@ def served_version(agent: AgentProcess) -> str:
     req.inputs["x"].CopyFrom(inference_pb2.Tensor(dtype="float32", shape=list(x.shape), data=x.tobytes()))
     resp: inference_pb2.InferResponse = agent.stub().Infer(req, timeout=10)
     return str(resp.model_version)
+
+
+def said(peer: Peer, what: str) -> fleet_pb2.DeviceCondition | None:
+    """A disk_full condition whose message says ``what``, in any report so far."""
+    with peer.lock:
+        reports = list(peer.reported)
+    conditions = (c for r in reports for c in r.conditions if c.kind == "disk_full")
+    return next((c for c in conditions if what in c.message), None)
 
 
 def disk_full(peer: Peer) -> fleet_pb2.DeviceCondition | None:
@@ -93,12 +65,12 @@ def disk_full(peer: Peer) -> fleet_pb2.DeviceCondition | None:
 def test_a_full_disk_pauses_the_update_while_the_old_model_serves_and_it_completes_once_space_is_freed(
     make_agent: Callable[..., AgentProcess],
     make_peer: Callable[..., Peer],
-    small_disk: Callable[[Path], None],
+    small_disk: Callable[[Path], Path],
     tmp_path: Path,
     filled: str,
 ) -> None:
-    # No telemetry window falls in the test: the telemetry outbox on a full disk is another story.
-    agent = make_agent(telemetry_interval_s=3600.0)
+    # Telemetry windows keep coming too: their outbox shares the full disk.
+    agent = make_agent(telemetry_interval_s=1.0)
     with open(agent.config, "a") as config:
         config.write("[updates]\nreserve_mb = 1.0\n")
     small_disk(agent.data_dir)
@@ -115,12 +87,14 @@ def test_a_full_disk_pauses_the_update_while_the_old_model_serves_and_it_complet
     peer.wait_active(d1)
 
     if filled == "before_the_download":
-        filler = fill(agent.data_dir)
+        fillers = [fill(agent.data_dir)]
         peer.publish_desired(2, peer.assignment(d2, "2"))
         what = "writing state.json: No space left on device"  # not even the new desired state
     elif filled == "leaving_too_little_for_it":
-        filler = fill(agent.data_dir)
-        os.truncate(filler, filler.stat().st_size - (3 << 20))  # 3 MiB free: less than 4 MiB + 1 MiB kept
+        fillers = [fill(agent.data_dir)]
+        os.truncate(
+            fillers[0], fillers[0].stat().st_size - (3 << 20)
+        )  # 3 MiB free: less than 4 MiB + 1 MiB kept
         peer.publish_desired(2, peer.assignment(d2, "2"))
         what = f"artifact {d2[:12]} of {m2.stat().st_size} bytes does not fit"
     else:
@@ -131,17 +105,31 @@ def test_a_full_disk_pauses_the_update_while_the_old_model_serves_and_it_complet
             30,
             "5 chunks on disk",
         )
-        filler = fill(agent.data_dir)
+        fillers = [fill(agent.data_dir)]
+        # Whatever frees a little space when the disk fills (the telemetry outbox gives up its
+        # reserve file) is taken too: the disk stays full.
+        wait_until(lambda: disk_full(peer), 30, "disk_full reported")
+        fillers.append(fill(agent.data_dir))
         peer.serve_limit = None
-        what = "writing state.json: No space left on device"  # the download had its space; the state has none
+        what = ""  # whichever write hit it first: the telemetry outbox's, or the update's state
 
-    condition = wait_until(lambda: disk_full(peer), 30, "disk_full reported")
-    assert what in condition.message, condition.message
+    # The message is the latest refused write's: the update's, or the telemetry outbox's.
+    condition = wait_until(lambda: said(peer, what), 30, f"disk_full reported: {what}")
     assert condition.since_ms > 0 and condition.count >= 1
     reported = peer.last_reported()
     assert reported is not None and reported.desired_generation == 2
     pending = peer.entry("default", d2)
     assert pending is not None and pending.phase != fleet_pb2.MODEL_PHASE_FAILED, pending
+    if filled == "during_the_download":
+        # The download took its whole size when it started: it finishes on the full disk, and
+        # only what comes after it (writing the update's state) waits for space.
+        wait_until(
+            lambda: (
+                (e := peer.entry("default", d2)) is not None and e.phase == fleet_pb2.MODEL_PHASE_VERIFYING
+            ),
+            30,
+            "the download finished into the space it had",
+        )
     assert served_version(agent) == "1"
 
     # A restart on the full disk comes up, serves, and reports the condition again.
@@ -158,7 +146,8 @@ def test_a_full_disk_pauses_the_update_while_the_old_model_serves_and_it_complet
     assert served_version(agent) == "1"
     assert agent.proc is not None and agent.proc.poll() is None
 
-    filler.unlink()
+    for filler in fillers:
+        filler.unlink()
     peer.wait_active(d2, timeout=90)
     wait_until(lambda: (r := peer.last_reported()) is not None and not r.conditions, 30, "condition cleared")
     assert served_version(agent) == "2"
