@@ -5,6 +5,7 @@ the connection, so only we can say why)."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import ssl
 from pathlib import Path
 
@@ -13,6 +14,12 @@ from edgefleet_proto.broker_tls import BrokerTls, TlsSetupError
 
 from agent.config import MqttConfig
 from agent.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# A client certificate this close to its end is announced at every start, so that
+# it is renewed before the device falls off the broker.
+RENEW_WITHIN = dt.timedelta(days=30)
 
 
 def broker_tls(config: MqttConfig) -> BrokerTls | None:
@@ -24,9 +31,26 @@ def broker_tls(config: MqttConfig) -> BrokerTls | None:
 
 def client_context(tls: BrokerTls) -> ssl.SSLContext:
     try:
-        return tls.context()
+        context = tls.context()
     except TlsSetupError as exc:
         raise ConfigError(f"[mqtt] TLS: {exc}") from None
+    if tls.cert_file:
+        warning = certificate_problem(tls.cert_file) or renewal_due(tls.cert_file)
+        if warning:
+            log.warning("client certificate needs attention: %s", warning)
+    return context
+
+
+def renewal_due(cert_file: str, now: dt.datetime | None = None) -> str | None:
+    """Said when our client certificate ends within RENEW_WITHIN."""
+    cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    left = cert.not_valid_after_utc - (now or dt.datetime.now(dt.UTC))
+    if left > RENEW_WITHIN:
+        return None
+    return (
+        f"our client certificate {cert_file} expires at {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z "
+        f"(in {left.days} days): have a new one issued (edgefleet devices issue-cert ID)"
+    )
 
 
 def certificate_problem(cert_file: str, now: dt.datetime | None = None) -> str | None:

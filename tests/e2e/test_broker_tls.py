@@ -106,6 +106,7 @@ def test_controller_and_agent_log_in_with_certificates_over_tls(tmp_path: Path) 
         agent.start()
         wait_until(lambda: fleet.online("cam-tls"), 60, f"cam-tls online over TLS; log:\n{agent.log()}")
         assert "unencrypted" not in agent.log()
+        assert "client certificate needs attention" not in agent.log()  # 730 days ahead
         broker_log = fleet.broker.log_file.read_text()
         assert "as cam-tls (" in broker_log and "u'cam-tls'" in broker_log
         assert "u'edgefleet-controller'" in broker_log

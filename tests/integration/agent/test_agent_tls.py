@@ -180,3 +180,13 @@ def test_unusable_tls_files_are_a_config_error_naming_the_file(pki: Pki, tmp_pat
     mismatched = replace(config, tls_cert_file=str(one.cert_file), tls_key_file=str(two.key_file))
     with pytest.raises(ConfigError, match="the key does not belong to the certificate"):
         Link("cam-1", mismatched, queue.Queue(), "test")
+
+
+def test_a_client_certificate_near_its_end_is_announced_at_start(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="agent.tls")
+    one_day = issue(pki.ca, pki.folder / "short", "cam-1", "cam-1")
+    Link("cam-1", client_config(pki.strict, pki.ca, one_day), queue.Queue(), "test")
+    assert f"our client certificate {one_day.cert_file} expires at" in caplog.text
+    assert "(in 0 days): have a new one issued" in caplog.text
