@@ -88,12 +88,18 @@ def inspect_tflite(path: Path) -> TfliteInfo:
         inputs = [_tensor(d) for d in input_details]
         outputs = [_tensor(d) for d in interpreter.get_output_details()]
         tensors = {int(d["index"]): d for d in interpreter.get_tensor_details()}
-        ops = interpreter._get_ops_details()
+        # The only way the interpreter shows its operators (and what each reads); an
+        # interpreter without it gets the precision from the tensors alone.
+        ops_details = getattr(interpreter, "_get_ops_details", None)
+        ops = list(ops_details()) if ops_details is not None else None
     except Exception as exc:  # the interpreter raises ValueError/RuntimeError with its own text
         raise InvalidModel(f"LiteRT cannot load the model: {str(exc).strip()[:2000]}") from None
     if not inputs or not outputs:
         raise InvalidModel("the TFLite model has no inputs or no outputs")
     graph_inputs = {int(d["index"]) for d in input_details}
+    if ops is None:
+        compute, storage = precision_from_tensors(tensors)
+        return TfliteInfo(inputs, outputs, compute, runtime, version, storage)
     return TfliteInfo(
         inputs,
         outputs,
@@ -131,6 +137,17 @@ def compute_precision(ops: list[dict[str, Any]], tensors: dict[int, dict[str, An
             if int(index) >= 0 and (p := _precision_of(tensors[int(index)])) is not None:
                 seen.add(p)
     return next((p for p in ("int8", "fp16", "fp32") if p in seen), "fp32")
+
+
+def precision_from_tensors(tensors: dict[int, dict[str, Any]]) -> tuple[str, str]:
+    """(compute, storage) without the operator list: quantized tensors mean int8 kernels;
+    float16 tensors beside float32 ones are weights dequantized for float32 kernels."""
+    seen = {p for d in tensors.values() if (p := _precision_of(d)) is not None}
+    if "int8" in seen:
+        return "int8", "int8"
+    if "fp16" in seen:
+        return ("fp32" if "fp32" in seen else "fp16"), "fp16"
+    return "fp32", "fp32"
 
 
 def storage_precision(

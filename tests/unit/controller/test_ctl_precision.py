@@ -14,6 +14,7 @@ from controller.inspection import inspect_artifact
 from controller.optimize import quantize
 from controller.profiles import parse_profile
 from controller.registry import FP16
+from controller.tflite import precision_from_tensors
 from controller.variants import Candidate, choose
 
 PROFILES = Path(__file__).resolve().parents[3] / "firmware_profiles"
@@ -165,3 +166,17 @@ def test_cpu_only_profiles_take_a_float_model_whose_weights_are_stored_in_fp16(t
         "tflite-fp32", "tflite", inspected.precision, "ready", 1000, 0, (1, 4), reference=True
     )
     assert choose([candidate], pi).variant == "tflite-fp32"
+
+
+@pytest.mark.parametrize(
+    ("weights", "io_float", "expected"),
+    [("fp16", True, ("fp32", "fp16")), ("int8", True, ("int8", "int8")), ("fp32", True, ("fp32", "fp32"))],
+)
+def test_an_interpreter_without_its_operator_list_still_tells_precisions_apart(
+    tmp_path: Path, weights: str, io_float: bool, expected: tuple[str, str]
+) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(_tflite(tmp_path / "m.tflite", weights, io_float)))
+    interpreter.allocate_tensors()
+    assert precision_from_tensors({d["index"]: d for d in interpreter.get_tensor_details()}) == expected
