@@ -551,7 +551,8 @@ class DeviceCondition(_message.Message):
     COUNT_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """What kind of condition: "disk_full" (a write failed with ENOSPC or EDQUOT;
-    downloads wait for free space).
+    downloads and updates wait for free space), "desired_refused" (a desired state
+    the device does not trust; it keeps following the last one it verified).
     """
     message: _builtins.str
     """What it stops, in words an operator can act on (the path, bytes needed, free)."""
