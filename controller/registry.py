@@ -477,7 +477,9 @@ class Registry:
     def _pending_variants(inspected: Inspected, options: UploadOptions, calibration: str) -> list[str]:
         for wanted, what in ((options.dynamic, "a dynamic int8"), (options.fp16, "an fp16")):
             if wanted and inspected.format != FORMAT:
-                # LiteRT on PyPI runs .tflite files but cannot rewrite them; saying so beats ignoring it.
+                # LiteRT runs .tflite files but does not rewrite them; ai-edge-quantizer leaves
+                # fp16-stored weights (MediaPipe's) as they are and needs signature defs that
+                # such files lack. Saying so beats ignoring the option.
                 raise InvalidInputError(
                     f"{what} variant cannot be produced from a {inspected.format} file: the controller "
                     "quantizes ONNX models only; convert the model to that precision with your exporter "
