@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from agent.outbox import Outbox, OutboxSender
 
 
@@ -151,3 +153,19 @@ def test_sequence_numbers_continue_after_the_stored_windows(tmp_path: Path) -> N
     box.append("telemetry", b"w", 0, seq=41)
     box.close()
     assert Outbox(tmp_path / "outbox.db", max_records=10).next_seq() == 42
+
+
+def test_an_outbox_that_cannot_be_opened_counts_records_and_opens_once_it_can(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("agent.outbox.REOPEN_S", 0.0)
+    folder = tmp_path / "not-yet"
+    box = Outbox(folder / "outbox.db", max_records=10)
+    assert box.append("telemetry", b"w1", 1, seq=box.next_seq()) == 0
+    assert box.unwritable == 1 and len(box) == 0 and box.oldest(10) == [] and box.dropped() == 0
+
+    folder.mkdir()
+    box.append("telemetry", b"w2", 2, seq=box.next_seq())
+    assert [(r.payload, r.seq) for r in box.oldest(10)] == [(b"w2", 2)]
+    assert box.unwritable == 1
+    box.close()
