@@ -78,8 +78,14 @@ class Report:
     conditions: tuple[Condition, ...] = ()
 
     def structure(self) -> Report:
-        """The report without byte counts: what must be published without delay."""
-        return replace(self, models=tuple(replace(m, bytes_have=0) for m in self.models))
+        """The report without byte counts, nor the latest message and count of each condition:
+        what must be published without delay. A condition hit again and again (a flood of
+        refused desired states, say) is published at most once a progress interval."""
+        return replace(
+            self,
+            models=tuple(replace(m, bytes_have=0) for m in self.models),
+            conditions=tuple(replace(c, message="", count=0) for c in self.conditions),
+        )
 
 
 @dataclass(frozen=True)
