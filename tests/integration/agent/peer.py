@@ -85,8 +85,6 @@ class Peer:
     persistent: bool = False
     # Acknowledge each telemetry window as stored, as the controller does once it stored it.
     ack_telemetry: bool = True
-    # Acknowledge each telemetry window as stored, as the controller does once it stored it.
-    ack_telemetry: bool = True
     # The controller's signing key; a test may swap it (a rotation) between publications.
     key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
 
@@ -224,9 +222,6 @@ class Peer:
                 self.events.append(message)  # type: ignore[arg-type]
         if kind == Kind.ARTIFACT_REQUEST and not self.paused.is_set():
             self._answer(message)  # type: ignore[arg-type]
-        if kind == Kind.TELEMETRY and self.ack_telemetry:
-            ack = fleet_pb2.TelemetryAck(device_id=self.device_id, seqs=[message.seq])  # type: ignore[attr-defined]
-            self.client.publish(self.topic(Kind.TELEMETRY_ACK), encode(ack), qos=1)
         if kind == Kind.TELEMETRY and self.ack_telemetry:
             ack = fleet_pb2.TelemetryAck(device_id=self.device_id, seqs=[message.seq])  # type: ignore[attr-defined]
             self.client.publish(self.topic(Kind.TELEMETRY_ACK), encode(ack), qos=1)
