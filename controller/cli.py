@@ -80,6 +80,23 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tls(args: argparse.Namespace) -> int:
+    from controller import service
+
+    settings = service.configure_tls(
+        Path(args.data_dir).resolve(),
+        Path(args.mqtt_tls_ca_file).resolve(),
+        args.broker_port,
+        args.mqtt_client_certificate,
+    )
+    print(
+        f"broker TLS set in {settings.settings_path} (port {settings.broker_port}); "
+        "restart `controller serve` to use it",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -538,6 +555,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="log in to the broker with a client certificate from the controller's CA",
     )
     init.set_defaults(func=cmd_init)
+    tls = ctl.add_parser("tls", help="connect an initialised controller to its broker over TLS")
+    tls.add_argument("--data-dir", required=True)
+    tls.add_argument(
+        "--mqtt-tls-ca-file", required=True, help="the CA the broker's certificate is verified with"
+    )
+    tls.add_argument("--broker-port", type=int, default=None, help="the broker's TLS listener (e.g. 8883)")
+    tls.add_argument(
+        "--mqtt-client-certificate",
+        action="store_true",
+        help="log in with a client certificate from the controller's CA",
+    )
+    tls.set_defaults(func=cmd_tls)
     serve = ctl.add_parser("serve", help="serve the REST API and the MQTT transport")
     serve.add_argument("--data-dir", required=True)
     serve.add_argument("--host", default="127.0.0.1")

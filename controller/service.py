@@ -184,3 +184,34 @@ def rotate_token(data_dir: Path) -> str:
     settings_mod.save(settings.with_changes(admin_token_sha256=hash_token(token)))
     log.info("admin token rotated data_dir=%s", data_dir)
     return token
+
+
+def configure_tls(
+    data_dir: Path, ca_file: Path, broker_port: int | None = None, client_certificate: bool = False
+) -> Settings:
+    """Switch an initialised controller to TLS to its broker (``controller tls``): the CA the
+    broker is verified with, optionally the TLS listener's port and a client certificate of
+    its own from the controller's CA. Checked before controller.toml is rewritten; a running
+    server uses it from its next start."""
+    settings = settings_mod.load(data_dir)
+    cert_file, key_file = data_dir / "ca" / "controller.crt", data_dir / "ca" / "controller.key"
+    changed = settings.with_changes(
+        mqtt_tls_ca_file=ca_file,
+        broker_port=broker_port or settings.broker_port,
+        mqtt_tls_cert_file=cert_file if client_certificate else None,
+        mqtt_tls_key_file=key_file if client_certificate else None,
+    )
+    broker_tls_context(changed.with_changes(mqtt_tls_cert_file=None, mqtt_tls_key_file=None))
+    if client_certificate:
+        CertificateAuthority.load_or_create(data_dir / "ca").write_client(
+            settings.mqtt_username, cert_file, key_file
+        )
+    settings_mod.save(changed)
+    log.info(
+        "broker TLS configured data_dir=%s ca_file=%s port=%d client_certificate=%s",
+        data_dir,
+        ca_file,
+        changed.broker_port,
+        client_certificate,
+    )
+    return changed

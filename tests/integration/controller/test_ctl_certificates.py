@@ -15,8 +15,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from controller import settings as settings_mod
 from controller.certificates import CertificateAuthority
 from controller.errors import ConfigError
+from controller.transport import broker_tls_context
 from tests.broker import Broker, free_port
 from tests.integration.controller.conftest import Ctl, init_controller
 
@@ -102,3 +104,33 @@ def test_unusable_tls_files_stop_init_and_serve_with_the_file_named(broker: Brok
     done = subprocess.run(serve, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert f"error: mqtt_tls_*: CA file {ca}: cannot load" in done.stderr
+
+
+def test_an_initialised_controller_is_switched_to_tls(broker: Broker, tmp_path: Path) -> None:
+    settings, _ = init_controller(broker, tmp_path / "controller")
+    before = settings.settings_path.read_bytes()
+    edgefleet = str(Path(sys.executable).parent / "edgefleet")
+    command = [edgefleet, "controller", "tls", "--data-dir", str(settings.data_dir), "--broker-port", "8883"]
+
+    refused = subprocess.run(
+        [*command, "--mqtt-tls-ca-file", str(tmp_path / "none.crt")], capture_output=True, text=True
+    )
+    assert refused.returncode == 1 and "CA file" in refused.stderr and "cannot load" in refused.stderr
+    assert settings.settings_path.read_bytes() == before
+
+    ca = tmp_path / "broker-ca.crt"
+    ca.write_text(CertificateAuthority.load_or_create(tmp_path / "broker-pki").cert_pem)
+    done = subprocess.run(
+        [*command, "--mqtt-tls-ca-file", str(ca), "--mqtt-client-certificate"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    switched = settings_mod.load(settings.data_dir)
+    assert (switched.mqtt_tls_ca_file, switched.broker_port) == (ca, 8883)
+    assert switched.mqtt_tls_cert_file is not None and switched.mqtt_tls_key_file is not None
+    cert = x509.load_pem_x509_certificate(switched.mqtt_tls_cert_file.read_bytes())
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "edgefleet-controller"
+    cert.verify_directly_issued_by(
+        x509.load_pem_x509_certificate((settings.data_dir / "ca" / "ca.crt").read_bytes())
+    )
+    assert stat.S_IMODE(switched.mqtt_tls_key_file.stat().st_mode) == 0o600
+    assert broker_tls_context(switched) is not None
