@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent.conditions import DISK_FULL, Conditions
-from agent.errors import OutboxError
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +173,9 @@ class Outbox:
             try:
                 return list(self._db.execute(sql, args).fetchall())
             except sqlite3.Error as exc:
-                raise OutboxError(f"outbox {self.path}: {exc}") from None
+                # Not fatal either: what cannot be read now is sent later.
+                self._failing(exc)
+                return []
 
     # -- writing ---------------------------------------------------------------
 
@@ -195,15 +196,28 @@ class Outbox:
                 # The slack that lets a checkpoint and the next transaction through.
                 self._release_reserve()
                 self._checkpoint()
-                try:
-                    dropped = self._insert(kind, payload, created_ms, seq, make_room=True)
-                except sqlite3.Error as exc:
+                stored = self._insert_after_failure(kind, payload, created_ms, seq)
+                if stored is None:
                     self.unwritable += 1
-                    log.debug("outbox record not stored kind=%s error=%s", kind, exc)
                     return 0
+                dropped = stored
             if not tight:
                 self._recovered()
             return dropped
+
+    def _insert_after_failure(
+        self, kind: str, payload: bytes, created_ms: int, seq: int | None
+    ) -> int | None:
+        """Store a record a write just refused: in the pages the file has, dropping the oldest
+        records, or first growing it when the disk says there is space (a quota says otherwise)."""
+        error: sqlite3.Error | None = None
+        for make_room in (True,) if self._short_of_space() else (False, True):
+            try:
+                return self._insert(kind, payload, created_ms, seq, make_room)
+            except sqlite3.Error as exc:
+                error = exc
+        log.debug("outbox record not stored kind=%s error=%s", kind, error)
+        return None
 
     def _short_of_space(self) -> bool:
         try:
