@@ -1,7 +1,7 @@
 """An update that kills the agent while staging, on real agent processes restarted as systemd would.
 
 Two ways to die: a SIGKILL right after ``stage`` was persisted (fault injection, at
-every start), and a real one: a 300-byte ONNX model whose smoke inference fills
+every start), and a real one: a 217-byte ONNX model whose smoke inference fills
 1.5 GiB, run by an agent in a memory cgroup of 768 MiB, so the kernel's OOM
 killer ends it as it would on a device.
 
