@@ -66,6 +66,10 @@ REOPEN_S = 5.0
 LOW_SPACE_BYTES = 512 * 1024
 
 
+class _NoRoom(sqlite3.OperationalError):
+    """A record would need the database file to grow, on a disk short of space."""
+
+
 @dataclass(frozen=True)
 class Record:
     id: int
@@ -190,7 +194,11 @@ class Outbox:
         with self._lock:
             tight = self._short_of_space()
             try:
-                dropped = self._insert(kind, payload, created_ms, seq, tight)
+                dropped = (
+                    self._store_in_place(kind, payload, created_ms, seq)
+                    if tight
+                    else self._insert(kind, payload, created_ms, seq)
+                )
             except sqlite3.Error as first:
                 self._failing(first)
                 # The slack that lets a checkpoint and the next transaction through.
@@ -200,7 +208,8 @@ class Outbox:
                 if stored is None:
                     self.unwritable += 1
                     return 0
-                dropped = stored
+                # Stored, but the spell goes on until a write succeeds at the first try.
+                return stored
             if not tight:
                 self._recovered()
             return dropped
@@ -211,9 +220,11 @@ class Outbox:
         """Store a record a write just refused: in the pages the file has, dropping the oldest
         records, or first growing it when the disk says there is space (a quota says otherwise)."""
         error: sqlite3.Error | None = None
-        for make_room in (True,) if self._short_of_space() else (False, True):
+        for in_place in (True,) if self._short_of_space() else (False, True):
             try:
-                return self._insert(kind, payload, created_ms, seq, make_room)
+                if in_place:
+                    return self._store_in_place(kind, payload, created_ms, seq)
+                return self._insert(kind, payload, created_ms, seq)
             except sqlite3.Error as exc:
                 error = exc
         log.debug("outbox record not stored kind=%s error=%s", kind, error)
@@ -231,15 +242,15 @@ class Outbox:
         except sqlite3.Error as exc:
             log.debug("outbox checkpoint failed path=%s error=%s", self.path, exc)
 
-    def _insert(self, kind: str, payload: bytes, created_ms: int, seq: int | None, make_room: bool) -> int:
+    def _insert(self, kind: str, payload: bytes, created_ms: int, seq: int | None, grow: bool = True) -> int:
         with self._tx() as db:
-            if make_room:
-                self._insert_in_place(db, kind, payload, created_ms, seq)
-            else:
-                db.execute(
-                    "INSERT INTO outbox (kind, payload, created_ms, seq) VALUES (?, ?, ?, ?)",
-                    (kind, payload, created_ms, seq),
-                )
+            (pages,) = db.execute("PRAGMA page_count").fetchone()
+            db.execute(
+                "INSERT INTO outbox (kind, payload, created_ms, seq) VALUES (?, ?, ?, ?)",
+                (kind, payload, created_ms, seq),
+            )
+            if not grow and db.execute("PRAGMA page_count").fetchone()[0] > pages:
+                raise _NoRoom(f"a record of {len(payload)} bytes needs the file to grow")
             if seq is not None:
                 db.execute("UPDATE counters SET value = MAX(value, ?) WHERE name = 'seq'", (seq,))
             (count,) = db.execute("SELECT COUNT(*) FROM outbox").fetchone()
@@ -251,44 +262,49 @@ class Outbox:
                 db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (excess,))
             return max(0, excess)
 
-    def _insert_in_place(
-        self, db: sqlite3.Connection, kind: str, payload: bytes, created_ms: int, seq: int | None
-    ) -> None:
-        """Insert without growing the database file: while the record needs new pages, drop the
-        oldest records (telemetry first, in doubling batches) and try again. Raises, dropping
-        nothing, when even an empty outbox would not hold it."""
-        (pages,) = db.execute("PRAGMA page_count").fetchone()
-        dropped, batch = 0, 1
+    def _store_in_place(self, kind: str, payload: bytes, created_ms: int, seq: int | None) -> int:
+        """Store a record without growing the database file: while it needs new pages, drop the
+        oldest records (telemetry first, in doubling batches) and try again. Drops nothing for a
+        record that even the emptied outbox would not hold."""
+        batch = 1
         while True:
-            db.execute("SAVEPOINT record")
-            db.execute(
-                "INSERT INTO outbox (kind, payload, created_ms, seq) VALUES (?, ?, ?, ?)",
-                (kind, payload, created_ms, seq),
-            )
-            (grown,) = db.execute("PRAGMA page_count").fetchone()
-            if grown <= pages:
-                db.execute("RELEASE record")
-                break
-            db.execute("ROLLBACK TO record")
-            db.execute("RELEASE record")
+            try:
+                return self._insert(kind, payload, created_ms, seq, grow=False)
+            except sqlite3.Error as exc:
+                if (
+                    not isinstance(exc, _NoRoom)
+                    and getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL
+                ):
+                    raise
+                if not self._drop_oldest(batch, len(payload)):
+                    raise
+            batch *= 2
+
+    def _drop_oldest(self, count: int, room_for: int) -> bool:
+        with self._tx() as db:
+            (page,) = db.execute("PRAGMA page_size").fetchone()
+            (free,) = db.execute("PRAGMA freelist_count").fetchone()
+            (held,) = db.execute("SELECT IFNULL(SUM(length(payload)), 0) FROM outbox").fetchone()
+            if (int(free) + 1) * int(page) + int(held) < room_for:
+                return False
             victims = db.execute(
-                "SELECT id FROM outbox ORDER BY kind != 'telemetry', id LIMIT ?", (batch,)
+                "SELECT id FROM outbox ORDER BY kind != 'telemetry', id LIMIT ?", (count,)
             ).fetchall()
             if not victims:
-                raise sqlite3.OperationalError(f"no room for a record of {len(payload)} bytes")
+                return False
             db.executemany("DELETE FROM outbox WHERE id = ?", victims)
-            dropped += len(victims)
-            batch *= 2
-        if dropped:
-            db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped_for_space'", (dropped,))
-            if not self._dropping:
-                self._dropping = True
-                log.warning(
-                    "outbox short of space, oldest records dropped to make room path=%s count=%d",
-                    self.path,
-                    dropped,
-                )
-                self._disk_full("the telemetry outbox drops its oldest records to make room")
+            db.execute(
+                "UPDATE counters SET value = value + ? WHERE name = 'dropped_for_space'", (len(victims),)
+            )
+        if not self._dropping:
+            self._dropping = True
+            log.warning(
+                "outbox short of space, oldest records dropped to make room path=%s count=%d",
+                self.path,
+                len(victims),
+            )
+            self._disk_full("the telemetry outbox drops its oldest records to make room")
+        return True
 
     def _failing(self, exc: sqlite3.Error) -> None:
         if self._failing_since is None:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.conditions import DISK_FULL, Conditions
 from agent.outbox import Outbox, OutboxSender
 
 
@@ -169,3 +170,25 @@ def test_an_outbox_that_cannot_be_opened_counts_records_and_opens_once_it_can(
     assert [(r.payload, r.seq) for r in box.oldest(10)] == [(b"w2", 2)]
     assert box.unwritable == 1
     box.close()
+
+
+def test_a_write_refused_while_the_disk_shows_space_drops_the_oldest_telemetry_for_it(tmp_path: Path) -> None:
+    """As under a disk quota (EDQUOT): statvfs shows room, yet the database may not grow."""
+    conditions = Conditions()
+    box = Outbox(tmp_path / "outbox.db", max_records=10_000, conditions=conditions)
+    box.append("events", b"e" * 3000, 0)
+    for seq in range(1, 101):
+        box.append("telemetry", bytes(3000), seq, seq=seq)
+    assert box._db is not None
+    (pages,) = box._db.execute("PRAGMA page_count").fetchone()
+    box._db.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own "database or disk is full"
+
+    for seq in range(101, 121):
+        box.append("telemetry", bytes(3000), seq, seq=seq)
+    records = box.oldest(10_000)
+    seqs = [r.seq for r in records if r.seq is not None]
+    assert seqs[-20:] == list(range(101, 121)) and seqs[0] > 1, "the newest in place of the oldest"
+    assert records[0].kind == "events", "telemetry goes first"
+    assert box.unwritable == 0 and box.dropped_for_space() == seqs[0] - 1
+    held = conditions.active()
+    assert [c.kind for c in held] == [DISK_FULL] and "telemetry outbox" in held[0].message
