@@ -21,7 +21,7 @@ CONTROLLER_USER = "edgefleet-controller"
 DEFAULT_CHUNK_SIZE = 65536
 MAX_CHUNK_SIZE = 1024 * 1024
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
-DEFAULT_MAX_MODEL_MEMORY_BYTES = 2 * 1024 * 1024 * 1024
+DEFAULT_MAX_MODEL_MEMORY_BYTES = DEFAULT_MAX_UPLOAD_BYTES
 PROTOCOLS = ("v5", "v311")
 
 
@@ -49,8 +49,9 @@ class Settings:
     mqtt_tls_key_file: Path | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
-    # What checking one uploaded model may take in memory (weights, constants it expands
-    # on load, and the checker process around them); a model needing more is refused.
+    # What one uploaded model may take in memory once loaded (weights, constants it expands
+    # on load, any tensor of known size); a model needing more is refused. By default no
+    # more than the largest file it could have been uploaded as: expansion is the attack.
     max_model_memory_bytes: int = DEFAULT_MAX_MODEL_MEMORY_BYTES
     # Monitoring and the closed loop (issue 6): raw telemetry, events and drift
     # sketches are pruned after telemetry_retention_days, roll-ups after

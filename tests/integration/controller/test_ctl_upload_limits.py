@@ -117,14 +117,14 @@ def test_a_tiny_file_that_expands_on_load_is_refused_before_any_runtime_loads_it
     start: Callable[..., Controller], tmp_path: Path
 ) -> None:
     limited = start()
-    bomb = expanding_onnx(tmp_path / "bomb.onnx", 1024 * MiB)  # 4 GiB of float32
+    bomb = expanding_onnx(tmp_path / "bomb.onnx", 256 * MiB)  # 1 GiB of float32
     assert bomb.stat().st_size < 300
     assert limited.proc is not None
     with PeakRss(limited.proc.pid) as rss:
         response = _upload(limited, bomb)
     assert response.status_code == 422, response.text
     detail = response.json()["detail"]
-    assert "ConstantOfShape" in detail and "4.0 GiB" in detail and "max_model_memory_bytes" in detail
+    assert "ConstantOfShape" in detail and "1.0 GiB" in detail and "max_model_memory_bytes" in detail
     assert rss.growth < 64 * MiB, f"controller RSS grew by {rss.growth / MiB:.0f} MiB"
     assert limited.api("GET", "/v1/models").json() == []
     assert _leftovers(limited) == []
