@@ -682,6 +682,7 @@ class Transport:
                 if not self._spend_bytes(device_id, response.ByteSize(), 1):
                     return
                 reply(response)
+                self.counters.bytes_served(device_id, response.ByteSize())
                 log.info("manifest sent device=%s digest=%s", device_id, digest)
             # A repeated index is served once: each costs the device's budget only once too.
             indices = list(dict.fromkeys(request.indices))
@@ -699,6 +700,7 @@ class Transport:
                     refuse("unknown_artifact", str(exc))
                     continue
                 reply(artifact_pb2.ArtifactResponse(chunk=chunk))
+                self.counters.bytes_served(device_id, length)
             if len(indices) > MAX_INDICES_PER_REQUEST:
                 refuse(
                     "too_many_indices",
@@ -713,7 +715,6 @@ class Transport:
         """Charge ``size`` bytes to the device's budget; False (counting the ``withheld``
         replies not sent) when it is spent."""
         if self._chunk_bytes.allow(device_id, size):
-            self.counters.bytes_served(device_id, size)
             return True
         self.counters.rejected(Kind.ARTIFACT_REQUEST.value, "rate_limited")
         self.counters.rate_limited(device_id, "chunk_bytes", withheld)
