@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller.api import devices, loop, models, profiles, rollouts, signing, telemetry
 from controller.api.deps import Authenticated
+from controller.api.docs import install_docs
 from controller.api.responses import allowed_methods, install_openapi, validation_error_body
 from controller.api.upload_limits import BodyMeter, limits_for
 from controller.auth import token_matches
@@ -111,6 +112,9 @@ def create_app(settings: Settings, *, start_transport: bool = True) -> FastAPI:
         title="EdgeFleet controller",
         version="0.1.0",
         lifespan=lifespan,
+        # /docs is served from packaged assets (install_docs); ReDoc would need a CDN.
+        docs_url=None,
+        redoc_url=None,
         description="Model registry, fleet, rollouts and telemetry. Every /v1 route needs the admin bearer token.",
     )
     app.state.controller = controller
@@ -147,4 +151,5 @@ def create_app(settings: Settings, *, start_transport: bool = True) -> FastAPI:
     app.include_router(loop.router)
     app.add_middleware(BodyLimitGuard, controller=controller)
     install_openapi(app)
+    install_docs(app)
     return app
