@@ -208,6 +208,22 @@ def test_a_body_without_content_length_is_cut_off_at_the_limit(start: Callable[.
     assert limited.api("GET", "/v1/models").status_code == 200
 
 
+def _complete(response: bytes) -> bool:
+    """Whether ``response`` holds the status line, the headers and the whole body."""
+    head, found, body = response.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    length = next(
+        (
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ),
+        0,
+    )
+    return len(body) >= length
+
+
 def _stream_chunked_upload(c: Controller, total: int) -> tuple[int, int, bytes]:
     """Send a multipart upload with Transfer-Encoding: chunked (no Content-Length) until the
     server answers; returns (bytes sent, status, response body)."""
@@ -238,7 +254,7 @@ def _stream_chunked_upload(c: Controller, total: int) -> tuple[int, int, bytes]:
             sent += len(chunk)
         response = b""
         deadline = time.monotonic() + 30
-        while b"\r\n\r\n" not in response and time.monotonic() < deadline:
+        while not _complete(response) and time.monotonic() < deadline:
             try:
                 data = sock.recv(65536)
             except ConnectionResetError:
