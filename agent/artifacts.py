@@ -5,6 +5,7 @@ Layout under ``{data_dir}``::
     downloads/<digest>/manifest.pb     the controller's manifest (atomic write)
     downloads/<digest>/artifact.part   the artifact's final size, allocated up front
     models/<digest>.<format>           verified artifacts, ready to load
+    models/<digest>.npz                verified sample inputs of a version (staging smoke test)
 
 There is no bitmap of received chunks to get out of step with the data: which
 chunks are present is decided by hashing each chunk range of ``artifact.part``
@@ -36,6 +37,10 @@ from agent.errors import ChunkRejected, DigestMismatch, DiskFull, ManifestError
 
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 FORMATS = ("onnx", "tflite")
+# A version's sample inputs travel like an artifact; the agent reads them as .npz whatever
+# format their manifest names (a controller may label them like the model).
+SAMPLE_FORMAT = "npz"
+STORED = (*FORMATS, SAMPLE_FORMAT)
 MAX_CHUNK_SIZE = 1024 * 1024
 _READ_BLOCK = 1024 * 1024
 
@@ -98,8 +103,8 @@ def validate_manifest(digest: str, manifest: artifact_pb2.ArtifactManifest, expe
         )
     if any(len(h) != 32 for h in manifest.chunk_sha256):
         raise ManifestError("manifest chunk_sha256 entries must be 32 raw bytes")
-    if manifest.format not in FORMATS:
-        raise ManifestError(f"manifest format {manifest.format!r} is not one of {', '.join(FORMATS)}")
+    if manifest.format not in STORED:
+        raise ManifestError(f"manifest format {manifest.format!r} is not one of {', '.join(STORED)}")
 
 
 def _allocate(fd: int, size: int) -> None:
@@ -124,11 +129,15 @@ class ArtifactStore:
     def model_path(self, digest: str, fmt: str) -> Path:
         return self.models_dir / f"{digest}.{fmt}"
 
+    def sample_path(self, digest: str) -> Path:
+        return self.models_dir / f"{digest}.{SAMPLE_FORMAT}"
+
     def installed(self) -> dict[str, Path]:
+        """Verified models and samples on disk, by digest."""
         found: dict[str, Path] = {}
         for path in self.models_dir.iterdir():
             digest, _, fmt = path.name.partition(".")
-            if valid_digest(digest) and fmt in FORMATS and path.is_file():
+            if valid_digest(digest) and fmt in STORED and path.is_file():
                 found[digest] = path
         return found
 
@@ -205,8 +214,8 @@ class ArtifactStore:
                 os.close(fd)
         download.have.add(index)
 
-    def finalize(self, download: Download) -> Path:
-        """Check the whole file against the digest and move it into models/."""
+    def finalize(self, download: Download, sample: bool = False) -> Path:
+        """Check the whole file against the digest and move it into models/ (a sample as .npz)."""
         sha = hashlib.sha256()
         with open(download.part, "rb") as f:
             while block := f.read(_READ_BLOCK):
@@ -218,7 +227,11 @@ class ArtifactStore:
             raise DigestMismatch(
                 f"assembled artifact has sha256 {actual}, expected {download.digest}: refusing it"
             )
-        target = self.model_path(download.digest, download.manifest.format)
+        target = (
+            self.sample_path(download.digest)
+            if sample
+            else self.model_path(download.digest, download.manifest.format)
+        )
         move_atomic(download.part, target)
         self.discard(download.digest)
         return target
@@ -228,5 +241,6 @@ class ArtifactStore:
             shutil.rmtree(self.downloads_dir / digest, ignore_errors=True)
 
     def remove_model(self, digest: str) -> None:
-        for fmt in FORMATS:
+        """Remove the verified model or sample of ``digest``."""
+        for fmt in STORED:
             self.model_path(digest, fmt).unlink(missing_ok=True)

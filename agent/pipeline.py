@@ -34,7 +34,9 @@ from edgefleet_proto import inference_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import PREFIX, validate_device_id
 
-from agent.errors import AgentError, Overloaded, SourceError
+from agent import feeds, postprocess
+from agent.errors import AgentError, Overloaded, SourceError, TenantError
+from agent.feeds import Feeder
 from agent.link import backoff_delay
 from agent.observe import Observer
 from agent.pool import ModelPool, ServingModel
@@ -42,6 +44,7 @@ from agent.preprocess import Prepared, Preprocessor
 from agent.scheduler import Scheduler
 from agent.sensors.base import Source, open_source
 from agent.shadow import compare
+from agent.signature import framed
 from agent.telemetry import Inference, Inferences, InferenceStats, Origin, PipelineStats
 from agent.tenants import TenantSpec, shadow_of
 from agent.tensors import from_numpy
@@ -159,6 +162,8 @@ class _Reader:
         self.epoch = 0
         # When the current run of the source delivered its first sample.
         self._stable_since: float | None = None
+        # The digest of the model the preprocessing was framed for, and the preprocessor.
+        self._prep: tuple[str, Preprocessor] | None = None
 
     def _run(self) -> None:
         attempt = 0
@@ -191,7 +196,8 @@ class _Reader:
         assert self.spec.source is not None
         source: Source = open_source(self.spec.source)
         self.epoch += 1
-        preprocessor = Preprocessor(self.spec.preprocess)
+        # A new run of the source starts without the partial window of the last one.
+        self._prep = None
         period = 1.0 / self.spec.rate_hz if self.spec.rate_hz else 0.0
         next_at = time.monotonic()
         try:
@@ -202,13 +208,30 @@ class _Reader:
                 if self._stable_since is None:
                     self._stable_since = time.monotonic()
                 self.p.stats.sample(self.spec.id)
-                for prepared in preprocessor.feed(sample):
+                for prepared in self._preprocessor().feed(sample):
                     self.p.submit(self.spec.id, Job(prepared, self.epoch, time.perf_counter()))
                 if period:
                     next_at = max(next_at + period, time.monotonic() - period)
                     self.stop.wait(max(0.0, next_at - time.monotonic()))
         finally:
             source.close()
+
+    def _preprocessor(self) -> Preprocessor:
+        """The tenant's preprocessing, framed as its serving model's signature says (an audio
+        input's length); made again, and the lane made serial for carried state, when the
+        model changes."""
+        serving = self.p.pool.get(self.spec.id)
+        digest = serving.digest if serving is not None else ""
+        if self._prep is not None and self._prep[0] == digest:
+            return self._prep[1]
+        signature = serving.signature if serving is not None else None
+        pre = framed(self.spec.preprocess, signature)
+        kept = self._prep is not None and self._prep[1].spec == pre
+        preprocessor = self._prep[1] if self._prep is not None and kept else Preprocessor(pre)
+        self._prep = (digest, preprocessor)
+        if signature is not None and signature.stateful and not self.spec.inputs:
+            self.p.serialize(self.spec)
+        return preprocessor
 
 
 class Pipelines:
@@ -246,6 +269,12 @@ class Pipelines:
         self._warned: dict[tuple[str, str], tuple[float, int]] = {}
         # Tenants skipping their samples for want of an active model: how many so far.
         self._waiting: dict[str, int] = {}
+        # Each tenant's constants and carried state (agent.feeds), and what its feeds and
+        # post-processing lack in a model, checked once per (tenant, artifact).
+        self._feeders: dict[str, Feeder] = {}
+        # Feeders of tenants that declare no inputs, from their serving model's signature.
+        self._signed_feeders: dict[tuple[str, str], Feeder] = {}
+        self._fits: dict[tuple[str, str], tuple[str, str]] = {}
 
     def start(self) -> None:
         self.scheduler.start()
@@ -265,6 +294,8 @@ class Pipelines:
                 if tenant not in wanted:
                     self._dropped(tenant, self.scheduler.remove(tenant))
                 del self._specs[tenant]
+                self._feeders.pop(tenant, None)
+                self._signed_feeders = {k: f for k, f in self._signed_feeders.items() if k[0] != tenant}
                 self._waiting.pop(tenant, None)
                 log.info("tenant pipeline stopped device=%s tenant=%s", self.device_id, tenant)
             for tenant, spec in sorted(wanted.items()):
@@ -272,7 +303,10 @@ class Pipelines:
                     continue
                 self._callers.discard(tenant)
                 self._specs[tenant] = spec
-                self.scheduler.configure(tenant, spec.weight, spec.queue)
+                self._feeders[tenant] = Feeder(spec.inputs)
+                self._fits = {k: v for k, v in self._fits.items() if k[0] != tenant}
+                stateful = any(f.role == "state" for f in spec.inputs)
+                self.scheduler.configure(tenant, spec.weight, spec.queue, serial=stateful)
                 if spec.source is not None:
                     reader = self._readers[tenant] = _Reader(self, spec)
                     reader.thread.start()
@@ -285,6 +319,30 @@ class Pipelines:
                     spec.weight,
                     spec.queue,
                 )
+
+    def serialize(self, spec: TenantSpec) -> None:
+        """Run the tenant's jobs one at a time, in order: its model carries state between runs."""
+        with self._lock:
+            if self._specs.get(spec.id) is spec:
+                self.scheduler.configure(spec.id, spec.weight, spec.queue, serial=True)
+
+    def _feeds(self, spec: TenantSpec, serving: ServingModel) -> tuple[feeds.InputFeed, ...]:
+        """The tenant's declared inputs, else the constants and state of its model's signature."""
+        if spec.inputs or serving.signature is None:
+            return spec.inputs
+        return serving.signature.feeds()
+
+    def _feeder(self, spec: TenantSpec, serving: ServingModel) -> Feeder:
+        """The tenant's feeder; one made from a model's signature serves only that model."""
+        if spec.inputs or serving.signature is None:
+            return self._feeders.get(spec.id) or Feeder(spec.inputs)
+        key = (spec.id, serving.digest)
+        with self._lock:
+            feeder = self._signed_feeders.get(key)
+            if feeder is None:
+                self._signed_feeders = {k: f for k, f in self._signed_feeders.items() if k[0] != spec.id}
+                feeder = self._signed_feeders[key] = Feeder(serving.signature.feeds())
+            return feeder
 
     def submit(self, tenant: str, job: Job) -> None:
         dropped = self.scheduler.submit(tenant, job)
@@ -456,10 +514,17 @@ class Pipelines:
                 serving.model_name,
             )
             return
-        inputs = self._inputs(spec, serving, job.prepared.array)
+        fed: dict[str, np.ndarray] = {}
+
+        def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            fed.update(inputs)
+            return serving.model.run(inputs)
+
         try:
+            source_name = self._fit(spec, serving)
+            feeder = self._feeder(spec, serving)
             start = time.perf_counter()
-            outputs = serving.model.run(inputs)
+            outputs = feeder.run(source_name, job.prepared.array, job.epoch, run)
             live_ms = (time.perf_counter() - start) * 1000.0
         except AgentError as exc:
             self._record(tenant, serving, Origin.PIPELINE, 0.0, ok=False)
@@ -488,11 +553,37 @@ class Pipelines:
             )
         candidate = self.pool.get(shadow_of(tenant))
         if candidate is not None:
-            self._compare(tenant, serving, candidate, inputs, outputs, live_ms)
+            self._compare(tenant, serving, candidate, fed, outputs, live_ms)
 
-    def _inputs(self, spec: TenantSpec, serving: ServingModel, array: np.ndarray) -> dict[str, np.ndarray]:
-        name = spec.preprocess.input or serving.model.inputs[0].name
-        return {name: array}
+    def _fit(self, spec: TenantSpec, serving: ServingModel) -> str:
+        """The input the tenant's source feeds, once its feeds and post-processing fit the model.
+        A misfit raises a TenantError naming the input or output for every sample until the
+        tenant or the model changes; it is checked, and reported as an event, once."""
+        key = (spec.id, serving.digest)
+        fit = self._fits.get(key)
+        if fit is None:
+            inputs = [t.name for t in serving.model.inputs]
+            outputs = [t.name for t in serving.model.outputs]
+            fed = self._feeds(spec, serving)
+            signed = serving.signature.source() if serving.signature is not None else None
+            declared = spec.preprocess.input or (signed.name if signed is not None else "")
+            try:
+                name = feeds.source_input(fed, inputs, declared)
+                problems = feeds.check(fed, inputs, outputs, name) if fed else []
+            except TenantError as exc:
+                name, problems = "", [str(exc)]
+            problems += postprocess.check(spec.postprocess, outputs)
+            fit = self._fits[key] = (name, "; ".join(problems))
+            if problems:
+                self.emit(
+                    "tenant_misfit",
+                    "error",
+                    f"tenant {spec.id!r} does not fit {serving.model_name} {serving.model_version}: {fit[1]}",
+                    {"tenant": spec.id, "model": serving.model_name, "version": serving.model_version},
+                )
+        if fit[1]:
+            raise TenantError(fit[1])
+        return fit[0]
 
     def _deliver(
         self,
@@ -505,6 +596,17 @@ class Pipelines:
         want_grpc = "grpc" in spec.results and self.hub.wanted(spec.id)
         if not (want_grpc or "mqtt" in spec.results):
             return
+        try:
+            outcome = self._postprocess(spec, job, outputs)
+        except TenantError as exc:
+            self._warn(
+                (spec.id, "postprocess"),
+                "postprocess failed device=%s tenant=%s error=%s",
+                self.device_id,
+                spec.id,
+                exc,
+            )
+            return
         result = inference_pb2.Result(
             tenant=spec.id,
             model_name=serving.model_name,
@@ -514,12 +616,34 @@ class Pipelines:
             latency_ms=latency_ms,
             source_epoch=job.epoch,
         )
-        for name, array in outputs.items():
-            result.outputs[name].CopyFrom(from_numpy(array, f"output {name!r}"))
+        for c in outcome.classes:
+            result.classes.add(index=c.index, label=c.label, score=c.score)
+        for d in outcome.detections:
+            x0, y0, x1, y1 = d.box
+            result.detections.add(index=d.index, label=d.label, score=d.score, x0=x0, y0=y0, x1=x1, y1=y1)
+        if outcome.mask is not None:
+            result.mask.CopyFrom(from_numpy(outcome.mask, "mask"))
+        if not spec.postprocess.kind or spec.postprocess.raw:
+            for name, array in outputs.items():
+                result.outputs[name].CopyFrom(from_numpy(array, f"output {name!r}"))
         if want_grpc:
             self.hub.publish(spec.id, result)
         if "mqtt" in spec.results:
             self.publish(results_topic(self.device_id, spec.id), encode(result))
+
+    @staticmethod
+    def _postprocess(spec: TenantSpec, job: Job, outputs: dict[str, np.ndarray]) -> postprocess.Outcome:
+        if not spec.postprocess.kind:
+            return postprocess.Outcome()
+        pre = spec.preprocess
+        shape = job.prepared.array.shape
+        if pre.resize is not None:
+            input_hw = pre.resize
+        elif len(shape) >= 3:
+            input_hw = (shape[-2], shape[-1]) if pre.layout == "nchw" else (shape[-3], shape[-2])
+        else:
+            input_hw = (1, 1)
+        return postprocess.apply(outputs, spec.postprocess, input_hw, pre.layout, job.prepared.letterbox)
 
     def _compare(
         self,
@@ -562,7 +686,9 @@ class Pipelines:
             comparison.rows,
         )
 
-    def _record(self, tenant: str, serving: ServingModel, origin: Origin, latency_ms: float, ok: bool) -> None:
+    def _record(
+        self, tenant: str, serving: ServingModel, origin: Origin, latency_ms: float, ok: bool
+    ) -> None:
         self.inferences.record(
             Inference(tenant, serving.model_name, serving.model_version, origin, latency_ms, ok)
         )

@@ -33,6 +33,7 @@ import numpy as np
 
 from agent.errors import MemoryBudgetExceeded
 from agent.runtime import LoadedModel, TensorSpec, backend_for
+from agent.signature import ModelSignature
 
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
@@ -47,6 +48,8 @@ class ServingModel:
     runtime: str
     path: Path
     model: LoadedModel
+    # How each input is fed and what each output means, as the controller sent it (if it did).
+    signature: ModelSignature | None = None
 
 
 class PooledModel:

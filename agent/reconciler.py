@@ -157,6 +157,12 @@ class Verify(Step):
 class RequestManifest(Step):
     action: ClassVar[Action] = Action.REQUEST_MANIFEST
     assignment: Assignment
+    # The assignment's sample inputs rather than its model.
+    sample: bool = False
+
+    @property
+    def digest(self) -> str:
+        return self.assignment.sample_digest if self.sample else self.assignment.digest
 
 
 @dataclass(frozen=True)
@@ -215,9 +221,16 @@ def failure_reason(desired: Desired, current: Current, a: Assignment) -> str | N
     return None
 
 
+def pieces(a: Assignment) -> tuple[tuple[str, bool], ...]:
+    """What must be on disk before ``a`` stages: its model, and its sample inputs if it has any."""
+    return ((a.digest, False), (a.sample_digest, True)) if a.sample_digest else ((a.digest, False),)
+
+
 def precheck(a: Assignment, runtimes: frozenset[str]) -> str | None:
     if not valid_digest(a.digest):
         return f"artifact digest {a.digest!r} is not a lowercase hex sha256"
+    if a.sample_digest and not valid_digest(a.sample_digest):
+        return f"sample digest {a.sample_digest!r} is not a lowercase hex sha256"
     if a.format not in FORMATS:
         return f"artifact format {a.format!r} is not one of {', '.join(FORMATS)}"
     runtime = a.runtime or DEFAULT_RUNTIME_FOR_FORMAT.get(a.format, "")
@@ -265,16 +278,27 @@ def build_report(desired: Desired | None, current: Current) -> Report:
 
 
 def _pending_entry(desired: Desired | None, current: Current, a: Assignment) -> ModelEntry:
-    transfer = current.transfers.get(a.digest)
-    total = transfer.bytes_total if transfer and transfer.bytes_total else a.size
-    have = transfer.bytes_have if transfer else 0
+    # The model and its sample inputs count as one download.
+    total = have = 0
+    complete = True
+    for digest, sample in pieces(a):
+        transfer = current.transfers.get(digest)
+        size = (
+            transfer.bytes_total if transfer and transfer.bytes_total else a.sample_size if sample else a.size
+        )
+        total += size
+        if digest in current.installed:
+            have += size
+        else:
+            have += transfer.bytes_have if transfer else 0
+            complete = complete and transfer is not None and transfer.complete
     error = failure_reason(desired, current, a) if desired else None
     error = error or precheck(a, current.runtimes)
     if error is not None:
         phase = Phase.FAILED
-    elif a.digest in current.installed:
+    elif all(digest in current.installed for digest, _ in pieces(a)):
         phase, have = Phase.LOADING, total
-    elif transfer is not None and transfer.complete:
+    elif complete:
         phase, have = Phase.VERIFYING, total
     else:
         phase = Phase.DOWNLOADING
@@ -367,23 +391,26 @@ def chunk_requests(candidates: Sequence[int], free: int, window: int) -> list[tu
     return [batch[i : i + MAX_INDICES_PER_REQUEST] for i in range(0, count, MAX_INDICES_PER_REQUEST)]
 
 
-def _transfer_steps(a: Assignment, current: Current, now: float, free: int) -> list[Step]:
+def _transfer_steps(
+    a: Assignment, current: Current, now: float, free: int, sample: bool = False
+) -> list[Step]:
     if not current.connected:
         return [Wait(math.inf, "broker disconnected")]
-    t = current.transfers.get(a.digest)
+    digest = a.sample_digest if sample else a.digest
+    t = current.transfers.get(digest)
     timeout = current.request_timeout_s
     if t is None or not t.has_manifest:
         asked = t.manifest_requested_at if t else None
         if asked is None or now - asked >= timeout:
-            return [RequestManifest(a)]
-        return [Wait(asked + timeout, f"manifest of {a.digest[:12]}")]
+            return [RequestManifest(a, sample)]
+        return [Wait(asked + timeout, f"manifest of {digest[:12]}")]
     live = {i: at for i, at in t.outstanding.items() if now - at < timeout}
     candidates = [i for i in range(t.chunks) if i not in t.have and i not in live]
     steps: list[Step] = [
-        RequestChunks(a.digest, indices) for indices in chunk_requests(candidates, free, current.window)
+        RequestChunks(digest, indices) for indices in chunk_requests(candidates, free, current.window)
     ]
     if live:
-        steps.append(Wait(min(live.values()) + timeout, f"chunks of {a.digest[:12]}"))
+        steps.append(Wait(min(live.values()) + timeout, f"chunks of {digest[:12]}"))
     return steps
 
 
@@ -423,14 +450,19 @@ def plan(desired: Desired | None, current: Current, now: float) -> list[Step]:
         reason = precheck(a, current.runtimes)
         if reason is not None:
             steps.append(Fail(a, reason))
-        elif a.digest in current.installed:
-            steps.append(Activate(a))
-        elif a.digest in seen_digests:
+            seen_digests.add(a.digest)
             continue
-        elif (t := current.transfers.get(a.digest)) is not None and t.complete:
-            steps.append(Verify(a.digest))
-        else:
-            for step in _transfer_steps(a, current, now, max(0, current.window - in_flight)):
+        missing = [(d, sample) for d, sample in pieces(a) if d not in current.installed]
+        if not missing:
+            steps.append(Activate(a))
+        for digest, sample in missing:
+            if digest in seen_digests:
+                continue
+            seen_digests.add(digest)
+            if (t := current.transfers.get(digest)) is not None and t.complete:
+                steps.append(Verify(digest))
+                continue
+            for step in _transfer_steps(a, current, now, max(0, current.window - in_flight), sample):
                 if isinstance(step, RequestChunks):
                     in_flight += len(step.indices)
                 if isinstance(step, Wait):
@@ -465,7 +497,7 @@ def _earliest(waits: list[Wait]) -> list[Step]:
 
 
 def _garbage(desired: Desired, current: Current) -> tuple[str, ...]:
-    keep = {a.digest for a in desired.assignments}
+    keep = {d for a in desired.assignments for d, _ in pieces(a)}
     for ts in current.state.tenants.values():
-        keep.update(i.assignment.digest for i in (ts.active, ts.previous) if i is not None)
+        keep.update(d for i in (ts.active, ts.previous) if i is not None for d, _ in pieces(i.assignment))
     return tuple(sorted((set(current.installed) | set(current.transfers)) - keep))

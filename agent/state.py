@@ -22,6 +22,7 @@ from edgefleet_proto import fleet_pb2
 from agent.atomic import write_atomic
 from agent.diskspace import refused_for_space
 from agent.errors import StateError
+from agent.signature import ModelSignature
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,15 @@ class Assignment:
     rollout_id: str = ""
     probation_s: float = 0.0
     max_error_rate: float = 0.0
+    # The version's sample inputs (an .npz fetched like the artifact) for the staging smoke
+    # inference, and its signature; empty from an older controller.
+    sample_digest: str = ""
+    sample_size: int = 0
+    signature: ModelSignature | None = None
 
     @classmethod
     def from_proto(cls, m: fleet_pb2.ModelAssignment) -> Assignment:
+        has_signature = m.HasField("model_signature") and bool(m.model_signature.inputs)
         return cls(
             tenant=m.tenant or "default",
             model_name=m.model_name,
@@ -56,7 +63,16 @@ class Assignment:
             rollout_id=m.rollout_id,
             probation_s=max(0.0, float(m.probation_s)),
             max_error_rate=max(0.0, float(m.max_error_rate)),
+            sample_digest=m.sample_digest,
+            sample_size=int(m.sample_size),
+            signature=ModelSignature.from_proto(m.model_signature) if has_signature else None,
         )
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Assignment:
+        """From its stored form; fields a state file written before them lacks take their defaults."""
+        signature = doc.get("signature")
+        return cls(**{**doc, "signature": ModelSignature.from_json(signature) if signature else None})
 
 
 @dataclass(frozen=True)
@@ -154,12 +170,12 @@ class DeviceState:
             raise StateError(f"state version {doc.get('version')!r} is not {STATE_VERSION}")
 
         def installed(x: dict[str, Any] | None) -> Installed | None:
-            return Installed(Assignment(**x["assignment"]), str(x["path"])) if x else None
+            return Installed(Assignment.from_json(x["assignment"]), str(x["path"])) if x else None
 
         desired = doc.get("desired")
         return cls(
             desired=Desired(
-                int(desired["generation"]), tuple(Assignment(**a) for a in desired["assignments"])
+                int(desired["generation"]), tuple(Assignment.from_json(a) for a in desired["assignments"])
             )
             if desired
             else None,
@@ -170,7 +186,7 @@ class DeviceState:
             },
             failures={d: Failure(**f) for d, f in doc.get("failures", {}).items()},
             updates={
-                t: Update(**{**u, "assignment": Assignment(**u["assignment"])})
+                t: Update(**{**u, "assignment": Assignment.from_json(u["assignment"])})
                 for t, u in doc.get("updates", {}).items()
             },
         )

@@ -84,7 +84,9 @@ class PreprocessSpec:
     std: tuple[float, ...] = ()
     layout: str = "nhwc"  # or "nchw"
     dtype: str = "float32"
-    window: int = 0  # audio samples or sensor rows per model input; 0 = one sample
+    # Audio samples or sensor rows per model input; 0 = one sample, or the length of the
+    # model's audio input when its signature gives one (agent.signature.framed).
+    window: int = 0
     hop: int = 0  # defaults to window
     features: str = "raw"  # audio: "raw" or "log_mel"
     n_fft: int = 512
@@ -221,10 +223,9 @@ def parse_preprocess(table: Mapping[str, Any], where: str) -> PreprocessSpec:
             kw[key] = int(_number(value, what, 2, integer=True))
         elif key == "batch":
             kw[key] = _bool(value, what)
-    spec = PreprocessSpec(**kw)
-    if spec.hop and not spec.window:
-        raise TenantError(f"{where}.hop: needs a window")
-    return spec
+    # A hop without a window is allowed: the window may come from the model's signature
+    # (an audio input of fixed length); without one, the hop has nothing to move.
+    return PreprocessSpec(**kw)
 
 
 def parse_postprocess(table: Mapping[str, Any], where: str) -> PostprocessSpec:

@@ -64,6 +64,7 @@ from agent.reconciler import (
     plan,
 )
 from agent.runtime import BACKENDS, LoadedModel
+from agent.samples import staging_inputs
 from agent.signing import KeyRing
 from agent.state import (
     Assignment,
@@ -139,14 +140,6 @@ def _no_probe(tenant: str, model_name: str, model_version: str) -> tuple[int, in
     return 0, 0
 
 
-def smoke_inputs(model: LoadedModel) -> dict[str, np.ndarray]:
-    """Zeros shaped like the model's inputs (free dimensions as 1): the stored smoke sample."""
-    return {
-        spec.name: np.zeros(tuple(d if d > 0 else 1 for d in spec.shape), dtype=np.dtype(spec.dtype))
-        for spec in model.inputs
-    }
-
-
 @dataclass
 class Transfer:
     assignment: Assignment
@@ -154,18 +147,28 @@ class Transfer:
     manifest_requested_at: float | None = None
     outstanding: dict[int, float] = field(default_factory=dict)
     rejected: int = 0
+    # The assignment's sample inputs rather than its model.
+    sample: bool = False
+
+    @property
+    def digest(self) -> str:
+        return self.assignment.sample_digest if self.sample else self.assignment.digest
+
+    @property
+    def size(self) -> int:
+        return self.assignment.sample_size if self.sample else self.assignment.size
 
     def view(self) -> TransferView:
         d = self.download
         return TransferView(
-            digest=self.assignment.digest,
+            digest=self.digest,
             has_manifest=d is not None,
             manifest_requested_at=self.manifest_requested_at,
             chunks=d.chunks if d else 0,
             have=frozenset(d.have) if d else frozenset(),
             outstanding=dict(self.outstanding),
             bytes_have=d.bytes_have if d else 0,
-            bytes_total=d.size if d else self.assignment.size,
+            bytes_total=d.size if d else self.size,
         )
 
 
@@ -265,7 +268,7 @@ class Updater:
             if download is None or want is None:
                 self.artifacts.discard(digest)
                 continue
-            self.transfers[digest] = Transfer(want, download)
+            self.transfers[digest] = Transfer(want, download, sample=want.digest != digest)
             log.info(
                 "download resumed device=%s digest=%s have=%d/%d",
                 self.device_id,
@@ -368,8 +371,11 @@ class Updater:
         return crash_reason(update.crashes)
 
     def _assignment_for(self, digest: str) -> Assignment | None:
-        desired = self.state.desired
-        return next((a for a in desired.assignments if a.digest == digest), None) if desired else None
+        """The desired assignment whose model (first) or sample inputs have ``digest``."""
+        assignments = self.state.desired.assignments if self.state.desired else ()
+        return next((a for a in assignments if a.digest == digest), None) or next(
+            (a for a in assignments if a.sample_digest == digest), None
+        )
 
     # -- inbound --------------------------------------------------------------
 
@@ -425,18 +431,16 @@ class Updater:
         elif body == "error":
             t = self.transfers.get(resp.error.digest)
             if t is not None:
-                self._fail_digest(
-                    t.assignment.digest, f"controller cannot serve the artifact: {resp.error.reason}"
-                )
+                self._fail_digest(t.digest, f"controller cannot serve the artifact: {resp.error.reason}")
 
     def _on_manifest(self, manifest: artifact_pb2.ArtifactManifest) -> None:
         t = self.transfers.get(manifest.digest)
         if t is None or t.download is not None:
             return
         try:
-            if manifest.format != t.assignment.format:
+            if not t.sample and manifest.format != t.assignment.format:
                 raise ArtifactError(f"manifest format {manifest.format!r} is not {t.assignment.format!r}")
-            t.download = self.artifacts.start(manifest.digest, manifest, t.assignment.size)
+            t.download = self.artifacts.start(manifest.digest, manifest, t.size)
         except DiskFull as exc:
             # Not the artifact's fault: the manifest is asked for again once there is room.
             self.space.hit(str(exc))
@@ -531,7 +535,7 @@ class Updater:
         """While the disk is full, see (with backoff) whether what waits fits again; if so, go on."""
         if not self.space.full:
             return
-        need = sum(t.assignment.size for t in self.transfers.values() if t.download is None)
+        need = sum(t.size for t in self.transfers.values() if t.download is None)
         if not self.space.poll(need):
             return
         try:
@@ -600,6 +604,16 @@ class Updater:
         self._fail_digest(step.assignment.digest, step.reason)
 
     def _fail_digest(self, digest: str, reason: str) -> None:
+        desired = self.state.desired
+        assignments = desired.assignments if desired else ()
+        sampled = [a for a in assignments if a.sample_digest == digest]
+        if sampled and not any(a.digest == digest for a in assignments):
+            # Sample inputs that cannot be fetched fail the versions that carry them.
+            self.transfers.pop(digest, None)
+            self.artifacts.discard(digest)
+            for model in sorted({a.digest for a in sampled}):
+                self._fail_digest(model, f"sample inputs {digest[:12]}: {reason}")
+            return
         failure = Failure(digest, reason, self.state.desired_generation)
         self._save(self.state.with_failure(failure), deferrable=True)
         t = self.transfers.pop(digest, None)
@@ -625,7 +639,18 @@ class Updater:
 
     def request_manifest(self, step: RequestManifest) -> None:
         a = step.assignment
-        t = self.transfers.get(a.digest)
+        t = self.transfers.get(step.digest)
+        if t is None and step.sample:
+            t = self.transfers[step.digest] = Transfer(a, sample=True)
+            log.info(
+                "sample download started device=%s tenant=%s model=%s version=%s digest=%s size=%d",
+                self.device_id,
+                a.tenant,
+                a.model_name,
+                a.model_version,
+                step.digest[:12],
+                a.sample_size,
+            )
         if t is None:
             crashed = self._crash_limit(a)
             if crashed is not None:
@@ -646,7 +671,7 @@ class Updater:
             )
             self.emit("download_started", "info", f"downloading {a.model_name} {a.model_version}", _attrs(a))
         t.manifest_requested_at = self.clock()
-        req = artifact_pb2.ChunkRequest(digest=a.digest, want_manifest=True)
+        req = artifact_pb2.ChunkRequest(digest=step.digest, want_manifest=True)
         self.link.publish(self.link.topic(Kind.ARTIFACT_REQUEST), encode(req))
 
     def request_chunks(self, step: RequestChunks) -> None:
@@ -660,9 +685,10 @@ class Updater:
     def verify(self, step: Verify) -> None:
         t = self.transfers[step.digest]
         assert t.download is not None
-        for wanting in self._wanting(step.digest):
+        # Sample inputs are part of the model's fetch: they move no update on their own.
+        for wanting in [] if t.sample else self._wanting(step.digest):
             self._enter(wanting, UpdateState.VERIFY)
-        self.artifacts.finalize(t.download)
+        self.artifacts.finalize(t.download, sample=t.sample)
         self.transfers.pop(step.digest)
         self.installed.add(step.digest)
         log.info("artifact verified device=%s digest=%s", self.device_id, step.digest[:12])
@@ -687,7 +713,7 @@ class Updater:
                 # budget, never unloaded) before the new one loads, so the new one must fit beside it.
                 self.pool.hold(a.tenant)
                 model = self._load(a)
-            model.run(smoke_inputs(model))
+            model.run(self._smoke_inputs(a, model))
         except (AgentError, OSError) as exc:
             # Nothing was swapped: the old model never stopped serving.
             self.pool.release(a.tenant)
@@ -721,6 +747,11 @@ class Updater:
             a.digest[:12],
         )
         self.emit("model_activated", "info", f"{a.model_name} {a.model_version} is serving", _attrs(a))
+
+    def _smoke_inputs(self, a: Assignment, model: LoadedModel) -> dict[str, np.ndarray]:
+        """The version's sample inputs, else inputs made from its signature (zeros without one)."""
+        sample = self.artifacts.sample_path(a.sample_digest) if a.sample_digest else None
+        return staging_inputs(model.inputs, a.signature, sample)
 
     def _unstage(self, a: Assignment) -> None:
         """A full disk refused the write that would let the staged model serve: nothing was
@@ -823,7 +854,9 @@ class Updater:
     def _serve(self, a: Assignment, model: Any, hold_previous: bool = False) -> None:
         path = self.artifacts.model_path(a.digest, a.format)
         runtime = a.runtime or "onnxruntime"
-        serving = ServingModel(a.tenant, a.model_name, a.model_version, a.digest, runtime, path, model)
+        serving = ServingModel(
+            a.tenant, a.model_name, a.model_version, a.digest, runtime, path, model, a.signature
+        )
         self.pool.put(serving, hold_previous=hold_previous)
 
     def _wanting(self, digest: str) -> list[Assignment]:

@@ -183,8 +183,16 @@ class Peer:
         self.client.publish(self.topic(Kind.DESIRED), signed, qos=1, retain=True).wait_for_publish(10)
 
     def assignment(
-        self, digest: str, version: str, name: str = "linear", tenant: str = "default", signed: bool = True
+        self,
+        digest: str,
+        version: str,
+        name: str = "linear",
+        tenant: str = "default",
+        signed: bool = True,
+        sample: Path | None = None,
+        signature: fleet_pb2.ModelSignature | None = None,
     ) -> Any:
+        """An assignment of a served artifact; ``sample`` (an .npz) is served and attached too."""
         served = self.artifacts[digest]
         m = fleet_pb2.ModelAssignment(
             tenant=tenant,
@@ -196,6 +204,11 @@ class Peer:
             runtime="onnxruntime",
             rollout_id=f"r-{version}",
         )
+        if sample is not None:
+            m.sample_digest = self.add_artifact(sample, fmt="npz")
+            m.sample_size = sample.stat().st_size
+        if signature is not None:
+            m.model_signature.CopyFrom(signature)
         if signed:
             m.key_id = key_id(public_key(self.key))
             m.signature = self.key.sign(manifest_bytes(name, version, "", digest, served.manifest.size))

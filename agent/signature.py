@@ -1,0 +1,127 @@
+"""A model version's signature as the agent keeps it: what feeds each input, what each output means.
+
+The controller sends it with each assignment (``ModelAssignment.model_signature``); the
+agent stores it in its state beside the assignment, stages the model with inputs made
+from it when the version has no sample, and gives tenants that declare no inputs of
+their own their constants and carried state from it. Frozen and hashable, since an
+assignment is compared whole. Pure code: no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from edgefleet_proto import fleet_pb2
+
+from agent.feeds import InputFeed
+from agent.tenants import PreprocessSpec
+
+SOURCE, CONSTANT, STATE = "source", "constant", "state"
+NO_AXIS = -1
+
+
+@dataclass(frozen=True)
+class InputRole:
+    name: str
+    role: str = SOURCE
+    # "NHWC", "NCHW", "NC", "NTC", "NT" or "" when unknown.
+    layout: str = ""
+    batch_axis: int = NO_AXIS
+    dtype: str = "float32"
+    # -1 marks a free dimension.
+    shape: tuple[int, ...] = ()
+    # A constant's value, or a state's initial value; one value fills the shape.
+    value: tuple[float, ...] = ()
+    from_output: str = ""
+
+    def feed(self) -> InputFeed:
+        """This constant or state input as a tenant feed (free dimensions as 1)."""
+        return InputFeed(
+            name=self.name,
+            role=self.role,
+            value=self.value or (0.0,),
+            shape=tuple(d if d >= 0 else 1 for d in self.shape),
+            dtype=self.dtype or "float32",
+            from_output=self.from_output,
+        )
+
+
+@dataclass(frozen=True)
+class OutputMeaning:
+    name: str
+    meaning: str = ""
+    dtype: str = ""
+    shape: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    inputs: tuple[InputRole, ...] = ()
+    outputs: tuple[OutputMeaning, ...] = ()
+
+    def input(self, name: str) -> InputRole | None:
+        return next((i for i in self.inputs if i.name == name), None)
+
+    def source(self) -> InputRole | None:
+        """The input the tenant's source feeds."""
+        return next((i for i in self.inputs if i.role == SOURCE), None)
+
+    def feeds(self) -> tuple[InputFeed, ...]:
+        """The constant and state inputs, as tenant feeds."""
+        return tuple(i.feed() for i in self.inputs if i.role in (CONSTANT, STATE))
+
+    @property
+    def stateful(self) -> bool:
+        return any(i.role == STATE for i in self.inputs)
+
+    @classmethod
+    def from_proto(cls, msg: fleet_pb2.ModelSignature) -> ModelSignature:
+        return cls(
+            inputs=tuple(
+                InputRole(
+                    name=i.name,
+                    role=i.role or SOURCE,
+                    layout=i.layout,
+                    batch_axis=int(i.batch_axis),
+                    dtype=i.dtype or "float32",
+                    shape=tuple(int(d) for d in i.shape),
+                    value=tuple(float(v) for v in i.value),
+                    from_output=i.from_output,
+                )
+                for i in msg.inputs
+            ),
+            outputs=tuple(
+                OutputMeaning(o.name, o.meaning, o.dtype, tuple(int(d) for d in o.shape)) for o in msg.outputs
+            ),
+        )
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> ModelSignature:
+        """From the dict :func:`dataclasses.asdict` made of one (lists back to tuples)."""
+        return cls(
+            inputs=tuple(
+                InputRole(**{**i, "shape": tuple(i.get("shape", ())), "value": tuple(i.get("value", ()))})
+                for i in doc.get("inputs", ())
+            ),
+            outputs=tuple(
+                OutputMeaning(**{**o, "shape": tuple(o.get("shape", ()))}) for o in doc.get("outputs", ())
+            ),
+        )
+
+
+def framed(pre: PreprocessSpec, signature: ModelSignature | None) -> PreprocessSpec:
+    """A tenant's preprocessing with audio framed as its model's source input wants.
+
+    An ``NT`` source input of fixed length (silero-vad's ``(1, 576)``) takes windows of
+    that many samples, with the tenant's hop (else one window); a tenant that declares
+    its own window keeps it. Anything else is left as the tenant declared it.
+    """
+    if pre.window or signature is None:
+        return pre
+    source = signature.input(pre.input) if pre.input else signature.source()
+    if source is None or source.layout != "NT" or len(source.shape) != 2 or source.shape[1] <= 0:
+        return pre
+    window = source.shape[1]
+    return replace(pre, window=window, hop=pre.hop or window)
