@@ -37,6 +37,8 @@ class Candidate:
     reason: str = ""
     # Oldest runtime release that runs it ("" = any).
     runtime_version: str = ""
+    # The layout of the input the device's sensor feeds, from the version's signature ("" = unknown).
+    input_layout: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ def why_not(c: Candidate, device: DeviceClass, sensor_kind: str = "") -> str | N
             f"budgets {device.model_budget_bytes / MB:.0f} MB for models"
         )
     if sensor_kind:
-        return _sensor_problem(c.input_shape, device, sensor_kind)
+        return _sensor_problem(c.input_shape, device, sensor_kind, c.input_layout)
     return None
 
 
@@ -105,7 +107,7 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def _sensor_problem(shape: tuple[int, ...], device: DeviceClass, kind: str) -> str | None:
+def _sensor_problem(shape: tuple[int, ...], device: DeviceClass, kind: str, layout: str = "") -> str | None:
     sensors = [s for s in device.sensors if s.kind == kind]
     if not sensors:
         return f"profile {device.profile_id} has no {kind}"
@@ -116,7 +118,10 @@ def _sensor_problem(shape: tuple[int, ...], device: DeviceClass, kind: str) -> s
         return None
     if not shape:
         return f"input shape {list(shape)} has no channel axis for a {kind}"
-    channels = shape[1] if kind == "microphone" and len(shape) == 3 else shape[-1]
+    if kind == "microphone" and (layout == "NT" or (not layout and len(shape) == 2)):
+        # (batch, samples): mono audio, which the agent mixes any microphone down to.
+        return None
+    channels = shape[1] if kind == "microphone" and len(shape) == 3 and layout != "NTC" else shape[-1]
     if channels == -1 or any(channels == s.channels for s in sensors):
         return None
     have = ", ".join(f"{s.id}: {s.channels}" for s in sensors)
