@@ -20,7 +20,7 @@ router = APIRouter(tags=["rollouts"])
 
 
 @router.post(
-    "/rollouts", status_code=status.HTTP_201_CREATED, response_model=RolloutPublic, responses=errors(404, 409)
+    "/rollouts", status_code=status.HTTP_201_CREATED, response_model=RolloutPublic, responses=errors(409)
 )
 def create_rollout(body: RolloutCreate, rollouts: RolloutsDep) -> RolloutPublic:
     created = rollouts.create(body.model, body.version, tenant=body.tenant, plan_=body.to_plan())
