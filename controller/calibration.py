@@ -1,11 +1,12 @@
-"""Calibration sets: the operator's .npz of named model inputs, checked against the signature.
+"""Sample inputs and calibration sets: an .npz of named model inputs, checked against the
+model's signature (:mod:`controller.signature`).
 
-Each array holds the samples of one input in the model's own layout, stacked along
-that input's batch axis, which is not always the first: silero-vad's recurrent state
-is ``(2, batch, 128)``. The batch axis of an input is the first free dimension of its
-shape, else the first dimension of size 1; an input with neither (or a scalar given as
-a 0-d array) is a constant, fed unchanged with every sample (a sample rate). A scalar
-input may also be given one value per sample (a 1-D array).
+Each array holds the samples of one input in the model's own layout, stacked along the
+batch axis the signature gives that input, which is not always the first: silero-vad's
+recurrent state is ``(2, batch, 128)``. An input without a batch axis (or a scalar given
+as a 0-d array) is fed unchanged with every sample (a sample rate); a scalar input may
+also be given one value per sample (a 1-D array). A state input, and a constant whose
+value the signature holds, may be left out: they are filled from the signature.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from controller.errors import InvalidInputError
-from controller.inspection import TensorSpec
+from controller.signature import InputRole, ModelSignature
 
 MAX_CALIBRATION_BYTES = 256 * 1024 * 1024
 
@@ -59,72 +60,107 @@ class CalibrationSet:
         return np.take(array, [index], axis=axis)
 
 
-def batch_axis(spec: TensorSpec) -> int | None:
-    """The axis a batch of ``spec`` grows along: the first free one, else the first of size 1."""
-    for wanted in (-1, 1):
-        if wanted in spec.shape:
-            return spec.shape.index(wanted)
-    return None
+def _filled(role: InputRole, count: int) -> tuple[np.ndarray, int | None] | None:
+    """The array the signature gives an input left out of the file, with its batch axis;
+    None when it gives none (a source, or a constant without a value)."""
+    if role.role == "source" or (role.role == "constant" and not role.value):
+        return None
+    shape = [d if d >= 0 else 1 for d in role.shape]
+    axis = role.axis if role.role == "state" else None
+    if axis is not None:
+        shape[axis] = count
+    values = role.value or [0.0]
+    if len(values) == 1:
+        return np.full(shape, values[0], dtype=role.dtype), axis
+    return np.asarray(values, dtype=role.dtype).reshape(shape), axis
 
 
-def load_calibration(
-    path: Path, inputs: list[TensorSpec], batch_axes: Mapping[str, int | None] | None = None
-) -> CalibrationSet:
-    """Read and check the operator's .npz; ``batch_axes`` overrides the batch axis per input."""
+def load_calibration(path: Path, signature: ModelSignature, what: str = "calibration") -> CalibrationSet:
+    """Read the .npz at ``path`` and check it against ``signature`` (InvalidInputError naming
+    the input and the mismatch); ``what`` names the file in messages."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise InvalidInputError(f"calibration set is not a readable .npz: {exc}") from None
-    want = {s.name: s for s in inputs}
-    if set(arrays) != set(want):
+        raise InvalidInputError(f"{what} set is not a readable .npz: {exc}") from None
+    return checked_set(arrays, signature, what)
+
+
+def checked_set(arrays: Mapping[str, np.ndarray], signature: ModelSignature, what: str) -> CalibrationSet:
+    names = [i.name for i in signature.inputs]
+    unknown = sorted(set(arrays) - set(names))
+    if unknown:
         raise InvalidInputError(
-            f"calibration set has arrays {sorted(arrays)}, the model's inputs are {sorted(want)}"
+            f"{what} array {unknown[0]!r} is not an input of the model (its inputs: {names})"
         )
     axes: dict[str, int | None] = {}
     scalars: set[str] = set()
     counts: dict[str, int] = {}
     for name, array in arrays.items():
-        spec = want[name]
-        if array.dtype.name != spec.dtype:
+        role = signature.input(name)
+        assert role is not None
+        if array.dtype.name != role.dtype:
             raise InvalidInputError(
-                f"calibration array {name!r} is {array.dtype.name}, the input wants {spec.dtype}"
+                f"{what} array {name!r} is {array.dtype.name}, the input wants {role.dtype}"
             )
-        if not spec.shape:
+        if not role.shape:
             if array.ndim > 1:
                 raise InvalidInputError(
-                    f"calibration array {name!r} has shape {list(array.shape)}; the input is a scalar: "
+                    f"{what} array {name!r} has shape {list(array.shape)}; the input is a scalar: "
                     "give one value (a 0-d array) or one value per sample (a 1-D array)"
                 )
             scalars.add(name)
             axes[name] = 0 if array.ndim == 1 else None
         else:
-            axes[name] = _checked_axis(name, array, spec, (batch_axes or {}).get(name, batch_axis(spec)))
+            axes[name] = _checked_axis(name, array, role, what)
         axis = axes[name]
         if axis is not None:
             counts[name] = array.shape[axis]
     if len(set(counts.values())) > 1 or 0 in counts.values():
         raise InvalidInputError(
-            "calibration arrays need the same, non-zero number of samples along their batch axes, got "
+            f"{what} arrays need the same, non-zero number of samples along their batch axes, got "
             + ", ".join(f"{n}: {c} (axis {axes[n]})" for n, c in sorted(counts.items()))
         )
     count = next(iter(counts.values()), 1)
-    return CalibrationSet(arrays, axes, frozenset(scalars), count)
-
-
-def _checked_axis(name: str, array: np.ndarray, spec: TensorSpec, axis: int | None) -> int | None:
-    if array.ndim != len(spec.shape):
-        raise InvalidInputError(
-            f"calibration array {name!r} has {array.ndim} axes (shape {list(array.shape)}), "
-            f"the input has {len(spec.shape)} ({spec.shape})"
-        )
-    if axis is not None and not 0 <= axis < array.ndim:
-        raise InvalidInputError(f"batch axis {axis} of {name!r} is outside its {array.ndim} axes")
-    for i, (have, dim) in enumerate(zip(array.shape, spec.shape, strict=True)):
-        if i != axis and dim >= 0 and have != dim:
-            where = f"samples along axis {axis}" if axis is not None else "a constant input"
+    complete = dict(arrays)
+    for role in signature.inputs:
+        if role.name in complete:
+            continue
+        filled = _filled(role, count)
+        if filled is None:
+            kind = "a source" if role.role == "source" else "a constant with no value in the signature"
             raise InvalidInputError(
-                f"calibration array {name!r} has shape {list(array.shape)}, the input is {spec.shape} "
+                f"{what} set lacks input {role.name!r} ({kind}): add it to the .npz"
+                + ("" if role.role == "source" else " or set its value in the signature")
+            )
+        complete[role.name], axes[role.name] = filled
+    return CalibrationSet(complete, axes, frozenset(scalars), count)
+
+
+def synthesized(signature: ModelSignature) -> dict[str, np.ndarray]:
+    """One sample made from the signature alone: sources zero with every free dimension 1,
+    constants and states from their values (zero where the signature has none)."""
+    arrays = {}
+    for role in signature.inputs:
+        filled = _filled(role, 1)
+        if filled is None:
+            filled = np.zeros([d if d >= 0 else 1 for d in role.shape], dtype=role.dtype), None
+        arrays[role.name] = filled[0]
+    return arrays
+
+
+def _checked_axis(name: str, array: np.ndarray, role: InputRole, what: str) -> int | None:
+    shape, axis = role.shape, role.axis
+    if array.ndim != len(shape):
+        raise InvalidInputError(
+            f"{what} array {name!r} has {array.ndim} axes (shape {list(array.shape)}), "
+            f"the input has {len(shape)} ({shape})"
+        )
+    for i, (have, dim) in enumerate(zip(array.shape, shape, strict=True)):
+        if i != axis and dim >= 0 and have != dim:
+            where = f"samples along axis {axis}" if axis is not None else "an input without a batch axis"
+            raise InvalidInputError(
+                f"{what} array {name!r} has shape {list(array.shape)}, the input is {shape} "
                 f"(axis {i} must be {dim}; {where})"
             )
     return axis

@@ -25,6 +25,7 @@ from controller.errors import ControllerError
 from controller.files import atomic_write
 from controller.log_bounds import LineBound
 from controller.settings import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_UPLOAD_BYTES, PROTOCOLS
+from controller.signature import ModelSignature
 
 log = logging.getLogger("controller.cli")
 
@@ -198,6 +199,11 @@ def cmd_models_upload(args: argparse.Namespace) -> int:
         if args.calibration:
             cal = Path(args.calibration)
             files["calibration"] = (cal.name, stack.enter_context(_open(cal)), "application/octet-stream")
+        if args.samples:
+            own = Path(args.samples)
+            files["samples"] = (own.name, stack.enter_context(_open(own)), "application/octet-stream")
+        if args.signature:
+            data["signature"] = _read_text(Path(args.signature))
         _print(
             _call(args, "POST", f"/v1/models/{args.name}/versions", UPLOAD_TIMEOUT_S, data=data, files=files)
         )
@@ -214,8 +220,31 @@ def cmd_models_add_variant(args: argparse.Namespace) -> int:
 
 
 def cmd_models_show(args: argparse.Namespace) -> int:
-    _print(_call(args, "GET", f"/v1/models/{args.name}/versions/{args.version}"))
+    found = _call(args, "GET", f"/v1/models/{args.name}/versions/{args.version}")
+    # One line per input and output; `models signature` prints it whole.
+    found["signature"] = ModelSignature.from_json(found["signature"]).describe().splitlines()
+    _print(found)
     return 0
+
+
+def cmd_models_signature(args: argparse.Namespace) -> int:
+    url = f"/v1/models/{args.name}/versions/{args.version}/signature"
+    if args.set:
+        try:
+            body = json.loads(_read_text(Path(args.set)))
+        except json.JSONDecodeError as exc:
+            raise CommandError(f"{args.set} is not valid JSON: {exc}") from None
+        _print(_call(args, "PUT", url, json=body))
+    else:
+        _print(_call(args, "GET", url))
+    return 0
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"cannot read {path}: {exc}") from None
 
 
 def cmd_models_stage(args: argparse.Namespace) -> int:
@@ -593,7 +622,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upload.add_argument("--task", choices=("classifier", "regression"), default=None)
     upload.add_argument("--sensor", choices=("camera", "microphone", "sensor"), default=None)
+    upload.add_argument(
+        "--samples",
+        default=None,
+        metavar="NPZ",
+        help="named inputs in the model's own shapes: the staging smoke test, validation and calibration set",
+    )
+    upload.add_argument(
+        "--signature", default=None, metavar="JSON", help="the model's signature, instead of the inferred one"
+    )
     upload.set_defaults(func=cmd_models_upload)
+    signature = models.add_parser(
+        "signature", parents=[remote], help="a version's signature (input roles, output meanings)"
+    )
+    signature.add_argument("name")
+    signature.add_argument("version")
+    signature.add_argument("--set", default=None, metavar="JSON", help="replace it with this file's")
+    signature.set_defaults(func=cmd_models_signature)
     models.add_parser("list", parents=[remote]).set_defaults(func=cmd_models_list)
     for action, func, help_ in (
         ("show", cmd_models_show, "a version with its lineage, stage and variants"),

@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import resource
 import signal
+import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,13 @@ import onnxruntime as ort
 from controller.errors import InvalidModel
 from controller.inspection import Inspected, inspect_artifact
 from controller.model_memory import check_onnx, check_tflite, human
+from controller.model_runner import Runner, file_format
 from controller.tflite import interpreter_module, is_tflite
 
 CHECK_TIMEOUT_S = 600.0
+_ONE_AT_A_TIME = threading.Lock()
 _context = multiprocessing.get_context("forkserver")
 _context.set_forkserver_preload([__name__])
-# Texts runtimes use when an allocation fails under the limit.
 _NUMPY_TYPES = {
     "float": np.float32,
     "double": np.float64,
@@ -47,7 +49,9 @@ _NUMPY_TYPES = {
     "uint64": np.uint64,
     "bool": np.bool_,
 }
+# Texts runtimes use when an allocation fails under the limit.
 _OUT_OF_MEMORY = (
+    "Arena alloc failed",
     "bad_alloc",
     "bad allocation",
     "Failed to allocate",
@@ -58,15 +62,37 @@ _OUT_OF_MEMORY = (
 
 def check_artifact(path: Path, memory_limit: int, timeout_s: float = CHECK_TIMEOUT_S) -> Inspected:
     """Inspect ``path`` in a checker process; raise InvalidModel with the reason it was refused."""
-    receiver, sender = _context.Pipe(duplex=False)
-    proc = _context.Process(
-        target=_check_in_child, args=(str(path), memory_limit, sender), name="model-check", daemon=True
+    value = _in_checker(_check_in_child, (str(path), memory_limit), memory_limit, timeout_s, "loading")
+    assert isinstance(value, Inspected)
+    return value
+
+
+def check_runs(
+    path: Path, sample: Path, order: list[str], memory_limit: int, timeout_s: float = CHECK_TIMEOUT_S
+) -> None:
+    """Run the model at ``path`` once on the inputs in the .npz at ``sample`` (one sample, the
+    model's inputs named, fed in ``order``) in a checker process; raise InvalidModel with the
+    runtime's own reason when it does not run."""
+    _in_checker(
+        _run_in_child, (str(path), str(sample), order, memory_limit), memory_limit, timeout_s, "running"
     )
+
+
+def _in_checker(target: Any, args: tuple[Any, ...], memory_limit: int, timeout_s: float, doing: str) -> Any:
+    # One checker at a time: however many uploads arrive together, checkers hold at most
+    # one model's memory bound.
+    with _ONE_AT_A_TIME:
+        return _run_checker(target, args, memory_limit, timeout_s, doing)
+
+
+def _run_checker(target: Any, args: tuple[Any, ...], memory_limit: int, timeout_s: float, doing: str) -> Any:
+    receiver, sender = _context.Pipe(duplex=False)
+    proc = _context.Process(target=target, args=(*args, sender), name="model-check", daemon=True)
     proc.start()
     sender.close()
     try:
         if not receiver.poll(timeout_s):
-            raise InvalidModel(f"checking the model took longer than {timeout_s:.0f} s")
+            raise InvalidModel(f"{doing} the model took longer than {timeout_s:.0f} s")
         try:
             kind, value = receiver.recv()
         except EOFError:
@@ -78,7 +104,6 @@ def check_artifact(path: Path, memory_limit: int, timeout_s: float = CHECK_TIMEO
             proc.kill()
             proc.join()
     if kind == "ok":
-        assert isinstance(value, Inspected)
         return value
     if kind == "invalid" and not any(text in str(value) for text in _OUT_OF_MEMORY):
         raise InvalidModel(str(value))
@@ -89,10 +114,29 @@ def check_artifact(path: Path, memory_limit: int, timeout_s: float = CHECK_TIMEO
     else:
         how = "ran out of memory"
     raise InvalidModel(
-        f"the model checker {how} while loading the model: it needs more than the "
+        f"the model checker {how} while {doing} the model: it needs more than the "
         f"{human(memory_limit)} a model may take in memory (max_model_memory_bytes), "
         "or the runtime crashed on it"
     )
+
+
+def _run_in_child(path: str, sample: str, order: list[str], memory_limit: int, conn: Connection) -> None:
+    _limit_data_segment(memory_limit + 2 * (os.path.getsize(path) + os.path.getsize(sample)))
+    try:
+        with np.load(sample, allow_pickle=False) as npz:
+            feeds = [npz[name] for name in order]
+        try:
+            Runner(Path(path), file_format(Path(path))).run(feeds)
+        # onnxruntime and LiteRT raise their own types; the text is the operator's reason.
+        except Exception as exc:
+            first = (str(exc).strip() or type(exc).__name__)[:2000]
+            conn.send(("invalid", f"the model does not run on its sample inputs: {first}"))
+            return
+        conn.send(("ok", None))
+    except MemoryError:
+        conn.send(("memory", None))
+    finally:
+        conn.close()
 
 
 def _check_in_child(path: str, memory_limit: int, conn: Connection) -> None:

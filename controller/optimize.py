@@ -47,7 +47,7 @@ from controller.registry import (
     Registry,
     Variant,
 )
-from controller.streaming import state_pairs
+from controller.streaming import feedback, state_pairs
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +237,7 @@ class Workload:
 
     @classmethod
     def of(cls, found: ModelVersion, samples: list[list[np.ndarray]]) -> Workload:
-        pairs = state_pairs(found.inputs, found.outputs)
-        inputs = [s.name for s in found.inputs]
-        outputs = [s.name for s in found.outputs]
-        feedback = {inputs.index(i): outputs.index(o) for i, o in pairs.items()}
-        return cls(samples, feedback, pairs)
+        return cls(samples, feedback(found.signature), state_pairs(found.signature))
 
     def outputs(self, runner: Runner) -> list[np.ndarray]:
         if self.feedback:
@@ -337,7 +333,7 @@ class Optimizer:
         assert reference is not None
         try:
             calibration = (
-                load_calibration(self.registry.calibration_path(found.calibration_digest), found.inputs)
+                load_calibration(self.registry.calibration_path(found.calibration_digest), found.signature)
                 if found.calibration_digest
                 else None
             )

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,7 +42,9 @@ from controller.errors import (
 from controller.inspection import FORMAT as FORMAT  # re-exported: rollouts name the format
 from controller.inspection import Inspected, TensorSpec
 from controller.model_check import check_artifact
+from controller.samples import MAX_SAMPLE_BYTES, SAMPLE_FORMAT, UPLOADED, Samples, prepared_samples
 from controller.settings import DEFAULT_MAX_MODEL_MEMORY_BYTES
+from controller.signature import ModelSignature, check_signature, infer_signature
 from controller.signing import Signer
 from controller.store import Store
 
@@ -150,9 +153,28 @@ class ModelVersion:
     gate: float = DEFAULT_GATE
     calibration_digest: str = ""
     variants: list[Variant] = field(default_factory=list)
+    # What each input and output is (controller.signature), and the sample inputs
+    # (an artifact: "uploaded", or "synthesized" from the signature) devices smoke-test with.
+    signature: ModelSignature = field(default_factory=lambda: ModelSignature([], []))
+    sample_digest: str = ""
+    sample_size: int = 0
+    sample_count: int = 0
+    sample_origin: str = ""
 
     def variant(self, variant: str) -> Variant | None:
         return next((v for v in self.variants if v.variant == variant), None)
+
+
+@dataclass(frozen=True)
+class _NewVersion:
+    """A checked upload about to be registered: the model file, its signature and samples."""
+
+    staged: StagedArtifact
+    inspected: Inspected
+    signature: ModelSignature
+    sample: Samples
+    sample_staged: StagedArtifact
+    calibration_digest: str
 
 
 @dataclass(frozen=True)
@@ -215,11 +237,26 @@ def _variant_from_row(row: dict[str, Any]) -> Variant:
 
 
 def _version_from_row(
-    row: dict[str, Any], details: dict[str, Any] | None, variants: list[Variant]
+    row: dict[str, Any],
+    details: dict[str, Any] | None,
+    variants: list[Variant],
+    described: dict[str, Any] | None,
 ) -> ModelVersion:
+    inputs, outputs = _specs(row["inputs"]), _specs(row["outputs"])
     extra: dict[str, Any] = {}
-    if details is not None:
+    if described is not None:
         extra = {
+            "signature": ModelSignature.from_json(json.loads(described["signature"])),
+            "sample_digest": described["sample_digest"],
+            "sample_size": described["sample_size"],
+            "sample_count": described["sample_count"],
+            "sample_origin": described["sample_origin"],
+        }
+    else:
+        # A version registered before signatures were stored: the one inference, on read.
+        extra = {"signature": infer_signature(inputs, outputs)}
+    if details is not None:
+        extra |= {
             "lineage": Lineage(
                 parent_version=details["parent_version"],
                 dataset_digest=details["dataset_digest"],
@@ -238,8 +275,8 @@ def _version_from_row(
         digest=row["digest"],
         size=row["size"],
         format=row["format"],
-        inputs=_specs(row["inputs"]),
-        outputs=_specs(row["outputs"]),
+        inputs=inputs,
+        outputs=outputs,
         metadata=json.loads(row["metadata"]),
         created_at=row["created_at"],
         variants=variants,
@@ -308,7 +345,12 @@ class Registry:
         metadata: dict[str, Any],
         options: UploadOptions | None = None,
         calibration: BinaryIO | None = None,
+        samples: BinaryIO | None = None,
+        signature: ModelSignature | None = None,
     ) -> ModelVersion:
+        """Register a version. ``signature`` corrects the one inferred from the model;
+        ``samples`` (an .npz of named inputs) are checked against it, else one sample is
+        synthesized; the model must run on the first (:mod:`controller.samples`)."""
         options = options or UploadOptions()
         validate_name("model name", name)
         validate_name("version", version)
@@ -319,74 +361,117 @@ class Registry:
             if staged.size == 0:
                 raise InvalidModel("the uploaded file is empty")
             inspected = self._check(staged.path)
-            calibration_digest = ""
-            if calibration is not None:
-                calibration_digest = self._store_calibration(calibration, inspected.signature.inputs)
-            pending = self._pending_variants(inspected, options, calibration_digest)
-            task = options.task or guess_task(inspected.signature.outputs)
-            now = time.time()
-            reference = variant_name(inspected.format, inspected.precision)
-            try:
-                with self.store.transaction() as tx:
-                    tx.execute("INSERT OR IGNORE INTO models (name, created_at) VALUES (?, ?)", (name, now))
-                    tx.execute(
-                        "INSERT INTO model_versions (name, version, digest, size, format, inputs, outputs,"
-                        " metadata, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            name,
-                            version,
-                            staged.digest,
-                            staged.size,
-                            inspected.format,
-                            _dump_specs(inspected.signature.inputs),
-                            _dump_specs(inspected.signature.outputs),
-                            json.dumps(metadata),
-                            now,
-                        ),
-                    )
-                    lineage = options.lineage
-                    tx.execute(
-                        "INSERT INTO version_details (name, version, parent_version, dataset_digest, code_version,"
-                        " metrics, task, sensor_kind, gate, calibration_digest, stage, stage_changed_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'development', ?)",
-                        (
-                            name,
-                            version,
-                            lineage.parent_version,
-                            lineage.dataset_digest,
-                            lineage.code_version,
-                            json.dumps(lineage.metrics),
-                            task,
-                            options.sensor_kind,
-                            options.gate,
-                            calibration_digest,
-                            now,
-                        ),
-                    )
-                    self._insert_variant(
-                        tx,
-                        name,
-                        version,
-                        reference,
-                        staged,
-                        inspected,
-                        "uploaded",
-                        now,
-                        note=reference_note(inspected, calibration_digest),
-                    )
-                    for variant in pending:
-                        self._insert_pending(tx, name, version, variant, now)
-                    # Inside the transaction: if the rename fails, the rows are rolled back.
-                    self.artifacts.commit(staged, inspected.format)
-            except DuplicateKeyError:
-                raise VersionExists(f"model {name} version {version} already exists") from None
+            described = self._described(inspected, signature)
+            # Without samples, a calibration set is the operator's samples; without one, the
+            # samples calibrate: either is a set of real inputs in the model's own shapes.
+            own_samples, own_calibration = samples or calibration, calibration if samples else None
+            with prepared_samples(
+                own_samples,
+                described,
+                staged.path,
+                self.max_model_memory_bytes,
+                self.calibration_dir,
+                "sample" if samples else "calibration",
+            ) as sample:
+                calibration_digest = ""
+                if own_calibration is not None:
+                    calibration_digest = self._store_calibration(own_calibration, described)
+                elif sample.raw is not None:
+                    with sample.raw.open("rb") as raw:
+                        calibration_digest = self._store_calibration(raw, described)
+                pending = self._pending_variants(inspected, options, calibration_digest)
+                with (
+                    sample.path.open("rb") as sample_file,
+                    self.artifacts.stage(sample_file, MAX_SAMPLE_BYTES) as sample_staged,
+                ):
+                    new = _NewVersion(staged, inspected, described, sample, sample_staged, calibration_digest)
+                    self._insert_version(name, version, metadata, options, new, pending)
         log.info(
-            "model version registered model=%s version=%s digest=%s size=%d format=%s precision=%s pending=%s",
+            "model version registered model=%s version=%s digest=%s size=%d format=%s precision=%s pending=%s"
+            " samples=%s",
             name, version, staged.digest, staged.size, inspected.format, inspected.precision, ",".join(pending),
+            sample.origin,
         )  # fmt: skip
         if self.on_added is not None:
             self.on_added(name, version)
         return self.get(name, version)
+
+    def _insert_version(
+        self,
+        name: str,
+        version: str,
+        metadata: dict[str, Any],
+        options: UploadOptions,
+        new: _NewVersion,
+        pending: list[str],
+    ) -> None:
+        staged, inspected, calibration_digest = new.staged, new.inspected, new.calibration_digest
+        task = options.task or guess_task(inspected.signature.outputs)
+        now = time.time()
+        reference = variant_name(inspected.format, inspected.precision)
+        try:
+            with self.store.transaction() as tx:
+                tx.execute("INSERT OR IGNORE INTO models (name, created_at) VALUES (?, ?)", (name, now))
+                tx.execute(
+                    "INSERT INTO model_versions (name, version, digest, size, format, inputs, outputs,"
+                    " metadata, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        name,
+                        version,
+                        staged.digest,
+                        staged.size,
+                        inspected.format,
+                        _dump_specs(inspected.signature.inputs),
+                        _dump_specs(inspected.signature.outputs),
+                        json.dumps(metadata),
+                        now,
+                    ),
+                )
+                lineage = options.lineage
+                tx.execute(
+                    "INSERT INTO version_details (name, version, parent_version, dataset_digest, code_version,"
+                    " metrics, task, sensor_kind, gate, calibration_digest, stage, stage_changed_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'development', ?)",
+                    (
+                        name,
+                        version,
+                        lineage.parent_version,
+                        lineage.dataset_digest,
+                        lineage.code_version,
+                        json.dumps(lineage.metrics),
+                        task,
+                        options.sensor_kind,
+                        options.gate,
+                        calibration_digest,
+                        now,
+                    ),
+                )
+                self._insert_variant(
+                    tx,
+                    name,
+                    version,
+                    reference,
+                    staged,
+                    inspected,
+                    "uploaded",
+                    now,
+                    note=reference_note(inspected, calibration_digest),
+                )
+                for variant in pending:
+                    self._insert_pending(tx, name, version, variant, now)
+                tx.execute(
+                    "INSERT INTO version_signatures (name, version, signature, sample_digest, sample_size,"
+                    " sample_count, sample_origin, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        name, version, json.dumps(new.signature.to_json()), new.sample_staged.digest,
+                        new.sample_staged.size, new.sample.count, new.sample.origin, now,
+                    ),
+                )  # fmt: skip
+                # Inside the transaction: if a rename fails, the rows are rolled back.
+                self.artifacts.commit(new.sample_staged, SAMPLE_FORMAT)
+                self.artifacts.commit(staged, inspected.format)
+        except DuplicateKeyError:
+            raise VersionExists(f"model {name} version {version} already exists") from None
 
     def add_variant(self, name: str, version: str, source: BinaryIO) -> Variant:
         """Another artifact of an existing version (e.g. a TFLite export), checked like an upload."""
@@ -438,6 +523,58 @@ class Registry:
         assert found_variant is not None
         return found_variant
 
+    @staticmethod
+    def _described(inspected: Inspected, given: ModelSignature | None) -> ModelSignature:
+        """The operator's signature checked against the model, else the one inferred from it."""
+        found = inspected.signature
+        if given is None:
+            return infer_signature(found.inputs, found.outputs)
+        return check_signature(given, found.inputs, found.outputs)
+
+    # -- signatures -------------------------------------------------------------------
+
+    def set_signature(self, name: str, version: str, signature: ModelSignature) -> ModelVersion:
+        """Replace a version's signature. It must fit the model and the stored samples; a
+        synthesized sample is made again from it and must run. Nothing changes otherwise."""
+        found = self.get(name, version)
+        described = check_signature(signature, found.inputs, found.outputs)
+        model = self.artifacts.path(found.digest)
+        if found.sample_origin == UPLOADED:
+            with (
+                self.artifacts.path(found.sample_digest).open("rb") as own,
+                prepared_samples(
+                    own, described, model, self.max_model_memory_bytes, self.calibration_dir
+                ) as sample,
+            ):
+                self._store_signature(found, described, sample)
+        else:
+            with prepared_samples(
+                None, described, model, self.max_model_memory_bytes, self.calibration_dir
+            ) as sample:
+                self._store_signature(found, described, sample)
+        log.info("signature changed model=%s version=%s", name, version)
+        return self.get(name, version)
+
+    def _store_signature(self, found: ModelVersion, described: ModelSignature, sample: Samples) -> None:
+        with (
+            sample.path.open("rb") as sample_file,
+            self.artifacts.stage(sample_file, MAX_SAMPLE_BYTES) as staged,
+            self.store.transaction() as tx,
+        ):
+            tx.execute(
+                "INSERT INTO version_signatures (name, version, signature, sample_digest, sample_size,"
+                " sample_count, sample_origin, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (name, version) DO UPDATE SET signature = excluded.signature,"
+                " sample_digest = excluded.sample_digest, sample_size = excluded.sample_size,"
+                " sample_count = excluded.sample_count, sample_origin = excluded.sample_origin,"
+                " updated_at = excluded.updated_at",
+                (
+                    found.name, found.version, json.dumps(described.to_json()), staged.digest, staged.size,
+                    sample.count, sample.origin, time.time(),
+                ),
+            )  # fmt: skip
+            self.artifacts.commit(staged, SAMPLE_FORMAT)
+
     def _check(self, path: Path) -> Inspected:
         """Checked in a child process: the file never has to fit in the controller's memory."""
         return check_artifact(path, self.max_model_memory_bytes)
@@ -452,6 +589,9 @@ class Registry:
         ]
         for path in leftovers:
             path.unlink(missing_ok=True)
+        # Sample inputs being checked (controller.samples) when the controller was killed.
+        for folder in self.calibration_dir.glob(".samples-*") if self.calibration_dir.is_dir() else []:
+            shutil.rmtree(folder, ignore_errors=True)
         if leftovers:
             log.info("partial uploads removed count=%d dir=%s", len(leftovers), self.artifacts.root)
 
@@ -491,7 +631,7 @@ class Registry:
             return []
         return [STATIC_INT8] + [DYNAMIC_INT8] * options.dynamic + [FP16] * options.fp16
 
-    def _store_calibration(self, source: BinaryIO, inputs: list[TensorSpec]) -> str:
+    def _store_calibration(self, source: BinaryIO, signature: ModelSignature) -> str:
         self.calibration_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=".calibration-", suffix=".npz", dir=self.calibration_dir)
         tmp = Path(tmp_name)
@@ -507,7 +647,7 @@ class Registry:
                     out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
-            load_calibration(tmp, inputs)
+            load_calibration(tmp, signature)
             digest = sha.hexdigest()
             os.replace(tmp, self.calibration_path(digest))
             return digest
@@ -674,7 +814,10 @@ class Registry:
             "SELECT * FROM variants WHERE name = ? AND version = ? ORDER BY source DESC, variant",
             (name, version),
         )
-        return _version_from_row(row, details, [_variant_from_row(v) for v in variants])
+        described = self.store.query_one(
+            "SELECT * FROM version_signatures WHERE name = ? AND version = ?", (name, version)
+        )
+        return _version_from_row(row, details, [_variant_from_row(v) for v in variants], described)
 
     def get(self, name: str, version: str) -> ModelVersion:
         found = self.find(name, version)

@@ -202,6 +202,10 @@ class Rollouts:
             rollout_id=rollout_id,
             probation_s=the_plan.probation_s,
             max_error_rate=the_plan.probation_max_error_rate,
+            # The staging smoke test runs the version's samples; tenants read its signature.
+            sample_digest=found.sample_digest,
+            sample_size=found.sample_size,
+            model_signature=found.signature.to_proto(),
         )
         # Variant choice (issue #3): each device gets the signed variant its profile runs best
         # (controller.variants.choose); a device that can run none is skipped with the reason.

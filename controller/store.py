@@ -191,6 +191,20 @@ CREATE TABLE IF NOT EXISTS rollout_targets (
     skipped TEXT NOT NULL,
     PRIMARY KEY (rollout_id, device_id)
 );
+-- Each model version's signature (controller.signature; inferred on upload, editable) and
+-- the sample inputs it travels with: an artifact ("uploaded" or "synthesized" from the signature).
+CREATE TABLE IF NOT EXISTS version_signatures (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    sample_digest TEXT NOT NULL DEFAULT '',
+    sample_size INTEGER NOT NULL DEFAULT 0,
+    sample_count INTEGER NOT NULL DEFAULT 0,
+    sample_origin TEXT NOT NULL DEFAULT '',
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (name, version),
+    FOREIGN KEY (name, version) REFERENCES model_versions(name, version)
+);
 -- Monitoring (issue 6): telemetry rolled up per device, model version and time bucket.
 -- Latency is the inference-weighted mean of the windows' p50/p95 (kept as sums) and the max p99.
 CREATE TABLE IF NOT EXISTS telemetry_rollups (

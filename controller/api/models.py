@@ -6,16 +6,37 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Path, UploadFile, status
+from pydantic import ValidationError
 
 from controller.api.deps import RegistryDep
 from controller.api.responses import errors
-from controller.api.schemas import ModelPublic, ModelVersionPublic, StageChange, VariantPublic
+from controller.api.schemas import (
+    ModelPublic,
+    ModelSignatureBody,
+    ModelVersionPublic,
+    StageChange,
+    VariantPublic,
+)
 from controller.errors import InvalidInputError
 from controller.registry import DEFAULT_GATE, NAME_PATTERN, Lineage, UploadOptions
+from controller.signature import ModelSignature
 
 router = APIRouter(tags=["models"])
 
 ModelName = Annotated[str, Path(pattern=NAME_PATTERN)]
+
+
+def parse_signature(raw: str) -> ModelSignature | None:
+    """The signature form field of an upload (JSON, as GET .../signature returns it), or None."""
+    if not raw.strip():
+        return None
+    try:
+        body = ModelSignatureBody.model_validate(parse_metadata(raw, "signature"))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidInputError(f"signature.{where}: {first['msg']}") from None
+    return ModelSignature.from_json(body.model_dump())
 
 
 def parse_metadata(raw: str, what: str = "metadata") -> dict[str, Any]:
@@ -50,9 +71,16 @@ def upload_version(
     dynamic: Annotated[bool, Form()] = False,
     fp16: Annotated[bool, Form()] = False,
     calibration: UploadFile | None = None,
+    samples: UploadFile | None = None,
+    signature: Annotated[str, Form()] = "",
 ) -> ModelVersionPublic:
     """Register a version; with a calibration set (.npz of named inputs) int8 variants are
-    produced in the background: this call returns at once with them ``pending``."""
+    produced in the background: this call returns at once with them ``pending``.
+
+    ``samples`` (.npz of named inputs in the model's own shapes) travel with the version
+    (staging smoke test, validation, calibration when no calibration set is given); without
+    them one is synthesized from the signature. The model must run on the first sample.
+    ``signature`` (JSON) replaces the signature inferred from the model."""
     options = UploadOptions(
         lineage=Lineage(parent_version, dataset_digest, code_version, parse_metadata(metrics, "metrics")),
         task=task,
@@ -68,6 +96,8 @@ def upload_version(
         parse_metadata(metadata),
         options,
         calibration.file if calibration is not None else None,
+        samples.file if samples is not None else None,
+        parse_signature(signature),
     )
     return ModelVersionPublic.model_validate(created)
 
@@ -80,6 +110,21 @@ def list_models(registry: RegistryDep) -> list[ModelPublic]:
 @router.get("/models/{name}/versions/{version}", response_model=ModelVersionPublic)
 def get_version(name: str, version: str, registry: RegistryDep) -> ModelVersionPublic:
     return ModelVersionPublic.model_validate(registry.get(name, version))
+
+
+@router.get("/models/{name}/versions/{version}/signature", response_model=ModelSignatureBody)
+def get_signature(name: str, version: str, registry: RegistryDep) -> ModelSignatureBody:
+    return ModelSignatureBody.model_validate(registry.get(name, version).signature)
+
+
+@router.put("/models/{name}/versions/{version}/signature", response_model=ModelSignatureBody)
+def put_signature(
+    name: str, version: str, body: ModelSignatureBody, registry: RegistryDep
+) -> ModelSignatureBody:
+    """Replace the signature; refused (422, nothing stored) when it contradicts the model or
+    its sample inputs, or when a sample synthesized from it does not run."""
+    changed = registry.set_signature(name, version, ModelSignature.from_json(body.model_dump()))
+    return ModelSignatureBody.model_validate(changed.signature)
 
 
 @router.post(

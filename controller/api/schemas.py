@@ -58,6 +58,39 @@ class VariantPublic(_Public):
     updated_at: float
 
 
+class InputRoleBody(BaseModel):
+    """One input: ``source`` (layout NHWC, NCHW, NC, NTC, NT or empty; batch axis, -1 none),
+    ``constant`` (``value``) or ``state`` (carried from output ``from_output``, initial ``value``)."""
+
+    model_config = ConfigDict(from_attributes=True, extra="forbid")
+    name: str
+    role: str
+    dtype: str
+    shape: list[int]
+    layout: str = ""
+    batch_axis: int = -1
+    value: list[float] = Field(default_factory=list)
+    from_output: str = ""
+
+
+class OutputMeaningBody(BaseModel):
+    """One output: ``scores``, ``boxes``, ``embeddings``, ``state``, ``mask`` or empty."""
+
+    model_config = ConfigDict(from_attributes=True, extra="forbid")
+    name: str
+    meaning: str = ""
+    dtype: str
+    shape: list[int]
+
+
+class ModelSignatureBody(BaseModel):
+    """What each input and output of a model version is (read and written whole)."""
+
+    model_config = ConfigDict(from_attributes=True, extra="forbid")
+    inputs: list[InputRoleBody]
+    outputs: list[OutputMeaningBody]
+
+
 class ModelVersionPublic(_Public):
     name: str
     version: str
@@ -75,6 +108,12 @@ class ModelVersionPublic(_Public):
     gate: float
     calibration_digest: str
     variants: list[VariantPublic]
+    signature: ModelSignatureBody
+    # The sample inputs devices fetch by digest (an .npz): "uploaded" or "synthesized".
+    sample_digest: str
+    sample_size: int
+    sample_count: int
+    sample_origin: str
 
 
 class StageChange(_Create):

@@ -14,8 +14,8 @@ import pytest
 
 from controller.baselines import baselines_from_calibration
 from controller.calibration import load_calibration
-from controller.inspection import TensorSpec
 from controller.model_runner import Runner, file_format
+from controller.signature import ModelSignature
 from tests.integration.controller.conftest import Ctl, wait_for
 from tests.realmodels import CorpusUnavailable, ModelCorpus, sample_inputs
 
@@ -138,7 +138,7 @@ def _compare_with_reference(ctl: Ctl, body: dict[str, Any]) -> None:
     reference = next(v for v in body["variants"] if v["source"] == "uploaded")
     order = [i["name"] for i in reference["inputs"]]
     calibration = ctl.controller.registry.calibration_path(body["calibration_digest"])
-    inputs = load_calibration(calibration, [TensorSpec(**i) for i in reference["inputs"]]).samples(order, 64)
+    inputs = load_calibration(calibration, ModelSignature.from_json(body["signature"])).samples(order, 64)
     ref_path = artifacts.path(reference["digest"])
     outputs = [o["name"] for o in reference["outputs"]]
     state = next(

@@ -166,7 +166,7 @@ def test_calibration_sets_must_fit_the_inputs(registry: Registry, mlp_path: Path
     x = np.zeros((8, 64), dtype=np.float32)
     for data, message in (
         (io.BytesIO(b"not a zip"), "not a readable .npz"),
-        (npz(image=x), r"has arrays \['image'\], the model's inputs are \['X'\]"),
+        (npz(image=x), r"array 'image' is not an input of the model \(its inputs: \['X'\]\)"),
         (npz(X=x.astype(np.float64)), "is float64, the input wants float32"),
         (npz(X=np.zeros((8, 65), dtype=np.float32)), r"has shape \[8, 65\], the input is \[-1, 64\]"),
         (npz(X=np.zeros((0, 64), dtype=np.float32)), "non-zero number of samples"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from controller.inspection import TensorSpec
 from controller.model_runner import Runner
 from controller.optimize import Workload, validate
-from controller.streaming import state_pairs
+from controller.signature import infer_signature
+from controller.streaming import feedback, state_pairs
 
 
 def accumulator(path: Path, leak: float) -> Path:
@@ -37,17 +39,19 @@ def accumulator(path: Path, leak: float) -> Path:
     return path
 
 
-def test_state_inputs_are_paired_with_the_outputs_that_feed_them() -> None:
-    vad_in = [TensorSpec("input", "float32", [-1, -1]), TensorSpec("state", "float32", [2, -1, 128])]
-    vad_out = [TensorSpec("output", "float32", [-1, 1]), TensorSpec("stateN", "float32", [-1, -1, -1])]
-    assert state_pairs(vad_in, vad_out) == {"state": "stateN"}
-    lstm_in = [TensorSpec("x", "float32", [-1, 8]), TensorSpec("h0", "float32", [1, -1, 16])]
-    lstm_in.append(TensorSpec("c0", "float32", [1, -1, 16]))
-    lstm_out = [TensorSpec("hn", "float32", [1, -1, 16]), TensorSpec("cn", "float32", [1, -1, 16])]
-    assert state_pairs(lstm_in, lstm_out) == {"h0": "hn", "c0": "cn"}
-    # A name that matches but could not be fed back (rank or dtype) is no state.
-    assert state_pairs([TensorSpec("s", "float32", [1, 4])], [TensorSpec("sN", "float32", [4])]) == {}
-    assert state_pairs([TensorSpec("s", "float32", [1])], [TensorSpec("sN", "int64", [1])]) == {}
+def test_the_feedback_follows_the_signature_not_the_names() -> None:
+    inputs = [TensorSpec("x", "float32", [1, 4]), TensorSpec("s", "float32", [1, 4])]
+    outputs = [TensorSpec("y", "float32", [1, 4]), TensorSpec("sN", "float32", [1, 4])]
+    inferred = infer_signature(inputs, outputs)
+    assert state_pairs(inferred) == {"s": "sN"} and feedback(inferred) == {1: 1}
+    # An operator who says the state comes from y is followed; one who says s is a
+    # constant turns the feedback off.
+    from_y = replace(inferred, inputs=[inferred.inputs[0], replace(inferred.inputs[1], from_output="y")])
+    assert feedback(from_y) == {1: 0}
+    constant = replace(
+        inferred, inputs=[inferred.inputs[0], replace(inferred.inputs[1], role="constant", from_output="")]
+    )
+    assert state_pairs(constant) == {} and feedback(constant) == {}
 
 
 def test_a_variant_that_drifts_only_through_its_state_fails_on_the_stream(tmp_path: Path) -> None:

@@ -1,0 +1,204 @@
+"""Model signatures and sample inputs through the controller's REST API, on real third-party
+models (tests/realmodels.py): inferred on upload, edited by the operator, checked against the
+model; samples checked, stored as artifacts, shipped with each assignment; a model that
+does not run on what a device would feed it refused at once with the runtime's reason."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from edgefleet_proto import fleet_pb2
+from edgefleet_proto.codec import decode_as
+
+from tests.integration.controller.conftest import Ctl, wait_for
+from tests.realmodels import sample_inputs
+
+RealModels = Callable[[str], Path]
+FINAL = ("ready", "rejected", "failed")
+
+
+def npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def upload(
+    ctl: Ctl,
+    name: str,
+    path: Path,
+    samples: dict[str, np.ndarray] | None = None,
+    signature: str = "",
+    **form: str,
+) -> Any:
+    files: dict[str, Any] = {"file": (path.name, path.read_bytes(), "application/octet-stream")}
+    if samples is not None:
+        files["samples"] = ("samples.npz", npz(samples), "application/octet-stream")
+    data = {"version": "1", **form}
+    if signature:
+        data["signature"] = signature
+    return ctl.api("POST", f"/v1/models/{name}/versions", data=data, files=files)
+
+
+def nothing_stored(ctl: Ctl, name: str) -> None:
+    assert ctl.api("GET", f"/v1/models/{name}/versions/1").status_code == 404
+    store = ctl.controller.registry.store
+    assert store.query("SELECT * FROM version_signatures WHERE name = ?", (name,)) == []
+    artifacts = ctl.controller.registry.artifacts.root
+    assert [p.name for p in artifacts.iterdir() if not p.name.startswith(".")] == []
+
+
+def test_silero_without_samples_is_refused_at_once_with_onnxruntimes_reason(
+    ctl: Ctl, real_models: RealModels
+) -> None:
+    refused = upload(ctl, "vad", real_models("silero_vad"))
+    assert refused.status_code == 422, refused.text
+    detail = refused.json()["detail"]
+    assert "the model does not run on its sample inputs" in detail
+    assert "Pad reflect requires axis length >= 2" in detail  # onnxruntime's own words
+    assert "upload sample inputs" in detail  # and what to do about it
+    nothing_stored(ctl, "vad")
+
+
+def test_silero_with_samples_is_accepted_and_its_variants_judged_on_them(
+    ctl: Ctl, real_models: RealModels
+) -> None:
+    samples = sample_inputs("silero_vad", 8)
+    del samples["state"]  # a state left out starts from the signature's initial value
+    created = upload(ctl, "vad", real_models("silero_vad"), samples, dynamic="true", task="regression")
+    assert created.status_code == 201, created.text
+    body = created.json()
+    roles = {
+        i["name"]: (i["role"], i["layout"], i["batch_axis"], i["from_output"])
+        for i in body["signature"]["inputs"]
+    }
+    assert roles == {
+        "input": ("source", "NT", 0, ""),
+        "state": ("state", "", 1, "stateN"),
+        "sr": ("constant", "", -1, ""),
+    }
+    assert (body["sample_origin"], body["sample_count"]) == ("uploaded", 8)
+    # The samples are the calibration set too, and an artifact devices can fetch.
+    assert body["calibration_digest"]
+    stored = ctl.controller.registry.artifacts.path(body["sample_digest"])
+    with np.load(stored) as complete:
+        assert complete["state"].shape == (2, 8, 128) and int(complete["sr"]) == 16000
+
+    def final() -> dict[str, Any] | None:
+        found: dict[str, Any] = ctl.api("GET", "/v1/models/vad/versions/1").json()
+        return found if all(v["status"] in FINAL for v in found["variants"]) else None
+
+    variants = {v["variant"]: v for v in wait_for(final, 300, "silero's variants judged")["variants"]}
+    dynamic = variants["onnx-int8-dynamic"]
+    assert dynamic["status"] in ("ready", "rejected"), dynamic
+    # Judged on the uploaded samples as one stream, the state carried from the signature's pair.
+    assert dynamic["report"]["streaming"] == {"state": {"state": "stateN"}, "steps": 8}
+
+
+def test_mediapipe_face_signature_and_a_synthesized_sample_shipped_with_the_assignment(
+    ctl: Ctl, real_models: RealModels
+) -> None:
+    created = upload(ctl, "face", real_models("face_detection_short_range"))
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert [(i["name"], i["role"], i["layout"]) for i in body["signature"]["inputs"]] == [
+        ("input", "source", "NHWC")
+    ]
+    assert {o["name"]: o["meaning"] for o in body["signature"]["outputs"]} == {
+        "regressors": "boxes",
+        "classificators": "scores",
+    }
+    assert body["sample_origin"] == "synthesized" and body["calibration_digest"] == ""
+    ctl.register("cam-1")
+    rollout = ctl.api("POST", "/v1/rollouts", json={"model": "face", "version": "1", "devices": ["cam-1"]})
+    assert rollout.status_code == 201, rollout.text
+
+    def assignment() -> fleet_pb2.ModelAssignment | None:
+        row = ctl.controller.registry.store.query_one("SELECT desired FROM devices WHERE device_id = 'cam-1'")
+        if row is None or row["desired"] is None:
+            return None
+        desired = decode_as(fleet_pb2.DesiredState, bytes(row["desired"]))
+        return next((m for m in desired.models if m.model_name == "face"), None)
+
+    sent = wait_for(assignment, 30, "the face model assigned to cam-1")
+    assert (sent.sample_digest, sent.sample_size) == (body["sample_digest"], body["sample_size"])
+    assert [(i.name, i.role, i.layout) for i in sent.model_signature.inputs] == [("input", "source", "NHWC")]
+    # The device may fetch the sample by digest like the model (assigned artifacts only).
+    assert ctl.controller.fleet.may_fetch("cam-1", body["sample_digest"])
+    assert not ctl.controller.fleet.may_fetch("cam-2", body["sample_digest"])
+
+
+def test_the_operator_edits_a_signature_and_one_that_contradicts_the_model_is_refused(
+    ctl: Ctl, real_models: RealModels
+) -> None:
+    samples = sample_inputs("silero_vad", 4)
+    assert upload(ctl, "vad", real_models("silero_vad"), samples).status_code == 201
+    url = "/v1/models/vad/versions/1/signature"
+    before = ctl.api("GET", url).json()
+    changes: list[tuple[Callable[[dict[str, Any]], None], str]] = [
+        (lambda s: s["inputs"][1].update(from_output="hidden"), "input 'state': state from output 'hidden'"),
+        (lambda s: s["inputs"][2].update(dtype="float32"), "input 'sr': dtype float32 does not match"),
+        (lambda s: s["inputs"].append({**s["inputs"][2], "name": "speed"}), "input 'speed' is not a input"),
+        (lambda s: s["outputs"][0].update(shape=[-1]), "output 'output': rank 1"),
+        (
+            # The stored samples no longer fit: 576 samples along the new axis, 4 in the state.
+            lambda s: s["inputs"][0].update(batch_axis=1, shape=[-1, 576]),
+            "sample arrays need the same, non-zero number of samples along their batch axes, got input: 576",
+        ),
+    ]
+    for change, message in changes:
+        wrong = ctl.api("GET", url).json()
+        change(wrong)
+        refused = ctl.api("PUT", url, json=wrong)
+        assert refused.status_code == 422 and message in refused.json()["detail"], refused.text
+        assert ctl.api("GET", url).json() == before  # nothing stored
+    # A meaning corrected and the sample rate given: stored, versioned with the model.
+    edited = ctl.api("GET", url).json()
+    edited["outputs"][0]["meaning"] = "scores"
+    edited["inputs"][2]["value"] = [16000]
+    accepted = ctl.api("PUT", url, json=edited)
+    assert accepted.status_code == 200, accepted.text
+    assert ctl.api("GET", url).json()["inputs"][2]["value"] == [16000.0]
+
+
+@pytest.mark.parametrize(
+    ("samples", "message"),
+    [
+        (
+            {"input": np.zeros((4, 576), np.float64)},
+            "sample array 'input' is float64, the input wants float32",
+        ),
+        ({"input": np.zeros((4, 576, 1), np.float32)}, "sample array 'input' has 3 axes"),
+        ({"inputs": np.zeros((4, 576), np.float32)}, "sample array 'inputs' is not an input of the model"),
+        (
+            {"input": np.zeros((4, 576), np.float32), "sr": np.zeros((2, 2), np.int64)},
+            "'sr' has shape [2, 2]",
+        ),
+        ({"input": np.zeros((4, 576), np.float32)}, "lacks input 'sr' (a constant with no value"),
+    ],
+)
+def test_samples_that_do_not_fit_the_signature_are_refused_and_nothing_stored(
+    ctl: Ctl, real_models: RealModels, samples: dict[str, np.ndarray], message: str
+) -> None:
+    refused = upload(ctl, "vad", real_models("silero_vad"), samples)
+    assert refused.status_code == 422 and message in refused.json()["detail"], refused.text
+    nothing_stored(ctl, "vad")
+
+
+def test_a_signature_given_at_upload_is_checked_against_the_model(ctl: Ctl, real_models: RealModels) -> None:
+    path = real_models("ppocr_cls")
+    signature = (
+        '{"inputs": [{"name": "x", "role": "source", "dtype": "float32", "shape": [-1, 3, -1, -1],'
+        ' "layout": "NHWC", "batch_axis": 0}], "outputs": [{"name": "out", "dtype": "float32", "shape": [-1, 2]}]}'
+    )
+    refused = upload(ctl, "ocr", path, signature=signature)
+    assert refused.status_code == 422 and "output 'out' is not a output" in refused.json()["detail"]
+    nothing_stored(ctl, "ocr")
+    refused = upload(ctl, "ocr", path, signature='{"inputs": [{"name": "x"}], "outputs": []}')
+    assert refused.status_code == 422 and "signature.inputs.0.role" in refused.json()["detail"]
+    nothing_stored(ctl, "ocr")
