@@ -78,6 +78,8 @@ class Peer:
     # Chunks whose first request goes unanswered (lost in flight).
     drop_once: set[tuple[str, int]] = field(default_factory=set)
     serve_limit: int | None = None
+    # Per digest, the most chunks served (e.g. a sample left half downloaded).
+    digest_limits: dict[str, int] = field(default_factory=dict)
     chunks_sent: int = 0
     sent: list[tuple[str, int]] = field(default_factory=list)
     paused: threading.Event = field(default_factory=threading.Event)
@@ -148,6 +150,9 @@ class Peer:
         for index in req.indices:
             with self.lock:
                 if self.serve_limit is not None and self.chunks_sent >= self.serve_limit:
+                    return
+                limit = self.digest_limits.get(req.digest)
+                if limit is not None and sum(1 for d, _ in self.sent if d == req.digest) >= limit:
                     return
                 if (req.digest, index) in self.drop_once:
                     self.drop_once.discard((req.digest, index))

@@ -23,6 +23,7 @@ from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer, wait_until
 from tests.integration.agent.test_agent_tenants import Stream, outputs
 from tests.media import silence, speech_like, write_wav
+from tests.unit.agent.models import linear_model, write_model
 
 ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.slow
@@ -202,3 +203,44 @@ def test_silero_tenant_carries_state_from_the_signature_and_matches_onnxruntime(
     carried, _ = run_direct(model, frames, last_state)
     print(f"state carried over a restart would differ by {np.abs(carried - want).max():.2e}")
     assert float(np.abs(carried - want).max()) > 100 * max(worst, 1e-6)
+
+
+def test_a_sample_half_downloaded_when_the_agent_is_killed_resumes_without_refetching(
+    make_agent: Callable[..., AgentProcess], make_peer: Callable[..., Peer], tmp_path: Path
+) -> None:
+    agent = make_agent()
+    peer = make_peer(agent.device_id)
+    model = tmp_path / "m.onnx"
+    digest = write_model(model, linear_model(2, 256, 64))
+    peer.add_artifact(model)
+    sample = tmp_path / "rows.npz"
+    np.savez(sample, x=np.random.default_rng(0).normal(size=(32, 256)).astype(np.float32))
+    signature = fleet_pb2.ModelSignature()
+    signature.inputs.add(name="x", role="source", layout="NC", batch_axis=0, dtype="float32", shape=[-1, 256])
+    a = peer.assignment(digest, "1", sample=sample, signature=signature)
+    peer.digest_limits[a.sample_digest] = 3
+    peer.publish_desired(1, a)
+    agent.start()
+    agent.wait_ready()
+
+    def stalled() -> bool:
+        entry = peer.entry("default", digest)
+        have, total = model.stat().st_size + 3 * peer.chunk_size, model.stat().st_size + a.sample_size
+        return entry is not None and (entry.bytes_have, entry.bytes_total) == (have, total)
+
+    wait_until(stalled, 30, "the model and 3 chunks of the sample on the device")
+    received = {i for d, i in peer.sent if d == a.sample_digest}
+    assert len(received) == 3
+    agent.kill()
+
+    mark = len(peer.requests)
+    peer.digest_limits.clear()
+    agent.start()
+    agent.wait_ready()
+    peer.wait_active(digest)
+    again = peer.requested_indices(a.sample_digest, since=mark)
+    assert again, "the agent asked for the rest of the sample"
+    assert received.isdisjoint(again), f"re-requested sample chunks already on disk: {received & set(again)}"
+    assert not any(r.want_manifest for r in peer.requests[mark:]), "the sample's manifest was on disk"
+    assert "download resumed" in agent.output()
+    assert (agent.data_dir / "models" / f"{a.sample_digest}.npz").read_bytes() == sample.read_bytes()
