@@ -244,3 +244,21 @@ def test_a_sample_half_downloaded_when_the_agent_is_killed_resumes_without_refet
     assert not any(r.want_manifest for r in peer.requests[mark:]), "the sample's manifest was on disk"
     assert "download resumed" in agent.output()
     assert (agent.data_dir / "models" / f"{a.sample_digest}.npz").read_bytes() == sample.read_bytes()
+
+
+def test_a_sample_the_controller_cannot_serve_fails_the_assignment_saying_so(
+    make_agent: Callable[..., AgentProcess], make_peer: Callable[..., Peer], tmp_path: Path
+) -> None:
+    agent = make_agent()
+    peer = make_peer(agent.device_id)
+    model = tmp_path / "m.onnx"
+    digest = write_model(model, linear_model(2, 256, 64))
+    peer.add_artifact(model)
+    a = peer.assignment(digest, "1")
+    a.sample_digest, a.sample_size = "e" * 64, 1000
+    peer.publish_desired(1, a)
+    agent.start()
+    failed = wait_until(lambda: failure(peer, digest, "default"), 30, "the assignment fails")
+    print(f"unknown sample: {failed.error}")
+    assert failed.error == f"sample inputs {'e' * 12}: controller cannot serve the artifact: unknown digest"
+    assert failed.outcome == fleet_pb2.UPDATE_OUTCOME_FAILED
