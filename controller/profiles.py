@@ -22,7 +22,7 @@ from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import PayloadError, decode_as
 
 from controller.errors import DeviceNotFound, InvalidProfile, ProfileNotFound, RolloutNotFound
-from controller.registry import ModelVersion, Registry
+from controller.registry import ModelVersion, Registry, Variant
 from controller.store import Store
 from controller.variants import (
     MEMORY_FACTOR,
@@ -267,6 +267,14 @@ def _sensors(c: _Checker, items: Any) -> None:
 
 
 def candidates(found: ModelVersion) -> list[Candidate]:
+    # The sensor feeds the signature's source input: its shape and layout decide the fit.
+    source = next((i for i in found.signature.inputs if i.role == "source"), None)
+
+    def fed(v: Variant) -> tuple[int, ...]:
+        spec = next((t for t in v.inputs if source is not None and t.name == source.name), None)
+        spec = spec or (v.inputs[0] if v.inputs else None)
+        return tuple(spec.shape) if spec is not None else ()
+
     return [
         Candidate(
             variant=v.variant,
@@ -275,7 +283,8 @@ def candidates(found: ModelVersion) -> list[Candidate]:
             status=v.status,
             size=v.size,
             opset=v.opset,
-            input_shape=tuple(v.inputs[0].shape) if v.inputs else (),
+            input_shape=fed(v),
+            input_layout=source.layout if source is not None else "",
             reference=v.source == "uploaded" and v.digest == found.digest,
             reason=v.reason,
             runtime_version=v.runtime_version,

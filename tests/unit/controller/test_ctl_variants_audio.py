@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from controller.inspection import TensorSpec
+from controller.profiles import candidates
+from controller.registry import ModelVersion, Variant
+from controller.signature import InputRole, ModelSignature
 from controller.variants import MB, Candidate, DeviceClass, Sensor, why_not
 
 MIC = DeviceClass(
@@ -37,3 +41,24 @@ def test_a_sensor_row_is_still_read_as_features() -> None:
     rows = replace(MIC, sensors=(Sensor("imu", "sensor", 6),))
     assert why_not(replace(SILERO, input_shape=(-1, 6)), rows, "sensor") is None
     assert "wants 576 channels" in str(why_not(SILERO, rows, "sensor"))
+
+
+def test_the_candidates_read_the_signatures_source_input() -> None:
+    spec = [TensorSpec("state", "float32", [2, -1, 128]), TensorSpec("input", "float32", [1, 576])]
+    variant = Variant(
+        "silero", "1", "onnx-fp32", "onnx", "fp32", "uploaded", "ready", 1.0, "d" * 64, 2 * MB, spec, [], 16,
+        "onnxruntime", "", None, {}, "", "", "", 0.0, 0.0,
+    )  # fmt: skip
+    signature = ModelSignature(
+        [
+            InputRole("state", "state", "float32", [2, -1, 128], batch_axis=1, from_output="stateN"),
+            InputRole("input", "source", "float32", [1, 576], layout="NT", batch_axis=0),
+        ],
+        [],
+    )
+    version = ModelVersion(
+        "silero", "1", "d" * 64, 2 * MB, "onnx", spec, [], {}, 0.0, variants=[variant], signature=signature
+    )
+    (candidate,) = candidates(version)
+    assert (candidate.input_shape, candidate.input_layout) == ((1, 576), "NT")
+    assert why_not(candidate, MIC, "microphone") is None
