@@ -43,7 +43,7 @@ def test_silero_with_samples_stages_on_microphone_devices(
         "agents online",
     )
     samples = tmp_path / "vad.npz"
-    np.savez(samples, **sample_inputs("silero_vad", 4))
+    np.savez(samples, **sample_inputs("silero_vad", 4))  # type: ignore[arg-type]
     controller.cli(
         "models", "upload", str(model), "--name", "vad", "--version", "1", "--sensor", "microphone",
         "--samples", str(samples), "--no-wait",
