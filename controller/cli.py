@@ -792,6 +792,9 @@ def build_parser() -> argparse.ArgumentParser:
     from controller import cli_loop  # drift, datasets, retraining (imports this module's helpers)
 
     cli_loop.add_commands(commands, remote)
+    from controller import cli_accounts  # tokens, audit (imports this module's helpers)
+
+    cli_accounts.add_commands(commands, remote)
     return parser
 
 

@@ -12,7 +12,8 @@
     │   ├── BaselineNotFound             a model version without a drift baseline yet
     │   ├── DatasetNotFound
     │   ├── PolicyNotFound
-    │   └── RetrainingRunNotFound
+    │   ├── RetrainingRunNotFound
+    │   └── TokenNotFound                an operator token id that does not exist
     ├── ConflictError                    the thing already exists (HTTP 409)
     │   ├── VersionExists
     │   ├── DeviceExists
@@ -26,7 +27,8 @@
     │   ├── InvalidDriftInput            a sketch, bin edges or reference data set that cannot be used
     │   ├── InvalidDataset               a capture upload or label file that does not hold together
     │   ├── InvalidPolicy                a retraining policy with a bad condition, trigger or cooldown
-    │   └── InvalidPublicKey             a device public key (or validity) a certificate cannot be issued for
+    │   ├── InvalidPublicKey             a device public key (or validity) a certificate cannot be issued for
+    │   └── InvalidTokenRequest          an operator token with an unknown role, a bad name or lifetime
     ├── TooLargeError                    an upload over the configured limit (HTTP 413)
     ├── ConfigError                      controller.toml missing or invalid (fatal at start)
     │   ├── AlreadyInitialised
@@ -183,4 +185,12 @@ class InvalidPublicKey(InvalidInputError):
 
 
 class TriggerError(ControllerError):
+    pass
+
+
+class TokenNotFound(NotFoundError):
+    pass
+
+
+class InvalidTokenRequest(InvalidInputError):
     pass

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from controller import settings as settings_mod
 from controller.artifacts import ArtifactStore
-from controller.auth import generate_token, hash_token
+from controller.audit import AuditLog
+from controller.auth import Accounts, generate_token, hash_token
 from controller.certificates import CertificateAuthority
 from controller.closed_loop import ClosedLoop
 from controller.device_quotas import CaptureQuota
@@ -55,6 +56,10 @@ class Controller:
         self.rollout_runner: RolloutRunner | None = None
         self._token_hash = settings.admin_token_sha256
         self._settings_mtime = self._mtime()
+        self.accounts = Accounts(
+            self.store, self.admin_token_hash, lambda: self.settings.metrics_token_sha256
+        )
+        self.audit = AuditLog(self.store)
 
     def _mtime(self) -> int | None:
         try:

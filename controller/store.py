@@ -327,6 +327,38 @@ CREATE TABLE IF NOT EXISTS message_counters (
     value INTEGER NOT NULL,
     PRIMARY KEY (counter, device_id, kind, reason)
 );
+-- Operator accounts (controller.auth): tokens with a role (hash only), console sessions.
+CREATE TABLE IF NOT EXISTS operator_tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS console_sessions (
+    session_hash TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS console_sessions_token ON console_sessions (token_hash);
+-- Every state-changing request (controller.audit): who, what, when, and its status.
+CREATE TABLE IF NOT EXISTS audit_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor_id TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    role TEXT NOT NULL,
+    via TEXT NOT NULL,
+    method TEXT NOT NULL,
+    route TEXT NOT NULL,
+    target TEXT NOT NULL,
+    status INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at);
 """
 
 

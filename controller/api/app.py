@@ -1,5 +1,6 @@
-"""The FastAPI application: routers under /v1 behind the bearer token, domain
-errors mapped to HTTP statuses, and the MQTT transport run by the lifespan."""
+"""The FastAPI application: routers under /v1 and the console under /ui, every route behind
+the one role check (:func:`controller.api.deps.authorize`), every state-changing request in
+the audit log, domain errors mapped to HTTP statuses, and the MQTT transport run by the lifespan."""
 
 from __future__ import annotations
 
@@ -8,18 +9,20 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from controller.api import devices, loop, models, profiles, rollouts, signing, telemetry
-from controller.api.deps import Authenticated
+from controller import console
+from controller.api import accounts, devices, loop, models, profiles, rollouts, signing, telemetry
+from controller.api.deps import authorize
 from controller.api.docs import install_docs
 from controller.api.responses import allowed_methods, install_openapi, validation_error_body
 from controller.api.upload_limits import BodyMeter, limits_for
-from controller.auth import token_matches
+from controller.audit import AuditMiddleware
+from controller.auth import parse_bearer
 from controller.errors import (
     BrokerAuthError,
     ConflictError,
@@ -67,10 +70,10 @@ class BodyLimitGuard:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if limits.parts and scope["path"].startswith("/v1/"):
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not token_matches(
-                token.strip(), self.controller.admin_token_hash()
-            ):
+            # Only a pre-check, so an unknown caller cannot make us read a large body; the
+            # route's role is checked by the application's dependency as for any route.
+            token = parse_bearer(headers.get("authorization", ""))
+            if token is None or self.controller.accounts.resolve(token) is None:
                 await _reply(send, 401, "missing or invalid bearer token", {"www-authenticate": "Bearer"})
                 return
         length = headers.get("content-length", "")
@@ -115,7 +118,11 @@ def create_app(settings: Settings, *, start_transport: bool = True) -> FastAPI:
         # /docs is served from packaged assets (install_docs); ReDoc would need a CDN.
         docs_url=None,
         redoc_url=None,
-        description="Model registry, fleet, rollouts and telemetry. Every /v1 route needs the admin bearer token.",
+        description=(
+            "Model registry, fleet, rollouts and telemetry. Every /v1 route needs a bearer token whose role"
+            " (viewer < operator < admin) is at least the route's `x-minimum-role`."
+        ),
+        dependencies=[Depends(authorize)],
     )
     app.state.controller = controller
 
@@ -146,10 +153,12 @@ def create_app(settings: Settings, *, start_transport: bool = True) -> FastAPI:
         )
         return JSONResponse(status_code=code, content={"detail": str(exc)})
 
-    for module in (models, devices, profiles, rollouts, telemetry, signing):
-        app.include_router(module.router, prefix="/v1", dependencies=[Authenticated])
+    for module in (models, devices, profiles, rollouts, telemetry, signing, accounts):
+        app.include_router(module.router, prefix="/v1")
     app.include_router(loop.router)
+    console.mount(app)
     app.add_middleware(BodyLimitGuard, controller=controller)
+    app.add_middleware(AuditMiddleware, audit=controller.audit)
     install_openapi(app)
     install_docs(app)
     return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from controller.api.deps import ControllerDep, FleetDep, TenantsDep
+from controller.api.deps import ControllerDep, FleetDep, TenantsDep, minimum_role
 from controller.api.responses import errors
 from controller.api.schemas import (
     DeviceCertificateCreate,
@@ -15,6 +15,7 @@ from controller.api.schemas import (
     TenantCreate,
     TenantPublic,
 )
+from controller.auth import Role
 from controller.certificates import broker_ca_pem
 
 router = APIRouter(tags=["devices"])
@@ -25,6 +26,7 @@ router = APIRouter(tags=["devices"])
     status_code=status.HTTP_201_CREATED,
     response_model=DeviceCredentialsPublic,
     responses=errors(409, 503),
+    openapi_extra=minimum_role(Role.ADMIN),
 )
 def register_device(body: DeviceCreate, fleet: FleetDep) -> DeviceCredentialsPublic:
     return DeviceCredentialsPublic.model_validate(fleet.register(body.device_id, body.tags, body.profile))
@@ -34,6 +36,7 @@ def register_device(body: DeviceCreate, fleet: FleetDep) -> DeviceCredentialsPub
     "/devices/{device_id}/certificate",
     status_code=status.HTTP_201_CREATED,
     response_model=DeviceCertificatePublic,
+    openapi_extra=minimum_role(Role.ADMIN),
 )
 def issue_device_certificate(
     device_id: str, body: DeviceCertificateCreate, controller: ControllerDep

@@ -14,6 +14,8 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
+from controller.api.deps import PUBLIC, minimum_role
+
 DOCS_URL = "/docs"
 ASSETS_URL = "/docs/assets"
 
@@ -23,7 +25,8 @@ def install_docs(app: FastAPI) -> None:
     app.mount(ASSETS_URL, StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui-assets")
     redirect_url = f"{DOCS_URL}/oauth2-redirect"
 
-    @app.get(DOCS_URL, include_in_schema=False)
+    # Public like /openapi.json: the page holds no data; its requests carry the reader's token.
+    @app.get(DOCS_URL, include_in_schema=False, openapi_extra=minimum_role(PUBLIC))
     async def swagger_ui() -> HTMLResponse:
         return get_swagger_ui_html(
             openapi_url=app.openapi_url or "/openapi.json",
@@ -34,6 +37,6 @@ def install_docs(app: FastAPI) -> None:
             oauth2_redirect_url=redirect_url,
         )
 
-    @app.get(redirect_url, include_in_schema=False)
+    @app.get(redirect_url, include_in_schema=False, openapi_extra=minimum_role(PUBLIC))
     async def swagger_ui_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()

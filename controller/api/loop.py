@@ -1,16 +1,15 @@
 """The closed loop's routes in one router, so the app registers them in one line:
-drift, data sets and retraining under /v1 behind the admin token; /metrics at
-the root with its own token check."""
+drift, data sets and retraining under /v1; /metrics at the root. Roles are checked
+by the application (:func:`controller.api.deps.authorize`)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
 from controller.api import datasets, drift, monitoring, retraining
-from controller.api.deps import require_token
 
 router = APIRouter()
 for _module in (drift, datasets, retraining):
-    router.include_router(_module.router, prefix="/v1", dependencies=[Depends(require_token)])
+    router.include_router(_module.router, prefix="/v1")
 router.include_router(monitoring.rollups_router, prefix="/v1")
 router.include_router(monitoring.router)

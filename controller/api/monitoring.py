@@ -1,48 +1,28 @@
 """/metrics (Prometheus) and /v1/telemetry/rollups.
 
-/metrics sits outside /v1, where Prometheus looks by default. It takes the
-admin bearer token or, when ``metrics_token_sha256`` is set in controller.toml,
-a separate scrape token: Prometheus keeps its token in a config file, and a
-read-only token there cannot change the fleet.
+/metrics sits outside /v1, where Prometheus looks by default. Its minimum role is
+``metrics``: besides any operator token, it takes the scrape token whose hash is
+``metrics_token_sha256`` in controller.toml, since Prometheus keeps its token in a config
+file and a token there must not be able to change the fleet.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi import APIRouter, Query
 from fastapi.responses import Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from controller import metrics
-from controller.api.deps import ClosedLoopDep, ControllerDep, require_token
-from controller.auth import token_matches
-
-_bearer = HTTPBearer(auto_error=False, description="Admin token or the metrics scrape token")
+from controller.api.deps import ClosedLoopDep, ControllerDep, minimum_role
+from controller.auth import Role
 
 router = APIRouter(tags=["monitoring"])
-rollups_router = APIRouter(tags=["monitoring"], dependencies=[Depends(require_token)])
-
-
-def require_scrape_token(
-    controller: ControllerDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    token = credentials.credentials if credentials else ""
-    scrape = controller.settings.metrics_token_sha256
-    if token and (
-        token_matches(token, controller.admin_token_hash()) or (scrape and token_matches(token, scrape))
-    ):
-        return
-    raise HTTPException(
-        status_code=status.HTTP_401_UNAUTHORIZED,
-        detail="missing or invalid bearer token",
-        headers={"WWW-Authenticate": "Bearer"},
-    )
+rollups_router = APIRouter(tags=["monitoring"])
 
 
 @router.get(
-    "/metrics", response_class=Response, dependencies=[Depends(require_scrape_token)], include_in_schema=False
+    "/metrics", response_class=Response, include_in_schema=False, openapi_extra=minimum_role(Role.METRICS)
 )
 def prometheus_metrics(controller: ControllerDep) -> Response:
     loop = controller.closed_loop

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from controller.api.deps import ControllerDep
+from controller.api.deps import ControllerDep, minimum_role
 from controller.api.schemas import SigningKeyPublic
+from controller.auth import Role
 from controller.signing import Signer
 
 router = APIRouter(tags=["signing"])
@@ -26,7 +27,7 @@ def get_signing_key(controller: ControllerDep) -> SigningKeyPublic:
     return _public(controller.signer)
 
 
-@router.post("/signing-key/rotate", response_model=SigningKeyPublic)
+@router.post("/signing-key/rotate", response_model=SigningKeyPublic, openapi_extra=minimum_role(Role.ADMIN))
 def rotate_signing_key(controller: ControllerDep) -> SigningKeyPublic:
     """Replace the key; agents switch when they receive an assignment signed with the new one."""
     return _public(controller.rotate_signing_key())

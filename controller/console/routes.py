@@ -1,0 +1,216 @@
+"""The console's pages. Thin: each reads through the service modules and renders a template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Query, Request, status
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from controller.api.deps import PUBLIC, SESSION_COOKIE, ControllerDep, PrincipalDep, minimum_role
+from controller.audit import PRINCIPAL_KEY
+from controller.auth import Principal, Role
+from controller.console import views
+from controller.errors import NotFoundError
+
+router = APIRouter(prefix="/ui", include_in_schema=False)
+templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
+templates.env.filters["when"] = views.when
+templates.env.filters["size"] = views.size
+
+
+def _page(request: Request, name: str, principal: Principal | None, **context: Any) -> HTMLResponse:
+    context |= {"principal": principal, "csrf": getattr(request.state, "csrf", ""), "Role": Role}
+    return templates.TemplateResponse(request, name, context)
+
+
+def _safe_next(target: str) -> str:
+    # Only pages of the console: never an absolute URL an attacker chose.
+    return target if target.startswith("/ui") and not target.startswith("//") else "/ui"
+
+
+@router.get("/login", openapi_extra=minimum_role(PUBLIC))
+def login_page(request: Request, next: str = "/ui") -> HTMLResponse:
+    return _page(request, "login.html", None, next=_safe_next(next), error="")
+
+
+@router.post("/login", openapi_extra=minimum_role(PUBLIC))
+def login(
+    request: Request,
+    controller: ControllerDep,
+    token: Annotated[str, Form()],
+    next: Annotated[str, Form()] = "/ui",
+) -> Response:
+    principal = controller.accounts.resolve(token.strip())
+    if principal is None:
+        refused = _page(
+            request, "login.html", None, next=_safe_next(next), error="unknown, expired or revoked token"
+        )
+        refused.status_code = status.HTTP_401_UNAUTHORIZED
+        return refused
+    setattr(request.state, PRINCIPAL_KEY, principal)
+    cookie, session = controller.accounts.open_session(principal)
+    response = RedirectResponse(_safe_next(next), status_code=status.HTTP_303_SEE_OTHER)
+    response.set_cookie(
+        SESSION_COOKIE,
+        cookie,
+        max_age=int(session.expires_at - controller.accounts.clock()),
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+@router.post("/logout", openapi_extra=minimum_role(Role.VIEWER))
+def logout(request: Request, controller: ControllerDep) -> Response:
+    controller.accounts.close_session(request.cookies.get(SESSION_COOKIE, ""))
+    response = Response(status_code=status.HTTP_204_NO_CONTENT)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+@router.get("")
+def overview(request: Request, controller: ControllerDep, principal: PrincipalDep) -> HTMLResponse:
+    devices = controller.fleet.all()
+    rollouts = controller.rollouts.all()
+    return _page(
+        request,
+        "overview.html",
+        principal,
+        counts=views.status_counts(devices),
+        total=len(devices),
+        active=[views.rollout_view(r) for r in views.active_rollouts(rollouts)],
+        alerts=views.alerts(devices, rollouts),
+    )
+
+
+@router.get("/devices")
+def devices_page(
+    request: Request,
+    controller: ControllerDep,
+    principal: PrincipalDep,
+    q: str = "",
+    tag: str = "",
+    profile: str = "",
+    status_filter: Annotated[str, Query(alias="status")] = "",
+) -> HTMLResponse:
+    everything = controller.fleet.all()
+    shown = views.filter_devices(everything, q, tag, profile, status_filter)
+    return _page(
+        request,
+        "devices.html",
+        principal,
+        devices=[(d, views.device_status(d)) for d in shown],
+        q=q,
+        tag=tag,
+        profile=profile,
+        status=status_filter,
+        tags=sorted({t for d in everything for t in d.tags}),
+        profiles=sorted({d.profile for d in everything if d.profile}),
+        statuses=views.DEVICE_STATUSES,
+    )
+
+
+@router.get("/devices/{device_id}")
+def device_page(
+    request: Request, device_id: str, controller: ControllerDep, principal: PrincipalDep
+) -> HTMLResponse:
+    device = controller.fleet.get(device_id)
+    return _page(
+        request,
+        "device.html",
+        principal,
+        device=device,
+        status=views.device_status(device),
+        tenants=controller.tenants.get(device_id),
+        history=controller.telemetry.events(device_id, 100),
+    )
+
+
+@router.get("/models")
+def models_page(request: Request, controller: ControllerDep, principal: PrincipalDep) -> HTMLResponse:
+    versions = [
+        controller.registry.get(m.name, v.version) for m in controller.registry.all() for v in m.versions
+    ]
+    return _page(request, "models.html", principal, versions=versions)
+
+
+@router.get("/rollouts")
+def rollouts_page(request: Request, controller: ControllerDep, principal: PrincipalDep) -> HTMLResponse:
+    rollouts = sorted(controller.rollouts.all(), key=lambda r: r.created_at, reverse=True)
+    models = [(m.name, [v.version for v in m.versions]) for m in controller.registry.all()]
+    return _page(
+        request, "rollouts.html", principal, rollouts=[views.rollout_view(r) for r in rollouts], models=models
+    )
+
+
+def _rollout_context(controller: ControllerDep, rollout_id: str) -> dict[str, Any]:
+    rollout = controller.rollouts.get(rollout_id)
+    return {
+        "view": views.rollout_view(rollout),
+        "verdicts": views.verdicts(controller.rollouts.events(rollout_id)),
+    }
+
+
+@router.get("/rollouts/{rollout_id}")
+def rollout_page(
+    request: Request, rollout_id: str, controller: ControllerDep, principal: PrincipalDep
+) -> HTMLResponse:
+    return _page(request, "rollout.html", principal, **_rollout_context(controller, rollout_id))
+
+
+@router.get("/rollouts/{rollout_id}/live")
+def rollout_live(
+    request: Request, rollout_id: str, controller: ControllerDep, principal: PrincipalDep
+) -> HTMLResponse:
+    """The part of the rollout page that changes, for the page to poll while the rollout runs."""
+    return _page(request, "rollout_live.html", principal, **_rollout_context(controller, rollout_id))
+
+
+@router.get("/drift")
+def drift_page(
+    request: Request, controller: ControllerDep, principal: PrincipalDep, model: str = "", version: str = ""
+) -> HTMLResponse:
+    loop = controller.closed_loop
+    choices = [(m.name, v.version) for m in controller.registry.all() for v in m.versions]
+    if not model and choices:
+        with_baseline = [c for c in choices if _has_baseline(controller, *c)]
+        model, version = (with_baseline or choices)[-1]
+    thresholds = [
+        {"policy": p.name, "threshold": p.drift.threshold, "metric": p.drift.metric}
+        for p in loop.retraining.policies()
+        if p.model_name == model and p.drift is not None
+    ]
+    return _page(
+        request, "drift.html", principal, model=model, version=version, choices=choices, thresholds=thresholds
+    )
+
+
+def _has_baseline(controller: ControllerDep, name: str, version: str) -> bool:
+    try:
+        controller.closed_loop.baselines.get(name, version)
+    except NotFoundError:
+        return False
+    return True
+
+
+@router.get("/datasets")
+def datasets_page(request: Request, controller: ControllerDep, principal: PrincipalDep) -> HTMLResponse:
+    loop = controller.closed_loop
+    return _page(
+        request,
+        "datasets.html",
+        principal,
+        datasets=loop.datasets.find(None, None),
+        runs=loop.retraining.runs(None, 100),
+        policies=loop.retraining.policies(),
+    )
+
+
+@router.get("/audit", openapi_extra=minimum_role(Role.OPERATOR))
+def audit_page(request: Request, controller: ControllerDep, principal: PrincipalDep) -> HTMLResponse:
+    return _page(request, "audit.html", principal, entries=controller.audit.entries(300))
