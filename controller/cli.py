@@ -1,7 +1,8 @@
 """``edgefleet``: the controller server and the operator's commands over REST.
 
-Operator commands print the API's JSON on stdout; a non-2xx answer prints the
-API's message on stderr and exits 1.
+Operator commands print tables on stdout, or with --json the API's JSON (for scripts);
+a refused request prints the API's message on stderr and exits 1. The controller is
+found through EDGEFLEET_URL and EDGEFLEET_TOKEN (or --url and --token).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any, BinaryIO
 import httpx
 import tomli_w
 
+from controller import cli_output, cli_progress, cli_views
+from controller.cli_output import View
 from controller.errors import ControllerError
 from controller.files import atomic_write
 from controller.log_bounds import LineBound
@@ -76,9 +79,31 @@ def cmd_init(args: argparse.Namespace) -> int:
             mqtt_client_certificate=args.mqtt_client_certificate,
         )
         token = service.initialise(data_dir, options)
-        print(f"initialised {data_dir}; the admin bearer token follows (shown once):", file=sys.stderr)
+        broker = service.broker_files(data_dir)
+        if args.json:
+            print(json.dumps({"data_dir": str(data_dir), "token": token, **_broker_doc(broker)}, indent=2))
+            return 0
+        print(
+            f"initialised {data_dir}\n"
+            f"a Mosquitto for it is configured in {broker.conf}; start it with:\n\n"
+            f"    {broker.start_command()}\n\n"
+            "then run `edgefleet controller serve --data-dir ...` and set EDGEFLEET_URL and\n"
+            "EDGEFLEET_TOKEN; the admin bearer token follows (shown once):",
+            file=sys.stderr,
+        )
+    if args.json:
+        print(json.dumps({"data_dir": str(data_dir), "token": token}, indent=2))
+        return 0
     print(token)
     return 0
+
+
+def _broker_doc(broker: Any) -> dict[str, str]:
+    return {
+        "broker_config": str(broker.conf),
+        "broker_start_command": broker.start_command(),
+        "broker_reload_command": broker.reload_command(),
+    }
 
 
 def cmd_tls(args: argparse.Namespace) -> int:
@@ -124,8 +149,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # -- operator commands over REST ----------------------------------------------
 
 
+HOW_TO_CONNECT = (
+    "set EDGEFLEET_URL to the controller's address (e.g. export EDGEFLEET_URL=http://127.0.0.1:8080) "
+    "and EDGEFLEET_TOKEN to the admin token `edgefleet controller init` printed "
+    "(`edgefleet controller init --data-dir DIR --rotate-token` prints a new one), or pass --url and --token"
+)
+
+
 def _client(args: argparse.Namespace, timeout: float = TIMEOUT_S) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    if not args.token:
+        raise CommandError(f"no API token: {HOW_TO_CONNECT}")
+    headers = {"Authorization": f"Bearer {args.token}"}
     return httpx.Client(base_url=args.url.rstrip("/"), headers=headers, timeout=timeout)
 
 
@@ -134,7 +168,12 @@ def _call(args: argparse.Namespace, method: str, path: str, timeout: float = TIM
         with _client(args, timeout) as client:
             response = client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
-        raise CommandError(f"cannot reach the controller at {args.url}: {exc}") from None
+        raise CommandError(
+            f"cannot reach the controller at {args.url}: {exc}; is `edgefleet controller serve` running "
+            "there? Otherwise set EDGEFLEET_URL (or --url) to its address"
+        ) from None
+    if response.status_code == 401:
+        raise CommandError(f"401: {_api_message(response)}; {HOW_TO_CONNECT}")
     if not response.is_success:
         raise CommandError(f"{response.status_code}: {_api_message(response)}")
     return response.json()
@@ -156,8 +195,9 @@ def _api_message(response: httpx.Response) -> str:
     return detail if isinstance(detail, str) else json.dumps(detail)
 
 
-def _print(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=False))
+def _print(data: Any, view: View | None = None) -> None:
+    """The API's answer: a table (``view``, or the generic one), or its JSON with --json."""
+    cli_output.emit(data, view)
 
 
 def _json_object(option: str, raw: str | None) -> str:
@@ -195,7 +235,11 @@ def cmd_models_upload(args: argparse.Namespace) -> int:
         "fp16": "true" if args.fp16 else "false",
     }
     with contextlib.ExitStack() as stack:
-        files = {"file": (path.name, stack.enter_context(_open(path)), "application/octet-stream")}
+        bar = stack.enter_context(cli_progress.transfer())
+        model = stack.enter_context(_open(path))
+        size = os.fstat(model.fileno()).st_size
+        sent = stack.enter_context(bar.wrap_file(model, total=size, description=f"uploading {path.name}"))
+        files = {"file": (path.name, sent, "application/octet-stream")}
         if args.calibration:
             cal = Path(args.calibration)
             files["calibration"] = (cal.name, stack.enter_context(_open(cal)), "application/octet-stream")
@@ -204,10 +248,20 @@ def cmd_models_upload(args: argparse.Namespace) -> int:
             files["samples"] = (own.name, stack.enter_context(_open(own)), "application/octet-stream")
         if args.signature:
             data["signature"] = _read_text(Path(args.signature))
-        _print(
-            _call(args, "POST", f"/v1/models/{args.name}/versions", UPLOAD_TIMEOUT_S, data=data, files=files)
+        version = _call(
+            args, "POST", f"/v1/models/{args.name}/versions", UPLOAD_TIMEOUT_S, data=data, files=files
         )
+    if not args.no_wait and cli_progress.variants_pending(version):
+        url = f"/v1/models/{args.name}/versions/{args.version}"
+        version = cli_progress.wait_for_variants(lambda: _call(args, "GET", url), version, args.wait_timeout)
+    _print(version, _version_view)
     return 0
+
+
+def _version_view(version: dict[str, Any]) -> Any:
+    """A version's table; its signature one line per input and output (`models signature` prints it whole)."""
+    described = ModelSignature.from_json(version["signature"]).describe().splitlines()
+    return [*cli_views.model_version(version), cli_output.table([{"signature": line} for line in described])]
 
 
 def cmd_models_add_variant(args: argparse.Namespace) -> int:
@@ -220,10 +274,7 @@ def cmd_models_add_variant(args: argparse.Namespace) -> int:
 
 
 def cmd_models_show(args: argparse.Namespace) -> int:
-    found = _call(args, "GET", f"/v1/models/{args.name}/versions/{args.version}")
-    # One line per input and output; `models signature` prints it whole.
-    found["signature"] = ModelSignature.from_json(found["signature"]).describe().splitlines()
-    _print(found)
+    _print(_call(args, "GET", f"/v1/models/{args.name}/versions/{args.version}"), _version_view)
     return 0
 
 
@@ -250,7 +301,7 @@ def _read_text(path: Path) -> str:
 def cmd_models_stage(args: argparse.Namespace) -> int:
     stage = "archived" if args.action == "archive" else args.to
     url = f"/v1/models/{args.name}/versions/{args.version}/stage"
-    _print(_call(args, "POST", url, json={"stage": stage}))
+    _print(_call(args, "POST", url, json={"stage": stage}), _version_view)
     return 0
 
 
@@ -329,7 +380,7 @@ def cmd_devices_tenants(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    _print(_call(args, "GET", "/v1/models"))
+    _print(_call(args, "GET", "/v1/models"), cli_views.models_list)
     return 0
 
 
@@ -436,7 +487,7 @@ def cmd_devices_issue_cert(args: argparse.Namespace) -> int:
 
 
 def cmd_devices_list(args: argparse.Namespace) -> int:
-    _print(_call(args, "GET", "/v1/devices"))
+    _print(_call(args, "GET", "/v1/devices"), cli_views.devices_list)
     return 0
 
 
@@ -513,37 +564,57 @@ def rollout_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_rollouts_create(args: argparse.Namespace) -> int:
-    _print(_call(args, "POST", "/v1/rollouts", json=rollout_body(args)))
+    _print(_call(args, "POST", "/v1/rollouts", json=rollout_body(args)), cli_views.rollout)
     return 0
 
 
 def cmd_rollouts_show(args: argparse.Namespace) -> int:
-    _print(_call(args, "GET", f"/v1/rollouts/{args.id}"))
+    _print(_call(args, "GET", f"/v1/rollouts/{args.id}"), cli_views.rollout)
     return 0
 
 
+def cmd_rollouts_watch(args: argparse.Namespace) -> int:
+    final = cli_progress.watch_rollout(
+        lambda: _call(args, "GET", f"/v1/rollouts/{args.id}"),
+        lambda: _call(args, "GET", f"/v1/rollouts/{args.id}/events"),
+        args.interval,
+    )
+    events = [] if cli_output.json_mode() else _call(args, "GET", f"/v1/rollouts/{args.id}/events")
+    _print(final, lambda r: cli_views.rollout(r, events))
+    return cli_progress.rollout_exit_code(final)
+
+
 def cmd_rollouts_list(args: argparse.Namespace) -> int:
-    _print(_call(args, "GET", "/v1/rollouts"))
+    _print(_call(args, "GET", "/v1/rollouts"), cli_views.rollouts_list)
     return 0
 
 
 def cmd_rollouts_events(args: argparse.Namespace) -> int:
-    _print(_call(args, "GET", f"/v1/rollouts/{args.id}/events"))
+    _print(_call(args, "GET", f"/v1/rollouts/{args.id}/events"), cli_views.rollout_events)
     return 0
 
 
 def cmd_rollouts_command(args: argparse.Namespace) -> int:
-    _print(_call(args, "POST", f"/v1/rollouts/{args.id}/{args.action}", json={"reason": args.reason or ""}))
+    _print(
+        _call(args, "POST", f"/v1/rollouts/{args.id}/{args.action}", json={"reason": args.reason or ""}),
+        cli_views.rollout,
+    )
     return 0
 
 
 def cmd_telemetry(args: argparse.Namespace) -> int:
-    _print(_call(args, "GET", f"/v1/devices/{args.device}/telemetry", params={"limit": args.limit}))
+    _print(
+        _call(args, "GET", f"/v1/devices/{args.device}/telemetry", params={"limit": args.limit}),
+        cli_views.telemetry,
+    )
     return 0
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    _print(_call(args, "GET", f"/v1/devices/{args.device}/events", params={"limit": args.limit}))
+    _print(
+        _call(args, "GET", f"/v1/devices/{args.device}/events", params={"limit": args.limit}),
+        cli_views.device_events,
+    )
     return 0
 
 
@@ -552,28 +623,76 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     # --url/--token are accepted before or after the command; the later one wins.
-    remote = argparse.ArgumentParser(add_help=False)
+    # --json, --url and --token are accepted before or after the command.
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print the API's JSON (for scripts)"
+    )
+    remote = argparse.ArgumentParser(add_help=False, parents=[output])
     remote.add_argument("--url", default=argparse.SUPPRESS, help="controller URL (default $EDGEFLEET_URL)")
     remote.add_argument(
         "--token", default=argparse.SUPPRESS, help="admin bearer token (default $EDGEFLEET_TOKEN)"
     )
 
-    parser = argparse.ArgumentParser(prog="edgefleet", description=__doc__)
-    parser.add_argument("--url", default=os.environ.get("EDGEFLEET_URL", DEFAULT_URL))
-    parser.add_argument("--token", default=os.environ.get("EDGEFLEET_TOKEN", ""))
+    parser = argparse.ArgumentParser(
+        prog="edgefleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("EDGEFLEET_URL", DEFAULT_URL),
+        help=f"controller URL (default $EDGEFLEET_URL, else {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("EDGEFLEET_TOKEN", ""),
+        help="admin bearer token (default $EDGEFLEET_TOKEN)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the API's JSON (for scripts)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     controller = commands.add_parser("controller", help="run or set up the controller")
     ctl = controller.add_subparsers(dest="action", required=True)
-    init = ctl.add_parser("init", help="create a data folder and print the admin token")
-    init.add_argument("--data-dir", required=True)
-    init.add_argument("--broker-host", default="127.0.0.1")
-    init.add_argument("--broker-port", type=int, default=1883)
-    init.add_argument("--mosquitto-passwd-file", default=None)
-    init.add_argument("--broker-reload-command", default="")
-    init.add_argument("--mqtt-protocol", choices=PROTOCOLS, default="v5")
-    init.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
-    init.add_argument("--max-upload-bytes", type=int, default=DEFAULT_MAX_UPLOAD_BYTES)
+    init = ctl.add_parser(
+        "init",
+        parents=[output],
+        help="create a data folder and a ready-to-run Mosquitto for it; print the admin token",
+    )
+    init.add_argument("--data-dir", required=True, help="the controller's folder (database, artifacts, keys)")
+    init.add_argument(
+        "--broker-host", default="127.0.0.1", help="the broker the controller and devices connect to"
+    )
+    init.add_argument("--broker-port", type=int, default=1883, help="the broker's MQTT port (default 1883)")
+    init.add_argument(
+        "--mosquitto-passwd-file",
+        default=None,
+        metavar="FILE",
+        help="the password file of a broker you run yourself (default DATA/mosquitto/passwd, "
+        "the one init's Mosquitto configuration reads)",
+    )
+    init.add_argument(
+        "--broker-reload-command",
+        default="",
+        metavar="SHELL",
+        help="run through /bin/sh after each password change, e.g. 'systemctl reload mosquitto' "
+        "(default for init's own broker: kill -HUP $(cat DATA/mosquitto/mosquitto.pid))",
+    )
+    init.add_argument(
+        "--mqtt-protocol", choices=PROTOCOLS, default="v5", help="MQTT version spoken to the broker"
+    )
+    init.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
+        metavar="BYTES",
+        help="artifact transfer chunk size",
+    )
+    init.add_argument(
+        "--max-upload-bytes",
+        type=int,
+        default=DEFAULT_MAX_UPLOAD_BYTES,
+        metavar="BYTES",
+        help="the largest model file accepted",
+    )
     init.add_argument("--rotate-token", action="store_true", help="keep the data, print a new token")
     init.add_argument(
         "--mqtt-tls-ca-file", default=None, help="connect to the broker over TLS, verifying it with this CA"
@@ -584,8 +703,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="log in to the broker with a client certificate from the controller's CA",
     )
     init.set_defaults(func=cmd_init)
-    tls = ctl.add_parser("tls", help="connect an initialised controller to its broker over TLS")
-    tls.add_argument("--data-dir", required=True)
+    tls = ctl.add_parser(
+        "tls", parents=[output], help="connect an initialised controller to its broker over TLS"
+    )
+    tls.add_argument("--data-dir", required=True, help="the initialised controller's folder")
     tls.add_argument(
         "--mqtt-tls-ca-file", required=True, help="the CA the broker's certificate is verified with"
     )
@@ -597,16 +718,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tls.set_defaults(func=cmd_tls)
     serve = ctl.add_parser("serve", help="serve the REST API and the MQTT transport")
-    serve.add_argument("--data-dir", required=True)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--data-dir", required=True, help="the folder `controller init` made")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     serve.set_defaults(func=cmd_serve)
 
     models = commands.add_parser("models", help="model registry").add_subparsers(dest="action", required=True)
     upload = models.add_parser("upload", parents=[remote], help="upload a model version (.onnx or .tflite)")
-    upload.add_argument("file")
-    upload.add_argument("--name", required=True)
-    upload.add_argument("--version", required=True)
+    upload.add_argument("file", help="the model file")
+    upload.add_argument("--name", required=True, help="the model's name")
+    upload.add_argument("--version", required=True, help="this version's name, e.g. 1.0.0")
+    upload.add_argument(
+        "--no-wait", action="store_true", help="return once uploaded, without waiting for the variants"
+    )
+    upload.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=1800.0,
+        metavar="S",
+        help="stop waiting for the variants after this long (default 1800)",
+    )
     upload.add_argument("--metadata", default=None, help="a JSON object")
     upload.add_argument("--parent", default=None, help="the version this one was trained from")
     upload.add_argument("--dataset-digest", default=None, help="sha256 of the training data set")
@@ -620,8 +751,12 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument(
         "--gate", type=float, default=0.99, help="minimum agreement of a variant (default 0.99)"
     )
-    upload.add_argument("--task", choices=("classifier", "regression"), default=None)
-    upload.add_argument("--sensor", choices=("camera", "microphone", "sensor"), default=None)
+    upload.add_argument(
+        "--task", choices=("classifier", "regression"), default=None, help="what the outputs mean"
+    )
+    upload.add_argument(
+        "--sensor", choices=("camera", "microphone", "sensor"), default=None, help="what feeds the model"
+    )
     upload.add_argument(
         "--samples",
         default=None,
@@ -635,11 +770,13 @@ def build_parser() -> argparse.ArgumentParser:
     signature = models.add_parser(
         "signature", parents=[remote], help="a version's signature (input roles, output meanings)"
     )
-    signature.add_argument("name")
-    signature.add_argument("version")
+    signature.add_argument("name", help="model name")
+    signature.add_argument("version", help="version")
     signature.add_argument("--set", default=None, metavar="JSON", help="replace it with this file's")
     signature.set_defaults(func=cmd_models_signature)
-    models.add_parser("list", parents=[remote]).set_defaults(func=cmd_models_list)
+    models.add_parser("list", parents=[remote], help="models and their versions").set_defaults(
+        func=cmd_models_list
+    )
     for action, func, help_ in (
         ("show", cmd_models_show, "a version with its lineage, stage and variants"),
         ("archive", cmd_models_stage, "archive a version (kept out of rollouts)"),
@@ -647,19 +784,22 @@ def build_parser() -> argparse.ArgumentParser:
         ("add-variant", cmd_models_add_variant, "add an artifact (e.g. .tflite) to a version"),
     ):
         sub = models.add_parser(action, parents=[remote], help=help_)
-        sub.add_argument("name")
-        sub.add_argument("version")
+        sub.add_argument("name", help="model name")
+        sub.add_argument("version", help="version")
         if action == "promote":
             sub.add_argument(
-                "--to", required=True, choices=("development", "staging", "production", "archived")
+                "--to",
+                required=True,
+                choices=("development", "staging", "production", "archived"),
+                help="the stage to move it to",
             )
         if action == "add-variant":
-            sub.add_argument("file")
+            sub.add_argument("file", help="the artifact (.onnx or .tflite)")
         sub.set_defaults(func=func)
     compare = models.add_parser("compare", parents=[remote], help="what differs between two versions")
-    compare.add_argument("name")
-    compare.add_argument("a")
-    compare.add_argument("b")
+    compare.add_argument("name", help="model name")
+    compare.add_argument("a", help="one version")
+    compare.add_argument("b", help="the other version")
     compare.set_defaults(func=cmd_models_compare)
 
     profiles = commands.add_parser("profiles", help="device classes").add_subparsers(
@@ -668,11 +808,13 @@ def build_parser() -> argparse.ArgumentParser:
     preg = profiles.add_parser(
         "register", parents=[remote], help="register or update a profile from its TOML file"
     )
-    preg.add_argument("file")
+    preg.add_argument("file", help="a profile's TOML (firmware_profiles/*.toml)")
     preg.set_defaults(func=cmd_profiles_register)
-    profiles.add_parser("list", parents=[remote]).set_defaults(func=cmd_profiles_list)
-    pshow = profiles.add_parser("show", parents=[remote])
-    pshow.add_argument("id")
+    profiles.add_parser("list", parents=[remote], help="registered device classes").set_defaults(
+        func=cmd_profiles_list
+    )
+    pshow = profiles.add_parser("show", parents=[remote], help="one profile, whole")
+    pshow.add_argument("id", help="profile id")
     pshow.set_defaults(func=cmd_profiles_show)
 
     keys = commands.add_parser("signing-key", help="the key artifacts are signed with").add_subparsers(
@@ -689,11 +831,19 @@ def build_parser() -> argparse.ArgumentParser:
     register = devices.add_parser(
         "register", parents=[remote], help="register a device, print its credentials"
     )
-    register.add_argument("device_id")
-    register.add_argument("--tag", action="extend", nargs="+", metavar="T")
-    register.add_argument("--agent-config", default=None, metavar="OUT.toml")
-    register.add_argument("--agent-data-dir", default="/var/lib/edgefleet-agent")
-    register.add_argument("--agent-socket", default=None)
+    register.add_argument("device_id", help="the device's id (its MQTT username)")
+    register.add_argument("--tag", action="extend", nargs="+", metavar="T", help="tags to target it by")
+    register.add_argument(
+        "--agent-config", default=None, metavar="OUT.toml", help="write the device's agent.toml here"
+    )
+    register.add_argument(
+        "--agent-data-dir",
+        default="/var/lib/edgefleet-agent",
+        help="the agent's data folder on the device (written into --agent-config)",
+    )
+    register.add_argument(
+        "--agent-socket", default=None, help="the agent's gRPC socket path (written into --agent-config)"
+    )
     register.add_argument("--profile", default=None, help="the device's class (edgefleet profiles list)")
     register.add_argument(
         "--issue-cert",
@@ -705,56 +855,111 @@ def build_parser() -> argparse.ArgumentParser:
     issue_cert = devices.add_parser(
         "issue-cert", parents=[remote], help="issue a new client certificate for a registered device"
     )
-    issue_cert.add_argument("device_id")
+    issue_cert.add_argument("device_id", help="a registered device")
     issue_cert.add_argument("--out-dir", required=True, help="where ID.key, ID.crt and broker-ca.crt go")
     for sub in (register, issue_cert):
         sub.add_argument("--valid-days", type=int, default=730, help="certificate validity (default 730)")
         sub.add_argument("--broker-ca", default=None, help="CA of the broker's certificate, for the device")
     issue_cert.set_defaults(func=cmd_devices_issue_cert)
-    devices.add_parser("list", parents=[remote]).set_defaults(func=cmd_devices_list)
+    devices.add_parser(
+        "list", parents=[remote], help="devices, online or not, and what they run"
+    ).set_defaults(func=cmd_devices_list)
     set_profile = devices.add_parser("set-profile", parents=[remote], help="put a device in a profile")
-    set_profile.add_argument("device_id")
-    set_profile.add_argument("profile")
+    set_profile.add_argument("device_id", help="a registered device")
+    set_profile.add_argument("profile", help="a profile id (edgefleet profiles list)")
     set_profile.set_defaults(func=cmd_devices_set_profile)
     set_tenants = devices.add_parser(
         "set-tenants", parents=[remote], help="declare a device's tenant apps ([[tenants]] as in agent.toml)"
     )
-    set_tenants.add_argument("device_id")
+    set_tenants.add_argument("device_id", help="a registered device")
     set_tenants.add_argument(
         "--file", required=True, help="TOML file with [[tenants]] tables; none clears them"
     )
     set_tenants.set_defaults(func=cmd_devices_set_tenants)
     show_tenants = devices.add_parser("tenants", parents=[remote], help="the tenants declared on a device")
-    show_tenants.add_argument("device_id")
+    show_tenants.add_argument("device_id", help="a registered device")
     show_tenants.set_defaults(func=cmd_devices_tenants)
 
     rollouts = commands.add_parser("rollouts", help="rollouts").add_subparsers(dest="action", required=True)
     create = rollouts.add_parser("create", parents=[remote], help="send a model version to a target in waves")
-    create.add_argument("--model", required=True)
-    create.add_argument("--version", required=True)
-    create.add_argument("--tenant", default="default")
+    create.add_argument("--model", required=True, help="model name")
+    create.add_argument("--version", required=True, help="the version to send")
+    create.add_argument("--tenant", default="default", help="the tenant app it serves (default 'default')")
     target = create.add_argument_group("target (devices matching every criterion given)")
-    target.add_argument("--device", action="append", metavar="ID")
-    target.add_argument("--tag", action="extend", nargs="+", metavar="T")
-    target.add_argument("--profile", default=None)
+    target.add_argument("--device", action="append", metavar="ID", help="a device; repeat for more")
+    target.add_argument("--tag", action="extend", nargs="+", metavar="T", help="devices with these tags")
+    target.add_argument("--profile", default=None, help="devices of this profile")
     target.add_argument("--all", action="store_true", help="every registered device")
     staged = create.add_argument_group("waves and gates")
     staged.add_argument(
         "--wave", action="append", metavar="SIZE[:SOAK_S]", help="e.g. 10%%:300 or 5:60; repeat per wave"
     )
-    staged.add_argument("--max-failure-fraction", type=float, default=None)
-    staged.add_argument("--max-error-rate", type=float, default=None)
-    staged.add_argument("--max-latency-ratio", type=float, default=None)
-    staged.add_argument("--min-reporting", type=float, default=None, metavar="FRACTION")
-    staged.add_argument("--min-inferences", type=int, default=None)
-    staged.add_argument("--min-confidence-ratio", type=float, default=None, metavar="RATIO")
-    staged.add_argument("--max-prediction-psi", type=float, default=None, metavar="PSI")
-    staged.add_argument("--on-failure", choices=("pause", "rollback"), default="pause")
+    staged.add_argument(
+        "--max-failure-fraction",
+        type=float,
+        default=None,
+        metavar="F",
+        help="of a wave's devices failing to update",
+    )
+    staged.add_argument(
+        "--max-error-rate", type=float, default=None, metavar="RATE", help="inference errors per inference"
+    )
+    staged.add_argument(
+        "--max-latency-ratio",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help="p95 latency against the same devices on the previous version",
+    )
+    staged.add_argument(
+        "--min-reporting",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="of a wave's devices that must send telemetry with inferences",
+    )
+    staged.add_argument(
+        "--min-inferences",
+        type=int,
+        default=None,
+        metavar="N",
+        help="inferences a device needs to count as reporting",
+    )
+    staged.add_argument(
+        "--min-confidence-ratio",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help="mean top-1 confidence against the previous version",
+    )
+    staged.add_argument(
+        "--max-prediction-psi",
+        type=float,
+        default=None,
+        metavar="PSI",
+        help="shift of the predicted classes against the previous version",
+    )
+    staged.add_argument(
+        "--on-failure",
+        choices=("pause", "rollback"),
+        default="pause",
+        help="what a failed gate does (default pause)",
+    )
     staged.add_argument("--manual-approval", action="store_true", help="wait for `approve` between waves")
-    staged.add_argument("--device-timeout", type=float, default=None, metavar="S")
-    staged.add_argument("--max-concurrent", type=int, default=0, metavar="N")
+    staged.add_argument(
+        "--device-timeout", type=float, default=None, metavar="S", help="a device not updated by then fails"
+    )
+    staged.add_argument(
+        "--max-concurrent", type=int, default=0, metavar="N", help="devices updating at once (0: no limit)"
+    )
     staged.add_argument("--probation", type=float, default=0.0, metavar="S", help="agent probation seconds")
-    staged.add_argument("--probation-max-error-rate", type=float, default=0.0, metavar="RATE")
+    staged.add_argument(
+        "--probation-max-error-rate",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="error rate past which the agent rolls back during probation",
+    )
     shadow = create.add_argument_group(
         "shadow phase (each wave runs the candidate beside the live model first)"
     )
@@ -771,23 +976,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-shadow-compared", type=int, default=None, metavar="N", help="samples per device"
     )
     create.set_defaults(func=cmd_rollouts_create)
-    rollouts.add_parser("list", parents=[remote]).set_defaults(func=cmd_rollouts_list)
-    show = rollouts.add_parser("show", parents=[remote])
-    show.add_argument("id")
+    rollouts.add_parser("list", parents=[remote], help="rollouts, newest first").set_defaults(
+        func=cmd_rollouts_list
+    )
+    show = rollouts.add_parser("show", parents=[remote], help="a rollout's waves and devices")
+    show.add_argument("id", help="rollout id")
+    watch = rollouts.add_parser(
+        "watch",
+        parents=[remote],
+        help="follow a rollout live until it ends; exit 0 if it succeeded, 1 if it failed, "
+        "was rolled back or aborted",
+    )
+    watch.add_argument("id", help="rollout id")
+    watch.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes (default 1)"
+    )
+    watch.set_defaults(func=cmd_rollouts_watch)
     show.set_defaults(func=cmd_rollouts_show)
     events = rollouts.add_parser("events", parents=[remote], help="the rollout's transitions and reasons")
-    events.add_argument("id")
+    events.add_argument("id", help="rollout id")
     events.set_defaults(func=cmd_rollouts_events)
     for action in ("pause", "resume", "approve", "abort", "rollback", "promote"):
         sub = rollouts.add_parser(action, parents=[remote], help=f"{action} a rollout")
-        sub.add_argument("id")
-        sub.add_argument("--reason", default="")
+        sub.add_argument("id", help="rollout id")
+        sub.add_argument("--reason", default="", help="recorded in the rollout's events")
         sub.set_defaults(func=cmd_rollouts_command)
 
     for name, func in (("telemetry", cmd_telemetry), ("events", cmd_events)):
         sub = commands.add_parser(name, parents=[remote], help=f"a device's {name}, newest first")
-        sub.add_argument("device")
-        sub.add_argument("--limit", type=int, default=50)
+        sub.add_argument("device", help="device id")
+        sub.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
         sub.set_defaults(func=func)
     from controller import cli_loop  # drift, datasets, retraining (imports this module's helpers)
 
@@ -801,11 +1019,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
+    cli_output.configure(args.json)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()
     except (CommandError, ControllerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`edgefleet --json devices list | head`): stop quietly, as rich
+        # does for tables (exit 1), and keep Python's exit-time flush from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        return 130
     return code
 
 

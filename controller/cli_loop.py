@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from controller import cli_views
 from controller.cli import UPLOAD_TIMEOUT_S, CommandError, _call, _print
 from controller.files import atomic_write
 
@@ -50,7 +51,7 @@ def cmd_drift_baseline(args: argparse.Namespace) -> int:
 def cmd_drift_show(args: argparse.Namespace) -> int:
     base = f"/v1/models/{args.model}/versions/{args.version}/drift"
     path = f"{base}/devices/{args.device}" if args.device else base
-    _print(_call(args, "GET", path, params={"since_ms": args.since_ms}))
+    _print(_call(args, "GET", path, params={"since_ms": args.since_ms}), cli_views.drift)
     return 0
 
 
@@ -145,8 +146,8 @@ def add_commands(commands: Any, remote: argparse.ArgumentParser) -> None:
         dest="action", required=True
     )
     baseline = drift.add_parser("baseline", parents=[remote], help="set a model version's drift baseline")
-    baseline.add_argument("model")
-    baseline.add_argument("version")
+    baseline.add_argument("model", help="model name")
+    baseline.add_argument("version", help="version")
     baseline.add_argument(
         "--reference", metavar="FILE.npz", help="reference data set (inputs[, probabilities])"
     )
@@ -155,35 +156,37 @@ def add_commands(commands: Any, remote: argparse.ArgumentParser) -> None:
         "--production-windows", type=int, metavar="N", help="the first N production windows"
     )
     baseline.add_argument("--spec", metavar="FILE.json", help="bin edges for a production baseline")
-    baseline.add_argument("--bins", type=int, default=10)
+    baseline.add_argument("--bins", type=int, default=10, help="histogram bins per feature (default 10)")
     baseline.set_defaults(func=cmd_drift_baseline)
     show = drift.add_parser("show", parents=[remote], help="PSI/KL fleet-wide and per device")
-    show.add_argument("model")
-    show.add_argument("version")
+    show.add_argument("model", help="model name")
+    show.add_argument("version", help="version")
     show.add_argument("--device", default=None, help="one device's windows")
-    show.add_argument("--since-ms", type=int, default=0)
+    show.add_argument(
+        "--since-ms", type=int, default=0, metavar="MS", help="only windows after this time (epoch ms)"
+    )
     show.set_defaults(func=cmd_drift_show)
 
     datasets = commands.add_parser("datasets", help="captured data sets").add_subparsers(
         dest="action", required=True
     )
     upload = datasets.add_parser("upload", parents=[remote], help="store an .npz data set")
-    upload.add_argument("file")
-    upload.add_argument("--model", required=True)
-    upload.add_argument("--version", required=True)
-    upload.add_argument("--device-id", default="operator")
-    upload.add_argument("--policy-id", default="upload")
+    upload.add_argument("file", help="an .npz of named inputs")
+    upload.add_argument("--model", required=True, help="the model it is for")
+    upload.add_argument("--version", required=True, help="the version it is for")
+    upload.add_argument("--device-id", default="operator", help="where it came from (default operator)")
+    upload.add_argument("--policy-id", default="upload", help="why it was captured (default upload)")
     upload.set_defaults(func=cmd_datasets_upload)
-    listing = datasets.add_parser("list", parents=[remote])
-    listing.add_argument("--model", default=None)
-    listing.add_argument("--version", default=None)
+    listing = datasets.add_parser("list", parents=[remote], help="stored data sets, newest first")
+    listing.add_argument("--model", default=None, help="only this model's")
+    listing.add_argument("--version", default=None, help="only this version's")
     listing.set_defaults(func=cmd_datasets_list)
-    download = datasets.add_parser("download", parents=[remote])
-    download.add_argument("digest")
-    download.add_argument("-o", "--output", required=True)
+    download = datasets.add_parser("download", parents=[remote], help="save a data set as .npz")
+    download.add_argument("digest", help="the data set's digest (datasets list)")
+    download.add_argument("-o", "--output", required=True, help="the file to write")
     download.set_defaults(func=cmd_datasets_download)
     label = datasets.add_parser("label", parents=[remote], help="attach ground-truth labels")
-    label.add_argument("digest")
+    label.add_argument("digest", help="the data set's digest (datasets list)")
     label.add_argument("--labels", required=True, metavar="FILE.json", help="[0, 3, ...] or {labels: [...]}")
     label.set_defaults(func=cmd_datasets_label)
     capture = datasets.add_parser(
@@ -191,32 +194,42 @@ def add_commands(commands: Any, remote: argparse.ArgumentParser) -> None:
         parents=[remote],
         help="show, or set (with any option), what a model's devices capture",
     )
-    capture.add_argument("model")
-    capture.add_argument("--tenant", default="default")
-    for name in ("random-fraction", "low-confidence-below", "drifted-feature-share"):
-        capture.add_argument(f"--{name}", type=float, default=None)
-    for name in ("max-samples-per-hour", "max-samples-per-upload", "max-bytes-per-upload"):
-        capture.add_argument(f"--{name}", type=int, default=None)
+    capture.add_argument("model", help="model name")
+    capture.add_argument("--tenant", default="default", help="the tenant app (default 'default')")
+    for name, help_ in (
+        ("random-fraction", "capture this fraction of all inputs"),
+        ("low-confidence-below", "capture inputs whose top-1 confidence is below this"),
+        ("drifted-feature-share", "capture while this share of features drifts"),
+    ):
+        capture.add_argument(f"--{name}", type=float, default=None, metavar="F", help=help_)
+    for name, help_ in (
+        ("max-samples-per-hour", "at most this many captured inputs an hour per device"),
+        ("max-samples-per-upload", "at most this many inputs in one upload"),
+        ("max-bytes-per-upload", "at most this many bytes in one upload"),
+    ):
+        capture.add_argument(f"--{name}", type=int, default=None, metavar="N", help=help_)
     capture.set_defaults(func=cmd_capture_policy)
 
     retraining = commands.add_parser("retraining", help="retraining policies and runs").add_subparsers(
         dest="action", required=True
     )
     put = retraining.add_parser("put-policy", parents=[remote], help="create a policy or add a version")
-    put.add_argument("name")
-    put.add_argument("--file", required=True, metavar="POLICY.json")
+    put.add_argument("name", help="policy name")
+    put.add_argument(
+        "--file", required=True, metavar="POLICY.json", help="the policy (trigger, action, devices)"
+    )
     put.set_defaults(func=cmd_policy_put)
     policies = retraining.add_parser("policies", parents=[remote], help="policies, or one policy's versions")
-    policies.add_argument("name", nargs="?")
+    policies.add_argument("name", nargs="?", help="one policy's versions")
     policies.set_defaults(func=cmd_policies)
     runs = retraining.add_parser("runs", parents=[remote], help="runs, newest first, or one run")
-    runs.add_argument("id", nargs="?")
-    runs.add_argument("--policy", default=None)
+    runs.add_argument("id", nargs="?", help="one run")
+    runs.add_argument("--policy", default=None, help="only this policy's runs")
     runs.set_defaults(func=cmd_runs)
     retraining.add_parser("evaluate", parents=[remote], help="evaluate every policy now").set_defaults(
         func=cmd_evaluate
     )
     result = retraining.add_parser("result", parents=[remote], help="report the version a run registered")
-    result.add_argument("run_id")
-    result.add_argument("--version", required=True)
+    result.add_argument("run_id", help="the run (retraining runs)")
+    result.add_argument("--version", required=True, help="the model version it registered")
     result.set_defaults(func=cmd_result)

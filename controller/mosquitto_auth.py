@@ -3,8 +3,9 @@
 Hashes use mosquitto_passwd's own format, ``$7$<iterations>$<b64 salt>$<b64
 PBKDF2-HMAC-SHA512>``, so the broker checks device passwords itself and the
 controller never stores one in the clear. After every rewrite the configured
-reload command (``systemctl reload mosquitto``, ``kill -HUP <pid>``) makes the
-broker read the file again.
+reload command makes the broker read the file again. It runs through ``/bin/sh``,
+so ``kill -HUP $(cat /var/lib/edgefleet/mosquitto/mosquitto.pid)`` works as well as
+``systemctl reload mosquitto``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import hmac
 import logging
 import os
 import secrets
-import shlex
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
@@ -72,6 +72,11 @@ class BrokerAuth:
         self.reload_command = reload_command
 
     def sync(self, entries: Iterable[tuple[str, str]]) -> None:
+        self.write(entries)
+        self.reload()
+
+    def write(self, entries: Iterable[tuple[str, str]]) -> None:
+        """Rewrite the password file without asking the broker to reload it."""
         data = render(entries).encode()
         mode = 0o600
         gid = -1
@@ -88,7 +93,6 @@ class BrokerAuth:
         except OSError as exc:
             raise BrokerAuthError(f"cannot write {self.passwd_file}: {exc}") from None
         log.info("password file written path=%s users=%d", self.passwd_file, data.count(b"\n"))
-        self.reload()
 
     def reload(self) -> None:
         if not self.reload_command.strip():
@@ -96,13 +100,13 @@ class BrokerAuth:
             return
         try:
             done = subprocess.run(
-                shlex.split(self.reload_command),
+                ["/bin/sh", "-c", self.reload_command],
                 capture_output=True,
                 text=True,
                 timeout=RELOAD_TIMEOUT_S,
                 check=False,
             )
-        except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        except (OSError, subprocess.TimeoutExpired) as exc:
             raise BrokerAuthError(f"broker reload command {self.reload_command!r} failed: {exc}") from None
         if done.returncode != 0:
             raise BrokerAuthError(

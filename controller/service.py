@@ -5,6 +5,9 @@ telemetry and the MQTT transport, plus first-time initialisation of a data folde
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +18,11 @@ from controller.auth import Accounts, generate_token, hash_token
 from controller.certificates import CertificateAuthority
 from controller.closed_loop import ClosedLoop
 from controller.device_quotas import CaptureQuota
-from controller.errors import AlreadyInitialised, ConfigError
+from controller.errors import AlreadyInitialised, BrokerAuthError, ConfigError
+from controller.files import atomic_write
 from controller.fleet import Fleet
 from controller.mosquitto_auth import BrokerAuth, generate_password, hash_password
+from controller.mosquitto_config import ACL, BrokerFiles
 from controller.optimize import Optimizer
 from controller.profiles import Profiles
 from controller.registry import Registry
@@ -140,10 +145,23 @@ class InitOptions:
     mqtt_client_certificate: bool = False
 
 
+def broker_files(data_dir: Path) -> BrokerFiles:
+    """The ready-to-run Mosquitto that ``initialise`` writes into a data folder."""
+    return BrokerFiles(data_dir / "mosquitto")
+
+
 def initialise(data_dir: Path, options: InitOptions) -> str:
-    """Create a data folder and its broker password file; return the admin token (shown once)."""
+    """Create a data folder, its broker password file and a ready-to-run Mosquitto
+    configuration (:func:`broker_files`); return the admin token (shown once).
+
+    A broker that cannot be reloaded (not started yet) is not an error: it reads the
+    password file when it starts. Any other failure removes what this call wrote."""
     if settings_mod.is_initialised(data_dir):
         raise AlreadyInitialised(f"{data_dir} is already initialised (use --rotate-token for a new token)")
+    broker = broker_files(data_dir)
+    reload_command = options.broker_reload_command
+    if not reload_command and options.mosquitto_passwd_file in (None, broker.passwd):
+        reload_command = broker.reload_command()
     token = generate_token()
     mqtt_password = generate_password()
     settings = Settings(
@@ -155,7 +173,7 @@ def initialise(data_dir: Path, options: InitOptions) -> str:
         broker_port=options.broker_port,
         mqtt_protocol=options.mqtt_protocol,
         mosquitto_passwd_file=options.mosquitto_passwd_file,
-        broker_reload_command=options.broker_reload_command,
+        broker_reload_command=reload_command,
         chunk_size=options.chunk_size,
         max_upload_bytes=options.max_upload_bytes,
         mqtt_tls_ca_file=options.mqtt_tls_ca_file,
@@ -165,22 +183,62 @@ def initialise(data_dir: Path, options: InitOptions) -> str:
     # Unusable TLS files are refused before anything is written (the controller's own
     # certificate is issued below, so only the broker's CA can be checked yet).
     broker_tls_context(settings.with_changes(mqtt_tls_cert_file=None, mqtt_tls_key_file=None))
-    data_dir.mkdir(parents=True, exist_ok=True)
-    controller = Controller(settings)
-    try:
-        if settings.mqtt_tls_cert_file is not None and settings.mqtt_tls_key_file is not None:
-            controller.certificates.write_client(
-                settings.mqtt_username, settings.mqtt_tls_cert_file, settings.mqtt_tls_key_file
-            )
-        controller.fleet.sync_broker()
-    finally:
-        controller.close()
-    # Written last: a folder whose broker setup failed is not "initialised".
-    settings_mod.save(settings)
+    with _undo_on_failure(data_dir, settings.passwd_file):
+        data_dir.mkdir(parents=True, exist_ok=True)
+        _write_broker_config(broker, settings)
+        controller = Controller(settings)
+        try:
+            if settings.mqtt_tls_cert_file is not None and settings.mqtt_tls_key_file is not None:
+                controller.certificates.write_client(
+                    settings.mqtt_username, settings.mqtt_tls_cert_file, settings.mqtt_tls_key_file
+                )
+            controller.broker_auth.write(controller.fleet.password_entries())
+            try:
+                controller.broker_auth.reload()
+            except BrokerAuthError as exc:
+                log.warning(
+                    "broker not reloaded (not running yet?); it reads the file when it starts: %s", exc
+                )
+        finally:
+            controller.close()
+        # Written last: a folder whose setup failed is not "initialised".
+        settings_mod.save(settings)
     log.info(
         "controller initialised data_dir=%s broker=%s:%d", data_dir, options.broker_host, options.broker_port
     )
     return token
+
+
+def _write_broker_config(broker: BrokerFiles, settings: Settings) -> None:
+    broker.persistence.mkdir(parents=True, exist_ok=True)
+    conf = broker.render_conf(settings.broker_port, settings.broker_host, settings.passwd_file)
+    atomic_write(broker.conf, conf.encode(), mode=0o644)
+    atomic_write(broker.acl, ACL.encode(), mode=0o644)
+
+
+@contextmanager
+def _undo_on_failure(data_dir: Path, passwd_file: Path) -> Iterator[None]:
+    """Remove what an interrupted ``initialise`` created, and put back a password file it replaced."""
+    existed = data_dir.exists()
+    before = {p.name for p in data_dir.iterdir()} if existed else set()
+    try:
+        old_passwd: bytes | None = passwd_file.read_bytes()
+    except OSError:
+        old_passwd = None
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        else:
+            for path in data_dir.iterdir():
+                if path.name not in before:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if old_passwd is not None:
+            atomic_write(passwd_file, old_passwd, mode=0o600)
+        elif not passwd_file.is_relative_to(data_dir):
+            passwd_file.unlink(missing_ok=True)
+        raise
 
 
 def rotate_token(data_dir: Path) -> str:

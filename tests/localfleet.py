@@ -120,9 +120,9 @@ class Controller:
         return httpx.request(method, f"{self.url}{path}", headers=headers, timeout=60, **kwargs)
 
     def cli(self, *args: str, check: bool = True) -> Any:
-        """Run an operator command exactly as a user would; return its JSON output."""
+        """Run an operator command as a script would (``--json``); return its JSON output."""
         env = {**os.environ, "EDGEFLEET_URL": self.url, "EDGEFLEET_TOKEN": self.token}
-        out = subprocess.run([str(BIN / "edgefleet"), *args], capture_output=True, text=True, env=env)
+        out = subprocess.run([str(BIN / "edgefleet"), "--json", *args], capture_output=True, text=True, env=env)
         if check and out.returncode != 0:
             raise RuntimeError(f"edgefleet {' '.join(args)} exited {out.returncode}: {out.stderr}")
         return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else out

@@ -43,7 +43,7 @@ class Server:
         return "controller ready url=" in self.log.read_text()
 
     def cli(self, *args: str) -> Any:
-        done = run(*args, env=self.env)
+        done = run("--json", *args, env=self.env)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 

@@ -76,5 +76,13 @@ def test_failing_reload_command_is_an_error_naming_it(tmp_path: Path) -> None:
     auth = BrokerAuth(tmp_path / "passwd", "sh -c 'echo no such broker >&2; exit 3'")
     with pytest.raises(BrokerAuthError, match="exited 3: no such broker"):
         auth.sync([("u", "$7$h")])
-    with pytest.raises(BrokerAuthError, match="failed"):
+    with pytest.raises(BrokerAuthError, match=r"exited 127: .*/nonexistent/reload"):
         BrokerAuth(tmp_path / "passwd", "/nonexistent/reload").sync([("u", "$7$h")])
+
+
+def test_reload_command_runs_through_a_shell(tmp_path: Path) -> None:
+    pid_file = tmp_path / "broker.pid"
+    pid_file.write_text("12345\n")
+    marker = tmp_path / "signalled"
+    BrokerAuth(tmp_path / "passwd", f"echo HUP $(cat {pid_file}) > {marker}").sync([("u", "$7$h")])
+    assert marker.read_text() == "HUP 12345\n"
