@@ -71,12 +71,28 @@ class ModelState:
 
 
 @dataclass(frozen=True)
+class Condition:
+    """What keeps a device from its work, as it reported it (e.g. a full disk)."""
+
+    kind: str
+    message: str
+    since_ms: int
+    count: int
+
+
+# A device's report is bounded by the broker's packet size; these bound what one is kept as.
+MAX_CONDITIONS = 16
+MAX_CONDITION_TEXT = 512
+
+
+@dataclass(frozen=True)
 class Reported:
     desired_generation: int
     applied_generation: int
     models: list[ModelState] = field(default_factory=list)
     agent_version: str = ""
     reported_at_ms: int = 0
+    conditions: list[Condition] = field(default_factory=list)
 
     @classmethod
     def from_proto(cls, msg: fleet_pb2.ReportedState) -> Reported:
@@ -85,6 +101,10 @@ class Reported:
             applied_generation=msg.applied_generation,
             agent_version=msg.agent_version,
             reported_at_ms=msg.reported_at_ms,
+            conditions=[
+                Condition(c.kind[:64], c.message[:MAX_CONDITION_TEXT], c.since_ms, c.count)
+                for c in msg.conditions[:MAX_CONDITIONS]
+            ],
             models=[
                 ModelState(
                     tenant=m.tenant or "default",
@@ -105,6 +125,8 @@ class Reported:
     def from_json(cls, raw: str) -> Reported:
         data = json.loads(raw)
         data["models"] = [ModelState(**m) for m in data["models"]]
+        # Reports stored before devices sent conditions have none.
+        data["conditions"] = [Condition(**c) for c in data.get("conditions", [])]
         return cls(**data)
 
 

@@ -183,12 +183,22 @@ class ModelStatePublic(_Public):
     rollout_id: str
 
 
+class ConditionPublic(_Public):
+    kind: str = Field(description='e.g. "disk_full", "desired_refused"')
+    message: str = Field(description="What it stops, in words an operator can act on")
+    since_ms: int = Field(description="When it began (ms since the epoch)")
+    count: int = Field(description="How many times it was hit since it began")
+
+
 class ReportedPublic(_Public):
     desired_generation: int
     applied_generation: int
     models: list[ModelStatePublic]
     agent_version: str
     reported_at_ms: int
+    conditions: list[ConditionPublic] = Field(
+        default_factory=list, description="What keeps the device from its work, e.g. a full disk"
+    )
 
 
 class DevicePublic(_Public):
@@ -223,6 +233,10 @@ class TenantCreate(_Create):
     results: list[str] = ["grpc"]
     token: str = ""
     token_sha256: str = ""
+    # As agent.toml's [tenants.postprocess] and [tenants.inputs.NAME] tables; checked against
+    # the signature of the model's newest version.
+    postprocess: dict[str, str | int | float | bool | list[int] | list[float] | list[str]] = {}
+    inputs: dict[str, dict[str, str | int | float | list[int] | list[float]]] = {}
 
 
 class TenantSourcePublic(_Public):
@@ -243,6 +257,8 @@ class TenantPublic(_Public):
     queue: int
     results: list[str]
     has_token: bool
+    postprocess: dict[str, str]
+    inputs: list[dict[str, Any]]
 
 
 def _finite_or_none(value: Any) -> Any:

@@ -87,3 +87,22 @@ def test_newest_message_wins_whatever_its_timestamp(tmp_path: Path) -> None:
     parts.fleet.touch("d", 100.0)
     parts.fleet.touch("d", 90.0)
     assert parts.fleet.get("d").last_seen == 100.0
+
+
+def test_reported_conditions_are_kept_bounded_and_shown_in_the_api_schema(tmp_path: Path) -> None:
+    from controller.api.schemas import DevicePublic
+
+    parts = Parts(tmp_path)
+    parts.fleet.register("d")
+    msg = fleet_pb2.ReportedState(device_id="d", desired_generation=1, reported_at_ms=5)
+    msg.conditions.add(kind="disk_full", message="no space left: " + "x" * 5000, since_ms=4, count=3)
+    for i in range(40):
+        msg.conditions.add(kind=f"junk-{i}", message="m", since_ms=1, count=1)
+    parts.fleet.record_reported("d", msg, received_at=10.0)
+    device = parts.fleet.get("d")
+    assert device.reported is not None
+    conditions = device.reported.conditions
+    assert len(conditions) == 16 and conditions[0].kind == "disk_full" and conditions[0].count == 3
+    assert len(conditions[0].message) == 512
+    public = DevicePublic.model_validate(device).model_dump()
+    assert public["reported"]["conditions"][0]["kind"] == "disk_full"
