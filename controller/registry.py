@@ -290,6 +290,21 @@ def _per_sample(spec: TensorSpec) -> int:
     return 0 if any(d < 0 for d in dims) else math.prod(dims)
 
 
+def newest_signature(store: Store, model: str) -> ModelSignature | None:
+    """The signature of ``model``'s newest version (what a tenant running the model is
+    checked against); None when the model has no version."""
+    row = store.query_one(
+        "SELECT v.inputs, v.outputs, s.signature FROM model_versions v LEFT JOIN version_signatures s"
+        " ON s.name = v.name AND s.version = v.version WHERE v.name = ? ORDER BY v.created_at DESC LIMIT 1",
+        (model,),
+    )
+    if row is None:
+        return None
+    if row["signature"] is not None:
+        return ModelSignature.from_json(json.loads(row["signature"]))
+    return infer_signature(_specs(row["inputs"]), _specs(row["outputs"]))
+
+
 def variant_name(fmt: str, precision: str) -> str:
     return f"{fmt}-{precision}"
 

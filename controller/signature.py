@@ -165,7 +165,7 @@ def _state_names(name: str) -> list[str]:
     return names
 
 
-def _fits(value: Sequence[int], into: Sequence[int]) -> bool:
+def fits(value: Sequence[int], into: Sequence[int]) -> bool:
     """Whether a tensor of shape ``value`` can be fed where ``into`` is expected (-1 is free)."""
     if len(value) != len(into):
         return False
@@ -176,7 +176,7 @@ def _state_output(spec: TensorSpec, outputs: Sequence[TensorSpec]) -> str:
     by_name = {o.name: o for o in outputs}
     for candidate in _state_names(spec.name):
         out = by_name.get(candidate)
-        if out is not None and out.dtype == spec.dtype and _fits(out.shape, spec.shape):
+        if out is not None and out.dtype == spec.dtype and fits(out.shape, spec.shape):
             return out.name
     return ""
 
@@ -240,7 +240,7 @@ def _meaning(spec: TensorSpec, states: set[str], inputs: Sequence[InputRole]) ->
     # A map the size of the image (free sizes match a free-sized image): one value per
     # pixel, whatever activation its name says it ends with (PaddleOCR's sigmoid_0.tmp_0).
     if len(shape) == 4 and any(
-        _fits(hw, image)
+        fits(hw, image)
         for hw in ([shape[1], shape[2]], [shape[2], shape[3]])
         for image in _image_sizes(inputs)
     ):
@@ -317,7 +317,7 @@ def _check_tensor(kind: str, name: str, dtype: str, shape: Sequence[int], spec: 
             f"{kind} {name!r}: rank {len(shape)} (shape {list(shape)}) does not match the model's "
             f"{len(spec.shape)} ({spec.shape})"
         )
-    if not _fits(shape, spec.shape):
+    if not fits(shape, spec.shape):
         raise SignatureMismatch(
             f"{kind} {name!r}: shape {list(shape)} does not match the model's {spec.shape}"
         )
@@ -352,7 +352,7 @@ def _check_input(i: InputRole, spec: TensorSpec, outputs: dict[str, TensorSpec])
                 f"{what}: state from output {i.from_output!r}, which the model does not have "
                 f"(its outputs: {sorted(outputs)})"
             )
-        if out.dtype != spec.dtype or not _fits(out.shape, spec.shape):
+        if out.dtype != spec.dtype or not fits(out.shape, spec.shape):
             raise SignatureMismatch(
                 f"{what}: state from output {out.name!r} ({out.dtype}{out.shape}) cannot be fed into "
                 f"the input ({spec.dtype}{spec.shape})"

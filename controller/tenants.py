@@ -37,6 +37,8 @@ from edgefleet_proto.tenancy import (
 )
 
 from controller.errors import InvalidInputError, UnknownTargets
+from controller.registry import newest_signature
+from controller.signature import ModelSignature, fits
 from controller.store import Store
 
 log = logging.getLogger(__name__)
@@ -350,6 +352,40 @@ def parse_tenants(docs: Sequence[Mapping[str, Any]], models: set[str]) -> list[D
     return sorted(tenants, key=lambda t: t.id)
 
 
+def check_tenant_signature(tenant: DeviceTenant, signature: ModelSignature) -> None:
+    """The tenant's post-processing outputs and input feeds exist in its model's signature
+    and fit it; InvalidTenantSpec naming the output or input otherwise."""
+    where = f"tenant {tenant.id!r}"
+    outputs = [o.name for o in signature.outputs]
+    for key in ("output", "boxes_output"):
+        name = tenant.postprocess.get(key, "")
+        if name and name not in outputs:
+            raise InvalidTenantSpec(
+                f"{where}.postprocess.{key}: model {tenant.model} has no output {name!r} (its outputs: {outputs})"
+            )
+    for feed in tenant.inputs:
+        name, what = feed["name"], f"{where}.inputs.{feed['name']}"
+        role = signature.input(name)
+        if role is None:
+            raise InvalidTenantSpec(
+                f"{what}: model {tenant.model} has no input {name!r} "
+                f"(its inputs: {[i.name for i in signature.inputs]})"
+            )
+        if role.role == "source":
+            raise InvalidTenantSpec(
+                f"{what}: the input is fed by the tenant's source, not by a constant or state"
+            )
+        if feed["dtype"] != role.dtype:
+            raise InvalidTenantSpec(f"{what}.dtype: {feed['dtype']} does not match the input's {role.dtype}")
+        if feed["shape"] and not fits(feed["shape"], role.shape):
+            raise InvalidTenantSpec(f"{what}.shape: {feed['shape']} does not match the input's {role.shape}")
+        source = feed.get("from", "")
+        if source and source not in outputs:
+            raise InvalidTenantSpec(
+                f"{what}.from: model {tenant.model} has no output {source!r} (its outputs: {outputs})"
+            )
+
+
 def with_tenants(desired: fleet_pb2.DesiredState, tenants: Sequence[DeviceTenant]) -> fleet_pb2.DesiredState:
     """``desired`` carrying exactly ``tenants``; the generation is left to the caller."""
     out = fleet_pb2.DesiredState()
@@ -379,6 +415,10 @@ class DeviceTenants:
             raise UnknownTargets(f"unknown device {device_id}")
         models = {r["name"] for r in self.store.query("SELECT name FROM models")}
         tenants = parse_tenants(docs, models)
+        for tenant in tenants:
+            signature = newest_signature(self.store, tenant.model)
+            if signature is not None:
+                check_tenant_signature(tenant, signature)
         # Read, compare and write in one transaction: a rollout pass cannot interleave.
         with self.store.transaction() as tx:
             tx.execute(

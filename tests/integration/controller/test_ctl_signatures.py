@@ -202,3 +202,40 @@ def test_a_signature_given_at_upload_is_checked_against_the_model(ctl: Ctl, real
     refused = upload(ctl, "ocr", path, signature='{"inputs": [{"name": "x"}], "outputs": []}')
     assert refused.status_code == 422 and "signature.inputs.0.role" in refused.json()["detail"]
     nothing_stored(ctl, "ocr")
+
+
+def test_tenants_are_checked_against_the_signature_of_their_models_newest_version(
+    ctl: Ctl, real_models: RealModels
+) -> None:
+    assert upload(ctl, "vad", real_models("silero_vad"), sample_inputs("silero_vad", 4)).status_code == 201
+    assert upload(ctl, "face", real_models("face_detection_short_range")).status_code == 201
+    ctl.register("box-1")
+    path = "/v1/devices/box-1/tenants"
+    mic = {"id": "mic", "model": "vad", "source": {"kind": "synthetic", "options": {"shape": "1,576"}}}
+    cam = {"id": "cam", "model": "face", "source": {"kind": "synthetic", "options": {"shape": "1,128,128,3"}}}
+    state = {"role": "state", "from": "stateN", "shape": [2, 1, 128]}
+    sr = {"role": "constant", "value": 16000, "dtype": "int64"}
+    for body, problem in (
+        (
+            [{**cam, "postprocess": {"kind": "threshold", "output": "scores"}}],
+            "tenant 'cam'.postprocess.output: model face has no output 'scores'",
+        ),
+        (
+            [{**cam, "postprocess": {"kind": "ssd", "strides": [8, 16], "boxes_output": "boxes"}}],
+            "tenant 'cam'.postprocess.boxes_output: model face has no output 'boxes'",
+        ),
+        ([{**mic, "inputs": {"rate": sr}}], "tenant 'mic'.inputs.rate: model vad has no input 'rate'"),
+        ([{**mic, "inputs": {"sr": {**sr, "dtype": "float32"}}}], "inputs.sr.dtype: float32 does not match"),
+        ([{**mic, "inputs": {"input": sr}}], "inputs.input: the input is fed by the tenant's source"),
+        ([{**mic, "inputs": {"state": {**state, "from": "hidden"}}}], "inputs.state.from: model vad has no"),
+        ([{**mic, "inputs": {"state": {**state, "shape": [2, 1, 64]}}}], "inputs.state.shape: [2, 1, 64]"),
+    ):
+        refused = ctl.api("PUT", path, json=body)
+        assert refused.status_code == 422 and problem in refused.json()["detail"], refused.text
+        assert ctl.api("GET", path).json() == []  # nothing stored
+    good = [
+        {**mic, "inputs": {"sr": sr, "state": state}},
+        {**cam, "postprocess": {"kind": "threshold", "output": "classificators", "activation": "sigmoid"}},
+    ]
+    accepted = ctl.api("PUT", path, json=good)
+    assert accepted.status_code == 200, accepted.text
