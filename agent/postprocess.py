@@ -10,7 +10,8 @@ A tenant's ``[tenants.postprocess]`` table names one ``kind``:
   class logits per anchor, anchors generated from ``strides``) + non-maximum suppression;
 - ``yolo``: YOLO-style rows of (cx, cy, w, h, [objectness], class scores) in input
   pixels, either layout (v5: anchors x rows, v8: rows x anchors) + non-maximum suppression;
-- ``mask``: per-pixel argmax over the class axis -> a class-index mask and pixel counts.
+- ``mask``: per-pixel argmax over the class axis -> a class-index mask and pixel counts
+  (a single-channel probability map: 1 where it reaches ``threshold``, else 0).
 
 Boxes come out normalised to the *source* frame (x0, y0, x1, y1 in 0..1) once the
 letterbox padding the preprocessing added is undone, so a detection is where the
@@ -293,7 +294,11 @@ def _mask(outputs: Mapping[str, np.ndarray], spec: PostprocessSpec, layout: str)
             f"postprocess: a mask needs a (classes, H, W) or (H, W, classes) output, got {x.shape}"
         )
     axis = 0 if layout == "nchw" else -1
-    mask = x.argmax(axis=axis).astype(np.uint8)
+    if x.shape[axis] == 1:
+        # One probability per pixel (a person, text): foreground where it reaches the threshold.
+        mask = (_activate(x, spec.activation).take(0, axis=axis) >= spec.threshold).astype(np.uint8)
+    else:
+        mask = x.argmax(axis=axis).astype(np.uint8)
     values, counts = np.unique(mask, return_counts=True)
     return Outcome(mask=mask, mask_counts={int(v): int(c) for v, c in zip(values, counts, strict=True)})
 

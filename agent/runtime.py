@@ -110,7 +110,18 @@ class OnnxModel:
             if not isinstance(value, np.ndarray):
                 raise InferenceError(f"output {name!r} is a {type(value).__name__}, not a tensor")
             out[name] = value
-        return out
+        return check_outputs(out)
+
+
+def check_outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A NaN is no answer: a run that gives one (a corrupt weight, an input the model was never
+    meant for) failed, so the gates and the probation count it, as they count a runtime error."""
+    for name, value in outputs.items():
+        if value.dtype.kind in "fc":
+            bad = int(np.count_nonzero(np.isnan(value)))
+            if bad:
+                raise InferenceError(f"output {name!r} holds NaN in {bad} of its {value.size} values")
+    return outputs
 
 
 def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) -> None:
@@ -222,11 +233,12 @@ class LiteRtModel:
                     )
                 self._interpreter.invoke()
                 by_name = {d["name"]: d["index"] for d in self._interpreter.get_output_details()}
-                return {n: np.array(self._interpreter.get_tensor(by_name[n])) for n in names}
+                out = {n: np.array(self._interpreter.get_tensor(by_name[n])) for n in names}
             except ValueError as exc:
                 raise InvalidInput(f"LiteRT refused the inputs: {exc}") from None
             except RuntimeError as exc:
                 raise InferenceError(f"LiteRT failed: {exc}") from None
+        return check_outputs(out)
 
     def _resize(self, inputs: Mapping[str, np.ndarray]) -> None:
         current = {

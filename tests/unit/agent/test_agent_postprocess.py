@@ -89,6 +89,22 @@ def test_mask_is_the_argmax_over_classes() -> None:
     assert out.mask_counts == {0: 3, 2: 1}
 
 
+def test_a_single_channel_mask_is_the_probability_map_thresholded() -> None:
+    # MediaPipe's selfie segmentation (1, H, W, 1) and PaddleOCR's text map (1, 1, H, W) give
+    # one probability per pixel: an argmax over one channel would say "background" everywhere.
+    nhwc = np.zeros((1, 2, 3, 1), np.float32)
+    nhwc[0, 0, 1:, 0] = [0.7, 0.5]
+    out = apply({"m": nhwc}, PostprocessSpec(kind="mask", threshold=0.5))
+    assert out.mask is not None and out.mask.tolist() == [[0, 1, 1], [0, 0, 0]]
+    assert out.mask_counts == {0: 4, 1: 2}
+    logits = np.full((1, 1, 2, 2), -3.0, np.float32)
+    logits[0, 0, 1, 1] = 2.0
+    out = apply(
+        {"m": logits}, PostprocessSpec(kind="mask", activation="sigmoid", threshold=0.3), layout="nchw"
+    )
+    assert out.mask is not None and out.mask.tolist() == [[0, 0], [0, 1]]
+
+
 def test_letterbox_keeps_the_aspect_ratio_and_centres_the_frame() -> None:
     frame = np.full((50, 100, 3), 255, np.uint8)
     out, box = letterbox(frame, 100, 100)

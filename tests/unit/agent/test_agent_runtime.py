@@ -8,7 +8,7 @@ import pytest
 from skl2onnx import to_onnx
 from sklearn.linear_model import LogisticRegression
 
-from agent.errors import InvalidInput, ModelLoadError, UnsupportedRuntime
+from agent.errors import InferenceError, InvalidInput, ModelLoadError, UnsupportedRuntime
 from agent.runtime import OnnxRuntimeBackend, TensorSpec, backend_for
 from tests.unit.agent.models import linear_model
 
@@ -88,3 +88,26 @@ def test_backend_lookup() -> None:
     assert backend_for("", "tflite").name == "litert"
     with pytest.raises(UnsupportedRuntime, match="'tensorrt' for format 'onnx' is not available"):
         backend_for("tensorrt", "onnx")
+
+
+def sqrt_model(path: Path) -> Path:
+    """y = sqrt(x): NaN for every negative x, as a model with a broken weight gives on real inputs."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Sqrt", ["x"], ["y"])],
+        "sqrt",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+    )
+    path.write_bytes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    )
+    return path
+
+
+def test_an_output_holding_nan_is_a_failed_inference_naming_the_output(tmp_path: Path) -> None:
+    model = OnnxRuntimeBackend().load(sqrt_model(tmp_path / "sqrt.onnx"))
+    np.testing.assert_array_equal(model.run({"x": np.array([[1, 4, 9]], np.float32)})["y"], [[1, 2, 3]])
+    with pytest.raises(InferenceError, match=r"output 'y' holds NaN in 2 of its 3 values"):
+        model.run({"x": np.array([[-1, 4, -9]], np.float32)})
