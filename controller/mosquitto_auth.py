@@ -86,6 +86,8 @@ class BrokerAuth:
             mode, gid = current.st_mode & 0o777, current.st_gid
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            raise BrokerAuthError(f"cannot write {self.passwd_file}: {exc}") from None
         try:
             atomic_write(self.passwd_file, data, mode=mode)
             if gid != -1 and gid != os.getegid():

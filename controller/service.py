@@ -4,6 +4,7 @@ telemetry and the MQTT transport, plus first-time initialisation of a data folde
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from collections.abc import Iterator
@@ -45,7 +46,11 @@ class Controller:
         self.signer = Signer.load_or_create(settings.data_dir / "signing")
         self.certificates = CertificateAuthority.load_or_create(settings.data_dir / "ca")
         self.registry = Registry(
-            self.store, self.artifacts, settings.max_upload_bytes, self.signer, settings.max_model_memory_bytes
+            self.store,
+            self.artifacts,
+            settings.max_upload_bytes,
+            self.signer,
+            settings.max_model_memory_bytes,
         )
         self.optimizer = Optimizer(self.registry, settings.data_dir / "work")
         self.registry.on_added = self.optimizer.submit
@@ -109,7 +114,10 @@ class Controller:
         self.rollout_runner.start()
         transport.on_capture = self.closed_loop.datasets.receive
         transport.capture_quota = CaptureQuota(
-            self.store, self.closed_loop.datasets.staging, self.settings.capture_quota_bytes, transport.counters
+            self.store,
+            self.closed_loop.datasets.staging,
+            self.settings.capture_quota_bytes,
+            transport.counters,
         )
         self.closed_loop.desired.publisher = transport
         self.tenants.publisher = transport
@@ -228,16 +236,23 @@ def _undo_on_failure(data_dir: Path, passwd_file: Path) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if not existed:
-            shutil.rmtree(data_dir, ignore_errors=True)
-        else:
-            for path in data_dir.iterdir():
-                if path.name not in before:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        if old_passwd is not None:
-            atomic_write(passwd_file, old_passwd, mode=0o600)
-        elif not passwd_file.is_relative_to(data_dir):
-            passwd_file.unlink(missing_ok=True)
+        # Cleanup never hides the error that made it necessary.
+        with contextlib.suppress(OSError):
+            if not existed:
+                shutil.rmtree(data_dir)
+            else:
+                for path in data_dir.iterdir():
+                    if path.name in before:
+                        continue
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+        with contextlib.suppress(OSError):
+            if old_passwd is not None:
+                atomic_write(passwd_file, old_passwd, mode=0o600)
+            elif not passwd_file.is_relative_to(data_dir):
+                passwd_file.unlink(missing_ok=True)
         raise
 
 
