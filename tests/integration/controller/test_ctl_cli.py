@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +153,35 @@ def test_rotated_token_takes_effect_without_a_restart(server: Server, initialise
     new = rotated.stdout.strip()
     assert run("--token", old, "models", "list", env=server.env).returncode == 1
     assert run("--token", new, "models", "list", env=server.env).returncode == 0
+
+
+@pytest.mark.slow
+def test_models_upload_with_samples_and_the_signature_commands(
+    server: Server, tmp_path: Path, real_models: Callable[[str], Path]
+) -> None:
+    import numpy as np
+
+    from tests.realmodels import sample_inputs
+
+    model = real_models("silero_vad")
+    refused = run("models", "upload", str(model), "--name", "vad", "--version", "1", env=server.env)
+    assert refused.returncode == 1 and "Pad reflect requires axis length >= 2" in refused.stderr
+    samples = tmp_path / "vad.npz"
+    np.savez(samples, **sample_inputs("silero_vad", 4))  # type: ignore[arg-type]
+    version = server.cli(
+        "models", "upload", str(model), "--name", "vad", "--version", "1", "--samples", str(samples)
+    )
+    assert (version["sample_origin"], version["sample_count"]) == ("uploaded", 4)
+    shown = run("models", "show", "vad", "1", env=server.env)
+    assert shown.returncode == 0 and "state: from stateN" in shown.stdout
+    signature = server.cli("models", "signature", "vad", "1")
+    signature["inputs"][2]["value"] = [16000]
+    edited = tmp_path / "signature.json"
+    edited.write_text(json.dumps(signature))
+    assert server.cli("models", "signature", "vad", "1", "--set", str(edited))["inputs"][2]["value"] == [
+        16000.0
+    ]
+    signature["inputs"][2]["dtype"] = "float32"
+    edited.write_text(json.dumps(signature))
+    wrong = run("models", "signature", "vad", "1", "--set", str(edited), env=server.env)
+    assert wrong.returncode == 1 and "input 'sr': dtype float32 does not match" in wrong.stderr
