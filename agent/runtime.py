@@ -199,17 +199,60 @@ def _litert_spec(detail: Mapping[str, Any]) -> TensorSpec:
     return TensorSpec(str(detail["name"]), np.dtype(detail["dtype"]).name, tuple(int(d) for d in shape))
 
 
+def _quantization(detail: Mapping[str, Any]) -> tuple[float, int] | None:
+    """A tensor's per-tensor (scale, zero point) when it holds quantized integers, else None."""
+    if np.dtype(detail["dtype"]).kind not in "iu":
+        return None
+    params = detail.get("quantization_parameters") or {}
+    scales, zeros = list(params.get("scales", ())), list(params.get("zero_points", ()))
+    if len(scales) != 1 or not scales[0] > 0:
+        return None
+    return float(scales[0]), int(zeros[0]) if zeros else 0
+
+
+def _float_spec(spec: TensorSpec) -> TensorSpec:
+    return TensorSpec(spec.name, "float32", spec.shape)
+
+
 class LiteRtModel:
     """One TFLite interpreter. It is not thread-safe, so runs are serialised; a batch size
-    other than the one allocated resizes the input tensors first."""
+    other than the one allocated resizes the input tensors first.
+
+    A fully quantized model (int8 inputs and outputs, as an integer-only accelerator wants)
+    is served with float32 tensors at its edge, quantized and dequantized by the tensors'
+    own parameters: samples, tenant sources, gates and drift all speak real values, whatever
+    variant a device got. A caller may still hand an input its raw integers."""
 
     def __init__(self, interpreter: Any) -> None:
         self._interpreter = interpreter
         self._lock = threading.Lock()
         self._in = interpreter.get_input_details()
         self._out = interpreter.get_output_details()
-        self._inputs = [_litert_spec(d) for d in self._in]
-        self._outputs = [_litert_spec(d) for d in self._out]
+        self._raw_inputs = [_litert_spec(d) for d in self._in]
+        self._quant_in = {str(d["name"]): q for d in self._in if (q := _quantization(d)) is not None}
+        self._quant_out = {str(d["name"]): q for d in self._out if (q := _quantization(d)) is not None}
+        self._inputs = [_float_spec(s) if s.name in self._quant_in else s for s in self._raw_inputs]
+        self._outputs = [
+            _float_spec(s) if s.name in self._quant_out else s for s in (_litert_spec(d) for d in self._out)
+        ]
+
+    def _quantize(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raw = {s.name: s for s in self._raw_inputs}
+        out = dict(inputs)
+        for name, (scale, zero) in self._quant_in.items():
+            array = out.get(name)
+            if array is None or array.dtype.kind != "f":
+                continue
+            info = np.iinfo(np.dtype(raw[name].dtype))
+            q = np.round(array.astype(np.float64) / scale) + zero
+            out[name] = np.clip(q, info.min, info.max).astype(raw[name].dtype)
+        return out
+
+    def _dequantize(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, (scale, zero) in self._quant_out.items():
+            if name in outputs:
+                outputs[name] = ((outputs[name].astype(np.float32) - zero) * scale).astype(np.float32)
+        return outputs
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -222,7 +265,8 @@ class LiteRtModel:
     def run(
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] = ()
     ) -> dict[str, np.ndarray]:
-        check_inputs(self._inputs, inputs)
+        inputs = self._quantize(inputs)
+        check_inputs(self._raw_inputs, inputs)
         names = select_outputs(self._outputs, output_names)
         with self._lock:
             try:
@@ -238,7 +282,7 @@ class LiteRtModel:
                 raise InvalidInput(f"LiteRT refused the inputs: {exc}") from None
             except RuntimeError as exc:
                 raise InferenceError(f"LiteRT failed: {exc}") from None
-        return check_outputs(out)
+        return check_outputs(self._dequantize(out))
 
     def _resize(self, inputs: Mapping[str, np.ndarray]) -> None:
         current = {

@@ -93,10 +93,21 @@ def staging_inputs(
     inputs: Sequence[TensorSpec], signature: ModelSignature | None, sample: Path | None
 ) -> dict[str, np.ndarray]:
     """What the staging smoke inference runs."""
+    original = signature
+    if signature is not None:
+        # A variant may name its inputs otherwise than the uploaded model, whose names the
+        # signature and the sample use: it takes them by position (ModelSignature.bound).
+        signature = signature.bound([s.name for s in inputs], [o.name for o in signature.outputs])
     made = synthesize(inputs, signature)
     if sample is None:
         return made
     arrays = load(sample)
+    if original is not None and signature is not original:
+        arrays = {
+            spec.name: arrays[role.name]
+            for spec, role in zip(inputs, original.inputs, strict=True)
+            if spec.name not in arrays and role.name in arrays
+        } | arrays
     out = {}
     for spec in inputs:
         role = signature.input(spec.name) if signature is not None else None

@@ -9,7 +9,7 @@ assignment is compared whole. Pure code: no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -72,6 +72,29 @@ class ModelSignature:
         """The constant and state inputs, as tenant feeds."""
         return tuple(i.feed() for i in self.inputs if i.role in (CONSTANT, STATE))
 
+    def bound(self, input_names: Sequence[str], output_names: Sequence[str]) -> ModelSignature:
+        """This signature in the tensor names of the file that serves it.
+
+        The signature is the uploaded model's; a variant made from it or added beside it (a
+        TFLite file converted from an ONNX upload) may name its tensors otherwise while keeping
+        their order. Names the file lacks are then bound by position, inputs and outputs alike
+        (and a state's ``from_output`` with them), when the counts agree; else it is left as is.
+        """
+        inputs, outputs = self.inputs, self.outputs
+        renamed_out: dict[str, str] = {}
+        if _differs([o.name for o in outputs], output_names):
+            renamed_out = {o.name: n for o, n in zip(outputs, output_names, strict=True)}
+            outputs = tuple(replace(o, name=renamed_out[o.name]) for o in outputs)
+        if _differs([i.name for i in inputs], input_names):
+            inputs = tuple(replace(i, name=n) for i, n in zip(inputs, input_names, strict=True))
+        if renamed_out:
+            inputs = tuple(
+                replace(i, from_output=renamed_out.get(i.from_output, i.from_output)) for i in inputs
+            )
+        if inputs == self.inputs and outputs == self.outputs:
+            return self
+        return ModelSignature(inputs, outputs)
+
     @property
     def stateful(self) -> bool:
         return any(i.role == STATE for i in self.inputs)
@@ -109,6 +132,11 @@ class ModelSignature:
                 OutputMeaning(**{**o, "shape": tuple(o.get("shape", ()))}) for o in doc.get("outputs", ())
             ),
         )
+
+
+def _differs(names: Sequence[str], actual: Sequence[str]) -> bool:
+    """Whether ``names`` must be bound to ``actual`` by position: the same count, other names."""
+    return bool(names) and len(names) == len(actual) and set(names) != set(actual)
 
 
 def framed(pre: PreprocessSpec, signature: ModelSignature | None) -> PreprocessSpec:

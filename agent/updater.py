@@ -854,8 +854,12 @@ class Updater:
     def _serve(self, a: Assignment, model: Any, hold_previous: bool = False) -> None:
         path = self.artifacts.model_path(a.digest, a.format)
         runtime = a.runtime or "onnxruntime"
+        signature = a.signature
+        if signature is not None:
+            # In the served file's own tensor names (a converted variant may rename them).
+            signature = signature.bound([i.name for i in model.inputs], [o.name for o in model.outputs])
         serving = ServingModel(
-            a.tenant, a.model_name, a.model_version, a.digest, runtime, path, model, a.signature
+            a.tenant, a.model_name, a.model_version, a.digest, runtime, path, model, signature
         )
         self.pool.put(serving, hold_previous=hold_previous)
 

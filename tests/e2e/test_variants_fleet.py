@@ -74,12 +74,10 @@ def test_each_profile_gets_its_variant_and_an_incompatible_device_is_skipped(
         "models", "upload", str(mlp.path), "--name", "digits", "--version", "1",
         "--calibration", str(calibration), "--metrics", '{"accuracy": 0.92}', "--fp16",
     )  # fmt: skip
-    # The upload returned before quantization finished.
-    assert {v["variant"]: v["status"] in ("pending", "running") for v in version["variants"]} == {
-        "onnx-fp32": False,
-        "onnx-int8-static": True,
-        "onnx-fp16": True,
-    }
+    # The upload answers with every variant it will produce; quantization runs in the background
+    # (how far it got by now depends on the machine's load, so only the fp32 original is known).
+    assert {v["variant"] for v in version["variants"]} == {"onnx-fp32", "onnx-int8-static", "onnx-fp16"}
+    assert next(v for v in version["variants"] if v["variant"] == "onnx-fp32")["status"] == "ready"
     int8_tflite = tflite_mlp(tmp_path / "mlp-int8.tflite", mlp.layers, int8=True, calibration=mlp.calibration)
     controller.cli("models", "add-variant", "digits", "1", str(int8_tflite))
     done = wait_until(lambda: all_variants_done(controller, "digits", "1"), 120, "variants produced")
@@ -116,7 +114,7 @@ def test_each_profile_gets_its_variant_and_an_incompatible_device_is_skipped(
     rollout = controller.cli(*args)
     final = wait_until(lambda: rollout_done(controller, rollout["id"]), 120, "the rollout to finish")
     statuses = {d["device_id"]: (d["status"], d["detail"]) for d in final["devices"]}
-    assert final["status"] == "succeeded", final
+    assert final["status"] == "succeeded", (final["status"], statuses, final.get("reason"))
     assert {d: s for d, (s, _) in statuses.items()} == {
         "pi-zero": "active",
         "jetson": "active",
