@@ -173,11 +173,8 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
             )
             for name, array in outputs.items():
                 response.outputs[name].CopyFrom(from_numpy(array, f"output {name!r}"))
-            first = serving.model.inputs[0].name if serving.model.inputs else ""
-            if self.observer is not None and first in inputs:
-                self.observer.observe(
-                    tenant, serving.model_name, serving.model_version, inputs[first], outputs
-                )
+            if self.observer is not None:
+                self._observe(tenant, serving, inputs, outputs)
         except (TensorCodecError, InvalidInput) as exc:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except Overloaded as exc:
@@ -205,6 +202,26 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
             )
             _abort(context, code, message)
         return response
+
+    def _observe(
+        self,
+        tenant: str,
+        serving: ServingModel,
+        inputs: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+    ) -> None:
+        """Sketch the input the version's signature says a source feeds, in its layout; without
+        a signature, the model's first input, whose layout the drift spec tells."""
+        assert self.observer is not None
+        source = serving.signature.source() if serving.signature is not None else None
+        name = source.name if source is not None else ""
+        if name not in inputs:
+            name, source = (serving.model.inputs[0].name if serving.model.inputs else ""), None
+        if name in inputs:
+            layout = source.layout if source is not None else ""
+            self.observer.observe(
+                tenant, serving.model_name, serving.model_version, inputs[name], outputs, layout=layout
+            )
 
     def _offer_shadow(
         self,

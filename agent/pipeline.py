@@ -540,9 +540,14 @@ class Pipelines:
             return
         latency_ms = (time.perf_counter() - job.queued_at) * 1000.0
         self._record(tenant, serving, Origin.PIPELINE, latency_ms, ok=True)
-        self._deliver(spec, serving, job, outputs, latency_ms)
+        sketched = self.observer is not None and self.observer.sketcher.wants(
+            tenant, serving.model_name, serving.model_version
+        )
+        outcome = self._outcome(spec, job, outputs) if sketched or self._wanted(spec) else None
+        self._deliver(spec, serving, job, outputs, latency_ms, outcome)
         if self.observer is not None:
-            # The preprocessing made the image, so its layout is known, not read from the shape.
+            # The preprocessing made the image, so its layout is known, not read from the shape;
+            # a post-processed tenant is sketched on the scores its consumers get.
             self.observer.observe(
                 tenant,
                 serving.model_name,
@@ -550,6 +555,7 @@ class Pipelines:
                 job.prepared.array,
                 outputs,
                 layout=spec.preprocess.layout,
+                outcome=outcome,
             )
         candidate = self.pool.get(shadow_of(tenant))
         if candidate is not None:
@@ -585,19 +591,19 @@ class Pipelines:
             raise TenantError(fit[1])
         return fit[0]
 
-    def _deliver(
-        self,
-        spec: TenantSpec,
-        serving: ServingModel,
-        job: Job,
-        outputs: dict[str, np.ndarray],
-        latency_ms: float,
-    ) -> None:
-        want_grpc = "grpc" in spec.results and self.hub.wanted(spec.id)
-        if not (want_grpc or "mqtt" in spec.results):
-            return
+    def _wanted(self, spec: TenantSpec) -> bool:
+        """Whether anyone takes the tenant's results: MQTT, or a gRPC StreamResults caller."""
+        return "mqtt" in spec.results or ("grpc" in spec.results and self.hub.wanted(spec.id))
+
+    def _outcome(
+        self, spec: TenantSpec, job: Job, outputs: dict[str, np.ndarray]
+    ) -> postprocess.Outcome | None:
+        """The tenant's post-processed result; None without post-processing, or when it failed
+        (logged, rate-limited: the same failure repeats on every sample)."""
+        if not spec.postprocess.kind:
+            return None
         try:
-            outcome = self._postprocess(spec, job, outputs)
+            return self._postprocess(spec, job, outputs)
         except TenantError as exc:
             self._warn(
                 (spec.id, "postprocess"),
@@ -606,7 +612,24 @@ class Pipelines:
                 spec.id,
                 exc,
             )
+            return None
+
+    def _deliver(
+        self,
+        spec: TenantSpec,
+        serving: ServingModel,
+        job: Job,
+        outputs: dict[str, np.ndarray],
+        latency_ms: float,
+        outcome: postprocess.Outcome | None,
+    ) -> None:
+        want_grpc = "grpc" in spec.results and self.hub.wanted(spec.id)
+        if not (want_grpc or "mqtt" in spec.results):
             return
+        if outcome is None:
+            if spec.postprocess.kind:
+                return  # post-processing failed (logged): there is no result to deliver
+            outcome = postprocess.Outcome()
         result = inference_pb2.Result(
             tenant=spec.id,
             model_name=serving.model_name,

@@ -14,13 +14,18 @@ import pytest
 from edgefleet_proto import fleet_pb2, inference_pb2
 
 from agent.api import InferenceApi
+from agent.observe import Observer
 from agent.pipeline import Job, Pipelines, ResultHub
 from agent.pool import ModelPool, ServingModel
+from agent.postprocess import PostprocessSpec
 from agent.preprocess import Prepared
 from agent.telemetry import PipelineStats
 from agent.tenants import TenantSpec
 from agent.tensors import from_numpy
+from controller import drift
 from tests.unit.agent.models import linear_model, write_model
+
+CONFIDENCE_EDGES = drift.CONFIDENCE_EDGES
 
 
 def serve(pool: ModelPool, tenant: str, path: Path, seed: int, version: str) -> ServingModel:
@@ -135,3 +140,43 @@ def test_grpc_calls_and_their_shadow_comparisons_count_in_the_same_place(pipelin
     tenants, _ = pipelines.stats.drain(*pipelines.telemetry_inputs())
     app = next(t for t in tenants if t.tenant == "app")
     assert (app.inferences, app.errors) == (3, 1)
+
+
+def test_a_post_processed_tenant_is_sketched_on_the_scores_its_consumers_get(tmp_path: Path) -> None:
+    """The confidence gate reads the sketches' confidence: for a tenant whose results are
+    post-processed (here a sigmoid over the scores), that is the post-processed top score."""
+    spec = fleet_pb2.DriftSpec(
+        tenant="app", model_name="m", model_version="1", num_classes=3, confidence_edges=CONFIDENCE_EDGES
+    )
+    for i in range(4):
+        spec.features.add(name=f"f{i}", edges=[0.0])
+    observer = Observer("dev-1")
+    observer.configure(fleet_pb2.DesiredState(drift_specs=[spec]))
+    p = Pipelines(
+        "dev-1",
+        ModelPool(threads=1),
+        1,
+        PipelineStats(),
+        lambda *a: None,
+        lambda *a: None,
+        ResultHub(),
+        observer,
+    )
+    live = serve(p.pool, "app", tmp_path / "live.onnx", 1, "1")
+    post = PostprocessSpec(kind="classes", activation="sigmoid", top_k=1)
+    # Nobody subscribes to the results: the sketch alone needs the post-processed scores.
+    p.apply((TenantSpec("app", model="m", queue=16, postprocess=post),))
+    x = np.random.default_rng(0).normal(0, 2, size=(12, 4)).astype(np.float32)
+    for row in x:
+        p.submit("app", Job(Prepared(row[None], 0, 0), 0, time.perf_counter()))
+    p.start()
+    assert p.scheduler.stop(10)
+
+    scores = live.model.run({"x": x})["y"].astype(np.float64)
+    sigmoid = 1 / (1 + np.exp(-scores))
+    softmax = np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
+    want = drift.histogram(sigmoid.max(axis=1), CONFIDENCE_EDGES)
+    assert want != drift.histogram(softmax.max(axis=1), CONFIDENCE_EDGES), "the test must tell them apart"
+    (sketch,) = observer.drain_sketches()
+    assert tuple(sketch.confidence.counts) == want
+    assert list(sketch.class_counts) == np.bincount(scores.argmax(axis=1), minlength=3).tolist()
