@@ -6,7 +6,7 @@ read, and a chunked body is counted as it streams and refused with 413 the momen
 it passes the limit (the framework's temporary file of the parts read so far is
 then closed and removed). Multipart uploads are also measured part by part: the
 model file may take ``max_upload_bytes``, a calibration set
-:data:`~controller.calibration.MAX_CALIBRATION_BYTES`, a data set
+:data:`~controller.calibration.MAX_CALIBRATION_BYTES` and sample inputs as much, a data set
 :data:`~controller.datasets.MAX_DATASET_BYTES`, and each plain form field
 :data:`FIELD_BYTES`.
 """
@@ -66,8 +66,13 @@ def limits_for(method: str, path: str, max_upload_bytes: int) -> BodyLimits | No
     if method not in ("POST", "PUT", "PATCH"):
         return None
     if _VERSION_UPLOAD.match(path):
-        parts = {"file": max_upload_bytes, "calibration": MAX_CALIBRATION_BYTES}
-        return BodyLimits(max_upload_bytes + MAX_CALIBRATION_BYTES + ENVELOPE_BYTES, parts)
+        # Sample inputs are a set of the same kind as a calibration set, with the same bound.
+        parts = {
+            "file": max_upload_bytes,
+            "calibration": MAX_CALIBRATION_BYTES,
+            "samples": MAX_CALIBRATION_BYTES,
+        }
+        return BodyLimits(max_upload_bytes + 2 * MAX_CALIBRATION_BYTES + ENVELOPE_BYTES, parts)
     if _VARIANT_UPLOAD.match(path):
         return BodyLimits(max_upload_bytes + ENVELOPE_BYTES, {"file": max_upload_bytes})
     if _DATASET_UPLOAD.match(path):

@@ -239,3 +239,12 @@ def test_tenants_are_checked_against_the_signature_of_their_models_newest_versio
     ]
     accepted = ctl.api("PUT", path, json=good)
     assert accepted.status_code == 200, accepted.text
+
+
+def test_sample_inputs_larger_than_a_form_field_are_accepted(ctl: Ctl, real_models: RealModels) -> None:
+    # Twelve 128x128 RGB float32 frames: 2.4 MB, more than a plain form field may hold.
+    samples = sample_inputs("face_detection_short_range", 12)
+    assert len(npz(samples)) > 2 * 1024 * 1024
+    created = upload(ctl, "face", real_models("face_detection_short_range"), samples)
+    assert created.status_code == 201, created.text
+    assert (created.json()["sample_origin"], created.json()["sample_count"]) == ("uploaded", 12)
