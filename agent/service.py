@@ -123,8 +123,9 @@ class Service:
             max_attempts=config.updates.max_attempts,
         )
         self.server: grpc.Server | None = None
-        # Start of the telemetry window in progress (ms since the epoch).
-        self.window_start = now_ms()
+        # Start of the telemetry window in progress, on the monotonic clock: a window lasts
+        # what that clock says, so a jump of the device's clock never stretches or inverts one.
+        self.window_began = time.monotonic()
 
     def _publish_result(self, topic: str, payload: bytes) -> None:
         # Results are live: while the broker is away they are not queued.
@@ -195,7 +196,7 @@ class Service:
     def _loop(self) -> None:
         interval = self.config.telemetry_interval_s
         next_telemetry = time.monotonic() + interval
-        self.window_start = now_ms()
+        self.window_began = time.monotonic()
         watchdog = self.notifier.watchdog_interval_s
         next_ping = time.monotonic()
         while not self.stopping.is_set():
@@ -208,9 +209,7 @@ class Service:
                 self.notifier.watchdog()
                 next_ping = now + watchdog
             if now >= next_telemetry:
-                window_end = now_ms()
-                self._telemetry(self.window_start, window_end)
-                self.window_start = window_end
+                self._close_window()
                 next_telemetry = max(next_telemetry + interval, now)
                 self.pool.sweep()
                 self.notifier.status(self._status_line())
@@ -317,6 +316,14 @@ class Service:
         log.warning("payload rejected device=%s topic=%s error=%s", self.config.device_id, topic, reason)
         self.emit("payload_rejected", "warning", reason, {"topic": topic, **attributes})
 
+    def _close_window(self) -> None:
+        """Send the window in progress, stamped by the device's clock as it ends (a jump of that
+        clock moves the windows after it, as the controller should see them) and as long as the
+        monotonic clock says it lasted."""
+        began, self.window_began = self.window_began, time.monotonic()
+        end = now_ms()
+        self._telemetry(end - round((self.window_began - began) * 1000), end)
+
     def _telemetry(self, window_start: int, window_end: int) -> None:
         telemetry = build_telemetry(
             self.config.device_id,
@@ -365,7 +372,7 @@ class Service:
         self._queue_captures(final=True)
         # So does the window in progress, with its drift sketches: inference has stopped, so
         # nothing more lands in it, and without it the last seconds served would be lost.
-        self._telemetry(self.window_start, now_ms())
+        self._close_window()
         deadline = time.monotonic() + FLUSH_ON_STOP_S
         while self.link.connected and time.monotonic() < deadline:
             self.sender.pump(True)
