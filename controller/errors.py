@@ -13,12 +13,15 @@
     │   ├── DatasetNotFound
     │   ├── PolicyNotFound
     │   ├── RetrainingRunNotFound
-    │   └── TokenNotFound                an operator token id that does not exist
+    │   ├── TokenNotFound                an operator token id that does not exist
+    │   ├── GroupNotFound                a device group name that does not exist
+    │   └── WindowNotFound               a maintenance window id that does not exist
     ├── ConflictError                    the thing already exists (HTTP 409)
     │   ├── VersionExists
     │   ├── DeviceExists
     │   ├── RolloutConflict              a device and tenant already in another active rollout
-    │   └── CommandRefused               an operator command the rollout's state does not allow
+    │   ├── CommandRefused               an operator command the rollout's state does not allow
+    │   └── GroupExists                  a device group of that name exists already
     ├── InvalidInputError                bad input, nothing was changed (HTTP 422)
     │   ├── InvalidModel                 onnx.checker / onnxruntime refused the file
     │   ├── InvalidDeviceId
@@ -28,7 +31,9 @@
     │   ├── InvalidDataset               a capture upload or label file that does not hold together
     │   ├── InvalidPolicy                a retraining policy with a bad condition, trigger or cooldown
     │   ├── InvalidPublicKey             a device public key (or validity) a certificate cannot be issued for
-    │   └── InvalidTokenRequest          an operator token with an unknown role, a bad name or lifetime
+    │   ├── InvalidTokenRequest          an operator token with an unknown role, a bad name or lifetime
+    │   ├── InvalidGroup                 a group with a bad name, an unknown device or profile, a bad query
+    │   └── InvalidWindow                a maintenance window with a bad cron, time zone or duration
     ├── TooLargeError                    an upload over the configured limit (HTTP 413)
     ├── ConfigError                      controller.toml missing or invalid (fatal at start)
     │   ├── AlreadyInitialised
@@ -193,4 +198,24 @@ class TokenNotFound(NotFoundError):
 
 
 class InvalidTokenRequest(InvalidInputError):
+    pass
+
+
+class GroupNotFound(NotFoundError):
+    pass
+
+
+class GroupExists(ConflictError):
+    pass
+
+
+class InvalidGroup(InvalidInputError):
+    pass
+
+
+class WindowNotFound(NotFoundError):
+    pass
+
+
+class InvalidWindow(InvalidInputError):
     pass

@@ -317,6 +317,20 @@ CREATE TABLE IF NOT EXISTS tenant_counters (
     errors INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (device_id, tenant)
 );
+-- What each device's agent could not deliver (its outbox's loss counts in telemetry), totalled
+-- per device from the counts of its newest window (last_*): controller.outbox_losses.
+CREATE TABLE IF NOT EXISTS outbox_losses (
+    device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
+    seq INTEGER NOT NULL,
+    window_end_ms INTEGER NOT NULL,
+    last_bound INTEGER NOT NULL,
+    last_space INTEGER NOT NULL,
+    last_unwritable INTEGER NOT NULL,
+    dropped_at_bound INTEGER NOT NULL,
+    dropped_for_space INTEGER NOT NULL,
+    unwritable INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
 -- Messages refused or cut short (per topic kind and reason; per device for rate limits,
 -- storage quotas and bytes served): controller.message_counters, exported on /metrics.
 CREATE TABLE IF NOT EXISTS message_counters (
@@ -359,6 +373,32 @@ CREATE TABLE IF NOT EXISTS audit_log (
     status INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at);
+-- Device groups (controller.groups): static (its members listed) or dynamic (a saved query
+-- over tags and profile, resolved when read); and maintenance windows (controller.maintenance)
+-- of a group or of one device.
+CREATE TABLE IF NOT EXISTS device_groups (
+    name TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    query TEXT NOT NULL,
+    description TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS group_members (
+    group_name TEXT NOT NULL REFERENCES device_groups(name) ON DELETE CASCADE,
+    device_id TEXT NOT NULL REFERENCES devices(device_id),
+    PRIMARY KEY (group_name, device_id)
+);
+CREATE TABLE IF NOT EXISTS maintenance_windows (
+    id TEXT PRIMARY KEY,
+    group_name TEXT REFERENCES device_groups(name) ON DELETE CASCADE,
+    device_id TEXT REFERENCES devices(device_id),
+    cron TEXT NOT NULL,
+    duration_s REAL NOT NULL,
+    timezone TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    CHECK ((group_name IS NULL) != (device_id IS NULL))
+);
 """
 
 
