@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from controller import message_counters
+from controller import message_counters, outbox_losses
 from controller.baselines import Baselines
 from controller.errors import ControllerError
 from controller.rollups import Rollups, VersionStats
@@ -208,6 +208,7 @@ class FleetCollector(Collector):
             dropped.add_metric([device, tenant], d)
             tenant_errors.add_metric([device, tenant], e)
         yield from (dropped, tenant_errors)
+        yield _outbox_losses(s.store)
         yield from _limit_counters(s.store)
 
         runs = CounterMetricFamily(
@@ -218,6 +219,19 @@ class FleetCollector(Collector):
         ):
             runs.add_metric([r["policy_name"], r["status"]], r["n"])
         yield runs
+
+
+def _outbox_losses(store: Store) -> CounterMetricFamily:
+    lost = CounterMetricFamily(
+        "edgefleet_device_outbox_lost",
+        "Records a device's agent could not deliver: dropped at its outbox bound (outbox_bound), "
+        "dropped oldest first on a full disk (disk_full), never stored as a write failed (unwritable)",
+        labels=["device", "reason"],
+    )
+    for device_id, losses in outbox_losses.read_all(store).items():
+        for reason, value in losses.by_reason().items():
+            lost.add_metric([device_id, reason], value)
+    return lost
 
 
 def _limit_counters(store: Store) -> Iterator[CounterMetricFamily]:

@@ -12,6 +12,7 @@ from typing import Any
 from edgefleet_proto import fleet_pb2
 from google.protobuf.message import Message
 
+from controller import outbox_losses
 from controller.store import Store
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class TelemetryStore:
         log.debug("telemetry device=%s seq=%d stored=%s", device_id, msg.seq, bool(added))
         if added:
             self._count_tenants(device_id, msg)
+            outbox_losses.observe(self.store, device_id, msg, received_at)
             for observe in self.observers:
                 observe(device_id, msg, received_at)
         return bool(added)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
+from controller import outbox_losses
 from controller.api.deps import ControllerDep, FleetDep, TenantsDep, minimum_role
 from controller.api.responses import errors
 from controller.api.schemas import (
@@ -12,11 +13,13 @@ from controller.api.schemas import (
     DeviceCreate,
     DeviceCredentialsPublic,
     DevicePublic,
+    OutboxLossesPublic,
     TenantCreate,
     TenantPublic,
 )
 from controller.auth import Role
 from controller.certificates import broker_ca_pem
+from controller.fleet import Device
 
 router = APIRouter(tags=["devices"])
 
@@ -56,12 +59,20 @@ def issue_device_certificate(
 
 @router.get("/devices", response_model=list[DevicePublic])
 def list_devices(fleet: FleetDep) -> list[DevicePublic]:
-    return [DevicePublic.model_validate(d) for d in fleet.all()]
+    losses = outbox_losses.read_all(fleet.store)
+    return [_public(d, losses.get(d.device_id)) for d in fleet.all()]
 
 
 @router.get("/devices/{device_id}", response_model=DevicePublic)
 def get_device(device_id: str, fleet: FleetDep) -> DevicePublic:
-    return DevicePublic.model_validate(fleet.get(device_id))
+    return _public(fleet.get(device_id), outbox_losses.read(fleet.store, device_id))
+
+
+def _public(device: Device, losses: outbox_losses.OutboxLosses | None) -> DevicePublic:
+    public = DevicePublic.model_validate(device)
+    if losses is not None:
+        public.outbox_losses = OutboxLossesPublic.model_validate(losses)
+    return public
 
 
 @router.put("/devices/{device_id}/tenants", response_model=list[TenantPublic])

@@ -201,6 +201,17 @@ class ReportedPublic(_Public):
     )
 
 
+class OutboxLossesPublic(_Public):
+    """Records the device's agent could not deliver, totalled over its restarts (at least these)."""
+
+    dropped_at_bound: int = Field(description="Telemetry records its outbox bound dropped")
+    dropped_for_space: int = Field(description="Telemetry windows dropped, oldest first, on a full disk")
+    unwritable: int = Field(description="Records (telemetry, events, captures) a failed write never stored")
+    seq: int = Field(description="The newest telemetry window counted")
+    window_end_ms: int = Field(description="When that window ended, by the device's clock")
+    updated_at: float
+
+
 class DevicePublic(_Public):
     device_id: str
     tags: list[str]
@@ -211,6 +222,9 @@ class DevicePublic(_Public):
     reported: ReportedPublic | None
     created_at: float
     profile: str
+    outbox_losses: OutboxLossesPublic | None = Field(
+        None, description="What the device's agent could not deliver; null while it lost nothing"
+    )
 
 
 class TenantSourceCreate(_Create):
