@@ -5,7 +5,6 @@ from __future__ import annotations
 import grp
 import math
 import re
-import tomllib
 import typing
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 from edgefleet_proto.topics import TopicError, validate_device_id
 
+from agent.compat import tomllib
 from agent.errors import ConfigError, TenantError
 from agent.tenants import TenantSpec, parse_tenant
 
@@ -35,6 +35,22 @@ class MqttConfig:
     # for a broker that takes the username from the certificate.
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # More brokers ("host:port") serving the same fleet, such as the other nodes of a
+    # cluster: when the current one cannot be reached the agent tries the next, in turn.
+    fallback_brokers: tuple[str, ...] = ()
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """``host:port`` first, then each fallback broker."""
+        return [(self.host, self.port), *(split_address(b) for b in self.fallback_brokers)]
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for an IPv6 address) as a pair; ValueError when malformed."""
+    host, sep, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{address!r} is not host:port")
+    return host, int(port)
 
 
 @dataclass(frozen=True)
@@ -284,7 +300,16 @@ def _updates(src: _Source, doc: dict[str, Any]) -> UpdatesConfig:
 
 def _mqtt(src: _Source, doc: dict[str, Any], device_id: str) -> MqttConfig:
     m = _section(src, doc, "mqtt")
-    values = _read(src, m, "mqtt", MqttConfig, defaults={"username": device_id})
+    values = _read(
+        src, m, "mqtt", MqttConfig, defaults={"username": device_id}, kinds={"fallback_brokers": list}
+    )
+    brokers = tuple(values["fallback_brokers"])
+    for address in brokers:
+        try:
+            split_address(address) if isinstance(address, str) else split_address("")
+        except ValueError:
+            raise src.error("mqtt", "fallback_brokers", f"{address!r} is not host:port") from None
+    values["fallback_brokers"] = brokers
     for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
         values[key] = _existing_file(src, "mqtt", key, values[key])
     mqtt = MqttConfig(**values)

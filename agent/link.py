@@ -106,6 +106,10 @@ class Link:
         self.inbox = inbox
         self.agent_version = agent_version
         self._attempt = 0
+        # The brokers this agent may use, in order; the one in use is self._addresses[self._at].
+        self._addresses = config.addresses()
+        self._at = 0
+        self._refused = False
         self._connected = threading.Event()
         self._lock = threading.Lock()
         self._pending: dict[int, Publication] = {}
@@ -158,7 +162,8 @@ class Link:
         kwargs: dict[str, Any] = {}
         if self.config.protocol == "v5":
             kwargs["clean_start"] = True
-        self._client.connect_async(self.config.host, self.config.port, self.config.keepalive_s, **kwargs)
+        host, port = self._addresses[0]
+        self._client.connect_async(host, port, self.config.keepalive_s, **kwargs)
         self._client.loop_start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -169,8 +174,27 @@ class Link:
         self._client.disconnect()
         self._client.loop_stop()
 
+    @property
+    def address(self) -> tuple[str, int]:
+        """The broker in use, or tried next."""
+        return self._addresses[self._at]
+
+    def _fail_over(self) -> None:
+        """After a failed attempt, try the next broker of the list. The backoff grows per round
+        over the whole list, so a dead first broker does not delay reaching a live second one."""
+        if len(self._addresses) < 2:
+            return
+        self._at = (self._at + 1) % len(self._addresses)
+        host, port = self._addresses[self._at]
+        # paho's host/port setters refuse while its loop is between attempts (state
+        # "connecting", no socket), which is exactly when the next attempt must go elsewhere;
+        # its reconnect reads these two attributes, and nothing else holds the old address.
+        self._client._host, self._client._port = host, port
+        log.info("trying the next broker device=%s host=%s port=%s", self.device_id, host, port)
+
     def _set_delay(self) -> None:
-        delay = backoff_delay(self._attempt) if self._attempt else 0.0
+        rounds = self._attempt // len(self._addresses)
+        delay = backoff_delay(rounds) if self._attempt and rounds else (0.2 if self._attempt else 0.0)
         # paho accepts float seconds; its annotation says int.
         self._client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
 
@@ -205,6 +229,9 @@ class Link:
         try:
             if reason_code.is_failure:
                 self._attempt += 1
+                # paho may follow with on_disconnect: that one must not skip a broker.
+                self._refused = True
+                self._fail_over()
                 self._set_delay()
                 log.error("broker refused connection device=%s reason=%s", self.device_id, reason_code)
                 return
@@ -216,8 +243,7 @@ class Link:
             log.info(
                 "broker connected device=%s host=%s port=%s",
                 self.device_id,
-                self.config.host,
-                self.config.port,
+                *self.address,
             )
             self.inbox.put(LinkUp())
         except Exception:
@@ -226,14 +252,15 @@ class Link:
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         try:
             self._attempt += 1
+            failed = self.address
+            self._fail_over()
             self._set_delay()
             # paho calls this from the `except OSError` around its connect: the error is current.
             error = sys.exception()
             log.warning(
                 "broker connection failed device=%s host=%s port=%s attempt=%d reason=%s",
                 self.device_id,
-                self.config.host,
-                self.config.port,
+                *failed,
                 self._attempt,
                 self._reason(error) if error is not None else "unknown",
             )
@@ -241,7 +268,7 @@ class Link:
             log.exception("on_connect_fail failed device=%s", self.device_id)
 
     def _reason(self, error: BaseException | str) -> str:
-        return explain(error, self._tls, self.config.host, certificate_problem)
+        return explain(error, self._tls, self.address[0], certificate_problem)
 
     def _on_disconnect(
         self,
@@ -255,6 +282,10 @@ class Link:
             was = self._connected.is_set()
             self._connected.clear()
             self._attempt += 1
+            failed = self.address
+            if not was and not self._refused:
+                self._fail_over()
+            self._refused = False
             self._set_delay()
             paho_error = self._paho_errors.take()
             if was:
@@ -265,8 +296,7 @@ class Link:
                 log.warning(
                     "broker connection failed device=%s host=%s port=%s attempt=%d reason=%s",
                     self.device_id,
-                    self.config.host,
-                    self.config.port,
+                    *failed,
                     self._attempt,
                     self._reason(paho_error),
                 )

@@ -261,10 +261,21 @@ class Service:
         elif isinstance(event, Rejected):
             self._payload_rejected(event.topic, event.reason)
         elif isinstance(event, LinkUp):
+            self._request_desired()
             self.updater.on_link_up()
             self.sender.link_up()
         elif isinstance(event, LinkDown):
             log.info("working offline device=%s reason=%s", self.config.device_id, event.reason)
+
+    def _request_desired(self) -> None:
+        """Ask the controller for this device's desired state at every connection, beside the
+        broker's retained copy: a broker that lost it (or a cluster node that never had it)
+        must not leave the device behind. The answer is verified like any desired state."""
+        request = fleet_pb2.DesiredRequest(
+            device_id=self.config.device_id,
+            applied_generation=max(0, self.updater.state.desired_generation),
+        )
+        self.link.publish(self.link.topic(Kind.DESIRED_REQUEST), encode(request))
 
     def _declare_tenants(self, msg: fleet_pb2.DesiredState) -> None:
         """Run the tenants the controller declares beside those of the config (newest generation wins)."""

@@ -434,6 +434,13 @@ class Fleet:
             ),
         )
 
+    def desired_state(self, device_id: str) -> bytes | None:
+        """The device's stored desired state (unsigned), or None when nothing was assigned."""
+        rows = list(self.store.query("SELECT desired FROM devices WHERE device_id = ?", [device_id]))
+        if not rows or rows[0]["desired"] is None:
+            return None
+        return bytes(rows[0]["desired"])
+
     def desired_states(self) -> list[tuple[str, bytes]]:
         rows = self.store.query(
             "SELECT device_id, desired FROM devices WHERE desired IS NOT NULL ORDER BY device_id"

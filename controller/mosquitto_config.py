@@ -42,6 +42,7 @@ topic readwrite edgefleet/#
 # A device (MQTT username = device id) may only touch its own subtree, and only
 # in the direction the contract uses.
 pattern read edgefleet/v1/devices/%u/desired
+pattern write edgefleet/v1/devices/%u/desired/request
 pattern readwrite edgefleet/v1/devices/%u/reported
 pattern readwrite edgefleet/v1/devices/%u/status
 pattern write edgefleet/v1/devices/%u/telemetry

@@ -72,6 +72,10 @@ class Settings:
     chunk_requests_burst: int = 200
     events_per_s: float = 2.0
     events_burst: int = 100
+    # A device asks for its desired state at each connection: a few a minute is plenty, and
+    # each answer is a whole signed desired state, so a flood must not turn into one.
+    desired_requests_per_s: float = 0.1
+    desired_requests_burst: int = 5
     events_quota: int = 2000
     telemetry_quota_bytes: int = 64 * 1024 * 1024
     capture_quota_bytes: int = 512 * 1024 * 1024
@@ -103,11 +107,23 @@ class Settings:
         self._check_device_limits()
 
     def _check_device_limits(self) -> None:
-        rates = ("chunk_bytes_per_s", "chunk_requests_per_s", "events_per_s", "bad_message_logs_per_s")
+        rates = (
+            "chunk_bytes_per_s",
+            "chunk_requests_per_s",
+            "events_per_s",
+            "desired_requests_per_s",
+            "bad_message_logs_per_s",
+        )
         for name in rates:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
-        sizes = ("chunk_requests_burst", "events_burst", "events_quota", "telemetry_quota_bytes")
+        sizes = (
+            "chunk_requests_burst",
+            "events_burst",
+            "desired_requests_burst",
+            "events_quota",
+            "telemetry_quota_bytes",
+        )
         for name in (*sizes, "capture_quota_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")

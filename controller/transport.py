@@ -52,7 +52,15 @@ from controller.telemetry import TelemetryStore
 
 log = logging.getLogger(__name__)
 
-INBOUND = (Kind.REPORTED, Kind.STATUS, Kind.TELEMETRY, Kind.EVENTS, Kind.ARTIFACT_REQUEST, Kind.CAPTURE)
+INBOUND = (
+    Kind.REPORTED,
+    Kind.STATUS,
+    Kind.TELEMETRY,
+    Kind.EVENTS,
+    Kind.ARTIFACT_REQUEST,
+    Kind.CAPTURE,
+    Kind.DESIRED_REQUEST,
+)
 # What devices keep on the broker (a device twin); every other inbound kind is only
 # ingested, so a retained copy of one is junk: refused, and cleared on the broker.
 RETAINED_KINDS = frozenset({Kind.REPORTED, Kind.STATUS})
@@ -170,6 +178,9 @@ class Transport:
             Limit("chunk_bytes", settings.chunk_bytes_per_s, settings.chunk_bytes_burst)
         )
         self._events_limit = DeviceBuckets(Limit("events", settings.events_per_s, settings.events_burst))
+        self._desired_requests = DeviceBuckets(
+            Limit("desired_requests", settings.desired_requests_per_s, settings.desired_requests_burst)
+        )
         self._bad = BadMessageLog(log, settings.bad_message_logs_per_s)
         self.events = DeviceEvents(fleet.store, settings.events_quota, self.counters)
         self._telemetry_quota = TelemetryQuota(fleet.store, settings.telemetry_quota_bytes, self.counters)
@@ -415,9 +426,11 @@ class Transport:
 
     def _within_rate(self, topic: Topic) -> bool:
         """The per-device limits on chunk requests and events (counted when they bite)."""
-        buckets = {Kind.ARTIFACT_REQUEST: self._chunk_requests, Kind.EVENTS: self._events_limit}.get(
-            topic.kind
-        )
+        buckets = {
+            Kind.ARTIFACT_REQUEST: self._chunk_requests,
+            Kind.EVENTS: self._events_limit,
+            Kind.DESIRED_REQUEST: self._desired_requests,
+        }.get(topic.kind)
         if buckets is None or buckets.allow(topic.device_id):
             return True
         self.counters.rejected(topic.kind.value, "rate_limited")
@@ -595,6 +608,21 @@ class Transport:
             self.publish_desired(device_id, payload)
         log.info("desired states republished count=%d reason=%s", len(states), reason)
 
+    def _answer_desired_request(self, device_id: str, request: Message) -> None:
+        """Publish the device's desired state from the database: the broker's retained copy
+        may be gone (a restarted broker without persistence, a cluster node that never had it)."""
+        assert isinstance(request, fleet_pb2.DesiredRequest)
+        payload = self.fleet.desired_state(device_id)
+        if payload is None:
+            log.info("desired state requested, none assigned yet device=%s", device_id)
+            return
+        self.publish_desired(device_id, payload)
+        log.info(
+            "desired state sent on request device=%s applied_generation=%d",
+            device_id,
+            request.applied_generation,
+        )
+
     def _handle(self, job: Inbound) -> None:
         device_id, kind = job.topic.device_id, job.topic.kind
         if not self.fleet.is_known(device_id):
@@ -636,6 +664,8 @@ class Transport:
         elif kind is Kind.ARTIFACT_REQUEST:
             assert isinstance(job.message, artifact_pb2.ChunkRequest)
             self._serve_artifact(device_id, job.message)
+        elif kind is Kind.DESIRED_REQUEST:
+            self._answer_desired_request(device_id, job.message)
         elif kind is Kind.CAPTURE:
             assert isinstance(job.message, fleet_pb2.CaptureChunk)
             if self.capture_quota is not None and not self.capture_quota.admit(device_id, job.message):

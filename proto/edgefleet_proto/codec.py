@@ -21,6 +21,7 @@ MAX_PAYLOAD_BYTES = 2 * 1024 * 1024
 
 MESSAGE_FOR_KIND: dict[Kind, type[Message]] = {
     Kind.DESIRED: fleet_pb2.DesiredState,
+    Kind.DESIRED_REQUEST: fleet_pb2.DesiredRequest,
     Kind.REPORTED: fleet_pb2.ReportedState,
     Kind.STATUS: fleet_pb2.DeviceStatus,
     Kind.TELEMETRY: fleet_pb2.Telemetry,

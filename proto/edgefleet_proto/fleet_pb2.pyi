@@ -821,9 +821,37 @@ class TelemetryAck(_message.Message):
 Global___TelemetryAck: _TypeAlias = TelemetryAck  # noqa: Y015
 
 @_typing.final
-class Event(_message.Message):
-    """Published on edgefleet/v1/devices/{id}/events."""
+class DesiredRequest(_message.Message):
+    """Published on edgefleet/v1/devices/{id}/events.
+    agent -> controller on devices/{id}/desired/request, at every connection: "send me my
+    desired state". The controller answers from its database by publishing the device's
+    stored, signed desired state, so a broker that lost its retained messages (or a cluster
+    node that never had them) cannot leave a device behind. Rate-limited per device.
+    """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    APPLIED_GENERATION_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    applied_generation: _builtins.int
+    """The generation the agent has applied, for the controller's log."""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        applied_generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_generation", b"applied_generation", "device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DesiredRequest: _TypeAlias = DesiredRequest  # noqa: Y015
+
+@_typing.final
+class Event(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final

@@ -8,8 +8,13 @@ is the authenticated sender. Pure code: no I/O.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
-from enum import StrEnum
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # devices on Python 3.10 (Ubuntu 22.04, JetPack 6)
+    from backports.strenum import StrEnum
 
 PREFIX = "edgefleet/v1/devices"
 
@@ -24,6 +29,8 @@ class TopicError(ValueError):
 
 class Kind(StrEnum):
     DESIRED = "desired"
+    # agent -> controller: a request for the device's desired state, answered from the database.
+    DESIRED_REQUEST = "desired/request"
     REPORTED = "reported"
     STATUS = "status"
     TELEMETRY = "telemetry"

@@ -39,6 +39,7 @@ def samples(tmp_path: Path) -> dict[tuple[str, str], tuple[str, Any]]:
         ("mqtt", "tls_ca_file"): ('"ca.pem"', str(pem["ca"])),
         ("mqtt", "tls_cert_file"): ('"cert.pem"', str(pem["cert"])),
         ("mqtt", "tls_key_file"): ('"key.pem"', str(pem["key"])),
+        ("mqtt", "fallback_brokers"): ('["node-2:1883", "[::1]:8883"]', ("node-2:1883", "[::1]:8883")),
         ("transfer", "window"): ("16", 16),
         ("transfer", "request_timeout_s"): ("2.5", 2.5),
         ("outbox", "max_records"): ("50", 50),
