@@ -19,6 +19,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import ClassVar, Literal
 
@@ -26,6 +27,7 @@ from edgefleet_proto import fleet_pb2
 from edgefleet_proto.tenancy import SHADOW_SUFFIX
 
 from controller import drift
+from controller.maintenance import ALWAYS, WindowStatus
 from controller.rollout_plans import FailureAction, Gates, Plan, ShadowGate
 
 DeviceRolloutStatus = Literal[
@@ -195,6 +197,8 @@ class DeviceView:
     shadow: ShadowView = ShadowView()
     # The candidate's own inferences in the shadow lane since it was set there.
     shadow_stats: VersionStats = VersionStats()
+    # Whether the device's maintenance windows let the rollout send it something now.
+    window: WindowStatus = ALWAYS
 
 
 @dataclass(frozen=True)
@@ -438,6 +442,8 @@ def plan(run: Run, fleet: Mapping[str, DeviceView], now: float) -> list[Step]:
     if run.state is not State.RUNNING:
         return []
     if run.wave < 0:
+        if run.plan.start_at is not None and now < run.plan.start_at:
+            return [Wait(run.plan.start_at, f"scheduled to start at {iso_time(run.plan.start_at)}")]
         return [StartWave(0, "rollout started")]
     last = len(run.plan.waves) - 1
     label = f"wave {run.wave + 1} of {last + 1}"
@@ -451,7 +457,7 @@ def plan(run: Run, fleet: Mapping[str, DeviceView], now: float) -> list[Step]:
     if sets:
         return sets
     if not verdict.settled:
-        return [Wait(verdict.deadline, f"{label}: devices updating")]
+        return [_updating(members, fleet, verdict.deadline, f"{label}: devices updating")]
     if run.soak_started_at is None:
         return [StartSoak(run.wave, f"{label}: {verdict.reporting} of {verdict.size} devices reported")]
     soak_end = run.soak_started_at + run.plan.waves[run.wave].soak_s
@@ -473,6 +479,21 @@ def plan(run: Run, fleet: Mapping[str, DeviceView], now: float) -> list[Step]:
         return [AwaitApproval(run.wave, f"{label} passed its gates; wave {run.wave + 2} awaits approval")]
     why = "promoted by the operator" if run.promoted else "passed its gates"
     return [StartWave(run.wave + 1, f"{label} {why}")]
+
+
+def iso_time(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds")
+
+
+def _updating(
+    members: Sequence[Member], fleet: Mapping[str, DeviceView], deadline: float, reason: str
+) -> Wait:
+    """Waiting on a wave's devices; those outside their maintenance window wait for it to open."""
+    closed = [fleet[m.device_id].window for m in members if not fleet[m.device_id].window.open]
+    if not closed:
+        return Wait(deadline, reason)
+    opens = min(w.opens_at for w in closed)
+    return Wait(min(deadline, opens), f"{reason}; {len(closed)} waiting for their maintenance window")
 
 
 def _on_failure(run: Run, reason: str) -> Step:
@@ -501,7 +522,14 @@ def _limit(
 def _set_steps(
     run: Run, members: Sequence[Member], fleet: Mapping[str, DeviceView], now: float, label: str
 ) -> list[Step]:
-    todo = [m for m in members if m.set_at is None and not carries(fleet[m.device_id].desired, m.wanted)]
+    # A device outside its maintenance window is not sent anything until the window opens.
+    todo = [
+        m
+        for m in members
+        if m.set_at is None
+        and not carries(fleet[m.device_id].desired, m.wanted)
+        and fleet[m.device_id].window.open
+    ]
     busy = [
         (m.set_at, fleet[m.device_id], fleet[m.device_id].status) for m in members if m.set_at is not None
     ]
@@ -538,7 +566,11 @@ def _shadow_steps(
     if failure:
         return [_on_failure(run, f"{label}: shadow: {failure}; nothing went live")]
     todo = [
-        m for m in members if m.shadow_set_at is None and not carries(fleet[m.device_id].desired, m.shadow())
+        m
+        for m in members
+        if m.shadow_set_at is None
+        and not carries(fleet[m.device_id].desired, m.shadow())
+        and fleet[m.device_id].window.open
     ]
     busy = [
         (m.shadow_set_at, fleet[m.device_id], fleet[m.device_id].shadow_status)
@@ -558,7 +590,7 @@ def _shadow_steps(
     if sets:
         return sets
     if not verdict.settled:
-        return [Wait(verdict.deadline, f"{label}: shadow candidates loading")]
+        return [_updating(members, fleet, verdict.deadline, f"{label}: shadow candidates loading")]
     if run.soak_started_at is None:
         return [
             StartSoak(

@@ -164,6 +164,16 @@ def member_status(
 ) -> tuple[DeviceRolloutStatus, str]:
     """Where a member is with the rollout's version: what it reported, or that it refused the state."""
     status, detail = device_status(run.tenant, m.wanted.artifact_digest, reported)
+    if status == "failed" and reported is not None:
+        retry = store.query_one(
+            "SELECT generation FROM rollout_retries WHERE rollout_id = ? AND device_id = ?",
+            (run.id, m.device_id),
+        )
+        if retry is not None and reported.desired_generation < retry["generation"]:
+            return (
+                "pending",
+                f"sent again (desired generation {retry['generation']}) after it failed: {detail}",
+            )
     if status == "pending" and m.set_at is not None:
         refusal = desired_refusal(store, m.device_id, desired_generation, m.set_at)
         if refusal is not None:

@@ -77,10 +77,12 @@ class Target:
     tags: tuple[str, ...] = ()
     profile: str | None = None
     all_devices: bool = False
+    # A device group (controller.groups), its members as they are when the rollout is created.
+    group: str | None = None
 
     @property
     def empty(self) -> bool:
-        return not (self.devices or self.tags or self.profile or self.all_devices)
+        return not (self.devices or self.tags or self.profile or self.all_devices or self.group)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ class Plan:
     probation_max_error_rate: float = 0.0
     # A shadow phase before each wave goes live; None: waves go live at once.
     shadow: ShadowGate | None = None
+    # Epoch seconds before which the first wave does not start; None: at once.
+    start_at: float | None = None
 
     @property
     def staged(self) -> bool:
@@ -119,7 +123,9 @@ class Plan:
     def from_json(cls, doc: dict[str, Any]) -> Plan:
         t = doc["target"]
         return cls(
-            target=Target(tuple(t["devices"]), tuple(t["tags"]), t["profile"], bool(t["all_devices"])),
+            target=Target(
+                tuple(t["devices"]), tuple(t["tags"]), t["profile"], bool(t["all_devices"]), t.get("group")
+            ),
             waves=tuple(Wave(**w) for w in doc["waves"]),
             gates=Gates(**doc["gates"]),
             failure_action=FailureAction(doc["failure_action"]),
@@ -130,6 +136,8 @@ class Plan:
             probation_max_error_rate=float(doc["probation_max_error_rate"]),
             # Plans stored before shadow gates existed have no key.
             shadow=ShadowGate(**doc["shadow"]) if doc.get("shadow") else None,
+            # Plans stored before groups and scheduled starts existed have neither key.
+            start_at=doc.get("start_at"),
         )
 
 
@@ -141,7 +149,7 @@ def _fraction(name: str, value: float | None) -> None:
 def validate(plan: Plan) -> Plan:
     """Return ``plan`` if it makes sense, else raise naming the first problem."""
     if plan.target.empty:
-        raise InvalidInputError("a rollout needs a target: devices, tags, a profile, or all devices")
+        raise InvalidInputError("a rollout needs a target: devices, tags, a profile, a group, or all devices")
     if not plan.waves:
         raise InvalidInputError("a rollout needs at least one wave")
     if len(plan.waves) > MAX_WAVES:
@@ -176,6 +184,8 @@ def validate(plan: Plan) -> Plan:
         raise InvalidInputError(f"probation_s must not be negative, not {plan.probation_s}")
     if plan.shadow is not None:
         _validate_shadow(plan.shadow)
+    if plan.start_at is not None and not math.isfinite(plan.start_at):
+        raise InvalidInputError(f"start_at must be a time, not {plan.start_at}")
     return plan
 
 

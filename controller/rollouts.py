@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 from edgefleet_proto import fleet_pb2
@@ -37,6 +37,8 @@ from controller.errors import (
     UnknownTargets,
 )
 from controller.fleet import Fleet, Reported
+from controller.groups import Groups
+from controller.maintenance import MaintenanceWindows
 from controller.profiles import Profiles, Targeted
 from controller.registry import FORMAT, Registry
 from controller.rollout_engine import (
@@ -44,11 +46,15 @@ from controller.rollout_engine import (
     COMMANDS,
     Command,
     DeviceRolloutStatus,
+    DeviceView,
     Phase,
+    Run,
     SetDesired,
     State,
     Wait,
     carries,
+    desired_with,
+    iso_time,
     plan,
 )
 from controller.rollout_engine import shadow_tenant as shadow_of
@@ -77,6 +83,8 @@ MAX_ROUNDS = 16
 RUNNER_INTERVAL_S = 0.5
 
 RolloutStatus = Literal["in_progress", "succeeded", "failed"]
+# Where retrying the failed devices makes sense: the rollout still goes on, or stopped on them.
+RETRYABLE = (State.RUNNING, State.PAUSED, State.FAILED)
 
 
 class DesiredPublisher(Protocol):
@@ -151,6 +159,9 @@ class Rollouts:
         self.clock = clock
         self.publisher: DesiredPublisher | None = None
         self.profiles = Profiles(store, registry)
+        # Groups and windows read time through the engine's clock, so a test that moves it moves them.
+        self.groups = Groups(store, lambda: self.clock())
+        self.windows = MaintenanceWindows(store, self.groups, lambda: self.clock())
         self._lock = threading.RLock()
         add_shadow_columns(store)
 
@@ -169,7 +180,7 @@ class Rollouts:
         the_plan = plan_ or Plan(Target(devices=tuple(dict.fromkeys(device_ids))))
         if the_plan.target.empty:
             raise InvalidInputError(
-                "a rollout needs at least one device (or tags, a profile, or all devices)"
+                "a rollout needs at least one device (or tags, a profile, a group, or all devices)"
             )
         validate(the_plan)
         if the_plan.shadow is not None and tenant.endswith(SHADOW_SUFFIX):
@@ -185,8 +196,14 @@ class Rollouts:
         missing = [d for d in explicit if d not in known]
         if missing:
             problems.append(f"unknown devices: {', '.join(missing)}")
-        if found is None or missing:
+        group = the_plan.target.group
+        unknown_group = group is not None and not self.groups.exists(group)
+        if unknown_group:
+            problems.append(f"unknown group {group} (see `edgefleet groups list`)")
+        if found is None or missing or unknown_group:
             raise UnknownTargets("; ".join(problems))
+        if group is not None and not self.groups.members(group):
+            raise InvalidInputError(f"group {group} has no devices; add some before rolling out to it")
         targets = self._resolve(the_plan.target)
         if not targets:
             raise InvalidInputError(f"the target matches no registered device: {_describe(the_plan.target)}")
@@ -211,6 +228,15 @@ class Rollouts:
         # (controller.variants.choose); a device that can run none is skipped with the reason.
         targeted = {d: self.profiles.target(d, found, wanted) for d in targets}
         skipped = {d: t.choice.reason for d, t in targeted.items() if t.assignment is None}
+        if the_plan.shadow is not None:
+            # A shadow candidate runs beside the tenant's live model on its inputs: a device
+            # with no model in the tenant could only fail the gate at the end of the soak.
+            skipped |= {
+                d: f"no model is live in tenant {tenant} for the shadow candidate to run beside; "
+                "roll a version out to the tenant first"
+                for d in targets
+                if d not in skipped and self._previous(d, tenant) is None
+            }
         if len(skipped) == len(targets):
             raise InvalidInputError(
                 f"no target device can run {model} {version}: "
@@ -251,19 +277,21 @@ class Rollouts:
                     (
                         rollout_id,
                         device_id,
-                        t.assignment.variant if t.assignment else "",
-                        t.assignment.artifact_digest if t.assignment else "",
-                        t.choice.reason if t.assignment is None else "",
+                        t.assignment.variant if t.assignment and device_id not in skipped else "",
+                        t.assignment.artifact_digest if t.assignment and device_id not in skipped else "",
+                        skipped.get(device_id, ""),
                     ),
                 )
             sizes = "/".join(str(len(w)) for w in waves)
+            start = the_plan.start_at
+            later = f"; scheduled to start at {iso_time(start)}" if start is not None and start > now else ""
             record(
                 tx,
                 rollout_id,
                 "created",
                 -1,
                 State.RUNNING.value,
-                f"{len(targets)} devices in waves of {sizes}",
+                f"{len(targets)} devices in waves of {sizes}{later}",
             )
         log.info(
             "rollout created rollout=%s model=%s version=%s tenant=%s digest=%s devices=%d waves=%s",
@@ -287,6 +315,9 @@ class Rollouts:
             )
             profiled = {r["device_id"] for r in rows}
             chosen = profiled if chosen is None else chosen & profiled
+        if target.group:
+            grouped = set(self.groups.members(target.group))
+            chosen = grouped if chosen is None else chosen & grouped
         return sorted(chosen or ())
 
     def _claim(self, tx: Store, rollout_id: str, tenant: str, targets: list[str], new: Plan) -> None:
@@ -352,7 +383,7 @@ class Rollouts:
                 if run is None:
                     return math.inf
                 now = self.clock()
-                steps = plan(run, snapshot(self.store, run, now), now)
+                steps = plan(run, self._with_windows(run, snapshot(self.store, run, now), now), now)
                 work = [s for s in steps if not isinstance(s, Wait)]
                 if not work:
                     return min((s.until for s in steps if isinstance(s, Wait)), default=math.inf)
@@ -366,6 +397,16 @@ class Rollouts:
                     if self.publisher is not None:
                         self.publisher.publish_desired(out.device_id, out.payload)
             return now
+
+    def _with_windows(self, run: Run, views: dict[str, DeviceView], now: float) -> dict[str, DeviceView]:
+        """The current wave's devices not yet sent anything, with their maintenance windows."""
+        if run.state is not State.RUNNING:
+            return views
+        waiting = [m.device_id for m in run.members if m.wave == run.wave and m.set_at is None]
+        for device_id, status in self.windows.statuses(waiting, now).items():
+            if not status.open:
+                views[device_id] = replace(views[device_id], window=status)
+        return views
 
     @staticmethod
     def _log_step(rollout_id: str, step: Any) -> None:
@@ -409,6 +450,58 @@ class Rollouts:
         self.advance(rollout_id)
         return self.get(rollout_id)
 
+    def retry_failed(self, rollout_id: str, note: str = "") -> Rollout:
+        """Send the wanted version again to the devices whose update failed, and only to them;
+        the rollout runs on from where it was (a paused or failed one runs again)."""
+        with self._lock:
+            now = self.clock()
+            outgoing: list[Outgoing] = []
+            with self.store.transaction() as tx:
+                run = load_run(tx, rollout_id)
+                if run is None:
+                    raise RolloutNotFound(f"unknown rollout {rollout_id}")
+                if run.state not in RETRYABLE:
+                    raise CommandRefused(
+                        f"cannot retry the failed devices of rollout {rollout_id}: it is {run.state.value}"
+                    )
+                views = snapshot(tx, run, now)
+                failed = [
+                    m
+                    for m in run.members
+                    if m.set_at is not None
+                    and views[m.device_id].status == "failed"
+                    and carries(views[m.device_id].desired, m.wanted)
+                ]
+                if not failed:
+                    raise CommandRefused(f"rollout {rollout_id} has no failed device to retry")
+                reason = f"operator: {note or 'retry failed devices'}"
+                for m in failed:
+                    view = views[m.device_id]
+                    step = SetDesired(
+                        m.device_id,
+                        desired_with(view, run.tenant, m.wanted, now),
+                        revert=False,
+                        reason=f"{reason}: send {m.wanted.model_name} {m.wanted.model_version} again",
+                    )
+                    outgoing += EXECUTORS[step.action](tx, run, step, now)
+                    tx.execute(
+                        "INSERT OR REPLACE INTO rollout_retries (rollout_id, device_id, generation, at)"
+                        " VALUES (?, ?, ?, ?)",
+                        (rollout_id, m.device_id, step.desired.generation, now),
+                    )
+                tx.execute(
+                    "UPDATE rollout_runs SET state = ?, reason = ?, updated_at = ? WHERE rollout_id = ?",
+                    (State.RUNNING.value, reason, now, rollout_id),
+                )
+                names = ", ".join(m.device_id for m in failed)
+                record(tx, rollout_id, "retry_failed", run.wave, State.RUNNING.value, f"{reason}: {names}")
+            for out in outgoing:
+                if self.publisher is not None:
+                    self.publisher.publish_desired(out.device_id, out.payload)
+        log.info("rollout retry rollout=%s devices=%s", rollout_id, names)
+        self.advance(rollout_id)
+        return self.get(rollout_id)
+
     # -- reading ----------------------------------------------------------------
 
     def get(self, rollout_id: str) -> Rollout:
@@ -423,6 +516,10 @@ class Rollouts:
             (rollout_id,),
         )
         by_id = {r["device_id"]: r for r in devices_rows}
+        now = self.clock()
+        unsent = [m.device_id for m in run.members if m.wave == run.wave and m.set_at is None]
+        windows = self.windows.statuses(unsent, now) if run.state is State.RUNNING else {}
+        start_at = run.plan.start_at if run.wave < 0 and run.state is State.RUNNING else None
         devices = []
         for m in sorted(run.members, key=lambda m: m.device_id):
             r = by_id[m.device_id]
@@ -458,6 +555,10 @@ class Rollouts:
                 detail = f"candidate {phase}: {loaded}" + (f" ({why})" if why else "")
             elif m.set_at is None and not carries(desired, m.wanted):
                 status, detail = "waiting", f"wave {m.wave + 1}; rollout {run.state.value}"
+                if start_at is not None and now < start_at:
+                    detail = f"wave {m.wave + 1}; rollout scheduled to start at {iso_time(start_at)}"
+                elif m.device_id in windows and not windows[m.device_id].open:
+                    detail = windows[m.device_id].reason
             elif status == "pending":
                 detail = _superseded(rollout_id, run.tenant, desired) or detail
             matched = status not in ("pending", "waiting") and r["reported_received_at"] is not None
@@ -540,6 +641,8 @@ def _describe(target: Target) -> str:
         parts.append(f"tags {', '.join(target.tags)}")
     if target.profile:
         parts.append(f"profile {target.profile}")
+    if target.group:
+        parts.append(f"group {target.group}")
     return " and ".join(parts)
 
 

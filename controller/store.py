@@ -399,6 +399,15 @@ CREATE TABLE IF NOT EXISTS maintenance_windows (
     created_at REAL NOT NULL,
     CHECK ((group_name IS NULL) != (device_id IS NULL))
 );
+-- Devices an operator sent a rollout's version again after their update failed, and the
+-- desired generation that carried it (until the device reports on it, its old failure is stale).
+CREATE TABLE IF NOT EXISTS rollout_retries (
+    rollout_id TEXT NOT NULL REFERENCES rollouts(id),
+    device_id TEXT NOT NULL REFERENCES devices(device_id),
+    generation INTEGER NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (rollout_id, device_id)
+);
 """
 
 
