@@ -24,11 +24,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from edgefleet_proto.tenancy import POSTPROCESS_ACTIVATIONS
 
 from agent.errors import TenantError
 
 KINDS = ("", "classes", "threshold", "ssd", "yolo", "mask")
-ACTIVATIONS = ("none", "softmax", "sigmoid")
+ACTIVATIONS = POSTPROCESS_ACTIVATIONS
 
 
 @dataclass(frozen=True)

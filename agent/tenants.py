@@ -28,6 +28,7 @@ from edgefleet_proto.tenancy import (
     SINKS,
     SOURCE_OPTIONS,
     TENANT_ID,
+    YOLO_LAYOUTS,
 )
 
 from agent.errors import TenantError
@@ -246,7 +247,7 @@ def parse_postprocess(table: Mapping[str, Any], where: str) -> PostprocessSpec:
         elif key == "activation":
             kw[key] = _choice(value, what, ACTIVATIONS)
         elif key == "yolo_layout":
-            kw[key] = _choice(value, what, ("v5", "v8"))
+            kw[key] = _choice(value, what, YOLO_LAYOUTS)
         elif key in ("top_k", "max_detections", "anchors_per_layer"):
             kw[key] = int(_number(value, what, 1, integer=True))
         elif key in ("threshold", "iou_threshold", "anchor_offset"):

@@ -33,6 +33,7 @@
     │   ├── InvalidPublicKey             a device public key (or validity) a certificate cannot be issued for
     │   ├── InvalidTokenRequest          an operator token with an unknown role, a bad name or lifetime
     │   ├── InvalidGroup                 a group with a bad name, an unknown device or profile, a bad query
+    │   ├── InvalidTenantSpec            a tenant spec with a bad field, or one its model's signature refutes
     │   └── InvalidWindow                a maintenance window with a bad cron, time zone or duration
     ├── TooLargeError                    an upload over the configured limit (HTTP 413)
     ├── ConfigError                      controller.toml missing or invalid (fatal at start)
@@ -106,6 +107,10 @@ class InvalidInputError(ControllerError):
 
 
 class InvalidModel(InvalidInputError):
+    pass
+
+
+class InvalidTenantSpec(InvalidInputError):
     pass
 
 

@@ -28,27 +28,25 @@ from edgefleet_proto.codec import PayloadError, decode_as, encode
 from edgefleet_proto.tenancy import (
     INPUT_KEYS,
     INPUT_ROLES,
+    POSTPROCESS_ACTIVATIONS,
     POSTPROCESS_KEYS,
     POSTPROCESS_KINDS,
     PREPROCESS_KEYS,
     SINKS,
     SOURCE_OPTIONS,
     TENANT_ID,
+    YOLO_LAYOUTS,
 )
 
-from controller.errors import InvalidInputError, UnknownTargets
+from controller.errors import InvalidTenantSpec, UnknownTargets
 from controller.registry import newest_signature
-from controller.signature import ModelSignature, fits
 from controller.store import Store
+from controller.tenant_fit import check_tenant_signature
 
 log = logging.getLogger(__name__)
 
 MAX_TENANTS = 64
 MIN_TOKEN_CHARS = 16
-
-
-class InvalidTenantSpec(InvalidInputError):
-    pass
 
 
 class Publisher(Protocol):
@@ -236,8 +234,6 @@ def parse_tenant(doc: Mapping[str, Any], models: set[str], where: str) -> Device
     preprocess = {k: _text(v) for k, v in sorted(preprocess.items())}
     for key, value in preprocess.items():
         _preprocess_value(key, value, f"{where}.preprocess.{key}")
-    if "hop" in preprocess and "window" not in preprocess:
-        raise InvalidTenantSpec(f"{where}.preprocess.hop: needs a window")
     results = doc.get("results") or ["grpc"]
     if not isinstance(results, list) or not results or not set(results) <= set(SINKS):
         raise InvalidTenantSpec(
@@ -290,7 +286,39 @@ def _postprocess(doc: Any, where: str) -> dict[str, str]:
         raise InvalidTenantSpec(
             f"{where}.strides: an ssd decoder needs the anchor strides, e.g. [8, 16, 16, 16]"
         )
+    for key, value in doc.items():
+        _postprocess_value(key, value, f"{where}.{key}")
     return {k: _text(v) for k, v in sorted(doc.items())}
+
+
+def _whole(value: Any) -> bool:
+    return (
+        not isinstance(value, bool) and isinstance(value, int | float) and value == int(value) and value >= 1
+    )
+
+
+def _postprocess_value(key: str, value: Any, what: str) -> None:
+    """The agent's checks on one post-processing value (agent.tenants.parse_postprocess)."""
+    if key in ("output", "boxes_output") and not isinstance(value, str):
+        raise InvalidTenantSpec(f"{what}: expected the name of an output, got {value!r}")
+    if key == "activation" and value not in POSTPROCESS_ACTIVATIONS:
+        raise InvalidTenantSpec(f"{what}: must be one of {', '.join(POSTPROCESS_ACTIVATIONS)}, got {value!r}")
+    if key == "yolo_layout" and value not in YOLO_LAYOUTS:
+        raise InvalidTenantSpec(f"{what}: must be one of {', '.join(YOLO_LAYOUTS)}, got {value!r}")
+    if key in ("top_k", "max_detections", "anchors_per_layer") and not _whole(value):
+        raise InvalidTenantSpec(f"{what}: expected a whole number of at least 1, got {value!r}")
+    if key == "strides" and not (isinstance(value, list) and value and all(map(_whole, value))):
+        raise InvalidTenantSpec(f"{what}: expected whole numbers of at least 1, got {value!r}")
+    if key in ("threshold", "iou_threshold", "anchor_offset") and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf
+    ):
+        raise InvalidTenantSpec(f"{what}: expected a number of at least 0, got {value!r}")
+    if key == "raw" and not isinstance(value, bool):
+        raise InvalidTenantSpec(f"{what}: expected true or false, got {value!r}")
+    if key == "labels" and not (
+        isinstance(value, list) and all(isinstance(v, str) and "," not in v for v in value)
+    ):
+        raise InvalidTenantSpec(f"{what}: expected a list of labels without commas, got {value!r}")
 
 
 def _finite(value: Any, what: str) -> float:
@@ -352,40 +380,6 @@ def parse_tenants(docs: Sequence[Mapping[str, Any]], models: set[str]) -> list[D
     return sorted(tenants, key=lambda t: t.id)
 
 
-def check_tenant_signature(tenant: DeviceTenant, signature: ModelSignature) -> None:
-    """The tenant's post-processing outputs and input feeds exist in its model's signature
-    and fit it; InvalidTenantSpec naming the output or input otherwise."""
-    where = f"tenant {tenant.id!r}"
-    outputs = [o.name for o in signature.outputs]
-    for key in ("output", "boxes_output"):
-        name = tenant.postprocess.get(key, "")
-        if name and name not in outputs:
-            raise InvalidTenantSpec(
-                f"{where}.postprocess.{key}: model {tenant.model} has no output {name!r} (its outputs: {outputs})"
-            )
-    for feed in tenant.inputs:
-        name, what = feed["name"], f"{where}.inputs.{feed['name']}"
-        role = signature.input(name)
-        if role is None:
-            raise InvalidTenantSpec(
-                f"{what}: model {tenant.model} has no input {name!r} "
-                f"(its inputs: {[i.name for i in signature.inputs]})"
-            )
-        if role.role == "source":
-            raise InvalidTenantSpec(
-                f"{what}: the input is fed by the tenant's source, not by a constant or state"
-            )
-        if feed["dtype"] != role.dtype:
-            raise InvalidTenantSpec(f"{what}.dtype: {feed['dtype']} does not match the input's {role.dtype}")
-        if feed["shape"] and not fits(feed["shape"], role.shape):
-            raise InvalidTenantSpec(f"{what}.shape: {feed['shape']} does not match the input's {role.shape}")
-        source = feed.get("from", "")
-        if source and source not in outputs:
-            raise InvalidTenantSpec(
-                f"{what}.from: model {tenant.model} has no output {source!r} (its outputs: {outputs})"
-            )
-
-
 def with_tenants(desired: fleet_pb2.DesiredState, tenants: Sequence[DeviceTenant]) -> fleet_pb2.DesiredState:
     """``desired`` carrying exactly ``tenants``; the generation is left to the caller."""
     out = fleet_pb2.DesiredState()
@@ -416,9 +410,7 @@ class DeviceTenants:
         models = {r["name"] for r in self.store.query("SELECT name FROM models")}
         tenants = parse_tenants(docs, models)
         for tenant in tenants:
-            signature = newest_signature(self.store, tenant.model)
-            if signature is not None:
-                check_tenant_signature(tenant, signature)
+            check_tenant_signature(tenant, newest_signature(self.store, tenant.model))
         # Read, compare and write in one transaction: a rollout pass cannot interleave.
         with self.store.transaction() as tx:
             tx.execute(

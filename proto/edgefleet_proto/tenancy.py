@@ -40,6 +40,8 @@ POSTPROCESS_KEYS = frozenset(
     {"kind", "output", "boxes_output", "activation", "top_k", "threshold", "iou_threshold"}
     | {"max_detections", "labels", "strides", "anchors_per_layer", "anchor_offset", "yolo_layout", "raw"}
 )
+POSTPROCESS_ACTIVATIONS = ("none", "softmax", "sigmoid")
+YOLO_LAYOUTS = ("v5", "v8")
 
 # Model inputs a tenant feeds besides its source: a constant, or state carried from an output.
 INPUT_ROLES = ("constant", "state")

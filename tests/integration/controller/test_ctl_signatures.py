@@ -215,6 +215,12 @@ def test_tenants_are_checked_against_the_signature_of_their_models_newest_versio
     cam = {"id": "cam", "model": "face", "source": {"kind": "synthetic", "options": {"shape": "1,128,128,3"}}}
     state = {"role": "state", "from": "stateN", "shape": [2, 1, 128]}
     sr = {"role": "constant", "value": 16000, "dtype": "int64"}
+    ssd = {
+        "kind": "ssd",
+        "output": "classificators",
+        "boxes_output": "regressors",
+        "strides": [8, 16, 16, 16],
+    }
     for body, problem in (
         (
             [{**cam, "postprocess": {"kind": "threshold", "output": "scores"}}],
@@ -223,6 +229,29 @@ def test_tenants_are_checked_against_the_signature_of_their_models_newest_versio
         (
             [{**cam, "postprocess": {"kind": "ssd", "strides": [8, 16], "boxes_output": "boxes"}}],
             "tenant 'cam'.postprocess.boxes_output: model face has no output 'boxes'",
+        ),
+        (
+            # BlazeFace short range lays 896 anchors on its 128x128 input: strides [8, 16, 16, 16].
+            [{**cam, "postprocess": {**ssd, "strides": [8, 16]}}],
+            "tenant 'cam'.postprocess.strides: strides [8, 16] make 640 anchors on a 128x128 input, "
+            "but output 'classificators' has 896 rows",
+        ),
+        (
+            [{**cam, "postprocess": {**ssd, "labels": ["face", "hand"]}}],
+            "tenant 'cam'.postprocess.labels: 2 labels for the 1 class of output 'classificators'",
+        ),
+        (
+            [{**cam, "postprocess": {"kind": "ssd", "strides": [8, 16, 16, 16]}}],
+            "tenant 'cam'.postprocess.boxes_output: output 'classificators' has 1 value per anchor",
+        ),
+        (
+            [{**cam, "postprocess": {"kind": "mask", "output": "regressors"}}],
+            "tenant 'cam'.postprocess.output: a mask needs a (classes, H, W) or (H, W, classes) map; "
+            "output 'regressors' is [1, 896, 16]",
+        ),
+        (
+            [{**cam, "postprocess": {"kind": "classes", "activation": "relu"}}],
+            "tenant 'cam'.postprocess.activation: must be one of none, softmax, sigmoid",
         ),
         ([{**mic, "inputs": {"rate": sr}}], "tenant 'mic'.inputs.rate: model vad has no input 'rate'"),
         ([{**mic, "inputs": {"sr": {**sr, "dtype": "float32"}}}], "inputs.sr.dtype: float32 does not match"),
@@ -235,7 +264,8 @@ def test_tenants_are_checked_against_the_signature_of_their_models_newest_versio
         assert ctl.api("GET", path).json() == []  # nothing stored
     good = [
         {**mic, "inputs": {"sr": sr, "state": state}},
-        {**cam, "postprocess": {"kind": "threshold", "output": "classificators", "activation": "sigmoid"}},
+        {**cam, "postprocess": {**ssd, "labels": ["face"], "threshold": 0.5}},
+        {**cam, "id": "cam-scores", "postprocess": {"kind": "threshold", "output": "classificators"}},
     ]
     accepted = ctl.api("PUT", path, json=good)
     assert accepted.status_code == 200, accepted.text
@@ -248,3 +278,38 @@ def test_sample_inputs_larger_than_a_form_field_are_accepted(ctl: Ctl, real_mode
     created = upload(ctl, "face", real_models("face_detection_short_range"), samples)
     assert created.status_code == 201, created.text
     assert (created.json()["sample_origin"], created.json()["sample_count"]) == ("uploaded", 12)
+
+
+def test_a_hop_without_a_window_is_accepted_when_the_signature_gives_the_audio_length(
+    ctl: Ctl, real_models: RealModels
+) -> None:
+    assert upload(ctl, "vad", real_models("silero_vad"), sample_inputs("silero_vad", 4)).status_code == 201
+    ctl.register("mic-1")
+    path = "/v1/devices/mic-1/tenants"
+    mic = {
+        "id": "mic",
+        "model": "vad",
+        "source": {"kind": "wav", "uri": "/srv/speech.wav"},
+        "preprocess": {"hop": 512},
+    }
+    # As inferred, silero's audio input has a free length: nothing says how long a window is.
+    refused = ctl.api("PUT", path, json=[mic])
+    assert refused.status_code == 422, refused.text
+    assert (
+        "tenant 'mic'.preprocess.hop: needs a window: the source input 'input' of model vad has no fixed "
+        "length (shape [-1, -1])" in refused.json()["detail"]
+    )
+    assert ctl.api("GET", path).json() == []
+    # The operator gives the input its length (64 samples of context and 512 new ones): the
+    # device frames the audio by it, so a hop alone is enough.
+    url = "/v1/models/vad/versions/1/signature"
+    signature = ctl.api("GET", url).json()
+    signature["inputs"][0]["shape"] = [1, 576]
+    stored = ctl.api("PUT", url, json=signature)
+    assert stored.status_code == 200, stored.text
+    accepted = ctl.api("PUT", path, json=[mic])
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()[0]["preprocess"] == {"hop": "512"}
+    # A window declared with the hop is the tenant's own, whatever the signature says.
+    both = {**mic, "preprocess": {"hop": 256, "window": 1024}}
+    assert ctl.api("PUT", path, json=[both]).status_code == 200

@@ -62,7 +62,6 @@ def spec(**over: Any) -> dict[str, Any]:
         (spec(preprocess={"resize": [224]}), "preprocess.resize: expected 2 integers"),
         (spec(preprocess={"layout": "chw"}), "preprocess.layout: must be one of nhwc, nchw"),
         (spec(preprocess={"std": "0.2,0"}), "would divide by zero"),
-        (spec(preprocess={"hop": 4}), "preprocess.hop: needs a window"),
     ],
 )
 def test_an_invalid_tenant_spec_is_refused_naming_the_problem(doc: dict[str, Any], problem: str) -> None:
