@@ -399,7 +399,9 @@ class Registry:
                     sample.path.open("rb") as sample_file,
                     self.artifacts.stage(sample_file, MAX_SAMPLE_BYTES) as sample_staged,
                 ):
-                    new = _NewVersion(staged, inspected, described, sample, sample_staged, calibration_digest)
+                    new = _NewVersion(
+                        staged, inspected, sample.signature, sample, sample_staged, calibration_digest
+                    )
                     self._insert_version(name, version, metadata, options, new, pending)
         log.info(
             "model version registered model=%s version=%s digest=%s size=%d format=%s precision=%s pending=%s"
@@ -561,16 +563,16 @@ class Registry:
                     own, described, model, self.max_model_memory_bytes, self.calibration_dir
                 ) as sample,
             ):
-                self._store_signature(found, described, sample)
+                self._store_signature(found, sample)
         else:
             with prepared_samples(
                 None, described, model, self.max_model_memory_bytes, self.calibration_dir
             ) as sample:
-                self._store_signature(found, described, sample)
+                self._store_signature(found, sample)
         log.info("signature changed model=%s version=%s", name, version)
         return self.get(name, version)
 
-    def _store_signature(self, found: ModelVersion, described: ModelSignature, sample: Samples) -> None:
+    def _store_signature(self, found: ModelVersion, sample: Samples) -> None:
         with (
             sample.path.open("rb") as sample_file,
             self.artifacts.stage(sample_file, MAX_SAMPLE_BYTES) as staged,
@@ -584,7 +586,7 @@ class Registry:
                 " sample_count = excluded.sample_count, sample_origin = excluded.sample_origin,"
                 " updated_at = excluded.updated_at",
                 (
-                    found.name, found.version, json.dumps(described.to_json()), staged.digest, staged.size,
+                    found.name, found.version, json.dumps(sample.signature.to_json()), staged.digest, staged.size,
                     sample.count, sample.origin, time.time(),
                 ),
             )  # fmt: skip

@@ -6,7 +6,8 @@ calibration set was given, calibrates int8 variants with them.
 
 What is stored is the checked set made complete (a state or constant left out of the
 file is filled from the signature), so a device needs nothing but the file and the
-signature. Without an operator's file, one sample is synthesized: sources zero with
+signature; and a constant the signature gives no value takes the one the samples hold
+(silero-vad's sample rate), so a tenant fed from the signature runs as the samples did. Without an operator's file, one sample is synthesized: sources zero with
 every free dimension 1, constants and states from the signature. Either way the model
 is run once on the first sample at upload, in the memory-limited checker process, so a
 model that cannot run on what a device would feed it is refused at once with the
@@ -19,13 +20,13 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
-from controller.calibration import MAX_CALIBRATION_BYTES, load_calibration, synthesized
+from controller.calibration import MAX_CALIBRATION_BYTES, CalibrationSet, load_calibration, synthesized
 from controller.errors import InvalidModel, TooLargeError
 from controller.model_check import check_runs
 from controller.signature import ModelSignature
@@ -48,8 +49,46 @@ class Samples:
     path: Path
     count: int
     origin: str
+    # The signature to store with them: constants the signature left without a value
+    # take the one value the samples hold for them.
+    signature: ModelSignature
     # The operator's file as uploaded (kept as the calibration set); None when synthesized.
     raw: Path | None = None
+
+
+# A constant longer than this stays in the samples only (a signature is sent with every assignment).
+MAX_CONSTANT_VALUES = 64
+
+
+def _one_value(checked: CalibrationSet, name: str) -> list[float] | None:
+    """The value every sample gives input ``name`` (one number when all its elements agree),
+    None when samples differ or it is too long to carry in a signature."""
+    array, axis = checked.arrays[name], checked.batch_axes[name]
+    if axis is None:
+        values = array.reshape(-1)
+    else:
+        first = np.take(array, [0], axis=axis)
+        if not all(np.array_equal(first, np.take(array, [i], axis=axis)) for i in range(1, checked.count)):
+            return None
+        values = first.reshape(-1)
+    if values.size and np.all(values == values[0]):
+        values = values[:1]
+    if not 0 < values.size <= MAX_CONSTANT_VALUES:
+        return None
+    return [float(v) for v in values]
+
+
+def with_sample_constants(signature: ModelSignature, checked: CalibrationSet) -> ModelSignature:
+    """``signature`` with each constant it gives no value (a sample rate) taking the one the
+    samples hold, so a device feeds a tenant what the model was checked with."""
+    roles = []
+    for role in signature.inputs:
+        if role.role == "constant" and not role.value and role.name in checked.arrays:
+            value = _one_value(checked, role.name)
+            if value is not None:
+                role = replace(role, value=value)
+        roles.append(role)
+    return ModelSignature(roles, signature.outputs)
 
 
 def _save(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -92,6 +131,7 @@ def prepared_samples(
             _save(complete, checked.arrays)
             _save(first, checked.feed(0))
             count, origin, raw = checked.count, UPLOADED, uploaded
+            signature = with_sample_constants(signature, checked)
         else:
             arrays = synthesized(signature)
             _save(complete, arrays)
@@ -101,4 +141,4 @@ def prepared_samples(
             check_runs(model, first, order, memory_limit)
         except InvalidModel as exc:
             raise InvalidModel(f"{exc}{_NO_SAMPLES_HINT if origin == SYNTHESIZED else ''}") from None
-        yield Samples(complete, count, origin, raw)
+        yield Samples(complete, count, origin, signature, raw)

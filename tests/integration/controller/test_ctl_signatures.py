@@ -82,6 +82,9 @@ def test_silero_with_samples_is_accepted_and_its_variants_judged_on_them(
         "state": ("state", "", 1, "stateN"),
         "sr": ("constant", "", -1, ""),
     }
+    # The sample rate the samples hold becomes the constant's value: a tenant that declares
+    # no inputs of its own feeds it from the signature.
+    assert {i["name"]: i["value"] for i in body["signature"]["inputs"]}["sr"] == [16000.0]
     assert (body["sample_origin"], body["sample_count"]) == ("uploaded", 8)
     # The samples are the calibration set too, and an artifact devices can fetch.
     assert body["calibration_digest"]
