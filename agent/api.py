@@ -1,7 +1,8 @@
 """The local inference API: gRPC InferenceService and TenantResults on a Unix socket.
 
 Handlers are thin: check the caller's tenant token (:class:`TenantAuth`), decode
-tensors (:mod:`agent.tensors`), find the tenant's model in the pool, run it, and
+tensors (:mod:`agent.tensors`), find the tenant's model in the pool, fill in the
+constants and initial states the caller left out from the version's signature, run it, and
 record the inference (latency or error) in :class:`agent.telemetry.Inferences`,
 where pipelines and the shadow lane record theirs. Every failure becomes a gRPC
 status with a message; nothing a caller sends can crash the agent.
@@ -156,6 +157,11 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
         response = inference_pb2.InferResponse()
         try:
             inputs = {name: to_numpy(t, f"input {name!r}") for name, t in request.inputs.items()}
+            if serving.signature is not None:
+                # Constants and initial states the caller left out, as a tenant pipeline feeds
+                # them. No state is kept between calls (a call names no stream): a caller that
+                # streams sends each answer's state output back as the next call's state.
+                inputs = serving.signature.completed(inputs, serving.model.inputs)
             names = list(request.output_names)
             timeout = context.time_remaining() or DEFAULT_CALL_TIMEOUT_S
 

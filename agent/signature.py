@@ -2,8 +2,9 @@
 
 The controller sends it with each assignment (``ModelAssignment.model_signature``); the
 agent stores it in its state beside the assignment, stages the model with inputs made
-from it when the version has no sample, and gives tenants that declare no inputs of
-their own their constants and carried state from it. Frozen and hashable, since an
+from it when the version has no sample, gives tenants that declare no inputs of
+their own their constants and carried state from it, and fills in the constants and
+initial states a gRPC caller leaves out. Frozen and hashable, since an
 assignment is compared whole. Pure code: no I/O.
 """
 
@@ -11,12 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from edgefleet_proto import fleet_pb2
 
 from agent.feeds import InputFeed
 from agent.tenants import PreprocessSpec
+
+if TYPE_CHECKING:
+    from agent.runtime import TensorSpec
 
 SOURCE, CONSTANT, STATE = "source", "constant", "state"
 NO_AXIS = -1
@@ -94,6 +99,31 @@ class ModelSignature:
         if inputs == self.inputs and outputs == self.outputs:
             return self
         return ModelSignature(inputs, outputs)
+
+    def completed(
+        self, inputs: Mapping[str, np.ndarray], model_inputs: Sequence[TensorSpec]
+    ) -> dict[str, np.ndarray]:
+        """A call's inputs with the constants and states it did not send filled in: a constant
+        takes its value, a state its initial value, its batch axis as long as the source
+        input's batch (each row its own stream, starting afresh). What the call sent is kept
+        as sent, and a source it lacks is left for the runtime to name."""
+        out = dict(inputs)
+        source = self.source()
+        batch = 1
+        if source is not None and source.name in inputs and 0 <= source.batch_axis < inputs[source.name].ndim:
+            batch = inputs[source.name].shape[source.batch_axis]
+        for spec in model_inputs:
+            role = self.input(spec.name)
+            if spec.name in out or role is None or role.role not in (CONSTANT, STATE):
+                continue
+            feed = role.feed()
+            shape = list(feed.shape or tuple(d if d > 0 else 1 for d in spec.shape))
+            if role.role == STATE and 0 <= role.batch_axis < len(shape):
+                shape[role.batch_axis] = batch
+            out[spec.name] = (
+                replace(feed, shape=tuple(shape)).initial().astype(np.dtype(spec.dtype), copy=False)
+            )
+        return out
 
     @property
     def stateful(self) -> bool:

@@ -222,3 +222,23 @@ def test_an_audio_input_of_fixed_length_frames_the_tenants_audio() -> None:
     rows = replace(SILERO, inputs=(replace(SILERO.inputs[0], layout="NC"), *SILERO.inputs[1:]))
     assert framed(pre, rows) == pre
     assert framed(pre, None) == pre
+
+
+def test_a_call_that_sends_only_the_source_gets_constants_and_initial_state_from_the_signature() -> None:
+    frames = np.ones((3, 576), np.float32)
+    full = SILERO.completed({"input": frames}, SILERO_INPUTS)
+    assert set(full) == {"input", "state", "sr"}
+    assert full["input"] is frames
+    # The state's batch axis (1) is as long as the source's batch (axis 0): one stream per row.
+    assert full["state"].shape == (2, 3, 128) and full["state"].dtype == np.float32
+    assert not full["state"].any()
+    assert full["sr"].shape == () and full["sr"].dtype == np.int64 and int(full["sr"]) == 16000
+
+
+def test_what_a_call_sends_is_kept_and_a_source_it_lacks_is_not_made_up() -> None:
+    state = np.full((2, 1, 128), 0.5, np.float32)
+    sent = {"input": np.ones((1, 576), np.float32), "state": state, "sr": np.array(8000, np.int64)}
+    full = SILERO.completed(sent, SILERO_INPUTS)
+    assert set(full) == set(sent) and all(full[name] is array for name, array in sent.items())
+    # Without its source a call is the caller's mistake: the runtime names the missing input.
+    assert set(SILERO.completed({"sr": np.array(8000, np.int64)}, SILERO_INPUTS)) == {"sr", "state"}
