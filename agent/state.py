@@ -5,7 +5,7 @@ Per tenant the model being served (``active``) and the one before it
 the generation fully applied, artifacts refused for good (with the reason
 reported to the controller), and per tenant the update in progress or last
 ended, in the state machine of :mod:`agent.update_machine`, with the number of
-times the agent died while staging it.
+times the agent died while staging or serving it.
 """
 
 from __future__ import annotations
@@ -113,10 +113,18 @@ class Update:
     probation_until: float = 0.0
     base_inferences: int = 0
     base_errors: int = 0
-    # Times the agent died while staging this artifact for this tenant, counted at the
-    # start after (the persisted state was still ``stage``); carried over while the
-    # tenant is assigned the same artifact, whatever the generation.
+    # Times the agent died while this artifact was staging or serving for this tenant,
+    # counted at the start after (the persisted state was still ``stage``, ``activate`` or
+    # ``probation``), and in which of those states (each named once);
+    # carried over while the tenant is assigned the same artifact, whatever the
+    # generation, and cleared by a commit.
     crashes: int = 0
+    crashed_in: tuple[str, ...] = ()
+
+    def crashed(self) -> Update:
+        """The update after one more death of the agent in its current state."""
+        states = self.crashed_in if self.state in self.crashed_in else (*self.crashed_in, self.state)
+        return replace(self, crashes=self.crashes + 1, crashed_in=states)
 
 
 @dataclass(frozen=True)
@@ -186,7 +194,13 @@ class DeviceState:
             },
             failures={d: Failure(**f) for d, f in doc.get("failures", {}).items()},
             updates={
-                t: Update(**{**u, "assignment": Assignment.from_json(u["assignment"])})
+                t: Update(
+                    **{
+                        **u,
+                        "assignment": Assignment.from_json(u["assignment"]),
+                        "crashed_in": tuple(u.get("crashed_in", ())),
+                    }
+                )
                 for t, u in doc.get("updates", {}).items()
             },
         )

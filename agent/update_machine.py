@@ -30,12 +30,18 @@ inside ``activate``, ``probation`` or ``rollback`` rolls back (the new model
 may be what killed the agent), one inside ``commit`` finishes the commit, and
 the rest repeat their idempotent work.
 
-A restart inside ``stage`` means the agent died while loading the new model or
-running its smoke inference: a segfault in a runtime, an out-of-memory kill. The
-old model still serves, so staging is tried again, but each such death is
-counted (``crashed``) and persisted before the next attempt; after
-``max_attempts`` of them the update ends ``failed`` instead of crashing the
-agent until systemd gives up on it. Pure code, no I/O.
+A restart inside ``stage``, ``activate`` or ``probation`` (:data:`CRASH_COUNTED`)
+means the agent died while the new model was loading, answering its smoke
+inference or serving: a segfault in a runtime, an out-of-memory kill on real
+input (or a power cut, which looks the same). Each such death is counted
+against the update (``crashed``) and persisted before anything else, whatever
+the generation that assigned the artifact: a death while staging tries staging
+again (the old model still serves), one while serving rolls back, and the next
+rollout of the same artifact is another attempt. Once the update crashed the
+agent ``max_attempts`` times it ends ``failed`` (in ``stage``) or is rolled back
+for good, and the artifact is refused for the tenant from then on, instead of
+crashing the agent until systemd gives up on it. A commit clears the count.
+Pure code, no I/O.
 """
 
 from __future__ import annotations
@@ -92,7 +98,9 @@ TRANSITIONS: dict[tuple[UpdateState, UpdateEvent], UpdateState] = {
     (S.STAGE, E.CRASHED): S.FAILED,
     (S.ACTIVATE, E.ACTIVATED): S.PROBATION,
     (S.ACTIVATE, E.ERROR): S.ROLLBACK,
+    (S.ACTIVATE, E.CRASHED): S.ROLLBACK,
     (S.PROBATION, E.PROBATION_PASSED): S.COMMIT,
+    (S.PROBATION, E.CRASHED): S.ROLLBACK,
     (S.PROBATION, E.PROBATION_FAILED): S.ROLLBACK,
     (S.PROBATION, E.ERROR): S.ROLLBACK,
     (S.PROBATION, E.SUPERSEDED): S.ROLLBACK,
@@ -133,24 +141,37 @@ def check(current: UpdateState | None, new: UpdateState) -> None:
     raise UnhandledTransition(f"no transition from {current.value if current else 'none'} to {new.value}")
 
 
-# How many times an update may crash the agent while staging, unless configured.
+# How many times an update may crash the agent, unless configured.
 DEFAULT_MAX_ATTEMPTS = 3
+# Where a restart counts as a crash of the update: the new model was loading or serving.
+CRASH_COUNTED = (S.STAGE, S.ACTIVATE, S.PROBATION)
+_WHILE = {S.STAGE: "staging", S.ACTIVATE: "activating", S.PROBATION: "on probation"}
 
 
 def resume(state: UpdateState, crashes: int = 0, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> UpdateState:
     """Where an update persisted in ``state`` continues after the agent restarts.
 
-    ``crashes`` counts the restarts that found the update in ``stage``, this one included.
+    ``crashes`` counts the restarts that found the update in a :data:`CRASH_COUNTED`
+    state, this one included. A restart while the new model served always rolls back.
     """
-    if state in (S.ACTIVATE, S.PROBATION, S.ROLLBACK):
-        return S.ROLLBACK
+    if state in (S.ACTIVATE, S.PROBATION):
+        return next_state(state, E.CRASHED)
     if state is S.STAGE and crashes >= max_attempts:
         return next_state(state, E.CRASHED)
     return state
 
 
-def crash_reason(crashes: int) -> str:
-    return f"crashed the agent {crashes} time{'s' if crashes != 1 else ''} while staging"
+def crash_reason(crashes: int, states: tuple[str, ...] = ()) -> str:
+    """Why an update is given up: how often it crashed the agent and in which states, in the
+    machine's order (none named: staging, the only state counted before the others were)."""
+    where = [_WHILE[s] for s in CRASH_COUNTED if s.value in states] or [_WHILE[S.STAGE]]
+    places = where[0] if len(where) == 1 else f"{', '.join(where[:-1])} or {where[-1]}"
+    return f"crashed the agent {crashes} time{'s' if crashes != 1 else ''} while {places}"
+
+
+def crash_note(state: UpdateState, crashes: int, max_attempts: int) -> str:
+    """Why a restart while the new model served rolled it back, before the update is given up."""
+    return f"the agent restarted during {state.value} (attempt {crashes} of {max_attempts})"
 
 
 def judge_probation(

@@ -77,6 +77,7 @@ from agent.state import (
     Update,
 )
 from agent.update_machine import (
+    CRASH_COUNTED,
     DEFAULT_MAX_ATTEMPTS,
     ENTRY,
     FINAL,
@@ -85,6 +86,7 @@ from agent.update_machine import (
     UpdateEvent,
     UpdateState,
     check,
+    crash_note,
     crash_reason,
     next_state,
     resume,
@@ -319,8 +321,8 @@ class Updater:
         """
         for tenant, update in sorted(self.state.updates.items()):
             persisted = UpdateState(update.state)
-            if persisted is UpdateState.STAGE:
-                update = replace(update, crashes=update.crashes + 1)
+            if persisted in CRASH_COUNTED:
+                update = update.crashed()
                 self._save(self.state.with_update(tenant, update))
             after = resume(persisted, update.crashes, self.max_attempts)
             if after is UpdateState.FAILED:
@@ -336,6 +338,11 @@ class Updater:
                 )
             elif after is UpdateState.ROLLBACK:
                 reason = update.reason or f"the agent restarted during {persisted.value}"
+                if persisted in CRASH_COUNTED:
+                    # The new model was serving when the agent died: the death counts against it.
+                    reason = crash_note(persisted, update.crashes, self.max_attempts)
+                    if update.crashes >= self.max_attempts:
+                        reason = self._crash_given_up(tenant, update)
                 log.warning(
                     "update resumed device=%s tenant=%s version=%s state=%s next=rollback",
                     self.device_id,
@@ -348,27 +355,31 @@ class Updater:
                 self.commit(Commit(tenant, "resumed after a restart"))
 
     def _crashed_out(self, tenant: str, update: Update) -> None:
-        """The update killed the agent as often as it may: it fails, and is not staged again."""
+        """The update killed the agent as often as it may while staging: it fails, and is not staged again."""
+        # The model file stays: the same artifact assigned again fails at once, without a download.
+        self._fail_digest(update.assignment.digest, self._crash_given_up(tenant, update))
+
+    def _crash_given_up(self, tenant: str, update: Update) -> str:
+        """Log that the update killed the agent as often as it may; returns the reason it ends with."""
         a = update.assignment
-        reason = crash_reason(update.crashes)
         log.error(
-            "update crashed the agent device=%s tenant=%s model=%s version=%s digest=%s crashes=%d",
+            "update crashed the agent device=%s tenant=%s model=%s version=%s digest=%s crashes=%d states=%s",
             self.device_id,
             tenant,
             a.model_name,
             a.model_version,
             a.digest[:12],
             update.crashes,
+            ",".join(update.crashed_in),
         )
-        # The model file stays: the same artifact assigned again fails at once, without a download.
-        self._fail_digest(a.digest, reason)
+        return crash_reason(update.crashes, update.crashed_in)
 
     def _crash_limit(self, a: Assignment) -> str | None:
         """Why ``a`` is not tried again: it crashed the agent too often for this tenant (any generation)."""
         update = self.state.updates.get(a.tenant)
         if update is None or update.assignment.digest != a.digest or update.crashes < self.max_attempts:
             return None
-        return crash_reason(update.crashes)
+        return crash_reason(update.crashes, update.crashed_in)
 
     def _assignment_for(self, digest: str) -> Assignment | None:
         """The desired assignment whose model (first) or sample inputs have ``digest``."""
@@ -728,8 +739,14 @@ class Updater:
             previous = ts.active if ts.active and ts.active.assignment.digest != a.digest else ts.previous
             path = str(self.artifacts.model_path(a.digest, a.format))
             inferences, errors = self.probe(a.tenant, a.model_name, a.model_version)
-            probation = Update(
-                a, UpdateState.PROBATION.value, "", self.clock() + a.probation_s, inferences, errors
+            # The update record goes on (its crashes still count), now on probation.
+            probation = replace(
+                self.state.updates[a.tenant],
+                state=UpdateState.PROBATION.value,
+                reason="",
+                probation_until=self.clock() + a.probation_s,
+                base_inferences=inferences,
+                base_errors=errors,
             )
             state = self.state.with_tenant(a.tenant, TenantState(Installed(a, path), previous))
             self._save(state.with_failure(None, a.digest).with_update(a.tenant, probation))
@@ -896,10 +913,10 @@ class Updater:
             update = replace(current, state=state.value, reason=reason or current.reason)
         elif current is not None and current.assignment.digest == a.digest:
             # The same artifact for the tenant, assigned anew: its crashes still count.
-            update = replace(update, crashes=current.crashes)
-        if state is UpdateState.ACTIVATE:
-            # Staging finished in this run: the crashes counted were not consecutive any more.
-            update = replace(update, crashes=0)
+            update = replace(update, crashes=current.crashes, crashed_in=current.crashed_in)
+        if state is UpdateState.COMMIT:
+            # The update proved itself: the crashes counted before are history.
+            update = replace(update, crashes=0, crashed_in=())
         self._save(self.state.with_update(a.tenant, update), deferrable)
         log.info(
             "update state device=%s tenant=%s model=%s version=%s state=%s",

@@ -20,16 +20,18 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from edgefleet_proto import fleet_pb2, inference_pb2
 
 from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer, wait_until
-from tests.unit.agent.models import linear_model, memory_hungry_model, write_model
+from tests.unit.agent.models import batch_hungry_model, linear_model, memory_hungry_model, write_model
 
 REASON = "crashed the agent 3 times while staging"
 MEMORY_LIMIT = 768 << 20
@@ -245,3 +247,151 @@ def test_a_model_that_gets_the_agent_oom_killed_while_staging_is_failed_after_th
     assert agent.proc is not None and agent.proc.poll() is None, "the agent stays up"
     staged = re.findall(r"update state .* version=2 state=stage", agent.output())
     assert len(staged) == 3
+
+
+def on_probation(peer: Peer, digest: str) -> fleet_pb2.ModelStatus | None:
+    e = peer.entry("default", digest)
+    return e if e is not None and e.update_state == "probation" else None
+
+
+def rolled_back_with(peer: Peer, digest: str, reason: str) -> fleet_pb2.ModelStatus | None:
+    e = peer.entry("default", digest)
+    if e is None or (e.phase, e.outcome) != (
+        fleet_pb2.MODEL_PHASE_FAILED,
+        fleet_pb2.UPDATE_OUTCOME_ROLLED_BACK,
+    ):
+        return None
+    return e if e.error == f"rolled back: {reason}" else None
+
+
+def attempt(peer: Peer, digest: str, generation: int) -> None:
+    """Another rollout of version 2 (a newer generation, the same artifact), served on probation."""
+    a = peer.assignment(digest, "2")
+    a.rollout_id, a.probation_s = f"r-{generation}", 600.0
+    peer.publish_desired(generation, a)
+
+
+PROBATION_REASON = "crashed the agent 3 times while on probation"
+
+
+def never_tried_again(agent: AgentProcess, peer: Peer, digest: str, reason: str, generation: int) -> None:
+    """A newer rollout of the same artifact fails at once with the reason; nothing loads it again."""
+    staged = len(re.findall(r"update state .* version=2 state=stage", agent.output()))
+    attempt(peer, digest, generation)
+    wait_until(
+        lambda: (r := peer.last_reported()) is not None and r.desired_generation == generation,
+        20,
+        f"generation {generation}",
+    )
+    wait_until(
+        lambda: ((e := peer.entry("default", digest)) is not None and e.error == reason) or None,
+        20,
+        "version 2 refused at once with the reason",
+    )
+    assert served_version(agent) == "1"
+    assert len(re.findall(r"update state .* version=2 state=stage", agent.output())) == staged
+    assert agent.proc is not None and agent.proc.poll() is None
+    assert persisted(agent)["tenants"]["default"]["active"]["assignment"]["digest"] != digest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state", ["activate", "probation"])
+def test_an_update_that_kills_the_agent_while_it_serves_counts_each_crash_and_is_failed_for_good_after_three(
+    make_agent: Callable[..., AgentProcess],
+    make_peer: Callable[..., Peer],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    state: str,
+) -> None:
+    agent = make_agent()
+    peer = make_peer(agent.device_id)
+    models = [tmp_path / f"m{i}.onnx" for i in (1, 2)]
+    d1, d2 = (write_model(m, linear_model(90 + i, 256, 64)) for i, m in enumerate(models))
+    for m in models:
+        peer.add_artifact(m)
+    peer.publish_desired(1, peer.assignment(d1, "1"))
+    agent.start()
+    agent.wait_ready()
+    peer.wait_active(d1)
+    agent.terminate()
+
+    # From now on the agent is SIGKILLed right after it persisted `state` for version 2, at every start.
+    monkeypatch.setenv("EDGEFLEET_AGENT_KILL_AT", state)
+    agent.start()
+    agent.wait_ready()
+    for generation, crashes in ((2, 1), (3, 2), (4, 3)):
+        attempt(peer, d2, generation)
+        assert agent.proc is not None
+        agent.proc.wait(60)
+        assert agent.proc.returncode == -9, agent.output()[-3000:]
+        update = persisted(agent)["updates"]["default"]
+        assert (update["state"], update["crashes"]) == (state, crashes - 1)
+        agent.start()
+        agent.wait_ready()
+        reason = (
+            PROBATION_REASON.replace("on probation", "activating")
+            if state == "activate"
+            else PROBATION_REASON
+        )
+        if crashes < 3:
+            reason = f"the agent restarted during {state} (attempt {crashes} of 3)"
+        wait_until(partial(rolled_back_with, peer, d2, reason), 30, f"crash {crashes} rolled back")
+        assert served_version(agent) == "1"
+        assert persisted(agent)["updates"]["default"]["crashes"] == crashes
+    wait_until(
+        lambda: any(e.kind == "update_outcome" and reason in e.message for e in peer.events),
+        20,
+        "update_outcome event with the reason",
+    )
+    never_tried_again(agent, peer, d2, reason, 5)
+
+
+@pytest.mark.slow
+def test_a_model_that_gets_the_agent_oom_killed_on_probation_is_rolled_back_and_failed_for_good_after_three(
+    make_agent: Callable[..., AgentProcess],
+    make_peer: Callable[..., Peer],
+    memory_limited: MemoryLimit,
+    tmp_path: Path,
+) -> None:
+    agent = make_agent()
+    peer = make_peer(agent.device_id)
+    good, hungry = tmp_path / "good.onnx", tmp_path / "hungry.onnx"
+    d1 = write_model(good, linear_model(82, 256, 64))
+    # Stages fine on one row; a batch of 256 rows wants 2 GiB.
+    d2 = write_model(hungry, batch_hungry_model(256, mib_per_row=8))
+    peer.add_artifact(good)
+    peer.add_artifact(hungry)
+
+    def start() -> None:
+        agent.start()
+        assert agent.proc is not None
+        memory_limited.put(agent.proc.pid)
+
+    peer.publish_desired(1, peer.assignment(d1, "1"))
+    start()
+    agent.wait_ready()
+    peer.wait_active(d1)
+    batch = np.ones((256, 256), np.float32)
+    for generation, crashes in ((2, 1), (3, 2), (4, 3)):
+        attempt(peer, d2, generation)
+        wait_until(lambda: on_probation(peer, d2), 60, f"version 2 on probation, attempt {crashes}")
+        req = inference_pb2.InferRequest()
+        req.inputs["x"].CopyFrom(
+            inference_pb2.Tensor(dtype="float32", shape=list(batch.shape), data=batch.tobytes())
+        )
+        with pytest.raises(grpc.RpcError):
+            agent.stub().Infer(req, timeout=60)
+        assert agent.proc is not None
+        agent.proc.wait(60)
+        assert agent.proc.returncode == -9, f"not killed by the kernel:\n{agent.output()[-3000:]}"
+        start()
+        agent.wait_ready()
+        reason = (
+            PROBATION_REASON
+            if crashes == 3
+            else f"the agent restarted during probation (attempt {crashes} of 3)"
+        )
+        wait_until(partial(rolled_back_with, peer, d2, reason), 60, f"OOM kill {crashes} rolled back")
+        assert served_version(agent) == "1"
+    assert memory_limited.oom_kills() == 3, "each death was the kernel's OOM killer"
+    never_tried_again(agent, peer, d2, PROBATION_REASON, 5)

@@ -61,3 +61,35 @@ def memory_hungry_model(n_in: int = 256, gib: float = 1.5) -> bytes:
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def batch_hungry_model(n_in: int = 256, mib_per_row: int = 8) -> bytes:
+    """A model that fills ``mib_per_row`` MiB of memory for each row of its batch.
+
+    y = x + sum(ConstantOfShape([rows * mib_per_row MiB of float32 ones])): a staging smoke
+    inference (one row) passes, a large batch served later is what gets the process
+    OOM-killed, as a model that only fails on real input would.
+    """
+    per_row = mib_per_row * (1 << 20) // 4
+    ones = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Shape", ["x"], ["x_shape"]),
+            helper.make_node("Gather", ["x_shape", "first"], ["rows"], axis=0),
+            helper.make_node("Mul", ["rows", "per_row"], ["count"]),
+            helper.make_node("ConstantOfShape", ["count"], ["big"], value=ones),
+            helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+            helper.make_node("Add", ["x", "total"], ["y"]),
+        ],
+        "batch_hungry",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n_in])],
+        [
+            numpy_helper.from_array(np.array([0], np.int64), "first"),
+            numpy_helper.from_array(np.array([per_row], np.int64), "per_row"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()

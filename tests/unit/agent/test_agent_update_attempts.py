@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ class Device:
         self.updater = updater
         return updater
 
-    def want(self, generation: int, version: str, rollout_id: str = "") -> None:
+    def want(self, generation: int, version: str, rollout_id: str = "", probation_s: float = 0.0) -> None:
         digest = self.digests[version]
         path = self.data_dir / "models" / f"{digest}.onnx"
         if not path.exists():
@@ -88,6 +89,7 @@ class Device:
             format="onnx",
             runtime="onnxruntime",
             rollout_id=rollout_id or f"r-{version}",
+            probation_s=probation_s,
         )
         desired = fleet_pb2.DesiredState(device_id="dev-1", generation=generation, models=[m])
         assert self.updater.on_desired(desired) is None
@@ -100,6 +102,15 @@ class Device:
         before = state.updates.get("default")
         crashes = before.crashes if before is not None and before.assignment.digest == a.digest else 0
         self.updater.states.save(state.with_update("default", Update(a, S.STAGE.value, crashes=crashes)))
+
+    def die_while_activating(self, version: str) -> None:
+        """What a death while swapping models leaves: ``activate`` persisted, the old model still active."""
+        state = self.updater.state
+        assert state.desired is not None
+        [a] = [a for a in state.desired.assignments if a.model_version == version]
+        before = state.updates.get("default")
+        assert before is not None and before.assignment.digest == a.digest
+        self.updater.states.save(state.with_update("default", replace(before, state=S.ACTIVATE.value)))
 
     def persisted(self) -> dict[str, Any]:
         doc: dict[str, Any] = json.loads((self.data_dir / "state.json").read_text())
@@ -219,6 +230,88 @@ def test_max_attempts_one_fails_the_update_at_the_first_start_after_a_crash(tmp_
     device.start()
     assert device.update() == ("2", "failed", "crashed the agent 1 time while staging", 1)
     assert device.serving() == "1"
+
+
+def test_resume_rolls_back_a_crash_while_the_new_model_served_and_names_where_the_crashes_happened() -> None:
+    assert resume(S.ACTIVATE, 1, 3) is S.ROLLBACK
+    assert resume(S.PROBATION, 3, 3) is S.ROLLBACK
+    assert resume(S.ROLLBACK, 3, 3) is S.ROLLBACK
+    assert crash_reason(3, ("probation",)) == "crashed the agent 3 times while on probation"
+    assert (
+        crash_reason(3, ("stage", "activate", "probation"))
+        == "crashed the agent 3 times while staging, activating or on probation"
+    )
+    assert (
+        crash_reason(2, ("stage", "probation")) == "crashed the agent 2 times while staging or on probation"
+    )
+
+
+def test_an_update_that_kills_the_agent_on_probation_is_failed_for_good_after_max_attempts(
+    device: Device,
+) -> None:
+    d2 = device.digests["2"]
+    for generation, crashes in ((2, 1), (3, 2), (4, 3)):
+        # Each rollout (a newer generation) of the same artifact is another attempt.
+        device.want(generation, "2", rollout_id=f"r-{generation}", probation_s=600)
+        device.updater.converge()
+        assert device.update()[:2] == ("2", "probation")
+        assert device.serving() == "2"
+        device.start()  # the agent died while version 2 served on probation
+        assert device.serving() == "1"
+        assert device.update()[1] == "rolled_back"
+        assert device.update()[3] == crashes
+        if crashes < 3:
+            assert device.update()[2] == f"the agent restarted during probation (attempt {crashes} of 3)"
+    reason = "crashed the agent 3 times while on probation"
+    assert device.update() == ("2", "rolled_back", reason, 3)
+    assert device.persisted()["failures"][d2]["reason"] == f"rolled back: {reason}"
+    assert device.outcomes()[-1] == ("2", "rolled_back", f"linear 2: rolled_back: {reason}")
+
+    # Another rollout of the same artifact: refused at once, never loaded again.
+    device.want(5, "2", rollout_id="r-5", probation_s=600)
+    device.updater.converge()
+    assert device.serving() == "1"
+    assert device.pool.held("default") is None
+    assert device.pool.loaded_bytes() == device.files["1"].stat().st_size, "version 2 was not loaded"
+    failure = device.persisted()["failures"][d2]
+    assert (failure["reason"], failure["generation"]) == (reason, 5)
+    assert device.persisted()["tenants"]["default"]["active"]["assignment"]["model_version"] == "1"
+
+    # A newer artifact starts afresh.
+    device.want(6, "3")
+    device.updater.converge()
+    assert device.serving() == "3"
+    assert device.update()[1:] == ("committed", "0 inferences, 0 errors", 0)
+
+
+def test_crashes_while_staging_activating_and_on_probation_count_together(device: Device) -> None:
+    device.want(2, "2", probation_s=600)
+    device.die_while_staging("2")
+    device.start()
+    assert device.update() == ("2", "stage", "", 1)
+    device.updater.converge()
+    assert device.update()[:2] == ("2", "probation"), "staging finished: the crash is still counted"
+    device.start()
+    assert device.update()[1:] == ("rolled_back", "the agent restarted during probation (attempt 2 of 3)", 2)
+
+    device.want(3, "2", rollout_id="r-3", probation_s=600)
+    device.updater.converge()
+    device.die_while_activating("2")
+    device.start()
+    reason = "crashed the agent 3 times while staging, activating or on probation"
+    assert device.update() == ("2", "rolled_back", reason, 3)
+    assert device.serving() == "1"
+
+
+def test_a_commit_clears_the_crashes_counted_before(device: Device) -> None:
+    device.want(2, "2", probation_s=600)
+    device.updater.converge()
+    device.start()
+    assert device.update()[1:] == ("rolled_back", "the agent restarted during probation (attempt 1 of 3)", 1)
+    device.want(3, "2", rollout_id="r-3")
+    device.updater.converge()
+    assert device.serving() == "2"
+    assert device.update()[1:] == ("committed", "0 inferences, 0 errors", 0)
 
 
 class Clock:
