@@ -16,6 +16,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -507,6 +508,17 @@ def parse_wave(spec: str) -> dict[str, Any]:
     return wave
 
 
+def parse_start(text: str) -> str:
+    """An ISO 8601 time; without a UTC offset it is the operator's local time."""
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise CommandError(
+            f"--start-at {text!r}: use an ISO 8601 time, e.g. 2026-12-08T02:00+01:00"
+        ) from None
+    return (at if at.tzinfo is not None else at.astimezone()).isoformat()
+
+
 def rollout_body(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": args.model,
@@ -517,6 +529,7 @@ def rollout_body(args: argparse.Namespace) -> dict[str, Any]:
             "tags": args.tag or [],
             "profile": args.profile,
             "all": args.all,
+            "group": args.group,
         },
         "failure_action": args.on_failure,
         "manual_approval": args.manual_approval,
@@ -527,6 +540,8 @@ def rollout_body(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.wave:
         body["waves"] = [parse_wave(w) for w in args.wave]
+    if args.start_at:
+        body["start_at"] = parse_start(args.start_at)
     gates = {
         key: value
         for key, value in (
@@ -890,6 +905,15 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--tag", action="extend", nargs="+", metavar="T", help="devices with these tags")
     target.add_argument("--profile", default=None, help="devices of this profile")
     target.add_argument("--all", action="store_true", help="every registered device")
+    target.add_argument(
+        "--group", default=None, metavar="NAME", help="the devices of this group (groups list)"
+    )
+    create.add_argument(
+        "--start-at",
+        default=None,
+        metavar="TIME",
+        help="do not start before this ISO 8601 time, e.g. 2026-12-08T02:00+01:00 (no offset: local time)",
+    )
     staged = create.add_argument_group("waves and gates")
     staged.add_argument(
         "--wave", action="append", metavar="SIZE[:SOAK_S]", help="e.g. 10%%:300 or 5:60; repeat per wave"
@@ -1001,6 +1025,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("id", help="rollout id")
         sub.add_argument("--reason", default="", help="recorded in the rollout's events")
         sub.set_defaults(func=cmd_rollouts_command)
+    retry = rollouts.add_parser(
+        "retry-failed",
+        parents=[remote],
+        help="send the version again to the devices whose update failed, only to them; the rollout runs on",
+    )
+    retry.add_argument("id", help="rollout id")
+    retry.add_argument("--reason", default="", help="recorded in the rollout's events")
+    retry.set_defaults(func=cmd_rollouts_command)
 
     for name, func in (("telemetry", cmd_telemetry), ("events", cmd_events)):
         sub = commands.add_parser(name, parents=[remote], help=f"a device's {name}, newest first")
@@ -1013,6 +1045,9 @@ def build_parser() -> argparse.ArgumentParser:
     from controller import cli_accounts  # tokens, audit (imports this module's helpers)
 
     cli_accounts.add_commands(commands, remote)
+    from controller import cli_groups  # groups, windows (imports this module's helpers)
+
+    cli_groups.add_commands(commands, remote)
     return parser
 
 

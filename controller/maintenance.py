@@ -152,7 +152,8 @@ class MaintenanceWindows:
             raise InvalidWindow("a maintenance window belongs to a group or to a device: give exactly one")
         schedule = validate(cron, duration_s, timezone)
         if group is not None:
-            self.groups.get(group)
+            if not self.groups.exists(group):
+                raise InvalidWindow(f"unknown group {group} (see `edgefleet groups list`)")
         elif not self.store.query_one("SELECT device_id FROM devices WHERE device_id = ?", (device_id,)):
             raise InvalidWindow(f"unknown device {device_id}")
         window = Window(uuid.uuid4().hex[:12], group, device_id, schedule, self.clock())

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller import console
-from controller.api import accounts, devices, loop, models, profiles, rollouts, signing, telemetry
+from controller.api import accounts, devices, groups, loop, models, profiles, rollouts, signing, telemetry
 from controller.api.deps import authorize
 from controller.api.docs import install_docs
 from controller.api.responses import allowed_methods, install_openapi, validation_error_body
@@ -153,7 +153,7 @@ def create_app(settings: Settings, *, start_transport: bool = True) -> FastAPI:
         )
         return JSONResponse(status_code=code, content={"detail": str(exc)})
 
-    for module in (models, devices, profiles, rollouts, telemetry, signing, accounts):
+    for module in (models, devices, profiles, rollouts, groups, telemetry, signing, accounts):
         app.include_router(module.router, prefix="/v1")
     app.include_router(loop.router)
     console.mount(app)

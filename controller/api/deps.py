@@ -13,6 +13,8 @@ from controller.audit import PRINCIPAL_KEY, ROUTE_KEY, SAFE_METHODS
 from controller.auth import Principal, Role
 from controller.closed_loop import ClosedLoop
 from controller.fleet import Fleet
+from controller.groups import Groups
+from controller.maintenance import MaintenanceWindows
 from controller.profiles import Profiles
 from controller.registry import Registry
 from controller.rollouts import Rollouts
@@ -156,6 +158,14 @@ def get_tenants(controller: ControllerDep) -> DeviceTenants:
     return controller.tenants
 
 
+def get_groups(controller: ControllerDep) -> Groups:
+    return controller.rollouts.groups
+
+
+def get_windows(controller: ControllerDep) -> MaintenanceWindows:
+    return controller.rollouts.windows
+
+
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 FleetDep = Annotated[Fleet, Depends(get_fleet)]
 ProfilesDep = Annotated[Profiles, Depends(get_profiles)]
@@ -163,4 +173,6 @@ RolloutsDep = Annotated[Rollouts, Depends(get_rollouts)]
 TelemetryDep = Annotated[TelemetryStore, Depends(get_telemetry)]
 TenantsDep = Annotated[DeviceTenants, Depends(get_tenants)]
 ClosedLoopDep = Annotated[ClosedLoop, Depends(get_closed_loop)]
+GroupsDep = Annotated[Groups, Depends(get_groups)]
+WindowsDep = Annotated[MaintenanceWindows, Depends(get_windows)]
 PrincipalDep = Annotated[Principal | None, Depends(authorize)]

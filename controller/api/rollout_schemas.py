@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from controller.registry import NAME_PATTERN
 from controller.rollout_plans import FailureAction, Gates, Plan, ShadowGate, Target, Wave
@@ -52,6 +53,9 @@ class TargetIn(_Create):
     tags: list[str] = Field(default_factory=list, description="devices carrying every one of these tags")
     profile: str | None = None
     all: bool = False
+    group: str | None = Field(
+        default=None, description="the members of this device group (edgefleet groups list)"
+    )
 
 
 class RolloutSpec(_Create):
@@ -85,6 +89,7 @@ class RolloutSpec(_Create):
             tags=tuple(t.tags),
             profile=t.profile,
             all_devices=t.all,
+            group=t.group,
         )
         plain = Plan(target)
         waves = tuple(Wave(w.count, w.percent, w.soak_s) for w in self.waves) if self.waves else plain.waves
@@ -113,6 +118,15 @@ class RolloutSpec(_Create):
 class RolloutCreate(RolloutSpec):
     model: str = Field(pattern=NAME_PATTERN)
     version: str = Field(pattern=NAME_PATTERN)
+    start_at: AwareDatetime | None = Field(
+        None, description="ISO 8601 time with its UTC offset before which the first wave does not start"
+    )
+
+    def to_plan(self) -> Plan:
+        plan = super().to_plan()
+        if self.start_at is None:
+            return plan
+        return replace(plan, start_at=self.start_at.timestamp())
 
 
 class RolloutCommandIn(_Create):

@@ -53,6 +53,20 @@ _COMMANDS = {
 }
 
 
+@router.post(
+    "/rollouts/{rollout_id}/retry-failed",
+    response_model=RolloutPublic,
+    responses=errors(409),
+    summary="Send the version again to the devices whose update failed, and only to them.",
+)
+def retry_failed(
+    rollout_id: str, rollouts: RolloutsDep, body: RolloutCommandIn | None = None
+) -> RolloutPublic:
+    """A paused or failed rollout runs again; refused (409) when no device failed."""
+    note = body.reason if body is not None else ""
+    return RolloutPublic.model_validate(rollouts.retry_failed(rollout_id, note))
+
+
 def _command_route(command: Command) -> Callable[..., RolloutPublic]:
     def run(rollout_id: str, rollouts: RolloutsDep, body: RolloutCommandIn | None = None) -> RolloutPublic:
         note = body.reason if body is not None else ""

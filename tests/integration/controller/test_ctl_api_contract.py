@@ -23,11 +23,12 @@ from tests.localfleet import Controller
 
 # Operations whose bodies carry content a schema cannot describe (a model file, a TOML
 # profile, an .npz data set, a PEM key; a device profile or tenant model that must be
-# registered first) or rules across fields (a rollout needs a target, a capture policy a fraction above 0):
+# registered first; a group's devices; a window's cron and time zone) or rules across fields (a rollout
+# needs a target, a capture policy a fraction above 0):
 # for these a schema-valid request may still be refused with 422.
 CONFIG = r"""
 [[operations]]
-include-path-regex = '^/v1/(models/\{name\}/versions(/\{version\}/variants)?|datasets|profiles|rollouts|devices(/\{device_id\}/(certificate|tenants))?|models/\{name\}/capture-policy)$'
+include-path-regex = '^/v1/(models/\{name\}/versions(/\{version\}/variants)?|datasets|profiles|rollouts|devices(/\{device_id\}/(certificate|tenants))?|models/\{name\}/capture-policy|groups(/\{name\}(/devices)?)?|maintenance-windows)$'
 
 [operations.checks.positive_data_acceptance]
 expected-statuses = ["2xx", "401", "404", "409", "422"]

@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from controller.errors import GroupNotFound, InvalidWindow, WindowNotFound
+from controller.errors import InvalidWindow, WindowNotFound
 from controller.groups import Groups, Query
 from controller.maintenance import MaintenanceWindows, Schedule, combine, opening, validate
 from tests.unit.controller.helpers import Parts
@@ -130,7 +130,7 @@ def test_a_window_for_an_unknown_group_or_device_or_both_is_refused_and_nothing_
     parts: Parts,
 ) -> None:
     windows = MaintenanceWindows(parts.store, Groups(parts.store))
-    with pytest.raises(GroupNotFound, match="unknown group nowhere"):
+    with pytest.raises(InvalidWindow, match="unknown group nowhere"):
         windows.add("0 2 * * *", 60, "UTC", group="nowhere")
     with pytest.raises(InvalidWindow, match="unknown device ghost"):
         windows.add("0 2 * * *", 60, "UTC", device_id="ghost")
