@@ -470,6 +470,10 @@ def plan(run: Run, fleet: Mapping[str, DeviceView], now: float) -> list[Step]:
             f"(need {gates.min_reporting_fraction:g})"
         )
         return [_on_failure(run, reason)]
+    if not run.promoted:
+        missing = _missing_evidence(run, members, fleet, now, label)
+        if missing is not None:
+            return [missing]
     if run.wave == last:
         failed = sum(fleet[m.device_id].status == "failed" for m in run.members)
         if failed:
@@ -494,6 +498,48 @@ def _updating(
         return Wait(deadline, reason)
     opens = min(w.opens_at for w in closed)
     return Wait(min(deadline, opens), f"{reason}; {len(closed)} waiting for their maintenance window")
+
+
+def reads_inferences(gates: Gates) -> bool:
+    """Whether any gate judges the new version's inferences (and so needs ``min_inferences`` of them)."""
+    return any(
+        g is not None
+        for g in (
+            gates.max_error_rate,
+            gates.max_latency_ratio,
+            gates.min_confidence_ratio,
+            gates.max_prediction_psi,
+        )
+    )
+
+
+def _missing_evidence(
+    run: Run, members: Sequence[Member], fleet: Mapping[str, DeviceView], now: float, label: str
+) -> Step | None:
+    """A wave whose gates read inferences passes only once they have judged enough of it: at least
+    one device, and ``min_reporting_fraction`` of those serving the new version, made
+    ``min_inferences`` of it. Gates that judged nobody have not passed; the wave waits for that
+    evidence until its devices have had ``device_timeout_s`` from being sent the version, then
+    stops (a device idle, starved or offline is no proof that the version works)."""
+    gates = run.plan.gates
+    if not members or not reads_inferences(gates):
+        return None
+    serving = [fleet[m.device_id] for m in members if fleet[m.device_id].status == "active"]
+    judged = sum(v.new.inferences >= gates.min_inferences for v in serving)
+    needed = max(1, math.ceil(gates.min_reporting_fraction * len(serving)))
+    if judged >= needed:
+        return None
+    wanted = members[0].wanted
+    what = f"{judged} of {len(serving)} devices reported {gates.min_inferences} inferences of "
+    what += f"{wanted.model_name} {wanted.model_version}"
+    timeout = run.plan.device_timeout_s
+    if timeout is None:
+        return Wait(math.inf, f"{label}: waiting for evidence: {what} (need {needed})")
+    sent = [t for m in members for t in (m.set_at,) if t is not None]
+    bound = max(sent, default=run.soak_started_at or now) + timeout
+    if now < bound:
+        return Wait(bound, f"{label}: waiting for evidence: {what} (need {needed})")
+    return _on_failure(run, f"{label}: only {what} within {timeout:g} s (need {needed})")
 
 
 def _on_failure(run: Run, reason: str) -> Step:

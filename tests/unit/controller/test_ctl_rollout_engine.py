@@ -50,6 +50,8 @@ NEW = fleet_pb2.ModelAssignment(
     tenant="default", model_name="m", model_version="2", artifact_digest="b" * 64, rollout_id="r"
 )
 NONE = VersionStats()
+# Enough inferences for the gates to judge a device (STAGED's min_inferences is 10), all good.
+SERVED = VersionStats(100, 0, 1.0)
 STAGED = Plan(
     Target(all_devices=True),
     waves=(Wave(count=1, soak_s=30), Wave(percent=50, soak_s=30), Wave(percent=100, soak_s=0)),
@@ -137,7 +139,11 @@ def settled_wave(**kw: Any) -> Run:
 
 
 def test_soak_starts_when_every_device_settled_then_waits_then_advances() -> None:
-    fleet = {"a": view("a", NEW, "active"), "b": view("b", NEW, "active"), "c": view("c")}
+    fleet = {
+        "a": view("a", NEW, "active", new=SERVED),
+        "b": view("b", NEW, "active", new=SERVED),
+        "c": view("c"),
+    }
     expect_steps(plan(settled_wave(), fleet, NOW), ("start_soak", 0))
     expect_steps(plan(settled_wave(soak_started_at=NOW - 5), fleet, NOW), ("wait", NOW + 25))
     expect_steps(plan(settled_wave(soak_started_at=NOW - 31), fleet, NOW), ("start_wave", 1))
@@ -146,7 +152,11 @@ def test_soak_starts_when_every_device_settled_then_waits_then_advances() -> Non
 
 def test_manual_approval_holds_the_next_wave_until_approved() -> None:
     p = replace(STAGED, manual_approval=True)
-    fleet = {"a": view("a", NEW, "active"), "b": view("b", NEW, "active"), "c": view("c")}
+    fleet = {
+        "a": view("a", NEW, "active", new=SERVED),
+        "b": view("b", NEW, "active", new=SERVED),
+        "c": view("c"),
+    }
     expect_steps(plan(settled_wave(p=p, soak_started_at=NOW - 31), fleet, NOW), ("await_approval", 0))
     waiting = settled_wave(p=p, soak_started_at=NOW - 31, state=State.AWAITING_APPROVAL)
     expect_steps(plan(waiting, fleet, NOW), ("wait", math.inf))
@@ -189,7 +199,11 @@ def test_gates_ignore_devices_below_the_inference_minimum_and_pause_when_asked()
 
 def test_an_offline_device_past_its_timeout_counts_against_reporting_not_as_a_failure() -> None:
     r = run(member("a", set_at=NOW - 61), member("b", set_at=NOW - 61), member("c", 1), wave=0)
-    fleet = {"a": view("a", NEW, "pending", online=False), "b": view("b", NEW, "active"), "c": view("c")}
+    fleet = {
+        "a": view("a", NEW, "pending", online=False),
+        "b": view("b", NEW, "active", new=SERVED),
+        "c": view("c"),
+    }
     expect_steps(plan(r, fleet, NOW), ("start_soak", 0))
     soaked = replace(r, soak_started_at=NOW - 31)
     expect_steps(plan(soaked, fleet, NOW), ("start_wave", 1))  # 1 of 2 reported >= 0.5
@@ -508,3 +522,78 @@ def test_the_error_gate_counts_every_inference_of_the_new_version() -> None:
     [step] = plan(r, {"a": a, "b": b, "c": view("c")}, NOW)
     assert isinstance(step, RollBack)
     assert step.reason == "wave 1 of 3: error rate 0.246 (32/130 inferences on 2 devices) exceeds 0.05"
+
+
+# -- evidence: gates that read inferences judge nothing until devices made enough of them ------------
+
+FEW = VersionStats(5, 5, 9.0)  # below min_inferences (10): the gates do not judge it
+
+
+def quiet_wave(**kw: Any) -> tuple[Run, dict[str, DeviceView]]:
+    """Wave 1 of 3 soaked: a, b and d serve version 2 since NOW - 10 but made too few inferences of it;
+    c is in wave 2."""
+    r = run(
+        *(member(d, set_at=NOW - 10) for d in "abd"), member("c", 1), wave=0, soak_started_at=NOW - 31, **kw
+    )
+    fleet = {d: view(d, NEW, "active", new=FEW, baseline=SERVED) for d in "abd"}
+    return r, {**fleet, "c": view("c")}
+
+
+def test_a_wave_without_enough_inferences_waits_then_stops_naming_the_evidence() -> None:
+    r, fleet = quiet_wave()
+    # Its soak is over, yet the gates have judged nobody: it waits until the devices have had
+    # device_timeout_s (60 s) from being sent the version, for half of them (min_reporting_fraction).
+    [step] = plan(r, fleet, NOW)
+    assert isinstance(step, Wait) and step.until == NOW - 10 + 60, step
+    assert (
+        step.reason
+        == "wave 1 of 3: waiting for evidence: 0 of 3 devices reported 10 inferences of m 2 (need 2)"
+    )
+    fleet["a"] = replace(fleet["a"], new=SERVED)
+    [step] = plan(r, fleet, NOW + 49)
+    assert isinstance(step, Wait) and "1 of 3 devices reported 10 inferences" in step.reason
+    # Too little at the bound: stopped with what was missing.
+    [step] = plan(r, fleet, NOW + 50)
+    assert isinstance(step, RollBack), step
+    assert (
+        step.reason == "wave 1 of 3: only 1 of 3 devices reported 10 inferences of m 2 within 60 s (need 2)"
+    )
+    # Enough in time: the gates judge it, and it passes or fails on what they find.
+    fleet["b"] = replace(fleet["b"], new=SERVED)
+    expect_steps(plan(r, fleet, NOW + 49), ("start_wave", 1))
+    fleet["b"] = replace(fleet["b"], new=VersionStats(100, 30, 1.0))
+    [step] = plan(r, fleet, NOW + 49)
+    assert isinstance(step, RollBack) and "error rate 0.150 (30/200 inferences on 2 devices)" in step.reason
+
+
+def test_the_last_wave_does_not_succeed_on_gates_that_judged_nobody() -> None:
+    p = replace(STAGED, waves=(Wave(percent=100, soak_s=30),), failure_action=FailureAction.PAUSE)
+    r, fleet = quiet_wave(p=p)
+    r = replace(r, members=tuple(m for m in r.members if m.device_id != "c"))
+    del fleet["c"]
+    expect_steps(plan(r, fleet, NOW), ("wait", NOW + 50))
+    [step] = plan(r, fleet, NOW + 50)
+    assert isinstance(step, Pause) and "only 0 of 3 devices reported 10 inferences" in step.reason
+    fleet = {d: replace(v, new=SERVED) for d, v in fleet.items()}
+    expect_steps(plan(r, fleet, NOW + 50), ("complete", State.SUCCEEDED))
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        # No gate reads inferences: the failure fraction and reporting gates are all there is.
+        ({"gates": Gates(max_failure_fraction=0.0, min_reporting_fraction=0.5)}, ("start_wave", 1)),
+        # No device timeout: the wave waits for evidence as long as it takes.
+        ({"device_timeout_s": None}, ("wait", math.inf)),
+    ],
+)
+def test_evidence_is_needed_only_by_gates_that_read_inferences_and_waited_for_within_the_timeout(
+    change: dict[str, Any], expected: tuple[Any, ...]
+) -> None:
+    r, fleet = quiet_wave(p=replace(STAGED, **change))
+    expect_steps(plan(r, fleet, NOW + 3600), expected)
+
+
+def test_a_promoted_wave_needs_no_evidence() -> None:
+    r, fleet = quiet_wave(promoted=True)
+    expect_steps(plan(r, fleet, NOW), ("start_wave", 1))

@@ -151,6 +151,8 @@ def test_waves_advance_after_soak_and_the_engine_resumes_after_a_restart(parts: 
     ]
     assert published.generations() == [("dev-1", 1)]
     report(parts, "dev-1", r.digest, fleet_pb2.MODEL_PHASE_ACTIVE, clock.now + 1)
+    # Inferences of the new version for its gates to judge: without them the wave would not pass.
+    telemetry(parts, "dev-1", "2", clock.now + 1, 100, 0, 1.0)
     clock.now += 2
     parts.rollouts.advance(r.id)
     clock.now += 5
