@@ -256,7 +256,7 @@ class Link:
             self._fail_over()
             self._set_delay()
             # paho calls this from the `except OSError` around its connect: the error is current.
-            error = sys.exception()
+            error = sys.exc_info()[1]
             log.warning(
                 "broker connection failed device=%s host=%s port=%s attempt=%d reason=%s",
                 self.device_id,

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.compat import sqlite_full
 from agent.conditions import DISK_FULL, Conditions
 
 log = logging.getLogger(__name__)
@@ -271,10 +272,7 @@ class Outbox:
             try:
                 return self._insert(kind, payload, created_ms, seq, grow=False)
             except sqlite3.Error as exc:
-                if (
-                    not isinstance(exc, _NoRoom)
-                    and getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL
-                ):
+                if not isinstance(exc, _NoRoom) and not sqlite_full(exc):
                     raise
                 if not self._drop_oldest(batch, len(payload)):
                     raise
@@ -315,7 +313,7 @@ class Outbox:
                 self.path,
                 exc,
             )
-            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            if sqlite_full(exc):
                 self._disk_full(f"the telemetry outbox cannot store: {exc}")
 
     def _disk_full(self, message: str) -> None:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 from typing import ClassVar
 
 from agent.artifacts import FORMATS, valid_digest
+from agent.compat import StrEnum
 from agent.conditions import Condition
 from agent.runtime import DEFAULT_RUNTIME_FOR_FORMAT
 from agent.state import Assignment, Desired, DeviceState, TenantState, Update

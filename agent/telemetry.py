@@ -7,12 +7,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 import psutil
 from edgefleet_proto import fleet_pb2
+
+from agent.compat import StrEnum
 
 # Latency samples kept per model and window; past it, reservoir sampling keeps a
 # uniform sample so the percentiles stay honest and memory stays bounded.

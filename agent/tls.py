@@ -44,7 +44,7 @@ def client_context(tls: BrokerTls) -> ssl.SSLContext:
 def renewal_due(cert_file: str, now: dt.datetime | None = None) -> str | None:
     """Said when our client certificate ends within RENEW_WITHIN."""
     cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
-    left = cert.not_valid_after_utc - (now or dt.datetime.now(dt.UTC))
+    left = cert.not_valid_after_utc - (now or dt.datetime.now(dt.timezone.utc))
     if left > RENEW_WITHIN:
         return None
     return (
@@ -59,7 +59,7 @@ def certificate_problem(cert_file: str, now: dt.datetime | None = None) -> str |
         cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
     except (OSError, ValueError) as exc:
         return f"our client certificate {cert_file} cannot be read: {exc}"
-    now = now or dt.datetime.now(dt.UTC)
+    now = now or dt.datetime.now(dt.timezone.utc)
     if now > cert.not_valid_after_utc:
         return (
             f"our client certificate {cert_file} expired at {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z: "

@@ -46,7 +46,7 @@ Pure code, no I/O.
 
 from __future__ import annotations
 
-from enum import StrEnum
+from agent.compat import StrEnum
 
 
 class UpdateState(StrEnum):

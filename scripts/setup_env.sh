@@ -44,3 +44,34 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 echo "== installing edgefleet[$extras] into .venv" >&2
 .venv/bin/python -m pip install --quiet -e ".[$extras]"
+
+# The agent also runs on the Python 3.10 that Ubuntu 22.04 and JetPack 6 ship, so the
+# test command runs the agent's tests there too, in .venv310 (the agent extra and test
+# tools only). No 3.10 interpreter on this machine: said, and skipped.
+if [[ ",$extras," == *",dev,"* ]]; then
+  python310=""
+  for candidate in python3.10 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.10.*/bin/python; do
+    # A pyenv shim exists even when its version is not selected: ask the interpreter itself.
+    if "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10))' >/dev/null 2>&1; then
+      python310="$candidate"; break
+    fi
+  done
+  if [ -z "$python310" ]; then
+    echo "== no Python 3.10 interpreter (python3.10 or pyenv): the agent's 3.10 tests will be skipped" >&2
+    rm -f .venv310/.edgefleet-ready
+  else
+    # onnxruntime 1.23, the newest with a 3.10 wheel, reads ONNX IR up to 11: the test
+    # models are written with an onnx that writes no newer IR.
+    agent_test_requirements=(-e ".[agent,tflite]" "pytest>=8" "pytest-timeout>=2.3" "onnx>=1.17,<1.19"
+      "skl2onnx>=1.17" "scikit-learn>=1.5" tflite-micro)
+    stamp="$(cat pyproject.toml; echo "${agent_test_requirements[*]}")"
+    stamp="$(printf '%s' "$stamp" | sha256sum | cut -d' ' -f1)"
+    if [ "$(cat .venv310/.edgefleet-ready 2>/dev/null)" != "$stamp" ]; then
+      echo "== installing edgefleet[agent] and the agent's test tools into .venv310 with $python310" >&2
+      [ -x .venv310/bin/python ] || "$python310" -m venv .venv310
+      .venv310/bin/python -m pip install --quiet --upgrade pip
+      .venv310/bin/python -m pip install --quiet "${agent_test_requirements[@]}"
+      echo "$stamp" > .venv310/.edgefleet-ready
+    fi
+  fi
+fi

@@ -8,5 +8,11 @@ echo "== ruff" >&2
 .venv/bin/ruff check .
 echo "== mypy" >&2
 .venv/bin/mypy
+echo "== mypy: the agent and its contract as Python 3.10 reads them" >&2
+.venv/bin/mypy --python-version 3.10 -p agent -p edgefleet_proto
 echo "== pytest" >&2
 .venv/bin/pytest -p no:cacheprovider "$@"
+# The whole suite also runs the agent's tests on Python 3.10 (what Jetsons ship).
+if [ $# -eq 0 ]; then
+  bash scripts/test_agent_py310.sh
+fi
