@@ -57,6 +57,9 @@ class Controller:
     port: int = field(default_factory=free_port)
     token: str = ""
     proc: subprocess.Popen[bytes] | None = None
+    # What runs ``edgefleet controller serve``: the console script, or a wrapper taking the same
+    # arguments (tests/engine_clock.py runs the engine on a clock the test moves).
+    serve: tuple[str, ...] = (str(BIN / "edgefleet"),)
 
     @property
     def url(self) -> str:
@@ -85,7 +88,7 @@ class Controller:
             self.init()
         with self.log_file.open("ab") as log:
             self.proc = subprocess.Popen(
-                [str(BIN / "edgefleet"), "controller", "serve", "--data-dir", str(self.data_dir),
+                [*self.serve, "controller", "serve", "--data-dir", str(self.data_dir),
                  "--host", "127.0.0.1", "--port", str(self.port)],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
@@ -122,7 +125,9 @@ class Controller:
     def cli(self, *args: str, check: bool = True) -> Any:
         """Run an operator command as a script would (``--json``); return its JSON output."""
         env = {**os.environ, "EDGEFLEET_URL": self.url, "EDGEFLEET_TOKEN": self.token}
-        out = subprocess.run([str(BIN / "edgefleet"), "--json", *args], capture_output=True, text=True, env=env)
+        out = subprocess.run(
+            [str(BIN / "edgefleet"), "--json", *args], capture_output=True, text=True, env=env
+        )
         if check and out.returncode != 0:
             raise RuntimeError(f"edgefleet {' '.join(args)} exited {out.returncode}: {out.stderr}")
         return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else out
