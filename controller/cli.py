@@ -579,8 +579,22 @@ def rollout_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_rollouts_create(args: argparse.Namespace) -> int:
-    _print(_call(args, "POST", "/v1/rollouts", json=rollout_body(args)), cli_views.rollout)
-    return 0
+    created = _call(args, "POST", "/v1/rollouts", json=rollout_body(args))
+    warn_skipped(created)
+    if not args.watch:
+        _print(created, cli_views.rollout)
+        return 0
+    return _watch(args, created["id"])
+
+
+def warn_skipped(rollout: dict[str, Any]) -> None:
+    """Targeted devices the rollout leaves out (no variant they can run, no live model to
+    shadow), on stderr: the rollout goes on without them."""
+    skipped = [d for d in rollout.get("devices", []) if d["status"] == "skipped"]
+    if skipped:
+        lines = "".join(f"\n  {d['device_id']}: {d['detail']}" for d in skipped)
+        total = len(rollout["devices"])
+        print(f"warning: {len(skipped)} of {total} targeted devices skipped:{lines}", file=sys.stderr)
 
 
 def cmd_rollouts_show(args: argparse.Namespace) -> int:
@@ -589,12 +603,17 @@ def cmd_rollouts_show(args: argparse.Namespace) -> int:
 
 
 def cmd_rollouts_watch(args: argparse.Namespace) -> int:
+    return _watch(args, args.id)
+
+
+def _watch(args: argparse.Namespace, rollout_id: str) -> int:
+    """Follow the rollout until it ends, print it, exit 0 if it succeeded (else 1)."""
     final = cli_progress.watch_rollout(
-        lambda: _call(args, "GET", f"/v1/rollouts/{args.id}"),
-        lambda: _call(args, "GET", f"/v1/rollouts/{args.id}/events"),
+        lambda: _call(args, "GET", f"/v1/rollouts/{rollout_id}"),
+        lambda: _call(args, "GET", f"/v1/rollouts/{rollout_id}/events"),
         args.interval,
     )
-    events = [] if cli_output.json_mode() else _call(args, "GET", f"/v1/rollouts/{args.id}/events")
+    events = [] if cli_output.json_mode() else _call(args, "GET", f"/v1/rollouts/{rollout_id}/events")
     _print(final, lambda r: cli_views.rollout(r, events))
     return cli_progress.rollout_exit_code(final)
 
@@ -998,6 +1017,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shadow.add_argument(
         "--min-shadow-compared", type=int, default=None, metavar="N", help="samples per device"
+    )
+    create.add_argument(
+        "--watch",
+        action="store_true",
+        help="follow it until it ends, as `rollouts watch` does (exit 0 if it succeeded, else 1)",
+    )
+    create.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="with --watch: seconds between refreshes"
     )
     create.set_defaults(func=cmd_rollouts_create)
     rollouts.add_parser("list", parents=[remote], help="rollouts, newest first").set_defaults(

@@ -162,3 +162,22 @@ def test_rollouts_watch_follows_a_rollout_to_its_end(controller: Controller, tmp
     assert watch.returncode == 1, err
     final = json.loads(out)
     assert final["id"] == soaking["id"] and final["state"] == "aborted"
+
+
+def test_a_rollout_that_skips_devices_says_so_on_stderr(controller: Controller, tmp_path: Path) -> None:
+    digits = digits_classifier(tmp_path / "digits.onnx")
+    controller.cli("models", "upload", str(digits.path), "--name", "digits", "--version", "1", "--no-wait")
+    for device_id in ("cam-1", "cam-2"):
+        controller.cli("devices", "register", device_id)
+    # cam-1 gets the version in tenant door (its desired state names it); cam-2 has nothing there.
+    plain = controller.cli(
+        "rollouts", "create", "--model", "digits", "--version", "1", "--tenant", "door", "--device", "cam-1"
+    )
+    controller.cli("rollouts", "abort", plain["id"])
+    shadowed = run(
+        controller, "rollouts", "create", "--model", "digits", "--version", "1", "--tenant", "door", "--all",
+        "--shadow-soak", "30", "--min-shadow-agreement", "0.9",
+    )  # fmt: skip
+    assert shadowed.returncode == 0, shadowed.stderr
+    assert "warning: 1 of 2 targeted devices skipped" in shadowed.stderr
+    assert "cam-2: no model is live in tenant door" in shadowed.stderr

@@ -68,6 +68,8 @@ def test_drift_fires_the_policy_and_the_result_rolls_out(quiet_ctl: Ctl, hook: H
         files={"file": ("captured.npz", npz(16.0 - x[150:170]), "application/octet-stream")},
     )
     assert uploaded.status_code == 201, uploaded.text
+    # The policy's rollout names cam-1: it must be registered when the policy is saved.
+    credentials = ctl.register("cam-1")
     doc = {
         "model": "digits",
         "conditions": {"drift": {"threshold": 0.25, "windows": 2}},
@@ -88,7 +90,6 @@ def test_drift_fires_the_policy_and_the_result_rolls_out(quiet_ctl: Ctl, hook: H
     bad_rollout = ctl.api("PUT", "/v1/retraining/policies/x", json={**doc, "rollout": {"waves": "soon"}})
     assert bad_rollout.status_code == 422 and "body.rollout.waves" in bad_rollout.text
 
-    credentials = ctl.register("cam-1")
     peer = ctl.device_peer(credentials)
     try:
         # Two closed fleet-wide windows of drifted inputs (long ago, so they are complete).
