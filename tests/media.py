@@ -93,3 +93,21 @@ def write_wav(path: Path, signal: np.ndarray) -> np.ndarray:
         w.writeframes(pcm.tobytes())
     back: np.ndarray = pcm.astype(np.float32) / 32768.0
     return back
+
+
+def text_frame(
+    width: int, height: int, text: str, at: tuple[int, int], scale: float, flip: bool = False
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Black ``text`` printed on white with its baseline starting at ``at`` (BGR), turned upside
+    down when ``flip``; returns the frame and the text's box (x0, y0, x1, y1) in it."""
+    import cv2
+
+    frame = np.full((height, width, 3), 255, np.uint8)
+    thickness = max(1, round(scale * 2))
+    cv2.putText(frame, text, at, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness)
+    (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    box = (at[0], at[1] - h, at[0] + w, at[1] + base)
+    if flip:
+        frame = np.ascontiguousarray(frame[::-1, ::-1])
+        box = (width - box[2], height - box[3], width - box[0], height - box[1])
+    return frame, box

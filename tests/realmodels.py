@@ -21,6 +21,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -270,3 +271,166 @@ def sample_inputs(name: str, count: int = 8) -> dict[str, np.ndarray]:
         x = (np.stack(images).astype(np.float32) / 255.0 - mean) / std
         return {"x": x.transpose(0, 3, 1, 2).astype(np.float32)}
     raise KeyError(name)
+
+
+# -- broken copies: files that load and pass staging on their samples, then fail in the field --
+
+
+def overflowing_copy(source: Path, target: Path, limit: float) -> Path:
+    """A copy of a .onnx or .tflite model that fails on any input whose first input holds a value
+    above ``limit`` (as an export with a too-narrow range fails on brighter or louder inputs than
+    its sample set had): it loads, runs on samples scaled under ``limit``, and fails in the field.
+
+    TFLite: its first output becomes ``output + 0 * sqrt(limit - max(first input))``, NaN past the
+    limit. ONNX: ``max(first input) > limit`` indexes a one-entry table out of range (onnxruntime
+    fails the run), and the looked-up 0 is added to its first int64 input, or else to its first
+    output. The check stays out of reach of int8 quantization (no operator in it is quantized,
+    so a quantized variant of the copy fails as the copy does). Every other tensor keeps its name,
+    shape and values."""
+    if source.suffix == ".tflite":
+        target.write_bytes(_overflowing_tflite(source.read_bytes(), limit))
+        return target
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    x = graph.input[0].name
+    ints = [i.name for i in graph.input if i.type.tensor_type.elem_type == TensorProto.INT64]
+    tied = ints[0] if ints else graph.output[0].name
+    unchecked = f"{tied}_unchecked"
+    if ints:
+        _rename_inputs(graph, tied, unchecked)
+        before, after = tied, unchecked
+    else:
+        for node in graph.node:
+            node.output[:] = [unchecked if name == tied else name for name in node.output]
+        before, after = unchecked, tied
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(limit, np.float32), "overflow_limit"),
+            numpy_helper.from_array(np.array([0], np.int64), "overflow_table"),
+        ]
+    )
+    checks = [
+        helper.make_node("ReduceMax", [x], ["overflow_peak"], keepdims=0),
+        helper.make_node("Greater", ["overflow_peak", "overflow_limit"], ["overflow_over"]),
+        helper.make_node("Cast", ["overflow_over"], ["overflow_index"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["overflow_table", "overflow_index"], ["overflow_zero"]),
+    ]
+    if ints:
+        checks.append(helper.make_node("Add", [before, "overflow_zero"], [after]))
+    else:
+        checks.append(helper.make_node("Cast", ["overflow_zero"], ["overflow_zero_f"], to=TensorProto.FLOAT))
+        checks.append(helper.make_node("Add", [before, "overflow_zero_f"], [after]))
+    # Ahead of the model's own nodes, so the graph stays topologically sorted.
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(checks + nodes if ints else nodes + checks)
+    onnx.save(model, str(target))
+    return target
+
+
+def _rename_inputs(graph: Any, old: str, new: str) -> None:
+    """Every node reading ``old`` reads ``new``, in If/Loop bodies too (they see outer names)."""
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        for attribute in node.attribute:
+            for body in [attribute.g, *attribute.graphs] if attribute.type in (5, 10) else []:
+                _rename_inputs(body, old, new)
+
+
+def _overflowing_tflite(data: bytes, limit: float) -> bytes:
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    graph = model.subgraphs[0]
+
+    def opcode(code: int) -> int:
+        for i, c in enumerate(model.operatorCodes):
+            # Files written before the 2020 schema keep the code in the deprecated field only.
+            if max(c.builtinCode, c.deprecatedBuiltinCode) == code:
+                return i
+        c = schema.OperatorCodeT()
+        c.builtinCode, c.deprecatedBuiltinCode, c.version = code, min(code, 127), 1
+        model.operatorCodes.append(c)
+        return len(model.operatorCodes) - 1
+
+    def tensor(name: str, shape: list[int], kind: int = schema.TensorType.FLOAT32, value: Any = None) -> int:
+        t = schema.TensorT()
+        t.name, t.shape, t.type = name.encode(), np.array(shape, np.int32), kind
+        buffer = schema.BufferT()
+        if value is not None:
+            buffer.data = np.frombuffer(np.ascontiguousarray(value).tobytes(), np.uint8)
+        model.buffers.append(buffer)
+        t.buffer = len(model.buffers) - 1
+        graph.tensors.append(t)
+        return len(graph.tensors) - 1
+
+    def op(code: int, inputs: list[int], outputs: list[int], kind: int = 0, options: Any = None) -> None:
+        o = schema.OperatorT()
+        o.opcodeIndex = opcode(code)
+        o.inputs, o.outputs = np.array(inputs, np.int32), np.array(outputs, np.int32)
+        o.builtinOptionsType, o.builtinOptions = kind, options
+        graph.operators.append(o)
+
+    x, out = int(graph.inputs[0]), int(graph.outputs[0])
+    name = graph.tensors[out].name
+    graph.tensors[out].name = name + b"_unchecked"
+    rank = len(graph.tensors[x].shape)
+    axes = tensor("overflow_axes", [rank], schema.TensorType.INT32, np.arange(rank, dtype=np.int32))
+    lim = tensor("overflow_limit", [], value=np.float32(limit))
+    zero = tensor("overflow_zero", [], value=np.float32(0.0))
+    peak, room, root, nan = (
+        tensor(n, []) for n in ("overflow_peak", "overflow_room", "overflow_root", "overflow_nan")
+    )
+    checked = tensor(name.decode(), list(graph.tensors[out].shape))
+    graph.tensors[checked].shapeSignature = graph.tensors[out].shapeSignature
+    reducer = schema.ReducerOptionsT()
+    reducer.keepDims = False
+    op(schema.BuiltinOperator.REDUCE_MAX, [x, axes], [peak], schema.BuiltinOptions.ReducerOptions, reducer)
+    op(
+        schema.BuiltinOperator.SUB,
+        [lim, peak],
+        [room],
+        schema.BuiltinOptions.SubOptions,
+        schema.SubOptionsT(),
+    )
+    op(schema.BuiltinOperator.SQRT, [room], [root])
+    op(
+        schema.BuiltinOperator.MUL,
+        [root, zero],
+        [nan],
+        schema.BuiltinOptions.MulOptions,
+        schema.MulOptionsT(),
+    )
+    op(
+        schema.BuiltinOperator.ADD,
+        [out, nan],
+        [checked],
+        schema.BuiltinOptions.AddOptions,
+        schema.AddOptionsT(),
+    )
+    outputs = [int(i) for i in graph.outputs]
+    outputs[0] = checked
+    graph.outputs = np.array(outputs, np.int32)
+    builder = flatbuffers.Builder(len(data) + 4096)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def fixed_shape_copy(source: Path, target: Path, dims: Sequence[int]) -> Path:
+    """A copy of an ONNX model whose first input takes only ``dims`` (-1 keeps an axis free), as a
+    re-export traced at its sample's size would: it runs on samples of that size and refuses the
+    frames a tenant resizes otherwise."""
+    import onnx
+
+    model = onnx.load(str(source))
+    shape = model.graph.input[0].type.tensor_type.shape
+    for axis, size in zip(shape.dim, dims, strict=True):
+        if size >= 0:
+            axis.Clear()
+            axis.dim_value = size
+    onnx.save(model, str(target))
+    return target
