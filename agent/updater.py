@@ -614,21 +614,23 @@ class Updater:
     def fail(self, step: Fail) -> None:
         self._fail_digest(step.assignment.digest, step.reason)
 
-    def _fail_digest(self, digest: str, reason: str) -> None:
+    def _fail_digest(self, digest: str, reason: str, keep_download: bool = False) -> None:
         desired = self.state.desired
         assignments = desired.assignments if desired else ()
         sampled = [a for a in assignments if a.sample_digest == digest]
         if sampled and not any(a.digest == digest for a in assignments):
-            # Sample inputs that cannot be fetched fail the versions that carry them.
+            # Sample inputs that cannot be fetched fail the versions that carry them; their
+            # models are sound, so what arrived of them stays for the generation that fixes it.
             self.transfers.pop(digest, None)
             self.artifacts.discard(digest)
             for model in sorted({a.digest for a in sampled}):
-                self._fail_digest(model, f"sample inputs {digest[:12]}: {reason}")
+                self._fail_digest(model, f"sample inputs {digest[:12]}: {reason}", keep_download=True)
             return
         failure = Failure(digest, reason, self.state.desired_generation)
         self._save(self.state.with_failure(failure), deferrable=True)
-        t = self.transfers.pop(digest, None)
-        self.artifacts.discard(digest)
+        t = self.transfers.get(digest) if keep_download else self.transfers.pop(digest, None)
+        if not keep_download:
+            self.artifacts.discard(digest)
         desired = self.state.desired
         for a in desired.assignments if desired else ([t.assignment] if t else []):
             if a.digest != digest:
@@ -714,6 +716,7 @@ class Updater:
         self._enter(a, UpdateState.STAGE)
         serving = self.pool.get(a.tenant)
         held = self.pool.held(a.tenant)
+        loaded = False
         try:
             if serving is not None and serving.digest == a.digest:
                 model = serving.model
@@ -724,13 +727,16 @@ class Updater:
                 # budget, never unloaded) before the new one loads, so the new one must fit beside it.
                 self.pool.hold(a.tenant)
                 model = self._load(a)
+            loaded = True
             model.run(self._smoke_inputs(a, model))
         except (AgentError, OSError) as exc:
             # Nothing was swapped: the old model never stopped serving.
             self.pool.release(a.tenant)
             self._fail_digest(a.digest, f"staging failed: {exc}")
-            if not isinstance(exc, MemoryBudgetExceeded):
-                # A model refused for want of memory is sound: keep it for a later generation.
+            if not loaded and not isinstance(exc, MemoryBudgetExceeded):
+                # A model that loaded is sound (its digest was checked): what failed is its inputs
+                # (the sample, or inputs made up without one), and one refused for want of memory
+                # is sound too. Either is kept, so the generation that fixes it fetches nothing.
                 self._drop_unloadable(a.digest)
             return
         try:
