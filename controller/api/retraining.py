@@ -8,12 +8,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 from pydantic import ValidationError
 
-from controller.api.deps import ClosedLoopDep, FleetDep, RegistryDep, RolloutsDep
+from controller.api.deps import ClosedLoopDep, FleetDep, GroupsDep, RegistryDep, RolloutsDep
 from controller.api.loop_schemas import PolicyCreate, PolicyPublic, RunPublic, RunResult, RunResultPublic
 from controller.api.responses import errors
 from controller.api.rollout_schemas import RolloutCreate, RolloutSpec
 from controller.errors import InvalidInputError, InvalidPolicy, ModelNotFound, UnknownTargets
 from controller.fleet import Fleet
+from controller.groups import Groups
 from controller.retraining import POLICY_NAME, Policy, RolloutStarter
 from controller.rollout_plans import validate
 from controller.rollouts import Rollouts
@@ -39,7 +40,7 @@ def rollout_starter(rollouts: Rollouts) -> RolloutStarter:
     return start
 
 
-def check_rollout(spec: RolloutSpec, fleet: Fleet) -> None:
+def check_rollout(spec: RolloutSpec, fleet: Fleet, groups: Groups) -> None:
     """A policy's rollout as POST /v1/rollouts would check it, now rather than when the run
     reports: a plan that makes sense and devices that are registered (422 naming them)."""
     plan = spec.to_plan()
@@ -52,6 +53,8 @@ def check_rollout(spec: RolloutSpec, fleet: Fleet) -> None:
     missing = [d for d in named if d not in known]
     if missing:
         raise UnknownTargets(f"rollout: unknown devices: {', '.join(missing)} (see `edgefleet devices list`)")
+    if plan.target.group is not None and not groups.exists(plan.target.group):
+        raise UnknownTargets(f"rollout: unknown group {plan.target.group} (see `edgefleet groups list`)")
 
 
 PolicyName = Annotated[str, Path(pattern=POLICY_NAME.pattern, description="the policy's name")]
@@ -63,14 +66,19 @@ def _public(policy: Policy) -> PolicyPublic:
 
 @router.put("/retraining/policies/{name}", response_model=PolicyPublic, responses=errors(404))
 def put_policy(
-    name: PolicyName, body: PolicyCreate, loop: ClosedLoopDep, registry: RegistryDep, fleet: FleetDep
+    name: PolicyName,
+    body: PolicyCreate,
+    loop: ClosedLoopDep,
+    registry: RegistryDep,
+    fleet: FleetDep,
+    groups: GroupsDep,
 ) -> PolicyPublic:
     """Create the policy, or add a version of it (the newest version is in force). Its
     rollout is checked as a rollout would be: the devices it names must be registered."""
     if body.model not in {m.name for m in registry.all()}:
         raise ModelNotFound(f"no model {body.model!r}")
     if body.rollout is not None:
-        check_rollout(body.rollout, fleet)
+        check_rollout(body.rollout, fleet, groups)
     doc = body.model_dump(exclude_none=True, exclude={"rollout"})
     if body.rollout is not None:
         # Kept as given: the defaults are applied when the rollout starts.

@@ -181,3 +181,21 @@ def test_group_and_window_changes_need_an_operator_and_are_audited(fleet: Ctl) -
     assert ("operator", "POST", "/v1/groups", {}, 201) in lines
     assert ("operator", "POST", "/v1/maintenance-windows", {}, 201) in lines
     assert ("operator", "DELETE", "/v1/groups/{name}", {"name": "pilot"}, 200) in lines
+
+
+def test_a_retraining_policy_rolling_out_to_an_unknown_group_is_refused(
+    fleet: Ctl, digits_model: Path
+) -> None:
+    ctl = fleet
+    ctl.upload(digits_model, "digits", "1")
+    policy = {
+        "model": "digits",
+        "conditions": {"drift": {"threshold": 0.25}},
+        "trigger": {"kind": "webhook", "url": "http://127.0.0.1:9/", "secret": "s" * 32},
+        "rollout": {"target": {"group": "site-a"}},
+    }
+    refused = ctl.api("PUT", "/v1/retraining/policies/digits-drift", json=policy)
+    assert refused.status_code == 422 and "unknown group site-a" in refused.json()["detail"], refused.text
+    assert ok(ctl.api("GET", "/v1/retraining/policies")) == []
+    ok(ctl.api("POST", "/v1/groups", json={"name": "site-a", "query": {"tags": ["site-a"]}}), 201)
+    assert ok(ctl.api("PUT", "/v1/retraining/policies/digits-drift", json=policy))["name"] == "digits-drift"
