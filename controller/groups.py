@@ -161,14 +161,19 @@ class Groups:
 
     def memberships(self, names: Iterable[str]) -> dict[str, list[str]]:
         """For each device in any of the groups ``names``: which of them it is in."""
-        wanted = set(names)
+        wanted = sorted(set(names))
         if not wanted:
             return {}
+        rows = self.store.query(
+            f"SELECT * FROM device_groups WHERE name IN ({','.join('?' * len(wanted))}) ORDER BY name", wanted
+        )
+        # Every device's tags are read only when a dynamic group needs them.
+        devices = self._devices() if any(r["kind"] == "dynamic" for r in rows) else []
         out: dict[str, list[str]] = {}
-        for group in self.all():
-            if group.name in wanted:
-                for device_id in group.devices:
-                    out.setdefault(device_id, []).append(group.name)
+        for row in rows:
+            group = self._group(row, devices)
+            for device_id in group.devices:
+                out.setdefault(device_id, []).append(group.name)
         return out
 
     # -- inside -----------------------------------------------------------------

@@ -196,8 +196,8 @@ class MaintenanceWindows:
     def applying(self, device_ids: Iterable[str]) -> dict[str, list[Window]]:
         """The windows each device follows: its own if it has any, else its groups'."""
         ids = list(device_ids)
-        windows = self.all()
-        if not windows or not ids:
+        windows = self.all() if ids else []
+        if not windows:
             return {d: [] for d in ids}
         own: dict[str, list[Window]] = {}
         by_group: dict[str, list[Window]] = {}
