@@ -19,11 +19,19 @@ router = APIRouter(prefix="/ui", include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 templates.env.filters["when"] = views.when
 templates.env.filters["size"] = views.size
+templates.env.filters["validation"] = views.validation_summary
 
 
 def _page(request: Request, name: str, principal: Principal | None, **context: Any) -> HTMLResponse:
     context |= {"principal": principal, "csrf": getattr(request.state, "csrf", ""), "Role": Role}
     return templates.TemplateResponse(request, name, context)
+
+
+def _missing(request: Request, principal: Principal | None, exc: NotFoundError) -> HTMLResponse:
+    """A page for something that does not exist: the API's words, inside the console."""
+    page = _page(request, "missing.html", principal, message=str(exc))
+    page.status_code = status.HTTP_404_NOT_FOUND
+    return page
 
 
 def _safe_next(target: str) -> str:
@@ -50,8 +58,8 @@ def login(
         )
         refused.status_code = status.HTTP_401_UNAUTHORIZED
         return refused
-    setattr(request.state, PRINCIPAL_KEY, principal)
     cookie, session = controller.accounts.open_session(principal)
+    setattr(request.state, PRINCIPAL_KEY, session.principal)
     response = RedirectResponse(_safe_next(next), status_code=status.HTTP_303_SEE_OTHER)
     response.set_cookie(
         SESSION_COOKIE,
@@ -97,18 +105,25 @@ def devices_page(
     tag: str = "",
     profile: str = "",
     status_filter: Annotated[str, Query(alias="status")] = "",
+    group: str = "",
 ) -> HTMLResponse:
     everything = controller.fleet.all()
-    shown = views.filter_devices(everything, q, tag, profile, status_filter)
+    groups = controller.rollouts.groups.all()
+    chosen = next((g for g in groups if g.name == group), None)
+    members = set(chosen.devices) if chosen is not None else (set() if group else None)
+    shown = views.filter_devices(everything, q, tag, profile, status_filter, members)
     return _page(
         request,
         "devices.html",
         principal,
         devices=[(d, views.device_status(d)) for d in shown],
+        total=len(everything),
         q=q,
         tag=tag,
         profile=profile,
         status=status_filter,
+        group=group,
+        groups=[g.name for g in groups],
         tags=sorted({t for d in everything for t in d.tags}),
         profiles=sorted({d.profile for d in everything if d.profile}),
         statuses=views.DEVICE_STATUSES,
@@ -119,7 +134,10 @@ def devices_page(
 def device_page(
     request: Request, device_id: str, controller: ControllerDep, principal: PrincipalDep
 ) -> HTMLResponse:
-    device = controller.fleet.get(device_id)
+    try:
+        device = controller.fleet.get(device_id)
+    except NotFoundError as exc:
+        return _missing(request, principal, exc)
     return _page(
         request,
         "device.html",
@@ -127,16 +145,32 @@ def device_page(
         device=device,
         status=views.device_status(device),
         tenants=controller.tenants.get(device_id),
+        groups=[g.name for g in controller.rollouts.groups.all() if device_id in g.devices],
+        windows=_windows(controller, device_id),
+        rollouts=views.device_rollouts(device_id, controller.rollouts.all()),
         history=controller.telemetry.events(device_id, 100),
     )
 
 
+def _windows(controller: ControllerDep, device_id: str) -> dict[str, Any]:
+    """The maintenance windows that apply to a device and whether one is open now."""
+    windows = controller.rollouts.windows
+    now = windows.clock()
+    applying = windows.applying([device_id]).get(device_id, [])
+    return {
+        "list": applying,
+        "openings": windows.openings(applying, now) if applying else {},
+        "status": windows.statuses([device_id], now)[device_id],
+    }
+
+
 @router.get("/models")
 def models_page(request: Request, controller: ControllerDep, principal: PrincipalDep) -> HTMLResponse:
-    versions = [
-        controller.registry.get(m.name, v.version) for m in controller.registry.all() for v in m.versions
+    registry = controller.registry
+    models = [
+        (m.name, [registry.get(m.name, v.version) for v in reversed(m.versions)]) for m in registry.all()
     ]
-    return _page(request, "models.html", principal, versions=versions)
+    return _page(request, "models.html", principal, models=models)
 
 
 @router.get("/rollouts")
@@ -144,31 +178,32 @@ def rollouts_page(request: Request, controller: ControllerDep, principal: Princi
     rollouts = sorted(controller.rollouts.all(), key=lambda r: r.created_at, reverse=True)
     models = [(m.name, [v.version for v in m.versions]) for m in controller.registry.all()]
     return _page(
-        request, "rollouts.html", principal, rollouts=[views.rollout_view(r) for r in rollouts], models=models
+        request,
+        "rollouts.html",
+        principal,
+        rollouts=[views.rollout_view(r) for r in rollouts],
+        models=models,
+        groups=[g.name for g in controller.rollouts.groups.all()],
     )
-
-
-def _rollout_context(controller: ControllerDep, rollout_id: str) -> dict[str, Any]:
-    rollout = controller.rollouts.get(rollout_id)
-    return {
-        "view": views.rollout_view(rollout),
-        "verdicts": views.verdicts(controller.rollouts.events(rollout_id)),
-    }
 
 
 @router.get("/rollouts/{rollout_id}")
 def rollout_page(
     request: Request, rollout_id: str, controller: ControllerDep, principal: PrincipalDep
 ) -> HTMLResponse:
-    return _page(request, "rollout.html", principal, **_rollout_context(controller, rollout_id))
-
-
-@router.get("/rollouts/{rollout_id}/live")
-def rollout_live(
-    request: Request, rollout_id: str, controller: ControllerDep, principal: PrincipalDep
-) -> HTMLResponse:
-    """The part of the rollout page that changes, for the page to poll while the rollout runs."""
-    return _page(request, "rollout_live.html", principal, **_rollout_context(controller, rollout_id))
+    try:
+        rollout = controller.rollouts.get(rollout_id)
+    except NotFoundError as exc:
+        return _missing(request, principal, exc)
+    return _page(
+        request,
+        "rollout.html",
+        principal,
+        view=views.rollout_view(rollout),
+        events=views.event_log(controller.rollouts.events(rollout_id)),
+        gates=views.gate_texts(rollout.plan),
+        actions=views.actions(),
+    )
 
 
 @router.get("/drift")
