@@ -1,8 +1,8 @@
 """What one device may keep stored in the controller: telemetry and captured data.
 
-Telemetry past a device's byte quota drops the device's oldest windows (by
-arrival: a device chooses its own timestamps), a tenth of the quota at a time so
-the deletion is rare. Captured data past its quota is refused chunk by chunk: a
+Telemetry (its windows and the drift sketches they carried) past a device's byte
+quota drops the device's oldest windows and their sketches (by arrival: a device
+chooses its own timestamps), a tenth of the quota at a time so the deletion is rare. Captured data past its quota is refused chunk by chunk: a
 data set may already be labelled or used for training, so nothing stored is
 dropped for a newcomer. A device's usage is counted from the database (and the
 staging folder) once, then kept up to date as data arrives, and counted again
@@ -31,6 +31,9 @@ TELEMETRY_ROW_OVERHEAD = 256
 _TELEMETRY_SIZE = "length(system) + length(models) + length(shadows) + length(tenants) + " + str(
     TELEMETRY_ROW_OVERHEAD
 )
+# Counted per stored drift sketch beside its bytes.
+SKETCH_ROW_OVERHEAD = 128
+_SKETCH_SIZE = f"length(sketch) + {SKETCH_ROW_OVERHEAD}"
 CAPTURE_RECOUNT_S = 5.0
 
 
@@ -65,33 +68,49 @@ class TelemetryQuota:
 
     def stored_bytes(self, device_id: str) -> int:
         row = self.store.query_one(
-            f"SELECT coalesce(sum({_TELEMETRY_SIZE}), 0) AS n FROM telemetry WHERE device_id = ?",
-            (device_id,),
+            f"SELECT (SELECT coalesce(sum({_TELEMETRY_SIZE}), 0) FROM telemetry WHERE device_id = ?)"
+            f" + (SELECT coalesce(sum({_SKETCH_SIZE}), 0) FROM drift_sketches WHERE device_id = ?) AS n",
+            (device_id, device_id),
         )
         return int(row["n"]) if row else 0
 
     def _window_bytes(self, device_id: str, msg: fleet_pb2.Telemetry) -> int:
-        """The window just stored (found by the key that makes a resend the same row)."""
+        """The window just stored (found by the key that makes a resend the same row), with its sketches."""
         row = self.store.query_one(
             f"SELECT {_TELEMETRY_SIZE} AS n FROM telemetry WHERE device_id = ? AND seq = ? AND window_start_ms = ?",
             (device_id, msg.seq, msg.window_start_ms),
         )
-        return int(row["n"]) if row else 0
+        sketches = sum(sk.ByteSize() + SKETCH_ROW_OVERHEAD for sk in msg.drift)
+        return (int(row["n"]) if row else 0) + sketches
 
     def _drop_oldest(self, device_id: str, excess: int) -> int:
-        freed, last_id, windows = 0, None, 0
+        freed, last, windows = 0, None, 0
         rows = self.store.query(
-            f"SELECT id, {_TELEMETRY_SIZE} AS n FROM telemetry WHERE device_id = ? ORDER BY id", (device_id,)
+            f"SELECT id, received_at, {_TELEMETRY_SIZE} AS n FROM telemetry WHERE device_id = ? ORDER BY id",
+            (device_id,),
         )
+        sketches = {
+            r["received_at"]: int(r["n"])
+            for r in self.store.query(
+                f"SELECT received_at, sum({_SKETCH_SIZE}) AS n FROM drift_sketches WHERE device_id = ?"
+                " GROUP BY received_at",
+                (device_id,),
+            )
+        }
         for r in rows:
             if freed >= excess:
                 break
-            freed += int(r["n"])
-            last_id = r["id"]
+            freed += int(r["n"]) + sketches.get(r["received_at"], 0)
+            last = r
             windows += 1
-        if last_id is None:
+        if last is None:
             return 0
-        self.store.execute("DELETE FROM telemetry WHERE device_id = ? AND id <= ?", (device_id, last_id))
+        self.store.execute("DELETE FROM telemetry WHERE device_id = ? AND id <= ?", (device_id, last["id"]))
+        # The sketches the dropped windows carried (and any older ones) go with them.
+        self.store.execute(
+            "DELETE FROM drift_sketches WHERE device_id = ? AND received_at <= ?",
+            (device_id, last["received_at"]),
+        )
         self.counters.quota(device_id, "telemetry", "dropped_oldest", windows)
         log.warning(
             "telemetry quota reached, oldest windows dropped device=%s windows=%d bytes=%d quota=%d",

@@ -9,6 +9,8 @@ Model, version and tenant names reach the devices' telemetry from the devices,
 so a label carries only names the controller registered (a model version in the
 registry; a tenant declared on a device or named by a rollout): any other is
 folded into :data:`UNREGISTERED`, and its figures are added to that series.
+The ingest folds them already (controller.registered_names); a scrape folds
+again what was stored before, or registered for another device.
 What the controller refused or cut short is counted from ``message_counters``
 (controller.message_counters).
 """
@@ -30,6 +32,7 @@ from prometheus_client.registry import Collector
 from controller import message_counters, outbox_losses
 from controller.baselines import Baselines
 from controller.errors import ControllerError
+from controller.registered_names import DEFAULT_TENANT, SHADOW_SUFFIX, UNREGISTERED
 from controller.rollups import Rollups, VersionStats
 from controller.store import Store
 
@@ -38,10 +41,6 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Rates are averaged over this many seconds of roll-up buckets.
 RATE_WINDOW_S = 300.0
-# The label value of every model, version or tenant name the controller did not register.
-UNREGISTERED = "unregistered"
-DEFAULT_TENANT = "default"
-SHADOW_SUFFIX = ".shadow"
 
 
 @dataclass

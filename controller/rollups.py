@@ -1,8 +1,9 @@
 """Telemetry roll-ups per device, model version and time bucket, and the retention policy.
 
-The ingest worker calls :meth:`Rollups.observe` for every newly stored window,
-inside the batch's transaction, so a roll-up never counts a window twice (an
-outbox resend is not "newly stored"). Quantiles cannot be added up; a bucket
+The ingest worker calls :meth:`Rollups.observe` for every newly stored window
+(its model and tenant names folded to registered ones, so a device adds no rows
+by naming things), inside the batch's transaction, so a roll-up never counts a
+window twice (an outbox resend is not "newly stored"). Quantiles cannot be added up; a bucket
 keeps the inference-weighted mean of its windows' p50 and p95 and the largest
 p99, which is what an operator reads a dashboard for.
 """
@@ -23,6 +24,8 @@ from controller.store import Store
 log = logging.getLogger(__name__)
 
 DAY_S = 86_400.0
+# How far ahead of the controller's clock a window may end and still be rolled up by its own time.
+MAX_AHEAD_MS = 60_000
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,11 @@ class Rollups:
         self.clock = clock
 
     def observe(self, device_id: str, msg: fleet_pb2.Telemetry, received_at: float) -> None:
-        bucket = bucket_of(msg.window_end_ms, self.bucket_ms)
+        """Add one window (names already folded to registered ones by the ingest). A window
+        from the future by the controller's clock is rolled up where it arrived: a device
+        picks its own timestamps, and a bucket in 2100 would outlive every retention."""
+        end_ms = min(msg.window_end_ms, int(received_at * 1000) + MAX_AHEAD_MS)
+        bucket = bucket_of(end_ms, self.bucket_ms)
         for m in msg.models:
             n = m.inference_count
             self.store.execute(

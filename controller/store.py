@@ -239,6 +239,8 @@ CREATE TABLE IF NOT EXISTS drift_sketches (
     sketch TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS drift_sketches_version ON drift_sketches (model_name, model_version, window_end_ms);
+-- A device's sketches count towards its telemetry quota (controller.device_quotas).
+CREATE INDEX IF NOT EXISTS drift_sketches_device ON drift_sketches (device_id, received_at);
 CREATE TABLE IF NOT EXISTS drift_baselines (
     model_name TEXT NOT NULL,
     model_version TEXT NOT NULL,

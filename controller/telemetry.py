@@ -13,6 +13,7 @@ from edgefleet_proto import fleet_pb2
 from google.protobuf.message import Message
 
 from controller import outbox_losses
+from controller.registered_names import RegisteredNames, fold_telemetry
 from controller.store import Store
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,9 @@ class TelemetryStore:
     def __init__(self, store: Store) -> None:
         self.store = store
         _add_issue5_columns(store)
-        # Called, inside the ingest transaction, for each newly stored window
-        # (roll-ups and drift sketches: controller.monitoring).
+        self.names = RegisteredNames(store)
+        # Called, inside the ingest transaction, for each newly stored window, with its
+        # names folded to registered ones (roll-ups, drift sketches, the telemetry quota).
         self.observers: list[Callable[[str, fleet_pb2.Telemetry, float], None]] = []
 
     def ingest_telemetry(self, device_id: str, msg: fleet_pb2.Telemetry, received_at: float) -> bool:
@@ -98,10 +100,12 @@ class TelemetryStore:
         )
         log.debug("telemetry device=%s seq=%d stored=%s", device_id, msg.seq, bool(added))
         if added:
-            self._count_tenants(device_id, msg)
             outbox_losses.observe(self.store, device_id, msg, received_at)
+            # What is kept per name carries registered names only (controller.registered_names).
+            folded = fold_telemetry(self.names, device_id, msg)
+            self._count_tenants(device_id, folded)
             for observe in self.observers:
-                observe(device_id, msg, received_at)
+                observe(device_id, folded, received_at)
         return bool(added)
 
     def _count_tenants(self, device_id: str, msg: fleet_pb2.Telemetry) -> None:

@@ -12,6 +12,7 @@ from controller import drift
 from controller.baselines import Baselines
 from controller.drift import Sketch, SketchSpec
 from controller.errors import BaselineNotFound, InvalidDriftInput
+from tests.models import dense_of_size
 from tests.unit.controller.helpers import Parts
 
 SPEC = SketchSpec({"f0": (0.0, 1.0), "f1": (0.0,)}, num_classes=2)
@@ -32,6 +33,9 @@ def setup(tmp_path: Path) -> tuple[Parts, Baselines]:
     parts = Parts(tmp_path)
     parts.fleet.register("cam-1")
     parts.fleet.register("cam-2")
+    # Sketches are kept for registered versions only.
+    with dense_of_size(tmp_path / "m.onnx", 0.01).open("rb") as f:
+        parts.registry.upload("m", "1", f, {})
     baselines = Baselines(parts.store, 60, clock=lambda: 1.0)
     parts.telemetry.observers.append(baselines.observe)
     return parts, baselines
