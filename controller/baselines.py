@@ -15,10 +15,10 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -26,10 +26,16 @@ from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import decode_as
 
 from controller import drift
+from controller.calibration import CalibrationSet, load_calibration
 from controller.drift import Sketch, SketchSpec
 from controller.errors import BaselineNotFound, ControllerError, InvalidDriftInput
 from controller.model_runner import Runner, file_format
+from controller.signature import ModelSignature
 from controller.store import Store
+from controller.streaming import feedback
+
+if TYPE_CHECKING:
+    from controller.registry import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +161,11 @@ class Baselines:
         inputs: npt.ArrayLike,
         probabilities: npt.ArrayLike | None,
         bins: int = drift.DEFAULT_BINS,
+        layout: str = "",
     ) -> Baseline:
-        spec, sketch = drift.reference_baseline(inputs, probabilities, bins)
+        """``layout`` (``nchw``/``nhwc``) is where an image's channels are; without it the
+        shape tells (:func:`controller.drift.image_layout`)."""
+        spec, sketch = drift.reference_baseline(inputs, probabilities, bins, layout)
         return self._save(model_name, model_version, "reference", 0, spec, sketch)
 
     def set_production(self, model_name: str, model_version: str, windows: int, spec: SketchSpec) -> Baseline:
@@ -320,19 +329,29 @@ class Baselines:
 
 
 class Calibrations(Protocol):
-    """What the registry offers: where a version's calibration set and artifact are."""
+    """What the registry offers: where a version's calibration set is, and the version (its signature)."""
 
     def calibration_path(self, digest: str) -> Path: ...
 
+    def get(self, name: str, version: str) -> ModelVersion: ...
+
 
 def model_probabilities(model: Path, inputs: npt.NDArray[Any]) -> npt.NDArray[np.float64] | None:
-    """Class probabilities of a classifier (ONNX or TFLite) on ``inputs``: its last 2-D float output
-    (softmaxed when its rows are not already distributions); None if it has none."""
+    """Class probabilities of a single-input classifier (ONNX or TFLite) on ``inputs``: its last 2-D
+    float output (softmaxed when its rows are not already distributions); None if it has none."""
+    return sample_probabilities(model, [[inputs[i : i + 1]] for i in range(len(inputs))])
+
+
+def sample_probabilities(
+    model: Path, samples: Sequence[Sequence[np.ndarray]], feedback: Mapping[int, int] | None = None
+) -> npt.NDArray[np.float64] | None:
+    """Class probabilities on ``samples`` (each one sample's inputs in the model's order), as one
+    stream with ``feedback`` ({input: output} carried from step to step) for a stateful model."""
     try:
         # The runtime the file's format needs (LiteRT for .tflite), one sample at a time:
         # a TFLite model's batch is usually fixed at 1.
         runner = Runner(model, file_format(model))
-        outputs = runner.run_all([[inputs[i : i + 1]] for i in range(len(inputs))])
+        outputs = runner.run_sequence(samples, feedback) if feedback else runner.run_all(samples)
     except (
         Exception
     ) as exc:  # onnxruntime and LiteRT raise their own types; the baseline goes without classes
@@ -340,7 +359,7 @@ def model_probabilities(model: Path, inputs: npt.NDArray[Any]) -> npt.NDArray[np
         return None
     for out in reversed(outputs):
         arr = np.asarray(out)
-        if arr.ndim == 2 and arr.dtype.kind == "f" and arr.shape[0] == inputs.shape[0] and arr.shape[1] > 1:
+        if arr.ndim == 2 and arr.dtype.kind == "f" and arr.shape[0] == len(samples) and arr.shape[1] > 1:
             probs = arr.astype(np.float64)
             if not (np.all(probs >= 0) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)):
                 e = np.exp(probs - probs.max(axis=1, keepdims=True))
@@ -356,8 +375,10 @@ def baselines_from_calibration(
     skipped: set[tuple[str, str]],
 ) -> list[tuple[str, str]]:
     """Give every version registered with a calibration set (its reference data) and no
-    baseline yet a reference baseline: inputs from the set, classes and confidence
-    from the version's own predictions on it. Multi-input models are not sketched."""
+    baseline yet a reference baseline: features of the input its signature says a source
+    feeds, in the signature's layout, each sample taken along that input's batch axis;
+    classes and confidence from the version's own predictions on the whole set (every
+    input, a stateful model's state carried from sample to sample)."""
     rows = baselines.store.query(
         "SELECT d.name, d.version, d.calibration_digest, v.digest FROM version_details d"
         " JOIN model_versions v ON v.name = d.name AND v.version = d.version"
@@ -370,14 +391,28 @@ def baselines_from_calibration(
         if key in skipped:
             continue
         try:
-            with np.load(registry.calibration_path(r["calibration_digest"]), allow_pickle=False) as npz:
-                arrays = [npz[k] for k in npz.files]
-            if len(arrays) != 1:
-                raise InvalidDriftInput(f"{len(arrays)} inputs: only single-input models are sketched")
-            probs = model_probabilities(artifact_path(r["digest"]), arrays[0])
-            baselines.set_reference(r["name"], r["version"], arrays[0], probs)
+            signature = registry.get(*key).signature
+            reference = load_calibration(registry.calibration_path(r["calibration_digest"]), signature)
+            inputs, layout = source_samples(reference, signature)
+            order = [i.name for i in signature.inputs]
+            probs = sample_probabilities(
+                artifact_path(r["digest"]), reference.samples(order, reference.count), feedback(signature)
+            )
+            baselines.set_reference(r["name"], r["version"], inputs, probs, layout=layout)
             done.append(key)
         except (OSError, ValueError, ControllerError) as exc:
             skipped.add(key)
             log.warning("no drift baseline from calibration model=%s version=%s reason=%s", *key, exc)
     return done
+
+
+def source_samples(reference: CalibrationSet, signature: ModelSignature) -> tuple[npt.NDArray[Any], str]:
+    """The samples of the input a source feeds, batch first, and the layout to sketch them in."""
+    source = next((i for i in signature.inputs if i.role == "source"), None)
+    if source is None:
+        raise InvalidDriftInput("the signature names no source input: nothing a device sketches")
+    axis = reference.batch_axes[source.name]
+    if axis is None:
+        raise InvalidDriftInput(f"input {source.name!r} has no batch axis: the set is a single sample")
+    layout = source.layout.lower() if source.layout in ("NHWC", "NCHW") else ""
+    return np.moveaxis(reference.arrays[source.name], axis, 0), layout

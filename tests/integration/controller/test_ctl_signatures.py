@@ -15,6 +15,7 @@ import pytest
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import decode_as
 
+from controller.baselines import baselines_from_calibration
 from tests.integration.controller.conftest import Ctl, wait_for
 from tests.realmodels import sample_inputs
 
@@ -316,3 +317,20 @@ def test_a_hop_without_a_window_is_accepted_when_the_signature_gives_the_audio_l
     # A window declared with the hop is the tenant's own, whatever the signature says.
     both = {**mic, "preprocess": {"hop": 256, "window": 1024}}
     assert ctl.api("PUT", path, json=[both]).status_code == 200
+
+
+def test_the_drift_baseline_of_a_multi_input_model_sketches_the_input_its_signature_says_a_source_feeds(
+    ctl: Ctl, real_models: RealModels
+) -> None:
+    # silero-vad's samples hold its audio, its state (batch on axis 1) and its sample rate.
+    assert upload(ctl, "vad", real_models("silero_vad"), sample_inputs("silero_vad", 12)).status_code == 201
+    controller = ctl.controller
+    skipped: set[tuple[str, str]] = set()
+    done = baselines_from_calibration(
+        controller.closed_loop.baselines, controller.registry, controller.registry.artifacts.path, skipped
+    )
+    assert (done, skipped) == ([("vad", "1")], set())
+    baseline = controller.closed_loop.baselines.get("vad", "1")
+    assert baseline.sketch is not None and baseline.sketch.samples == 12
+    # The audio frames (12 x 576 samples), not the state or the sample rate.
+    assert sorted(baseline.spec.features, key=lambda f: int(f[1:])) == [f"f{i}" for i in range(576)]
