@@ -352,7 +352,7 @@ def judge(run: Run, members: Sequence[Member], fleet: Mapping[str, DeviceView], 
     failure = _error_rate(gates, [v.new for v in views], "inferences")
     if failure:
         return _fail(verdict, failure)
-    ratios = [v.new.p95_ms / v.baseline.p95_ms for v in judged if v.baseline.p95_ms > 0 and v.new.p95_ms > 0]
+    ratios = _latency_ratios(judged)
     # Latency and confidence wait until every device settled: while a wave updates, devices
     # busy downloading and loading answer slower for reasons that are not the new model's.
     if gates.max_latency_ratio is not None and ratios and settled:
@@ -372,6 +372,28 @@ def judge(run: Run, members: Sequence[Member], fleet: Mapping[str, DeviceView], 
         if failure:
             return _fail(verdict, failure)
     return verdict
+
+
+def _latency_ratios(judged: Sequence[DeviceView]) -> list[float]:
+    """p95 of the new version over the previous one's, per device that measured both."""
+    return [v.new.p95_ms / v.baseline.p95_ms for v in judged if v.baseline.p95_ms > 0 and v.new.p95_ms > 0]
+
+
+def gate_figures(gates: Gates, views: Sequence[DeviceView]) -> str:
+    """What a wave's gates measured, for the verdict of a wave that passed them."""
+    failed = sum(v.status == "failed" for v in views)
+    parts = [f"{failed} of {len(views)} devices failed"]
+    judged = [v for v in views if v.new.inferences >= gates.min_inferences]
+    if gates.max_error_rate is not None and judged:
+        inferences = sum(v.new.inferences for v in judged)
+        errors = sum(v.new.errors for v in judged)
+        parts.append(f"error rate {errors / inferences:.3f} ({errors}/{inferences} inferences)")
+    ratios = _latency_ratios(judged)
+    if gates.max_latency_ratio is not None and ratios:
+        parts.append(f"p95 latency {statistics.median(ratios):.2f}x the previous version")
+    if reads_inferences(gates):
+        parts.append(f"{len(judged)} devices judged")
+    return ", ".join(parts)
 
 
 def _error_rate(gates: Gates, stats: Sequence[VersionStats], what: str) -> str | None:
@@ -474,14 +496,21 @@ def plan(run: Run, fleet: Mapping[str, DeviceView], now: float) -> list[Step]:
         missing = _missing_evidence(run, members, fleet, now, label)
         if missing is not None:
             return [missing]
+    figures = gate_figures(gates, [fleet[m.device_id] for m in members])
     if run.wave == last:
         failed = sum(fleet[m.device_id].status == "failed" for m in run.members)
         if failed:
             return [Complete(State.FAILED, f"{label} done; {failed} of {len(run.members)} devices failed")]
-        return [Complete(State.SUCCEEDED, f"{label} done; all {len(run.members)} devices updated")]
+        return [
+            Complete(State.SUCCEEDED, f"{label} done ({figures}); all {len(run.members)} devices updated")
+        ]
     if run.plan.manual_approval and run.approved_wave <= run.wave and not run.promoted:
-        return [AwaitApproval(run.wave, f"{label} passed its gates; wave {run.wave + 2} awaits approval")]
-    why = "promoted by the operator" if run.promoted else "passed its gates"
+        return [
+            AwaitApproval(
+                run.wave, f"{label} passed its gates ({figures}); wave {run.wave + 2} awaits approval"
+            )
+        ]
+    why = "promoted by the operator" if run.promoted else f"passed its gates ({figures})"
     return [StartWave(run.wave + 1, f"{label} {why}")]
 
 

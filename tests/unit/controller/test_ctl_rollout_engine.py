@@ -597,3 +597,22 @@ def test_evidence_is_needed_only_by_gates_that_read_inferences_and_waited_for_wi
 def test_a_promoted_wave_needs_no_evidence() -> None:
     r, fleet = quiet_wave(promoted=True)
     expect_steps(plan(r, fleet, NOW), ("start_wave", 1))
+
+
+def test_a_passing_verdict_gives_the_figures_its_gates_measured() -> None:
+    fleet = {
+        "a": view("a", NEW, "active", new=VersionStats(100, 1, 1.2), baseline=VersionStats(100, 0, 1.0)),
+        "b": view("b", NEW, "active", new=VersionStats(50, 0, 1.5), baseline=VersionStats(80, 0, 1.0)),
+        "c": view("c"),
+    }
+    [step] = plan(settled_wave(soak_started_at=NOW - 31), fleet, NOW)
+    assert isinstance(step, StartWave)
+    assert step.reason == (
+        "wave 1 of 3 passed its gates (0 of 2 devices failed, error rate 0.007 (1/150 inferences),"
+        " p95 latency 1.35x the previous version, 2 devices judged)"
+    )
+    p = replace(STAGED, waves=(Wave(percent=100),), gates=Gates(max_failure_fraction=1.0))
+    r = run(member("a", set_at=NOW), member("b", set_at=NOW), p=p, wave=0, soak_started_at=NOW)
+    [done] = plan(r, {"a": view("a", NEW, "active"), "b": view("b", NEW, "active")}, NOW)
+    assert isinstance(done, Complete)
+    assert done.reason == "wave 1 of 1 done (0 of 2 devices failed); all 2 devices updated"
