@@ -162,7 +162,9 @@ def test_console_runs_and_steers_rollouts_shows_drift_and_refuses_a_viewer(
             expect(page.locator("table.waves tbody tr")).to_have_count(2)
             expect(page.locator('table.waves [data-count="active"]')).to_have_text(["active 1", "active 2"])
             expect(page.locator("ul.gates")).to_contain_text("devices failing to update at most 0%")
-            expect(page.locator("table.events")).to_contain_text("wave 1 of 2 passed its gates")
+            expect(page.locator("table.events")).to_contain_text(
+                "wave 1 of 2 passed its gates (0 of 1 devices failed)"
+            )
             expect(page.locator('#rollout-actions button[data-command="pause"]')).to_be_disabled()
             _shoot(shots, page, "rollout-succeeded")
             page.set_viewport_size(LAPTOP)
