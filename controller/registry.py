@@ -284,9 +284,9 @@ def _version_from_row(
     )
 
 
-def _per_sample(spec: TensorSpec) -> int:
-    """Values per sample (all but the batch axis); 0 when a dimension is free."""
-    dims = spec.shape[1:]
+def _per_sample(spec: TensorSpec, batch_axis: int) -> int:
+    """Values per sample (all but the signature's batch axis, -1: none); 0 when a dimension is free."""
+    dims = [d for i, d in enumerate(spec.shape) if i != batch_axis]
     return 0 if any(d < 0 for d in dims) else math.prod(dims)
 
 
@@ -506,11 +506,13 @@ class Registry:
                     f"{len(inspected.signature.outputs)} outputs, version {version} has "
                     f"{len(found.inputs)} and {len(found.outputs)}"
                 )
+            # Inputs match by position; each sample lies along the axis the version's signature says.
+            axes = [role.batch_axis for role in found.signature.inputs]
             for i, (mine, theirs) in enumerate(zip(inspected.signature.inputs, found.inputs, strict=True)):
-                if _per_sample(mine) and _per_sample(theirs) and _per_sample(mine) != _per_sample(theirs):
+                have, want = _per_sample(mine, axes[i]), _per_sample(theirs, axes[i])
+                if have and want and have != want:
                     raise InvalidModel(
-                        f"input {i} takes {_per_sample(mine)} values per sample, "
-                        f"version {version} takes {_per_sample(theirs)}"
+                        f"input {i} takes {have} values per sample, version {version} takes {want}"
                     )
             now = time.time()
             # Validated against the reference in the background when there is a calibration set.
