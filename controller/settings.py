@@ -72,6 +72,10 @@ class Settings:
     chunk_requests_burst: int = 200
     events_per_s: float = 2.0
     events_burst: int = 100
+    # Reported states and online/offline status (the device twin): a device's newest one over
+    # the rate waits and is handled once its bucket allows, older ones held back are dropped.
+    reported_per_s: float = 2.0
+    reported_burst: int = 30
     # A device asks for its desired state at each connection: a few a minute is plenty, and
     # each answer is a whole signed desired state, so a flood must not turn into one.
     desired_requests_per_s: float = 0.1
@@ -111,6 +115,7 @@ class Settings:
             "chunk_bytes_per_s",
             "chunk_requests_per_s",
             "events_per_s",
+            "reported_per_s",
             "desired_requests_per_s",
             "bad_message_logs_per_s",
         )
@@ -120,6 +125,7 @@ class Settings:
         sizes = (
             "chunk_requests_burst",
             "events_burst",
+            "reported_burst",
             "desired_requests_burst",
             "events_quota",
             "telemetry_quota_bytes",

@@ -46,7 +46,7 @@ from controller.errors import ArtifactNotFound, ConfigError, ControllerError
 from controller.fleet import Fleet
 from controller.log_bounds import BadMessageLog, clip
 from controller.message_counters import MessageCounters
-from controller.rate_limits import DeviceBuckets, Limit
+from controller.rate_limits import DeviceBuckets, Limit, NewestWins
 from controller.settings import Settings
 from controller.telemetry import TelemetryStore
 
@@ -91,6 +91,16 @@ def backoff_delay(attempt: int, rng: Callable[[float, float], float] = random.un
 class Inbound:
     topic: Topic
     message: Message
+    received_at: float
+    retained: bool
+
+
+@dataclass(frozen=True)
+class Arrived:
+    """A message as it arrived, before decoding (held so while over its rate limit)."""
+
+    topic: Topic
+    payload: bytes
     received_at: float
     retained: bool
 
@@ -178,6 +188,10 @@ class Transport:
             Limit("chunk_bytes", settings.chunk_bytes_per_s, settings.chunk_bytes_burst)
         )
         self._events_limit = DeviceBuckets(Limit("events", settings.events_per_s, settings.events_burst))
+        # Reported states and status are snapshots: over the rate the newest waits (NewestWins).
+        self._twin: NewestWins[Arrived] = NewestWins(
+            DeviceBuckets(Limit("reported", settings.reported_per_s, settings.reported_burst))
+        )
         self._desired_requests = DeviceBuckets(
             Limit("desired_requests", settings.desired_requests_per_s, settings.desired_requests_burst)
         )
@@ -377,23 +391,58 @@ class Transport:
             return
         if not self._within_rate(topic):
             return
+        arrived = Arrived(topic, bytes(msg.payload), time.time(), bool(msg.retain))
+        if topic.kind in RETAINED_KINDS and not self._twin_within_rate(arrived):
+            return
+        self._queue(arrived)
+
+    def _queue(self, arrived: Arrived) -> None:
+        topic = arrived.topic
         try:
-            message = decode(topic.kind, bytes(msg.payload))
+            message = decode(topic.kind, arrived.payload)
         except PayloadError as exc:
             self.counters.rejected(topic.kind.value, "undecodable")
             self._bad.warning(
                 topic.device_id,
                 "payload rejected device=%s topic=%s reason=%s",
                 topic.device_id,
-                msg.topic,
+                topic,
                 exc,
             )
             return
-        job = Inbound(topic=topic, message=message, received_at=time.time(), retained=bool(msg.retain))
+        job = Inbound(
+            topic=topic, message=message, received_at=arrived.received_at, retained=arrived.retained
+        )
         target = self._artifact_jobs if topic.kind is Kind.ARTIFACT_REQUEST else self._state_jobs
         if topic.kind is Kind.TELEMETRY:
             target = self._telemetry_jobs
         self._enqueue(target, job)
+
+    def _twin_within_rate(self, arrived: Arrived) -> bool:
+        """The per-device limit on reported states and status: over it, the newest one waits
+        (undecoded) for :meth:`_release_held`, replacing the one that waited before."""
+        topic = arrived.topic
+        now, dropped = self._twin.offer(topic.device_id, topic.kind.value, arrived)
+        if dropped:
+            self.counters.rejected(topic.kind.value, "superseded", dropped)
+        if now:
+            return True
+        self.counters.rate_limited(topic.device_id, self._twin.buckets.limit.name)
+        self._bad.warning(
+            topic.device_id,
+            "message over the device's rate limit held back, the newest kept device=%s topic=%s limit=%s"
+            " per_s=%g burst=%g",
+            topic.device_id,
+            topic,
+            self._twin.buckets.limit.name,
+            self._twin.buckets.limit.rate,
+            self._twin.buckets.limit.burst,
+        )
+        return False
+
+    def _release_held(self) -> None:
+        for arrived in self._twin.due():
+            self._queue(arrived)
 
     def _enqueue(self, jobs: queue.Queue[Job], job: Job) -> None:
         try:
@@ -510,6 +559,7 @@ class Transport:
         flush_at = time.monotonic() + SEEN_FLUSH_S
         while True:
             if time.monotonic() >= flush_at:
+                self._release_held()
                 self._flush_seen()
                 self._flush_counters()
                 flush_at = time.monotonic() + SEEN_FLUSH_S

@@ -17,7 +17,7 @@ from controller.device_quotas import CaptureQuota, TelemetryQuota
 from controller.errors import ConfigError
 from controller.log_bounds import MAX_LINE_CHARS, BadMessageLog, LineBound, bounded_line, clip
 from controller.message_counters import MessageCounters
-from controller.rate_limits import DeviceBuckets, Limit
+from controller.rate_limits import DeviceBuckets, Limit, NewestWins
 from tests.unit.controller.helpers import Parts
 
 
@@ -51,6 +51,28 @@ def test_a_cost_above_the_burst_passes_only_from_a_full_bucket() -> None:
     assert not buckets.allow("d", 1)
     clock.now += 1.5
     assert buckets.allow("d", 100)
+
+
+def test_snapshots_over_the_rate_wait_newest_first_and_the_older_ones_are_dropped() -> None:
+    clock = Clock()
+    held: NewestWins[str] = NewestWins(DeviceBuckets(Limit("reported", rate=1, burst=2), clock))
+    assert held.offer("cam-1", "reported", "r1") == (True, 0)
+    assert held.offer("cam-1", "reported", "r2") == (True, 0)
+    # Over the rate: held, each newer one replacing (dropping) the one before.
+    assert held.offer("cam-1", "reported", "r3") == (False, 0)
+    assert held.offer("cam-1", "reported", "r4") == (False, 1)
+    assert held.offer("cam-1", "status", "s1") == (False, 0)
+    assert held.offer("cam-2", "reported", "other") == (True, 0), "each device has its own bucket"
+    assert held.due() == []
+    clock.now += 1.0
+    assert held.due() == ["r4"], "one token: the first held, newest of its kind"
+    clock.now += 1.0
+    assert held.due() == ["s1"] and held.held() == 0
+    # One let through while an older one waits drops the older one: the newest is handled last.
+    assert held.offer("cam-1", "reported", "r5") == (False, 0)
+    clock.now += 1.0
+    assert held.offer("cam-1", "reported", "r6") == (True, 1)
+    assert held.due() == [] and held.held() == 0
 
 
 def test_buckets_are_kept_for_the_most_recent_devices_only() -> None:
