@@ -92,7 +92,11 @@ class Controller:
                  "--host", "127.0.0.1", "--port", str(self.port)],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        wait_until(self._answers, 30, f"controller on {self.url}; log:\n{_log_tail(self.log_file)}")
+        # Generous: on two cores shared with other test processes, starting takes 10-30 s.
+        try:
+            wait_until(self._answers, 120, f"controller on {self.url}")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; log:\n{_log_tail(self.log_file)}") from None
         return self
 
     def _answers(self) -> bool:
