@@ -18,7 +18,8 @@ from tests.localfleet import Agent, Controller, register_agent, rollout_done, wa
 from tests.models import digits_classifier
 
 ENGINE_CLOCK = Path(__file__).resolve().parents[1] / "engine_clock.py"
-PARIS = ZoneInfo("Europe/Paris")
+# A zone with a UTC offset and no daylight-saving change, so the hour chosen always exists.
+TOKYO = ZoneInfo("Asia/Tokyo")
 
 
 @pytest.fixture
@@ -65,13 +66,13 @@ def test_a_device_outside_its_window_waits_then_updates_when_the_window_opens(
         agents.append(register_agent(controller, tmp_path / "agents", device_id).start())
     wait_until(lambda: all(d["online"] for d in controller.cli("devices", "list")), 60, "both agents online")
 
-    # A nightly window in Paris that opens six hours from now and lasts half an hour: the
+    # A daily window in Tokyo that opens five to six hours from now and lasts half an hour: the
     # real clock is outside it for the whole test.
-    opens = (datetime.now(PARIS) + timedelta(hours=6)).replace(minute=0, second=0, microsecond=0)
+    opens = (datetime.now(TOKYO) + timedelta(hours=6)).replace(minute=0, second=0, microsecond=0)
     controller.cli("groups", "create", "night-shift", "--device", "night-1")
     window = controller.cli(
         "windows", "add", "--group", "night-shift", "--cron", f"0 {opens.hour} * * *",
-        "--duration", "30m", "--timezone", "Europe/Paris",
+        "--duration", "30m", "--timezone", "Asia/Tokyo",
     )  # fmt: skip
     next_open = opens.isoformat(timespec="minutes")
     assert (window["open"], window["next_open"]) == (False, next_open)
@@ -102,7 +103,7 @@ def test_a_device_outside_its_window_waits_then_updates_when_the_window_opens(
     assert controller.cli("windows", "status", "night-1")["open"] is False
 
     # The engine's clock reaches the window (five seconds into it); the real clock does not move.
-    offset_file.write_text(str(opens.timestamp() + 5 - datetime.now(PARIS).timestamp()))
+    offset_file.write_text(str(opens.timestamp() + 5 - datetime.now(TOKYO).timestamp()))
     final = wait_until(lambda: rollout_done(controller, rollout["id"]), 90, "the rollout to finish")
     assert final["status"] == "succeeded", final
     assert {d["status"] for d in final["devices"]} == {"active"}
