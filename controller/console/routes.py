@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Form, Query, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -34,6 +35,14 @@ def _missing(request: Request, principal: Principal | None, exc: NotFoundError) 
     return page
 
 
+def _same_site(request: Request) -> bool:
+    """Whether a form was posted by a page of this controller: browsers name the page's origin,
+    and a login posted from elsewhere would log the browser into someone else's account.
+    Host only, not scheme: a TLS-terminating proxy in front changes the scheme."""
+    origin = request.headers.get("origin")
+    return origin is None or urlsplit(origin).netloc == request.headers.get("host", "")
+
+
 def _safe_next(target: str) -> str:
     # Only pages of the console: never an absolute URL an attacker chose.
     return target if target.startswith("/ui") and not target.startswith("//") else "/ui"
@@ -51,6 +60,12 @@ def login(
     token: Annotated[str, Form()],
     next: Annotated[str, Form()] = "/ui",
 ) -> Response:
+    if not _same_site(request):
+        refused = _page(
+            request, "login.html", None, next=_safe_next(next), error="a login from another site is refused"
+        )
+        refused.status_code = status.HTTP_403_FORBIDDEN
+        return refused
     principal = controller.accounts.resolve(token.strip())
     if principal is None:
         refused = _page(

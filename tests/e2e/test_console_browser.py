@@ -128,6 +128,14 @@ def test_console_runs_and_steers_rollouts_shows_drift_and_refuses_a_viewer(
             agents.append(register_agent(controller, tmp_path / "agents", device_id).start())
 
         with chromium() as browser:
+            stranger = browser.new_page(viewport=TABLET)
+            stranger.goto(f"{controller.url}/ui/login")
+            stranger.fill("#token", "not-a-token")
+            stranger.click("button[type=submit]")
+            expect(stranger.locator(".login [role=alert]")).to_have_text("unknown, expired or revoked token")
+            _shoot(shots, stranger, "login-refused")
+            stranger.close()
+
             page = _login(browser, controller.url, controller.token)
             expect(page.locator("#whoami")).to_have_text("admin (admin)")
 
@@ -153,6 +161,7 @@ def test_console_runs_and_steers_rollouts_shows_drift_and_refuses_a_viewer(
             refusal = page.locator("#new-rollout [data-error]")
             expect(refusal).to_contain_text(re.compile(r"^4\d\d: .*\b9\b"))
             expect(page).to_have_url(f"{controller.url}/ui/rollouts")
+            _shoot(shots, page, "rollout-form-refused")
 
             first = _start_rollout(page, "1", "1, 2", 1)
             # The page is not reloaded: a marker set now survives until the rollout ends.
@@ -243,7 +252,7 @@ def test_console_runs_and_steers_rollouts_shows_drift_and_refuses_a_viewer(
             page.set_viewport_size(LAPTOP)
             page.goto(f"{controller.url}/ui")
             _shoot(shots, page, "overview-laptop")
-        assert len(shots.taken) == 15 and all(p.stat().st_size > 10_000 for p in shots.taken)
+        assert len(shots.taken) == 17 and all(p.stat().st_size > 10_000 for p in shots.taken)
     finally:
         for agent in agents:
             agent.stop()

@@ -285,3 +285,19 @@ def test_a_session_ends_when_its_token_expires_or_on_logout(ctl: Ctl) -> None:
     out = ctl.client.post("/ui/logout", headers={"X-CSRF-Token": csrf})
     assert out.status_code == 204 and 'edgefleet_session=""' in out.headers["set-cookie"]
     assert ctl.client.get("/ui", follow_redirects=False).status_code == 303
+
+
+def test_a_login_posted_from_another_site_is_refused(ctl: Ctl) -> None:
+    # A page elsewhere could otherwise log a victim's browser into the attacker's account.
+    forged = ctl.client.post(
+        "/ui/login",
+        data={"token": ctl.token},
+        headers={"Origin": "https://evil.example"},
+        follow_redirects=False,
+    )
+    assert forged.status_code == 403 and "set-cookie" not in forged.headers
+    assert "a login from another site is refused" in forged.text
+    same = ctl.client.post(
+        "/ui/login", data={"token": ctl.token}, headers={"Origin": "http://testserver"}, follow_redirects=False
+    )
+    assert same.status_code == 303 and "edgefleet_session=" in same.headers["set-cookie"]
