@@ -163,11 +163,14 @@ def tflite_mlp(
     layers: list[tuple[np.ndarray, np.ndarray]],
     int8: bool = False,
     calibration: np.ndarray | None = None,
+    float_io: bool = False,
 ) -> Path:
     """Fully-connected layers (ReLU between them) as a TFLite flatbuffer, float or int8.
 
     The int8 model takes and returns int8 tensors (per-tensor scales: weights symmetric,
-    activations from the ranges seen on ``calibration``), like a fully-quantized export.
+    activations from the ranges seen on ``calibration``), like a fully-quantized export;
+    with ``float_io`` it takes and returns float32 through QUANTIZE and DEQUANTIZE at its
+    edges, int8 kernels inside, as the TFLite converter writes by default.
     """
     import flatbuffers
 
@@ -204,11 +207,25 @@ def tflite_mlp(
             ranges.append(_affine(float(act.min()), float(act.max())))
     f32, i8, i32 = s.TensorType.FLOAT32, s.TensorType.INT8, s.TensorType.INT32
     in_dim = layers[0][0].shape[0]
-    current = tensor(
-        "input", [-1, in_dim], i8 if int8 else f32, None, _quant(s, *ranges[0]) if int8 else None
-    )
-    first = current
+    edges = int8 and float_io
     operators = []
+    # Operator codes, by index: FULLY_CONNECTED, then QUANTIZE and DEQUANTIZE for float I/O.
+    fc_code, quantize_code, dequantize_code = 0, 1, 2
+
+    def op_of(code: int, inputs: list[int], outputs: list[int]) -> Any:
+        op = s.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = code, inputs, outputs
+        return op
+
+    if edges:
+        first = tensor("input", [-1, in_dim], f32, None)
+        current = tensor("input_int8", [-1, in_dim], i8, None, _quant(s, *ranges[0]))
+        operators.append(op_of(quantize_code, [first], [current]))
+    else:
+        current = tensor(
+            "input", [-1, in_dim], i8 if int8 else f32, None, _quant(s, *ranges[0]) if int8 else None
+        )
+        first = current
     for i, (w, b) in enumerate(layers):
         out_dim = w.shape[1]
         if int8:
@@ -227,19 +244,29 @@ def tflite_mlp(
         options.fusedActivationFunction = (
             s.ActivationFunctionType.RELU if i < len(layers) - 1 else s.ActivationFunctionType.NONE
         )
-        op = s.OperatorT()
-        op.opcodeIndex, op.inputs, op.outputs = 0, [current, wt, bt], [out]
+        op = op_of(fc_code, [current, wt, bt], [out])
         op.builtinOptionsType, op.builtinOptions = s.BuiltinOptions.FullyConnectedOptions, options
         operators.append(op)
         current = out
-    code = s.OperatorCodeT()
-    code.builtinCode = code.deprecatedBuiltinCode = s.BuiltinOperator.FULLY_CONNECTED
-    code.version = 4 if int8 else 1
+    if edges:
+        output = tensor("output", [-1, layers[-1][0].shape[1]], f32, None)
+        operators.append(op_of(dequantize_code, [current], [output]))
+        current = output
+    codes = []
+    for builtin, version in (
+        (s.BuiltinOperator.FULLY_CONNECTED, 4 if int8 else 1),
+        (s.BuiltinOperator.QUANTIZE, 1),
+        (s.BuiltinOperator.DEQUANTIZE, 2),
+    ):
+        code = s.OperatorCodeT()
+        code.builtinCode = code.deprecatedBuiltinCode = builtin
+        code.version = version
+        codes.append(code)
     subgraph = s.SubGraphT()
     subgraph.tensors, subgraph.inputs, subgraph.outputs = tensors, [first], [current]
     subgraph.operators, subgraph.name = operators, "main"
     model = s.ModelT()
-    model.version, model.operatorCodes, model.subgraphs = 3, [code], [subgraph]
+    model.version, model.operatorCodes, model.subgraphs = 3, codes if edges else codes[:1], [subgraph]
     model.buffers, model.description = buffers, "edgefleet test model"
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
