@@ -245,6 +245,8 @@ class Rollouts:
         targets = [d for d in targets if d not in skipped]
         now = self.clock()
         waves = split_waves(targets, the_plan.waves)
+        start = the_plan.start_at
+        scheduled = f"scheduled to start at {iso_time(start)}" if start is not None and start > now else ""
         with self._lock, self.store.transaction() as tx:
             self._claim(tx, rollout_id, tenant, targets, the_plan)
             tx.execute(
@@ -252,8 +254,8 @@ class Rollouts:
                 (rollout_id, model, version, tenant, found.digest, now),
             )
             tx.execute(
-                "INSERT INTO rollout_runs (rollout_id, plan, state, updated_at) VALUES (?, ?, ?, ?)",
-                (rollout_id, json.dumps(the_plan.to_json()), State.RUNNING.value, now),
+                "INSERT INTO rollout_runs (rollout_id, plan, state, reason, updated_at) VALUES (?, ?, ?, ?, ?)",
+                (rollout_id, json.dumps(the_plan.to_json()), State.RUNNING.value, scheduled, now),
             )
             for index, wave in enumerate(waves):
                 for device_id in wave:
@@ -283,8 +285,7 @@ class Rollouts:
                     ),
                 )
             sizes = "/".join(str(len(w)) for w in waves)
-            start = the_plan.start_at
-            later = f"; scheduled to start at {iso_time(start)}" if start is not None and start > now else ""
+            later = f"; {scheduled}" if scheduled else ""
             record(
                 tx,
                 rollout_id,
@@ -402,7 +403,12 @@ class Rollouts:
         """The current wave's devices not yet sent anything, with their maintenance windows."""
         if run.state is not State.RUNNING:
             return views
-        waiting = [m.device_id for m in run.members if m.wave == run.wave and m.set_at is None]
+        shadow = run.phase is Phase.SHADOW and run.plan.shadow is not None
+        waiting = [
+            m.device_id
+            for m in run.members
+            if m.wave == run.wave and (m.shadow_set_at if shadow else m.set_at) is None
+        ]
         for device_id, status in self.windows.statuses(waiting, now).items():
             if not status.open:
                 views[device_id] = replace(views[device_id], window=status)

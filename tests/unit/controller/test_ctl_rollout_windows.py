@@ -184,7 +184,8 @@ def test_a_scheduled_rollout_sends_nothing_before_its_start(parts: Parts) -> Non
         "conv", "1", plan_=Plan(Target(devices=("cam-2", "cam-3")), start_at=start)
     )
     assert sent(parts) == []
-    assert scheduled.wave == 0 and scheduled.state == "running"
+    assert (scheduled.wave, scheduled.state) == (0, "running")
+    assert scheduled.reason == "scheduled to start at 2026-12-07T13:40:00+00:00"
     assert {d.detail for d in scheduled.devices} == {
         "wave 1; rollout scheduled to start at 2026-12-07T13:40:00+00:00"
     }
