@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from edgefleet_proto import fleet_pb2
 
 from controller.errors import InvalidInputError
@@ -323,6 +324,28 @@ def _check_tensor(kind: str, name: str, dtype: str, shape: Sequence[int], spec: 
         )
 
 
+def _check_values(what: str, values: Sequence[float], dtype: str) -> None:
+    """Values an input of ``dtype`` can hold: whole numbers in range for an integer input."""
+    if dtype == "bool":
+        bad = next((v for v in values if v not in (0, 1)), None)
+        if bad is not None:
+            raise SignatureMismatch(f"{what}: value {bad:g} is not 0 or 1, and the input is bool")
+        return
+    if not dtype.startswith(("int", "uint")):
+        return
+    try:
+        info = np.iinfo(np.dtype(dtype))
+    except TypeError:
+        return
+    for v in values:
+        if v != int(v):
+            raise SignatureMismatch(f"{what}: value {v:g} is not a whole number, and the input is {dtype}")
+        if not info.min <= v <= info.max:
+            raise SignatureMismatch(
+                f"{what}: value {v:g} is outside what {dtype} holds ({info.min} to {info.max})"
+            )
+
+
 def _check_input(i: InputRole, spec: TensorSpec, outputs: dict[str, TensorSpec]) -> None:
     what = f"input {i.name!r}"
     _check_tensor("input", i.name, i.dtype, i.shape, spec)
@@ -338,8 +361,15 @@ def _check_input(i: InputRole, spec: TensorSpec, outputs: dict[str, TensorSpec])
         raise SignatureMismatch(
             f"{what}: batch axis {i.batch_axis} is outside its {len(spec.shape)} axes (-1 for none)"
         )
+    if i.batch_axis != NO_AXIS and spec.shape[i.batch_axis] > 1:
+        # Samples are stacked and fed along the batch axis: one the model fixes cannot grow.
+        raise SignatureMismatch(
+            f"{what}: batch axis {i.batch_axis} has the fixed size {spec.shape[i.batch_axis]} in the model "
+            f"(shape {spec.shape}); a batch grows along a free axis or one of size 1 (-1 for none)"
+        )
     if not all(math.isfinite(v) for v in i.value):
         raise SignatureMismatch(f"{what}: value must be finite numbers")
+    _check_values(what, i.value, spec.dtype)
     fixed = all(d >= 0 for d in spec.shape)
     if len(i.value) > 1 and fixed and len(i.value) != math.prod(spec.shape):
         raise SignatureMismatch(

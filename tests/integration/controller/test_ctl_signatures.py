@@ -150,6 +150,14 @@ def test_the_operator_edits_a_signature_and_one_that_contradicts_the_model_is_re
         (lambda s: s["inputs"].append({**s["inputs"][2], "name": "speed"}), "input 'speed' is not a input"),
         (lambda s: s["outputs"][0].update(shape=[-1]), "output 'output': rank 1"),
         (
+            lambda s: s["inputs"][2].update(value=[16000.5]),
+            "input 'sr': value 16000.5 is not a whole number, and the input is int64",
+        ),
+        (
+            lambda s: s["inputs"][1].update(batch_axis=2),
+            "input 'state': batch axis 2 has the fixed size 128 in the model (shape [2, -1, 128])",
+        ),
+        (
             # The stored samples no longer fit: 576 samples along the new axis, 4 in the state.
             lambda s: s["inputs"][0].update(batch_axis=1, shape=[-1, 576]),
             "sample arrays need the same, non-zero number of samples along their batch axes, got input: 576",
