@@ -341,7 +341,7 @@ def _rename_inputs(graph: Any, old: str, new: str) -> None:
 
 
 def _overflowing_tflite(data: bytes, limit: float) -> bytes:
-    import flatbuffers
+    import flatbuffers  # type: ignore[import-untyped]
     from ai_edge_litert import schema_py_generated as schema
 
     model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)

@@ -14,6 +14,7 @@ the error-rate gate at the first wave and rolled back.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -177,15 +178,22 @@ def print_variants(shown: dict[str, Any]) -> None:
         )
 
 
-def upload(fleet: Fleet, name: str, version: str, model: Path, samples: Path, sensor: str) -> dict[str, Any]:
+def upload(
+    fleet: Fleet, name: str, version: str, model: Path, samples: Path, sensor: str, wait: bool = True
+) -> dict[str, Any]:
     started = time.monotonic()
     fleet.controller.cli(
         "models", "upload", str(model), "--name", name, "--version", version,
-        "--samples", str(samples), "--sensor", sensor, "--wait-timeout", "300",
+        "--samples", str(samples), "--sensor", sensor,
+        *(("--wait-timeout", "300") if wait else ("--no-wait",)),
     )  # fmt: skip
     shown: dict[str, Any] = fleet.controller.cli("models", "show", name, version)
-    print(f"{name} {version}: uploaded, variants done in {time.monotonic() - started:.0f} s")
+    print(
+        f"{name} {version}: uploaded{', variants done' if wait else ''} in {time.monotonic() - started:.0f} s"
+    )
     print_variants(shown)
+    if not wait:
+        return shown
     assert all(v["status"] in ("ready", "rejected", "failed") for v in shown["variants"]), shown["variants"]
     for v in shown["variants"]:
         if v["status"] != "ready":
@@ -238,7 +246,7 @@ def deploy(
     by_digest = {v["digest"]: v for v in shown["variants"]}
     for device_id in devices:
         entry = wait_until(
-            lambda d=device_id: active(fleet, d, name, tenant["id"]), 60, f"{name} on {device_id}"
+            functools.partial(active, fleet, device_id, name, tenant["id"]), 60, f"{name} on {device_id}"
         )
         variant = by_digest[entry["artifact_digest"]]
         print(f"  {device_id} ({DEVICES[device_id]}) runs {variant['variant']} ({variant['precision']})")
@@ -252,7 +260,8 @@ def broken_copy_stopped_at_wave_one(
     fleet: Fleet, name: str, broken: Path, samples: dict[str, np.ndarray], tenant: str,
     devices: Sequence[str], sensor: str, workdir: Path,
 ) -> None:  # fmt: skip
-    upload(fleet, name, "2", broken, save(workdir / f"{name}-2.npz", samples), sensor)
+    # Its variants are not waited for: whichever the device gets, it fails as the copy does.
+    upload(fleet, name, "2", broken, save(workdir / f"{name}-2.npz", samples), sensor, wait=False)
     # The first wave soaks long enough for a busy machine's telemetry; the gate is judged
     # continuously, so the broken copy is stopped long before.
     started = time.monotonic()
@@ -300,7 +309,7 @@ def prepared(
 ) -> np.ndarray:
     """A BGR frame as the tenant declares it: resized with OpenCV (area), RGB, scaled, normalised."""
     rgb = cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_AREA)[:, :, ::-1]
-    x = (rgb.astype(np.float64) * scale - np.asarray(mean)) / np.asarray(std)
+    x: np.ndarray = (rgb.astype(np.float64) * scale - np.asarray(mean)) / np.asarray(std)
     return x.astype(np.float32)
 
 
