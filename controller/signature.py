@@ -301,7 +301,7 @@ def _choices(values: Sequence[str]) -> str:
 def _check_names(kind: str, given: list[str], model: list[str]) -> None:
     for name in given:
         if name not in model:
-            raise SignatureMismatch(f"{kind} {name!r} is not a {kind} of the model (its {kind}s: {model})")
+            raise SignatureMismatch(f"{kind} {name!r} is not an {kind} of the model (its {kind}s: {model})")
     for name in model:
         if name not in given:
             raise SignatureMismatch(f"{kind} {name!r} of the model is missing from the signature")

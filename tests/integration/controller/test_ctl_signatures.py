@@ -147,7 +147,7 @@ def test_the_operator_edits_a_signature_and_one_that_contradicts_the_model_is_re
     changes: list[tuple[Callable[[dict[str, Any]], None], str]] = [
         (lambda s: s["inputs"][1].update(from_output="hidden"), "input 'state': state from output 'hidden'"),
         (lambda s: s["inputs"][2].update(dtype="float32"), "input 'sr': dtype float32 does not match"),
-        (lambda s: s["inputs"].append({**s["inputs"][2], "name": "speed"}), "input 'speed' is not a input"),
+        (lambda s: s["inputs"].append({**s["inputs"][2], "name": "speed"}), "input 'speed' is not an input"),
         (lambda s: s["outputs"][0].update(shape=[-1]), "output 'output': rank 1"),
         (
             lambda s: s["inputs"][2].update(value=[16000.5]),
@@ -209,7 +209,7 @@ def test_a_signature_given_at_upload_is_checked_against_the_model(ctl: Ctl, real
         ' "layout": "NHWC", "batch_axis": 0}], "outputs": [{"name": "out", "dtype": "float32", "shape": [-1, 2]}]}'
     )
     refused = upload(ctl, "ocr", path, signature=signature)
-    assert refused.status_code == 422 and "output 'out' is not a output" in refused.json()["detail"]
+    assert refused.status_code == 422 and "output 'out' is not an output" in refused.json()["detail"]
     nothing_stored(ctl, "ocr")
     refused = upload(ctl, "ocr", path, signature='{"inputs": [{"name": "x"}], "outputs": []}')
     assert refused.status_code == 422 and "signature.inputs.0.role" in refused.json()["detail"]

@@ -120,12 +120,12 @@ def _with_input(sig: ModelSignature, name: str, **changes: object) -> ModelSigna
         (lambda s: _with_input(s, "sr", role="state", from_output="output", shape=[]), "input 'sr'"),
         (
             lambda s: replace(s, inputs=[*s.inputs, InputRole("speed", "constant", "int64", [])]),
-            "input 'speed' is not a input of the model",
+            "input 'speed' is not an input of the model",
         ),
         (lambda s: replace(s, inputs=s.inputs[:2]), "input 'sr' of the model is missing"),
         (
             lambda s: replace(s, outputs=[replace(s.outputs[0], name="prob"), *s.outputs[1:]]),
-            "output 'prob' is not a output of the model",
+            "output 'prob' is not an output of the model",
         ),
         (
             lambda s: replace(s, outputs=[replace(s.outputs[0], shape=[-1]), *s.outputs[1:]]),
