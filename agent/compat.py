@@ -1,9 +1,9 @@
 """What the agent uses from Python 3.11 that the Python devices ship may lack.
 
 Ubuntu 22.04 and JetPack 6 ship Python 3.10, so the agent runs there: on 3.10 the
-same names come from their PyPI backports (``tomli``, ``backports.strenum``, pulled
-in by the ``agent`` extra only for that Python). Agent modules import these names
-from here, never from ``tomllib`` or ``enum`` directly.
+same names come from ``tomli`` (pulled in by the ``agent`` extra only for that Python)
+and from here. Agent modules import these names from here, never from ``tomllib`` or
+``enum`` directly.
 """
 
 from __future__ import annotations
@@ -16,8 +16,16 @@ if sys.version_info >= (3, 11):
 
     import tomllib
 else:
+    from enum import Enum
+
     import tomli as tomllib
-    from backports.strenum import StrEnum
+
+    class StrEnum(str, Enum):
+        """enum.StrEnum as the agent uses it: members are their values, in str() too."""
+
+        def __str__(self) -> str:
+            return str.__str__(self)
+
 
 __all__ = ["StrEnum", "sqlite_full", "tomllib"]
 

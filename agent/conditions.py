@@ -22,6 +22,9 @@ DISK_FULL = "disk_full"
 # Desired states arrive that the device refuses (unsigned, another key, another device); it keeps
 # following the last state it verified. Cleared by the next state it verifies.
 DESIRED_REFUSED = "desired_refused"
+# The accelerator the profile declares ([accelerator] in agent.toml) cannot be used: the
+# runtime does not offer it or fell back; models run on the CPU (agent/accelerators.py).
+ACCELERATOR_UNAVAILABLE = "accelerator_unavailable"
 
 
 def _now_ms() -> int:

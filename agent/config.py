@@ -6,6 +6,7 @@ import grp
 import math
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,16 @@ class UpdatesConfig:
 
 
 @dataclass(frozen=True)
+class AcceleratorConfig:
+    # The runtime of the accelerator the device's profile declares ([[accelerators]] runtime,
+    # e.g. "onnxruntime-tensorrt", "litert-edgetpu"); empty: the CPU. Used when the installed
+    # runtime offers it, else the agent runs on the CPU and reports why (agent/accelerators.py).
+    runtime: str = ""
+    # A LiteRT delegate library other than the one the runtime's vendor installs by default.
+    delegate_library: str = ""
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str
     data_dir: Path
@@ -130,6 +141,7 @@ class AgentConfig:
     tenants: tuple[TenantSpec, ...] = ()
     security: SecurityConfig = SecurityConfig()
     updates: UpdatesConfig = UpdatesConfig()
+    accelerator: AcceleratorConfig = AcceleratorConfig()
 
 
 def _keys(cls: type) -> set[str]:
@@ -228,7 +240,19 @@ def load_config(path: Path) -> AgentConfig:
     return parse_config(text, path)
 
 
-def parse_config(text: str, path: Path = Path("agent.toml")) -> AgentConfig:
+def _host_has_group(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def parse_config(
+    text: str, path: Path = Path("agent.toml"), group_exists: Callable[[str], bool] = _host_has_group
+) -> AgentConfig:
+    """``group_exists`` answers for the device the config is for: this one, or the root that
+    ``edgefleet-agent install --root`` installs into."""
     src = _Source(path, text)
     try:
         doc = tomllib.loads(text)
@@ -278,10 +302,13 @@ def parse_config(text: str, path: Path = Path("agent.toml")) -> AgentConfig:
         outbox=outbox,
         scheduler=_scheduler(src, doc),
         pool=_pool(src, doc),
-        api=_api(src, doc),
+        api=_api(src, doc, group_exists),
         tenants=_tenants(src, doc),
         security=_security(src, doc),
         updates=_updates(src, doc),
+        accelerator=AcceleratorConfig(
+            **_read(src, _section(src, doc, "accelerator"), "accelerator", AcceleratorConfig)
+        ),
     )
 
 
@@ -386,7 +413,7 @@ def _pool(src: _Source, doc: dict[str, Any]) -> PoolConfig:
     return config
 
 
-def _api(src: _Source, doc: dict[str, Any]) -> ApiConfig:
+def _api(src: _Source, doc: dict[str, Any], group_exists: Callable[[str], bool]) -> ApiConfig:
     a = _section(src, doc, "api")
     values = _read(src, a, "api", ApiConfig, defaults={"socket_mode": "0660"}, kinds={"socket_mode": str})
     mode_text = values["socket_mode"]
@@ -399,11 +426,8 @@ def _api(src: _Source, doc: dict[str, Any]) -> ApiConfig:
     if mode & ~0o777 or mode & 0o007:
         raise src.error("api", "socket_mode", f"must be within 0770 (no access for others), got {mode_text}")
     group = values["socket_group"]
-    if group:
-        try:
-            grp.getgrnam(group)
-        except KeyError:
-            raise src.error("api", "socket_group", f"no such group {group!r} on this device") from None
+    if group and not group_exists(group):
+        raise src.error("api", "socket_group", f"no such group {group!r} on this device")
     return ApiConfig(require_token=values["require_token"], socket_mode=mode, socket_group=group)
 
 

@@ -24,7 +24,10 @@
     ├── TenantError                 a tenant declaration that cannot be used (fatal)
     ├── SourceError                 a sensor source failed or ended (transient: reopened with backoff)
     ├── PreprocessError             a sample the tenant's preprocessing cannot shape (transient)
-    └── OutboxError                 the on-disk outbox (sqlite) failed
+    ├── OutboxError                 the on-disk outbox (sqlite) failed
+    └── InstallError                ``edgefleet-agent install`` cannot install this device (fatal)
+        └── BundleRefused           the provisioning bundle is corrupt, for another device or
+                                    incomplete; nothing was changed
 
 Third-party errors (onnxruntime, sqlite3, paho, OSError) are translated into these
 at the module boundary that sees them, so callers catch one family. A fatal error
@@ -128,3 +131,11 @@ class Overloaded(InferenceError):
     """The tenant's scheduler queue was full or stopping: the call was not run (try again)."""
 
     fatal = False
+
+
+class InstallError(AgentError):
+    fatal = True
+
+
+class BundleRefused(InstallError):
+    pass

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.accelerators import Accelerator
 from agent.errors import MemoryBudgetExceeded
 from agent.runtime import LoadedModel, TensorSpec, backend_for
 from agent.signature import ModelSignature
@@ -134,10 +135,13 @@ class ModelPool:
         idle_unload_s: float = 0.0,
         threads: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        accelerator: Accelerator | None = None,
     ) -> None:
         self.budget_bytes = budget_bytes
         self.idle_unload_s = idle_unload_s
         self.threads = threads
+        # The profile's accelerator: each load asks its runtime for it (agent/accelerators.py).
+        self.accelerator = accelerator
         self.clock = clock
         self._lock = threading.RLock()
         self._models: dict[str, ServingModel] = {}
@@ -231,7 +235,7 @@ class ModelPool:
             size = path.stat().st_size
 
             def load() -> LoadedModel:
-                return backend_for(runtime, fmt, self.threads).load(path)
+                return backend_for(runtime, fmt, self.threads, self.accelerator).load(path)
 
             pending = _Reservation(digest, size)
             self.reserve(pending)

@@ -9,6 +9,7 @@ other agent module imports a runtime library.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.util
 import os
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from agent.accelerators import Accelerator, OnnxPlan, backend_of
 from agent.errors import InferenceError, InvalidInput, ModelLoadError, UnsupportedRuntime
 
 if TYPE_CHECKING:
@@ -156,11 +158,25 @@ def select_outputs(specs: Sequence[TensorSpec], wanted: Sequence[str]) -> list[s
     return names
 
 
+def onnx_available_providers() -> list[str]:
+    """The execution providers this onnxruntime build offers (CUDA and TensorRT with onnxruntime-gpu)."""
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        threads: int | None = None,
+        accelerator: Accelerator | None = None,
+        available_providers: Callable[[], Sequence[str]] = onnx_available_providers,
+    ) -> None:
         self.threads = threads or os.cpu_count() or 1
+        self.accelerator = accelerator if accelerator is not None and accelerator.drives(self.name) else None
+        self.available_providers = available_providers
 
     def load(self, path: Path) -> LoadedModel:
         # Imported on first use: an agent that only serves .tflite models never
@@ -171,12 +187,20 @@ class OnnxRuntimeBackend:
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        plan: OnnxPlan | None = None
+        if self.accelerator is not None:
+            plan = self.accelerator.plan(self.available_providers())
         try:
             session = ort.InferenceSession(
-                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+                str(path),
+                sess_options=options,
+                providers=list(plan.providers) if plan else ["CPUExecutionProvider"],
             )
         except Exception as exc:
             raise ModelLoadError(f"onnxruntime cannot load {path.name}: {exc}") from None
+        if plan is not None and self.accelerator is not None:
+            # onnxruntime drops a provider whose libraries fail to load and goes on without it.
+            self.accelerator.session_used(plan, session.get_providers())
         return OnnxModel(session)
 
 
@@ -185,12 +209,34 @@ def litert_interpreter() -> Any | None:
 
     tflite-runtime 2.14 wheels need numpy < 2 and crash with numpy 2, so LiteRT is tried first.
     """
-    for module in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
+    module = _litert_module()
+    return None if module is None else module.Interpreter
+
+
+def _litert_module() -> Any | None:
+    for name in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
         try:
-            return importlib.import_module(module).Interpreter
+            return importlib.import_module(name)
         except ImportError:
             continue
     return None
+
+
+def load_litert_delegate(accelerator: Accelerator) -> list[Any]:
+    """The accelerator's LiteRT delegate, loaded, as a list for the interpreter; empty (and the
+    condition reported) when this device cannot load it."""
+    library = accelerator.delegate()
+    module = _litert_module()
+    if not library or module is None:
+        return []
+    try:
+        # Opened first by ctypes: LiteRT's Delegate raises from a half-made object when the
+        # library is missing, and its destructor then prints a second, misleading error.
+        ctypes.CDLL(library)
+        return [module.load_delegate(library)]
+    except (OSError, ValueError, RuntimeError) as exc:
+        accelerator.unavailable(f"its LiteRT delegate {library} does not load: {exc}")
+        return []
 
 
 def _litert_spec(detail: Mapping[str, Any]) -> TensorSpec:
@@ -301,19 +347,48 @@ class LiteRtModel:
 class LiteRtBackend:
     name = "litert"
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, accelerator: Accelerator | None = None) -> None:
         self.threads = threads or os.cpu_count() or 1
+        self.accelerator = accelerator if accelerator is not None and accelerator.drives(self.name) else None
 
     def load(self, path: Path) -> LoadedModel:
         interpreter_class = litert_interpreter()
         if interpreter_class is None:
             raise UnsupportedRuntime("neither ai-edge-litert nor tflite-runtime is installed on this agent")
+        delegates = load_litert_delegate(self.accelerator) if self.accelerator is not None else []
+        if delegates and self.accelerator is not None:
+            try:
+                interpreter = interpreter_class(
+                    model_path=str(path), num_threads=self.threads, experimental_delegates=delegates
+                )
+                interpreter.allocate_tensors()
+                self.accelerator.in_use(self.accelerator.delegate())
+                return LiteRtModel(interpreter)
+            except (ValueError, RuntimeError) as exc:
+                # A model the delegate cannot take (not compiled for an Edge TPU, ops the NPU
+                # lacks) still serves: on the CPU, with the reason reported.
+                self.accelerator.unavailable(f"its delegate refused {path.name}: {exc}")
         try:
             interpreter = interpreter_class(model_path=str(path), num_threads=self.threads)
             interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"LiteRT cannot load {path.name}: {exc}") from None
         return LiteRtModel(interpreter)
+
+
+def probe_accelerator(accelerator: Accelerator) -> None:
+    """At start, before any model loads: report a declared accelerator this device cannot use."""
+    if not accelerator.declared:
+        return
+    backend = backend_of(accelerator.runtime)
+    if not backend:
+        accelerator.unknown_backend()
+    elif backend not in BACKENDS:
+        accelerator.unavailable(f"{backend} is not installed on this agent")
+    elif backend == "onnxruntime":
+        accelerator.plan(onnx_available_providers())
+    else:
+        load_litert_delegate(accelerator)
 
 
 # Factories take an optional ``threads`` keyword: the intra-op threads per loaded
@@ -327,7 +402,9 @@ if any(importlib.util.find_spec(m) is not None for m in ("ai_edge_litert", "tfli
 DEFAULT_RUNTIME_FOR_FORMAT = {"onnx": "onnxruntime", "tflite": "litert"}
 
 
-def backend_for(runtime: str, fmt: str = "onnx", threads: int | None = None) -> Backend:
+def backend_for(
+    runtime: str, fmt: str = "onnx", threads: int | None = None, accelerator: Accelerator | None = None
+) -> Backend:
     name = runtime or DEFAULT_RUNTIME_FOR_FORMAT.get(fmt, "")
     factory = BACKENDS.get(name)
     if factory is None:
@@ -335,4 +412,4 @@ def backend_for(runtime: str, fmt: str = "onnx", threads: int | None = None) -> 
             f"runtime {name or '(none)'!r} for format {fmt!r} is not available on this agent "
             f"(available: {', '.join(sorted(BACKENDS))})"
         )
-    return factory(threads=threads) if threads else factory()
+    return factory(threads=threads or None, accelerator=accelerator)

@@ -32,6 +32,7 @@ from edgefleet_proto.topics import Kind
 from google.protobuf.message import DecodeError
 
 from agent import __version__
+from agent.accelerators import Accelerator
 from agent.api import InferenceApi, ResultsApi, TenantAuth, serve
 from agent.artifacts import ArtifactStore
 from agent.atomic import write_atomic
@@ -43,6 +44,7 @@ from agent.observe import Observer
 from agent.outbox import Outbox, OutboxSender
 from agent.pipeline import Pipelines, ResultHub
 from agent.pool import MB, ModelPool
+from agent.runtime import probe_accelerator
 from agent.signing import KeyRing, parse_public_key
 from agent.state import StateStore
 from agent.systemd import Notifier
@@ -72,10 +74,14 @@ class Service:
         self.conditions = Conditions()
         self.outbox = Outbox(data / "outbox.db", config.outbox.max_records, self.conditions)
         workers, threads = config.scheduler.resolved(os.cpu_count() or 1)
+        self.accelerator = Accelerator(
+            config.accelerator.runtime, self.conditions, data, config.accelerator.delegate_library
+        )
         self.pool = ModelPool(
             budget_bytes=int(config.pool.memory_budget_mb * MB),
             idle_unload_s=config.pool.idle_unload_s,
             threads=threads,
+            accelerator=self.accelerator,
         )
         self.stats = InferenceStats()
         self.pipeline_stats = PipelineStats()
@@ -156,6 +162,8 @@ class Service:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        # Said before any model loads, so a device with nothing to serve yet reports it too.
+        probe_accelerator(self.accelerator)
         self.updater.boot()
         auth = TenantAuth(self.pipelines.specs, self.config.api.require_token)
         api = InferenceApi(

@@ -3,7 +3,7 @@
 # the machine has a 3.10 interpreter; skipped, saying so, when it has none).
 # Left out: agent tests that import the controller (a Python 3.11 program) or its test
 # helpers. The integration tests are those of the agent's process on its own: broker
-# link, convergence, signing, TLS and systemd.
+# link, convergence, signing, TLS, systemd, installation and accelerators.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! [ -f .venv310/.edgefleet-ready ]; then
@@ -17,6 +17,8 @@ integration=(
   tests/integration/agent/test_agent_signing.py
   tests/integration/agent/test_agent_tls.py
   tests/integration/agent/test_agent_systemd.py
+  tests/integration/agent/test_agent_install.py
+  tests/integration/agent/test_agent_accelerators.py
 )
 echo "== agent tests on $(.venv310/bin/python -V)" >&2
 exec .venv310/bin/pytest -p no:cacheprovider -q "${unit[@]}" "${integration[@]}"

@@ -13,8 +13,13 @@ from dataclasses import dataclass
 
 if sys.version_info >= (3, 11):
     from enum import StrEnum
-else:  # devices on Python 3.10 (Ubuntu 22.04, JetPack 6)
-    from backports.strenum import StrEnum
+else:  # devices on Python 3.10 (Ubuntu 22.04, JetPack 6); the contract needs protobuf only
+    from enum import Enum
+
+    class StrEnum(str, Enum):
+        def __str__(self) -> str:
+            return str.__str__(self)
+
 
 PREFIX = "edgefleet/v1/devices"
 

@@ -58,6 +58,8 @@ def samples(tmp_path: Path) -> dict[tuple[str, str], tuple[str, Any]]:
         ("security", "allow_unsigned"): ("true", True),
         ("updates", "max_attempts"): ("5", 5),
         ("updates", "reserve_mb"): ("32", 32.0),
+        ("accelerator", "runtime"): ('"onnxruntime-tensorrt"', "onnxruntime-tensorrt"),
+        ("accelerator", "delegate_library"): ('"/opt/vx/libvx_delegate.so"', "/opt/vx/libvx_delegate.so"),
     }
 
 

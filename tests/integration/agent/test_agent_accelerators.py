@@ -1,0 +1,58 @@
+"""A real agent whose profile declares an accelerator this device's runtime lacks: it serves on
+the CPU and its reported state says why."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from edgefleet_proto import fleet_pb2, inference_pb2
+
+from tests.integration.agent.conftest import AgentProcess
+from tests.integration.agent.peer import Peer, wait_until
+from tests.unit.agent.models import linear_model, write_model
+
+
+def infer(agent: AgentProcess, x: np.ndarray) -> np.ndarray:
+    req = inference_pb2.InferRequest()
+    req.inputs["x"].CopyFrom(inference_pb2.Tensor(dtype="float32", shape=list(x.shape), data=x.tobytes()))
+    y = agent.stub().Infer(req, timeout=10).outputs["y"]
+    return np.frombuffer(y.data, dtype=y.dtype).reshape(tuple(y.shape))
+
+
+def accelerator_condition(peer: Peer) -> fleet_pb2.DeviceCondition | None:
+    reported = peer.last_reported()
+    if reported is None:
+        return None
+    return next((c for c in reported.conditions if c.kind == "accelerator_unavailable"), None)
+
+
+def test_a_jetson_profile_on_a_cpu_only_runtime_serves_on_the_cpu_and_reports_why(
+    make_agent: Callable[..., AgentProcess], make_peer: Callable[[str], Peer], tmp_path: Path
+) -> None:
+    agent = make_agent()
+    agent.config.write_text(agent.config.read_text() + '[accelerator]\nruntime = "onnxruntime-tensorrt"\n')
+    peer = make_peer(agent.device_id)
+    agent.start()
+    agent.wait_ready()
+    # Before any model: the device says at once that its accelerator cannot be used.
+    condition = wait_until(lambda: accelerator_condition(peer), 30, "accelerator condition")
+    assert condition.message.startswith(
+        "accelerator unavailable: onnxruntime-tensorrt: TensorrtExecutionProvider is not among this "
+        f"onnxruntime's providers ({', '.join(ort.get_available_providers())})"
+    )
+
+    model = tmp_path / "m.onnx"
+    digest = write_model(model, linear_model(2, 16, 4))
+    peer.add_artifact(model)
+    peer.publish_desired(1, peer.assignment(digest, "1"))
+    peer.wait_active(digest)
+    x = np.random.default_rng(1).standard_normal((2, 16)).astype(np.float32)
+    expected = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(infer(agent, x), expected)
+    reported = peer.last_reported()
+    assert reported is not None
+    assert [c.kind for c in reported.conditions] == ["accelerator_unavailable"]
+    assert "models run on the CPU" in agent.output()
