@@ -358,7 +358,10 @@ def tenants_from_toml(text: str, where: str) -> list[dict[str, Any]]:
         spec = dict(table)
         source = spec.get("source")
         if isinstance(source, dict):
-            options = {k: v for k, v in source.items() if k not in ("kind", "uri")}
+            options = {k: v for k, v in source.items() if k not in ("kind", "uri", "options")}
+            # Options in a [tenants.source.options] table of their own, as the API nests them.
+            if isinstance(source.get("options"), dict):
+                options = source["options"] | options
             spec["source"] = {k: source[k] for k in ("kind", "uri") if k in source} | {"options": options}
         specs.append(spec)
     return specs

@@ -201,6 +201,11 @@ resize = [32, 32]
     assert tenant.preprocess == {"resize": "32,32"}
     with pytest.raises(CommandError, match=r"tenants\.toml: invalid TOML"):
         tenants_from_toml("[[tenants]\n", "tenants.toml")
+    # The API's own shape, options in a table of their own, reads the same.
+    nested = '[[tenants]]\nid = "mic"\nmodel = "vad"\n[tenants.source]\nkind = "wav"\nuri = "/srv/a.wav"\n'
+    nested += "[tenants.source.options]\nloop = true\nchunk = 512\n"
+    (doc,) = tenants_from_toml(nested, "tenants.toml")
+    assert doc["source"] == {"kind": "wav", "uri": "/srv/a.wav", "options": {"loop": True, "chunk": 512}}
 
 
 def test_postprocess_and_input_feeds_are_checked_and_travel_to_the_agent() -> None:
