@@ -21,11 +21,15 @@ if ! command -v mosquitto >/dev/null 2>&1 && ! [ -x /usr/sbin/mosquitto ]; then
   if [ "$(id -u)" = "0" ]; then
     echo "== installing mosquitto with apt-get" >&2
     apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto mosquitto-clients chromium
+    DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto mosquitto-clients chromium nats-server
   elif [ -n "$require_mosquitto" ]; then
     echo "mosquitto is not installed: run 'sudo apt-get install -y mosquitto mosquitto-clients' first" >&2
     exit 1
   fi
+fi
+# The clustered-broker tests start a three-node NATS JetStream cluster (tests/nats_cluster.py).
+if ! command -v nats-server >/dev/null 2>&1 && ! [ -x /usr/sbin/nats-server ] && [ "$(id -u)" = "0" ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y nats-server || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nats-server; }
 fi
 # The console's browser tests drive Debian's chromium.
 if ! [ -x /usr/bin/chromium ] && [ "$(id -u)" = "0" ]; then
