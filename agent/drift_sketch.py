@@ -47,14 +47,35 @@ Floats = npt.NDArray[np.float64]
 Counts = npt.NDArray[np.int64]
 
 
+# Raw audio frames are sketched by the energy in this many equal bands of their spectrum
+# (the controller's controller.drift.AUDIO_BANDS; a contract test keeps them in step).
+AUDIO_BANDS = 8
+
+
+def audio_bands(frames: npt.ArrayLike) -> Floats:
+    """(N, T) raw audio frames -> (N, AUDIO_BANDS): log10 of the mean power in each of
+    AUDIO_BANDS equal slices of the frame's spectrum (DC left out), as the controller's
+    baselines compute it (controller.drift.audio_bands)."""
+    arr = np.asarray(frames, dtype=np.float64)
+    power = np.abs(np.fft.rfft(arr, axis=1)[:, 1:]) ** 2 / max(arr.shape[1], 1)
+    bands = np.array_split(power, AUDIO_BANDS, axis=1)
+    out: Floats = np.log10(
+        np.stack([b.mean(axis=1) if b.shape[1] else np.zeros(len(arr)) for b in bands], axis=1) + 1e-12
+    )
+    return out
+
+
 def features_of(inputs: npt.ArrayLike, layout: str = "nchw") -> tuple[str, Floats]:
     """Samples x features and the prefix the controller names them with (``f3``, ``ch0``);
     ``layout`` (``nchw`` or ``nhwc``, either case as a model signature writes it) says where
-    an image's channels are."""
+    an image's channels are, and ``nt`` that rows are raw audio frames, sketched per band of
+    their spectrum."""
     layout = layout.lower()
     arr = np.asarray(inputs)
     if arr.ndim == 1:
         arr = arr.reshape(1, -1)
+    if arr.ndim == 2 and layout == "nt":
+        return "f", audio_bands(arr)
     if arr.ndim == 2:
         return "f", arr.astype(np.float64, copy=False)
     if arr.ndim == 3:

@@ -554,7 +554,7 @@ class Pipelines:
                 serving.model_version,
                 job.prepared.array,
                 outputs,
-                layout=spec.preprocess.layout,
+                layout=_sketch_layout(spec, serving, source_name, job.prepared.array),
                 outcome=outcome,
             )
         candidate = self.pool.get(shadow_of(tenant))
@@ -739,3 +739,12 @@ class Pipelines:
         finished = self.scheduler.stop(timeout)
         self.hub.close()
         return finished
+
+
+def _sketch_layout(spec: TenantSpec, serving: ServingModel, source_name: str, array: np.ndarray) -> str:
+    """How a tenant's prepared input is sketched: raw audio frames (an ``NT`` source input of
+    the model's signature) per band of their spectrum, images in the preprocessing's layout."""
+    role = serving.signature.input(source_name) if serving.signature is not None else None
+    if array.ndim == 2 and role is not None and role.layout == "NT":
+        return "nt"
+    return spec.preprocess.layout

@@ -376,7 +376,8 @@ def baselines_from_calibration(
 ) -> list[tuple[str, str]]:
     """Give every version registered with a calibration set (its reference data) and no
     baseline yet a reference baseline: features of the input its signature says a source
-    feeds, in the signature's layout, each sample taken along that input's batch axis;
+    feeds, in the signature's layout (images per channel, raw audio per band), each sample
+    taken along that input's batch axis;
     classes and confidence from the version's own predictions on the whole set (every
     input, a stateful model's state carried from sample to sample)."""
     rows = baselines.store.query(
@@ -414,5 +415,5 @@ def source_samples(reference: CalibrationSet, signature: ModelSignature) -> tupl
     axis = reference.batch_axes[source.name]
     if axis is None:
         raise InvalidDriftInput(f"input {source.name!r} has no batch axis: the set is a single sample")
-    layout = source.layout.lower() if source.layout in ("NHWC", "NCHW") else ""
+    layout = source.layout.lower() if source.layout in ("NHWC", "NCHW", "NT") else ""
     return np.moveaxis(reference.arrays[source.name], axis, 0), layout

@@ -280,16 +280,39 @@ def image_layout(shape: Sequence[int]) -> str:
     return "nhwc" if last and not first else "nchw"
 
 
+# Raw audio frames are sketched by the energy in this many equal bands of their spectrum.
+AUDIO_BANDS = 8
+
+
+def audio_bands(frames: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """(N, T) raw audio frames -> (N, AUDIO_BANDS): log10 of the mean power in each of
+    AUDIO_BANDS equal slices of the frame's spectrum (DC left out). Where a sound sits in
+    frequency, and how loud, is what drifts in audio; single sample positions say nothing.
+
+    The agent (agent/drift_sketch.py) computes the same features."""
+    arr = np.asarray(frames, dtype=np.float64)
+    power = np.abs(np.fft.rfft(arr, axis=1)[:, 1:]) ** 2 / max(arr.shape[1], 1)
+    bands = np.array_split(power, AUDIO_BANDS, axis=1)
+    out: npt.NDArray[np.float64] = np.log10(
+        np.stack([b.mean(axis=1) if b.shape[1] else np.zeros(len(arr)) for b in bands], axis=1) + 1e-12
+    )
+    return out
+
+
 def feature_matrix(inputs: npt.ArrayLike, layout: str = "") -> tuple[list[str], npt.NDArray[np.float64]]:
-    """Samples x features: rows by column (``f0``, ``f1``...); windows of rows or audio frames
-    (N, T, F) by the mean of each feature or band over the window (``f0``...); images by the
-    per-sample mean of each channel (``ch0``...), on axis 1 for ``nchw`` and on the last axis for
-    ``nhwc`` (without a layout, :func:`image_layout` tells them apart).
+    """Samples x features: rows by column (``f0``, ``f1``...); raw audio frames (N, T) of layout
+    ``nt`` by the energy in each band of their spectrum (``f0``..., :func:`audio_bands`);
+    windows of rows or audio frames (N, T, F) by the mean of each feature or band over the
+    window (``f0``...); images by the per-sample mean of each channel (``ch0``...), on axis 1
+    for ``nchw`` and on the last axis for ``nhwc`` (without a layout, :func:`image_layout`
+    tells them apart).
 
     The agent's sketches (agent/drift_sketch.py) compute the same features."""
     arr = np.asarray(inputs, dtype=np.float64)
     if arr.ndim == 1:
         arr = arr.reshape(-1, 1)
+    if arr.ndim == 2 and layout.lower() == "nt":
+        return [f"f{i}" for i in range(AUDIO_BANDS)], audio_bands(arr)
     if arr.ndim == 2:
         return [f"f{i}" for i in range(arr.shape[1])], arr
     if arr.ndim == 3:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgefleet_proto import fleet_pb2
 
 CACHE_ENV = "EDGEFLEET_TEST_MODELS"
 PIP_TIMEOUT_S = 600
@@ -434,3 +435,23 @@ def fixed_shape_copy(source: Path, target: Path, dims: Sequence[int]) -> Path:
             axis.dim_value = size
     onnx.save(model, str(target))
     return target
+
+
+def silero_signature(length: int = -1) -> fleet_pb2.ModelSignature:
+    """silero-vad's signature as the controller sends it: its audio a source of layout NT
+    (``length`` samples per window, -1: free), its RNN state carried from ``stateN``, its
+    sample rate a constant."""
+    sig = fleet_pb2.ModelSignature()
+    sig.inputs.add(
+        name="input", role="source", layout="NT", batch_axis=0, dtype="float32", shape=[-1, length]
+    )
+    sig.inputs.add(
+        name="state", role="state", batch_axis=1, dtype="float32", shape=[2, -1, 128], value=[0.0],
+        from_output="stateN",
+    )  # fmt: skip
+    sig.inputs.add(
+        name="sr", role="constant", batch_axis=-1, dtype="int64", shape=[], value=[float(SAMPLE_RATE)]
+    )
+    sig.outputs.add(name="output", meaning="scores", dtype="float32", shape=[-1, 1])
+    sig.outputs.add(name="stateN", meaning="state", dtype="float32", shape=[2, -1, 128])
+    return sig

@@ -14,30 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgefleet_proto import fleet_pb2, inference_pb2
+from edgefleet_proto import inference_pb2
 
 from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer
 from tests.localfleet import from_tensor, to_tensors
-from tests.realmodels import sample_inputs, speech_like, vad_chunks
+from tests.realmodels import sample_inputs, silero_signature, speech_like, vad_chunks
 
 ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.slow
 
 RATE = 16000
-
-
-def silero_signature() -> fleet_pb2.ModelSignature:
-    sig = fleet_pb2.ModelSignature()
-    sig.inputs.add(name="input", role="source", layout="NT", batch_axis=0, dtype="float32", shape=[-1, -1])
-    sig.inputs.add(
-        name="state", role="state", batch_axis=1, dtype="float32", shape=[2, -1, 128], value=[0.0],
-        from_output="stateN",
-    )  # fmt: skip
-    sig.inputs.add(name="sr", role="constant", batch_axis=-1, dtype="int64", shape=[], value=[float(RATE)])
-    sig.outputs.add(name="output", meaning="scores", dtype="float32", shape=[-1, 1])
-    sig.outputs.add(name="stateN", meaning="state", dtype="float32", shape=[2, -1, 128])
-    return sig
 
 
 def test_a_call_with_only_the_audio_gets_its_constant_and_initial_state_from_the_signature(

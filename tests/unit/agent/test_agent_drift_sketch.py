@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from edgefleet_proto import fleet_pb2
 
-from agent.drift_sketch import Sketcher, build_sketch, probabilities_of
+from agent.drift_sketch import AUDIO_BANDS, Sketcher, build_sketch, probabilities_of
 from controller import drift
 
 
@@ -202,3 +202,31 @@ def test_an_image_whose_layout_cannot_be_told_is_refused() -> None:
     reference, _ = drift.reference_baseline(video(20, seed=3), layout="nhwc")
     with pytest.raises(ValueError, match="3 channels"):
         build_sketch(spec_of(reference), np.zeros((2, 4, 8, 5), np.float32))
+
+
+def tones(frames: int, hz: float, seed: int, length: int = 576, rate: int = 16000) -> np.ndarray:
+    """Raw audio frames (N, T) of a tone near ``hz`` under noise, as an NT input takes them."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(length) / rate
+    pitch = hz * rng.uniform(0.95, 1.05, size=(frames, 1))
+    loud = rng.uniform(0.2, 0.5, size=(frames, 1))
+    return (loud * np.sin(2 * np.pi * pitch * t) + 0.01 * rng.normal(size=(frames, length))).astype(
+        np.float32
+    )
+
+
+def test_raw_audio_frames_are_sketched_per_frequency_band_like_the_controller() -> None:
+    reference, baseline = drift.reference_baseline(tones(300, 1500, seed=1), layout="nt")
+    # Eight bands of the frame's spectrum, not 576 sample positions; the same on both sides.
+    assert set(reference.features) == {f"f{i}" for i in range(drift.AUDIO_BANDS)}
+    assert AUDIO_BANDS == drift.AUDIO_BANDS
+    spec = spec_of(reference)
+    later = tones(300, 1500, seed=2)
+    msg = build_sketch(spec, later, layout="NT")
+    bands = drift.audio_bands(later)
+    for i, h in enumerate(msg.features):
+        assert tuple(h.counts) == drift.histogram(bands[:, i], reference.features[f"f{i}"])
+    assert drift.score(baseline, as_controller_sketch(msg)).psi < drift.PSI_MODERATE
+    # The sound moved up the spectrum: drift.
+    higher = build_sketch(spec, tones(300, 5500, seed=3), layout="nt")
+    assert drift.score(baseline, as_controller_sketch(higher)).psi > drift.PSI_MAJOR
