@@ -415,5 +415,12 @@ def source_samples(reference: CalibrationSet, signature: ModelSignature) -> tupl
     axis = reference.batch_axes[source.name]
     if axis is None:
         raise InvalidDriftInput(f"input {source.name!r} has no batch axis: the set is a single sample")
-    layout = source.layout.lower() if source.layout in ("NHWC", "NCHW", "NT") else ""
-    return np.moveaxis(reference.arrays[source.name], axis, 0), layout
+    return np.moveaxis(reference.arrays[source.name], axis, 0), sketch_layout(signature)
+
+
+def sketch_layout(signature: ModelSignature) -> str:
+    """How the input a source feeds is sketched, from its layout in the signature: images per
+    channel (``nhwc``/``nchw``), raw audio per band (``nt``); "" to tell by the shape."""
+    source = next((i for i in signature.inputs if i.role == "source"), None)
+    layout = source.layout if source is not None else ""
+    return layout.lower() if layout in ("NHWC", "NCHW", "NT") else ""

@@ -11,7 +11,7 @@ from google.protobuf.json_format import MessageToDict
 
 from controller.api.deps import ClosedLoopDep, FleetDep, RegistryDep
 from controller.api.loop_schemas import BaselineCreate, BaselinePublic, DriftPublic
-from controller.baselines import Baseline, spec_message
+from controller.baselines import Baseline, sketch_layout, spec_message
 from controller.drift import CONFIDENCE_EDGES, SketchSpec
 from controller.errors import InvalidDriftInput
 
@@ -45,7 +45,8 @@ def _array(values: Any, what: str) -> np.ndarray[Any, Any]:
 def set_baseline(
     name: str, version: str, body: BaselineCreate, registry: RegistryDep, loop: ClosedLoopDep
 ) -> BaselinePublic:
-    registry.get(name, version)
+    # References hold what a source feeds the model, read in the layout its signature gives.
+    layout = sketch_layout(registry.get(name, version).signature)
     given = [x for x in (body.reference, body.dataset, body.production) if x is not None]
     if len(given) != 1:
         raise InvalidDriftInput("give exactly one of reference, dataset or production")
@@ -57,12 +58,13 @@ def set_baseline(
             _array(body.reference.inputs, "inputs"),
             None if probs is None else _array(probs, "probabilities"),
             body.bins,
+            layout,
         )
     elif body.dataset is not None:
         with np.load(io.BytesIO(loop.datasets.read(body.dataset)), allow_pickle=False) as npz:
             inputs = npz["inputs"]
             probs_arr = npz["probabilities"] if "probabilities" in npz.files else None
-        baseline = loop.baselines.set_reference(name, version, inputs, probs_arr, body.bins)
+        baseline = loop.baselines.set_reference(name, version, inputs, probs_arr, body.bins, layout)
     else:
         assert body.production is not None
         s = body.production.spec

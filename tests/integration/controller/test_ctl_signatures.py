@@ -344,3 +344,10 @@ def test_the_drift_baseline_of_a_multi_input_model_sketches_the_input_its_signat
     # The audio frames (12 x 576 samples), not the state or the sample rate, per band of their
     # spectrum as a device sketches an NT input.
     assert sorted(baseline.spec.features) == [f"f{i}" for i in range(drift.AUDIO_BANDS)]
+    # A reference the operator puts is read the same way: it holds what the source feeds.
+    frames = sample_inputs("silero_vad", 16)["input"]
+    put = ctl.api(
+        "PUT", "/v1/models/vad/versions/1/drift/baseline", json={"reference": {"inputs": frames.tolist()}}
+    )
+    assert put.status_code == 200, put.text
+    assert sorted(put.json()["spec"]["features"]) == [f"f{i}" for i in range(drift.AUDIO_BANDS)]
