@@ -33,8 +33,9 @@ from controller.tflite import interpreter_module, is_tflite
 
 CHECK_TIMEOUT_S = 600.0
 _ONE_AT_A_TIME = threading.Lock()
-_context = multiprocessing.get_context("forkserver")
-_context.set_forkserver_preload([__name__])
+# Shared with variant production (controller.optimize), which forks its producers from the same server.
+process_context = multiprocessing.get_context("forkserver")
+process_context.set_forkserver_preload([__name__])
 _NUMPY_TYPES = {
     "float": np.float32,
     "double": np.float64,
@@ -50,7 +51,7 @@ _NUMPY_TYPES = {
     "bool": np.bool_,
 }
 # Texts runtimes use when an allocation fails under the limit.
-_OUT_OF_MEMORY = (
+OUT_OF_MEMORY = (
     "Arena alloc failed",
     "bad_alloc",
     "bad allocation",
@@ -86,8 +87,8 @@ def _in_checker(target: Any, args: tuple[Any, ...], memory_limit: int, timeout_s
 
 
 def _run_checker(target: Any, args: tuple[Any, ...], memory_limit: int, timeout_s: float, doing: str) -> Any:
-    receiver, sender = _context.Pipe(duplex=False)
-    proc = _context.Process(target=target, args=(*args, sender), name="model-check", daemon=True)
+    receiver, sender = process_context.Pipe(duplex=False)
+    proc = process_context.Process(target=target, args=(*args, sender), name="model-check", daemon=True)
     proc.start()
     sender.close()
     try:
@@ -105,7 +106,7 @@ def _run_checker(target: Any, args: tuple[Any, ...], memory_limit: int, timeout_
             proc.join()
     if kind == "ok":
         return value
-    if kind == "invalid" and not any(text in str(value) for text in _OUT_OF_MEMORY):
+    if kind == "invalid" and not any(text in str(value) for text in OUT_OF_MEMORY):
         raise InvalidModel(str(value))
     if kind == "died" and proc.exitcode is not None and proc.exitcode < 0:
         how = f"was killed by {signal.Signals(-proc.exitcode).name}"
@@ -121,7 +122,7 @@ def _run_checker(target: Any, args: tuple[Any, ...], memory_limit: int, timeout_
 
 
 def _run_in_child(path: str, sample: str, order: list[str], memory_limit: int, conn: Connection) -> None:
-    _limit_data_segment(memory_limit + 2 * (os.path.getsize(path) + os.path.getsize(sample)))
+    limit_data_segment(memory_limit + 2 * (os.path.getsize(path) + os.path.getsize(sample)))
     try:
         with np.load(sample, allow_pickle=False) as npz:
             feeds = [npz[name] for name in order]
@@ -142,7 +143,7 @@ def _run_in_child(path: str, sample: str, order: list[str], memory_limit: int, c
 def _check_in_child(path: str, memory_limit: int, conn: Connection) -> None:
     # Besides what the model takes once loaded, the checker holds the file's bytes and
     # their parsed form while it estimates that.
-    _limit_data_segment(memory_limit + 2 * os.path.getsize(path))
+    limit_data_segment(memory_limit + 2 * os.path.getsize(path))
     try:
         conn.send(("ok", _check(Path(path), memory_limit)))
     except InvalidModel as exc:
@@ -186,14 +187,14 @@ def _run_once(path: Path, memory_limit: int) -> None:
     try:
         session.run(None, feeds)
     except Exception as exc:  # onnxruntime's errors share no public base class
-        if any(text in str(exc) for text in _OUT_OF_MEMORY):
+        if any(text in str(exc) for text in OUT_OF_MEMORY):
             raise InvalidModel(
                 f"running the model once on zeros needs more than the {human(memory_limit)} a model "
                 "may take in memory (max_model_memory_bytes)"
             ) from None
 
 
-def _limit_data_segment(allowed: int) -> None:
+def limit_data_segment(allowed: int) -> None:
     """RLIMIT_DATA counts the heap and private writable mappings (what weights and arenas
     use) but not reserved address space, which runtimes' thread pools take plenty of."""
     held = _data_segment_bytes()

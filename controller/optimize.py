@@ -5,8 +5,14 @@ variants in the registry; :class:`Optimizer` runs one worker thread that takes
 versions off a queue and, per pending variant, quantizes the fp32 reference
 with onnxruntime.quantization (static int8 QDQ from the calibration set, with
 per-channel weights when that agrees better; or dynamic int8), validates it
-against the reference on the same set, measures its latency here, and marks it
+against the reference on the same set, measures its latency, and marks it
 ``ready`` or ``rejected`` with the reason. A restart resumes what was pending.
+
+The models are loaded and run only in a producer process whose memory is limited
+(``MEMORY_FACTOR`` x ``max_model_memory_bytes``): the upload checks bound what a
+model takes once loaded, not what it allocates on each sample of its calibration
+set, nor what a quantizer does with it. A producer that runs out of memory or
+crashes fails the variant it was producing with the reason; the controller goes on.
 
 :func:`validate` is pure: top-1 agreement for classifiers, maximum and mean
 absolute deviation otherwise (gated on ``1 - mean |dev| / mean |reference|``).
@@ -14,12 +20,15 @@ absolute deviation otherwise (gated on ``1 - mean |dev| / mean |reference|``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import signal
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +45,8 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from controller.calibration import CalibrationSet, load_calibration
 from controller.errors import OptimizeError
+from controller.model_check import OUT_OF_MEMORY, limit_data_segment, process_context
+from controller.model_memory import human
 from controller.model_runner import Runner
 from controller.onnx_preparation import prepare
 from controller.registry import (
@@ -47,6 +58,7 @@ from controller.registry import (
     Registry,
     Variant,
 )
+from controller.signature import ModelSignature
 from controller.streaming import feedback, state_pairs
 
 log = logging.getLogger(__name__)
@@ -57,6 +69,10 @@ CALIBRATION_SAMPLES = 64
 VALIDATION_SAMPLES = 512
 # Starts of one variant's production (across controller restarts) before it is given up.
 MAX_ATTEMPTS = 3
+# A producer process may take this many times what one model may take once loaded.
+MEMORY_FACTOR = 4
+# One step of a producer (running the reference, producing one variant) may take this long.
+PRODUCER_TIMEOUT_S = 1800.0
 
 
 @dataclass(frozen=True)
@@ -236,8 +252,8 @@ class Workload:
     pairs: dict[str, str]
 
     @classmethod
-    def of(cls, found: ModelVersion, samples: list[list[np.ndarray]]) -> Workload:
-        return cls(samples, feedback(found.signature), state_pairs(found.signature))
+    def of(cls, signature: ModelSignature, samples: list[list[np.ndarray]]) -> Workload:
+        return cls(samples, feedback(signature), state_pairs(signature))
 
     def outputs(self, runner: Runner) -> list[np.ndarray]:
         if self.feedback:
@@ -248,23 +264,320 @@ class Workload:
         return {"streaming": {"state": self.pairs, "steps": len(self.samples)}} if self.pairs else {}
 
 
+# -- the producer process ------------------------------------------------------------
+#
+# Everything that loads or runs a model (the reference, the quantizers, each candidate)
+# runs in a producer process forked from the model checker's server, its data segment
+# limited to ``memory_limit`` bytes beyond what it held when it started. The controller
+# keeps only the registry's bookkeeping: a model that expands on its calibration set, or
+# a quantizer that crashes on a hostile file, ends the producer, never the controller.
+
+
+@dataclass(frozen=True)
+class VersionInputs:
+    """What a producer needs to know about one version (sent to it, so plain data)."""
+
+    ref_path: str
+    ref_format: str
+    calibration_path: str
+    signature: ModelSignature
+    order: list[str]
+    task: str
+    gate: float
+    work_dir: str
+
+
+@dataclass(frozen=True)
+class Produced:
+    """One variant produced (or an uploaded one checked) and validated by a producer."""
+
+    checked: Validation
+    # The produced file in the work folder; "" for an uploaded variant.
+    path: str
+    per_channel: bool
+    prepared: dict[str, object]
+    workload: dict[str, Any]
+    latency_ms: float
+    # The reference's operators, for the reason a conversion that changed nothing is rejected.
+    op_types: list[str]
+
+
+class ProducerDied(OptimizeError):
+    """The producer process ended (killed, crashed, out of memory) or timed out."""
+
+
+class _Refused(Exception):
+    """A refusal of the whole version, in words, raised inside the producer."""
+
+
+class _Production:
+    """The producer's side: one version's calibration set, reference and workload, kept
+    while its variants are produced one by one."""
+
+    def __init__(self, inputs: VersionInputs, send: Callable[[tuple[str, Any]], None]) -> None:
+        self.inputs = inputs
+        self.send = send
+        self.work_dir = Path(inputs.work_dir)
+        try:
+            self.calibration = (
+                load_calibration(Path(inputs.calibration_path), inputs.signature)
+                if inputs.calibration_path
+                else None
+            )
+        except Exception as exc:
+            raise _Refused(f"the calibration set cannot be used: {_reason(exc)}") from None
+        try:
+            self.reference = Runner(Path(inputs.ref_path), inputs.ref_format)
+        except Exception as exc:
+            raise _Refused(f"the uploaded model does not load here: {_reason(exc)}") from None
+        self.workload: Workload | None = None
+        self.expected: list[np.ndarray] = []
+        # The reference made ready for int8 (True) or fp16 (False): once per version.
+        self.preparations: dict[bool, tuple[Path, dict[str, object]]] = {}
+
+    def close(self) -> None:
+        for path, _ in self.preparations.values():
+            path.unlink(missing_ok=True)
+
+    def latency(self, path: str, fmt: str, zeros: list[np.ndarray]) -> float:
+        runner = self.reference if path == self.inputs.ref_path else Runner(Path(path), fmt)
+        return runner.latency_ms(self.calibration.sample(0, self.inputs.order) if self.calibration else zeros)
+
+    def expect(self) -> None:
+        assert self.calibration is not None
+        self.workload = Workload.of(
+            self.inputs.signature, self.calibration.samples(self.inputs.order, VALIDATION_SAMPLES)
+        )
+        try:
+            self.expected = self.workload.outputs(self.reference)
+        except Exception as exc:
+            raise _Refused(
+                "the uploaded model fails on the calibration set, so no variant can be validated: "
+                + _reason(exc)
+            ) from None
+
+    def produce(self, kind: str, uploaded_path: str, uploaded_format: str) -> Produced:
+        workload, inputs = self.workload, self.inputs
+        assert workload is not None and self.calibration is not None
+        if uploaded_path:
+            self.send(("progress", 0.5))
+            outputs = workload.outputs(Runner(Path(uploaded_path), uploaded_format))
+            checked = validate(self.expected, outputs, inputs.task, inputs.gate)
+            self.send(("progress", 0.9))
+            latency = Runner(Path(uploaded_path), uploaded_format).latency_ms(workload.samples[0])
+            return Produced(checked, "", False, {}, workload.report(), latency, [])
+        checked, produced, per_channel, prepared = self._quantize_best(kind)
+        try:
+            self.send(("progress", 0.9))
+            latency = Runner(produced, "onnx").latency_ms(workload.samples[0])
+            op_types = sorted({n.op_type for n in onnx.load(inputs.ref_path).graph.node})
+        except BaseException:
+            produced.unlink(missing_ok=True)
+            raise
+        return Produced(checked, str(produced), per_channel, prepared, workload.report(), latency, op_types)
+
+    def _prepared(self, kind: str) -> tuple[Path, dict[str, object]]:
+        """The reference prepared for ``kind`` (made on first use for this version)."""
+        key = kind != FP16
+        if key not in self.preparations:
+            path = self.work_dir / f"prepared-{uuid.uuid4().hex}.onnx"
+            try:
+                done = prepare_for(kind, Path(self.inputs.ref_path), path)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+            self.preparations[key] = (path, done)
+        return self.preparations[key]
+
+    def _quantize_best(self, kind: str) -> tuple[Validation, Path, bool, dict[str, object]]:
+        """Per-channel weights first; per-tensor too when per-channel misses the gate or fails
+        (onnxruntime's per-channel bias adjustment breaks on some fused Gemm biases). Keeps the
+        better (validation, file in the work folder, per_channel, what preparing the source did,
+        with the per-channel failure if any); the other file is removed."""
+        workload, inputs = self.workload, self.inputs
+        assert workload is not None and self.calibration is not None
+        best: tuple[Validation, Path, bool] | None = None
+        prepared: dict[str, object] = {}
+        modes = (True, False) if kind != FP16 else (False,)
+        for step, per_channel in enumerate(modes):
+            self.send(("progress", 0.1 + 0.4 * step))
+            target = self.work_dir / f"{kind}-{uuid.uuid4().hex}.onnx"
+            try:
+                source, done = self._prepared(kind)
+                prepared = {**prepared, **done}
+                convert(kind, source, target, self.calibration, per_channel)
+                outputs = workload.outputs(Runner(target, "onnx"))
+                checked = validate(self.expected, outputs, inputs.task, inputs.gate)
+            except Exception as exc:
+                target.unlink(missing_ok=True)
+                if per_channel and step + 1 < len(modes):
+                    prepared["per_channel_failed"] = _reason(exc)
+                    continue
+                if best is not None:
+                    best[1].unlink(missing_ok=True)
+                raise
+            except BaseException:
+                target.unlink(missing_ok=True)
+                if best is not None:
+                    best[1].unlink(missing_ok=True)
+                raise
+            if best is None or _score(checked) > _score(best[0]):
+                if best is not None:
+                    best[1].unlink(missing_ok=True)
+                best = (checked, target, per_channel)
+            else:
+                target.unlink(missing_ok=True)
+            if best[0].passed:
+                break
+        assert best is not None
+        return (*best, prepared)
+
+
+def _producer_main(inputs: VersionInputs, memory_limit: int, conn: Connection) -> None:
+    """The producer process: commands in, progress and one answer per command out."""
+    limit_data_segment(memory_limit)
+    production: _Production | None = None
+    try:
+        try:
+            production = _Production(inputs, conn.send)
+        except _Refused as exc:
+            conn.send(("refused", str(exc)))
+            return
+        conn.send(("ok", production.calibration is not None))
+        while True:
+            command, *args = conn.recv()
+            if command == "stop":
+                return
+            try:
+                if command == "latency":
+                    conn.send(("ok", production.latency(*args)))
+                elif command == "expect":
+                    production.expect()
+                    conn.send(("ok", None))
+                elif command == "produce":
+                    conn.send(("ok", production.produce(*args)))
+                else:
+                    raise AssertionError(f"unknown producer command {command!r}")
+            except _Refused as exc:
+                conn.send(("refused", str(exc)))
+            # onnxruntime and LiteRT raise their own types: the text is the operator's reason.
+            except Exception as exc:
+                text = _reason(exc)
+                conn.send(("memory" if any(m in text for m in OUT_OF_MEMORY) else "failed", text))
+    except MemoryError:
+        conn.send(("memory", "MemoryError"))
+    except EOFError:
+        return
+    finally:
+        if production is not None:
+            production.close()
+        conn.close()
+
+
+class _Producer:
+    """The controller's handle on one producer process."""
+
+    def __init__(self, inputs: VersionInputs, memory_limit: int, timeout_s: float) -> None:
+        self.memory_limit = memory_limit
+        self.timeout_s = timeout_s
+        self._conn, theirs = process_context.Pipe(duplex=True)
+        self._proc = process_context.Process(
+            target=_producer_main, args=(inputs, memory_limit, theirs), name="variant-producer", daemon=True
+        )
+        self._proc.start()
+        theirs.close()
+        try:
+            self.has_calibration = bool(self._answer("loading the model", None))
+        except BaseException:
+            self.close()
+            raise
+
+    def ask(self, doing: str, *command: Any, progress: Callable[[float], None] | None = None) -> Any:
+        """Send a command; its answer, OptimizeError with the reason, or ProducerDied."""
+        try:
+            self._conn.send(command)
+        except OSError:
+            raise self._died(doing) from None
+        return self._answer(doing, progress)
+
+    def _answer(self, doing: str, progress: Callable[[float], None] | None) -> Any:
+        while True:
+            if not self._conn.poll(self.timeout_s):
+                self.close()
+                raise ProducerDied(f"{doing} took longer than {self.timeout_s:.0f} s")
+            try:
+                kind, value = self._conn.recv()
+            except (EOFError, OSError):
+                raise self._died(doing) from None
+            if kind == "progress":
+                if progress is not None:
+                    progress(float(value))
+                continue
+            if kind == "ok":
+                return value
+            if kind == "refused":
+                raise _VersionRefused(str(value))
+            if kind == "memory":
+                self.close()
+                raise ProducerDied(self._memory_reason("ran out of memory", doing))
+            raise OptimizeError(str(value))
+
+    def _died(self, doing: str) -> ProducerDied:
+        self._proc.join(5)
+        code = self._proc.exitcode
+        how = (
+            f"was killed by {signal.Signals(-code).name}"
+            if code is not None and code < 0
+            else f"exited with status {code}"
+        )
+        self.close()
+        return ProducerDied(self._memory_reason(how, doing))
+
+    def _memory_reason(self, how: str, doing: str) -> str:
+        return (
+            f"variant production {how} while {doing}: it needs more than the {human(self.memory_limit)} "
+            f"it may take in memory ({MEMORY_FACTOR} x max_model_memory_bytes), or the runtime crashed on it"
+        )
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._conn.send(("stop",))
+        self._conn.close()
+        self._proc.join(5)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+
+
+class _VersionRefused(OptimizeError):
+    """The producer refused the whole version (its calibration set or reference is unusable)."""
+
+
 # -- the background worker ---------------------------------------------------------
 
 
 class Optimizer:
-    def __init__(self, registry: Registry, work_dir: Path) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        work_dir: Path,
+        memory_limit: int | None = None,
+        timeout_s: float = PRODUCER_TIMEOUT_S,
+    ) -> None:
         self.registry = registry
         self.work_dir = work_dir
+        # What one producer process may take: a few models' worth (the reference, the
+        # prepared copy, the candidate and its session) beside the workload's outputs.
+        self.memory_limit = memory_limit or MEMORY_FACTOR * registry.max_model_memory_bytes
+        self.timeout_s = timeout_s
         self._jobs: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._idle = threading.Event()
         self._idle.set()
-        # The reference made ready for int8 (True) or fp16 (False) while one version is
-        # processed: pre-processing runs once per version, not once per attempt.
-        self._preparations: dict[bool, tuple[Path, dict[str, object]]] = {}
 
     def start(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._sweep()
         self._thread = threading.Thread(target=self._run, name="optimizer", daemon=True)
         self._thread.start()
         for name, version in self.registry.unfinished():
@@ -304,234 +617,180 @@ class Optimizer:
             return
         try:
             self._process(found)
-        # onnxruntime and LiteRT raise their own types; any escape is this version's reason.
+        # Any escape (the registry, the producer's pipe) is this version's reason.
         except Exception as exc:
             self._fail_unfinished(name, version, f"variant production stopped: {_reason(exc)}")
             raise
-        finally:
-            for path, _ in self._preparations.values():
-                path.unlink(missing_ok=True)
-            self._preparations.clear()
-
-    def _prepared(self, kind: str, ref_path: Path) -> tuple[Path, dict[str, object]]:
-        """The reference prepared for ``kind`` (made on first use for this version)."""
-        key = kind != FP16
-        if key not in self._preparations:
-            path = self.work_dir / f"prepared-{uuid.uuid4().hex}.onnx"
-            try:
-                done = prepare_for(kind, ref_path, path)
-            except BaseException:
-                path.unlink(missing_ok=True)
-                raise
-            self._preparations[key] = (path, done)
-        return self._preparations[key]
 
     def _process(self, found: ModelVersion) -> None:
-        name, version = found.name, found.version
         self.work_dir.mkdir(parents=True, exist_ok=True)
         reference = found.variant(next(v.variant for v in found.variants if v.digest == found.digest))
         assert reference is not None
-        try:
-            calibration = (
-                load_calibration(self.registry.calibration_path(found.calibration_digest), found.signature)
+        inputs = VersionInputs(
+            ref_path=str(self.registry.artifacts.path(reference.digest)),
+            ref_format=reference.format,
+            calibration_path=(
+                str(self.registry.calibration_path(found.calibration_digest))
                 if found.calibration_digest
-                else None
-            )
-        except Exception as exc:
-            self._fail_unfinished(name, version, f"the calibration set cannot be used: {_reason(exc)}")
-            return
-        order = [s.name for s in found.inputs]
-        ref_path = self.registry.artifacts.path(reference.digest)
+                else ""
+            ),
+            signature=found.signature,
+            order=[s.name for s in found.inputs],
+            task=found.task,
+            gate=found.gate,
+            work_dir=str(self.work_dir),
+        )
+        producer: _Producer | None = None
         try:
-            ref_runner = Runner(ref_path, reference.format)
-        except Exception as exc:
-            self._fail_unfinished(name, version, f"the uploaded model does not load here: {_reason(exc)}")
-            return
-        for v in found.variants:
-            if v.status == "ready" and v.latency_ms is None:
-                runner = (
-                    ref_runner if v is reference else Runner(self.registry.artifacts.path(v.digest), v.format)
-                )
-                self._measure(found, v, runner, calibration.sample(0, order) if calibration else _zeros(v))
-        unfinished = [v for v in found.variants if v.status in ("pending", "running")]
-        if calibration is None or not unfinished:
-            return
-        workload = Workload.of(found, calibration.samples(order, VALIDATION_SAMPLES))
-        try:
-            expected = workload.outputs(ref_runner)
-        except Exception as exc:
-            self._fail_unfinished(
-                name,
-                version,
-                "the uploaded model fails on the calibration set, so no variant can be validated: "
-                + _reason(exc),
-            )
-            return
-        for variant in unfinished:
-            # Counted before the work: a quantizer that kills the controller (a native crash
-            # on a hostile file) is tried MAX_ATTEMPTS times across restarts, not forever.
-            attempts = int(variant.report.get("attempts", 0)) + 1
-            if attempts > MAX_ATTEMPTS:
-                reason = (
-                    f"variant production was interrupted {MAX_ATTEMPTS} times (the controller stopped "
-                    "while producing it); not tried again"
-                )
-                self.registry.set_variant_state(name, version, variant.variant, "failed", 1.0, reason)
-                log.error(
-                    "variant failed model=%s version=%s variant=%s reason=%s",
-                    name,
-                    version,
-                    variant.variant,
-                    reason,
-                )
-                continue
-            progress = {**variant.report, "attempts": attempts}
-            self.registry.set_variant_state(name, version, variant.variant, "running", 0.05, "", progress)
-            variant = replace(variant, report=progress)
-            try:
-                self._produce(found, variant, ref_path, calibration, workload, expected)
-            # onnxruntime and LiteRT raise their own types: any failure becomes this variant's reason.
-            except Exception as exc:
-                self.registry.set_variant_state(name, version, variant.variant, "failed", 1.0, _reason(exc))
-                log.error(
-                    "variant failed model=%s version=%s variant=%s reason=%s",
-                    name,
-                    version,
-                    variant.variant,
-                    exc,
-                )
+            producer = self._start(found, inputs)
+            if producer is None:
+                return
+            for v in found.variants:
+                if v.status == "ready" and v.latency_ms is None:
+                    producer = producer or self._start(found, inputs)
+                    if producer is None:
+                        return
+                    producer = self._measure(found, v, producer)
+            unfinished = [v for v in found.variants if v.status in ("pending", "running")]
+            if not inputs.calibration_path or not unfinished:
+                return
+            for variant in unfinished:
+                producer = producer or self._start(found, inputs)
+                if producer is None:
+                    return
+                producer = self._produce_one(found, variant, producer)
+        finally:
+            if producer is not None:
+                producer.close()
 
-    def _fail_unfinished(self, name: str, version: str, reason: str) -> None:
-        found = self.registry.find(name, version)
-        for v in found.variants if found is not None else []:
-            if v.status in ("pending", "running"):
-                self.registry.set_variant_state(name, version, v.variant, "failed", 1.0, reason)
-                log.error(
-                    "variant failed model=%s version=%s variant=%s reason=%s",
-                    name,
-                    version,
-                    v.variant,
-                    reason,
-                )
-
-    def _measure(
-        self, found: ModelVersion, variant: Variant, runner: Runner, sample: list[np.ndarray]
-    ) -> None:
+    def _start(self, found: ModelVersion, inputs: VersionInputs) -> _Producer | None:
+        """A producer holding the version's reference and, with a calibration set, its expected
+        outputs; None (every unfinished variant failed with the reason) when that cannot be."""
+        producer: _Producer | None = None
         try:
-            latency = runner.latency_ms(sample)
-        except Exception as exc:  # a model that loads but cannot run this sample: say so, keep going
+            producer = _Producer(inputs, self.memory_limit, self.timeout_s)
+            if producer.has_calibration and any(v.status in ("pending", "running") for v in found.variants):
+                producer.ask("running the reference on the calibration set", "expect")
+            return producer
+        except OptimizeError as exc:
+            if producer is not None:
+                producer.close()
+            self._fail_unfinished(found.name, found.version, str(exc))
+            return None
+
+    def _measure(self, found: ModelVersion, variant: Variant, producer: _Producer) -> _Producer | None:
+        """The latency of a variant that is ready without one; returns the producer, or None
+        when it ended (the next step starts another)."""
+        try:
+            latency = producer.ask(
+                "measuring latency",
+                "latency",
+                str(self.registry.artifacts.path(variant.digest)),
+                variant.format,
+                _zeros(variant),
+            )
+        except OptimizeError as exc:  # a model that loads but cannot run this sample: say so, keep going
             log.warning(
                 "latency not measured model=%s version=%s variant=%s reason=%s",
                 found.name, found.version, variant.variant, exc,
             )  # fmt: skip
-            return
+            return None if isinstance(exc, ProducerDied) else producer
         self.registry.set_variant_state(
             found.name, found.version, variant.variant, variant.status, variant.progress, variant.reason,
             latency_ms=latency,
         )  # fmt: skip
+        return producer
 
-    def _produce(
-        self,
-        found: ModelVersion,
-        variant: Variant,
-        ref_path: Path,
-        calibration: CalibrationSet,
-        workload: Workload,
-        expected: list[np.ndarray],
-    ) -> None:
+    def _produce_one(self, found: ModelVersion, variant: Variant, producer: _Producer) -> _Producer | None:
+        """Produce (or check) one variant with ``producer``; returns it, or None if it ended."""
+        name, version = found.name, found.version
+        # Counted before the work: a variant whose production ends the controller is tried
+        # MAX_ATTEMPTS times across restarts, not forever.
+        attempts = int(variant.report.get("attempts", 0)) + 1
+        if attempts > MAX_ATTEMPTS:
+            reason = (
+                f"variant production was interrupted {MAX_ATTEMPTS} times (the controller stopped "
+                "while producing it); not tried again"
+            )
+            self._failed(name, version, variant.variant, reason)
+            return producer
+        progress = {**variant.report, "attempts": attempts}
+        self.registry.set_variant_state(name, version, variant.variant, "running", 0.05, "", progress)
+        variant = replace(variant, report=progress)
+        uploaded = variant.source == "uploaded"
+        try:
+            produced: Produced = producer.ask(
+                f"producing {variant.variant}",
+                "produce",
+                variant.variant,
+                str(self.registry.artifacts.path(variant.digest)) if uploaded else "",
+                variant.format if uploaded else "",
+                progress=lambda p: self.registry.set_variant_state(
+                    name, version, variant.variant, "running", p
+                ),
+            )
+            self._record(found, variant, produced)
+        except ProducerDied as exc:
+            self._failed(name, version, variant.variant, str(exc))
+            self._sweep()
+            return None
+        # The registry and the producer raise their own types: any failure is this variant's reason.
+        except Exception as exc:
+            self._failed(name, version, variant.variant, _reason(exc))
+        return producer
+
+    def _record(self, found: ModelVersion, variant: Variant, produced: Produced) -> None:
         name, version, kind = found.name, found.version, variant.variant
         state = self.registry.set_variant_state
+        checked = produced.checked
         if variant.source == "uploaded":
-            state(name, version, kind, "running", 0.5)
-            path = self.registry.artifacts.path(variant.digest)
-            outputs = workload.outputs(Runner(path, variant.format))
-            checked = validate(expected, outputs, found.task, found.gate)
             # What the upload found (quantization parameters, weight storage) stays beside the figures.
-            report = {**variant.report, **checked.report, **workload.report()}
+            report = {**variant.report, **checked.report, **produced.workload}
         else:
-            checked, produced, per_channel, prepared = self._quantize_best(
-                found, kind, ref_path, calibration, workload, expected
-            )
             report = {
                 "attempts": variant.report.get("attempts", 1),
                 **checked.report,
-                **workload.report(),
-                **({"per_channel": per_channel} if kind != FP16 else {}),
-                **({"preparation": prepared} if prepared else {}),
+                **produced.workload,
+                **({"per_channel": produced.per_channel} if kind != FP16 else {}),
+                **({"preparation": produced.prepared} if produced.prepared else {}),
             }
             try:
-                stored = self.registry.attach_artifact(name, version, kind, produced)
+                stored = self.registry.attach_artifact(name, version, kind, Path(produced.path))
             finally:
-                produced.unlink(missing_ok=True)
+                Path(produced.path).unlink(missing_ok=True)
             if stored.precision != PRODUCED_PRECISION[kind]:
-                op_types = {n.op_type for n in onnx.load(str(ref_path)).graph.node}
                 reason = (
                     f"no operator of this model could be converted to {PRODUCED_PRECISION[kind]} "
-                    f"({', '.join(sorted(op_types))})"
+                    f"({', '.join(produced.op_types)})"
                 )
-                if op_types & {"If", "Loop", "Scan"}:
+                if set(produced.op_types) & {"If", "Loop", "Scan"}:
                     reason += (
                         "; the static quantizer leaves the weights inside If/Loop/Scan subgraphs as they are"
                     )
                 state(name, version, kind, "rejected", 1.0, reason, report)
                 return
-            path = self.registry.artifacts.path(stored.digest)
-        state(name, version, kind, "running", 0.9, "", report)
-        latency = Runner(path, variant.format).latency_ms(workload.samples[0])
         status = "ready" if checked.passed else "rejected"
-        state(name, version, kind, status, 1.0, checked.reason, report, latency)
+        state(name, version, kind, status, 1.0, checked.reason, report, produced.latency_ms)
         log.info(
             "variant %s model=%s version=%s variant=%s latency_ms=%.3f report=%s reason=%s",
-            status, name, version, kind, latency, report, checked.reason or "-",
+            status, name, version, kind, produced.latency_ms, report, checked.reason or "-",
         )  # fmt: skip
 
-    def _quantize_best(
-        self,
-        found: ModelVersion,
-        kind: str,
-        ref_path: Path,
-        calibration: CalibrationSet,
-        workload: Workload,
-        expected: list[np.ndarray],
-    ) -> tuple[Validation, Path, bool, dict[str, object]]:
-        """Per-channel weights first; per-tensor too when per-channel misses the gate or fails
-        (onnxruntime's per-channel bias adjustment breaks on some fused Gemm biases). Keeps the
-        better (validation, file in the work folder, per_channel, what preparing the source did,
-        with the per-channel failure if any); the other file is removed."""
-        best: tuple[Validation, Path, bool] | None = None
-        prepared: dict[str, object] = {}
-        modes = (True, False) if kind != FP16 else (False,)
-        for step, per_channel in enumerate(modes):
-            self.registry.set_variant_state(found.name, found.version, kind, "running", 0.1 + 0.4 * step)
-            target = self.work_dir / f"{kind}-{uuid.uuid4().hex}.onnx"
-            try:
-                source, done = self._prepared(kind, ref_path)
-                prepared = {**prepared, **done}
-                convert(kind, source, target, calibration, per_channel)
-                checked = validate(expected, workload.outputs(Runner(target, "onnx")), found.task, found.gate)
-            except Exception as exc:
-                target.unlink(missing_ok=True)
-                if per_channel and step + 1 < len(modes):
-                    prepared["per_channel_failed"] = _reason(exc)
-                    continue
-                if best is not None:
-                    best[1].unlink(missing_ok=True)
-                raise
-            except BaseException:
-                target.unlink(missing_ok=True)
-                if best is not None:
-                    best[1].unlink(missing_ok=True)
-                raise
-            if best is None or _score(checked) > _score(best[0]):
-                if best is not None:
-                    best[1].unlink(missing_ok=True)
-                best = (checked, target, per_channel)
-            else:
-                target.unlink(missing_ok=True)
-            if best[0].passed:
-                break
-        assert best is not None
-        return (*best, prepared)
+    def _sweep(self) -> None:
+        """Remove what a producer that died (or a controller that was killed) left in the work
+        folder; only while no producer runs (there is one at a time, on the worker thread)."""
+        for path in self.work_dir.glob("*.onnx"):
+            path.unlink(missing_ok=True)
+
+    def _failed(self, name: str, version: str, variant: str, reason: str) -> None:
+        self.registry.set_variant_state(name, version, variant, "failed", 1.0, reason)
+        log.error("variant failed model=%s version=%s variant=%s reason=%s", name, version, variant, reason)
+
+    def _fail_unfinished(self, name: str, version: str, reason: str) -> None:
+        found = self.registry.find(name, version)
+        for v in found.variants if found is not None else []:
+            if v.status in ("pending", "running"):
+                self._failed(name, version, v.variant, reason)
 
 
 def _reason(exc: BaseException) -> str:
