@@ -53,8 +53,9 @@ UNIT_DIR = PurePosixPath("/etc/systemd/system")
 WANTS_DIR = UNIT_DIR / "multi-user.target.wants"
 # sd_booted(3): systemd runs this machine when this folder exists.
 SYSTEMD_RUNNING = Path("/run/systemd/system")
-# Folders the unit hides from the service (ProtectHome=true): an agent installed there cannot start.
-HIDDEN_FROM_SERVICE = ("/home/", "/root/", "/run/user/")
+# Folders the unit hides from the service (ProtectHome=true, PrivateTmp=true): an agent
+# installed there cannot start.
+HIDDEN_FROM_SERVICE = ("/home/", "/root/", "/run/user/", "/tmp/", "/var/tmp/")
 
 
 # -- the unit ----------------------------------------------------------------------------
@@ -471,8 +472,8 @@ def install(
     hidden = next((h for h in HIDDEN_FROM_SERVICE if command.startswith(h)), None)
     if hidden:
         lines.append(
-            f"warning: the agent is installed under {hidden}, which the unit's ProtectHome=true hides from "
-            "the service: install it into /opt/edgefleet (python3 -m venv /opt/edgefleet; "
+            f"warning: the agent is installed under {hidden}, which the unit hides from the service "
+            "(ProtectHome=, PrivateTmp=): install it into /opt/edgefleet (python3 -m venv /opt/edgefleet; "
             "/opt/edgefleet/bin/pip install 'edgefleet[agent]'), then run install again from there"
         )
     wanted = wanted_for(checked, unit, command)

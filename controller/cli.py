@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 import tomllib
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from typing import Any, BinaryIO
 import httpx
 import tomli_w
 
-from controller import cli_output, cli_progress, cli_views
+from controller import bundles, cli_output, cli_progress, cli_views
 from controller.cli_output import View
 from controller.errors import ControllerError
 from controller.files import atomic_write
@@ -394,6 +395,8 @@ def agent_config(
     socket: str | None,
     model_budget_mb: float = 0.0,
     tls: dict[str, str] | None = None,
+    accelerator: str = "",
+    socket_group: str = "",
 ) -> str:
     doc: dict[str, Any] = {"device_id": credentials["device_id"], "data_dir": data_dir}
     if socket:
@@ -413,25 +416,42 @@ def agent_config(
     if model_budget_mb:
         # The device class's budget for loaded models (firmware_profiles/), enforced by the agent's pool.
         doc["pool"] = {"memory_budget_mb": float(model_budget_mb)}
+    if socket_group:
+        doc["api"] = {"socket_group": socket_group}
+    if accelerator:
+        # The profile's accelerator, used when the device's runtime offers it (agent/accelerators.py).
+        doc["accelerator"] = {"runtime": accelerator}
     return tomli_w.dumps(doc)
 
 
 def cmd_devices_register(args: argparse.Namespace) -> int:
-    if args.issue_cert and not args.agent_config:
-        raise CommandError("--issue-cert writes the certificate beside the agent config: give --agent-config")
+    if args.issue_cert and not (args.agent_config or args.bundle):
+        raise CommandError(
+            "--issue-cert writes the certificate beside the agent config or into the bundle: "
+            "give --agent-config or --bundle"
+        )
     credentials = _call(
         args,
         "POST",
         "/v1/devices",
         json={"device_id": args.device_id, "tags": args.tag or [], "profile": args.profile or ""},
     )
+    writes = args.agent_config or args.bundle
+    profile = _call(args, "GET", f"/v1/profiles/{args.profile}")["doc"] if args.profile and writes else {}
+    budget, accelerator = bundles.profile_settings(profile)
+    if args.bundle:
+        _write_bundle(args, credentials, budget, accelerator)
     if args.agent_config:
         out = Path(args.agent_config)
-        budget = 0.0
-        if args.profile:
-            budget = _call(args, "GET", f"/v1/profiles/{args.profile}")["doc"]["memory"]["model_budget_mb"]
         tls = _device_certificate(args, out.parent) if args.issue_cert else None
-        text = agent_config(credentials, args.agent_data_dir, args.agent_socket, budget, tls)
+        text = agent_config(
+            credentials,
+            args.agent_data_dir,
+            args.agent_socket,
+            budget,
+            tls,
+            accelerator=accelerator,
+        )
         try:
             atomic_write(out, text.encode(), mode=0o600)
         except OSError as exc:
@@ -440,6 +460,42 @@ def cmd_devices_register(args: argparse.Namespace) -> int:
         print(f"agent config written to {out}", file=sys.stderr)
     _print(credentials)
     return 0
+
+
+def _write_bundle(
+    args: argparse.Namespace, credentials: dict[str, Any], budget: float, accelerator: str
+) -> None:
+    out = Path(args.bundle)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        tls: dict[str, str] = {}
+        if args.issue_cert:
+            tls = _device_certificate(args, folder)
+        elif args.broker_ca:
+            try:
+                (folder / bundles.BROKER_CA_FILE).write_bytes(Path(args.broker_ca).read_bytes())
+            except OSError as exc:
+                raise CommandError(f"--broker-ca {args.broker_ca}: cannot read: {exc}") from None
+            tls = {"tls_ca_file": bundles.BROKER_CA_FILE}
+        text = agent_config(
+            credentials,
+            args.agent_data_dir,
+            args.agent_socket or bundles.SERVICE_SOCKET,
+            budget,
+            tls,
+            accelerator=accelerator,
+            socket_group=bundles.APPS_GROUP,
+        )
+        data = bundles.bundle_bytes(credentials["device_id"], text, folder, tls)
+    try:
+        bundles.write_bundle(out, data)
+    except OSError as exc:
+        raise CommandError(f"device registered but cannot write {out}: {exc}") from None
+    print(
+        f"provisioning bundle written to {out}: copy it to the device and run "
+        f"`sudo edgefleet-agent install --bundle {out.name}`",
+        file=sys.stderr,
+    )
 
 
 def _device_certificate(args: argparse.Namespace, folder: Path) -> dict[str, str]:
@@ -874,6 +930,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--agent-config", default=None, metavar="OUT.toml", help="write the device's agent.toml here"
     )
     register.add_argument(
+        "--bundle",
+        default=None,
+        metavar="OUT.tar.gz",
+        help="write a provisioning bundle here (agent.toml for the systemd service, broker CA, "
+        "certificate with --issue-cert), for `edgefleet-agent install --bundle` on the device",
+    )
+    register.add_argument(
         "--agent-data-dir",
         default="/var/lib/edgefleet-agent",
         help="the agent's data folder on the device (written into --agent-config)",
@@ -886,7 +949,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--issue-cert",
         action="store_true",
         help="also issue a client certificate from the controller's CA; key, certificate and the "
-        "broker's CA are written next to --agent-config",
+        "broker's CA are written next to --agent-config or into --bundle",
     )
     register.set_defaults(func=cmd_devices_register)
     issue_cert = devices.add_parser(
