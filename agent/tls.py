@@ -8,12 +8,15 @@ import datetime as dt
 import logging
 import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
 from edgefleet_proto.broker_tls import BrokerTls, TlsSetupError
 
 from agent.config import MqttConfig
 from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ def client_context(tls: BrokerTls) -> ssl.SSLContext:
 
 def renewal_due(cert_file: str, now: dt.datetime | None = None) -> str | None:
     """Said when our client certificate ends within RENEW_WITHIN."""
-    cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    cert = _certificate(cert_file)
     left = cert.not_valid_after_utc - (now or dt.datetime.now(dt.timezone.utc))
     if left > RENEW_WITHIN:
         return None
@@ -56,7 +59,7 @@ def renewal_due(cert_file: str, now: dt.datetime | None = None) -> str | None:
 def certificate_problem(cert_file: str, now: dt.datetime | None = None) -> str | None:
     """Why our own client certificate cannot be accepted today, if its dates say so."""
     try:
-        cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+        cert = _certificate(cert_file)
     except (OSError, ValueError) as exc:
         return f"our client certificate {cert_file} cannot be read: {exc}"
     now = now or dt.datetime.now(dt.timezone.utc)
@@ -71,3 +74,11 @@ def certificate_problem(cert_file: str, now: dt.datetime | None = None) -> str |
             f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S}Z: check this device's clock"
         )
     return None
+
+
+def _certificate(cert_file: str) -> x509.Certificate:
+    # Imported here: cryptography's X.509 modules would cost every start time and memory
+    # on the many devices that have no client certificate (plain TCP, or a CA file only).
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(Path(cert_file).read_bytes())

@@ -1,0 +1,83 @@
+"""An agent loads only what the models and tenants it serves need.
+
+A real agent process, started with Python's import log on (PYTHONPROFILEIMPORTTIME,
+what ``-X importtime`` prints), serves a TFLite model through LiteRT and answers Infer
+calls. Every module it ever imported is in that log, and every shared library it
+mapped is in /proc/PID/maps: onnxruntime must be in neither, LiteRT in both (so the
+check can see a runtime when one is there), and with no camera or microphone tenant
+neither OpenCV nor the audio library is loaded. Before its model arrives, an agent
+with nothing to serve has imported no runtime at all.
+
+Memory and import time themselves are measured in bench/agent_memory.py, not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edgefleet_proto import inference_pb2
+
+from tests.integration.agent.conftest import AgentProcess
+from tests.integration.agent.peer import Peer
+from tests.localfleet import to_tensors
+from tests.models import sine_float_tflite
+
+pytest.importorskip("ai_edge_litert.interpreter")
+
+# Libraries only some agents need: the other runtime, cameras (OpenCV), microphones.
+NOT_FOR_LITERT_ONLY = ("onnxruntime", "cv2", "sounddevice")
+
+
+def imported(log: str) -> set[str]:
+    """Every module the process imported, from its import log (``import time: ... | name``)."""
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in log.splitlines()
+        if line.startswith("import time:") and "self [us]" not in line
+    }
+
+
+def packages(modules: set[str]) -> set[str]:
+    return {m.split(".")[0] for m in modules}
+
+
+def mapped(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_a_litert_only_agent_never_imports_onnxruntime(
+    make_agent: Callable[..., AgentProcess],
+    make_peer: Callable[[str], Peer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    agent = make_agent()
+    peer = make_peer(agent.device_id)
+    agent.start()
+    agent.wait_ready()
+    assert agent.proc is not None
+    at_start = packages(imported(agent.output()))
+    assert "agent" in at_start, "the import log is not on: this test would prove nothing"
+    runtimes = at_start & {"onnxruntime", "ai_edge_litert", "tflite_runtime"}
+    assert not runtimes, f"an agent serving nothing imported {sorted(runtimes)}"
+
+    a = peer.assignment(peer.add_artifact(sine_float_tflite(), fmt="tflite"), "1", name="sine")
+    a.format, a.runtime = "tflite", "litert"
+    peer.publish_desired(1, a)
+    peer.wait_active(a.artifact_digest)
+    x = np.full((1, 1), 0.5, np.float32)
+    for _ in range(3):
+        request = inference_pb2.InferRequest(inputs=to_tensors({"serving_default_dense_input:0": x}))
+        reply = agent.stub().Infer(request, timeout=10)
+        assert list(reply.outputs) == ["StatefulPartitionedCall:0"]
+    libraries = mapped(agent.proc.pid)
+
+    modules = packages(imported(agent.output()))
+    assert "ai_edge_litert" in modules and "libpywrap_litert" in libraries
+    loaded = [p for p in NOT_FOR_LITERT_ONLY if p in modules]
+    assert not loaded, f"a LiteRT-only agent imported {loaded}"
+    assert "onnxruntime" not in libraries, "a LiteRT-only agent mapped onnxruntime's library"
+    assert agent.terminate() == 0
