@@ -90,6 +90,9 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class ApiConfig:
+    # False: no local socket, and gRPC is never loaded (the largest library an agent carries
+    # after its runtime); tenants then deliver their results over MQTT only.
+    enabled: bool = True
     # When true every gRPC call must carry a tenant token, the default tenant's included.
     require_token: bool = False
     socket_mode: int = 0o660
@@ -428,7 +431,9 @@ def _api(src: _Source, doc: dict[str, Any], group_exists: Callable[[str], bool])
     group = values["socket_group"]
     if group and not group_exists(group):
         raise src.error("api", "socket_group", f"no such group {group!r} on this device")
-    return ApiConfig(require_token=values["require_token"], socket_mode=mode, socket_group=group)
+    return ApiConfig(
+        enabled=values["enabled"], require_token=values["require_token"], socket_mode=mode, socket_group=group
+    )
 
 
 def _tenants(src: _Source, doc: dict[str, Any]) -> tuple[TenantSpec, ...]:

@@ -23,9 +23,8 @@ import signal
 import threading
 import time
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
 from edgefleet_proto import artifact_pb2, fleet_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind
@@ -33,7 +32,6 @@ from google.protobuf.message import DecodeError
 
 from agent import __version__
 from agent.accelerators import Accelerator
-from agent.api import InferenceApi, ResultsApi, TenantAuth, serve
 from agent.artifacts import ArtifactStore
 from agent.atomic import write_atomic
 from agent.conditions import Conditions
@@ -51,6 +49,9 @@ from agent.systemd import Notifier
 from agent.telemetry import Inferences, InferenceStats, PipelineStats, SystemSampler, build_telemetry
 from agent.tenants import TenantSpec, from_proto, merge
 from agent.updater import Updater
+
+if TYPE_CHECKING:
+    import grpc
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,30 @@ class Service:
         # Said before any model loads, so a device with nothing to serve yet reports it too.
         probe_accelerator(self.accelerator)
         self.updater.boot()
+        if self.config.api.enabled:
+            self.server = self._serve_api()
+        self.pipelines.start()
+        self._load_declared()
+        self.pipelines.apply(merge(self.config.tenants, self.declared))
+        served = ", ".join(f"{s.tenant}:{s.model_name}:{s.model_version}" for s in self.pool.all()) or "-"
+        log.info(
+            "agent ready device=%s socket=%s models=%s tenants=%s",
+            self.config.device_id,
+            self.config.socket if self.server is not None else "- (local API off)",
+            served,
+            ",".join(sorted(self.pipelines.specs())) or "-",
+        )
+        self.notifier.ready(self._status_line())
+        self.link.start()
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+
+    def _serve_api(self) -> grpc.Server:
+        # Imported here: an agent with the local API off never loads gRPC.
+        from agent.api import InferenceApi, ResultsApi, TenantAuth, serve
+
         auth = TenantAuth(self.pipelines.specs, self.config.api.require_token)
         api = InferenceApi(
             self.pool,
@@ -176,30 +201,13 @@ class Service:
             shadow=self.pipelines.offer_shadow,
         )
         results = ResultsApi(self.hub, self.pipelines.specs, auth)
-        self.server = serve(
+        return serve(
             self.config.socket,
             api,
             results=results,
             socket_mode=self.config.api.socket_mode,
             socket_group=self.config.api.socket_group,
         )
-        self.pipelines.start()
-        self._load_declared()
-        self.pipelines.apply(merge(self.config.tenants, self.declared))
-        served = ", ".join(f"{s.tenant}:{s.model_name}:{s.model_version}" for s in self.pool.all()) or "-"
-        log.info(
-            "agent ready device=%s socket=%s models=%s tenants=%s",
-            self.config.device_id,
-            self.config.socket,
-            served,
-            ",".join(sorted(self.pipelines.specs())) or "-",
-        )
-        self.notifier.ready(self._status_line())
-        self.link.start()
-        try:
-            self._loop()
-        finally:
-            self._shutdown()
 
     def _loop(self) -> None:
         interval = self.config.telemetry_interval_s

@@ -6,7 +6,8 @@ calls. Every module it ever imported is in that log, and every shared library it
 mapped is in /proc/PID/maps: onnxruntime must be in neither, LiteRT in both (so the
 check can see a runtime when one is there), and with no camera or microphone tenant
 neither OpenCV nor the audio library is loaded. Before its model arrives, an agent
-with nothing to serve has imported no runtime at all.
+with nothing to serve has imported no runtime at all. An agent with its local API off
+serves a tenant whose results go out over MQTT without ever loading gRPC.
 
 Memory and import time themselves are measured in bench/agent_memory.py, not here.
 """
@@ -15,15 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from edgefleet_proto import inference_pb2
 
 from tests.integration.agent.conftest import AgentProcess
-from tests.integration.agent.peer import Peer
+from tests.integration.agent.peer import Peer, wait_until
 from tests.localfleet import to_tensors
 from tests.models import sine_float_tflite
+from tests.unit.agent.models import linear_model, write_model
 
 pytest.importorskip("ai_edge_litert.interpreter")
 
@@ -80,4 +83,52 @@ def test_a_litert_only_agent_never_imports_onnxruntime(
     loaded = [p for p in NOT_FOR_LITERT_ONLY if p in modules]
     assert not loaded, f"a LiteRT-only agent imported {loaded}"
     assert "onnxruntime" not in libraries, "a LiteRT-only agent mapped onnxruntime's library"
+    assert agent.terminate() == 0
+
+
+MQTT_ONLY = """
+[api]
+enabled = false
+[[tenants]]
+id = "vibration"
+queue = 4
+rate_hz = 50
+results = ["mqtt"]
+[tenants.source]
+kind = "synthetic"
+shape = "4"
+"""
+
+
+def test_an_agent_with_the_local_api_off_serves_over_mqtt_without_grpc(
+    make_agent: Callable[..., AgentProcess],
+    make_peer: Callable[[str], Peer],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    agent = make_agent()
+    with agent.config.open("a") as f:
+        f.write(MQTT_ONLY)
+    peer = make_peer(agent.device_id)
+    results: list[Any] = []
+    topic = f"edgefleet/v1/devices/{agent.device_id}/results/vibration"
+    peer.client.message_callback_add(topic, lambda client, userdata, msg: results.append(msg))
+    peer.client.subscribe(topic, qos=1)
+    model = tmp_path / "linear.onnx"
+    write_model(model, linear_model(n_in=4))
+    a = peer.assignment(peer.add_artifact(model), "1", tenant="vibration")
+    peer.publish_desired(1, a)
+    agent.start()
+    agent.wait_ready()
+    peer.wait_active(a.artifact_digest, tenant="vibration")
+
+    wait_until(lambda: len(results) >= 3, 30, "results over MQTT")
+    result = inference_pb2.Result.FromString(results[0].payload)
+    assert result.tenant == "vibration" and list(result.outputs) == ["y"]
+    assert agent.proc is not None
+    libraries = mapped(agent.proc.pid)
+    assert not agent.socket.exists()
+    assert "onnxruntime" in libraries and "cygrpc" not in libraries
+    assert "grpc" not in packages(imported(agent.output()))
     assert agent.terminate() == 0

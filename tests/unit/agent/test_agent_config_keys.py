@@ -48,6 +48,7 @@ def samples(tmp_path: Path) -> dict[tuple[str, str], tuple[str, Any]]:
         ("scheduler", "intra_op_threads"): ("3", 3),
         ("pool", "memory_budget_mb"): ("100.0", 100.0),
         ("pool", "idle_unload_s"): ("5", 5.0),
+        ("api", "enabled"): ("false", False),
         ("api", "require_token"): ("true", True),
         ("api", "socket_mode"): ('"0640"', 0o640),
         ("api", "socket_group"): (
