@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -29,7 +30,7 @@ from controller.cli_output import View
 from controller.errors import ControllerError
 from controller.files import atomic_write
 from controller.log_bounds import LineBound
-from controller.settings import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_UPLOAD_BYTES, PROTOCOLS
+from controller.settings import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_UPLOAD_BYTES, PROTOCOLS, Settings
 from controller.signature import ModelSignature
 
 log = logging.getLogger("controller.cli")
@@ -43,9 +44,13 @@ class CommandError(Exception):
     """An operator command failed; the message goes to stderr."""
 
 
-def _setup_logging() -> None:
+class Unreachable(CommandError):
+    """No answer from the controller at all (not running, wrong address)."""
+
+
+def _setup_logging(default_level: str) -> None:
     logging.basicConfig(
-        level=os.environ.get("EDGEFLEET_LOG_LEVEL", "INFO").upper(),
+        level=os.environ.get("EDGEFLEET_LOG_LEVEL", default_level).upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
@@ -79,25 +84,45 @@ def cmd_init(args: argparse.Namespace) -> int:
             max_upload_bytes=args.max_upload_bytes,
             mqtt_tls_ca_file=Path(args.mqtt_tls_ca_file).resolve() if args.mqtt_tls_ca_file else None,
             mqtt_client_certificate=args.mqtt_client_certificate,
+            rollup_window_s=args.rollup_window_s,
         )
         token = service.initialise(data_dir, options)
         broker = service.broker_files(data_dir)
         if args.json:
             print(json.dumps({"data_dir": str(data_dir), "token": token, **_broker_doc(broker)}, indent=2))
             return 0
-        print(
-            f"initialised {data_dir}\n"
-            f"a Mosquitto for it is configured in {broker.conf}; start it with:\n\n"
-            f"    {broker.start_command()}\n\n"
-            "then run `edgefleet controller serve --data-dir ...` and set EDGEFLEET_URL and\n"
-            "EDGEFLEET_TOKEN; the admin bearer token follows (shown once):",
-            file=sys.stderr,
-        )
+        print(_next_steps(data_dir, broker, args.mosquitto_passwd_file is None), file=sys.stderr)
     if args.json:
         print(json.dumps({"data_dir": str(data_dir), "token": token}, indent=2))
         return 0
     print(token)
     return 0
+
+
+def _next_steps(data_dir: Path, broker: Any, own_broker: bool) -> str:
+    """What to run after init, printed on stderr above the token (stdout)."""
+    from controller.mosquitto_config import mosquitto_binary
+
+    folder = shlex.quote(str(data_dir))
+    lines = [f"initialised {data_dir}"]
+    if own_broker:
+        lines += [
+            f"its broker (Mosquitto) is configured in {broker.conf}; start it with:",
+            "",
+            f"    {broker.start_command()}",
+            "",
+        ]
+        if mosquitto_binary() is None:
+            lines += ["(Mosquitto is not installed: sudo apt-get install -y mosquitto)", ""]
+    lines += [
+        "then start the controller and point the CLI at it with the token below:",
+        "",
+        f"    edgefleet controller serve --data-dir {folder} --port 8080",
+        f"    export EDGEFLEET_URL={DEFAULT_URL} EDGEFLEET_TOKEN=<the token below>",
+        "",
+        f"admin token (shown once; `edgefleet controller init --data-dir {folder} --rotate-token` prints a new one):",
+    ]
+    return "\n".join(lines)
 
 
 def _broker_doc(broker: Any) -> dict[str, str]:
@@ -170,7 +195,7 @@ def _call(args: argparse.Namespace, method: str, path: str, timeout: float = TIM
         with _client(args, timeout) as client:
             response = client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
-        raise CommandError(
+        raise Unreachable(
             f"cannot reach the controller at {args.url}: {exc}; is `edgefleet controller serve` running "
             "there? Otherwise set EDGEFLEET_URL (or --url) to its address"
         ) from None
@@ -219,6 +244,33 @@ def _open(path: Path) -> BinaryIO:
         return path.open("rb")
     except OSError as exc:
         raise CommandError(f"cannot read {path}: {exc}") from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Whether the controller answers and takes the token: its address, the token's name and
+    role, and the fleet in brief. With --wait, a controller still starting is waited for."""
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            me = _call(args, "GET", "/v1/whoami")
+            break
+        except Unreachable:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
+    devices = _call(args, "GET", "/v1/devices")
+    rollouts = _call(args, "GET", "/v1/rollouts")
+    _print(
+        {
+            "controller": args.url,
+            "token": me["name"],
+            "role": me["role"],
+            "devices": len(devices),
+            "online": sum(1 for d in devices if d["online"]),
+            "rollouts_in_progress": sum(1 for r in rollouts if r["status"] == "in_progress"),
+        }
+    )
+    return 0
 
 
 def cmd_models_upload(args: argparse.Namespace) -> int:
@@ -318,7 +370,9 @@ def cmd_profiles_register(args: argparse.Namespace) -> int:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise CommandError(f"cannot read {path}: {exc}") from None
-    _print(_call(args, "POST", "/v1/profiles", json={"source": text, "filename": path.name}))
+    _print(
+        _call(args, "POST", "/v1/profiles", json={"source": text, "filename": path.name}), cli_views.profile
+    )
     return 0
 
 
@@ -328,7 +382,7 @@ def cmd_profiles_list(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles_show(args: argparse.Namespace) -> int:
-    _print(_call(args, "GET", f"/v1/profiles/{args.id}"))
+    _print(_call(args, "GET", f"/v1/profiles/{args.id}"), cli_views.profile)
     return 0
 
 
@@ -395,12 +449,15 @@ def agent_config(
     socket: str | None,
     model_budget_mb: float = 0.0,
     tls: dict[str, str] | None = None,
+    telemetry_interval_s: float | None = None,
     accelerator: str = "",
     socket_group: str = "",
 ) -> str:
     doc: dict[str, Any] = {"device_id": credentials["device_id"], "data_dir": data_dir}
     if socket:
         doc["socket"] = socket
+    if telemetry_interval_s is not None:
+        doc["telemetry_interval_s"] = telemetry_interval_s
     doc["mqtt"] = {
         "host": credentials["broker_host"],
         "port": credentials["broker_port"],
@@ -450,6 +507,7 @@ def cmd_devices_register(args: argparse.Namespace) -> int:
             args.agent_socket,
             budget,
             tls,
+            args.telemetry_interval,
             accelerator=accelerator,
         )
         try:
@@ -483,6 +541,7 @@ def _write_bundle(
             args.agent_socket or bundles.SERVICE_SOCKET,
             budget,
             tls,
+            args.telemetry_interval,
             accelerator=accelerator,
             socket_group=bundles.APPS_GROUP,
         )
@@ -534,7 +593,7 @@ def _device_certificate(args: argparse.Namespace, folder: Path) -> dict[str, str
         raise CommandError(f"certificate issued but cannot write it into {folder}: {exc}") from None
     print(
         f"device certificate written to {folder / files['tls_cert_file'][0]} (serial {issued['serial']}, "
-        f"valid until {time.strftime('%Y-%m-%d', time.gmtime(issued['not_after']))})",
+        f"valid until {cli_output.local_time(issued['not_after'])})",
         file=sys.stderr,
     )
     return {key: name for key, (name, _, _) in files.items()}
@@ -767,7 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         metavar="SHELL",
         help="run through /bin/sh after each password change, e.g. 'systemctl reload mosquitto' "
-        "(default for init's own broker: kill -HUP $(cat DATA/mosquitto/mosquitto.pid))",
+        "(default for init's own broker: kill -HUP $(cat DATA/mosquitto/mosquitto.pid) when it runs)",
     )
     init.add_argument(
         "--mqtt-protocol", choices=PROTOCOLS, default="v5", help="MQTT version spoken to the broker"
@@ -785,6 +844,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_UPLOAD_BYTES,
         metavar="BYTES",
         help="the largest model file accepted",
+    )
+    init.add_argument(
+        "--rollup-window-s",
+        type=int,
+        default=Settings.rollup_window_s,
+        metavar="S",
+        help="window of the telemetry roll-ups and fleet-wide drift scores (default %(default)s)",
     )
     init.add_argument("--rotate-token", action="store_true", help="keep the data, print a new token")
     init.add_argument(
@@ -815,6 +881,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     serve.set_defaults(func=cmd_serve)
+
+    status = commands.add_parser(
+        "status",
+        parents=[remote],
+        help="check that the controller answers and takes the token; the fleet in brief",
+    )
+    status.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="wait up to this long for a controller that is still starting (default 0)",
+    )
+    status.set_defaults(func=cmd_status)
 
     models = commands.add_parser("models", help="model registry").add_subparsers(dest="action", required=True)
     upload = models.add_parser("upload", parents=[remote], help="upload a model version (.onnx or .tflite)")
@@ -943,6 +1023,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     register.add_argument(
         "--agent-socket", default=None, help="the agent's gRPC socket path (written into --agent-config)"
+    )
+    register.add_argument(
+        "--telemetry-interval",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds between the agent's telemetry windows (written into --agent-config; agent default 10)",
     )
     register.add_argument("--profile", default=None, help="the device's class (edgefleet profiles list)")
     register.add_argument(
@@ -1146,7 +1233,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging()
+    # The server logs what it does; a command's result is what it prints, so only problems are logged.
+    _setup_logging("INFO" if args.func is cmd_serve else "WARNING")
     cli_output.configure(args.json)
     try:
         code: int = args.func(args)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from controller import cli_views
-from controller.cli import UPLOAD_TIMEOUT_S, CommandError, _call, _print
+from controller.cli import UPLOAD_TIMEOUT_S, CommandError, _call, _print, _watch
 from controller.files import atomic_write
+
+RUN_ENDED = ("succeeded", "failed")
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -44,7 +48,8 @@ def cmd_drift_baseline(args: argparse.Namespace) -> int:
         raise CommandError(
             "give --reference FILE.npz, --dataset DIGEST or --production-windows N --spec FILE"
         )
-    _print(_call(args, "PUT", f"/v1/models/{args.model}/versions/{args.version}/drift/baseline", json=body))
+    url = f"/v1/models/{args.model}/versions/{args.version}/drift/baseline"
+    _print(_call(args, "PUT", url, json=body), cli_views.drift_baseline)
     return 0
 
 
@@ -129,6 +134,37 @@ def cmd_runs(args: argparse.Namespace) -> int:
         params = {"policy": args.policy} if args.policy else {}
         _print(_call(args, "GET", "/v1/retraining/runs", params=params))
     return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Follow the policy's newest run (waiting for one to fire) until its pipeline reports a
+    version, then the rollout that version started; exit 0 only if both succeeded."""
+    deadline = time.monotonic() + args.timeout
+    shown = ""
+    while True:
+        runs = _call(args, "GET", "/v1/retraining/runs", params={"policy": args.policy, "limit": 1})
+        run = runs[0] if runs else None
+        state = f"run {run['id']}: {run['status']} {run['detail']}".rstrip() if run else "waiting for a run"
+        if state != shown:
+            print(f"{args.policy}: {state}", file=sys.stderr)
+            shown = state
+        if run is not None and run["status"] in RUN_ENDED:
+            break
+        if time.monotonic() > deadline:
+            raise CommandError(
+                f"{args.policy}: no result after {args.timeout:g} s ({state}); the pipeline's log says why"
+            )
+        time.sleep(args.interval)
+    started = [
+        r
+        for r in _call(args, "GET", "/v1/rollouts")
+        if (r["model"], r["version"]) == (run["model_name"], run["result_version"])
+    ]
+    if run["status"] == "failed" or not started:
+        _print(run)
+        return 0 if run["status"] == "succeeded" else 1
+    print(f"{args.policy}: {run['result_version']} registered; rollout {started[0]['id']}", file=sys.stderr)
+    return _watch(args, started[0]["id"])
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -226,6 +262,20 @@ def add_commands(commands: Any, remote: argparse.ArgumentParser) -> None:
     runs.add_argument("id", nargs="?", help="one run")
     runs.add_argument("--policy", default=None, help="only this policy's runs")
     runs.set_defaults(func=cmd_runs)
+    watch = retraining.add_parser(
+        "watch",
+        parents=[remote],
+        help="follow a policy's newest run until its pipeline reports, then the rollout it started; "
+        "exit 0 if both succeeded",
+    )
+    watch.add_argument("policy", help="policy name")
+    watch.add_argument(
+        "--timeout", type=float, default=1800.0, metavar="S", help="give up after this long (default 1800)"
+    )
+    watch.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes (default 1)"
+    )
+    watch.set_defaults(func=cmd_watch)
     retraining.add_parser("evaluate", parents=[remote], help="evaluate every policy now").set_defaults(
         func=cmd_evaluate
     )

@@ -106,12 +106,19 @@ def table(
         columns = _scalar_columns(rows)
     out = Table(title=title, title_justify="left", header_style="bold")
     for column in columns:
-        out.add_column((headers or {}).get(column, column.replace("_", " ")), overflow="fold")
+        out.add_column((headers or {}).get(column, _header(column, rows)), overflow="fold")
     for row in rows:
         out.add_row(*(cell(c, _lookup(row, c)) for c in columns))
     if not rows:
         out.add_row(*(["(none)"] + [""] * (len(columns) - 1)))
     return out
+
+
+def _header(column: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    """The column's key in words; a time in epoch milliseconds is shown as a time, so no "ms"."""
+    if column.endswith("_ms") and any(is_time(column, _lookup(row, column)) for row in rows):
+        column = column.removesuffix("_ms")
+    return column.replace("_", " ")
 
 
 def _lookup(row: Mapping[str, Any], column: str) -> Any:

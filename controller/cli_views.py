@@ -48,6 +48,21 @@ def model_version(version: dict[str, Any]) -> Iterable[RenderableType]:
     )
 
 
+def profile(data: dict[str, Any]) -> Iterable[RenderableType]:
+    """A device class in brief (its TOML source is in `profiles show --json`)."""
+    doc = data.get("doc", {})
+    summary = {
+        "id": data["id"],
+        "name": doc.get("name"),
+        "vendor": doc.get("vendor"),
+        **{part: doc[part] for part in ("cpu", "memory", "runtimes", "inference") if part in doc},
+        "updated_at": data.get("updated_at"),
+    }
+    yield record(summary, title=f"profile {data['id']}")
+    if doc.get("sensors"):
+        yield table(doc["sensors"], title="sensors")
+
+
 def devices_list(devices: list[dict[str, Any]]) -> RenderableType:
     rows = []
     for d in devices:
@@ -138,6 +153,15 @@ def telemetry(rows: list[dict[str, Any]]) -> RenderableType:
 
 def device_events(events: list[dict[str, Any]]) -> RenderableType:
     return table(events, ["at_ms", "kind", "severity", "message", "attributes"], headers={"at_ms": "at"})
+
+
+def drift_baseline(data: dict[str, Any]) -> RenderableType:
+    """A baseline without its bin edges (one line per feature; `--json` has them)."""
+    spec = data.get("spec", {})
+    summary = {k: v for k, v in data.items() if k != "spec"}
+    summary["features"] = len(spec.get("features", {}))
+    summary["classes"] = spec.get("num_classes") or "-"
+    return record(summary)
 
 
 def drift(data: dict[str, Any]) -> Iterable[RenderableType]:

@@ -4,7 +4,8 @@ the command that starts it, written by ``edgefleet controller init``.
 The directives are deploy/mosquitto/edgefleet.conf's and the ACL is
 deploy/mosquitto/edgefleet.acl's (a unit test keeps them equal); only the listener
 and the paths move into ``DATA/mosquitto/``. The broker runs as a daemon that writes
-its pid file, so the controller's reload command is ``kill -HUP $(cat PIDFILE)``.
+its pid file, so the controller's reload command is ``kill -HUP $(cat PIDFILE)`` (when
+the file exists: a broker not started yet reads the password file when it starts).
 """
 
 from __future__ import annotations
@@ -88,13 +89,13 @@ class BrokerFiles:
         return self.folder / "data"
 
     def reload_command(self) -> str:
-        """Run through a shell by the controller after each password file rewrite."""
-        return f"kill -HUP $(cat {shlex.quote(str(self.pid_file))})"
+        """Run through a shell by the controller after each password file rewrite. Without a
+        pid file the broker is not running: nothing to reload, it reads the file when it starts."""
+        pid_file = shlex.quote(str(self.pid_file))
+        return f'test ! -e {pid_file} || kill -HUP "$(cat {pid_file})"'
 
     def start_command(self) -> str:
-        binary = shutil.which("mosquitto") or (
-            "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else "mosquitto"
-        )
+        binary = mosquitto_binary() or "mosquitto"
         return f"{shlex.quote(binary)} -c {shlex.quote(str(self.conf))} -d"
 
     def render_conf(self, port: int, host: str, passwd_file: Path) -> str:
@@ -115,6 +116,14 @@ class BrokerFiles:
             f"user {getpass.getuser()}",
         ]
         return "\n".join(lines) + "\n"
+
+
+def mosquitto_binary() -> str | None:
+    """Where Mosquitto is installed: on PATH, or in /usr/sbin (Debian's, off a user's PATH)."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
 
 
 def _is_loopback(host: str) -> bool:

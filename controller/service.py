@@ -151,6 +151,8 @@ class InitOptions:
     # Issue the controller's own client certificate from its CA (CN edgefleet-controller),
     # for a TLS listener that takes usernames from certificates.
     mqtt_client_certificate: bool = False
+    # Telemetry roll-ups and fleet-wide drift windows (controller.toml's rollup_window_s).
+    rollup_window_s: int = Settings.rollup_window_s
 
 
 def broker_files(data_dir: Path) -> BrokerFiles:
@@ -184,6 +186,7 @@ def initialise(data_dir: Path, options: InitOptions) -> str:
         broker_reload_command=reload_command,
         chunk_size=options.chunk_size,
         max_upload_bytes=options.max_upload_bytes,
+        rollup_window_s=options.rollup_window_s,
         mqtt_tls_ca_file=options.mqtt_tls_ca_file,
         mqtt_tls_cert_file=data_dir / "ca" / "controller.crt" if options.mqtt_client_certificate else None,
         mqtt_tls_key_file=data_dir / "ca" / "controller.key" if options.mqtt_client_certificate else None,

@@ -1,8 +1,10 @@
 """EdgeFleet demo: a broker, the controller and three agents on this machine.
 
-Uploads a real model (logistic regression on scikit-learn's digits, converted to
-ONNX), rolls it out to three devices over MQTT, asks each device for inferences
-on its gRPC socket and shows the telemetry the operator reads back. Run it with
+Uploads a real model (a small network trained on scikit-learn's digits, converted
+to ONNX by examples/make_digits.py), rolls it out to three devices over MQTT, asks
+each device to classify held-out digits on its gRPC socket and shows the telemetry
+the operator reads back. It ends with the web console's address and keeps the fleet
+running for it until Ctrl-C (``--exit`` stops at once). Run it with
 ``scripts/demo.sh`` (the README's demo command), which sets everything up first.
 """
 
@@ -10,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -21,9 +25,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from examples.make_digits import INPUT, split, train  # noqa: E402
 from tests.broker import Broker, free_port, wait_for_port  # noqa: E402
 from tests.localfleet import Agent, Controller, from_tensor, register_agent, wait_until  # noqa: E402
-from tests.models import digits_classifier  # noqa: E402
 
 DEVICES = ["cam-north", "cam-south", "gateway-1"]
 
@@ -66,10 +70,22 @@ class EmbeddedBroker:
         self._loop.call_soon_threadsafe(self._loop.stop)
 
 
+def wait_for_interrupt() -> None:
+    """Until Ctrl-C or SIGTERM; the caller's ``finally`` stops the fleet."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    say("stopping")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", type=Path, default=REPO / "demo-data")
     parser.add_argument("--broker", choices=["auto", "mosquitto", "amqtt"], default="auto")
+    parser.add_argument(
+        "--exit", action="store_true", help="stop at the end instead of keeping the fleet up for the console"
+    )
     args = parser.parse_args()
 
     workdir: Path = args.workdir
@@ -97,9 +113,11 @@ def main() -> int:
         controller.start()
         say(f"controller serving {controller.url} (OpenAPI at {controller.url}/docs), admin token created")
 
-        digits = digits_classifier(workdir / "digits.onnx")
+        digits = split()
+        model = workdir / "digits.onnx"
+        model.write_bytes(train(digits.x_train, digits.y_train))
         version = controller.cli(
-            "models", "upload", str(digits.path), "--name", "digits", "--version", "1.0.0",
+            "models", "upload", str(model), "--name", "digits", "--version", "1.0.0",
             "--metadata", '{"framework": "scikit-learn", "task": "digit classification"}',
         )  # fmt: skip
         say(f"uploaded digits 1.0.0: {version['size']} bytes, sha256 {version['digest'][:16]}...")
@@ -134,14 +152,19 @@ def main() -> int:
             return 1
 
         for agent in agents:
-            response = agent.infer({"X": digits.samples[:8]})
+            response = agent.infer({INPUT: digits.x_test[:8]})
             predicted = from_tensor(response.outputs["label"]).tolist()
             say(
                 f"{agent.device_id} answered {response.model_name} {response.model_version} "
-                f"in {response.latency_ms:.2f} ms: predicted {predicted}, true {digits.labels[:8].tolist()}"
+                f"in {response.latency_ms:.2f} ms: predicted {predicted}, true {digits.y_test[:8].tolist()}"
             )
-        for _ in range(50):
-            agents[0].infer({"X": digits.samples[:1]})
+        labels = from_tensor(agents[0].infer({INPUT: digits.x_test}).outputs["label"])
+        say(
+            f"{DEVICES[0]} classified {len(labels)} held-out digits: "
+            f"{float((labels == digits.y_test).mean()):.1%} correct"
+        )
+        for row in digits.x_test[:50]:
+            agents[0].infer({INPUT: row[None, :]})
 
         def fresh_telemetry() -> list[dict[str, Any]] | None:
             rows: list[dict[str, Any]] = controller.cli("telemetry", DEVICES[0], "--limit", "5")
@@ -160,7 +183,11 @@ def main() -> int:
                 f"{m['error_count']} errors, p50 {m['latency_p50_ms']:.3f} ms, p95 {m['latency_p95_ms']:.3f} ms, "
                 f"p99 {m['latency_p99_ms']:.3f} ms"
             )
-        say("demo finished: a real broker, ONNX Runtime and SQLite throughout; stopping")
+        say("demo finished: a real broker, ONNX Runtime and SQLite throughout")
+        say(f"web console: {controller.url}/ui (log in with the admin token {controller.token})")
+        if not args.exit:
+            say("the fleet keeps running for the console; Ctrl-C stops it")
+            wait_for_interrupt()
         return 0
     finally:
         for agent in agents:

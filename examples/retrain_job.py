@@ -342,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
     )
+    # httpx logs every request at INFO; the job's own lines say what it did.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     token = os.environ.get("EDGEFLEET_TOKEN", "")
     budget = Budget.from_profile(args.profile, args.latency_budget_ms, args.size_share)
     log.info(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from pathlib import Path
 
 from controller.mosquitto_config import ACL, DIRECTIVES, BrokerFiles
@@ -26,5 +28,18 @@ def test_conf_keeps_a_loopback_broker_on_loopback(tmp_path: Path) -> None:
     assert "listener 1884 127.0.0.1\n" in local and f"password_file {files.passwd}\n" in local
     assert f"pid_file {files.pid_file}\n" in local and f"acl_file {files.acl}\n" in local
     assert "listener 1883\n" in files.render_conf(1883, "broker.example.net", files.passwd)
-    assert files.reload_command() == f"kill -HUP $(cat {files.pid_file})"
     assert files.start_command().endswith(f" -c {files.conf} -d")
+
+
+def test_reload_signals_the_running_broker_and_is_nothing_before_it_started(tmp_path: Path) -> None:
+    files = BrokerFiles(tmp_path / "mosquitto")
+    files.folder.mkdir()
+    not_started = subprocess.run(["/bin/sh", "-c", files.reload_command()], capture_output=True, text=True)
+    assert (not_started.returncode, not_started.stderr) == (0, "")
+    broker = subprocess.Popen(["sleep", "60"])  # stands in for the daemon: SIGHUP ends it
+    try:
+        files.pid_file.write_text(f"{broker.pid}\n")
+        subprocess.run(["/bin/sh", "-c", files.reload_command()], check=True)
+        assert broker.wait(timeout=10) == -signal.SIGHUP
+    finally:
+        broker.kill()
