@@ -44,7 +44,7 @@ from agent.preprocess import Prepared, Preprocessor
 from agent.scheduler import Scheduler
 from agent.sensors.base import Source, open_source
 from agent.shadow import compare
-from agent.signature import framed
+from agent.signature import framed, framing_problem
 from agent.telemetry import Inference, Inferences, InferenceStats, Origin, PipelineStats
 from agent.tenants import TenantSpec, shadow_of
 from agent.tensors import from_numpy
@@ -579,6 +579,8 @@ class Pipelines:
             except TenantError as exc:
                 name, problems = "", [str(exc)]
             problems += postprocess.check(spec.postprocess, outputs)
+            framing = framing_problem(spec.preprocess, serving.signature)
+            problems += [framing] if framing else []
             fit = self._fits[key] = (name, "; ".join(problems))
             if problems:
                 self.emit(

@@ -183,3 +183,27 @@ def framed(pre: PreprocessSpec, signature: ModelSignature | None) -> PreprocessS
         return pre
     window = source.shape[1]
     return replace(pre, window=window, hop=pre.hop or window)
+
+
+def framing_problem(pre: PreprocessSpec, signature: ModelSignature | None) -> str | None:
+    """Why a tenant's ``hop`` has no window to move, or None: without its own ``window`` the
+    hop moves the fixed length of an ``NT`` source input (:func:`framed`), and only that."""
+    if not pre.hop or pre.window:
+        return None
+    what = "preprocess.hop: needs a window"
+    if signature is None:
+        return f"{what}: the version has no signature giving its audio input a length"
+    source = signature.input(pre.input) if pre.input else signature.source()
+    if source is None:
+        return f"{what}: the signature names no source input to frame"
+    if source.layout != "NT":
+        return (
+            f"{what}: the source input {source.name!r} is not audio (layout {source.layout or 'unknown'}, "
+            "not NT), so its length gives no window"
+        )
+    if len(source.shape) != 2 or source.shape[1] <= 0:
+        return (
+            f"{what}: the source input {source.name!r} has no fixed length (shape {list(source.shape)}); "
+            "declare a window or give the input its length in the signature"
+        )
+    return None

@@ -25,7 +25,7 @@ from agent.reconciler import (
 )
 from agent.runtime import TensorSpec
 from agent.samples import staging_inputs, synthesize
-from agent.signature import InputRole, ModelSignature, OutputMeaning, framed
+from agent.signature import InputRole, ModelSignature, OutputMeaning, framed, framing_problem
 from agent.state import Assignment, Desired, DeviceState, Installed, TenantState
 from agent.tenants import PreprocessSpec
 
@@ -242,3 +242,19 @@ def test_what_a_call_sends_is_kept_and_a_source_it_lacks_is_not_made_up() -> Non
     assert set(full) == set(sent) and all(full[name] is array for name, array in sent.items())
     # Without its source a call is the caller's mistake: the runtime names the missing input.
     assert set(SILERO.completed({"sr": np.array(8000, np.int64)}, SILERO_INPUTS)) == {"sr", "state"}
+
+
+def test_a_hop_with_no_window_to_move_is_a_misfit_naming_why() -> None:
+    hop = PreprocessSpec(hop=512)
+    free = replace(SILERO, inputs=(replace(SILERO.inputs[0], shape=(-1, -1)), *SILERO.inputs[1:]))
+    assert framing_problem(hop, SILERO) is None
+    assert framing_problem(PreprocessSpec(hop=256, window=1024), free) is None
+    assert framing_problem(PreprocessSpec(), free) is None
+    problem = framing_problem(hop, free)
+    assert problem == (
+        "preprocess.hop: needs a window: the source input 'input' has no fixed length (shape [-1, -1]); "
+        "declare a window or give the input its length in the signature"
+    )
+    rows = replace(SILERO, inputs=(replace(SILERO.inputs[0], layout="NC"), *SILERO.inputs[1:]))
+    assert "is not audio (layout NC" in str(framing_problem(hop, rows))
+    assert "the version has no signature" in str(framing_problem(hop, None))
