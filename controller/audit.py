@@ -25,6 +25,9 @@ from controller.store import Store
 log = logging.getLogger(__name__)
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# A broker asks /broker/authenticate and /broker/authorize (POST) at every login and publish:
+# questions that change nothing, at a rate that would bury the operators' actions.
+UNAUDITED_PREFIX = "/broker/"
 PRINCIPAL_KEY = "principal"
 ROUTE_KEY = "route_template"
 DEFAULT_LIMIT = 200
@@ -108,7 +111,11 @@ class AuditMiddleware:
         self.audit = audit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in SAFE_METHODS:
+        if (
+            scope["type"] != "http"
+            or scope["method"] in SAFE_METHODS
+            or str(scope["path"]).startswith(UNAUDITED_PREFIX)
+        ):
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})

@@ -266,6 +266,12 @@ class Fleet:
             (r["device_id"], r["password_hash"]) for r in rows
         ]
 
+    def password_hash(self, device_id: str) -> str | None:
+        """One registered device's password hash (None when unknown), for a broker that asks
+        the controller at each login (controller.api.broker_auth)."""
+        rows = list(self.store.query("SELECT password_hash FROM devices WHERE device_id = ?", [device_id]))
+        return str(rows[0]["password_hash"]) if rows else None
+
     def sync_broker(self) -> None:
         self.broker_auth.sync(self.password_entries())
 

@@ -63,6 +63,10 @@ class Settings:
     rollup_window_s: int = 60
     maintenance_interval_s: float = 10.0
     metrics_token_sha256: str = ""
+    # A broker cluster that asks the controller who may log in and touch which topic (EMQX's
+    # HTTP authenticator and authorizer, /broker/authenticate and /broker/authorize) sends a
+    # secret in the X-Broker-Secret header; this is its SHA-256 (hex). Empty: those routes answer 401.
+    broker_auth_secret_sha256: str = ""
     # Per-device limits (docs/interfaces.md, "Controller limits"): artifact chunks served
     # (bytes and requests per second, each with a burst), events accepted per second,
     # and what a device may keep stored (events, telemetry bytes, captured data bytes).

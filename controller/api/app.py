@@ -16,7 +16,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller import console
-from controller.api import accounts, devices, groups, loop, models, profiles, rollouts, signing, telemetry
+from controller.api import (
+    accounts,
+    broker_auth,
+    devices,
+    groups,
+    loop,
+    models,
+    profiles,
+    rollouts,
+    signing,
+    telemetry,
+)
 from controller.api.deps import authorize
 from controller.api.docs import install_docs
 from controller.api.responses import allowed_methods, install_openapi, validation_error_body
@@ -156,6 +167,7 @@ def create_app(settings: Settings, *, start_transport: bool = True) -> FastAPI:
     for module in (models, devices, profiles, rollouts, groups, telemetry, signing, accounts):
         app.include_router(module.router, prefix="/v1")
     app.include_router(loop.router)
+    app.include_router(broker_auth.router)
     console.mount(app)
     app.add_middleware(BodyLimitGuard, controller=controller)
     app.add_middleware(AuditMiddleware, audit=controller.audit)

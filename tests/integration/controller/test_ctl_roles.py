@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fastapi.routing import APIRoute, iter_route_contexts
 
+from controller.api.broker_auth import broker_secret
 from controller.api.deps import PUBLIC, authorize, required_role
 from controller.auth import Role
 from tests.integration.controller.conftest import Ctl
@@ -15,6 +16,7 @@ from tests.integration.controller.conftest import Ctl
 # console's static assets (the login page needs them before anyone has logged in).
 PROFILES = Path(__file__).resolve().parents[3] / "firmware_profiles"
 OPEN_ROUTES = {"/openapi.json", "/docs/assets", "/ui/static"}
+BROKER_ROUTES = {"/broker/authenticate", "/broker/authorize"}
 
 
 def test_every_route_of_the_app_has_a_minimum_role_checked_by_the_app_wide_dependency(ctl: Ctl) -> None:
@@ -32,11 +34,15 @@ def test_every_route_of_the_app_has_a_minimum_role_checked_by_the_app_wide_depen
     assert all(r in {*Role, PUBLIC} for r in table.values())
     for (method, path), role in table.items():
         if role == PUBLIC:
-            assert path in {"/ui/login", "/docs", "/docs/oauth2-redirect"}, (method, path)
+            # The broker's questions take the broker secret instead of an operator token.
+            assert path in {"/ui/login", "/docs", "/docs/oauth2-redirect", *BROKER_ROUTES}, (method, path)
         elif method == "GET" and path not in {"/v1/tokens", "/v1/audit", "/ui/audit", "/metrics"}:
             assert role == Role.VIEWER, (method, path, role)
         elif method != "GET":
             assert role in (Role.OPERATOR, Role.ADMIN) or path == "/ui/logout", (method, path, role)
+    for route in iter_route_contexts(ctl.client.app.routes):  # type: ignore[attr-defined]
+        if route.path in BROKER_ROUTES:
+            assert broker_secret in {d.call for d in route.dependant.dependencies}, route.path
     admin_only = {k for k, r in table.items() if r == Role.ADMIN}
     assert admin_only == {
         ("POST", "/v1/devices"),
