@@ -17,6 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -28,8 +29,10 @@ from edgefleet_proto.codec import decode_as
 from controller import drift
 from controller.calibration import CalibrationSet, load_calibration
 from controller.drift import Sketch, SketchSpec
-from controller.errors import BaselineNotFound, ControllerError, InvalidDriftInput
+from controller.errors import BaselineNotFound, ControllerError, InvalidDriftInput, InvalidModel
+from controller.model_check import limit_data_segment, run_checker
 from controller.model_runner import Runner, file_format
+from controller.settings import DEFAULT_MAX_MODEL_MEMORY_BYTES
 from controller.signature import ModelSignature
 from controller.store import Store
 from controller.streaming import feedback
@@ -41,6 +44,12 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("reference", "production")
 MAX_WINDOWS = 2000
+# A model's predictions on its calibration set run in a checker process limited to this
+# (closed_loop passes 4 x max_model_memory_bytes), for at most this long.
+PREDICTION_MEMORY_BYTES = 4 * DEFAULT_MAX_MODEL_MEMORY_BYTES
+PREDICTION_TIMEOUT_S = 600.0
+# Class probabilities sent back from it: samples x classes as float64.
+MAX_PREDICTION_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -343,23 +352,65 @@ def model_probabilities(model: Path, inputs: npt.NDArray[Any]) -> npt.NDArray[np
 
 
 def sample_probabilities(
-    model: Path, samples: Sequence[Sequence[np.ndarray]], feedback: Mapping[int, int] | None = None
+    model: Path,
+    samples: Sequence[Sequence[np.ndarray]],
+    feedback: Mapping[int, int] | None = None,
+    memory_limit: int = PREDICTION_MEMORY_BYTES,
 ) -> npt.NDArray[np.float64] | None:
     """Class probabilities on ``samples`` (each one sample's inputs in the model's order), as one
-    stream with ``feedback`` ({input: output} carried from step to step) for a stateful model."""
+    stream with ``feedback`` ({input: output} carried from step to step) for a stateful model.
+
+    The model runs in a checker process limited to ``memory_limit`` bytes (controller.model_check),
+    never in the controller: what a model allocates on each sample is bounded by no upload check."""
     try:
-        # The runtime the file's format needs (LiteRT for .tflite), one sample at a time:
-        # a TFLite model's batch is usually fixed at 1.
-        runner = Runner(model, file_format(model))
-        outputs = runner.run_sequence(samples, feedback) if feedback else runner.run_all(samples)
-    except (
-        Exception
-    ) as exc:  # onnxruntime and LiteRT raise their own types; the baseline goes without classes
+        probs = run_checker(
+            _probabilities_in_child,
+            (str(model), [list(s) for s in samples], dict(feedback or {}), memory_limit),
+            memory_limit,
+            PREDICTION_TIMEOUT_S,
+            "predicting on the calibration set with",
+        )
+    except InvalidModel as exc:  # the baseline goes without classes
         log.warning("reference predictions unavailable model=%s error=%s", model.name, exc)
         return None
+    return probs if probs is None else np.asarray(probs, dtype=np.float64)
+
+
+def _probabilities_in_child(
+    model: str,
+    samples: list[list[np.ndarray]],
+    feedback: dict[int, int],
+    memory_limit: int,
+    conn: Connection,
+) -> None:
+    limit_data_segment(memory_limit)
+    try:
+        try:
+            # The runtime the file's format needs (LiteRT for .tflite), one sample at a time:
+            # a TFLite model's batch is usually fixed at 1.
+            runner = Runner(Path(model), file_format(Path(model)))
+            outputs = runner.run_sequence(samples, feedback) if feedback else runner.run_all(samples)
+        # onnxruntime and LiteRT raise their own types: the text is the reason.
+        except Exception as exc:
+            conn.send(("invalid", (str(exc).strip() or type(exc).__name__)[:2000]))
+            return
+        probs = _probabilities(outputs, len(samples))
+        if probs is not None and probs.nbytes > MAX_PREDICTION_BYTES:
+            conn.send(("invalid", f"its class probabilities would take {probs.nbytes} bytes"))
+            return
+        conn.send(("ok", probs))
+    except MemoryError:
+        conn.send(("memory", None))
+    finally:
+        conn.close()
+
+
+def _probabilities(outputs: Sequence[np.ndarray], count: int) -> npt.NDArray[np.float64] | None:
+    """The last 2-D float output with a row per sample, as class probabilities (softmaxed when
+    its rows are not already distributions); None if there is none."""
     for out in reversed(outputs):
         arr = np.asarray(out)
-        if arr.ndim == 2 and arr.dtype.kind == "f" and arr.shape[0] == len(samples) and arr.shape[1] > 1:
+        if arr.ndim == 2 and arr.dtype.kind == "f" and arr.shape[0] == count and arr.shape[1] > 1:
             probs = arr.astype(np.float64)
             if not (np.all(probs >= 0) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)):
                 e = np.exp(probs - probs.max(axis=1, keepdims=True))
@@ -373,6 +424,7 @@ def baselines_from_calibration(
     registry: Calibrations,
     artifact_path: Callable[[str], Path],
     skipped: set[tuple[str, str]],
+    memory_limit: int = PREDICTION_MEMORY_BYTES,
 ) -> list[tuple[str, str]]:
     """Give every version registered with a calibration set (its reference data) and no
     baseline yet a reference baseline: features of the input its signature says a source
@@ -397,7 +449,10 @@ def baselines_from_calibration(
             inputs, layout = source_samples(reference, signature)
             order = [i.name for i in signature.inputs]
             probs = sample_probabilities(
-                artifact_path(r["digest"]), reference.samples(order, reference.count), feedback(signature)
+                artifact_path(r["digest"]),
+                reference.samples(order, reference.count),
+                feedback(signature),
+                memory_limit,
             )
             baselines.set_reference(r["name"], r["version"], inputs, probs, layout=layout)
             done.append(key)

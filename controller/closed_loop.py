@@ -13,6 +13,7 @@ from collections.abc import Callable
 from controller.baselines import Baselines, baselines_from_calibration
 from controller.capture_policies import DesiredMonitoring
 from controller.datasets import Datasets
+from controller.optimize import MEMORY_FACTOR
 from controller.registry import Registry
 from controller.retraining import Retraining
 from controller.rollups import DAY_S, Retention, Rollups
@@ -60,7 +61,11 @@ class ClosedLoop:
             (
                 "calibration baselines",
                 lambda: baselines_from_calibration(
-                    self.baselines, self.registry, self.registry.artifacts.path, self._no_calibration_baseline
+                    self.baselines,
+                    self.registry,
+                    self.registry.artifacts.path,
+                    self._no_calibration_baseline,
+                    MEMORY_FACTOR * self.settings.max_model_memory_bytes,
                 ),
             ),
             ("desired", self.desired.reconcile),

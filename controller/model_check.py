@@ -83,10 +83,14 @@ def _in_checker(target: Any, args: tuple[Any, ...], memory_limit: int, timeout_s
     # One checker at a time: however many uploads arrive together, checkers hold at most
     # one model's memory bound.
     with _ONE_AT_A_TIME:
-        return _run_checker(target, args, memory_limit, timeout_s, doing)
+        return run_checker(target, args, memory_limit, timeout_s, doing)
 
 
-def _run_checker(target: Any, args: tuple[Any, ...], memory_limit: int, timeout_s: float, doing: str) -> Any:
+def run_checker(target: Any, args: tuple[Any, ...], memory_limit: int, timeout_s: float, doing: str) -> Any:
+    """Run ``target(*args, conn)`` in a checker process and return the value it sends as
+    ``("ok", value)``; InvalidModel with the reason for ``("invalid", text)``, for running out
+    of memory (``("memory", None)``, or an allocation failure's text) and for a death. The
+    target limits its own memory (:func:`limit_data_segment`)."""
     receiver, sender = process_context.Pipe(duplex=False)
     proc = process_context.Process(target=target, args=(*args, sender), name="model-check", daemon=True)
     proc.start()

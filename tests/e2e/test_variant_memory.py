@@ -1,8 +1,9 @@
-"""Variant production cannot blow the controller's memory: a real controller process, a hostile
-model that passes the upload checks (it runs on the first sample of its calibration set, zeros)
-but asks for hundreds of MiB on every other sample; quantizing and validating it runs in a
-memory-limited child process, so the variant fails with the reason and the controller's own
-peak memory does not move."""
+"""Variant production and drift baselines cannot blow the controller's memory: a real controller
+process, a hostile model that passes the upload checks (it runs on the first sample of its
+calibration set, zeros) but asks for hundreds of MiB on every other sample; quantizing and
+validating it, and its predictions on the calibration set for the drift baseline, run in
+memory-limited child processes, so the variants fail with the reason, the baseline goes without
+predictions, and the controller's own peak memory does not move."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def test_a_model_that_expands_on_its_calibration_set_fails_its_variants_without_
     controller.start()
 
     model = value_hungry_model(tmp_path / "hungry.onnx")
-    calibration = np.full((8, 4), 600.0, np.float32)
+    calibration = np.full((12, 4), 600.0, np.float32)
     calibration[0] = 0.0  # the sample the upload check runs
     np.savez(tmp_path / "calibration.npz", x=calibration)
     before = peak_rss(controller)
@@ -86,6 +87,10 @@ def test_a_model_that_expands_on_its_calibration_set_fails_its_variants_without_
     assert {v["variant"] for v in created["variants"]} >= {"onnx-int8-static", "onnx-int8-dynamic"}
 
     shown = wait_until(lambda: settled(controller), 300, "the variants to settle")
+    # The calibration set is also the version's drift baseline, with the model's own
+    # predictions on it (the maintenance thread runs the model for them).
+    baseline = "/v1/models/hungry/versions/1/drift/baseline"
+    wait_until(lambda: controller.api("GET", baseline).status_code == 200, 120, "the drift baseline")
     grown = peak_rss(controller) - before
     assert grown < 200 * MIB, f"the controller's peak memory grew by {grown / MIB:.0f} MiB"
     produced = {v["variant"]: v for v in shown["variants"] if v["variant"] != "onnx-fp32"}
