@@ -8,7 +8,8 @@ and reads their RSS (psutil):
 - one ONNX model: after a small conv net arrived through the desired state and
   answered 20 Infer calls;
 - LiteRT-only: a fresh agent serving only a TFLite model (tflite-micro's
-  sine_float.tflite) through LiteRT, after 20 Infer calls.
+  sine_float.tflite) through LiteRT, after 20 Infer calls;
+- idle with ``[api] enabled = false``: no local socket, so no gRPC.
 
 Baselines in the same run: a bare Python interpreter; Python with numpy and
 onnxruntime imported and the same model loaded in one session, and Python with
@@ -84,7 +85,8 @@ def settle_rss(pid: int, seconds: float = 2.0) -> float:
 @dataclass(frozen=True)
 class AgentRun:
     idle: float
-    loaded: float
+    # None for an agent that was given no model.
+    loaded: float | None
     # The agent's stderr: its log, and -X importtime's lines when asked for.
     log: str
     # The shared libraries mapped once the model served (/proc/PID/maps).
@@ -99,9 +101,15 @@ def mapped_libraries(pid: int) -> frozenset[str]:
 
 
 def agent_run(
-    folder: Path, broker: Broker, model: Path, fmt: str, python_flags: Sequence[str] = ()
+    folder: Path,
+    broker: Broker,
+    model: Path | None,
+    fmt: str = "onnx",
+    python_flags: Sequence[str] = (),
+    api: bool = True,
 ) -> AgentRun:
-    """A fresh agent process: RSS idle, then once ``model`` serves and answered 20 calls."""
+    """A fresh agent process: RSS idle, then once ``model`` serves and answered 20 calls
+    (without a model or with the local API off: idle only)."""
     device = f"mem-{uuid.uuid4().hex[:6]}"
     password = uuid.uuid4().hex
     broker.add_user(device, password)
@@ -112,7 +120,7 @@ def agent_run(
         f'device_id = "{device}"\ndata_dir = "{data}"\nsocket = "{socket}"\n'
         f'[mqtt]\nport = {broker.port}\npassword = "{password}"\n'
         # The bench's protocol peer does not sign.
-        "[security]\nallow_unsigned = true\n"
+        "[security]\nallow_unsigned = true\n" + ("" if api else "[api]\nenabled = false\n")
     )
     log_path = folder / f"{device}.log"
     with log_path.open("wb") as log:
@@ -126,6 +134,8 @@ def agent_run(
     try:
         wait_until(lambda: b"agent ready" in log_path.read_bytes(), 30, "agent ready")
         idle = settle_rss(agent.pid)
+        if model is None or not api:
+            return AgentRun(idle, None, log_path.read_text(errors="replace"), mapped_libraries(agent.pid))
         digest = peer.add_artifact(model, fmt=fmt)
         assignment = peer.assignment(digest, "1", name="m")
         assignment.format, assignment.runtime = fmt, "litert" if fmt == "tflite" else "onnxruntime"
@@ -163,6 +173,7 @@ def memory(folder: Path, broker: Broker, runs: int) -> None:
     bare, raw_onnx, raw_litert = [], [], []
     onnx_runs: list[AgentRun] = []
     litert_runs: list[AgentRun] = []
+    no_api: list[float] = []
     for _ in range(runs):
         bare.append(rss_of("pass"))
         raw_onnx.append(
@@ -180,11 +191,13 @@ def memory(folder: Path, broker: Broker, runs: int) -> None:
         )
         onnx_runs.append(agent_run(folder, broker, model, "onnx"))
         litert_runs.append(agent_run(folder, broker, tflite, "tflite"))
+        no_api.append(agent_run(folder, broker, None, api=False).idle)
     idle = [r.idle for r in onnx_runs + litert_runs]
-    onnx = [r.loaded for r in onnx_runs]
-    litert = [r.loaded for r in litert_runs]
+    onnx = [r.loaded for r in onnx_runs if r.loaded is not None]
+    litert = [r.loaded for r in litert_runs if r.loaded is not None]
     rows = [
         ("agent idle, no model", idle, "bare python", bare, f"<= {IDLE_GOAL_MB:.0f} MB"),
+        ("agent idle, local API off", no_api, "bare python", bare, f"<= {IDLE_GOAL_MB:.0f} MB"),
         ("agent, one ONNX model", onnx, "python + onnxruntime + model", raw_onnx, f"<= {SERVING_GOAL}x"),
         ("agent, LiteRT model only", litert, "python + LiteRT + model", raw_litert, f"<= {SERVING_GOAL}x"),
     ]
