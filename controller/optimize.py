@@ -26,7 +26,7 @@ import queue
 import signal
 import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -73,6 +73,17 @@ MAX_ATTEMPTS = 3
 MEMORY_FACTOR = 4
 # One step of a producer (running the reference, producing one variant) may take this long.
 PRODUCER_TIMEOUT_S = 1800.0
+# An int8 variant quantizes most of its weights, or it is int8 in name only (see _record).
+MIN_INT8_WEIGHT_SHARE = 0.5
+# Tensors this large are weights; smaller ones are scales, zero points, shapes and constants.
+WEIGHT_MIN_VALUES = 256
+_WEIGHT_TYPES = (
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8,
+)
 
 
 @dataclass(frozen=True)
@@ -300,6 +311,9 @@ class Produced:
     latency_ms: float
     # The reference's operators, for the reason a conversion that changed nothing is rejected.
     op_types: list[str]
+    # Of the produced file's weights (tensors of WEIGHT_MIN_VALUES or more, subgraphs included):
+    # the share stored as int8 (None for an fp16 or uploaded variant).
+    int8_weight_share: float | None = None
 
 
 class ProducerDied(OptimizeError):
@@ -371,10 +385,13 @@ class _Production:
             self.send(("progress", 0.9))
             latency = Runner(produced, "onnx").latency_ms(workload.samples[0])
             op_types = sorted({n.op_type for n in onnx.load(inputs.ref_path).graph.node})
+            share = int8_weight_share(onnx.load(str(produced))) if kind != FP16 else None
         except BaseException:
             produced.unlink(missing_ok=True)
             raise
-        return Produced(checked, str(produced), per_channel, prepared, workload.report(), latency, op_types)
+        return Produced(
+            checked, str(produced), per_channel, prepared, workload.report(), latency, op_types, share
+        )
 
     def _prepared(self, kind: str) -> tuple[Path, dict[str, object]]:
         """The reference prepared for ``kind`` (made on first use for this version)."""
@@ -769,6 +786,18 @@ class Optimizer:
                     )
                 state(name, version, kind, "rejected", 1.0, reason, report)
                 return
+            share = produced.int8_weight_share
+            if share is not None and share < MIN_INT8_WEIGHT_SHARE:
+                # QuantizeLinear/DequantizeLinear around a few activations make a file int8 in name
+                # while its weights stay float: larger than its reference, and no faster.
+                reason = (
+                    f"only {share:.0%} of the weights were quantized to int8 (at least "
+                    f"{MIN_INT8_WEIGHT_SHARE:.0%} needed); the rest stay float"
+                )
+                if kind == STATIC_INT8 and set(produced.op_types) & {"If", "Loop", "Scan"}:
+                    reason += " inside If/Loop/Scan subgraphs, where the static quantizer does not go"
+                state(name, version, kind, "rejected", 1.0, reason, {**report, "int8_weight_share": share})
+                return
         status = "ready" if checked.passed else "rejected"
         state(name, version, kind, status, 1.0, checked.reason, report, produced.latency_ms)
         log.info(
@@ -791,6 +820,31 @@ class Optimizer:
         for v in found.variants if found is not None else []:
             if v.status in ("pending", "running"):
                 self._failed(name, version, v.variant, reason)
+
+
+def int8_weight_share(model: onnx.ModelProto) -> float | None:
+    """The share of a model's weight values stored as int8 or uint8: initializers and Constant
+    tensors of WEIGHT_MIN_VALUES or more, in every graph (If/Loop/Scan bodies too); None when it
+    has no such tensor (a toy model's weights are all small)."""
+    quantized = total = 0
+    for tensor in _weights(model.graph):
+        count = int(np.prod(tensor.dims)) if tensor.dims else 1
+        if count < WEIGHT_MIN_VALUES or tensor.data_type not in _WEIGHT_TYPES:
+            continue
+        total += count
+        if tensor.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+            quantized += count
+    return quantized / total if total else None
+
+
+def _weights(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                yield attribute.t
+            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                yield from _weights(body)
 
 
 def _reason(exc: BaseException) -> str:

@@ -247,3 +247,34 @@ def test_a_calibration_set_that_does_not_fit_is_refused_naming_the_input(
     assert ctl.api("GET", "/v1/models/silero_vad/versions/1").status_code == 404
     per_sample_rate = {**samples, "sr": np.full(4, 16000, np.int64)}  # one value per sample is fine too
     assert upload(ctl, "silero_vad", path, per_sample_rate).status_code == 201
+
+
+def test_a_static_int8_variant_that_leaves_every_weight_float_is_rejected(
+    ctl: Ctl, real_models: RealModels, tmp_path: Path
+) -> None:
+    # silero-vad keeps its weights inside If branches, where the static quantizer does not go;
+    # with one float operator outside them (a gain on the score, as exports often append) the
+    # quantizer wraps that one in QuantizeLinear/DequantizeLinear and calls the file int8,
+    # although every weight stays float32 and the file only grew.
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(real_models("silero_vad")))
+    out = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [f"{out}_raw" if o == out else o for o in node.output]
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), "gain"))
+    model.graph.node.append(helper.make_node("Mul", [f"{out}_raw", "gain"], [out]))
+    path = tmp_path / "silero_gain.onnx"
+    onnx.save(model, str(path))
+
+    created = upload(ctl, "vad_gain", path, sample_inputs("silero_vad", 8), task="regression")
+    assert created.status_code == 201, created.text
+    variants = {v["variant"]: v for v in finished(ctl, "vad_gain")["variants"]}
+    static = variants["onnx-int8-static"]
+    print(f"vad_gain {_gate_figures(static)}; reference size={variants['onnx-fp32']['size']}")
+    assert static["status"] == "rejected", static
+    assert "weights" in static["reason"] and "If" in static["reason"], static["reason"]
+    # CPU-only devices get the reference rather than a larger file that is int8 in name only.
+    chosen = targets_on_cpu_only_devices(ctl, "vad_gain")
+    assert {p: t["variant"] for p, t in chosen.items()} == dict.fromkeys(CPU_ONLY, "onnx-fp32")
