@@ -31,7 +31,6 @@ from controller.errors import ControllerError
 from controller.files import atomic_write
 from controller.log_bounds import LineBound
 from controller.settings import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_UPLOAD_BYTES, PROTOCOLS, Settings
-from controller.signature import ModelSignature
 
 log = logging.getLogger("controller.cli")
 
@@ -201,6 +200,11 @@ def _call(args: argparse.Namespace, method: str, path: str, timeout: float = TIM
         ) from None
     if response.status_code == 401:
         raise CommandError(f"401: {_api_message(response)}; {HOW_TO_CONNECT}")
+    if response.status_code == 403:
+        raise CommandError(
+            f"403: {_api_message(response)}; an admin makes tokens with the role a task needs "
+            "(`edgefleet tokens create --name NAME --role operator`)"
+        )
     if not response.is_success:
         raise CommandError(f"{response.status_code}: {_api_message(response)}")
     return response.json()
@@ -314,6 +318,9 @@ def cmd_models_upload(args: argparse.Namespace) -> int:
 
 def _version_view(version: dict[str, Any]) -> Any:
     """A version's table; its signature one line per input and output (`models signature` prints it whole)."""
+    # Imported here: it brings numpy, which no other command needs at start.
+    from controller.signature import ModelSignature
+
     described = ModelSignature.from_json(version["signature"]).describe().splitlines()
     return [*cli_views.model_version(version), cli_output.table([{"signature": line} for line in described])]
 
@@ -1232,7 +1239,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        parser.print_help()  # a bare `edgefleet`: what it can do, rather than a usage error
+        return 2
+    args = parser.parse_args(argv)
     # The server logs what it does; a command's result is what it prints, so only problems are logged.
     _setup_logging("INFO" if args.func is cmd_serve else "WARNING")
     cli_output.configure(args.json)

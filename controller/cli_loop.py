@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from controller import cli_views
+from controller import cli_output, cli_views
 from controller.cli import UPLOAD_TIMEOUT_S, CommandError, _call, _print, _watch
 from controller.files import atomic_write
 
@@ -56,7 +56,13 @@ def cmd_drift_baseline(args: argparse.Namespace) -> int:
 def cmd_drift_show(args: argparse.Namespace) -> int:
     base = f"/v1/models/{args.model}/versions/{args.version}/drift"
     path = f"{base}/devices/{args.device}" if args.device else base
-    _print(_call(args, "GET", path, params={"since_ms": args.since_ms}), cli_views.drift)
+    since_ms = args.since_ms
+    if args.since is not None:
+        try:
+            since_ms = int(cli_output.parse_since(args.since, time.time()) * 1000)
+        except ValueError as exc:
+            raise CommandError(f"--since {exc}") from None
+    _print(_call(args, "GET", path, params={"since_ms": since_ms}), cli_views.drift)
     return 0
 
 
@@ -200,6 +206,12 @@ def add_commands(commands: Any, remote: argparse.ArgumentParser) -> None:
     show.add_argument("--device", default=None, help="one device's windows")
     show.add_argument(
         "--since-ms", type=int, default=0, metavar="MS", help="only windows after this time (epoch ms)"
+    )
+    show.add_argument(
+        "--since",
+        default=None,
+        metavar="WHEN",
+        help="only windows after this time: ISO 8601 (local unless it names a zone) or how long ago (15m, 2h, 7d)",
     )
     show.set_defaults(func=cmd_drift_show)
 

@@ -65,6 +65,24 @@ def local_time(seconds: float | None) -> str:
     return datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="seconds")
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now: float) -> float:
+    """A point in time as people write it: ISO 8601 (local time unless it names a zone),
+    or a duration ago (``90s``, ``15m``, ``2h``, ``7d``); epoch seconds."""
+    text = text.strip()
+    if text and text[-1] in _UNITS and text[:-1].replace(".", "", 1).isdigit():
+        return now - float(text[:-1]) * _UNITS[text[-1]]
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r}: give a time (2026-12-07T13:30, local unless it ends in a zone) or how long ago (15m, 2h, 7d)"
+        ) from None
+    return (when if when.tzinfo else when.astimezone()).timestamp()
+
+
 def is_time(key: str, value: Any) -> bool:
     if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
         return False

@@ -71,5 +71,7 @@ def test_help_is_what_the_installed_command_prints() -> None:
         parser = dict(commands(build_parser()))[" ".join(["edgefleet", *args])]
         for name in subcommands(parser):
             assert name in done.stdout, (args, name)
+    bare = subprocess.run([EDGEFLEET], capture_output=True, text=True, env=env, timeout=120)
+    assert bare.returncode == 2 and "usage: edgefleet" in bare.stdout and "rollouts" in bare.stdout
     rollouts = subprocess.run([EDGEFLEET, "rollouts", "--help"], capture_output=True, text=True, env=env)
     assert all(f"    {c} " in rollouts.stdout for c in ("list", "show", "watch", "create", "events"))

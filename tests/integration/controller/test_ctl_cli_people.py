@@ -129,6 +129,11 @@ def test_status_says_whether_the_controller_answers_and_takes_the_token(
     )  # fmt: skip
     refused = run(controller, "status", token="not-a-token")
     assert refused.returncode == 1 and "401" in refused.stderr and "EDGEFLEET_TOKEN" in refused.stderr
+    viewer = controller.cli("tokens", "create", "--name", "vera", "--role", "viewer")["token"]
+    assert json.loads(run(controller, "--json", "status", token=viewer).stdout)["role"] == "viewer"
+    denied = run(controller, "devices", "register", "cam-9", token=viewer)
+    assert denied.returncode == 1 and "403: token 'vera' has role viewer" in denied.stderr
+    assert "edgefleet tokens create" in denied.stderr
     env = {**os.environ, "EDGEFLEET_URL": f"http://127.0.0.1:{free_port()}", "EDGEFLEET_TOKEN": "t"}
     started = time.monotonic()
     nobody = subprocess.run([EDGEFLEET, "status", "--wait", "2"], capture_output=True, text=True, env=env)
