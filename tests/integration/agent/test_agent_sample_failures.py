@@ -47,14 +47,14 @@ def test_a_sample_that_does_not_fit_keeps_the_model_for_the_next_generation(
     peer.publish_desired(1, peer.assignment(digest, "1", sample=misfit, signature=rows_signature(256)))
     agent.start()
     agent.wait_ready()
-    status = wait_until(lambda: failed(peer, digest), 30, "staging with a misfit sample fails")
+    status = wait_until(lambda: failed(peer, digest), 60, "staging with a misfit sample fails")
     assert "sample input 'x' has shape [1, 255], the model wants [-1, 256]" in status.error, status.error
     # The model is sound: the sample was wrong. It stays where a retry finds it.
     assert (agent.data_dir / "models" / f"{digest}.onnx").read_bytes() == model.read_bytes()
 
     mark = len(peer.requests)
     peer.publish_desired(2, peer.assignment(digest, "2", sample=good, signature=rows_signature(256)))
-    peer.wait_active(digest)
+    peer.wait_active(digest, timeout=60)
     assert peer.requested_indices(digest, since=mark) == [], "the model was fetched again"
     assert not any(r.digest == digest and r.want_manifest for r in peer.requests[mark:])
 
@@ -76,24 +76,26 @@ def test_a_sample_the_controller_stops_serving_keeps_the_model_download(
     peer.publish_desired(1, broken)
     agent.start()
     agent.wait_ready()
-    wait_until(lambda: len({i for d, i in peer.sent if d == digest}) == 3, 30, "3 model chunks on the device")
+    wait_until(lambda: len({i for d, i in peer.sent if d == digest}) == 3, 60, "3 model chunks on the device")
     received = {i for d, i in peer.sent if d == digest}
     # The controller no longer has the sample (deleted with its version, say): the next request
     # for it is answered "unknown digest", which fails the version.
     del peer.artifacts[broken.sample_digest]
-    status = wait_until(lambda: failed(peer, digest), 30, "the assignment fails for its sample")
+    status = wait_until(lambda: failed(peer, digest), 60, "the assignment fails for its sample")
     assert status.error == (
         f"sample inputs {broken.sample_digest[:12]}: controller cannot serve the artifact: unknown digest"
-    )
+    ), agent.output()[-3000:]
 
     mark = len(peer.requests)
     peer.digest_limits.clear()
     good = tmp_path / "good.npz"
     np.savez(good, x=np.ones((1, 512), np.float32))
     peer.publish_desired(2, peer.assignment(digest, "2", sample=good, signature=rows_signature(512)))
-    peer.wait_active(digest)
+    peer.wait_active(digest, timeout=60)
     again = set(peer.requested_indices(digest, since=mark))
-    assert again and received.isdisjoint(again), f"model chunks fetched again: {sorted(received & again)}"
+    assert again and received.isdisjoint(again), (
+        f"model chunks fetched again: {sorted(received & again)} of {sorted(again)}\n{agent.output()[-3000:]}"
+    )
     assert (agent.data_dir / "models" / f"{digest}.onnx").read_bytes() == model.read_bytes()
 
 
