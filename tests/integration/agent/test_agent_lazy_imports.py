@@ -5,7 +5,8 @@ what ``-X importtime`` prints), serves a TFLite model through LiteRT and answers
 calls. Every module it ever imported is in that log, and every shared library it
 mapped is in /proc/PID/maps: onnxruntime must be in neither, LiteRT in both (so the
 check can see a runtime when one is there), and with no camera or microphone tenant
-neither OpenCV nor the audio library is loaded. Before its model arrives, an agent
+neither OpenCV nor the audio library is loaded, nor X.509 parsing without a client
+certificate. Before its model arrives, an agent
 with nothing to serve has imported no runtime at all. An agent with its local API off
 serves a tenant whose results go out over MQTT without ever loading gRPC.
 
@@ -78,10 +79,14 @@ def test_a_litert_only_agent_never_imports_onnxruntime(
         assert list(reply.outputs) == ["StatefulPartitionedCall:0"]
     libraries = mapped(agent.proc.pid)
 
-    modules = packages(imported(agent.output()))
+    everything = imported(agent.output())
+    modules = packages(everything)
     assert "ai_edge_litert" in modules and "libpywrap_litert" in libraries
     loaded = [p for p in NOT_FOR_LITERT_ONLY if p in modules]
     assert not loaded, f"a LiteRT-only agent imported {loaded}"
+    # No client certificate to read: X.509 parsing stays unloaded (Ed25519 alone is needed).
+    assert "cryptography.hazmat.primitives.asymmetric.ed25519" in everything
+    assert "cryptography.x509" not in everything
     assert "onnxruntime" not in libraries, "a LiteRT-only agent mapped onnxruntime's library"
     assert agent.terminate() == 0
 
