@@ -67,13 +67,12 @@ if [[ ",$extras," == *",dev,"* ]]; then
     # onnxruntime 1.23, the newest with a 3.10 wheel, reads ONNX IR up to 11: the test
     # models are written with an onnx that writes no newer IR.
     agent_test_requirements=(-e ".[agent,tflite]" "pytest>=8" "pytest-timeout>=2.3" "onnx>=1.17,<1.19"
-      "skl2onnx>=1.17" "scikit-learn>=1.5" tflite-micro)
+      tflite-micro)
     stamp="$(cat pyproject.toml; echo "${agent_test_requirements[*]}")"
     stamp="$(printf '%s' "$stamp" | sha256sum | cut -d' ' -f1)"
     if [ "$(cat .venv310/.edgefleet-ready 2>/dev/null)" != "$stamp" ]; then
       echo "== installing edgefleet[agent] and the agent's test tools into .venv310 with $python310" >&2
       [ -x .venv310/bin/python ] || "$python310" -m venv .venv310
-      .venv310/bin/python -m pip install --quiet --upgrade pip
       .venv310/bin/python -m pip install --quiet "${agent_test_requirements[@]}"
       echo "$stamp" > .venv310/.edgefleet-ready
     fi
