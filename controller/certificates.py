@@ -7,12 +7,18 @@ as that device (and the broker's ACL keeps it under its own topics). The CA is
 created once by ``edgefleet controller init`` in ``DATA/ca/`` (``ca.key`` mode
 0600; ``ca.crt`` is what the broker's ``cafile`` names). A device's key pair is
 made by the operator's CLI: only the public key reaches the controller.
+
+A revoked certificate goes on the CA's revocation list (``crl.pem`` beside ``ca.crt``),
+which the broker's ``crlfile`` names: OpenSSL then refuses it at every handshake. With
+``crlfile`` set OpenSSL wants a current list for the CA, so one is always there (empty at
+first) and is issued anew well before its ``next_update``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +34,11 @@ log = logging.getLogger(__name__)
 
 CA_KEY_FILE = "ca.key"
 CA_CERT_FILE = "ca.crt"
+# The certificate revocation list the broker's TLS listener reads (crlfile): the serials of
+# revoked client certificates, signed by the CA. Written when the CA is loaded if missing, at
+# each revocation, and again before it expires (a broker with an expired list refuses everyone).
+CRL_FILE = "crl.pem"
+CRL_VALID_DAYS = 30
 CA_VALID_DAYS = 3650
 CLIENT_VALID_DAYS = 730
 MAX_VALID_DAYS = 3650
@@ -89,11 +100,17 @@ class CertificateAuthority:
     def cert_pem(self) -> str:
         return self.cert.public_bytes(serialization.Encoding.PEM).decode()
 
+    @property
+    def crl_file(self) -> Path:
+        return self.folder / CRL_FILE
+
     @classmethod
     def load_or_create(cls, folder: Path) -> CertificateAuthority:
         key_file, cert_file = folder / CA_KEY_FILE, folder / CA_CERT_FILE
         if not key_file.exists() and not cert_file.exists():
-            return cls._create(folder)
+            ca = cls._create(folder)
+            ca.write_crl([])
+            return ca
         try:
             key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
             cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
@@ -103,7 +120,12 @@ class CertificateAuthority:
             raise CertificateError(
                 f"the controller's CA in {folder}: {CA_KEY_FILE} does not match {CA_CERT_FILE}"
             )
-        return cls(folder, key, cert)
+        ca = cls(folder, key, cert)
+        if not ca.crl_file.exists():
+            # A CA made before revocation lists were: none is revoked yet (controller.revocation
+            # writes the list again with every revoked serial when it starts).
+            ca.write_crl([])
+        return ca
 
     @classmethod
     def _create(cls, folder: Path) -> CertificateAuthority:
@@ -181,6 +203,49 @@ class CertificateAuthority:
             certificate_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
             not_after=not_after.timestamp(),
         )
+
+    def write_crl(
+        self, revoked: Iterable[tuple[int, float]], now: dt.datetime | None = None
+    ) -> x509.CertificateRevocationList:
+        """Issue the revocation list of ``revoked`` (serial, when revoked) and write it
+        atomically to :attr:`crl_file` (world-readable: the broker reads it)."""
+        now = now or dt.datetime.now(dt.UTC)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(now - CLOCK_SKEW)
+            .next_update(now + dt.timedelta(days=CRL_VALID_DAYS))
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False
+            )
+            .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
+        )
+        for serial, at in sorted(revoked):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(dt.datetime.fromtimestamp(at, dt.UTC))
+                .build()
+            )
+        crl = builder.sign(self._key, hashes.SHA256())
+        atomic_write(self.crl_file, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
+        log.info(
+            "revocation list written path=%s revoked=%d next_update=%s",
+            self.crl_file,
+            len(crl),
+            crl.next_update_utc,
+        )
+        return crl
+
+    def crl_due(self, now: dt.datetime | None = None) -> bool:
+        """Whether the revocation list is missing, unreadable or past half its validity."""
+        now = now or dt.datetime.now(dt.UTC)
+        try:
+            crl = x509.load_pem_x509_crl(self.crl_file.read_bytes())
+        except (OSError, ValueError):
+            return True
+        next_update = crl.next_update_utc
+        return next_update is None or next_update - now < dt.timedelta(days=CRL_VALID_DAYS / 2)
 
     def write_client(self, common_name: str, cert_file: Path, key_file: Path) -> IssuedCertificate:
         """Issue a certificate and key for a client on this machine (the controller itself)."""

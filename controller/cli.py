@@ -612,6 +612,12 @@ def cmd_devices_issue_cert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_devices_revoke(args: argparse.Namespace) -> int:
+    body = {"reason": args.reason}
+    _print(_call(args, "POST", f"/v1/devices/{args.device_id}/revoke", json=body))
+    return 0
+
+
 def cmd_devices_list(args: argparse.Namespace) -> int:
     _print(_call(args, "GET", "/v1/devices"), cli_views.devices_list)
     return 0
@@ -1055,6 +1061,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--valid-days", type=int, default=730, help="certificate validity (default 730)")
         sub.add_argument("--broker-ca", default=None, help="CA of the broker's certificate, for the device")
     issue_cert.set_defaults(func=cmd_devices_issue_cert)
+    revoke = devices.add_parser(
+        "revoke",
+        parents=[remote],
+        help="revoke a device for good: its certificates on the CA's revocation list, its broker password "
+        "removed, its session on the broker ended",
+    )
+    revoke.add_argument("device_id", help="a registered device")
+    revoke.add_argument("--reason", default="", help="why, kept with the revocation")
+    revoke.set_defaults(func=cmd_devices_revoke)
     devices.add_parser(
         "list", parents=[remote], help="devices, online or not, and what they run"
     ).set_defaults(func=cmd_devices_list)

@@ -52,6 +52,8 @@ class ClosedLoop:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_prune = 0.0
+        # Other parts' maintenance, run by the same tick (the revocation list's renewal).
+        self.extra_steps: list[tuple[str, Callable[[], object]]] = []
 
     def tick(self) -> None:
         """One maintenance pass; each part fails alone."""
@@ -71,6 +73,7 @@ class ClosedLoop:
             ("desired", self.desired.reconcile),
             ("retraining", lambda: self.retraining.tick(now)),
             ("staging", lambda: self.datasets.expire_uploads(now)),
+            *self.extra_steps,
         ):
             try:
                 step()

@@ -21,7 +21,8 @@
     │   ├── DeviceExists
     │   ├── RolloutConflict              a device and tenant already in another active rollout
     │   ├── CommandRefused               an operator command the rollout's state does not allow
-    │   └── GroupExists                  a device group of that name exists already
+    │   ├── GroupExists                  a device group of that name exists already
+    │   └── DeviceRevoked                a revoked device gets no certificate (its id stays taken)
     ├── InvalidInputError                bad input, nothing was changed (HTTP 422)
     │   ├── InvalidModel                 onnx.checker / onnxruntime refused the file
     │   ├── InvalidDeviceId
@@ -99,6 +100,10 @@ class RolloutConflict(ConflictError):
 
 
 class CommandRefused(ConflictError):
+    pass
+
+
+class DeviceRevoked(ConflictError):
     pass
 
 

@@ -261,7 +261,11 @@ class Fleet:
         )
 
     def password_entries(self) -> list[tuple[str, str]]:
-        rows = self.store.query("SELECT device_id, password_hash FROM devices ORDER BY device_id")
+        """The controller's and every device's broker password, but a revoked device's (controller.revocation)."""
+        rows = self.store.query(
+            "SELECT device_id, password_hash FROM devices"
+            " WHERE device_id NOT IN (SELECT device_id FROM device_revocations) ORDER BY device_id"
+        )
         return [(self.settings.mqtt_username, self.settings.mqtt_password_hash)] + [
             (r["device_id"], r["password_hash"]) for r in rows
         ]
@@ -291,8 +295,11 @@ class Fleet:
         if not device_ids:
             return set()
         marks = ",".join("?" * len(device_ids))
+        # A revoked device is known no more: what it still sends is ignored (controller.revocation).
         rows = self.store.query(
-            f"SELECT device_id FROM devices WHERE device_id IN ({marks})", list(device_ids)
+            f"SELECT device_id FROM devices WHERE device_id IN ({marks})"
+            " AND device_id NOT IN (SELECT device_id FROM device_revocations)",
+            list(device_ids),
         )
         return {r["device_id"] for r in rows}
 
@@ -306,6 +313,10 @@ class Fleet:
         with self._known_lock:
             self._known.add(device_id)
         return True
+
+    def forget(self, device_id: str) -> None:
+        """Drop what is cached about a device (it was revoked: it is not known any more)."""
+        self._forget(device_id)
 
     def _forget(self, device_id: str) -> None:
         with self._known_lock:
@@ -448,8 +459,10 @@ class Fleet:
         return bytes(rows[0]["desired"])
 
     def desired_states(self) -> list[tuple[str, bytes]]:
+        """Every device's stored desired state (a revoked device's is published no more)."""
         rows = self.store.query(
-            "SELECT device_id, desired FROM devices WHERE desired IS NOT NULL ORDER BY device_id"
+            "SELECT device_id, desired FROM devices WHERE desired IS NOT NULL"
+            " AND device_id NOT IN (SELECT device_id FROM device_revocations) ORDER BY device_id"
         )
         return [(r["device_id"], bytes(r["desired"])) for r in rows]
 

@@ -27,6 +27,7 @@ from controller.mosquitto_config import ACL, BrokerFiles
 from controller.optimize import Optimizer
 from controller.profiles import Profiles
 from controller.registry import Registry
+from controller.revocation import Revocations
 from controller.rollouts import RolloutRunner, Rollouts
 from controller.settings import Settings
 from controller.signing import Signer
@@ -70,6 +71,8 @@ class Controller:
             self.store, self.admin_token_hash, lambda: self.settings.metrics_token_sha256
         )
         self.audit = AuditLog(self.store)
+        self.revocations = Revocations(self.store, self.certificates, self.fleet, settings)
+        self.closed_loop.extra_steps.append(("revocation list", self.revocations.refresh))
 
     def _mtime(self) -> int | None:
         try:

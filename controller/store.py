@@ -333,6 +333,23 @@ CREATE TABLE IF NOT EXISTS outbox_losses (
     unwritable INTEGER NOT NULL,
     updated_at REAL NOT NULL
 );
+-- Client certificates issued from the controller's CA, per device, and the devices revoked
+-- (controller.revocation): a revoked device's certificates are on the CA's revocation list.
+CREATE TABLE IF NOT EXISTS device_certificates (
+    serial TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    issued_at REAL NOT NULL,
+    not_after REAL NOT NULL,
+    revoked_at REAL,
+    -- Issued by the controller to end a revoked device's session, and revoked right after.
+    temporary INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS device_certificates_device ON device_certificates (device_id);
+CREATE TABLE IF NOT EXISTS device_revocations (
+    device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
+    revoked_at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 -- Messages refused or cut short (per topic kind and reason; per device for rate limits,
 -- storage quotas and bytes served): controller.message_counters, exported on /metrics.
 CREATE TABLE IF NOT EXISTS message_counters (

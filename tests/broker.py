@@ -64,6 +64,8 @@ class TlsListener:
     ca_file: Path
     require_certificate: bool = False
     port: int = field(default_factory=free_port)
+    # The controller's revocation list (DATA/ca/crl.pem); without one the crlfile line is left out.
+    crl_file: Path | None = None
 
 
 def render_tls_config(tls: TlsListener) -> str:
@@ -77,6 +79,10 @@ def render_tls_config(tls: TlsListener) -> str:
         "use_identity_as_username": f"use_identity_as_username {certificate_login}",
     }
     lines = (DEPLOY / "edgefleet-tls.conf").read_text().splitlines()
+    if tls.crl_file is not None:
+        replaced["crlfile"] = f"crlfile {tls.crl_file}"
+    else:
+        lines = [line for line in lines if not line.startswith("crlfile ")]
     return "\n".join(replaced.get(line.split(" ", 1)[0], line) for line in lines) + "\n"
 
 

@@ -13,6 +13,8 @@ from controller.api.schemas import (
     DeviceCreate,
     DeviceCredentialsPublic,
     DevicePublic,
+    DeviceRevokeCreate,
+    DeviceRevokedPublic,
     OutboxLossesPublic,
     TenantCreate,
     TenantPublic,
@@ -39,14 +41,18 @@ def register_device(body: DeviceCreate, fleet: FleetDep) -> DeviceCredentialsPub
     "/devices/{device_id}/certificate",
     status_code=status.HTTP_201_CREATED,
     response_model=DeviceCertificatePublic,
+    responses=errors(409),
     openapi_extra=minimum_role(Role.ADMIN),
 )
 def issue_device_certificate(
     device_id: str, body: DeviceCertificateCreate, controller: ControllerDep
 ) -> DeviceCertificatePublic:
-    """A client certificate from the controller's CA for a registered device's public key."""
+    """A client certificate from the controller's CA for a registered device's public key
+    (recorded, so that revoking the device revokes it); a revoked device gets none (409)."""
     controller.fleet.get(device_id)
+    controller.revocations.refuse_revoked(device_id)
     issued = controller.certificates.issue_client(device_id, body.public_key_pem, body.valid_days)
+    controller.revocations.record_issued(device_id, issued)
     return DeviceCertificatePublic(
         device_id=device_id,
         serial=f"{issued.serial:x}",
@@ -57,21 +63,46 @@ def issue_device_certificate(
     )
 
 
+@router.post(
+    "/devices/{device_id}/revoke",
+    response_model=DeviceRevokedPublic,
+    responses=errors(503),
+    openapi_extra=minimum_role(Role.ADMIN),
+)
+def revoke_device(
+    device_id: str, controller: ControllerDep, body: DeviceRevokeCreate | None = None
+) -> DeviceRevokedPublic:
+    """Revoke a device for good: its certificates on the CA's revocation list, its password off
+    the broker, its session on the broker ended, what it still sends ignored."""
+    revoked = controller.revocations.revoke(device_id, body.reason if body is not None else "")
+    return DeviceRevokedPublic.model_validate(revoked)
+
+
 @router.get("/devices", response_model=list[DevicePublic])
-def list_devices(fleet: FleetDep) -> list[DevicePublic]:
+def list_devices(controller: ControllerDep) -> list[DevicePublic]:
+    fleet = controller.fleet
     losses = outbox_losses.read_all(fleet.store)
-    return [_public(d, losses.get(d.device_id)) for d in fleet.all()]
+    revoked = controller.revocations.all_revoked()
+    return [_public(d, losses.get(d.device_id), revoked.get(d.device_id)) for d in fleet.all()]
 
 
 @router.get("/devices/{device_id}", response_model=DevicePublic)
-def get_device(device_id: str, fleet: FleetDep) -> DevicePublic:
-    return _public(fleet.get(device_id), outbox_losses.read(fleet.store, device_id))
+def get_device(device_id: str, controller: ControllerDep) -> DevicePublic:
+    fleet = controller.fleet
+    return _public(
+        fleet.get(device_id),
+        outbox_losses.read(fleet.store, device_id),
+        controller.revocations.revoked_at(device_id),
+    )
 
 
-def _public(device: Device, losses: outbox_losses.OutboxLosses | None) -> DevicePublic:
+def _public(
+    device: Device, losses: outbox_losses.OutboxLosses | None, revoked_at: float | None
+) -> DevicePublic:
     public = DevicePublic.model_validate(device)
     if losses is not None:
         public.outbox_losses = OutboxLossesPublic.model_validate(losses)
+    public.revoked_at = revoked_at
     return public
 
 

@@ -157,6 +157,18 @@ class DeviceCertificateCreate(_Create):
     valid_days: int = Field(default=730, ge=1, le=3650)
 
 
+class DeviceRevokeCreate(_Create):
+    reason: str = Field("", max_length=1000, description="Why, kept with the revocation")
+
+
+class DeviceRevokedPublic(_Public):
+    device_id: str
+    revoked_at: float
+    reason: str
+    certificates_revoked: list[str] = Field(description="Hex serials now on the CA's revocation list")
+    session_ended: bool = Field(description="Whether the broker ended the session the device held")
+
+
 class DeviceCertificatePublic(_Public):
     device_id: str
     serial: str
@@ -224,6 +236,9 @@ class DevicePublic(_Public):
     profile: str
     outbox_losses: OutboxLossesPublic | None = Field(
         None, description="What the device's agent could not deliver; null while it lost nothing"
+    )
+    revoked_at: float | None = Field(
+        None, description="When the device was revoked (its certificates and password refused); null if not"
     )
 
 

@@ -107,7 +107,12 @@ def explain(
         return f"the broker refused {ours} as expired"
     if "CERTIFICATE_REQUIRED" in text or "PEER_DID_NOT_RETURN_A_CERTIFICATE" in text:
         return "the broker requires a client certificate: configure a certificate and key"
-    if "BAD_CERTIFICATE" in text or "CERTIFICATE_REVOKED" in text or "UNSUPPORTED_CERTIFICATE" in text:
+    if "CERTIFICATE_REVOKED" in text:
+        return (
+            f"the broker refused {ours} as revoked: this device was revoked on the controller "
+            f"(edgefleet devices revoke) and needs a new identity ({text})"
+        )
+    if "BAD_CERTIFICATE" in text or "UNSUPPORTED_CERTIFICATE" in text:
         return f"the broker refused {ours} ({text})"
     if "WRONG_VERSION_NUMBER" in text or "RECORD_LAYER_FAILURE" in text:
         return f"the broker's port does not speak TLS: is it the plain listener? ({text})"
