@@ -15,6 +15,7 @@ from agent.conditions import ACCELERATOR_UNAVAILABLE, Conditions
 from agent.config import parse_config
 from agent.errors import ConfigError
 from agent.runtime import LiteRtBackend, OnnxRuntimeBackend, backend_for, probe_accelerator
+from tests.delegates import compiler, null_delegate, prepared
 from tests.models import sine_float_tflite
 from tests.unit.agent.models import linear_model, write_model
 
@@ -137,6 +138,19 @@ def test_an_edge_tpu_delegate_that_does_not_load_leaves_the_model_on_the_cpu() -
     assert held(conditions).startswith(
         "accelerator unavailable: litert-edgetpu: its LiteRT delegate libedgetpu.so.1 does not load: "
     )
+
+
+@pytest.mark.skipif(compiler() is None, reason="builds a LiteRT delegate with the C compiler")
+def test_a_delegate_that_loads_runs_the_model_and_ends_the_condition(tmp_path: Path) -> None:
+    library = null_delegate(tmp_path)
+    conditions = Conditions()
+    accelerator = Accelerator("litert-vx-delegate", conditions, delegate_library=str(library))
+    accelerator.unavailable("the NPU was busy")  # as a load before this one found it
+    model = LiteRtBackend(threads=1, accelerator=accelerator).load(sine_float_tflite())
+    y = model.run({model.inputs[0].name: np.array([[0.5]], dtype=np.float32)})[model.outputs[0].name]
+    assert abs(float(y[0, 0]) - np.sin(0.5)) < 0.2
+    assert prepared(library) == 1
+    assert conditions.active() == ()
 
 
 def test_the_condition_is_reported_at_start_before_any_model_loads() -> None:
