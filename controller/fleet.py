@@ -272,8 +272,12 @@ class Fleet:
 
     def password_hash(self, device_id: str) -> str | None:
         """One registered device's password hash (None when unknown), for a broker that asks
-        the controller at each login (controller.api.broker_auth)."""
-        rows = list(self.store.query("SELECT password_hash FROM devices WHERE device_id = ?", [device_id]))
+        the controller at each login (controller.api.broker_auth); a revoked device has none."""
+        rows = self.store.query(
+            "SELECT password_hash FROM devices WHERE device_id = ?"
+            " AND device_id NOT IN (SELECT device_id FROM device_revocations)",
+            [device_id],
+        )
         return str(rows[0]["password_hash"]) if rows else None
 
     def sync_broker(self) -> None:

@@ -50,3 +50,7 @@ def test_a_revoked_device_loses_its_password_and_its_session(ctl: Ctl) -> None:
         peer.client.loop_stop()
         other.close()
     assert "cam-gone:" not in ctl.settings.passwd_file.read_text()
+    # A broker that asks the controller at each login and publish (/broker/*) is refused too.
+    fleet = ctl.controller.fleet
+    assert fleet.password_hash("cam-gone") is None and not fleet.is_known("cam-gone")
+    assert fleet.password_hash("cam-stays") is not None
