@@ -536,11 +536,17 @@ def _write_bundle(
         tls: dict[str, str] = {}
         if args.issue_cert:
             tls = _device_certificate(args, folder)
-        elif args.broker_ca:
+        elif args.broker_ca or credentials.get("broker_ca_pem"):
+            # A TLS broker: the device verifies it with this CA (--broker-ca, else the controller's own).
             try:
-                (folder / bundles.BROKER_CA_FILE).write_bytes(Path(args.broker_ca).read_bytes())
+                ca = (
+                    Path(args.broker_ca).read_bytes()
+                    if args.broker_ca
+                    else credentials["broker_ca_pem"].encode()
+                )
             except OSError as exc:
                 raise CommandError(f"--broker-ca {args.broker_ca}: cannot read: {exc}") from None
+            (folder / bundles.BROKER_CA_FILE).write_bytes(ca)
             tls = {"tls_ca_file": bundles.BROKER_CA_FILE}
         text = agent_config(
             credentials,

@@ -33,8 +33,10 @@ router = APIRouter(tags=["devices"])
     responses=errors(409, 503),
     openapi_extra=minimum_role(Role.ADMIN),
 )
-def register_device(body: DeviceCreate, fleet: FleetDep) -> DeviceCredentialsPublic:
-    return DeviceCredentialsPublic.model_validate(fleet.register(body.device_id, body.tags, body.profile))
+def register_device(body: DeviceCreate, controller: ControllerDep) -> DeviceCredentialsPublic:
+    credentials = controller.fleet.register(body.device_id, body.tags, body.profile)
+    public = DeviceCredentialsPublic.model_validate(credentials)
+    return public.model_copy(update={"broker_ca_pem": broker_ca_pem(controller.settings.mqtt_tls_ca_file)})
 
 
 @router.post(

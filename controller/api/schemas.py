@@ -148,6 +148,10 @@ class DeviceCredentialsPublic(_Public):
     mqtt_protocol: str
     controller_public_key: str
     profile: str
+    broker_ca_pem: str = Field(
+        default="",
+        description="The CA the broker's TLS certificate is verified with, for the device; empty in plain TCP",
+    )
 
 
 class DeviceCertificateCreate(_Create):
