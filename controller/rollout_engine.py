@@ -548,8 +548,9 @@ def _missing_evidence(
     """A wave whose gates read inferences passes only once they have judged enough of it: at least
     one device, and ``min_reporting_fraction`` of those serving the new version, made
     ``min_inferences`` of it. Gates that judged nobody have not passed; the wave waits for that
-    evidence until its devices have had ``device_timeout_s`` from being sent the version, then
-    stops (a device idle, starved or offline is no proof that the version works)."""
+    evidence at most ``device_timeout_s`` from the moment its devices had all updated (its soak
+    began), then stops: a device idle, starved or offline is no proof that the version works.
+    Counted from then, not from sending, so a slow download does not eat the time to prove it."""
     gates = run.plan.gates
     if not members or not reads_inferences(gates):
         return None
@@ -564,11 +565,10 @@ def _missing_evidence(
     timeout = run.plan.device_timeout_s
     if timeout is None:
         return Wait(math.inf, f"{label}: waiting for evidence: {what} (need {needed})")
-    sent = [t for m in members for t in (m.set_at,) if t is not None]
-    bound = max(sent, default=run.soak_started_at or now) + timeout
+    bound = (run.soak_started_at if run.soak_started_at is not None else now) + timeout
     if now < bound:
         return Wait(bound, f"{label}: waiting for evidence: {what} (need {needed})")
-    return _on_failure(run, f"{label}: only {what} within {timeout:g} s (need {needed})")
+    return _on_failure(run, f"{label}: only {what} within {timeout:g} s of updating (need {needed})")
 
 
 def _on_failure(run: Run, reason: str) -> Step:

@@ -60,7 +60,9 @@ def test_good_version_reaches_every_device_in_three_waves_through_a_controller_k
         broker.start()
 
         final = fleet.wait_finished(rid, 180)
-        assert (final["state"], final["status"]) == ("succeeded", "succeeded"), final
+        assert (final["state"], final["status"]) == ("succeeded", "succeeded"), (
+            f"{final['state']}: {final['reason']}\nevents: {fleet.events(rid)}"
+        )
         assert set(fleet.active_digests().values()) == {v2["digest"]}
         for agent in agents:
             assert agent.infer({"X": fleet.samples[:1]}).model_version == "2"
@@ -97,8 +99,10 @@ def test_bad_version_is_stopped_at_the_first_wave_and_rolled_back_everywhere_it_
         rollout = staged(fleet, "3")
         rid = str(rollout["id"])
         final = fleet.wait_finished(rid, 120)
-        assert final["state"] == "rolled_back", final
-        assert reason in final["reason"] and final["reason"].startswith("wave 1 of 3"), final["reason"]
+        assert final["state"] == "rolled_back", f"{final['state']}: {final['reason']}\n{fleet.events(rid)}"
+        assert reason in final["reason"] and final["reason"].startswith("wave 1 of 3"), (
+            f"{final['reason']}\nevents: {fleet.events(rid)}"
+        )
         events = fleet.events(rid)
         roll_back = [e for e in events if e["kind"] == "roll_back"]
         assert len(roll_back) == 1 and reason in roll_back[0]["reason"]

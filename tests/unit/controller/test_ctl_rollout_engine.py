@@ -541,28 +541,29 @@ def quiet_wave(**kw: Any) -> tuple[Run, dict[str, DeviceView]]:
 
 def test_a_wave_without_enough_inferences_waits_then_stops_naming_the_evidence() -> None:
     r, fleet = quiet_wave()
-    # Its soak is over, yet the gates have judged nobody: it waits until the devices have had
-    # device_timeout_s (60 s) from being sent the version, for half of them (min_reporting_fraction).
+    # Its soak is over, yet the gates have judged nobody: it waits, for half of them
+    # (min_reporting_fraction), at most device_timeout_s (60 s) from its soak's start at NOW - 31.
     [step] = plan(r, fleet, NOW)
-    assert isinstance(step, Wait) and step.until == NOW - 10 + 60, step
+    assert isinstance(step, Wait) and step.until == NOW - 31 + 60, step
     assert (
         step.reason
         == "wave 1 of 3: waiting for evidence: 0 of 3 devices reported 10 inferences of m 2 (need 2)"
     )
     fleet["a"] = replace(fleet["a"], new=SERVED)
-    [step] = plan(r, fleet, NOW + 49)
+    [step] = plan(r, fleet, NOW + 28)
     assert isinstance(step, Wait) and "1 of 3 devices reported 10 inferences" in step.reason
     # Too little at the bound: stopped with what was missing.
-    [step] = plan(r, fleet, NOW + 50)
+    [step] = plan(r, fleet, NOW + 29)
     assert isinstance(step, RollBack), step
     assert (
-        step.reason == "wave 1 of 3: only 1 of 3 devices reported 10 inferences of m 2 within 60 s (need 2)"
+        step.reason
+        == "wave 1 of 3: only 1 of 3 devices reported 10 inferences of m 2 within 60 s of updating (need 2)"
     )
     # Enough in time: the gates judge it, and it passes or fails on what they find.
     fleet["b"] = replace(fleet["b"], new=SERVED)
-    expect_steps(plan(r, fleet, NOW + 49), ("start_wave", 1))
+    expect_steps(plan(r, fleet, NOW + 28), ("start_wave", 1))
     fleet["b"] = replace(fleet["b"], new=VersionStats(100, 30, 1.0))
-    [step] = plan(r, fleet, NOW + 49)
+    [step] = plan(r, fleet, NOW + 28)
     assert isinstance(step, RollBack) and "error rate 0.150 (30/200 inferences on 2 devices)" in step.reason
 
 
@@ -571,11 +572,11 @@ def test_the_last_wave_does_not_succeed_on_gates_that_judged_nobody() -> None:
     r, fleet = quiet_wave(p=p)
     r = replace(r, members=tuple(m for m in r.members if m.device_id != "c"))
     del fleet["c"]
-    expect_steps(plan(r, fleet, NOW), ("wait", NOW + 50))
-    [step] = plan(r, fleet, NOW + 50)
+    expect_steps(plan(r, fleet, NOW), ("wait", NOW + 29))
+    [step] = plan(r, fleet, NOW + 29)
     assert isinstance(step, Pause) and "only 0 of 3 devices reported 10 inferences" in step.reason
     fleet = {d: replace(v, new=SERVED) for d, v in fleet.items()}
-    expect_steps(plan(r, fleet, NOW + 50), ("complete", State.SUCCEEDED))
+    expect_steps(plan(r, fleet, NOW + 29), ("complete", State.SUCCEEDED))
 
 
 @pytest.mark.parametrize(
