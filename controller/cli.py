@@ -535,7 +535,7 @@ def _write_bundle(
         folder = Path(tmp)
         tls: dict[str, str] = {}
         if args.issue_cert:
-            tls = _device_certificate(args, folder)
+            tls = _device_certificate(args, folder, into=f"the bundle {out}")
         elif args.broker_ca or credentials.get("broker_ca_pem"):
             # A TLS broker: the device verifies it with this CA (--broker-ca, else the controller's own).
             try:
@@ -570,7 +570,7 @@ def _write_bundle(
     )
 
 
-def _device_certificate(args: argparse.Namespace, folder: Path) -> dict[str, str]:
+def _device_certificate(args: argparse.Namespace, folder: Path, into: str = "") -> dict[str, str]:
     """Make the device's key pair here, have the controller's CA certify the public key, and
     write key, certificate and the broker's CA into ``folder``; returns the [mqtt] TLS keys."""
     from controller.certificates import new_client_key, private_key_pem, public_key_pem
@@ -604,9 +604,10 @@ def _device_certificate(args: argparse.Namespace, folder: Path) -> dict[str, str
             atomic_write(folder / name, data, mode=mode)
     except OSError as exc:
         raise CommandError(f"certificate issued but cannot write it into {folder}: {exc}") from None
+    # ``into``: where the files end up when ``folder`` is only on their way (a bundle).
     print(
-        f"device certificate written to {folder / files['tls_cert_file'][0]} (serial {issued['serial']}, "
-        f"valid until {cli_output.local_time(issued['not_after'])})",
+        f"device certificate written to {into or folder / files['tls_cert_file'][0]} "
+        f"(serial {issued['serial']}, valid until {cli_output.local_time(issued['not_after'])})",
         file=sys.stderr,
     )
     return {key: name for key, (name, _, _) in files.items()}
