@@ -802,9 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     remote = argparse.ArgumentParser(add_help=False, parents=[output])
     remote.add_argument("--url", default=argparse.SUPPRESS, help="controller URL (default $EDGEFLEET_URL)")
-    remote.add_argument(
-        "--token", default=argparse.SUPPRESS, help="admin bearer token (default $EDGEFLEET_TOKEN)"
-    )
+    remote.add_argument("--token", default=argparse.SUPPRESS, help="API token (default $EDGEFLEET_TOKEN)")
 
     parser = argparse.ArgumentParser(
         prog="edgefleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -817,7 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--token",
         default=os.environ.get("EDGEFLEET_TOKEN", ""),
-        help="admin bearer token (default $EDGEFLEET_TOKEN)",
+        help="API token: the admin token init printed, or one from `edgefleet tokens create` (default $EDGEFLEET_TOKEN)",
     )
     parser.add_argument("--json", action="store_true", help="print the API's JSON (for scripts)")
     commands = parser.add_subparsers(dest="command", required=True)
