@@ -418,8 +418,11 @@ class Fleet:
             return device
         return replace(device, last_seen=pending)
 
-    def record_reported(self, device_id: str, msg: fleet_pb2.ReportedState, received_at: float) -> None:
-        """Store the reported state as the device's current one.
+    def record_reported(
+        self, device_id: str, msg: fleet_pb2.ReportedState, received_at: float
+    ) -> bytes | None:
+        """Store the reported state as the device's current one; returns the device's desired
+        state issued again under a newer generation when it must be published (:meth:`_catch_up`).
 
         The newest message received wins, whatever its timestamp: the broker keeps
         one publisher's order, a will carries the time it was set (long before the
@@ -441,6 +444,45 @@ class Fleet:
                 ";".join(f"{m.tenant}:{m.model_name}@{m.model_version}={m.phase}" for m in reported.models),
             ),
         )
+        return self._catch_up(device_id, msg.desired_generation)
+
+    def _catch_up(self, device_id: str, seen: int) -> bytes | None:
+        """A device that saw a newer generation than this controller remembers issuing (its
+        database was restored from a backup, or made anew with the same signing key) ignores
+        every state issued at or below it, since an agent never goes back a generation. From
+        then on the device's generations continue above what it saw, and its current desired
+        state, if there is one, is issued again at once under the next one (returned)."""
+        row = self.store.query_one(
+            "SELECT desired_generation, desired FROM devices WHERE device_id = ?", (device_id,)
+        )
+        if row is None or seen <= row["desired_generation"]:
+            return None
+        payload: bytes | None = None
+        generation = seen
+        if row["desired"] is not None:
+            try:
+                desired = decode_as(fleet_pb2.DesiredState, bytes(row["desired"]))
+            except PayloadError:
+                desired = None
+            if desired is not None:
+                generation = desired.generation = seen + 1
+                payload = desired.SerializeToString()
+        changed = self.store.execute(
+            "UPDATE devices SET desired_generation = ?, desired = coalesce(?, desired)"
+            " WHERE device_id = ? AND desired_generation = ?",
+            (generation, payload, device_id, row["desired_generation"]),
+        )
+        if not changed:
+            return None
+        log.warning(
+            "device has seen a newer desired-state generation than this controller issued (restored from a "
+            "backup?); its generations go on from there device=%s seen=%d issued=%d reissued=%s",
+            device_id,
+            seen,
+            row["desired_generation"],
+            payload is not None,
+        )
+        return payload
 
     def record_status(self, device_id: str, msg: fleet_pb2.DeviceStatus) -> None:
         """Online or offline, newest message received wins (see :meth:`record_reported`)."""

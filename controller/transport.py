@@ -700,7 +700,9 @@ class Transport:
             self.fleet.touch(device_id, job.received_at)
         if kind is Kind.REPORTED:
             assert isinstance(job.message, fleet_pb2.ReportedState)
-            self.fleet.record_reported(device_id, job.message, job.received_at)
+            reissued = self.fleet.record_reported(device_id, job.message, job.received_at)
+            if reissued is not None:
+                self.publish_desired(device_id, reissued)
         elif kind is Kind.STATUS:
             assert isinstance(job.message, fleet_pb2.DeviceStatus)
             self.fleet.record_status(device_id, job.message)
