@@ -251,17 +251,22 @@ def _open(path: Path) -> BinaryIO:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Whether the controller answers and takes the token: its address, the token's name and
-    role, and the fleet in brief. With --wait, a controller still starting is waited for."""
+    """Whether the controller answers, takes the token and reaches its broker: its address,
+    the token's name and role, the broker, and the fleet in brief. With --wait, a controller
+    still starting (or still connecting to its broker) is waited for. Exit 1 without a broker."""
     deadline = time.monotonic() + args.wait
     while True:
         try:
             me = _call(args, "GET", "/v1/whoami")
-            break
+            broker = _call(args, "GET", "/v1/status")["broker"]
         except Unreachable:
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.5)
+            continue
+        if broker["connected"] or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
     devices = _call(args, "GET", "/v1/devices")
     rollouts = _call(args, "GET", "/v1/rollouts")
     _print(
@@ -269,11 +274,20 @@ def cmd_status(args: argparse.Namespace) -> int:
             "controller": args.url,
             "token": me["name"],
             "role": me["role"],
+            "broker": broker["address"],
+            "broker_connected": broker["connected"],
             "devices": len(devices),
             "online": sum(1 for d in devices if d["online"]),
             "rollouts_in_progress": sum(1 for r in rollouts if r["status"] == "in_progress"),
         }
     )
+    if not broker["connected"]:
+        print(
+            f"error: the controller cannot reach its broker at {broker['address']}: is it running? "
+            "(`edgefleet controller init` printed the command that starts it; the controller's log says why)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -910,7 +924,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         metavar="S",
-        help="wait up to this long for a controller that is still starting (default 0)",
+        help="wait up to this long for a controller that is still starting or connecting (default 0)",
     )
     status.set_defaults(func=cmd_status)
 

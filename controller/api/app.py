@@ -26,6 +26,7 @@ from controller.api import (
     profiles,
     rollouts,
     signing,
+    status,
     telemetry,
 )
 from controller.api.deps import authorize
@@ -164,7 +165,7 @@ def create_app(settings: Settings, *, start_transport: bool = True) -> FastAPI:
         )
         return JSONResponse(status_code=code, content={"detail": str(exc)})
 
-    for module in (models, devices, profiles, rollouts, groups, telemetry, signing, accounts):
+    for module in (models, devices, profiles, rollouts, groups, telemetry, signing, accounts, status):
         app.include_router(module.router, prefix="/v1")
     app.include_router(loop.router)
     app.include_router(broker_auth.router)

@@ -123,10 +123,18 @@ def test_times_are_iso_8601_in_the_local_zone_everywhere(controller: Controller,
 def test_status_says_whether_the_controller_answers_and_takes_the_token(
     controller: Controller, tmp_path: Path
 ) -> None:
-    shown = json.loads(run(controller, "--json", "status").stdout)
+    shown = json.loads(run(controller, "--json", "status", "--wait", "30").stdout)
     assert (shown["controller"], shown["token"], shown["role"], shown["devices"]) == (
         controller.url, "admin", "admin", 0,
     )  # fmt: skip
+    assert shown["broker_connected"] and shown["broker"] == f"127.0.0.1:{controller.broker_port}"
+    # A controller whose broker is not running answers HTTP all the same: status says so.
+    lonely = Controller(tmp_path / "lonely", free_port()).start()
+    try:
+        alone = run(lonely, "status", "--wait", "1")
+    finally:
+        lonely.stop()
+    assert alone.returncode == 1 and "cannot reach its broker at 127.0.0.1:" in alone.stderr
     refused = run(controller, "status", token="not-a-token")
     assert refused.returncode == 1 and "401" in refused.stderr and "EDGEFLEET_TOKEN" in refused.stderr
     viewer = controller.cli("tokens", "create", "--name", "vera", "--role", "viewer")["token"]
