@@ -114,6 +114,11 @@ class Link:
         self._lock = threading.Lock()
         self._pending: dict[int, Publication] = {}
         self._early: dict[int, tuple[bool, str]] = {}
+        # SUBSCRIBE packets awaiting their SUBACK (mid -> topics), and refusals in a row: a broker
+        # may refuse a subscription for a while (NATS while its JetStream elects leaders), and a
+        # link missing one would never hear that topic again.
+        self._subscribing: dict[int, list[str]] = {}
+        self._refusals = 0
         protocol = mqtt.MQTTv5 if config.protocol == "v5" else mqtt.MQTTv311
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -237,7 +242,8 @@ class Link:
                 return
             self._attempt = 0
             self._set_delay()
-            client.subscribe([(self.topic(k), 1) for k in SUBSCRIBED_KINDS])
+            self._refusals = 0
+            self._subscribe([self.topic(k) for k in SUBSCRIBED_KINDS])
             self.publish(self.topic(Kind.STATUS), self._status(True), retain=True)
             self._connected.set()
             log.info(
@@ -303,6 +309,22 @@ class Link:
         except Exception:
             log.exception("on_disconnect failed device=%s", self.device_id)
 
+    def _subscribe(self, topics: list[str]) -> None:
+        with self._lock:
+            _, mid = self._client.subscribe([(topic, 1) for topic in topics])
+            if mid is not None:
+                self._subscribing[mid] = topics
+
+    def _subscribe_again(self, topics: list[str]) -> None:
+        """Timer thread: ask again for what the broker refused, on the link of the moment (a link
+        that went down in between subscribes to everything when it comes back)."""
+        try:
+            if self.connected:
+                log.info("subscribing again device=%s topics=%s", self.device_id, ",".join(topics))
+                self._subscribe(topics)
+        except Exception:
+            log.exception("subscribing again failed device=%s", self.device_id)
+
     def _on_subscribe(
         self,
         client: mqtt.Client,
@@ -311,9 +333,26 @@ class Link:
         reason_codes: list[ReasonCode],
         properties: Properties | None,
     ) -> None:
-        for rc in reason_codes:
-            if rc.is_failure:
-                log.error("subscription refused device=%s reason=%s", self.device_id, rc)
+        try:
+            with self._lock:
+                topics = self._subscribing.pop(mid, [])
+            refused = [t for t, rc in zip(topics, reason_codes, strict=False) if rc.is_failure]
+            for topic, rc in zip(topics, reason_codes, strict=False):
+                if rc.is_failure:
+                    log.error("subscription refused device=%s topic=%s reason=%s", self.device_id, topic, rc)
+            if refused:
+                self._refusals += 1
+                timer = threading.Timer(backoff_delay(self._refusals), self._subscribe_again, args=(refused,))
+                timer.daemon = True
+                timer.start()
+            elif self._refusals:
+                # Everything this link reads is subscribed only now: what it asks for at every
+                # connection (its desired state, missing chunks, unacknowledged telemetry) again.
+                self._refusals = 0
+                log.info("subscriptions complete device=%s", self.device_id)
+                self.inbox.put(LinkUp())
+        except Exception:
+            log.exception("on_subscribe failed device=%s", self.device_id)
 
     def _on_publish(
         self,

@@ -34,6 +34,10 @@ class Settings:
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
     mqtt_protocol: str = "v5"
+    # More brokers ("host:port") serving the same fleet, such as the other nodes of a cluster
+    # without a load balancer in front: when the current one cannot be reached the controller
+    # tries the next, in turn, and its persistent session continues there.
+    mqtt_fallback_brokers: tuple[str, ...] = ()
     mqtt_username: str = CONTROLLER_USER
     # Not sent: the broker makes the username the client id (use_username_as_clientid).
     # Kept so that controller.toml files written with it still load.
@@ -95,6 +99,11 @@ class Settings:
             raise ConfigError(f"mqtt_protocol must be one of {PROTOCOLS}, not {self.mqtt_protocol!r}")
         if not 1 <= self.broker_port <= 65535:
             raise ConfigError(f"broker_port {self.broker_port} is not a TCP port")
+        # Read from TOML as a list.
+        object.__setattr__(self, "mqtt_fallback_brokers", tuple(self.mqtt_fallback_brokers))
+        for address in self.mqtt_fallback_brokers:
+            if _split_address(address) is None:
+                raise ConfigError(f"mqtt_fallback_brokers: {address!r} is not host:port")
         if (self.mqtt_tls_cert_file is None) != (self.mqtt_tls_key_file is None):
             raise ConfigError("mqtt_tls_cert_file and mqtt_tls_key_file go together: set both or neither")
         if self.mqtt_tls_cert_file is not None and self.mqtt_tls_ca_file is None:
@@ -142,6 +151,11 @@ class Settings:
                 f"chunk_bytes_burst ({self.chunk_bytes_burst}) must hold at least one chunk ({self.chunk_size})"
             )
 
+    def broker_addresses(self) -> list[tuple[str, int]]:
+        """``broker_host:broker_port`` first, then each fallback broker."""
+        fallbacks = [_split_address(a) for a in self.mqtt_fallback_brokers]
+        return [(self.broker_host, self.broker_port), *(a for a in fallbacks if a is not None)]
+
     @property
     def settings_path(self) -> Path:
         return self.data_dir / SETTINGS_FILE
@@ -160,6 +174,16 @@ class Settings:
 
     def with_changes(self, **changes: Any) -> Settings:
         return replace(self, **changes)
+
+
+def _split_address(address: str) -> tuple[str, int] | None:
+    """``host:port`` (``[v6]:port`` for an IPv6 address) as a pair, None when malformed;
+    the agent's ``[mqtt] fallback_brokers`` take the same form."""
+    host, sep, port = str(address).rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return None
+    return host, int(port)
 
 
 # Settings stored as text and read back as paths.

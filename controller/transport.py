@@ -167,6 +167,14 @@ class Transport:
         self._client.on_publish = self._on_publish
         self._client.on_subscribe = self._on_subscribe
         self._inflight_limit = MAX_INFLIGHT
+        # The brokers this controller may use, in order; the one in use is self._addresses[self._at].
+        self._addresses = settings.broker_addresses()
+        self._at = 0
+        # SUBSCRIBE packets awaiting their SUBACK (mid -> filters), and refusals in a row: a broker
+        # may refuse a subscription for a while (NATS while its JetStream elects leaders), and a
+        # session missing one would never hear that kind of message again.
+        self._subscribing: dict[int, list[tuple[str, Any]]] = {}
+        self._refusals = 0
         self._state_jobs: queue.Queue[Job] = queue.Queue(MAX_QUEUED_JOBS)
         self._artifact_jobs: queue.Queue[Job] = queue.Queue(MAX_QUEUED_JOBS)
         self._telemetry_jobs: queue.Queue[Job] = queue.Queue(MAX_QUEUED_JOBS)
@@ -240,13 +248,16 @@ class Transport:
 
     def _reason(self, error: BaseException | str) -> str:
         """Why connecting failed, in words naming the cause (a wrong CA, an expired certificate)."""
-        return explain(
-            error, self._tls, self.settings.broker_host, lambda path: certificate_problem(Path(path))
-        )
+        return explain(error, self._tls, self.address[0], lambda path: certificate_problem(Path(path)))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The broker in use, or tried next."""
+        return self._addresses[self._at]
 
     def _run_network(self) -> None:
-        host, port = self.settings.broker_host, self.settings.broker_port
         while not self._stopping.is_set():
+            host, port = self.address
             try:
                 if self._client.max_inflight_messages != self._inflight_limit:
                     self._client.max_inflight_messages_set(self._inflight_limit)
@@ -261,11 +272,18 @@ class Transport:
                         break
             except Exception as exc:  # socket errors, TLS refusals and anything paho raises: retry
                 log.warning("mqtt connection failed broker=%s:%d error=%s", host, port, self._reason(exc))
+            was_up = self.connected.is_set()
             self.connected.clear()
             if self._stopping.is_set():
                 break
             self._attempt += 1
-            delay = backoff_delay(self._attempt)
+            if not was_up and len(self._addresses) > 1:
+                # A broker that could not be reached: the next of the cluster, in turn. The backoff
+                # grows per round over the list, so a dead node does not delay a live one.
+                self._at = (self._at + 1) % len(self._addresses)
+            rounds = self._attempt // len(self._addresses)
+            delay = backoff_delay(rounds) if rounds else 0.2
+            host, port = self.address
             log.info("mqtt reconnecting broker=%s:%d attempt=%d in_s=%.2f", host, port, self._attempt, delay)
             self._stopping.wait(delay)
 
@@ -277,8 +295,7 @@ class Transport:
         if reason_code.is_failure:
             log.error(
                 "broker refused the connection broker=%s:%d user=%s reason=%s",
-                self.settings.broker_host,
-                self.settings.broker_port,
+                *self.address,
                 self.settings.mqtt_username,
                 reason_code,
             )
@@ -288,8 +305,7 @@ class Transport:
             log.warning(
                 "broker takes fewer publishes in flight, reconnecting within its limit broker=%s:%d "
                 "receive_maximum=%d in_flight=%d",
-                self.settings.broker_host,
-                self.settings.broker_port,
+                *self.address,
                 receive_maximum,
                 self._inflight_limit,
             )
@@ -299,13 +315,13 @@ class Transport:
         self._attempt = 0
         log.info(
             "mqtt connected broker=%s:%d protocol=%s session_present=%s",
-            self.settings.broker_host,
-            self.settings.broker_port,
+            *self.address,
             self.settings.mqtt_protocol,
             getattr(flags, "session_present", None),
         )
         try:
-            client.subscribe(self._subscriptions())
+            self._refusals = 0
+            self._subscribe(self._subscriptions())
             self._enqueue(self._state_jobs, Republish(reason="connected"))
         except Exception:
             log.exception("mqtt subscribe after connect failed")
@@ -340,17 +356,46 @@ class Transport:
             # Ended before CONNACK: under TLS 1.3 this is how a refused client certificate shows.
             log.warning(
                 "mqtt connection failed broker=%s:%d error=%s",
-                self.settings.broker_host,
-                self.settings.broker_port,
+                *self.address,
                 self._reason(paho_error),
             )
+
+    def _subscribe(self, filters: list[tuple[str, Any]]) -> None:
+        with self._acks_lock:
+            _, mid = self._client.subscribe(filters)
+            if mid is not None:
+                self._subscribing[mid] = filters
+
+    def _subscribe_again(self, filters: list[tuple[str, Any]]) -> None:
+        """Timer thread: ask again for what the broker refused, on the session of the moment (one
+        that went down in between subscribes to everything when it comes back)."""
+        try:
+            if self.connected.is_set() and not self._stopping.is_set():
+                log.info("mqtt subscribing again topics=%s", ",".join(topic for topic, _ in filters))
+                self._subscribe(filters)
+        except Exception:
+            log.exception("mqtt subscribing again failed")
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode], properties: Any
     ) -> None:
-        for kind, code in zip(INBOUND, reason_codes, strict=False):
-            if code.is_failure:
-                log.error("mqtt subscription refused topic=%s reason=%s", fleet_subscription(kind), code)
+        try:
+            with self._acks_lock:
+                filters = self._subscribing.pop(mid, [])
+            refused = [f for f, code in zip(filters, reason_codes, strict=False) if code.is_failure]
+            for (topic, _), code in zip(filters, reason_codes, strict=False):
+                if code.is_failure:
+                    log.error("mqtt subscription refused topic=%s reason=%s", topic, code)
+            if refused:
+                self._refusals += 1
+                timer = threading.Timer(backoff_delay(self._refusals), self._subscribe_again, args=(refused,))
+                timer.daemon = True
+                timer.start()
+            elif self._refusals:
+                self._refusals = 0
+                log.info("mqtt subscriptions complete")
+        except Exception:
+            log.exception("suback handling failed mid=%d", mid)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:

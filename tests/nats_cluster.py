@@ -60,11 +60,14 @@ def device_rights() -> list[tuple[str, str]]:
 DEVICE_RIGHTS = device_rights()
 
 
-def device_permissions(device_id: str) -> dict[str, object]:
+def device_permissions(device_id: str, qos1: bool = True) -> dict[str, object]:
+    """``qos1=False`` leaves out :data:`QOS1_DELIVERY`: every QoS 1 SUBSCRIBE is then refused,
+    as NATS refuses them while its JetStream has no leader."""
     base = f"{PREFIX}/{device_id}/"
     publish = [subject(base + topic) for access, topic in DEVICE_RIGHTS if access in ("write", "readwrite")]
     subscribe = [subject(base + topic) for access, topic in DEVICE_RIGHTS if access in ("read", "readwrite")]
-    return {"publish": {"allow": publish}, "subscribe": {"allow": [QOS1_DELIVERY, *subscribe]}}
+    delivery = [QOS1_DELIVERY] if qos1 else []
+    return {"publish": {"allow": publish}, "subscribe": {"allow": [*delivery, *subscribe]}}
 
 
 def fleet_permissions() -> dict[str, object]:
@@ -170,10 +173,10 @@ class NatsCluster:
         self.users[username] = (password, fleet_permissions())
         self._reconfigure()
 
-    def add_devices(self, credentials: Iterable[tuple[str, str]]) -> None:
+    def add_devices(self, credentials: Iterable[tuple[str, str]], qos1: bool = True) -> None:
         """(device id, password) pairs: each device its own user, rights on its own subtree."""
         for device_id, password in credentials:
-            self.users[device_id] = (password, device_permissions(device_id))
+            self.users[device_id] = (password, device_permissions(device_id, qos1))
         self._reconfigure()
 
     def render(self, node: NatsNode) -> str:
@@ -218,24 +221,50 @@ class NatsCluster:
             # A reload is applied between the server's loops: give each node a moment.
             time.sleep(0.5)
 
-    def start(self, timeout: float = 60.0) -> NatsCluster:
+    def start(self, timeout: float = 60.0, tries: int = 3) -> NatsCluster:
         if not self.users:
             raise RuntimeError("add the controller's account before starting the cluster")
-        self._reconfigure()
-        for node in self.nodes:
-            node.start()
-        self.wait_ready(timeout)
-        return self
+        for attempt in range(1, tries + 1):
+            self._reconfigure()
+            try:
+                for node in self.nodes:
+                    node.start()
+                self.wait_ready(timeout)
+                return self
+            except RuntimeError as exc:
+                self.stop()
+                # Another process took a port between free_port() and the bind: new ports for all,
+                # since every node names every route port.
+                if "address already in use" not in str(exc) or attempt == tries:
+                    raise
+                for node in self.nodes:
+                    shutil.rmtree(node.workdir / "jetstream", ignore_errors=True)
+                self.nodes = [NatsNode(n.name, n.workdir) for n in self.nodes]
+        raise AssertionError("unreachable")
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Every live node sees a JetStream meta leader among all the cluster's peers."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            for node in self.nodes:
+                if node.proc is not None and node.proc.poll() is not None:
+                    raise RuntimeError(f"nats-server {node.name} exited:\n{node.log()}")
             if all(self._node_ready(n) for n in self.nodes if n.alive()):
                 return
             time.sleep(0.2)
         logs = "\n".join(f"--- {n.name}\n{n.log()}" for n in self.nodes)
         raise TimeoutError(f"the NATS cluster has no JetStream leader after {timeout}s:\n{logs}")
+
+    def meta_leader(self) -> NatsNode:
+        """The node that leads JetStream's metadata now: killing it makes the cluster elect
+        another, the hardest single-node failure for the MQTT state JetStream keeps."""
+        for node in self.nodes:
+            jsz = node.monitor("/jsz") if node.alive() else None
+            meta = jsz.get("meta_cluster") if jsz else None
+            leader = meta.get("leader") if isinstance(meta, dict) else None
+            if leader:
+                return next(n for n in self.nodes if n.name == leader)
+        raise RuntimeError("no live node names a JetStream leader")
 
     def _node_ready(self, node: NatsNode) -> bool:
         jsz = node.monitor("/jsz")

@@ -1,9 +1,11 @@
 """A clustered broker: a staged rollout over a three-node NATS JetStream cluster (MQTT 3.1.1 on
 every node, JetStream replicas 3) survives a node killed mid-wave.
 
-The real controller (MQTT 3.1.1) is on the first node; six real agents, two per node, each
-with the other nodes as fallback brokers. One node that serves agents of the wave under way
-is SIGKILLed once that wave has started. Every agent must converge on the new version, and
+The real controller (MQTT 3.1.1) is on the node that leads JetStream, with the other two as
+fallback brokers; six real agents, two per node, each with the other nodes as fallbacks. That
+node, which also serves a device of the second wave, is SIGKILLed once that wave has started:
+for several seconds the survivors elect new leaders, refuse subscriptions and drop clients
+whose QoS 1 publishes they cannot store. Every agent must converge on the new version, and
 the controller must hold every telemetry window each device produced (seqs 1..n, no gap):
 the agent keeps a window in its outbox until the controller's TelemetryAck says it is stored.
 """
@@ -69,23 +71,35 @@ def events(controller: Controller, rollout_id: str) -> list[dict[str, Any]]:
     return body
 
 
-def test_staged_rollout_over_a_nats_cluster_converges_and_keeps_every_window_when_a_node_dies(
-    nats: NatsCluster, agents: list[Agent], tmp_path: Path
-) -> None:
-    controller_node = nats.nodes[0]
-    controller = Controller(tmp_path / "controller", controller_node.mqtt_port, protocol="v311")
-    controller.init()
-    nats.add_controller(controller.mqtt_password())
+@pytest.fixture
+def controller(nats: NatsCluster, tmp_path: Path) -> Iterator[Controller]:
+    """The real controller (MQTT 3.1.1) on the cluster's JetStream leader, with the other nodes
+    as fallback brokers; ``nats.nodes`` is reordered to put that node first."""
+    c = Controller(tmp_path / "controller", nats.nodes[0].mqtt_port, protocol="v311")
+    c.init()
+    nats.add_controller(c.mqtt_password())
     nats.start()
-    controller.start()
+    leader = nats.meta_leader()
+    nats.nodes = [leader, *(n for n in nats.nodes if n is not leader)]
+    settings = c.data_dir / "controller.toml"
+    doc = tomllib.loads(settings.read_text())
+    doc["broker_port"] = leader.mqtt_port
+    doc["mqtt_fallback_brokers"] = [n.address for n in nats.nodes[1:]]
+    settings.write_text(tomli_w.dumps(doc))
+    c.start()
     try:
-        run(controller, nats, agents, tmp_path)
-    except BaseException:
-        print(f"--- controller log\n{controller.log_file.read_text(errors='replace')[-6000:]}")
-        print(nats.logs())
-        raise
+        yield c
     finally:
-        controller.stop()
+        c.stop()
+        # Shown by pytest only when the test failed.
+        print(f"--- controller log\n{c.log_file.read_text(errors='replace')[-6000:]}")
+        print(nats.logs())
+
+
+def test_staged_rollout_over_a_nats_cluster_converges_and_keeps_every_window_when_a_node_dies(
+    nats: NatsCluster, controller: Controller, agents: list[Agent], tmp_path: Path
+) -> None:
+    run(controller, nats, agents, tmp_path)
 
 
 def run(controller: Controller, nats: NatsCluster, agents: list[Agent], tmp_path: Path) -> None:
@@ -113,10 +127,9 @@ def run(controller: Controller, nats: NatsCluster, agents: list[Agent], tmp_path
     waves = {d["device_id"]: d["wave"] for d in created["devices"]}
     assert sorted(Counter(waves.values()).items()) == [(1, 2), (2, 2), (3, 2)], waves
 
-    # The node to kill: one serving a device of the second wave (else of the third), never the
-    # controller's, which has one broker address (docs/scaling.md).
-    candidates = [d for w in (2, 3) for d in sorted(waves) if waves[d] == w]
-    victim = next(home[d] for d in candidates if home[d] is not nats.nodes[0])
+    # The node to kill leads JetStream, serves the controller and a device of the second wave.
+    victim = nats.nodes[0]
+    assert any(home[d] is victim for d in waves if waves[d] == 2), (waves, home)
     moved = sorted(d for d, node in home.items() if node is victim)
 
     def in_second_wave() -> bool:
@@ -173,3 +186,29 @@ def run(controller: Controller, nats: NatsCluster, agents: list[Agent], tmp_path
         wait_until(lambda: not missing(), 60, "every telemetry window stored", interval=1.0)
     except TimeoutError:
         raise AssertionError(f"telemetry windows lost (device: missing seqs): {missing()}") from None
+
+
+def test_an_agent_whose_subscriptions_the_broker_refused_subscribes_again_and_converges(
+    nats: NatsCluster, controller: Controller, agents: list[Agent], tmp_path: Path
+) -> None:
+    """NATS refuses a QoS 1 SUBSCRIBE it cannot back with a JetStream consumer (as while it elects
+    leaders); here the device's account lacks the delivery subjects until the broker reloads."""
+    digits = digits_classifier(tmp_path / "digits.onnx")
+    controller.cli("models", "upload", str(digits.path), "--name", "digits", "--version", "1")
+    agent = register_agent(controller, tmp_path / "agents", "dev-r")
+    password = place_on(agent, nats.nodes[1], nats)
+    nats.add_devices([(agent.device_id, password)], qos1=False)
+    agents.append(agent.start())
+    wait_until(lambda: "subscription refused device=dev-r" in agent.log(), 60, "a refused subscription")
+
+    nats.add_devices([(agent.device_id, password)])
+    created = controller.cli("rollouts", "create", "--model", "digits", "--version", "1", "--device", "dev-r")
+
+    def finished() -> dict[str, Any] | None:
+        r = rollout(controller, str(created["id"]))
+        return r if r["state"] not in ("running", "paused") else None
+
+    final = wait_until(finished, 90, "the rollout to finish")
+    assert final["status"] == "succeeded", (final, agent.log()[-3000:])
+    assert agent.infer({"X": digits.samples[:1]}).model_version == "1"
+    assert "subscriptions complete device=dev-r" in agent.log()
