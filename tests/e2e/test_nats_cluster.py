@@ -157,13 +157,21 @@ def run(controller: Controller, nats: NatsCluster, agents: list[Agent], tmp_path
         device = controller.api("GET", f"/v1/devices/{agent.device_id}").json()
         active = [m["artifact_digest"] for m in device["reported"]["models"] if m["phase"] == "active"]
         assert active == [version["digest"]], (agent.device_id, device["reported"])
+    survivors = [n.mqtt_port for n in nats.nodes if n is not victim]
     for device_id in moved:
         agent = next(a for a in agents if a.device_id == device_id)
-        survivors = [n.mqtt_port for n in nats.nodes if n is not victim]
         assert any(
             f"broker connected device={device_id} host=127.0.0.1 port={port}" in agent.log()
             for port in survivors
         ), f"{device_id} never reached a surviving node:\n{agent.log()[-3000:]}"
+
+    # The controller continued its persistent session (its QoS 1 subscriptions, JetStream
+    # consumers with 3 replicas) on a surviving node.
+    controller_log = controller.log_file.read_text(errors="replace")
+    assert any(
+        f"mqtt connected broker=127.0.0.1:{port} protocol=v311 session_present=True" in controller_log
+        for port in survivors
+    ), controller_log[-3000:]
 
     # Every window up to one sent well after the kill is stored: nothing fell into the gap.
     def reporting_since_the_kill(device_id: str) -> int | None:
