@@ -110,6 +110,8 @@ class Link:
         self._addresses = config.addresses()
         self._at = 0
         self._refused = False
+        # Set by stop(): the disconnect that follows is ours, not a broker to move away from.
+        self._stopping = False
         self._connected = threading.Event()
         self._lock = threading.Lock()
         self._pending: dict[int, Publication] = {}
@@ -162,6 +164,7 @@ class Link:
         return encode(fleet_pb2.DeviceStatus(online=online, at_ms=now_ms(), agent_version=self.agent_version))
 
     def start(self) -> None:
+        self._stopping = False
         self._client.will_set(self.topic(Kind.STATUS), self._status(False), qos=1, retain=True)
         self._set_delay()
         kwargs: dict[str, Any] = {}
@@ -175,6 +178,7 @@ class Link:
         """Say offline ourselves and disconnect cleanly, so the broker drops the last will."""
         if self.connected:
             self.publish(self.topic(Kind.STATUS), self._status(False), retain=True).wait(timeout)
+        self._stopping = True
         self._connected.clear()
         self._client.disconnect()
         self._client.loop_stop()
@@ -287,6 +291,8 @@ class Link:
         try:
             was = self._connected.is_set()
             self._connected.clear()
+            if self._stopping:
+                return
             self._attempt += 1
             failed = self.address
             if not was and not self._refused:
