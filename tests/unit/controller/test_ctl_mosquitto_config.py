@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
+import sys
 from pathlib import Path
 
 from controller.mosquitto_config import ACL, DIRECTIVES, BrokerFiles
@@ -36,10 +36,14 @@ def test_reload_signals_the_running_broker_and_is_nothing_before_it_started(tmp_
     files.folder.mkdir()
     not_started = subprocess.run(["/bin/sh", "-c", files.reload_command()], capture_output=True, text=True)
     assert (not_started.returncode, not_started.stderr) == (0, "")
-    broker = subprocess.Popen(["sleep", "60"])  # stands in for the daemon: SIGHUP ends it
+    # Stands in for the daemon: it answers SIGHUP itself (a test runner started under nohup
+    # would pass an ignored SIGHUP on to a plain `sleep`), once it says it is listening.
+    waits = "import signal, sys, time; signal.signal(signal.SIGHUP, lambda *a: sys.exit(7)); print('ready', flush=True); time.sleep(60)"
+    broker = subprocess.Popen([sys.executable, "-c", waits], stdout=subprocess.PIPE, text=True)
     try:
+        assert broker.stdout is not None and broker.stdout.readline().strip() == "ready"
         files.pid_file.write_text(f"{broker.pid}\n")
         subprocess.run(["/bin/sh", "-c", files.reload_command()], check=True)
-        assert broker.wait(timeout=10) == -signal.SIGHUP
+        assert broker.wait(timeout=30) == 7
     finally:
         broker.kill()
