@@ -70,10 +70,11 @@ def device_permissions(device_id: str, qos1: bool = True) -> dict[str, object]:
     return {"publish": {"allow": publish}, "subscribe": {"allow": [*delivery, *subscribe]}}
 
 
-def fleet_permissions() -> dict[str, object]:
+def fleet_permissions(qos1: bool = True) -> dict[str, object]:
     """The controller's (and the test tools'): the whole tree, as the ACL's ``edgefleet/#``."""
     tree = subject(f"{PREFIX.split('/')[0]}/#")
-    return {"publish": {"allow": [tree]}, "subscribe": {"allow": [QOS1_DELIVERY, tree]}}
+    delivery = [QOS1_DELIVERY] if qos1 else []
+    return {"publish": {"allow": [tree]}, "subscribe": {"allow": [*delivery, tree]}}
 
 
 @dataclass
@@ -164,8 +165,8 @@ class NatsCluster:
         if not self.nodes:
             self.nodes = [NatsNode(f"n{i}", self.workdir / f"n{i}") for i in range(self.size)]
 
-    def add_controller(self, password: str, username: str = CONTROLLER_USER) -> None:
-        self.users[username] = (password, fleet_permissions())
+    def add_controller(self, password: str, username: str = CONTROLLER_USER, qos1: bool = True) -> None:
+        self.users[username] = (password, fleet_permissions(qos1))
         self._reconfigure()
 
     def add_tool_user(self, username: str, password: str) -> None:

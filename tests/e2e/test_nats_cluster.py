@@ -16,6 +16,7 @@ import time
 import tomllib
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +72,13 @@ def events(controller: Controller, rollout_id: str) -> list[dict[str, Any]]:
     return body
 
 
-@pytest.fixture
-def controller(nats: NatsCluster, tmp_path: Path) -> Iterator[Controller]:
+def start_controller(nats: NatsCluster, tmp_path: Path, qos1: bool = True) -> Controller:
     """The real controller (MQTT 3.1.1) on the cluster's JetStream leader, with the other nodes
-    as fallback brokers; ``nats.nodes`` is reordered to put that node first."""
+    as fallback brokers; ``nats.nodes`` is reordered to put that node first. ``qos1=False``
+    starts it with an account whose QoS 1 subscriptions the broker refuses."""
     c = Controller(tmp_path / "controller", nats.nodes[0].mqtt_port, protocol="v311")
     c.init()
-    nats.add_controller(c.mqtt_password())
+    nats.add_controller(c.mqtt_password(), qos1=qos1)
     nats.start()
     leader = nats.meta_leader()
     nats.nodes = [leader, *(n for n in nats.nodes if n is not leader)]
@@ -86,14 +87,24 @@ def controller(nats: NatsCluster, tmp_path: Path) -> Iterator[Controller]:
     doc["broker_port"] = leader.mqtt_port
     doc["mqtt_fallback_brokers"] = [n.address for n in nats.nodes[1:]]
     settings.write_text(tomli_w.dumps(doc))
-    c.start()
+    return c.start()
+
+
+@contextmanager
+def running(controller: Controller, nats: NatsCluster) -> Iterator[Controller]:
     try:
-        yield c
+        yield controller
     finally:
-        c.stop()
+        controller.stop()
         # Shown by pytest only when the test failed.
-        print(f"--- controller log\n{c.log_file.read_text(errors='replace')[-6000:]}")
+        print(f"--- controller log\n{controller_log(controller)[-6000:]}")
         print(nats.logs())
+
+
+@pytest.fixture
+def controller(nats: NatsCluster, tmp_path: Path) -> Iterator[Controller]:
+    with running(start_controller(nats, tmp_path), nats) as c:
+        yield c
 
 
 def test_staged_rollout_over_a_nats_cluster_converges_and_keeps_every_window_when_a_node_dies(
@@ -220,3 +231,36 @@ def test_an_agent_whose_subscriptions_the_broker_refused_subscribes_again_and_co
     assert final["status"] == "succeeded", (final, agent.log()[-3000:])
     assert agent.infer({"X": digits.samples[:1]}).model_version == "1"
     assert "subscriptions complete device=dev-r" in agent.log()
+
+
+def test_a_controller_whose_subscriptions_the_broker_refused_subscribes_again_and_hears_the_fleet(
+    nats: NatsCluster, agents: list[Agent], tmp_path: Path
+) -> None:
+    """The same refusal on the controller's side: until the broker reloads its account, no
+    device's message reaches it; then it subscribes again and sees the device come online."""
+    with running(start_controller(nats, tmp_path, qos1=False), nats) as controller:
+        wait_until(
+            lambda: (
+                "mqtt subscription refused topic=edgefleet/v1/devices/+/status" in controller_log(controller)
+            ),
+            60,
+            "the controller's subscriptions refused",
+        )
+        agent = register_agent(controller, tmp_path / "agents", "dev-c")
+        nats.add_devices([(agent.device_id, place_on(agent, nats.nodes[1], nats))])
+        nats.add_controller(controller.mqtt_password())
+        agents.append(agent.start())
+        wait_until(
+            lambda: controller.api("GET", "/v1/devices/dev-c").json()["online"],
+            90,
+            "dev-c online at the controller",
+        )
+        wait_until(
+            lambda: "mqtt subscriptions complete" in controller_log(controller),
+            60,
+            "every subscription granted",
+        )
+
+
+def controller_log(controller: Controller) -> str:
+    return controller.log_file.read_text(errors="replace")
