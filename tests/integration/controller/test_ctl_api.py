@@ -13,7 +13,16 @@ from tests.integration.controller.conftest import Ctl, running
 def test_every_v1_route_refuses_a_missing_or_wrong_token(ctl: Ctl) -> None:
     paths = ctl.client.get("/openapi.json").json()["paths"]
     routes = [(path, method.upper()) for path, ops in paths.items() for method in ops]
+    # Besides /v1/, only the broker's authentication hooks, which take the broker's secret
+    # instead of an operator token: an operator token (or none) gets nothing from them.
+    broker = [(path, method) for path, method in routes if path.startswith("/broker/")]
+    routes = [(path, method) for path, method in routes if not path.startswith("/broker/")]
     assert len(routes) >= 10 and all(path.startswith("/v1/") for path, _ in routes)
+    assert {path for path, _ in broker} == {"/broker/authenticate", "/broker/authorize"}
+    for path, method in broker:
+        for headers in ({}, {"Authorization": f"Bearer {ctl.token}"}, {"X-Broker-Secret": "wrong"}):
+            response = ctl.client.request(method, path, headers=headers, json={})
+            assert response.status_code == 401, (method, path, headers, response.text)
     for template, method in routes:
         path = re.sub(r"\{[^}]+\}", "x", template)
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {ctl.token}"}):
