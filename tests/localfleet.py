@@ -90,7 +90,7 @@ class Controller:
             self.proc = subprocess.Popen(
                 [*self.serve, "controller", "serve", "--data-dir", str(self.data_dir),
                  "--host", "127.0.0.1", "--port", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         # Generous: on two cores shared with other test processes, starting takes 10-30 s.
         try:
@@ -154,7 +154,7 @@ class Agent:
         with self.log_file.open("ab") as log:
             self.proc = subprocess.Popen(
                 [str(BIN / "edgefleet-agent"), "run", "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         return self
 

@@ -16,11 +16,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
+# Outside pytest-xdist workers (scripts/test.sh runs them on their own).
+pytestmark = pytest.mark.serial
+
 
 @pytest.mark.slow
 def test_the_demo_classifies_its_digits_and_ends_with_the_console(tmp_path: Path) -> None:
     demo = subprocess.Popen(
         [sys.executable, str(REPO / "examples" / "demo.py"), "--workdir", str(tmp_path / "demo")],
+        # Never the runner's stdin: under pytest-xdist it is the worker's channel to the runner.
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -30,6 +30,9 @@ REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 BLOCK = re.compile(r"```(\w*)\n(.*?)```", re.S)
 
+# Outside pytest-xdist workers (scripts/test.sh runs them on their own).
+pytestmark = pytest.mark.serial
+
 
 def section(text: str, start: str, end: str) -> str:
     return text[text.index(start) + len(start) : text.index(end)]
@@ -87,6 +90,8 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
             ["bash", "-c", script],
             cwd=REPO,
             env=env,
+            # Never the runner's stdin: under pytest-xdist it is the worker's channel to the runner.
+            stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
