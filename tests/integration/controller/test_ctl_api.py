@@ -122,7 +122,9 @@ def test_devices_register_once_with_valid_ids(ctl: Ctl) -> None:
         "mqtt_protocol",
         "controller_public_key",
         "profile",
+        "broker_ca_pem",
     }
+    assert creds["broker_ca_pem"] == "", "a plain-TCP broker has no CA to hand out"
     assert creds["controller_public_key"] == ctl.controller.signer.public_key_hex
     assert (creds["mqtt_username"], creds["broker_port"], creds["mqtt_protocol"]) == (
         "cam-1",
