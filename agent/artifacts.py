@@ -107,6 +107,28 @@ def validate_manifest(digest: str, manifest: artifact_pb2.ArtifactManifest, expe
         raise ManifestError(f"manifest format {manifest.format!r} is not one of {', '.join(STORED)}")
 
 
+def check_chunk(download: Download, index: int, offset: int, data: bytes) -> int:
+    """Where chunk ``index`` goes in the artifact; ChunkRejected unless it is the manifest's chunk."""
+    if not 0 <= index < download.chunks:
+        raise ChunkRejected(f"chunk index {index} is out of range 0..{download.chunks - 1}")
+    start, length = download.chunk_range(index)
+    if offset != start:
+        raise ChunkRejected(f"chunk {index} claims offset {offset}, expected {start}")
+    if len(data) != length:
+        raise ChunkRejected(f"chunk {index} has {len(data)} bytes, expected {length}")
+    if hashlib.sha256(data).digest() != download.manifest.chunk_sha256[index]:
+        raise ChunkRejected(f"chunk {index} does not match its sha256 in the manifest")
+    return start
+
+
+def check_whole(download: Download, actual: str) -> None:
+    """DigestMismatch unless the assembled artifact's sha256 (hex) is the one asked for."""
+    if actual != download.digest:
+        raise DigestMismatch(
+            f"assembled artifact has sha256 {actual}, expected {download.digest}: refusing it"
+        )
+
+
 def _allocate(fd: int, size: int) -> None:
     """Take ``size`` bytes from the disk now; sparse where the file system cannot allocate."""
     try:
@@ -197,15 +219,7 @@ class ArtifactStore:
         return download
 
     def write_chunk(self, download: Download, index: int, offset: int, data: bytes) -> None:
-        if not 0 <= index < download.chunks:
-            raise ChunkRejected(f"chunk index {index} is out of range 0..{download.chunks - 1}")
-        start, length = download.chunk_range(index)
-        if offset != start:
-            raise ChunkRejected(f"chunk {index} claims offset {offset}, expected {start}")
-        if len(data) != length:
-            raise ChunkRejected(f"chunk {index} has {len(data)} bytes, expected {length}")
-        if hashlib.sha256(data).digest() != download.manifest.chunk_sha256[index]:
-            raise ChunkRejected(f"chunk {index} does not match its sha256 in the manifest")
+        start = check_chunk(download, index, offset, data)
         with refused_for_space(f"writing chunk {index} of artifact {download.digest[:12]}"):
             fd = os.open(download.part, os.O_WRONLY)
             try:
@@ -221,12 +235,11 @@ class ArtifactStore:
             while block := f.read(_READ_BLOCK):
                 sha.update(block)
             os.fsync(f.fileno())
-        actual = sha.hexdigest()
-        if actual != download.digest:
+        try:
+            check_whole(download, sha.hexdigest())
+        except DigestMismatch:
             self.discard(download.digest)
-            raise DigestMismatch(
-                f"assembled artifact has sha256 {actual}, expected {download.digest}: refusing it"
-            )
+            raise
         target = (
             self.sample_path(download.digest)
             if sample

@@ -106,6 +106,7 @@ class Link:
         self.inbox = inbox
         self.agent_version = agent_version
         self._attempt = 0
+        self._delay = 0.0
         # The brokers this agent may use, in order; the one in use is self._addresses[self._at].
         self._addresses = config.addresses()
         self._at = 0
@@ -163,7 +164,12 @@ class Link:
     def _status(self, online: bool) -> bytes:
         return encode(fleet_pb2.DeviceStatus(online=online, at_ms=now_ms(), agent_version=self.agent_version))
 
-    def start(self) -> None:
+    def start(self, own_thread: bool = True) -> None:
+        """Connect from paho's network thread. With ``own_thread`` false nothing connects yet:
+        an external network loop calls :meth:`attempt`, then paho's ``loop_read``,
+        ``loop_write`` and ``loop_misc`` on :attr:`client` (the fleet simulator drives
+        thousands of links from one thread that way), and :meth:`attempt` again
+        :attr:`retry_delay` seconds after the connection is lost."""
         self._stopping = False
         self._client.will_set(self.topic(Kind.STATUS), self._status(False), qos=1, retain=True)
         self._set_delay()
@@ -172,7 +178,31 @@ class Link:
             kwargs["clean_start"] = True
         host, port = self._addresses[0]
         self._client.connect_async(host, port, self.config.keepalive_s, **kwargs)
-        self._client.loop_start()
+        if own_thread:
+            self._client.loop_start()
+
+    @property
+    def client(self) -> mqtt.Client:
+        """The paho client, for an external network loop (see :meth:`start`)."""
+        return self._client
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def attempt(self) -> bool:
+        """One connection attempt of an externally driven link, as paho's own loop makes it."""
+        try:
+            self._client.reconnect()
+        except OSError:
+            self._on_connect_fail(self._client, None)
+            return False
+        return True
+
+    @property
+    def retry_delay(self) -> float:
+        """Seconds to wait before the next connection attempt (what paho's own loop waits)."""
+        return self._delay
 
     def stop(self, timeout: float = 5.0) -> None:
         """Say offline ourselves and disconnect cleanly, so the broker drops the last will."""
@@ -204,6 +234,7 @@ class Link:
     def _set_delay(self) -> None:
         rounds = self._attempt // len(self._addresses)
         delay = backoff_delay(rounds) if self._attempt and rounds else (0.2 if self._attempt else 0.0)
+        self._delay = delay
         # paho accepts float seconds; its annotation says int.
         self._client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
 

@@ -81,11 +81,19 @@ class Record:
 
 
 class Outbox:
-    def __init__(self, path: Path, max_records: int, conditions: Conditions | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        max_records: int,
+        conditions: Conditions | None = None,
+        reserve_bytes: int = RESERVE_BYTES,
+    ) -> None:
         if max_records < 1:
             raise ValueError("max_records must be at least 1")
         self.path = Path(path)
         self.reserve = self.path.with_name(self.path.name + ".reserve")
+        # 0: no reserve file (thousands of simulated devices on one machine's memory-backed folder).
+        self.reserve_bytes = reserve_bytes
         self.max_records = max_records
         # Where a full disk is reported with the device's state (cleared by whoever sees space return).
         self.conditions = conditions
@@ -337,14 +345,16 @@ class Outbox:
     def _keep_reserve(self) -> None:
         """Write the reserve file when it is missing and the disk has room for it twice over."""
         try:
-            if self.reserve.exists() and self.reserve.stat().st_size >= RESERVE_BYTES:
+            if not self.reserve_bytes:
                 return
-            if shutil.disk_usage(self.path.parent).free < 2 * RESERVE_BYTES:
+            if self.reserve.exists() and self.reserve.stat().st_size >= self.reserve_bytes:
+                return
+            if shutil.disk_usage(self.path.parent).free < 2 * self.reserve_bytes:
                 return
             fd = os.open(self.reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 # Written, not sparse: the blocks must really be held.
-                os.write(fd, bytes(RESERVE_BYTES))
+                os.write(fd, bytes(self.reserve_bytes))
                 os.fsync(fd)
             finally:
                 os.close(fd)

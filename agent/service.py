@@ -25,7 +25,7 @@ import time
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from edgefleet_proto import artifact_pb2, fleet_pb2
+from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind
 from google.protobuf.message import DecodeError
@@ -36,17 +36,18 @@ from agent.artifacts import ArtifactStore
 from agent.atomic import write_atomic
 from agent.conditions import Conditions
 from agent.config import AgentConfig
-from agent.errors import OutboxError, TenantError
-from agent.link import Inbound, Link, LinkDown, LinkUp, Publication, Rejected, now_ms
+from agent.errors import TenantError
+from agent.link import Inbound, Link, now_ms
 from agent.observe import Observer
 from agent.outbox import Outbox, OutboxSender
 from agent.pipeline import Pipelines, ResultHub
 from agent.pool import MB, ModelPool
 from agent.runtime import probe_accelerator
+from agent.session import Session
 from agent.signing import KeyRing, parse_public_key
 from agent.state import StateStore
 from agent.systemd import Notifier
-from agent.telemetry import Inferences, InferenceStats, PipelineStats, SystemSampler, build_telemetry
+from agent.telemetry import Inferences, InferenceStats, PipelineStats, SystemSampler
 from agent.tenants import TenantSpec, from_proto, merge
 from agent.updater import Updater
 
@@ -64,9 +65,10 @@ DRAIN_ON_STOP_S = 3.0
 TENANTS_FILE = "tenants.pb"
 
 
-class Service:
+class Service(Session):
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        self.device_id = config.device_id
         self.stopping = threading.Event()
         data = config.data_dir
         data.mkdir(parents=True, exist_ok=True)
@@ -138,24 +140,6 @@ class Service:
         # Results are live: while the broker is away they are not queued.
         if self.link.connected:
             self.link.publish(topic, payload)
-
-    def _publish_record(self, kind: str, payload: bytes) -> Publication:
-        return self.link.publish(self.link.topic(Kind(kind)), payload)
-
-    def emit(self, kind: str, severity: str, message: str, attributes: dict[str, str]) -> None:
-        event = fleet_pb2.Event(
-            device_id=self.config.device_id,
-            at_ms=now_ms(),
-            kind=kind,
-            severity=severity,
-            message=message,
-            attributes=attributes,
-        )
-        try:
-            self.outbox.append(Kind.EVENTS.value, encode(event), event.at_ms)
-        except OutboxError as exc:
-            # An event that cannot be stored (a full disk) is lost, not the step that emitted it.
-            log.error("event not stored device=%s kind=%s error=%s", self.config.device_id, kind, exc)
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping.set()
@@ -247,51 +231,9 @@ class Service:
                 except queue.Empty:
                     break
 
-    def _handle(self, event: Any) -> None:
-        try:
-            self._dispatch(event)
-        except Exception:
-            # No message may kill the agent (a retained one would do it again at
-            # every start): what failed is logged with its traceback, the loop goes on.
-            log.exception(
-                "inbound message failed device=%s event=%s", self.config.device_id, type(event).__name__
-            )
-
-    def _dispatch(self, event: Any) -> None:
-        if isinstance(event, Inbound):
-            if isinstance(event.message, fleet_pb2.DesiredState):
-                refused = self.updater.on_desired(event.message)
-                if refused:
-                    # The generation lets the controller tell which of its states was refused.
-                    generation = str(event.message.generation)
-                    self._payload_rejected(Kind.DESIRED.value, refused, generation=generation)
-                elif int(event.message.generation) == self.updater.state.desired_generation:
-                    # Not for an older (replayed) state: it must not undo the newer one's tenants
-                    # and monitoring. The same generation again (retained, after a restart) does.
-                    self.observer.configure(event.message)
-                    self._declare_tenants(event.message)
-            elif isinstance(event.message, artifact_pb2.ArtifactResponse):
-                self.updater.on_artifact(event.message)
-            elif isinstance(event.message, fleet_pb2.TelemetryAck):
-                self.sender.acknowledge(event.message.seqs)
-        elif isinstance(event, Rejected):
-            self._payload_rejected(event.topic, event.reason)
-        elif isinstance(event, LinkUp):
-            self._request_desired()
-            self.updater.on_link_up()
-            self.sender.link_up()
-        elif isinstance(event, LinkDown):
-            log.info("working offline device=%s reason=%s", self.config.device_id, event.reason)
-
-    def _request_desired(self) -> None:
-        """Ask the controller for this device's desired state at every connection, beside the
-        broker's retained copy: a broker that lost it (or a cluster node that never had it)
-        must not leave the device behind. The answer is verified like any desired state."""
-        request = fleet_pb2.DesiredRequest(
-            device_id=self.config.device_id,
-            applied_generation=max(0, self.updater.state.desired_generation),
-        )
-        self.link.publish(self.link.topic(Kind.DESIRED_REQUEST), encode(request))
+    def _desired_taken(self, msg: fleet_pb2.DesiredState) -> None:
+        self.observer.configure(msg)
+        self._declare_tenants(msg)
 
     def _declare_tenants(self, msg: fleet_pb2.DesiredState) -> None:
         """Run the tenants the controller declares beside those of the config (newest generation wins)."""
@@ -339,10 +281,6 @@ class Service:
             f"{self.pool.loaded_bytes() / MB:.1f} MB of models loaded"
         )
 
-    def _payload_rejected(self, topic: str, reason: str, **attributes: str) -> None:
-        log.warning("payload rejected device=%s topic=%s error=%s", self.config.device_id, topic, reason)
-        self.emit("payload_rejected", "warning", reason, {"topic": topic, **attributes})
-
     def _close_window(self) -> None:
         """Send the window in progress, stamped by the device's clock as it ends (a jump of that
         clock moves the windows after it, as the controller should see them) and as long as the
@@ -352,22 +290,14 @@ class Service:
         self._telemetry(end - round((self.window_began - began) * 1000), end)
 
     def _telemetry(self, window_start: int, window_end: int) -> None:
-        telemetry = build_telemetry(
-            self.config.device_id,
-            self.outbox.next_seq(),
+        self.queue_telemetry(
             window_start,
             window_end,
             self.sampler.sample(),
             self.stats.drain(),
-            self.outbox.dropped(),
             *self.pipeline_stats.drain(*self.pipelines.telemetry_inputs()),
             drift=self.observer.drain_sketches(),
         )
-        telemetry.outbox_unwritable = self.outbox.unwritable
-        telemetry.outbox_dropped_for_space = self.outbox.dropped_for_space()
-        dropped = self.outbox.append(Kind.TELEMETRY.value, encode(telemetry), window_end, seq=telemetry.seq)
-        if dropped:
-            log.warning("outbox full device=%s dropped=%d", self.config.device_id, dropped)
 
     def _queue_captures(self, final: bool = False) -> None:
         """Finished capture uploads go to the outbox, like telemetry: sent when the broker is there."""
