@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65\x64gefleet_proto/artifact.proto\x12\x0c\x65\x64gefleet.v1\"j\n\x10\x41rtifactManifest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\x12\x14\n\x0c\x63hunk_sha256\x18\x04 \x03(\x0c\x12\x0e\n\x06\x66ormat\x18\x05 \x01(\t\"F\n\x0c\x43hunkRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x15\n\rwant_manifest\x18\x02 \x01(\x08\x12\x0f\n\x07indices\x18\x03 \x03(\r\"D\n\x05\x43hunk\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"/\n\rArtifactError\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa2\x01\n\x10\x41rtifactResponse\x12\x32\n\x08manifest\x18\x01 \x01(\x0b\x32\x1e.edgefleet.v1.ArtifactManifestH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.edgefleet.v1.ChunkH\x00\x12,\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1b.edgefleet.v1.ArtifactErrorH\x00\x42\x06\n\x04\x62odyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65\x64gefleet_proto/artifact.proto\x12\x0c\x65\x64gefleet.v1\"j\n\x10\x41rtifactManifest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\x12\x14\n\x0c\x63hunk_sha256\x18\x04 \x03(\x0c\x12\x0e\n\x06\x66ormat\x18\x05 \x01(\t\"Y\n\x0c\x43hunkRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x15\n\rwant_manifest\x18\x02 \x01(\x08\x12\x0f\n\x07indices\x18\x03 \x03(\r\x12\x11\n\tlistening\x18< \x01(\x08\"D\n\x05\x43hunk\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"/\n\rArtifactError\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa2\x01\n\x10\x41rtifactResponse\x12\x32\n\x08manifest\x18\x01 \x01(\x0b\x32\x1e.edgefleet.v1.ArtifactManifestH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.edgefleet.v1.ChunkH\x00\x12,\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1b.edgefleet.v1.ArtifactErrorH\x00\x42\x06\n\x04\x62ody\"\x87\x01\n\tWaveFrame\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x36\n\x0c\x61nnouncement\x18\x02 \x01(\x0b\x32\x1e.edgefleet.v1.WaveAnnouncementH\x00\x12*\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x19.edgefleet.v1.SealedChunkH\x00\x42\x06\n\x04\x62ody\"H\n\x10WaveAnnouncement\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x17\n\x0fsealed_manifest\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\",\n\x0bSealedChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06sealed\x18\x02 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ARTIFACTMANIFEST']._serialized_start=48
   _globals['_ARTIFACTMANIFEST']._serialized_end=154
   _globals['_CHUNKREQUEST']._serialized_start=156
-  _globals['_CHUNKREQUEST']._serialized_end=226
-  _globals['_CHUNK']._serialized_start=228
-  _globals['_CHUNK']._serialized_end=296
-  _globals['_ARTIFACTERROR']._serialized_start=298
-  _globals['_ARTIFACTERROR']._serialized_end=345
-  _globals['_ARTIFACTRESPONSE']._serialized_start=348
-  _globals['_ARTIFACTRESPONSE']._serialized_end=510
+  _globals['_CHUNKREQUEST']._serialized_end=245
+  _globals['_CHUNK']._serialized_start=247
+  _globals['_CHUNK']._serialized_end=315
+  _globals['_ARTIFACTERROR']._serialized_start=317
+  _globals['_ARTIFACTERROR']._serialized_end=364
+  _globals['_ARTIFACTRESPONSE']._serialized_start=367
+  _globals['_ARTIFACTRESPONSE']._serialized_end=529
+  _globals['_WAVEFRAME']._serialized_start=532
+  _globals['_WAVEFRAME']._serialized_end=667
+  _globals['_WAVEANNOUNCEMENT']._serialized_start=669
+  _globals['_WAVEANNOUNCEMENT']._serialized_end=741
+  _globals['_SEALEDCHUNK']._serialized_start=743
+  _globals['_SEALEDCHUNK']._serialized_end=787
 # @@protoc_insertion_point(module_scope)

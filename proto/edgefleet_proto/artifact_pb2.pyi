@@ -65,9 +65,15 @@ class ChunkRequest(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     WANT_MANIFEST_FIELD_NUMBER: _builtins.int
     INDICES_FIELD_NUMBER: _builtins.int
+    LISTENING_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
     want_manifest: _builtins.bool
     """Ask for the manifest first; chunk indices are only meaningful after it."""
+    listening: _builtins.bool
+    """Fields from 60: the device listens on the artifact's wave broadcast (WaveBroadcast in
+    fleet.proto), has its manifest and waits for its chunks. Nothing is sent back; the
+    controller starts the broadcast once the wave's devices listen.
+    """
     @_builtins.property
     def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -76,10 +82,11 @@ class ChunkRequest(_message.Message):
         digest: _builtins.str = ...,
         want_manifest: _builtins.bool = ...,
         indices: _abc.Iterable[_builtins.int] | None = ...,
+        listening: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "indices", b"indices", "want_manifest", b"want_manifest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "indices", b"indices", "listening", b"listening", "want_manifest", b"want_manifest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -166,3 +173,93 @@ class ArtifactResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___ArtifactResponse: _TypeAlias = ArtifactResponse  # noqa: Y015
+
+@_typing.final
+class WaveFrame(_message.Message):
+    """Controller -> devices on a wave's broadcast topic, edgefleet/v1/waves/{wave_id}/{digest}."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGEST_FIELD_NUMBER: _builtins.int
+    ANNOUNCEMENT_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    digest: _builtins.str
+    @_builtins.property
+    def announcement(self) -> Global___WaveAnnouncement:
+        """Retained on the topic: what a device joining needs (the manifest), and whether
+        every chunk has gone out.
+        """
+
+    @_builtins.property
+    def chunk(self) -> Global___SealedChunk: ...
+    def __init__(
+        self,
+        *,
+        digest: _builtins.str = ...,
+        announcement: Global___WaveAnnouncement | None = ...,
+        chunk: Global___SealedChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["announcement", b"announcement", "body", b"body", "chunk", b"chunk"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["announcement", b"announcement", "body", b"body", "chunk", b"chunk", "digest", b"digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["announcement", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___WaveFrame: _TypeAlias = WaveFrame  # noqa: Y015
+
+@_typing.final
+class WaveAnnouncement(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NONCE_FIELD_NUMBER: _builtins.int
+    SEALED_MANIFEST_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    nonce: _builtins.bytes
+    """The ArtifactManifest sealed with AES-256-GCM under the artifact's key and this random
+    12-byte nonce, associated data edgefleet_proto.wave.manifest_aad(digest).
+    """
+    sealed_manifest: _builtins.bytes
+    done: _builtins.bool
+    """Every chunk has been broadcast: a device missing any asks for it by ChunkRequest now."""
+    def __init__(
+        self,
+        *,
+        nonce: _builtins.bytes = ...,
+        sealed_manifest: _builtins.bytes = ...,
+        done: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "nonce", b"nonce", "sealed_manifest", b"sealed_manifest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaveAnnouncement: _TypeAlias = WaveAnnouncement  # noqa: Y015
+
+@_typing.final
+class SealedChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    SEALED_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    sealed: _builtins.bytes
+    """Chunk `index` sealed with AES-256-GCM under the artifact's key: ciphertext, then the
+    16-byte tag. Nonce and associated data derive from (digest, chunk_size, index)
+    (edgefleet_proto.wave), so a chunk replayed under another index or artifact fails.
+    """
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        sealed: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "sealed", b"sealed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SealedChunk: _TypeAlias = SealedChunk  # noqa: Y015

@@ -101,6 +101,7 @@ class ModelAssignment(_message.Message):
     SAMPLE_DIGEST_FIELD_NUMBER: _builtins.int
     SAMPLE_SIZE_FIELD_NUMBER: _builtins.int
     MODEL_SIGNATURE_FIELD_NUMBER: _builtins.int
+    BROADCAST_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     model_name: _builtins.str
     model_version: _builtins.str
@@ -158,6 +159,12 @@ class ModelAssignment(_message.Message):
         constants and carried state from it unless they declare their own.
         """
 
+    @_builtins.property
+    def broadcast(self) -> Global___WaveBroadcast:
+        """Delivery by wave broadcast (fields from 60): the wave that sends this assignment and
+        the keys that open its broadcast. Absent, or without a key: fetched by request only.
+        """
+
     def __init__(
         self,
         *,
@@ -180,14 +187,50 @@ class ModelAssignment(_message.Message):
         sample_digest: _builtins.str = ...,
         sample_size: _builtins.int = ...,
         model_signature: Global___ModelSignature | None = ...,
+        broadcast: Global___WaveBroadcast | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["key_rotation", b"key_rotation", "model_signature", b"model_signature"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["broadcast", b"broadcast", "key_rotation", b"key_rotation", "model_signature", b"model_signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "earlier_rotations", b"earlier_rotations", "format", b"format", "key_id", b"key_id", "key_rotation", b"key_rotation", "max_error_rate", b"max_error_rate", "model_name", b"model_name", "model_signature", b"model_signature", "model_version", b"model_version", "precision", b"precision", "probation_s", b"probation_s", "rollout_id", b"rollout_id", "runtime", b"runtime", "sample_digest", b"sample_digest", "sample_size", b"sample_size", "signature", b"signature", "tenant", b"tenant", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "broadcast", b"broadcast", "earlier_rotations", b"earlier_rotations", "format", b"format", "key_id", b"key_id", "key_rotation", b"key_rotation", "max_error_rate", b"max_error_rate", "model_name", b"model_name", "model_signature", b"model_signature", "model_version", b"model_version", "precision", b"precision", "probation_s", b"probation_s", "rollout_id", b"rollout_id", "runtime", b"runtime", "sample_digest", b"sample_digest", "sample_size", b"sample_size", "signature", b"signature", "tenant", b"tenant", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelAssignment: _TypeAlias = ModelAssignment  # noqa: Y015
+
+@_typing.final
+class WaveBroadcast(_message.Message):
+    """How a wave sends its artifacts once to all its devices (edgefleet_proto.wave): each
+    artifact is published, chunk by chunk, on edgefleet/v1/waves/{wave_id}/{digest}, sealed
+    with AES-256-GCM under a random key of its own. Any device may subscribe to a wave topic;
+    the keys travel only here, in the device's own signed desired state, so only a device
+    assigned the artifact can open it. What a device misses it asks for by ChunkRequest.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAVE_ID_FIELD_NUMBER: _builtins.int
+    ARTIFACT_KEY_FIELD_NUMBER: _builtins.int
+    SAMPLE_KEY_FIELD_NUMBER: _builtins.int
+    wave_id: _builtins.str
+    """Letters, digits and '-' only."""
+    artifact_key: _builtins.bytes
+    """The artifact's key (32 bytes); empty when the artifact is not broadcast."""
+    sample_key: _builtins.bytes
+    """The sample inputs' key (32 bytes); empty when they are not broadcast."""
+    def __init__(
+        self,
+        *,
+        wave_id: _builtins.str = ...,
+        artifact_key: _builtins.bytes = ...,
+        sample_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_key", b"artifact_key", "sample_key", b"sample_key", "wave_id", b"wave_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaveBroadcast: _TypeAlias = WaveBroadcast  # noqa: Y015
 
 @_typing.final
 class ModelSignature(_message.Message):
