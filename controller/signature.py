@@ -46,6 +46,10 @@ LAYOUTS = ("NHWC", "NCHW", "NC", "NTC", "NT", "")
 MEANINGS = ("scores", "boxes", "embeddings", "state", "mask", "")
 # How many axes each layout has.
 LAYOUT_RANK = {"NHWC": 4, "NCHW": 4, "NC": 2, "NTC": 3, "NT": 2}
+# Where an image layout keeps its channels: the axis the tenant's preprocessing fills with a
+# frame's channels, and drift sketches per channel. An image has 1 (gray) to 4 (colour and alpha).
+CHANNEL_AXIS = {"NHWC": 3, "NCHW": 1}
+MAX_IMAGE_CHANNELS = 4
 NO_AXIS = -1
 
 # The next state's name from the input's: a suffix added, or the first "0" turned into "n".
@@ -346,6 +350,21 @@ def _check_values(what: str, values: Sequence[float], dtype: str) -> None:
             )
 
 
+def _check_channels(what: str, layout: str, shape: Sequence[int]) -> None:
+    """An image layout whose channel axis the model fixes at more channels than an image has
+    (NHWC declared on a (1, 3, 224, 224) input: 224 channels) contradicts the model."""
+    axis = CHANNEL_AXIS[layout]
+    if shape[axis] < 0 or 0 < shape[axis] <= MAX_IMAGE_CHANNELS:
+        return
+    other = next(name for name in CHANNEL_AXIS if name != layout)
+    fits_other = 0 < shape[CHANNEL_AXIS[other]] <= MAX_IMAGE_CHANNELS
+    hint = f" (axis {CHANNEL_AXIS[other]} holds {shape[CHANNEL_AXIS[other]]}: {other})" if fits_other else ""
+    raise SignatureMismatch(
+        f"{what}: layout {layout} puts the channels on axis {axis}, which holds {shape[axis]} in the "
+        f"model's shape {list(shape)}; an image has 1 to {MAX_IMAGE_CHANNELS} channels{hint}"
+    )
+
+
 def _check_input(i: InputRole, spec: TensorSpec, outputs: dict[str, TensorSpec]) -> None:
     what = f"input {i.name!r}"
     _check_tensor("input", i.name, i.dtype, i.shape, spec)
@@ -357,6 +376,8 @@ def _check_input(i: InputRole, spec: TensorSpec, outputs: dict[str, TensorSpec])
         raise SignatureMismatch(
             f"{what}: layout {i.layout} has {LAYOUT_RANK[i.layout]} axes, the input has {len(spec.shape)}"
         )
+    if i.layout in CHANNEL_AXIS:
+        _check_channels(what, i.layout, spec.shape)
     if i.batch_axis != NO_AXIS and not 0 <= i.batch_axis < len(spec.shape):
         raise SignatureMismatch(
             f"{what}: batch axis {i.batch_axis} is outside its {len(spec.shape)} axes (-1 for none)"

@@ -6,6 +6,7 @@ does not run on what a device would feed it refused at once with the runtime's r
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -351,3 +352,31 @@ def test_the_drift_baseline_of_a_multi_input_model_sketches_the_input_its_signat
     )
     assert put.status_code == 200, put.text
     assert sorted(put.json()["spec"]["features"]) == [f"f{i}" for i in range(drift.AUDIO_BANDS)]
+
+
+def test_an_image_layout_whose_channel_axis_contradicts_the_model_is_refused_at_upload_and_edit(
+    ctl: Ctl, real_models: RealModels
+) -> None:
+    # BlazeFace takes (1, 128, 128, 3): declared NCHW, its channel axis would hold 128.
+    face = real_models("face_detection_short_range")
+    assert upload(ctl, "face", face).status_code == 201
+    url = "/v1/models/face/versions/1/signature"
+    before = ctl.api("GET", url).json()
+    wrong = ctl.api("GET", url).json()
+    wrong["inputs"][0]["layout"] = "NCHW"
+    message = (
+        "input 'input': layout NCHW puts the channels on axis 1, which holds 128 in the model's shape "
+        "[1, 128, 128, 3]; an image has 1 to 4 channels (axis 3 holds 3: NHWC)"
+    )
+    refused = ctl.api("PUT", url, json=wrong)
+    assert refused.status_code == 422 and message in refused.json()["detail"], refused.text
+    assert ctl.api("GET", url).json() == before  # nothing stored
+    refused = upload(ctl, "face-nchw", face, signature=json.dumps(wrong))
+    assert refused.status_code == 422 and message in refused.json()["detail"], refused.text
+    assert ctl.api("GET", "/v1/models/face-nchw/versions/1").status_code == 404
+    store = ctl.controller.registry.store
+    assert store.query("SELECT * FROM model_versions WHERE name = 'face-nchw'") == []
+    assert store.query("SELECT * FROM version_signatures WHERE name = 'face-nchw'") == []
+    # The layout the model's shape fits is accepted.
+    right = {**wrong, "inputs": [{**wrong["inputs"][0], "layout": "NHWC"}]}
+    assert ctl.api("PUT", url, json=right).status_code == 200
