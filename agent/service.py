@@ -281,14 +281,6 @@ class Service(Session):
             f"{self.pool.loaded_bytes() / MB:.1f} MB of models loaded"
         )
 
-    def _close_window(self) -> None:
-        """Send the window in progress, stamped by the device's clock as it ends (a jump of that
-        clock moves the windows after it, as the controller should see them) and as long as the
-        monotonic clock says it lasted."""
-        began, self.window_began = self.window_began, time.monotonic()
-        end = now_ms()
-        self._telemetry(end - round((self.window_began - began) * 1000), end)
-
     def _telemetry(self, window_start: int, window_end: int) -> None:
         self.queue_telemetry(
             window_start,

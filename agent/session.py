@@ -6,14 +6,16 @@ pipelines and talks to systemd; the fleet simulator of the test suite runs
 thousands of sessions in a few processes, each on its own broker login, so the
 simulated devices speak exactly this code and cannot drift from the agent.
 
-A subclass sets ``device_id``, ``link``, ``outbox``, ``sender`` and ``updater``
-before using it, and may override :meth:`_desired_taken` to act on a desired
+A subclass sets ``device_id``, ``link``, ``outbox``, ``sender``, ``updater`` and
+``window_began`` before using it, says what goes into a telemetry window
+(:meth:`_telemetry`), and may override :meth:`_desired_taken` to act on a desired
 state the updater took (the service configures its observer and tenants there).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from edgefleet_proto import artifact_pb2, fleet_pb2
@@ -35,6 +37,9 @@ class Session:
     outbox: Outbox
     sender: OutboxSender
     updater: Updater
+    # Start of the telemetry window in progress, on the monotonic clock: a window lasts
+    # what that clock says, so a jump of the device's clock never stretches or inverts one.
+    window_began: float
 
     def _publish_record(self, kind: str, payload: bytes) -> Publication:
         return self.link.publish(self.link.topic(Kind(kind)), payload)
@@ -103,6 +108,19 @@ class Session:
     def _payload_rejected(self, topic: str, reason: str, **attributes: str) -> None:
         log.warning("payload rejected device=%s topic=%s error=%s", self.device_id, topic, reason)
         self.emit("payload_rejected", "warning", reason, {"topic": topic, **attributes})
+
+    def _close_window(self) -> None:
+        """Send the window in progress, stamped by the device's clock as it ends (a jump of that
+        clock moves the windows after it, as the controller should see them) and as long as the
+        monotonic clock says it lasted."""
+        began, self.window_began = self.window_began, time.monotonic()
+        end = now_ms()
+        self._telemetry(end - round((self.window_began - began) * 1000), end)
+
+    def _telemetry(self, window_start: int, window_end: int) -> None:
+        """Queue the window from ``window_start`` to ``window_end`` (ms): :meth:`queue_telemetry`
+        with what the device measured in it."""
+        raise NotImplementedError
 
     def queue_telemetry(
         self,
