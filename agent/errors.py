@@ -21,6 +21,13 @@
     │       ├── InvalidInput        the caller's tensors do not fit the model
     │       └── Overloaded          the tenant's queue was full, the call dropped (transient)
     ├── TensorCodecError            a wire Tensor that is not a valid numpy array
+    ├── CallRefused                 a local app's call refused before any model ran
+    │   ├── Unauthenticated         no token where the tenant needs one, or a token no tenant has
+    │   ├── PermissionDenied        another tenant's token, or a shadow candidate named
+    │   ├── UnknownTenant           no such tenant on this device
+    │   ├── NotReady                the tenant's model is assigned but not loaded yet
+    │   └── RegionRefused           a shared-memory region, offset or size outside what the
+    │                               tenant registered; nothing was read or written
     ├── TenantError                 a tenant declaration that cannot be used (fatal)
     ├── SourceError                 a sensor source failed or ended (transient: reopened with backoff)
     ├── PreprocessError             a sample the tenant's preprocessing cannot shape (transient)
@@ -101,6 +108,32 @@ class TensorCodecError(AgentError):
 
 class OutboxError(AgentError):
     fatal = False
+
+
+class CallRefused(AgentError):
+    """A local app's call (gRPC or shared memory) refused before any model ran."""
+
+    fatal = False
+
+
+class Unauthenticated(CallRefused):
+    pass
+
+
+class PermissionDenied(CallRefused):
+    pass
+
+
+class UnknownTenant(CallRefused):
+    pass
+
+
+class NotReady(CallRefused):
+    pass
+
+
+class RegionRefused(CallRefused):
+    """A shared-memory request naming a region, offset or size the tenant did not register."""
 
 
 class TenantError(AgentError):
