@@ -7,6 +7,12 @@ and cached next to the artifact as ``<sha256>.manifest``; serving a chunk reads
 exactly that chunk's bytes, from a file descriptor kept open for the artifacts
 served last (checked against the path on every read, so an artifact replaced
 or removed on disk is never served from a stale descriptor).
+
+An artifact sent by wave broadcast is sealed with a key of its own
+(controller.wave_broadcast), kept beside it as ``<sha256>.wavekey`` (mode 0600): made
+on first use, never changed, so a device that got it in one desired state can open
+every broadcast of the artifact. Controllers sharing the folder agree on it (the first
+to link its file in wins).
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from edgefleet_proto import artifact_pb2
 from edgefleet_proto.codec import PayloadError, decode_as, encode
+from edgefleet_proto.wave import KEY_BYTES
 
 from controller.errors import ArtifactNotFound, TooLargeError
 from controller.files import atomic_write, fsync_dir
@@ -133,6 +140,7 @@ class ArtifactStore:
         self.chunk_size = chunk_size
         self.root.mkdir(parents=True, exist_ok=True)
         self._manifests: dict[str, artifact_pb2.ArtifactManifest] = {}
+        self._wave_keys: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self._open = _OpenFiles(OPEN_ARTIFACTS)
         weakref.finalize(self, self._open.close)
@@ -238,6 +246,44 @@ class ArtifactStore:
             chunk_sha256=hasher.finish(),
             format=fmt,
         )
+
+    def wave_key(self, digest: str) -> bytes:
+        """The artifact's broadcast key (32 random bytes), made the first time it is asked for."""
+        with self._lock:
+            cached = self._wave_keys.get(digest)
+        if cached is not None:
+            return cached
+        if not self.exists(digest):
+            raise ArtifactNotFound(f"unknown artifact {digest}")
+        path = self.root / f"{digest}.wavekey"
+        key = self._read_key(path)
+        if key is None:
+            fd, tmp_name = tempfile.mkstemp(prefix=".wavekey-", suffix=".tmp", dir=self.root)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(os.urandom(KEY_BYTES))
+                    out.flush()
+                    os.fsync(out.fileno())
+                # A link, not a rename: a key another controller made first is never replaced.
+                with suppress(FileExistsError):
+                    os.link(tmp_name, path)
+                fsync_dir(self.root)
+            finally:
+                os.unlink(tmp_name)
+            key = self._read_key(path)
+            if key is None:
+                raise ArtifactNotFound(f"the broadcast key of artifact {digest} is unreadable: {path}")
+        with self._lock:
+            self._wave_keys[digest] = key
+        return key
+
+    @staticmethod
+    def _read_key(path: Path) -> bytes | None:
+        try:
+            key = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return key if len(key) == KEY_BYTES else None
 
     def read_chunk(self, digest: str, index: int) -> artifact_pb2.Chunk:
         """Read chunk ``index`` only, from its offset."""

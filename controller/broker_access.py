@@ -8,6 +8,8 @@ answers from :mod:`controller.api.broker_auth`, decided here without I/O:
 - the controller's account owns the whole ``edgefleet/`` tree;
 - a device (username = device id) may touch only its own subtree, in the directions the
   contract uses (:data:`DEVICE_RULES`, the ACL's ``pattern`` lines; a test keeps them equal);
+- a device may subscribe to any wave broadcast's topic (:data:`WAVE_RULE`), and publish on none:
+  each broadcast artifact is sealed with a key only the devices assigned it get;
 - every account's client id must equal its username, as ``use_username_as_clientid`` makes
   it on Mosquitto, so no client can take over another's session.
 """
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from edgefleet_proto.topics import PREFIX, TopicError, validate_device_id
+from edgefleet_proto.wave import WaveError, WaveTopic, is_wave_topic
 
 from controller.mosquitto_auth import verify_password
 
@@ -53,6 +56,10 @@ DEVICE_RULES: tuple[tuple[Access, str], ...] = (
     (Access.WRITE, "results/#"),
     (Access.WRITE, "capture"),
 )
+
+
+# Every device's right on the wave broadcasts, as the ACL's pattern line says (no %u in it).
+WAVE_RULE: tuple[Access, str] = (Access.READ, "edgefleet/v1/waves/+/+")
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,8 @@ def authorize(
         return allow("the controller owns the tree") if inside else deny(f"outside {ROOT}/")
     if not is_device(username):
         return deny("unknown device")
+    if is_wave_topic(topic):
+        return _wave_access(topic, wanted)
     own = f"{PREFIX}/{username}/"
     if not topic.startswith(own):
         return deny("not the device's own subtree")
@@ -136,6 +145,18 @@ def authorize(
         if access in needed and _matches(pattern, rest):
             return allow(f"{access.value} {pattern}")
     return deny(f"no {wanted.value} right on {rest!r}")
+
+
+def _wave_access(topic: str, wanted: Action) -> Decision:
+    """A device reads a wave broadcast's exact topic; it never publishes on one."""
+    if wanted is not Action.SUBSCRIBE:
+        return deny("only the controller publishes wave broadcasts")
+    try:
+        WaveTopic.parse(topic)
+    except WaveError as exc:
+        # Wildcards included: a device subscribes to the broadcasts its desired state names.
+        return deny(f"not a wave broadcast topic: {exc}")
+    return allow(f"{WAVE_RULE[0].value} {WAVE_RULE[1]}")
 
 
 def _matches(pattern: str, topic: str) -> bool:

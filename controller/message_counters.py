@@ -20,6 +20,7 @@ REJECTED = "rejected"
 RATE_LIMITED = "rate_limited"
 QUOTA = "quota"
 BYTES_SERVED = "bytes_served"
+BYTES_BROADCAST = "bytes_broadcast"
 
 _UPSERT = (
     "INSERT INTO message_counters (counter, device_id, kind, reason, value)"
@@ -56,6 +57,10 @@ class MessageCounters:
 
     def bytes_served(self, device_id: str, n: int) -> None:
         self._add(BYTES_SERVED, device_id, "", "", n)
+
+    def broadcast_bytes(self, n: int) -> None:
+        """``n`` bytes published once on a wave's broadcast topic, whatever the wave's size."""
+        self._add(BYTES_BROADCAST, "", "", "", n)
 
     def _add(self, counter: str, device_id: str, kind: str, reason: str, n: int) -> None:
         if n:

@@ -254,8 +254,15 @@ def _limit_counters(store: Store) -> Iterator[CounterMetricFamily]:
         "Artifact bytes (manifests and chunks) sent to a device",
         labels=["device"],
     )
+    broadcast = CounterMetricFamily(
+        "edgefleet_artifact_bytes_broadcast",
+        "Artifact bytes (sealed chunks and announcements) published once on wave broadcast topics",
+    )
+    broadcast_total = 0
     for c in message_counters.read(store):
-        if c.counter == message_counters.REJECTED:
+        if c.counter == message_counters.BYTES_BROADCAST:
+            broadcast_total += c.value
+        elif c.counter == message_counters.REJECTED:
             rejected.add_metric([c.kind, c.reason], c.value)
         elif c.counter == message_counters.RATE_LIMITED:
             limited.add_metric([c.device_id, c.kind], c.value)
@@ -263,7 +270,8 @@ def _limit_counters(store: Store) -> Iterator[CounterMetricFamily]:
             quota.add_metric([c.device_id, c.kind, c.reason], c.value)
         elif c.counter == message_counters.BYTES_SERVED:
             served.add_metric([c.device_id], c.value)
-    yield from (rejected, limited, quota, served)
+    broadcast.add_metric([], broadcast_total)
+    yield from (rejected, limited, quota, served, broadcast)
 
 
 def render(sources: Sources) -> bytes:

@@ -55,6 +55,10 @@ pattern read edgefleet/v1/devices/%u/artifact/response
 # Tenant pipeline results, one topic per tenant (results/{tenant}).
 pattern write edgefleet/v1/devices/%u/results/#
 pattern write edgefleet/v1/devices/%u/capture
+
+# Wave broadcasts (edgefleet/v1/waves/{wave}/{digest}): every device may read them, each
+# artifact being sealed with a key that only the devices assigned it get; none may write.
+pattern read edgefleet/v1/waves/+/+
 """
 
 

@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.tenancy import SHADOW_SUFFIX
+from edgefleet_proto.wave import rollout_wave, wave_id
 
 from controller.errors import (
     CommandRefused,
@@ -151,9 +152,16 @@ def coarse_status(plan: Plan, state: State, statuses: Sequence[str]) -> RolloutS
 
 class Rollouts:
     def __init__(
-        self, store: Store, registry: Registry, fleet: Fleet, clock: Callable[[], float] = time.time
+        self,
+        store: Store,
+        registry: Registry,
+        fleet: Fleet,
+        clock: Callable[[], float] = time.time,
+        broadcast: bool = False,
     ) -> None:
         self.store = store
+        # Whether new rollouts send each wave's artifacts by wave broadcast (controller.wave_broadcast).
+        self.broadcast = broadcast
         self.registry = registry
         self.fleet = fleet
         self.clock = clock
@@ -268,7 +276,7 @@ class Rollouts:
                             device_id,
                             tenant,
                             index,
-                            encode(_wanted(targeted[device_id])),
+                            encode(self._in_wave(_wanted(targeted[device_id]), rollout_id, index)),
                             encode(previous) if previous else None,
                         ),
                     )
@@ -364,6 +372,30 @@ class Rollouts:
             if (m.tenant or DEFAULT_TENANT) == tenant:
                 return m
         return None
+
+    def _in_wave(
+        self, assignment: fleet_pb2.ModelAssignment, rollout_id: str, wave: int
+    ) -> fleet_pb2.ModelAssignment:
+        """The assignment as wave ``wave`` sends it: by its broadcast when rollouts broadcast."""
+        if not self.broadcast:
+            return assignment
+        sent = fleet_pb2.ModelAssignment()
+        sent.CopyFrom(assignment)
+        sent.broadcast.wave_id = wave_id(rollout_id, wave)
+        return sent
+
+    def wave_is_current(self, wave: str) -> bool:
+        """Whether ``wave`` is the wave its rollout is at, and the rollout goes on."""
+        parsed = rollout_wave(wave)
+        if parsed is None:
+            return False
+        rollout_id, index = parsed
+        states = [s.value for s in ACTIVE_STATES]
+        row = self.store.query_one(
+            f"SELECT wave FROM rollout_runs WHERE rollout_id = ? AND state IN ({','.join('?' * len(states))})",
+            (rollout_id, *states),
+        )
+        return row is not None and row["wave"] == index
 
     # -- the engine loop --------------------------------------------------------
 

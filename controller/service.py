@@ -58,7 +58,9 @@ class Controller:
         self.optimizer.start()
         self.fleet = Fleet(self.store, settings, self.broker_auth, self.signer.public_key_hex)
         self.profiles = Profiles(self.store)
-        self.rollouts = Rollouts(self.store, self.registry, self.fleet)
+        self.rollouts = Rollouts(
+            self.store, self.registry, self.fleet, broadcast=settings.artifact_delivery == "broadcast"
+        )
         self.telemetry = TelemetryStore(self.store)
         self.closed_loop = ClosedLoop(self.store, settings, self.telemetry, self.registry)
         # One service for the API and the maintenance tick that keeps desired states carrying them.
@@ -107,7 +109,12 @@ class Controller:
 
     def start_transport(self) -> Transport:
         transport = Transport(
-            self.settings, self.fleet, self.telemetry, self.artifacts, sign_desired=self.sign_desired
+            self.settings,
+            self.fleet,
+            self.telemetry,
+            self.artifacts,
+            sign_desired=self.sign_desired,
+            wave_is_current=self.rollouts.wave_is_current,
         )
         self.rollouts.publisher = transport
         self.transport = transport

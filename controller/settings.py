@@ -23,6 +23,7 @@ MAX_CHUNK_SIZE = 1024 * 1024
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_MODEL_MEMORY_BYTES = DEFAULT_MAX_UPLOAD_BYTES
 PROTOCOLS = ("v5", "v311")
+DELIVERIES = ("broadcast", "unicast")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,19 @@ class Settings:
     capture_quota_bytes: int = 512 * 1024 * 1024
     # Warnings about one device's bad messages: at most this many a second (burst 10).
     bad_message_logs_per_s: float = 1.0
+    # How rollouts deliver artifacts (controller.wave_broadcast): "broadcast" sends each wave's
+    # artifacts once, encrypted, on a wave topic its devices subscribe to (what a device misses
+    # it asks for by request); "unicast" answers each device's requests only.
+    artifact_delivery: str = "broadcast"
+    # A wave's broadcast starts once all its devices sent their desired state listen, or this
+    # long after the first did. Keep it below the agents' request_timeout_s (5 s by default):
+    # a device that hears nothing for that long asks for its chunks instead.
+    broadcast_grace_s: float = 2.0
+    # Bytes a second one broadcast is paced to (0: as fast as the broker takes them).
+    broadcast_bytes_per_s: float = 0.0
+    # How long the broker keeps a wave's retained announcement (MQTT 5 message expiry) should
+    # the controller not clear it itself when the wave ends.
+    broadcast_retain_s: int = 7 * 24 * 3600
 
     def __post_init__(self) -> None:
         if self.mqtt_protocol not in PROTOCOLS:
@@ -121,6 +135,14 @@ class Settings:
             raise ConfigError("retention days and maintenance_interval_s must be positive")
         if self.rollup_window_s < 1:
             raise ConfigError("rollup_window_s must be at least 1")
+        if self.artifact_delivery not in DELIVERIES:
+            raise ConfigError(
+                f"artifact_delivery must be one of {DELIVERIES}, not {self.artifact_delivery!r}"
+            )
+        if self.broadcast_grace_s < 0 or self.broadcast_bytes_per_s < 0 or self.broadcast_retain_s < 1:
+            raise ConfigError(
+                "broadcast_grace_s and broadcast_bytes_per_s must not be negative, broadcast_retain_s positive"
+            )
         self._check_device_limits()
 
     def _check_device_limits(self) -> None:

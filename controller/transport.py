@@ -49,6 +49,7 @@ from controller.message_counters import MessageCounters
 from controller.rate_limits import DeviceBuckets, Limit, NewestWins
 from controller.settings import Settings
 from controller.telemetry import TelemetryStore
+from controller.wave_broadcast import WaveBroadcaster
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class Transport:
         telemetry: TelemetryStore,
         artifacts: ArtifactStore,
         sign_desired: Callable[[str, bytes], bytes] | None = None,
+        wave_is_current: Callable[[str], bool] | None = None,
     ) -> None:
         self.settings = settings
         # Signs each stored desired state as it goes out (Controller.sign_desired), so every
@@ -181,7 +183,8 @@ class Transport:
         # Set by the controller to store captured data set chunks (controller.datasets).
         self.on_capture: Callable[[str, fleet_pb2.CaptureChunk, float], object] | None = None
         self._acks_lock = threading.Lock()
-        self._inflight: dict[int, Topic] = {}
+        # Device topics, or a wave broadcast's topic as text.
+        self._inflight: dict[int, Topic | str] = {}
         self._early_acks: dict[int, ReasonCode] = {}
         self._attempt = 0
         self._threads: list[threading.Thread] = []
@@ -208,6 +211,18 @@ class Transport:
         self._telemetry_quota = TelemetryQuota(fleet.store, settings.telemetry_quota_bytes, self.counters)
         # Set by the controller beside on_capture (it knows where uploads are staged).
         self.capture_quota: CaptureQuota | None = None
+        # Wave broadcast (controller.wave_broadcast), given the rollouts' answer to "is this
+        # wave its rollout's current one"; without it (tests of the session alone) none is sent.
+        self.waves: WaveBroadcaster | None = None
+        if wave_is_current is not None:
+            self.waves = WaveBroadcaster(
+                artifacts,
+                self,
+                wave_is_current,
+                self.counters,
+                settings.broadcast_grace_s,
+                settings.broadcast_bytes_per_s,
+            )
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -224,9 +239,13 @@ class Transport:
         ]
         for thread in self._threads:
             thread.start()
+        if self.waves is not None:
+            self.waves.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
+        if self.waves is not None:
+            self.waves.stop(timeout)
         try:
             self._client.disconnect()
         except Exception as exc:  # paho may raise on a half-open socket; we are leaving anyway
@@ -556,6 +575,10 @@ class Transport:
     # -- publishing ------------------------------------------------------
 
     def publish_desired(self, device_id: str, payload: bytes) -> None:
+        if self.waves is not None:
+            # Before signing: the broadcast keys go inside the signed state, and the wave's
+            # announcement is published before the state that makes the device subscribe.
+            payload = self.waves.prepare(device_id, payload)
         if self.sign_desired is not None:
             try:
                 payload = self.sign_desired(device_id, payload)
@@ -563,6 +586,25 @@ class Transport:
                 log.error("desired state not published: not signed device=%s error=%s", device_id, exc)
                 return
         self._publish(Topic(device_id, Kind.DESIRED), payload, retain=True)
+
+    def publish_wave(self, topic: str, payload: bytes, retain: bool) -> mqtt.MQTTMessageInfo:
+        """A QoS 1 publish on a wave's broadcast topic; a retained one expires on an MQTT 5 broker
+        after broadcast_retain_s, should the controller never clear it."""
+        props = None
+        if retain and payload and self._v5:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.MessageExpiryInterval = self.settings.broadcast_retain_s
+        info = self._client.publish(topic, payload, qos=QOS, retain=retain, properties=props)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.error("wave publish failed topic=%s error=%s", topic, mqtt.error_string(info.rc))
+            return info
+        with self._acks_lock:
+            early = self._early_acks.pop(info.mid, None)
+            if early is None:
+                self._inflight[info.mid] = topic
+                return info
+        self._check_ack(topic, early)
+        return info
 
     def _publish(self, topic: Topic, payload: bytes, retain: bool) -> None:
         info = self._client.publish(str(topic), payload, qos=QOS, retain=retain)
@@ -583,7 +625,11 @@ class Transport:
                 return
         self._check_ack(topic, early)
 
-    def _check_ack(self, topic: Topic, reason_code: ReasonCode) -> None:
+    def _check_ack(self, topic: Topic | str, reason_code: ReasonCode) -> None:
+        if isinstance(topic, str):
+            if reason_code.is_failure:
+                log.error("broker refused wave publish topic=%s reason=%s", topic, reason_code)
+            return
         if reason_code.is_failure:
             level = logging.ERROR if topic.kind is Kind.DESIRED else logging.WARNING
             log.log(
@@ -801,6 +847,11 @@ class Transport:
             return
         if not self.artifacts.exists(request.digest):
             refuse("unknown_artifact", f"unknown artifact {digest!r}")
+            return
+        if request.listening:
+            # Nothing is sent back: the broadcast starts once the wave's devices listen.
+            if self.waves is None or not self.waves.listening(device_id, request.digest):
+                log.info("device listens on no broadcast waiting device=%s digest=%s", device_id, digest)
             return
         try:
             manifest = self.artifacts.manifest(request.digest)

@@ -58,6 +58,12 @@ def device_rights() -> list[tuple[str, str]]:
 
 
 DEVICE_RIGHTS = device_rights()
+# The ACL's pattern lines outside the device's own subtree (wave broadcasts), read by every device.
+SHARED_READS = [
+    words[2]
+    for words in (line.split() for line in (DEPLOY / "edgefleet.acl").read_text().splitlines())
+    if len(words) == 3 and words[0] == "pattern" and words[1] == "read" and "%u" not in words[2]
+]
 
 
 def device_permissions(device_id: str, qos1: bool = True) -> dict[str, object]:
@@ -66,6 +72,7 @@ def device_permissions(device_id: str, qos1: bool = True) -> dict[str, object]:
     base = f"{PREFIX}/{device_id}/"
     publish = [subject(base + topic) for access, topic in DEVICE_RIGHTS if access in ("write", "readwrite")]
     subscribe = [subject(base + topic) for access, topic in DEVICE_RIGHTS if access in ("read", "readwrite")]
+    subscribe += [subject(topic) for topic in SHARED_READS]
     delivery = [QOS1_DELIVERY] if qos1 else []
     return {"publish": {"allow": publish}, "subscribe": {"allow": [*delivery, *subscribe]}}
 

@@ -43,6 +43,14 @@ def wave_id(rollout_id: str, wave: int) -> str:
     return validate_wave_id(f"{rollout_id}-w{wave + 1}")
 
 
+def rollout_wave(value: str) -> tuple[str, int] | None:
+    """(rollout id, 0-based wave) of a wave id made by :func:`wave_id`; None for any other."""
+    rollout, sep, number = value.rpartition("-w")
+    if not sep or not rollout or not number.isdigit() or int(number) < 1:
+        return None
+    return rollout, int(number) - 1
+
+
 def validate_wave_id(value: str) -> str:
     if not _WAVE_ID.match(value):
         raise WaveError(f"invalid wave id {value!r}: use 1-80 letters, digits and '-'")

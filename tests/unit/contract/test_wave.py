@@ -8,6 +8,7 @@ from edgefleet_proto.wave import (
     WaveError,
     WaveTopic,
     check_key,
+    rollout_wave,
     chunk_aad,
     chunk_nonce,
     manifest_aad,
@@ -22,6 +23,8 @@ def test_a_wave_topic_names_the_wave_and_the_artifact_and_parses_back() -> None:
     topic = WaveTopic(wave_id("0f" * 16, 2), DIGEST)
     assert str(topic) == f"edgefleet/v1/waves/{'0f' * 16}-w3/{DIGEST}"
     assert WaveTopic.parse(str(topic)) == topic
+    assert rollout_wave(topic.wave_id) == ("0f" * 16, 2)
+    assert rollout_wave("w1") is None and rollout_wave("r-w0") is None and rollout_wave("r-wx") is None
 
 
 @pytest.mark.parametrize(

@@ -99,3 +99,17 @@ def test_read_chunk_reads_only_that_chunk(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(os, "pread", counting_pread)
     store.read_chunk(digest, 7)
     assert reads == [CHUNK]
+
+
+def test_an_artifacts_broadcast_key_is_made_once_kept_beside_it_and_shared_by_stores(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path, CHUNK)
+    digest = put(store, os.urandom(3 * CHUNK))
+    key = store.wave_key(digest)
+    assert len(key) == 32 and store.wave_key(digest) == key
+    path = tmp_path / f"{digest}.wavekey"
+    assert path.read_bytes() == key and path.stat().st_mode & 0o777 == 0o600
+    # Another controller on the same folder, or this one restarted, opens the same broadcasts.
+    assert ArtifactStore(tmp_path, CHUNK).wave_key(digest) == key
+    assert store.wave_key(put(store, os.urandom(CHUNK))) != key
+    with pytest.raises(ArtifactNotFound):
+        store.wave_key("0" * 64)
