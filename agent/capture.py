@@ -64,9 +64,15 @@ class Bounds:
         )
 
     def outside_share(self, features: npt.NDArray[np.float64]) -> float:
-        if features.size != self.low.size:
-            return 0.0
-        return float(np.mean((features < self.low) | (features > self.high)))
+        shares = self.outside_shares(features.reshape(1, -1))
+        return 0.0 if shares is None else float(shares[0])
+
+    def outside_shares(self, features: npt.NDArray[np.float64]) -> npt.NDArray[np.float64] | None:
+        """Each row's share of features outside the body; None for rows of another width."""
+        if features.shape[1] != self.low.size:
+            return None
+        shares: npt.NDArray[np.float64] = ((features < self.low) | (features > self.high)).mean(axis=1)
+        return shares
 
 
 def capture_reason(
@@ -82,17 +88,40 @@ def capture_reason(
     low-confidence one about where it hesitates; the random sample keeps the
     captured data representative.
     """
+    probs = None if probabilities is None else np.asarray(probabilities).reshape(1, -1)
+    return capture_reasons(policy, np.asarray(inputs).reshape(1, -1), probs, bounds, np.array([draw]))[0]
+
+
+def capture_reasons(
+    policy: fleet_pb2.CapturePolicy,
+    inputs: npt.NDArray[np.generic],
+    probabilities: npt.NDArray[np.generic] | None,
+    bounds: Bounds | None,
+    draws: npt.NDArray[np.float64],
+    weight: int = 1,
+) -> list[str | None]:
+    """:func:`capture_reason` of each sample of a batch (samples along the first axis) at once.
+
+    Each sample stands for ``weight`` inferences (the closed loop samples one in ``weight`` when
+    the rate is high): its random draw is taken against ``weight`` times the policy's fraction,
+    so random captures keep the policy's share of every inference (up to one per sample).
+    Drifted and low-confidence inputs are found among the samples only.
+    """
+    n = len(inputs)
+    reasons: list[str | None] = [None] * n
+    random_kept = draws < policy.random_fraction * weight
+    drifted = low = np.zeros(n, dtype=bool)
     if policy.drifted_feature_share > 0 and bounds is not None:
-        features = np.asarray(inputs, dtype=np.float64).ravel()
-        if bounds.outside_share(features) > policy.drifted_feature_share:
-            return "drifted"
+        shares = bounds.outside_shares(np.asarray(inputs, dtype=np.float64).reshape(n, -1))
+        if shares is not None:
+            drifted = shares > policy.drifted_feature_share
     if policy.low_confidence_below > 0 and probabilities is not None:
-        probs = np.asarray(probabilities, dtype=np.float64).ravel()
-        if probs.size and float(probs.max()) < policy.low_confidence_below:
-            return "low_confidence"
-    if draw < policy.random_fraction:
-        return "random"
-    return None
+        probs = np.asarray(probabilities, dtype=np.float64).reshape(n, -1)
+        if probs.shape[1]:
+            low = probs.max(axis=1) < policy.low_confidence_below
+    for i in np.flatnonzero(drifted | low | random_kept):
+        reasons[i] = "drifted" if drifted[i] else "low_confidence" if low[i] else "random"
+    return reasons
 
 
 def chunk_upload(
@@ -187,6 +216,18 @@ class Capturer:
         reason = capture_reason(self.policy, inputs, probabilities, self.bounds, self.rng.random())
         if reason is None:
             return None
+        return self._keep(inputs, probabilities, reason, now)
+
+    def keep(self, inputs: npt.ArrayLike, probabilities: npt.ArrayLike | None, reason: str) -> str | None:
+        """Keep a sample the policy already chose (for ``reason``) if the bounds allow."""
+        now = self.clock()
+        if self.ready() or not self._under_hourly_bound(now):
+            return None
+        return self._keep(inputs, probabilities, reason, now)
+
+    def _keep(
+        self, inputs: npt.ArrayLike, probabilities: npt.ArrayLike | None, reason: str, now: float
+    ) -> str | None:
         row = np.asarray(inputs, dtype=np.float32)
         probs = None if probabilities is None else np.asarray(probabilities, dtype=np.float32).ravel()
         size = row.nbytes + (probs.nbytes if probs is not None else 0)
@@ -289,8 +330,11 @@ class Captures:
         model_version: str,
         inputs: npt.NDArray[np.generic],
         probabilities: npt.NDArray[np.generic] | None,
+        weight: int = 1,
     ) -> int:
-        """Offer a batch (samples along the first axis); returns how many samples were kept."""
+        """Offer a batch (samples along the first axis), each sample standing for ``weight``
+        inferences (:func:`capture_reasons`); returns how many samples were kept. The policy
+        judges the whole batch at once; only the samples it chose go through the bounds."""
         with self._lock:
             policy = self._policies.get(tenant)
             if policy is None or policy.model_name != model_name:
@@ -305,12 +349,16 @@ class Captures:
                 capturer = self._capturers[tenant] = Capturer(
                     policy, model_version, spec, self.rng, self.clock, self.chunk_size
                 )
+            draws = np.array([capturer.rng.random() for _ in range(len(inputs))])
+            reasons = capture_reasons(policy, inputs, probabilities, capturer.bounds, draws, weight)
             kept = 0
-            for i in range(len(inputs)):
+            for i, reason in enumerate(reasons):
+                if reason is None:
+                    continue
                 if capturer.ready():
                     self._done.append(capturer.take_upload())
                 row_probs = None if probabilities is None else probabilities[i]
-                kept += capturer.offer(inputs[i], row_probs) is not None
+                kept += capturer.keep(inputs[i], row_probs, reason) is not None
             if capturer.ready():
                 self._done.append(capturer.take_upload())
             return kept

@@ -240,11 +240,11 @@ def _bins(
     return _Bins(prefix, matrix.shape[1], matrix.shape[0], flat, classes, num_classes, confidence)
 
 
-def _bump(counts: Counts, indices: npt.NDArray[np.intp]) -> None:
+def _bump(counts: Counts, indices: npt.NDArray[np.intp], weight: int = 1) -> None:
     if indices.size == 1:
-        counts[int(indices[0])] += 1  # one sample, the usual case: no bincount
+        counts[int(indices[0])] += weight  # one sample: no bincount
     elif indices.size:
-        counts += np.bincount(indices, minlength=counts.size)[: counts.size]
+        counts += np.bincount(indices, minlength=counts.size)[: counts.size] * weight
 
 
 @dataclass
@@ -262,23 +262,24 @@ class _Window:
     def add(self, inputs: npt.ArrayLike, probabilities: npt.ArrayLike | None, layout: str = "") -> None:
         self.apply(_bins(self.compiled, inputs, probabilities, layout))
 
-    def apply(self, b: _Bins) -> None:
+    def apply(self, b: _Bins, weight: int = 1) -> None:
+        """Count the batch; each of its samples stands for ``weight`` inferences (see Sketcher.observe)."""
         c = self.compiled
         if b.features.size or b.prefix in self.features:
             grid = self.features.get(b.prefix)
             if grid is None:
                 grid = self.features[b.prefix] = np.zeros(c.slots[b.prefix], np.int64)
-            _bump(grid, b.features)
+            _bump(grid, b.features, weight)
         if c.columns[b.prefix].size:
             self.columns[b.prefix] = max(self.columns.get(b.prefix, 0), b.columns)
-        self.samples += b.samples
+        self.samples += b.samples * weight
         if b.num_classes > self.classes.size:
             self.classes = np.pad(self.classes, (0, b.num_classes - self.classes.size))
-        _bump(self.classes, b.classes)
+        _bump(self.classes, b.classes, weight)
         if b.confidence is not None:
             if self.confidence is None:
                 self.confidence = np.zeros(c.confidence_edges.size + 1, np.int64)
-            _bump(self.confidence, b.confidence)
+            _bump(self.confidence, b.confidence, weight)
 
     def sketch(self) -> fleet_pb2.DriftSketch:
         c = self.compiled
@@ -352,10 +353,14 @@ class Sketcher:
         inputs: npt.ArrayLike,
         probabilities: npt.ArrayLike | None = None,
         layout: str = "",
+        weight: int = 1,
     ) -> bool:
-        """Add one inference; False when the model version has no spec (not sketched).
+        """Add a batch of inferences; False when the model version has no spec (not sketched).
         ``layout`` (``nchw``/``nhwc``) places an image's channels; without it the spec's
-        channel count does.
+        channel count does. Each sample counts ``weight`` times, in the bins and in
+        ``samples``: a sample drawn with probability 1/weight stands for the inferences that
+        were not drawn, so a window's counts estimate every inference's without bias, and a
+        device that samples weighs as much in the fleet's merged window as one that does not.
 
         Raises ValueError for inputs or probabilities of an unexpected shape,
         which the caller logs; the window keeps what it had.
@@ -371,7 +376,7 @@ class Sketcher:
             window = self._windows.get(key)
             if window is None:
                 window = self._windows[key] = _window(compiled)
-            window.apply(bins)
+            window.apply(bins, weight)
             return True
 
     def drain(self) -> list[fleet_pb2.DriftSketch]:

@@ -6,17 +6,40 @@ pipelines and gRPC Infer call :meth:`Observer.observe` after every inference of
 a served (never a shadow) model; the service's loop drains the sketches into
 each telemetry window and sends finished capture uploads through the outbox.
 
-The per-inference path returns at once for a model version with neither a spec
-nor a capture policy, and a bad batch only costs that batch: the error is
-logged (rate-limited) and counted, never raised into the inference.
+The inference thread only decides whether the inference is observed and queues
+references to its arrays (the callers never change them afterwards); a thread of
+the observer's own sketches and captures what waits in batches, one numpy pass
+per model version and input shape instead of one per inference. Draining the
+sketches or the uploads first takes in whatever still waits, so a window holds
+every inference observed before it closed.
+
+Above ``SAMPLE_ABOVE_HZ`` inferences a second for one model version, only one in
+``stride`` is observed, drawn at random, and it counts ``stride`` times in the
+sketch (bins and samples) and in capture's random draw. A random draw that does
+not look at the values keeps each bin's expected count equal to the count of
+every inference, so the window's histograms stay unbiased and a busy device still
+weighs its true share in the fleet's merged window; drifted and low-confidence
+captures are found among the drawn inferences (at that rate the policy's hourly
+bound caps them long before). The rate is measured over a period that ends after
+``RATE_PERIOD_S`` or after as many inferences as the limit allows in one, so a
+burst is sampled within milliseconds.
+
+A model version with neither a spec nor a capture policy costs two dict lookups,
+and a bad batch only costs that batch: the error is logged (rate-limited) and
+counted, never raised into the inference.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import random
 import threading
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from edgefleet_proto import fleet_pb2
@@ -28,18 +51,76 @@ from agent.postprocess import Outcome
 log = logging.getLogger(__name__)
 
 WARN_EVERY_S = 30.0
+# Past this many inferences a second of one model version, the closed loop samples them.
+SAMPLE_ABOVE_HZ = 250.0
+RATE_PERIOD_S = 0.25
+# The sketching thread wakes when this many inferences wait, or this long after the first.
+BATCH = 64
+GATHER_S = 0.1
+# Inferences that may wait for the sketching thread; past it (a thread starved of CPU) an
+# inference is turned away and its weight carried by the next one of its model version.
+MAX_PENDING = 4096
+# A thread with nothing to do for this long ends; the next inference starts another.
+IDLE_EXIT_S = 10.0
+
+Key = tuple[str, str, str]
+
+
+class _Seen(NamedTuple):
+    """One observed inference, as the inference thread hands it over (references, no copies)."""
+
+    tenant: str
+    model_name: str
+    model_version: str
+    inputs: np.ndarray
+    outputs: Mapping[str, np.ndarray]
+    layout: str
+    outcome: Outcome | None
+    weight: int
+
+
+@dataclass
+class _Rate:
+    """One model version's inference rate over the current period, and the stride it set.
+    Updated without a lock by every worker: a lost count only nudges the rate estimate, the
+    weight an inference is queued with is the stride it was drawn with."""
+
+    since: float
+    stride: int = 1
+    seen: int = 0
 
 
 class Observer:
     def __init__(
-        self, device_id: str, sketcher: Sketcher | None = None, captures: Captures | None = None
+        self,
+        device_id: str,
+        sketcher: Sketcher | None = None,
+        captures: Captures | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sample_above_hz: float = SAMPLE_ABOVE_HZ,
     ) -> None:
         self.device_id = device_id
         self.sketcher = sketcher or Sketcher()
         self.captures = captures or Captures()
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._sample_above_hz = sample_above_hz
+        # A period ends early once it saw as many inferences as the limit allows in one.
+        self._period_limit = max(1, int(sample_above_hz * RATE_PERIOD_S))
         self._lock = threading.Lock()
         self._warned_at: dict[tuple[str, str], float] = {}
-        self.failures = 0
+        self._failures = 0
+        self._rates: dict[Key, _Rate] = {}
+        self._pending: deque[_Seen] = deque()
+        # Weight of admitted inferences the full queue turned away, per model version.
+        self._carried: dict[Key, int] = {}
+        self._ready = threading.Event()
+        # Guards starting and ending the sketching thread; _processing keeps one batch at a
+        # time (the thread or a drain), so each model version's inferences go in order.
+        self._life = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._processing = threading.Lock()
 
     def configure(self, desired: fleet_pb2.DesiredState) -> None:
         self.sketcher.set_specs(desired.drift_specs)
@@ -59,28 +140,169 @@ class Observer:
         knows (a pipeline's preprocessing made it); else the drift spec tells. ``outcome`` is
         the tenant's post-processed result: its scores, not the raw outputs, are then the
         predicted class and confidence that the sketch (and the confidence gate) read; a
-        captured sample keeps the model's own outputs."""
+        captured sample keeps the model's own outputs. The arrays are kept, not copied, until
+        the sketching thread took them in: the caller must not change them afterwards."""
+        weight = self.admit(tenant, model_name, model_version)
+        if weight:
+            self.offer(tenant, model_name, model_version, inputs, outputs, layout, outcome, weight)
+
+    def admit(self, tenant: str, model_name: str, model_version: str) -> int:
+        """How many inferences this one stands for in the closed loop: 0 when it is not observed
+        (no spec and no capture policy, or not drawn while the rate is high), else the stride
+        it was drawn with. A caller that admits hands the inference to :meth:`offer`."""
+        if not (
+            self.sketcher.wants(tenant, model_name, model_version) or self.captures.wants(tenant, model_name)
+        ):
+            return 0
+        key = (tenant, model_name, model_version)
+        now = self._clock()
+        rate = self._rates.get(key)
+        if rate is None:
+            rate = self._rates[key] = _Rate(now)
+        rate.seen += 1
+        if rate.seen >= self._period_limit or now - rate.since >= RATE_PERIOD_S:
+            hz = rate.seen / max(now - rate.since, 1e-6)
+            rate.stride = max(1, math.ceil(hz / self._sample_above_hz))
+            rate.since, rate.seen = now, 0
+        stride = rate.stride
+        if stride > 1 and self._rng.random() * stride >= 1.0:
+            return 0
+        return stride
+
+    def offer(
+        self,
+        tenant: str,
+        model_name: str,
+        model_version: str,
+        inputs: np.ndarray,
+        outputs: Mapping[str, np.ndarray],
+        layout: str,
+        outcome: Outcome | None,
+        weight: int,
+    ) -> None:
+        """Queue an admitted inference for the sketching thread; returns at once."""
+        pending = self._pending
+        if self._carried:
+            weight += self._carried.pop((tenant, model_name, model_version), 0)
+        if len(pending) >= MAX_PENDING:
+            key = (tenant, model_name, model_version)
+            self._carried[key] = self._carried.get(key, 0) + weight
+            return
+        pending.append(_Seen(tenant, model_name, model_version, inputs, outputs, layout, outcome, weight))
+        n = len(pending)
+        if n == 1 or n == BATCH or self._thread is None:
+            self._wake()
+
+    def _wake(self) -> None:
+        with self._life:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="closed-loop", daemon=True)
+                self._thread.start()
+        self._ready.set()
+
+    def _run(self) -> None:
+        while True:
+            if not self._ready.wait(IDLE_EXIT_S):
+                with self._life:
+                    if not self._pending:
+                        self._thread = None
+                        return
+            self._ready.clear()
+            if len(self._pending) < BATCH:
+                # Gather a batch: one numpy pass for many inferences.
+                self._ready.wait(GATHER_S)
+                self._ready.clear()
+            try:
+                self.process()
+            except Exception:
+                # A bug in sketching must not end the closed loop: logged, the next batch goes on.
+                log.exception("closed loop batch failed device=%s", self.device_id)
+
+    def process(self) -> None:
+        """Sketch and capture every inference waiting (the thread does it in the background;
+        a drain first, so that nothing observed before it is left out)."""
+        with self._processing:
+            pending, seen = self._pending, []
+            while pending:
+                seen.append(pending.popleft())
+            groups: dict[tuple[object, ...], list[_Seen]] = {}
+            for s in seen:
+                key = (s.tenant, s.model_name, s.model_version, s.layout, s.weight, s.inputs.shape)
+                groups.setdefault(key, []).append(s)
+            for members in groups.values():
+                self._observe_group(members)
+
+    def _observe_group(self, members: list[_Seen]) -> None:
+        """Inferences of one model version, layout, weight and input shape: sketched and offered
+        to capture together, in runs whose scores and probabilities have one shape."""
+        first = members[0]
+        tenant, model_name, model_version = first.tenant, first.model_name, first.model_version
         sketch = self.sketcher.wants(tenant, model_name, model_version)
         capture = self.captures.wants(tenant, model_name)
         if not (sketch or capture):
             return
-        try:
-            probs = probabilities_of(outputs)
-            if sketch:
-                scores = probs if outcome is None else scores_of(outcome)
-                self.sketcher.observe(tenant, model_name, model_version, inputs, scores, layout)
-            if capture:
-                batch = inputs if inputs.ndim > 1 else inputs[None, ...]
-                if probs is not None and len(probs) != len(batch):
-                    probs = None
-                self.captures.offer(tenant, model_name, model_version, batch, probs)
-        except (ValueError, TypeError) as exc:
-            self._failed(tenant, model_name, model_version, exc)
+        runs: list[tuple[object, list[_Prepared]]] = []
+        for s in members:
+            try:
+                probs = probabilities_of(s.outputs)
+                scores = probs if s.outcome is None else scores_of(s.outcome)
+            except (ValueError, TypeError) as exc:
+                self._failed(tenant, model_name, model_version, exc)
+                continue
+            rows = len(s.inputs) if s.inputs.ndim > 1 else 1
+            item = _Prepared(s, probs if probs is not None and len(probs) == rows else None, scores)
+            # Scores that do not match the inputs' rows fail alone (the sketch says why).
+            shape = _width(scores) if scores is None or len(scores) == rows else id(s)
+            key = (shape, _width(item.probs))
+            if runs and runs[-1][0] == key:
+                runs[-1][1].append(item)
+            else:
+                runs.append((key, [item]))
+        for _, run in runs:
+            self._observe_run(run, sketch, capture)
+
+    def _observe_run(self, run: list[_Prepared], sketch: bool, capture: bool) -> None:
+        first = run[0].seen
+        tenant, model_name, model_version = first.tenant, first.model_name, first.model_version
+        if sketch:
+            try:
+                self.sketcher.observe(
+                    tenant, model_name, model_version, *_stacked(run), first.layout, first.weight
+                )
+            except (ValueError, TypeError) as exc:
+                if len(run) == 1:
+                    self._failed(tenant, model_name, model_version, exc)
+                    return
+                # Binning commits nothing before it succeeds: each one again, alone, finds
+                # which failed; those are not captured either.
+                kept = []
+                for item in run:
+                    try:
+                        self.sketcher.observe(
+                            tenant, model_name, model_version, *_stacked([item]), first.layout, first.weight
+                        )
+                        kept.append(item)
+                    except (ValueError, TypeError) as exc_one:
+                        self._failed(tenant, model_name, model_version, exc_one)
+                run = kept
+        if capture and run:
+            inputs = np.concatenate([_batch(item.seen.inputs) for item in run])
+            probs = None if run[0].probs is None else np.concatenate([item.probs for item in run])
+            try:
+                self.captures.offer(tenant, model_name, model_version, inputs, probs, first.weight)
+            except (ValueError, TypeError) as exc:
+                self._failed(tenant, model_name, model_version, exc)
+
+    @property
+    def failures(self) -> int:
+        """Inferences that could not be sketched or captured, those still waiting judged first."""
+        self.process()
+        return self._failures
 
     def _failed(self, tenant: str, model_name: str, model_version: str, exc: Exception) -> None:
         now = time.monotonic()
         with self._lock:
-            self.failures += 1
+            self._failures += 1
             last = self._warned_at.get((tenant, model_name), -WARN_EVERY_S)
             if now - last < WARN_EVERY_S:
                 return
@@ -95,11 +317,42 @@ class Observer:
         )
 
     def drain_sketches(self) -> list[fleet_pb2.DriftSketch]:
+        self.process()
         return self.sketcher.drain()
 
     def uploads(self, final: bool = False) -> list[list[fleet_pb2.CaptureChunk]]:
         """Finished capture uploads; with ``final``, partly filled buffers too (shutdown)."""
+        self.process()
         return self.captures.flush() if final else self.captures.uploads()
+
+
+class _Prepared(NamedTuple):
+    seen: _Seen
+    # The model's class distribution for capture, None when it has none or its rows do not
+    # match the inputs'; the sketch's scores (post-processed ones when there is an outcome).
+    probs: np.ndarray | None
+    scores: np.ndarray | None
+
+
+def _batch(inputs: np.ndarray) -> np.ndarray:
+    """An input as a batch: a 1-D input is one sample."""
+    return inputs if inputs.ndim > 1 else inputs[None, ...]
+
+
+def _width(scores: np.ndarray | None) -> int | None:
+    return None if scores is None else (scores.shape[1] if scores.ndim == 2 else -1)
+
+
+def _stacked(run: Iterable[_Prepared]) -> tuple[np.ndarray, np.ndarray | None]:
+    """A run's inputs and scores as one batch each (no copy for a run of one)."""
+    items = list(run)
+    if len(items) == 1:
+        return items[0].seen.inputs, items[0].scores
+    inputs = np.concatenate([_batch(item.seen.inputs) for item in items])
+    scores = items[0].scores
+    if scores is not None:
+        scores = np.concatenate([item.scores for item in items if item.scores is not None])
+    return inputs, scores
 
 
 def scores_of(outcome: Outcome) -> np.ndarray | None:

@@ -18,7 +18,6 @@ backoff; other tenants are untouched.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -102,53 +101,96 @@ class ShadowJob:
     live_ms: float
 
 
+@dataclass(frozen=True)
+class _Route:
+    """What a tenant's jobs need of its spec and serving model, worked out once for the pair:
+    a job only checks that both are still the ones its route was made for."""
+
+    spec: TenantSpec
+    serving: ServingModel
+    # The model input the tenant's source feeds, and whether the signature says it takes raw
+    # audio frames (``NT``): sketched per band of their spectrum, not in the image layout.
+    source: str
+    audio: bool
+    feeder: Feeder
+    # The pool's name for the tenant's shadow candidate.
+    shadow: str
+
+
+class Subscription:
+    """One StreamResults caller's results, bounded: past ``bound`` the oldest waiting is dropped.
+
+    A ``queue.SimpleQueue`` underneath: handing a result to the waiting caller is one wake in C,
+    where ``queue.Queue`` runs a Python condition on both sides (about 10 us per result).
+    Producers trim under a lock of their own; a caller taking results meanwhile can make one
+    trim drop a result more than the bound asks, only when the caller is that far behind.
+    """
+
+    def __init__(self, bound: int = SUBSCRIBER_QUEUE) -> None:
+        self._items: queue.SimpleQueue[inference_pb2.Result | None] = queue.SimpleQueue()
+        self._bound = bound
+        self._trim = threading.Lock()
+
+    def put(self, item: inference_pb2.Result | None) -> None:
+        items = self._items
+        items.put(item)
+        if items.qsize() > self._bound:
+            with self._trim:
+                while items.qsize() > self._bound:
+                    try:
+                        items.get_nowait()
+                    except queue.Empty:
+                        break
+
+    def get(self, timeout: float | None = None) -> inference_pb2.Result | None:
+        """The oldest result; ``queue.Empty`` after ``timeout`` s without one."""
+        return self._items.get(timeout=timeout)
+
+    def get_nowait(self) -> inference_pb2.Result | None:
+        return self._items.get_nowait()
+
+    def qsize(self) -> int:
+        return self._items.qsize()
+
+
 class ResultHub:
-    """Fan-out of a tenant's results to its StreamResults callers; a slow caller loses its oldest."""
+    """Fan-out of a tenant's results to its StreamResults callers; a slow caller loses its oldest.
+
+    The subscriber lists are replaced, never changed in place, so publishing (once per
+    inference) reads them without the lock.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._subscribers: dict[str, list[queue.Queue[inference_pb2.Result | None]]] = {}
+        self._subscribers: dict[str, tuple[Subscription, ...]] = {}
 
-    def subscribe(self, tenant: str) -> queue.Queue[inference_pb2.Result | None]:
-        q: queue.Queue[inference_pb2.Result | None] = queue.Queue(SUBSCRIBER_QUEUE)
+    def subscribe(self, tenant: str) -> Subscription:
+        q = Subscription(SUBSCRIBER_QUEUE)
         with self._lock:
-            self._subscribers.setdefault(tenant, []).append(q)
+            self._subscribers[tenant] = (*self._subscribers.get(tenant, ()), q)
         return q
 
-    def unsubscribe(self, tenant: str, q: queue.Queue[inference_pb2.Result | None]) -> None:
+    def unsubscribe(self, tenant: str, q: Subscription) -> None:
         with self._lock:
-            subs = self._subscribers.get(tenant, [])
-            if q in subs:
-                subs.remove(q)
+            subs = tuple(s for s in self._subscribers.get(tenant, ()) if s is not q)
+            if subs:
+                self._subscribers[tenant] = subs
+            else:
+                self._subscribers.pop(tenant, None)
 
     def wanted(self, tenant: str) -> bool:
-        with self._lock:
-            return bool(self._subscribers.get(tenant))
+        return tenant in self._subscribers
 
     def publish(self, tenant: str, result: inference_pb2.Result) -> None:
-        with self._lock:
-            subs = list(self._subscribers.get(tenant, []))
-        for q in subs:
-            _put_dropping_oldest(q, result)
+        for q in self._subscribers.get(tenant, ()):
+            q.put(result)
 
     def close(self) -> None:
         """Wake every caller so the streams end (shutdown)."""
         with self._lock:
             subs = [q for qs in self._subscribers.values() for q in qs]
         for q in subs:
-            _put_dropping_oldest(q, None)
-
-
-def _put_dropping_oldest(
-    q: queue.Queue[inference_pb2.Result | None], item: inference_pb2.Result | None
-) -> None:
-    while True:
-        try:
-            q.put_nowait(item)
-            return
-        except queue.Full:
-            with contextlib.suppress(queue.Empty):
-                q.get_nowait()
+            q.put(None)
 
 
 class _Reader:
@@ -275,6 +317,8 @@ class Pipelines:
         # Feeders of tenants that declare no inputs, from their serving model's signature.
         self._signed_feeders: dict[tuple[str, str], Feeder] = {}
         self._fits: dict[tuple[str, str], tuple[str, str]] = {}
+        # Per tenant, the route of its current spec and model (written by the workers).
+        self._routes: dict[str, _Route] = {}
 
     def start(self) -> None:
         self.scheduler.start()
@@ -297,6 +341,7 @@ class Pipelines:
                 self._feeders.pop(tenant, None)
                 self._signed_feeders = {k: f for k, f in self._signed_feeders.items() if k[0] != tenant}
                 self._waiting.pop(tenant, None)
+                self._routes.pop(tenant, None)
                 log.info("tenant pipeline stopped device=%s tenant=%s", self.device_id, tenant)
             for tenant, spec in sorted(wanted.items()):
                 if tenant in self._specs:
@@ -481,15 +526,8 @@ class Pipelines:
     # -- the scheduler's runner -------------------------------------------------
 
     def _run_job(self, tenant: str, job: Job | Call | ShadowJob) -> None:
-        if isinstance(job, Call):
-            if job.future.set_running_or_notify_cancel():
-                try:
-                    job.future.set_result(job.run())
-                except BaseException as exc:  # handed to the caller, who turns it into a status
-                    job.future.set_exception(exc)
-            return
-        if isinstance(job, ShadowJob):
-            self._compare(job.tenant, job.live, job.candidate, job.inputs, job.outputs, job.live_ms)
+        if not isinstance(job, Job):
+            self._run_other(job)
             return
         spec = self._specs.get(tenant)
         serving = self.pool.get(tenant)
@@ -503,6 +541,65 @@ class Pipelines:
             self._skip_without_model(spec)
             return
         self._model_arrived(tenant, serving)
+        route = self._routes.get(tenant)
+        if route is None or route.spec is not spec or route.serving is not serving:
+            route = self._new_route(spec, serving)
+            if route is None:
+                return
+        candidate = self.pool.get(route.shadow)
+        fed: dict[str, np.ndarray] = {}
+
+        def feeding(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            fed.update(inputs)  # the candidate runs on exactly what the live model was fed
+            return serving.model.run(inputs)
+
+        model_run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] = (
+            serving.model.run if candidate is None else feeding
+        )
+
+        array = job.prepared.array
+        try:
+            start = time.perf_counter()
+            outputs = route.feeder.run(route.source, array, job.epoch, model_run)
+            end = time.perf_counter()
+        except AgentError as exc:
+            self._inference_failed(spec, serving, exc)
+            return
+        latency_ms = (end - job.queued_at) * 1000.0
+        observer = self.observer
+        name, version = serving.model_name, serving.model_version
+        weight = observer.admit(tenant, name, version) if observer is not None else 0
+        want_grpc = "grpc" in spec.results and self.hub.wanted(tenant)
+        wanted = want_grpc or "mqtt" in spec.results
+        sketched = weight and observer is not None and observer.sketcher.wants(tenant, name, version)
+        outcome = self._outcome(spec, job, outputs) if wanted or sketched else None
+        if wanted:
+            self._deliver(spec, serving, job, outputs, latency_ms, outcome, want_grpc)
+        # Counted once the result is on its way: the caller waiting for it wakes meanwhile.
+        self._record(tenant, serving, Origin.PIPELINE, latency_ms, ok=True)
+        if weight and observer is not None:
+            # The preprocessing made the image, so its layout is known, not read from the shape;
+            # a post-processed tenant is sketched on the scores its consumers get.
+            layout = "nt" if route.audio and array.ndim == 2 else spec.preprocess.layout
+            observer.offer(tenant, name, version, array, outputs, layout, outcome, weight)
+        if candidate is not None:
+            self._compare(tenant, serving, candidate, fed, outputs, (end - start) * 1000.0)
+
+    def _run_other(self, job: Call | ShadowJob) -> None:
+        """A gRPC caller's inference, or the shadow comparison of one."""
+        if isinstance(job, Call):
+            if job.future.set_running_or_notify_cancel():
+                try:
+                    job.future.set_result(job.run())
+                except BaseException as exc:  # handed to the caller, who turns it into a status
+                    job.future.set_exception(exc)
+            return
+        self._compare(job.tenant, job.live, job.candidate, job.inputs, job.outputs, job.live_ms)
+
+    def _new_route(self, spec: TenantSpec, serving: ServingModel) -> _Route | None:
+        """The tenant's route to its serving model; None (the job counted as failed) while the
+        model is not the one the tenant declares, or does not fit its feeds."""
+        tenant = spec.id
         if spec.model and serving.model_name != spec.model:
             self.inferences.tenant_failed(tenant)
             self._warn(
@@ -513,53 +610,34 @@ class Pipelines:
                 spec.model,
                 serving.model_name,
             )
-            return
-        fed: dict[str, np.ndarray] = {}
-
-        def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            fed.update(inputs)
-            return serving.model.run(inputs)
-
+            return None
         try:
-            source_name = self._fit(spec, serving)
-            feeder = self._feeder(spec, serving)
-            start = time.perf_counter()
-            outputs = feeder.run(source_name, job.prepared.array, job.epoch, run)
-            live_ms = (time.perf_counter() - start) * 1000.0
-        except AgentError as exc:
-            self._record(tenant, serving, Origin.PIPELINE, 0.0, ok=False)
-            self._warn(
-                (tenant, "inference"),
-                "inference failed device=%s tenant=%s model=%s version=%s error=%s",
-                self.device_id,
-                tenant,
-                serving.model_name,
-                serving.model_version,
-                exc,
-            )
-            return
-        latency_ms = (time.perf_counter() - job.queued_at) * 1000.0
-        self._record(tenant, serving, Origin.PIPELINE, latency_ms, ok=True)
-        sketched = self.observer is not None and self.observer.sketcher.wants(
-            tenant, serving.model_name, serving.model_version
+            source = self._fit(spec, serving)
+        except TenantError as exc:
+            self._inference_failed(spec, serving, exc)
+            return None
+        route = _Route(
+            spec,
+            serving,
+            source,
+            _audio_source(serving, source),
+            self._feeder(spec, serving),
+            shadow_of(tenant),
         )
-        outcome = self._outcome(spec, job, outputs) if sketched or self._wanted(spec) else None
-        self._deliver(spec, serving, job, outputs, latency_ms, outcome)
-        if self.observer is not None:
-            # The preprocessing made the image, so its layout is known, not read from the shape;
-            # a post-processed tenant is sketched on the scores its consumers get.
-            self.observer.observe(
-                tenant,
-                serving.model_name,
-                serving.model_version,
-                job.prepared.array,
-                outputs,
-                layout=_sketch_layout(spec, serving, source_name, job.prepared.array),
-                outcome=outcome,
-            )
-        candidate = self.pool.get(shadow_of(tenant))
-        if candidate is not None:
-            self._compare(tenant, serving, candidate, fed, outputs, live_ms)
+        self._routes[tenant] = route
+        return route
+
+    def _inference_failed(self, spec: TenantSpec, serving: ServingModel, exc: AgentError) -> None:
+        self._record(spec.id, serving, Origin.PIPELINE, 0.0, ok=False)
+        self._warn(
+            (spec.id, "inference"),
+            "inference failed device=%s tenant=%s model=%s version=%s error=%s",
+            self.device_id,
+            spec.id,
+            serving.model_name,
+            serving.model_version,
+            exc,
+        )
 
     def _fit(self, spec: TenantSpec, serving: ServingModel) -> str:
         """The input the tenant's source feeds, once its feeds and post-processing fit the model.
@@ -593,10 +671,6 @@ class Pipelines:
             raise TenantError(fit[1])
         return fit[0]
 
-    def _wanted(self, spec: TenantSpec) -> bool:
-        """Whether anyone takes the tenant's results: MQTT, or a gRPC StreamResults caller."""
-        return "mqtt" in spec.results or ("grpc" in spec.results and self.hub.wanted(spec.id))
-
     def _outcome(
         self, spec: TenantSpec, job: Job, outputs: dict[str, np.ndarray]
     ) -> postprocess.Outcome | None:
@@ -624,14 +698,11 @@ class Pipelines:
         outputs: dict[str, np.ndarray],
         latency_ms: float,
         outcome: postprocess.Outcome | None,
+        want_grpc: bool,
     ) -> None:
-        want_grpc = "grpc" in spec.results and self.hub.wanted(spec.id)
-        if not (want_grpc or "mqtt" in spec.results):
-            return
-        if outcome is None:
-            if spec.postprocess.kind:
-                return  # post-processing failed (logged): there is no result to deliver
-            outcome = postprocess.Outcome()
+        """Send the result to the tenant's StreamResults callers (``want_grpc``) and over MQTT."""
+        if outcome is None and spec.postprocess.kind:
+            return  # post-processing failed (logged): there is no result to deliver
         result = inference_pb2.Result(
             tenant=spec.id,
             model_name=serving.model_name,
@@ -641,13 +712,14 @@ class Pipelines:
             latency_ms=latency_ms,
             source_epoch=job.epoch,
         )
-        for c in outcome.classes:
-            result.classes.add(index=c.index, label=c.label, score=c.score)
-        for d in outcome.detections:
-            x0, y0, x1, y1 = d.box
-            result.detections.add(index=d.index, label=d.label, score=d.score, x0=x0, y0=y0, x1=x1, y1=y1)
-        if outcome.mask is not None:
-            result.mask.CopyFrom(from_numpy(outcome.mask, "mask"))
+        if outcome is not None:
+            for c in outcome.classes:
+                result.classes.add(index=c.index, label=c.label, score=c.score)
+            for d in outcome.detections:
+                x0, y0, x1, y1 = d.box
+                result.detections.add(index=d.index, label=d.label, score=d.score, x0=x0, y0=y0, x1=x1, y1=y1)
+            if outcome.mask is not None:
+                result.mask.CopyFrom(from_numpy(outcome.mask, "mask"))
         if not spec.postprocess.kind or spec.postprocess.raw:
             for name, array in outputs.items():
                 result.outputs[name].CopyFrom(from_numpy(array, f"output {name!r}"))
@@ -743,10 +815,9 @@ class Pipelines:
         return finished
 
 
-def _sketch_layout(spec: TenantSpec, serving: ServingModel, source_name: str, array: np.ndarray) -> str:
-    """How a tenant's prepared input is sketched: raw audio frames (an ``NT`` source input of
-    the model's signature) per band of their spectrum, images in the preprocessing's layout."""
+def _audio_source(serving: ServingModel, source_name: str) -> bool:
+    """Whether the model's signature says its source input takes raw audio frames (``NT``): a
+    tenant's 2-D inputs are then sketched per band of their spectrum, images in the
+    preprocessing's layout."""
     role = serving.signature.input(source_name) if serving.signature is not None else None
-    if array.ndim == 2 and role is not None and role.layout == "NT":
-        return "nt"
-    return spec.preprocess.layout
+    return role is not None and role.layout == "NT"
