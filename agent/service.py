@@ -54,6 +54,9 @@ from agent.updater import Updater
 if TYPE_CHECKING:
     import grpc
 
+    from agent.local_calls import LocalInference, TenantAccess
+    from agent.shared_memory import SharedMemoryServer
+
 log = logging.getLogger(__name__)
 
 # The loop wakes at least this often (signal flags, outbox acknowledgements).
@@ -132,6 +135,8 @@ class Service(Session):
             max_attempts=config.updates.max_attempts,
         )
         self.server: grpc.Server | None = None
+        # The shared-memory fast path beside the gRPC socket (agent.shared_memory).
+        self.fast_path: SharedMemoryServer | None = None
         # Start of the telemetry window in progress, on the monotonic clock: a window lasts
         # what that clock says, so a jump of the device's clock never stretches or inverts one.
         self.window_began = time.monotonic()
@@ -185,13 +190,33 @@ class Service(Session):
             shadow=self.pipelines.offer_shadow,
         )
         results = ResultsApi(self.hub, self.pipelines.specs, auth)
-        return serve(
+        server = serve(
             self.config.socket,
             api,
             results=results,
             socket_mode=self.config.api.socket_mode,
             socket_group=self.config.api.socket_group,
         )
+        self._serve_fast_path(api.calls, auth.access)
+        return server
+
+    def _serve_fast_path(self, calls: LocalInference, access: TenantAccess) -> None:
+        from agent.shared_memory import SharedMemoryServer
+        from agent.shm_wire import fast_path_socket
+
+        fast_path = SharedMemoryServer(fast_path_socket(self.config.socket), calls, access)
+        try:
+            fast_path.start(self.config.api.socket_mode, self.config.api.socket_group)
+        except OSError as exc:
+            # gRPC still serves every call; only the fast path is missing (a path too long, ...).
+            log.warning(
+                "shared-memory fast path off device=%s socket=%s error=%s",
+                self.config.device_id,
+                fast_path.path,
+                exc,
+            )
+            return
+        self.fast_path = fast_path
 
     def _loop(self) -> None:
         interval = self.config.telemetry_interval_s
@@ -315,6 +340,8 @@ class Service(Session):
         # Calls in flight finish on the scheduler's workers, so gRPC stops first.
         if self.server is not None:
             self.server.stop(grace=1.0).wait(2.0)
+        if self.fast_path is not None:
+            self.fast_path.stop(2.0)
         if not self.pipelines.stop(DRAIN_ON_STOP_S):
             log.warning("inference still running at stop device=%s", self.config.device_id)
         # What was captured but not yet uploaded waits in the outbox for the next start.

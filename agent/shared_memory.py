@@ -269,6 +269,9 @@ class SharedMemoryServer:
         old_umask = os.umask(0o777 & ~socket_mode)
         try:
             listener.bind(str(self.path))
+        except OSError:
+            listener.close()
+            raise
         finally:
             os.umask(old_umask)
         os.chmod(self.path, socket_mode)
