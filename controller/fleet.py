@@ -21,6 +21,7 @@ import logging
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -158,6 +159,15 @@ class Credentials:
     profile: str = ""
 
 
+@dataclass(frozen=True)
+class Registration:
+    """One device to register: its id, tags and device profile ("" none)."""
+
+    device_id: str
+    tags: tuple[str, ...] = ()
+    profile: str = ""
+
+
 def validate_tags(tags: Sequence[str]) -> list[str]:
     if len(tags) > MAX_TAGS:
         raise InvalidInputError(f"at most {MAX_TAGS} tags, got {len(tags)}")
@@ -211,54 +221,92 @@ class Fleet:
         self._grants: dict[str, frozenset[str]] = {}
 
     def register(self, device_id: str, tags: Sequence[str] = (), profile: str = "") -> Credentials:
-        try:
-            validate_device_id(device_id)
-        except TopicError as exc:
-            raise InvalidDeviceId(str(exc)) from None
-        if device_id == self.settings.mqtt_username:
-            raise InvalidDeviceId(f"device id {device_id!r} is reserved for the controller's MQTT user")
-        clean_tags = validate_tags(tags)
-        if profile and self.store.query_one("SELECT 1 FROM profiles WHERE id = ?", (profile,)) is None:
-            raise InvalidInputError(
-                f"unknown profile {profile!r}: register it first (edgefleet profiles register)"
-            )
-        password = generate_password()
+        return self.register_many([Registration(device_id, tuple(tags), profile)])[0]
+
+    def register_many(self, registrations: Sequence[Registration]) -> list[Credentials]:
+        """Register devices all at once or none: one transaction and one rewrite of the broker's
+        password file (with one reload) for the lot, where registering each in turn rewrites the
+        whole file and reloads the broker once per device."""
+        if not registrations:
+            return []
+        for r in registrations:
+            self._check_registration(r)
+        ids = [r.device_id for r in registrations]
+        twice = sorted(d for d, n in Counter(ids).items() if n > 1)
+        if twice:
+            raise InvalidInputError(f"device ids listed more than once: {', '.join(twice[:10])}")
+        passwords = [generate_password() for _ in registrations]
+        now = time.time()
         try:
             with self.store.transaction() as tx:
-                tx.execute(
-                    "INSERT INTO devices (device_id, tags, password_hash, created_at) VALUES (?, ?, ?, ?)",
-                    (device_id, json.dumps(clean_tags), hash_password(password), time.time()),
-                )
-                if profile:
+                for r, password in zip(registrations, passwords, strict=True):
                     tx.execute(
-                        "INSERT INTO device_profiles (device_id, profile_id) VALUES (?, ?)",
-                        (device_id, profile),
+                        "INSERT INTO devices (device_id, tags, password_hash, created_at) VALUES (?, ?, ?, ?)",
+                        (r.device_id, json.dumps(validate_tags(r.tags)), hash_password(password), now),
                     )
+                    if r.profile:
+                        tx.execute(
+                            "INSERT INTO device_profiles (device_id, profile_id) VALUES (?, ?)",
+                            (r.device_id, r.profile),
+                        )
         except DuplicateKeyError:
-            raise DeviceExists(f"device {device_id} is already registered") from None
+            if len(ids) == 1:
+                raise DeviceExists(f"device {ids[0]} is already registered") from None
+            known = sorted(self.known(ids))
+            more = f" and {len(known) - 10} more" if len(known) > 10 else ""
+            named = ", ".join(known[:10]) + more or "a revoked device among them"
+            raise DeviceExists(
+                f"devices already registered: {named}; none of the batch was registered"
+            ) from None
         try:
             self.sync_broker()
         except BrokerAuthError:
-            # Without broker credentials the device could never connect: undo.
+            # Without broker credentials the devices could never connect: undo.
             with self.store.transaction() as tx:
-                tx.execute("DELETE FROM device_profiles WHERE device_id = ?", (device_id,))
-                tx.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
-            self._forget(device_id)
-            log.error("device registration undone device=%s reason=broker credentials not applied", device_id)
+                for device_id in ids:
+                    tx.execute("DELETE FROM device_profiles WHERE device_id = ?", (device_id,))
+                    tx.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
+            for device_id in ids:
+                self._forget(device_id)
+            log.error(
+                "device registration undone devices=%s count=%d reason=broker credentials not applied",
+                ",".join(ids[:10]),
+                len(ids),
+            )
             raise
-        log.info(
-            "device registered device=%s tags=%s profile=%s", device_id, ",".join(clean_tags), profile or "-"
-        )
-        return Credentials(
-            device_id=device_id,
-            mqtt_username=device_id,
-            mqtt_password=password,
-            broker_host=self.settings.broker_host,
-            broker_port=self.settings.broker_port,
-            mqtt_protocol=self.settings.mqtt_protocol,
-            controller_public_key=self.controller_public_key,
-            profile=profile,
-        )
+        for r in registrations:
+            log.info(
+                "device registered device=%s tags=%s profile=%s",
+                r.device_id,
+                ",".join(validate_tags(r.tags)),
+                r.profile or "-",
+            )
+        return [
+            Credentials(
+                device_id=r.device_id,
+                mqtt_username=r.device_id,
+                mqtt_password=password,
+                broker_host=self.settings.broker_host,
+                broker_port=self.settings.broker_port,
+                mqtt_protocol=self.settings.mqtt_protocol,
+                controller_public_key=self.controller_public_key,
+                profile=r.profile,
+            )
+            for r, password in zip(registrations, passwords, strict=True)
+        ]
+
+    def _check_registration(self, r: Registration) -> None:
+        try:
+            validate_device_id(r.device_id)
+        except TopicError as exc:
+            raise InvalidDeviceId(str(exc)) from None
+        if r.device_id == self.settings.mqtt_username:
+            raise InvalidDeviceId(f"device id {r.device_id!r} is reserved for the controller's MQTT user")
+        validate_tags(r.tags)
+        if r.profile and self.store.query_one("SELECT 1 FROM profiles WHERE id = ?", (r.profile,)) is None:
+            raise InvalidInputError(
+                f"unknown profile {r.profile!r}: register it first (edgefleet profiles register)"
+            )
 
     def password_entries(self) -> list[tuple[str, str]]:
         """The controller's and every device's broker password, but a revoked device's (controller.revocation)."""

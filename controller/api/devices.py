@@ -8,6 +8,7 @@ from controller import outbox_losses
 from controller.api.deps import ControllerDep, FleetDep, TenantsDep, minimum_role
 from controller.api.responses import errors
 from controller.api.schemas import (
+    DeviceBatchCreate,
     DeviceCertificateCreate,
     DeviceCertificatePublic,
     DeviceCreate,
@@ -21,7 +22,7 @@ from controller.api.schemas import (
 )
 from controller.auth import Role
 from controller.certificates import broker_ca_pem
-from controller.fleet import Device
+from controller.fleet import Device, Registration
 
 router = APIRouter(tags=["devices"])
 
@@ -37,6 +38,25 @@ def register_device(body: DeviceCreate, controller: ControllerDep) -> DeviceCred
     credentials = controller.fleet.register(body.device_id, body.tags, body.profile)
     public = DeviceCredentialsPublic.model_validate(credentials)
     return public.model_copy(update={"broker_ca_pem": broker_ca_pem(controller.settings.mqtt_tls_ca_file)})
+
+
+@router.post(
+    "/devices/batch",
+    status_code=status.HTTP_201_CREATED,
+    response_model=list[DeviceCredentialsPublic],
+    responses=errors(409, 503),
+    openapi_extra=minimum_role(Role.ADMIN),
+)
+def register_devices(body: DeviceBatchCreate, controller: ControllerDep) -> list[DeviceCredentialsPublic]:
+    """Register many devices at once, all or none: one broker password-file rewrite and reload
+    for the batch (registering a fleet one device at a time rewrites the file per device)."""
+    registered = controller.fleet.register_many(
+        [Registration(d.device_id, tuple(d.tags), d.profile) for d in body.devices]
+    )
+    ca = broker_ca_pem(controller.settings.mqtt_tls_ca_file)
+    return [
+        DeviceCredentialsPublic.model_validate(c).model_copy(update={"broker_ca_pem": ca}) for c in registered
+    ]
 
 
 @router.post(

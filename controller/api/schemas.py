@@ -133,10 +133,18 @@ class ModelPublic(_Public):
     versions: list[VersionSummaryPublic]
 
 
+# Devices one POST /v1/devices/batch registers at most (its answer holds a password for each).
+MAX_DEVICE_BATCH = 10_000
+
+
 class DeviceCreate(_Create):
     device_id: str = Field(pattern=DEVICE_ID.pattern)
     tags: list[Annotated[str, Field(pattern=TAG.pattern)]] = Field(default_factory=list)
     profile: str = ""
+
+
+class DeviceBatchCreate(_Create):
+    devices: list[DeviceCreate] = Field(min_length=1, max_length=MAX_DEVICE_BATCH)
 
 
 class DeviceCredentialsPublic(_Public):
