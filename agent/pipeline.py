@@ -407,11 +407,21 @@ class Pipelines:
         Local apps calling over gRPC get the same weighted share as the pipelines,
         so a greedy caller cannot starve a camera tenant. The caller records the
         inference, since only it knows the model version that ran and how it ended.
+        When a share is free and no job waits, the caller's thread runs the job itself,
+        charged to the tenant as a worker's run would be (no hand-off to a worker and back).
         """
         with self._lock:
             if tenant not in self._specs and tenant not in self._callers:
                 self._callers.add(tenant)
                 self.scheduler.configure(tenant, 1.0, CALLER_QUEUE)
+        ticket = self.scheduler.claim(tenant, run)
+        if ticket is not None:
+            clock = self.scheduler.clock
+            start = clock()
+            try:
+                return run()
+            finally:
+                self.scheduler.release(ticket, clock() - start)
         call: Call = Call(run, Future())
         self._dropped(tenant, self.scheduler.submit(tenant, call))
         try:

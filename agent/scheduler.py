@@ -13,6 +13,11 @@ ends, so one tenant cannot grab every worker at the same tag.
 
 :class:`Scheduler` is the thin threaded executor: a worker pool that pops, runs
 and reports the cost. Fairness is tested on :class:`FairQueue` with a fake clock.
+
+A local app's call need not cross to a worker and back: when no job waits and fewer
+jobs run than there are workers, :meth:`Scheduler.claim` lets the caller run its job
+on its own thread, charged to its lane like any other (two thread hand-offs cost more
+than a small model's run). At most ``workers`` jobs run at once either way.
 """
 
 from __future__ import annotations
@@ -110,6 +115,19 @@ class FairQueue:
         lane.running += 1
         return Ticket(tenant, lane.items.popleft(), charged)
 
+    def claim(self, tenant: str, item: Any) -> Ticket | None:
+        """``item`` popped at once for its caller to run, when no job of any lane waits (so no
+        lane is passed over) and its own lane may start one; else None and nothing changes."""
+        lane = self._lanes.get(tenant)
+        if lane is None or (lane.serial and lane.running) or self.waiting():
+            return None
+        self.push(tenant, item)
+        return self.pop()
+
+    def waiting(self) -> bool:
+        """Whether any lane has a job waiting to start."""
+        return any(lane.items for lane in self._lanes.values())
+
     def done(self, ticket: Ticket, cost_s: float) -> None:
         lane = self._lanes.get(ticket.tenant)
         if lane is None:
@@ -158,6 +176,8 @@ class Scheduler:
         self._cond = threading.Condition(threading.Lock())
         self._stopping = False
         self._threads: list[threading.Thread] = []
+        # Jobs running now, on workers or on their callers' threads (claim()).
+        self._running = 0
 
     def start(self) -> None:
         for i in range(self.workers):
@@ -182,6 +202,29 @@ class Scheduler:
             self._cond.notify()
             return dropped
 
+    def claim(self, tenant: str, item: Any) -> Ticket | None:
+        """A ticket to run ``item`` on the caller's own thread now, or None (then :meth:`submit`
+        it). The caller times the job with :attr:`clock` and hands the ticket to :meth:`release`."""
+        with self._cond:
+            if self._stopping or self._running >= self.workers:
+                return None
+            ticket = self._queue.claim(tenant, item)
+            if ticket is not None:
+                self._running += 1
+            return ticket
+
+    def release(self, ticket: Ticket, cost_s: float) -> None:
+        """A claimed job ended after ``cost_s`` of :attr:`clock`."""
+        with self._cond:
+            self._queue.done(ticket, cost_s)
+            self._running -= 1
+            if self._queue.waiting():
+                self._cond.notify()  # a worker held back while the caller had the share
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self._clock
+
     def drain_busy(self, tenant: str) -> float:
         with self._cond:
             return self._queue.drain_busy(tenant)
@@ -200,12 +243,13 @@ class Scheduler:
             with self._cond:
                 if finished is not None:
                     self._queue.done(finished, cost)
-                ticket = self._queue.pop()
+                    self._running -= 1
+                ticket = self._pop()
                 while ticket is None:
                     if self._stopping:
                         return
                     self._cond.wait()
-                    ticket = self._queue.pop()
+                    ticket = self._pop()
             start = self._clock()
             try:
                 self._run(ticket.tenant, ticket.item)
@@ -214,6 +258,15 @@ class Scheduler:
                 log.exception("scheduled job crashed tenant=%s", ticket.tenant)
             cost = self._clock() - start
             finished = ticket
+
+    def _pop(self) -> Ticket | None:
+        # Caller holds self._cond. A job its caller runs takes a worker's share of the CPU.
+        if self._running >= self.workers:
+            return None
+        ticket = self._queue.pop()
+        if ticket is not None:
+            self._running += 1
+        return ticket
 
     def stop(self, timeout: float) -> bool:
         """Finish queued and in-flight work for up to ``timeout`` s; True if all finished."""
