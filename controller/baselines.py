@@ -345,27 +345,35 @@ class Calibrations(Protocol):
     def get(self, name: str, version: str) -> ModelVersion: ...
 
 
-def model_probabilities(model: Path, inputs: npt.NDArray[Any]) -> npt.NDArray[np.float64] | None:
-    """Class probabilities of a single-input classifier (ONNX or TFLite) on ``inputs``: its last 2-D
-    float output (softmaxed when its rows are not already distributions); None if it has none."""
-    return sample_probabilities(model, [[inputs[i : i + 1]] for i in range(len(inputs))])
+def model_probabilities(
+    model: Path, inputs: npt.NDArray[Any], scores: int | None
+) -> npt.NDArray[np.float64] | None:
+    """Class probabilities of a single-input classifier (ONNX or TFLite) on ``inputs``: its output
+    at index ``scores`` (softmaxed when its rows are not already distributions); None if that
+    is None or not a row of classes per sample."""
+    return sample_probabilities(model, [[inputs[i : i + 1]] for i in range(len(inputs))], scores)
 
 
 def sample_probabilities(
     model: Path,
     samples: Sequence[Sequence[np.ndarray]],
+    scores: int | None,
     feedback: Mapping[int, int] | None = None,
     memory_limit: int = PREDICTION_MEMORY_BYTES,
 ) -> npt.NDArray[np.float64] | None:
     """Class probabilities on ``samples`` (each one sample's inputs in the model's order), as one
-    stream with ``feedback`` ({input: output} carried from step to step) for a stateful model.
+    stream with ``feedback`` ({input: output} carried from step to step) for a stateful model:
+    the output at index ``scores``, the one the version's signature calls its scores (None: the
+    signature names none, so there are no classes to predict and the model is not run).
 
     The model runs in a checker process limited to ``memory_limit`` bytes (controller.model_check),
     never in the controller: what a model allocates on each sample is bounded by no upload check."""
+    if scores is None:
+        return None
     try:
         probs = run_checker(
             _probabilities_in_child,
-            (str(model), [list(s) for s in samples], dict(feedback or {}), memory_limit),
+            (str(model), [list(s) for s in samples], scores, dict(feedback or {}), memory_limit),
             memory_limit,
             PREDICTION_TIMEOUT_S,
             "predicting on the calibration set with",
@@ -379,6 +387,7 @@ def sample_probabilities(
 def _probabilities_in_child(
     model: str,
     samples: list[list[np.ndarray]],
+    scores: int,
     feedback: dict[int, int],
     memory_limit: int,
     conn: Connection,
@@ -394,7 +403,7 @@ def _probabilities_in_child(
         except Exception as exc:
             conn.send(("invalid", (str(exc).strip() or type(exc).__name__)[:2000]))
             return
-        probs = _probabilities(outputs, len(samples))
+        probs = _probabilities(outputs[scores], len(samples)) if scores < len(outputs) else None
         if probs is not None and probs.nbytes > MAX_PREDICTION_BYTES:
             conn.send(("invalid", f"its class probabilities would take {probs.nbytes} bytes"))
             return
@@ -405,18 +414,17 @@ def _probabilities_in_child(
         conn.close()
 
 
-def _probabilities(outputs: Sequence[np.ndarray], count: int) -> npt.NDArray[np.float64] | None:
-    """The last 2-D float output with a row per sample, as class probabilities (softmaxed when
-    its rows are not already distributions); None if there is none."""
-    for out in reversed(outputs):
-        arr = np.asarray(out)
-        if arr.ndim == 2 and arr.dtype.kind == "f" and arr.shape[0] == count and arr.shape[1] > 1:
-            probs = arr.astype(np.float64)
-            if not (np.all(probs >= 0) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)):
-                e = np.exp(probs - probs.max(axis=1, keepdims=True))
-                probs = e / e.sum(axis=1, keepdims=True)
-            return probs
-    return None
+def _probabilities(scores: np.ndarray, count: int) -> npt.NDArray[np.float64] | None:
+    """The scores output as class probabilities (softmaxed when its rows are not already
+    distributions); None unless it is a float row of two or more classes per sample."""
+    arr = np.asarray(scores)
+    if not (arr.ndim == 2 and arr.dtype.kind == "f" and arr.shape[0] == count and arr.shape[1] > 1):
+        return None
+    probs = arr.astype(np.float64)
+    if not (np.all(probs >= 0) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)):
+        e = np.exp(probs - probs.max(axis=1, keepdims=True))
+        probs = e / e.sum(axis=1, keepdims=True)
+    return probs
 
 
 def baselines_from_calibration(
@@ -431,7 +439,8 @@ def baselines_from_calibration(
     feeds, in the signature's layout (images per channel, raw audio per band), each sample
     taken along that input's batch axis;
     classes and confidence from the version's own predictions on the whole set (every
-    input, a stateful model's state carried from sample to sample)."""
+    input, a stateful model's state carried from sample to sample), read from the output its
+    signature calls its scores (none: a baseline of inputs only)."""
     rows = baselines.store.query(
         "SELECT d.name, d.version, d.calibration_digest, v.digest FROM version_details d"
         " JOIN model_versions v ON v.name = d.name AND v.version = d.version"
@@ -451,6 +460,7 @@ def baselines_from_calibration(
             probs = sample_probabilities(
                 artifact_path(r["digest"]),
                 reference.samples(order, reference.count),
+                signature.scores(),
                 feedback(signature),
                 memory_limit,
             )

@@ -94,9 +94,15 @@ class Validation:
 
 
 def validate(
-    reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], task: str, gate: float
+    reference: Sequence[np.ndarray],
+    candidate: Sequence[np.ndarray],
+    task: str,
+    gate: float,
+    scores: int | None = None,
 ) -> Validation:
-    """Compare a variant's outputs with the reference's (same order, same samples)."""
+    """Compare a variant's outputs with the reference's (same order, same samples). A classifier
+    is judged on top-1 agreement of output ``scores`` (the one the signature calls its scores;
+    the first output when it calls none so and the operator chose ``classifier``)."""
     if len(reference) != len(candidate):
         return Validation(
             False, {}, f"the variant has {len(candidate)} outputs, the reference {len(reference)}"
@@ -120,7 +126,8 @@ def validate(
         report["max_abs_deviation"] = float(max(d.max() for d in deviations))
         report["mean_abs_deviation"] = float(np.mean([d.mean() for d in deviations]))
     if task == "classifier":
-        agreement = _top1_agreement(reference[0], candidate[0])
+        k = scores or 0
+        agreement = _top1_agreement(reference[k], candidate[k])
         report["top1_agreement"] = agreement
         if agreement < gate:
             return Validation(False, report, f"top-1 agreement {agreement:.2%} is below the gate {gate:.2%}")
@@ -376,7 +383,7 @@ class _Production:
         if uploaded_path:
             self.send(("progress", 0.5))
             outputs = workload.outputs(Runner(Path(uploaded_path), uploaded_format))
-            checked = validate(self.expected, outputs, inputs.task, inputs.gate)
+            checked = validate(self.expected, outputs, inputs.task, inputs.gate, inputs.signature.scores())
             self.send(("progress", 0.9))
             latency = Runner(Path(uploaded_path), uploaded_format).latency_ms(workload.samples[0])
             return Produced(checked, "", False, {}, workload.report(), latency, [])
@@ -424,7 +431,9 @@ class _Production:
                 prepared = {**prepared, **done}
                 convert(kind, source, target, self.calibration, per_channel)
                 outputs = workload.outputs(Runner(target, "onnx"))
-                checked = validate(self.expected, outputs, inputs.task, inputs.gate)
+                checked = validate(
+                    self.expected, outputs, inputs.task, inputs.gate, inputs.signature.scores()
+                )
             except Exception as exc:
                 target.unlink(missing_ok=True)
                 if per_channel and step + 1 < len(modes):

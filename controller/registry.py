@@ -44,7 +44,7 @@ from controller.inspection import Inspected, TensorSpec
 from controller.model_check import check_artifact
 from controller.samples import MAX_SAMPLE_BYTES, SAMPLE_FORMAT, UPLOADED, Samples, prepared_samples
 from controller.settings import DEFAULT_MAX_MODEL_MEMORY_BYTES
-from controller.signature import ModelSignature, check_signature, infer_signature
+from controller.signature import TASKS, ModelSignature, check_signature, infer_signature
 from controller.signing import Signer
 from controller.store import Store
 
@@ -72,7 +72,6 @@ STAGE_TRANSITIONS: frozenset[tuple[str, str]] = frozenset(
         ("archived", "staging"),
     }
 )
-TASKS = ("classifier", "regression")
 SENSOR_KINDS = ("", "camera", "microphone", "sensor")
 DEFAULT_GATE = 0.99
 VARIANT_STATUSES = ("pending", "running", "ready", "rejected", "failed")
@@ -97,7 +96,8 @@ class UploadOptions:
 
     lineage: Lineage = field(default_factory=Lineage)
     # "classifier" (gate on top-1 agreement) or "regression" (gate on relative
-    # deviation); empty: guessed from the outputs.
+    # deviation); empty: what the signature's output meanings say (ModelSignature.task),
+    # which follows an edited signature.
     task: str = ""
     # Which kind of sensor feeds the first input: "camera", "microphone", "sensor" or "".
     sensor_kind: str = ""
@@ -264,7 +264,7 @@ def _version_from_row(
                 metrics=json.loads(details["metrics"]),
             ),
             "stage": details["stage"],
-            "task": details["task"],
+            "task": details["task"] or extra["signature"].task(),
             "sensor_kind": details["sensor_kind"],
             "gate": details["gate"],
             "calibration_digest": details["calibration_digest"],
@@ -318,16 +318,6 @@ def reference_note(inspected: Inspected, calibration_digest: str) -> dict[str, A
             "against this one on the calibration set, which also gives the drift baseline"
         )
     return note
-
-
-def guess_task(outputs: list[TensorSpec]) -> str:
-    """A model with an integer output (a label) or a (batch, classes) float output classifies."""
-    first = outputs[0] if outputs else None
-    if first is not None and (
-        first.dtype.startswith("int") or (len(first.shape) == 2 and first.shape[1] > 1)
-    ):
-        return "classifier"
-    return "regression"
 
 
 class Registry:
@@ -423,7 +413,8 @@ class Registry:
         pending: list[str],
     ) -> None:
         staged, inspected, calibration_digest = new.staged, new.inspected, new.calibration_digest
-        task = options.task or guess_task(inspected.signature.outputs)
+        # Stored as the operator gave it; "" reads the signature's output meanings.
+        task = options.task
         now = time.time()
         reference = variant_name(inspected.format, inspected.precision)
         try:

@@ -8,7 +8,8 @@ an initial value). Each output has a meaning (scores, boxes, embeddings, state, 
 :func:`infer_signature` reads a first signature from the model's tensors when a version
 is uploaded; the operator may correct it (:func:`check_signature` refuses one that
 contradicts the model). Everything else (variant validation, calibration, staging,
-tenants) reads the stored signature and guesses nothing.
+tenants, drift baselines, the task a version's variants are judged as) reads the stored
+signature and guesses nothing.
 
 Inference rules, from real exports:
 
@@ -44,6 +45,9 @@ if TYPE_CHECKING:  # the operator CLI prints signatures without importing the ru
 ROLES = ("source", "constant", "state")
 LAYOUTS = ("NHWC", "NCHW", "NC", "NTC", "NT", "")
 MEANINGS = ("scores", "boxes", "embeddings", "state", "mask", "")
+# How a version's variants are judged against it (controller.optimize.validate).
+CLASSIFIER, REGRESSION = "classifier", "regression"
+TASKS = (CLASSIFIER, REGRESSION)
 # How many axes each layout has.
 LAYOUT_RANK = {"NHWC": 4, "NCHW": 4, "NC": 2, "NTC": 3, "NT": 2}
 # Where an image layout keeps its channels: the axis the tenant's preprocessing fills with a
@@ -103,6 +107,24 @@ class ModelSignature:
 
     def output(self, name: str) -> OutputMeaning | None:
         return next((o for o in self.outputs if o.name == name), None)
+
+    def scores(self) -> int | None:
+        """Where the model's class scores are among its outputs: the first output whose meaning
+        is ``scores`` (None when none is). Drift baselines and the classifier gate read it; no
+        output is picked by its name or shape."""
+        return next((k for k, o in enumerate(self.outputs) if o.meaning == "scores"), None)
+
+    def task(self) -> str:
+        """How a variant is judged when the operator did not say. ``classifier`` (top-1 agreement
+        on the scores output) when a scores output holds a row of two or more classes per sample
+        and no output is boxes; ``regression`` (relative deviation of the float outputs)
+        otherwise: a single score per sample (silero-vad's speech probability) has no top-1 to
+        agree on, and a detector's per-anchor scores are judged with its boxes, by their values."""
+        k = self.scores()
+        if k is None or any(o.meaning == "boxes" for o in self.outputs):
+            return REGRESSION
+        shape = self.outputs[k].shape
+        return CLASSIFIER if len(shape) >= 2 and shape[-1] > 1 else REGRESSION
 
     def state_pairs(self) -> dict[str, str]:
         """{state input: the output that feeds it on the next run}."""

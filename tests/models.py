@@ -391,6 +391,43 @@ def expanding_onnx(path: Path, elements: int, hidden: bool = False) -> Path:
     return path
 
 
+def scores_beside_features(path: Path, seed: int = 0) -> Path:
+    """x: float32[N, 4] -> logits[N, 3] (class scores), features[N, 8] (an embedding). The scores
+    come first: the last output of two or more columns is not the one that classifies."""
+    rng = np.random.default_rng(seed)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w_logits"], ["logits"]),
+            helper.make_node("MatMul", ["x", "w_features"], ["features"]),
+        ],
+        "scores_beside_features",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 8]),
+        ],
+        [
+            numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "w_logits"),
+            numpy_helper.from_array(rng.normal(size=(4, 8)).astype(np.float32), "w_features"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def signature_of(path: Path) -> Any:
+    """The signature the controller infers for a model file and sends with its assignments
+    (a ``fleet_pb2.ModelSignature``)."""
+    from controller.inspection import inspect_artifact
+    from controller.signature import infer_signature
+
+    found = inspect_artifact(path).signature
+    return infer_signature(found.inputs, found.outputs).to_proto()
+
+
 def big_onnx_failing_late(path: Path, megabytes: int) -> Path:
     """``megabytes`` MB of weights followed by a node reading a tensor nothing produces:
     a checker must read the whole file before it can refuse it."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import decode_as
@@ -19,6 +20,7 @@ from edgefleet_proto.codec import decode_as
 from controller import drift
 from controller.baselines import baselines_from_calibration
 from tests.integration.controller.conftest import Ctl, wait_for
+from tests.models import scores_beside_features
 from tests.realmodels import sample_inputs
 
 RealModels = Callable[[str], Path]
@@ -380,3 +382,36 @@ def test_an_image_layout_whose_channel_axis_contradicts_the_model_is_refused_at_
     # The layout the model's shape fits is accepted.
     right = {**wrong, "inputs": [{**wrong["inputs"][0], "layout": "NHWC"}]}
     assert ctl.api("PUT", url, json=right).status_code == 200
+
+
+def test_the_signatures_scores_output_gives_the_baselines_classes_and_the_task(
+    ctl: Ctl, tmp_path: Path
+) -> None:
+    # logits (3 classes) first, features (8 columns) last: the signature says which classifies.
+    model = scores_beside_features(tmp_path / "m.onnx")
+    x = np.random.default_rng(3).normal(size=(40, 4)).astype(np.float32)
+    created = upload(ctl, "m", model, {"x": x})
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert {o["name"]: o["meaning"] for o in body["signature"]["outputs"]} == {
+        "logits": "scores",
+        "features": "embeddings",
+    }
+    assert body["task"] == "classifier"
+    controller = ctl.controller
+    skipped: set[tuple[str, str]] = set()
+    done = baselines_from_calibration(
+        controller.closed_loop.baselines, controller.registry, controller.registry.artifacts.path, skipped
+    )
+    assert (done, skipped) == ([("m", "1")], set())
+    baseline = controller.closed_loop.baselines.get("m", "1")
+    logits = ort.InferenceSession(str(model)).run(["logits"], {"x": x})[0]
+    assert baseline.spec.num_classes == 3 and baseline.sketch is not None
+    assert list(baseline.sketch.classes) == np.bincount(logits.argmax(axis=1), minlength=3).tolist()
+    # No output classifies once the operator says the logits are an embedding: the version is
+    # judged as a regression from then on.
+    url = "/v1/models/m/versions/1/signature"
+    edited = ctl.api("GET", url).json()
+    edited["outputs"][0]["meaning"] = "embeddings"
+    assert ctl.api("PUT", url, json=edited).status_code == 200
+    assert ctl.api("GET", "/v1/models/m/versions/1").json()["task"] == "regression"

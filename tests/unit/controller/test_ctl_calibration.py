@@ -96,7 +96,7 @@ def test_a_left_out_state_and_constant_come_from_the_signature(tmp_path: Path) -
 def test_reference_predictions_of_a_tflite_classifier_come_from_litert(tmp_path: Path) -> None:
     mlp = digits_mlp(tmp_path / "mlp.onnx")
     tfl = tflite_mlp(tmp_path / "mlp.tflite", mlp.layers)
-    from_tflite = model_probabilities(tfl, mlp.samples[:30])
-    from_onnx = model_probabilities(mlp.path, mlp.samples[:30])
+    from_tflite = model_probabilities(tfl, mlp.samples[:30], 0)
+    from_onnx = model_probabilities(mlp.path, mlp.samples[:30], 0)
     assert from_tflite is not None and from_onnx is not None
     np.testing.assert_allclose(from_tflite, from_onnx, atol=1e-4)

@@ -88,10 +88,30 @@ def test_reference_predictions_from_probabilities_or_logits(tmp_path: Path) -> N
     from tests.models import digits_classifier, small_conv
 
     digits = digits_classifier(tmp_path / "digits.onnx")
-    probs = model_probabilities(digits.path, digits.samples[:20])
+    probs = model_probabilities(digits.path, digits.samples[:20], 1)  # label, probabilities
     assert probs is not None and probs.shape == (20, 10)
     assert np.mean(probs.argmax(axis=1) == digits.labels[:20]) > 0.8
     images = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
-    softmaxed = model_probabilities(small_conv(tmp_path / "conv.onnx"), images)  # logits out
+    softmaxed = model_probabilities(small_conv(tmp_path / "conv.onnx"), images, 0)  # logits out
     assert softmaxed is not None and np.allclose(softmaxed.sum(axis=1), 1.0) and (softmaxed > 0).all()
-    assert model_probabilities(tmp_path / "missing.onnx", images) is None
+    assert model_probabilities(tmp_path / "missing.onnx", images, 0) is None
+
+
+def test_reference_predictions_read_the_output_the_signature_calls_scores(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from controller.baselines import model_probabilities
+    from controller.inspection import inspect_onnx
+    from controller.signature import infer_signature
+    from tests.models import scores_beside_features
+
+    model = scores_beside_features(tmp_path / "m.onnx")
+    found = inspect_onnx(model)
+    signature = infer_signature(found.inputs, found.outputs)
+    assert signature.scores() == 0  # logits, not the later 8-column features
+    x = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
+    probs = model_probabilities(model, x, signature.scores())
+    logits = ort.InferenceSession(str(model)).run(["logits"], {"x": x})[0]
+    assert probs is not None and probs.shape == (12, 3)
+    assert (probs.argmax(axis=1) == logits.argmax(axis=1)).all()
+    assert model_probabilities(model, x, None) is None  # no scores output: no classes

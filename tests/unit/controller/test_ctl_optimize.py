@@ -41,6 +41,15 @@ def test_classifier_gate_on_top1_agreement() -> None:
     assert validate([labels], [np.array([1, 2, 3, 5])], "classifier", 0.7).report["top1_agreement"] == 0.75
 
 
+def test_classifier_gate_reads_the_output_the_signature_calls_scores() -> None:
+    features = np.array([[0.0, 1.0], [1.0, 0.0]], dtype=np.float32)
+    logits = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 2.0]], dtype=np.float32)
+    # The features' top column flips, the classes do not: judged on the scores, it passes.
+    moved = [features[:, ::-1], logits + 0.1]
+    assert validate([features, logits], moved, "classifier", 0.99, scores=1).report["top1_agreement"] == 1.0
+    assert validate([features, logits], moved, "classifier", 0.99, scores=0).report["top1_agreement"] == 0.0
+
+
 def test_regression_gate_on_relative_deviation() -> None:
     ref = np.full((4, 3), 2.0, dtype=np.float32)
     close = validate([ref], [ref + 0.01], "regression", 0.99)

@@ -70,6 +70,23 @@ def test_ppocr_nchw_images_a_text_map_and_class_scores(real_models: RealModels) 
     assert list(meanings(cls).values()) == ["scores"]
 
 
+def test_the_task_follows_the_output_meanings(real_models: RealModels) -> None:
+    """Top-1 agreement only where a scores output holds a row of classes and nothing is boxes."""
+    tasks = {name: inferred(real_models, name)[0].task() for name in ("ppocr_cls", "silero_vad",
+             "face_detection_short_range", "ppocr_det", "selfie_segmentation")}  # fmt: skip
+    assert tasks == {
+        "ppocr_cls": "classifier",  # (N, 2) class scores
+        "silero_vad": "regression",  # one speech probability per window: no top-1 to agree on
+        "face_detection_short_range": "regression",  # per-anchor scores beside boxes
+        "ppocr_det": "regression",  # a mask
+        "selfie_segmentation": "regression",
+    }
+    cls, _, _ = inferred(real_models, "ppocr_cls")
+    assert cls.scores() == 0
+    relabelled = replace(cls, outputs=[replace(o, meaning="embeddings") for o in cls.outputs])
+    assert (relabelled.scores(), relabelled.task()) == (None, "regression")
+
+
 def test_lstm_state_pairs_by_name_and_only_where_the_output_fits() -> None:
     inputs = [
         TensorSpec("x", "float32", [-1, 8]),
