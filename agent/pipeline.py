@@ -46,7 +46,7 @@ from agent.shadow import compare
 from agent.signature import framed, framing_problem
 from agent.telemetry import Inference, Inferences, InferenceStats, Origin, PipelineStats
 from agent.tenants import TenantSpec, shadow_of
-from agent.tensors import from_numpy
+from agent.tensors import fill
 
 log = logging.getLogger(__name__)
 
@@ -729,10 +729,10 @@ class Pipelines:
                 x0, y0, x1, y1 = d.box
                 result.detections.add(index=d.index, label=d.label, score=d.score, x0=x0, y0=y0, x1=x1, y1=y1)
             if outcome.mask is not None:
-                result.mask.CopyFrom(from_numpy(outcome.mask, "mask"))
+                fill(result.mask, outcome.mask, "mask")
         if not spec.postprocess.kind or spec.postprocess.raw:
             for name, array in outputs.items():
-                result.outputs[name].CopyFrom(from_numpy(array, f"output {name!r}"))
+                fill(result.outputs[name], array, f"output {name!r}")
         if want_grpc:
             self.hub.publish(spec.id, result)
         if "mqtt" in spec.results:
