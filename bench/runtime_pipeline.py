@@ -1,16 +1,20 @@
 """The in-process tenant pipeline against raw onnxruntime, measured in the same run.
 
 (a) overhead per inference: one job at a time through the fair scheduler, the
-    pooled model and the result hub (submit -> result in a StreamResults queue),
-    beside ``session.run`` on the same input and the same thread count; then the
-    same with the closed loop on (a drift spec and a capture policy for the
-    tenant: every inference sketched and offered to capture, agent.observe);
+    pooled model and the result hub (submit -> result in a StreamResults
+    subscription), beside ``session.run`` on the same input and the same thread
+    count (one intra-op thread, one worker); then closed loop off and on (a drift
+    spec and a capture policy for the tenant, agent.observe), interleaved round by
+    round: p50 and mean latency, and the process's CPU time per inference (the
+    sketching thread included, its queue drained at the end); then what the closed
+    loop costs the inference thread (admit and queue) and the sketching thread
+    (per inference it sketches, in batches);
 (b) three saturating tenants (synthetic camera sources, weights 1:2:4, one
     shared wider conv model) for a few seconds: total inferences per second beside the best
     raw single-session throughput, and the CPU-time share each tenant got
     against its weight.
 
-Run: ``.venv/bin/python bench/runtime_pipeline.py [--iterations 2000] [--seconds 5]``.
+Run: ``.venv/bin/python bench/runtime_pipeline.py [--iterations 2000] [--rounds 3] [--seconds 5]``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edgefleet_proto import fleet_pb2
 
-from agent.observe import Observer
+from agent.observe import BATCH, SAMPLE_ABOVE_HZ, Observer
 from agent.pipeline import Job, Pipelines, ResultHub
 from agent.pool import ModelPool, ServingModel
 from agent.preprocess import Prepared
@@ -51,47 +55,92 @@ def pipelines(
     return p, hub
 
 
-def overhead(model: Path, iterations: int) -> None:
+def overhead(model: Path, iterations: int, rounds: int) -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
-    raw = np.empty(iterations)
+    raw, off, on = [], [], []
+    cpu_off, cpu_on = [], []
+    loop = closed_loop()
+    for _ in range(rounds):
+        raw.append(raw_runs(session, x, iterations))
+        took, cpu = through_pipeline(model, x, iterations, None)
+        off.append(took)
+        cpu_off.append(cpu)
+        took, cpu = through_pipeline(model, x, iterations, loop)
+        on.append(took)
+        cpu_on.append(cpu)
+    r, piped, looped = np.concatenate(raw) * 1e6, np.concatenate(off) * 1e6, np.concatenate(on) * 1e6
+    r50, p50, l50 = np.median(r), np.median(piped), np.median(looped)
+    c_off, c_on = np.median(cpu_off) * 1e6, np.median(cpu_on) * 1e6
+    print(
+        f"(a) one inference, small conv 1x3x32x32, 1 intra-op thread, 1 worker, {rounds} x {iterations} each"
+    )
+    print(
+        f"    raw session.run          p50 {r50:7.1f} us                  p99 {np.percentile(r, 99):7.1f} us"
+    )
+    print(
+        f"    pipeline (sched+hub)     p50 {p50:7.1f} us   mean {piped.mean():7.1f} us   "
+        f"p99 {np.percentile(piped, 99):7.1f} us"
+    )
+    print(f"    pipeline over raw        p50 {p50 - r50:+7.1f} us   ratio {p50 / r50:.2f}x")
+    print(
+        f"    closed loop on           p50 {l50:7.1f} us   mean {looped.mean():7.1f} us   "
+        f"p99 {np.percentile(looped, 99):7.1f} us"
+    )
+    print(
+        f"    closed loop on - off     p50 {l50 - p50:+7.1f} us   mean {looped.mean() - piped.mean():+7.1f} us   "
+        f"cpu {c_on - c_off:+7.1f} us per inference (cpu off {c_off:.1f}, on {c_on:.1f})"
+    )
+    sketched = loop.sketcher.drain()
+    counted = sum(s.samples for s in sketched)
+    print(f"    the sketches stand for {counted} inferences of the {rounds * (iterations + 100)} run")
+    logits = session.run(None, {"image": x})[0]
+    unsampled = 1e12  # inferences a second: never sampled
+    image = observe_cost(closed_loop(0, unsampled), "conv", x, {"logits": logits}, iterations)
+    row = np.random.default_rng(1).random((1, 64), dtype=np.float32) * 16
+    probs = np.full((1, 10), 0.1, np.float32)
+    tabular = observe_cost(closed_loop(64, unsampled), "tab", row, {"probabilities": probs}, iterations)
+    print(
+        f"    closed loop, inference thread (admit + queue)  p50 {image[0]:6.2f} us (1x3x32x32 image)   "
+        f"{tabular[0]:6.2f} us (1x64 row)"
+    )
+    print(
+        f"    closed loop, sketching thread per inference   p50 {image[1]:6.2f} us (batches of {BATCH - 1})      "
+        f"{tabular[1]:6.2f} us"
+    )
+
+
+def raw_runs(session: ort.InferenceSession, x: np.ndarray, iterations: int) -> np.ndarray:
+    took = np.empty(iterations)
     for i in range(-100, iterations):
         start = time.perf_counter()
         session.run(None, {"image": x})
         if i >= 0:
-            raw[i] = time.perf_counter() - start
-
-    piped = through_pipeline(model, x, iterations, None)
-    looped = through_pipeline(model, x, iterations, closed_loop())
-    r50, p50, l50 = np.median(raw) * 1e6, np.median(piped) * 1e6, np.median(looped) * 1e6
-    print("(a) one inference, small conv 1x3x32x32, 1 intra-op thread")
-    print(f"    raw session.run        p50 {r50:8.1f} us   p99 {np.percentile(raw, 99) * 1e6:8.1f} us")
-    print(f"    pipeline (sched+hub)   p50 {p50:8.1f} us   p99 {np.percentile(piped, 99) * 1e6:8.1f} us")
-    print(f"    overhead               p50 {p50 - r50:8.1f} us   ratio {p50 / r50:.2f}x")
-    print(f"    + sketch and capture   p50 {l50:8.1f} us   p99 {np.percentile(looped, 99) * 1e6:8.1f} us")
-    print(f"    closed-loop cost       p50 {l50 - p50:8.1f} us per inference (after the result is delivered)")
-    logits = session.run(None, {"image": x})[0]
-    image = observe_cost(closed_loop(), "conv", x, {"logits": logits}, iterations)
-    row = np.random.default_rng(1).random((1, 64), dtype=np.float32) * 16
-    probs = np.full((1, 10), 0.1, np.float32)
-    tabular = observe_cost(closed_loop(64), "tab", row, {"probabilities": probs}, iterations)
-    print(f"    observe() alone        p50 {image:8.1f} us (1x3x32x32 image)   {tabular:8.1f} us (1x64 row)")
+            took[i] = time.perf_counter() - start
+    return took
 
 
 def observe_cost(
     observer: Observer, model: str, x: np.ndarray, outputs: dict[str, np.ndarray], iterations: int
-) -> float:
-    took = np.empty(iterations)
-    for i in range(iterations):
+) -> tuple[float, float]:
+    """Per inference, unsampled: the inference thread's share (admit + offer) and the sketching
+    thread's (one batch of BATCH - 1, taken in here before the thread's gathering wait ends)."""
+    front, back = [], []
+    for _ in range(max(1, iterations // BATCH)):
         start = time.perf_counter()
-        observer.observe("t", model, "1", x, outputs)
-        took[i] = time.perf_counter() - start
-    return float(np.median(took) * 1e6)
+        for _ in range(BATCH - 1):
+            weight = observer.admit("t", model, "1")
+            observer.offer("t", model, "1", x, outputs, "", None, weight)
+        front.append((time.perf_counter() - start) / (BATCH - 1))
+        start = time.perf_counter()
+        observer.process()
+        back.append((time.perf_counter() - start) / (BATCH - 1))
+    return float(np.median(front) * 1e6), float(np.median(back) * 1e6)
 
 
-def closed_loop(features: int = 0) -> Observer:
+def closed_loop(features: int = 0, sample_above_hz: float = SAMPLE_ABOVE_HZ) -> Observer:
     """A drift spec (per-channel means, or ``features`` columns; confidence) and a capture policy."""
     model = "tab" if features else "conv"
     spec = fleet_pb2.DriftSpec(
@@ -102,24 +151,33 @@ def closed_loop(features: int = 0) -> Observer:
     policy = fleet_pb2.CapturePolicy(
         tenant="t", model_name=model, policy_id="bench", random_fraction=0.01, max_samples_per_upload=200
     )
-    observer = Observer("bench")
+    observer = Observer("bench", sample_above_hz=sample_above_hz)
     observer.configure(fleet_pb2.DesiredState(drift_specs=[spec], capture_policies=[policy]))
     return observer
 
 
-def through_pipeline(model: Path, x: np.ndarray, iterations: int, observer: Observer | None) -> np.ndarray:
+def through_pipeline(
+    model: Path, x: np.ndarray, iterations: int, observer: Observer | None
+) -> tuple[np.ndarray, float]:
+    """Latency of each inference, and the process's CPU seconds per inference (the closed
+    loop's queue drained before the clock stops)."""
     p, hub = pipelines(model, {"t": 1.0}, workers=1, threads=1, observer=observer)
     p.apply((TenantSpec("t", results=frozenset({"grpc"})),))
     results = hub.subscribe("t")
     piped = np.empty(iterations)
     for i in range(-100, iterations):
+        if i == 0:
+            cpu = time.process_time()
         start = time.perf_counter()
         p.submit("t", Job(Prepared(x, i + 100, 0), 1, start))
         results.get(timeout=10)
         if i >= 0:
             piped[i] = time.perf_counter() - start
+    if observer is not None:
+        observer.process()
+    cpu = time.process_time() - cpu
     p.stop(5)
-    return piped
+    return piped, cpu / iterations
 
 
 def saturated(model: Path, size: int, seconds: float) -> None:
@@ -178,12 +236,13 @@ def saturated(model: Path, size: int, seconds: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of raw, loop off, loop on")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--size", type=int, default=64, help="image side of the saturating tenants' model")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = small_conv(Path(tmp) / "conv.onnx")
-        overhead(model, args.iterations)
+        overhead(model, args.iterations, args.rounds)
         saturated(wide_conv(Path(tmp) / "wide.onnx", args.size), args.size, args.seconds)
 
 
