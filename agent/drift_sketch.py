@@ -111,23 +111,15 @@ def bin_counts(values: npt.ArrayLike, edges: Floats) -> Counts:
     return counts
 
 
-def probabilities_of(outputs: Mapping[str, np.ndarray]) -> Floats | None:
-    """The (N, classes) class distribution among a model's outputs, or None.
-
-    Prefers an output named ``probabilities`` (skl2onnx with zipmap off), else the
-    last 2-D float output with two or more columns; rows that are not
-    distributions (logits) are softmaxed, as the controller does for baselines.
+def probabilities_of(outputs: Mapping[str, np.ndarray], scores: str) -> Floats | None:
+    """The (N, classes) class distribution in the output ``scores`` (the one the model's signature
+    calls its scores; "" when it names none), or None when there is none: no output is picked by
+    its name or shape. Rows that are not distributions (logits) are softmaxed, as the controller
+    does for baselines.
     """
-    chosen = outputs.get("probabilities")
-    if chosen is None:
-        candidates = [
-            a
-            for a in outputs.values()
-            if a.ndim == 2 and a.shape[1] >= 2 and np.issubdtype(a.dtype, np.floating)
-        ]
-        if not candidates:
-            return None
-        chosen = candidates[-1]
+    chosen = outputs.get(scores) if scores else None
+    if chosen is None or not np.issubdtype(chosen.dtype, np.floating):
+        return None
     probs = np.asarray(chosen, dtype=np.float64)
     if probs.ndim != 2 or probs.shape[1] < 2:
         return None

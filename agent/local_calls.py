@@ -240,7 +240,8 @@ class LocalInference:
         if name in inputs:
             layout = source.layout if source is not None else ""
             array = inputs[name].copy() if lent else inputs[name]
-            observer.observe(tenant, model, version, array, outputs, layout=layout)
+            scores = serving.signature.scores() if serving.signature is not None else ""
+            observer.observe(tenant, model, version, array, outputs, layout=layout, scores=scores)
 
     def _offer_shadow(
         self,

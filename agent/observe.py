@@ -77,6 +77,8 @@ class _Seen(NamedTuple):
     layout: str
     outcome: Outcome | None
     weight: int
+    # The output the version's signature calls its class scores ("" when none does).
+    scores: str = ""
 
 
 @dataclass
@@ -135,16 +137,19 @@ class Observer:
         outputs: Mapping[str, np.ndarray],
         layout: str = "",
         outcome: Outcome | None = None,
+        scores: str = "",
     ) -> None:
         """``layout`` (``nchw``/``nhwc``) is where an image's channels are, when the caller
-        knows (a pipeline's preprocessing made it); else the drift spec tells. ``outcome`` is
+        knows (a pipeline's preprocessing made it); else the drift spec tells. ``scores`` names
+        the output the version's signature calls its class scores ("" when none does: no class
+        or confidence is sketched, no probabilities captured). ``outcome`` is
         the tenant's post-processed result: its scores, not the raw outputs, are then the
         predicted class and confidence that the sketch (and the confidence gate) read; a
         captured sample keeps the model's own outputs. The arrays are kept, not copied, until
         the sketching thread took them in: the caller must not change them afterwards."""
         weight = self.admit(tenant, model_name, model_version)
         if weight:
-            self.offer(tenant, model_name, model_version, inputs, outputs, layout, outcome, weight)
+            self.offer(tenant, model_name, model_version, inputs, outputs, layout, outcome, weight, scores)
 
     def admit(self, tenant: str, model_name: str, model_version: str) -> int:
         """How many inferences this one stands for in the closed loop: 0 when it is not observed
@@ -179,6 +184,7 @@ class Observer:
         layout: str,
         outcome: Outcome | None,
         weight: int,
+        scores: str = "",
     ) -> None:
         """Queue an admitted inference for the sketching thread; returns at once."""
         pending = self._pending
@@ -188,7 +194,9 @@ class Observer:
             key = (tenant, model_name, model_version)
             self._carried[key] = self._carried.get(key, 0) + weight
             return
-        pending.append(_Seen(tenant, model_name, model_version, inputs, outputs, layout, outcome, weight))
+        pending.append(
+            _Seen(tenant, model_name, model_version, inputs, outputs, layout, outcome, weight, scores)
+        )
         n = len(pending)
         if n == 1 or n == BATCH or self._thread is None:
             self._wake()
@@ -244,7 +252,7 @@ class Observer:
         runs: list[tuple[object, list[_Prepared]]] = []
         for s in members:
             try:
-                probs = probabilities_of(s.outputs)
+                probs = probabilities_of(s.outputs, s.scores)
                 scores = probs if s.outcome is None else scores_of(s.outcome)
             except (ValueError, TypeError) as exc:
                 self._failed(tenant, model_name, model_version, exc)

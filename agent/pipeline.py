@@ -115,6 +115,8 @@ class _Route:
     feeder: Feeder
     # The pool's name for the tenant's shadow candidate.
     shadow: str
+    # The output the signature calls the model's class scores ("" when none does).
+    scores: str = ""
 
 
 class Subscription:
@@ -591,7 +593,7 @@ class Pipelines:
             # The preprocessing made the image, so its layout is known, not read from the shape;
             # a post-processed tenant is sketched on the scores its consumers get.
             layout = "nt" if route.audio and array.ndim == 2 else spec.preprocess.layout
-            observer.offer(tenant, name, version, array, outputs, layout, outcome, weight)
+            observer.offer(tenant, name, version, array, outputs, layout, outcome, weight, route.scores)
         if candidate is not None:
             self._compare(tenant, serving, candidate, fed, outputs, (end - start) * 1000.0)
 
@@ -633,6 +635,7 @@ class Pipelines:
             _audio_source(serving, source),
             self._feeder(spec, serving),
             shadow_of(tenant),
+            serving.signature.scores() if serving.signature is not None else "",
         )
         self._routes[tenant] = route
         return route

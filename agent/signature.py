@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from agent.runtime import TensorSpec
 
 SOURCE, CONSTANT, STATE = "source", "constant", "state"
+SCORES = "scores"
 NO_AXIS = -1
 
 
@@ -72,6 +73,12 @@ class ModelSignature:
     def source(self) -> InputRole | None:
         """The input the tenant's source feeds."""
         return next((i for i in self.inputs if i.role == SOURCE), None)
+
+    def scores(self) -> str:
+        """The output the signature says holds the model's class scores ("" when none does): what
+        drift sketches, captures and the confidence gate read as the predicted class; never
+        guessed from output names or shapes."""
+        return next((o.name for o in self.outputs if o.meaning == SCORES), "")
 
     def feeds(self) -> tuple[InputFeed, ...]:
         """The constant and state inputs, as tenant feeds."""

@@ -27,19 +27,21 @@ from controller import drift
 from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer, wait_until
 from tests.localfleet import to_tensors
-from tests.models import digits_classifier
+from tests.models import digits_classifier, scores_beside_features, signature_of
 
 ROWS = 30
 
 
-def spec_for(tenant: str, reference: np.ndarray) -> fleet_pb2.DriftSpec:
+def spec_for(
+    tenant: str, reference: np.ndarray, name: str = "digits", classes: int = 10
+) -> fleet_pb2.DriftSpec:
     edges, _ = drift.reference_baseline(reference, None)
     spec = fleet_pb2.DriftSpec(
         tenant=tenant,
-        model_name="digits",
+        model_name=name,
         model_version="1",
         confidence_edges=list(edges.confidence_edges),
-        num_classes=10,
+        num_classes=classes,
     )
     for name, e in edges.features.items():
         spec.features.add(name=name, edges=list(e))
@@ -116,7 +118,10 @@ def test_replayed_and_called_inferences_are_sketched_and_captured(
     desired = fleet_pb2.DesiredState(
         device_id=agent.device_id,
         generation=1,
-        models=[peer.assignment(digest, "1", name="digits", tenant=t) for t in ("replay", "app")],
+        models=[
+            peer.assignment(digest, "1", name="digits", tenant=t, signature=signature_of(digits.path))
+            for t in ("replay", "app")
+        ],
         drift_specs=specs.values(),
         capture_policies=[policy],
     )
@@ -190,7 +195,9 @@ def test_the_window_in_progress_at_sigterm_is_sent_with_its_drift_sketch(
     desired = fleet_pb2.DesiredState(
         device_id=agent.device_id,
         generation=1,
-        models=[peer.assignment(digest, "1", name="digits", tenant="app")],
+        models=[
+            peer.assignment(digest, "1", name="digits", tenant="app", signature=signature_of(digits.path))
+        ],
         drift_specs=[spec],
     )
     peer.publish_state(desired)
@@ -209,3 +216,62 @@ def test_the_window_in_progress_at_sigterm_is_sent_with_its_drift_sketch(
     assert plain(sketch) == scaled(build_sketch(spec, rows, probs), 2)
     assert [(m.tenant, m.inference_count) for m in window.models] == [("app", 2)]
     assert 0 < window.window_end_ms - window.window_start_ms < 3_600_000
+
+
+def test_class_counts_come_from_the_output_the_signature_calls_scores(
+    make_agent: Callable[..., AgentProcess], make_peer: Callable[[str], Peer], tmp_path: Path
+) -> None:
+    # logits (3 classes) first, features (8 columns) last: the signature, not the outputs' order
+    # or shapes, says which output classifies.
+    model = scores_beside_features(tmp_path / "scores.onnx")
+    rows = np.random.default_rng(1).normal(size=(ROWS, 4)).astype(np.float32)
+    csv = tmp_path / "readings.csv"
+    np.savetxt(csv, rows, delimiter=",", fmt="%.9g")
+    agent = make_agent(telemetry_interval_s=0.5)
+    with agent.config.open("a") as f:
+        f.write(
+            f'\n[[tenants]]\nid = "replay"\nmodel = "m"\nqueue = 64\n[tenants.source]\nkind = "csv"\nuri = "{csv}"\n'
+        )
+    peer = make_peer(agent.device_id)
+    digest = peer.add_artifact(model)
+    reference = np.random.default_rng(2).normal(size=(200, 4))
+    specs = {t: spec_for(t, reference, name="m", classes=3) for t in ("replay", "app")}
+    signature = signature_of(model)
+    assert [(o.name, o.meaning) for o in signature.outputs] == [
+        ("logits", "scores"),
+        ("features", "embeddings"),
+    ]
+    peer.publish_state(
+        fleet_pb2.DesiredState(
+            device_id=agent.device_id,
+            generation=1,
+            models=[peer.assignment(digest, "1", name="m", tenant=t, signature=signature) for t in specs],
+            drift_specs=specs.values(),
+        )
+    )
+    agent.start()
+    agent.wait_ready()
+    for tenant in specs:
+        peer.wait_active(digest, tenant=tenant)
+    replayed = np.loadtxt(csv, delimiter=",", ndmin=2).astype(np.float32)
+    logits = ort.InferenceSession(str(model)).run(["logits"], {"x": replayed})[0]
+    classes = np.bincount(logits.argmax(axis=1), minlength=3).tolist()
+
+    def whole_passes() -> list[int] | None:
+        got = totals(peer, "replay")
+        if got is None or got.samples == 0 or got.samples % ROWS:
+            return None
+        return (
+            list(got.class_counts)
+            if list(got.class_counts) == [c * (got.samples // ROWS) for c in classes]
+            else None
+        )
+
+    counted = wait_until(whole_passes, 60, f"class counts {classes} per pass of the replay tenant")
+    assert len(counted) == 3
+    agent.stub().Infer(inference_pb2.InferRequest(tenant="app", inputs=to_tensors({"x": rows})), timeout=10)
+    called = wait_until(
+        lambda: (s := totals(peer, "app")) and s.samples == ROWS and s, 30, "the call's sketch"
+    )
+    assert list(called.class_counts) == classes
+    assert "not sketched or captured" not in agent.output()

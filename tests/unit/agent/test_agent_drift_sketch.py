@@ -116,14 +116,20 @@ def test_features_with_different_edge_counts_bin_like_the_controller() -> None:
     }
 
 
-def test_probabilities_are_found_among_the_outputs() -> None:
+def test_probabilities_are_the_output_the_signature_calls_scores() -> None:
     probs = np.array([[0.2, 0.8], [0.6, 0.4]], np.float32)
     labels = np.array([1, 0], np.int64)
-    found = probabilities_of({"label": labels, "probabilities": probs})
+    found = probabilities_of({"label": labels, "probabilities": probs}, "probabilities")
     assert found is not None and np.allclose(found, probs)
-    logits = probabilities_of({"scores": np.array([[0.0, 2.0]], np.float32)})
+    logits = probabilities_of({"y": np.array([[0.0, 2.0]], np.float32)}, "y")
     assert logits is not None and np.allclose(logits.sum(axis=1), 1.0) and logits[0, 1] > 0.8
-    assert probabilities_of({"label": labels, "value": np.ones((2, 1), np.float32)}) is None
+    # Not picked by its name, nor as the last output of two or more columns: the signature says.
+    features = np.ones((2, 8), np.float32)
+    scored = probabilities_of({"probabilities": probs, "logits": logits, "features": features}, "logits")
+    assert scored is not None and np.allclose(scored, logits)
+    assert probabilities_of({"probabilities": probs, "features": features}, "") is None
+    assert probabilities_of({"label": labels, "value": np.ones((2, 1), np.float32)}, "value") is None
+    assert probabilities_of({"label": labels}, "label") is None  # a class index is not a distribution
 
 
 def test_a_changed_spec_starts_a_new_window() -> None:

@@ -22,8 +22,10 @@ def test_an_inference_is_sketched_and_offered_to_capture() -> None:
     observer = Observer("d")
     observer.configure(desired())
     logits = np.array([[0.0, 3.0]], np.float32)
-    observer.observe("t", "m", "1", np.array([[1.0, -1.0]], np.float32), {"scores": logits})
-    observer.observe("other", "m", "1", np.array([[1.0, -1.0]], np.float32), {"scores": logits})
+    observer.observe("t", "m", "1", np.array([[1.0, -1.0]], np.float32), {"scores": logits}, scores="scores")
+    observer.observe(
+        "other", "m", "1", np.array([[1.0, -1.0]], np.float32), {"scores": logits}, scores="scores"
+    )
     (sketch,) = observer.drain_sketches()
     assert sketch.samples == 1 and list(sketch.class_counts) == [0, 1]
     assert [list(h.counts) for h in sketch.features] == [[0, 1], [1, 0]]
@@ -36,7 +38,9 @@ def test_an_inference_is_sketched_and_offered_to_capture() -> None:
 def test_a_batch_of_the_wrong_shape_is_skipped_not_raised() -> None:
     observer = Observer("d")
     observer.configure(desired())
-    observer.observe("t", "m", "1", np.ones((2, 2), np.float32), {"p": np.full((3, 2), 0.5, np.float32)})
+    observer.observe(
+        "t", "m", "1", np.ones((2, 2), np.float32), {"p": np.full((3, 2), 0.5, np.float32)}, scores="p"
+    )
     observer.observe("t", "m", "1", np.ones((1, 2, 2, 2, 2), np.float32), {})
     assert observer.failures == 2 and observer.drain_sketches() == []
     observer.configure(fleet_pb2.DesiredState())
@@ -63,3 +67,19 @@ def test_a_post_processed_inference_is_sketched_on_its_post_processed_scores() -
     assert sketch.samples == 3 and observer.failures == 0
     assert list(sketch.class_counts) == [0, 1, 1]
     assert list(sketch.confidence.counts) == [0, 1, 1]  # 0.6 in [0.5, 0.75), 0.9 from 0.75 up
+
+
+def test_classes_come_only_from_the_output_the_signature_calls_scores() -> None:
+    observer = Observer("d")
+    observer.configure(desired())
+    x = np.array([[1.0, -1.0]], np.float32)
+    outputs = {
+        "probabilities": np.array([[0.1, 0.9]], np.float32),
+        "logits": np.array([[4.0, 0.0]], np.float32),
+    }
+    observer.observe("t", "m", "1", x, outputs, scores="logits")
+    # No output is taken for the scores by its name or shape: without one, no class is counted.
+    observer.observe("t", "m", "1", x, outputs)
+    (sketch,) = observer.drain_sketches()
+    assert sketch.samples == 2 and list(sketch.class_counts) == [1, 0]
+    assert sum(sketch.confidence.counts) == 1

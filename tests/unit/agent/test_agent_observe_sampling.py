@@ -53,7 +53,7 @@ def stream(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def feed(observer: Observer, clock: Clock, rows: np.ndarray, probs: np.ndarray, period_s: float) -> None:
     for row, p in zip(rows, probs, strict=True):
         clock.now += period_s
-        observer.observe("t", "m", "1", row[None], {"probabilities": p[None]})
+        observer.observe("t", "m", "1", row[None], {"probabilities": p[None]}, scores="probabilities")
 
 
 def test_batched_sketch_equals_one_inference_at_a_time() -> None:
