@@ -1,8 +1,9 @@
 """In-process tenant pipelines: source -> preprocessing -> fair scheduler -> model -> results.
 
 One reader thread per tenant pulls samples from its source, prepares them and
-hands them to the :class:`~agent.scheduler.Scheduler`, which never blocks (a
-full lane drops its oldest job, counted). The scheduler's workers run the
+hands them to the :class:`~agent.scheduler.Scheduler`. A live source's full lane
+drops its oldest job (counted); a replayed file (video, WAV, CSV) at ``rate_hz``
+0 waits for room instead, so a stateful model sees every sample. The scheduler's workers run the
 tenant's live model, then its shadow candidate if one is loaded (tenant
 ``{id}.shadow`` in the pool), and deliver only the live result: to gRPC
 StreamResults subscribers, to ``edgefleet/v1/devices/{id}/results/{tenant}``
@@ -41,7 +42,7 @@ from agent.observe import Observer
 from agent.pool import ModelPool, ServingModel
 from agent.preprocess import Prepared, Preprocessor
 from agent.scheduler import Scheduler
-from agent.sensors.base import Source, open_source
+from agent.sensors.base import REPLAYED_KINDS, Source, open_source
 from agent.shadow import compare
 from agent.signature import framed, framing_problem
 from agent.telemetry import Inference, Inferences, InferenceStats, Origin, PipelineStats
@@ -115,6 +116,8 @@ class _Route:
     feeder: Feeder
     # The pool's name for the tenant's shadow candidate.
     shadow: str
+    # The output the signature calls the model's class scores ("" when none does).
+    scores: str = ""
     # The output the signature calls the model's class scores ("" when none does).
     scores: str = ""
 
@@ -243,6 +246,8 @@ class _Reader:
         # A new run of the source starts without the partial window of the last one.
         self._prep = None
         period = 1.0 / self.spec.rate_hz if self.spec.rate_hz else 0.0
+        # A file at rate 0 waits for room in the lane (back-pressure) instead of dropping.
+        replayed = not period and self.spec.source.kind in REPLAYED_KINDS
         next_at = time.monotonic()
         try:
             while not self.stop.is_set():
@@ -253,12 +258,19 @@ class _Reader:
                     self._stable_since = time.monotonic()
                 self.p.stats.sample(self.spec.id)
                 for prepared in self._preprocessor().feed(sample):
-                    self.p.submit(self.spec.id, Job(prepared, self.epoch, time.perf_counter()))
+                    if replayed:
+                        self.p.submit_when_room(self.spec.id, self._job(prepared), self.stop)
+                    else:
+                        self.p.submit(self.spec.id, Job(prepared, self.epoch, time.perf_counter()))
                 if period:
                     next_at = max(next_at + period, time.monotonic() - period)
                     self.stop.wait(max(0.0, next_at - time.monotonic()))
         finally:
             source.close()
+
+    def _job(self, prepared: Prepared) -> Callable[[], Job]:
+        epoch = self.epoch
+        return lambda: Job(prepared, epoch, time.perf_counter())
 
     def _preprocessor(self) -> Preprocessor:
         """The tenant's preprocessing, framed as its serving model's signature says (an audio
@@ -394,6 +406,10 @@ class Pipelines:
     def submit(self, tenant: str, job: Job) -> None:
         dropped = self.scheduler.submit(tenant, job)
         self._dropped(tenant, dropped)
+
+    def submit_when_room(self, tenant: str, make: Callable[[], Job], stop: threading.Event) -> None:
+        """Queue a replayed file's job once the tenant's lane has room (see Scheduler.submit_when_room)."""
+        self._dropped(tenant, self.scheduler.submit_when_room(tenant, make, stop))
 
     def _dropped(self, tenant: str, dropped: list[Any]) -> None:
         if not dropped:

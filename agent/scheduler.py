@@ -1,7 +1,8 @@
 """Weighted fair sharing of inference between tenants.
 
 :class:`FairQueue` is the pure part: one bounded lane per tenant (drop-oldest,
-since a live sensor's newest sample is the one worth running) and start-time
+since a live sensor's newest sample is the one worth running; a replayed file
+instead waits for room, :meth:`Scheduler.submit_when_room`) and start-time
 fair queueing over *measured cost*. Each lane has a virtual ``finish`` tag; the
 next job comes from the backlogged lane with the smallest tag, and running a job
 of ``cost`` seconds advances its lane by ``cost / weight``. Over any busy period
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # Weight of the newest cost in a lane's running average.
 COST_SMOOTHING = 0.2
+# How often a source waiting for room in its lane checks whether it should stop waiting.
+ROOM_POLL_S = 0.1
 
 
 @dataclass
@@ -83,6 +86,11 @@ class FairQueue:
 
     def has(self, tenant: str) -> bool:
         return tenant in self._lanes
+
+    def has_room(self, tenant: str) -> bool:
+        """Whether the tenant's lane takes one more item without dropping its oldest."""
+        lane = self._lanes.get(tenant)
+        return lane is not None and len(lane.items) < lane.bound
 
     def tenants(self) -> list[str]:
         return sorted(self._lanes)
@@ -173,7 +181,12 @@ class Scheduler:
         self._queue = FairQueue()
         # A plain lock under the condition: cheaper to take than the default RLock, and
         # nothing here takes it twice.
-        self._cond = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)
+        # Sources that wait for room in their lane (submit_when_room) wait here, never on
+        # _cond: a wake-up meant for a worker is never spent on them.
+        self._room = threading.Condition(lock)
+        self._room_waiters = 0
         self._stopping = False
         self._threads: list[threading.Thread] = []
         # Jobs running now, on workers or on their callers' threads (claim()).
@@ -196,6 +209,28 @@ class Scheduler:
     def submit(self, tenant: str, item: Any) -> list[Any]:
         """Queue one job; returns the jobs dropped for it (``[item]`` itself once stopping). Never blocks."""
         with self._cond:
+            if self._stopping or not self._queue.has(tenant):
+                return [item]
+            dropped = self._queue.push(tenant, item)
+            self._cond.notify()
+            return dropped
+
+    def submit_when_room(self, tenant: str, make: Callable[[], Any], give_up: threading.Event) -> list[Any]:
+        """Queue the job ``make()`` builds once the tenant's lane has room: back-pressure for a
+        source that loses nothing by waiting (a file replayed as fast as the model takes it),
+        where :meth:`submit` drops the oldest. The job is built when it is queued, so its
+        queueing time starts there. Returns ``[job]`` when it was not queued (``give_up`` set,
+        the tenant gone, stopping), else nothing dropped: ``[]``."""
+        with self._cond:
+            while not self._stopping and not self._queue.has_room(tenant) and self._queue.has(tenant):
+                if give_up.is_set():
+                    return [make()]
+                self._room_waiters += 1
+                try:
+                    self._room.wait(ROOM_POLL_S)
+                finally:
+                    self._room_waiters -= 1
+            item = make()
             if self._stopping or not self._queue.has(tenant):
                 return [item]
             dropped = self._queue.push(tenant, item)
@@ -266,6 +301,8 @@ class Scheduler:
         ticket = self._queue.pop()
         if ticket is not None:
             self._running += 1
+            if self._room_waiters:
+                self._room.notify_all()  # its lane has room now
         return ticket
 
     def stop(self, timeout: float) -> bool:
@@ -274,6 +311,7 @@ class Scheduler:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+            self._room.notify_all()
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in self._threads)

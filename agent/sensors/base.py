@@ -32,6 +32,13 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+# Sources that replay a file: nothing is lost by waiting for the model, so at rate_hz 0 they
+# are read as fast as it takes their samples, every one (a stateful model needs them all).
+# Cameras, microphones, line streams (a serial port) and synthetic sensors are live: their
+# newest sample is the one worth running, and the oldest waiting is dropped when behind.
+REPLAYED_KINDS = frozenset({"video", "wav", "csv"})
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
