@@ -118,8 +118,6 @@ class _Route:
     shadow: str
     # The output the signature calls the model's class scores ("" when none does).
     scores: str = ""
-    # The output the signature calls the model's class scores ("" when none does).
-    scores: str = ""
 
 
 class Subscription:
