@@ -125,6 +125,7 @@ class SimFleet(ProcessGroup[WorkerStats]):
             log_file = self.log_dir / f"fleetsim-{i}.log"
             self.spawn(worker.main, (share, self.settings, i, self.connect_rate / self.processes, log_file))
         self.wait_ready(timeout)
+        self.call("start")
         return self
 
     def wait_connected(self, timeout: float) -> WorkerStats:

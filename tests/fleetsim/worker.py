@@ -3,6 +3,7 @@
 The parent (:class:`tests.fleetsim.fleet.SimFleet`) sends commands as tuples and
 gets one answer per command:
 
+- ``("start",)`` -> the devices connect (paced) and report telemetry from then on;
 - ``("stats",)`` -> :class:`WorkerStats` of this process's devices;
 - ``("hold", True | False)`` -> telemetry kept in the outboxes, or released at once;
 - ``("stop",)`` -> every device says offline and disconnects; the last stats.
@@ -98,10 +99,8 @@ class Worker:
             self._sample, self._sampled_at = self._sampler.sample(), now
         return self._sample
 
-    def start(self) -> None:
-        now = time.monotonic()
-        interval = self.settings.telemetry_interval_s
-        for i, device in enumerate(self.devices):
+    def boot(self) -> None:
+        for device in self.devices:
             device.updater.boot()
             device.link.start(own_thread=False)
             self.driver.add(
@@ -109,12 +108,19 @@ class Worker:
                 lambda d=device: self.touch(d),
                 lambda d=device: self._lost(d),
             )
-            # Paced, so the broker's listen queue never overflows into SYN retries.
-            self.driver.at(now + i / self._connect_rate, lambda d=device: self._attempt(d))
-            # Windows spread evenly over the period, as a fleet's clocks are.
-            first = now + self._rng.uniform(0, interval)
-            self.driver.at(first, lambda d=device, t=first: self._window(d, t))
         self.driver.watch(self.conn, self._command)
+
+    def start(self) -> None:
+        """Connect every device, paced so the broker's listen queue never overflows into SYN
+        retries; each starts its telemetry windows as it first connects, as a device that boots
+        and reaches its broker within the second, at a random point of the period."""
+        now = time.monotonic()
+        interval = self.settings.telemetry_interval_s
+        for i, device in enumerate(self.devices):
+            at = now + i / self._connect_rate
+            self.driver.at(at, lambda d=device: self._attempt(d))
+            first = at + self._rng.uniform(0, interval)
+            self.driver.at(first, lambda d=device, t=first: self._window(d, t))
 
     def touch(self, device: SimDevice) -> None:
         self.touched[id(device)] = device
@@ -149,7 +155,7 @@ class Worker:
                     self.driver.at(max(wake, now), lambda d=device: self.touch(d))
 
     def run(self) -> None:
-        self.start()
+        self.boot()
         self.conn.send(("ready", self.stats()))
         while not self.stopped:
             self.driver.run_once()
@@ -172,6 +178,9 @@ class Worker:
         command = self.conn.recv()
         if command[0] == "stats":
             self.conn.send(self.stats())
+        elif command[0] == "start":
+            self.start()
+            self.conn.send(True)
         elif command[0] == "hold":
             for device in self.devices:
                 device.held = bool(command[1])
