@@ -10,7 +10,9 @@
     ├── ArtifactError               an artifact transfer went wrong
     │   ├── ManifestError           the manifest does not fit what was asked (fatal)
     │   ├── ChunkRejected           a chunk failed its sha256 or range check (transient:
-    │   │                           the chunk is requested again)
+    │   │   │                       the chunk is requested again)
+    │   │   └── SealRejected        a wave broadcast's chunk or manifest whose AES-GCM tag
+    │   │                           fails: corrupted, or replayed from another chunk or artifact
     │   ├── DigestMismatch          the assembled file's sha256 is not the digest (fatal)
     │   └── RemoteArtifactError     the controller answered ArtifactError (fatal)
     ├── ModelError                  running models
@@ -72,6 +74,10 @@ class ManifestError(ArtifactError):
 
 class ChunkRejected(ArtifactError):
     fatal = False
+
+
+class SealRejected(ChunkRejected):
+    pass
 
 
 class DigestMismatch(ArtifactError):

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from edgefleet_proto import fleet_pb2
+from edgefleet_proto import artifact_pb2, fleet_pb2
 from edgefleet_proto.broker_tls import LastError, explain
-from edgefleet_proto.codec import PayloadError, decode, encode
+from edgefleet_proto.codec import PayloadError, decode, decode_as, encode
 from edgefleet_proto.topics import Kind, Topic, TopicError
+from edgefleet_proto.wave import is_wave_topic
 from google.protobuf.message import Message
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
@@ -64,7 +65,15 @@ class LinkDown:
     reason: str
 
 
-LinkEvent = Inbound | Rejected | LinkUp | LinkDown
+@dataclass(frozen=True)
+class WaveInbound:
+    """A frame of a wave broadcast this agent listens to (agent.broadcast)."""
+
+    topic: str
+    frame: artifact_pb2.WaveFrame
+
+
+LinkEvent = Inbound | Rejected | LinkUp | LinkDown | WaveInbound
 
 
 class Publication:
@@ -122,6 +131,8 @@ class Link:
         # link missing one would never hear that topic again.
         self._subscribing: dict[int, list[str]] = {}
         self._refusals = 0
+        # The wave broadcast topics to be subscribed to (Link.listen), at every connection too.
+        self._waves: frozenset[str] = frozenset()
         protocol = mqtt.MQTTv5 if config.protocol == "v5" else mqtt.MQTTv311
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -278,7 +289,9 @@ class Link:
             self._attempt = 0
             self._set_delay()
             self._refusals = 0
-            self._subscribe([self.topic(k) for k in SUBSCRIBED_KINDS])
+            with self._lock:
+                waves = sorted(self._waves)
+            self._subscribe([self.topic(k) for k in SUBSCRIBED_KINDS] + waves)
             self.publish(self.topic(Kind.STATUS), self._status(True), retain=True)
             self._connected.set()
             log.info(
@@ -418,8 +431,38 @@ class Link:
         except Exception:
             log.exception("on_publish failed device=%s", self.device_id)
 
+    def listen(self, topics: frozenset[str]) -> None:
+        """Be subscribed to exactly these wave broadcast topics, now and at every connection."""
+        with self._lock:
+            added, dropped = sorted(topics - self._waves), sorted(self._waves - topics)
+            self._waves = frozenset(topics)
+        if not self.connected:
+            return
+        if added:
+            self._subscribe(added)
+        if dropped:
+            self._client.unsubscribe(dropped)
+
+    def _on_wave(self, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            wanted = msg.topic in self._waves
+        # Frames in flight when the agent stopped listening, and the empty payload that clears a
+        # wave's retained announcement, are nothing to act on.
+        if not wanted or not msg.payload:
+            return
+        try:
+            frame = decode_as(artifact_pb2.WaveFrame, bytes(msg.payload))
+        except PayloadError as exc:
+            log.warning("payload rejected device=%s topic=%s error=%s", self.device_id, msg.topic, exc)
+            self.inbox.put(Rejected(None, msg.topic, str(exc)))
+            return
+        self.inbox.put(WaveInbound(msg.topic, frame))
+
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
+            if is_wave_topic(msg.topic):
+                self._on_wave(msg)
+                return
             try:
                 topic = Topic.parse(msg.topic)
             except (TopicError, UnicodeDecodeError) as exc:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from agent.artifacts import FORMATS, valid_digest
+from agent.broadcast import reception
 from agent.compat import StrEnum
 from agent.conditions import Condition
 from agent.runtime import DEFAULT_RUNTIME_FOR_FORMAT
@@ -37,6 +38,7 @@ class Action(StrEnum):
     VERIFY = "verify"
     REQUEST_MANIFEST = "request_manifest"
     REQUEST_CHUNKS = "request_chunks"
+    LISTEN = "listen"
     DEACTIVATE = "deactivate"
     MARK_APPLIED = "mark_applied"
     COLLECT_GARBAGE = "collect_garbage"
@@ -100,6 +102,10 @@ class TransferView:
     outstanding: Mapping[int, float] = field(default_factory=dict)
     bytes_have: int = 0
     bytes_total: int = 0
+    # Subscribed to the artifact's wave broadcast; nothing is asked for before this time while
+    # the broadcast may still bring it (-inf: it ended, or went quiet for a request timeout).
+    listening: bool = False
+    broadcast_until: float = -math.inf
 
     @property
     def complete(self) -> bool:
@@ -158,6 +164,19 @@ class RequestManifest(Step):
     action: ClassVar[Action] = Action.REQUEST_MANIFEST
     assignment: Assignment
     # The assignment's sample inputs rather than its model.
+    sample: bool = False
+
+    @property
+    def digest(self) -> str:
+        return self.assignment.sample_digest if self.sample else self.assignment.digest
+
+
+@dataclass(frozen=True)
+class Listen(Step):
+    """Take the artifact (or the sample inputs) of ``assignment`` from its wave broadcast."""
+
+    action: ClassVar[Action] = Action.LISTEN
+    assignment: Assignment
     sample: bool = False
 
     @property
@@ -399,6 +418,12 @@ def _transfer_steps(
     digest = a.sample_digest if sample else a.digest
     t = current.transfers.get(digest)
     timeout = current.request_timeout_s
+    if reception(a, sample) is not None:
+        # By the wave's broadcast first; what it did not bring is asked for once it ended or went quiet.
+        if t is None or not t.listening:
+            return [Listen(a, sample)]
+        if now < t.broadcast_until:
+            return [Wait(t.broadcast_until, f"broadcast of {digest[:12]}")]
     if t is None or not t.has_manifest:
         asked = t.manifest_requested_at if t else None
         if asked is None or now - asked >= timeout:

@@ -23,7 +23,7 @@ from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind
 
 from agent.errors import OutboxError
-from agent.link import Inbound, Link, LinkDown, LinkUp, Publication, Rejected, now_ms
+from agent.link import Inbound, Link, LinkDown, LinkUp, Publication, Rejected, WaveInbound, now_ms
 from agent.outbox import Outbox, OutboxSender
 from agent.telemetry import build_telemetry
 from agent.updater import Updater
@@ -83,6 +83,8 @@ class Session:
                 self.updater.on_artifact(event.message)
             elif isinstance(event.message, fleet_pb2.TelemetryAck):
                 self.sender.acknowledge(event.message.seqs)
+        elif isinstance(event, WaveInbound):
+            self.updater.on_wave_frame(event.topic, event.frame)
         elif isinstance(event, Rejected):
             self._payload_rejected(event.topic, event.reason)
         elif isinstance(event, LinkUp):

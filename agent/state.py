@@ -48,10 +48,16 @@ class Assignment:
     sample_digest: str = ""
     sample_size: int = 0
     signature: ModelSignature | None = None
+    # The wave broadcast the model and its sample inputs can be taken from (agent.broadcast),
+    # and the keys that open them, hex; empty: fetched by request only.
+    wave_id: str = ""
+    artifact_key: str = ""
+    sample_key: str = ""
 
     @classmethod
     def from_proto(cls, m: fleet_pb2.ModelAssignment) -> Assignment:
         has_signature = m.HasField("model_signature") and bool(m.model_signature.inputs)
+        wave = m.broadcast if m.HasField("broadcast") else fleet_pb2.WaveBroadcast()
         return cls(
             tenant=m.tenant or "default",
             model_name=m.model_name,
@@ -66,6 +72,9 @@ class Assignment:
             sample_digest=m.sample_digest,
             sample_size=int(m.sample_size),
             signature=ModelSignature.from_proto(m.model_signature) if has_signature else None,
+            wave_id=wave.wave_id,
+            artifact_key=wave.artifact_key.hex(),
+            sample_key=wave.sample_key.hex(),
         )
 
     @classmethod

@@ -31,6 +31,7 @@ from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind
 
 from agent.artifacts import ArtifactStore, Download
+from agent.broadcast import Reception, open_chunk, open_manifest, reception
 from agent.conditions import DESIRED_REFUSED, Conditions
 from agent.diskspace import FreeSpace, is_disk_full
 from agent.errors import (
@@ -40,6 +41,7 @@ from agent.errors import (
     DiskFull,
     MemoryBudgetExceeded,
     ModelError,
+    SealRejected,
 )
 from agent.pool import ModelPool, ServingModel
 from agent.reconciler import (
@@ -50,6 +52,7 @@ from agent.reconciler import (
     Current,
     Deactivate,
     Fail,
+    Listen,
     MarkApplied,
     Phase,
     Report,
@@ -133,6 +136,8 @@ class Publisher(Protocol):
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> Any: ...
 
+    def listen(self, topics: frozenset[str]) -> None: ...
+
 
 EmitEvent = Callable[[str, str, str, dict[str, str]], None]
 Probe = Callable[[str, str, str], tuple[int, int]]
@@ -151,6 +156,18 @@ class Transfer:
     rejected: int = 0
     # The assignment's sample inputs rather than its model.
     sample: bool = False
+    # Its wave broadcast (agent.broadcast): subscribed since, last heard from (monotonic),
+    # whether it said every chunk went out, and whether the controller heard we listen.
+    reception: Reception | None = None
+    listening: bool = False
+    heard_at: float = -math.inf
+    broadcast_done: bool = False
+    told: bool = False
+    # Where the chunks came from, and broadcast chunks refused by reason ("sealed", "digest").
+    resumed: int = 0
+    from_broadcast: int = 0
+    from_requests: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
 
     @property
     def digest(self) -> str:
@@ -160,7 +177,13 @@ class Transfer:
     def size(self) -> int:
         return self.assignment.sample_size if self.sample else self.assignment.size
 
-    def view(self) -> TransferView:
+    def broadcast_until(self, quiet_s: float) -> float:
+        """Until when the broadcast may still bring chunks: ``quiet_s`` after it was last heard."""
+        if not self.listening or self.broadcast_done:
+            return -math.inf
+        return self.heard_at + quiet_s
+
+    def view(self, quiet_s: float = 0.0) -> TransferView:
         d = self.download
         return TransferView(
             digest=self.digest,
@@ -171,6 +194,8 @@ class Transfer:
             outstanding=dict(self.outstanding),
             bytes_have=d.bytes_have if d else 0,
             bytes_total=d.size if d else self.size,
+            listening=self.listening,
+            broadcast_until=self.broadcast_until(quiet_s),
         )
 
 
@@ -226,6 +251,8 @@ class Updater:
         self.state = DeviceState()
         self.installed: set[str] = set()
         self.transfers: dict[str, Transfer] = {}
+        # The wave broadcast topics the link was last told to subscribe to.
+        self.listened: frozenset[str] = frozenset()
         self.reported: Report | None = None
         self.reported_at = -math.inf
         self.handlers: dict[Action, Callable[[Any], None]] = {
@@ -235,6 +262,7 @@ class Updater:
             Action.VERIFY: self.verify,
             Action.REQUEST_MANIFEST: self.request_manifest,
             Action.REQUEST_CHUNKS: self.request_chunks,
+            Action.LISTEN: self.listen,
             Action.DEACTIVATE: self.deactivate,
             Action.MARK_APPLIED: self.mark_applied,
             Action.COLLECT_GARBAGE: self.collect_garbage,
@@ -270,7 +298,10 @@ class Updater:
             if download is None or want is None:
                 self.artifacts.discard(digest)
                 continue
-            self.transfers[digest] = Transfer(want, download, sample=want.digest != digest)
+            sample = want.digest != digest
+            self.transfers[digest] = Transfer(
+                want, download, sample=sample, resumed=len(download.have), reception=reception(want, sample)
+            )
             log.info(
                 "download resumed device=%s digest=%s have=%d/%d",
                 self.device_id,
@@ -476,6 +507,7 @@ class Updater:
             return
         try:
             self.artifacts.write_chunk(t.download, chunk.index, chunk.offset, chunk.data)
+            t.from_requests += 1
         except ChunkRejected as exc:
             t.rejected += 1
             log.warning(
@@ -486,7 +518,13 @@ class Updater:
                 t.rejected,
                 exc,
             )
-            attrs = {**_attrs(t.assignment), "index": str(chunk.index), "rejected": str(t.rejected)}
+            attrs = {
+                **_attrs(t.assignment),
+                "index": str(chunk.index),
+                "rejected": str(t.rejected),
+                "source": "request",
+                "reason": "digest",
+            }
             self.emit("chunk_rejected", "warning", str(exc), attrs)
             if t.rejected > MAX_CHUNK_REJECTIONS:
                 self._fail_digest(chunk.digest, f"more than {MAX_CHUNK_REJECTIONS} corrupt chunks")
@@ -498,12 +536,98 @@ class Updater:
                 "chunk write failed device=%s digest=%s error=%s", self.device_id, chunk.digest[:12], exc
             )
 
+    def on_wave_frame(self, topic: str, frame: artifact_pb2.WaveFrame) -> None:
+        """A frame of a wave broadcast this device listens to: its announcement or a sealed chunk."""
+        t = self.transfers.get(frame.digest)
+        if t is None or t.reception is None or t.reception.topic != topic or not t.listening:
+            return
+        t.heard_at = self.clock()
+        body = frame.WhichOneof("body")
+        if body == "announcement":
+            self._on_announcement(t, frame.announcement)
+        elif body == "chunk":
+            self._on_sealed_chunk(t, frame.chunk)
+
+    def _on_announcement(self, t: Transfer, announcement: artifact_pb2.WaveAnnouncement) -> None:
+        assert t.reception is not None
+        if t.download is None:
+            try:
+                manifest = open_manifest(t.reception.key, t.digest, announcement)
+            except SealRejected as exc:
+                self._refused(t, "sealed", "manifest", exc)
+                return
+            if manifest.digest != t.digest:
+                self._refused(t, "digest", "manifest", SealRejected("the manifest is for another artifact"))
+                return
+            self._on_manifest(manifest)
+        if announcement.done:
+            if not t.broadcast_done:
+                log.info(
+                    "broadcast ended device=%s digest=%s have=%d/%d",
+                    self.device_id,
+                    t.digest[:12],
+                    len(t.download.have) if t.download else 0,
+                    t.download.chunks if t.download else 0,
+                )
+            t.broadcast_done = True
+        elif t.download is not None and not t.told and not t.download.complete:
+            # Nothing comes back: the controller starts the broadcast once its wave listens.
+            req = artifact_pb2.ChunkRequest(digest=t.digest, listening=True)
+            self.link.publish(self.link.topic(Kind.ARTIFACT_REQUEST), encode(req))
+            t.told = True
+
+    def _on_sealed_chunk(self, t: Transfer, sealed: artifact_pb2.SealedChunk) -> None:
+        assert t.reception is not None
+        d = t.download
+        # Before the manifest a chunk can be neither placed nor checked: it is asked for later.
+        if d is None or sealed.index in d.have or not 0 <= sealed.index < d.chunks:
+            return
+        try:
+            data = open_chunk(t.reception.key, t.digest, d.manifest.chunk_size, sealed)
+        except SealRejected as exc:
+            self._refused(t, "sealed", str(sealed.index), exc)
+            return
+        offset, _ = d.chunk_range(sealed.index)
+        try:
+            self.artifacts.write_chunk(d, sealed.index, offset, data)
+            t.from_broadcast += 1
+        except ChunkRejected as exc:
+            self._refused(t, "digest", str(sealed.index), exc)
+        except DiskFull as exc:
+            self.space.hit(str(exc))
+        except OSError as exc:
+            log.error("chunk write failed device=%s digest=%s error=%s", self.device_id, t.digest[:12], exc)
+
+    def _refused(self, t: Transfer, reason: str, index: str, exc: Exception) -> None:
+        """A broadcast chunk (or manifest) refused: counted by reason; what it should have brought
+        is asked for by request once the broadcast ends."""
+        t.refused[reason] = t.refused.get(reason, 0) + 1
+        log.warning(
+            "broadcast chunk rejected device=%s digest=%s index=%s reason=%s count=%d error=%s",
+            self.device_id,
+            t.digest[:12],
+            index,
+            reason,
+            t.refused[reason],
+            exc,
+        )
+        attrs = {
+            **_attrs(t.assignment),
+            "index": index,
+            "source": "broadcast",
+            "reason": reason,
+            "rejected": str(t.refused[reason]),
+        }
+        self.emit("chunk_rejected", "warning", str(exc), attrs)
+
     def on_link_up(self) -> None:
         # Requests in flight may be lost with the old session; ask again now.
         self.reported = None
         for t in self.transfers.values():
             t.manifest_requested_at = None
             t.outstanding.clear()
+            # The broadcast's announcement comes again with the subscription: say we listen again.
+            t.told = False
 
     # -- planning -------------------------------------------------------------
 
@@ -511,7 +635,7 @@ class Updater:
         return Current(
             state=self.state,
             installed=frozenset(self.installed),
-            transfers={d: t.view() for d, t in self.transfers.items()},
+            transfers={d: t.view(self.request_timeout_s) for d, t in self.transfers.items()},
             connected=self.link.connected,
             runtimes=frozenset(BACKENDS),
             reported=self.reported,
@@ -537,10 +661,21 @@ class Updater:
                 work = [s for s in work if s.action in WHILE_DISK_FULL]
                 waits.append(self.space.next_poll)
             if not work:
+                self._follow_broadcasts()
                 return min(waits, default=math.inf)
             for step in work:
                 self.execute(step)
+        self._follow_broadcasts()
         return self.clock()
+
+    def _follow_broadcasts(self) -> None:
+        """Keep the link subscribed to the broadcasts of the transfers under way, and no other."""
+        topics = frozenset(
+            t.reception.topic for t in self.transfers.values() if t.listening and t.reception is not None
+        )
+        if topics != self.listened:
+            self.link.listen(topics)
+            self.listened = topics
 
     def _look_for_space(self) -> None:
         """While the disk is full, see (with backoff) whether what waits fits again; if so, go on."""
@@ -651,28 +786,53 @@ class Updater:
                 self._end(tenant, UpdateState.FAILED, reason)
 
     def request_manifest(self, step: RequestManifest) -> None:
-        a = step.assignment
-        t = self.transfers.get(step.digest)
-        if t is None and step.sample:
-            t = self.transfers[step.digest] = Transfer(a, sample=True)
+        t = self._transfer(step.assignment, step.sample)
+        if t is None:
+            return
+        t.manifest_requested_at = self.clock()
+        req = artifact_pb2.ChunkRequest(digest=step.digest, want_manifest=True)
+        self.link.publish(self.link.topic(Kind.ARTIFACT_REQUEST), encode(req))
+
+    def listen(self, step: Listen) -> None:
+        """Subscribe to the wave broadcast of the artifact; its announcement brings the manifest."""
+        t = self._transfer(step.assignment, step.sample)
+        if t is None:
+            return
+        t.reception = reception(step.assignment, step.sample)
+        t.listening, t.told, t.heard_at = True, False, self.clock()
+        self._follow_broadcasts()
+        log.info(
+            "listening to the wave broadcast device=%s digest=%s wave=%s",
+            self.device_id,
+            step.digest[:12],
+            step.assignment.wave_id,
+        )
+
+    def _transfer(self, a: Assignment, sample: bool) -> Transfer | None:
+        """The transfer of the model (or sample inputs) of ``a``, begun now if it was not; None when
+        the update may not be tried again."""
+        digest = a.sample_digest if sample else a.digest
+        t = self.transfers.get(digest)
+        if t is None and sample:
+            t = self.transfers[digest] = Transfer(a, sample=True, reception=reception(a, True))
             log.info(
                 "sample download started device=%s tenant=%s model=%s version=%s digest=%s size=%d",
                 self.device_id,
                 a.tenant,
                 a.model_name,
                 a.model_version,
-                step.digest[:12],
+                digest[:12],
                 a.sample_size,
             )
         if t is None:
             crashed = self._crash_limit(a)
             if crashed is not None:
                 self._fail_digest(a.digest, crashed)
-                return
+                return None
             # Entered before the transfer exists, so a refused write leaves nothing half begun.
             for wanting in self._wanting(a.digest):
                 self._enter(wanting, UpdateState.FETCH)
-            t = self.transfers[a.digest] = Transfer(a)
+            t = self.transfers[a.digest] = Transfer(a, reception=reception(a))
             log.info(
                 "download started device=%s tenant=%s model=%s version=%s digest=%s size=%d",
                 self.device_id,
@@ -683,9 +843,7 @@ class Updater:
                 a.size,
             )
             self.emit("download_started", "info", f"downloading {a.model_name} {a.model_version}", _attrs(a))
-        t.manifest_requested_at = self.clock()
-        req = artifact_pb2.ChunkRequest(digest=step.digest, want_manifest=True)
-        self.link.publish(self.link.topic(Kind.ARTIFACT_REQUEST), encode(req))
+        return t
 
     def request_chunks(self, step: RequestChunks) -> None:
         t = self.transfers[step.digest]
@@ -704,7 +862,18 @@ class Updater:
         self.artifacts.finalize(t.download, sample=t.sample)
         self.transfers.pop(step.digest)
         self.installed.add(step.digest)
-        log.info("artifact verified device=%s digest=%s", self.device_id, step.digest[:12])
+        refused = ",".join(f"{reason}:{n}" for reason, n in sorted(t.refused.items())) or "none"
+        log.info(
+            "artifact verified device=%s digest=%s chunks=%d broadcast=%d requested=%d resumed=%d "
+            "broadcast_refused=%s",
+            self.device_id,
+            step.digest[:12],
+            t.download.chunks,
+            t.from_broadcast,
+            t.from_requests,
+            t.resumed,
+            refused,
+        )
 
     def activate(self, step: Activate) -> None:
         """Stage (load, smoke inference) while the old model serves, then swap and start probation."""

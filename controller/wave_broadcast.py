@@ -16,7 +16,7 @@ joined late, was offline or lost chunks asks for what it lacks by request, as wi
 broadcast. Once the wave is no longer its rollout's current one the retained announcement
 is cleared (MQTT 5 brokers also expire it after ``broadcast_retain_s``).
 
-One thread sends, one broadcast at a time: a wave's artifacts go out one after the other.
+One thread sends: the broadcasts under way take turns, a chunk each.
 """
 
 from __future__ import annotations
@@ -90,6 +90,17 @@ class Broadcast:
         return self.expected <= self.listening or now >= self.first_listener_at + grace_s
 
 
+@dataclass(eq=False)
+class Sending:
+    """A broadcast under way: its next chunk, how many in all, since when, bytes so far."""
+
+    broadcast: Broadcast
+    count: int
+    began: float
+    next: int = 0
+    bytes: int = 0
+
+
 class WaveBroadcaster:
     def __init__(
         self,
@@ -116,6 +127,11 @@ class WaveBroadcaster:
         self._over: OrderedDict[str, None] = OrderedDict()
         self._checked_at = 0.0
         self._thread: threading.Thread | None = None
+        # The sending thread's own: broadcasts under way, chunks not yet acknowledged, pacing.
+        self._sending: list[Sending] = []
+        self._unacked: list[Any] = []
+        self._paced_from = 0.0
+        self._paced_bytes = 0
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -218,8 +234,9 @@ class WaveBroadcaster:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._wake.wait(POLL_S)
-            self._wake.clear()
+            if not self._sending:
+                self._wake.wait(POLL_S)
+                self._wake.clear()
             try:
                 self._step()
             except Exception:
@@ -231,50 +248,73 @@ class WaveBroadcaster:
             due = [b for b in self._broadcasts.values() if b.due(now, self.grace_s)]
             for b in due:
                 b.state = "sending"
-        for broadcast in due:
-            self._send(broadcast)
+        for b in due:
+            self._begin(b)
+        # One chunk of each broadcast under way in turn: a wave's small artifacts (sample
+        # inputs) do not wait behind its model, nor one wave behind another.
+        for sending in list(self._sending):
+            if self._stopping.is_set():
+                return
+            try:
+                if sending.next < sending.count:
+                    self._send_chunk(sending)
+                    continue
+            except (ArtifactNotFound, OSError) as exc:
+                # Said done all the same: its devices ask for what it did not send.
+                log.error(
+                    "wave broadcast cut short wave=%s digest=%s error=%s",
+                    sending.broadcast.topic.wave_id,
+                    sending.broadcast.topic.digest[:12],
+                    exc,
+                )
+            self._finish(sending)
         if now - self._checked_at >= CURRENT_CHECK_S:
             self._checked_at = now
             self._forget_ended()
 
-    def _send(self, b: Broadcast) -> None:
-        digest, manifest = b.topic.digest, b.manifest
-        count = chunk_count(manifest.size, manifest.chunk_size)
+    def _begin(self, b: Broadcast) -> None:
+        count = chunk_count(b.manifest.size, b.manifest.chunk_size)
+        if not self._sending:
+            self._paced_from, self._paced_bytes = self.clock(), 0
+        self._sending.append(Sending(b, count, self.clock()))
         log.info(
             "wave broadcast started wave=%s digest=%s chunks=%d listening=%d expected=%d",
             b.topic.wave_id,
-            digest[:12],
+            b.topic.digest[:12],
             count,
             len(b.listening),
             len(b.expected),
         )
-        began = self.clock()
-        sent_bytes = 0
-        unacked: list[Any] = []
-        for index in range(count):
-            if self._stopping.is_set():
-                return
-            chunk = self.artifacts.read_chunk(digest, index)
-            sealed = seal_chunk(b.key, digest, manifest.chunk_size, index, chunk.data)
-            frame = artifact_pb2.WaveFrame(
-                digest=digest, chunk=artifact_pb2.SealedChunk(index=index, sealed=sealed)
-            )
-            payload = encode(frame)
-            unacked = self._within_window(unacked)
-            unacked.append(self.publisher.publish_wave(str(b.topic), payload, retain=False))
-            sent_bytes += len(payload)
-            self.counters.broadcast_bytes(len(payload))
-            self._pace(began, sent_bytes)
+
+    def _send_chunk(self, sending: Sending) -> None:
+        b, index = sending.broadcast, sending.next
+        digest, chunk_size = b.topic.digest, b.manifest.chunk_size
+        chunk = self.artifacts.read_chunk(digest, index)
+        sealed = seal_chunk(b.key, digest, chunk_size, index, chunk.data)
+        frame = artifact_pb2.WaveFrame(
+            digest=digest, chunk=artifact_pb2.SealedChunk(index=index, sealed=sealed)
+        )
+        payload = encode(frame)
+        self._unacked = self._within_window(self._unacked)
+        self._unacked.append(self.publisher.publish_wave(str(b.topic), payload, retain=False))
+        sending.next += 1
+        sending.bytes += len(payload)
+        self.counters.broadcast_bytes(len(payload))
+        self._pace(len(payload))
+
+    def _finish(self, sending: Sending) -> None:
+        b = sending.broadcast
         self._announce(b, done=True)
         with self._lock:
             b.state = "done"
+        self._sending.remove(sending)
         log.info(
             "wave broadcast done wave=%s digest=%s chunks=%d bytes=%d seconds=%.2f",
             b.topic.wave_id,
-            digest[:12],
-            count,
-            sent_bytes,
-            self.clock() - began,
+            b.topic.digest[:12],
+            sending.count,
+            sending.bytes,
+            self.clock() - sending.began,
         )
 
     def _within_window(self, unacked: list[Any]) -> list[Any]:
@@ -285,10 +325,12 @@ class WaveBroadcaster:
             unacked = [info for info in unacked if not info.is_published()]
         return unacked
 
-    def _pace(self, began: float, sent_bytes: int) -> None:
+    def _pace(self, sent: int) -> None:
+        """Keep all broadcasts together within broadcast_bytes_per_s."""
         if self.bytes_per_s <= 0:
             return
-        ahead = began + sent_bytes / self.bytes_per_s - self.clock()
+        self._paced_bytes += sent
+        ahead = self._paced_from + self._paced_bytes / self.bytes_per_s - self.clock()
         if ahead > 0:
             self._stopping.wait(ahead)
 
