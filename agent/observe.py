@@ -14,7 +14,8 @@ sketches or the uploads first takes in whatever still waits, so a window holds
 every inference observed before it closed.
 
 Above ``SAMPLE_ABOVE_HZ`` inferences a second for one model version, only one in
-``stride`` is observed, drawn at random, and it counts ``stride`` times in the
+``stride`` is observed, drawn at random in each block of ``stride`` consecutive
+inferences, and it counts ``stride`` times in the
 sketch (bins and samples) and in capture's random draw. A random draw that does
 not look at the values keeps each bin's expected count equal to the count of
 every inference, so the window's histograms stay unbiased and a busy device still
@@ -37,7 +38,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -83,13 +84,19 @@ class _Seen(NamedTuple):
 
 @dataclass
 class _Rate:
-    """One model version's inference rate over the current period, and the stride it set.
-    Updated without a lock by every worker: a lost count only nudges the rate estimate, the
-    weight an inference is queued with is the stride it was drawn with."""
+    """One model version's inference rate over the current period, the stride it set, and where
+    the current block of ``stride`` inferences is. Updated without a lock by every worker: a
+    lost count only nudges the rate estimate or a block's length, and the weight an inference
+    is queued with is the stride it was drawn with."""
 
     since: float
     stride: int = 1
     seen: int = 0
+    # The current block: its length (the stride when it began), the position in it, and the
+    # position drawn in it.
+    block: int = 1
+    position: int = 0
+    pick: int = 0
 
 
 class Observer:
@@ -169,10 +176,20 @@ class Observer:
             hz = rate.seen / max(now - rate.since, 1e-6)
             rate.stride = max(1, math.ceil(hz / self._sample_above_hz))
             rate.since, rate.seen = now, 0
-        stride = rate.stride
-        if stride > 1 and self._rng.random() * stride >= 1.0:
-            return 0
-        return stride
+        # One inference drawn at random in each block of ``stride`` consecutive ones: each has
+        # the chance 1/stride whatever its place (no aliasing with a periodic input), and the
+        # drawn ones' weights add up to the count of inferences within one block. A new stride
+        # takes effect when the current block ends.
+        position = rate.position
+        if position == 0:
+            rate.block = block = rate.stride
+            if block == 1:
+                return 1
+            rate.pick = self._rng.randrange(block)
+        else:
+            block = rate.block
+        rate.position = position + 1 if position + 1 < block else 0
+        return block if position == rate.pick else 0
 
     def offer(
         self,
@@ -235,14 +252,14 @@ class Observer:
                 seen.append(pending.popleft())
             groups: dict[tuple[object, ...], list[_Seen]] = {}
             for s in seen:
-                key = (s.tenant, s.model_name, s.model_version, s.layout, s.weight, s.inputs.shape)
+                key = (s.tenant, s.model_name, s.model_version, s.layout, s.weight, s.scores, s.inputs.shape)
                 groups.setdefault(key, []).append(s)
             for members in groups.values():
                 self._observe_group(members)
 
     def _observe_group(self, members: list[_Seen]) -> None:
-        """Inferences of one model version, layout, weight and input shape: sketched and offered
-        to capture together, in runs whose scores and probabilities have one shape."""
+        """Inferences of one model version, layout, weight, scores output and input shape:
+        sketched and offered to capture together, in runs whose scores have one shape."""
         first = members[0]
         tenant, model_name, model_version = first.tenant, first.model_name, first.model_version
         sketch = self.sketcher.wants(tenant, model_name, model_version)
@@ -252,54 +269,73 @@ class Observer:
         runs: list[tuple[object, list[_Prepared]]] = []
         for s in members:
             try:
-                probs = probabilities_of(s.outputs, s.scores)
-                scores = probs if s.outcome is None else scores_of(s.outcome)
+                post = None if s.outcome is None else scores_of(s.outcome)
             except (ValueError, TypeError) as exc:
                 self._failed(tenant, model_name, model_version, exc)
                 continue
             rows = len(s.inputs) if s.inputs.ndim > 1 else 1
-            item = _Prepared(s, probs if probs is not None and len(probs) == rows else None, scores)
-            # Scores that do not match the inputs' rows fail alone (the sketch says why).
-            shape = _width(scores) if scores is None or len(scores) == rows else id(s)
-            key = (shape, _width(item.probs))
+            chosen = s.outputs.get(s.scores) if s.scores else None
+            raw = None if chosen is None else (chosen.shape[1:], chosen.dtype, len(chosen) == rows)
+            key: object = (raw, s.outcome is None, _width(post))
+            if (chosen is not None and len(chosen) != rows) or (post is not None and len(post) != rows):
+                key = id(s)  # scores that do not match the inputs' rows: alone (the sketch says why)
             if runs and runs[-1][0] == key:
-                runs[-1][1].append(item)
+                runs[-1][1].append(_Prepared(s, post))
             else:
-                runs.append((key, [item]))
+                runs.append((key, [_Prepared(s, post)]))
         for _, run in runs:
             self._observe_run(run, sketch, capture)
 
     def _observe_run(self, run: list[_Prepared], sketch: bool, capture: bool) -> None:
         first = run[0].seen
         tenant, model_name, model_version = first.tenant, first.model_name, first.model_version
+        outputs: Mapping[str, np.ndarray] = first.outputs
+        if len(run) == 1:
+            inputs = first.inputs
+        elif first.scores not in first.outputs:
+            inputs, outputs = np.concatenate([_batch(item.seen.inputs) for item in run]), {}
+        else:
+            inputs = np.concatenate([_batch(item.seen.inputs) for item in run])
+            # One distribution for the run: a row of logits is softmaxed whatever run it is in, but
+            # rows that already sum to one are kept as they are only when all of the run's do (as
+            # all of one inference's had to); a model gives one or the other, never a mix.
+            outputs = {first.scores: np.concatenate([item.seen.outputs[first.scores] for item in run])}
+        try:
+            probs = probabilities_of(outputs, first.scores)
+        except (ValueError, TypeError) as exc:
+            self._failed_each(run, exc)
+            return
+        if first.outcome is None:
+            scores = probs
+        else:
+            posts = [item.post for item in run if item.post is not None]
+            scores = np.concatenate(posts) if len(posts) == len(run) else None
         if sketch:
             try:
                 self.sketcher.observe(
-                    tenant, model_name, model_version, *_stacked(run), first.layout, first.weight
+                    tenant, model_name, model_version, inputs, scores, first.layout, first.weight
                 )
             except (ValueError, TypeError) as exc:
                 if len(run) == 1:
                     self._failed(tenant, model_name, model_version, exc)
                     return
-                # Binning commits nothing before it succeeds: each one again, alone, finds
-                # which failed; those are not captured either.
-                kept = []
+                # Binning commits nothing before it succeeds: each one again, alone, finds which
+                # failed; those are not captured either.
                 for item in run:
-                    try:
-                        self.sketcher.observe(
-                            tenant, model_name, model_version, *_stacked([item]), first.layout, first.weight
-                        )
-                        kept.append(item)
-                    except (ValueError, TypeError) as exc_one:
-                        self._failed(tenant, model_name, model_version, exc_one)
-                run = kept
-        if capture and run:
-            inputs = np.concatenate([_batch(item.seen.inputs) for item in run])
-            probs = None if run[0].probs is None else np.concatenate([item.probs for item in run])
+                    self._observe_run([item], sketch, capture)
+                return
+        if capture:
+            batch = _batch(inputs)
+            if probs is not None and len(probs) != len(batch):
+                probs = None
             try:
-                self.captures.offer(tenant, model_name, model_version, inputs, probs, first.weight)
+                self.captures.offer(tenant, model_name, model_version, batch, probs, first.weight)
             except (ValueError, TypeError) as exc:
                 self._failed(tenant, model_name, model_version, exc)
+
+    def _failed_each(self, run: list[_Prepared], exc: Exception) -> None:
+        for item in run:
+            self._failed(item.seen.tenant, item.seen.model_name, item.seen.model_version, exc)
 
     @property
     def failures(self) -> int:
@@ -336,10 +372,8 @@ class Observer:
 
 class _Prepared(NamedTuple):
     seen: _Seen
-    # The model's class distribution for capture, None when it has none or its rows do not
-    # match the inputs'; the sketch's scores (post-processed ones when there is an outcome).
-    probs: np.ndarray | None
-    scores: np.ndarray | None
+    # A post-processed result's scores (one row), None without an outcome or when it found nothing.
+    post: np.ndarray | None
 
 
 def _batch(inputs: np.ndarray) -> np.ndarray:
@@ -349,18 +383,6 @@ def _batch(inputs: np.ndarray) -> np.ndarray:
 
 def _width(scores: np.ndarray | None) -> int | None:
     return None if scores is None else (scores.shape[1] if scores.ndim == 2 else -1)
-
-
-def _stacked(run: Iterable[_Prepared]) -> tuple[np.ndarray, np.ndarray | None]:
-    """A run's inputs and scores as one batch each (no copy for a run of one)."""
-    items = list(run)
-    if len(items) == 1:
-        return items[0].seen.inputs, items[0].scores
-    inputs = np.concatenate([_batch(item.seen.inputs) for item in items])
-    scores = items[0].scores
-    if scores is not None:
-        scores = np.concatenate([item.scores for item in items if item.scores is not None])
-    return inputs, scores
 
 
 def scores_of(outcome: Outcome) -> np.ndarray | None:

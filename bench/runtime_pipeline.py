@@ -37,9 +37,15 @@ from agent.observe import BATCH, SAMPLE_ABOVE_HZ, Observer
 from agent.pipeline import Job, Pipelines, ResultHub
 from agent.pool import ModelPool, ServingModel
 from agent.preprocess import Prepared
+from agent.signature import SCORES, InputRole, ModelSignature, OutputMeaning
 from agent.telemetry import PipelineStats
 from agent.tenants import PreprocessSpec, SourceSpec, TenantSpec
 from tests.models import small_conv, wide_conv
+
+# Both test convs: an NCHW image in, class logits out (what the sketch reads as the scores).
+SIGNATURE = ModelSignature(
+    inputs=(InputRole("image", layout="NCHW", batch_axis=0),), outputs=(OutputMeaning("logits", SCORES),)
+)
 
 
 def pipelines(
@@ -48,7 +54,7 @@ def pipelines(
     pool = ModelPool(threads=threads)
     loaded = pool.load("c" * 64, model, "onnxruntime")
     for tenant in tenants:
-        pool.put(ServingModel(tenant, "conv", "1", "c" * 64, "onnxruntime", model, loaded))
+        pool.put(ServingModel(tenant, "conv", "1", "c" * 64, "onnxruntime", model, loaded, SIGNATURE))
     hub = ResultHub()
     p = Pipelines("bench", pool, workers, PipelineStats(), lambda *a: None, lambda t, b: None, hub, observer)
     p.start()
@@ -132,7 +138,7 @@ def observe_cost(
         start = time.perf_counter()
         for _ in range(BATCH - 1):
             weight = observer.admit("t", model, "1")
-            observer.offer("t", model, "1", x, outputs, "", None, weight)
+            observer.offer("t", model, "1", x, outputs, "", None, weight, next(iter(outputs)))
         front.append((time.perf_counter() - start) / (BATCH - 1))
         start = time.perf_counter()
         observer.process()
