@@ -1,0 +1,397 @@
+"""A simulated fleet of 10,000 devices on this machine: telemetry ingest and a three-wave rollout.
+
+The devices are tests/fleetsim: each is the agent's own session (link, outbox
+and sender, updater, key ring) on its own broker login and connection, several
+thousand per simulator process on one network loop. They are registered in
+batches (POST /v1/devices/batch: one password-file rewrite and broker reload per
+batch, where one device at a time would rewrite the file and reload the broker
+10,000 times). Starts mosquitto and the controller, then measures in one run:
+
+1. the broker's own fan-out: bare paho subscribers, one per device login (the
+   devices are not connected yet), read the model's bytes published once in
+   chunks of the controller's chunk size on a wave broadcast topic; the time
+   until every subscriber has every byte;
+2. ingest, per number of ingest workers: every device reports a window every
+   ``--period-s``; ``steady``: for ``--steady-s`` seconds, the windows the
+   controller stored and acknowledged per second and its CPU (psutil, user +
+   system, every controller process) per 1,000 windows; ``burst``: the devices
+   hold their telemetry in their outboxes for ``--hold-s`` seconds and then
+   release it at once, the windows per second until the controller acknowledged
+   all of them, and its CPU per 1,000. Beside each, in the same run, bare paho
+   subscribers (as many processes as ingest workers, sharing one MQTT v5 shared
+   subscription when more than one) receive and decode the same windows;
+3. a three-wave rollout (``--waves``, 1 s soak each) of a ``--megabytes`` model to
+   ``--rollout-devices`` devices (default all) while telemetry goes on: the time
+   from create to succeeded, beside the fan-out of 1.
+
+More than one ingest worker needs controller roles (``serve --roles ingest``);
+when the controller has none, those rows say so and nothing is measured for them.
+
+Run: ``.venv/bin/python bench/fleet_scale.py [--devices 10000] [--processes 8]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx
+import paho.mqtt.client as mqtt
+import psutil
+from edgefleet_proto.wave import WAVES_PREFIX
+from paho.mqtt.enums import CallbackAPIVersion
+
+from controller.settings import DEFAULT_CHUNK_SIZE
+from tests.broker import Broker
+from tests.fleetsim import BareSubscribers, DeviceLogin, SimFleet, SimSettings, WorkerStats
+from tests.fleetsim.worker import raise_open_files_limit
+from tests.localfleet import BIN, Controller, wait_until
+from tests.models import dense_of_size
+
+BATCH = 5000
+TELEMETRY = "edgefleet/v1/devices/+/telemetry"
+ROLLOUT_TAG = "bench-rollout"
+SOAK_S = 1.0
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU of these processes and their children."""
+    total = 0.0
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            for p in [proc, *proc.children(recursive=True)]:
+                t = p.cpu_times()
+                total += t.user + t.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def roles_available() -> bool:
+    """Whether this controller can run ingest workers beside its other roles."""
+    out = subprocess.run(
+        [str(BIN / "edgefleet"), "controller", "serve", "--help"], capture_output=True, text=True, check=False
+    )
+    return "--roles" in out.stdout
+
+
+def register(controller: Controller, count: int, rollout_count: int) -> tuple[list[DeviceLogin], str, float]:
+    """Register ``count`` devices in batches; the first ``rollout_count`` are tagged for the rollout."""
+    logins: list[DeviceLogin] = []
+    key = ""
+    start = time.perf_counter()
+    for first in range(0, count, BATCH):
+        devices = [
+            {"device_id": f"sim-{i:05d}", "tags": [ROLLOUT_TAG] if i < rollout_count else []}
+            for i in range(first, min(count, first + BATCH))
+        ]
+        response = controller.api("POST", "/v1/devices/batch", json={"devices": devices})
+        response.raise_for_status()
+        for c in response.json():
+            logins.append(DeviceLogin(c["device_id"], c["mqtt_password"]))
+            key = c["controller_public_key"]
+    return logins, key, time.perf_counter() - start
+
+
+def fan_out(broker: Broker, logins: list[DeviceLogin], data: bytes, chunk: int, processes: int) -> float:
+    """Seconds for the broker to bring ``data``, published once in chunks, to one subscriber per login."""
+    topic = f"{WAVES_PREFIX}/bench-fanout/{'0' * 64}"
+    subs = BareSubscribers(
+        [(d.device_id, d.password) for d in logins], "127.0.0.1", broker.port, topic, processes
+    ).start()
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-fanout-pub", protocol=mqtt.MQTTv5)
+    pub.username_pw_set("bench-fanout-pub", broker.add_tool_user("bench-fanout-pub"))
+    pub.max_inflight_messages_set(100)
+    wait_until(lambda: pub.connect("127.0.0.1", broker.port) == 0, 30, "the fan-out publisher to connect")
+    pub.loop_start()
+    try:
+        start = time.monotonic()
+        infos = [pub.publish(topic, data[i : i + chunk], qos=1) for i in range(0, len(data), chunk)]
+        for info in infos:
+            info.wait_for_publish(600)
+        want = len(data) * len(logins)
+        stats = subs.wait(
+            lambda s: s.bytes >= want, 1800, "every subscriber to have every byte", interval=0.2
+        )
+        return stats.last_at - start
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        subs.stop()
+
+
+@dataclass
+class IngestRow:
+    workers: int
+    phase: str
+    windows: int = 0
+    seconds: float = 0.0
+    cpu_s: float = 0.0
+    bare_windows: int = 0
+    bare_seconds: float = 0.0
+    bare_cpu_s: float = 0.0
+    note: str = ""
+
+    def cells(self) -> str:
+        if self.note:
+            return f"{self.workers:>7}  {self.phase:6}  {self.note}"
+        rate = self.windows / self.seconds
+        bare_rate = self.bare_windows / self.bare_seconds
+        per_k = 1000 * self.cpu_s / self.windows
+        bare_per_k = 1000 * self.bare_cpu_s / self.bare_windows
+        return (
+            f"{self.workers:>7}  {self.phase:6}  {rate:9.0f}  {bare_rate:9.0f}  {rate / bare_rate:6.2f}"
+            f"  {per_k:10.3f}  {bare_per_k:10.3f}  {per_k / bare_per_k:6.1f}"
+            f"  ({self.windows} windows in {self.seconds:.1f} s; bare {self.bare_windows} in {self.bare_seconds:.1f} s)"
+        )
+
+
+def ingest(
+    fleet: SimFleet, bare: BareSubscribers, controller_pids: list[int], workers: int, args: argparse.Namespace
+) -> list[IngestRow]:
+    rows = []
+    # Steady: every device every period.
+    s0, b0, c0, t0 = fleet.stats(), bare.stats(), cpu_seconds(controller_pids), time.monotonic()
+    time.sleep(args.steady_s)
+    s1, b1, c1, t1 = fleet.stats(), bare.stats(), cpu_seconds(controller_pids), time.monotonic()
+    rows.append(
+        IngestRow(
+            workers, "steady", s1.acknowledged - s0.acknowledged, t1 - t0, c1 - c0,
+            b1.messages - b0.messages, t1 - t0, b1.cpu_s - b0.cpu_s,
+        )
+    )  # fmt: skip
+    # Burst: windows held in the outboxes, then released at once.
+    fleet.hold(True)
+    time.sleep(args.hold_s)
+    held = fleet.stats()
+    backlog = held.windows - held.acknowledged
+    b0, c0 = bare.stats(), cpu_seconds(controller_pids)
+    t0 = time.monotonic()
+    fleet.hold(False)
+    done = fleet.wait(
+        lambda s: s.acknowledged >= held.windows, 600, "the held windows acknowledged", interval=0.1
+    )
+    t1, c1 = time.monotonic(), cpu_seconds(controller_pids)
+    b1 = bare.wait(
+        lambda b: b.messages - b0.messages >= backlog, 120, "the bare subscribers to get the backlog"
+    )
+    rows.append(
+        IngestRow(
+            workers, "burst", done.acknowledged - held.acknowledged, t1 - t0, c1 - c0,
+            b1.messages - b0.messages, b1.last_at - t0, b1.cpu_s - b0.cpu_s,
+        )
+    )  # fmt: skip
+    return rows
+
+
+def artifact_bytes(controller: Controller) -> tuple[float, float]:
+    """(bytes served to devices one by one, bytes broadcast on wave topics) from /metrics."""
+    text = controller.api("GET", "/metrics").text
+    served = re.findall(r"^edgefleet_artifact_bytes_served(?:_total)?\{.*\} (\S+)$", text, re.M)
+    broadcast = re.findall(r"^edgefleet_artifact_bytes_broadcast(?:_total)?(?:\{.*\})? (\S+)$", text, re.M)
+    return sum(map(float, served)), sum(map(float, broadcast))
+
+
+def rollout(
+    controller: Controller, fleet: SimFleet, digest: str, count: int, total: int, waves: list[str]
+) -> tuple[float, dict[str, Any], list[tuple[int, float]]]:
+    target = ["--all"] if count == total else ["--tag", ROLLOUT_TAG]
+    wave_args = [a for w in waves for a in ("--wave", f"{w}:{SOAK_S:g}")]
+    start = time.monotonic()
+    created = controller.cli("rollouts", "create", "--model", "dense", "--version", "1", *target, *wave_args)
+    with httpx.Client(
+        base_url=controller.url, headers={"Authorization": f"Bearer {controller.token}"}, timeout=60
+    ) as api:
+        waves_started: list[tuple[int, float]] = []
+        while True:
+            r = api.get(f"/v1/rollouts/{created['id']}").json()
+            wave = int(r["wave"])
+            if not waves_started or waves_started[-1][0] != wave:
+                waves_started.append((wave, time.monotonic() - start))
+            if r["state"] != "running":
+                break
+            if time.monotonic() - start > 3600:
+                raise TimeoutError(f"rollout still running after an hour: {r}")
+            # Each answer lists every device of the rollout: polled often, it would load the controller.
+            time.sleep(0.2 if count <= 500 else 1.0)
+    elapsed = time.monotonic() - start
+    fleet.wait_active(digest, 120, count)
+    return elapsed, r, waves_started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--processes", type=int, default=8, help="simulator processes")
+    parser.add_argument("--ingest-workers", default="1,2,4", help="comma-separated counts of ingest workers")
+    parser.add_argument("--period-s", type=float, default=10.0, help="telemetry period of every device")
+    parser.add_argument("--steady-s", type=float, default=60.0)
+    parser.add_argument("--hold-s", type=float, default=30.0, help="telemetry held before the burst")
+    parser.add_argument("--megabytes", type=float, default=5.0)
+    parser.add_argument("--rollout-devices", type=int, default=0, help="devices the rollout targets (0: all)")
+    parser.add_argument("--waves", default="10%,40%,100%")
+    parser.add_argument("--connect-rate", type=float, default=500.0, help="device connections per second")
+    parser.add_argument(
+        "--state-dir", type=Path, default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+    )
+    parser.add_argument("--skip-rollout", action="store_true")
+    args = parser.parse_args()
+    workers_list = [int(w) for w in args.ingest_workers.split(",") if w.strip()]
+    rollout_count = args.rollout_devices or args.devices
+
+    hard = raise_open_files_limit()
+    if hard < args.devices + 1000:
+        print(f"open files limited to {hard}: mosquitto needs one per device", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-fleet-"))
+    state = Path(tempfile.mkdtemp(prefix="fleetsim-", dir=args.state_dir))
+    broker = Broker(work / "mosquitto").start()
+    controller = Controller(
+        work / "controller", broker.port, passwd_file=broker.passwd_file, reload_command=broker.reload_command
+    )
+    controller.init()
+    controller.start()
+    assert controller.proc is not None
+    fleet: SimFleet | None = None
+    bare: BareSubscribers | None = None
+    rows: list[IngestRow] = []
+    result: dict[str, Any] = {}
+    try:
+        logins, key, reg_s = register(controller, args.devices, rollout_count)
+        model = dense_of_size(work / "model.onnx", args.megabytes)
+        data = model.read_bytes()
+        version = controller.cli("models", "upload", str(model), "--name", "dense", "--version", "1")
+
+        alone = fan_out(broker, logins[:rollout_count], data, DEFAULT_CHUNK_SIZE, args.processes)
+
+        settings = SimSettings("127.0.0.1", broker.port, key, state, telemetry_interval_s=args.period_s)
+        started = time.monotonic()
+        fleet = SimFleet(
+            logins, settings, args.processes, args.connect_rate, log_dir=work / "fleetsim"
+        ).start()
+        fleet.wait_connected(600)
+        connect_s = time.monotonic() - started
+        with httpx.Client(
+            base_url=controller.url, headers={"Authorization": f"Bearer {controller.token}"}, timeout=120
+        ) as api:
+            wait_until(
+                lambda: sum(d["online"] for d in api.get("/v1/devices").json()) == args.devices,
+                600,
+                "every device online at the controller",
+                interval=2,
+            )
+        # A first period of telemetry stored before anything is measured.
+        first = fleet.stats()
+        fleet.wait(
+            lambda s: s.acknowledged >= first.windows, 300, "the first windows acknowledged", interval=1
+        )
+
+        for workers in workers_list:
+            if workers != 1:
+                note = (
+                    "not measured: this bench does not start role processes yet"
+                    if roles_available()
+                    else "not available: controller roles not built"
+                )
+                rows += [IngestRow(workers, phase, note=note) for phase in ("steady", "burst")]
+                continue
+            name = "bench-bare"
+            topic = TELEMETRY if workers == 1 else f"$share/{name}/{TELEMETRY}"
+            names = [f"{name}-{i}" for i in range(workers)]
+            bare = BareSubscribers(
+                list(zip(names, broker.add_tool_users(names), strict=True)), "127.0.0.1", broker.port, topic,
+                processes=workers, decode=True,
+            ).start()  # fmt: skip
+            rows += ingest(fleet, bare, [controller.proc.pid], workers, args)
+            bare.stop()
+            bare = None
+
+        if not args.skip_rollout:
+            served0, broadcast0 = artifact_bytes(controller)
+            waves = [w.strip() for w in args.waves.split(",")]
+            elapsed, final, wave_times = rollout(
+                controller, fleet, version["digest"], rollout_count, args.devices, waves
+            )
+            served1, broadcast1 = artifact_bytes(controller)
+            result = {
+                "elapsed": elapsed,
+                "final": final,
+                "waves": wave_times,
+                "served": served1 - served0,
+                "broadcast": broadcast1 - broadcast0,
+                "waves_spec": waves,
+            }
+        last = fleet.stats()
+    finally:
+        if bare is not None:
+            bare.stop()
+        if fleet is not None:
+            fleet.stop()
+        controller.stop()
+        broker.stop()
+
+    report(args, rows, result, alone, len(data), reg_s, connect_s, last, rollout_count)
+    return 0
+
+
+def report(
+    args: argparse.Namespace,
+    rows: list[IngestRow],
+    result: dict[str, Any],
+    alone: float,
+    size: int,
+    reg_s: float,
+    connect_s: float,
+    last: WorkerStats,
+    rollout_count: int,
+) -> None:
+    print(
+        f"# {args.devices} simulated devices (the agent's session code, one broker login each) in "
+        f"{args.processes} processes on {os.cpu_count()} cores; telemetry every {args.period_s:g} s"
+    )
+    print(f"registered in batches of {BATCH} in {reg_s:.1f} s; all connected {connect_s:.1f} s after start")
+    print(
+        f"\n## ingest: steady = {args.steady_s:g} s of normal reporting; burst = {args.hold_s:g} s of windows "
+        "held in the outboxes, released at once"
+    )
+    print("workers  phase   ctrl w/s  bare w/s  ratio  ctrl CPU s/1k  bare CPU s/1k  ratio")
+    for row in rows:
+        print(row.cells())
+    if result:
+        final = result["final"]
+        soak = SOAK_S * len(result["waves_spec"])
+        elapsed = result["elapsed"]
+        print(
+            f"\n## rollout: {len(result['waves_spec'])} waves ({', '.join(result['waves_spec'])}, {SOAK_S:g} s soak "
+            f"each) of a {size / 1e6:.2f} MB model to {rollout_count} devices, telemetry going on"
+        )
+        print(f"rollout state: {final['state']} ({final.get('reason', '')})")
+        print(f"broker alone (the same bytes fanned out once to {rollout_count} subscribers): {alone:8.1f} s")
+        print(f"rollout, create -> succeeded:                                   {elapsed:8.1f} s")
+        print(
+            f"ratio rollout / broker alone: {elapsed / alone:.2f} (without the soak: {(elapsed - soak) / alone:.2f})"
+        )
+        print("wave started at: " + ", ".join(f"wave {w} {t:.1f} s" for w, t in result["waves"]))
+        print(
+            f"controller artifact bytes: {result['served'] / 1e6:.1f} MB to devices one by one, "
+            f"{result['broadcast'] / 1e6:.1f} MB on wave broadcasts; devices accepted "
+            f"{last.chunk_bytes / max(1, rollout_count) / 1e6:.2f} MB each"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
