@@ -42,6 +42,7 @@ import numpy.typing as npt
 from edgefleet_proto import inference_pb2
 
 from agent.shm_wire import MAX_PACKET, fast_path_socket, receive, send
+from agent.tensors import dtype_name
 
 # Where Region.array places each new array: cache-line aligned, which every dtype's alignment divides.
 ALIGNMENT = 64
@@ -189,7 +190,7 @@ class SharedMemoryClient:
                 region=region.name,
                 offset=offset,
                 byte_size=array.nbytes,
-                dtype=array.dtype.name,
+                dtype=dtype_name(array.dtype) or str(array.dtype),
                 shape=array.shape,
             )
         slots: dict[str, tuple[Region, int]] = {}
@@ -203,7 +204,7 @@ class SharedMemoryClient:
             region, offset = slots[out.name]
             given = outputs[out.name]
             shape = tuple(out.shape)
-            if given.shape == shape and given.dtype.name == out.dtype:
+            if given.shape == shape and dtype_name(given.dtype) == out.dtype:
                 views[out.name] = given
             else:
                 views[out.name] = region.array(shape, out.dtype, offset=offset)

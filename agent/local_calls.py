@@ -77,36 +77,42 @@ class TenantAccess:
 
     def tenant_of(self, token: str | None) -> str | None:
         """The tenant ``token`` belongs to; None without a token; Unauthenticated for a bad one."""
-        if token is None:
-            return None
-        for spec in self.specs().values():
-            if spec.accepts(token):
-                return spec.id
-        raise Unauthenticated("the token matches no tenant on this device")
+        return _tenant_of(self.specs(), token)
 
     def check(self, token: str | None, tenant: str, where: str = "") -> None:
         """Raise unless a caller holding ``token`` (or none) may use ``tenant``'s model;
         ``where`` tells a caller without a token where its transport wants one."""
         if is_shadow(tenant):
             raise PermissionDenied(f"{tenant!r} is a shadow candidate; it is not served")
-        caller = self.tenant_of(token)
+        specs = self.specs()
+        caller = _tenant_of(specs, token)
         if caller is not None and caller != tenant:
             log.warning("call refused caller=%s tenant=%s reason=foreign-tenant", caller, tenant)
             raise PermissionDenied(f"the token of tenant {caller!r} cannot use tenant {tenant!r}")
-        if caller is None and self.needs_token(tenant):
+        if caller is None and self._needs_token(specs, tenant):
             raise Unauthenticated(f"tenant {tenant!r} needs its token{where}")
-
-    def needs_token(self, tenant: str) -> bool:
-        spec = self.specs().get(tenant)
-        return self.require_token or (spec is not None and bool(spec.token_sha256))
 
     def visible(self, token: str | None, tenant: str) -> bool:
         if is_shadow(tenant):
             return False
-        caller = self.tenant_of(token)
+        specs = self.specs()
+        caller = _tenant_of(specs, token)
         if caller is not None:
             return caller == tenant
-        return not self.needs_token(tenant)
+        return not self._needs_token(specs, tenant)
+
+    def _needs_token(self, specs: dict[str, TenantSpec], tenant: str) -> bool:
+        spec = specs.get(tenant)
+        return self.require_token or (spec is not None and bool(spec.token_sha256))
+
+
+def _tenant_of(specs: dict[str, TenantSpec], token: str | None) -> str | None:
+    if token is None:
+        return None
+    for spec in specs.values():
+        if spec.accepts(token):
+            return spec.id
+    raise Unauthenticated("the token matches no tenant on this device")
 
 
 # (tenant, work, timeout s) -> what work returned: where a call's inference runs.
