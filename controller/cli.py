@@ -84,6 +84,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             mqtt_tls_ca_file=Path(args.mqtt_tls_ca_file).resolve() if args.mqtt_tls_ca_file else None,
             mqtt_client_certificate=args.mqtt_client_certificate,
             rollup_window_s=args.rollup_window_s,
+            database_url=_database_url(args.database),
         )
         token = service.initialise(data_dir, options)
         broker = service.broker_files(data_dir)
@@ -96,6 +97,20 @@ def cmd_init(args: argparse.Namespace) -> int:
         return 0
     print(token)
     return 0
+
+
+def _database_url(url: str) -> str:
+    """``--database`` as controller.toml keeps it: a SQLite path made absolute (``serve`` may
+    run from another folder), anything else checked and kept as given."""
+    from controller.store import check_url
+
+    if not url:
+        return ""
+    check_url(url)
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url[len(prefix) :].startswith("/"):
+        return prefix + str(Path(url[len(prefix) :]).resolve())
+    return url
 
 
 def _next_steps(data_dir: Path, broker: Any, own_broker: bool) -> str:
@@ -883,6 +898,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=Settings.rollup_window_s,
         metavar="S",
         help="window of the telemetry roll-ups and fleet-wide drift scores (default %(default)s)",
+    )
+    init.add_argument(
+        "--database",
+        default="",
+        metavar="URL",
+        help="where the controller keeps its state: sqlite:///PATH, or postgresql://USER:PASSWORD@HOST:PORT/NAME "
+        "for several controller processes (default: the SQLite file DATA/controller.db)",
     )
     init.add_argument("--rotate-token", action="store_true", help="keep the data, print a new token")
     init.add_argument(

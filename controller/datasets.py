@@ -204,9 +204,9 @@ class Datasets:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path(digest), data)
         self.store.execute(
-            "INSERT OR IGNORE INTO datasets (digest, size, device_id, tenant, model_name, model_version,"
+            "INSERT INTO datasets (digest, size, device_id, tenant, model_name, model_version,"
             " policy_id, start_ms, end_ms, samples, reasons, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (
                 digest,
                 len(data),

@@ -68,6 +68,7 @@ class DeviceEvents:
         severity = _cut(msg.severity, MAX_SEVERITY_CHARS)
         message = _cut(msg.message, MAX_MESSAGE_CHARS)
         attributes = bounded_attributes(dict(msg.attributes))
+        self.store.partitions.ensure("events", (received_at,))
         self.store.execute(
             "INSERT INTO events (device_id, received_at, at_ms, kind, severity, message, attributes)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",

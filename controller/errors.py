@@ -41,13 +41,14 @@
     │   ├── AlreadyInitialised
     │   ├── SigningKeyError              the controller's Ed25519 key is missing or unreadable
     │   └── CertificateError             the controller's CA (DATA/ca/) is unreadable or inconsistent
-    ├── StoreError                       SQLite failed underneath us (HTTP 500)
-    │   └── DuplicateKeyError            a unique key was violated (callers raise a ConflictError)
+    ├── StoreError                       the database failed underneath us (HTTP 500)
+    │   ├── DuplicateKeyError            a unique key was violated (callers raise a ConflictError)
+    │   └── DatabaseUnavailable          the database cannot be reached for now (HTTP 503; ingest waits)
     ├── BrokerAuthError                  the password file or the reload command failed (HTTP 503)
     ├── OptimizeError                    a variant could not be produced (kept as the variant's reason)
     └── TriggerError                     a retraining trigger failed after its retries (kept on the run)
 
-Third-party errors (sqlite3, onnx, onnxruntime, paho, subprocess) are translated
+Third-party errors (SQLAlchemy and its drivers, onnx, onnxruntime, paho, subprocess) are translated
 into these at the module that calls the library; nothing above that module sees
 them.
 """
@@ -156,6 +157,10 @@ class StoreError(ControllerError):
 
 
 class DuplicateKeyError(StoreError):
+    pass
+
+
+class DatabaseUnavailable(StoreError):
     pass
 
 

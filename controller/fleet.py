@@ -194,7 +194,8 @@ def _device_from_row(row: dict[str, Any]) -> Device:
     )
 
 
-_TOUCH = "UPDATE devices SET last_seen = max(coalesce(last_seen, 0), ?) WHERE device_id = ?"
+# Never back in time (messages of one device are handled by several workers).
+_TOUCH = "UPDATE devices SET last_seen = ? WHERE device_id = ? AND (last_seen IS NULL OR last_seen < ?)"
 _DEVICES = "SELECT d.*, p.profile_id AS profile FROM devices d LEFT JOIN device_profiles p ON p.device_id = d.device_id"
 
 
@@ -422,7 +423,7 @@ class Fleet:
         return frozenset(digests)
 
     def touch(self, device_id: str, seen_at: float) -> None:
-        self.store.execute(_TOUCH, (seen_at, device_id))
+        self.store.execute(_TOUCH, (seen_at, device_id, seen_at))
 
     def note_seen(self, device_id: str, seen_at: float) -> None:
         """:meth:`touch` for frequent messages: at most one write per device every
@@ -450,7 +451,7 @@ class Fleet:
         try:
             with self.store.transaction() as tx:
                 for device_id, seen_at in pending.items():
-                    tx.execute(_TOUCH, (seen_at, device_id))
+                    tx.execute(_TOUCH, (seen_at, device_id, seen_at))
         except Exception:
             # Not written: keep them for the next flush rather than lose them.
             with self._seen_lock:

@@ -25,7 +25,7 @@ BYTES_BROADCAST = "bytes_broadcast"
 _UPSERT = (
     "INSERT INTO message_counters (counter, device_id, kind, reason, value)"
     " SELECT ?, ?, ?, ?, ? WHERE ? = '' OR EXISTS (SELECT 1 FROM devices WHERE device_id = ?)"
-    " ON CONFLICT (counter, device_id, kind, reason) DO UPDATE SET value = value + excluded.value"
+    " ON CONFLICT (counter, device_id, kind, reason) DO UPDATE SET value = message_counters.value + excluded.value"
 )
 
 

@@ -23,8 +23,9 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -42,6 +43,7 @@ from controller.errors import (
 from controller.inspection import FORMAT as FORMAT  # re-exported: rollouts name the format
 from controller.inspection import Inspected, TensorSpec
 from controller.model_check import check_artifact
+from controller.onnx_compat import lowered_ir, min_onnxruntime, write_lowered
 from controller.samples import MAX_SAMPLE_BYTES, SAMPLE_FORMAT, UPLOADED, Samples, prepared_samples
 from controller.settings import DEFAULT_MAX_MODEL_MEMORY_BYTES
 from controller.signature import TASKS, ModelSignature, check_signature, infer_signature
@@ -75,6 +77,8 @@ STAGE_TRANSITIONS: frozenset[tuple[str, str]] = frozenset(
 SENSOR_KINDS = ("", "camera", "microphone", "sensor")
 DEFAULT_GATE = 0.99
 VARIANT_STATUSES = ("pending", "running", "ready", "rejected", "failed")
+# The source of a variant that is its version's upload at a lower ONNX IR version.
+LOWERED = "lowered"
 STATIC_INT8 = "onnx-int8-static"
 DYNAMIC_INT8 = "onnx-int8-dynamic"
 FP16 = "onnx-fp16"
@@ -115,7 +119,7 @@ class Variant:
     variant: str
     format: str
     precision: str
-    # "uploaded" or "quantized".
+    # "uploaded", "quantized", or "lowered" (the upload at a lower ONNX IR version).
     source: str
     status: str
     progress: float
@@ -175,6 +179,8 @@ class _NewVersion:
     sample: Samples
     sample_staged: StagedArtifact
     calibration_digest: str
+    # The upload at a lower ONNX IR version, and that version (Registry._lowered_copy).
+    lowered: tuple[StagedArtifact, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -388,9 +394,16 @@ class Registry:
                 with (
                     sample.path.open("rb") as sample_file,
                     self.artifacts.stage(sample_file, MAX_SAMPLE_BYTES) as sample_staged,
+                    self._lowered_copy(staged, inspected) as lowered,
                 ):
                     new = _NewVersion(
-                        staged, inspected, sample.signature, sample, sample_staged, calibration_digest
+                        staged,
+                        inspected,
+                        sample.signature,
+                        sample,
+                        sample_staged,
+                        calibration_digest,
+                        lowered,
                     )
                     self._insert_version(name, version, metadata, options, new, pending)
         log.info(
@@ -419,7 +432,9 @@ class Registry:
         reference = variant_name(inspected.format, inspected.precision)
         try:
             with self.store.transaction() as tx:
-                tx.execute("INSERT OR IGNORE INTO models (name, created_at) VALUES (?, ?)", (name, now))
+                tx.execute(
+                    "INSERT INTO models (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING", (name, now)
+                )
                 tx.execute(
                     "INSERT INTO model_versions (name, version, digest, size, format, inputs, outputs,"
                     " metadata, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -465,6 +480,8 @@ class Registry:
                     now,
                     note=reference_note(inspected, calibration_digest),
                 )
+                if new.lowered is not None:
+                    self._insert_lowered(tx, name, version, reference, new, now)
                 for variant in pending:
                     self._insert_pending(tx, name, version, variant, now)
                 tx.execute(
@@ -701,6 +718,51 @@ class Registry:
                 signature, self.signer.key_id, now, now,
             ),
         )  # fmt: skip
+
+    @contextmanager
+    def _lowered_copy(
+        self, staged: StagedArtifact, inspected: Inspected
+    ) -> Iterator[tuple[StagedArtifact, int] | None]:
+        """An ONNX upload stating an IR version newer than the oldest supported onnxruntime reads
+        (onnx 1.23 writes 14 whatever the opset; onnxruntime 1.20 reads 10), copied at the lowest
+        IR version its content needs and staged: devices whose runtime cannot read the upload get
+        the copy, the same graph and weights. None when no copy helps (controller.onnx_compat)."""
+        ir = (
+            lowered_ir(inspected.ir_version, inspected.lowest_ir_version)
+            if inspected.format == FORMAT
+            else None
+        )
+        if ir is None:
+            yield None
+            return
+        fd, tmp_name = tempfile.mkstemp(prefix=".upload-", suffix=".tmp", dir=self.artifacts.root)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            write_lowered(staged.path, tmp, ir)
+            with tmp.open("rb") as copy, self.artifacts.stage(copy, staged.size + 16) as lowered:
+                yield lowered, ir
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _insert_lowered(
+        self, tx: Store, name: str, version: str, reference: str, new: _NewVersion, now: float
+    ) -> None:
+        assert new.lowered is not None
+        copy, ir = new.lowered
+        inspected = replace(
+            new.inspected, ir_version=ir, runtime_version=min_onnxruntime(new.inspected.opset, ir)
+        )
+        note = {
+            "lowered_from": reference,
+            "ir_version": {"uploaded": new.inspected.ir_version, "lowered": ir},
+            "why": f"onnxruntime releases before {new.inspected.runtime_version} cannot read the uploaded "
+            f"file's IR version {new.inspected.ir_version}; its content needs {ir}",
+        }
+        self._insert_variant(
+            tx, name, version, f"{reference}-ir{ir}", copy, inspected, LOWERED, now, note=note
+        )
+        self.artifacts.commit(copy, FORMAT)
 
     @staticmethod
     def _insert_pending(tx: Store, name: str, version: str, variant: str, now: float) -> None:

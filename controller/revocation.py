@@ -83,7 +83,9 @@ class Revocations:
 
     def record_issued(self, device_id: str, issued: IssuedCertificate) -> None:
         self.store.execute(
-            "INSERT OR REPLACE INTO device_certificates (serial, device_id, issued_at, not_after) VALUES (?, ?, ?, ?)",
+            "INSERT INTO device_certificates (serial, device_id, issued_at, not_after) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (serial) DO UPDATE SET device_id = excluded.device_id, issued_at = excluded.issued_at,"
+            " not_after = excluded.not_after, revoked_at = NULL, temporary = 0",
             (f"{issued.serial:x}", device_id, time.time(), issued.not_after),
         )
 
@@ -112,7 +114,8 @@ class Revocations:
             now = time.time()
             with self.store.transaction() as tx:
                 tx.execute(
-                    "INSERT OR IGNORE INTO device_revocations (device_id, revoked_at, reason) VALUES (?, ?, ?)",
+                    "INSERT INTO device_revocations (device_id, revoked_at, reason) VALUES (?, ?, ?)"
+                    " ON CONFLICT DO NOTHING",
                     (device_id, now, reason),
                 )
                 tx.execute(

@@ -61,17 +61,6 @@ _PHASES: dict[str, DeviceRolloutStatus] = {
 }
 
 
-def add_shadow_columns(store: Store) -> None:
-    """The shadow phase (issue 5) keeps a run's phase and when each member got the candidate in
-    shadow; databases made before them get the columns here, once."""
-    runs = {r["name"] for r in store.query("PRAGMA table_info(rollout_runs)")}
-    if "phase" not in runs:
-        store.execute("ALTER TABLE rollout_runs ADD COLUMN phase TEXT NOT NULL DEFAULT 'live'")
-    members = {r["name"] for r in store.query("PRAGMA table_info(rollout_members)")}
-    if "shadow_set_at" not in members:
-        store.execute("ALTER TABLE rollout_members ADD COLUMN shadow_set_at REAL")
-
-
 def decode_desired(blob: bytes | None) -> fleet_pb2.DesiredState | None:
     if blob is None:
         return None

@@ -63,7 +63,6 @@ from controller.rollout_executor import (
     EXECUTORS,
     Outgoing,
     active_digest,
-    add_shadow_columns,
     decode_desired,
     device_status,
     load_run,
@@ -171,7 +170,6 @@ class Rollouts:
         self.groups = Groups(store, lambda: self.clock())
         self.windows = MaintenanceWindows(store, self.groups, lambda: self.clock())
         self._lock = threading.RLock()
-        add_shadow_columns(store)
 
     # -- create ---------------------------------------------------------------
 
@@ -523,8 +521,9 @@ class Rollouts:
                     )
                     outgoing += EXECUTORS[step.action](tx, run, step, now)
                     tx.execute(
-                        "INSERT OR REPLACE INTO rollout_retries (rollout_id, device_id, generation, at)"
-                        " VALUES (?, ?, ?, ?)",
+                        "INSERT INTO rollout_retries (rollout_id, device_id, generation, at) VALUES (?, ?, ?, ?)"
+                        " ON CONFLICT (rollout_id, device_id) DO UPDATE SET generation = excluded.generation,"
+                        " at = excluded.at",
                         (rollout_id, m.device_id, step.desired.generation, now),
                     )
                 tx.execute(

@@ -91,11 +91,12 @@ class Rollups:
                 " windows, inference_count, error_count, latency_p50_sum, latency_p95_sum, latency_p99_max,"
                 " updated_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (model_name, model_version, bucket_start_ms, device_id, tenant) DO UPDATE SET"
-                " windows = windows + 1, inference_count = inference_count + excluded.inference_count,"
-                " error_count = error_count + excluded.error_count,"
-                " latency_p50_sum = latency_p50_sum + excluded.latency_p50_sum,"
-                " latency_p95_sum = latency_p95_sum + excluded.latency_p95_sum,"
-                " latency_p99_max = max(latency_p99_max, excluded.latency_p99_max),"
+                " windows = telemetry_rollups.windows + 1, inference_count = telemetry_rollups.inference_count + excluded.inference_count,"
+                " error_count = telemetry_rollups.error_count + excluded.error_count,"
+                " latency_p50_sum = telemetry_rollups.latency_p50_sum + excluded.latency_p50_sum,"
+                " latency_p95_sum = telemetry_rollups.latency_p95_sum + excluded.latency_p95_sum,"
+                " latency_p99_max = CASE WHEN excluded.latency_p99_max > telemetry_rollups.latency_p99_max"
+                " THEN excluded.latency_p99_max ELSE telemetry_rollups.latency_p99_max END,"
                 " updated_at = excluded.updated_at",
                 (
                     device_id,

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 class Controller:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = Store(settings.db_path)
+        self.store = Store(settings.database)
         self.artifacts = ArtifactStore(settings.artifacts_dir, settings.chunk_size)
         self.broker_auth = BrokerAuth(settings.passwd_file, settings.broker_reload_command)
         self.signer = Signer.load_or_create(settings.data_dir / "signing")
@@ -163,6 +163,8 @@ class InitOptions:
     mqtt_client_certificate: bool = False
     # Telemetry roll-ups and fleet-wide drift windows (controller.toml's rollup_window_s).
     rollup_window_s: int = Settings.rollup_window_s
+    # The controller's database (controller.toml's database_url): empty for DATA/controller.db.
+    database_url: str = ""
 
 
 def broker_files(data_dir: Path) -> BrokerFiles:
@@ -197,6 +199,7 @@ def initialise(data_dir: Path, options: InitOptions) -> str:
         chunk_size=options.chunk_size,
         max_upload_bytes=options.max_upload_bytes,
         rollup_window_s=options.rollup_window_s,
+        database_url=options.database_url,
         mqtt_tls_ca_file=options.mqtt_tls_ca_file,
         mqtt_tls_cert_file=data_dir / "ca" / "controller.crt" if options.mqtt_client_certificate else None,
         mqtt_tls_key_file=data_dir / "ca" / "controller.key" if options.mqtt_client_certificate else None,

@@ -24,6 +24,8 @@ DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_MODEL_MEMORY_BYTES = DEFAULT_MAX_UPLOAD_BYTES
 PROTOCOLS = ("v5", "v311")
 DELIVERIES = ("broadcast", "unicast")
+DATABASE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://", "postgresql+psycopg://")
+DELIVERIES = ("broadcast", "unicast")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,10 @@ class Settings:
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
     mqtt_protocol: str = "v5"
+    # Where the controller keeps its state: empty for the SQLite file DATA/controller.db, else a
+    # URL: sqlite:///PATH, or postgresql://USER:PASSWORD@HOST:PORT/NAME for several controller
+    # processes or more than one machine (docs/scaling.md).
+    database_url: str = ""
     # More brokers ("host:port") serving the same fleet, such as the other nodes of a cluster
     # without a load balancer in front: when the current one cannot be reached the controller
     # tries the next, in turn, and its persistent session continues there.
@@ -111,6 +117,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.mqtt_protocol not in PROTOCOLS:
             raise ConfigError(f"mqtt_protocol must be one of {PROTOCOLS}, not {self.mqtt_protocol!r}")
+        if self.database_url and not self.database_url.startswith(DATABASE_SCHEMES):
+            raise ConfigError(
+                f"database_url must start with one of {', '.join(DATABASE_SCHEMES)}, not {self.database_url!r}"
+            )
         if not 1 <= self.broker_port <= 65535:
             raise ConfigError(f"broker_port {self.broker_port} is not a TCP port")
         # Read from TOML as a list.
@@ -185,6 +195,11 @@ class Settings:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "controller.db"
+
+    @property
+    def database(self) -> str:
+        """The database URL in force: ``database_url``, else the SQLite file :attr:`db_path`."""
+        return self.database_url or f"sqlite:///{self.db_path}"
 
     @property
     def artifacts_dir(self) -> Path:

@@ -1,486 +1,314 @@
-"""SQLite storage (WAL) through sqlite-utils: the schema and a thread-safe handle.
+"""The controller's database: SQLite (the embedded default, WAL) or PostgreSQL, through
+SQLAlchemy Core, with the schema kept by controller.migrations.
 
-One connection, shared by the API's worker threads and the MQTT transport's
-worker, serialised by a lock. Writes that belong together go through
-:meth:`Store.transaction`. sqlite3 errors become :class:`StoreError` here (a violated constraint
-:class:`DuplicateKeyError`, which the owning module turns into a conflict).
+Modules send plain SQL with ``?`` placeholders, written to mean the same on both: ``INSERT
+... ON CONFLICT`` rather than SQLite's ``INSERT OR ...``, ``CASE`` rather than a two-argument
+``max``. The store turns placeholders into the driver's and returns rows as dicts of plain
+Python values (PostgreSQL's numeric sums come back as int or float, as SQLite's do).
+
+Statements of one controller run one at a time, serialised by a lock, as on the one SQLite
+connection (the modules' read-then-write steps rely on it); a thread inside
+:meth:`Store.transaction` has its connection to itself and nested blocks are savepoints.
+Several controller processes may share a PostgreSQL database; a SQLite file is one
+controller's (controller.service holds a lock on it).
+
+Driver errors become :class:`StoreError` here: a violated constraint
+:class:`DuplicateKeyError` (the owning module turns it into a conflict), a database that
+cannot be reached :class:`DatabaseUnavailable` (the API answers 503, ingest waits for it).
 """
 
 from __future__ import annotations
 
-import sqlite3
+import functools
+import logging
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
+import sqlalchemy as sa
+from sqlalchemy import event, exc
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.pool import StaticPool
 
-from controller.errors import DuplicateKeyError, StoreError
+from controller import migrations, partitions
+from controller.errors import DatabaseUnavailable, DuplicateKeyError, StoreError
+
+log = logging.getLogger(__name__)
 
 Params = Sequence[Any] | dict[str, Any]
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS models (
-    name TEXT PRIMARY KEY,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS model_versions (
-    name TEXT NOT NULL REFERENCES models(name),
-    version TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    format TEXT NOT NULL,
-    inputs TEXT NOT NULL,
-    outputs TEXT NOT NULL,
-    metadata TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (name, version)
-);
-CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY,
-    tags TEXT NOT NULL,
-    password_hash TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    online INTEGER NOT NULL DEFAULT 0,
-    status_at_ms INTEGER NOT NULL DEFAULT 0,
-    agent_version TEXT NOT NULL DEFAULT '',
-    last_seen REAL,
-    reported TEXT,
-    reported_at_ms INTEGER NOT NULL DEFAULT 0,
-    reported_received_at REAL,
-    desired_generation INTEGER NOT NULL DEFAULT 0,
-    desired BLOB
-);
-CREATE TABLE IF NOT EXISTS rollouts (
-    id TEXT PRIMARY KEY,
-    model TEXT NOT NULL,
-    version TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS rollout_devices (
-    rollout_id TEXT NOT NULL REFERENCES rollouts(id),
-    device_id TEXT NOT NULL REFERENCES devices(device_id),
-    generation INTEGER NOT NULL,
-    PRIMARY KEY (rollout_id, device_id)
-);
-CREATE TABLE IF NOT EXISTS telemetry (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    device_id TEXT NOT NULL REFERENCES devices(device_id),
-    received_at REAL NOT NULL,
-    seq INTEGER NOT NULL,
-    window_start_ms INTEGER NOT NULL,
-    window_end_ms INTEGER NOT NULL,
-    system TEXT NOT NULL,
-    models TEXT NOT NULL,
-    outbox_dropped INTEGER NOT NULL
-);
--- The agent's outbox delivers at least once: a resent window is the same record.
-CREATE UNIQUE INDEX IF NOT EXISTS telemetry_once ON telemetry (device_id, seq, window_start_ms);
-CREATE INDEX IF NOT EXISTS telemetry_newest ON telemetry (device_id, window_end_ms, id);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    device_id TEXT NOT NULL REFERENCES devices(device_id),
-    received_at REAL NOT NULL,
-    at_ms INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    severity TEXT NOT NULL,
-    message TEXT NOT NULL,
-    attributes TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_newest ON events (device_id, at_ms, id);
--- The rollout engine's state (one row per rollout), its members and its event log.
-CREATE TABLE IF NOT EXISTS rollout_runs (
-    rollout_id TEXT PRIMARY KEY REFERENCES rollouts(id),
-    plan TEXT NOT NULL,
-    state TEXT NOT NULL,
-    wave INTEGER NOT NULL DEFAULT -1,
-    soak_started_at REAL,
-    promoted INTEGER NOT NULL DEFAULT 0,
-    approved_wave INTEGER NOT NULL DEFAULT 0,
-    reason TEXT NOT NULL DEFAULT '',
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS rollout_runs_state ON rollout_runs (state);
-CREATE TABLE IF NOT EXISTS rollout_members (
-    rollout_id TEXT NOT NULL REFERENCES rollouts(id),
-    device_id TEXT NOT NULL REFERENCES devices(device_id),
-    tenant TEXT NOT NULL,
-    wave INTEGER NOT NULL,
-    wanted BLOB NOT NULL,
-    previous BLOB,
-    set_at REAL,
-    PRIMARY KEY (rollout_id, device_id)
-);
-CREATE INDEX IF NOT EXISTS rollout_members_device ON rollout_members (device_id, tenant);
-CREATE TABLE IF NOT EXISTS rollout_events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    rollout_id TEXT NOT NULL REFERENCES rollouts(id),
-    at REAL NOT NULL,
-    kind TEXT NOT NULL,
-    wave INTEGER NOT NULL,
-    device_id TEXT NOT NULL DEFAULT '',
-    state TEXT NOT NULL,
-    reason TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS rollout_events_rollout ON rollout_events (rollout_id, id);
--- Registry: lineage and stage of a version (immutable but for the stage), its artifact variants.
-CREATE TABLE IF NOT EXISTS version_details (
-    name TEXT NOT NULL,
-    version TEXT NOT NULL,
-    parent_version TEXT NOT NULL,
-    dataset_digest TEXT NOT NULL,
-    code_version TEXT NOT NULL,
-    metrics TEXT NOT NULL,
-    task TEXT NOT NULL,
-    sensor_kind TEXT NOT NULL,
-    gate REAL NOT NULL,
-    calibration_digest TEXT NOT NULL,
-    stage TEXT NOT NULL,
-    stage_changed_at REAL NOT NULL,
-    PRIMARY KEY (name, version),
-    FOREIGN KEY (name, version) REFERENCES model_versions(name, version)
-);
-CREATE TABLE IF NOT EXISTS variants (
-    name TEXT NOT NULL,
-    version TEXT NOT NULL,
-    variant TEXT NOT NULL,
-    format TEXT NOT NULL,
-    precision TEXT NOT NULL,
-    source TEXT NOT NULL,
-    status TEXT NOT NULL,
-    progress REAL NOT NULL,
-    digest TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    inputs TEXT NOT NULL,
-    outputs TEXT NOT NULL,
-    opset INTEGER NOT NULL,
-    runtime TEXT NOT NULL,
-    runtime_version TEXT NOT NULL,
-    latency_ms REAL,
-    report TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    signature BLOB,
-    key_id TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (name, version, variant),
-    FOREIGN KEY (name, version) REFERENCES model_versions(name, version)
-);
--- Device classes (firmware_profiles/*.toml as registered) and which class each device is.
-CREATE TABLE IF NOT EXISTS profiles (
-    id TEXT PRIMARY KEY,
-    source TEXT NOT NULL,
-    doc TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS device_profiles (
-    device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
-    profile_id TEXT NOT NULL REFERENCES profiles(id)
-);
--- Which variant each device of a rollout was sent, or why it was sent nothing.
-CREATE TABLE IF NOT EXISTS rollout_targets (
-    rollout_id TEXT NOT NULL REFERENCES rollouts(id),
-    device_id TEXT NOT NULL REFERENCES devices(device_id),
-    variant TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    skipped TEXT NOT NULL,
-    PRIMARY KEY (rollout_id, device_id)
-);
--- Each model version's signature (controller.signature; inferred on upload, editable) and
--- the sample inputs it travels with: an artifact ("uploaded" or "synthesized" from the signature).
-CREATE TABLE IF NOT EXISTS version_signatures (
-    name TEXT NOT NULL,
-    version TEXT NOT NULL,
-    signature TEXT NOT NULL,
-    sample_digest TEXT NOT NULL DEFAULT '',
-    sample_size INTEGER NOT NULL DEFAULT 0,
-    sample_count INTEGER NOT NULL DEFAULT 0,
-    sample_origin TEXT NOT NULL DEFAULT '',
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (name, version),
-    FOREIGN KEY (name, version) REFERENCES model_versions(name, version)
-);
--- Monitoring (issue 6): telemetry rolled up per device, model version and time bucket.
--- Latency is the inference-weighted mean of the windows' p50/p95 (kept as sums) and the max p99.
-CREATE TABLE IF NOT EXISTS telemetry_rollups (
-    device_id TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    model_name TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    bucket_start_ms INTEGER NOT NULL,
-    windows INTEGER NOT NULL,
-    inference_count INTEGER NOT NULL,
-    error_count INTEGER NOT NULL,
-    latency_p50_sum REAL NOT NULL,
-    latency_p95_sum REAL NOT NULL,
-    latency_p99_max REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (model_name, model_version, bucket_start_ms, device_id, tenant)
-);
-CREATE INDEX IF NOT EXISTS telemetry_rollups_age ON telemetry_rollups (bucket_start_ms);
-CREATE INDEX IF NOT EXISTS telemetry_received ON telemetry (received_at);
-CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
--- Drift: each window's sketch, and each model version's baseline (spec = bin edges).
-CREATE TABLE IF NOT EXISTS drift_sketches (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    device_id TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    model_name TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    window_start_ms INTEGER NOT NULL,
-    window_end_ms INTEGER NOT NULL,
-    received_at REAL NOT NULL,
-    samples INTEGER NOT NULL,
-    sketch TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS drift_sketches_version ON drift_sketches (model_name, model_version, window_end_ms);
--- A device's sketches count towards its telemetry quota (controller.device_quotas).
-CREATE INDEX IF NOT EXISTS drift_sketches_device ON drift_sketches (device_id, received_at);
-CREATE TABLE IF NOT EXISTS drift_baselines (
-    model_name TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    source TEXT NOT NULL,
-    windows_needed INTEGER NOT NULL,
-    spec TEXT NOT NULL,
-    sketch TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (model_name, model_version)
-);
--- Captured data sets (content-addressed files under DIR/datasets/) and their labels.
-CREATE TABLE IF NOT EXISTS datasets (
-    digest TEXT PRIMARY KEY,
-    size INTEGER NOT NULL,
-    device_id TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    model_name TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    policy_id TEXT NOT NULL,
-    start_ms INTEGER NOT NULL,
-    end_ms INTEGER NOT NULL,
-    samples INTEGER NOT NULL,
-    reasons TEXT NOT NULL,
-    labels TEXT,
-    labels_digest TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS datasets_model ON datasets (model_name, model_version, created_at);
--- Retraining: policies are versioned (a change adds a version); each run names the version that fired.
-CREATE TABLE IF NOT EXISTS retraining_policies (
-    name TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    model_name TEXT NOT NULL,
-    doc TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (name, version)
-);
-CREATE TABLE IF NOT EXISTS retraining_runs (
-    id TEXT PRIMARY KEY,
-    policy_name TEXT NOT NULL,
-    policy_version INTEGER NOT NULL,
-    model_name TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    fired TEXT NOT NULL,
-    datasets TEXT NOT NULL,
-    status TEXT NOT NULL,
-    detail TEXT NOT NULL,
-    attempts INTEGER NOT NULL,
-    result_version TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS retraining_runs_policy ON retraining_runs (policy_name, created_at);
--- What each tenant running a model captures for retraining (sent in the desired state).
-CREATE TABLE IF NOT EXISTS capture_policies (
-    model_name TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    doc TEXT NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (model_name, tenant)
-);
--- Tenant apps the controller declares on each device (sent in its desired state).
-CREATE TABLE IF NOT EXISTS device_tenants (
-    device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
-    tenants TEXT NOT NULL,
-    updated_at REAL NOT NULL
-);
--- Per device and tenant totals of the tenant stats in telemetry (exported on /metrics).
-CREATE TABLE IF NOT EXISTS tenant_counters (
-    device_id TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    inferences INTEGER NOT NULL DEFAULT 0,
-    dropped INTEGER NOT NULL DEFAULT 0,
-    errors INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (device_id, tenant)
-);
--- What each device's agent could not deliver (its outbox's loss counts in telemetry), totalled
--- per device from the counts of its newest window (last_*): controller.outbox_losses.
-CREATE TABLE IF NOT EXISTS outbox_losses (
-    device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
-    seq INTEGER NOT NULL,
-    window_end_ms INTEGER NOT NULL,
-    last_bound INTEGER NOT NULL,
-    last_space INTEGER NOT NULL,
-    last_unwritable INTEGER NOT NULL,
-    dropped_at_bound INTEGER NOT NULL,
-    dropped_for_space INTEGER NOT NULL,
-    unwritable INTEGER NOT NULL,
-    updated_at REAL NOT NULL
-);
--- Client certificates issued from the controller's CA, per device, and the devices revoked
--- (controller.revocation): a revoked device's certificates are on the CA's revocation list.
-CREATE TABLE IF NOT EXISTS device_certificates (
-    serial TEXT PRIMARY KEY,
-    device_id TEXT NOT NULL,
-    issued_at REAL NOT NULL,
-    not_after REAL NOT NULL,
-    revoked_at REAL,
-    -- Issued by the controller to end a revoked device's session, and revoked right after.
-    temporary INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS device_certificates_device ON device_certificates (device_id);
-CREATE TABLE IF NOT EXISTS device_revocations (
-    device_id TEXT PRIMARY KEY REFERENCES devices(device_id),
-    revoked_at REAL NOT NULL,
-    reason TEXT NOT NULL
-);
--- Messages refused or cut short (per topic kind and reason; per device for rate limits,
--- storage quotas and bytes served): controller.message_counters, exported on /metrics.
-CREATE TABLE IF NOT EXISTS message_counters (
-    counter TEXT NOT NULL,
-    device_id TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    value INTEGER NOT NULL,
-    PRIMARY KEY (counter, device_id, kind, reason)
-);
--- Operator accounts (controller.auth): tokens with a role (hash only), console sessions.
-CREATE TABLE IF NOT EXISTS operator_tokens (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    role TEXT NOT NULL,
-    token_hash TEXT NOT NULL UNIQUE,
-    created_at REAL NOT NULL,
-    expires_at REAL,
-    revoked_at REAL
-);
-CREATE TABLE IF NOT EXISTS console_sessions (
-    session_hash TEXT PRIMARY KEY,
-    token_hash TEXT NOT NULL,
-    csrf TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS console_sessions_token ON console_sessions (token_hash);
--- Every state-changing request (controller.audit): who, what, when, and its status.
-CREATE TABLE IF NOT EXISTS audit_log (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    actor_id TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    role TEXT NOT NULL,
-    via TEXT NOT NULL,
-    method TEXT NOT NULL,
-    route TEXT NOT NULL,
-    target TEXT NOT NULL,
-    status INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at);
--- Device groups (controller.groups): static (its members listed) or dynamic (a saved query
--- over tags and profile, resolved when read); and maintenance windows (controller.maintenance)
--- of a group or of one device.
-CREATE TABLE IF NOT EXISTS device_groups (
-    name TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    query TEXT NOT NULL,
-    description TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS group_members (
-    group_name TEXT NOT NULL REFERENCES device_groups(name) ON DELETE CASCADE,
-    device_id TEXT NOT NULL REFERENCES devices(device_id),
-    PRIMARY KEY (group_name, device_id)
-);
-CREATE TABLE IF NOT EXISTS maintenance_windows (
-    id TEXT PRIMARY KEY,
-    group_name TEXT REFERENCES device_groups(name) ON DELETE CASCADE,
-    device_id TEXT REFERENCES devices(device_id),
-    cron TEXT NOT NULL,
-    duration_s REAL NOT NULL,
-    timezone TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    CHECK ((group_name IS NULL) != (device_id IS NULL))
-);
--- Devices an operator sent a rollout's version again after their update failed, and the
--- desired generation that carried it (until the device reports on it, its old failure is stale).
-CREATE TABLE IF NOT EXISTS rollout_retries (
-    rollout_id TEXT NOT NULL REFERENCES rollouts(id),
-    device_id TEXT NOT NULL REFERENCES devices(device_id),
-    generation INTEGER NOT NULL,
-    at REAL NOT NULL,
-    PRIMARY KEY (rollout_id, device_id)
-);
-"""
+# How long a connection attempt to PostgreSQL may take before the database counts as unreachable.
+CONNECT_TIMEOUT_S = 5
+# SQLSTATE classes of a server that is gone or refusing work for now: connection exceptions,
+# insufficient resources, operator intervention (shutdown), system errors.
+_UNAVAILABLE_SQLSTATES = ("08", "53", "57", "58")
+
+
+def database_url(target: Path | str) -> str:
+    """A database URL for ``target``: a SQLite file path, ``sqlite:///PATH`` or ``postgresql://...``."""
+    if isinstance(target, Path):
+        return f"sqlite:///{target.resolve()}"
+    url = str(target)
+    scheme = url.partition("://")[0]
+    if scheme in ("postgresql", "postgres", "postgresql+psycopg"):
+        return "postgresql+psycopg://" + url.partition("://")[2]
+    if scheme == "sqlite":
+        return url
+    raise StoreError(f"unsupported database {redact(url)!r}: use sqlite:///PATH or postgresql://HOST/NAME")
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except exc.ArgumentError:
+        return url.split("@")[-1]
+
+
+def check_url(url: str) -> str:
+    """``url`` when the controller can use it (refused with a clear error otherwise)."""
+    try:
+        parsed = make_url(database_url(url))
+    except exc.ArgumentError as error:
+        raise StoreError(f"cannot read the database URL {redact(url)!r}: {error}") from None
+    if parsed.get_backend_name() == "sqlite" and not parsed.database:
+        raise StoreError("a SQLite database URL names its file: sqlite:///PATH")
+    if parsed.get_backend_name() == "postgresql" and not parsed.database:
+        raise StoreError("a PostgreSQL database URL names its database: postgresql://USER@HOST/NAME")
+    return url
+
+
+@functools.lru_cache(maxsize=2048)
+def _pyformat(sql: str, with_params: bool) -> str:
+    """``?`` placeholders as psycopg's ``%s`` (``%`` doubled when there are parameters), outside
+    quoted strings and identifiers."""
+    out: list[str] = []
+    quote = ""
+    for ch in sql:
+        if quote:
+            quote = "" if ch == quote else quote
+            out.append("%%" if ch == "%" and with_params else ch)
+        elif ch in "'\"":
+            quote = ch
+            out.append(ch)
+        elif ch == "?":
+            out.append("%s")
+        elif ch == "%" and with_params:
+            out.append("%%")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _param(value: Any) -> Any:
+    # A bool is a 0/1 integer column on both (PostgreSQL refuses a boolean for an integer).
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, memoryview | bytearray):
+        return bytes(value)
+    return value
+
+
+def _value(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, memoryview):
+        return bytes(value)
+    return value
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, target: Path | str) -> None:
+        self.url = database_url(target)
+        parsed = make_url(self.url)
+        self.backend = parsed.get_backend_name()
+        self.where = redact(self.url)
+        self.path = Path(parsed.database) if self.backend == "sqlite" and parsed.database else None
         self._lock = threading.RLock()
+        self._local = threading.local()
+        self.engine = self._engine()
         try:
-            conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
-            self.db = sqlite_utils.Database(conn)
-            self.db.enable_wal()
-            self.db.execute("PRAGMA foreign_keys = ON")
-            self.db.execute("PRAGMA synchronous = NORMAL")
-            self.db.executescript(SCHEMA)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open {path}: {exc}") from None
+            migrations.upgrade(self.engine, self.where)
+        except migrations.NewerDatabase:
+            self.engine.dispose()
+            raise
+        except (exc.SQLAlchemyError, OSError) as error:
+            self.engine.dispose()
+            raise self.translate(error, f"cannot open {self.where}") from None
+        self.partitions = partitions.Partitions(self)
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self.backend == "postgresql"
+
+    def _engine(self) -> Engine:
+        if self.backend == "sqlite":
+            engine = sa.create_engine(
+                self.url,
+                poolclass=StaticPool,
+                connect_args={"check_same_thread": False, "timeout": 30},
+            )
+            event.listen(engine, "connect", _sqlite_connected)
+            # pysqlite's own implicit transactions skip SAVEPOINTs; SQLAlchemy's recipe: BEGIN ourselves.
+            event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+            return engine
+        return sa.create_engine(
+            self.url,
+            pool_size=2,
+            max_overflow=4,
+            # A connection the server dropped (a restart, a failover) is replaced, not handed out.
+            pool_pre_ping=True,
+            connect_args={"connect_timeout": CONNECT_TIMEOUT_S, "application_name": "edgefleet-controller"},
+        )
+
+    def translate(self, error: BaseException, what: str) -> StoreError:
+        if isinstance(error, exc.IntegrityError):
+            return DuplicateKeyError(f"constraint failed: {error.orig}")
+        if _unavailable(error):
+            detail = getattr(error, "orig", None) or error
+            return DatabaseUnavailable(f"the database {self.where} cannot be reached: {_first_line(detail)}")
+        detail = getattr(error, "orig", None) or error
+        return StoreError(f"{what}: {detail}")
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except StoreError:
+            raise
+        except exc.SQLAlchemyError as error:
+            raise self.translate(error, "database error") from None
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        """The thread's connection in its transaction, else one for a single statement."""
+        current: Connection | None = getattr(self._local, "connection", None)
+        if current is not None:
+            yield current
+            return
+        with self._errors(), self.engine.begin() as connection:
+            yield connection
 
     @contextmanager
     def transaction(self) -> Iterator[Store]:
         """Everything inside commits together or not at all; nested blocks are savepoints."""
         with self._lock:
-            try:
-                with self.db.atomic():
+            current: Connection | None = getattr(self._local, "connection", None)
+            if current is not None:
+                with self._errors(), current.begin_nested():
                     yield self
-            except sqlite3.IntegrityError as exc:
-                raise DuplicateKeyError(f"constraint failed: {exc}") from None
-            except sqlite3.Error as exc:
-                raise StoreError(f"database error: {exc}") from None
+                return
+            with self._errors(), self.engine.connect() as connection:
+                self._local.connection = connection
+                try:
+                    with connection.begin():
+                        yield self
+                finally:
+                    self._local.connection = None
+
+    def in_transaction(self) -> bool:
+        """Whether this thread is inside :meth:`transaction`."""
+        return getattr(self._local, "connection", None) is not None
 
     def execute(self, sql: str, params: Params = ()) -> int:
         """Run one write statement; returns the rowcount."""
-        with self._lock:
-            try:
-                return self.db.execute(sql, params).rowcount
-            except sqlite3.IntegrityError as exc:
-                raise DuplicateKeyError(f"constraint failed: {exc}") from None
-            except sqlite3.Error as exc:
-                raise StoreError(f"database error: {exc}") from None
+        with self._lock, self._connection() as connection, self._errors():
+            result = connection.exec_driver_sql(*self._statement(connection, sql, params))
+            return int(result.rowcount)
 
     def query(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
-        with self._lock:
-            try:
-                return list(self.db.query(sql, params))
-            except sqlite3.Error as exc:
-                raise StoreError(f"database error: {exc}") from None
+        with self._lock, self._connection() as connection, self._errors():
+            result = connection.exec_driver_sql(*self._statement(connection, sql, params))
+            return [{k: _value(v) for k, v in row.items()} for row in result.mappings()]
 
     def query_one(self, sql: str, params: Params = ()) -> dict[str, Any] | None:
         rows = self.query(sql, params)
         return rows[0] if rows else None
 
+    def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
+        """Many rows in one multi-row INSERT per chunk (one round trip each on PostgreSQL)."""
+        count = 0
+        # SQLite allows 32766 parameters a statement; stay well below.
+        per_statement = max(1, 2000 // max(1, len(columns)))
+        placeholders = "(" + ", ".join("?" for _ in columns) + ")"
+        for start in range(0, len(rows), per_statement):
+            chunk = rows[start : start + per_statement]
+            sql = (
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+                + ", ".join(placeholders for _ in chunk)
+            )
+            count += self.execute(sql, [value for row in chunk for value in row])
+        return count
+
+    def _statement(self, connection: Connection, sql: str, params: Params) -> tuple[str, Any]:
+        if isinstance(params, Mapping):
+            converted: Any = {k: _param(v) for k, v in params.items()}
+        else:
+            converted = tuple(_param(v) for v in params)
+        if connection.dialect.name == "postgresql":
+            if isinstance(params, Mapping):
+                raise StoreError("named parameters are not portable: use ? placeholders")
+            sql = _pyformat(sql, bool(converted))
+        return sql, converted
+
+    def lock(self, name: str) -> None:
+        """Hold the lock called ``name`` until the current transaction ends, against other
+        controller processes sharing the database (PostgreSQL; a SQLite file has one)."""
+        if self.is_postgresql:
+            self.query("SELECT pg_advisory_xact_lock(hashtext(?)) AS locked", (name,))
+
     def journal_mode(self) -> str:
+        if self.backend != "sqlite":
+            return ""
         row = self.query_one("PRAGMA journal_mode")
         return str(row["journal_mode"]) if row else ""
 
+    def wait_available(self, timeout: float) -> bool:
+        """Whether the database answers within ``timeout`` seconds (tried about once a second)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.query_one("SELECT 1 AS one")
+                return True
+            except DatabaseUnavailable:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
     def close(self) -> None:
         with self._lock:
-            self.db.close()
+            self.engine.dispose()
+
+
+def _sqlite_connected(dbapi_connection: Any, record: Any) -> None:
+    # SQLAlchemy's BEGIN (see Store._engine) instead of the driver's implicit one.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+    finally:
+        cursor.close()
+
+
+def _unavailable(error: BaseException) -> bool:
+    """A database that is gone for now (not a statement it refused)."""
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return True
+    if isinstance(error, exc.InterfaceError):
+        return True
+    orig = getattr(error, "orig", None)
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate.startswith(_UNAVAILABLE_SQLSTATES)
+    # psycopg raises OperationalError without an SQLSTATE when it cannot connect at all.
+    return isinstance(error, exc.OperationalError) and type(orig).__module__.startswith("psycopg")
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -57,14 +57,34 @@ def fields_dict(message: Message) -> dict[str, Any]:
     }
 
 
-def _add_issue5_columns(store: Store) -> None:
-    """Shadow and tenant stats (issue 5) live beside the window's model stats, so retention prunes
-    them together. Databases made before them get the columns here, once; existing rows read as none.
-    """
-    columns = {r["name"] for r in store.query("PRAGMA table_info(telemetry)")}
-    for name in ("shadows", "tenants"):
-        if name not in columns:
-            store.execute(f"ALTER TABLE telemetry ADD COLUMN {name} TEXT NOT NULL DEFAULT '[]'")
+_COLUMNS = (
+    "device_id",
+    "received_at",
+    "seq",
+    "window_start_ms",
+    "window_end_ms",
+    "system",
+    "models",
+    "outbox_dropped",
+    "shadows",
+    "tenants",
+)
+
+
+def _row(device_id: str, msg: fleet_pb2.Telemetry, received_at: float) -> tuple[Any, ...]:
+    """A window as the values of :data:`_COLUMNS`."""
+    return (
+        device_id,
+        received_at,
+        msg.seq,
+        msg.window_start_ms,
+        msg.window_end_ms,
+        json.dumps(fields_dict(msg.system)),
+        json.dumps([fields_dict(m) for m in msg.models]),
+        msg.outbox_dropped,
+        json.dumps([fields_dict(s) for s in msg.shadows]),
+        json.dumps([fields_dict(t) for t in msg.tenants]),
+    )
 
 
 def clamp_limit(limit: int) -> int:
@@ -74,7 +94,6 @@ def clamp_limit(limit: int) -> int:
 class TelemetryStore:
     def __init__(self, store: Store) -> None:
         self.store = store
-        _add_issue5_columns(store)
         self.names = RegisteredNames(store)
         # Called, inside the ingest transaction, for each newly stored window, with its
         # names folded to registered ones (roll-ups, drift sketches, the telemetry quota).
@@ -82,30 +101,24 @@ class TelemetryStore:
 
     def ingest_telemetry(self, device_id: str, msg: fleet_pb2.Telemetry, received_at: float) -> bool:
         """Store one window; False for a window already stored (an outbox resend)."""
-        added = self.store.execute(
-            "INSERT OR IGNORE INTO telemetry (device_id, received_at, seq, window_start_ms, window_end_ms,"
-            " system, models, outbox_dropped, shadows, tenants) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                device_id,
-                received_at,
-                msg.seq,
-                msg.window_start_ms,
-                msg.window_end_ms,
-                json.dumps(fields_dict(msg.system)),
-                json.dumps([fields_dict(m) for m in msg.models]),
-                msg.outbox_dropped,
-                json.dumps([fields_dict(s) for s in msg.shadows]),
-                json.dumps([fields_dict(t) for t in msg.tenants]),
-            ),
-        )
-        log.debug("telemetry device=%s seq=%d stored=%s", device_id, msg.seq, bool(added))
-        if added:
-            outbox_losses.observe(self.store, device_id, msg, received_at)
-            # What is kept per name carries registered names only (controller.registered_names).
-            folded = fold_telemetry(self.names, device_id, msg)
-            self._count_tenants(device_id, folded)
-            for observe in self.observers:
-                observe(device_id, folded, received_at)
+        self.store.partitions.ensure("telemetry", (received_at,))
+        with self.store.transaction():
+            # A resend is the same (device, seq, window start). Partitioned by arrival, the table
+            # cannot hold that as a unique key on PostgreSQL: the device's lock makes the check exact.
+            self.store.lock(f"telemetry/{device_id}")
+            added = self.store.execute(
+                f"INSERT INTO telemetry ({', '.join(_COLUMNS)}) SELECT {', '.join('?' for _ in _COLUMNS)}"
+                " WHERE NOT EXISTS (SELECT 1 FROM telemetry WHERE device_id = ? AND seq = ? AND window_start_ms = ?)",
+                (*_row(device_id, msg, received_at), device_id, msg.seq, msg.window_start_ms),
+            )
+            log.debug("telemetry device=%s seq=%d stored=%s", device_id, msg.seq, bool(added))
+            if added:
+                outbox_losses.observe(self.store, device_id, msg, received_at)
+                # What is kept per name carries registered names only (controller.registered_names).
+                folded = fold_telemetry(self.names, device_id, msg)
+                self._count_tenants(device_id, folded)
+                for observe in self.observers:
+                    observe(device_id, folded, received_at)
         return bool(added)
 
     def _count_tenants(self, device_id: str, msg: fleet_pb2.Telemetry) -> None:
@@ -113,8 +126,8 @@ class TelemetryStore:
         for t in msg.tenants:
             self.store.execute(
                 "INSERT INTO tenant_counters (device_id, tenant, inferences, dropped, errors) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (device_id, tenant) DO UPDATE SET inferences = inferences + excluded.inferences,"
-                " dropped = dropped + excluded.dropped, errors = errors + excluded.errors",
+                " ON CONFLICT (device_id, tenant) DO UPDATE SET inferences = tenant_counters.inferences + excluded.inferences,"
+                " dropped = tenant_counters.dropped + excluded.dropped, errors = tenant_counters.errors + excluded.errors",
                 (device_id, t.tenant, t.inferences, t.dropped, t.errors),
             )
 

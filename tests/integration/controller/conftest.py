@@ -122,8 +122,8 @@ def running(broker: Broker, settings: Settings, token: str) -> Iterator[Ctl]:
 
 
 @pytest.fixture
-def ctl(broker: Broker, tmp_path: Path) -> Iterator[Ctl]:
-    settings, token = init_controller(broker, tmp_path / "controller")
+def ctl(broker: Broker, tmp_path: Path, store_url: str) -> Iterator[Ctl]:
+    settings, token = init_controller(broker, tmp_path / "controller", database_url=store_url)
     with running(broker, settings, token) as c:
         yield c
 

@@ -17,7 +17,7 @@ from controller.telemetry import TelemetryStore
 class Parts:
     """A controller's modules over real files in ``root``, without the transport."""
 
-    def __init__(self, root: Path, reload_command: str = "true") -> None:
+    def __init__(self, root: Path, reload_command: str = "true", database_url: str = "") -> None:
         self.settings = Settings(
             data_dir=root,
             mqtt_password="pw",
@@ -26,8 +26,9 @@ class Parts:
             mosquitto_passwd_file=root / "passwd",
             broker_reload_command=reload_command,
             chunk_size=1024,
+            database_url=database_url,
         )
-        self.store = Store(self.settings.db_path)
+        self.store = Store(self.settings.database)
         self.artifacts = ArtifactStore(self.settings.artifacts_dir, 1024)
         self.registry = Registry(self.store, self.artifacts, 1_000_000)
         self.fleet = Fleet(self.store, self.settings, BrokerAuth(self.settings.passwd_file, reload_command))

@@ -15,6 +15,8 @@ from controller.datasets import Datasets, Manifest
 from controller.errors import DatasetNotFound, InvalidDataset
 from tests.unit.controller.helpers import Parts
 
+pytestmark = pytest.mark.both_backends
+
 
 def npz(**arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
@@ -26,8 +28,8 @@ MANIFEST = Manifest("cam-1", "default", "digits", "1", "p", 0, 1)
 
 
 @pytest.fixture
-def datasets(tmp_path: Path) -> Datasets:
-    return Datasets(Parts(tmp_path).store, tmp_path / "datasets", clock=lambda: 5.0)
+def datasets(tmp_path: Path, store_url: str) -> Datasets:
+    return Datasets(Parts(tmp_path, database_url=store_url).store, tmp_path / "datasets", clock=lambda: 5.0)
 
 
 def chunk(data: bytes, **fields: object) -> fleet_pb2.CaptureChunk:

@@ -14,6 +14,8 @@ from controller.capture_policies import DesiredMonitoring, decorate, parse_captu
 from controller.errors import InvalidPolicy, NotFoundError
 from tests.unit.controller.helpers import Parts
 
+pytestmark = pytest.mark.both_backends
+
 
 def desired(*assignments: tuple[str, str, str], generation: int = 3) -> fleet_pb2.DesiredState:
     d = fleet_pb2.DesiredState(device_id="cam-1", generation=generation)
@@ -63,8 +65,8 @@ class Recorder:
         self.sent.append((device_id, payload))
 
 
-def test_reconcile_reissues_changed_desired_states_once(tmp_path: Path) -> None:
-    parts = Parts(tmp_path)
+def test_reconcile_reissues_changed_desired_states_once(tmp_path: Path, store_url: str) -> None:
+    parts = Parts(tmp_path, database_url=store_url)
     parts.fleet.register("cam-1")
     parts.fleet.register("cam-2")
     parts.store.execute(

@@ -20,6 +20,8 @@ from controller.message_counters import MessageCounters
 from controller.rate_limits import DeviceBuckets, Limit, NewestWins
 from tests.unit.controller.helpers import Parts
 
+pytestmark = pytest.mark.both_backends
+
 
 class Clock:
     def __init__(self) -> None:
@@ -130,8 +132,10 @@ def event(i: int, message: str = "m") -> fleet_pb2.Event:
     return msg
 
 
-def test_events_are_cut_to_bounds_and_the_oldest_dropped_past_the_quota(tmp_path: Path) -> None:
-    parts = Parts(tmp_path)
+def test_events_are_cut_to_bounds_and_the_oldest_dropped_past_the_quota(
+    tmp_path: Path, store_url: str
+) -> None:
+    parts = Parts(tmp_path, database_url=store_url)
     parts.fleet.register("d")
     parts.fleet.register("other")
     counters = MessageCounters()
@@ -163,8 +167,10 @@ def test_events_are_cut_to_bounds_and_the_oldest_dropped_past_the_quota(tmp_path
     assert count.value == 60 - len(kept)
 
 
-def test_counts_about_unregistered_devices_are_kept_only_as_rejections(tmp_path: Path) -> None:
-    parts = Parts(tmp_path)
+def test_counts_about_unregistered_devices_are_kept_only_as_rejections(
+    tmp_path: Path, store_url: str
+) -> None:
+    parts = Parts(tmp_path, database_url=store_url)
     parts.fleet.register("cam-1")
     counters = MessageCounters()
     counters.rejected("events", "rate_limited", 2)
@@ -189,8 +195,8 @@ def window(seq: int, names: int) -> fleet_pb2.Telemetry:
     return msg
 
 
-def test_telemetry_past_the_quota_drops_the_devices_oldest_windows(tmp_path: Path) -> None:
-    parts = Parts(tmp_path)
+def test_telemetry_past_the_quota_drops_the_devices_oldest_windows(tmp_path: Path, store_url: str) -> None:
+    parts = Parts(tmp_path, database_url=store_url)
     parts.fleet.register("d")
     parts.fleet.register("quiet")
     counters = MessageCounters()
@@ -209,8 +215,8 @@ def test_telemetry_past_the_quota_drops_the_devices_oldest_windows(tmp_path: Pat
     assert (count.device_id, count.kind, count.value) == ("d", "telemetry", 79 - len(seqs))
 
 
-def test_captured_data_past_the_quota_is_refused(tmp_path: Path) -> None:
-    parts = Parts(tmp_path)
+def test_captured_data_past_the_quota_is_refused(tmp_path: Path, store_url: str) -> None:
+    parts = Parts(tmp_path, database_url=store_url)
     parts.fleet.register("d")
     staging = tmp_path / "staging"
     (staging / "d" / "up1").mkdir(parents=True)
@@ -227,8 +233,8 @@ def test_captured_data_past_the_quota_is_refused(tmp_path: Path) -> None:
     ]
 
 
-def test_bad_limits_are_refused_naming_the_setting(tmp_path: Path) -> None:
-    settings = Parts(tmp_path).settings
+def test_bad_limits_are_refused_naming_the_setting(tmp_path: Path, store_url: str) -> None:
+    settings = Parts(tmp_path, database_url=store_url).settings
     with pytest.raises(ConfigError, match="events_per_s must be positive"):
         settings.with_changes(events_per_s=0)
     with pytest.raises(ConfigError, match=r"chunk_bytes_burst \(10\) must hold at least one chunk"):

@@ -15,13 +15,15 @@ from controller.errors import (
 from controller.mosquitto_auth import verify_password
 from tests.unit.controller.helpers import Parts
 
+pytestmark = pytest.mark.both_backends
+
 
 def passwd_lines(parts: Parts) -> dict[str, str]:
     return dict(line.split(":", 1) for line in parts.settings.passwd_file.read_text().splitlines())
 
 
-def test_register_returns_the_password_once_and_stores_only_its_hash(tmp_path: Path) -> None:
-    parts = Parts(tmp_path)
+def test_register_returns_the_password_once_and_stores_only_its_hash(tmp_path: Path, store_url: str) -> None:
+    parts = Parts(tmp_path, database_url=store_url)
     creds = parts.fleet.register("cam-1", ["site:lyon", "cam", "cam"])
     assert (creds.device_id, creds.mqtt_username, creds.broker_port, creds.mqtt_protocol) == (
         "cam-1",
@@ -33,7 +35,10 @@ def test_register_returns_the_password_once_and_stores_only_its_hash(tmp_path: P
     assert set(lines) == {"edgefleet-controller", "cam-1"}
     assert verify_password(creds.mqtt_password, lines["cam-1"])
     assert verify_password("pw", lines["edgefleet-controller"])
-    assert creds.mqtt_password.encode() not in parts.settings.db_path.read_bytes()
+    # The whole file where it is one, else every stored row of the device.
+    path = parts.store.path
+    stored = path.read_bytes() if path else repr(parts.store.query("SELECT * FROM devices")).encode()
+    assert creds.mqtt_password.encode() not in stored
     device = parts.fleet.get("cam-1")
     assert device.tags == ["cam", "site:lyon"] and not device.online and device.reported is None
     with pytest.raises(DeviceExists):
@@ -41,20 +46,20 @@ def test_register_returns_the_password_once_and_stores_only_its_hash(tmp_path: P
 
 
 @pytest.mark.parametrize("bad", ["", "-x", "a/b", "a+b", "x" * 65, "edgefleet-controller", "a b"])
-def test_bad_device_ids_are_refused(tmp_path: Path, bad: str) -> None:
-    parts = Parts(tmp_path)
+def test_bad_device_ids_are_refused(tmp_path: Path, bad: str, store_url: str) -> None:
+    parts = Parts(tmp_path, database_url=store_url)
     with pytest.raises(InvalidDeviceId):
         parts.fleet.register(bad)
     assert parts.fleet.all() == []
 
 
-def test_bad_tags_are_refused(tmp_path: Path) -> None:
+def test_bad_tags_are_refused(tmp_path: Path, store_url: str) -> None:
     with pytest.raises(InvalidInputError, match="tag"):
-        Parts(tmp_path).fleet.register("d", ["ok", "not ok"])
+        Parts(tmp_path, database_url=store_url).fleet.register("d", ["ok", "not ok"])
 
 
-def test_registration_is_undone_when_the_broker_cannot_reload(tmp_path: Path) -> None:
-    parts = Parts(tmp_path, reload_command="false")
+def test_registration_is_undone_when_the_broker_cannot_reload(tmp_path: Path, store_url: str) -> None:
+    parts = Parts(tmp_path, database_url=store_url, reload_command="false")
     with pytest.raises(BrokerAuthError):
         parts.fleet.register("cam-1")
     assert parts.fleet.all() == []
@@ -62,8 +67,8 @@ def test_registration_is_undone_when_the_broker_cannot_reload(tmp_path: Path) ->
         parts.fleet.get("cam-1")
 
 
-def test_newest_message_wins_whatever_its_timestamp(tmp_path: Path) -> None:
-    parts = Parts(tmp_path)
+def test_newest_message_wins_whatever_its_timestamp(tmp_path: Path, store_url: str) -> None:
+    parts = Parts(tmp_path, database_url=store_url)
     parts.fleet.register("d")
     first = fleet_pb2.ReportedState(device_id="d", desired_generation=3, reported_at_ms=2000)
     first.models.add(
@@ -89,10 +94,12 @@ def test_newest_message_wins_whatever_its_timestamp(tmp_path: Path) -> None:
     assert parts.fleet.get("d").last_seen == 100.0
 
 
-def test_reported_conditions_are_kept_bounded_and_shown_in_the_api_schema(tmp_path: Path) -> None:
+def test_reported_conditions_are_kept_bounded_and_shown_in_the_api_schema(
+    tmp_path: Path, store_url: str
+) -> None:
     from controller.api.schemas import DevicePublic
 
-    parts = Parts(tmp_path)
+    parts = Parts(tmp_path, database_url=store_url)
     parts.fleet.register("d")
     msg = fleet_pb2.ReportedState(device_id="d", desired_generation=1, reported_at_ms=5)
     msg.conditions.add(kind="disk_full", message="no space left: " + "x" * 5000, since_ms=4, count=3)

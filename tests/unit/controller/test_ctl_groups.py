@@ -10,12 +10,14 @@ from controller.errors import GroupExists, GroupNotFound, InvalidGroup
 from controller.groups import Groups, Query
 from tests.unit.controller.helpers import Parts
 
+pytestmark = pytest.mark.both_backends
+
 PROFILES = Path(__file__).resolve().parents[3] / "firmware_profiles"
 
 
 @pytest.fixture
-def parts(tmp_path: Path) -> Parts:
-    p = Parts(tmp_path)
+def parts(tmp_path: Path, store_url: str) -> Parts:
+    p = Parts(tmp_path, database_url=store_url)
     p.fleet.register("cam-1", ["site-a", "camera"])
     p.fleet.register("cam-2", ["site-a"])
     p.fleet.register("cam-3", ["site-b", "camera"])

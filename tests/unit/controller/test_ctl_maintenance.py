@@ -14,6 +14,8 @@ from controller.groups import Groups, Query
 from controller.maintenance import MaintenanceWindows, Schedule, combine, opening, validate
 from tests.unit.controller.helpers import Parts
 
+pytestmark = pytest.mark.both_backends
+
 PARIS = ZoneInfo("Europe/Paris")
 
 
@@ -94,8 +96,8 @@ def test_a_device_is_open_while_any_window_is_and_waits_for_the_earliest_next_op
 
 
 @pytest.fixture
-def parts(tmp_path: Path) -> Parts:
-    p = Parts(tmp_path)
+def parts(tmp_path: Path, store_url: str) -> Parts:
+    p = Parts(tmp_path, database_url=store_url)
     for device_id, tags in (("cam-1", ["site-a"]), ("cam-2", ["site-a"]), ("cam-3", ["site-b"])):
         p.fleet.register(device_id, tags)
     return p

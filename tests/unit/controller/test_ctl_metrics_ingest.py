@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.topics import Kind, Topic
 
 from controller.transport import Inbound, Transport
 from tests.unit.controller.helpers import Parts
+
+pytestmark = pytest.mark.both_backends
 
 
 def job(device: str, seq: int) -> Inbound:
@@ -17,8 +20,10 @@ def job(device: str, seq: int) -> Inbound:
     return Inbound(Topic(device, Kind.TELEMETRY), msg, received_at=5.0, retained=False)
 
 
-def test_a_failing_window_is_dropped_alone_and_the_rest_of_the_batch_is_stored(tmp_path: Path) -> None:
-    parts = Parts(tmp_path)
+def test_a_failing_window_is_dropped_alone_and_the_rest_of_the_batch_is_stored(
+    tmp_path: Path, store_url: str
+) -> None:
+    parts = Parts(tmp_path, database_url=store_url)
     for d in ("cam-1", "cam-2"):
         parts.fleet.register(d)
     seen: list[tuple[str, int]] = []

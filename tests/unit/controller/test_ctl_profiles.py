@@ -10,6 +10,8 @@ from controller.errors import DeviceNotFound, InvalidInputError, InvalidProfile,
 from controller.profiles import Profiles, parse_profile
 from tests.unit.controller.helpers import Parts
 
+pytestmark = pytest.mark.both_backends
+
 PROFILES = Path(__file__).resolve().parents[3] / "firmware_profiles"
 GOOD = (PROFILES / "raspberry-pi-4-4gb.toml").read_text()
 
@@ -76,8 +78,8 @@ def test_broken_toml_and_wrong_id() -> None:
         parse_profile(GOOD, "pi4.toml", expected_id="pi4")
 
 
-def test_register_update_and_put_devices_in_profiles(tmp_path: Path) -> None:
-    p = Parts(tmp_path)
+def test_register_update_and_put_devices_in_profiles(tmp_path: Path, store_url: str) -> None:
+    p = Parts(tmp_path, database_url=store_url)
     profiles = Profiles(p.store, p.registry, clock=iter([10.0, 20.0]).__next__)
     created, new = profiles.register(GOOD, "raspberry-pi-4-4gb.toml", "raspberry-pi-4-4gb")
     assert new and created.id == "raspberry-pi-4-4gb" and created.doc["memory"]["model_budget_mb"] == 1024
@@ -103,7 +105,9 @@ def test_register_update_and_put_devices_in_profiles(tmp_path: Path) -> None:
         profiles.assign("ghost", "raspberry-pi-4-4gb")
 
 
-def test_target_signs_the_chosen_variant_and_counts_other_tenants_against_the_budget(tmp_path: Path) -> None:
+def test_target_signs_the_chosen_variant_and_counts_other_tenants_against_the_budget(
+    tmp_path: Path, store_url: str
+) -> None:
     from edgefleet_proto import fleet_pb2
     from edgefleet_proto.codec import encode
     from edgefleet_proto.signing import manifest_bytes
@@ -111,7 +115,7 @@ def test_target_signs_the_chosen_variant_and_counts_other_tenants_against_the_bu
     from controller.signing import verify
     from tests.models import digits_mlp
 
-    p = Parts(tmp_path)
+    p = Parts(tmp_path, database_url=store_url)
     profiles = Profiles(p.store, p.registry)
     profiles.register((PROFILES / "raspberry-pi-zero-2-w.toml").read_text())
     found = p.registry.upload("mlp", "1", digits_mlp(tmp_path / "mlp.onnx").path.open("rb"), {})

@@ -15,12 +15,14 @@ from controller.signing import verify
 from tests.models import digits_mlp, sine_float_tflite, tflite_mlp
 from tests.unit.controller.helpers import Parts
 
+pytestmark = pytest.mark.both_backends
+
 DATASET = "ab" * 32
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Registry:
-    return Parts(tmp_path).registry
+def registry(tmp_path: Path, store_url: str) -> Registry:
+    return Parts(tmp_path, database_url=store_url).registry
 
 
 @pytest.fixture(scope="module")

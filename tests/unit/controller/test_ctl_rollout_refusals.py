@@ -14,13 +14,15 @@ from controller.device_events import DeviceEvents
 from tests.models import small_conv
 from tests.unit.controller.helpers import Parts
 
+pytestmark = pytest.mark.both_backends
+
 SENT_AT = 1_000.0
 REASON = "desired state generation 1 refused: signed by key aaaa, this device trusts controller key bbbb"
 
 
 @pytest.fixture
-def parts(tmp_path: Path) -> Parts:
-    p = Parts(tmp_path)
+def parts(tmp_path: Path, store_url: str) -> Parts:
+    p = Parts(tmp_path, database_url=store_url)
     p.registry.upload("conv", "1", io.BytesIO(small_conv(tmp_path / "c.onnx").read_bytes()), {})
     for device_id in ("dev-1", "dev-2"):
         p.fleet.register(device_id)

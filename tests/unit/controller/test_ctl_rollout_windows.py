@@ -31,6 +31,8 @@ from controller.rollout_plans import Plan, ShadowGate, Target, Wave
 from tests.models import small_conv
 from tests.unit.controller.helpers import Parts
 
+pytestmark = pytest.mark.both_backends
+
 NOW = 1_800_000_000.0
 OLD = fleet_pb2.ModelAssignment(tenant="default", model_name="m", model_version="1", artifact_digest="a" * 64)
 NEW = fleet_pb2.ModelAssignment(
@@ -108,8 +110,8 @@ NIGHT = datetime(2026, 12, 8, 2, 0, tzinfo=PARIS).timestamp()
 
 
 @pytest.fixture
-def parts(tmp_path: Path) -> Parts:
-    p = Parts(tmp_path)
+def parts(tmp_path: Path, store_url: str) -> Parts:
+    p = Parts(tmp_path, database_url=store_url)
     p.registry.upload("conv", "1", io.BytesIO(small_conv(tmp_path / "c.onnx").read_bytes()), {})
     for i, tags in enumerate((["site-a"], ["site-a"], ["site-b"], ["site-a"]), 1):
         p.fleet.register(f"cam-{i}", tags)

@@ -24,6 +24,8 @@ from controller.rollouts import Rollouts, rollout_status
 from tests.unit.controller.helpers import Parts, reported, state
 from tests.unit.controller.test_ctl_registry import add_model
 
+pytestmark = pytest.mark.both_backends
+
 
 class Clock:
     def __init__(self) -> None:
@@ -45,8 +47,8 @@ class Published:
 
 
 @pytest.fixture
-def parts(tmp_path: Path) -> Parts:
-    p = Parts(tmp_path)
+def parts(tmp_path: Path, store_url: str) -> Parts:
+    p = Parts(tmp_path, database_url=store_url)
     p.registry.upload("adder", "1", io.BytesIO(add_model(tmp_path / "a.onnx").read_bytes()), {})
     p.registry.upload("adder", "2", io.BytesIO(add_model(tmp_path / "b.onnx", ["batch", 8]).read_bytes()), {})
     for i in range(1, 7):

@@ -2,10 +2,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from edgefleet_proto import fleet_pb2
 
 from controller.device_events import DeviceEvents
 from tests.unit.controller.helpers import Parts
+
+pytestmark = pytest.mark.both_backends
 
 
 def window(seq: int, end_ms: int, temperature: float | None = None) -> fleet_pb2.Telemetry:
@@ -20,8 +23,8 @@ def window(seq: int, end_ms: int, temperature: float | None = None) -> fleet_pb2
     return msg
 
 
-def test_telemetry_newest_window_first_and_resends_stored_once(tmp_path: Path) -> None:
-    parts = Parts(tmp_path)
+def test_telemetry_newest_window_first_and_resends_stored_once(tmp_path: Path, store_url: str) -> None:
+    parts = Parts(tmp_path, database_url=store_url)
     parts.fleet.register("d")
     tel = parts.telemetry
     assert tel.ingest_telemetry("d", window(1, 100, temperature=40.0), received_at=1.0)
@@ -37,8 +40,8 @@ def test_telemetry_newest_window_first_and_resends_stored_once(tmp_path: Path) -
     assert tel.telemetry("other") == []
 
 
-def test_events_newest_first(tmp_path: Path) -> None:
-    parts = Parts(tmp_path)
+def test_events_newest_first(tmp_path: Path, store_url: str) -> None:
+    parts = Parts(tmp_path, database_url=store_url)
     parts.fleet.register("d")
     for at_ms, kind in ((5, "download_started"), (9, "model_activated"), (7, "chunk_rejected")):
         event = fleet_pb2.Event(device_id="d", at_ms=at_ms, kind=kind, severity="info", message=kind)
@@ -49,5 +52,7 @@ def test_events_newest_first(tmp_path: Path) -> None:
     assert events[0].attributes == {"digest": "abc"}
 
 
-def test_store_uses_wal(tmp_path: Path) -> None:
+def test_store_uses_wal(tmp_path: Path, backend: str) -> None:
+    if backend != "sqlite":
+        pytest.skip("a SQLite setting")
     assert Parts(tmp_path).store.journal_mode() == "wal"

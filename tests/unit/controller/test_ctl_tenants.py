@@ -23,6 +23,8 @@ from controller.tenants import DeviceTenants, InvalidTenantSpec, Source, parse_t
 from tests.unit.controller.helpers import Parts
 from tests.unit.controller.test_ctl_registry import add_model
 
+pytestmark = pytest.mark.both_backends
+
 TOKEN = "door-app-token-0123456789"
 
 
@@ -96,8 +98,8 @@ class Published:
 
 
 @pytest.fixture
-def parts(tmp_path: Path) -> Parts:
-    p = Parts(tmp_path)
+def parts(tmp_path: Path, store_url: str) -> Parts:
+    p = Parts(tmp_path, database_url=store_url)
     p.fleet.register("d1")
     p.registry.upload("adder", "1", io.BytesIO(add_model(tmp_path / "a.onnx").read_bytes()), {})
     return p
