@@ -31,6 +31,11 @@ fi
 if ! command -v nats-server >/dev/null 2>&1 && ! [ -x /usr/sbin/nats-server ] && [ "$(id -u)" = "0" ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y nats-server || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nats-server; }
 fi
+# The controller's tests run the storage, API and rollout modules on PostgreSQL too (tests/postgres.py
+# starts Debian's server from /usr/lib/postgresql/<version>/bin in a temporary folder).
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }
+fi
 # The console's browser tests drive Debian's chromium.
 if ! [ -x /usr/bin/chromium ] && [ "$(id -u)" = "0" ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
