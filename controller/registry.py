@@ -779,8 +779,8 @@ class Registry:
     def unfinished(self) -> list[tuple[str, str]]:
         """Versions with variants still to produce or validate (a restart resumes them)."""
         rows = self.store.query(
-            "SELECT DISTINCT name, version FROM variants WHERE status IN ('pending', 'running')"
-            " ORDER BY created_at, name, version"
+            "SELECT name, version FROM variants WHERE status IN ('pending', 'running')"
+            " GROUP BY name, version ORDER BY min(created_at), name, version"
         )
         return [(r["name"], r["version"]) for r in rows]
 

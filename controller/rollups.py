@@ -19,6 +19,7 @@ from typing import Any
 
 from edgefleet_proto import fleet_pb2
 
+from controller.partitions import PARTITIONED
 from controller.store import Store
 
 log = logging.getLogger(__name__)
@@ -181,15 +182,19 @@ class Rollups:
         ]
 
     def prune(self, now: float | None = None) -> dict[str, int]:
-        """Apply the retention policy; returns the rows removed per table."""
+        """Apply the retention policy; returns the rows removed per table.
+
+        Where raw telemetry and events are partitioned by day (PostgreSQL), the days wholly past
+        the cutoff are dropped whole and only the day it falls in is deleted from row by row; the
+        days ahead are made here too (controller.partitions)."""
         now = self.clock() if now is None else now
         raw_cutoff, rollup_cutoff = self.retention.cutoffs(now)
-        removed: dict[str, int] = {}
+        partitions = self.store.partitions
+        partitions.ensure_ahead(now)
+        removed = {table: partitions.drop_before(table, raw_cutoff) for table in PARTITIONED}
         with self.store.transaction():
-            removed["telemetry"] = self.store.execute(
-                "DELETE FROM telemetry WHERE received_at < ?", (raw_cutoff,)
-            )
-            removed["events"] = self.store.execute("DELETE FROM events WHERE received_at < ?", (raw_cutoff,))
+            for table in PARTITIONED:
+                removed[table] += self.store.execute(f"DELETE FROM {table} WHERE received_at < ?", (raw_cutoff,))
             removed["drift_sketches"] = self.store.execute(
                 "DELETE FROM drift_sketches WHERE received_at < ?", (raw_cutoff,)
             )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from controller.audit import AuditLog
 from controller.auth import Accounts, generate_token, hash_token
 from controller.certificates import CertificateAuthority
 from controller.closed_loop import ClosedLoop
+from controller.database_lock import DatabaseLock
 from controller.device_quotas import CaptureQuota
 from controller.errors import AlreadyInitialised, BrokerAuthError, ConfigError
 from controller.files import atomic_write
@@ -42,6 +44,15 @@ class Controller:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = Store(settings.database)
+        self._database_lock: DatabaseLock | None = None
+        if self.store.path is not None:
+            try:
+                self._database_lock = DatabaseLock(self.store.path).acquire()
+            except BaseException:
+                self.store.close()
+                raise
+        # Days of raw telemetry and events ahead (PostgreSQL; the maintenance tick keeps it up).
+        self.store.partitions.ensure_ahead(time.time())
         self.artifacts = ArtifactStore(settings.artifacts_dir, settings.chunk_size)
         self.broker_auth = BrokerAuth(settings.passwd_file, settings.broker_reload_command)
         self.signer = Signer.load_or_create(settings.data_dir / "signing")
@@ -146,6 +157,9 @@ class Controller:
             self.transport = None
         self.optimizer.stop()
         self.store.close()
+        if self._database_lock is not None:
+            self._database_lock.release()
+            self._database_lock = None
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from controller.artifacts import ArtifactStore, chunk_count
 from controller.certificates import certificate_problem
 from controller.device_events import DeviceEvents
 from controller.device_quotas import CaptureQuota, TelemetryQuota
-from controller.errors import ArtifactNotFound, ConfigError, ControllerError
+from controller.errors import ArtifactNotFound, ConfigError, ControllerError, DatabaseUnavailable
 from controller.fleet import Fleet
 from controller.log_bounds import BadMessageLog, clip
 from controller.message_counters import MessageCounters
@@ -74,6 +74,8 @@ MAX_INDICES_PER_REQUEST = 64
 # Telemetry windows written per SQLite transaction: whatever queued up while
 # the previous batch was being written, up to this many.
 MAX_INGEST_BATCH = 500
+# The longest wait between two attempts to reach a database that went away.
+DATABASE_RETRY_MAX_S = 5.0
 # The artifact worker writes the last_seen times held back (Fleet.note_seen) this often.
 SEEN_FLUSH_S = 1.0
 # QoS 1 publishes sent and not yet acknowledged. paho's default of 20 held chunk
@@ -664,10 +666,36 @@ class Transport:
 
     def _run_job(self, job: Inbound | Republish) -> None:
         try:
+            self._while_database_is_away(lambda: self._run_job_once(job), "message kept")
+        except DatabaseUnavailable:
+            log.warning("message not handled at stop: the database was away job=%s", type(job).__name__)
+
+    def _while_database_is_away(self, work: Callable[[], None], what: str) -> None:
+        """Run ``work``, again and again while the database cannot be reached: what waits in the
+        queues meanwhile is neither handled nor acknowledged, and the queues' bound holds the
+        broker back (back-pressure). Raises DatabaseUnavailable only when stopping."""
+        attempt = 0
+        while True:
+            try:
+                work()
+                return
+            except DatabaseUnavailable as exc:
+                attempt += 1
+                if attempt == 1:
+                    log.warning("database unavailable, %s until it is back error=%s", what, exc)
+                if self._stopping.wait(min(DATABASE_RETRY_MAX_S, backoff_delay(attempt))):
+                    raise
+                if attempt > 1 and attempt % 10 == 0:
+                    log.warning("database still unavailable attempts=%d error=%s", attempt, exc)
+
+    def _run_job_once(self, job: Inbound | Republish) -> None:
+        try:
             if isinstance(job, Republish):
                 self._republish_desired(job.reason)
             else:
                 self._handle(job)
+        except DatabaseUnavailable:
+            raise
         except Exception:
             if isinstance(job, Inbound):
                 # The topic, not the job: the message is the device's and may be megabytes.
@@ -706,18 +734,31 @@ class Transport:
             self._ingest(batch)
 
     def _ingest(self, batch: Sequence[Job]) -> None:
-        """One transaction per batch. Should a window fail, the batch is rolled back and
-        written again with a savepoint per window, so a bad one spoils only itself."""
-        store = self.telemetry.store
+        """One transaction per batch, acknowledged once committed. While the database cannot be
+        reached the batch waits, unacknowledged (the agents keep those windows), and is written
+        when it is back."""
         jobs = [job for job in batch if isinstance(job, Inbound)]
+        try:
+            self._while_database_is_away(lambda: self._ingest_once(jobs), "telemetry held unacknowledged")
+        except DatabaseUnavailable:
+            log.warning("telemetry not stored at stop, its agents send it again count=%d", len(jobs))
+
+    def _ingest_once(self, jobs: Sequence[Inbound]) -> None:
+        """Should a window fail, the batch is rolled back and written again with a savepoint per
+        window, so a bad one spoils only itself."""
+        store = self.telemetry.store
         stored = self._stored_windows
         stored.clear()
         try:
+            # Made before the transaction: making a partition locks its table (controller.partitions).
+            store.partitions.ensure("telemetry", [j.received_at for j in jobs if j.topic.kind is Kind.TELEMETRY])
             with store.transaction():
                 for job in jobs:
                     self._handle(job)
             self._acknowledge_telemetry(stored)
             return
+        except DatabaseUnavailable:
+            raise
         except Exception as exc:
             log.warning("telemetry batch retried window by window count=%d error=%s", len(jobs), exc)
         stored.clear()
@@ -727,9 +768,13 @@ class Transport:
                     try:
                         with store.transaction():
                             self._handle(job)
+                    except DatabaseUnavailable:
+                        raise
                     except Exception:
                         log.exception("telemetry dropped device=%s", job.topic.device_id)
             self._acknowledge_telemetry(stored)
+        except DatabaseUnavailable:
+            raise
         except Exception:
             log.exception("telemetry batch failed count=%d", len(jobs))
 

@@ -39,6 +39,7 @@ from controller.errors import (
     BrokerAuthError,
     ConflictError,
     ControllerError,
+    DatabaseUnavailable,
     InvalidInputError,
     NotFoundError,
     TooLargeError,
@@ -54,6 +55,8 @@ _STATUS: list[tuple[type[ControllerError], int]] = [
     (TooLargeError, 413),
     (InvalidInputError, 422),
     (BrokerAuthError, 503),
+    # Worth retrying: the database comes back (a restart, a failover), nothing was changed.
+    (DatabaseUnavailable, 503),
 ]
 
 
@@ -85,7 +88,12 @@ class BodyLimitGuard:
             # Only a pre-check, so an unknown caller cannot make us read a large body; the
             # route's role is checked by the application's dependency as for any route.
             token = parse_bearer(headers.get("authorization", ""))
-            if token is None or self.controller.accounts.resolve(token) is None:
+            try:
+                known = token is not None and self.controller.accounts.resolve(token) is not None
+            except DatabaseUnavailable as exc:
+                await _reply(send, 503, str(exc), {"retry-after": "5"})
+                return
+            if not known:
                 await _reply(send, 401, "missing or invalid bearer token", {"www-authenticate": "Bearer"})
                 return
         length = headers.get("content-length", "")
@@ -163,7 +171,8 @@ def create_app(settings: Settings, *, start_transport: bool = True) -> FastAPI:
             request.url.path,
             exc,
         )
-        return JSONResponse(status_code=code, content={"detail": str(exc)})
+        headers = {"Retry-After": "5"} if isinstance(exc, DatabaseUnavailable) else None
+        return JSONResponse(status_code=code, content={"detail": str(exc)}, headers=headers)
 
     for module in (models, devices, profiles, rollouts, groups, telemetry, signing, accounts, status):
         app.include_router(module.router, prefix="/v1")

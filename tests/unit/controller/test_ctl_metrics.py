@@ -15,6 +15,8 @@ from controller.device_events import DeviceEvents
 from controller.rollups import Retention, Rollups
 from tests.unit.controller.helpers import Parts
 
+pytestmark = pytest.mark.both_backends
+
 NOW = 10_000.0
 
 
@@ -46,8 +48,8 @@ def window(
 
 
 @pytest.fixture
-def parts(tmp_path: Path) -> Parts:
-    p = Parts(tmp_path)
+def parts(tmp_path: Path, store_url: str) -> Parts:
+    p = Parts(tmp_path, database_url=store_url)
     p.fleet.register("cam-1")
     p.fleet.register("cam-2")
     return p
