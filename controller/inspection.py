@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from controller.errors import InvalidModel
+from controller.onnx_compat import lowest_ir_version, min_onnxruntime
 from controller.tflite import inspect_tflite, is_tflite
 
 FORMAT = "onnx"
@@ -114,6 +115,9 @@ class Inspected:
     quantization: dict[str, Any] = field(default_factory=dict)
     # What most weight bytes are stored as; ``precision`` is what the kernels compute in.
     storage: str = ""
+    # ONNX: the IR version the file states, and the lowest its content needs (controller.onnx_compat).
+    ir_version: int = 0
+    lowest_ir_version: int = 0
 
 
 _QDQ_OPS = frozenset(
@@ -150,11 +154,10 @@ def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
     return found
 
 
-def onnx_opset_and_precision(path: Path) -> tuple[int, str, str]:
+def onnx_opset_and_precision(model: onnx.ModelProto) -> tuple[int, str, str]:
     """The default-domain opset, the precision the operators compute in and the one most
     weight bytes are stored in. fp16 weights that are Cast to float before use are storage
     only: the kernels run float32, as on a CPU without fp16."""
-    model = onnx.load(str(path), load_external_data=False)
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     graphs = _graphs(model.graph)
     nodes = [n for g in graphs for n in g.node]
@@ -205,30 +208,17 @@ def inspect_artifact(path: Path) -> Inspected:
             storage=info.storage,
         )
     signature = inspect_onnx(path)
-    opset, precision, storage = onnx_opset_and_precision(path)
+    model = onnx.load(str(path), load_external_data=False)
+    opset, precision, storage = onnx_opset_and_precision(model)
+    ir_version = int(model.ir_version)
     return Inspected(
-        FORMAT, precision, signature, opset, "onnxruntime", min_onnxruntime(opset), storage=storage
+        FORMAT,
+        precision,
+        signature,
+        opset,
+        "onnxruntime",
+        min_onnxruntime(opset, ir_version),
+        storage=storage,
+        ir_version=ir_version,
+        lowest_ir_version=lowest_ir_version(model),
     )
-
-
-# The first ONNX Runtime release that implements each default-domain opset
-# (ONNX Runtime's compatibility table); newer opsets need at least the version here.
-_ORT_FOR_OPSET = {
-    15: "1.10",
-    16: "1.11",
-    17: "1.12",
-    18: "1.14",
-    19: "1.15",
-    20: "1.17",
-    21: "1.18",
-    22: "1.20",
-}
-
-
-def min_onnxruntime(opset: int) -> str:
-    """The oldest ONNX Runtime that runs a model of this opset."""
-    if opset in _ORT_FOR_OPSET:
-        return _ORT_FOR_OPSET[opset]
-    if opset < min(_ORT_FOR_OPSET):
-        return _ORT_FOR_OPSET[min(_ORT_FOR_OPSET)]
-    return ".".join(ort.__version__.split(".")[:2])

@@ -48,6 +48,7 @@ from controller.errors import OptimizeError
 from controller.model_check import OUT_OF_MEMORY, limit_data_segment, process_context
 from controller.model_memory import human
 from controller.model_runner import Runner
+from controller.onnx_compat import lower_in_place
 from controller.onnx_preparation import prepare
 from controller.registry import (
     DYNAMIC_INT8,
@@ -196,9 +197,11 @@ def prepare_for(kind: str, source: Path, target: Path) -> dict[str, object]:
 def convert(
     kind: str, source: Path, target: Path, calibration: CalibrationSet | None, per_channel: bool
 ) -> None:
-    """Write the ``kind`` variant of an already prepared ``source``; OptimizeError on failure."""
+    """Write the ``kind`` variant of an already prepared ``source``, at the lowest ONNX IR version
+    its content needs (older runtimes read it; controller.onnx_compat); OptimizeError on failure."""
     try:
         _convert(kind, source, target, calibration, per_channel)
+        lower_in_place(target)
     except OptimizeError:
         raise
     except Exception as exc:  # onnxruntime.quantization raises whatever its passes raise

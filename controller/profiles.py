@@ -9,6 +9,7 @@ turns a version's variants into the signed assignment each device should get
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -16,13 +17,15 @@ import time
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import PayloadError, decode_as
 
 from controller.errors import DeviceNotFound, InvalidProfile, ProfileNotFound, RolloutNotFound
-from controller.registry import ModelVersion, Registry, Variant
+from controller.onnx_compat import ir_version_of, max_ir_version
+from controller.registry import LOWERED, ModelVersion, Registry, Variant
 from controller.store import Store
 from controller.variants import (
     MEMORY_FACTOR,
@@ -124,6 +127,12 @@ class Profile:
             model_budget_bytes=int(self.doc["memory"]["model_budget_mb"]) * 1024 * 1024,
             max_onnx_opset=inference.get("max_onnx_opset"),
             accelerated=bool(self.doc.get("accelerators")),
+            # What its onnxruntime release reads (measured per release: controller.onnx_compat).
+            max_onnx_ir=(
+                max_ir_version(self.doc["runtimes"]["onnxruntime"])
+                if "onnxruntime" in self.doc["runtimes"]
+                else None
+            ),
             sensors=tuple(
                 Sensor(s["id"], s["kind"], int(s.get("channels", 3 if s["kind"] == "camera" else 0)))
                 for s in self.doc.get("sensors", [])
@@ -266,7 +275,9 @@ def _sensors(c: _Checker, items: Any) -> None:
             seen.add(sid)
 
 
-def candidates(found: ModelVersion) -> list[Candidate]:
+def candidates(found: ModelVersion, ir_version: Callable[[Variant], int] = lambda v: 0) -> list[Candidate]:
+    """The version's variants as the choice sees them; ``ir_version`` says what IR version an
+    ONNX variant's file states (0: unknown, not checked)."""
     # The sensor feeds the signature's source input: its shape and layout decide the fit.
     source = next((i for i in found.signature.inputs if i.role == "source"), None)
 
@@ -288,9 +299,21 @@ def candidates(found: ModelVersion) -> list[Candidate]:
             reference=v.source == "uploaded" and v.digest == found.digest,
             reason=v.reason,
             runtime_version=v.runtime_version,
+            ir_version=ir_version(v),
+            lowered=v.source == LOWERED,
         )
         for v in found.variants
     ]
+
+
+@functools.lru_cache(maxsize=4096)
+def _ir_version_at(path: Path) -> int:
+    """The IR version an artifact's header states; its path names its digest, so the answer
+    never changes (0 when the file is not here or not ONNX)."""
+    try:
+        return ir_version_of(path)
+    except (OSError, ValueError):
+        return 0
 
 
 @dataclass(frozen=True)
@@ -379,6 +402,11 @@ class Profiles:
         )
         return [RolloutTarget(**r) for r in rows]
 
+    def _ir_version(self, v: Variant) -> int:
+        if v.format != "onnx" or not v.digest or self.registry is None:
+            return 0
+        return _ir_version_at(self.registry.artifacts.path(v.digest))
+
     def _other_tenants_bytes(self, device_id: str, tenant: str) -> int:
         row = self.store.query_one("SELECT desired FROM devices WHERE device_id = ?", (device_id,))
         if row is None or row["desired"] is None:
@@ -400,7 +428,7 @@ class Profiles:
             # The budget is for every loaded model: what the device's other tenants run counts.
             others = self._other_tenants_bytes(device_id, base.tenant)
             device = replace(device, model_budget_bytes=device.model_budget_bytes - MEMORY_FACTOR * others)
-        choice = choose(candidates(found), device, found.sensor_kind)
+        choice = choose(candidates(found, self._ir_version), device, found.sensor_kind)
         variant = found.variant(choice.variant) if choice.variant else None
         if variant is None:
             log.info(

@@ -1,12 +1,13 @@
 """Which artifact variant a device gets: a pure function of the variants and the device's class.
 
 :func:`choose` drops every variant the device cannot run, each with the reason
-(not validated, runtime missing or too old, opset too new, precision unsupported, too big
-for the model memory budget, input not fed by the device's sensor), then ranks
-what is left: the profile's preferred precision first, then int8 on CPU-only
-devices (fp16 on accelerated ones), then ONNX before TFLite (the registry's
-primary format; TFLite variants serve devices without ONNX Runtime), then the
-smaller file. No I/O here.
+(not validated, runtime missing or too old, an ONNX IR version or opset its ONNX Runtime
+cannot read, precision unsupported, too big for the model memory budget, input not fed by
+the device's sensor), then ranks what is left: the profile's preferred precision first,
+then int8 on CPU-only devices (fp16 on accelerated ones), then ONNX before TFLite (the
+registry's primary format; TFLite variants serve devices without ONNX Runtime), then the
+file as uploaded before its copy lowered to an older IR version (sent where only the copy
+loads), then the smaller file. No I/O here.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class Candidate:
     runtime_version: str = ""
     # The layout of the input the device's sensor feeds, from the version's signature ("" = unknown).
     input_layout: str = ""
+    # ONNX: the IR version the file states (0 = unknown, not checked).
+    ir_version: int = 0
+    # A copy of another variant lowered to the IR version its content needs (controller.onnx_compat).
+    lowered: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ class DeviceClass:
     max_onnx_opset: int | None = None
     accelerated: bool = False
     sensors: tuple[Sensor, ...] = ()
+    # The newest ONNX IR version its onnxruntime reads (None = unknown, not checked).
+    max_onnx_ir: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,12 @@ def why_not(c: Candidate, device: DeviceClass, sensor_kind: str = "") -> str | N
         have = ", ".join(sorted(device.runtimes)) or "none"
         return f"needs {runtime or c.format}, profile {device.profile_id} has {have}"
     minimum, installed = c.runtime_version, device.runtimes[runtime]
-    if minimum and _version(installed) < _version(minimum):
+    if c.format == "onnx" and device.max_onnx_ir is not None and c.ir_version > device.max_onnx_ir:
+        return (
+            f"needs ONNX IR version {c.ir_version}, profile {device.profile_id}'s onnxruntime "
+            f"{installed} reads up to {device.max_onnx_ir}"
+        )
+    if minimum and version_tuple(installed) < version_tuple(minimum):
         return f"needs {runtime} >= {minimum}, profile {device.profile_id} has {installed}"
     if c.format == "onnx":
         if device.max_onnx_opset is None:
@@ -96,7 +108,7 @@ def why_not(c: Candidate, device: DeviceClass, sensor_kind: str = "") -> str | N
     return None
 
 
-def _version(text: str) -> tuple[int, ...]:
+def version_tuple(text: str) -> tuple[int, ...]:
     """``"1.20.1"`` -> ``(1, 20, 1)``; digits after a non-digit (``"2.14rc1"``) are ignored."""
     parts = []
     for part in text.split("."):
@@ -147,9 +159,16 @@ def choose(candidates: Sequence[Candidate], device: DeviceClass | None, sensor_k
         return Choice(None, f"no variant fits profile {device.profile_id}: {detail}", rejected)
     order = ACCELERATED_ORDER if device.accelerated else CPU_ORDER
 
-    def rank(c: Candidate) -> tuple[bool, int, bool, int, str]:
+    def rank(c: Candidate) -> tuple[bool, int, bool, bool, int, str]:
         fallback = order.index(c.precision) if c.precision in order else len(order)
-        return (c.precision != device.preferred_precision, fallback, c.format != "onnx", c.size, c.variant)
+        return (
+            c.precision != device.preferred_precision,
+            fallback,
+            c.format != "onnx",
+            c.lowered,
+            c.size,
+            c.variant,
+        )
 
     best = min(usable, key=rank)
     why = (

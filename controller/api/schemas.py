@@ -39,7 +39,7 @@ class VariantPublic(_Public):
     variant: str
     format: str
     precision: str
-    source: Literal["uploaded", "quantized"]
+    source: Literal["uploaded", "quantized", "lowered"]
     status: Literal["pending", "running", "ready", "rejected", "failed"]
     progress: float
     digest: str

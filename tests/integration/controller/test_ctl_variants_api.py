@@ -7,14 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import decode_as
 from edgefleet_proto.signing import manifest_bytes
 from edgefleet_proto.topics import Kind, Topic
 
+from controller.onnx_compat import ir_version_of, lowest_ir_version
 from controller.signing import verify
 from tests.integration.controller.conftest import Ctl, messages_on, wait_for
-from tests.models import sklearn_mlp
+from tests.models import digits_mlp, sklearn_mlp
 
 PROFILES = Path(__file__).resolve().parents[3] / "firmware_profiles"
 
@@ -179,3 +181,45 @@ def test_variant_uploads_are_guarded_like_version_uploads(ctl: Ctl, tmp_path: Pa
     assert declared.status_code == 413 and f"limit of {limit} bytes" in declared.json()["detail"]
     empty = ctl.api("POST", url, files={"file": ("x.tflite", b"")})
     assert empty.status_code == 422 and "empty" in empty.json()["detail"]
+
+
+def test_a_model_written_at_an_ir_version_older_runtimes_cannot_read_reaches_them_lowered(
+    ctl: Ctl, tmp_path: Path
+) -> None:
+    # The installed onnx writes IR 14; onnxruntime 1.20.1 (the Raspberry Pi profile) reads 10.
+    mlp = digits_mlp(tmp_path / "mlp.onnx")
+    assert ir_version_of(mlp.path) == 14
+    newer = (PROFILES / "raspberry-pi-4-4gb.toml").read_text()
+    newer = newer.replace('id = "raspberry-pi-4-4gb"', 'id = "pi-new-runtime"').replace(
+        'onnxruntime = "1.20.1"', 'onnxruntime = "1.32.0"'
+    )
+    for source in ((PROFILES / "raspberry-pi-4-4gb.toml").read_text(), newer):
+        assert ctl.api("POST", "/v1/profiles", json={"source": source}).status_code in (200, 201)
+    assert upload(ctl, mlp.path, "1").status_code == 201  # no calibration: fp32 only
+    variants = {v["variant"]: v for v in wait_for(lambda: ready(ctl, "1"), 60, "variants")["variants"]}
+    assert set(variants) == {"onnx-fp32", "onnx-fp32-ir8"}
+    original, lowered = variants["onnx-fp32"], variants["onnx-fp32-ir8"]
+    assert (original["runtime_version"], lowered["runtime_version"]) == ("1.32", "1.12")
+    assert lowered["status"] == "ready" and lowered["report"]["lowered_from"] == "onnx-fp32"
+    artifacts = ctl.controller.registry.artifacts
+    assert ir_version_of(artifacts.path(lowered["digest"])) == 8
+    for device_id, profile in (("pi-old", "raspberry-pi-4-4gb"), ("pi-new", "pi-new-runtime")):
+        assert (
+            ctl.api("POST", "/v1/devices", json={"device_id": device_id, "profile": profile}).status_code
+            == 201
+        )
+    rollout = ctl.api(
+        "POST", "/v1/rollouts", json={"model": "digits", "version": "1", "devices": ["pi-old", "pi-new"]}
+    )
+    assert rollout.status_code == 201, rollout.text
+    targets = ctl.api("GET", f"/v1/rollouts/{rollout.json()['id']}/variants").json()
+    assert [(t["device_id"], t["variant"], t["digest"]) for t in targets] == [
+        ("pi-new", "onnx-fp32", original["digest"]),
+        ("pi-old", "onnx-fp32-ir8", lowered["digest"]),
+    ]
+    # The variant a produced one is made from keeps the lowest IR its content needs too.
+    assert upload(ctl, mlp.path, "2", mlp.samples[:50]).status_code == 201
+    done = {v["variant"]: v for v in wait_for(lambda: ready(ctl, "2"), 120, "variants")["variants"]}
+    assert done["onnx-int8-static"]["status"] == "ready", done["onnx-int8-static"]
+    produced = artifacts.path(done["onnx-int8-static"]["digest"])
+    assert ir_version_of(produced) == lowest_ir_version(onnx.load(str(produced))) <= 10

@@ -129,13 +129,17 @@ def test_target_signs_the_chosen_variant_and_counts_other_tenants_against_the_bu
         m is not None
         and targeted.choice.reason == "best available precision fp32 for profile raspberry-pi-zero-2-w"
     )
+    # The upload states IR 14 (the installed onnx's), which the profile's onnxruntime 1.20.1
+    # cannot read: the device gets the copy at IR 8, the same graph and weights.
+    lowered = found.variant("onnx-fp32-ir8")
+    assert lowered is not None and "onnx-fp32" in targeted.choice.rejected
     assert (m.variant, m.precision, m.format, m.runtime, m.artifact_digest, m.rollout_id) == (
-        "onnx-fp32", "fp32", "onnx", "onnxruntime", found.digest, "r1",
+        "onnx-fp32-ir8", "fp32", "onnx", "onnxruntime", lowered.digest, "r1",
     )  # fmt: skip
     assert verify(
         p.registry.signer.public_key,
         m.signature,
-        manifest_bytes("mlp", "1", "onnx-fp32", m.artifact_digest, m.artifact_size),
+        manifest_bytes("mlp", "1", "onnx-fp32-ir8", m.artifact_digest, m.artifact_size),
     )
     assert profiles.target("bare", found, base).assignment is not None  # no profile: the uploaded variant
 

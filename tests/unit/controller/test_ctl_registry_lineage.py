@@ -44,7 +44,7 @@ def test_lineage_is_recorded_and_checked(registry: Registry, mlp_path: Path) -> 
     )
     assert first.lineage == Lineage("", DATASET, "train.py@3f2a", {"accuracy": 0.91})
     assert (first.stage, first.task, first.gate) == ("development", "classifier", 0.99)
-    [reference] = first.variants
+    reference, lowered = first.variants  # the upload, then its copy at the IR version it needs
     assert (reference.variant, reference.source, reference.status, reference.opset) == (
         "onnx-fp32",
         "uploaded",
@@ -57,7 +57,16 @@ def test_lineage_is_recorded_and_checked(registry: Registry, mlp_path: Path) -> 
         manifest_bytes("mlp", "1", "onnx-fp32", first.digest, first.size),
     )
     assert reference.key_id == registry.signer.key_id
-    assert reference.runtime_version == "1.12"  # the first onnxruntime with opset 17
+    # The installed onnx writes IR 14, which onnxruntime reads from 1.32 on; opset 17 alone
+    # needs IR 8, which the copy states: the first onnxruntime with opset 17 reads it.
+    assert reference.runtime_version == "1.32"
+    assert (lowered.variant, lowered.source, lowered.status, lowered.runtime_version) == (
+        "onnx-fp32-ir8",
+        "lowered",
+        "ready",
+        "1.12",
+    )
+    assert lowered.report["lowered_from"] == "onnx-fp32" and lowered.digest != reference.digest
     second = registry.upload(
         "mlp",
         "2",

@@ -102,3 +102,25 @@ def test_a_runtime_older_than_the_variant_needs_is_refused() -> None:
     assert (
         why_not(replace(TFL8, runtime_version=""), replace(PI_ZERO, runtimes={"litert": "2.14rc1"})) is None
     )
+
+
+def test_an_onnx_ir_version_the_profiles_onnxruntime_cannot_read_is_refused_and_its_lowered_copy_sent() -> (
+    None
+):
+    written = replace(FP32, ir_version=14)  # what onnx 1.23 writes, whatever the opset
+    lowered = replace(FP32, variant="onnx-fp32-ir8", reference=False, ir_version=8, lowered=True)
+    pi = replace(PI_ZERO, max_onnx_ir=10)  # onnxruntime 1.20.1
+    assert (
+        why_not(written, pi)
+        == "needs ONNX IR version 14, profile pi-zero's onnxruntime 1.20.1 reads up to 10"
+    )
+    choice = choose([written, lowered], pi)
+    assert choice.variant == "onnx-fp32-ir8"
+    assert choice.rejected == {
+        "onnx-fp32": "needs ONNX IR version 14, profile pi-zero's onnxruntime 1.20.1 reads up to 10"
+    }
+    # Where the original loads, the original is sent, not its copy.
+    newer = replace(pi, runtimes={"onnxruntime": "1.32.0"}, max_onnx_ir=14)
+    assert choose([lowered, written], newer).variant == "onnx-fp32"
+    # A file that cannot be lowered far enough is refused with the reason, nothing sent.
+    assert choose([replace(written, ir_version=11)], pi).reason.endswith("reads up to 10")
