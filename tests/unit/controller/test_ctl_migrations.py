@@ -7,11 +7,12 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from edgefleet_proto import fleet_pb2
 
 from controller import migrations
 from controller.migrations import NewerDatabase
-from controller.store import Store
+from controller.store import Store, database_url
 from controller.telemetry import TelemetryStore
 from tests.unit.controller.helpers import Parts
 
@@ -104,3 +105,18 @@ def test_a_database_migrated_by_a_newer_controller_is_refused_and_left_alone(tmp
     message = str(refused.value)
     assert "0999" in message and migrations.head() in message and "newer" in message
     assert revision(path) == "0999" and path.read_bytes() == before
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_postgresql_database_migrated_by_a_newer_controller_is_refused(store_url: str) -> None:
+    store = Store(store_url)
+    store.execute("UPDATE alembic_version SET version_num = '0999'")
+    store.close()
+    with pytest.raises(NewerDatabase) as refused:
+        Store(store_url)
+    assert "0999" in str(refused.value) and migrations.head() in str(refused.value)
+    # Read without migrating: the refused database is left at its revision.
+    check = sa.create_engine(database_url(store_url))
+    with check.connect() as conn:
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0999"
+    check.dispose()
