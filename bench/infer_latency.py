@@ -134,11 +134,12 @@ def main() -> int:
                 stub = inference_pb2_grpc.InferenceServiceStub(channel)
                 request = inference_pb2.InferRequest(inputs=to_tensors(inputs))
                 health = inference_pb2.HealthRequest()
+                inside: list[float] = []
                 ms = interleaved(
                     {
                         "raw": lambda s=session, i=inputs: s.run(None, i),
                         "empty": lambda s=stub, h=health: s.Health(h),
-                        "infer": lambda s=stub, r=request: s.Infer(r),
+                        "infer": lambda s=stub, r=request, a=inside: a.append(s.Infer(r).latency_ms),
                     },
                     args.iterations,
                 )
@@ -152,6 +153,9 @@ def main() -> int:
                 f"overhead over raw p50 {infer - raw:.3f} ms"
             )
             print(f"Infer over the empty call p50 {infer - empty:.3f} ms (goal <= 0.150 ms)")
+            print(
+                f"  of which in the agent's handler (tensors decoded to outputs ready, model included) p50 {np.median(inside):.3f} ms"
+            )
         shared_memory(controller, agent, work, args.iterations)
     finally:
         agent.stop()
@@ -180,10 +184,11 @@ def shared_memory(controller: Controller, agent: Agent, work: Path, iterations: 
         assert np.allclose(logits, direct, rtol=1e-4, atol=1e-4), "the fast path answered otherwise"
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         request = inference_pb2.InferRequest(inputs=to_tensors({"input": image}))
+        inside: list[float] = []
         ms = interleaved(
             {
                 "raw": lambda: session.run(None, {"input": image}),
-                "shm": lambda: client.infer({"input": shared}, {"logits": logits}),
+                "shm": lambda: inside.append(client.infer({"input": shared}, {"logits": logits}).latency_ms),
                 "infer": lambda: stub.Infer(request),
             },
             iterations,
@@ -198,6 +203,9 @@ def shared_memory(controller: Controller, agent: Agent, work: Path, iterations: 
     print(f"ratio shm/raw p50 {shm / raw:.2f}x   gRPC/raw p50 {infer / raw:.2f}x")
     print(
         f"shared memory over raw p50 {shm - raw:.3f} ms (goal <= 0.200 ms)   gRPC over raw p50 {infer - raw:.3f} ms"
+    )
+    print(
+        f"  the agent's own time per fast-path call (slots checked to outputs ready) p50 {np.median(inside):.3f} ms"
     )
 
 
