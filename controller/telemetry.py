@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,25 +101,50 @@ class TelemetryStore:
 
     def ingest_telemetry(self, device_id: str, msg: fleet_pb2.Telemetry, received_at: float) -> bool:
         """Store one window; False for a window already stored (an outbox resend)."""
-        self.store.partitions.ensure("telemetry", (received_at,))
+        return self.ingest_many([(device_id, msg, received_at)])[0]
+
+    def ingest_many(self, windows: Sequence[tuple[str, fleet_pb2.Telemetry, float]]) -> list[bool]:
+        """Store (device, window, arrival) triples with one multi-row INSERT, in the caller's
+        transaction or one of their own; for each, whether it was new (a resend, also within the
+        batch, is stored once)."""
+        if not windows:
+            return []
+        self.store.partitions.ensure("telemetry", [received_at for _, _, received_at in windows])
         with self.store.transaction():
             # A resend is the same (device, seq, window start). Partitioned by arrival, the table
-            # cannot hold that as a unique key on PostgreSQL: the device's lock makes the check exact.
-            self.store.lock(f"telemetry/{device_id}")
-            added = self.store.execute(
-                f"INSERT INTO telemetry ({', '.join(_COLUMNS)}) SELECT {', '.join('?' for _ in _COLUMNS)}"
-                " WHERE NOT EXISTS (SELECT 1 FROM telemetry WHERE device_id = ? AND seq = ? AND window_start_ms = ?)",
-                (*_row(device_id, msg, received_at), device_id, msg.seq, msg.window_start_ms),
-            )
-            log.debug("telemetry device=%s seq=%d stored=%s", device_id, msg.seq, bool(added))
-            if added:
+            # cannot hold that as a unique key on PostgreSQL: the devices' locks make the check exact.
+            for device_id in sorted({device_id for device_id, _, _ in windows}):
+                self.store.lock(f"telemetry/{device_id}")
+            known = self._stored_keys(windows)
+            fresh: list[bool] = []
+            for device_id, msg, _ in windows:
+                key = (device_id, msg.seq, msg.window_start_ms)
+                fresh.append(key not in known)
+                known.add(key)
+            new = [w for w, is_new in zip(windows, fresh, strict=True) if is_new]
+            self.store.insert_many("telemetry", _COLUMNS, [_row(*w) for w in new])
+            for device_id, msg, received_at in new:
                 outbox_losses.observe(self.store, device_id, msg, received_at)
                 # What is kept per name carries registered names only (controller.registered_names).
                 folded = fold_telemetry(self.names, device_id, msg)
                 self._count_tenants(device_id, folded)
                 for observe in self.observers:
                     observe(device_id, folded, received_at)
-        return bool(added)
+        log.debug("telemetry windows=%d stored=%d", len(windows), len(new))
+        return fresh
+
+    def _stored_keys(self, windows: Sequence[tuple[str, fleet_pb2.Telemetry, float]]) -> set[tuple[str, int, int]]:
+        """Which of these windows' (device, seq, window start) are stored already."""
+        found: set[tuple[str, int, int]] = set()
+        for start in range(0, len(windows), 200):
+            chunk = windows[start : start + 200]
+            rows = self.store.query(
+                "SELECT device_id, seq, window_start_ms FROM telemetry WHERE "
+                + " OR ".join("(device_id = ? AND seq = ? AND window_start_ms = ?)" for _ in chunk),
+                [v for device_id, msg, _ in chunk for v in (device_id, msg.seq, msg.window_start_ms)],
+            )
+            found.update((r["device_id"], r["seq"], r["window_start_ms"]) for r in rows)
+        return found
 
     def _count_tenants(self, device_id: str, msg: fleet_pb2.Telemetry) -> None:
         """Running totals per device and tenant, so /metrics reads one small table."""

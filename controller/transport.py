@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as mqtt
 from edgefleet_proto import artifact_pb2, fleet_pb2
@@ -753,8 +753,17 @@ class Transport:
             # Made before the transaction: making a partition locks its table (controller.partitions).
             store.partitions.ensure("telemetry", [j.received_at for j in jobs if j.topic.kind is Kind.TELEMETRY])
             with store.transaction():
+                windows = []
                 for job in jobs:
-                    self._handle(job)
+                    if job.topic.kind is not Kind.TELEMETRY:
+                        self._handle(job)
+                    elif self._admit(job):
+                        windows.append(job)
+                # The batch's windows in one multi-row INSERT (controller.telemetry).
+                self.telemetry.ingest_many(
+                    [(j.topic.device_id, cast(fleet_pb2.Telemetry, j.message), j.received_at) for j in windows]
+                )
+                stored.extend((j.topic.device_id, cast(fleet_pb2.Telemetry, j.message).seq) for j in windows)
             self._acknowledge_telemetry(stored)
             return
         except DatabaseUnavailable:
@@ -809,14 +818,16 @@ class Transport:
             request.applied_generation,
         )
 
-    def _handle(self, job: Inbound) -> None:
+    def _admit(self, job: Inbound) -> bool:
+        """Whether the message is its device's to send (counted and logged when not); the device
+        is seen."""
         device_id, kind = job.topic.device_id, job.topic.kind
         if not self.fleet.is_known(device_id):
             self.counters.rejected(kind.value, "unknown_device")
             self._bad.warning(
                 device_id, "message from unknown device ignored device=%s topic=%s", device_id, job.topic
             )
-            return
+            return False
         claimed = getattr(job.message, "device_id", "")
         if claimed and claimed != device_id:
             self.counters.rejected(kind.value, "device_mismatch")
@@ -827,13 +838,19 @@ class Transport:
                 job.topic,
                 clip(claimed, 64),
             )
-            return
+            return False
         seen = not job.retained and not (kind is Kind.STATUS and not getattr(job.message, "online", True))
         if seen and kind is Kind.ARTIFACT_REQUEST:
             # Many a second while a device downloads: its last_seen is written at most once a second.
             self.fleet.note_seen(device_id, job.received_at)
         elif seen:
             self.fleet.touch(device_id, job.received_at)
+        return True
+
+    def _handle(self, job: Inbound) -> None:
+        device_id, kind = job.topic.device_id, job.topic.kind
+        if not self._admit(job):
+            return
         if kind is Kind.REPORTED:
             assert isinstance(job.message, fleet_pb2.ReportedState)
             reissued = self.fleet.record_reported(device_id, job.message, job.received_at)

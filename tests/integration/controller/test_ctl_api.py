@@ -5,9 +5,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from controller.api import create_app
 from tests.broker import Broker
 from tests.integration.controller.conftest import Ctl, running
+
+# The API and its storage on both databases (tests/conftest.py's store_url, through the ctl fixture).
+pytestmark = pytest.mark.both_backends
 
 
 def test_every_v1_route_refuses_a_missing_or_wrong_token(ctl: Ctl) -> None:

@@ -12,6 +12,9 @@ import pytest
 
 from tests.integration.controller.conftest import Ctl
 
+# The API and its storage on both databases (tests/conftest.py's store_url, through the ctl fixture).
+pytestmark = pytest.mark.both_backends
+
 PARIS = ZoneInfo("Europe/Paris")
 AFTERNOON = datetime(2026, 12, 7, 14, 30, tzinfo=PARIS).timestamp()
 NIGHT = datetime(2026, 12, 8, 2, 30, tzinfo=PARIS).timestamp()

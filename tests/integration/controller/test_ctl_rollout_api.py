@@ -11,6 +11,9 @@ from tests.broker import Broker
 from tests.integration.controller.conftest import Ctl
 from tests.localfleet import Controller
 
+# The API and its storage on both databases (tests/conftest.py's store_url, through the ctl fixture).
+pytestmark = pytest.mark.both_backends
+
 STAGED: dict[str, Any] = {
     "model": "digits",
     "version": "1",

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import decode_as, encode
 from edgefleet_proto.topics import Kind, Topic
 
 from tests.integration.controller.conftest import Ctl, wait_for
 from tests.mqtt_peer import Peer
+
+# The API and its storage on both databases (tests/conftest.py's store_url, through the ctl fixture).
+pytestmark = pytest.mark.both_backends
 
 
 def window(device_id: str, seq: int) -> bytes:
