@@ -783,7 +783,7 @@ class Pipelines:
             start = time.perf_counter()
             shadow_out = candidate.model.run(inputs)
             candidate_ms = (time.perf_counter() - start) * 1000.0
-            comparison = compare(outputs, shadow_out)
+            comparison = compare(outputs, shadow_out, live.signature.scores() if live.signature else "")
         except (AgentError, ValueError) as exc:  # e.g. no room to reload it: the live side goes on
             # Outputs that do not match the live model's count as a failure too: the tenant's
             # consumers could not read them if the candidate went live.

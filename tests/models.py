@@ -391,10 +391,21 @@ def expanding_onnx(path: Path, elements: int, hidden: bool = False) -> Path:
     return path
 
 
-def scores_beside_features(path: Path, seed: int = 0) -> Path:
-    """x: float32[N, 4] -> logits[N, 3] (class scores), features[N, 8] (an embedding). The scores
-    come first: the last output of two or more columns is not the one that classifies."""
+def scores_beside_features(
+    path: Path, seed: int = 0, features_seed: int | None = None, scores_first: bool = True
+) -> Path:
+    """x: float32[N, 4] -> logits[N, 3] (class scores), features[N, 8] (an embedding). With the
+    scores first, the last output of two or more columns is not the one that classifies; with
+    them last, the first is not. ``features_seed`` draws other features beside the same scores."""
     rng = np.random.default_rng(seed)
+    w_logits = rng.normal(size=(4, 3)).astype(np.float32)
+    w_features = rng.normal(size=(4, 8)).astype(np.float32)
+    if features_seed is not None:
+        w_features = np.random.default_rng(features_seed).normal(size=(4, 8)).astype(np.float32)
+    outputs = [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3]),
+        helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 8]),
+    ]
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["x", "w_logits"], ["logits"]),
@@ -402,14 +413,8 @@ def scores_beside_features(path: Path, seed: int = 0) -> Path:
         ],
         "scores_beside_features",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3]),
-            helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 8]),
-        ],
-        [
-            numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "w_logits"),
-            numpy_helper.from_array(rng.normal(size=(4, 8)).astype(np.float32), "w_features"),
-        ],
+        outputs if scores_first else outputs[::-1],
+        [numpy_helper.from_array(w_logits, "w_logits"), numpy_helper.from_array(w_features, "w_features")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8

@@ -21,7 +21,7 @@ from edgefleet_proto import fleet_pb2, inference_pb2
 from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer, wait_until
 from tests.localfleet import from_tensor, to_tensors
-from tests.models import digits_classifier
+from tests.models import digits_classifier, signature_of
 
 # The agreeing candidate is an under-trained classifier on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:lbfgs failed to converge")
@@ -64,7 +64,11 @@ def test_infer_calls_are_compared_with_the_shadow_and_reach_telemetry(
     peer = make_peer(agent.device_id)
     assignments = [
         peer.assignment(
-            peer.add_artifact(path), "2" if t.endswith(".shadow") else "1", name="digits", tenant=t
+            peer.add_artifact(path),
+            "2" if t.endswith(".shadow") else "1",
+            name="digits",
+            tenant=t,
+            signature=signature_of(path),  # as the controller sends it: its scores are the probabilities
         )
         for t, path in models.items()
     ]

@@ -34,7 +34,7 @@ from tests.broker import Broker
 from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer, wait_until
 from tests.localfleet import from_tensor, to_tensors
-from tests.models import dense_of_size, digits_classifier, small_conv
+from tests.models import dense_of_size, digits_classifier, signature_of, small_conv
 
 cv2 = pytest.importorskip("cv2")
 # The shadow candidate is an under-trained classifier on purpose.
@@ -210,7 +210,14 @@ def fleet(
     names = {"vision": "doorcam", "audio": "keywords", "tabular": "digits", "tabular.shadow": "digits"}
     versions = {"vision": "1", "audio": "1", "tabular": "1", "tabular.shadow": "2"}
     assignments = [
-        peer.assignment(peer.add_artifact(path), versions[t], name=names[t], tenant=t)
+        peer.assignment(
+            peer.add_artifact(path),
+            versions[t],
+            name=names[t],
+            tenant=t,
+            # As the controller sends it: the shadow agreement reads the scores it names.
+            signature=signature_of(path) if names[t] == "digits" else None,
+        )
         for t, path in models.items()
     ]
     peer.publish_desired(1, *assignments)
