@@ -1,32 +1,41 @@
-"""A three-wave rollout of a 5 MB model to 200 simulated devices, beside the broker's own fan-out.
+"""A three-wave rollout of a 5 MB model to 200 simulated devices, by wave broadcast and by unicast,
+beside the broker's own fan-out.
 
 Starts mosquitto and the controller (whose MQTT connection goes through a byte-
-counting TCP relay), registers 200 devices and runs, in the same run:
+counting TCP relay, tests/mqtt_relay.py), registers 200 devices and runs, ``--runs``
+times each, interleaved, in the same run:
 
 - ``broker alone``: one publisher sends the model's bytes once, in chunks of the
   controller's chunk size, on a topic that 200 subscribers (the same processes
   as the devices) read; the time until every subscriber has every byte;
-- ``rollout``: ``edgefleet rollouts create --all`` with waves of 10 %, 40 % and
+- ``broadcast``: ``edgefleet rollouts create --all`` with waves of 10 %, 40 % and
   the rest (1 s soak each, the minimum the engine needs to judge a wave) to 200
-  simulated devices (tests/simfleet.py: real MQTT clients that fetch windowed,
-  checked chunks like the agent); the time from create to ``succeeded``, polled
-  20 times a second over one HTTP connection.
+  simulated devices (tests/simfleet.py: real MQTT clients that take the wave's
+  sealed broadcast like the agent, and ask for what they miss; the devices of a
+  process check a chunk they all received alike once), with the controller's
+  ``artifact_delivery = "broadcast"`` (the default); the time from create to
+  ``succeeded``, polled 20 times a second over one HTTP connection;
+- ``unicast``: the same with ``artifact_delivery = "unicast"`` (the controller
+  restarted in between): every device fetches its own copy by windowed requests.
 
-Prints both, their ratio (also with the soak taken out) and the controller's
-outgoing MQTT bytes per device beside the model size.
-Run: ``.venv/bin/python bench/rollout_fleet.py [--devices 200] [--processes 4] [--megabytes 5]``.
+Each run rolls out a new version of the same size, and (by broadcast) a model of
+one chunk: the floor that waves, soak, desired states and reports cost with next to
+nothing to send. Prints the medians, their ratios to the broker alone (also with the
+soak taken out, and beyond the floor), and the controller's outgoing MQTT bytes in each
+wave beside the model size.
+Run: ``.venv/bin/python bench/rollout_fleet.py [--devices 200] [--processes 4] [--megabytes 5] [--runs 3]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import socket
+import statistics
 import sys
 import tempfile
 import threading
 import time
-from contextlib import suppress
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -34,71 +43,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 import paho.mqtt.client as mqtt
+import tomli_w
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.broker import Broker, free_port
+from tests.broker import Broker
 from tests.localfleet import Controller, wait_until
 from tests.models import dense_of_size
-from tests.simfleet import SimDevice, SimFleet
+from tests.mqtt_relay import Relay
+from tests.simfleet import Checked, SimDevice, SimFleet
 
 FANOUT_TOPIC = "edgefleet/bench/fanout"
 SOAK_S = 1.0
+# The one-chunk model of the floor rollout.
+FLOOR_MB = 0.03
 
 
-class CountingRelay:
-    """TCP relay from a local port to the broker that counts the bytes the client sends."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.port = free_port()
-        self.sent = 0
-        self._lock = threading.Lock()
-        self._server = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            client, _ = self._server.accept()
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            except OSError:
-                client.close()
-                continue
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-                if count:
-                    with self._lock:
-                        self.sent += len(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def take(self) -> int:
-        with self._lock:
-            sent, self.sent = self.sent, 0
-            return sent
-
-
-def sim_worker(port: int, creds: list[tuple[str, str]], digest: str, out: Any, stop: Any) -> None:
-    devices = [SimDevice(d, p, port, keep_models=False) for d, p in creds]
+def sim_worker(port: int, creds: list[tuple[str, str]], commands: Any, out: Any, stop: Any) -> None:
+    """Devices of one process; for each digest sent on ``commands``, says when all of them serve it."""
+    # Chunks one device of the process checked are not checked again for the next (tests/simfleet.py).
+    checked = Checked()
+    devices = [SimDevice(d, p, port, keep_models=False, checked=checked) for d, p in creds]
     fleet = SimFleet(devices, telemetry_interval_s=1e9, inferences_per_tick=0, tick_s=0.2).start()
     wait_until(lambda: all(d.connected.is_set() for d in devices), 120, "simulated devices connected")
     out.put(("connected", len(devices), 0))
     while not stop.is_set():
-        done = [d for d in devices if d.active is not None and d.active.artifact_digest == digest]
-        if len(done) == len(devices):
-            out.put(("done", len(devices), sum(d.bytes_received for d in devices)))
-            break
-        time.sleep(0.05)
-    stop.wait()
+        try:
+            digest = commands.get(timeout=0.2)
+        except Exception:  # queue.Empty, from another module in each start method
+            continue
+        before = sum(d.bytes_received for d in devices)
+        while not stop.is_set():
+            done = [d for d in devices if d.active is not None and d.active.artifact_digest == digest]
+            if len(done) == len(devices):
+                out.put(("done", len(devices), sum(d.bytes_received for d in devices) - before))
+                break
+            time.sleep(0.05)
     fleet.stop()
 
 
@@ -179,15 +158,69 @@ def broker_alone(broker: Broker, data: bytes, chunk: int, devices: int, procs: i
     return elapsed
 
 
+def set_delivery(controller: Controller, delivery: str) -> None:
+    """Restart the controller with ``artifact_delivery = delivery`` when it runs another."""
+    path = controller.data_dir / "controller.toml"
+    doc = tomllib.loads(path.read_text())
+    if doc.get("artifact_delivery", "broadcast") == delivery and controller.proc is not None:
+        return
+    controller.stop()
+    doc["artifact_delivery"] = delivery
+    path.write_text(tomli_w.dumps(doc))
+    controller.start()
+
+
+def roll_out(
+    controller: Controller, relay: Relay, version: dict[str, Any], procs: int, commands: list[Any], out: Any
+) -> dict[str, Any]:
+    """One three-wave rollout of ``version`` to every device: seconds, egress per wave, final state."""
+    wait_until(
+        lambda: all(d["online"] for d in controller.api("GET", "/v1/devices").json()),
+        120,
+        "every device online at the controller",
+    )
+    relay.take()
+    for q in commands:
+        q.put(version["digest"])
+    start = time.perf_counter()
+    rollout = controller.cli(
+        "rollouts", "create", "--model", "dense", "--version", version["version"], "--all",
+        "--wave", f"10%:{SOAK_S}", "--wave", f"40%:{SOAK_S}", "--wave", f"100%:{SOAK_S}",
+    )  # fmt: skip
+    egress = [0, 0, 0]
+    wave = 1
+
+    def finished(api: httpx.Client) -> dict[str, Any] | None:
+        nonlocal wave
+        r: dict[str, Any] = api.get(f"/v1/rollouts/{rollout['id']}").json()
+        # What the controller sent since the last poll goes to the wave going on now: a wave
+        # sends right after it starts, and next to nothing while the one before soaks.
+        wave = max(wave, min(3, r["wave"] or 1))
+        egress[wave - 1] += relay.take()
+        return r if r["state"] != "running" else None
+
+    # One connection for the 20 polls a second: a new client per poll (controller.api)
+    # took about 3 s of CPU per run from the cores the controller and devices share.
+    with httpx.Client(
+        base_url=controller.url, headers={"Authorization": f"Bearer {controller.token}"}, timeout=60
+    ) as api:
+        final = wait_until(lambda: finished(api), 1800, "the rollout to finish", interval=0.05)
+    elapsed = time.perf_counter() - start
+    egress[wave - 1] += relay.take()
+    results = collect(out, "done", procs, 120)
+    return {"seconds": elapsed, "egress": egress, "final": final, "received": sum(r[2] for r in results)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--devices", type=int, default=200)
     parser.add_argument("--processes", type=int, default=4)
     parser.add_argument("--megabytes", type=float, default=5.0)
+    parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-"))
     broker = Broker(work / "mosquitto").start()
-    relay = CountingRelay(broker.port)
+    relay = Relay(broker.port)
     controller = Controller(
         work / "controller", relay.port, passwd_file=broker.passwd_file, reload_command=broker.reload_command
     )
@@ -195,55 +228,51 @@ def main() -> int:
     controller.start()
     stop = mp.Event()
     workers: list[mp.Process] = []
+    alone: list[float] = []
+    # Each right after a controller (re)start but the floor, which follows the broadcast.
+    runs: dict[str, list[dict[str, Any]]] = {"broadcast": [], "floor": [], "unicast": []}
     try:
-        model = dense_of_size(work / "model.onnx", args.megabytes)
-        data = model.read_bytes()
-        version = controller.cli("models", "upload", str(model), "--name", "dense", "--version", "1")
         creds = []
         for i in range(args.devices):
             body = controller.api("POST", "/v1/devices", json={"device_id": f"sim-{i:03}", "tags": []}).json()
             creds.append((body["device_id"], body["mqtt_password"]))
         chunk = 65536
-
-        alone = broker_alone(broker, data, chunk, args.devices, args.processes)
-
         out: Any = mp.Queue()
+        commands: list[Any] = [mp.Queue() for _ in range(args.processes)]
         workers = [
             mp.Process(
                 target=sim_worker,
-                args=(broker.port, creds[i :: args.processes], version["digest"], out, stop),
+                args=(broker.port, creds[i :: args.processes], commands[i], out, stop),
             )
             for i in range(args.processes)
         ]
         for w in workers:
             w.start()
         collect(out, "connected", args.processes, 180)
-        wait_until(
-            lambda: sum(d["online"] for d in controller.api("GET", "/v1/devices").json()) == args.devices,
-            120,
-            "every device online at the controller",
-        )
-        relay.take()
-        start = time.perf_counter()
-        rollout = controller.cli(
-            "rollouts", "create", "--model", "dense", "--version", "1", "--all",
-            "--wave", f"10%:{SOAK_S}", "--wave", f"40%:{SOAK_S}", "--wave", f"100%:{SOAK_S}",
-        )  # fmt: skip
-        # One connection for the 20 polls a second: a new client per poll (controller.api)
-        # took about 3 s of CPU per run from the cores the controller and devices share.
-        with httpx.Client(
-            base_url=controller.url, headers={"Authorization": f"Bearer {controller.token}"}, timeout=60
-        ) as api:
-            final = wait_until(
-                lambda: (r := api.get(f"/v1/rollouts/{rollout['id']}").json())["state"] != "running" and r,
-                1800,
-                "the rollout to finish",
-                interval=0.05,
-            )
-        elapsed = time.perf_counter() - start
-        sent = relay.take()
-        results = collect(out, "done", args.processes, 60)
-        received = sum(r[2] for r in results)
+        size = number = 0
+        for run in range(args.runs):
+            for kind in runs:
+                # A new version each time: every device downloads it. The floor is a model of
+                # one chunk: the same waves, soak and reports with next to nothing to send.
+                number += 1
+                megabytes = FLOOR_MB if kind == "floor" else args.megabytes
+                model = dense_of_size(work / f"model-{number}.onnx", megabytes, seed=number)
+                data = model.read_bytes()
+                version = controller.cli(
+                    "models", "upload", str(model), "--name", "dense", "--version", str(number)
+                )
+                if kind == "broadcast":
+                    size = len(data)
+                    alone.append(broker_alone(broker, data, chunk, args.devices, args.processes))
+                set_delivery(controller, "unicast" if kind == "unicast" else "broadcast")
+                result = roll_out(controller, relay, version, args.processes, commands, out)
+                runs[kind].append(result)
+                print(
+                    f"run {run + 1} {kind:9} {result['seconds']:6.2f} s, state {result['final']['state']}, "
+                    f"egress per wave {'/'.join(f'{e / len(data):.3f}' for e in result['egress'])} x the model"
+                    + (f", broker alone {alone[-1]:.2f} s" if kind == "broadcast" else ""),
+                    flush=True,
+                )
     finally:
         stop.set()
         for w in workers:
@@ -251,22 +280,32 @@ def main() -> int:
         controller.stop()
         broker.stop()
 
-    size = len(data)
     soak = 3 * SOAK_S
+    base = statistics.median(alone)
+    waves = [round(args.devices * 0.1), round(args.devices * 0.4)]
+    waves.append(args.devices - sum(waves))
     print(
-        f"devices {args.devices} in {args.processes} processes, model {size / 1e6:.2f} MB, chunks of {chunk} B"
+        f"devices {args.devices} in {args.processes} processes, model {size / 1e6:.2f} MB, chunks of {chunk} B, "
+        f"waves of {'/'.join(map(str, waves))} devices, {args.runs} runs each (medians)"
     )
-    print(f"rollout state: {final['state']} ({final['reason']})")
-    print(f"broker alone (fan-out of the same bytes to {args.devices} subscribers): {alone:8.2f} s")
-    print(f"three-wave rollout, create -> succeeded:                         {elapsed:8.2f} s")
-    print(f"  of which soak ({soak:.0f} s) and waits between waves")
+    print(f"broker alone (fan-out of the same bytes to {args.devices} subscribers): {base:8.2f} s")
+    floor = statistics.median(r["seconds"] for r in runs["floor"])
     print(
-        f"ratio rollout / broker alone: {elapsed / alone:.2f}  (without the soak: {(elapsed - soak) / alone:.2f})"
+        f"three-wave rollout of a one-chunk model (waves, soak, reports; next to nothing to send): {floor:8.2f} s"
     )
-    print(
-        f"controller outgoing MQTT bytes per device: {sent / args.devices / 1e6:.3f} MB "
-        f"= {sent / args.devices / size:.3f} x the model; devices received {received / args.devices / 1e6:.3f} MB each"
-    )
+    for delivery in ("broadcast", "unicast"):
+        results = runs[delivery]
+        seconds = statistics.median(r["seconds"] for r in results)
+        per_wave = [statistics.median(r["egress"][w] for r in results) / size for w in range(3)]
+        print(
+            f"three-wave rollout by {delivery:9}, create -> succeeded: {seconds:8.2f} s = "
+            f"{seconds / base:.2f} x the broker alone (without the {soak:.0f} s of soak: {(seconds - soak) / base:.2f}); "
+            f"beyond the one-chunk rollout {seconds - floor:.2f} s = {(seconds - floor) / base:.2f} x the broker alone"
+        )
+        print(
+            f"  controller egress per wave / model size: {' / '.join(f'{e:.3f}' for e in per_wave)} "
+            f"(waves of {'/'.join(map(str, waves))} devices)"
+        )
     return 0
 
 

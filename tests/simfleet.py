@@ -1,7 +1,10 @@
 """Many simulated devices in one process: real MQTT clients that speak the agent's protocol.
 
 Each :class:`SimDevice` is a paho client logged in with its own broker
-credentials. It takes the retained desired state, fetches the artifact through a
+credentials. It takes the retained desired state, takes the artifact from its wave
+broadcast when the assignment names one (the agent's :mod:`agent.broadcast` opens the
+sealed manifest and chunks; it says it listens, and asks for what the broadcast did not
+bring once it is done or quiet), else fetches it through a
 window of chunks, asking in batches with the agent's own rule
 (:func:`agent.reconciler.chunk_requests`), checks every chunk and the whole file,
 loads it in onnxruntime (one session per artifact per process), answers a smoke
@@ -10,7 +13,12 @@ publishes telemetry windows with real counts, errors and latency percentiles.
 It keeps the previous model, so a rollback to it needs no download.
 
 Used by the e2e rollout tests (beside real agent processes) and by
-bench/rollout_fleet.py, where hundreds of them run in a few processes.
+bench/rollout_fleet.py, where hundreds of them run in a few processes. There the
+devices of a process share a :class:`Checked`: a chunk byte for byte equal to one
+another device of the process already opened and checked is not decrypted and
+hashed again, nor a whole artifact made of such chunks (anything else is checked in
+full). On a real fleet each device checks on its own CPU; two cores checking for
+200 devices would measure the simulation, not the controller and the broker.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,11 +35,15 @@ import numpy as np
 import onnxruntime as ort
 import paho.mqtt.client as mqtt
 from edgefleet_proto import artifact_pb2, fleet_pb2
-from edgefleet_proto.codec import decode, encode
+from edgefleet_proto.codec import decode, decode_as, encode
 from edgefleet_proto.topics import Kind, Topic
+from edgefleet_proto.wave import is_wave_topic
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.broadcast import Reception, open_chunk, open_manifest, reception
+from agent.errors import SealRejected
 from agent.reconciler import chunk_requests
+from agent.state import Assignment
 
 WINDOW = 8
 CHUNK_TIMEOUT_S = 3.0
@@ -55,6 +67,41 @@ class Sessions:
             return self._sessions[digest]
 
 
+class Checked:
+    """Chunks and artifacts the devices of one process have opened and checked already."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # (digest, index) -> (what arrived: sealed bytes or plain data, its plain bytes)
+        self._chunks: dict[tuple[str, int], tuple[bytes, bytes]] = {}
+        self._wholes: set[str] = set()
+
+    def chunk(
+        self, digest: str, index: int, arrived: bytes, check: Callable[[], bytes | None]
+    ) -> bytes | None:
+        """The plain bytes of chunk ``index`` that arrived as ``arrived``: from the cache when the
+        same bytes were checked before, else from ``check`` (None: refused)."""
+        with self._lock:
+            seen = self._chunks.get((digest, index))
+        if seen is not None and seen[0] == arrived:
+            return seen[1]
+        plain = check()
+        if plain is not None:
+            with self._lock:
+                self._chunks[(digest, index)] = (arrived, plain)
+        return plain
+
+    def whole(self, digest: str, data: bytes) -> bool:
+        with self._lock:
+            if digest in self._wholes:
+                return True
+        if hashlib.sha256(data).hexdigest() != digest:
+            return False
+        with self._lock:
+            self._wholes.add(digest)
+        return True
+
+
 @dataclass
 class _Transfer:
     assignment: fleet_pb2.ModelAssignment
@@ -62,6 +109,11 @@ class _Transfer:
     chunks: dict[int, bytes] = field(default_factory=dict)
     outstanding: dict[int, float] = field(default_factory=dict)
     asked_at: float = 0.0
+    # Its wave broadcast: where, last heard from (monotonic), over, and whether we said we listen.
+    reception: Reception | None = None
+    heard_at: float = 0.0
+    broadcast_done: bool = False
+    told: bool = False
 
 
 @dataclass
@@ -81,8 +133,10 @@ class SimDevice:
         samples: np.ndarray | None = None,
         input_name: str = "X",
         keep_models: bool = True,
+        checked: Checked | None = None,
     ) -> None:
         self.device_id = device_id
+        self.checked = checked
         self.sessions = sessions
         self.samples = samples
         self.input_name = input_name
@@ -137,7 +191,13 @@ class SimDevice:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
             return
-        client.subscribe([(self.topic(Kind.DESIRED), 1), (self.topic(Kind.ARTIFACT_RESPONSE), 1)])
+        topics = [(self.topic(Kind.DESIRED), 1), (self.topic(Kind.ARTIFACT_RESPONSE), 1)]
+        with self.lock:
+            t = self.transfer
+            if t is not None and t.reception is not None:
+                topics.append((t.reception.topic, 1))
+                t.told = False
+        client.subscribe(topics)
         status = fleet_pb2.DeviceStatus(online=True, at_ms=int(time.time() * 1000), agent_version="sim")
         client.publish(self.topic(Kind.STATUS), encode(status), qos=1, retain=True)
         with self.lock:
@@ -152,6 +212,12 @@ class SimDevice:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
+            if is_wave_topic(msg.topic):
+                if msg.payload:
+                    frame = decode_as(artifact_pb2.WaveFrame, bytes(msg.payload))
+                    with self.lock:
+                        self._on_wave(msg.topic, frame)
+                return
             kind = Topic.parse(msg.topic).kind
             message = decode(kind, bytes(msg.payload))
             with self.lock:
@@ -178,9 +244,55 @@ class SimDevice:
         elif want.artifact_digest in self.store:
             self._activate(want)
         elif self.transfer is None or self.transfer.assignment.artifact_digest != want.artifact_digest:
-            self.transfer = _Transfer(want)
+            self._drop_transfer()
+            self.transfer = _Transfer(want, reception=reception(Assignment.from_proto(want)))
+            if self.transfer.reception is not None:
+                self.transfer.heard_at = time.monotonic()
+                self.client.subscribe(self.transfer.reception.topic, qos=1)
             self._ask()
         self.report()
+
+    def _drop_transfer(self) -> None:
+        t, self.transfer = self.transfer, None
+        if t is not None and t.reception is not None:
+            self.client.unsubscribe(t.reception.topic)
+
+    def _on_wave(self, topic: str, frame: artifact_pb2.WaveFrame) -> None:
+        """A frame of the broadcast the transfer listens to: its announcement, or a sealed chunk."""
+        t = self.transfer
+        if t is None or t.reception is None or t.reception.topic != topic:
+            return
+        t.heard_at = time.monotonic()
+        try:
+            if frame.HasField("announcement"):
+                if t.manifest is None:
+                    t.manifest = open_manifest(t.reception.key, frame.digest, frame.announcement)
+                if frame.announcement.done:
+                    t.broadcast_done = True
+                    self._ask()
+                elif not t.told:
+                    req = artifact_pb2.ChunkRequest(digest=frame.digest, listening=True)
+                    self.client.publish(self.topic(Kind.ARTIFACT_REQUEST), encode(req), qos=1)
+                    t.told = True
+            elif frame.HasField("chunk") and t.manifest is not None:
+                sealed = frame.chunk
+                if sealed.index in t.chunks or sealed.index >= len(t.manifest.chunk_sha256):
+                    return
+                manifest, key = t.manifest, t.reception.key
+
+                def check() -> bytes | None:
+                    data = open_chunk(key, frame.digest, manifest.chunk_size, sealed)
+                    return (
+                        data if hashlib.sha256(data).digest() == manifest.chunk_sha256[sealed.index] else None
+                    )
+
+                plain = self._checked(frame.digest, sealed.index, sealed.sealed, check)
+                if plain is not None:
+                    t.chunks[sealed.index] = plain
+                    self.bytes_received += len(plain)
+                    self._complete(t)
+        except SealRejected as exc:
+            print(f"sim {self.device_id}: broadcast frame refused: {exc}")
 
     def _on_artifact(self, resp: artifact_pb2.ArtifactResponse) -> None:
         t = self.transfer
@@ -190,28 +302,50 @@ class SimDevice:
         if body == "manifest" and t.manifest is None and resp.manifest.digest == t.assignment.artifact_digest:
             t.manifest = resp.manifest
         elif body == "chunk" and t.manifest is not None and resp.chunk.digest == t.manifest.digest:
-            c = resp.chunk
+            c, manifest = resp.chunk, t.manifest
             t.outstanding.pop(c.index, None)
-            if c.index < len(t.manifest.chunk_sha256) and (
-                hashlib.sha256(c.data).digest() == t.manifest.chunk_sha256[c.index]
-            ):
-                t.chunks[c.index] = bytes(c.data)
-                self.bytes_received += len(c.data)
+
+            def check() -> bytes | None:
+                return (
+                    bytes(c.data)
+                    if hashlib.sha256(c.data).digest() == manifest.chunk_sha256[c.index]
+                    else None
+                )
+
+            plain = (
+                self._checked(c.digest, c.index, c.data, check)
+                if c.index < len(manifest.chunk_sha256)
+                else None
+            )
+            if plain is not None:
+                t.chunks[c.index] = plain
+                self.bytes_received += len(plain)
         elif body == "error":
             self.failed[t.assignment.artifact_digest] = resp.error.reason
-            self.transfer = None
+            self._drop_transfer()
             self.report()
             return
-        if t.manifest is not None and len(t.chunks) == len(t.manifest.chunk_sha256):
-            data = b"".join(t.chunks[i] for i in range(len(t.chunks)))
-            self.transfer = None
-            if hashlib.sha256(data).hexdigest() != t.manifest.digest:
-                self.failed[t.manifest.digest] = "digest mismatch"
-            else:
-                self.store[t.manifest.digest] = data
-            self._converge()
-            return
-        self._ask()
+        if not self._complete(t):
+            self._ask()
+
+    def _complete(self, t: _Transfer) -> bool:
+        """Verify and keep the artifact once every chunk is in; False while some are missing."""
+        if t.manifest is None or len(t.chunks) != len(t.manifest.chunk_sha256):
+            return False
+        data = b"".join(t.chunks[i] for i in range(len(t.chunks)))
+        self._drop_transfer()
+        whole = self.checked.whole if self.checked is not None else _sha256_is
+        if not whole(t.manifest.digest, data):
+            self.failed[t.manifest.digest] = "digest mismatch"
+        else:
+            self.store[t.manifest.digest] = data
+        self._converge()
+        return True
+
+    def _checked(
+        self, digest: str, index: int, arrived: bytes, check: Callable[[], bytes | None]
+    ) -> bytes | None:
+        return check() if self.checked is None else self.checked.chunk(digest, index, arrived, check)
 
     def _ask(self, now: float | None = None) -> None:
         t = self.transfer
@@ -219,6 +353,9 @@ class SimDevice:
             return
         now = time.monotonic() if now is None else now
         digest = t.assignment.artifact_digest
+        if t.reception is not None and not t.broadcast_done and now - t.heard_at < CHUNK_TIMEOUT_S:
+            # The broadcast may still bring it: ask only once it is done or quiet.
+            return
         if t.manifest is None:
             if now - t.asked_at >= CHUNK_TIMEOUT_S:
                 t.asked_at = now
@@ -343,6 +480,10 @@ class SimDevice:
                 latency_p99_ms=float(p99),
             )
         self.client.publish(self.topic(Kind.TELEMETRY), encode(msg), qos=1)
+
+
+def _sha256_is(digest: str, data: bytes) -> bool:
+    return hashlib.sha256(data).hexdigest() == digest
 
 
 class SimFleet:
