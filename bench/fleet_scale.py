@@ -12,14 +12,16 @@ batch, where one device at a time would rewrite the file and reload the broker
    chunks of the controller's chunk size on a wave broadcast topic; the time
    until every subscriber has every byte;
 2. ingest, per number of ingest workers: every device reports a window every
-   ``--period-s``; ``steady``: for ``--steady-s`` seconds, the windows the
-   controller stored and acknowledged per second and its CPU (psutil, user +
-   system, every controller process) per 1,000 windows; ``burst``: the devices
-   hold their telemetry in their outboxes for ``--hold-s`` seconds and then
-   release it at once, the windows per second until the controller acknowledged
-   all of them, and its CPU per 1,000. Beside each, in the same run, bare paho
-   subscribers (as many processes as ingest workers, sharing one MQTT v5 shared
-   subscription when more than one) receive and decode the same windows;
+   ``--period-s``. ``steady``: for ``--steady-s`` seconds, the windows the
+   controller stored per second (rows in its database; each window once however
+   often a device sent it) and its CPU (psutil, user + system) per 1,000 of them;
+   ``burst``: the devices hold their telemetry in their outboxes for ``--hold-s``
+   seconds and release it at once; the same figures until every window closed
+   before the release is stored, or ``--burst-s`` at most. Beside each, in the same
+   run, bare paho subscribers (as many processes as ingest workers, sharing one
+   MQTT v5 shared subscription when more than one) receive and decode the same
+   windows: distinct windows per second and their CPU per 1,000. The windows the
+   devices saw acknowledged (which then leave their outboxes) are printed too;
 3. a three-wave rollout (``--waves``, 1 s soak each) of a ``--megabytes`` model to
    ``--rollout-devices`` devices (default all) while telemetry goes on: the time
    from create to succeeded, beside the fan-out of 1.
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -63,6 +66,11 @@ BATCH = 5000
 TELEMETRY = "edgefleet/v1/devices/+/telemetry"
 ROLLOUT_TAG = "bench-rollout"
 SOAK_S = 1.0
+
+
+def progress(message: str) -> None:
+    """Where the run is, on stderr (the tables go to stdout at the end)."""
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
 def cpu_seconds(pids: Sequence[int]) -> float:
@@ -132,68 +140,121 @@ def fan_out(broker: Broker, logins: list[DeviceLogin], data: bytes, chunk: int, 
         subs.stop()
 
 
+@dataclass(frozen=True)
+class Sample:
+    """Counters at one moment: what the controller stored, what left the devices' outboxes
+    acknowledged, what the bare subscribers got, and the CPU each side used so far."""
+
+    at: float
+    stored: int
+    windows: int
+    acknowledged: int
+    cpu_s: float
+    bare_windows: int
+    bare_messages: int
+    bare_cpu_s: float
+    bare_last_at: float
+    load1: float
+
+
+def sample(db: Path, fleet: SimFleet, bare: BareSubscribers, controller_pids: list[int]) -> Sample:
+    devices, subs = fleet.stats(), bare.stats()
+    return Sample(
+        time.monotonic(), stored_windows(db), devices.windows, devices.acknowledged, cpu_seconds(controller_pids),
+        subs.windows, subs.messages, subs.cpu_s, subs.last_at, os.getloadavg()[0],
+    )  # fmt: skip
+
+
+def stored_windows(db: Path) -> int:
+    """Telemetry windows in the controller's database (each stored once however often it came)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
+    try:
+        return int(conn.execute("SELECT count(*) FROM telemetry").fetchone()[0])
+    finally:
+        conn.close()
+
+
 @dataclass
 class IngestRow:
     workers: int
     phase: str
-    windows: int = 0
-    seconds: float = 0.0
-    cpu_s: float = 0.0
-    bare_windows: int = 0
-    bare_seconds: float = 0.0
-    bare_cpu_s: float = 0.0
+    start: Sample | None = None
+    end: Sample | None = None
+    bare_end_at: float = 0.0
+    drained: str = ""
     note: str = ""
 
     def cells(self) -> str:
-        if self.note:
+        if self.note or self.start is None or self.end is None:
             return f"{self.workers:>7}  {self.phase:6}  {self.note}"
-        rate = self.windows / self.seconds
-        bare_rate = self.bare_windows / self.bare_seconds
-        per_k = 1000 * self.cpu_s / self.windows
-        bare_per_k = 1000 * self.bare_cpu_s / self.bare_windows
+        a, b = self.start, self.end
+        stored, seconds = b.stored - a.stored, b.at - a.at
+        bare, bare_seconds = b.bare_windows - a.bare_windows, (self.bare_end_at or b.at) - a.at
+        rate, bare_rate = stored / seconds, bare / bare_seconds
+        per_k = 1000 * (b.cpu_s - a.cpu_s) / max(1, stored)
+        bare_per_k = 1000 * (b.bare_cpu_s - a.bare_cpu_s) / max(1, bare)
         return (
-            f"{self.workers:>7}  {self.phase:6}  {rate:9.0f}  {bare_rate:9.0f}  {rate / bare_rate:6.2f}"
-            f"  {per_k:10.3f}  {bare_per_k:10.3f}  {per_k / bare_per_k:6.1f}"
-            f"  ({self.windows} windows in {self.seconds:.1f} s; bare {self.bare_windows} in {self.bare_seconds:.1f} s)"
+            f"{self.workers:>7}  {self.phase:6}  {rate:8.0f}  {bare_rate:8.0f}  {rate / bare_rate:5.2f}"
+            f"  {per_k:8.3f}  {bare_per_k:8.3f}  {per_k / bare_per_k:5.1f}"
+            f"  | {stored} stored in {seconds:.1f} s, {b.acknowledged - a.acknowledged} acknowledged,"
+            f" {b.windows - a.windows} closed; bare {bare} windows ({b.bare_messages - a.bare_messages} messages)"
+            f" in {bare_seconds:.1f} s; load {a.load1:.0f}-{b.load1:.0f}{self.drained}"
         )
 
 
 def ingest(
-    fleet: SimFleet, bare: BareSubscribers, controller_pids: list[int], workers: int, args: argparse.Namespace
+    db: Path,
+    fleet: SimFleet,
+    bare: BareSubscribers,
+    controller_pids: list[int],
+    workers: int,
+    args: argparse.Namespace,
 ) -> list[IngestRow]:
-    rows = []
-    # Steady: every device every period.
-    s0, b0, c0, t0 = fleet.stats(), bare.stats(), cpu_seconds(controller_pids), time.monotonic()
+    def now() -> Sample:
+        return sample(db, fleet, bare, controller_pids)
+
+    # Steady: every device every period, for steady_s.
+    start = now()
     time.sleep(args.steady_s)
-    s1, b1, c1, t1 = fleet.stats(), bare.stats(), cpu_seconds(controller_pids), time.monotonic()
-    rows.append(
-        IngestRow(
-            workers, "steady", s1.acknowledged - s0.acknowledged, t1 - t0, c1 - c0,
-            b1.messages - b0.messages, t1 - t0, b1.cpu_s - b0.cpu_s,
-        )
-    )  # fmt: skip
-    # Burst: windows held in the outboxes, then released at once.
+    steady = IngestRow(workers, "steady", start, now())
+    # Burst: hold_s of windows kept in the outboxes, then released at once; measured until the
+    # controller stored all the windows closed so far, or for burst_s at most.
+    held_from = now()
     fleet.hold(True)
     time.sleep(args.hold_s)
-    held = fleet.stats()
-    backlog = held.windows - held.acknowledged
-    b0, c0 = bare.stats(), cpu_seconds(controller_pids)
-    t0 = time.monotonic()
+    release = now()
     fleet.hold(False)
-    done = fleet.wait(
-        lambda s: s.acknowledged >= held.windows, 600, "the held windows acknowledged", interval=0.1
+    held = release.windows - held_from.windows
+    burst = IngestRow(workers, "burst", release)
+    deadline = release.at + args.burst_s
+    bare_done = 0.0
+    while True:
+        time.sleep(0.5)
+        current = now()
+        if not bare_done and current.bare_windows - release.bare_windows >= held:
+            bare_done = current.bare_last_at
+        # Drained: every window closed before the release is stored.
+        if current.stored >= release.windows or current.at >= deadline:
+            break
+    burst.end = current
+    burst.bare_end_at = bare_done
+    burst.drained = (
+        f"; {held} held, drained in {current.at - release.at:.1f} s"
+        if current.stored >= release.windows
+        else f"; {held} held, not drained after {args.burst_s:g} s ({release.windows - current.stored} behind)"
     )
-    t1, c1 = time.monotonic(), cpu_seconds(controller_pids)
-    b1 = bare.wait(
-        lambda b: b.messages - b0.messages >= backlog, 120, "the bare subscribers to get the backlog"
-    )
-    rows.append(
-        IngestRow(
-            workers, "burst", done.acknowledged - held.acknowledged, t1 - t0, c1 - c0,
-            b1.messages - b0.messages, b1.last_at - t0, b1.cpu_s - b0.cpu_s,
-        )
-    )  # fmt: skip
-    return rows
+    return [steady, burst]
+
+
+def online(controller: Controller) -> int:
+    """Devices the controller counts online (from /metrics: GET /v1/devices of 10,000 devices
+    would load the controller being measured); -1 while it does not answer."""
+    try:
+        text = controller.api("GET", "/metrics").text
+    except httpx.HTTPError:
+        return -1
+    found = re.search(r"^edgefleet_devices_online (\S+)$", text, re.M)
+    return int(float(found.group(1))) if found else -1
 
 
 def artifact_bytes(controller: Controller) -> tuple[float, float]:
@@ -240,7 +301,11 @@ def main() -> int:
     parser.add_argument("--ingest-workers", default="1,2,4", help="comma-separated counts of ingest workers")
     parser.add_argument("--period-s", type=float, default=10.0, help="telemetry period of every device")
     parser.add_argument("--steady-s", type=float, default=60.0)
+    parser.add_argument("--settle-s", type=float, default=30.0, help="after every device is online")
     parser.add_argument("--hold-s", type=float, default=30.0, help="telemetry held before the burst")
+    parser.add_argument(
+        "--burst-s", type=float, default=120.0, help="the burst is measured this long at most"
+    )
     parser.add_argument("--megabytes", type=float, default=5.0)
     parser.add_argument("--rollout-devices", type=int, default=0, help="devices the rollout targets (0: all)")
     parser.add_argument("--waves", default="10%,40%,100%")
@@ -276,7 +341,11 @@ def main() -> int:
         data = model.read_bytes()
         version = controller.cli("models", "upload", str(model), "--name", "dense", "--version", "1")
 
+        progress(
+            f"registered {len(logins)} devices in {reg_s:.1f} s; broker fan-out to {rollout_count} subscribers"
+        )
         alone = fan_out(broker, logins[:rollout_count], data, DEFAULT_CHUNK_SIZE, args.processes)
+        progress(f"fan-out {alone:.1f} s; starting the simulated fleet")
 
         settings = SimSettings("127.0.0.1", broker.port, key, state, telemetry_interval_s=args.period_s)
         started = time.monotonic()
@@ -285,20 +354,17 @@ def main() -> int:
         ).start()
         fleet.wait_connected(600)
         connect_s = time.monotonic() - started
-        with httpx.Client(
-            base_url=controller.url, headers={"Authorization": f"Bearer {controller.token}"}, timeout=120
-        ) as api:
-            wait_until(
-                lambda: sum(d["online"] for d in api.get("/v1/devices").json()) == args.devices,
-                600,
-                "every device online at the controller",
-                interval=2,
-            )
-        # A first period of telemetry stored before anything is measured.
-        first = fleet.stats()
-        fleet.wait(
-            lambda s: s.acknowledged >= first.windows, 300, "the first windows acknowledged", interval=1
+        progress(f"{args.devices} devices connected {connect_s:.1f} s after start")
+        wait_until(
+            lambda: online(controller) == args.devices,
+            600,
+            "every device online at the controller",
+            interval=5,
         )
+        progress("every device online at the controller")
+        # The connection storm (a status, a reported state and a desired-state request per
+        # device) passes before anything is measured.
+        time.sleep(args.settle_s)
 
         for workers in workers_list:
             if workers != 1:
@@ -316,11 +382,15 @@ def main() -> int:
                 list(zip(names, broker.add_tool_users(names), strict=True)), "127.0.0.1", broker.port, topic,
                 processes=workers, decode=True,
             ).start()  # fmt: skip
-            rows += ingest(fleet, bare, [controller.proc.pid], workers, args)
+            progress(f"ingest with {workers} worker(s)")
+            db = controller.data_dir / "controller.db"
+            rows += ingest(db, fleet, bare, [controller.proc.pid], workers, args)
+            progress(rows[-2].cells() + "\n" + rows[-1].cells())
             bare.stop()
             bare = None
 
         if not args.skip_rollout:
+            progress(f"rollout to {rollout_count} devices")
             served0, broadcast0 = artifact_bytes(controller)
             waves = [w.strip() for w in args.waves.split(",")]
             elapsed, final, wave_times = rollout(
@@ -368,7 +438,7 @@ def report(
         f"\n## ingest: steady = {args.steady_s:g} s of normal reporting; burst = {args.hold_s:g} s of windows "
         "held in the outboxes, released at once"
     )
-    print("workers  phase   ctrl w/s  bare w/s  ratio  ctrl CPU s/1k  bare CPU s/1k  ratio")
+    print("workers  phase   ctrl w/s  bare w/s  ratio  ctrl CPU  bare CPU  ratio  (CPU: s per 1,000 windows)")
     for row in rows:
         print(row.cells())
     if result:

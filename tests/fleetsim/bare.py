@@ -4,7 +4,9 @@ A process of this module holds any number of plain paho clients (each its own
 broker login and connection, on the network loop of :mod:`tests.fleetsim.driver`)
 subscribed to one topic filter, and counts what they receive: messages, bytes,
 and when the last one came. With ``decode`` each payload is parsed as a telemetry
-window, as the controller must before storing it. Commands over the pipe:
+window, as the controller must before storing it, and windows are also counted
+once each (by device and seq: a device sends a window again until the
+controller acknowledges it). Commands over the pipe:
 ``("stats",)`` -> :class:`BareStats`; ``("stop",)`` -> the last stats.
 """
 
@@ -33,6 +35,8 @@ class BareStats:
     subscribed: int = 0
     messages: int = 0
     bytes: int = 0
+    # Distinct telemetry windows (device, seq) among the messages, with ``decode``.
+    windows: int = 0
     # time.monotonic() of the last message (shared by the processes of one machine).
     last_at: float = 0.0
     cpu_s: float = 0.0
@@ -43,6 +47,7 @@ class BareStats:
             self.subscribed + other.subscribed,
             self.messages + other.messages,
             self.bytes + other.bytes,
+            self.windows + other.windows,
             max(self.last_at, other.last_at),
             self.cpu_s + other.cpu_s,
         )
@@ -64,6 +69,7 @@ class BareWorker:
         self.decode = decode
         self.driver = Driver()
         self.stats = BareStats(clients=len(logins))
+        self._seen: set[tuple[str, int]] = set()
         self.process = psutil.Process()
         self.stopped = False
         now = time.monotonic()
@@ -97,7 +103,11 @@ class BareWorker:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if self.decode:
-            fleet_pb2.Telemetry.FromString(msg.payload)
+            window = fleet_pb2.Telemetry.FromString(msg.payload)
+            key = (window.device_id, window.seq)
+            if key not in self._seen:
+                self._seen.add(key)
+                self.stats.windows += 1
         self.stats.messages += 1
         self.stats.bytes += len(msg.payload)
         self.stats.last_at = time.monotonic()
