@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import random
 import shutil
 import signal
 import socket
@@ -17,7 +18,31 @@ DEPLOY = REPO / "deploy" / "mosquitto"
 CONTROLLER_USER = "edgefleet-controller"
 
 
+def _ephemeral_range() -> range:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
+_EPHEMERAL = _ephemeral_range()
+# Listening ports come from below the kernel's ephemeral range: a port the kernel handed out
+# (port 0) is also what it hands every outgoing connection, so on a busy machine a client's
+# connection could take it between this pick and the server's bind ("address already in use").
+_LISTEN_PORTS = range(10000, min(_EPHEMERAL.start, 32768))
+_random = random.Random()
+
+
 def free_port() -> int:
+    for _ in range(200):
+        port = _random.choice(_LISTEN_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
