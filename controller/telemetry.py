@@ -24,6 +24,8 @@ MAX_LIMIT = 1000
 
 @dataclass(frozen=True)
 class TelemetryRecord:
+    id: int
+    device_id: str
     received_at: float
     window_start_ms: int
     window_end_ms: int
@@ -37,6 +39,8 @@ class TelemetryRecord:
 
 @dataclass(frozen=True)
 class EventRecord:
+    id: int
+    device_id: str
     received_at: float
     at_ms: int
     kind: str
@@ -84,6 +88,37 @@ def _row(device_id: str, msg: fleet_pb2.Telemetry, received_at: float) -> tuple[
         msg.outbox_dropped,
         json.dumps([fields_dict(s) for s in msg.shadows]),
         json.dumps([fields_dict(t) for t in msg.tenants]),
+    )
+
+
+def window_record(row: dict[str, Any]) -> TelemetryRecord:
+    """A stored row of the telemetry table, its JSON columns read."""
+    return TelemetryRecord(
+        id=row["id"],
+        device_id=row["device_id"],
+        received_at=row["received_at"],
+        window_start_ms=row["window_start_ms"],
+        window_end_ms=row["window_end_ms"],
+        seq=row["seq"],
+        system=json.loads(row["system"]),
+        models=json.loads(row["models"]),
+        outbox_dropped=row["outbox_dropped"],
+        shadows=json.loads(row["shadows"]),
+        tenants=json.loads(row["tenants"]),
+    )
+
+
+def event_record(row: dict[str, Any]) -> EventRecord:
+    """A stored row of the events table, its attributes read."""
+    return EventRecord(
+        id=row["id"],
+        device_id=row["device_id"],
+        received_at=row["received_at"],
+        at_ms=row["at_ms"],
+        kind=row["kind"],
+        severity=row["severity"],
+        message=row["message"],
+        attributes=json.loads(row["attributes"]),
     )
 
 
@@ -161,34 +196,11 @@ class TelemetryStore:
             "SELECT * FROM telemetry WHERE device_id = ? ORDER BY window_end_ms DESC, id DESC LIMIT ?",
             (device_id, clamp_limit(limit)),
         )
-        return [
-            TelemetryRecord(
-                received_at=r["received_at"],
-                window_start_ms=r["window_start_ms"],
-                window_end_ms=r["window_end_ms"],
-                seq=r["seq"],
-                system=json.loads(r["system"]),
-                models=json.loads(r["models"]),
-                outbox_dropped=r["outbox_dropped"],
-                shadows=json.loads(r["shadows"]),
-                tenants=json.loads(r["tenants"]),
-            )
-            for r in rows
-        ]
+        return [window_record(r) for r in rows]
 
     def events(self, device_id: str, limit: int = DEFAULT_LIMIT) -> list[EventRecord]:
         rows = self.store.query(
             "SELECT * FROM events WHERE device_id = ? ORDER BY at_ms DESC, id DESC LIMIT ?",
             (device_id, clamp_limit(limit)),
         )
-        return [
-            EventRecord(
-                received_at=r["received_at"],
-                at_ms=r["at_ms"],
-                kind=r["kind"],
-                severity=r["severity"],
-                message=r["message"],
-                attributes=json.loads(r["attributes"]),
-            )
-            for r in rows
-        ]
+        return [event_record(r) for r in rows]

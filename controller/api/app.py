@@ -20,6 +20,7 @@ from controller.api import (
     accounts,
     broker_auth,
     devices,
+    export,
     groups,
     loop,
     models,
@@ -174,7 +175,7 @@ def create_app(settings: Settings, *, start_transport: bool = True) -> FastAPI:
         headers = {"Retry-After": "5"} if isinstance(exc, DatabaseUnavailable) else None
         return JSONResponse(status_code=code, content={"detail": str(exc)}, headers=headers)
 
-    for module in (models, devices, profiles, rollouts, groups, telemetry, signing, accounts, status):
+    for module in (models, devices, profiles, rollouts, groups, telemetry, export, signing, accounts, status):
         app.include_router(module.router, prefix="/v1")
     app.include_router(loop.router)
     app.include_router(broker_auth.router)
