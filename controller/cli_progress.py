@@ -11,7 +11,15 @@ from typing import Any
 
 from rich.console import Group
 from rich.live import Live
-from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from controller import cli_output, cli_views
 
@@ -29,6 +37,19 @@ def transfer() -> Progress:
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
+        TimeElapsedColumn(),
+        console=cli_output.stderr(),
+        disable=not _drawn(),
+        transient=True,
+    )
+
+
+def rows() -> Progress:
+    """A bar per table for rows written (an export); a table's total once the API says it."""
+    return Progress(
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=cli_output.stderr(),
         disable=not _drawn(),

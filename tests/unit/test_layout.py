@@ -10,7 +10,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-CONTROLLER_ONLY = {"controller", "fastapi", "uvicorn", "sqlite_utils", "starlette", "httpx", "onnx"}
+CONTROLLER_ONLY = {
+    "controller",
+    "fastapi",
+    "uvicorn",
+    "sqlite_utils",
+    "sqlalchemy",
+    "alembic",
+    "psycopg",
+    "starlette",
+    "httpx",
+    "onnx",
+}
 AGENT_ONLY = {"agent"}
 
 
@@ -46,11 +57,21 @@ def test_contract_imports_only_protobuf_and_stdlib() -> None:
 def test_agent_extra_does_not_pull_controller_dependencies() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     agent = {
-        req.split(">")[0].split("=")[0].split("<")[0].strip().lower()
+        req.split(">")[0].split("=")[0].split("<")[0].split("[")[0].strip().lower()
         for req in project["optional-dependencies"]["agent"]
     }
-    base = {req.split(">")[0].split("<")[0].strip().lower() for req in project["dependencies"]}
-    assert not (agent | base) & {"fastapi", "uvicorn", "sqlite-utils", "httpx", "onnx", "python-multipart"}
+    base = {req.split(">")[0].split("<")[0].split("[")[0].strip().lower() for req in project["dependencies"]}
+    controller_only = {
+        "fastapi",
+        "uvicorn",
+        "sqlite-utils",
+        "sqlalchemy",
+        "alembic",
+        "psycopg",
+        "httpx",
+        "onnx",
+    }
+    assert not (agent | base) & (controller_only | {"python-multipart"})
     assert {"paho-mqtt", "onnxruntime", "grpcio", "protobuf", "psutil"} <= agent
     scripts = project["scripts"]
     assert scripts == {"edgefleet": "controller.cli:main", "edgefleet-agent": "agent.cli:main"}

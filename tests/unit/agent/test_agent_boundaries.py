@@ -17,7 +17,8 @@ def test_agent_never_loads_controller_side_packages() -> None:
     code = (
         "import json, sys, agent.cli, agent.service; "
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & "
-        "{'controller', 'fastapi', 'sqlite_utils', 'uvicorn', 'onnx', 'sklearn'})))"
+        "{'controller', 'fastapi', 'sqlite_utils', 'sqlalchemy', 'alembic', 'psycopg', 'uvicorn', 'onnx',"
+        " 'sklearn'})))"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert json.loads(out) == []
