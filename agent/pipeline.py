@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -117,7 +117,10 @@ class _Route:
     # The pool's name for the tenant's shadow candidate.
     shadow: str
     # The output the signature calls the model's class scores ("" when none does).
-    scores: str = ""
+    scores: str
+    # The tenant's post-processing with the outputs it names none for taken from the signature's
+    # meanings (a model whose first output is its label, not its scores, is read right).
+    post: postprocess.PostprocessSpec
 
 
 class Subscription:
@@ -598,7 +601,7 @@ class Pipelines:
         want_grpc = "grpc" in spec.results and self.hub.wanted(tenant)
         wanted = want_grpc or "mqtt" in spec.results
         sketched = weight and observer is not None and observer.sketcher.wants(tenant, name, version)
-        outcome = self._outcome(spec, job, outputs) if wanted or sketched else None
+        outcome = self._outcome(spec, route.post, job, outputs) if wanted or sketched else None
         if wanted:
             self._deliver(spec, serving, job, outputs, latency_ms, outcome, want_grpc)
         # Counted once the result is on its way: the caller waiting for it wakes meanwhile.
@@ -650,6 +653,7 @@ class Pipelines:
             self._feeder(spec, serving),
             shadow_of(tenant),
             serving.signature.scores() if serving.signature is not None else "",
+            _postprocess_by_meaning(spec.postprocess, serving),
         )
         self._routes[tenant] = route
         return route
@@ -699,14 +703,14 @@ class Pipelines:
         return fit[0]
 
     def _outcome(
-        self, spec: TenantSpec, job: Job, outputs: dict[str, np.ndarray]
+        self, spec: TenantSpec, post: postprocess.PostprocessSpec, job: Job, outputs: dict[str, np.ndarray]
     ) -> postprocess.Outcome | None:
         """The tenant's post-processed result; None without post-processing, or when it failed
         (logged, rate-limited: the same failure repeats on every sample)."""
         if not spec.postprocess.kind:
             return None
         try:
-            return self._postprocess(spec, job, outputs)
+            return self._postprocess(spec, post, job, outputs)
         except TenantError as exc:
             self._warn(
                 (spec.id, "postprocess"),
@@ -756,7 +760,9 @@ class Pipelines:
             self.publish(results_topic(self.device_id, spec.id), encode(result))
 
     @staticmethod
-    def _postprocess(spec: TenantSpec, job: Job, outputs: dict[str, np.ndarray]) -> postprocess.Outcome:
+    def _postprocess(
+        spec: TenantSpec, post: postprocess.PostprocessSpec, job: Job, outputs: dict[str, np.ndarray]
+    ) -> postprocess.Outcome:
         if not spec.postprocess.kind:
             return postprocess.Outcome()
         pre = spec.preprocess
@@ -767,7 +773,7 @@ class Pipelines:
             input_hw = (shape[-2], shape[-1]) if pre.layout == "nchw" else (shape[-3], shape[-2])
         else:
             input_hw = (1, 1)
-        return postprocess.apply(outputs, spec.postprocess, input_hw, pre.layout, job.prepared.letterbox)
+        return postprocess.apply(outputs, post, input_hw, pre.layout, job.prepared.letterbox)
 
     def _compare(
         self,
@@ -840,6 +846,20 @@ class Pipelines:
         finished = self.scheduler.stop(timeout)
         self.hub.close()
         return finished
+
+
+def _postprocess_by_meaning(
+    post: postprocess.PostprocessSpec, serving: ServingModel
+) -> postprocess.PostprocessSpec:
+    """``post`` with the outputs it leaves unnamed taken from the serving model's signature."""
+    if (
+        not post.kind
+        or serving.signature is None
+        or (post.output and (post.boxes_output or post.kind != "ssd"))
+    ):
+        return post
+    values, boxes = serving.signature.postprocess_outputs(post.kind)
+    return replace(post, output=post.output or values, boxes_output=post.boxes_output or boxes)
 
 
 def _audio_source(serving: ServingModel, source_name: str) -> bool:

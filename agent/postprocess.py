@@ -35,7 +35,7 @@ ACTIVATIONS = POSTPROCESS_ACTIVATIONS
 @dataclass(frozen=True)
 class PostprocessSpec:
     kind: str = ""  # "" publishes raw tensors only
-    output: str = ""  # scores / predictions output; default: the first output
+    output: str = ""  # scores / predictions output; default: the one the signature calls scores (mask for masks), else the first
     boxes_output: str = ""  # ssd: the box regressors; default: the output with the most values per anchor
     activation: str = "none"
     top_k: int = 5

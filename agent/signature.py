@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from agent.runtime import TensorSpec
 
 SOURCE, CONSTANT, STATE = "source", "constant", "state"
-SCORES = "scores"
+SCORES, BOXES, MASK = "scores", "boxes", "mask"
 NO_AXIS = -1
 
 
@@ -79,6 +79,15 @@ class ModelSignature:
         drift sketches, captures and the confidence gate read as the predicted class; never
         guessed from output names or shapes."""
         return next((o.name for o in self.outputs if o.meaning == SCORES), "")
+
+    def postprocess_outputs(self, kind: str) -> tuple[str, str]:
+        """The outputs a post-processing ``kind`` reads when the tenant names none: its values
+        (the output meaning ``mask`` for argmax masks, ``scores`` for the others) and, for
+        anchor decoding, the ``boxes``; "" where the signature gives no output that meaning."""
+        want = MASK if kind == "mask" else SCORES
+        values = next((o.name for o in self.outputs if o.meaning == want), "")
+        boxes = next((o.name for o in self.outputs if o.meaning == BOXES), "") if kind == "ssd" else ""
+        return values, boxes
 
     def feeds(self) -> tuple[InputFeed, ...]:
         """The constant and state inputs, as tenant feeds."""

@@ -112,6 +112,16 @@ def _output(
     return found
 
 
+def _by_meaning(signature: ModelSignature, meaning: str) -> str:
+    return next((o.name for o in signature.outputs if o.meaning == meaning), "")
+
+
+def _values_output(signature: ModelSignature, meaning: str) -> str:
+    """The output a post-processing that names none reads, as the agent picks it: the one the
+    signature gives ``meaning`` (scores, or mask for masks), else the first output."""
+    return _by_meaning(signature, meaning) or (signature.outputs[0].name if signature.outputs else "")
+
+
 def _without_batch(shape: Sequence[int]) -> list[int]:
     """The shape of one sample: a leading batch of 1 (or free) dropped, as the agent reads it."""
     return list(shape[1:]) if len(shape) >= 2 and shape[0] in (1, -1) else list(shape)
@@ -160,9 +170,9 @@ def _rows(output: OutputMeaning) -> int | None:
 
 
 def _check_ssd(tenant: DeviceTenant, signature: ModelSignature, where: str) -> None:
-    first = signature.outputs[0].name if signature.outputs else ""
+    first = _values_output(signature, "scores")
     scores = _output(tenant, signature, "output", where, first)
-    boxes = _output(tenant, signature, "boxes_output", where)
+    boxes = _output(tenant, signature, "boxes_output", where, _by_meaning(signature, "boxes"))
     if scores is None:
         return
     if boxes is None:
@@ -199,7 +209,7 @@ def _check_ssd(tenant: DeviceTenant, signature: ModelSignature, where: str) -> N
 
 
 def _check_yolo(tenant: DeviceTenant, signature: ModelSignature, where: str) -> None:
-    first = signature.outputs[0].name if signature.outputs else ""
+    first = _values_output(signature, "scores")
     output = _output(tenant, signature, "output", where, first)
     if output is None:
         return
@@ -223,7 +233,7 @@ def _check_yolo(tenant: DeviceTenant, signature: ModelSignature, where: str) -> 
 
 
 def _check_mask(tenant: DeviceTenant, signature: ModelSignature, where: str) -> None:
-    first = signature.outputs[0].name if signature.outputs else ""
+    first = _values_output(signature, "mask")
     output = _output(tenant, signature, "output", where, first)
     if output is not None and len(_without_batch(output.shape)) != 3:
         raise InvalidTenantSpec(
@@ -233,7 +243,7 @@ def _check_mask(tenant: DeviceTenant, signature: ModelSignature, where: str) -> 
 
 
 def _check_classes(tenant: DeviceTenant, signature: ModelSignature, where: str) -> None:
-    first = signature.outputs[0].name if signature.outputs else ""
+    first = _values_output(signature, "scores")
     output = _output(tenant, signature, "output", where, first)
     if output is None:
         return

@@ -19,6 +19,9 @@ FACE = ModelSignature(
         OutputMeaning("classificators", "scores", "float32", [1, 896, 1]),
     ],
 )
+FACE_WITHOUT_MEANINGS = ModelSignature(
+    FACE.inputs, [OutputMeaning(o.name, "", o.dtype, o.shape) for o in FACE.outputs]
+)
 YOLO = ModelSignature(
     [InputRole("images", "source", "float32", [1, 3, 640, 640], "NCHW", 0)],
     [OutputMeaning("output0", "boxes", "float32", [1, 84, 8400])],
@@ -49,6 +52,11 @@ ROWS = ModelSignature(
     [InputRole("x", "source", "float32", [-1, 64], "NC", 0)],
     [OutputMeaning("y", "scores", "float32", [-1, 10])],
 )
+# skl2onnx's order: the integer label first, the class probabilities second.
+LABEL_FIRST = ModelSignature(
+    [InputRole("x", "source", "float32", [-1, 4], "NC", 0)],
+    [OutputMeaning("label", "", "int64", [-1]), OutputMeaning("probabilities", "scores", "float32", [-1, 3])],
+)
 SSD = {"kind": "ssd", "output": "classificators", "boxes_output": "regressors", "strides": [8, 16, 16, 16]}
 
 
@@ -77,9 +85,9 @@ def check(doc: dict[str, Any], signature: ModelSignature | None) -> None:
             "make 3584 anchors on a 256x256 input, but output 'classificators' has 896 rows",
         ),
         (
-            # The scores default to the first output: here the box regressors.
+            # With no output meant as scores, they default to the first output: the box regressors.
             tenant("face", postprocess={"kind": "ssd", "strides": [8, 16, 16, 16]}),
-            FACE,
+            FACE_WITHOUT_MEANINGS,
             "tenant 'cam'.postprocess.boxes_output: output 'classificators' has 1 value per anchor; "
             "a box needs at least 4",
         ),
@@ -153,6 +161,9 @@ def test_a_tenant_that_does_not_fit_its_models_signature_is_refused_naming_the_m
         (tenant("rows", postprocess={"kind": "classes", "activation": "softmax"}), ROWS),
         # Sizes the signature leaves free are not checked here (the agent reports them at run time).
         (tenant("ocr", postprocess={"kind": "ssd", "strides": [8]}), FREE_DETECTOR),
+        # Outputs left unnamed are the ones the signature gives the meaning, as the agent reads them.
+        (tenant("iris", postprocess={"kind": "classes", "labels": ["a", "b", "c"]}), LABEL_FIRST),
+        (tenant("face", postprocess={"kind": "ssd", "strides": [8, 16, 16, 16]}), FACE),
     ],
 )
 def test_a_tenant_that_fits_is_accepted(doc: dict[str, Any], signature: ModelSignature) -> None:
