@@ -204,6 +204,9 @@ def test_a_rollout_goes_out_once_by_broadcast_and_a_device_not_assigned_it_canno
     for payload in spy.desired:
         state = fleet_pb2.DesiredState.FromString(payload)
         assert all(m.artifact_digest != digest and not m.broadcast.artifact_key for m in state.models)
+    # And no device may publish on a wave topic (the broker refuses it).
+    forged = artifact_pb2.WaveFrame(digest=digest, chunk=artifact_pb2.SealedChunk(index=0, sealed=b"x" * 32))
+    assert spy.peer.publish(topic, forged.SerializeToString()).is_failure
     spy.peer.close()
 
 

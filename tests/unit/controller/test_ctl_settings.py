@@ -45,3 +45,16 @@ def test_missing_and_invalid_settings_are_config_errors(tmp_path: Path) -> None:
         make(tmp_path, mqtt_protocol="v4")
     with pytest.raises(ConfigError, match="chunk_size"):
         make(tmp_path, chunk_size=10)
+
+
+def test_artifact_delivery_is_broadcast_or_unicast_with_sane_broadcast_settings(tmp_path: Path) -> None:
+    assert make(tmp_path).artifact_delivery == "broadcast"
+    assert make(tmp_path, artifact_delivery="unicast").artifact_delivery == "unicast"
+    for bad in (
+        {"artifact_delivery": "multicast"},
+        {"broadcast_grace_s": -1.0},
+        {"broadcast_bytes_per_s": -1.0},
+        {"broadcast_retain_s": 0},
+    ):
+        with pytest.raises(ConfigError, match=r"artifact_delivery|broadcast_"):
+            make(tmp_path, **bad)
