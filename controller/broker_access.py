@@ -5,7 +5,8 @@ controller writes. A broker cluster that asks an HTTP service instead (EMQX's HT
 authenticator and authorizer, or a HiveMQ extension calling the same routes) gets the same
 answers from :mod:`controller.api.broker_auth`, decided here without I/O:
 
-- the controller's account owns the whole ``edgefleet/`` tree;
+- the controller's accounts own the whole ``edgefleet/`` tree: its own and, for its other
+  processes, ``edgefleet-controller-N`` (:mod:`controller.roles`), all with its password;
 - a device (username = device id) may touch only its own subtree, in the directions the
   contract uses (:data:`DEVICE_RULES`, the ACL's ``pattern`` lines; a test keeps them equal);
 - a device may subscribe to any wave broadcast's topic (:data:`WAVE_RULE`), and publish on none:
@@ -24,6 +25,7 @@ from edgefleet_proto.topics import PREFIX, TopicError, validate_device_id
 from edgefleet_proto.wave import WaveError, WaveTopic, is_wave_topic
 
 from controller.mosquitto_auth import verify_password
+from controller.roles import is_controller_account
 
 ROOT = PREFIX.split("/")[0]
 # The prefix of an MQTT 5 shared subscription ($share/{group}/{filter}), which the controller's
@@ -90,7 +92,7 @@ def authenticate(
     if clientid != username:
         return deny(f"client id {clientid!r} is not the username")
     stored: str | None = controller_hash
-    if username != controller_user:
+    if username != controller_user and not is_controller_account(username):
         try:
             validate_device_id(username)
         except TopicError:
@@ -119,7 +121,7 @@ def authorize(
         wanted = Action(action)
     except ValueError:
         return deny(f"unknown action {action!r}")
-    if username == controller_user:
+    if username == controller_user or is_controller_account(username):
         if wanted is Action.SUBSCRIBE and topic.startswith(SHARE_PREFIX):
             # $share/{group}/{filter}: the group name is the subscriber's choice.
             _, _, rest = topic[len(SHARE_PREFIX) :].partition("/")

@@ -1,6 +1,10 @@
 """The closed loop assembled: roll-ups, drift baselines, captured data sets and
 retraining policies, plus the maintenance thread that prunes old telemetry and
 evaluates the policies every ``maintenance_interval_s``.
+
+Where several controller processes share the database, the maintenance thread and the
+retraining worker run only in the process holding the maintenance lease (controller.leases);
+roll-ups and drift sketches are written by every ingest process as windows arrive.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Callable
 from controller.baselines import Baselines, baselines_from_calibration
 from controller.capture_policies import DesiredMonitoring
 from controller.datasets import Datasets
+from controller.leases import Lease
 from controller.optimize import MEMORY_FACTOR
 from controller.registry import Registry
 from controller.retraining import Retraining
@@ -50,7 +55,12 @@ class ClosedLoop:
         self._no_calibration_baseline: set[tuple[str, str]] = set()
         telemetry.observers += [self.rollups.observe, self.baselines.observe]
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        # None: this process alone runs the loop; else only while it holds this lease.
+        self.lease: Lease | None = None
+        # Whether this process runs the loop now (and the retraining worker with it).
+        self._leading = False
         self._last_prune = 0.0
         # Other parts' maintenance, run by the same tick (the revocation list's renewal).
         self.extra_steps: list[tuple[str, Callable[[], object]]] = []
@@ -88,17 +98,41 @@ class ClosedLoop:
 
     def start(self) -> None:
         self._stop.clear()
-        self.retraining.start()
+        self._lead()
         self._thread = threading.Thread(target=self._run, name="closed-loop", daemon=True)
         self._thread.start()
 
+    def wake(self) -> None:
+        """Tick now (the lease was just taken) rather than at the end of the interval."""
+        self._wake.set()
+
     def _run(self) -> None:
-        while not self._stop.wait(self.settings.maintenance_interval_s):
-            self.tick()
+        while True:
+            self._wake.wait(self.settings.maintenance_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            if self._lead():
+                self.tick()
+
+    def _lead(self) -> bool:
+        """Whether this process runs the loop now; the retraining worker (which resumes the runs
+        left pending) starts when it begins to and stops when it no longer does."""
+        leading = self.lease is None or self.lease.held
+        if leading and not self._leading:
+            self.retraining.start()
+        elif not leading and self._leading:
+            log.warning("maintenance lease lost: this process stops running the maintenance loop")
+            self.retraining.stop()
+        self._leading = leading
+        return leading
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        self.retraining.stop(timeout)
+        if self._leading:
+            self.retraining.stop(timeout)
+            self._leading = False

@@ -41,6 +41,7 @@ from controller.errors import (
 )
 from controller.log_bounds import bounded_line
 from controller.mosquitto_auth import BrokerAuth, generate_password, hash_password
+from controller.roles import instance_accounts, is_controller_account
 from controller.settings import Settings
 from controller.store import Store
 
@@ -301,8 +302,8 @@ class Fleet:
             validate_device_id(r.device_id)
         except TopicError as exc:
             raise InvalidDeviceId(str(exc)) from None
-        if r.device_id == self.settings.mqtt_username:
-            raise InvalidDeviceId(f"device id {r.device_id!r} is reserved for the controller's MQTT user")
+        if r.device_id == self.settings.mqtt_username or is_controller_account(r.device_id):
+            raise InvalidDeviceId(f"device id {r.device_id!r} is reserved for the controller's MQTT accounts")
         validate_tags(r.tags)
         if r.profile and self.store.query_one("SELECT 1 FROM profiles WHERE id = ?", (r.profile,)) is None:
             raise InvalidInputError(
@@ -310,13 +311,18 @@ class Fleet:
             )
 
     def password_entries(self) -> list[tuple[str, str]]:
-        """The controller's and every device's broker password, but a revoked device's (controller.revocation)."""
+        """The controller's accounts' (one per process, controller.roles, all with its password) and
+        every device's broker password, but a revoked device's (controller.revocation)."""
         rows = self.store.query(
             "SELECT device_id, password_hash FROM devices"
             " WHERE device_id NOT IN (SELECT device_id FROM device_revocations) ORDER BY device_id"
         )
-        return [(self.settings.mqtt_username, self.settings.mqtt_password_hash)] + [
-            (r["device_id"], r["password_hash"]) for r in rows
+        accounts = [self.settings.mqtt_username, *instance_accounts()]
+        controller = [(name, self.settings.mqtt_password_hash) for name in accounts]
+        # A device registered under one of those names before they were reserved gets no entry:
+        # it would take a controller process's session.
+        return controller + [
+            (r["device_id"], r["password_hash"]) for r in rows if r["device_id"] not in accounts
         ]
 
     def password_hash(self, device_id: str) -> str | None:

@@ -17,6 +17,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.roles import instance_accounts
+
 # deploy/mosquitto/edgefleet.conf without its comments, the listener and the paths.
 DIRECTIVES = """\
 per_listener_settings false
@@ -32,13 +34,21 @@ set_tcp_nodelay true
 """
 
 # deploy/mosquitto/edgefleet.acl, verbatim.
-ACL = """\
+ACL = (
+    """\
 # EdgeFleet ACL for Mosquitto. Static: per-device rules are patterns, so
 # registering a device only touches the password file.
 
 # The controller owns the whole tree.
 user edgefleet-controller
 topic readwrite edgefleet/#
+
+# So do its other processes (`edgefleet controller serve --instance N`, see
+# docs/scaling.md): the broker binds a client id to its username, so each
+# process connected at once logs in with an account of its own.
+"""
+    + "".join(f"user {name}\ntopic readwrite edgefleet/#\n" for name in instance_accounts())
+    + """
 
 # A device (MQTT username = device id) may only touch its own subtree, and only
 # in the direction the contract uses.
@@ -60,6 +70,7 @@ pattern write edgefleet/v1/devices/%u/capture
 # artifact being sealed with a key that only the devices assigned it get; none may write.
 pattern read edgefleet/v1/waves/+/+
 """
+)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from controller.errors import (
 )
 from controller.fleet import Fleet, Reported
 from controller.groups import Groups
+from controller.leases import Lease, LeaseLost
 from controller.maintenance import MaintenanceWindows
 from controller.profiles import Profiles, Targeted
 from controller.registry import FORMAT, Registry
@@ -170,6 +171,9 @@ class Rollouts:
         self.groups = Groups(store, lambda: self.clock())
         self.windows = MaintenanceWindows(store, self.groups, lambda: self.clock())
         self._lock = threading.RLock()
+        # Where several controller processes share the database, engine passes run only in the
+        # one holding this lease (controller.leases), fenced by it; None: this process alone.
+        self.lease: Lease | None = None
 
     # -- create ---------------------------------------------------------------
 
@@ -357,6 +361,7 @@ class Rollouts:
                 f"({plans[other][1]}); abort or roll it back first"
             )
         for other in busy:
+            _lock_run(tx, other)
             tx.execute(
                 "UPDATE rollout_runs SET state = ?, reason = ?, updated_at = ? WHERE rollout_id = ?",
                 (State.SUPERSEDED.value, f"superseded by rollout {rollout_id}", self.clock(), other),
@@ -407,7 +412,10 @@ class Rollouts:
         return [r["rollout_id"] for r in rows]
 
     def advance(self, rollout_id: str) -> float:
-        """Plan, persist, execute, plan again until only waiting is left; returns the next deadline."""
+        """Plan, persist, execute, plan again until only waiting is left; returns the next deadline.
+        Nothing (inf) in a process that does not hold the engine's lease: its holder moves the rollout."""
+        if self.lease is not None and not self.lease.held:
+            return math.inf
         with self._lock:
             for _ in range(MAX_ROUNDS):
                 run = load_run(self.store, rollout_id)
@@ -419,15 +427,42 @@ class Rollouts:
                 if not work:
                     return min((s.until for s in steps if isinstance(s, Wait)), default=math.inf)
                 outgoing: list[Outgoing] = []
-                with self.store.transaction() as tx:
-                    for step in work:
-                        outgoing += EXECUTORS[step.action](tx, run, step, now)
+                try:
+                    with self.store.transaction() as tx:
+                        self._hold(tx, run)
+                        for step in work:
+                            outgoing += EXECUTORS[step.action](tx, run, step, now)
+                except _RunChanged:
+                    continue
+                except LeaseLost as exc:
+                    log.warning("engine pass rolled back rollout=%s reason=%s", rollout_id, exc)
+                    return math.inf
                 for step in work:
                     self._log_step(run.id, step)
                 for out in outgoing:
                     if self.publisher is not None:
                         self.publisher.publish_desired(out.device_id, out.payload)
             return now
+
+    def _hold(self, tx: Store, run: Run) -> None:
+        """In an engine pass's transaction, before any write: this process still holds the engine's
+        lease (a fencing check, so a process that lost it while paused rolls back instead of acting
+        a second time), and the run is still the one the steps were planned from (another
+        process's operator command may have changed it meanwhile: the pass is planned again)."""
+        if self.lease is not None:
+            self.lease.fence(tx)
+        _lock_run(tx, run.id)
+        row = tx.query_one(
+            "SELECT state, wave, phase, reason, soak_started_at, promoted, approved_wave FROM rollout_runs"
+            " WHERE rollout_id = ?",
+            (run.id,),
+        )
+        planned = (
+            run.state.value, run.wave, run.phase.value, run.reason, run.soak_started_at, int(run.promoted),
+            run.approved_wave,
+        )  # fmt: skip
+        if row is None or tuple(row.values()) != planned:
+            raise _RunChanged
 
     def _with_windows(self, run: Run, views: dict[str, DeviceView], now: float) -> dict[str, DeviceView]:
         """The current wave's devices not yet sent anything, with their maintenance windows."""
@@ -464,6 +499,7 @@ class Rollouts:
 
     def command(self, rollout_id: str, command: Command, note: str = "") -> Rollout:
         with self._lock, self.store.transaction() as tx:
+            _lock_run(tx, rollout_id)
             run = load_run(tx, rollout_id)
             if run is None:
                 raise RolloutNotFound(f"unknown rollout {rollout_id}")
@@ -493,6 +529,7 @@ class Rollouts:
             now = self.clock()
             outgoing: list[Outgoing] = []
             with self.store.transaction() as tx:
+                _lock_run(tx, rollout_id)
                 run = load_run(tx, rollout_id)
                 if run is None:
                     raise RolloutNotFound(f"unknown rollout {rollout_id}")
@@ -648,6 +685,15 @@ class Rollouts:
         ]
 
 
+class _RunChanged(Exception):
+    """The run changed between an engine pass's plan and its transaction."""
+
+
+def _lock_run(tx: Store, rollout_id: str) -> None:
+    """Writes to one rollout's run, from any controller process, one transaction at a time."""
+    tx.lock(f"rollout {rollout_id}")
+
+
 def _shares_shadow_slot(tenant: str, new: Plan, row: dict[str, Any]) -> bool:
     """Whether an active rollout on another tenant (``row``) uses the shadow slot the new one uses."""
     other = row["tenant"]
@@ -710,6 +756,9 @@ class RolloutRunner:
             self._stop.wait(self.interval_s)
 
     def tick(self) -> None:
+        lease = self.rollouts.lease
+        if lease is not None and not lease.held:
+            return
         try:
             ids = self.rollouts.active_ids()
         except Exception:

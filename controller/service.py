@@ -1,5 +1,6 @@
 """The controller assembled: settings, store, artifacts, registry, fleet, rollouts,
-telemetry and the MQTT transport, plus first-time initialisation of a data folder.
+telemetry and the MQTT transport, for the roles this process has (controller.roles), plus
+first-time initialisation of a data folder.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller import roles as roles_mod
 from controller import settings as settings_mod
 from controller.artifacts import ArtifactStore
 from controller.audit import AuditLog
@@ -24,12 +26,14 @@ from controller.device_quotas import CaptureQuota
 from controller.errors import AlreadyInitialised, BrokerAuthError, ConfigError
 from controller.files import atomic_write
 from controller.fleet import Fleet
+from controller.leases import MAINTENANCE, ROLLOUTS, Lease, LeaseKeeper, process_id
 from controller.mosquitto_auth import BrokerAuth, generate_password, hash_password
 from controller.mosquitto_config import ACL, BrokerFiles
 from controller.optimize import Optimizer
 from controller.profiles import Profiles
 from controller.registry import Registry
 from controller.revocation import Revocations
+from controller.roles import Role
 from controller.rollouts import RolloutRunner, Rollouts
 from controller.settings import Settings
 from controller.signing import Signer
@@ -41,10 +45,22 @@ log = logging.getLogger(__name__)
 
 
 class Controller:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, roles: frozenset[Role] = roles_mod.ALL, instance: int | None = None
+    ) -> None:
         self.settings = settings
+        self.roles = roles
+        # The broker account of this process; checked before anything is opened.
+        self.account = settings.mqtt_username if instance is None else roles_mod.account(instance)
         self.store = Store(settings.database)
         self._database_lock: DatabaseLock | None = None
+        if self.store.path is not None and roles != roles_mod.ALL:
+            self.store.close()
+            raise ConfigError(
+                f"--roles {roles_mod.describe(roles)} needs a database shared by several controller processes: "
+                f"{self.store.where} is SQLite, which one controller process with every role uses alone "
+                "(leave --roles out), or move to PostgreSQL (controller init --database postgresql://...)"
+            )
         if self.store.path is not None:
             try:
                 self._database_lock = DatabaseLock(self.store.path).acquire()
@@ -66,7 +82,9 @@ class Controller:
         )
         self.optimizer = Optimizer(self.registry, settings.data_dir / "work")
         self.registry.on_added = self.optimizer.submit
-        self.optimizer.start()
+        if Role.API in roles:
+            # Variants are made where versions are uploaded (and resumed there after a restart).
+            self.optimizer.start()
         self.fleet = Fleet(self.store, settings, self.broker_auth, self.signer.public_key_hex)
         self.profiles = Profiles(self.store)
         self.rollouts = Rollouts(
@@ -78,6 +96,18 @@ class Controller:
         self.tenants = self.closed_loop.desired.tenants
         self.transport: Transport | None = None
         self.rollout_runner: RolloutRunner | None = None
+        # The singletons' leases (controller.leases), taken once the transport runs. A SQLite
+        # file is this process's alone: its leases are held from the start. A process without
+        # the engine role never takes them, so its rollouts service leaves every engine pass to
+        # the holder (rollouts it creates or commands move at the holder's next tick).
+        exclusive = self.store.path is not None
+        holder = process_id()
+        self.leases = {
+            name: Lease(self.store, name, holder, exclusive=exclusive) for name in (ROLLOUTS, MAINTENANCE)
+        }
+        if Role.ENGINE not in roles:
+            self.rollouts.lease = self.leases[ROLLOUTS]
+        self._lease_keeper: LeaseKeeper | None = None
         self._token_hash = settings.admin_token_sha256
         self._settings_mtime = self._mtime()
         self.accounts = Accounts(
@@ -119,20 +149,35 @@ class Controller:
         return self._token_hash
 
     def start_transport(self) -> Transport:
+        """The MQTT session, and with it what runs in the background for this process's roles."""
+        engine = Role.ENGINE in self.roles
         transport = Transport(
             self.settings,
             self.fleet,
             self.telemetry,
             self.artifacts,
             sign_desired=self.sign_desired,
-            wave_is_current=self.rollouts.wave_is_current,
+            # Wave broadcasts go with chunk serving: a device says it listens in a chunk request.
+            wave_is_current=self.rollouts.wave_is_current if Role.CHUNKS in self.roles else None,
+            username=self.account,
+            subscriptions=roles_mod.subscriptions(
+                self.roles, shared=self.roles != roles_mod.ALL and self.settings.mqtt_protocol == "v5"
+            ),
+            republish_on_connect=engine,
         )
         self.rollouts.publisher = transport
         self.transport = transport
         transport.start()
-        # The engine publishes desired states, so it runs only with a transport.
-        self.rollout_runner = RolloutRunner(self.rollouts)
-        self.rollout_runner.start()
+        if engine:
+            self.rollouts.lease = self.leases[ROLLOUTS]
+            self.closed_loop.lease = self.leases[MAINTENANCE]
+            if not self.leases[ROLLOUTS].exclusive:
+                # Its first step (taking the leases that are free) runs before the singletons start.
+                self._lease_keeper = LeaseKeeper(list(self.leases.values()), self._lease_changed)
+                self._lease_keeper.start()
+            # The engine publishes desired states, so it runs only with a transport.
+            self.rollout_runner = RolloutRunner(self.rollouts)
+            self.rollout_runner.start()
         transport.on_capture = self.closed_loop.datasets.receive
         transport.capture_quota = CaptureQuota(
             self.store,
@@ -142,14 +187,37 @@ class Controller:
         )
         self.closed_loop.desired.publisher = transport
         self.tenants.publisher = transport
-        self.closed_loop.start()
+        if engine:
+            self.closed_loop.start()
+        log.info(
+            "controller roles=%s account=%s database=%s leases=%s",
+            roles_mod.describe(self.roles),
+            self.account,
+            self.store.where,
+            ",".join(f"{n}:{'held' if lease.held else 'standby'}" for n, lease in self.leases.items())
+            if engine
+            else "-",
+        )
         return transport
+
+    def _lease_changed(self, lease: Lease, held: bool) -> None:
+        if not held:
+            return
+        if lease.name == ROLLOUTS and self.transport is not None:
+            # The previous holder may have committed a desired state and died before publishing it.
+            self.transport.republish(f"lease {lease.name} taken")
+        elif lease.name == MAINTENANCE:
+            self.closed_loop.wake()
 
     def close(self) -> None:
         self.closed_loop.stop()
         if self.rollout_runner is not None:
             self.rollout_runner.stop()
             self.rollout_runner = None
+        if self._lease_keeper is not None:
+            # Released once the singletons stopped: a standby takes over at once, not in TTL_S.
+            self._lease_keeper.stop()
+            self._lease_keeper = None
         if self.transport is not None:
             self.transport.stop()
             self.rollouts.publisher = None

@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -194,8 +194,21 @@ class Store:
             yield connection
 
     @contextmanager
-    def transaction(self) -> Iterator[Store]:
-        """Everything inside commits together or not at all; nested blocks are savepoints."""
+    def transaction(self, apart: bool = False) -> Iterator[Store]:
+        """Everything inside commits together or not at all; nested blocks are savepoints.
+
+        ``apart`` (PostgreSQL): on a pooled connection of the thread's own, not serialised with
+        this controller's other statements, for work that must not wait behind a long ingest
+        batch (a lease renewal, controller.leases). SQLite has one connection: an ordinary one."""
+        if apart and self.is_postgresql and not self.in_transaction():
+            with self._errors(), self.engine.connect() as connection:
+                self._local.connection, self._local.apart = connection, True
+                try:
+                    with connection.begin():
+                        yield self
+                finally:
+                    self._local.connection, self._local.apart = None, False
+            return
         with self._lock:
             current: Connection | None = getattr(self._local, "connection", None)
             if current is not None:
@@ -210,18 +223,22 @@ class Store:
                 finally:
                     self._local.connection = None
 
+    def _serialised(self) -> AbstractContextManager[object]:
+        """The statement lock, but inside an ``apart`` transaction (a connection of its own)."""
+        return nullcontext() if getattr(self._local, "apart", False) else self._lock
+
     def in_transaction(self) -> bool:
         """Whether this thread is inside :meth:`transaction`."""
         return getattr(self._local, "connection", None) is not None
 
     def execute(self, sql: str, params: Params = ()) -> int:
         """Run one write statement; returns the rowcount."""
-        with self._lock, self._connection() as connection, self._errors():
+        with self._serialised(), self._connection() as connection, self._errors():
             result = connection.exec_driver_sql(*self._statement(connection, sql, params))
             return int(result.rowcount)
 
     def query(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
-        with self._lock, self._connection() as connection, self._errors():
+        with self._serialised(), self._connection() as connection, self._errors():
             result = connection.exec_driver_sql(*self._statement(connection, sql, params))
             return [{k: _value(v) for k, v in row.items()} for row in result.mappings()]
 

@@ -125,8 +125,24 @@ class Transport:
         artifacts: ArtifactStore,
         sign_desired: Callable[[str, bytes], bytes] | None = None,
         wave_is_current: Callable[[str], bool] | None = None,
+        username: str | None = None,
+        subscriptions: Sequence[tuple[str, Kind]] | None = None,
+        republish_on_connect: bool = True,
     ) -> None:
         self.settings = settings
+        # The broker account of this process (controller.roles.account): one per process
+        # connected at once, since the broker binds the client id to the username.
+        self.username = username or settings.mqtt_username
+        # What this process receives (controller.roles.subscriptions): by default every inbound
+        # kind on the plain fleet filters, as a controller with every role.
+        self._filters = (
+            list(subscriptions)
+            if subscriptions is not None
+            else [(fleet_subscription(k), k) for k in INBOUND]
+        )
+        # Whether each (re)connection republishes every desired state: the processes that run
+        # the rollout engine do; the broker's retained copies need no more than that.
+        self._republish_on_connect = republish_on_connect
         # Signs each stored desired state as it goes out (Controller.sign_desired), so every
         # publication, republished ones too, carries the current key's signature. Without it
         # (tests of the session alone) states go out as given and agents pinning a key refuse them.
@@ -143,11 +159,11 @@ class Transport:
             CallbackAPIVersion.VERSION2,
             # The broker binds client ids to usernames (use_username_as_clientid in
             # deploy/mosquitto/edgefleet.conf): the persistent session is the username's.
-            client_id=settings.mqtt_username,
+            client_id=self.username,
             protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
             clean_session=None if self._v5 else False,
         )
-        self._client.username_pw_set(settings.mqtt_username, settings.mqtt_password)
+        self._client.username_pw_set(self.username, settings.mqtt_password)
         self._tls = _broker_tls(settings)
         self._paho_errors = LastError()
         self._client.enable_logger(self._paho_errors.logger())
@@ -317,7 +333,7 @@ class Transport:
             log.error(
                 "broker refused the connection broker=%s:%d user=%s reason=%s",
                 *self.address,
-                self.settings.mqtt_username,
+                self.username,
                 reason_code,
             )
             return
@@ -335,32 +351,37 @@ class Transport:
             return
         self._attempt = 0
         log.info(
-            "mqtt connected broker=%s:%d protocol=%s session_present=%s",
+            "mqtt connected broker=%s:%d protocol=%s user=%s session_present=%s",
             *self.address,
             self.settings.mqtt_protocol,
+            self.username,
             getattr(flags, "session_present", None),
         )
         try:
             self._refusals = 0
-            self._subscribe(self._subscriptions())
-            self._enqueue(self._state_jobs, Republish(reason="connected"))
+            filters = self._subscriptions()
+            if filters:
+                self._subscribe(filters)
+            if self._republish_on_connect:
+                self._enqueue(self._state_jobs, Republish(reason="connected"))
         except Exception:
             log.exception("mqtt subscribe after connect failed")
         self.connected.set()
 
     def _subscriptions(self) -> list[tuple[str, Any]]:
-        """One filter per inbound kind. With MQTT 5, ingest-only kinds keep the retain flag
-        as published, so a device's retained publish is recognised (and refused) live, not
-        only when the broker replays it at the next subscribe."""
+        """One filter per inbound kind this process receives. With MQTT 5, ingest-only kinds
+        keep the retain flag as published, so a device's retained publish is recognised (and
+        refused) live, not only when the broker replays it at the next subscribe."""
         if not self._v5:
-            return [(fleet_subscription(kind), QOS) for kind in INBOUND]
+            return [(topic, QOS) for topic, _ in self._filters]
         return [
-            (
-                fleet_subscription(kind),
-                SubscribeOptions(qos=QOS, retainAsPublished=kind not in RETAINED_KINDS),
-            )
-            for kind in INBOUND
+            (topic, SubscribeOptions(qos=QOS, retainAsPublished=kind not in RETAINED_KINDS))
+            for topic, kind in self._filters
         ]
+
+    def republish(self, reason: str) -> None:
+        """Publish every stored desired state again (queued for the state worker)."""
+        self._enqueue(self._state_jobs, Republish(reason=reason))
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any

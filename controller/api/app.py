@@ -45,6 +45,8 @@ from controller.errors import (
     NotFoundError,
     TooLargeError,
 )
+from controller.roles import ALL as ALL_ROLES
+from controller.roles import Role
 from controller.service import Controller
 from controller.settings import Settings
 
@@ -120,8 +122,14 @@ async def _reply(send: Send, status: int, detail: str, extra: dict[str, str]) ->
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(settings: Settings, *, start_transport: bool = True) -> FastAPI:
-    controller = Controller(settings)
+def create_app(
+    settings: Settings,
+    *,
+    start_transport: bool = True,
+    roles: frozenset[Role] = ALL_ROLES,
+    instance: int | None = None,
+) -> FastAPI:
+    controller = Controller(settings, roles, instance)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -13,6 +13,7 @@ from controller.errors import (
     InvalidInputError,
 )
 from controller.mosquitto_auth import verify_password
+from controller.roles import instance_accounts
 from tests.unit.controller.helpers import Parts
 
 pytestmark = pytest.mark.both_backends
@@ -32,9 +33,11 @@ def test_register_returns_the_password_once_and_stores_only_its_hash(tmp_path: P
         "v5",
     )
     lines = passwd_lines(parts)
-    assert set(lines) == {"edgefleet-controller", "cam-1"}
+    # The controller's processes each log in with an account of their own, all with its password.
+    assert set(lines) == {"edgefleet-controller", *instance_accounts(), "cam-1"}
     assert verify_password(creds.mqtt_password, lines["cam-1"])
     assert verify_password("pw", lines["edgefleet-controller"])
+    assert verify_password("pw", lines["edgefleet-controller-16"])
     # The whole file where it is one, else every stored row of the device.
     path = parts.store.path
     stored = path.read_bytes() if path else repr(parts.store.query("SELECT * FROM devices")).encode()
@@ -45,7 +48,9 @@ def test_register_returns_the_password_once_and_stores_only_its_hash(tmp_path: P
         parts.fleet.register("cam-1")
 
 
-@pytest.mark.parametrize("bad", ["", "-x", "a/b", "a+b", "x" * 65, "edgefleet-controller", "a b"])
+@pytest.mark.parametrize(
+    "bad", ["", "-x", "a/b", "a+b", "x" * 65, "edgefleet-controller", "edgefleet-controller-3", "a b"]
+)
 def test_bad_device_ids_are_refused(tmp_path: Path, bad: str, store_url: str) -> None:
     parts = Parts(tmp_path, database_url=store_url)
     with pytest.raises(InvalidDeviceId):
