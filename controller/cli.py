@@ -20,7 +20,7 @@ import tomllib
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import httpx
 import tomli_w
@@ -31,6 +31,9 @@ from controller.errors import ControllerError
 from controller.files import atomic_write
 from controller.log_bounds import LineBound
 from controller.settings import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_UPLOAD_BYTES, PROTOCOLS, Settings
+
+if TYPE_CHECKING:
+    from controller.roles import Role
 
 log = logging.getLogger("controller.cli")
 
@@ -167,23 +170,57 @@ def cmd_tls(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from controller import roles as roles_mod
     from controller import settings as settings_mod
     from controller.api import create_app
     from controller.transport import broker_tls_context
 
+    roles = roles_mod.parse_roles(args.roles)
+    if args.instance is not None:
+        roles_mod.account(args.instance)  # out of range: refused before anything opens
     settings = settings_mod.load(Path(args.data_dir).resolve())
     broker_tls_context(settings)  # unusable TLS files: a clear error now, not a failed startup
-    app = create_app(settings)
+    if roles_mod.Role.API not in roles:
+        return _serve_without_api(settings, roles, args.instance)
+    app = create_app(settings, roles=roles, instance=args.instance)
     url = f"http://{args.host}:{args.port}"
+    described = roles_mod.describe(roles)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)
             if self.started:
-                log.info("controller ready url=%s data_dir=%s", url, settings.data_dir)
+                log.info("controller ready url=%s data_dir=%s roles=%s", url, settings.data_dir, described)
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False)
     Server(config).run()
+    return 0
+
+
+def _serve_without_api(settings: Settings, roles: frozenset[Role], instance: int | None) -> int:
+    """A controller process without the REST API (ingest, chunks or engine workers): its MQTT
+    session and background work until SIGTERM or SIGINT."""
+    import signal
+    import threading
+
+    from controller import roles as roles_mod
+    from controller.service import Controller
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    controller = Controller(settings, roles, instance)
+    try:
+        controller.start_transport()
+        log.info(
+            "controller ready roles=%s account=%s data_dir=%s",
+            roles_mod.describe(roles),
+            controller.account,
+            settings.data_dir,
+        )
+        stop.wait()
+    finally:
+        controller.close()
     return 0
 
 
@@ -926,6 +963,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", required=True, help="the folder `controller init` made")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    serve.add_argument(
+        "--roles",
+        default="all",
+        help="what this process does: all (the default: one controller) or some of api, ingest, chunks, "
+        "engine, comma-separated, for one of several processes sharing a PostgreSQL database "
+        "(docs/scaling.md); without api it serves no HTTP",
+    )
+    serve.add_argument(
+        "--instance",
+        type=int,
+        default=None,
+        help="which broker account this process uses, 1-16: edgefleet-controller-N (default "
+        "edgefleet-controller); every process connected at once needs its own",
+    )
     serve.set_defaults(func=cmd_serve)
 
     status = commands.add_parser(
