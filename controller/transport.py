@@ -208,6 +208,9 @@ class Transport:
         self._threads: list[threading.Thread] = []
         # Telemetry windows handled in the ingest transaction under way, acknowledged once it commits.
         self._stored_windows: list[tuple[str, int]] = []
+        # Windows this process acknowledged (stored, or found stored before): with several ingest
+        # processes, each one's share.
+        self.windows_acknowledged = 0
         # Per-device limits (docs/interfaces.md, "Controller limits"), counted on /metrics.
         self.counters = MessageCounters()
         self._chunk_requests = DeviceBuckets(
@@ -278,7 +281,7 @@ class Transport:
         if self._telemetry_quota.observe in self.telemetry.observers:
             self.telemetry.observers.remove(self._telemetry_quota.observe)
         self.connected.clear()
-        log.info("mqtt transport stopped")
+        log.info("mqtt transport stopped windows_acknowledged=%d", self.windows_acknowledged)
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
@@ -811,6 +814,7 @@ class Transport:
     def _acknowledge_telemetry(self, stored: Sequence[tuple[str, int]]) -> None:
         """Tell each device which of its windows are stored (committed, or stored before): until
         then its agent keeps them and sends them again, so no window is lost with a broker session."""
+        self.windows_acknowledged += len(stored)
         seqs: dict[str, list[int]] = {}
         for device_id, seq in stored:
             seqs.setdefault(device_id, []).append(seq)

@@ -60,6 +60,10 @@ class Controller:
     # What runs ``edgefleet controller serve``: the console script, or a wrapper taking the same
     # arguments (tests/engine_clock.py runs the engine on a clock the test moves).
     serve: tuple[str, ...] = (str(BIN / "edgefleet"),)
+    # ``serve --roles`` and ``--instance`` (controller.roles): one of several processes sharing the
+    # data folder and its PostgreSQL database; "" is every role. Without api it serves no HTTP.
+    roles: str = ""
+    instance: int | None = None
 
     @property
     def url(self) -> str:
@@ -67,7 +71,19 @@ class Controller:
 
     @property
     def log_file(self) -> Path:
-        return self.data_dir.parent / f"{self.data_dir.name}.log"
+        suffix = f"-{self.instance}" if self.instance is not None else ""
+        return self.data_dir.parent / f"{self.data_dir.name}{suffix}.log"
+
+    @property
+    def serves_http(self) -> bool:
+        return not self.roles or "api" in self.roles.split(",")
+
+    def role_process(self, roles: str, instance: int | None = None) -> Controller:
+        """Another process of this controller (same data folder and token) with these roles."""
+        return Controller(
+            self.data_dir, self.broker_port, self.passwd_file, self.reload_command, self.protocol,
+            token=self.token, serve=self.serve, roles=roles, instance=instance,
+        )  # fmt: skip
 
     def init(self, *extra: str) -> str:
         args = [
@@ -86,18 +102,31 @@ class Controller:
     def start(self) -> Controller:
         if not self.token:
             self.init()
+        roles = ["--roles", self.roles] if self.roles else []
+        roles += ["--instance", str(self.instance)] if self.instance is not None else []
+        logged = self.log_file.stat().st_size if self.log_file.exists() else 0
         with self.log_file.open("ab") as log:
             self.proc = subprocess.Popen(
                 [*self.serve, "controller", "serve", "--data-dir", str(self.data_dir),
-                 "--host", "127.0.0.1", "--port", str(self.port)],
+                 "--host", "127.0.0.1", "--port", str(self.port), *roles],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         # Generous: on two cores shared with other test processes, starting takes 10-30 s.
         try:
-            wait_until(self._answers, 120, f"controller on {self.url}")
+            if self.serves_http:
+                wait_until(self._answers, 120, f"controller on {self.url}")
+            else:
+                wait_until(lambda: self._logged("controller ready", logged), 120, f"controller {self.roles}")
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}; log:\n{_log_tail(self.log_file)}") from None
         return self
+
+    def _logged(self, text: str, since: int = 0) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"controller exited {self.proc.returncode}:\n{_log_tail(self.log_file)}")
+        with self.log_file.open("rb") as f:
+            f.seek(since)
+            return text.encode() in f.read()
 
     def _answers(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
