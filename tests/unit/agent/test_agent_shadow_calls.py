@@ -11,13 +11,20 @@ import pytest
 
 from agent.pipeline import SHADOW_QUEUE, SHADOW_WEIGHT, Pipelines, ResultHub
 from agent.pool import ModelPool, ServingModel
+from agent.signature import InputRole, ModelSignature, OutputMeaning
 from agent.telemetry import PipelineStats
 from tests.unit.agent.models import linear_model, write_model
+
+# The signature says which output holds the class scores: top-1 agreement is read there.
+SIGNATURE = ModelSignature(
+    inputs=(InputRole("x", "source", "NC", 0, "float32", (-1, 4)),),
+    outputs=(OutputMeaning("y", "scores", "float32", (-1, 3)),),
+)
 
 
 def serve(pool: ModelPool, tenant: str, path: Path, digest: str, version: str) -> ServingModel:
     model = pool.load(digest, path, "onnxruntime")
-    serving = ServingModel(tenant, "m", version, digest, "onnxruntime", path, model)
+    serving = ServingModel(tenant, "m", version, digest, "onnxruntime", path, model, SIGNATURE)
     pool.put(serving)
     return serving
 
