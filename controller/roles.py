@@ -112,3 +112,10 @@ def subscriptions(roles: frozenset[Role], shared: bool) -> list[tuple[str, Kind]
             plain = fleet_subscription(kind)
             out.append((f"$share/{SHARE_GROUPS[role]}/{plain}" if shared else plain, kind))
     return out
+
+
+def every_filter() -> list[str]:
+    """Every filter a controller process may have subscribed to, plain or shared: what a session
+    kept from the roles a process had before and no longer has is unsubscribed at connection."""
+    shared = subscriptions(ALL, shared=True)
+    return [topic for topic, _ in subscriptions(ALL, shared=False)] + [topic for topic, _ in shared]

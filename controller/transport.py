@@ -47,6 +47,7 @@ from controller.fleet import Fleet
 from controller.log_bounds import BadMessageLog, clip
 from controller.message_counters import MessageCounters
 from controller.rate_limits import DeviceBuckets, Limit, NewestWins
+from controller.roles import every_filter
 from controller.settings import Settings
 from controller.telemetry import TelemetryStore
 from controller.wave_broadcast import WaveBroadcaster
@@ -365,6 +366,7 @@ class Transport:
             filters = self._subscriptions()
             if filters:
                 self._subscribe(filters)
+            self._unsubscribe_stale(client, flags)
             if self._republish_on_connect:
                 self._enqueue(self._state_jobs, Republish(reason="connected"))
         except Exception:
@@ -381,6 +383,17 @@ class Transport:
             (topic, SubscribeOptions(qos=QOS, retainAsPublished=kind not in RETAINED_KINDS))
             for topic, kind in self._filters
         ]
+
+    def _unsubscribe_stale(self, client: mqtt.Client, flags: Any) -> None:
+        """A persistent session keeps the subscriptions of the roles its account had before (an
+        ingest process restarted as chunks): drop those, or their messages would keep coming here."""
+        if not getattr(flags, "session_present", False):
+            return
+        mine = {topic for topic, _ in self._filters}
+        # MQTT 3.1.1 brokers (NATS) have no shared subscriptions: nothing of the kind to drop.
+        stale = [t for t in every_filter() if t not in mine and (self._v5 or not t.startswith("$share/"))]
+        if stale:
+            client.unsubscribe(stale)
 
     def republish(self, reason: str) -> None:
         """Publish every stored desired state again (queued for the state worker)."""
