@@ -24,11 +24,12 @@ from tests.localfleet import Controller
 # Operations whose bodies carry content a schema cannot describe (a model file, a TOML
 # profile, an .npz data set, a PEM key; a device profile or tenant model that must be
 # registered first; a group's devices; a window's cron and time zone) or rules across fields (a rollout
-# needs a target, a capture policy a fraction above 0):
+# needs a target, a capture policy a fraction above 0, an export's range a start before its end; an
+# export's cursor must be one the API made):
 # for these a schema-valid request may still be refused with 422.
 CONFIG = r"""
 [[operations]]
-include-path-regex = '^/v1/(models/\{name\}/versions(/\{version\}/variants)?|datasets|profiles|rollouts|devices(/\{device_id\}/(certificate|tenants))?|models/\{name\}/capture-policy|groups(/\{name\}(/devices)?)?|maintenance-windows)$'
+include-path-regex = '^/v1/(models/\{name\}/versions(/\{version\}/variants)?|datasets|profiles|rollouts|devices(/\{device_id\}/(certificate|tenants))?|models/\{name\}/capture-policy|groups(/\{name\}(/devices)?)?|maintenance-windows|export/\{table\})$'
 
 [operations.checks.positive_data_acceptance]
 expected-statuses = ["2xx", "401", "404", "409", "422"]
