@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import queue
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from edgefleet_proto import fleet_pb2
 
 from agent import __version__
@@ -56,8 +58,11 @@ class SimSettings:
     state_dir: Path
     telemetry_interval_s: float = 10.0
     # Real inferences of the serving model each device runs per window (0: none, telemetry
-    # then carries system statistics only).
+    # then carries system statistics only), on rows drawn at random from ``samples`` (an .npy
+    # of inputs for the model's first input, one row each), else on inputs made like the
+    # staging smoke test's.
     inferences_per_window: int = 0
+    samples: Path | None = None
     protocol: str = "v5"
 
 
@@ -79,8 +84,11 @@ class SimDevice(Session):
         settings: SimSettings,
         content: SharedContent,
         system: Callable[[], fleet_pb2.SystemStats],
+        samples: np.ndarray | None = None,
     ) -> None:
         self.device_id = login.device_id
+        self.samples = samples
+        self._rng = np.random.default_rng(zlib.crc32(login.device_id.encode()))
         self.settings = settings
         data = settings.state_dir / login.device_id
         data.mkdir(parents=True, exist_ok=True)
@@ -158,7 +166,11 @@ class SimDevice(Session):
 
     def _infer(self) -> None:
         for serving in self.pool.all():
-            inputs = staging_inputs(serving.model.inputs, serving.signature, None)
+            if self.samples is not None:
+                row = self.samples[self._rng.integers(len(self.samples))][None, :]
+                inputs = {serving.model.inputs[0].name: row}
+            else:
+                inputs = staging_inputs(serving.model.inputs, serving.signature, None)
             start = time.perf_counter()
             try:
                 serving.model.run(inputs)

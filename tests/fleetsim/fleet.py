@@ -109,8 +109,10 @@ class SimFleet(ProcessGroup[WorkerStats]):
         processes: int = 4,
         connect_rate: float = 400.0,
         log_dir: Path | None = None,
+        nice: int = 0,
     ) -> None:
         super().__init__(WorkerStats)
+        self.nice = nice
         self.logins = list(logins)
         self.settings = settings
         self.processes = max(1, min(processes, len(self.logins)))
@@ -123,7 +125,8 @@ class SimFleet(ProcessGroup[WorkerStats]):
         for i in range(self.processes):
             share = self.logins[i :: self.processes]
             log_file = self.log_dir / f"fleetsim-{i}.log"
-            self.spawn(worker.main, (share, self.settings, i, self.connect_rate / self.processes, log_file))
+            rate = self.connect_rate / self.processes
+            self.spawn(worker.main, (share, self.settings, i, rate, log_file, self.nice))
         self.wait_ready(timeout)
         self.call("start")
         return self
@@ -139,6 +142,13 @@ class SimFleet(ProcessGroup[WorkerStats]):
 
     def hold(self, held: bool) -> None:
         self.call("hold", held)
+
+    def offline(self, device_ids: Sequence[str]) -> None:
+        """These devices say offline and disconnect, as an agent that stops."""
+        self.call("offline", list(device_ids))
+
+    def online(self, device_ids: Sequence[str]) -> None:
+        self.call("online", list(device_ids))
 
 
 class BareSubscribers(ProcessGroup[BareStats]):

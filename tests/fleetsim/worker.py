@@ -5,6 +5,7 @@ gets one answer per command:
 
 - ``("start",)`` -> the devices connect (paced) and report telemetry from then on;
 - ``("stats",)`` -> :class:`WorkerStats` of this process's devices;
+- ``("offline", [ids])`` / ``("online", [ids])`` -> those devices disconnect cleanly, or connect again;
 - ``("hold", True | False)`` -> telemetry kept in the outboxes, or released at once;
 - ``("stop",)`` -> every device says offline and disconnects; the last stats.
 """
@@ -12,6 +13,7 @@ gets one answer per command:
 from __future__ import annotations
 
 import logging
+import os
 import random
 import resource
 import time
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+import numpy as np
 import psutil
 from edgefleet_proto import fleet_pb2
 
@@ -84,7 +87,9 @@ class Worker:
         self._sampler = SystemSampler(settings.state_dir)
         self._sample = self._sampler.sample()
         self._sampled_at = time.monotonic()
-        self.devices = [SimDevice(login, settings, self.content, self.system) for login in logins]
+        samples = np.load(settings.samples) if settings.samples is not None else None
+        self.devices = [SimDevice(login, settings, self.content, self.system, samples) for login in logins]
+        self.by_id = {d.device_id: d for d in self.devices}
         self.touched: dict[int, SimDevice] = {}
         self.wakes: dict[int, float] = {}
         self.stopping = False
@@ -181,6 +186,16 @@ class Worker:
         elif command[0] == "start":
             self.start()
             self.conn.send(True)
+        elif command[0] == "offline":
+            for device in self._named(command[1]):
+                # As an agent that stops: offline status, then a clean disconnect.
+                device.link.stop(timeout=0)
+            self.conn.send(True)
+        elif command[0] == "online":
+            for device in self._named(command[1]):
+                device.link.start(own_thread=False)
+                self._attempt(device)
+            self.conn.send(True)
         elif command[0] == "hold":
             for device in self.devices:
                 device.held = bool(command[1])
@@ -192,6 +207,9 @@ class Worker:
             self.stopped = True
         else:
             self.conn.send(ValueError(f"unknown command {command!r}"))
+
+    def _named(self, device_ids: list[str]) -> list[SimDevice]:
+        return [self.by_id[d] for d in device_ids if d in self.by_id]
 
     def _stop(self) -> None:
         self.stopping = True
@@ -212,8 +230,11 @@ def main(
     index: int,
     connect_rate: float,
     log_file: Path,
+    nice: int = 0,
 ) -> None:
     raise_open_files_limit()
+    # Simulated devices stand for hardware elsewhere: niced, they take what the measured side leaves.
+    os.nice(nice)
     logging.basicConfig(
         filename=log_file, level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
