@@ -26,8 +26,14 @@ batch, where one device at a time would rewrite the file and reload the broker
    ``--rollout-devices`` devices (default all) while telemetry goes on: the time
    from create to succeeded, beside the fan-out of 1.
 
-More than one ingest worker needs controller roles (``serve --roles ingest``);
-when the controller has none, those rows say so and nothing is measured for them.
+With ``--database postgresql`` (the default when a count above 1 is asked for) the
+controller runs as processes sharing a PostgreSQL database started for the run
+(tests/postgres.py): ``serve --roles api,chunks,engine`` and N ``serve --roles ingest
+--instance i`` processes, whose MQTT 5 shared subscription the broker spreads the
+telemetry over; every row of the run then has that layout, 1 worker included, and
+the controller's CPU is all its processes'. Counts are measured in increasing order,
+workers only ever added: a stopped worker's persistent session would keep taking its
+share. With ``--database sqlite`` the controller is one process and only 1 is measured.
 
 Run: ``.venv/bin/python bench/fleet_scale.py [--devices 10000] [--processes 8]``.
 """
@@ -42,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +67,7 @@ from tests.fleetsim import BareSubscribers, DeviceLogin, SimFleet, SimSettings, 
 from tests.fleetsim.worker import raise_open_files_limit
 from tests.localfleet import BIN, Controller, wait_until
 from tests.models import dense_of_size
+from tests.postgres import Postgres
 
 BATCH = 5000
 TELEMETRY = "edgefleet/v1/devices/+/telemetry"
@@ -157,10 +164,12 @@ class Sample:
     load1: float
 
 
-def sample(db: Path, fleet: SimFleet, bare: BareSubscribers, controller_pids: list[int]) -> Sample:
+def sample(
+    stored: Callable[[], int], fleet: SimFleet, bare: BareSubscribers, controller_pids: list[int]
+) -> Sample:
     devices, subs = fleet.stats(), bare.stats()
     return Sample(
-        time.monotonic(), stored_windows(db), devices.windows, devices.acknowledged, cpu_seconds(controller_pids),
+        time.monotonic(), stored(), devices.windows, devices.acknowledged, cpu_seconds(controller_pids),
         subs.windows, subs.messages, subs.cpu_s, subs.last_at, os.getloadavg()[0],
     )  # fmt: skip
 
@@ -172,6 +181,22 @@ def stored_windows(db: Path) -> int:
         return int(conn.execute("SELECT count(*) FROM telemetry").fetchone()[0])
     finally:
         conn.close()
+
+
+def stored_windows_pg(url: str) -> int:
+    """The same, in the controller's PostgreSQL database."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM telemetry").fetchone()
+        return int(row[0]) if row else 0
+
+
+def add_ingest_workers(controller: Controller, workers: list[Controller], count: int) -> None:
+    """Ingest processes up to ``count`` (``serve --roles ingest --instance i``), each on its own
+    broker account, sharing the telemetry through the broker's shared subscription."""
+    while len(workers) < count:
+        workers.append(controller.role_process("ingest", instance=len(workers) + 1).start())
 
 
 @dataclass
@@ -203,7 +228,7 @@ class IngestRow:
 
 
 def ingest(
-    db: Path,
+    stored: Callable[[], int],
     fleet: SimFleet,
     bare: BareSubscribers,
     controller_pids: list[int],
@@ -211,7 +236,7 @@ def ingest(
     args: argparse.Namespace,
 ) -> list[IngestRow]:
     def now() -> Sample:
-        return sample(db, fleet, bare, controller_pids)
+        return sample(stored, fleet, bare, controller_pids)
 
     # Steady: every device every period, for steady_s.
     start = now()
@@ -314,9 +339,16 @@ def main() -> int:
         "--state-dir", type=Path, default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None
     )
     parser.add_argument("--skip-rollout", action="store_true")
+    parser.add_argument(
+        "--database",
+        choices=("sqlite", "postgresql"),
+        default=None,
+        help="the controller's database (default: postgresql when a count above 1 is asked for)",
+    )
     args = parser.parse_args()
-    workers_list = [int(w) for w in args.ingest_workers.split(",") if w.strip()]
+    workers_list = sorted({int(w) for w in args.ingest_workers.split(",") if w.strip()})
     rollout_count = args.rollout_devices or args.devices
+    database = args.database or ("postgresql" if any(w > 1 for w in workers_list) else "sqlite")
 
     hard = raise_open_files_limit()
     if hard < args.devices + 1000:
@@ -328,9 +360,28 @@ def main() -> int:
     controller = Controller(
         work / "controller", broker.port, passwd_file=broker.passwd_file, reload_command=broker.reload_command
     )
-    controller.init()
+    postgres: Postgres | None = None
+    ingest_workers: list[Controller] = []
+    if database == "postgresql":
+        postgres = Postgres().start()
+        postgres.admin('CREATE DATABASE "edgefleet"')
+        db_url = postgres.url("edgefleet")
+        controller.init("--database", db_url)
+        controller.roles = "api,chunks,engine"
+
+        def stored() -> int:
+            return stored_windows_pg(db_url)
+    else:
+        controller.init()
+
+        def stored() -> int:
+            return stored_windows(controller.data_dir / "controller.db")
+
     controller.start()
     assert controller.proc is not None
+    if postgres is not None:
+        # Reported states, status and desired-state requests need an ingest process from the start.
+        add_ingest_workers(controller, ingest_workers, workers_list[0] if workers_list else 1)
     fleet: SimFleet | None = None
     bare: BareSubscribers | None = None
     rows: list[IngestRow] = []
@@ -367,14 +418,16 @@ def main() -> int:
         time.sleep(args.settle_s)
 
         for workers in workers_list:
-            if workers != 1:
+            if workers != 1 and postgres is None:
                 note = (
-                    "not measured: this bench does not start role processes yet"
+                    "not measured: several ingest processes need --database postgresql"
                     if roles_available()
                     else "not available: controller roles not built"
                 )
                 rows += [IngestRow(workers, phase, note=note) for phase in ("steady", "burst")]
                 continue
+            if postgres is not None:
+                add_ingest_workers(controller, ingest_workers, workers)
             name = "bench-bare"
             topic = TELEMETRY if workers == 1 else f"$share/{name}/{TELEMETRY}"
             names = [f"{name}-{i}" for i in range(workers)]
@@ -383,8 +436,8 @@ def main() -> int:
                 processes=workers, decode=True,
             ).start()  # fmt: skip
             progress(f"ingest with {workers} worker(s)")
-            db = controller.data_dir / "controller.db"
-            rows += ingest(db, fleet, bare, [controller.proc.pid], workers, args)
+            pids = [p.proc.pid for p in [controller, *ingest_workers] if p.proc is not None]
+            rows += ingest(stored, fleet, bare, pids, workers, args)
             progress(rows[-2].cells() + "\n" + rows[-1].cells())
             bare.stop()
             bare = None
@@ -411,8 +464,12 @@ def main() -> int:
             bare.stop()
         if fleet is not None:
             fleet.stop()
+        for worker in ingest_workers:
+            worker.stop()
         controller.stop()
         broker.stop()
+        if postgres is not None:
+            postgres.stop()
 
     report(args, rows, result, alone, len(data), reg_s, connect_s, last, rollout_count)
     return 0
@@ -433,6 +490,11 @@ def report(
         f"# {args.devices} simulated devices (the agent's session code, one broker login each) in "
         f"{args.processes} processes on {os.cpu_count()} cores; telemetry every {args.period_s:g} s"
     )
+    if args.database == "postgresql" or any(r.workers > 1 and not r.note for r in rows):
+        print(
+            "controller: PostgreSQL; one api,chunks,engine process and `workers` ingest processes"
+            " (serve --roles ingest --instance i); its CPU is all of theirs"
+        )
     print(f"registered in batches of {BATCH} in {reg_s:.1f} s; all connected {connect_s:.1f} s after start")
     print(
         f"\n## ingest: steady = {args.steady_s:g} s of normal reporting; burst = {args.hold_s:g} s of windows "
