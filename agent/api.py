@@ -42,7 +42,7 @@ from agent.pool import ModelPool, ServingModel
 from agent.runtime import TensorSpec
 from agent.telemetry import Inferences
 from agent.tenants import DEFAULT_TENANT, TenantSpec, is_shadow
-from agent.tensors import fill, to_numpy
+from agent.tensors import fill_all, to_arrays
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +126,7 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
                 tenant,
                 serving,
                 # Read-only views of the request's bytes: the runtimes only read their inputs.
-                lambda: {
-                    name: to_numpy(t, f"input {name!r}", writable=False) for name, t in request.inputs.items()
-                },
+                lambda: to_arrays(request.inputs, "input", writable=False),
                 list(request.output_names),
                 context.time_remaining(),
             )
@@ -137,8 +135,7 @@ class InferenceApi(inference_pb2_grpc.InferenceServiceServicer):
                 model_version=serving.model_version,
                 latency_ms=answer.latency_ms,
             )
-            for name, array in answer.outputs.items():
-                fill(response.outputs[name], array, f"output {name!r}")
+            fill_all(response.outputs, answer.outputs, "output")
         except AgentError as exc:
             _abort(context, grpc.StatusCode[status_of(exc)], str(exc))
         return response

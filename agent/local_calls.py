@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,15 +165,16 @@ class LocalInference:
         self,
         tenant: str,
         serving: ServingModel,
-        decode: Callable[[], Mapping[str, np.ndarray]],
+        decode: Callable[[], dict[str, np.ndarray]],
         output_names: list[str],
         timeout: float | None = None,
         lent: bool = False,
     ) -> Answer:
         """Run one call; every outcome is recorded, failures raised as typed errors.
 
-        ``decode`` gives the caller's tensors; it runs inside, so a malformed tensor counts
-        as a failed call of the model version, as the runtime's refusal of a tensor does.
+        ``decode`` gives the caller's tensors in a dict of the call's own (kept, not copied); it
+        runs inside, so a malformed tensor counts as a failed call of the model version, as the
+        runtime's refusal of a tensor does.
         ``lent``: the tensors are views of the caller's memory, which it may change once the
         call returns; whatever keeps them for later (capture, the shadow lane) gets copies.
         """
@@ -184,8 +185,8 @@ class LocalInference:
         outputs: dict[str, np.ndarray] = {}
         live_ms = 0.0
         try:
-            inputs = dict(decode())
-            if serving.signature is not None:
+            inputs = decode()
+            if serving.signature is not None and serving.fills_inputs:
                 # Constants and initial states the caller left out, as a tenant pipeline feeds
                 # them. No state is kept between calls (a call names no stream): a caller that
                 # streams sends each answer's state output back as the next call's state.

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,12 @@ class ServingModel:
     model: LoadedModel
     # How each input is fed and what each output means, as the controller sent it (if it did).
     signature: ModelSignature | None = None
+
+    @cached_property
+    def fills_inputs(self) -> bool:
+        """Whether the signature has constants or states a call may leave out; without any, a
+        call's inputs reach the model as sent (worked out once, not per call)."""
+        return self.signature is not None and bool(self.signature.feeds())
 
 
 class PooledModel:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import ctypes
 import importlib
 import importlib.util
+import math
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -86,6 +87,9 @@ class OnnxModel:
         self._session = session
         self._inputs = [_spec(a, "input") for a in session.get_inputs()]
         self._outputs = [_spec(a, "output") for a in session.get_outputs()]
+        # What each call is checked against, worked out once for the session.
+        self._check = InputCheck(self._inputs)
+        self._output_names = [s.name for s in self._outputs]
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -98,10 +102,10 @@ class OnnxModel:
     def run(
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] = ()
     ) -> dict[str, np.ndarray]:
-        check_inputs(self._inputs, inputs)
-        names = select_outputs(self._outputs, output_names)
+        self._check(inputs)
+        names = select_outputs(self._outputs, output_names) if output_names else self._output_names
         try:
-            results = self._session.run(names, dict(inputs))
+            results = self._session.run(names, inputs if type(inputs) is dict else dict(inputs))
         except Exception as exc:
             kind = type(exc).__name__
             if kind in ("InvalidArgument", "InvalidGraph") or isinstance(exc, ValueError | TypeError):
@@ -115,15 +119,54 @@ class OnnxModel:
         return check_outputs(out)
 
 
-def check_outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def check_outputs(outputs: dict[str, np.ndarray], exact: Container[str] = ()) -> dict[str, np.ndarray]:
     """A NaN is no answer: a run that gives one (a corrupt weight, an input the model was never
-    meant for) failed, so the gates and the probation count it, as they count a runtime error."""
+    meant for) failed, so the gates and the probation count it, as they count a runtime error.
+    ``exact``: outputs that cannot hold one (dequantized from integers), not scanned."""
     for name, value in outputs.items():
-        if value.dtype.kind in "fc":
+        if value.dtype.kind in "fc" and name not in exact:
             bad = int(np.count_nonzero(np.isnan(value)))
             if bad:
                 raise InferenceError(f"output {name!r} holds NaN in {bad} of its {value.size} values")
     return outputs
+
+
+class InputCheck:
+    """:func:`check_inputs` for one model, its expectations worked out once: per input the dtype
+    object (comparing it costs no ``dtype.name``, which numpy builds anew each time), the rank
+    and the axes the model fixes. Tensors that fit pass after a few comparisons; anything else
+    goes to :func:`check_inputs`, which says what is wrong (or lets through what only differs in
+    byte order, as it always did)."""
+
+    def __init__(self, specs: Sequence[TensorSpec]) -> None:
+        self.specs = tuple(specs)
+        self._expected = {s.name: _expectation(s) for s in self.specs}
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> None:
+        expected = self._expected
+        if len(inputs) == len(expected):
+            for name, array in inputs.items():
+                want = expected.get(name)
+                if want is None:
+                    break
+                dtype, rank, fixed = want
+                have = array.dtype
+                if have is not dtype and have != dtype:
+                    break
+                shape = array.shape
+                if rank >= 0 and len(shape) != rank:
+                    break
+                if fixed and any(shape[axis] != length for axis, length in fixed):
+                    break
+            else:
+                return
+        check_inputs(self.specs, inputs)
+
+
+def _expectation(spec: TensorSpec) -> tuple[np.dtype, int, tuple[tuple[int, int], ...]]:
+    """(dtype, rank or -1 when the model states no shape, (axis, length) of each fixed axis)."""
+    fixed = tuple((axis, length) for axis, length in enumerate(spec.shape) if length >= 0)
+    return np.dtype(spec.dtype), len(spec.shape) if spec.shape else -1, fixed
 
 
 def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) -> None:
@@ -281,17 +324,32 @@ class LiteRtModel:
         self._outputs = [
             _float_spec(s) if s.name in self._quant_out else s for s in (_litert_spec(d) for d in self._out)
         ]
+        # Worked out once, not per run: the checks, and the tensor indices (fixed by the model;
+        # a resize changes shapes only).
+        self._check = InputCheck(self._raw_inputs)
+        self._raw_dtypes = {s.name: np.dtype(s.dtype) for s in self._raw_inputs}
+        self._output_names = [s.name for s in self._outputs]
+        self._output_index = {str(d["name"]): d["index"] for d in self._out}
+        # Dequantized by a finite scale, an output cannot hold NaN: it is not scanned for one.
+        self._exact_outputs = frozenset(
+            n for n, (scale, _) in self._quant_out.items() if math.isfinite(scale)
+        )
+        # The input shapes allocated now, as the interpreter would report them: only this
+        # object resizes its interpreter, under its lock.
+        self._allocated = {str(d["name"]): tuple(int(x) for x in d["shape"]) for d in self._in}
 
-    def _quantize(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raw = {s.name: s for s in self._raw_inputs}
+    def _quantize(self, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        if not self._quant_in:
+            return inputs
         out = dict(inputs)
         for name, (scale, zero) in self._quant_in.items():
             array = out.get(name)
             if array is None or array.dtype.kind != "f":
                 continue
-            info = np.iinfo(np.dtype(raw[name].dtype))
+            dtype = self._raw_dtypes[name]
+            info = np.iinfo(dtype)
             q = np.round(array.astype(np.float64) / scale) + zero
-            out[name] = np.clip(q, info.min, info.max).astype(raw[name].dtype)
+            out[name] = np.clip(q, info.min, info.max).astype(dtype)
         return out
 
     def _dequantize(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -312,33 +370,31 @@ class LiteRtModel:
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] = ()
     ) -> dict[str, np.ndarray]:
         inputs = self._quantize(inputs)
-        check_inputs(self._raw_inputs, inputs)
-        names = select_outputs(self._outputs, output_names)
+        self._check(inputs)
+        names = select_outputs(self._outputs, output_names) if output_names else self._output_names
+        interpreter = self._interpreter
         with self._lock:
             try:
                 self._resize(inputs)
                 for detail in self._in:
-                    self._interpreter.set_tensor(
-                        detail["index"], np.ascontiguousarray(inputs[detail["name"]])
-                    )
-                self._interpreter.invoke()
-                by_name = {d["name"]: d["index"] for d in self._interpreter.get_output_details()}
-                out = {n: np.array(self._interpreter.get_tensor(by_name[n])) for n in names}
+                    interpreter.set_tensor(detail["index"], np.ascontiguousarray(inputs[detail["name"]]))
+                interpreter.invoke()
+                index = self._output_index
+                out = {n: np.array(interpreter.get_tensor(index[n])) for n in names}
             except ValueError as exc:
                 raise InvalidInput(f"LiteRT refused the inputs: {exc}") from None
             except RuntimeError as exc:
                 raise InferenceError(f"LiteRT failed: {exc}") from None
-        return check_outputs(self._dequantize(out))
+        return check_outputs(self._dequantize(out), self._exact_outputs)
 
     def _resize(self, inputs: Mapping[str, np.ndarray]) -> None:
-        current = {
-            d["name"]: tuple(int(x) for x in d["shape"]) for d in self._interpreter.get_input_details()
-        }
         changed = False
         for detail in self._in:
-            shape = inputs[detail["name"]].shape
-            if current[detail["name"]] != shape:
+            name = detail["name"]
+            shape = inputs[name].shape
+            if self._allocated[name] != shape:
                 self._interpreter.resize_tensor_input(detail["index"], list(shape), strict=True)
+                self._allocated[name] = shape
                 changed = True
         if changed:
             self._interpreter.allocate_tensors()

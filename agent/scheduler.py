@@ -115,13 +115,9 @@ class FairQueue:
         ]
         if not ready:
             return None
-        start, tenant = min(ready)
+        _, tenant = min(ready)
         lane = self._lanes[tenant]
-        self._vtime = max(self._vtime, start)
-        charged = lane.estimate / lane.weight
-        lane.finish += charged
-        lane.running += 1
-        return Ticket(tenant, lane.items.popleft(), charged)
+        return self._start(tenant, lane, lane.items.popleft())
 
     def claim(self, tenant: str, item: Any) -> Ticket | None:
         """``item`` popped at once for its caller to run, when no job of any lane waits (so no
@@ -129,8 +125,18 @@ class FairQueue:
         lane = self._lanes.get(tenant)
         if lane is None or (lane.serial and lane.running) or self.waiting():
             return None
-        self.push(tenant, item)
-        return self.pop()
+        # What push() then pop() would do with every lane empty, without queueing the item.
+        if not lane.running:
+            lane.finish = max(lane.finish, self._vtime)
+        return self._start(tenant, lane, item)
+
+    def _start(self, tenant: str, lane: _Lane, item: Any) -> Ticket:
+        """Start ``item``, the lane's next job: charged its lane's running average at once."""
+        self._vtime = max(self._vtime, lane.finish)
+        charged = lane.estimate / lane.weight
+        lane.finish += charged
+        lane.running += 1
+        return Ticket(tenant, item, charged)
 
     def waiting(self) -> bool:
         """Whether any lane has a job waiting to start."""

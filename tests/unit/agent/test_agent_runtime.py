@@ -9,7 +9,7 @@ from skl2onnx import to_onnx
 from sklearn.linear_model import LogisticRegression
 
 from agent.errors import InferenceError, InvalidInput, ModelLoadError, UnsupportedRuntime
-from agent.runtime import OnnxRuntimeBackend, TensorSpec, backend_for
+from agent.runtime import InputCheck, OnnxRuntimeBackend, TensorSpec, backend_for, check_inputs
 from tests.unit.agent.models import linear_model
 
 
@@ -111,3 +111,23 @@ def test_an_output_holding_nan_is_a_failed_inference_naming_the_output(tmp_path:
     np.testing.assert_array_equal(model.run({"x": np.array([[1, 4, 9]], np.float32)})["y"], [[1, 2, 3]])
     with pytest.raises(InferenceError, match=r"output 'y' holds NaN in 2 of its 3 values"):
         model.run({"x": np.array([[-1, 4, -9]], np.float32)})
+
+
+def test_the_input_check_worked_out_at_load_refuses_and_admits_what_check_inputs_does() -> None:
+    specs = [TensorSpec("x", "float32", (-1, 8)), TensorSpec("n", "int64", ())]
+    check = InputCheck(specs)
+    x, n = np.zeros((3, 8), np.float32), np.array(2, np.int64)
+    check({"x": x, "n": n})
+    # Only the byte order differs: admitted, as the name-based check always did.
+    check({"x": x.astype(">f4"), "n": n})
+    for inputs, message in [
+        ({"x": x}, r"missing \['n'\]"),
+        ({"x": x, "m": n}, r"missing \['n'\], unexpected \['m'\]"),
+        ({"x": x.astype(np.float64), "n": n}, "is float64, the model wants float32"),
+        ({"x": np.zeros((3, 7), np.float32), "n": n}, r"has shape \[3, 7\], the model wants \[-1, 8\]"),
+        ({"x": np.zeros((1, 3, 8), np.float32), "n": n}, r"has shape \[1, 3, 8\]"),
+    ]:
+        with pytest.raises(InvalidInput, match=message):
+            check(inputs)
+        with pytest.raises(InvalidInput, match=message):
+            check_inputs(specs, inputs)

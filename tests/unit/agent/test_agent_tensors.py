@@ -5,7 +5,7 @@ import pytest
 from edgefleet_proto import inference_pb2
 
 from agent.errors import TensorCodecError
-from agent.tensors import DTYPES, from_numpy, to_numpy
+from agent.tensors import DTYPES, fill_all, from_numpy, to_arrays, to_numpy
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
@@ -46,3 +46,18 @@ def test_invalid_tensors_are_refused_with_a_reason(tensor: inference_pb2.Tensor,
 def test_object_arrays_cannot_travel() -> None:
     with pytest.raises(TensorCodecError, match="cannot travel"):
         from_numpy(np.array(["a"], dtype=object))
+
+
+def test_maps_of_tensors_name_the_one_that_is_refused() -> None:
+    good = from_numpy(np.ones((2, 3), np.float32))
+    arrays = to_arrays({"a": good}, "input", writable=False)
+    assert not arrays["a"].flags.writeable and arrays["a"].shape == (2, 3)
+    assert to_arrays({"a": good}, "input")["a"].flags.writeable
+    bad = inference_pb2.Tensor(dtype="float32", shape=[2], data=b"\0" * 4)
+    with pytest.raises(TensorCodecError, match=r"^input 'b': shape \[2\] of float32 needs 8 bytes, got 4$"):
+        to_arrays({"a": good, "b": bad}, "input")
+    response = inference_pb2.InferResponse()
+    fill_all(response.outputs, {"y": np.arange(6, dtype=">i4").reshape(2, 3).T}, "output")
+    np.testing.assert_array_equal(to_numpy(response.outputs["y"]), np.arange(6).reshape(2, 3).T)
+    with pytest.raises(TensorCodecError, match=r"^output 'z': dtype <U1 cannot travel"):
+        fill_all(response.outputs, {"z": np.array(["a"])}, "output")
