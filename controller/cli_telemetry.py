@@ -11,6 +11,7 @@ from typing import Any
 
 from edgefleet_proto.topics import _DEVICE_ID as DEVICE_ID
 from rich.console import RenderableType
+from rich.text import Text
 
 from controller import cli_output, cli_progress, cli_views
 from controller.cli import CommandError, _call, _print
@@ -212,9 +213,9 @@ def _by_table(
     return gathered
 
 
-def _export_summary(data: dict[str, Any]) -> RenderableType:
-    rows = [{"table": name, "rows": count} for name, count in data["rows"].items()]
-    return table(rows, ["table", "rows"], title=f"written to {data['path']}")
+def _export_summary(data: dict[str, Any]) -> Iterable[RenderableType]:
+    yield Text(f"written to {data['path']}")
+    yield table([{"table": name, "rows": count} for name, count in data["rows"].items()], ["table", "rows"])
 
 
 def add_commands(commands: Any, remote: argparse.ArgumentParser) -> None:

@@ -88,7 +88,8 @@ def send(controller: Controller, device_id: str, password: str, seqs: range) -> 
 
 
 @pytest.fixture
-def controller(broker: Broker, tmp_path: Path) -> Iterator[Controller]:
+def controller(broker: Broker, tmp_path: Path, store_url: str) -> Iterator[Controller]:
+    """A controller process on SQLite, or on PostgreSQL for the tests marked both_backends."""
     c = Controller(
         tmp_path / "controller",
         broker.port,
@@ -96,6 +97,7 @@ def controller(broker: Broker, tmp_path: Path) -> Iterator[Controller]:
         reload_command=broker.reload_command,
     )
     try:
+        c.init(*(("--database", store_url) if store_url else ()))
         yield c.start()
     finally:
         c.stop()
@@ -118,6 +120,7 @@ def fleet(controller: Controller, tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.both_backends
 def test_export_writes_the_fleet_into_one_sqlite_file_and_a_second_export_upserts(
     controller: Controller, fleet: dict[str, str], tmp_path: Path
 ) -> None:
