@@ -786,6 +786,9 @@ class Transport:
         store = self.telemetry.store
         stored = self._stored_windows
         stored.clear()
+        # Device by device (each one's messages in arrival order): a batch locks the devices' rows
+        # in one order, so ingest processes sharing a database never wait on each other in a cycle.
+        jobs = sorted(jobs, key=lambda job: job.topic.device_id)
         try:
             # Made before the transaction: making a partition locks its table (controller.partitions).
             store.partitions.ensure("telemetry", [j.received_at for j in jobs if j.topic.kind is Kind.TELEMETRY])
