@@ -92,13 +92,12 @@ class PooledModel:
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] = ()
     ) -> dict[str, np.ndarray]:
         with self._lock:
-            self.in_use += 1
-            self.last_used = self._pool.clock()
-            try:
+            model = self._model
+            if model is None:
                 model = self._reload_if_unloaded()
-            except BaseException:
-                self.in_use -= 1
-                raise
+            # Counted as in use until it ends (never unloaded meanwhile); it counts as used
+            # when it ends, which is all the idle and make-room choices read.
+            self.in_use += 1
         try:
             return model.run(inputs, output_names)
         finally:

@@ -17,6 +17,7 @@ import os
 import threading
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -149,24 +150,28 @@ class InputCheck:
                 want = expected.get(name)
                 if want is None:
                     break
-                dtype, rank, fixed = want
+                dtype, rank, fixed, lengths = want
                 have = array.dtype
                 if have is not dtype and have != dtype:
                     break
                 shape = array.shape
                 if rank >= 0 and len(shape) != rank:
                     break
-                if fixed and any(shape[axis] != length for axis, length in fixed):
+                if fixed is not None and fixed(shape) != lengths:
                     break
             else:
                 return
         check_inputs(self.specs, inputs)
 
 
-def _expectation(spec: TensorSpec) -> tuple[np.dtype, int, tuple[tuple[int, int], ...]]:
-    """(dtype, rank or -1 when the model states no shape, (axis, length) of each fixed axis)."""
-    fixed = tuple((axis, length) for axis, length in enumerate(spec.shape) if length >= 0)
-    return np.dtype(spec.dtype), len(spec.shape) if spec.shape else -1, fixed
+def _expectation(spec: TensorSpec) -> tuple[np.dtype, int, itemgetter[Any] | None, Any]:
+    """(dtype, rank or -1 when the model states no shape, what picks the fixed axes' lengths
+    out of a shape (None when no axis is fixed), and those lengths as the model states them)."""
+    axes = [axis for axis, length in enumerate(spec.shape) if length >= 0]
+    if not axes:
+        return np.dtype(spec.dtype), len(spec.shape) if spec.shape else -1, None, None
+    fixed = itemgetter(*axes)
+    return np.dtype(spec.dtype), len(spec.shape), fixed, fixed(spec.shape)
 
 
 def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) -> None:

@@ -74,9 +74,10 @@ def to_arrays(
     """Each named tensor as an array (as :func:`to_numpy`), in a new dict; a malformed one is
     refused as ``{role} {name!r}: ...`` (the label is made only then, not per call)."""
     arrays: dict[str, np.ndarray] = {}
-    for name, tensor in tensors.items():
+    # By key: a message map's items() is a Python-level generator.
+    for name in tensors:
         try:
-            arrays[name] = _decode(tensor, writable)
+            arrays[name] = _decode(tensors[name], writable)
         except _Malformed as exc:
             raise TensorCodecError(f"{role} {name!r}: {exc}") from None
     return arrays

@@ -114,10 +114,21 @@ def test_an_output_holding_nan_is_a_failed_inference_naming_the_output(tmp_path:
 
 
 def test_the_input_check_worked_out_at_load_refuses_and_admits_what_check_inputs_does() -> None:
-    specs = [TensorSpec("x", "float32", (-1, 8)), TensorSpec("n", "int64", ())]
+    specs = [
+        TensorSpec("x", "float32", (-1, 8)),
+        TensorSpec("n", "int64", ()),
+        TensorSpec("img", "uint8", (1, -1, 4)),
+    ]
     check = InputCheck(specs)
-    x, n = np.zeros((3, 8), np.float32), np.array(2, np.int64)
-    check({"x": x, "n": n})
+    x, n, img = np.zeros((3, 8), np.float32), np.array(2, np.int64), np.zeros((1, 5, 4), np.uint8)
+    check({"x": x, "n": n, "img": img})
+    check({"x": x, "n": np.ones((2, 2), np.int64), "img": img[:, :2]})
+    with pytest.raises(
+        InvalidInput, match=r"input 'img' has shape \[2, 5, 4\], the model wants \[1, -1, 4\]"
+    ):
+        check({"x": x, "n": n, "img": np.zeros((2, 5, 4), np.uint8)})
+    specs = specs[:2]
+    check = InputCheck(specs)
     # Only the byte order differs: admitted, as the name-based check always did.
     check({"x": x.astype(">f4"), "n": n})
     for inputs, message in [
