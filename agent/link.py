@@ -116,6 +116,7 @@ class Link:
         self.agent_version = agent_version
         self._attempt = 0
         self._delay = 0.0
+        self._offline_said = False
         # The brokers this agent may use, in order; the one in use is self._addresses[self._at].
         self._addresses = config.addresses()
         self._at = 0
@@ -215,10 +216,17 @@ class Link:
         """Seconds to wait before the next connection attempt (what paho's own loop waits)."""
         return self._delay
 
+    def say_offline(self) -> Publication:
+        """Publish the offline status (retained): the first half of :meth:`stop`. An external
+        network loop waits for its acknowledgement itself before calling :meth:`stop`; one not
+        acknowledged would be sent again after the online status when the link next connects."""
+        self._offline_said = True
+        return self.publish(self.topic(Kind.STATUS), self._status(False), retain=True)
+
     def stop(self, timeout: float = 5.0) -> None:
         """Say offline ourselves and disconnect cleanly, so the broker drops the last will."""
-        if self.connected:
-            self.publish(self.topic(Kind.STATUS), self._status(False), retain=True).wait(timeout)
+        if self.connected and not self._offline_said:
+            self.say_offline().wait(timeout)
         self._stopping = True
         self._connected.clear()
         self._client.disconnect()
@@ -292,6 +300,7 @@ class Link:
             with self._lock:
                 waves = sorted(self._waves)
             self._subscribe([self.topic(k) for k in SUBSCRIBED_KINDS] + waves)
+            self._offline_said = False
             self.publish(self.topic(Kind.STATUS), self._status(True), retain=True)
             self._connected.set()
             log.info(

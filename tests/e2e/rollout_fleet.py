@@ -1,10 +1,11 @@
 """A 20-device fleet for the rollout tests, and the model versions they roll out.
 
-Five real agent processes and fifteen simulated devices (real MQTT clients in
-this process, see tests/simfleet.py), all registered through the controller's
-API. Inference traffic runs on every device: the simulated ones drive their
-own, a thread sends gRPC requests to the real agents. Models are built here;
-nothing is downloaded.
+Five real agent processes and fifteen simulated devices (the agent's own session
+code, each on its own broker login, in one simulator process: tests/fleetsim),
+all registered through the controller's API. Inference traffic runs on every
+device: the simulated ones run the digits samples through their serving model,
+a thread sends gRPC requests to the real agents. Models are built here; nothing
+is downloaded.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import onnx
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.fleetsim import DeviceLogin, SimFleet, SimSettings
 from tests.localfleet import Agent, Controller, register_agent, rollout_done, to_tensors, wait_until
-from tests.simfleet import Sessions, SimDevice, SimFleet
 
 REAL_EVERY = 4  # dev-00, dev-04, ... are real agent processes
+# Each simulated device runs this many inferences per telemetry window of 0.5 s.
+SIM_INFERENCES = 10
 SLOW_DEPTH = 48
 
 
@@ -99,13 +102,13 @@ def classifier(path: Path, seed: int, slow: bool = False, faulty: bool = False) 
 class Fleet:
     controller: Controller
     agents: list[Agent]
-    sims: list[SimDevice]
+    sims: list[str]
     sim_fleet: SimFleet
     samples: np.ndarray
 
     @property
     def ids(self) -> list[str]:
-        return sorted([a.device_id for a in self.agents] + [s.device_id for s in self.sims])
+        return sorted([a.device_id for a in self.agents] + self.sims)
 
     def upload(self, path: Path, version: str) -> dict[str, Any]:
         out: dict[str, Any] = self.controller.cli(
@@ -190,20 +193,31 @@ def _drive_agents(agents: list[Agent], samples: np.ndarray, stop: threading.Even
 @contextmanager
 def fleet_of_20(controller: Controller, workdir: Path, agents: list[Agent]) -> Iterator[Fleet]:
     samples = digits_samples()
-    sessions = Sessions()
-    sims: list[SimDevice] = []
+    workdir.mkdir(parents=True, exist_ok=True)
+    np.save(workdir / "samples.npy", samples)
+    sims: list[str] = []
     for i in range(20):
         device_id = f"dev-{i:02}"
         if i % REAL_EVERY == 0:
             agents.append(register_agent(controller, workdir, device_id, telemetry_interval=0.5).start())
         else:
-            creds = controller.api(
-                "POST", "/v1/devices", json={"device_id": device_id, "tags": ["sim"]}
-            ).json()
-            sims.append(
-                SimDevice(device_id, creds["mqtt_password"], controller.broker_port, sessions, samples)
-            )
-    sim_fleet = SimFleet(sims, telemetry_interval_s=0.5).start()
+            sims.append(device_id)
+    registered = controller.api(
+        "POST", "/v1/devices/batch", json={"devices": [{"device_id": d, "tags": ["sim"]} for d in sims]}
+    )
+    assert registered.status_code == 201, registered.text
+    creds = registered.json()
+    settings = SimSettings(
+        "127.0.0.1",
+        controller.broker_port,
+        creds[0]["controller_public_key"],
+        workdir / "sim",
+        telemetry_interval_s=0.5,
+        inferences_per_window=SIM_INFERENCES,
+        samples=workdir / "samples.npy",
+    )
+    logins = [DeviceLogin(c["device_id"], c["mqtt_password"]) for c in creds]
+    sim_fleet = SimFleet(logins, settings, processes=1, log_dir=workdir / "sim-logs").start()
     stop = threading.Event()
     driver = threading.Thread(target=_drive_agents, args=(agents, samples, stop), daemon=True)
     fleet = Fleet(controller, agents, sims, sim_fleet, samples)

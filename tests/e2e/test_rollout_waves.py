@@ -92,8 +92,7 @@ def test_bad_version_is_stopped_at_the_first_wave_and_rolled_back_everywhere_it_
         fleet.upload(classifier(tmp_path / "v3.onnx", seed=1, **bad), "3")
         first_version_everywhere(fleet, v1)
         # dev-03 is in the first wave and offline for the whole rollout.
-        away = next(s for s in fleet.sims if s.device_id == "dev-03")
-        away.stop()
+        fleet.sim_fleet.offline(["dev-03"])
         wait_until(lambda: not fleet.device("dev-03")["online"], 30, "dev-03 offline")
 
         rollout = staged(fleet, "3")
@@ -121,7 +120,7 @@ def test_bad_version_is_stopped_at_the_first_wave_and_rolled_back_everywhere_it_
         assert real.infer({"X": np.zeros((1, 64), np.float32)}).model_version == "1"
 
         # The offline device comes back after the rollback and ends on the old version.
-        away.start()
+        fleet.sim_fleet.online(["dev-03"])
         wait_until(lambda: fleet.device("dev-03")["online"], 30, "dev-03 back")
 
         def converged() -> bool:

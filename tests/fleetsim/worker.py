@@ -187,9 +187,7 @@ class Worker:
             self.start()
             self.conn.send(True)
         elif command[0] == "offline":
-            for device in self._named(command[1]):
-                # As an agent that stops: offline status, then a clean disconnect.
-                device.link.stop(timeout=0)
+            self._disconnect(self._named(command[1]))
             self.conn.send(True)
         elif command[0] == "online":
             for device in self._named(command[1]):
@@ -211,14 +209,24 @@ class Worker:
     def _named(self, device_ids: list[str]) -> list[SimDevice]:
         return [self.by_id[d] for d in device_ids if d in self.by_id]
 
+    def _disconnect(self, devices: list[SimDevice]) -> None:
+        """Stop these devices' links as the agent does: the offline status acknowledged (a clean
+        disconnect sends no will), then the disconnect; the network loop runs meanwhile."""
+        said = [d.link.say_offline() for d in devices if d.link.connected]
+        deadline = time.monotonic() + STOP_FLUSH_S
+        while time.monotonic() < deadline and not all(p.done for p in said):
+            self.driver.run_once(0.05)
+        for device in devices:
+            device.link.stop(timeout=0)
+        peers = {id(d.link.client) for d in devices}
+        while time.monotonic() < deadline and any(
+            p.sock is not None for p in self.driver.peers if id(p.client) in peers
+        ):
+            self.driver.run_once(0.05)
+
     def _stop(self) -> None:
         self.stopping = True
-        for device in self.devices:
-            # Offline status first (a clean disconnect sends no will); its PUBACK is not awaited.
-            device.link.stop(timeout=0)
-        deadline = time.monotonic() + STOP_FLUSH_S
-        while time.monotonic() < deadline and any(p.sock is not None for p in self.driver.peers):
-            self.driver.run_once(0.05)
+        self._disconnect(self.devices)
         for device in self.devices:
             device.outbox.close()
 
