@@ -293,16 +293,23 @@ def artifact_bytes(controller: Controller) -> tuple[float, float]:
 def rollout(
     controller: Controller, fleet: SimFleet, digest: str, count: int, total: int, waves: list[str]
 ) -> tuple[float, dict[str, Any], list[tuple[int, float]]]:
-    target = ["--all"] if count == total else ["--tag", ROLLOUT_TAG]
-    wave_args = [a for w in waves for a in ("--wave", f"{w}:{SOAK_S:g}")]
+    body = {
+        "model": "dense",
+        "version": "1",
+        "target": {"all": True} if count == total else {"tags": [ROLLOUT_TAG]},
+        "waves": [{"percent": float(w.rstrip("%")), "soak_s": SOAK_S} for w in waves],
+    }
     start = time.monotonic()
-    created = controller.cli("rollouts", "create", "--model", "dense", "--version", "1", *target, *wave_args)
-    with httpx.Client(
-        base_url=controller.url, headers={"Authorization": f"Bearer {controller.token}"}, timeout=60
-    ) as api:
+    # Through the API with a long timeout: a controller behind on its ingest answers late.
+    headers = {"Authorization": f"Bearer {controller.token}"}
+    created = httpx.post(f"{controller.url}/v1/rollouts", json=body, headers=headers, timeout=600).json()
+    with httpx.Client(base_url=controller.url, headers=headers, timeout=120) as api:
         waves_started: list[tuple[int, float]] = []
         while True:
-            r = api.get(f"/v1/rollouts/{created['id']}").json()
+            try:
+                r = api.get(f"/v1/rollouts/{created['id']}").json()
+            except httpx.HTTPError:
+                continue
             wave = int(r["wave"])
             if not waves_started or waves_started[-1][0] != wave:
                 waves_started.append((wave, time.monotonic() - start))
@@ -337,6 +344,13 @@ def main() -> int:
     parser.add_argument("--connect-rate", type=float, default=500.0, help="device connections per second")
     parser.add_argument(
         "--state-dir", type=Path, default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+    )
+    parser.add_argument(
+        "--sim-nice",
+        type=int,
+        default=10,
+        help="niceness of the simulator processes: they stand for hardware elsewhere, so they take the "
+        "CPU the controller, the broker and the baselines leave",
     )
     parser.add_argument("--skip-rollout", action="store_true")
     parser.add_argument(
@@ -401,7 +415,7 @@ def main() -> int:
         settings = SimSettings("127.0.0.1", broker.port, key, state, telemetry_interval_s=args.period_s)
         started = time.monotonic()
         fleet = SimFleet(
-            logins, settings, args.processes, args.connect_rate, log_dir=work / "fleetsim"
+            logins, settings, args.processes, args.connect_rate, log_dir=work / "fleetsim", nice=args.sim_nice
         ).start()
         fleet.wait_connected(600)
         connect_s = time.monotonic() - started
