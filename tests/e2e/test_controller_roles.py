@@ -28,21 +28,12 @@ from tests.broker import Broker
 from tests.fleetsim import DeviceLogin, SimFleet, SimSettings
 from tests.localfleet import Controller, wait_until
 from tests.models import dense_of_size
-from tests.postgres import Postgres
 
-pytestmark = pytest.mark.slow
+# Several controller processes share a database on PostgreSQL only (the store_url fixture's).
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", ["postgresql"], indirect=True)]
 
 # A takeover must happen within this many seconds of the holder's death (controller.leases).
 TAKEOVER_S = 10.0
-
-
-@pytest.fixture
-def database(postgres: Postgres) -> Iterator[str]:
-    url = postgres.database(template="edgefleet_template")
-    try:
-        yield url
-    finally:
-        postgres.admin(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
 
 
 @pytest.fixture
@@ -83,8 +74,9 @@ def query(database: str, sql: str) -> list[tuple[object, ...]]:
 
 
 def test_ingest_processes_share_the_telemetry_and_store_every_window_once(
-    broker: Broker, tmp_path: Path, database: str, processes: list[Controller]
+    broker: Broker, tmp_path: Path, store_url: str, processes: list[Controller]
 ) -> None:
+    database = store_url
     api = init(broker, tmp_path, database)
     # The API, chunk serving and the engine in one process; telemetry to two ingest processes.
     api.roles = "api,chunks,engine"
@@ -127,8 +119,9 @@ def test_ingest_processes_share_the_telemetry_and_store_every_window_once(
 
 
 def test_the_engine_lease_is_taken_over_after_a_kill_and_every_action_is_logged_once(
-    broker: Broker, tmp_path: Path, database: str, processes: list[Controller]
+    broker: Broker, tmp_path: Path, store_url: str, processes: list[Controller]
 ) -> None:
+    database = store_url
     api = init(broker, tmp_path, database)
     api.roles = "api,ingest,chunks"
     processes.append(api.start())

@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,18 +22,6 @@ DEVICES = 40
 ROUNDS = 15
 
 
-@pytest.fixture
-def database(postgres: object) -> Iterator[str]:
-    from tests.postgres import Postgres
-
-    assert isinstance(postgres, Postgres)
-    url = postgres.database(template="edgefleet_template")
-    try:
-        yield url
-    finally:
-        postgres.admin(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
-
-
 def ingest_process(root: Path, database: str) -> tuple[Parts, Transport]:
     parts = Parts(root, database_url=database)
     transport = Transport(parts.settings, parts.fleet, parts.telemetry, parts.artifacts)
@@ -46,7 +33,9 @@ def batch(device_ids: list[str], seq: int) -> list[Inbound]:
     return [
         Inbound(
             Topic(d, Kind.TELEMETRY),
-            fleet_pb2.Telemetry(device_id=d, seq=seq, window_start_ms=seq * 1000, window_end_ms=seq * 1000 + 999),
+            fleet_pb2.Telemetry(
+                device_id=d, seq=seq, window_start_ms=seq * 1000, window_end_ms=seq * 1000 + 999
+            ),
             now,
             False,
         )
@@ -54,9 +43,11 @@ def batch(device_ids: list[str], seq: int) -> list[Inbound]:
     ]
 
 
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 def test_two_ingest_processes_store_batches_of_the_same_devices_without_deadlocks(
-    tmp_path: Path, database: str
+    tmp_path: Path, store_url: str
 ) -> None:
+    database = store_url
     first, a = ingest_process(tmp_path / "a", database)
     _, b = ingest_process(tmp_path / "b", database)
     ids = [f"dev-{i:02}" for i in range(DEVICES)]
