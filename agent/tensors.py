@@ -97,8 +97,12 @@ def _decode(tensor: inference_pb2.Tensor, writable: bool) -> np.ndarray:
     expected = math.prod(shape) * wire.itemsize
     if expected != len(data):
         raise _Malformed(f"shape {list(shape)} of {tensor.dtype} needs {expected} bytes, got {len(data)}")
-    # Over immutable bytes: read-only, C-ordered, no copy.
-    array: np.ndarray = np.ndarray(shape, wire, data)
+    try:
+        # Over immutable bytes: read-only, C-ordered, no copy.
+        array: np.ndarray = np.ndarray(shape, wire, data)
+    except ValueError as exc:
+        # Dimensions whose product is 0 (so the byte count matched) but too large for numpy.
+        raise _Malformed(f"shape {list(shape)} cannot be an array: {exc}") from None
     if wire is native and not writable:
         return array
     # A writable native-order copy unless asked otherwise: some callers write into their inputs.

@@ -36,6 +36,12 @@ def test_wire_bytes_are_little_endian() -> None:
         (inference_pb2.Tensor(dtype="float32", shape=[2, 2], data=b"\0" * 15), "needs 16 bytes, got 15"),
         (inference_pb2.Tensor(dtype="float32", shape=[-1, 2], data=b""), "negative dimension"),
         (inference_pb2.Tensor(dtype="int8", shape=[1] * 33, data=b"\0"), "rank 33"),
+        # Zero values, so the byte count matches, but no array can have these dimensions.
+        (
+            inference_pb2.Tensor(dtype="float32", shape=[2**62, 0], data=b""),
+            r"shape \[4611686018427387904, 0\]",
+        ),
+        (inference_pb2.Tensor(dtype="uint8", shape=[2**40, 2**40, 0], data=b""), "cannot be an array"),
     ],
 )
 def test_invalid_tensors_are_refused_with_a_reason(tensor: inference_pb2.Tensor, message: str) -> None:
