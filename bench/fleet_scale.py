@@ -3,7 +3,7 @@
 The devices are tests/fleetsim: each is the agent's own session (link, outbox
 and sender, updater, key ring) on its own broker login and connection, several
 thousand per simulator process on one network loop. They are registered in
-batches (POST /v1/devices/batch: one password-file rewrite and broker reload per
+batches (POST /v1/device-batches: one password-file rewrite and broker reload per
 batch, where one device at a time would rewrite the file and reload the broker
 10,000 times). Starts mosquitto and the controller, then measures in one run:
 
@@ -112,7 +112,7 @@ def register(controller: Controller, count: int, rollout_count: int) -> tuple[li
             {"device_id": f"sim-{i:05d}", "tags": [ROLLOUT_TAG] if i < rollout_count else []}
             for i in range(first, min(count, first + BATCH))
         ]
-        response = controller.api("POST", "/v1/devices/batch", json={"devices": devices})
+        response = controller.api("POST", "/v1/device-batches", json={"devices": devices})
         response.raise_for_status()
         for c in response.json():
             logins.append(DeviceLogin(c["device_id"], c["mqtt_password"]))

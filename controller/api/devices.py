@@ -41,7 +41,7 @@ def register_device(body: DeviceCreate, controller: ControllerDep) -> DeviceCred
 
 
 @router.post(
-    "/devices/batch",
+    "/device-batches",
     status_code=status.HTTP_201_CREATED,
     response_model=list[DeviceCredentialsPublic],
     responses=errors(409, 503),

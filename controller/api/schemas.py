@@ -133,7 +133,7 @@ class ModelPublic(_Public):
     versions: list[VersionSummaryPublic]
 
 
-# Devices one POST /v1/devices/batch registers at most (its answer holds a password for each).
+# Devices one POST /v1/device-batches registers at most (its answer holds a password for each).
 MAX_DEVICE_BATCH = 10_000
 
 
@@ -144,7 +144,10 @@ class DeviceCreate(_Create):
 
 
 class DeviceBatchCreate(_Create):
-    devices: list[DeviceCreate] = Field(min_length=1, max_length=MAX_DEVICE_BATCH)
+    # uniqueItems: the document says a batch lists each device once (one listed twice is a 422).
+    devices: list[DeviceCreate] = Field(
+        min_length=1, max_length=MAX_DEVICE_BATCH, json_schema_extra={"uniqueItems": True}
+    )
 
 
 class DeviceCredentialsPublic(_Public):

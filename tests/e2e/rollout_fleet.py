@@ -203,7 +203,7 @@ def fleet_of_20(controller: Controller, workdir: Path, agents: list[Agent]) -> I
         else:
             sims.append(device_id)
     registered = controller.api(
-        "POST", "/v1/devices/batch", json={"devices": [{"device_id": d, "tags": ["sim"]} for d in sims]}
+        "POST", "/v1/device-batches", json={"devices": [{"device_id": d, "tags": ["sim"]} for d in sims]}
     )
     assert registered.status_code == 201, registered.text
     creds = registered.json()

@@ -61,7 +61,7 @@ def init(broker: Broker, tmp_path: Path, database: str) -> Controller:
 def register(api: Controller, count: int) -> tuple[list[DeviceLogin], str]:
     """Devices registered in one batch, and the controller's public key they are provisioned with."""
     response = api.api(
-        "POST", "/v1/devices/batch", json={"devices": [{"device_id": f"sim-{i:03}"} for i in range(count)]}
+        "POST", "/v1/device-batches", json={"devices": [{"device_id": f"sim-{i:03}"} for i in range(count)]}
     )
     assert response.status_code == 201, response.text
     creds = response.json()

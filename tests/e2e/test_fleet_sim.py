@@ -26,7 +26,7 @@ def test_two_hundred_simulated_devices_register_report_and_converge_on_a_rollout
     broker: Broker, controller: Controller, tmp_path: Path
 ) -> None:
     registered = controller.api(
-        "POST", "/v1/devices/batch", json={"devices": [{"device_id": f"sim-{i:03}"} for i in range(DEVICES)]}
+        "POST", "/v1/device-batches", json={"devices": [{"device_id": f"sim-{i:03}"} for i in range(DEVICES)]}
     )
     assert registered.status_code == 201, registered.text
     creds = registered.json()

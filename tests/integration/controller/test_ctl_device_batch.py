@@ -1,4 +1,4 @@
-"""POST /v1/devices/batch: many devices registered at once, all or none, with one broker reload."""
+"""POST /v1/device-batches: many devices registered at once, all or none, with one broker reload."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from tests.integration.controller.conftest import Ctl
 
 
 def _batch(ctl: Ctl, *ids: str) -> Any:
-    return ctl.api("POST", "/v1/devices/batch", json={"devices": [{"device_id": d} for d in ids]})
+    return ctl.api("POST", "/v1/device-batches", json={"devices": [{"device_id": d} for d in ids]})
 
 
 def test_a_batch_registers_every_device_and_each_logs_in_to_the_broker(ctl: Ctl) -> None:
     reloads = ctl.broker.log_file.read_text().count("Reloading config")
     response = ctl.api(
         "POST",
-        "/v1/devices/batch",
+        "/v1/device-batches",
         json={"devices": [{"device_id": f"cam-{i}", "tags": ["lobby"]} for i in range(50)]},
     )
     assert response.status_code == 201, response.text
@@ -41,5 +41,5 @@ def test_a_batch_with_a_registered_or_repeated_id_registers_nothing(ctl: Ctl) ->
     assert twice.status_code == 422
     assert "cam-3" in twice.json()["detail"]
     assert _batch(ctl, "cam-4", "has/slash").status_code == 422
-    assert ctl.api("POST", "/v1/devices/batch", json={"devices": []}).status_code == 422
+    assert ctl.api("POST", "/v1/device-batches", json={"devices": []}).status_code == 422
     assert [d["device_id"] for d in ctl.api("GET", "/v1/devices").json()] == ["cam-1"]

@@ -46,7 +46,7 @@ def test_every_route_of_the_app_has_a_minimum_role_checked_by_the_app_wide_depen
     admin_only = {k for k, r in table.items() if r == Role.ADMIN}
     assert admin_only == {
         ("POST", "/v1/devices"),
-        ("POST", "/v1/devices/batch"),
+        ("POST", "/v1/device-batches"),
         ("POST", "/v1/devices/{device_id}/certificate"),
         ("POST", "/v1/devices/{device_id}/revoke"),
         ("POST", "/v1/signing-key/rotate"),
