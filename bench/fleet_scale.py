@@ -199,6 +199,10 @@ def add_ingest_workers(controller: Controller, workers: list[Controller], count:
         workers.append(controller.role_process("ingest", instance=len(workers) + 1).start())
 
 
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else "-"
+
+
 @dataclass
 class IngestRow:
     workers: int
@@ -219,8 +223,8 @@ class IngestRow:
         per_k = 1000 * (b.cpu_s - a.cpu_s) / max(1, stored)
         bare_per_k = 1000 * (b.bare_cpu_s - a.bare_cpu_s) / max(1, bare)
         return (
-            f"{self.workers:>7}  {self.phase:6}  {rate:8.0f}  {bare_rate:8.0f}  {rate / bare_rate:5.2f}"
-            f"  {per_k:8.3f}  {bare_per_k:8.3f}  {per_k / bare_per_k:5.1f}"
+            f"{self.workers:>7}  {self.phase:6}  {rate:8.0f}  {bare_rate:8.0f}  {ratio(rate, bare_rate):>5}"
+            f"  {per_k:8.3f}  {bare_per_k:8.3f}  {ratio(per_k, bare_per_k):>5}"
             f"  | {stored} stored in {seconds:.1f} s, {b.acknowledged - a.acknowledged} acknowledged,"
             f" {b.windows - a.windows} closed; bare {bare} windows ({b.bare_messages - a.bare_messages} messages)"
             f" in {bare_seconds:.1f} s; load {a.load1:.0f}-{b.load1:.0f}{self.drained}"
