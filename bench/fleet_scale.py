@@ -24,7 +24,9 @@ batch, where one device at a time would rewrite the file and reload the broker
    devices saw acknowledged (which then leave their outboxes) are printed too;
 3. a three-wave rollout (``--waves``, 1 s soak each) of a ``--megabytes`` model to
    ``--rollout-devices`` devices (default all) while telemetry goes on: the time
-   from create to succeeded, beside the fan-out of 1.
+   from create to succeeded, beside the fan-out of 1. It runs
+   before ingest processes are added: with several, a device's reported states reach
+   them out of order and an older one may be stored last, holding a wave back.
 
 With ``--database postgresql`` (the default when a count above 1 is asked for) the
 controller runs as processes sharing a PostgreSQL database started for the run
@@ -435,6 +437,27 @@ def main() -> int:
         # device) passes before anything is measured.
         time.sleep(args.settle_s)
 
+        # Before more ingest processes are added: with several, one device's reported states
+        # reach them out of order and the last stored may be an older one (a device left
+        # "loading" after it reported "active"), which holds a wave back for its device timeout.
+        if not args.skip_rollout:
+            progress(f"rollout to {rollout_count} devices with {len(ingest_workers) or 1} ingest process(es)")
+            served0, broadcast0 = artifact_bytes(controller)
+            waves = [w.strip() for w in args.waves.split(",")]
+            elapsed, final, wave_times = rollout(
+                controller, fleet, version["digest"], rollout_count, args.devices, waves
+            )
+            served1, broadcast1 = artifact_bytes(controller)
+            result = {
+                "elapsed": elapsed,
+                "final": final,
+                "waves": wave_times,
+                "served": served1 - served0,
+                "broadcast": broadcast1 - broadcast0,
+                "waves_spec": waves,
+                "ingest": len(ingest_workers) or 1,
+            }
+
         for workers in workers_list:
             if workers != 1 and postgres is None:
                 note = (
@@ -460,22 +483,6 @@ def main() -> int:
             bare.stop()
             bare = None
 
-        if not args.skip_rollout:
-            progress(f"rollout to {rollout_count} devices")
-            served0, broadcast0 = artifact_bytes(controller)
-            waves = [w.strip() for w in args.waves.split(",")]
-            elapsed, final, wave_times = rollout(
-                controller, fleet, version["digest"], rollout_count, args.devices, waves
-            )
-            served1, broadcast1 = artifact_bytes(controller)
-            result = {
-                "elapsed": elapsed,
-                "final": final,
-                "waves": wave_times,
-                "served": served1 - served0,
-                "broadcast": broadcast1 - broadcast0,
-                "waves_spec": waves,
-            }
         last = fleet.stats()
     finally:
         if bare is not None:
@@ -527,7 +534,8 @@ def report(
         elapsed = result["elapsed"]
         print(
             f"\n## rollout: {len(result['waves_spec'])} waves ({', '.join(result['waves_spec'])}, {SOAK_S:g} s soak "
-            f"each) of a {size / 1e6:.2f} MB model to {rollout_count} devices, telemetry going on"
+            f"each) of a {size / 1e6:.2f} MB model to {rollout_count} devices, telemetry going on, "
+            f"{result['ingest']} ingest process(es)"
         )
         print(f"rollout state: {final['state']} ({final.get('reason', '')})")
         print(f"broker alone (the same bytes fanned out once to {rollout_count} subscribers): {alone:8.1f} s")
