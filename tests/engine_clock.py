@@ -13,6 +13,7 @@ import contextlib
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from controller import service
 from controller.cli import main
@@ -40,8 +41,8 @@ def run(offset_file: Path, argv: list[str]) -> int:
     clock = OffsetClock(offset_file)
     build = service.Controller.__init__
 
-    def with_clock(self: service.Controller, settings: service.Settings) -> None:
-        build(self, settings)
+    def with_clock(self: service.Controller, *args: Any, **kwargs: Any) -> None:
+        build(self, *args, **kwargs)
         self.rollouts.clock = clock
 
     service.Controller.__init__ = with_clock  # type: ignore[method-assign]

@@ -9,7 +9,7 @@ import pytest
 
 from controller.api import create_app
 from tests.broker import Broker
-from tests.integration.controller.conftest import Ctl, running
+from tests.integration.controller.conftest import Ctl, init_controller, running
 
 # The API and its storage on both databases (tests/conftest.py's store_url, through the ctl fixture).
 pytestmark = pytest.mark.both_backends
@@ -96,13 +96,17 @@ def test_bad_uploads_are_refused_and_store_nothing(ctl: Ctl, digits_model: Path,
     assert ctl.controller.store.query("SELECT * FROM model_versions") == []
 
 
-def test_uploads_over_the_limit_get_413(broker: Broker, ctl: Ctl, digits_model: Path, tmp_path: Path) -> None:
-    small = ctl.settings.with_changes(max_upload_bytes=1000)
+def test_uploads_over_the_limit_get_413(
+    broker: Broker, digits_model: Path, tmp_path: Path, store_url: str
+) -> None:
+    # A controller of its own: a second one on the same SQLite file would be refused.
+    settings, token = init_controller(broker, tmp_path / "controller", database_url=store_url)
+    small = settings.with_changes(max_upload_bytes=1000)
     app = create_app(small, start_transport=False)
     from fastapi.testclient import TestClient
 
     with TestClient(app) as client:
-        limited = Ctl(small, ctl.token, client, broker)
+        limited = Ctl(small, token, client, broker)
         streamed = limited.upload(
             digits_model, "digits", "1"
         )  # declared size is under the envelope allowance

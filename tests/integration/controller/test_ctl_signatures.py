@@ -257,7 +257,8 @@ def test_tenants_are_checked_against_the_signature_of_their_models_newest_versio
             "tenant 'cam'.postprocess.labels: 2 labels for the 1 class of output 'classificators'",
         ),
         (
-            [{**cam, "postprocess": {"kind": "ssd", "strides": [8, 16, 16, 16]}}],
+            # Scores and boxes the wrong way round.
+            [{**cam, "postprocess": {**ssd, "output": "regressors", "boxes_output": "classificators"}}],
             "tenant 'cam'.postprocess.boxes_output: output 'classificators' has 1 value per anchor",
         ),
         (
@@ -282,6 +283,8 @@ def test_tenants_are_checked_against_the_signature_of_their_models_newest_versio
         {**mic, "inputs": {"sr": sr, "state": state}},
         {**cam, "postprocess": {**ssd, "labels": ["face"], "threshold": 0.5}},
         {**cam, "id": "cam-scores", "postprocess": {"kind": "threshold", "output": "classificators"}},
+        # Outputs left unnamed are the ones the signature means as scores and boxes.
+        {**cam, "id": "cam-unnamed", "postprocess": {"kind": "ssd", "strides": [8, 16, 16, 16]}},
     ]
     accepted = ctl.api("PUT", path, json=good)
     assert accepted.status_code == 200, accepted.text
