@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import threading
+import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
+import tomli_w
 from edgefleet_proto import artifact_pb2
 from edgefleet_proto.codec import decode_as, encode
 
@@ -63,14 +67,41 @@ class BrokerMemory:
         return self._peak - self._start
 
 
+@pytest.fixture
+def unicast_controller(broker: Broker, tmp_path: Path) -> Iterator[Controller]:
+    """A controller that sends artifacts only on each device's own requests.
+
+    The default wave broadcast would bring the whole model before the device asks for a
+    chunk; these tests are about the requests: windows, resume from disk, a chunk fetched again.
+    (tests/e2e/test_wave_broadcast.py covers the broadcast and its repair by requests.)
+    """
+    c = Controller(
+        tmp_path / "controller",
+        broker.port,
+        passwd_file=broker.passwd_file,
+        reload_command=broker.reload_command,
+    )
+    c.init()
+    settings = c.data_dir / "controller.toml"
+    doc = tomllib.loads(settings.read_text())
+    doc["artifact_delivery"] = "unicast"
+    settings.write_text(tomli_w.dumps(doc))
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
 def upload(controller: Controller, path: Path, name: str, version: str) -> dict[str, Any]:
     body: dict[str, Any] = controller.cli("models", "upload", str(path), "--name", name, "--version", version)
     return body
 
 
 def test_kill_mid_download_resumes_from_chunks_on_disk(
-    broker: Broker, controller: Controller, agents: list[Agent], tmp_path: Path
+    broker: Broker, unicast_controller: Controller, agents: list[Agent], tmp_path: Path
 ) -> None:
+    controller = unicast_controller
     big = upload(controller, dense_of_size(tmp_path / "big.onnx", 20), "big", "1")
     chunks = -(-big["size"] // 65536)
     agent = register_agent(controller, tmp_path / "agents", "dev-r")
@@ -108,8 +139,9 @@ def test_kill_mid_download_resumes_from_chunks_on_disk(
 
 
 def test_corrupt_chunk_in_flight_is_rejected_and_fetched_again(
-    broker: Broker, controller: Controller, agents: list[Agent], tmp_path: Path
+    broker: Broker, unicast_controller: Controller, agents: list[Agent], tmp_path: Path
 ) -> None:
+    controller = unicast_controller
     big = upload(controller, dense_of_size(tmp_path / "big.onnx", 8), "big", "1")
     agent = register_agent(controller, tmp_path / "agents", "dev-c")
     agents.append(agent.start())
