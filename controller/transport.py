@@ -152,6 +152,10 @@ class Transport:
         self.telemetry = telemetry
         self.artifacts = artifacts
         self.connected = threading.Event()
+        # Set once the broker has answered this connection's SUBSCRIBE, and the UNSUBSCRIBE of what
+        # a kept session had from other roles: from then on the process receives what its roles ask
+        # for and nothing else. Being connected says neither: publishes may reach the broker first.
+        self.subscribed = threading.Event()
         # Counted, not just flagged: a reconnect can be faster than anyone polling `connected`.
         self.disconnects = 0
         self._stopping = threading.Event()
@@ -187,6 +191,7 @@ class Transport:
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_unsubscribe = self._on_unsubscribe
         self._inflight_limit = MAX_INFLIGHT
         # The brokers this controller may use, in order; the one in use is self._addresses[self._at].
         self._addresses = settings.broker_addresses()
@@ -195,6 +200,8 @@ class Transport:
         # may refuse a subscription for a while (NATS while its JetStream elects leaders), and a
         # session missing one would never hear that kind of message again.
         self._subscribing: dict[int, list[tuple[str, Any]]] = {}
+        # UNSUBSCRIBE packets awaiting their UNSUBACK (mid -> filters).
+        self._unsubscribing: dict[int, list[str]] = {}
         self._refusals = 0
         self._state_jobs: queue.Queue[Job] = queue.Queue(MAX_QUEUED_JOBS)
         self._artifact_jobs: queue.Queue[Job] = queue.Queue(MAX_QUEUED_JOBS)
@@ -287,6 +294,9 @@ class Transport:
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
 
+    def wait_subscribed(self, timeout: float) -> bool:
+        return self.subscribed.wait(timeout)
+
     def _reason(self, error: BaseException | str) -> str:
         """Why connecting failed, in words naming the cause (a wrong CA, an expired certificate)."""
         return explain(error, self._tls, self.address[0], lambda path: certificate_problem(Path(path)))
@@ -315,6 +325,7 @@ class Transport:
                 log.warning("mqtt connection failed broker=%s:%d error=%s", host, port, self._reason(exc))
             was_up = self.connected.is_set()
             self.connected.clear()
+            self.subscribed.clear()
             if self._stopping.is_set():
                 break
             self._attempt += 1
@@ -362,11 +373,17 @@ class Transport:
             getattr(flags, "session_present", None),
         )
         try:
-            self._refusals = 0
+            with self._acks_lock:
+                # Packets of an earlier connection are never answered on this one.
+                self.subscribed.clear()
+                self._subscribing.clear()
+                self._unsubscribing.clear()
+                self._refusals = 0
             filters = self._subscriptions()
             if filters:
                 self._subscribe(filters)
             self._unsubscribe_stale(client, flags)
+            self._note_subscribed()
             if self._republish_on_connect:
                 self._enqueue(self._state_jobs, Republish(reason="connected"))
         except Exception:
@@ -393,7 +410,30 @@ class Transport:
         # MQTT 3.1.1 brokers (NATS) have no shared subscriptions: nothing of the kind to drop.
         stale = [t for t in every_filter() if t not in mine and (self._v5 or not t.startswith("$share/"))]
         if stale:
-            client.unsubscribe(stale)
+            with self._acks_lock:
+                _, mid = client.unsubscribe(stale)
+                if mid is not None:
+                    self._unsubscribing[mid] = stale
+
+    def _on_unsubscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode], properties: Any
+    ) -> None:
+        try:
+            with self._acks_lock:
+                stale = self._unsubscribing.pop(mid, [])
+            # Whatever each code ("no subscription existed" is the usual one), none of these is left.
+            log.debug("mqtt filters of other roles unsubscribed topics=%s", ",".join(stale))
+            self._note_subscribed()
+        except Exception:
+            log.exception("unsuback handling failed mid=%d", mid)
+
+    def _note_subscribed(self) -> None:
+        """Set `subscribed` once nothing asked of the broker on this connection awaits its answer
+        (nor a refused subscription its retry)."""
+        with self._acks_lock:
+            settled = not self._subscribing and not self._unsubscribing and not self._refusals
+        if settled:
+            self.subscribed.set()
 
     def republish(self, reason: str) -> None:
         """Publish every stored desired state again (queued for the state worker)."""
@@ -404,6 +444,7 @@ class Transport:
     ) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
+        self.subscribed.clear()
         self.disconnects += 1
         paho_error = self._paho_errors.take()
         if self._stopping.is_set():
@@ -452,6 +493,7 @@ class Transport:
             elif self._refusals:
                 self._refusals = 0
                 log.info("mqtt subscriptions complete")
+            self._note_subscribed()
         except Exception:
             log.exception("suback handling failed mid=%d", mid)
 

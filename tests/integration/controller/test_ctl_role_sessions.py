@@ -26,7 +26,9 @@ def role_transport(ctl: Ctl, roles: frozenset[Role]) -> Transport:
         republish_on_connect=False,
     )
     transport.start()
-    assert wait_for(lambda: transport.wait_connected(0.5) or None, 15, f"{account(3)} connected")
+    # Subscribed, not just connected: until the broker has answered its SUBSCRIBE and UNSUBSCRIBE,
+    # windows sent meanwhile may miss the group it joins or still reach the groups it left.
+    assert wait_for(lambda: transport.wait_subscribed(0.5) or None, 15, f"{account(3)} subscribed")
     return transport
 
 
