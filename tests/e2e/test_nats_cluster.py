@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import tomli_w
 
+from controller.settings import CONTROLLER_USER
 from tests.localfleet import Agent, Controller, register_agent, wait_until
 from tests.models import digits_classifier
 from tests.nats_cluster import NatsCluster, NatsNode
@@ -180,7 +181,8 @@ def run(controller: Controller, nats: NatsCluster, agents: list[Agent], tmp_path
     # consumers with 3 replicas) on a surviving node.
     controller_log = controller.log_file.read_text(errors="replace")
     assert any(
-        f"mqtt connected broker=127.0.0.1:{port} protocol=v311 session_present=True" in controller_log
+        f"mqtt connected broker=127.0.0.1:{port} protocol=v311 user={CONTROLLER_USER} session_present=True"
+        in controller_log
         for port in survivors
     ), controller_log[-3000:]
 
