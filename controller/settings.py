@@ -25,7 +25,6 @@ DEFAULT_MAX_MODEL_MEMORY_BYTES = DEFAULT_MAX_UPLOAD_BYTES
 PROTOCOLS = ("v5", "v311")
 DELIVERIES = ("broadcast", "unicast")
 DATABASE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://", "postgresql+psycopg://")
-DELIVERIES = ("broadcast", "unicast")
 
 
 @dataclass(frozen=True)
