@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -495,6 +496,8 @@ def main() -> int:
         broker.stop()
         if postgres is not None:
             postgres.stop()
+        # Ten thousand devices' state and outboxes: gigabytes of a memory-backed folder.
+        shutil.rmtree(state, ignore_errors=True)
 
     report(args, rows, result, alone, len(data), reg_s, connect_s, last, rollout_count)
     return 0

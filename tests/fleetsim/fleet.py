@@ -51,11 +51,13 @@ class ProcessGroup(Generic[S]):
         return total
 
     def call(self, *command: Any, timeout: float = 120.0) -> list[Any]:
+        """Send ``command`` to every process and gather their answers, within ``timeout`` in all."""
         for pipe in self.pipes:
             pipe.send(command)
         answers = []
+        deadline = time.monotonic() + timeout
         for proc, pipe in zip(self.procs, self.pipes, strict=True):
-            if not pipe.poll(timeout):
+            if not pipe.poll(max(0.0, deadline - time.monotonic())):
                 raise TimeoutError(f"simulator process {proc.pid} did not answer {command!r} in {timeout} s")
             answer = pipe.recv()
             if isinstance(answer, Exception) or (isinstance(answer, tuple) and answer[0] == "failed"):
