@@ -341,6 +341,9 @@ def main() -> int:
     parser.add_argument("--period-s", type=float, default=10.0, help="telemetry period of every device")
     parser.add_argument("--steady-s", type=float, default=60.0)
     parser.add_argument("--settle-s", type=float, default=30.0, help="after every device is online")
+    parser.add_argument(
+        "--online-timeout-s", type=float, default=300.0, help="waiting for the controller to see every device"
+    )
     parser.add_argument("--hold-s", type=float, default=30.0, help="telemetry held before the burst")
     parser.add_argument(
         "--burst-s", type=float, default=120.0, help="the burst is measured this long at most"
@@ -413,11 +416,11 @@ def main() -> int:
         data = model.read_bytes()
         version = controller.cli("models", "upload", str(model), "--name", "dense", "--version", "1")
 
-        progress(
-            f"registered {len(logins)} devices in {reg_s:.1f} s; broker fan-out to {rollout_count} subscribers"
-        )
-        alone = fan_out(broker, logins[:rollout_count], data, DEFAULT_CHUNK_SIZE, args.processes)
-        progress(f"fan-out {alone:.1f} s; starting the simulated fleet")
+        progress(f"registered {len(logins)} devices in {reg_s:.1f} s")
+        alone = 0.0
+        if not args.skip_rollout:
+            alone = fan_out(broker, logins[:rollout_count], data, DEFAULT_CHUNK_SIZE, args.processes)
+            progress(f"fan-out {alone:.1f} s")
 
         settings = SimSettings("127.0.0.1", broker.port, key, state, telemetry_interval_s=args.period_s)
         started = time.monotonic()
@@ -427,13 +430,14 @@ def main() -> int:
         fleet.wait_connected(600)
         connect_s = time.monotonic() - started
         progress(f"{args.devices} devices connected {connect_s:.1f} s after start")
-        wait_until(
-            lambda: online(controller) == args.devices,
-            600,
-            "every device online at the controller",
-            interval=5,
+        # A controller that cannot keep up drops status messages: measured anyway, and said.
+        deadline = time.monotonic() + args.online_timeout_s
+        while (seen_online := online(controller)) < args.devices and time.monotonic() < deadline:
+            time.sleep(5)
+        online_s = time.monotonic() - started
+        progress(
+            f"{seen_online} of {args.devices} devices online at the controller {online_s:.0f} s after start"
         )
-        progress("every device online at the controller")
         # The connection storm (a status, a reported state and a desired-state request per
         # device) passes before anything is measured.
         time.sleep(args.settle_s)
@@ -499,7 +503,17 @@ def main() -> int:
         # Ten thousand devices' state and outboxes: gigabytes of a memory-backed folder.
         shutil.rmtree(state, ignore_errors=True)
 
-    report(args, rows, result, alone, len(data), reg_s, connect_s, last, rollout_count)
+    report(
+        args,
+        rows,
+        result,
+        alone,
+        len(data),
+        reg_s,
+        f"{connect_s:.1f} s; {seen_online} of them online at the controller {online_s:.0f} s after start",
+        last,
+        rollout_count,
+    )
     return 0
 
 
@@ -510,7 +524,7 @@ def report(
     alone: float,
     size: int,
     reg_s: float,
-    connect_s: float,
+    connected: str,
     last: WorkerStats,
     rollout_count: int,
 ) -> None:
@@ -523,7 +537,7 @@ def report(
             "controller: PostgreSQL; one api,chunks,engine process and `workers` ingest processes"
             " (serve --roles ingest --instance i); its CPU is all of theirs"
         )
-    print(f"registered in batches of {BATCH} in {reg_s:.1f} s; all connected {connect_s:.1f} s after start")
+    print(f"registered in batches of {BATCH} in {reg_s:.1f} s; all connected {connected}")
     print(
         f"\n## ingest: steady = {args.steady_s:g} s of normal reporting; burst = {args.hold_s:g} s of windows "
         "held in the outboxes, released at once"
