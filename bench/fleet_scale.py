@@ -298,7 +298,13 @@ def artifact_bytes(controller: Controller) -> tuple[float, float]:
 
 
 def rollout(
-    controller: Controller, fleet: SimFleet, digest: str, count: int, total: int, waves: list[str]
+    controller: Controller,
+    fleet: SimFleet,
+    digest: str,
+    count: int,
+    total: int,
+    waves: list[str],
+    timeout_s: float,
 ) -> tuple[float, dict[str, Any], list[tuple[int, float]]]:
     body = {
         "model": "dense",
@@ -322,12 +328,14 @@ def rollout(
                 waves_started.append((wave, time.monotonic() - start))
             if r["state"] != "running":
                 break
-            if time.monotonic() - start > 3600:
-                raise TimeoutError(f"rollout still running after an hour: {r}")
+            if time.monotonic() - start > timeout_s:
+                # Measured anyway: how far it got is the figure.
+                break
             # Each answer lists every device of the rollout: polled often, it would load the controller.
             time.sleep(0.2 if count <= 500 else 1.0)
     elapsed = time.monotonic() - start
-    fleet.wait_active(digest, 120, count)
+    if r["state"] == "succeeded":
+        fleet.wait_active(digest, 120, count)
     return elapsed, r, waves_started
 
 
@@ -351,6 +359,12 @@ def main() -> int:
     parser.add_argument("--megabytes", type=float, default=5.0)
     parser.add_argument("--rollout-devices", type=int, default=0, help="devices the rollout targets (0: all)")
     parser.add_argument("--waves", default="10%,40%,100%")
+    parser.add_argument(
+        "--rollout-timeout-s",
+        type=float,
+        default=1800.0,
+        help="a rollout still running then is reported as is",
+    )
     parser.add_argument("--connect-rate", type=float, default=500.0, help="device connections per second")
     parser.add_argument(
         "--state-dir", type=Path, default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None
@@ -450,8 +464,15 @@ def main() -> int:
             served0, broadcast0 = artifact_bytes(controller)
             waves = [w.strip() for w in args.waves.split(",")]
             elapsed, final, wave_times = rollout(
-                controller, fleet, version["digest"], rollout_count, args.devices, waves
+                controller,
+                fleet,
+                version["digest"],
+                rollout_count,
+                args.devices,
+                waves,
+                args.rollout_timeout_s,
             )
+            serving = fleet.stats().active[version["digest"]]
             served1, broadcast1 = artifact_bytes(controller)
             result = {
                 "elapsed": elapsed,
@@ -461,6 +482,7 @@ def main() -> int:
                 "broadcast": broadcast1 - broadcast0,
                 "waves_spec": waves,
                 "ingest": len(ingest_workers) or 1,
+                "serving": serving,
             }
 
         for workers in workers_list:
@@ -554,9 +576,13 @@ def report(
             f"each) of a {size / 1e6:.2f} MB model to {rollout_count} devices, telemetry going on, "
             f"{result['ingest']} ingest process(es)"
         )
-        print(f"rollout state: {final['state']} ({final.get('reason', '')})")
+        print(
+            f"rollout state: {final['state']} ({final.get('reason', '')}); "
+            f"{result['serving']} of {rollout_count} devices serving the new version"
+        )
         print(f"broker alone (the same bytes fanned out once to {rollout_count} subscribers): {alone:8.1f} s")
-        print(f"rollout, create -> succeeded:                                   {elapsed:8.1f} s")
+        end = "succeeded" if final["state"] == "succeeded" else f"{final['state']} (stopped waiting)"
+        print(f"rollout, create -> {end}: {elapsed:8.1f} s")
         print(
             f"ratio rollout / broker alone: {elapsed / alone:.2f} (without the soak: {(elapsed - soak) / alone:.2f})"
         )
