@@ -184,7 +184,10 @@ def test_onnx_exports_get_variants_that_end_with_their_gate_figures(
                 assert "max_abs_deviation" in v["report"] and v["latency_ms"] is not None
     _compare_with_reference(ctl, body)
     assert list(cwd.iterdir()) == []
-    assert list((ctl.settings.data_dir / "work").iterdir()) == []
+    # The variants' verdicts are stored before the producer process stops and removes the
+    # version's prepared reference: on a loaded machine that takes a moment after the last one.
+    work = ctl.settings.data_dir / "work"
+    wait_for(lambda: not list(work.iterdir()), 60, f"{work} to be emptied")
     variants = {v["variant"]: v for v in body["variants"]}
     if name.startswith("ppocr"):
         # Paddle keeps every weight in a Constant node: quantized once moved to initializers.
