@@ -382,7 +382,10 @@ def _machine_steps(want: Assignment, desired: Desired, current: Current, now: fl
     event, why = judge_probation(
         inferences - update.base_inferences,
         errors - update.base_errors,
-        a.max_error_rate,
+        # No probation was asked for (a shadow candidate, a plan without one): whatever its first
+        # inferences did before this check is for the controller's gates to judge. Judging them
+        # here would fail it on a busy device (inferences came first) and pass it on an idle one.
+        a.max_error_rate if a.probation_s > 0 else math.inf,
         now,
         update.probation_until,
     )

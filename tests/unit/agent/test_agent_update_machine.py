@@ -118,6 +118,25 @@ def test_planner_watches_probation_then_commits_or_rolls_back() -> None:
     assert "error rate 0.300 (3/10 inferences) exceeds 0.1" in rollback.reason
 
 
+def test_an_assignment_without_probation_commits_whatever_it_served_before_the_first_check() -> None:
+    """``probation_s = 0`` means no probation (a shadow candidate, a plan without one): the errors
+    its first inferences made before the planner looked are the controller's gates' to judge. A
+    rollback here would report "failed to update" (or "could not load" in a shadow phase) on a
+    busy device, and pass on an idle one."""
+    no_probation = replace(A2, probation_s=0.0, max_error_rate=0.0)
+    state = on_probation(probes=(110, 10)).state
+    state = replace(
+        state,
+        desired=Desired(2, (no_probation,)),
+        tenants={"default": TenantState(Installed(no_probation, "/m/2"), Installed(A1, "/m/1"))},
+        updates={"default": Update(no_probation, S.PROBATION.value, "", 40.0, 100, 0)},
+    )
+    current = Current(state=state, installed=frozenset({A1.digest, A2.digest}), probes={"default": (110, 10)})
+    steps = plan(state.desired, current, now=40.5)
+    assert [s for s in steps if isinstance(s, RollBack)] == [], steps
+    assert [s.tenant for s in steps if isinstance(s, Commit)] == ["default"], steps
+
+
 def test_report_shows_probation_phase_and_outcomes() -> None:
     current = on_probation()
     [entry] = build_report(current.state.desired, current).models
