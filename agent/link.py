@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import random
 import sys
 import threading
 import time
@@ -29,17 +28,14 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+# Re-exported: agent.diskspace and agent.pipeline still import the delay from here.
+from agent.backoff import backoff_delay as backoff_delay
 from agent.config import MqttConfig
 from agent.tls import broker_tls, certificate_problem, client_context
 
 log = logging.getLogger(__name__)
 
 SUBSCRIBED_KINDS = (Kind.DESIRED, Kind.ARTIFACT_RESPONSE, Kind.TELEMETRY_ACK)
-
-
-def backoff_delay(attempt: int) -> float:
-    """Seconds to wait before reconnect attempt ``attempt`` (1-based), full jitter."""
-    return random.uniform(0, 1.5 ** min(10, attempt))
 
 
 @dataclass(frozen=True)

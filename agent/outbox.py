@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import shutil
 import sqlite3
 import threading
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.backoff import backoff_delay
 from agent.compat import sqlite_full
 from agent.conditions import DISK_FULL, Conditions
 
@@ -528,7 +528,7 @@ class OutboxSender:
             else:
                 self.again.add(record_id)
                 self.refusals += 1
-                self.paused_until = now + random.uniform(0, 1.5 ** min(10, self.refusals))
+                self.paused_until = now + backoff_delay(self.refusals)
                 log.error("outbox record refused id=%d reason=%s", record_id, pub.reason)
         late = [i for i, at in self.awaiting.items() if now - at >= self.ack_timeout_s]
         if late:

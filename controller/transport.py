@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import random
 import ssl
 import threading
 import time
@@ -39,6 +38,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from controller.artifacts import ArtifactStore, chunk_count
+from controller.backoff import backoff_delay
 from controller.certificates import certificate_problem
 from controller.device_events import DeviceEvents
 from controller.device_quotas import CaptureQuota, TelemetryQuota
@@ -84,11 +84,6 @@ SEEN_FLUSH_S = 1.0
 # announce their own limit (Receive Maximum) and the session is reopened with it
 # if lower; deploy/mosquitto/edgefleet.conf's max_inflight_messages 100 is announced as 100.
 MAX_INFLIGHT = 100
-
-
-def backoff_delay(attempt: int, rng: Callable[[float, float], float] = random.uniform) -> float:
-    """Seconds to wait before reconnect ``attempt`` (1-based), jittered, capped near 58 s."""
-    return rng(0, 1.5 ** min(10, attempt))
 
 
 @dataclass(frozen=True)
@@ -219,7 +214,7 @@ class Transport:
         # Windows this process acknowledged (stored, or found stored before): with several ingest
         # processes, each one's share.
         self.windows_acknowledged = 0
-        # Per-device limits (docs/interfaces.md, "Controller limits"), counted on /metrics.
+        # Per-device limits (docs/rest-api.md, "Controller limits"), counted on /metrics.
         self.counters = MessageCounters()
         self._chunk_requests = DeviceBuckets(
             Limit("chunk_requests", settings.chunk_requests_per_s, settings.chunk_requests_burst)
@@ -833,7 +828,9 @@ class Transport:
         jobs = sorted(jobs, key=lambda job: job.topic.device_id)
         try:
             # Made before the transaction: making a partition locks its table (controller.partitions).
-            store.partitions.ensure("telemetry", [j.received_at for j in jobs if j.topic.kind is Kind.TELEMETRY])
+            store.partitions.ensure(
+                "telemetry", [j.received_at for j in jobs if j.topic.kind is Kind.TELEMETRY]
+            )
             with store.transaction():
                 windows = []
                 for job in jobs:
@@ -843,7 +840,10 @@ class Transport:
                         windows.append(job)
                 # The batch's windows in one multi-row INSERT (controller.telemetry).
                 self.telemetry.ingest_many(
-                    [(j.topic.device_id, cast(fleet_pb2.Telemetry, j.message), j.received_at) for j in windows]
+                    [
+                        (j.topic.device_id, cast(fleet_pb2.Telemetry, j.message), j.received_at)
+                        for j in windows
+                    ]
                 )
                 stored.extend((j.topic.device_id, cast(fleet_pb2.Telemetry, j.message).seq) for j in windows)
             self._acknowledge_telemetry(stored)

@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent.link import backoff_delay
-
 AGENT = Path(__file__).resolve().parents[3] / "agent"
 
 
@@ -36,10 +34,3 @@ def test_only_the_runtime_module_imports_a_runtime_library() -> None:
             if any(n.split(".")[0] in ("onnxruntime", "tflite_runtime", "ai_edge_litert") for n in names):
                 importers.add(path.name)
     assert importers == {"runtime.py"}
-
-
-def test_reconnect_backoff_is_jittered_and_capped() -> None:
-    for attempt in (1, 3, 10, 50):
-        delays = [backoff_delay(attempt) for _ in range(200)]
-        assert all(0 <= d <= 1.5 ** min(10, attempt) for d in delays)
-        assert len(set(delays)) > 100

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from controller.transport import backoff_delay
+from controller.backoff import backoff_delay
 
 
 def test_backoff_is_jittered_and_capped() -> None:
