@@ -1,37 +1,27 @@
-"""Retraining policies: when a model has gone stale, call a pipeline that retrains it.
+"""Retraining: the service that keeps policies and runs, and the worker that calls triggers.
 
-A policy names a model, conditions (drift above a threshold for K consecutive
-fleet-wide windows; accuracy on labelled feedback below a threshold; a
-schedule), a cooldown, and a trigger: a webhook (HTTP POST of a JSON payload
-signed with HMAC-SHA256, retried with jittered backoff) or a local command (the
-payload on its stdin). Policies are versioned: a change adds a version, and
-each run records the version that fired it. A pipeline reports the model
-version it registered with :meth:`Retraining.complete`, which can start a
-rollout of it.
-
-:func:`evaluate` is the pure decision; :class:`Retraining` gathers what it
-needs, records runs and executes triggers on a worker thread.
+Policies (:mod:`controller.retraining_policies`) are versioned: a change adds a
+version, and each run records the version that fired it. :meth:`Retraining.tick`
+gathers what the fleet shows for each policy's model (drift windows, accuracy on
+labelled feedback), asks the pure :func:`evaluate` whether it fires, and records
+a run; a worker thread calls the run's trigger (:mod:`controller.retraining_triggers`)
+and records the outcome. A pipeline reports the model version it registered with
+:meth:`Retraining.complete`, which can start a rollout of it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import queue
-import random
-import re
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
-import httpx
-
+from controller import retraining_triggers
 from controller.baselines import Baselines
 from controller.datasets import Datasets
 from controller.errors import (
@@ -41,307 +31,15 @@ from controller.errors import (
     RetrainingRunNotFound,
     TriggerError,
 )
+from controller.retraining_policies import Decision, Observation, Policy, evaluate, parse_policy, policy_doc
 from controller.store import Store
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-EdgeFleet-Signature"
-RUN_HEADER = "X-EdgeFleet-Run"
-POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RUN_STATUSES = ("pending", "triggered", "failed", "succeeded")
 MAX_DATASETS_IN_PAYLOAD = 100
 # A version counts as in production while it sent drift sketches this recently.
 VERSION_LOOKBACK_S = 3600.0
-
-
-# -- policy documents ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DriftCondition:
-    threshold: float
-    windows: int = 3
-    metric: Literal["psi", "kl"] = "psi"
-
-
-@dataclass(frozen=True)
-class AccuracyCondition:
-    below: float
-    min_samples: int = 20
-
-
-@dataclass(frozen=True)
-class ScheduleCondition:
-    every_s: float
-
-
-@dataclass(frozen=True)
-class Trigger:
-    kind: Literal["webhook", "command"]
-    url: str = ""
-    secret: str = ""
-    command: tuple[str, ...] = ()
-    timeout_s: float = 10.0
-    max_attempts: int = 5
-
-
-@dataclass(frozen=True)
-class Policy:
-    name: str
-    model_name: str
-    trigger: Trigger
-    drift: DriftCondition | None = None
-    accuracy: AccuracyCondition | None = None
-    schedule: ScheduleCondition | None = None
-    cooldown_s: float = 3600.0
-    enabled: bool = True
-    # The rollout of the version a run registers: a POST /v1/rollouts body without
-    # model and version (devices or target, waves, gates, failure_action, ...).
-    rollout: Mapping[str, Any] | None = None
-    version: int = 0
-
-    def public(self) -> dict[str, Any]:
-        doc = policy_doc(self)
-        doc["trigger"].pop("secret", None)
-        doc["trigger"]["secret_set"] = bool(self.trigger.secret)
-        return {"name": self.name, "version": self.version, **doc}
-
-
-def _number(doc: Mapping[str, Any], key: str, default: float | None = None, minimum: float = 0.0) -> float:
-    value = doc.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-        raise InvalidPolicy(f"{key} must be a number >= {minimum}, not {value!r}")
-    return float(value)
-
-
-def parse_policy(name: str, doc: Mapping[str, Any]) -> Policy:
-    """A policy from its JSON document; InvalidPolicy names the first problem."""
-    if not POLICY_NAME.match(name):
-        raise InvalidPolicy(f"invalid policy name {name!r}: use 1-64 letters, digits, '_', '.', '-'")
-    known = {"model", "conditions", "cooldown_s", "trigger", "enabled", "rollout"}
-    unknown = sorted(set(doc) - known)
-    if unknown:
-        raise InvalidPolicy(f"unknown policy fields: {', '.join(unknown)}")
-    model = doc.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidPolicy("model must name a model")
-    conditions = doc.get("conditions") or {}
-    if not isinstance(conditions, dict) or not conditions:
-        raise InvalidPolicy("conditions must hold at least one of drift, accuracy, schedule")
-    extra = sorted(set(conditions) - {"drift", "accuracy", "schedule"})
-    if extra:
-        raise InvalidPolicy(f"unknown conditions: {', '.join(extra)}")
-    for key, value in conditions.items():
-        if value is not None and not isinstance(value, dict):
-            raise InvalidPolicy(f"conditions.{key} must be an object, not {value!r}")
-    drift = accuracy = schedule = None
-    if (d := conditions.get("drift")) is not None:
-        metric = d.get("metric", "psi")
-        if metric not in ("psi", "kl"):
-            raise InvalidPolicy(f"drift metric must be psi or kl, not {metric!r}")
-        windows = int(_number(d, "windows", 3, 1))
-        drift = DriftCondition(_number(d, "threshold"), windows, metric)
-    if (a := conditions.get("accuracy")) is not None:
-        below = _number(a, "below")
-        if below > 1:
-            raise InvalidPolicy("accuracy below must be a fraction between 0 and 1")
-        accuracy = AccuracyCondition(below, int(_number(a, "min_samples", 20, 1)))
-    if (s := conditions.get("schedule")) is not None:
-        schedule = ScheduleCondition(_number(s, "every_s", None, 1))
-    return Policy(
-        name=name,
-        model_name=model,
-        trigger=parse_trigger(doc.get("trigger")),
-        drift=drift,
-        accuracy=accuracy,
-        schedule=schedule,
-        cooldown_s=_number(doc, "cooldown_s", 3600.0),
-        enabled=bool(doc.get("enabled", True)),
-        rollout=_rollout(doc.get("rollout")),
-    )
-
-
-def parse_trigger(doc: Any) -> Trigger:
-    if not isinstance(doc, dict):
-        raise InvalidPolicy("trigger must be an object with kind webhook or command")
-    kind = doc.get("kind")
-    timeout = _number(doc, "timeout_s", 10.0, 0.1)
-    attempts = int(_number(doc, "max_attempts", 5, 1))
-    if kind == "webhook":
-        url = doc.get("url", "")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise InvalidPolicy("a webhook trigger needs an http(s) url")
-        secret = doc.get("secret", "")
-        if not isinstance(secret, str) or len(secret) < 16:
-            raise InvalidPolicy("a webhook trigger needs a secret of at least 16 characters (HMAC key)")
-        return Trigger("webhook", url=url, secret=secret, timeout_s=timeout, max_attempts=attempts)
-    if kind == "command":
-        command = doc.get("command")
-        if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
-            raise InvalidPolicy("a command trigger needs command: a non-empty list of strings (argv)")
-        return Trigger("command", command=tuple(command), timeout_s=timeout, max_attempts=attempts)
-    raise InvalidPolicy(f"trigger kind must be webhook or command, not {kind!r}")
-
-
-def _rollout(doc: Any) -> Mapping[str, Any] | None:
-    if doc is None:
-        return None
-    if not isinstance(doc, dict) or "model" in doc or "version" in doc:
-        raise InvalidPolicy("rollout must be a rollout body without model and version, e.g. {devices: [...]}")
-    return dict(doc)
-
-
-def policy_doc(policy: Policy) -> dict[str, Any]:
-    conditions: dict[str, Any] = {}
-    for key in ("drift", "accuracy", "schedule"):
-        cond = getattr(policy, key)
-        if cond is not None:
-            conditions[key] = asdict(cond)
-    trigger = {k: v for k, v in asdict(policy.trigger).items() if v not in ("", ())}
-    if policy.trigger.command:
-        trigger["command"] = list(policy.trigger.command)
-    doc: dict[str, Any] = {
-        "model": policy.model_name,
-        "conditions": conditions,
-        "cooldown_s": policy.cooldown_s,
-        "trigger": trigger,
-        "enabled": policy.enabled,
-    }
-    if policy.rollout is not None:
-        doc["rollout"] = dict(policy.rollout)
-    return doc
-
-
-# -- the decision (pure) ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Observation:
-    """What the fleet shows for one version of the policy's model."""
-
-    model_version: str
-    # Complete fleet-wide windows newer than the last run, oldest first: (window_end_ms, psi, kl).
-    drift_windows: Sequence[tuple[int, float, float]] = ()
-    # (accuracy, labelled samples) of the version's predictions on labelled captured data.
-    feedback: tuple[float, int] | None = None
-
-
-@dataclass(frozen=True)
-class Decision:
-    model_version: str
-    fired: list[dict[str, Any]] = field(default_factory=list)
-
-
-def evaluate(
-    policy: Policy, observations: Sequence[Observation], last_run_at: float | None, now: float
-) -> Decision | None:
-    """Whether ``policy`` fires now, for which version, and which conditions did it."""
-    if not policy.enabled:
-        return None
-    if last_run_at is not None and now - last_run_at < policy.cooldown_s:
-        return None
-    for obs in observations:
-        fired: list[dict[str, Any]] = []
-        if policy.drift is not None:
-            cond = policy.drift
-            values = [psi if cond.metric == "psi" else kl for _, psi, kl in obs.drift_windows]
-            recent = values[-cond.windows :]
-            if len(recent) == cond.windows and all(v > cond.threshold for v in recent):
-                fired.append(
-                    {
-                        "condition": "drift",
-                        "metric": cond.metric,
-                        "threshold": cond.threshold,
-                        "windows": cond.windows,
-                        "values": recent,
-                        "window_end_ms": obs.drift_windows[-1][0],
-                    }
-                )
-        if policy.accuracy is not None and obs.feedback is not None:
-            acc, samples = obs.feedback
-            if samples >= policy.accuracy.min_samples and acc < policy.accuracy.below:
-                fired.append(
-                    {
-                        "condition": "accuracy",
-                        "below": policy.accuracy.below,
-                        "value": acc,
-                        "samples": samples,
-                    }
-                )
-        if fired:
-            return Decision(obs.model_version, fired)
-    if policy.schedule is not None and (last_run_at is None or now - last_run_at >= policy.schedule.every_s):
-        version = observations[0].model_version if observations else ""
-        return Decision(version, [{"condition": "schedule", "every_s": policy.schedule.every_s}])
-    return None
-
-
-# -- triggers ----------------------------------------------------------------------
-
-
-def sign(secret: str, body: bytes) -> str:
-    """The signature header's value: ``sha256=`` and the hex HMAC-SHA256 of the body."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
-def verify(secret: str, body: bytes, header: str) -> bool:
-    return hmac.compare_digest(sign(secret, body), header)
-
-
-def backoff_delay(attempt: int, rng: Callable[[float, float], float] = random.uniform) -> float:
-    return rng(0, 1.5 ** min(10, attempt))
-
-
-def post_webhook(
-    trigger: Trigger,
-    body: bytes,
-    run_id: str,
-    sleep: Callable[[float], None] = time.sleep,
-    rng: Callable[[float, float], float] = random.uniform,
-) -> str:
-    """POST until a 2xx answer; a 4xx other than 408/429 is final. Returns what happened."""
-    headers = {
-        "Content-Type": "application/json",
-        SIGNATURE_HEADER: sign(trigger.secret, body),
-        RUN_HEADER: run_id,
-    }
-    last = ""
-    for attempt in range(1, trigger.max_attempts + 1):
-        try:
-            response = httpx.post(trigger.url, content=body, headers=headers, timeout=trigger.timeout_s)
-        except httpx.HTTPError as exc:
-            last = f"attempt {attempt}: {type(exc).__name__}: {exc}"
-        else:
-            if response.is_success:
-                return f"webhook answered {response.status_code} after {attempt} attempt(s)"
-            last = f"attempt {attempt}: HTTP {response.status_code} {response.text[:200]!r}"
-            if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
-                raise TriggerError(f"webhook refused the run: {last}")
-        log.warning("retraining webhook failed run=%s url=%s %s", run_id, trigger.url, last)
-        if attempt < trigger.max_attempts:
-            sleep(backoff_delay(attempt, rng))
-    raise TriggerError(f"webhook failed after {trigger.max_attempts} attempts; last {last}")
-
-
-def run_command(trigger: Trigger, body: bytes, run_id: str) -> str:
-    try:
-        done = subprocess.run(
-            list(trigger.command),
-            input=body,
-            capture_output=True,
-            timeout=trigger.timeout_s,
-            env={"EDGEFLEET_RUN_ID": run_id, "PATH": "/usr/local/bin:/usr/bin:/bin"},
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise TriggerError(f"command {trigger.command[0]!r} failed: {exc}") from None
-    if done.returncode != 0:
-        tail = done.stderr.decode(errors="replace").strip()[-300:]
-        raise TriggerError(f"command exited {done.returncode}: {tail}")
-    return "command exited 0"
-
-
-# -- the executor --------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -583,10 +281,7 @@ class Retraining:
         policy = self.policy(run.policy_name, run.policy_version)
         body = json.dumps(self.payload(run), sort_keys=True).encode()
         try:
-            if policy.trigger.kind == "webhook":
-                detail = post_webhook(policy.trigger, body, run.id)
-            else:
-                detail = run_command(policy.trigger, body, run.id)
+            detail = retraining_triggers.call(policy.trigger, body, run.id)
             status = "triggered"
         except TriggerError as exc:
             detail, status = str(exc), "failed"

@@ -15,7 +15,8 @@ from controller.api.rollout_schemas import RolloutCreate, RolloutSpec
 from controller.errors import InvalidInputError, InvalidPolicy, ModelNotFound, UnknownTargets
 from controller.fleet import Fleet
 from controller.groups import Groups
-from controller.retraining import POLICY_NAME, Policy, RolloutStarter
+from controller.retraining import RolloutStarter
+from controller.retraining_policies import POLICY_NAME, Policy
 from controller.rollout_plans import validate
 from controller.rollouts import Rollouts
 

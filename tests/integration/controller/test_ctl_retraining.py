@@ -21,7 +21,7 @@ from edgefleet_proto.topics import Kind, Topic
 from google.protobuf.json_format import ParseDict
 
 from agent.drift_sketch import build_sketch
-from controller.retraining import verify
+from controller.retraining_triggers import verify
 from tests.broker import Broker
 from tests.integration.controller.conftest import Ctl, init_controller, running, wait_for
 from tests.models import digits_classifier
@@ -194,7 +194,12 @@ def test_the_shipped_retraining_job_retrains_on_captured_data_and_registers_with
         Path(__file__).parents[3] / "firmware_profiles" / "raspberry-pi-zero-2-w.toml", 50.0, 0.05
     )
     job = job_module.Job(job_module.Api("", "", client=ctl.client), budget)
-    job.on_done = lambda outcome: (done.append(outcome), finished.set())
+
+    def on_done(outcome: dict[str, Any]) -> None:
+        done.append(outcome)
+        finished.set()
+
+    job.on_done = on_done
     server = job_module.serve(job, SECRET, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
