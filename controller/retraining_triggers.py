@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import httpx
 
+from controller.backoff import Uniform, backoff_delay
 from controller.errors import TriggerError
 from controller.retraining_policies import Trigger
 
@@ -37,16 +38,12 @@ def verify(secret: str, body: bytes, header: str) -> bool:
     return hmac.compare_digest(sign(secret, body), header)
 
 
-def backoff_delay(attempt: int, rng: Callable[[float, float], float] = random.uniform) -> float:
-    return rng(0, 1.5 ** min(10, attempt))
-
-
 def post_webhook(
     trigger: Trigger,
     body: bytes,
     run_id: str,
     sleep: Callable[[float], None] = time.sleep,
-    rng: Callable[[float, float], float] = random.uniform,
+    rng: Uniform = random.uniform,
 ) -> str:
     """POST until a 2xx answer; a 4xx other than 408/429 is final. Returns what happened."""
     headers = {
