@@ -5,7 +5,7 @@ one sample, :class:`Capturer` applies it with the policy's bounds (samples per
 hour, samples and bytes per upload) and packs a full buffer into an ``.npz``
 data set, and :func:`chunk_upload` cuts that into ``CaptureChunk`` messages
 for the ``capture`` topic (the controller reassembles them, checks the sha256
-and stores the data set; see docs/interfaces.md).
+and stores the data set; see docs/closed-loop.md).
 
 The agent holds one :class:`Captures` (a :class:`Capturer` per tenant, made
 from the desired state's capture policies) and wires it in :mod:`agent.observe`::

@@ -63,7 +63,7 @@ class Settings:
     # on load, any tensor of known size); a model needing more is refused. By default no
     # more than the largest file it could have been uploaded as: expansion is the attack.
     max_model_memory_bytes: int = DEFAULT_MAX_MODEL_MEMORY_BYTES
-    # Monitoring and the closed loop (issue 6): raw telemetry, events and drift
+    # Monitoring and the closed loop (docs/closed-loop.md): raw telemetry, events and drift
     # sketches are pruned after telemetry_retention_days, roll-ups after
     # rollup_retention_days; roll-ups and fleet-wide drift use windows of
     # rollup_window_s; maintenance (pruning, retraining policies) runs every
@@ -77,7 +77,7 @@ class Settings:
     # HTTP authenticator and authorizer, /broker/authenticate and /broker/authorize) sends a
     # secret in the X-Broker-Secret header; this is its SHA-256 (hex). Empty: those routes answer 401.
     broker_auth_secret_sha256: str = ""
-    # Per-device limits (docs/interfaces.md, "Controller limits"): artifact chunks served
+    # Per-device limits (docs/rest-api.md, "Controller limits"): artifact chunks served
     # (bytes and requests per second, each with a burst), events accepted per second,
     # and what a device may keep stored (events, telemetry bytes, captured data bytes).
     chunk_bytes_per_s: float = 8 * 1024 * 1024
