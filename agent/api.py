@@ -12,7 +12,7 @@ the agent.
 Who may call: the socket's mode (``[api] socket_mode``, 0660 by default) and
 group (``[api] socket_group``) keep out users outside that group; within it, the token in the
 ``x-edgefleet-token`` metadata names the tenant, and a tenant can only use its
-own model and results. A tenant declared without a token (the foundation's
+own model and results. A tenant declared without a token (such as
 ``default``) is open to anyone who can reach the socket unless
 ``[api] require_token`` is set. Shadow candidates are never served, but a
 tenant's calls are offered to its shadow candidate (``shadow``, in the service

@@ -11,7 +11,7 @@ calls :meth:`LocalInference.infer` and turns the typed errors into its own statu
 
 Who may call: a tenant's token names it; a call naming another tenant, a shadow
 candidate, or a tenant that has a token without giving one is refused. A tenant declared
-without a token (the foundation's ``default``) is open to anyone who can reach the socket
+without a token (such as ``default``) is open to anyone who can reach the socket
 unless ``require_token`` is set; the socket's mode and group keep other users out.
 """
 

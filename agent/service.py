@@ -372,7 +372,7 @@ class Service(Session):
 
 
 def _keys(config: AgentConfig) -> KeyRing:
-    """The pinned controller key (issue #3); without one, models are not verified."""
+    """The pinned controller key that signs assignments; without one, models are not verified."""
     key = config.security.controller_public_key
     ring = KeyRing(config.data_dir, parse_public_key(key) if key else None)
     if ring.enabled:

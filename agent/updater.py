@@ -246,7 +246,7 @@ class Updater:
         self.window = window
         self.request_timeout_s = request_timeout_s
         self.clock = clock
-        # The pinned controller key (issue #3); without one, assignments are not verified.
+        # The pinned controller key that signs assignments; without one, they are not verified.
         self.keys = keys if keys is not None else KeyRing(states.path.parent, None)
         self.state = DeviceState()
         self.installed: set[str] = set()

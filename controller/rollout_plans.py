@@ -106,7 +106,7 @@ class Plan:
 
     @property
     def staged(self) -> bool:
-        """Anything beyond the foundation's "send it to these devices now"."""
+        """Anything beyond a plain rollout's "send it to these devices now"."""
         return (
             len(self.waves) > 1
             or any(w.soak_s for w in self.waves)

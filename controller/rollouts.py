@@ -6,10 +6,10 @@ resolves its target into waves, runs engine passes (plan -> persist -> act, see
 the operator's commands and reads rollouts back. :class:`RolloutRunner` is the
 controller thread that keeps every active rollout moving.
 
-The foundation's "send this version to these devices now" is a one-wave plan
-without gates; two such plans on the same device supersede each other as they
-always did. Any staged plan (waves, soak, gates, approval, rollback) refuses to
-share a device and tenant with another active rollout.
+A plain rollout, "send this version to these devices now", is a one-wave plan
+without gates; two such plans on the same device supersede each other. Any
+staged plan (waves, soak, gates, approval, rollback) refuses to share a device
+and tenant with another active rollout.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class RolloutEvent:
 
 
 def rollout_status(statuses: Sequence[str]) -> RolloutStatus:
-    """The foundation's rule: succeeded when every device is active; failed once all finished and one failed."""
+    """The live rule: succeeded when every device is active; failed once all finished and one failed."""
     if statuses and all(s == "active" for s in statuses):
         return "succeeded"
     if statuses and all(s in ("active", "failed") for s in statuses):
@@ -139,7 +139,7 @@ def rollout_status(statuses: Sequence[str]) -> RolloutStatus:
 
 
 def coarse_status(plan: Plan, state: State, statuses: Sequence[str]) -> RolloutStatus:
-    """A plain plan keeps the foundation's live rule; a staged one reports the engine's verdict."""
+    """A plain plan keeps the live rule; a staged one reports the engine's verdict."""
     live = state in (State.RUNNING, State.SUCCEEDED, State.FAILED) and not plan.staged
     if live or state is State.SUPERSEDED:
         return rollout_status(statuses)
@@ -234,7 +234,7 @@ class Rollouts:
             sample_size=found.sample_size,
             model_signature=found.signature.to_proto(),
         )
-        # Variant choice (issue #3): each device gets the signed variant its profile runs best
+        # Variant choice (docs/device-profiles.md): each device gets the signed variant its profile runs best
         # (controller.variants.choose); a device that can run none is skipped with the reason.
         targeted = {d: self.profiles.target(d, found, wanted) for d in targets}
         skipped = {d: t.choice.reason for d, t in targeted.items() if t.assignment is None}
@@ -662,7 +662,7 @@ class Rollouts:
         )
 
     def _skipped(self, rollout_id: str, created_at: float) -> list[RolloutDevice]:
-        """Targets no variant fits (issue #3): named with the reason, never sent anything."""
+        """Targets no variant fits: named with the reason, never sent anything."""
         rows = self.store.query(
             "SELECT device_id, skipped FROM rollout_targets WHERE rollout_id = ? AND skipped != ''",
             (rollout_id,),

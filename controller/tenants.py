@@ -1,4 +1,4 @@
-"""Tenant apps the controller declares on a device (issue 5), carried in its desired state.
+"""Tenant apps the controller declares on a device, carried in its desired state.
 
 An operator puts a device's whole tenant list at once (``PUT /v1/devices/{id}/tenants``).
 :func:`parse_tenants` checks it with the agent's rules (``agent.tenants``; the

@@ -80,7 +80,7 @@ def dense_of_size(path: Path, megabytes: float, seed: int = 0) -> Path:
     return path
 
 
-# -- digits as a small MLP, in ONNX and TFLite (issue #3: variants of one version) --
+# -- digits as a small MLP, in ONNX and TFLite (variants of one version) --
 
 
 @dataclass(frozen=True)

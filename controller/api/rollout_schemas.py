@@ -63,7 +63,7 @@ class RolloutSpec(_Create):
     version its run registers."""
 
     tenant: str = "default"
-    # The foundation's shorthand for target.devices.
+    # A plain rollout's shorthand for target.devices.
     devices: list[str] = Field(default_factory=list)
     target: TargetIn | None = None
     waves: list[WaveIn] | None = Field(None, description="default: one wave of 100 %, no soak")

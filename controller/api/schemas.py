@@ -346,7 +346,7 @@ class ModelStatsPublic(_Public):
 
 
 class ShadowStatsPublic(_Public):
-    """A shadow candidate beside a tenant's live model in one window (issue 5)."""
+    """A shadow candidate beside a tenant's live model in one window."""
 
     tenant: str
     live_model_version: str
@@ -361,7 +361,7 @@ class ShadowStatsPublic(_Public):
 
 
 class TenantStatsPublic(_Public):
-    """One tenant pipeline in one window (issue 5)."""
+    """One tenant pipeline in one window."""
 
     tenant: str
     samples: int

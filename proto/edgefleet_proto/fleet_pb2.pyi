@@ -440,13 +440,13 @@ class DesiredState(_message.Message):
 
     @_builtins.property
     def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantSpec]:
-        """Tenant apps the controller declares (issue 5 numbers its fields from 50
-        so concurrent additions cannot collide).
+        """Tenant apps the controller declares (fields 50-59: tenants declared by the
+        controller, a range of their own so that other additions cannot collide).
         """
 
     @_builtins.property
     def drift_specs(self) -> _containers.RepeatedCompositeFieldContainer[Global___DriftSpec]:
-        """Drift sketching and data capture (issue 6 numbers its fields from 60)."""
+        """Drift sketching and data capture (fields 60-69: monitoring and capture)."""
 
     @_builtins.property
     def capture_policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___CapturePolicy]: ...
@@ -1445,7 +1445,7 @@ Global___CapturePolicy: _TypeAlias = CapturePolicy  # noqa: Y015
 @_typing.final
 class CaptureChunk(_message.Message):
     """Published on edgefleet/v1/devices/{id}/capture: one chunk of a captured
-    data set (an .npz file, see docs/interfaces.md). The controller stores the
+    data set (an .npz file, see docs/closed-loop.md). The controller stores the
     data set once every chunk has arrived and the whole matches `sha256`.
     """
 

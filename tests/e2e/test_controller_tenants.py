@@ -1,4 +1,4 @@
-"""A tenant declared from the controller (issue 5): the operator sets it through the CLI, the agent
+"""A tenant declared from the controller: the operator sets it through the CLI, the agent
 runs it from its desired state, the tenant app streams results, the telemetry API shows its stats."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The foundation path end to end: real mosquitto, the controller process, agent processes."""
+"""A plain rollout end to end: real mosquitto, the controller process, agent processes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The shadow gate (issue 5) on real agents: before each wave goes live its devices run the
+"""The shadow gate on real agents: before each wave goes live its devices run the
 candidate as the tenant's shadow beside the live model on the same CSV replay, and the rollout
 engine judges the agreement they report.
 

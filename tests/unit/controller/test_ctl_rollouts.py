@@ -103,7 +103,7 @@ def test_create_persists_and_publishes_desired_states(parts: Parts) -> None:
     desired = decode_as(fleet_pb2.DesiredState, published.sent[0][1])
     assert desired.models[0].rollout_id == rollout.id
     assert parts.fleet.desired_states()[0] == published.sent[0]
-    # A plain rollout supersedes a plain one on the same device, as the foundation did.
+    # A plain rollout supersedes a plain one on the same device.
     second = parts.rollouts.create("adder", "1", ["dev-1"])
     assert parts.fleet.get("dev-1").desired_generation == 2
     first = parts.rollouts.get(rollout.id)

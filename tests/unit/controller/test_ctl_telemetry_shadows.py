@@ -1,4 +1,4 @@
-"""Shadow stats (issue 5) in the controller's telemetry: stored with their window, read back, served."""
+"""Shadow candidates' stats in the controller's telemetry: stored with their window, read back, served."""
 
 from __future__ import annotations
 
