@@ -6,11 +6,13 @@ import hmac
 from typing import Annotated, Final, Literal
 
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
 from fastapi.routing import APIRoute, RouteContext, iter_route_contexts
-from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyCookie
+from fastapi.security.base import SecurityBase
 
 from controller.audit import PRINCIPAL_KEY, ROUTE_KEY, SAFE_METHODS
-from controller.auth import Principal, Role
+from controller.auth import Principal, Role, parse_bearer
 from controller.closed_loop import ClosedLoop
 from controller.fleet import Fleet
 from controller.groups import Groups
@@ -22,9 +24,22 @@ from controller.service import Controller
 from controller.telemetry import TelemetryStore
 from controller.tenants import DeviceTenants
 
-_bearer = HTTPBearer(
-    auto_error=False,
-    description="The admin token printed by `edgefleet controller init`, or one made by `edgefleet tokens create`",
+
+class BearerToken(SecurityBase):
+    """The bearer token of a request, or None; declared as the API document's ``HTTPBearer``
+    scheme. Read with :func:`controller.auth.parse_bearer`, the one parser, which the upload
+    guard (:class:`controller.api.app.BodyLimitGuard`) also uses before a route is matched."""
+
+    def __init__(self, description: str) -> None:
+        self.model = HTTPBearerModel(description=description)
+        self.scheme_name = "HTTPBearer"
+
+    async def __call__(self, request: Request) -> str | None:
+        return parse_bearer(request.headers.get("Authorization", ""))
+
+
+_bearer = BearerToken(
+    "The admin token printed by `edgefleet controller init`, or one made by `edgefleet tokens create`"
 )
 SESSION_COOKIE = "edgefleet_session"
 CSRF_HEADER = "X-CSRF-Token"
@@ -87,7 +102,7 @@ def route_template(request: Request) -> str:
 def authorize(
     request: Request,
     controller: ControllerDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    token: Annotated[str | None, Depends(_bearer)],
     session: Annotated[str | None, Depends(_session)],
 ) -> Principal | None:
     """Applied to the whole application: identifies the caller by bearer token or console
@@ -99,8 +114,8 @@ def authorize(
     if needed == PUBLIC:
         return None
     principal: Principal | None = None
-    if credentials is not None:
-        principal = controller.accounts.resolve(credentials.credentials)
+    if token is not None:
+        principal = controller.accounts.resolve(token)
     elif session:
         live = controller.accounts.session(session)
         if live is not None:

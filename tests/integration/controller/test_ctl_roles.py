@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from fastapi import APIRouter
 from fastapi.routing import APIRoute, iter_route_contexts
 
 from controller.api.broker_auth import broker_secret
@@ -17,6 +18,16 @@ from tests.integration.controller.conftest import Ctl
 PROFILES = Path(__file__).resolve().parents[3] / "firmware_profiles"
 OPEN_ROUTES = {"/openapi.json", "/docs/assets", "/ui/static"}
 BROKER_ROUTES = {"/broker/authenticate", "/broker/authorize"}
+# The only operations declared public: the console's login and the API document's viewer,
+# and the broker's questions, which take the broker secret instead of an operator token.
+PUBLIC_OPERATIONS = {
+    ("GET", "/ui/login"),
+    ("POST", "/ui/login"),
+    ("GET", "/docs"),
+    ("GET", "/docs/oauth2-redirect"),
+    *(("POST", path) for path in BROKER_ROUTES),
+}
+UNAUTHENTICATED = {"detail": "missing, invalid, expired or revoked bearer token"}
 
 
 def test_every_route_of_the_app_has_a_minimum_role_checked_by_the_app_wide_dependency(ctl: Ctl) -> None:
@@ -32,11 +43,11 @@ def test_every_route_of_the_app_has_a_minimum_role_checked_by_the_app_wide_depen
     print("\n".join(f"{m:6} {p:60} {r}" for (m, p), r in sorted(table.items(), key=lambda kv: kv[0][::-1])))
     assert len(table) >= 60
     assert all(r in {*Role, PUBLIC} for r in table.values())
+    assert {k for k, r in table.items() if r == PUBLIC} == PUBLIC_OPERATIONS
     for (method, path), role in table.items():
         if role == PUBLIC:
-            # The broker's questions take the broker secret instead of an operator token.
-            assert path in {"/ui/login", "/docs", "/docs/oauth2-redirect", *BROKER_ROUTES}, (method, path)
-        elif method == "GET" and path not in {"/v1/tokens", "/v1/audit", "/ui/audit", "/metrics"}:
+            continue
+        if method == "GET" and path not in {"/v1/tokens", "/v1/audit", "/ui/audit", "/metrics"}:
             assert role == Role.VIEWER, (method, path, role)
         elif method != "GET":
             assert role in (Role.OPERATOR, Role.ADMIN) or path == "/ui/logout", (method, path, role)
@@ -56,6 +67,30 @@ def test_every_route_of_the_app_has_a_minimum_role_checked_by_the_app_wide_depen
     }
     assert table[("GET", "/metrics")] == Role.METRICS
     assert table[("POST", "/v1/rollouts/{rollout_id}/pause")] == Role.OPERATOR
+
+
+def test_a_router_added_without_any_auth_declaration_is_protected(ctl: Ctl) -> None:
+    added = APIRouter()
+
+    @added.get("/added")
+    def read() -> dict[str, str]:
+        return {"read": "ok"}
+
+    @added.post("/added")
+    def change() -> dict[str, str]:
+        return {"changed": "ok"}
+
+    # The way create_app includes every router of the API.
+    ctl.client.app.include_router(added, prefix="/v1")  # type: ignore[attr-defined]
+    for method in ("GET", "POST"):
+        refused = ctl.client.request(method, "/v1/added")
+        assert refused.status_code == 401 and refused.json() == UNAUTHENTICATED, refused.text
+        assert refused.headers["www-authenticate"] == "Bearer"
+        assert _as(ctl, "not-a-token", method, "/v1/added") == 401
+    viewer = _token(ctl, "vera", "viewer")
+    assert _as(ctl, viewer["token"], "GET", "/v1/added") == 200
+    assert _as(ctl, viewer["token"], "POST", "/v1/added") == 403
+    assert ctl.api("POST", "/v1/added").json() == {"changed": "ok"}
 
 
 def _token(ctl: Ctl, name: str, role: str, **extra: object) -> dict[str, object]:
