@@ -134,10 +134,15 @@ def raw_inserts(path: Path, messages: list[tuple[str, fleet_pb2.Telemetry]]) -> 
          s.SerializeToString())
         for d, m in messages for s in m.drift
     ]  # fmt: skip
+    # The schema is the controller's (its migrations); the inserts are sqlite3's own.
+    store.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
     start = time.perf_counter()
     for i in range(0, len(telemetry), 500):
-        with store.transaction():
-            store.db.conn.executemany(
+        with conn:
+            conn.execute("BEGIN")
+            conn.executemany(
                 "INSERT OR IGNORE INTO telemetry (device_id, received_at, seq, window_start_ms, window_end_ms,"
                 " system, models, outbox_dropped) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 telemetry[i : i + 500],
@@ -145,13 +150,13 @@ def raw_inserts(path: Path, messages: list[tuple[str, fleet_pb2.Telemetry]]) -> 
             batch = sketches[
                 i * len(sketches) // len(telemetry) : (i + 500) * len(sketches) // len(telemetry)
             ]
-            store.db.conn.executemany(
+            conn.executemany(
                 "INSERT INTO drift_sketches (device_id, tenant, model_name, model_version, window_start_ms,"
                 " window_end_ms, received_at, samples, sketch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 batch,
             )
     elapsed = time.perf_counter() - start
-    store.close()
+    conn.close()
     return elapsed
 
 
@@ -165,7 +170,7 @@ def mqtt_floor(
 
     def on_message(client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         nonlocal got
-        fleet_pb2.Telemetry.FromString(message.payload)
+        fleet_pb2.Telemetry.FromString(bytes(message.payload))
         got += 1
         if got == len(payloads):
             done.set()

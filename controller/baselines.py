@@ -131,35 +131,47 @@ class Baselines:
     # -- ingest ---------------------------------------------------------------
 
     def observe(self, device_id: str, msg: fleet_pb2.Telemetry, received_at: float) -> None:
-        # Kept as the wire bytes: converting to counts costs more than the rest of
-        # the ingest together, and most windows are only ever read in aggregate.
-        for sk in msg.drift:
-            try:
-                check_shape(sk)
-            except InvalidDriftInput as exc:
-                log.warning(
-                    "drift sketch rejected device=%s model=%s version=%s reason=%s",
-                    device_id,
-                    sk.model_name,
-                    sk.model_version,
-                    exc,
+        self.observe_many([(device_id, msg, received_at)])
+
+    def observe_many(self, windows: Sequence[tuple[str, fleet_pb2.Telemetry, float]]) -> None:
+        """Store the windows' drift sketches, in one statement."""
+        rows = []
+        for device_id, msg, received_at in windows:
+            # Kept as the wire bytes: converting to counts costs more than the rest of
+            # the ingest together, and most windows are only ever read in aggregate.
+            for sk in msg.drift:
+                try:
+                    check_shape(sk)
+                except InvalidDriftInput as exc:
+                    log.warning(
+                        "drift sketch rejected device=%s model=%s version=%s reason=%s",
+                        device_id,
+                        sk.model_name,
+                        sk.model_version,
+                        exc,
+                    )
+                    continue
+                rows.append(
+                    (
+                        device_id,
+                        sk.tenant or "default",
+                        sk.model_name,
+                        sk.model_version,
+                        msg.window_start_ms,
+                        msg.window_end_ms,
+                        received_at,
+                        sk.samples,
+                        sk.SerializeToString(),
+                    )
                 )
-                continue
-            self.store.execute(
-                "INSERT INTO drift_sketches (device_id, tenant, model_name, model_version, window_start_ms,"
-                " window_end_ms, received_at, samples, sketch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    device_id,
-                    sk.tenant or "default",
-                    sk.model_name,
-                    sk.model_version,
-                    msg.window_start_ms,
-                    msg.window_end_ms,
-                    received_at,
-                    sk.samples,
-                    sk.SerializeToString(),
-                ),
-            )
+        self.store.insert_many(
+            "drift_sketches",
+            (
+                "device_id", "tenant", "model_name", "model_version", "window_start_ms", "window_end_ms",
+                "received_at", "samples", "sketch",
+            ),
+            rows,
+        )  # fmt: skip
 
     # -- baselines --------------------------------------------------------------
 

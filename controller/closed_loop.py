@@ -53,7 +53,7 @@ class ClosedLoop:
         self.desired = DesiredMonitoring(store, self.baselines, clock)
         self.registry = registry
         self._no_calibration_baseline: set[tuple[str, str]] = set()
-        telemetry.observers += [self.rollups.observe, self.baselines.observe]
+        telemetry.batch_observers += [self.rollups.observe_many, self.baselines.observe_many]
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None

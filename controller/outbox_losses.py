@@ -18,6 +18,7 @@ bound. One row per registered device (the ingest sees no other).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,22 +66,56 @@ def _added(last: int, now: int) -> int:
 
 def observe(store: Store, device_id: str, msg: fleet_pb2.Telemetry, received_at: float) -> None:
     """Count one newly stored window (inside the ingest transaction)."""
+    observe_many(store, [(device_id, msg, received_at)])
+
+
+def observe_many(store: Store, windows: Sequence[tuple[str, fleet_pb2.Telemetry, float]]) -> None:
+    """Count newly stored windows, in their order (inside the ingest transaction): the devices'
+    rows are read in one query, and written only where the totals move."""
+    devices = sorted({device_id for device_id, _, _ in windows})
+    rows: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(devices), 500):
+        chunk = devices[start : start + 500]
+        found = store.query(
+            "SELECT * FROM outbox_losses WHERE device_id IN (" + ", ".join("?" for _ in chunk) + ")", chunk
+        )
+        rows.update((r["device_id"], r) for r in found)
+    for device_id, msg, received_at in windows:
+        row = _count(store, rows.get(device_id), device_id, msg, received_at)
+        if row is not None:
+            rows[device_id] = row
+
+
+def _latest(msg: fleet_pb2.Telemetry, counts: tuple[int, int, int]) -> dict[str, Any]:
+    """The columns of a device's row that the next window is compared with, after ``msg``."""
+    return {
+        "seq": msg.seq,
+        "window_end_ms": msg.window_end_ms,
+        "last_bound": counts[0],
+        "last_space": counts[1],
+        "last_unwritable": counts[2],
+    }
+
+
+def _count(
+    store: Store, row: dict[str, Any] | None, device_id: str, msg: fleet_pb2.Telemetry, received_at: float
+) -> dict[str, Any] | None:
+    """Add one window to the device's row (None: it has none yet); the row as it now stands."""
     counts = _counts(msg)
-    row = store.query_one("SELECT * FROM outbox_losses WHERE device_id = ?", (device_id,))
     if row is None:
         if not any(counts):
-            return
+            return None
         store.execute(
             "INSERT INTO outbox_losses (device_id, seq, window_end_ms, last_bound, last_space,"
             " last_unwritable, dropped_at_bound, dropped_for_space, unwritable, updated_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (device_id, msg.seq, msg.window_end_ms, *counts, *counts, received_at),
         )
-        return
+        return _latest(msg, counts)
     newer = msg.seq > row["seq"]
     new_folder = msg.seq < row["seq"] and msg.window_end_ms > row["window_end_ms"] + NEW_FOLDER_AFTER_MS
     if not (newer or new_folder):
-        return
+        return row
     last = (row["last_bound"], row["last_space"], row["last_unwritable"])
     if new_folder:
         last = (0, 0, 0)
@@ -92,6 +127,7 @@ def observe(store: Store, device_id: str, msg: fleet_pb2.Telemetry, received_at:
         " WHERE device_id = ?",
         (msg.seq, msg.window_end_ms, *counts, bound, space, unwritable, received_at, device_id),
     )
+    return _latest(msg, counts)
 
 
 def _from_row(r: dict[str, Any]) -> OutboxLosses:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,39 +80,50 @@ class Rollups:
         self.clock = clock
 
     def observe(self, device_id: str, msg: fleet_pb2.Telemetry, received_at: float) -> None:
-        """Add one window (names already folded to registered ones by the ingest). A window
-        from the future by the controller's clock is rolled up where it arrived: a device
-        picks its own timestamps, and a bucket in 2100 would outlive every retention."""
-        end_ms = min(msg.window_end_ms, int(received_at * 1000) + MAX_AHEAD_MS)
-        bucket = bucket_of(end_ms, self.bucket_ms)
-        for m in msg.models:
-            n = m.inference_count
-            self.store.execute(
-                "INSERT INTO telemetry_rollups (device_id, tenant, model_name, model_version, bucket_start_ms,"
-                " windows, inference_count, error_count, latency_p50_sum, latency_p95_sum, latency_p99_max,"
-                " updated_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (model_name, model_version, bucket_start_ms, device_id, tenant) DO UPDATE SET"
-                " windows = telemetry_rollups.windows + 1, inference_count = telemetry_rollups.inference_count + excluded.inference_count,"
+        self.observe_many([(device_id, msg, received_at)])
+
+    def observe_many(self, windows: Sequence[tuple[str, fleet_pb2.Telemetry, float]]) -> None:
+        """Add windows (names already folded to registered ones by the ingest), in one statement:
+        the windows of one bucket are summed first. A window from the future by the controller's
+        clock is rolled up where it arrived: a device picks its own timestamps, and a bucket in
+        2100 would outlive every retention."""
+        sums: dict[tuple[str, str, str, str, int], list[float]] = {}
+        for device_id, msg, received_at in windows:
+            end_ms = min(msg.window_end_ms, int(received_at * 1000) + MAX_AHEAD_MS)
+            bucket = bucket_of(end_ms, self.bucket_ms)
+            for m in msg.models:
+                n = m.inference_count
+                key = (device_id, m.tenant, m.model_name, m.model_version, bucket)
+                row = sums.setdefault(key, [0, 0, 0, 0.0, 0.0, 0.0, 0.0])
+                row[0] += 1
+                row[1] += n
+                row[2] += m.error_count
+                row[3] += _finite(m.latency_p50_ms) * n
+                row[4] += _finite(m.latency_p95_ms) * n
+                row[5] = max(row[5], _finite(m.latency_p99_ms))
+                row[6] = max(row[6], received_at)
+        if not sums:
+            return
+        self.store.insert_many(
+            "telemetry_rollups",
+            (
+                "device_id", "tenant", "model_name", "model_version", "bucket_start_ms", "windows",
+                "inference_count", "error_count", "latency_p50_sum", "latency_p95_sum", "latency_p99_max",
+                "updated_at",
+            ),
+            [(*key, int(r[0]), int(r[1]), int(r[2]), *r[3:]) for key, r in sums.items()],
+            on_conflict=(
+                "ON CONFLICT (model_name, model_version, bucket_start_ms, device_id, tenant) DO UPDATE SET"
+                " windows = telemetry_rollups.windows + excluded.windows,"
+                " inference_count = telemetry_rollups.inference_count + excluded.inference_count,"
                 " error_count = telemetry_rollups.error_count + excluded.error_count,"
                 " latency_p50_sum = telemetry_rollups.latency_p50_sum + excluded.latency_p50_sum,"
                 " latency_p95_sum = telemetry_rollups.latency_p95_sum + excluded.latency_p95_sum,"
                 " latency_p99_max = CASE WHEN excluded.latency_p99_max > telemetry_rollups.latency_p99_max"
                 " THEN excluded.latency_p99_max ELSE telemetry_rollups.latency_p99_max END,"
-                " updated_at = excluded.updated_at",
-                (
-                    device_id,
-                    m.tenant,
-                    m.model_name,
-                    m.model_version,
-                    bucket,
-                    n,
-                    m.error_count,
-                    _finite(m.latency_p50_ms) * n,
-                    _finite(m.latency_p95_ms) * n,
-                    _finite(m.latency_p99_ms),
-                    received_at,
-                ),
-            )
+                " updated_at = excluded.updated_at"
+            ),
+        )  # fmt: skip
 
     def query(
         self,
@@ -194,7 +205,9 @@ class Rollups:
         removed = {table: partitions.drop_before(table, raw_cutoff) for table in PARTITIONED}
         with self.store.transaction():
             for table in PARTITIONED:
-                removed[table] += self.store.execute(f"DELETE FROM {table} WHERE received_at < ?", (raw_cutoff,))
+                removed[table] += self.store.execute(
+                    f"DELETE FROM {table} WHERE received_at < ?", (raw_cutoff,)
+                )
             removed["drift_sketches"] = self.store.execute(
                 "DELETE FROM drift_sketches WHERE received_at < ?", (raw_cutoff,)
             )

@@ -246,8 +246,12 @@ class Store:
         rows = self.query(sql, params)
         return rows[0] if rows else None
 
-    def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
-        """Many rows in one multi-row INSERT per chunk (one round trip each on PostgreSQL)."""
+    def insert_many(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], on_conflict: str = ""
+    ) -> int:
+        """Many rows in one multi-row INSERT per chunk (one round trip each on PostgreSQL);
+        ``on_conflict`` is the statement's ``ON CONFLICT ...`` clause, if any (two rows of one
+        statement must then not conflict with each other: PostgreSQL refuses that)."""
         count = 0
         # SQLite allows 32766 parameters a statement; stay well below.
         per_statement = max(1, 2000 // max(1, len(columns)))
@@ -257,6 +261,7 @@ class Store:
             sql = (
                 f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
                 + ", ".join(placeholders for _ in chunk)
+                + (f" {on_conflict}" if on_conflict else "")
             )
             count += self.execute(sql, [value for row in chunk for value in row])
         return count
@@ -275,8 +280,21 @@ class Store:
     def lock(self, name: str) -> None:
         """Hold the lock called ``name`` until the current transaction ends, against other
         controller processes sharing the database (PostgreSQL; a SQLite file has one)."""
-        if self.is_postgresql:
-            self.query("SELECT pg_advisory_xact_lock(hashtext(?)) AS locked", (name,))
+        self.lock_many([name])
+
+    def lock_many(self, names: Sequence[str]) -> None:
+        """:meth:`lock` on each of ``names`` in their sorted order (two transactions that take
+        overlapping sets never wait for each other in a circle), in one round trip."""
+        if not self.is_postgresql or not names:
+            return
+        ordered = sorted(set(names))
+        # A VALUES list is scanned in its order, so the locks are taken in that order.
+        self.query(
+            "SELECT pg_advisory_xact_lock(hashtext(k)) AS locked FROM (VALUES "
+            + ", ".join("(?)" for _ in ordered)
+            + ") AS v(k)",
+            ordered,
+        )
 
     def journal_mode(self) -> str:
         if self.backend != "sqlite":

@@ -130,9 +130,12 @@ class TelemetryStore:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.names = RegisteredNames(store)
-        # Called, inside the ingest transaction, for each newly stored window, with its
-        # names folded to registered ones (roll-ups, drift sketches, the telemetry quota).
+        # Called, inside the ingest transaction, with the newly stored windows, their names
+        # folded to registered ones: per window (the telemetry quota, which reads what each
+        # window added), or once a batch with all of them (roll-ups, drift sketches: one
+        # statement a batch, where one a window made the database's round trips the limit).
         self.observers: list[Callable[[str, fleet_pb2.Telemetry, float], None]] = []
+        self.batch_observers: list[Callable[[Sequence[tuple[str, fleet_pb2.Telemetry, float]]], None]] = []
 
     def ingest_telemetry(self, device_id: str, msg: fleet_pb2.Telemetry, received_at: float) -> bool:
         """Store one window; False for a window already stored (an outbox resend)."""
@@ -148,8 +151,7 @@ class TelemetryStore:
         with self.store.transaction():
             # A resend is the same (device, seq, window start). Partitioned by arrival, the table
             # cannot hold that as a unique key on PostgreSQL: the devices' locks make the check exact.
-            for device_id in sorted({device_id for device_id, _, _ in windows}):
-                self.store.lock(f"telemetry/{device_id}")
+            self.store.lock_many([f"telemetry/{device_id}" for device_id, _, _ in windows])
             known = self._stored_keys(windows)
             fresh: list[bool] = []
             for device_id, msg, _ in windows:
@@ -158,17 +160,23 @@ class TelemetryStore:
                 known.add(key)
             new = [w for w, is_new in zip(windows, fresh, strict=True) if is_new]
             self.store.insert_many("telemetry", _COLUMNS, [_row(*w) for w in new])
-            for device_id, msg, received_at in new:
-                outbox_losses.observe(self.store, device_id, msg, received_at)
-                # What is kept per name carries registered names only (controller.registered_names).
-                folded = fold_telemetry(self.names, device_id, msg)
-                self._count_tenants(device_id, folded)
+            outbox_losses.observe_many(self.store, new)
+            # What is kept per name carries registered names only (controller.registered_names).
+            folded = [
+                (device_id, fold_telemetry(self.names, device_id, msg), at) for device_id, msg, at in new
+            ]
+            self._count_tenants(folded)
+            for device_id, msg, received_at in folded:
                 for observe in self.observers:
-                    observe(device_id, folded, received_at)
+                    observe(device_id, msg, received_at)
+            for observe_batch in self.batch_observers:
+                observe_batch(folded)
         log.debug("telemetry windows=%d stored=%d", len(windows), len(new))
         return fresh
 
-    def _stored_keys(self, windows: Sequence[tuple[str, fleet_pb2.Telemetry, float]]) -> set[tuple[str, int, int]]:
+    def _stored_keys(
+        self, windows: Sequence[tuple[str, fleet_pb2.Telemetry, float]]
+    ) -> set[tuple[str, int, int]]:
         """Which of these windows' (device, seq, window start) are stored already."""
         found: set[tuple[str, int, int]] = set()
         for start in range(0, len(windows), 200):
@@ -181,15 +189,25 @@ class TelemetryStore:
             found.update((r["device_id"], r["seq"], r["window_start_ms"]) for r in rows)
         return found
 
-    def _count_tenants(self, device_id: str, msg: fleet_pb2.Telemetry) -> None:
-        """Running totals per device and tenant, so /metrics reads one small table."""
-        for t in msg.tenants:
-            self.store.execute(
-                "INSERT INTO tenant_counters (device_id, tenant, inferences, dropped, errors) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (device_id, tenant) DO UPDATE SET inferences = tenant_counters.inferences + excluded.inferences,"
-                " dropped = tenant_counters.dropped + excluded.dropped, errors = tenant_counters.errors + excluded.errors",
-                (device_id, t.tenant, t.inferences, t.dropped, t.errors),
-            )
+    def _count_tenants(self, windows: Sequence[tuple[str, fleet_pb2.Telemetry, float]]) -> None:
+        """Running totals per device and tenant, so /metrics reads one small table: summed over
+        the batch first, then one statement."""
+        sums: dict[tuple[str, str], list[int]] = {}
+        for device_id, msg, _ in windows:
+            for t in msg.tenants:
+                total = sums.setdefault((device_id, t.tenant), [0, 0, 0])
+                total[0] += t.inferences
+                total[1] += t.dropped
+                total[2] += t.errors
+        self.store.insert_many(
+            "tenant_counters",
+            ("device_id", "tenant", "inferences", "dropped", "errors"),
+            [(*key, *total) for key, total in sums.items()],
+            on_conflict=(
+                "ON CONFLICT (device_id, tenant) DO UPDATE SET inferences = tenant_counters.inferences + excluded.inferences,"
+                " dropped = tenant_counters.dropped + excluded.dropped, errors = tenant_counters.errors + excluded.errors"
+            ),
+        )
 
     def telemetry(self, device_id: str, limit: int = DEFAULT_LIMIT) -> list[TelemetryRecord]:
         rows = self.store.query(
