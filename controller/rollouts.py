@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import threading
 import time
 import uuid
@@ -27,7 +26,7 @@ from typing import Any, Literal, Protocol
 
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import encode
-from edgefleet_proto.tenancy import SHADOW_SUFFIX
+from edgefleet_proto.tenancy import SHADOW_SUFFIX, TENANT_ID
 from edgefleet_proto.wave import rollout_wave, wave_id
 
 from controller.errors import (
@@ -78,7 +77,6 @@ log = logging.getLogger(__name__)
 
 RUNTIME = "onnxruntime"
 DEFAULT_TENANT = "default"
-_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Engine passes per advance() call; a pass that changes the run is followed by another.
 MAX_ROUNDS = 16
 RUNNER_INTERVAL_S = 0.5
@@ -127,6 +125,12 @@ class RolloutEvent:
     device_id: str
     state: str
     reason: str
+
+
+def is_tenant_slot(tenant: str) -> bool:
+    """Whether a rollout may name ``tenant``: a tenant id as the contract defines it (the one
+    pattern tenant specs are checked with too), or such an id's shadow slot, ``{id}.shadow``."""
+    return bool(TENANT_ID.match(tenant.removesuffix(SHADOW_SUFFIX)))
 
 
 def rollout_status(statuses: Sequence[str]) -> RolloutStatus:
@@ -185,8 +189,11 @@ class Rollouts:
         tenant: str = DEFAULT_TENANT,
         plan_: Plan | None = None,
     ) -> Rollout:
-        if not _TENANT.match(tenant):
-            raise InvalidInputError(f"invalid tenant {tenant!r}: use 1-64 letters, digits, '_', '.', '-'")
+        if not is_tenant_slot(tenant):
+            raise InvalidInputError(
+                f"invalid tenant {tenant!r}: use a tenant id (1-64 letters, digits, '_' or '-', starting"
+                f" with a letter or digit), or one followed by {SHADOW_SUFFIX!r} for its shadow slot"
+            )
         the_plan = plan_ or Plan(Target(devices=tuple(dict.fromkeys(device_ids))))
         if the_plan.target.empty:
             raise InvalidInputError(
