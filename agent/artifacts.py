@@ -35,7 +35,7 @@ from agent.atomic import fsync_dir, move_atomic, write_atomic
 from agent.diskspace import refused_for_space
 from agent.errors import ChunkRejected, DigestMismatch, DiskFull, ManifestError
 
-DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
 FORMATS = ("onnx", "tflite")
 # A version's sample inputs travel like an artifact; the agent reads them as .npz whatever
 # format their manifest names (a controller may label them like the model).

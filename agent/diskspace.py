@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from agent.backoff import backoff_delay
 from agent.conditions import DISK_FULL, Conditions
 from agent.errors import DiskFull
-from agent.link import backoff_delay
 
 log = logging.getLogger(__name__)
 

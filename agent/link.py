@@ -28,8 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-# Re-exported: agent.diskspace and agent.pipeline still import the delay from here.
-from agent.backoff import backoff_delay as backoff_delay
+from agent.backoff import backoff_delay
 from agent.config import MqttConfig
 from agent.tls import broker_tls, certificate_problem, client_context
 

@@ -35,9 +35,9 @@ from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import PREFIX, validate_device_id
 
 from agent import feeds, postprocess
+from agent.backoff import backoff_delay
 from agent.errors import AgentError, Overloaded, SourceError, TenantError
 from agent.feeds import Feeder
-from agent.link import backoff_delay
 from agent.observe import Observer
 from agent.pool import ModelPool, ServingModel
 from agent.preprocess import Prepared, Preprocessor

@@ -40,7 +40,7 @@ from controller.files import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = re.compile(r"^[0-9a-f]{64}\Z")
 _READ_SIZE = 1024 * 1024
 # Artifacts kept open for serving chunks: a rollout serves one or a few at a time.
 OPEN_ARTIFACTS = 8

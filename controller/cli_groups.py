@@ -12,7 +12,7 @@ from rich.console import RenderableType
 from controller.cli import CommandError, _call, _print
 from controller.cli_output import record, table
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)\Z")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 

@@ -157,7 +157,7 @@ def cmd_telemetry_export(args: argparse.Namespace) -> int:
     groups = parse_tables(args.tables)
     since_ms, until_ms = parse_range(args.since, args.until, time.time())
     devices = sorted(set(args.device or []))
-    malformed = [d for d in devices if not DEVICE_ID.match(d)]
+    malformed = [d for d in devices if not DEVICE_ID.fullmatch(d)]
     if malformed:
         raise CommandError(f"--device {malformed[0]!r} is not a device id (letters, digits, '_', '.', '-')")
     for device_id in devices:

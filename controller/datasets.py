@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 MAX_DATASET_BYTES = 64 * 1024 * 1024
 MAX_CHUNKS = 4096
 STAGING_TTL_S = 24 * 3600.0
-_UPLOAD_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_UPLOAD_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 REASONS = ("random", "low_confidence", "drifted")
 
 

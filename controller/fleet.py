@@ -173,7 +173,7 @@ def validate_tags(tags: Sequence[str]) -> list[str]:
     if len(tags) > MAX_TAGS:
         raise InvalidInputError(f"at most {MAX_TAGS} tags, got {len(tags)}")
     for tag in tags:
-        if not _TAG.match(tag):
+        if not _TAG.fullmatch(tag):
             raise InvalidInputError(
                 f"invalid tag {tag!r}: use 1-64 letters, digits, '_', '.', ':', '=', '/', '-'"
             )

@@ -44,7 +44,7 @@ ARCHITECTURES = ("aarch64", "armv7l", "x86_64")
 ACCELERATOR_KINDS = ("gpu", "npu", "tpu")
 PRECISIONS = ("fp32", "fp16", "int8")
 SENSOR_KINDS = ("camera", "microphone", "sensor")
-_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}\Z")
 
 # Expected type of every key, per table; "+" marks a required key.
 _Spec = dict[str, tuple[type | tuple[type, ...], bool]]

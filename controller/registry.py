@@ -199,7 +199,7 @@ class ModelSummary:
 
 
 def validate_name(kind: str, value: str) -> str:
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise InvalidInputError(
             f"invalid {kind} {value!r}: use 1-128 letters, digits, '_', '.', '+', '-', "
             "starting with a letter or digit"

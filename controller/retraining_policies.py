@@ -83,7 +83,7 @@ def _number(doc: Mapping[str, Any], key: str, default: float | None = None, mini
 
 def parse_policy(name: str, doc: Mapping[str, Any]) -> Policy:
     """A policy from its JSON document; InvalidPolicy names the first problem."""
-    if not POLICY_NAME.match(name):
+    if not POLICY_NAME.fullmatch(name):
         raise InvalidPolicy(f"invalid policy name {name!r}: use 1-64 letters, digits, '_', '.', '-'")
     known = {"model", "conditions", "cooldown_s", "trigger", "enabled", "rollout"}
     unknown = sorted(set(doc) - known)

@@ -37,7 +37,7 @@ AGENT_CONFIG = "agent.toml"
 # A bundle holds a config and a few certificates: anything bigger is not one.
 MAX_BUNDLE_BYTES = 1 << 20
 MAX_FILES = 16
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 
 
 class BundleError(ValueError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 # No '.' in tenant ids: "{tenant}.shadow" names the tenant's shadow candidate.
-TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 SHADOW_SUFFIX = ".shadow"
 
 # Where a tenant's results go.

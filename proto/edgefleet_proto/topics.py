@@ -48,7 +48,7 @@ class Kind(StrEnum):
 
 
 def validate_device_id(device_id: str) -> str:
-    if not _DEVICE_ID.match(device_id):
+    if not _DEVICE_ID.fullmatch(device_id):
         raise TopicError(
             f"invalid device id {device_id!r}: use 1-64 letters, digits, '_', '.', '-', "
             "starting with a letter or digit"

@@ -30,8 +30,8 @@ _CHUNK_NONCE = b"edgefleet-wave-chunk-nonce/v1"
 _CHUNK_AAD = b"edgefleet-wave-chunk/v1"
 _MANIFEST_AAD = b"edgefleet-wave-manifest/v1"
 # MQTT levels without wildcards, and nothing a NATS subject would split ('.').
-_WAVE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,79}$")
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_WAVE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,79}\Z")
+_DIGEST = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 class WaveError(ValueError):
