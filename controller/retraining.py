@@ -18,8 +18,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 from controller import retraining_triggers
 from controller.baselines import Baselines
@@ -42,8 +43,12 @@ MAX_DATASETS_IN_PAYLOAD = 100
 VERSION_LOOKBACK_S = 3600.0
 
 
-@dataclass(frozen=True)
-class Run:
+class Run(BaseModel):
+    """One firing of a policy, as stored; a pydantic model because the API answers with it
+    as it is (controller.api.loop_schemas.RunPublic)."""
+
+    model_config = ConfigDict(frozen=True)
+
     id: str
     policy_name: str
     policy_version: int

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from controller.api.rollout_schemas import RolloutSpec
 from controller.capture_policies import DEFAULT_BOUNDS
+from controller.retraining import Run
 
 
 class _Create(BaseModel):
@@ -88,20 +89,9 @@ class LabelsBody(_Create):
     labels: list[int]
 
 
-class RunPublic(_Public):
-    id: str
-    policy_name: str
-    policy_version: int
-    model_name: str
-    model_version: str
-    fired: list[dict[str, Any]]
-    datasets: list[str]
-    status: str
-    detail: str
-    attempts: int
-    result_version: str
-    created_at: float
-    updated_at: float
+# The domain's run, field for field (no docstring: its schema stays without a description).
+class RunPublic(Run, _Public):
+    pass
 
 
 class RunResult(_Create):
