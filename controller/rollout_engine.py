@@ -201,14 +201,29 @@ class DeviceView:
     window: WindowStatus = ALWAYS
 
 
+class Action(StrEnum):
+    """What a planned step does; each has one executor (controller.rollout_executor.EXECUTORS)
+    but WAIT, which the runner only sleeps on. The values are written to the rollout's events."""
+
+    SET_DESIRED = "set_desired"
+    START_WAVE = "start_wave"
+    START_SOAK = "start_soak"
+    GO_LIVE = "go_live"
+    PAUSE = "pause"
+    AWAIT_APPROVAL = "await_approval"
+    ROLL_BACK = "roll_back"
+    COMPLETE = "complete"
+    WAIT = "wait"
+
+
 @dataclass(frozen=True)
 class Step:
-    action: ClassVar[str]
+    action: ClassVar[Action]
 
 
 @dataclass(frozen=True)
 class SetDesired(Step):
-    action: ClassVar[str] = "set_desired"
+    action: ClassVar[Action] = Action.SET_DESIRED
     device_id: str
     desired: fleet_pb2.DesiredState
     revert: bool
@@ -219,14 +234,14 @@ class SetDesired(Step):
 
 @dataclass(frozen=True)
 class StartWave(Step):
-    action: ClassVar[str] = "start_wave"
+    action: ClassVar[Action] = Action.START_WAVE
     wave: int
     reason: str
 
 
 @dataclass(frozen=True)
 class StartSoak(Step):
-    action: ClassVar[str] = "start_soak"
+    action: ClassVar[Action] = Action.START_SOAK
     wave: int
     reason: str
 
@@ -235,40 +250,40 @@ class StartSoak(Step):
 class GoLive(Step):
     """The wave's shadow phase is over (its gate passed, or the operator promoted): send it live."""
 
-    action: ClassVar[str] = "go_live"
+    action: ClassVar[Action] = Action.GO_LIVE
     wave: int
     reason: str
 
 
 @dataclass(frozen=True)
 class Pause(Step):
-    action: ClassVar[str] = "pause"
+    action: ClassVar[Action] = Action.PAUSE
     reason: str
 
 
 @dataclass(frozen=True)
 class AwaitApproval(Step):
-    action: ClassVar[str] = "await_approval"
+    action: ClassVar[Action] = Action.AWAIT_APPROVAL
     wave: int
     reason: str
 
 
 @dataclass(frozen=True)
 class RollBack(Step):
-    action: ClassVar[str] = "roll_back"
+    action: ClassVar[Action] = Action.ROLL_BACK
     reason: str
 
 
 @dataclass(frozen=True)
 class Complete(Step):
-    action: ClassVar[str] = "complete"
+    action: ClassVar[Action] = Action.COMPLETE
     state: State
     reason: str
 
 
 @dataclass(frozen=True)
 class Wait(Step):
-    action: ClassVar[str] = "wait"
+    action: ClassVar[Action] = Action.WAIT
     until: float
     reason: str
 

@@ -23,6 +23,7 @@ from edgefleet_proto.codec import PayloadError, decode_as, encode
 
 from controller.fleet import Reported
 from controller.rollout_engine import (
+    Action,
     AwaitApproval,
     Complete,
     DeviceRolloutStatus,
@@ -394,29 +395,29 @@ def _start_wave(store: Store, run: Run, step: Step, now: float) -> list[Outgoing
         promoted=0,
         phase=phase.value,
     )
-    record(store, run.id, "start_wave", step.wave, State.RUNNING.value, step.reason)
+    record(store, run.id, Action.START_WAVE.value, step.wave, State.RUNNING.value, step.reason)
     return []
 
 
 def _go_live(store: Store, run: Run, step: Step, now: float) -> list[Outgoing]:
     assert isinstance(step, GoLive)
     _set_state(store, run, run.state, step.reason, soak_started_at=None, phase=Phase.LIVE.value)
-    record(store, run.id, "go_live", step.wave, run.state.value, step.reason)
+    record(store, run.id, Action.GO_LIVE.value, step.wave, run.state.value, step.reason)
     return []
 
 
 def _start_soak(store: Store, run: Run, step: Step, now: float) -> list[Outgoing]:
     assert isinstance(step, StartSoak)
     _set_state(store, run, run.state, step.reason, soak_started_at=now)
-    record(store, run.id, "start_soak", step.wave, run.state.value, step.reason)
+    record(store, run.id, Action.START_SOAK.value, step.wave, run.state.value, step.reason)
     return []
 
 
-def _transition(state: State, kind: str) -> Callable[[Store, Run, Step, float], list[Outgoing]]:
+def _transition(state: State, kind: Action) -> Callable[[Store, Run, Step, float], list[Outgoing]]:
     def execute(store: Store, run: Run, step: Step, now: float) -> list[Outgoing]:
         assert isinstance(step, Pause | RollBack | AwaitApproval)
         _set_state(store, run, state, step.reason)
-        record(store, run.id, kind, run.wave, state.value, step.reason)
+        record(store, run.id, kind.value, run.wave, state.value, step.reason)
         return []
 
     return execute
@@ -425,17 +426,17 @@ def _transition(state: State, kind: str) -> Callable[[Store, Run, Step, float], 
 def _complete(store: Store, run: Run, step: Step, now: float) -> list[Outgoing]:
     assert isinstance(step, Complete)
     _set_state(store, run, step.state, step.reason)
-    record(store, run.id, "complete", run.wave, step.state.value, step.reason)
+    record(store, run.id, Action.COMPLETE.value, run.wave, step.state.value, step.reason)
     return []
 
 
-EXECUTORS: dict[str, Callable[[Store, Run, Step, float], list[Outgoing]]] = {
-    "set_desired": _set_desired,
-    "start_wave": _start_wave,
-    "start_soak": _start_soak,
-    "go_live": _go_live,
-    "pause": _transition(State.PAUSED, "pause"),
-    "await_approval": _transition(State.AWAITING_APPROVAL, "await_approval"),
-    "roll_back": _transition(State.ROLLING_BACK, "roll_back"),
-    "complete": _complete,
+EXECUTORS: dict[Action, Callable[[Store, Run, Step, float], list[Outgoing]]] = {
+    Action.SET_DESIRED: _set_desired,
+    Action.START_WAVE: _start_wave,
+    Action.START_SOAK: _start_soak,
+    Action.GO_LIVE: _go_live,
+    Action.PAUSE: _transition(State.PAUSED, Action.PAUSE),
+    Action.AWAIT_APPROVAL: _transition(State.AWAITING_APPROVAL, Action.AWAIT_APPROVAL),
+    Action.ROLL_BACK: _transition(State.ROLLING_BACK, Action.ROLL_BACK),
+    Action.COMPLETE: _complete,
 }

@@ -45,6 +45,7 @@ from controller.registry import FORMAT, Registry
 from controller.rollout_engine import (
     ACTIVE_STATES,
     COMMANDS,
+    Action,
     Command,
     DeviceRolloutStatus,
     DeviceView,
@@ -499,7 +500,7 @@ class Rollouts:
                 ";".join(f"{a.tenant}:{a.model_name}@{a.model_version}" for a in step.desired.models),
             )
             return
-        level = logging.WARNING if step.action in ("pause", "roll_back") else logging.INFO
+        level = logging.WARNING if step.action in (Action.PAUSE, Action.ROLL_BACK) else logging.INFO
         log.log(level, "rollout step rollout=%s action=%s reason=%r", rollout_id, step.action, step.reason)
 
     # -- operator commands ------------------------------------------------------
