@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 
 import grpc
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
+from edgefleet_proto.tenancy import DEFAULT_TENANT
 
 from agent.errors import AgentError, CallRefused, ConfigError
 from agent.local_calls import LocalInference, OfferShadow, RunOn, TenantAccess, status_of
@@ -41,7 +42,7 @@ from agent.pipeline import ResultHub
 from agent.pool import ModelPool, ServingModel
 from agent.runtime import TensorSpec
 from agent.telemetry import Inferences
-from agent.tenants import DEFAULT_TENANT, TenantSpec, is_shadow
+from agent.tenants import TenantSpec, is_shadow
 from agent.tensors import fill_all, to_arrays
 
 log = logging.getLogger(__name__)

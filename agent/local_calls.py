@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from edgefleet_proto.tenancy import DEFAULT_TENANT
 
 from agent.errors import (
     AgentError,
@@ -40,7 +41,7 @@ from agent.errors import (
 from agent.observe import Observer
 from agent.pool import ModelPool, ServingModel
 from agent.telemetry import Inference, Inferences, Origin
-from agent.tenants import DEFAULT_TENANT, TenantSpec, is_shadow, shadow_of
+from agent.tenants import TenantSpec, is_shadow, shadow_of
 
 log = logging.getLogger(__name__)
 

@@ -45,13 +45,13 @@ from pathlib import Path
 
 import numpy as np
 from edgefleet_proto import inference_pb2
+from edgefleet_proto.tenancy import DEFAULT_TENANT
 from google.protobuf.message import DecodeError
 
 from agent.errors import AgentError, ConfigError, InvalidInput, RegionRefused, Unauthenticated
 from agent.local_calls import LocalInference, TenantAccess, status_of
 from agent.pool import ServingModel
 from agent.shm_wire import MAX_PACKET, REGION_NAME, PacketError, close_all, receive, send
-from agent.tenants import DEFAULT_TENANT
 from agent.tensors import DTYPES, MAX_RANK, dtype_name
 
 log = logging.getLogger(__name__)

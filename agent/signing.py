@@ -49,6 +49,7 @@ from edgefleet_proto.signing import (
     manifest_bytes,
     rotation_bytes,
 )
+from edgefleet_proto.tenancy import tenant_or_default
 
 from agent.atomic import write_atomic
 from agent.errors import ConfigError
@@ -211,7 +212,7 @@ class KeyRing:
                 refused[m.artifact_digest] = reason
                 log.error(
                     "artifact refused tenant=%s model=%s version=%s variant=%s digest=%s reason=%s",
-                    m.tenant or "default", m.model_name, m.model_version, m.variant, m.artifact_digest[:12], reason,
+                    tenant_or_default(m.tenant), m.model_name, m.model_version, m.variant, m.artifact_digest[:12], reason,
                 )  # fmt: skip
         return refused
 

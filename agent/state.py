@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet_proto import fleet_pb2
+from edgefleet_proto.tenancy import tenant_or_default
 
 from agent.atomic import write_atomic
 from agent.diskspace import refused_for_space
@@ -59,7 +60,7 @@ class Assignment:
         has_signature = m.HasField("model_signature") and bool(m.model_signature.inputs)
         wave = m.broadcast if m.HasField("broadcast") else fleet_pb2.WaveBroadcast()
         return cls(
-            tenant=m.tenant or "default",
+            tenant=tenant_or_default(m.tenant),
             model_name=m.model_name,
             model_version=m.model_version,
             digest=m.artifact_digest,

@@ -35,7 +35,6 @@ from agent.errors import TenantError
 from agent.feeds import InputFeed
 from agent.postprocess import ACTIVATIONS, PostprocessSpec
 
-DEFAULT_TENANT = "default"
 TENANT_KEYS = frozenset(
     {"id", "model", "token", "token_sha256", "rate_hz", "weight", "queue", "results", "source", "preprocess"}
     | {"postprocess", "inputs"}

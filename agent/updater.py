@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 from edgefleet_proto import artifact_pb2, fleet_pb2
 from edgefleet_proto.codec import encode
+from edgefleet_proto.tenancy import tenant_or_default
 from edgefleet_proto.topics import Kind
 
 from agent.artifacts import ArtifactStore, Download
@@ -434,7 +435,7 @@ class Updater:
         self.conditions.clear(DESIRED_REFUSED)
         if msg.device_id and msg.device_id != self.device_id:
             return f"desired state is for device {msg.device_id!r}"
-        tenants = [m.tenant or "default" for m in msg.models]
+        tenants = [tenant_or_default(m.tenant) for m in msg.models]
         if len(set(tenants)) != len(tenants):
             return f"desired state lists a tenant twice: {sorted(tenants)}"
         generation = int(msg.generation)

@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import decode_as
+from edgefleet_proto.tenancy import tenant_or_default
 
 from controller import drift
 from controller.calibration import CalibrationSet, load_calibration
@@ -154,7 +155,7 @@ class Baselines:
                 rows.append(
                     (
                         device_id,
-                        sk.tenant or "default",
+                        tenant_or_default(sk.tenant),
                         sk.model_name,
                         sk.model_version,
                         msg.window_start_ms,

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from edgefleet_proto import fleet_pb2
+from edgefleet_proto.tenancy import tenant_or_default
 
 from controller.errors import DatasetNotFound, InvalidDataset
 from controller.files import atomic_write
@@ -147,7 +148,7 @@ class Datasets:
             "count": chunk.count,
             "manifest": {
                 "device_id": device_id,
-                "tenant": chunk.tenant or "default",
+                "tenant": tenant_or_default(chunk.tenant),
                 "model_name": chunk.model_name,
                 "model_version": chunk.model_version,
                 "policy_id": chunk.policy_id,

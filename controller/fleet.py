@@ -28,6 +28,7 @@ from typing import Any
 
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import PayloadError, decode_as
+from edgefleet_proto.tenancy import tenant_or_default
 from edgefleet_proto.topics import TopicError, validate_device_id
 from google.protobuf.message import Message
 
@@ -109,7 +110,7 @@ class Reported:
             ],
             models=[
                 ModelState(
-                    tenant=m.tenant or "default",
+                    tenant=tenant_or_default(m.tenant),
                     model_name=m.model_name,
                     model_version=m.model_version,
                     artifact_digest=m.artifact_digest,

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from edgefleet_proto.tenancy import DEFAULT_TENANT, SHADOW_SUFFIX
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -32,7 +33,7 @@ from prometheus_client.registry import Collector
 from controller import message_counters, outbox_losses
 from controller.baselines import Baselines
 from controller.errors import ControllerError
-from controller.registered_names import DEFAULT_TENANT, SHADOW_SUFFIX, UNREGISTERED
+from controller.registered_names import UNREGISTERED
 from controller.rollups import Rollups, VersionStats
 from controller.store import Store
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import PayloadError, decode_as
+from edgefleet_proto.tenancy import tenant_or_default
 
 from controller.errors import DeviceNotFound, InvalidProfile, ProfileNotFound, RolloutNotFound
 from controller.onnx_compat import ir_version_of, max_ir_version
@@ -415,7 +416,7 @@ class Profiles:
             desired = decode_as(fleet_pb2.DesiredState, bytes(row["desired"]))
         except PayloadError:
             return 0
-        return sum(int(m.artifact_size) for m in desired.models if (m.tenant or "default") != tenant)
+        return sum(int(m.artifact_size) for m in desired.models if tenant_or_default(m.tenant) != tenant)
 
     def target(self, device_id: str, found: ModelVersion, base: fleet_pb2.ModelAssignment) -> Targeted:
         """The assignment ``device_id`` should get for ``found``: ``base`` with the chosen variant, signed."""

@@ -20,12 +20,11 @@ import json
 import threading
 
 from edgefleet_proto import fleet_pb2
+from edgefleet_proto.tenancy import DEFAULT_TENANT, SHADOW_SUFFIX
 
 from controller.store import Store
 
 UNREGISTERED = "unregistered"
-DEFAULT_TENANT = "default"
-SHADOW_SUFFIX = ".shadow"
 # Entries of each kind (model stats, tenant stats, drift sketches) kept from one window.
 MAX_ENTRIES = 64
 # Names remembered as registered; past this the cache starts again (it only saves queries).

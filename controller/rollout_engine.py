@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import ClassVar, Literal
 
 from edgefleet_proto import fleet_pb2
-from edgefleet_proto.tenancy import SHADOW_SUFFIX
+from edgefleet_proto.tenancy import SHADOW_SUFFIX, tenant_or_default
 
 from controller import drift
 from controller.maintenance import ALWAYS, WindowStatus
@@ -131,7 +131,7 @@ class Member:
         """The wanted assignment as the tenant's shadow candidate (no probation: it never serves)."""
         a = fleet_pb2.ModelAssignment()
         a.CopyFrom(self.wanted)
-        a.tenant = shadow_tenant(self.wanted.tenant or "default")
+        a.tenant = shadow_tenant(tenant_or_default(self.wanted.tenant))
         a.probation_s = 0.0
         a.max_error_rate = 0.0
         return a
@@ -313,7 +313,7 @@ def desired_with(
     and likewise each further ``(tenant, assignment)``."""
     changes = dict([(tenant, assignment), *more])
     current = list(view.desired.models) if view.desired is not None else []
-    models = [m for m in current if (m.tenant or "default") not in changes]
+    models = [m for m in current if tenant_or_default(m.tenant) not in changes]
     models += [a for a in changes.values() if a is not None]
     return fleet_pb2.DesiredState(
         device_id=view.device_id,

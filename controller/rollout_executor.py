@@ -20,6 +20,7 @@ from typing import Any
 
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import PayloadError, decode_as, encode
+from edgefleet_proto.tenancy import tenant_or_default
 
 from controller.fleet import Reported
 from controller.rollout_engine import (
@@ -191,7 +192,7 @@ def _stats(rows: list[dict[str, Any]], tenant: str, a: fleet_pb2.ModelAssignment
     p95s: list[float] = []
     for row in rows:
         for m in json.loads(row["models"]):
-            if (m["tenant"] or "default", m["model_name"], m["model_version"]) != (
+            if (tenant_or_default(m["tenant"]), m["model_name"], m["model_version"]) != (
                 tenant,
                 a.model_name,
                 a.model_version,
@@ -256,7 +257,7 @@ def shadow_view(rows: list[dict[str, Any]], tenant: str, candidate: fleet_pb2.Mo
     agreed = deviation = 0.0
     for row in rows:
         for s in json.loads(row["shadows"]):
-            if (s["tenant"] or "default", s["candidate_model_name"], s["candidate_model_version"]) != (
+            if (tenant_or_default(s["tenant"]), s["candidate_model_name"], s["candidate_model_version"]) != (
                 tenant,
                 candidate.model_name,
                 candidate.model_version,

@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol
 
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import encode
-from edgefleet_proto.tenancy import SHADOW_SUFFIX, TENANT_ID
+from edgefleet_proto.tenancy import DEFAULT_TENANT, SHADOW_SUFFIX, TENANT_ID
 from edgefleet_proto.wave import rollout_wave, wave_id
 
 from controller.errors import (
@@ -77,7 +77,6 @@ from controller.store import Store
 log = logging.getLogger(__name__)
 
 RUNTIME = "onnxruntime"
-DEFAULT_TENANT = "default"
 # Engine passes per advance() call; a pass that changes the run is followed by another.
 MAX_ROUNDS = 16
 RUNNER_INTERVAL_S = 0.5

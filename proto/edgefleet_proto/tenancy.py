@@ -13,6 +13,14 @@ import re
 # No '.' in tenant ids: "{tenant}.shadow" names the tenant's shadow candidate.
 TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 SHADOW_SUFFIX = ".shadow"
+# The tenant an assignment, a report or a sketch that names none belongs to (the proto's "").
+DEFAULT_TENANT = "default"
+
+
+def tenant_or_default(tenant: str) -> str:
+    """``tenant`` as named on the wire, where "" (a field left unset) is the default tenant."""
+    return tenant or DEFAULT_TENANT
+
 
 # Where a tenant's results go.
 SINKS = frozenset({"grpc", "mqtt"})
