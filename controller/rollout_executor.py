@@ -355,12 +355,17 @@ def record(
     )
 
 
-def _set_state(store: Store, run: Run, state: State, reason: str, **columns: Any) -> None:
+def set_state(store: Store, rollout_id: str, state: State, reason: str, at: float, **columns: Any) -> None:
+    """A rollout run's state and reason, when they changed, and any other of its columns."""
     sets = ", ".join(f"{c} = ?" for c in ("state", "reason", "updated_at", *columns))
     store.execute(
         f"UPDATE rollout_runs SET {sets} WHERE rollout_id = ?",
-        (state.value, reason, time.time(), *columns.values(), run.id),
+        (state.value, reason, at, *columns.values(), rollout_id),
     )
+
+
+def _set_state(store: Store, run: Run, state: State, reason: str, **columns: Any) -> None:
+    set_state(store, run.id, state, reason, time.time(), **columns)
 
 
 def _set_desired(store: Store, run: Run, step: Step, now: float) -> list[Outgoing]:

@@ -69,6 +69,7 @@ from controller.rollout_executor import (
     load_run,
     member_status,
     record,
+    set_state,
     snapshot,
 )
 from controller.rollout_plans import Plan, Target, split_waves, validate
@@ -369,10 +370,7 @@ class Rollouts:
             )
         for other in busy:
             _lock_run(tx, other)
-            tx.execute(
-                "UPDATE rollout_runs SET state = ?, reason = ?, updated_at = ? WHERE rollout_id = ?",
-                (State.SUPERSEDED.value, f"superseded by rollout {rollout_id}", self.clock(), other),
-            )
+            set_state(tx, other, State.SUPERSEDED, f"superseded by rollout {rollout_id}", self.clock())
             record(tx, other, "superseded", -1, State.SUPERSEDED.value, f"superseded by rollout {rollout_id}")
 
     def _previous(self, device_id: str, tenant: str) -> fleet_pb2.ModelAssignment | None:
@@ -519,11 +517,7 @@ class Rollouts:
                 extra["promoted"] = 1
             if command in (Command.APPROVE, Command.PROMOTE):
                 extra["approved_wave"] = run.wave + 1
-            sets = ", ".join(f"{c} = ?" for c in ("state", "reason", "updated_at", *extra))
-            tx.execute(
-                f"UPDATE rollout_runs SET {sets} WHERE rollout_id = ?",
-                (target.value, reason, self.clock(), *extra.values(), rollout_id),
-            )
+            set_state(tx, rollout_id, target, reason, self.clock(), **extra)
             record(tx, rollout_id, command.value, run.wave, target.value, reason)
         log.info("rollout command rollout=%s command=%s state=%s", rollout_id, command.value, target.value)
         self.advance(rollout_id)
@@ -570,10 +564,7 @@ class Rollouts:
                         " at = excluded.at",
                         (rollout_id, m.device_id, step.desired.generation, now),
                     )
-                tx.execute(
-                    "UPDATE rollout_runs SET state = ?, reason = ?, updated_at = ? WHERE rollout_id = ?",
-                    (State.RUNNING.value, reason, now, rollout_id),
-                )
+                set_state(tx, rollout_id, State.RUNNING, reason, now)
                 names = ", ".join(m.device_id for m in failed)
                 record(tx, rollout_id, "retry_failed", run.wave, State.RUNNING.value, f"{reason}: {names}")
             for out in outgoing:
