@@ -166,11 +166,12 @@ class TelemetryStore:
                 (device_id, fold_telemetry(self.names, device_id, msg), at) for device_id, msg, at in new
             ]
             self._count_tenants(folded)
+            # The batch's sketches first: the quota reads what each window added, sketches included.
+            for observe_batch in self.batch_observers:
+                observe_batch(folded)
             for device_id, msg, received_at in folded:
                 for observe in self.observers:
                     observe(device_id, msg, received_at)
-            for observe_batch in self.batch_observers:
-                observe_batch(folded)
         log.debug("telemetry windows=%d stored=%d", len(windows), len(new))
         return fresh
 
