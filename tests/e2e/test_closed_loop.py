@@ -151,6 +151,7 @@ def fleet_windows(controller: Controller, version: str, since_ms: int) -> list[d
     return list(body.json()["fleet"]) if body.status_code == 200 else []
 
 
+@pytest.mark.timeout(600)
 def test_drift_in_the_replayed_data_is_detected_retrained_and_redeployed(
     broker: Broker, tmp_path: Path
 ) -> None:
@@ -260,9 +261,11 @@ def test_drift_in_the_replayed_data_is_detected_retrained_and_redeployed(
         )
         assert done["status"] == "succeeded", done
         new_version = done["result_version"]
+        # Registration, variants, a two-wave canary and the download: 42 s alone, over 120 s in
+        # one run of the whole suite on two cores (cause not found; see the closing note).
         wait_until(
             lambda: all(new_version in s.first_seen for s in streams),
-            120,
+            240,
             "the new version serving everywhere",
         )
         serving_at = max(s.first_seen[new_version] for s in streams)
