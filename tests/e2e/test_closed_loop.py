@@ -34,6 +34,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import pytest
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 from sklearn.datasets import load_digits
 
