@@ -483,19 +483,14 @@ def plan(desired: Desired | None, current: Current, now: float) -> list[Step]:
         missing = [(d, sample) for d, sample in pieces(a) if d not in current.installed]
         if not missing:
             steps.append(Activate(a))
-        for n, (digest, sample) in enumerate(missing):
+        for digest, sample in missing:
             if digest in seen_digests:
                 continue
             seen_digests.add(digest)
             if (t := current.transfers.get(digest)) is not None and t.complete:
                 steps.append(Verify(digest))
                 continue
-            # A slot of the window is kept for each piece after this one: a model whose stalled
-            # chunks all time out at once would otherwise take the whole window at every retry,
-            # and its sample (or the model behind a stalled sample) would never be asked for.
-            reserved = len(missing) - n - 1
-            free = max(0, current.window - in_flight - reserved)
-            for step in _transfer_steps(a, current, now, free, sample):
+            for step in _transfer_steps(a, current, now, max(0, current.window - in_flight), sample):
                 if isinstance(step, RequestChunks):
                     in_flight += len(step.indices)
                 if isinstance(step, Wait):

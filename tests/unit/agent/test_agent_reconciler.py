@@ -343,15 +343,3 @@ def test_the_window_is_shared_by_every_artifact_in_flight() -> None:
         RequestChunks(D2, (0, 1)),
         Wait(NOW + 4, f"chunks of {D1[:12]}"),
     )
-
-
-def test_a_model_whose_chunks_stall_does_not_starve_its_sample() -> None:
-    """When the model's chunks all time out at once they would take the whole window at every
-    retry, and a sample that the controller no longer serves would never be asked for again, so
-    never fail the assignment: a slot is kept for the sample."""
-    a = replace(assignment(), sample_digest=D2)
-    model = transfer(D1, have={0, 1, 2}, chunks=10, outstanding={i: NOW - 6 for i in range(3, 10)})
-    sample = transfer(D2, chunks=1, outstanding={0: NOW - 6})
-    steps = plan(desired(1, a), Current(device(), transfers={D1: model, D2: sample}, window=4), NOW)
-    requests = [s for s in steps if isinstance(s, RequestChunks)]
-    assert requests == [RequestChunks(D1, (3, 4, 5)), RequestChunks(D2, (0,))], steps
