@@ -413,33 +413,65 @@ def chunk_requests(candidates: Sequence[int], free: int, window: int) -> list[tu
     return [batch[i : i + MAX_INDICES_PER_REQUEST] for i in range(0, count, MAX_INDICES_PER_REQUEST)]
 
 
+@dataclass(frozen=True)
+class _ChunkDemand:
+    """An artifact whose chunks are to be asked for: where its requests go in the plan."""
+
+    position: int
+    digest: str
+    candidates: list[int]
+    in_flight: int
+
+
 def _transfer_steps(
-    a: Assignment, current: Current, now: float, free: int, sample: bool = False
-) -> list[Step]:
+    a: Assignment, current: Current, now: float, sample: bool = False
+) -> tuple[list[Step], tuple[list[int], int] | None]:
+    """The steps of one artifact's transfer, and the chunks it lacks with its requests in flight
+    when it is at the chunk stage: the plan shares the window between those afterwards."""
     if not current.connected:
-        return [Wait(math.inf, "broker disconnected")]
+        return [Wait(math.inf, "broker disconnected")], None
     digest = a.sample_digest if sample else a.digest
     t = current.transfers.get(digest)
     timeout = current.request_timeout_s
     if reception(a, sample) is not None:
         # By the wave's broadcast first; what it did not bring is asked for once it ended or went quiet.
         if t is None or not t.listening:
-            return [Listen(a, sample)]
+            return [Listen(a, sample)], None
         if now < t.broadcast_until:
-            return [Wait(t.broadcast_until, f"broadcast of {digest[:12]}")]
+            return [Wait(t.broadcast_until, f"broadcast of {digest[:12]}")], None
     if t is None or not t.has_manifest:
         asked = t.manifest_requested_at if t else None
         if asked is None or now - asked >= timeout:
-            return [RequestManifest(a, sample)]
-        return [Wait(asked + timeout, f"manifest of {digest[:12]}")]
+            return [RequestManifest(a, sample)], None
+        return [Wait(asked + timeout, f"manifest of {digest[:12]}")], None
     live = {i: at for i, at in t.outstanding.items() if now - at < timeout}
     candidates = [i for i in range(t.chunks) if i not in t.have and i not in live]
-    steps: list[Step] = [
-        RequestChunks(digest, indices) for indices in chunk_requests(candidates, free, current.window)
-    ]
+    steps: list[Step] = []
     if live:
         steps.append(Wait(min(live.values()) + timeout, f"chunks of {digest[:12]}"))
-    return steps
+    return steps, ((candidates, len(live)) if candidates else None)
+
+
+def _share_window(demands: Sequence[_ChunkDemand], window: int, in_flight: int) -> list[list[Step]]:
+    """The chunk requests of each artifact that lacks chunks, the window split evenly between them.
+
+    Each artifact asking for chunks gets an equal share of the slots that the others' requests
+    do not hold (the first ones in plan order get the remainder), less its own requests in flight;
+    the half-window rule of `chunk_requests` applies to that share. Without the split, a model
+    whose stalled chunks all time out at once takes the whole window at every retry, and its
+    sample (or a second tenant's model) is never asked for, so a sample the controller no longer
+    serves never fails the assignment.
+    """
+    held = in_flight - sum(d.in_flight for d in demands)
+    shared = max(0, window - held)
+    out: list[list[Step]] = []
+    for n, d in enumerate(demands):
+        share = shared // len(demands) + (1 if n < shared % len(demands) else 0)
+        free = max(0, min(share - d.in_flight, window - in_flight))
+        requests = chunk_requests(d.candidates, free, share)
+        in_flight += sum(len(r) for r in requests)
+        out.append([RequestChunks(d.digest, indices) for indices in requests])
+    return out
 
 
 def plan(desired: Desired | None, current: Current, now: float) -> list[Step]:
@@ -450,6 +482,7 @@ def plan(desired: Desired | None, current: Current, now: float) -> list[Step]:
     waits: list[Wait] = []
     converged = desired is not None
     seen_digests: set[str] = set()
+    demands: list[_ChunkDemand] = []
     # The transfer window bounds the chunk requests outstanding across all artifacts.
     in_flight = sum(
         1
@@ -490,15 +523,18 @@ def plan(desired: Desired | None, current: Current, now: float) -> list[Step]:
             if (t := current.transfers.get(digest)) is not None and t.complete:
                 steps.append(Verify(digest))
                 continue
-            for step in _transfer_steps(a, current, now, max(0, current.window - in_flight), sample):
-                if isinstance(step, RequestChunks):
-                    in_flight += len(step.indices)
-                if isinstance(step, Wait):
-                    waits.append(step)
-                else:
-                    steps.append(step)
+            transfer_steps, demand = _transfer_steps(a, current, now, sample)
+            waits.extend(s for s in transfer_steps if isinstance(s, Wait))
+            steps.extend(s for s in transfer_steps if not isinstance(s, Wait))
+            if demand is not None:
+                demands.append(_ChunkDemand(len(steps), digest, *demand))
         seen_digests.add(a.digest)
 
+    # Inserted from the last so that each position still points where its artifact was planned.
+    for d, requests in reversed(
+        list(zip(demands, _share_window(demands, current.window, in_flight), strict=True))
+    ):
+        steps[d.position : d.position] = requests
     steps = finishing + steps
     if desired is not None:
         wanted = {a.tenant for a in desired.assignments}

@@ -322,8 +322,17 @@ def test_report_is_published_first_on_change_and_progress_is_throttled() -> None
 
 
 def test_the_window_is_shared_by_every_artifact_in_flight() -> None:
+    """The window bounds the requests in flight across artifacts, and each artifact that lacks
+    chunks gets an even share of it (the first in plan order takes the remainder)."""
     a, b = assignment(D1, tenant="a"), assignment(D2, tenant="b")
     transfers = {D1: transfer(D1, outstanding={0: NOW - 1, 1: NOW - 1}), D2: transfer(D2)}
+    expect_steps(
+        desired(1, a, b),
+        Current(device(), transfers=transfers, window=3),
+        RequestChunks(D2, (0,)),
+        Wait(NOW + 4, f"chunks of {D1[:12]}"),
+    )
+    transfers[D1] = transfer(D1, outstanding={0: NOW - 1, 1: NOW - 1, 2: NOW - 1})
     expect_steps(
         desired(1, a, b),
         Current(device(), transfers=transfers, window=3),
@@ -332,10 +341,12 @@ def test_the_window_is_shared_by_every_artifact_in_flight() -> None:
     transfers[D1] = transfer(D1, outstanding={0: NOW - 1})
     expect_steps(
         desired(1, a, b),
-        Current(device(), transfers=transfers, window=3),
-        RequestChunks(D1, (1, 2)),
+        Current(device(), transfers=transfers, window=4),
+        RequestChunks(D1, (1,)),
+        RequestChunks(D2, (0, 1)),
         Wait(NOW + 4, f"chunks of {D1[:12]}"),
     )
+    # An artifact with every missing chunk already asked for holds its slots but takes no share.
     transfers[D1] = transfer(D1, have=set(range(9)), outstanding={9: NOW - 1})
     expect_steps(
         desired(1, a, b),
@@ -343,3 +354,18 @@ def test_the_window_is_shared_by_every_artifact_in_flight() -> None:
         RequestChunks(D2, (0, 1)),
         Wait(NOW + 4, f"chunks of {D1[:12]}"),
     )
+
+
+def test_a_model_whose_chunks_all_time_out_at_once_does_not_starve_its_sample() -> None:
+    """Without a share each, a stalled model's timed-out chunks would take the whole window at
+    every retry, and a sample the controller no longer serves would never be asked for again, so
+    it would never fail the assignment."""
+    a = replace(assignment(), sample_digest=D2)
+    model = transfer(D1, have={0, 1, 2}, chunks=10, outstanding={i: NOW - 6 for i in range(3, 10)})
+    sample = transfer(D2, chunks=1, outstanding={0: NOW - 6})
+    steps = plan(desired(1, a), Current(device(), transfers={D1: model, D2: sample}, window=8), NOW)
+    requests = [s for s in steps if isinstance(s, RequestChunks)]
+    assert requests == [RequestChunks(D1, (3, 4, 5, 6)), RequestChunks(D2, (0,))], steps
+    # A lone artifact still has the whole window.
+    alone = plan(desired(1, assignment()), Current(device(), transfers={D1: model}, window=8), NOW)
+    assert [s for s in alone if isinstance(s, RequestChunks)] == [RequestChunks(D1, (3, 4, 5, 6, 7, 8, 9))]
