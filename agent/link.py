@@ -30,6 +30,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.backoff import backoff_delay
 from agent.config import MqttConfig
+from agent.said_order import SaidOrder
 from agent.tls import broker_tls, certificate_problem, client_context
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,9 @@ class Link:
         self._refusals = 0
         # The wave broadcast topics to be subscribed to (Link.listen), at every connection too.
         self._waves: frozenset[str] = frozenset()
+        # Orders this link's status messages (agent.said_order); numbered per connection.
+        self._said = SaidOrder()
+        self._online_seq = self._will_seq = 0
         protocol = mqtt.MQTTv5 if config.protocol == "v5" else mqtt.MQTTv311
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -168,8 +172,24 @@ class Link:
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
-    def _status(self, online: bool) -> bytes:
-        return encode(fleet_pb2.DeviceStatus(online=online, at_ms=now_ms(), agent_version=self.agent_version))
+    def _status(self, online: bool, seq: int) -> bytes:
+        return encode(
+            fleet_pb2.DeviceStatus(
+                online=online,
+                at_ms=now_ms(),
+                agent_version=self.agent_version,
+                session=self._said.session,
+                seq=seq,
+            )
+        )
+
+    def _arm_will(self) -> None:
+        """Number the next connection's online status and will (set now, before it connects): the
+        will outranks the online status it follows and is outranked by the next connection's."""
+        self._online_seq, self._will_seq = self._said.pair()
+        self._client.will_set(
+            self.topic(Kind.STATUS), self._status(False, self._will_seq), qos=1, retain=True
+        )
 
     def start(self, own_thread: bool = True) -> None:
         """Connect from paho's network thread. With ``own_thread`` false nothing connects yet:
@@ -178,7 +198,7 @@ class Link:
         thousands of links from one thread that way), and :meth:`attempt` again
         :attr:`retry_delay` seconds after the connection is lost."""
         self._stopping = False
-        self._client.will_set(self.topic(Kind.STATUS), self._status(False), qos=1, retain=True)
+        self._arm_will()
         self._set_delay()
         kwargs: dict[str, Any] = {}
         if self.config.protocol == "v5":
@@ -216,7 +236,7 @@ class Link:
         network loop waits for its acknowledgement itself before calling :meth:`stop`; one not
         acknowledged would be sent again after the online status when the link next connects."""
         self._offline_said = True
-        return self.publish(self.topic(Kind.STATUS), self._status(False), retain=True)
+        return self.publish(self.topic(Kind.STATUS), self._status(False, self._will_seq), retain=True)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Say offline ourselves and disconnect cleanly, so the broker drops the last will."""
@@ -286,6 +306,7 @@ class Link:
                 # paho may follow with on_disconnect: that one must not skip a broker.
                 self._refused = True
                 self._fail_over()
+                self._arm_will()
                 self._set_delay()
                 log.error("broker refused connection device=%s reason=%s", self.device_id, reason_code)
                 return
@@ -296,7 +317,7 @@ class Link:
                 waves = sorted(self._waves)
             self._subscribe([self.topic(k) for k in SUBSCRIBED_KINDS] + waves)
             self._offline_said = False
-            self.publish(self.topic(Kind.STATUS), self._status(True), retain=True)
+            self.publish(self.topic(Kind.STATUS), self._status(True, self._online_seq), retain=True)
             self._connected.set()
             log.info(
                 "broker connected device=%s host=%s port=%s",
@@ -312,6 +333,7 @@ class Link:
             self._attempt += 1
             failed = self.address
             self._fail_over()
+            self._arm_will()
             self._set_delay()
             # paho calls this from the `except OSError` around its connect: the error is current.
             error = sys.exc_info()[1]
@@ -346,6 +368,7 @@ class Link:
             if not was and not self._refused:
                 self._fail_over()
             self._refused = False
+            self._arm_will()
             self._set_delay()
             paho_error = self._paho_errors.take()
             if was:

@@ -68,6 +68,7 @@ from agent.reconciler import (
     plan,
 )
 from agent.runtime import BACKENDS, LoadedModel
+from agent.said_order import SaidOrder
 from agent.samples import staging_inputs
 from agent.signing import KeyRing
 from agent.state import (
@@ -244,6 +245,8 @@ class Updater:
         self.link = link
         self.emit = emit
         self.agent_version = agent_version
+        # Numbers each report, so a controller with several ingest processes keeps the newest.
+        self._said = SaidOrder()
         self.window = window
         self.request_timeout_s = request_timeout_s
         self.clock = clock
@@ -726,6 +729,8 @@ class Updater:
             applied_generation=r.applied_generation,
             agent_version=self.agent_version,
             reported_at_ms=int(time.time() * 1000),
+            session=self._said.session,
+            seq=self._said.next(),
             models=[
                 fleet_pb2.ModelStatus(
                     tenant=m.tenant,

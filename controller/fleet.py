@@ -197,6 +197,40 @@ def _device_from_row(row: dict[str, Any]) -> Device:
 
 
 # Never back in time (messages of one device are handled by several workers).
+# A report or status older by the device's (session, seq) than the stored one was overtaken in
+# another ingest process and is not stored, unless the stored one was received this long before:
+# then the device's numbering started over (its clock went back across a restart, its count was
+# hostile) and the newest received wins again rather than leave the device unheard.
+REORDER_S = 60.0
+# What a BIGINT holds; the device's uint64 counts are clamped to it.
+_MAX_ORDER = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class ReportRecorded:
+    kept: bool
+    # The desired state issued again under a newer generation, to be published (Fleet._catch_up).
+    reissued: bytes | None
+
+
+def _said_order(session: int, seq: int) -> tuple[int, int]:
+    return min(session, _MAX_ORDER), min(seq, _MAX_ORDER)
+
+
+def _newer_than_stored(kind: str) -> str:
+    """The condition on the ``devices`` row that a message numbered (session, seq) is newer than the
+    stored ``kind`` (reported or status); its arguments come from :func:`_said_order_args`."""
+    return (
+        f"(? = 0 OR {kind}_session < ? OR ({kind}_session = ? AND {kind}_seq < ?)"
+        f" OR {kind}_received_at IS NULL OR {kind}_received_at < ?)"
+    )
+
+
+def _said_order_args(session: int, seq: int, received_at: float) -> tuple[int, int, int, int, float]:
+    session, seq = _said_order(session, seq)
+    return session, session, session, seq, received_at - REORDER_S
+
+
 _TOUCH = "UPDATE devices SET last_seen = ? WHERE device_id = ? AND (last_seen IS NULL OR last_seen < ?)"
 _DEVICES = "SELECT d.*, p.profile_id AS profile FROM devices d LEFT JOIN device_profiles p ON p.device_id = d.device_id"
 
@@ -477,19 +511,30 @@ class Fleet:
 
     def record_reported(
         self, device_id: str, msg: fleet_pb2.ReportedState, received_at: float
-    ) -> bytes | None:
-        """Store the reported state as the device's current one; returns the device's desired
-        state issued again under a newer generation when it must be published (:meth:`_catch_up`).
+    ) -> ReportRecorded:
+        """Store the reported state as the device's current one unless the device said a newer
+        one already (:func:`_newer_than_stored`); when stored, also returns the device's desired
+        state issued again under a newer generation if it must be published (:meth:`_catch_up`).
 
-        The newest message received wins, whatever its timestamp: the broker keeps
-        one publisher's order, a will carries the time it was set (long before the
+        Timestamps do not order reports: a will carries the time it was set (long before the
         device died), and a device without a real-time clock reports 1970 until NTP.
         """
         reported = Reported.from_proto(msg)
-        self.store.execute(
-            "UPDATE devices SET reported = ?, reported_at_ms = ?, reported_received_at = ? WHERE device_id = ?",
-            (json.dumps(asdict(reported)), msg.reported_at_ms, received_at, device_id),
+        kept = self.store.execute(
+            "UPDATE devices SET reported = ?, reported_at_ms = ?, reported_received_at = ?,"
+            " reported_session = ?, reported_seq = ? WHERE device_id = ? AND "
+            + _newer_than_stored("reported"),
+            (
+                json.dumps(asdict(reported)),
+                msg.reported_at_ms,
+                received_at,
+                *_said_order(msg.session, msg.seq),
+                device_id,
+                *_said_order_args(msg.session, msg.seq, received_at),
+            ),
         )
+        if not kept:
+            return ReportRecorded(False, None)
         # Names and versions are the device's: the line is bounded (controller.log_bounds).
         log.info(
             "%s",
@@ -501,7 +546,7 @@ class Fleet:
                 ";".join(f"{m.tenant}:{m.model_name}@{m.model_version}={m.phase}" for m in reported.models),
             ),
         )
-        return self._catch_up(device_id, msg.desired_generation)
+        return ReportRecorded(True, self._catch_up(device_id, msg.desired_generation))
 
     def _catch_up(self, device_id: str, seen: int) -> bytes | None:
         """A device that saw a newer generation than this controller remembers issuing (its
@@ -541,18 +586,34 @@ class Fleet:
         )
         return payload
 
-    def record_status(self, device_id: str, msg: fleet_pb2.DeviceStatus) -> None:
-        """Online or offline, newest message received wins (see :meth:`record_reported`)."""
-        self.store.execute(
-            "UPDATE devices SET online = ?, status_at_ms = ?, agent_version = ? WHERE device_id = ?",
-            (int(msg.online), msg.at_ms, msg.agent_version, device_id),
+    def record_status(
+        self, device_id: str, msg: fleet_pb2.DeviceStatus, received_at: float | None = None
+    ) -> bool:
+        """Online or offline, stored unless the device said a newer one already (see
+        :meth:`record_reported`); returns whether it was stored."""
+        received_at = time.time() if received_at is None else received_at
+        kept = self.store.execute(
+            "UPDATE devices SET online = ?, status_at_ms = ?, agent_version = ?, status_session = ?,"
+            " status_seq = ?, status_received_at = ? WHERE device_id = ? AND " + _newer_than_stored("status"),
+            (
+                int(msg.online),
+                msg.at_ms,
+                msg.agent_version,
+                *_said_order(msg.session, msg.seq),
+                received_at,
+                device_id,
+                *_said_order_args(msg.session, msg.seq, received_at),
+            ),
         )
+        if not kept:
+            return False
         log.info(
             "%s",
             bounded_line(
                 "device status device=%s online=%s agent_version=%s", device_id, msg.online, msg.agent_version
             ),
         )
+        return True
 
     def desired_state(self, device_id: str) -> bytes | None:
         """The device's stored desired state (unsigned), or None when nothing was assigned."""

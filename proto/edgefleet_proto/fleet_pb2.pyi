@@ -544,6 +544,8 @@ class ReportedState(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     REPORTED_AT_MS_FIELD_NUMBER: _builtins.int
     CONDITIONS_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     desired_generation: _builtins.int
     """Newest desired generation the agent has seen."""
@@ -551,6 +553,14 @@ class ReportedState(_message.Message):
     """Generation the agent has fully converged on (every tenant active)."""
     agent_version: _builtins.str
     reported_at_ms: _builtins.int
+    session: _builtins.int
+    """The order the device said things in, which several controller ingest processes
+    (a shared subscription) do not keep: the agent process's start (ms since the
+    epoch) and a count of its reports. A controller keeps a report only if it is
+    newer than the stored one by (session, seq); 0 (an agent that does not number
+    them) means the newest received wins.
+    """
+    seq: _builtins.int
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]:
         """What each tenant is serving right now or moving towards."""
@@ -571,10 +581,12 @@ class ReportedState(_message.Message):
         agent_version: _builtins.str = ...,
         reported_at_ms: _builtins.int = ...,
         conditions: _abc.Iterable[Global___DeviceCondition] | None = ...,
+        session: _builtins.int = ...,
+        seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "applied_generation", b"applied_generation", "conditions", b"conditions", "desired_generation", b"desired_generation", "device_id", b"device_id", "models", b"models", "reported_at_ms", b"reported_at_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "applied_generation", b"applied_generation", "conditions", b"conditions", "desired_generation", b"desired_generation", "device_id", b"device_id", "models", b"models", "reported_at_ms", b"reported_at_ms", "seq", b"seq", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -630,19 +642,30 @@ class DeviceStatus(_message.Message):
     ONLINE_FIELD_NUMBER: _builtins.int
     AT_MS_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
     online: _builtins.bool
     at_ms: _builtins.int
     agent_version: _builtins.str
+    session: _builtins.int
+    """Ordered as ReportedState's: the agent process's start (ms) and, within it, 2k
+    for the online status of its k-th connection and 2k+1 for that connection's
+    will, so a will outranks its own connection's online status and is outranked
+    by the next connection's. 0: the newest received wins.
+    """
+    seq: _builtins.int
     def __init__(
         self,
         *,
         online: _builtins.bool = ...,
         at_ms: _builtins.int = ...,
         agent_version: _builtins.str = ...,
+        session: _builtins.int = ...,
+        seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "at_ms", b"at_ms", "online", b"online"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "at_ms", b"at_ms", "online", b"online", "seq", b"seq", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -99,6 +99,53 @@ def test_newest_message_wins_whatever_its_timestamp(tmp_path: Path, store_url: s
     assert parts.fleet.get("d").last_seen == 100.0
 
 
+def test_a_report_or_status_handled_after_a_newer_one_of_the_same_device_is_not_stored(
+    tmp_path: Path, store_url: str
+) -> None:
+    """Several ingest processes share a device's messages (a shared subscription) and do not keep
+    its order: what the device numbered earlier must not overwrite what it said later."""
+    parts = Parts(tmp_path, database_url=store_url)
+    parts.fleet.register("d")
+
+    def report(session: int, seq: int, applied: int) -> fleet_pb2.ReportedState:
+        return fleet_pb2.ReportedState(
+            device_id="d", desired_generation=applied, applied_generation=applied, session=session, seq=seq
+        )
+
+    def applied() -> int:
+        reported = parts.fleet.get("d").reported
+        assert reported is not None
+        return reported.applied_generation
+
+    assert parts.fleet.record_reported("d", report(1000, 2, 2), received_at=10.0).kept
+    late = parts.fleet.record_reported("d", report(1000, 1, 1), received_at=10.1)
+    assert not late.kept and applied() == 2
+    assert parts.fleet.record_reported("d", report(1000, 3, 3), received_at=10.2).kept and applied() == 3
+    # The agent restarted: a later session outranks every count of the one before.
+    assert parts.fleet.record_reported("d", report(2000, 1, 4), received_at=11.0).kept and applied() == 4
+    assert not parts.fleet.record_reported("d", report(1000, 9, 3), received_at=11.1).kept
+    # Its clock went back across a restart: once the stored report is a minute old, the newest
+    # received wins again rather than leave the device unheard.
+    assert not parts.fleet.record_reported("d", report(500, 1, 5), received_at=12.0).kept
+    assert parts.fleet.record_reported("d", report(500, 1, 5), received_at=72.0).kept and applied() == 5
+    # An agent that does not number its reports: the newest received wins, as before.
+    assert parts.fleet.record_reported("d", report(0, 0, 6), received_at=72.5).kept and applied() == 6
+
+    def status(online: bool, seq: int, session: int = 1000) -> fleet_pb2.DeviceStatus:
+        return fleet_pb2.DeviceStatus(online=online, at_ms=1, agent_version="1", session=session, seq=seq)
+
+    # Connection 1 said online (2), its will said offline (3), connection 2 online (4): handled
+    # as online 2, online 4, will 3, the device is online.
+    assert parts.fleet.record_status("d", status(True, 2), received_at=20.0)
+    assert parts.fleet.record_status("d", status(True, 4), received_at=20.1)
+    assert not parts.fleet.record_status("d", status(False, 3), received_at=20.2)
+    assert parts.fleet.get("d").online
+    assert parts.fleet.record_status("d", status(False, 5), received_at=20.3)
+    assert not parts.fleet.get("d").online
+    # A count beyond what the database holds is clamped, not an error.
+    assert parts.fleet.record_status("d", status(True, 2**64 - 1, session=2**64 - 1), received_at=21.0)
+
+
 def test_reported_conditions_are_kept_bounded_and_shown_in_the_api_schema(
     tmp_path: Path, store_url: str
 ) -> None:
