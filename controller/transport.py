@@ -20,6 +20,7 @@ import queue
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ from controller.errors import ArtifactNotFound, ConfigError, ControllerError, Da
 from controller.fleet import Fleet
 from controller.log_bounds import BadMessageLog, clip
 from controller.message_counters import MessageCounters
-from controller.rate_limits import DeviceBuckets, Limit, NewestWins
+from controller.rate_limits import MAX_BUCKETS, DeviceBuckets, Limit, NewestWins
 from controller.roles import every_filter
 from controller.settings import Settings
 from controller.telemetry import TelemetryStore
@@ -227,6 +228,11 @@ class Transport:
         self._twin: NewestWins[Arrived] = NewestWins(
             DeviceBuckets(Limit("reported", settings.reported_per_s, settings.reported_burst))
         )
+        # Reported states and status that found the state queue full. Each is sent once per change
+        # (telemetry is sent again until acknowledged), so rather than be dropped the newest of each
+        # device and kind waits here for room (_release_held), replacing the one that waited before.
+        self._waiting_room: OrderedDict[tuple[str, str], Inbound] = OrderedDict()
+        self._waiting_lock = threading.Lock()
         self._desired_requests = DeviceBuckets(
             Limit("desired_requests", settings.desired_requests_per_s, settings.desired_requests_burst)
         )
@@ -553,6 +559,9 @@ class Transport:
         job = Inbound(
             topic=topic, message=message, received_at=arrived.received_at, retained=arrived.retained
         )
+        if topic.kind in RETAINED_KINDS:
+            self._queue_snapshot(job)
+            return
         target = self._artifact_jobs if topic.kind is Kind.ARTIFACT_REQUEST else self._state_jobs
         if topic.kind is Kind.TELEMETRY:
             target = self._telemetry_jobs
@@ -580,9 +589,39 @@ class Transport:
         )
         return False
 
+    def _queue_snapshot(self, job: Inbound) -> None:
+        """Queue a reported state or status, or keep it in the waiting room while the queue is full."""
+        key = (job.topic.device_id, job.topic.kind.value)
+        with self._waiting_lock:
+            if self._waiting_room.pop(key, None) is not None:
+                self.counters.rejected(key[1], "superseded")
+            try:
+                self._state_jobs.put_nowait(job)
+                return
+            except queue.Full:
+                pass
+            self._waiting_room[key] = job
+            while len(self._waiting_room) > MAX_BUCKETS:
+                (_, kind), _ = self._waiting_room.popitem(last=False)
+                self.counters.rejected(kind, "overloaded")
+        self._bad.warning(
+            job.topic.device_id,
+            "controller overloaded, message waits for room, the newest kept device=%s topic=%s",
+            job.topic.device_id,
+            job.topic,
+        )
+
     def _release_held(self) -> None:
         for arrived in self._twin.due():
             self._queue(arrived)
+        with self._waiting_lock:
+            while self._waiting_room:
+                key, job = next(iter(self._waiting_room.items()))
+                try:
+                    self._state_jobs.put_nowait(job)
+                except queue.Full:
+                    break
+                del self._waiting_room[key]
 
     def _enqueue(self, jobs: queue.Queue[Job], job: Job) -> None:
         try:
@@ -936,12 +975,15 @@ class Transport:
             return
         if kind is Kind.REPORTED:
             assert isinstance(job.message, fleet_pb2.ReportedState)
-            reissued = self.fleet.record_reported(device_id, job.message, job.received_at)
-            if reissued is not None:
-                self.publish_desired(device_id, reissued)
+            recorded = self.fleet.record_reported(device_id, job.message, job.received_at)
+            if not recorded.kept:
+                self.counters.rejected(kind.value, "out_of_order")
+            elif recorded.reissued is not None:
+                self.publish_desired(device_id, recorded.reissued)
         elif kind is Kind.STATUS:
             assert isinstance(job.message, fleet_pb2.DeviceStatus)
-            self.fleet.record_status(device_id, job.message)
+            if not self.fleet.record_status(device_id, job.message, job.received_at):
+                self.counters.rejected(kind.value, "out_of_order")
         elif kind is Kind.TELEMETRY:
             assert isinstance(job.message, fleet_pb2.Telemetry)
             self.telemetry.ingest_telemetry(device_id, job.message, job.received_at)
