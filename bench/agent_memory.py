@@ -52,9 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
 from tests.broker import REPO, Broker
-from tests.integration.agent.peer import Peer, wait_until
+from tests.integration.agent.peer import Peer
 from tests.localfleet import to_tensors
 from tests.models import sine_float_tflite, small_conv
+from tests.support.waiting import wait_until
 
 MB = 1024 * 1024
 # The goals: an idle agent in MB, a serving agent as a ratio to its bare runtime.

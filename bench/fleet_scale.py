@@ -68,9 +68,10 @@ from controller.settings import DEFAULT_CHUNK_SIZE
 from tests.broker import Broker
 from tests.fleetsim import BareSubscribers, DeviceLogin, SimFleet, SimSettings, WorkerStats
 from tests.fleetsim.worker import raise_open_files_limit
-from tests.localfleet import BIN, Controller, wait_until
+from tests.localfleet import BIN, Controller
 from tests.models import dense_of_size
 from tests.postgres import Postgres
+from tests.support.waiting import wait_until
 
 BATCH = 5000
 TELEMETRY = "edgefleet/v1/devices/+/telemetry"

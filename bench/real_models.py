@@ -42,9 +42,10 @@ from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
 from agent.preprocess import letterbox
 from tests.broker import Broker
-from tests.localfleet import Agent, Controller, register_agent, rollout_done, to_tensors, wait_until
+from tests.localfleet import Agent, Controller, register_agent, rollout_done, to_tensors
 from tests.media import face_frame, silence, speech_like, text_frame, write_video, write_wav
 from tests.realmodels import ModelCorpus, sample_inputs
+from tests.support.waiting import wait_until
 
 TOKEN = "bench-tenant-token-0123456789"
 METADATA = [("x-edgefleet-token", TOKEN)]

@@ -47,10 +47,11 @@ import tomli_w
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.broker import Broker
-from tests.localfleet import Controller, wait_until
+from tests.localfleet import Controller
 from tests.models import dense_of_size
 from tests.mqtt_relay import Relay
 from tests.simfleet import Checked, SimDevice, SimFleet
+from tests.support.waiting import wait_until
 
 FANOUT_TOPIC = "edgefleet/bench/fanout"
 SOAK_S = 1.0

@@ -13,12 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import httpx
@@ -26,21 +25,11 @@ import numpy as np
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
 from tests.broker import free_port
+from tests.support.waiting import wait_until
 
 BIN = Path(sys.executable).parent
-T = TypeVar("T")
 
 
-def wait_until(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Poll ``check`` until it returns something truthy; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def _log_tail(path: Path, n: int = 4000) -> str:

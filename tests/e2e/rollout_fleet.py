@@ -24,7 +24,8 @@ from edgefleet_proto import inference_pb2, inference_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.fleetsim import DeviceLogin, SimFleet, SimSettings
-from tests.localfleet import Agent, Controller, register_agent, rollout_done, to_tensors, wait_until
+from tests.localfleet import Agent, Controller, register_agent, rollout_done, to_tensors
+from tests.support.waiting import wait_until
 
 REAL_EVERY = 4  # dev-00, dev-04, ... are real agent processes
 # Each simulated device runs this many inferences per telemetry window of 0.5 s.

@@ -16,7 +16,8 @@ from cryptography import x509
 
 from tests.broker import Broker, TlsListener
 from tests.certs import Issued, issue, make_ca
-from tests.localfleet import Agent, Controller, wait_until
+from tests.localfleet import Agent, Controller
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 

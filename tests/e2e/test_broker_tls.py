@@ -18,8 +18,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.broker import Broker, TlsListener
 from tests.certs import Issued, issue, make_ca
-from tests.localfleet import Agent, Controller, register_agent, rollout_done, wait_until
+from tests.localfleet import Agent, Controller, register_agent, rollout_done
 from tests.models import digits_classifier
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 

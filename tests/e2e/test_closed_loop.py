@@ -39,8 +39,9 @@ from edgefleet_proto import inference_pb2, inference_pb2_grpc
 from sklearn.datasets import load_digits
 
 from tests.broker import Broker
-from tests.localfleet import Agent, Controller, register_agent, rollout_done, wait_until
+from tests.localfleet import Agent, Controller, register_agent, rollout_done
 from tests.models import digits_classifier
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "closed-loop-secret-0123"
@@ -290,7 +291,7 @@ def test_drift_in_the_replayed_data_is_detected_retrained_and_redeployed(
                 240,
                 "the new version serving everywhere",
             )
-        except AssertionError as timed_out:
+        except TimeoutError as timed_out:
             raise AssertionError(redeploy_story(controller, agents, streams)) from timed_out
         serving_at = max(s.first_seen[new_version] for s in streams)
 

@@ -16,8 +16,9 @@ from playwright.sync_api import Browser, Dialog, Page, expect
 
 from tests.broker import Broker
 from tests.browser import LAPTOP, TABLET, Screenshots, chromium, fits_width, screenshot_folder
-from tests.localfleet import Agent, Controller, register_agent, wait_until
+from tests.localfleet import Agent, Controller, register_agent
 from tests.models import digits_classifier
+from tests.support.waiting import wait_until
 
 DEVICES = ("cam-0", "cam-1", "cam-2")
 THRESHOLD = 0.2

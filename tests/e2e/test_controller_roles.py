@@ -26,8 +26,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.broker import Broker
 from tests.fleetsim import DeviceLogin, SimFleet, SimSettings
-from tests.localfleet import Controller, wait_until
+from tests.localfleet import Controller
 from tests.models import dense_of_size
+from tests.support.waiting import wait_until
 
 # Several controller processes share a database on PostgreSQL only (the store_url fixture's).
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", ["postgresql"], indirect=True)]

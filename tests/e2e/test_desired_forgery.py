@@ -15,9 +15,10 @@ from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind, Topic
 
 from tests.broker import CONTROLLER_USER, Broker
-from tests.localfleet import Agent, Controller, register_agent, rollout_done, wait_until
+from tests.localfleet import Agent, Controller, register_agent, rollout_done
 from tests.models import digits_classifier
 from tests.mqtt_peer import Peer
+from tests.support.waiting import wait_until
 
 HUGE = 2**64 - 1
 

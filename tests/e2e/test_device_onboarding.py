@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.localfleet import BIN, Agent, Controller, wait_until
+from tests.localfleet import BIN, Agent, Controller
+from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 JETSON = "jetson-orin-nano-8gb"

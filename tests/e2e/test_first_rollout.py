@@ -9,8 +9,9 @@ import numpy as np
 import onnxruntime as ort
 
 from tests.broker import Broker
-from tests.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done, wait_until
+from tests.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done
 from tests.models import digits_classifier
+from tests.support.waiting import wait_until
 
 
 def device(controller: Controller, device_id: str) -> dict[str, Any]:

@@ -14,8 +14,9 @@ import pytest
 
 from tests.broker import Broker
 from tests.fleetsim import DeviceLogin, SimFleet, SimSettings
-from tests.localfleet import Controller, wait_until
+from tests.localfleet import Controller
 from tests.models import dense_of_size
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 

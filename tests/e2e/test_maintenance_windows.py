@@ -14,8 +14,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from tests.broker import Broker
-from tests.localfleet import Agent, Controller, register_agent, rollout_done, wait_until
+from tests.localfleet import Agent, Controller, register_agent, rollout_done
 from tests.models import digits_classifier
+from tests.support.waiting import wait_until
 
 ENGINE_CLOCK = Path(__file__).resolve().parents[1] / "engine_clock.py"
 # A zone with a UTC offset and no daylight-saving change, so the hour chosen always exists.

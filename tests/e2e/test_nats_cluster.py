@@ -24,9 +24,10 @@ import pytest
 import tomli_w
 
 from controller.settings import CONTROLLER_USER
-from tests.localfleet import Agent, Controller, register_agent, wait_until
+from tests.localfleet import Agent, Controller, register_agent
 from tests.models import digits_classifier
 from tests.nats_cluster import NatsCluster, NatsNode
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -31,17 +31,10 @@ from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
 from agent.preprocess import letterbox
 from tests.broker import Broker
-from tests.localfleet import (
-    Agent,
-    Controller,
-    from_tensor,
-    register_agent,
-    rollout_done,
-    stop_all,
-    wait_until,
-)
+from tests.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done, stop_all
 from tests.media import face_frame, silence, speech_like, text_frame, write_video, write_wav
 from tests.realmodels import fixed_shape_copy, overflowing_copy, sample_inputs
+from tests.support.waiting import wait_until
 
 # Each model's test waits with generous deadlines; a loaded machine may need them all.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -13,8 +13,9 @@ import pytest
 
 from controller.model_runner import Runner
 from tests.broker import Broker
-from tests.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done, wait_until
+from tests.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done
 from tests.realmodels import face_image, sample_inputs
+from tests.support.waiting import wait_until
 
 PROFILES = Path(__file__).resolve().parents[2] / "firmware_profiles"
 DEVICES = {"pi4": "raspberry-pi-4-4gb", "zero": "raspberry-pi-zero-2-w"}

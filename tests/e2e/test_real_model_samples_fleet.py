@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from tests.broker import Broker
-from tests.localfleet import Agent, Controller, register_agent, rollout_done, wait_until
+from tests.localfleet import Agent, Controller, register_agent, rollout_done
 from tests.realmodels import sample_inputs
+from tests.support.waiting import wait_until
 
 PROFILES = Path(__file__).resolve().parents[2] / "firmware_profiles"
 PROFILE = "raspberry-pi-4-4gb"

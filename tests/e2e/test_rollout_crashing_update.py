@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from tests.broker import Broker
-from tests.localfleet import Agent, Controller, register_agent, rollout_done, wait_until
+from tests.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.waiting import wait_until
 from tests.unit.agent.models import linear_model
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from tests.broker import Broker
-from tests.localfleet import Agent, Controller, register_agent, wait_until
+from tests.localfleet import Agent, Controller, register_agent
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,8 @@ import pytest
 
 from tests.broker import Broker
 from tests.e2e.rollout_fleet import Fleet, classifier, first_version_everywhere, fleet_of_20
-from tests.localfleet import Agent, Controller, wait_until
+from tests.localfleet import Agent, Controller
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -11,16 +11,9 @@ import pytest
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
 from tests.broker import Broker
-from tests.localfleet import (
-    Agent,
-    Controller,
-    from_tensor,
-    register_agent,
-    rollout_done,
-    to_tensors,
-    wait_until,
-)
+from tests.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done, to_tensors
 from tests.models import small_conv
+from tests.support.waiting import wait_until
 
 TOKEN = "door-app-token-0123456789"
 TENANT = f"""

@@ -15,9 +15,10 @@ from edgefleet_proto import artifact_pb2
 from edgefleet_proto.codec import decode_as, encode
 
 from tests.broker import Broker
-from tests.localfleet import Agent, Controller, register_agent, rollout_done, wait_until
+from tests.localfleet import Agent, Controller, register_agent, rollout_done
 from tests.models import dense_of_size, digits_classifier
 from tests.mqtt_peer import Peer
+from tests.support.waiting import wait_until
 
 
 class RequestLog:

@@ -14,8 +14,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.broker import Broker
-from tests.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done, wait_until
+from tests.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done
 from tests.models import digits_mlp, tflite_mlp
+from tests.support.waiting import wait_until
 
 PROFILES = Path(__file__).resolve().parents[2] / "firmware_profiles"
 

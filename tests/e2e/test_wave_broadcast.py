@@ -26,10 +26,11 @@ from agent.broadcast import open_chunk, open_manifest
 from agent.errors import SealRejected
 from controller.wave_broadcast import seal_chunk
 from tests.broker import Broker
-from tests.localfleet import Agent, Controller, register_agent, rollout_done, stop_all, wait_until
+from tests.localfleet import Agent, Controller, register_agent, rollout_done, stop_all
 from tests.models import dense_of_size
 from tests.mqtt_peer import Peer
 from tests.mqtt_relay import Relay, Tamper
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgefleet_proto import inference_pb2_grpc
 
 from tests.broker import REPO, Broker
-from tests.integration.agent.peer import Peer, public_key, wait_until
+from tests.integration.agent.peer import Peer, public_key
+from tests.support.waiting import wait_until
 
 
 @dataclass

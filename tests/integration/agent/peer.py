@@ -14,10 +14,9 @@ import hashlib
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives import serialization
@@ -31,18 +30,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.broker import CONTROLLER_USER, Broker
-
-T = TypeVar("T")
-
-
-def wait_until(predicate: Callable[[], T | None], timeout: float = 30.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+from tests.support.waiting import wait_until
 
 
 def public_key(key: Ed25519PrivateKey) -> bytes:

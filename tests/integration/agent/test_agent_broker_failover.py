@@ -13,7 +13,8 @@ from agent.config import parse_config
 from agent.errors import ConfigError
 from tests.broker import Broker
 from tests.integration.agent.conftest import AgentProcess
-from tests.integration.agent.peer import Peer, wait_until
+from tests.integration.agent.peer import Peer
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ import pytest
 from edgefleet_proto import fleet_pb2, inference_pb2
 
 from tests.integration.agent.conftest import AgentProcess
-from tests.integration.agent.peer import Peer, wait_until
+from tests.integration.agent.peer import Peer
+from tests.support.waiting import wait_until
 from tests.unit.agent.models import linear_model, write_model
 
 

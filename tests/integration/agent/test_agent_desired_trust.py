@@ -20,7 +20,8 @@ from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind
 
 from tests.integration.agent.conftest import AgentProcess
-from tests.integration.agent.peer import Peer, sign_state, wait_until
+from tests.integration.agent.peer import Peer, sign_state
+from tests.support.waiting import wait_until
 from tests.unit.agent.models import linear_model, write_model
 
 HUGE = 2**64 - 1

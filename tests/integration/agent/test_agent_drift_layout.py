@@ -19,7 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from controller import drift
 from tests.integration.agent.conftest import AgentProcess
-from tests.integration.agent.peer import Peer, wait_until
+from tests.integration.agent.peer import Peer
+from tests.support.waiting import wait_until
 
 SIZE = 32
 FRAMES = 300

@@ -20,7 +20,8 @@ from edgefleet_proto.bundle import pack
 
 from tests.broker import REPO, Broker
 from tests.certs import issue, make_ca
-from tests.integration.agent.peer import Peer, public_key, wait_until
+from tests.integration.agent.peer import Peer, public_key
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("useradd") is None,

@@ -20,7 +20,8 @@ from agent.outbox import RESERVE_BYTES, Outbox
 from tests.broker import Broker
 from tests.disks import KeepFull, fill, small_tmpfs
 from tests.integration.agent.conftest import AgentProcess
-from tests.integration.agent.peer import Peer, wait_until
+from tests.integration.agent.peer import Peer
+from tests.support.waiting import wait_until
 from tests.unit.agent.models import linear_model, write_model
 
 

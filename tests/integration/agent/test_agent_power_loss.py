@@ -24,7 +24,8 @@ from edgefleet_proto.signing import rotation_bytes
 
 from agent.atomic import CRASH_AT_ENV, WRITE_STEPS
 from tests.integration.agent.conftest import AgentProcess
-from tests.integration.agent.peer import Peer, public_key, wait_until
+from tests.integration.agent.peer import Peer, public_key
+from tests.support.waiting import wait_until
 from tests.unit.agent.models import linear_model, write_model
 
 X = np.ones((1, 256), dtype=np.float32)

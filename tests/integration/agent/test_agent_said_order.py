@@ -12,7 +12,8 @@ from edgefleet_proto import fleet_pb2
 
 from tests.broker import Broker
 from tests.integration.agent.conftest import AgentProcess
-from tests.integration.agent.peer import Peer, wait_until
+from tests.integration.agent.peer import Peer
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 

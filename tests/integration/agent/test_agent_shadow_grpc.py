@@ -19,9 +19,10 @@ import pytest
 from edgefleet_proto import fleet_pb2, inference_pb2
 
 from tests.integration.agent.conftest import AgentProcess
-from tests.integration.agent.peer import Peer, wait_until
+from tests.integration.agent.peer import Peer
 from tests.localfleet import from_tensor, to_tensors
 from tests.models import digits_classifier, signature_of
+from tests.support.waiting import wait_until
 
 # The agreeing candidate is an under-trained classifier on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:lbfgs failed to converge")

@@ -14,8 +14,9 @@ from edgefleet_proto import fleet_pb2
 from edgefleet_proto.signing import key_id, manifest_bytes, rotation_bytes
 
 from tests.integration.agent.conftest import AgentProcess
-from tests.integration.agent.peer import Peer, wait_until
+from tests.integration.agent.peer import Peer
 from tests.integration.agent.test_agent_converge import infer
+from tests.support.waiting import wait_until
 from tests.unit.agent.models import linear_model, write_model
 
 X = np.ones((1, 256), dtype=np.float32)

@@ -32,9 +32,10 @@ from agent.preprocess import log_mel
 from agent.tenants import hash_token
 from tests.broker import Broker
 from tests.integration.agent.conftest import AgentProcess
-from tests.integration.agent.peer import Peer, wait_until
+from tests.integration.agent.peer import Peer
 from tests.localfleet import from_tensor, to_tensors
 from tests.models import dense_of_size, digits_classifier, signature_of, small_conv
+from tests.support.waiting import wait_until
 
 cv2 = pytest.importorskip("cv2")
 # The shadow candidate is an under-trained classifier on purpose.

@@ -17,7 +17,7 @@ from agent.errors import ConfigError
 from agent.link import Link
 from tests.broker import Broker, TlsListener
 from tests.certs import Issued, issue, make_ca
-from tests.integration.agent.peer import wait_until
+from tests.support.waiting import wait_until
 
 
 @dataclass

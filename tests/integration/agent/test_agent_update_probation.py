@@ -12,10 +12,11 @@ from edgefleet_proto import fleet_pb2, inference_pb2
 
 from tests.e2e.rollout_fleet import classifier, digits_samples
 from tests.integration.agent.conftest import AgentProcess
-from tests.integration.agent.peer import Peer, wait_until
+from tests.integration.agent.peer import Peer
 from tests.integration.agent.test_agent_crash import persisted
 from tests.localfleet import from_tensor, to_tensors
 from tests.models import dense_of_size
+from tests.support.waiting import wait_until
 
 
 def infer_x(agent: AgentProcess, x: np.ndarray) -> inference_pb2.InferResponse | None:

@@ -3,12 +3,11 @@ and real model files; device-side peers are plain paho clients."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -21,19 +20,7 @@ from controller.settings import Settings
 from tests.broker import Broker
 from tests.models import digits_classifier
 from tests.mqtt_peer import Peer
-
-T = TypeVar("T")
-
-
-def wait_for(check: Callable[[], T | None], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+from tests.support.waiting import wait_until
 
 
 def connect(port: int, username: str, password: str, client_id: str | None = None) -> Peer:
@@ -45,7 +32,7 @@ def connect(port: int, username: str, password: str, client_id: str | None = Non
         except (TimeoutError, ConnectionError, OSError):
             return None
 
-    return wait_for(attempt, 10, f"{username} to connect")
+    return wait_until(attempt, 10, f"{username} to connect")
 
 
 def messages_on(peer: Peer, topic: str) -> list[MQTTMessage]:

@@ -18,8 +18,9 @@ from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind, Topic
 
 from tests.broker import Broker
-from tests.integration.controller.conftest import Ctl, wait_for
+from tests.integration.controller.conftest import Ctl
 from tests.localfleet import Controller
+from tests.support.waiting import wait_until
 
 # Operations whose bodies carry content a schema cannot describe (a model file, a TOML
 # profile, an .npz data set, a PEM key; a device profile or tenant model that must be
@@ -134,7 +135,7 @@ def test_telemetry_a_device_reported_as_nan_is_null_where_the_document_allows_nu
         model = telemetry.models.add(tenant="default", model_name="digits", model_version="1")
         model.latency_p50_ms, model.latency_p95_ms = math.nan, math.inf
         peer.publish(str(Topic("cam-1", Kind.TELEMETRY)), encode(telemetry))
-        response = wait_for(
+        response = wait_until(
             lambda: r if (r := ctl.api("GET", "/v1/devices/cam-1/telemetry")).json() else None,
             10,
             "telemetry",

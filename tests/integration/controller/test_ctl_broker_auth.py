@@ -20,8 +20,9 @@ import tomli_w
 from paho.mqtt.reasoncodes import ReasonCode
 
 from tests.broker import CONTROLLER_USER, Broker
-from tests.integration.controller.conftest import connect, init_controller, running, wait_for
+from tests.integration.controller.conftest import connect, init_controller, running
 from tests.localfleet import Controller
+from tests.support.waiting import wait_until
 
 SECRET = "a-broker-secret-only-the-broker-knows"
 SECRET_SHA256 = hashlib.sha256(SECRET.encode()).hexdigest()
@@ -218,7 +219,7 @@ def test_each_publish_and_subscribe_gets_the_answer_mosquitto_gives_with_the_dep
             probe, done = f"probe-{i}".encode(), f"marker-{i}".encode()
             tool.publish(topic, probe)
             tool.publish(marker, done)
-            wait_for(lambda d=done: any(m.payload == d for m in list(device.messages)), 10, "the marker")
+            wait_until(lambda d=done: any(m.payload == d for m in list(device.messages)), 10, "the marker")
             read = granted and any(m.topic == topic and m.payload == probe for m in list(device.messages))
             mosquitto = "allow" if read else "deny"
             assert access(process, "dev-a", topic, "subscribe") == mosquitto, ("subscribe", topic, granted)

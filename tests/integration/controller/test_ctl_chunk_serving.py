@@ -19,9 +19,10 @@ from edgefleet_proto.topics import Kind, Topic
 
 from controller.store import Store
 from tests.broker import Broker, wait_for_port
-from tests.integration.controller.conftest import init_controller, messages_on, running, wait_for
+from tests.integration.controller.conftest import init_controller, messages_on, running
 from tests.models import dense_of_size
 from tests.mqtt_peer import Peer
+from tests.support.waiting import wait_until
 
 DEVICES = 6
 
@@ -64,7 +65,7 @@ def test_devices_fetching_at_once_get_every_chunk_and_stay_online_and_seen(
                     peer.publish(str(Topic(device_id, Kind.ARTIFACT_REQUEST)), encode(request))
             last_request_at = time.time()
             for device_id, peer in peers.items():
-                got = wait_for(
+                got = wait_until(
                     partial(every_chunk, peer, device_id, count), 20, f"every chunk for {device_id}"
                 )
                 whole = b"".join(got[i] for i in range(count))
@@ -100,7 +101,7 @@ def test_a_device_is_served_from_the_moment_it_is_registered(
             ask = encode(artifact_pb2.ChunkRequest(digest=digest, want_manifest=True))
             # Not registered yet: ignored (the controller's user may publish for anyone).
             as_controller.publish(str(Topic("late", Kind.ARTIFACT_REQUEST)), ask)
-            wait_for(lambda: "unknown device ignored device=late" in caplog.text, 10, "the request ignored")
+            wait_until(lambda: "unknown device ignored device=late" in caplog.text, 10, "the request ignored")
         finally:
             # Registering rewrites the broker's password file, which logs the test tool out.
             as_controller.close()
@@ -110,7 +111,7 @@ def test_a_device_is_served_from_the_moment_it_is_registered(
             assert ctl.api("POST", "/v1/rollouts", json=body).status_code == 201
             late.subscribe(str(Topic("late", Kind.ARTIFACT_RESPONSE)))
             late.publish(str(Topic("late", Kind.ARTIFACT_REQUEST)), ask)
-            got = wait_for(lambda: responses(late, "late"), 10, "the manifest for the registered device")
+            got = wait_until(lambda: responses(late, "late"), 10, "the manifest for the registered device")
             assert [r.WhichOneof("body") for r in got] == ["manifest"]
         finally:
             late.close()
@@ -139,7 +140,7 @@ def test_replies_in_flight_stay_within_the_brokers_receive_maximum(tmp_path: Pat
         with running(broker, settings, token) as ctl:
             transport = ctl.controller.transport
             assert transport is not None
-            wait_for(lambda: transport._client.max_inflight_messages == 4, 10, "the broker's limit")
+            wait_until(lambda: transport._client.max_inflight_messages == 4, 10, "the broker's limit")
             assert transport.wait_connected(15)
             digest = ctl.upload(tmp_path / "m.onnx", "dense", "1").json()["digest"]
             count = -(-ctl.controller.artifacts.manifest(digest).size // settings.chunk_size)
@@ -150,7 +151,7 @@ def test_replies_in_flight_stay_within_the_brokers_receive_maximum(tmp_path: Pat
                 peer.subscribe(str(Topic("cam-1", Kind.ARTIFACT_RESPONSE)))
                 request = artifact_pb2.ChunkRequest(digest=digest, indices=list(range(count)))
                 peer.publish(str(Topic("cam-1", Kind.ARTIFACT_REQUEST)), encode(request))
-                wait_for(partial(every_chunk, peer, "cam-1", count), 20, "every chunk, 4 in flight at most")
+                wait_until(partial(every_chunk, peer, "cam-1", count), 20, "every chunk, 4 in flight at most")
             finally:
                 peer.close()
     finally:

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from tests.broker import Broker, free_port
-from tests.integration.controller.conftest import connect, wait_for
+from tests.integration.controller.conftest import connect
+from tests.support.waiting import wait_until
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
 
@@ -71,7 +72,7 @@ def initialised(broker: Broker, tmp_path: Path) -> tuple[Path, str]:
 def server(initialised: tuple[Path, str]) -> Iterator[Server]:
     s = Server(*initialised)
     try:
-        wait_for(s.ready, 30, "controller ready")
+        wait_until(s.ready, 30, "controller ready")
         yield s
     finally:
         s.stop()

@@ -12,7 +12,8 @@ from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind, Topic
 
-from tests.integration.controller.conftest import Ctl, wait_for
+from tests.integration.controller.conftest import Ctl
+from tests.support.waiting import wait_until
 
 PROFILES = Path(__file__).resolve().parents[3] / "firmware_profiles"
 PAGES = ("/ui", "/ui/devices", "/ui/models", "/ui/rollouts", "/ui/drift", "/ui/datasets")
@@ -49,7 +50,7 @@ def _online(ctl: Ctl, credentials: dict[str, object], phase: int = fleet_pb2.MOD
     )
     reported.conditions.add(kind="disk_full", message="/var/lib/edgefleet has 0 bytes free", count=3)
     peer.publish(str(Topic(device_id, Kind.REPORTED)), encode(reported), retain=True)
-    wait_for(
+    wait_until(
         lambda: ctl.api("GET", f"/v1/devices/{device_id}").json()["reported"] is not None, 10, "reported"
     )
     peer.close()
@@ -101,7 +102,7 @@ def test_every_page_renders_for_a_viewer_from_local_assets_only(
         }
         files = {"file": ("digits.onnx", model), "calibration": ("calibration.npz", cal)}
         assert ctl.api("POST", "/v1/models/digits/versions", data=form, files=files).status_code == 201
-    wait_for(lambda: _variants_settled(ctl, "digits", "2"), 60, "the int8 variants validated")
+    wait_until(lambda: _variants_settled(ctl, "digits", "2"), 60, "the int8 variants validated")
     models = ctl.client.get("/ui/models").text
     assert models.index('data-version="2"') < models.index('data-version="1"')
     assert "uploaded, no parent" in models

@@ -15,9 +15,10 @@ from controller import transport as transport_mod
 from controller.database_lock import DatabaseLocked
 from controller.service import Controller
 from tests.broker import Broker
-from tests.integration.controller.conftest import Ctl, init_controller, running, wait_for
+from tests.integration.controller.conftest import Ctl, init_controller, running
 from tests.integration.controller.test_ctl_telemetry_ack import acknowledged, window
 from tests.postgres import Postgres
+from tests.support.waiting import wait_until
 
 # How long the database stays away: long enough for the ingest to retry several times.
 AWAY_S = 8.0
@@ -31,7 +32,7 @@ def test_api_answers_503_and_ingest_holds_windows_unacknowledged_while_the_datab
     try:
         peer.subscribe(str(Topic("cam-1", Kind.TELEMETRY_ACK)))
         assert not peer.publish(str(Topic("cam-1", Kind.TELEMETRY)), window("cam-1", 1)).is_failure
-        wait_for(lambda: acknowledged(peer, "cam-1")[1] or None, 10, "window 1 acknowledged")
+        wait_until(lambda: acknowledged(peer, "cam-1")[1] or None, 10, "window 1 acknowledged")
 
         postgres.pause()
         try:
@@ -49,8 +50,8 @@ def test_api_answers_503_and_ingest_holds_windows_unacknowledged_while_the_datab
         finally:
             postgres.resume()
 
-        wait_for(lambda: set(acknowledged(peer, "cam-1")) == {1, 2, 3} or None, 30, "held windows stored")
-        wait_for(lambda: ctl.api("GET", "/v1/devices").status_code == 200 or None, 15, "the API back")
+        wait_until(lambda: set(acknowledged(peer, "cam-1")) == {1, 2, 3} or None, 30, "held windows stored")
+        wait_until(lambda: ctl.api("GET", "/v1/devices").status_code == 200 or None, 15, "the API back")
         rows = ctl.api("GET", "/v1/devices/cam-1/telemetry").json()
         assert sorted(r["seq"] for r in rows) == [1, 2, 3]
     finally:
@@ -92,7 +93,7 @@ def test_reported_states_that_find_the_queue_full_wait_for_room_the_newest_of_ea
                 return got if got == dict.fromkeys(devices, 3) else None
 
             try:
-                wait_for(stored, 30, "every device's last reported state stored")
+                wait_until(stored, 30, "every device's last reported state stored")
             except TimeoutError:
                 got = {d["device_id"]: d["reported"] for d in ctl.api("GET", "/v1/devices").json()}
                 raise AssertionError(f"stored reported states: {got}") from None

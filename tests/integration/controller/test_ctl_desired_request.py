@@ -8,8 +8,9 @@ from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import decode_as, encode
 from edgefleet_proto.topics import Kind, Topic
 
-from tests.integration.controller.conftest import Ctl, messages_on, wait_for
+from tests.integration.controller.conftest import Ctl, messages_on
 from tests.integration.controller.test_ctl_mqtt import rollout
+from tests.support.waiting import wait_until
 
 
 def answers(peer: object, device_id: str) -> list[fleet_pb2.DesiredState]:
@@ -39,7 +40,7 @@ def test_a_device_gets_its_desired_state_on_request_after_the_broker_lost_it(
         peer.subscribe(str(Topic("cam-1", Kind.DESIRED)))
         assert not answers(peer, "cam-1"), "nothing retained any more"
         assert not peer.publish(str(Topic("cam-1", Kind.DESIRED_REQUEST)), request("cam-1")).is_failure
-        got = wait_for(lambda: answers(peer, "cam-1") or None, 10, "the desired state on request")
+        got = wait_until(lambda: answers(peer, "cam-1") or None, 10, "the desired state on request")
         assert got[-1].generation >= 1 and got[-1].state_signature, "answered signed, from the database"
         assert [m.model_name for m in got[-1].models] == ["digits"]
     finally:
@@ -59,13 +60,13 @@ def test_a_device_may_ask_only_for_its_own_desired_state_and_not_flood(
         code = peer.publish(str(Topic("cam-2", Kind.DESIRED_REQUEST)), request("cam-2"))
         assert code.is_failure and str(code) == "Not authorized"
         peer.subscribe(str(Topic("cam-1", Kind.DESIRED)))
-        wait_for(lambda: answers(peer, "cam-1") or None, 10, "the retained desired state")
+        wait_until(lambda: answers(peer, "cam-1") or None, 10, "the retained desired state")
         retained = len(answers(peer, "cam-1"))
         for _ in range(40):
             peer.publish(str(Topic("cam-1", Kind.DESIRED_REQUEST)), request("cam-1"))
         # The burst (5 by default) is answered; the rest is dropped and counted.
-        wait_for(lambda: len(answers(peer, "cam-1")) >= retained + 5 or None, 10, "the burst answered")
-        metrics = wait_for(
+        wait_until(lambda: len(answers(peer, "cam-1")) >= retained + 5 or None, 10, "the burst answered")
+        metrics = wait_until(
             lambda: (
                 text
                 if 'reason="rate_limited"' in (text := ctl.api("GET", "/metrics").text)

@@ -25,9 +25,10 @@ from controller import settings as settings_mod
 from controller.log_bounds import MAX_LINE_CHARS
 from controller.store import Store
 from tests.broker import Broker
-from tests.integration.controller.conftest import Ctl, init_controller, messages_on, running, wait_for
+from tests.integration.controller.conftest import Ctl, init_controller, messages_on, running
 from tests.models import dense_of_size
 from tests.mqtt_peer import Peer
+from tests.support.waiting import wait_until
 
 KIB = 1024
 
@@ -110,23 +111,23 @@ def test_a_device_fetches_only_artifacts_assigned_to_it_now_or_before(broker: Br
             # The device that was assigned it is served; the other one, asking for the same digest, is not.
             ask(a, "cam-a", old, [0], manifest=True)
             ask(b, "cam-b", old, [0], manifest=True)
-            assert wait_for(
+            assert wait_until(
                 lambda: len(bodies(a, "cam-a")) >= 2 and bodies(a, "cam-a"), 10, "cam-a served"
             ) == [
                 "manifest",
                 "chunk",
             ]
-            (refusal,) = wait_for(lambda: responses(b, "cam-b"), 10, "cam-b answered")
+            (refusal,) = wait_until(lambda: responses(b, "cam-b"), 10, "cam-b answered")
             assert refusal.WhichOneof("body") == "error"
             assert refusal.error.reason == f"artifact {old} is not assigned to device cam-b"
             # A digest that exists nowhere gets the same answer: nothing tells what is stored.
             ask(b, "cam-b", "f" * 64, [0])
-            again = wait_for(lambda: responses(b, "cam-b")[1:], 10, "the second refusal")
+            again = wait_until(lambda: responses(b, "cam-b")[1:], 10, "the second refusal")
             assert again[0].error.reason == f"artifact {'f' * 64} is not assigned to device cam-b"
 
             # Moved on to version 2, cam-a may still fetch version 1 (what a rollback restores).
             report_active(a, "cam-a", old, 10)
-            wait_for(
+            wait_until(
                 lambda: all(r["status"] == "succeeded" for r in ctl.api("GET", "/v1/rollouts").json()),
                 10,
                 "the first rollout to finish",
@@ -136,7 +137,7 @@ def test_a_device_fetches_only_artifacts_assigned_to_it_now_or_before(broker: Br
             before = len(responses(a, "cam-a"))
             ask(a, "cam-a", old, [1])
             ask(a, "cam-a", new, [1])
-            got = wait_for(partial(answers, a, "cam-a", before, 2), 10, "both chunks")
+            got = wait_until(partial(answers, a, "cam-a", before, 2), 10, "both chunks")
             assert [(r.WhichOneof("body"), r.chunk.digest) for r in got] == [("chunk", old), ("chunk", new)]
             assert len(responses(b, "cam-b")) == 2
             refused = partial(
@@ -146,7 +147,7 @@ def test_a_device_fetches_only_artifacts_assigned_to_it_now_or_before(broker: Br
                 kind="artifact/request",
                 reason="not_assigned",
             )
-            wait_for(lambda: refused() == 2 or None, 10, "both refusals counted")
+            wait_until(lambda: refused() == 2 or None, 10, "both refusals counted")
         finally:
             a.close()
             b.close()
@@ -180,7 +181,7 @@ def test_chunk_requests_cannot_amplify_past_the_devices_byte_rate(broker: Broker
             for _ in range(40):
                 peer.publish(str(Topic("cam-1", Kind.ARTIFACT_REQUEST)), encode(request))
             window_s = 4.0
-            wait_for(lambda: list(received), 10, "the first chunks")
+            wait_until(lambda: list(received), 10, "the first chunks")
             time.sleep(max(0.0, window_s - (time.monotonic() - start)))
             with lock:
                 got = [r for r in received if r[0] - start <= window_s]
@@ -193,14 +194,14 @@ def test_chunk_requests_cannot_amplify_past_the_devices_byte_rate(broker: Broker
                 assert upto <= burst + rate * (t - start) + 1, (upto, t - start)
             limited = partial(metric, ctl, "edgefleet_device_rate_limited_total", device="cam-1")
             # 40 requests at once: at most the burst (10) and 5 a second get through.
-            wait_for(
+            wait_until(
                 lambda: limited(limit="chunk_requests") >= 40 - 10 - 5 * window_s - 1 or None,
                 10,
                 "requests over the rate counted",
             )
-            wait_for(lambda: limited(limit="chunk_bytes"), 10, "chunks over the byte rate counted")
+            wait_until(lambda: limited(limit="chunk_bytes"), 10, "chunks over the byte rate counted")
             served_total = partial(metric, ctl, "edgefleet_artifact_bytes_served_total", device="cam-1")
-            wait_for(lambda: served_total() >= served or None, 10, "the bytes served counted")
+            wait_until(lambda: served_total() >= served or None, 10, "the bytes served counted")
 
             # A device that keeps to its budget is served everything it still misses.
             def missing() -> list[int]:
@@ -251,13 +252,13 @@ def test_an_event_flood_is_bounded_in_the_database_and_the_log(
                 )
                 return limited + dropped + len(ctl.api("GET", "/v1/devices/cam-1/events?limit=1000").json())
 
-            wait_for(
+            wait_until(
                 lambda: accounted() == flood or None, 30, f"all {flood} events stored, dropped or limited"
             )
             undecodable = partial(
                 metric, ctl, "edgefleet_rejected_messages_total", kind="telemetry", reason="undecodable"
             )
-            wait_for(lambda: undecodable() == 100 or None, 10, "the 100 bad telemetry payloads counted")
+            wait_until(lambda: undecodable() == 100 or None, 10, "the 100 bad telemetry payloads counted")
             elapsed = time.monotonic() - start
         finally:
             peer.close()
@@ -308,7 +309,7 @@ def test_metric_labels_carry_only_registered_names(broker: Broker, tmp_path: Pat
                 ("evil-tenant.shadow", "evil-model-2", "9"),
             )
             peer.publish(str(Topic("cam-1", Kind.TELEMETRY)), encode(window))
-            wait_for(lambda: ctl.api("GET", "/v1/devices/cam-1/telemetry").json(), 10, "the window stored")
+            wait_until(lambda: ctl.api("GET", "/v1/devices/cam-1/telemetry").json(), 10, "the window stored")
         finally:
             peer.close()
         text = ctl.api("GET", "/metrics").text
@@ -352,7 +353,7 @@ def marker(ctl: Ctl, peer: Peer, name: str) -> list[str]:
         kinds = stored_events(ctl)
         return kinds if name in kinds else None
 
-    return wait_for(stored, 10, f"event {name}")
+    return wait_until(stored, 10, f"event {name}")
 
 
 def test_retained_junk_on_ingest_topics_is_refused_and_not_replayed_at_reconnect(
@@ -366,7 +367,7 @@ def test_retained_junk_on_ingest_topics_is_refused_and_not_replayed_at_reconnect
             for topic, payload in junk("cam-1"):
                 peer.publish(topic, payload, retain=True)
             for kind in ("events", "telemetry", "artifact/request"):
-                wait_for(
+                wait_until(
                     partial(metric, ctl, "edgefleet_rejected_messages_total", kind=kind, reason="retained"),
                     10,
                     f"the retained {kind} message refused",
@@ -424,10 +425,10 @@ def test_stored_telemetry_and_captured_data_stay_within_the_devices_quotas(
                 )
                 peer.publish(str(Topic("cam-1", Kind.CAPTURE)), encode(chunk))
             quota = partial(metric, ctl, "edgefleet_device_quota_total", device="cam-1")
-            wait_for(
+            wait_until(
                 lambda: quota(store="capture", action="refused") >= 10 or None, 20, "capture chunks refused"
             )
-            wait_for(
+            wait_until(
                 lambda: (
                     60 in [t["seq"] for t in ctl.api("GET", "/v1/devices/cam-1/telemetry").json()] or None
                 ),
@@ -437,7 +438,7 @@ def test_stored_telemetry_and_captured_data_stay_within_the_devices_quotas(
             stored = [t["seq"] for t in ctl.api("GET", "/v1/devices/cam-1/telemetry?limit=1000").json()]
             # The oldest went first, each counted.
             assert stored == list(range(60, 60 - len(stored), -1)) and len(stored) < 60
-            wait_for(
+            wait_until(
                 lambda: quota(store="telemetry", action="dropped_oldest") == 60 - len(stored) or None,
                 10,
                 "the dropped windows counted",

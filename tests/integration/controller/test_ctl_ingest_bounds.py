@@ -20,8 +20,9 @@ from controller import settings as settings_mod
 from controller.rollups import MAX_AHEAD_MS
 from controller.store import Store
 from tests.broker import Broker
-from tests.integration.controller.conftest import Ctl, init_controller, running, wait_for
+from tests.integration.controller.conftest import Ctl, init_controller, running
 from tests.models import dense_of_size
+from tests.support.waiting import wait_until
 
 YEAR_2100_MS = 4_102_444_800_000
 
@@ -85,7 +86,7 @@ def test_rollups_tenant_counters_and_drift_sketches_carry_only_registered_names(
                 window = hostile_window(seq, end_ms)
                 window.window_start_ms -= seq  # each window its own row
                 peer.publish(str(Topic("cam-1", Kind.TELEMETRY)), encode(window))
-            wait_for(lambda: stored_windows(ctl) == 30 or None, 30, "the 30 windows stored")
+            wait_until(lambda: stored_windows(ctl) == 30 or None, 30, "the 30 windows stored")
         finally:
             peer.close()
         received_ms = int(time.time() * 1000)
@@ -136,7 +137,7 @@ def test_stored_drift_sketches_count_towards_the_devices_telemetry_quota(
             def newest_stored() -> bool:
                 return 60 in {t["seq"] for t in ctl.api("GET", "/v1/devices/cam-1/telemetry").json()}
 
-            wait_for(newest_stored, 30, "the newest window stored")
+            wait_until(newest_stored, 30, "the newest window stored")
         finally:
             peer.close()
     [row] = rows(

@@ -22,10 +22,11 @@ from agent.drift_sketch import build_sketch
 from controller.auth import hash_token
 from controller.baselines import sketch_from_proto as baselines_sketch
 from tests.broker import Broker
-from tests.integration.controller.conftest import Ctl, wait_for
+from tests.integration.controller.conftest import Ctl
 from tests.localfleet import Controller as LocalController
 from tests.models import digits_classifier
 from tests.mqtt_peer import Peer
+from tests.support.waiting import wait_until
 
 BUCKET_MS = 60_000
 
@@ -68,7 +69,7 @@ def test_telemetry_is_batched_rolled_up_and_exported(ctl: Ctl) -> None:
             ).json()
             return rows if sum(r["windows"] for r in rows) == n else None
 
-        rows = wait_for(rollups, 20, "every window rolled up")
+        rows = wait_until(rollups, 20, "every window rolled up")
     finally:
         peer.close()
     assert [r["bucket_start_ms"] for r in rows] == [3 * BUCKET_MS, 2 * BUCKET_MS, BUCKET_MS]
@@ -117,7 +118,7 @@ def test_drift_against_a_reference_baseline_per_device_and_fleet(
             body: dict[str, Any] = ctl.api("GET", "/v1/models/digits/versions/1/drift").json()
             return body if len(body["fleet"]) == 2 and len(body["devices"]) == 2 else None
 
-        body = wait_for(scored, 20, "drift scored")
+        body = wait_until(scored, 20, "drift scored")
     finally:
         steady.close()
         drifting.close()
@@ -167,7 +168,7 @@ def test_captured_chunks_become_a_content_addressed_data_set(ctl: Ctl) -> None:
         # Out of order and with a resend; the corrupt upload is complete first and must vanish.
         for chunk in [*corrupt, good[2], good[0], good[0], *good[1:]]:
             assert not peer.publish(topic, encode(chunk)).is_failure
-        listed = wait_for(lambda: ctl.api("GET", "/v1/datasets").json(), 20, "data set stored")
+        listed = wait_until(lambda: ctl.api("GET", "/v1/datasets").json(), 20, "data set stored")
     finally:
         peer.close()
     digest = hashlib.sha256(data).hexdigest()

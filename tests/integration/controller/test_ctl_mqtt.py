@@ -15,16 +15,10 @@ from edgefleet_proto.topics import Kind, Topic
 
 from controller.transport import Transport
 from tests.broker import Broker
-from tests.integration.controller.conftest import (
-    Ctl,
-    connect,
-    init_controller,
-    messages_on,
-    running,
-    wait_for,
-)
+from tests.integration.controller.conftest import Ctl, connect, init_controller, messages_on, running
 from tests.models import dense_of_size
 from tests.mqtt_peer import Peer
+from tests.support.waiting import wait_until
 
 
 def rollout(ctl: Ctl, model: str, version: str, *devices: str) -> dict[str, Any]:
@@ -82,7 +76,7 @@ def test_rollout_publishes_a_retained_desired_state(ctl: Ctl, digits_model: Path
     peer = ctl.device_peer(creds)
     try:
         peer.subscribe(str(Topic("cam-1", Kind.DESIRED)))
-        desired = wait_for(lambda: desired_seen(peer, "cam-1", 1), 10, "the desired state")
+        desired = wait_until(lambda: desired_seen(peer, "cam-1", 1), 10, "the desired state")
         assert messages_on(peer, str(Topic("cam-1", Kind.DESIRED)))[0].retain
         assert desired.device_id == "cam-1"
         [m] = desired.models
@@ -101,7 +95,7 @@ def test_rollout_publishes_a_retained_desired_state(ctl: Ctl, digits_model: Path
         # A second rollout bumps the generation, live.
         rollout(ctl, "digits", "1", "cam-1")
         rollout(ctl, "digits", "1", "cam-1")
-        assert wait_for(lambda: desired_seen(peer, "cam-1", 3), 10, "generation 3").models[0].artifact_digest
+        assert wait_until(lambda: desired_seen(peer, "cam-1", 3), 10, "generation 3").models[0].artifact_digest
     finally:
         peer.close()
 
@@ -117,7 +111,7 @@ def test_chunk_requests_are_answered_from_the_store(ctl: Ctl, tmp_path: Path) ->
         peer.subscribe(str(Topic("cam-1", Kind.ARTIFACT_RESPONSE)))
         ask = artifact_pb2.ChunkRequest(digest=digest, want_manifest=True)
         assert not peer.publish(request_topic, encode(ask)).is_failure
-        first = wait_for(lambda: responses(peer, "cam-1"), 10, "the manifest")[0]
+        first = wait_until(lambda: responses(peer, "cam-1"), 10, "the manifest")[0]
         assert first.WhichOneof("body") == "manifest"
         manifest = first.manifest
         count = len(manifest.chunk_sha256)
@@ -126,7 +120,7 @@ def test_chunk_requests_are_answered_from_the_store(ctl: Ctl, tmp_path: Path) ->
         for start in range(0, count, 8):
             window = list(range(start, min(count, start + 8)))
             peer.publish(request_topic, encode(artifact_pb2.ChunkRequest(digest=digest, indices=window)))
-        got = wait_for(
+        got = wait_until(
             lambda: (
                 [r.chunk for r in responses(peer, "cam-1") if r.WhichOneof("body") == "chunk"] or None
                 if len(responses(peer, "cam-1")) >= count + 1
@@ -146,7 +140,7 @@ def test_chunk_requests_are_answered_from_the_store(ctl: Ctl, tmp_path: Path) ->
         before = len(responses(peer, "cam-1"))
         peer.publish(request_topic, encode(artifact_pb2.ChunkRequest(digest=digest, indices=[count])))
         peer.publish(request_topic, encode(artifact_pb2.ChunkRequest(digest="f" * 64, want_manifest=True)))
-        errors = wait_for(
+        errors = wait_until(
             lambda: (
                 [r.error for r in responses(peer, "cam-1")[before:] if r.WhichOneof("body") == "error"][:2]
                 if len(responses(peer, "cam-1")) >= before + 2
@@ -190,7 +184,7 @@ def test_device_messages_are_ingested_and_drive_rollout_status(ctl: Ctl, digits_
     try:
         status = fleet_pb2.DeviceStatus(online=True, at_ms=1, agent_version="0.1.0")
         assert not peer.publish(str(Topic("cam-1", Kind.STATUS)), encode(status), retain=True).is_failure
-        wait_for(lambda: ctl.api("GET", "/v1/devices/cam-1").json()["online"], 10, "online")
+        wait_until(lambda: ctl.api("GET", "/v1/devices/cam-1").json()["online"], 10, "online")
 
         reported_topic = str(Topic("cam-1", Kind.REPORTED))
         peer.publish(
@@ -198,12 +192,12 @@ def test_device_messages_are_ingested_and_drive_rollout_status(ctl: Ctl, digits_
             reported_state("cam-1", digest, fleet_pb2.MODEL_PHASE_DOWNLOADING, 10),
             retain=True,
         )
-        assert wait_for(lambda: rollout_device()["status"] == "downloading", 10, "downloading")
+        assert wait_until(lambda: rollout_device()["status"] == "downloading", 10, "downloading")
         assert rollout_device()["detail"] == "10/100 bytes"
         peer.publish(
             reported_topic, reported_state("cam-1", digest, fleet_pb2.MODEL_PHASE_ACTIVE, 20), retain=True
         )
-        wait_for(
+        wait_until(
             lambda: ctl.api("GET", f"/v1/rollouts/{created['id']}").json()["status"] == "succeeded",
             10,
             "done",
@@ -222,11 +216,11 @@ def test_device_messages_are_ingested_and_drive_rollout_status(ctl: Ctl, digits_
         )
         event.attributes["version"] = "1"
         peer.publish(str(Topic("cam-1", Kind.EVENTS)), encode(event))
-        rows = wait_for(lambda: ctl.api("GET", "/v1/devices/cam-1/telemetry").json(), 10, "telemetry")
+        rows = wait_until(lambda: ctl.api("GET", "/v1/devices/cam-1/telemetry").json(), 10, "telemetry")
         assert (rows[0]["seq"], rows[0]["window_end_ms"], rows[0]["outbox_dropped"]) == (7, 2000, 0)
         assert rows[0]["system"]["cpu_percent"] == 33.0 and rows[0]["system"]["temperature_c"] is None
         assert rows[0]["models"][0]["inference_count"] == 5
-        events = wait_for(lambda: ctl.api("GET", "/v1/devices/cam-1/events").json(), 10, "events")
+        events = wait_until(lambda: ctl.api("GET", "/v1/devices/cam-1/events").json(), 10, "events")
         assert events[0]["kind"] == "model_activated" and events[0]["attributes"] == {"version": "1"}
 
         peer.publish(
@@ -234,7 +228,7 @@ def test_device_messages_are_ingested_and_drive_rollout_status(ctl: Ctl, digits_
             reported_state("cam-1", digest, fleet_pb2.MODEL_PHASE_FAILED, 30, "bad"),
             retain=True,
         )
-        failed = wait_for(lambda: rollout_device()["status"] == "failed" and rollout_device(), 10, "failed")
+        failed = wait_until(lambda: rollout_device()["status"] == "failed" and rollout_device(), 10, "failed")
         assert failed["detail"] == "bad"
         assert ctl.api("GET", f"/v1/rollouts/{created['id']}").json()["status"] == "failed"
     finally:
@@ -270,7 +264,7 @@ def test_malformed_payloads_are_ignored_and_the_controller_keeps_working(
             str(Topic("cam-1", Kind.ARTIFACT_REQUEST)),
             encode(artifact_pb2.ChunkRequest(digest=digest, want_manifest=True)),
         )
-        wait_for(
+        wait_until(
             lambda: [r for r in responses(peer, "cam-1") if r.WhichOneof("body") == "manifest"],
             10,
             "a manifest",
@@ -278,7 +272,7 @@ def test_malformed_payloads_are_ignored_and_the_controller_keeps_working(
         peer.publish(
             str(Topic("cam-1", Kind.TELEMETRY)), encode(fleet_pb2.Telemetry(device_id="cam-1", seq=3))
         )
-        rows = wait_for(lambda: ctl.api("GET", "/v1/devices/cam-1/telemetry").json(), 10, "valid telemetry")
+        rows = wait_until(lambda: ctl.api("GET", "/v1/devices/cam-1/telemetry").json(), 10, "valid telemetry")
         assert [r["seq"] for r in rows] == [3]
         assert ctl.api("GET", "/v1/devices").json()[0]["reported"] is None
         assert ctl.api("GET", "/v1/devices/cam-1/events").json() == []
@@ -307,12 +301,12 @@ def test_desired_states_are_republished_when_the_broker_lost_them(ctl: Ctl, digi
     assert transport is not None
     before = transport.disconnects
     ctl.broker.restart()
-    wait_for(lambda: transport.disconnects > before or None, 10, "the controller to notice")
+    wait_until(lambda: transport.disconnects > before or None, 10, "the controller to notice")
     assert transport.wait_connected(30)
     peer = ctl.device_peer(creds)
     try:
         peer.subscribe(str(Topic("cam-1", Kind.DESIRED)))
-        assert wait_for(lambda: desired_seen(peer, "cam-1", 1), 10, "the republished desired state")
+        assert wait_until(lambda: desired_seen(peer, "cam-1", 1), 10, "the republished desired state")
     finally:
         peer.close()
 
@@ -327,10 +321,10 @@ def test_mqtt_v311(broker: Broker, tmp_path: Path, digits_model: Path) -> None:
         peer = connect(broker.port, "cam-1", creds["mqtt_password"], "cam-1-v311-test")
         try:
             peer.subscribe(str(Topic("cam-1", Kind.DESIRED)))
-            assert wait_for(lambda: desired_seen(peer, "cam-1", 1), 10, "desired over v3.1.1")
+            assert wait_until(lambda: desired_seen(peer, "cam-1", 1), 10, "desired over v3.1.1")
             telemetry = fleet_pb2.Telemetry(device_id="cam-1", seq=1, window_end_ms=5)
             peer.publish(str(Topic("cam-1", Kind.TELEMETRY)), encode(telemetry))
-            assert wait_for(lambda: ctl.api("GET", "/v1/devices/cam-1/telemetry").json(), 10, "telemetry")
+            assert wait_until(lambda: ctl.api("GET", "/v1/devices/cam-1/telemetry").json(), 10, "telemetry")
         finally:
             peer.close()
 
@@ -342,16 +336,16 @@ def test_a_device_that_dies_goes_offline_through_its_last_will(ctl: Ctl) -> None
     topic = str(Topic("cam-1", Kind.STATUS))
     # The will is fixed at connect time, so its timestamp is older than "online".
     client.will_set(topic, encode(fleet_pb2.DeviceStatus(online=False, at_ms=1)), qos=1, retain=True)
-    connected = wait_for(lambda: client.connect("127.0.0.1", ctl.broker.port) == 0 or None, 10, "connect")
+    connected = wait_until(lambda: client.connect("127.0.0.1", ctl.broker.port) == 0 or None, 10, "connect")
     assert connected
     client.loop_start()
     try:
         client.publish(topic, encode(fleet_pb2.DeviceStatus(online=True, at_ms=2)), qos=1, retain=True)
-        wait_for(lambda: ctl.api("GET", "/v1/devices/cam-1").json()["online"], 10, "online")
+        wait_until(lambda: ctl.api("GET", "/v1/devices/cam-1").json()["online"], 10, "online")
         sock = client.socket()
         assert isinstance(sock, socket.socket)
         sock.shutdown(socket.SHUT_RDWR)  # like kill -9: no DISCONNECT, so the broker sends the will
-        wait_for(lambda: not ctl.api("GET", "/v1/devices/cam-1").json()["online"], 10, "offline")
+        wait_until(lambda: not ctl.api("GET", "/v1/devices/cam-1").json()["online"], 10, "offline")
     finally:
         client.loop_stop()
 
@@ -366,10 +360,10 @@ def test_refused_publishes_are_logged_as_errors_naming_the_device(ctl: Ctl, capl
     transport = Transport(as_device, c.fleet, c.telemetry, c.artifacts)
     transport.start()
     try:
-        assert wait_for(lambda: transport.wait_connected(0.5) or None, 10, "connected as cam-1")
+        assert wait_until(lambda: transport.wait_connected(0.5) or None, 10, "connected as cam-1")
         transport.publish_desired("cam-1", encode(fleet_pb2.DesiredState(device_id="cam-1", generation=1)))
         refused = "broker refused publish device=cam-1 topic=edgefleet/v1/devices/cam-1/desired reason=Not authorized"
-        wait_for(lambda: refused in caplog.text or None, 10, "the refusal to be logged")
+        wait_until(lambda: refused in caplog.text or None, 10, "the refusal to be logged")
         assert [r.levelname for r in caplog.records if refused in r.getMessage()] == ["ERROR"]
     finally:
         transport.stop()

@@ -13,8 +13,9 @@ from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind, Topic
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.controller.conftest import Ctl, wait_for
+from tests.integration.controller.conftest import Ctl
 from tests.mqtt_peer import Peer
+from tests.support.waiting import wait_until
 
 HOUR_MS = 3_600_000
 
@@ -52,7 +53,7 @@ def send_and_wait(ctl: Ctl, peer: Peer, seq: int, payload: bytes) -> None:
 
     before = windows()
     assert not peer.publish(str(Topic("cam-1", Kind.TELEMETRY)), payload).is_failure
-    wait_for(lambda: windows() > before, 10, f"window {seq} stored")
+    wait_until(lambda: windows() > before, 10, f"window {seq} stored")
 
 
 def losses(ctl: Ctl) -> dict[str, Any]:

@@ -16,8 +16,9 @@ from controller.baselines import baselines_from_calibration
 from controller.calibration import load_calibration
 from controller.model_runner import Runner, file_format
 from controller.signature import ModelSignature
-from tests.integration.controller.conftest import Ctl, wait_for
+from tests.integration.controller.conftest import Ctl
 from tests.realmodels import CorpusUnavailable, ModelCorpus, sample_inputs
+from tests.support.waiting import wait_until
 
 PROFILES = Path(__file__).resolve().parents[3] / "firmware_profiles"
 CPU_ONLY = ("raspberry-pi-4-4gb", "raspberry-pi-zero-2-w", "siemens-simatic-ipc127e")
@@ -44,7 +45,7 @@ def finished(ctl: Ctl, name: str, timeout: float = 240) -> dict[str, Any]:
         body: dict[str, Any] = ctl.api("GET", f"/v1/models/{name}/versions/1").json()
         return body if all(v["status"] in FINAL for v in body["variants"]) else None
 
-    return wait_for(check, timeout, f"every variant of {name} in a final state")
+    return wait_until(check, timeout, f"every variant of {name} in a final state")
 
 
 def targets_on_cpu_only_devices(ctl: Ctl, name: str) -> dict[str, dict[str, Any]]:
@@ -187,7 +188,7 @@ def test_onnx_exports_get_variants_that_end_with_their_gate_figures(
     # The variants' verdicts are stored before the producer process stops and removes the
     # version's prepared reference: on a loaded machine that takes a moment after the last one.
     work = ctl.settings.data_dir / "work"
-    wait_for(lambda: not list(work.iterdir()), 60, f"{work} to be emptied")
+    wait_until(lambda: not list(work.iterdir()), 60, f"{work} to be emptied")
     variants = {v["variant"]: v for v in body["variants"]}
     if name.startswith("ppocr"):
         # Paddle keeps every weight in a Constant node: quantized once moved to initializers.

@@ -20,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controller import settings as settings_mod
 from tests.broker import Broker
-from tests.integration.controller.conftest import Ctl, init_controller, running, wait_for
+from tests.integration.controller.conftest import Ctl, init_controller, running
+from tests.support.waiting import wait_until
 
 
 @contextmanager
@@ -62,9 +63,9 @@ def test_a_flood_of_reported_states_is_rate_limited_and_the_newest_one_wins(
                 )
                 peer.publish(str(Topic("cam-1", Kind.REPORTED)), encode(msg), retain=True)
             # The last one said is the one the controller keeps, however many were held back.
-            wait_for(lambda: applied(ctl) == flood or None, 30, "the newest reported state handled")
+            wait_until(lambda: applied(ctl) == flood or None, 30, "the newest reported state handled")
             elapsed = time.monotonic() - start
-            wait_for(lambda: held_back(ctl) >= flood - 10 - 2 * elapsed - 1 or None, 10, "held back, counted")
+            wait_until(lambda: held_back(ctl) >= flood - 10 - 2 * elapsed - 1 or None, 10, "held back, counted")
         finally:
             peer.close()
     handled = [

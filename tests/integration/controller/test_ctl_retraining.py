@@ -23,8 +23,9 @@ from google.protobuf.json_format import ParseDict
 from agent.drift_sketch import build_sketch
 from controller.retraining_triggers import verify
 from tests.broker import Broker
-from tests.integration.controller.conftest import Ctl, init_controller, running, wait_for
+from tests.integration.controller.conftest import Ctl, init_controller, running
 from tests.models import digits_classifier
+from tests.support.waiting import wait_until
 from tests.webhook import Hook
 
 SECRET = "retrain-secret-0123456789"
@@ -97,7 +98,7 @@ def test_drift_fires_the_policy_and_the_result_rolls_out(quiet_ctl: Ctl, hook: H
             msg = fleet_pb2.Telemetry(device_id="cam-1", seq=seq, window_start_ms=end - 5, window_end_ms=end)
             msg.drift.append(build_sketch(spec, 16.0 - x[150:]))
             peer.publish(str(Topic("cam-1", Kind.TELEMETRY)), encode(msg))
-        wait_for(
+        wait_until(
             lambda: len(ctl.api("GET", "/v1/models/digits/versions/1/drift").json()["fleet"]) == 2,
             20,
             "windows",
@@ -118,7 +119,7 @@ def test_drift_fires_the_policy_and_the_result_rolls_out(quiet_ctl: Ctl, hook: H
     assert payload["run_id"] == run["id"] and payload["model"] == {"name": "digits", "version": "1"}
     assert payload["policy"] == {"name": "digits-drift", "version": 1}
     assert payload["datasets"][0]["download"] == f"/v1/datasets/{run['datasets'][0]}/download"
-    triggered = wait_for(
+    triggered = wait_until(
         lambda: (
             (r := ctl.api("GET", f"/v1/retraining/runs/{run['id']}").json())["status"] == "triggered" and r
         ),

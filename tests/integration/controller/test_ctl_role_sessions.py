@@ -11,7 +11,8 @@ from edgefleet_proto.topics import Kind, Topic
 
 from controller.roles import ALL, Role, account, subscriptions
 from controller.transport import Transport
-from tests.integration.controller.conftest import Ctl, wait_for
+from tests.integration.controller.conftest import Ctl
+from tests.support.waiting import wait_until
 
 
 def role_transport(ctl: Ctl, roles: frozenset[Role]) -> Transport:
@@ -28,7 +29,7 @@ def role_transport(ctl: Ctl, roles: frozenset[Role]) -> Transport:
     transport.start()
     # Subscribed, not just connected: until the broker has answered its SUBSCRIBE and UNSUBSCRIBE,
     # windows sent meanwhile may miss the group it joins or still reach the groups it left.
-    assert wait_for(lambda: transport.wait_subscribed(0.5) or None, 15, f"{account(3)} subscribed")
+    assert wait_until(lambda: transport.wait_subscribed(0.5) or None, 15, f"{account(3)} subscribed")
     return transport
 
 
@@ -50,13 +51,13 @@ def test_a_process_back_with_other_roles_leaves_the_groups_it_left(ctl: Ctl) -> 
         # The all-roles controller takes every window (plain subscription); the ingest group's
         # one member takes each too, and finds most of them stored already.
         send(range(1, 21))
-        wait_for(lambda: ingest.windows_acknowledged == 20 or None, 15, "the ingest process's windows")
+        wait_until(lambda: ingest.windows_acknowledged == 20 or None, 15, "the ingest process's windows")
     finally:
         ingest.stop()
     chunks = role_transport(ctl, frozenset({Role.CHUNKS}))
     try:
         send(range(21, 41))
-        wait_for(lambda: stored() == 40 or None, 15, "every window stored by the controller")
+        wait_until(lambda: stored() == 40 or None, 15, "every window stored by the controller")
         assert main.windows_acknowledged >= 40
         assert chunks.windows_acknowledged == 0
     finally:

@@ -19,9 +19,10 @@ from edgefleet_proto.codec import decode_as
 
 from controller import drift
 from controller.baselines import baselines_from_calibration
-from tests.integration.controller.conftest import Ctl, wait_for
+from tests.integration.controller.conftest import Ctl
 from tests.models import scores_beside_features
 from tests.realmodels import sample_inputs
+from tests.support.waiting import wait_until
 
 RealModels = Callable[[str], Path]
 FINAL = ("ready", "rejected", "failed")
@@ -101,7 +102,7 @@ def test_silero_with_samples_is_accepted_and_its_variants_judged_on_them(
         found: dict[str, Any] = ctl.api("GET", "/v1/models/vad/versions/1").json()
         return found if all(v["status"] in FINAL for v in found["variants"]) else None
 
-    variants = {v["variant"]: v for v in wait_for(final, 300, "silero's variants judged")["variants"]}
+    variants = {v["variant"]: v for v in wait_until(final, 300, "silero's variants judged")["variants"]}
     dynamic = variants["onnx-int8-dynamic"]
     assert dynamic["status"] in ("ready", "rejected"), dynamic
     # Judged on the uploaded samples as one stream, the state carried from the signature's pair.
@@ -133,7 +134,7 @@ def test_mediapipe_face_signature_and_a_synthesized_sample_shipped_with_the_assi
         desired = decode_as(fleet_pb2.DesiredState, bytes(row["desired"]))
         return next((m for m in desired.models if m.model_name == "face"), None)
 
-    sent = wait_for(assignment, 30, "the face model assigned to cam-1")
+    sent = wait_until(assignment, 30, "the face model assigned to cam-1")
     assert (sent.sample_digest, sent.sample_size) == (body["sample_digest"], body["sample_size"])
     assert [(i.name, i.role, i.layout) for i in sent.model_signature.inputs] == [("input", "source", "NHWC")]
     # The device may fetch the sample by digest like the model (assigned artifacts only).

@@ -11,7 +11,8 @@ from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind, Topic
 
-from tests.integration.controller.conftest import Ctl, wait_for
+from tests.integration.controller.conftest import Ctl
+from tests.support.waiting import wait_until
 
 SECRET = "target-check-secret-0123"
 SHADOW = {"shadow": {"soak_s": 30, "min_agreement": 0.9}}
@@ -34,7 +35,7 @@ def live_in(ctl: Ctl, device_id: str, credentials: dict[str, Any], tenant: str) 
     peer = ctl.device_peer(credentials)
     try:
         peer.publish(str(Topic(device_id, Kind.REPORTED)), encode(reported), retain=True)
-        wait_for(
+        wait_until(
             lambda: ctl.api("GET", f"/v1/rollouts/{rollout['id']}").json()["state"] == "succeeded",
             30,
             "the plain rollout to succeed",

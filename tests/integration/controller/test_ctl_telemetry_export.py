@@ -21,8 +21,9 @@ from edgefleet_proto.topics import Kind, Topic
 
 from tests.broker import Broker
 from tests.integration.controller.conftest import connect
-from tests.localfleet import Controller, wait_until
+from tests.localfleet import Controller
 from tests.models import digits_classifier
+from tests.support.waiting import wait_until
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
 # The windows' device time: a fixed morning, so a range in ISO 8601 picks known windows.

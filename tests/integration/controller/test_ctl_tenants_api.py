@@ -7,8 +7,9 @@ from typing import Any
 
 from edgefleet_proto.topics import Kind, Topic
 
-from tests.integration.controller.conftest import Ctl, wait_for
+from tests.integration.controller.conftest import Ctl
 from tests.integration.controller.test_ctl_mqtt import desired_seen
+from tests.support.waiting import wait_until
 
 TOKEN = "cam-app-token-0123456789"
 
@@ -51,7 +52,7 @@ def test_tenants_are_checked_stored_and_published_without_their_token(ctl: Ctl, 
     peer = ctl.device_peer(creds)
     try:
         peer.subscribe(str(Topic("cam-1", Kind.DESIRED)))
-        desired = wait_for(lambda: desired_seen(peer, "cam-1", 1), 10, "the desired state with the tenant")
+        desired = wait_until(lambda: desired_seen(peer, "cam-1", 1), 10, "the desired state with the tenant")
     finally:
         peer.close()
     (spec,) = desired.tenants

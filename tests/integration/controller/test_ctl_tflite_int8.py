@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from tests.integration.controller.conftest import Ctl, wait_for
+from tests.integration.controller.conftest import Ctl
 from tests.models import digits_mlp, tflite_mlp
+from tests.support.waiting import wait_until
 
 PROFILES = Path(__file__).resolve().parents[3] / "firmware_profiles"
 CPU_ONLY = ("raspberry-pi-4-4gb", "raspberry-pi-zero-2-w", "siemens-simatic-ipc127e")
@@ -84,7 +85,7 @@ def test_int8_tflite_with_float_io_is_int8_on_cpu_devices_and_validated_on_float
         found = next(v for v in body["variants"] if v["variant"] == "tflite-int8")
         return found if found["status"] in ("ready", "rejected", "failed") else None
 
-    variant = wait_for(judged, 120, "the int8 TFLite variant judged")
+    variant = wait_until(judged, 120, "the int8 TFLite variant judged")
     print(f"int8 TFLite with float I/O against the ONNX reference: {variant['status']} {variant['report']}")
     assert variant["status"] == "ready" and variant["precision"] == "int8", variant
     assert variant["report"]["top1_agreement"] >= 0.95

@@ -15,8 +15,9 @@ from edgefleet_proto.topics import Kind, Topic
 
 from controller.onnx_compat import ir_version_of, lowest_ir_version
 from controller.signing import verify
-from tests.integration.controller.conftest import Ctl, messages_on, wait_for
+from tests.integration.controller.conftest import Ctl, messages_on
 from tests.models import digits_mlp, sklearn_mlp
+from tests.support.waiting import wait_until
 
 PROFILES = Path(__file__).resolve().parents[3] / "firmware_profiles"
 
@@ -58,7 +59,7 @@ def test_upload_returns_before_quantization_and_the_report_follows(ctl: Ctl, tmp
         "onnx-int8-static",
         "onnx-int8-dynamic",
     }
-    done = wait_for(lambda: ready(ctl, "1"), 120, "variants")
+    done = wait_until(lambda: ready(ctl, "1"), 120, "variants")
     for v in done["variants"]:
         assert v["status"] == "ready" and v["latency_ms"] > 0, v
         if v["source"] == "quantized":
@@ -108,7 +109,7 @@ def test_each_device_is_sent_its_own_signed_variant(ctl: Ctl, tmp_path: Path) ->
         ctl.api("POST", "/v1/profiles", json={"source": (PROFILES / f"{name}.toml").read_text()})
     digits = sklearn_mlp(tmp_path / "mlp.onnx")
     assert upload(ctl, digits.path, "1", digits.samples[:100]).status_code == 201
-    variants = {v["variant"]: v for v in wait_for(lambda: ready(ctl, "1"), 120, "variants")["variants"]}
+    variants = {v["variant"]: v for v in wait_until(lambda: ready(ctl, "1"), 120, "variants")["variants"]}
     key = bytes.fromhex(ctl.api("GET", "/v1/signing-key").json()["public_key"])
     peers = {}
     for device_id, profile in (
@@ -144,7 +145,7 @@ def test_each_device_is_sent_its_own_signed_variant(ctl: Ctl, tmp_path: Path) ->
                 ]
                 return decode_as(fleet_pb2.DesiredState, msgs[-1].payload) if msgs else None
 
-            [m] = wait_for(desired, 15, f"desired state of {device_id}").models
+            [m] = wait_until(desired, 15, f"desired state of {device_id}").models
             v = variants[variant]
             assert (m.variant, m.precision, m.artifact_digest, m.artifact_size) == (
                 variant,
@@ -196,7 +197,7 @@ def test_a_model_written_at_an_ir_version_older_runtimes_cannot_read_reaches_the
     for source in ((PROFILES / "raspberry-pi-4-4gb.toml").read_text(), newer):
         assert ctl.api("POST", "/v1/profiles", json={"source": source}).status_code in (200, 201)
     assert upload(ctl, mlp.path, "1").status_code == 201  # no calibration: fp32 only
-    variants = {v["variant"]: v for v in wait_for(lambda: ready(ctl, "1"), 60, "variants")["variants"]}
+    variants = {v["variant"]: v for v in wait_until(lambda: ready(ctl, "1"), 60, "variants")["variants"]}
     assert set(variants) == {"onnx-fp32", "onnx-fp32-ir8"}
     original, lowered = variants["onnx-fp32"], variants["onnx-fp32-ir8"]
     assert (original["runtime_version"], lowered["runtime_version"]) == ("1.32", "1.12")
@@ -219,7 +220,7 @@ def test_a_model_written_at_an_ir_version_older_runtimes_cannot_read_reaches_the
     ]
     # The variant a produced one is made from keeps the lowest IR its content needs too.
     assert upload(ctl, mlp.path, "2", mlp.samples[:50]).status_code == 201
-    done = {v["variant"]: v for v in wait_for(lambda: ready(ctl, "2"), 120, "variants")["variants"]}
+    done = {v["variant"]: v for v in wait_until(lambda: ready(ctl, "2"), 120, "variants")["variants"]}
     assert done["onnx-int8-static"]["status"] == "ready", done["onnx-int8-static"]
     produced = artifacts.path(done["onnx-int8-static"]["digest"])
     assert ir_version_of(produced) == lowest_ir_version(onnx.load(str(produced))) <= 10
