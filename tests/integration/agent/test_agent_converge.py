@@ -11,36 +11,11 @@ import onnxruntime as ort
 import pytest
 from edgefleet_proto import fleet_pb2, inference_pb2
 
-from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer
+from tests.support.agent_calls import infer, output, serving_first_of_two
+from tests.support.agent_process import AgentProcess
 from tests.support.waiting import wait_until
 from tests.unit.agent.models import linear_model, write_model
-
-
-def serving_first_of_two(agent: AgentProcess, peer: Peer, tmp_path: Path, seed: int) -> tuple[str, str]:
-    """Two linear models on the peer (seeds ``seed`` and ``seed + 1``), the agent started and
-    serving the first; returns both digests."""
-    m1, m2 = tmp_path / "m1.onnx", tmp_path / "m2.onnx"
-    d1, d2 = write_model(m1, linear_model(seed, 256, 64)), write_model(m2, linear_model(seed + 1, 256, 64))
-    peer.add_artifact(m1)
-    peer.add_artifact(m2)
-    peer.publish_desired(1, peer.assignment(d1, "1"))
-    agent.start()
-    agent.wait_ready()
-    peer.wait_active(d1)
-    return d1, d2
-
-
-def infer(agent: AgentProcess, x: np.ndarray, tenant: str = "") -> inference_pb2.InferResponse:
-    req = inference_pb2.InferRequest(tenant=tenant)
-    req.inputs["x"].CopyFrom(inference_pb2.Tensor(dtype="float32", shape=list(x.shape), data=x.tobytes()))
-    resp: inference_pb2.InferResponse = agent.stub().Infer(req, timeout=10)
-    return resp
-
-
-def output(resp: inference_pb2.InferResponse, name: str = "y") -> np.ndarray:
-    t = resp.outputs[name]
-    return np.frombuffer(t.data, dtype=t.dtype).reshape(tuple(t.shape))
 
 
 @pytest.mark.parametrize("protocol", ["v5", "v311"])

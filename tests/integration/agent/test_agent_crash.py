@@ -6,7 +6,6 @@ old one until the new one is active); after it the device converges.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,16 +15,11 @@ import numpy as np
 import pytest
 from edgefleet_proto import fleet_pb2
 
-from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer
-from tests.integration.agent.test_agent_converge import infer, serving_first_of_two
+from tests.support.agent_calls import infer, persisted, serving_first_of_two
+from tests.support.agent_process import AgentProcess
 from tests.support.waiting import wait_until
 from tests.unit.agent.models import linear_model, write_model
-
-
-def persisted(agent: AgentProcess) -> dict[str, Any]:
-    path = agent.data_dir / "state.json"
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def active_digest(agent: AgentProcess) -> str:

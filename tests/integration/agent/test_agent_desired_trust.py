@@ -19,8 +19,8 @@ from edgefleet_proto import fleet_pb2, inference_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind
 
-from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer, sign_state
+from tests.support.agent_process import AgentProcess
 from tests.support.waiting import wait_until
 from tests.unit.agent.models import linear_model, write_model
 

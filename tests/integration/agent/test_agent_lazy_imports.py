@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 from edgefleet_proto import inference_pb2
 
-from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer
 from tests.localfleet import to_tensors
 from tests.models import sine_float_tflite
+from tests.support.agent_process import AgentProcess
 from tests.support.waiting import wait_until
 from tests.unit.agent.models import linear_model, write_model
 

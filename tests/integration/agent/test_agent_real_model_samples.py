@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from edgefleet_proto import fleet_pb2, inference_pb2
 
-from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer
-from tests.integration.agent.test_agent_tenants import Stream, outputs
 from tests.media import silence, speech_like, write_wav
+from tests.support.agent_calls import Stream, outputs
+from tests.support.agent_process import AgentProcess
 from tests.support.waiting import wait_until
 from tests.unit.agent.models import linear_model, write_model
 

@@ -11,8 +11,8 @@ import pytest
 from edgefleet_proto import fleet_pb2
 
 from tests.broker import Broker
-from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer
+from tests.support.agent_process import AgentProcess
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from edgefleet_proto import fleet_pb2
 
-from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer
 from tests.realmodels import sample_inputs
+from tests.support.agent_process import AgentProcess
 from tests.support.waiting import wait_until
 from tests.unit.agent.models import linear_model, write_model
 

@@ -13,8 +13,8 @@ import pytest
 
 from agent.outbox import Outbox
 from tests.broker import REPO
-from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer
+from tests.support.agent_process import AgentProcess
 from tests.support.waiting import wait_until
 
 SYNTHETIC_TENANT = """

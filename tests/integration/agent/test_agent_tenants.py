@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import grp
 import os
-import queue
 import stat
-import threading
 import wave
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,10 +29,11 @@ from onnx import TensorProto, helper, numpy_helper
 from agent.preprocess import log_mel
 from agent.tenants import hash_token
 from tests.broker import Broker
-from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer
 from tests.localfleet import from_tensor, to_tensors
 from tests.models import dense_of_size, digits_classifier, signature_of, small_conv
+from tests.support.agent_calls import Stream, outputs
+from tests.support.agent_process import AgentProcess
 from tests.support.waiting import wait_until
 
 cv2 = pytest.importorskip("cv2")
@@ -143,48 +142,6 @@ results = ["grpc", "mqtt"]
 kind = "csv"
 uri = "{media.csv}"
 {extra}"""
-
-
-class Stream:
-    """A StreamResults call collecting results in the background."""
-
-    def __init__(self, agent: AgentProcess, tenant: str, token: str) -> None:
-        self.results: queue.Queue[inference_pb2.Result] = queue.Queue()
-        self.error: grpc.RpcError | None = None
-        stub = inference_pb2_grpc.TenantResultsStub(_channel(agent))
-        self.call = stub.StreamResults(
-            inference_pb2.StreamResultsRequest(tenant=tenant), metadata=[("x-edgefleet-token", token)]
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        try:
-            for result in self.call:
-                self.results.put(result)
-        except grpc.RpcError as exc:
-            self.error = exc
-
-    def collect(self, count: int, timeout: float = 30.0) -> list[inference_pb2.Result]:
-        got: list[inference_pb2.Result] = []
-        wait_until(lambda: self._drain(got) >= count, timeout, f"{count} results")
-        return got
-
-    def _drain(self, into: list[inference_pb2.Result]) -> int:
-        while True:
-            try:
-                into.append(self.results.get_nowait())
-            except queue.Empty:
-                return len(into)
-
-
-def _channel(agent: AgentProcess) -> grpc.Channel:
-    channel = grpc.insecure_channel(f"unix:{agent.socket}")
-    agent.channels.append(channel)
-    return channel
-
-
-def outputs(result: inference_pb2.Result) -> dict[str, np.ndarray]:
-    return {name: from_tensor(t) for name, t in result.outputs.items()}
 
 
 @pytest.fixture

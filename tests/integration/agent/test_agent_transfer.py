@@ -10,9 +10,9 @@ import numpy as np
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.topics import Kind
 
-from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer
-from tests.integration.agent.test_agent_converge import infer, output
+from tests.support.agent_calls import infer, output
+from tests.support.agent_process import AgentProcess
 from tests.support.waiting import wait_until
 from tests.unit.agent.models import linear_model, write_model
 

@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 from edgefleet_proto import fleet_pb2, inference_pb2
 
-from tests.integration.agent.conftest import AgentProcess
 from tests.integration.agent.peer import Peer
+from tests.support.agent_process import AgentProcess
 from tests.support.waiting import wait_until
 from tests.unit.agent.models import batch_hungry_model, linear_model, memory_hungry_model, write_model
 

@@ -9,7 +9,7 @@ import pytest
 
 from controller.api import create_app
 from tests.broker import Broker
-from tests.integration.controller.conftest import Ctl, init_controller, running
+from tests.support.controller_process import Ctl, init_controller, running
 
 # The API and its storage on both databases (tests/conftest.py's store_url, through the ctl fixture).
 pytestmark = pytest.mark.both_backends

@@ -18,8 +18,8 @@ from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind, Topic
 
 from tests.broker import Broker
-from tests.integration.controller.conftest import Ctl
 from tests.localfleet import Controller
+from tests.support.controller_process import Ctl
 from tests.support.waiting import wait_until
 
 # Operations whose bodies carry content a schema cannot describe (a model file, a TOML

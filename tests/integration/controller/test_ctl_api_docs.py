@@ -6,7 +6,7 @@ import re
 from html.parser import HTMLParser
 from urllib.parse import urlsplit
 
-from tests.integration.controller.conftest import Ctl
+from tests.support.controller_process import Ctl
 
 
 class Links(HTMLParser):

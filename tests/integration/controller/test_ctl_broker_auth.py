@@ -20,8 +20,8 @@ import tomli_w
 from paho.mqtt.reasoncodes import ReasonCode
 
 from tests.broker import CONTROLLER_USER, Broker
-from tests.integration.controller.conftest import connect, init_controller, running
 from tests.localfleet import Controller
+from tests.support.controller_process import connect, init_controller, running
 from tests.support.waiting import wait_until
 
 SECRET = "a-broker-secret-only-the-broker-knows"

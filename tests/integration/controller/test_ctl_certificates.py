@@ -20,7 +20,7 @@ from controller.certificates import CertificateAuthority
 from controller.errors import ConfigError
 from controller.transport import broker_tls_context
 from tests.broker import Broker, free_port
-from tests.integration.controller.conftest import Ctl, init_controller
+from tests.support.controller_process import Ctl, init_controller
 
 
 def public_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> str:

@@ -19,9 +19,9 @@ from edgefleet_proto.topics import Kind, Topic
 
 from controller.store import Store
 from tests.broker import Broker, wait_for_port
-from tests.integration.controller.conftest import init_controller, messages_on, running
 from tests.models import dense_of_size
 from tests.mqtt_peer import Peer
+from tests.support.controller_process import init_controller, messages_on, running
 from tests.support.waiting import wait_until
 
 DEVICES = 6

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.broker import Broker, free_port
-from tests.integration.controller.conftest import connect
+from tests.support.controller_process import connect
 from tests.support.waiting import wait_until
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")

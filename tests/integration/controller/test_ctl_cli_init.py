@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.broker import free_port, wait_for_port
-from tests.integration.controller.conftest import connect
 from tests.localfleet import Controller
+from tests.support.controller_process import connect
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
 

@@ -12,7 +12,7 @@ from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind, Topic
 
-from tests.integration.controller.conftest import Ctl
+from tests.support.controller_process import Ctl
 from tests.support.waiting import wait_until
 
 PROFILES = Path(__file__).resolve().parents[3] / "firmware_profiles"
@@ -299,6 +299,9 @@ def test_a_login_posted_from_another_site_is_refused(ctl: Ctl) -> None:
     assert forged.status_code == 403 and "set-cookie" not in forged.headers
     assert "a login from another site is refused" in forged.text
     same = ctl.client.post(
-        "/ui/login", data={"token": ctl.token}, headers={"Origin": "http://testserver"}, follow_redirects=False
+        "/ui/login",
+        data={"token": ctl.token},
+        headers={"Origin": "http://testserver"},
+        follow_redirects=False,
     )
     assert same.status_code == 303 and "edgefleet_session=" in same.headers["set-cookie"]

@@ -15,9 +15,9 @@ from controller import transport as transport_mod
 from controller.database_lock import DatabaseLocked
 from controller.service import Controller
 from tests.broker import Broker
-from tests.integration.controller.conftest import Ctl, init_controller, running
-from tests.integration.controller.test_ctl_telemetry_ack import acknowledged, window
 from tests.postgres import Postgres
+from tests.support.controller_calls import acknowledged, window
+from tests.support.controller_process import Ctl, init_controller, running
 from tests.support.waiting import wait_until
 
 # How long the database stays away: long enough for the ingest to retry several times.

@@ -8,8 +8,8 @@ from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import decode_as, encode
 from edgefleet_proto.topics import Kind, Topic
 
-from tests.integration.controller.conftest import Ctl, messages_on
-from tests.integration.controller.test_ctl_mqtt import rollout
+from tests.support.controller_calls import rollout
+from tests.support.controller_process import Ctl, messages_on
 from tests.support.waiting import wait_until
 
 

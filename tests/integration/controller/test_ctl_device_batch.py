@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.integration.controller.conftest import Ctl
+from tests.support.controller_process import Ctl
 
 
 def _batch(ctl: Ctl, *ids: str) -> Any:

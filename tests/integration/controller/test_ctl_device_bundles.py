@@ -10,7 +10,7 @@ from controller import settings as settings_mod
 from controller.service import InitOptions, initialise
 from tests.broker import Broker, TlsListener
 from tests.certs import issue, make_ca
-from tests.integration.controller.conftest import Ctl, running
+from tests.support.controller_process import Ctl, running
 
 
 def test_plain_tcp_credentials_carry_no_ca(ctl: Ctl) -> None:

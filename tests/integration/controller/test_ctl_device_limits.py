@@ -25,9 +25,9 @@ from controller import settings as settings_mod
 from controller.log_bounds import MAX_LINE_CHARS
 from controller.store import Store
 from tests.broker import Broker
-from tests.integration.controller.conftest import Ctl, init_controller, messages_on, running
 from tests.models import dense_of_size
 from tests.mqtt_peer import Peer
+from tests.support.controller_process import Ctl, init_controller, messages_on, running
 from tests.support.waiting import wait_until
 
 KIB = 1024

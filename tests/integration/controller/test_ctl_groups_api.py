@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from tests.integration.controller.conftest import Ctl
+from tests.support.controller_process import Ctl
 
 # The API and its storage on both databases (tests/conftest.py's store_url, through the ctl fixture).
 pytestmark = pytest.mark.both_backends

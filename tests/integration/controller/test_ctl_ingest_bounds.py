@@ -20,8 +20,8 @@ from controller import settings as settings_mod
 from controller.rollups import MAX_AHEAD_MS
 from controller.store import Store
 from tests.broker import Broker
-from tests.integration.controller.conftest import Ctl, init_controller, running
 from tests.models import dense_of_size
+from tests.support.controller_process import Ctl, init_controller, running
 from tests.support.waiting import wait_until
 
 YEAR_2100_MS = 4_102_444_800_000

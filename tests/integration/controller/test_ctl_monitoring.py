@@ -22,10 +22,10 @@ from agent.drift_sketch import build_sketch
 from controller.auth import hash_token
 from controller.baselines import sketch_from_proto as baselines_sketch
 from tests.broker import Broker
-from tests.integration.controller.conftest import Ctl
 from tests.localfleet import Controller as LocalController
 from tests.models import digits_classifier
 from tests.mqtt_peer import Peer
+from tests.support.controller_process import Ctl
 from tests.support.waiting import wait_until
 
 BUCKET_MS = 60_000

@@ -15,28 +15,11 @@ from edgefleet_proto.topics import Kind, Topic
 
 from controller.transport import Transport
 from tests.broker import Broker
-from tests.integration.controller.conftest import Ctl, connect, init_controller, messages_on, running
 from tests.models import dense_of_size
 from tests.mqtt_peer import Peer
+from tests.support.controller_calls import desired_seen, rollout
+from tests.support.controller_process import Ctl, connect, init_controller, messages_on, running
 from tests.support.waiting import wait_until
-
-
-def rollout(ctl: Ctl, model: str, version: str, *devices: str) -> dict[str, Any]:
-    response = ctl.api(
-        "POST", "/v1/rollouts", json={"model": model, "version": version, "devices": list(devices)}
-    )
-    assert response.status_code == 201, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
-def desired_seen(peer: Peer, device_id: str, generation: int) -> fleet_pb2.DesiredState | None:
-    for message in reversed(messages_on(peer, str(Topic(device_id, Kind.DESIRED)))):
-        if message.payload:
-            desired = decode_as(fleet_pb2.DesiredState, message.payload)
-            if desired.generation == generation:
-                return desired
-    return None
 
 
 def responses(peer: Peer, device_id: str) -> list[artifact_pb2.ArtifactResponse]:
@@ -95,7 +78,9 @@ def test_rollout_publishes_a_retained_desired_state(ctl: Ctl, digits_model: Path
         # A second rollout bumps the generation, live.
         rollout(ctl, "digits", "1", "cam-1")
         rollout(ctl, "digits", "1", "cam-1")
-        assert wait_until(lambda: desired_seen(peer, "cam-1", 3), 10, "generation 3").models[0].artifact_digest
+        assert (
+            wait_until(lambda: desired_seen(peer, "cam-1", 3), 10, "generation 3").models[0].artifact_digest
+        )
     finally:
         peer.close()
 

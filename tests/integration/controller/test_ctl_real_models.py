@@ -16,8 +16,8 @@ from controller.baselines import baselines_from_calibration
 from controller.calibration import load_calibration
 from controller.model_runner import Runner, file_format
 from controller.signature import ModelSignature
-from tests.integration.controller.conftest import Ctl
 from tests.realmodels import CorpusUnavailable, ModelCorpus, sample_inputs
+from tests.support.controller_process import Ctl
 from tests.support.waiting import wait_until
 
 PROFILES = Path(__file__).resolve().parents[3] / "firmware_profiles"

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controller import settings as settings_mod
 from tests.broker import Broker
-from tests.integration.controller.conftest import Ctl, init_controller, running
+from tests.support.controller_process import Ctl, init_controller, running
 from tests.support.waiting import wait_until
 
 
@@ -65,7 +65,9 @@ def test_a_flood_of_reported_states_is_rate_limited_and_the_newest_one_wins(
             # The last one said is the one the controller keeps, however many were held back.
             wait_until(lambda: applied(ctl) == flood or None, 30, "the newest reported state handled")
             elapsed = time.monotonic() - start
-            wait_until(lambda: held_back(ctl) >= flood - 10 - 2 * elapsed - 1 or None, 10, "held back, counted")
+            wait_until(
+                lambda: held_back(ctl) >= flood - 10 - 2 * elapsed - 1 or None, 10, "held back, counted"
+            )
         finally:
             peer.close()
     handled = [

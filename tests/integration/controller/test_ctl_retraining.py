@@ -23,8 +23,8 @@ from google.protobuf.json_format import ParseDict
 from agent.drift_sketch import build_sketch
 from controller.retraining_triggers import verify
 from tests.broker import Broker
-from tests.integration.controller.conftest import Ctl, init_controller, running
 from tests.models import digits_classifier
+from tests.support.controller_process import Ctl, init_controller, running
 from tests.support.waiting import wait_until
 from tests.webhook import Hook
 

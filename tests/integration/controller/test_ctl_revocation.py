@@ -12,8 +12,8 @@ from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind, Topic
 
-from tests.integration.controller.conftest import Ctl
 from tests.mqtt_peer import Peer
+from tests.support.controller_process import Ctl
 from tests.support.waiting import wait_until
 
 
@@ -41,7 +41,9 @@ def test_a_revoked_device_loses_its_password_and_its_session(ctl: Ctl) -> None:
             Peer(ctl.broker.port, creds["mqtt_username"], creds["mqtt_password"], client_id="cam-gone")
         window = fleet_pb2.Telemetry(device_id="cam-stays", seq=1, window_start_ms=1, window_end_ms=2)
         assert not other.publish(str(Topic("cam-stays", Kind.TELEMETRY)), encode(window)).is_failure
-        wait_until(lambda: ctl.api("GET", "/v1/devices/cam-stays/telemetry").json(), 10, "cam-stays telemetry")
+        wait_until(
+            lambda: ctl.api("GET", "/v1/devices/cam-stays/telemetry").json(), 10, "cam-stays telemetry"
+        )
 
         # Revoking again is harmless, and a revoked device's id is not registered again.
         assert ctl.api("POST", "/v1/devices/cam-gone/revoke").status_code == 200

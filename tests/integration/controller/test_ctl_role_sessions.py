@@ -11,7 +11,7 @@ from edgefleet_proto.topics import Kind, Topic
 
 from controller.roles import ALL, Role, account, subscriptions
 from controller.transport import Transport
-from tests.integration.controller.conftest import Ctl
+from tests.support.controller_process import Ctl
 from tests.support.waiting import wait_until
 
 

@@ -11,7 +11,7 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from controller.api.broker_auth import broker_secret
 from controller.api.deps import PUBLIC, authorize, required_role
 from controller.auth import Role
-from tests.integration.controller.conftest import Ctl
+from tests.support.controller_process import Ctl
 
 # Routes outside the role check on purpose: the API document and its viewers, and the
 # console's static assets (the login page needs them before anyone has logged in).

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from tests.broker import Broker
-from tests.integration.controller.conftest import Ctl
 from tests.localfleet import Controller
+from tests.support.controller_process import Ctl
 
 # The API and its storage on both databases (tests/conftest.py's store_url, through the ctl fixture).
 pytestmark = pytest.mark.both_backends

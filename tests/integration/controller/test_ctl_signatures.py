@@ -19,9 +19,9 @@ from edgefleet_proto.codec import decode_as
 
 from controller import drift
 from controller.baselines import baselines_from_calibration
-from tests.integration.controller.conftest import Ctl
 from tests.models import scores_beside_features
 from tests.realmodels import sample_inputs
+from tests.support.controller_process import Ctl
 from tests.support.waiting import wait_until
 
 RealModels = Callable[[str], Path]

@@ -11,7 +11,7 @@ from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind, Topic
 
-from tests.integration.controller.conftest import Ctl
+from tests.support.controller_process import Ctl
 from tests.support.waiting import wait_until
 
 SECRET = "target-check-secret-0123"

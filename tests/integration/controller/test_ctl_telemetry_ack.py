@@ -5,33 +5,14 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from edgefleet_proto import fleet_pb2
-from edgefleet_proto.codec import decode_as, encode
 from edgefleet_proto.topics import Kind, Topic
 
-from tests.integration.controller.conftest import Ctl
-from tests.mqtt_peer import Peer
+from tests.support.controller_calls import acknowledged, window
+from tests.support.controller_process import Ctl
 from tests.support.waiting import wait_until
 
 # The API and its storage on both databases (tests/conftest.py's store_url, through the ctl fixture).
 pytestmark = pytest.mark.both_backends
-
-
-def window(device_id: str, seq: int) -> bytes:
-    return encode(
-        fleet_pb2.Telemetry(
-            device_id=device_id, seq=seq, window_start_ms=seq * 1000, window_end_ms=seq * 1000 + 1000
-        )
-    )
-
-
-def acknowledged(peer: Peer, device_id: str) -> Counter[int]:
-    topic = str(Topic(device_id, Kind.TELEMETRY_ACK))
-    acks = [
-        decode_as(fleet_pb2.TelemetryAck, bytes(m.payload)) for m in list(peer.messages) if m.topic == topic
-    ]
-    assert all(a.device_id == device_id for a in acks)
-    return Counter(seq for a in acks for seq in a.seqs)
 
 
 def test_each_stored_window_is_acknowledged_and_a_copy_is_stored_once_and_acknowledged_again(

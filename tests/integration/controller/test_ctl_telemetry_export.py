@@ -20,9 +20,9 @@ from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind, Topic
 
 from tests.broker import Broker
-from tests.integration.controller.conftest import connect
 from tests.localfleet import Controller
 from tests.models import digits_classifier
+from tests.support.controller_process import connect
 from tests.support.waiting import wait_until
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")

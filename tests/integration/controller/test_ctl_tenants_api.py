@@ -7,8 +7,8 @@ from typing import Any
 
 from edgefleet_proto.topics import Kind, Topic
 
-from tests.integration.controller.conftest import Ctl
-from tests.integration.controller.test_ctl_mqtt import desired_seen
+from tests.support.controller_calls import desired_seen
+from tests.support.controller_process import Ctl
 from tests.support.waiting import wait_until
 
 TOKEN = "cam-app-token-0123456789"

@@ -16,8 +16,8 @@ from controller.leases import Lease, LeaseKeeper, LeaseLost
 from controller.rollout_plans import Plan, Target, Wave
 from controller.rollouts import Rollouts
 from controller.store import Store
+from tests.support.model_files import add_model
 from tests.unit.controller.helpers import Parts
-from tests.unit.controller.test_ctl_registry import add_model
 
 pytestmark = pytest.mark.both_backends
 

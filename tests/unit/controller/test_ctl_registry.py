@@ -12,26 +12,7 @@ from controller.errors import InvalidInputError, InvalidModel, ModelNotFound, To
 from controller.inspection import TensorSpec, inspect_onnx
 from controller.registry import Registry
 from controller.store import Store
-
-
-def add_model(path: Path, dims: list[int | str] | None = None) -> Path:
-    dims = dims if dims is not None else ["batch", 4]
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["a", "b"], ["sum"]), helper.make_node("Cast", ["sum"], ["ids"], to=7)],
-        "add",
-        [
-            helper.make_tensor_value_info("a", TensorProto.FLOAT, dims),
-            helper.make_tensor_value_info("b", TensorProto.FLOAT, dims),
-        ],
-        [
-            helper.make_tensor_value_info("sum", TensorProto.FLOAT, dims),
-            helper.make_tensor_value_info("ids", TensorProto.INT64, dims),
-        ],
-    )
-    path.write_bytes(
-        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
-    )
-    return path
+from tests.support.model_files import add_model
 
 
 def sequence_output_model(path: Path) -> Path:

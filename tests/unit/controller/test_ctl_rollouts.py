@@ -21,8 +21,8 @@ from controller.rollout_engine import Command, State
 from controller.rollout_executor import decode_desired, device_status, load_run
 from controller.rollout_plans import FailureAction, Gates, Plan, ShadowGate, Target, Wave
 from controller.rollouts import Rollouts, rollout_status
+from tests.support.model_files import add_model
 from tests.unit.controller.helpers import Parts, reported, state
-from tests.unit.controller.test_ctl_registry import add_model
 
 pytestmark = pytest.mark.both_backends
 

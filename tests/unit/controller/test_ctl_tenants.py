@@ -20,8 +20,8 @@ from controller.cli import CommandError, tenants_from_toml
 from controller.errors import InvalidInputError
 from controller.rollups import Retention, Rollups
 from controller.tenants import DeviceTenants, InvalidTenantSpec, Source, parse_tenants
+from tests.support.model_files import add_model
 from tests.unit.controller.helpers import Parts
-from tests.unit.controller.test_ctl_registry import add_model
 
 pytestmark = pytest.mark.both_backends
 
