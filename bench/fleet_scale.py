@@ -1,6 +1,6 @@
 """A simulated fleet of 10,000 devices on this machine: telemetry ingest and a three-wave rollout.
 
-The devices are tests/fleetsim: each is the agent's own session (link, outbox
+The devices are tests/support/fleetsim: each is the agent's own session (link, outbox
 and sender, updater, key ring) on its own broker login and connection, several
 thousand per simulator process on one network loop. They are registered in
 batches (POST /v1/device-batches: one password-file rewrite and broker reload per
@@ -30,7 +30,7 @@ batch, where one device at a time would rewrite the file and reload the broker
 
 With ``--database postgresql`` (the default when a count above 1 is asked for) the
 controller runs as processes sharing a PostgreSQL database started for the run
-(tests/postgres.py): ``serve --roles api,chunks,engine`` and N ``serve --roles ingest
+(tests/support/postgres.py): ``serve --roles api,chunks,engine`` and N ``serve --roles ingest
 --instance i`` processes, whose MQTT 5 shared subscription the broker spreads the
 telemetry over; every row of the run then has that layout, 1 worker included, and
 the controller's CPU is all its processes'. Counts are measured in increasing order,
@@ -65,12 +65,12 @@ from edgefleet_proto.wave import WAVES_PREFIX
 from paho.mqtt.enums import CallbackAPIVersion
 
 from controller.settings import DEFAULT_CHUNK_SIZE
-from tests.broker import Broker
-from tests.fleetsim import BareSubscribers, DeviceLogin, SimFleet, SimSettings, WorkerStats
-from tests.fleetsim.worker import raise_open_files_limit
-from tests.localfleet import BIN, Controller
-from tests.models import dense_of_size
-from tests.postgres import Postgres
+from tests.support.broker import Broker
+from tests.support.fleetsim import BareSubscribers, DeviceLogin, SimFleet, SimSettings, WorkerStats
+from tests.support.fleetsim.worker import raise_open_files_limit
+from tests.support.localfleet import BIN, Controller
+from tests.support.models import dense_of_size
+from tests.support.postgres import Postgres
 from tests.support.waiting import wait_until
 
 BATCH = 5000

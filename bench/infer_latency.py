@@ -38,9 +38,9 @@ from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
 from agent.client import SharedMemoryClient
 from agent.config import SchedulerConfig
-from tests.broker import Broker
-from tests.localfleet import Agent, Controller, register_agent, rollout_done, to_tensors
-from tests.models import digits_classifier, small_conv
+from tests.support.broker import Broker
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done, to_tensors
+from tests.support.models import digits_classifier, small_conv
 from tests.support.waiting import wait_until
 
 BLOCK = 50

@@ -1,6 +1,6 @@
 """PostgreSQL sized for telemetry: what the controller's write path costs the database.
 
-Starts a PostgreSQL (tests/postgres.py: Debian's server in a temporary folder, fsync and
+Starts a PostgreSQL (tests/support/postgres.py: Debian's server in a temporary folder, fsync and
 synchronous commit off, as the suite runs it) and opens the controller's own store on it (its
 migrations, its day partitions). Then, for each of ``--runs`` runs, in the same run:
 
@@ -45,7 +45,7 @@ from controller.settings import Settings
 from controller.store import Store
 from controller.telemetry import _COLUMNS, TelemetryStore, _row
 from controller.transport import MAX_INGEST_BATCH
-from tests.postgres import Postgres
+from tests.support.postgres import Postgres
 
 RAW_TABLE = "raw_telemetry"
 

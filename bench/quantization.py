@@ -1,7 +1,7 @@
 """fp32 vs static int8 (QDQ) vs dynamic int8 (and fp16) for conv models, on this CPU, in one run.
 
-Builds ``tests.models.small_conv`` (the conv model of the tests, 2 layers of 8 and
-16 channels) and ``tests.models.conv_net`` (3 layers, 32-64-128 channels, 64x64
+Builds ``tests.support.models.small_conv`` (the conv model of the tests, 2 layers of 8 and
+16 channels) and ``tests.support.models.conv_net`` (3 layers, 32-64-128 channels, 64x64
 input; ``--width``/``--size``), each fp32 being the raw baseline; quantizes them the way
 the controller does on upload (:func:`controller.optimize.quantize`, per-channel
 weights, calibrated on the same inputs it is then measured on) and measures, one
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from controller.optimize import Runner, quantize, validate
 from controller.registry import DYNAMIC_INT8, FP16, STATIC_INT8
-from tests.models import conv_net, small_conv
+from tests.support.models import conv_net, small_conv
 
 
 def measure(label: str, fp32: Path, images: np.ndarray, iterations: int, work: Path) -> None:

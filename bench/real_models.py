@@ -2,7 +2,7 @@
 directly, in the same run on the same machine.
 
 Starts mosquitto, the controller and one agent (no device profile, so it gets each model's
-uploaded file), and for each model of the corpus (tests.realmodels: MediaPipe face detection and
+uploaded file), and for each model of the corpus (tests.support.realmodels: MediaPipe face detection and
 selfie segmentation in LiteRT, silero-vad, RapidOCR's text detector and direction classifier in
 onnxruntime) uploads it with sample inputs, rolls it out to a tenant fed by media made here (a
 video written by OpenCV, a WAV for silero-vad with its state carried) and measures:
@@ -41,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
 from agent.preprocess import letterbox
-from tests.broker import Broker
-from tests.localfleet import Agent, Controller, register_agent, rollout_done, to_tensors
-from tests.media import face_frame, silence, speech_like, text_frame, write_video, write_wav
-from tests.realmodels import ModelCorpus, sample_inputs
+from tests.support.broker import Broker
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done, to_tensors
+from tests.support.media import face_frame, silence, speech_like, text_frame, write_video, write_wav
+from tests.support.realmodels import ModelCorpus, sample_inputs
 from tests.support.waiting import wait_until
 
 TOKEN = "bench-tenant-token-0123456789"

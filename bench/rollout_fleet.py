@@ -2,7 +2,7 @@
 beside the broker's own fan-out.
 
 Starts mosquitto and the controller (whose MQTT connection goes through a byte-
-counting TCP relay, tests/mqtt_relay.py), registers 200 devices and runs, ``--runs``
+counting TCP relay, tests/support/mqtt_relay.py), registers 200 devices and runs, ``--runs``
 times each, interleaved, in the same run:
 
 - ``broker alone``: one publisher sends the model's bytes once, in chunks of the
@@ -10,7 +10,7 @@ times each, interleaved, in the same run:
   as the devices) read; the time until every subscriber has every byte;
 - ``broadcast``: ``edgefleet rollouts create --all`` with waves of 10 %, 40 % and
   the rest (1 s soak each, the minimum the engine needs to judge a wave) to 200
-  simulated devices (tests/simfleet.py: real MQTT clients that take the wave's
+  simulated devices (tests/support/simfleet.py: real MQTT clients that take the wave's
   sealed broadcast like the agent, and ask for what they miss; the devices of a
   process check a chunk they all received alike once), with the controller's
   ``artifact_delivery = "broadcast"`` (the default); the time from create to
@@ -46,11 +46,11 @@ import paho.mqtt.client as mqtt
 import tomli_w
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.broker import Broker
-from tests.localfleet import Controller
-from tests.models import dense_of_size
-from tests.mqtt_relay import Relay
-from tests.simfleet import Checked, SimDevice, SimFleet
+from tests.support.broker import Broker
+from tests.support.localfleet import Controller
+from tests.support.models import dense_of_size
+from tests.support.mqtt_relay import Relay
+from tests.support.simfleet import Checked, SimDevice, SimFleet
 from tests.support.waiting import wait_until
 
 FANOUT_TOPIC = "edgefleet/bench/fanout"
@@ -61,7 +61,7 @@ FLOOR_MB = 0.03
 
 def sim_worker(port: int, creds: list[tuple[str, str]], commands: Any, out: Any, stop: Any) -> None:
     """Devices of one process; for each digest sent on ``commands``, says when all of them serve it."""
-    # Chunks one device of the process checked are not checked again for the next (tests/simfleet.py).
+    # Chunks one device of the process checked are not checked again for the next (tests/support/simfleet.py).
     checked = Checked()
     devices = [SimDevice(d, p, port, keep_models=False, checked=checked) for d, p in creds]
     fleet = SimFleet(devices, telemetry_interval_s=1e9, inferences_per_tick=0, tick_s=0.2).start()

@@ -40,7 +40,7 @@ from agent.preprocess import Prepared
 from agent.signature import SCORES, InputRole, ModelSignature, OutputMeaning
 from agent.telemetry import PipelineStats
 from agent.tenants import PreprocessSpec, SourceSpec, TenantSpec
-from tests.models import small_conv, wide_conv
+from tests.support.models import small_conv, wide_conv
 
 # Both test convs: an NCHW image in, class logits out (what the sketch reads as the scores).
 SIGNATURE = ModelSignature(

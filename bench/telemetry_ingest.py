@@ -47,8 +47,8 @@ from edgefleet_proto.topics import Kind, Topic
 
 from controller.store import Store
 from controller.telemetry import fields_dict
-from tests.broker import Broker
-from tests.localfleet import Controller
+from tests.support.broker import Broker
+from tests.support.localfleet import Controller
 from tests.support.waiting import wait_until
 
 BINS = 10

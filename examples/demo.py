@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from examples.make_digits import INPUT, split, train  # noqa: E402
-from tests.broker import Broker, free_port, wait_for_port  # noqa: E402
-from tests.localfleet import Agent, Controller, from_tensor, register_agent  # noqa: E402
+from tests.support.broker import Broker, free_port, wait_for_port  # noqa: E402
+from tests.support.localfleet import Agent, Controller, from_tensor, register_agent  # noqa: E402
 from tests.support.waiting import wait_until  # noqa: E402
 
 DEVICES = ["cam-north", "cam-south", "gateway-1"]

@@ -27,11 +27,11 @@ if ! command -v mosquitto >/dev/null 2>&1 && ! [ -x /usr/sbin/mosquitto ]; then
     exit 1
   fi
 fi
-# The clustered-broker tests start a three-node NATS JetStream cluster (tests/nats_cluster.py).
+# The clustered-broker tests start a three-node NATS JetStream cluster (tests/support/nats_cluster.py).
 if ! command -v nats-server >/dev/null 2>&1 && ! [ -x /usr/sbin/nats-server ] && [ "$(id -u)" = "0" ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y nats-server || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nats-server; }
 fi
-# The controller's tests run the storage, API and rollout modules on PostgreSQL too (tests/postgres.py
+# The controller's tests run the storage, API and rollout modules on PostgreSQL too (tests/support/postgres.py
 # starts Debian's server from /usr/lib/postgresql/<version>/bin in a temporary folder).
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }

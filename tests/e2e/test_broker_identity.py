@@ -22,8 +22,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from tests.broker import CONTROLLER_USER, Broker
-from tests.localfleet import Agent, Controller, register_agent
+from tests.support.broker import CONTROLLER_USER, Broker
+from tests.support.localfleet import Agent, Controller, register_agent
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow

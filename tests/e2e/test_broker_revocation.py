@@ -14,9 +14,9 @@ import pytest
 import tomli_w
 from cryptography import x509
 
-from tests.broker import Broker, TlsListener
-from tests.certs import Issued, issue, make_ca
-from tests.localfleet import Agent, Controller
+from tests.support.broker import Broker, TlsListener
+from tests.support.certs import Issued, issue, make_ca
+from tests.support.localfleet import Agent, Controller
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow

@@ -16,10 +16,10 @@ import tomli_w
 from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.broker import Broker, TlsListener
-from tests.certs import Issued, issue, make_ca
-from tests.localfleet import Agent, Controller, register_agent, rollout_done
-from tests.models import digits_classifier
+from tests.support.broker import Broker, TlsListener
+from tests.support.certs import Issued, issue, make_ca
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.models import digits_classifier
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow

@@ -38,9 +38,9 @@ import pytest
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 from sklearn.datasets import load_digits
 
-from tests.broker import Broker
-from tests.localfleet import Agent, Controller, register_agent, rollout_done
-from tests.models import digits_classifier
+from tests.support.broker import Broker
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.models import digits_classifier
 from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from playwright.sync_api import Browser, Dialog, Page, expect
 
-from tests.broker import Broker
-from tests.browser import LAPTOP, TABLET, Screenshots, chromium, fits_width, screenshot_folder
-from tests.localfleet import Agent, Controller, register_agent
-from tests.models import digits_classifier
+from tests.support.broker import Broker
+from tests.support.browser import LAPTOP, TABLET, Screenshots, chromium, fits_width, screenshot_folder
+from tests.support.localfleet import Agent, Controller, register_agent
+from tests.support.models import digits_classifier
 from tests.support.waiting import wait_until
 
 DEVICES = ("cam-0", "cam-1", "cam-2")

@@ -1,6 +1,6 @@
 """Controller roles on real processes: several `edgefleet controller serve --roles ...` processes
 sharing one PostgreSQL database, a real mosquitto and simulated devices speaking the agent's
-own protocol code (tests/fleetsim).
+own protocol code (tests/support/fleetsim).
 
 - ingest processes share the telemetry through an MQTT 5 shared subscription: each stores some,
   every window a device saw acknowledged is stored, none twice;
@@ -24,10 +24,10 @@ import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.broker import Broker
-from tests.fleetsim import DeviceLogin, SimFleet, SimSettings
-from tests.localfleet import Controller
-from tests.models import dense_of_size
+from tests.support.broker import Broker
+from tests.support.fleetsim import DeviceLogin, SimFleet, SimSettings
+from tests.support.localfleet import Controller
+from tests.support.models import dense_of_size
 from tests.support.waiting import wait_until
 
 # Several controller processes share a database on PostgreSQL only (the store_url fixture's).

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
-from tests.broker import Broker
-from tests.localfleet import Agent, Controller, register_agent, rollout_done
-from tests.models import digits_classifier
+from tests.support.broker import Broker
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.models import digits_classifier
 from tests.support.waiting import wait_until
 
 TOKEN = "replay-app-token-0123456789"

@@ -14,10 +14,10 @@ from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind, Topic
 
-from tests.broker import CONTROLLER_USER, Broker
-from tests.localfleet import Agent, Controller, register_agent, rollout_done
-from tests.models import digits_classifier
-from tests.mqtt_peer import Peer
+from tests.support.broker import CONTROLLER_USER, Broker
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.models import digits_classifier
+from tests.support.mqtt_peer import Peer
 from tests.support.waiting import wait_until
 
 HUGE = 2**64 - 1

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from edgefleet_proto.topics import Kind, Topic
 
-from tests.broker import Broker
-from tests.localfleet import Agent, Controller, register_agent, rollout_done
-from tests.models import digits_classifier
-from tests.mqtt_peer import Peer
+from tests.support.broker import Broker
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.models import digits_classifier
+from tests.support.mqtt_peer import Peer
 from tests.support.waiting import wait_until
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.localfleet import BIN, Agent, Controller
+from tests.support.localfleet import BIN, Agent, Controller
 from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]

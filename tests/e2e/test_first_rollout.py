@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from tests.broker import Broker
-from tests.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done
-from tests.models import digits_classifier
+from tests.support.broker import Broker
+from tests.support.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done
+from tests.support.models import digits_classifier
 from tests.support.waiting import wait_until
 
 
@@ -112,7 +112,7 @@ def test_device_cannot_touch_another_devices_topics(
 
 
 def _try_connect(port: int, username: str, password: str) -> Any:
-    from tests.mqtt_peer import Peer
+    from tests.support.mqtt_peer import Peer
 
     try:
         return Peer(port, username, password, client_id=f"{username}-probe")

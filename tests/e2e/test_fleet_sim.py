@@ -1,6 +1,6 @@
 """The fleet simulator end to end: 200 simulated devices against a real controller and mosquitto.
 
-Each simulated device is the agent's own session (tests/fleetsim) on its own
+Each simulated device is the agent's own session (tests/support/fleetsim) on its own
 broker login: registered in one batch, it connects, reports telemetry that the
 controller stores and acknowledges, and takes a three-wave rollout through the
 agent's updater (signed desired state, checked chunks, staging inference).
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import Broker
-from tests.fleetsim import DeviceLogin, SimFleet, SimSettings
-from tests.localfleet import Controller
-from tests.models import dense_of_size
+from tests.support.broker import Broker
+from tests.support.fleetsim import DeviceLogin, SimFleet, SimSettings
+from tests.support.localfleet import Controller
+from tests.support.models import dense_of_size
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,5 @@
 """Maintenance windows end to end: real mosquitto, the controller process with its rollout engine
-on a clock the test moves (tests/engine_clock.py), real agent processes. A device outside its
+on a clock the test moves (tests/support/engine_clock.py), real agent processes. A device outside its
 group's window waits, says why, and is updated when the engine's clock says the window opened."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from tests.broker import Broker
-from tests.localfleet import Agent, Controller, register_agent, rollout_done
-from tests.models import digits_classifier
+from tests.support.broker import Broker
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.models import digits_classifier
 from tests.support.waiting import wait_until
 
-ENGINE_CLOCK = Path(__file__).resolve().parents[1] / "engine_clock.py"
+ENGINE_CLOCK = Path(__file__).resolve().parents[1] / "support" / "engine_clock.py"
 # A zone with a UTC offset and no daylight-saving change, so the hour chosen always exists.
 TOKYO = ZoneInfo("Asia/Tokyo")
 

@@ -24,9 +24,9 @@ import pytest
 import tomli_w
 
 from controller.settings import CONTROLLER_USER
-from tests.localfleet import Agent, Controller, register_agent
-from tests.models import digits_classifier
-from tests.nats_cluster import NatsCluster, NatsNode
+from tests.support.localfleet import Agent, Controller, register_agent
+from tests.support.models import digits_classifier
+from tests.support.nats_cluster import NatsCluster, NatsNode
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow

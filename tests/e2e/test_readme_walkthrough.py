@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from controller.cli import build_parser
-from tests.broker import free_port
+from tests.support.broker import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"

@@ -1,4 +1,4 @@
-"""The real-model corpus through the whole fleet: every third-party model of tests.realmodels
+"""The real-model corpus through the whole fleet: every third-party model of tests.support.realmodels
 (MediaPipe's face detector and selfie segmentation, silero-vad, RapidOCR's text detector and
 text-direction classifier), untouched, as an operator would run it.
 
@@ -30,10 +30,10 @@ import pytest
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
 from agent.preprocess import letterbox
-from tests.broker import Broker
-from tests.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done, stop_all
-from tests.media import face_frame, silence, speech_like, text_frame, write_video, write_wav
-from tests.realmodels import fixed_shape_copy, overflowing_copy, sample_inputs
+from tests.support.broker import Broker
+from tests.support.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done, stop_all
+from tests.support.media import face_frame, silence, speech_like, text_frame, write_video, write_wav
+from tests.support.realmodels import fixed_shape_copy, overflowing_copy, sample_inputs
 from tests.support.waiting import wait_until
 
 # Each model's test waits with generous deadlines; a loaded machine may need them all.

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from controller.model_runner import Runner
-from tests.broker import Broker
-from tests.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done
-from tests.realmodels import face_image, sample_inputs
+from tests.support.broker import Broker
+from tests.support.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done
+from tests.support.realmodels import face_image, sample_inputs
 from tests.support.waiting import wait_until
 
 PROFILES = Path(__file__).resolve().parents[2] / "firmware_profiles"

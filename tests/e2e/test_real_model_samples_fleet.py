@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.broker import Broker
-from tests.localfleet import Agent, Controller, register_agent, rollout_done
-from tests.realmodels import sample_inputs
+from tests.support.broker import Broker
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.realmodels import sample_inputs
 from tests.support.waiting import wait_until
 
 PROFILES = Path(__file__).resolve().parents[2] / "firmware_profiles"

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from tests.localfleet import Controller
-from tests.realmodels import sample_inputs
+from tests.support.localfleet import Controller
+from tests.support.realmodels import sample_inputs
 
 FINAL = ("ready", "rejected", "failed")
 

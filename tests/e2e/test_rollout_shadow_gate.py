@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.broker import Broker
-from tests.localfleet import Agent, Controller, register_agent
+from tests.support.broker import Broker
+from tests.support.localfleet import Agent, Controller, register_agent
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow

@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.broker import Broker
-from tests.e2e.rollout_fleet import classifier, digits_samples
-from tests.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.broker import Broker
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.model_bytes import linear_model
+from tests.support.rollout_fleet import classifier, digits_samples
 from tests.support.waiting import wait_until
-from tests.unit.agent.models import linear_model
 
 pytestmark = pytest.mark.slow
 

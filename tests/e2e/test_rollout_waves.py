@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.broker import Broker
-from tests.e2e.rollout_fleet import Fleet, classifier, first_version_everywhere, fleet_of_20
-from tests.localfleet import Agent, Controller
+from tests.support.broker import Broker
+from tests.support.localfleet import Agent, Controller
+from tests.support.rollout_fleet import Fleet, classifier, first_version_everywhere, fleet_of_20
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow

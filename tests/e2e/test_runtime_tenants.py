@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
-from tests.broker import Broker
-from tests.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done, to_tensors
-from tests.models import small_conv
+from tests.support.broker import Broker
+from tests.support.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done, to_tensors
+from tests.support.models import small_conv
 from tests.support.waiting import wait_until
 
 TOKEN = "door-app-token-0123456789"

@@ -14,10 +14,10 @@ import tomli_w
 from edgefleet_proto import artifact_pb2
 from edgefleet_proto.codec import decode_as, encode
 
-from tests.broker import Broker
-from tests.localfleet import Agent, Controller, register_agent, rollout_done
-from tests.models import dense_of_size, digits_classifier
-from tests.mqtt_peer import Peer
+from tests.support.broker import Broker
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.models import dense_of_size, digits_classifier
+from tests.support.mqtt_peer import Peer
 from tests.support.waiting import wait_until
 
 

@@ -15,7 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.localfleet import Controller
+from tests.support.localfleet import Controller
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,8 @@ import subprocess
 from pathlib import Path
 
 from agent.config import load_config
-from tests.localfleet import Controller
-from tests.models import digits_mlp
+from tests.support.localfleet import Controller
+from tests.support.models import digits_mlp
 
 PROFILES = Path(__file__).resolve().parents[2] / "firmware_profiles"
 

@@ -13,9 +13,9 @@ import onnxruntime as ort
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.broker import Broker
-from tests.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done
-from tests.models import digits_mlp, tflite_mlp
+from tests.support.broker import Broker
+from tests.support.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done
+from tests.support.models import digits_mlp, tflite_mlp
 from tests.support.waiting import wait_until
 
 PROFILES = Path(__file__).resolve().parents[2] / "firmware_profiles"

@@ -1,6 +1,6 @@
 """Rollouts delivered by wave broadcast: real mosquitto, the controller process and agent processes.
 
-The controller reaches the broker through a relay (tests/mqtt_relay.py) that counts what it
+The controller reaches the broker through a relay (tests/support/mqtt_relay.py) that counts what it
 sends and, in the last test, alters chunks on the wire; the agents and the test's own
 clients connect to the broker directly.
 """
@@ -25,11 +25,11 @@ from edgefleet_proto.wave import WaveTopic, is_wave_topic
 from agent.broadcast import open_chunk, open_manifest
 from agent.errors import SealRejected
 from controller.wave_broadcast import seal_chunk
-from tests.broker import Broker
-from tests.localfleet import Agent, Controller, register_agent, rollout_done, stop_all
-from tests.models import dense_of_size
-from tests.mqtt_peer import Peer
-from tests.mqtt_relay import Relay, Tamper
+from tests.support.broker import Broker
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done, stop_all
+from tests.support.models import dense_of_size
+from tests.support.mqtt_peer import Peer
+from tests.support.mqtt_relay import Relay, Tamper
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow

@@ -13,11 +13,11 @@ import grpc
 import numpy as np
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
-from tests.integration.agent.peer import Peer
-from tests.localfleet import from_tensor
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.localfleet import from_tensor
+from tests.support.model_bytes import linear_model, write_model
 from tests.support.waiting import wait_until
-from tests.unit.agent.models import linear_model, write_model
 
 
 def serving_first_of_two(agent: AgentProcess, peer: Peer, tmp_path: Path, seed: int) -> tuple[str, str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 from edgefleet_proto import inference_pb2_grpc
 
-from tests.broker import REPO
+from tests.support.broker import REPO
 from tests.support.waiting import wait_until
 
 

@@ -10,8 +10,8 @@ from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import decode_as, encode
 from edgefleet_proto.topics import Kind, Topic
 
-from tests.mqtt_peer import Peer
 from tests.support.controller_process import Ctl, messages_on
+from tests.support.mqtt_peer import Peer
 
 
 def window(device_id: str, seq: int) -> bytes:

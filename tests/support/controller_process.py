@@ -16,8 +16,8 @@ from controller import settings as settings_mod
 from controller.api import create_app
 from controller.service import Controller, InitOptions, initialise
 from controller.settings import Settings
-from tests.broker import Broker
-from tests.mqtt_peer import Peer
+from tests.support.broker import Broker
+from tests.support.mqtt_peer import Peer
 from tests.support.waiting import wait_until
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.broker import Broker
-from tests.integration.agent.peer import Peer, public_key
+from tests.support.agent_peer import Peer, public_key
 from tests.support.agent_process import AgentProcess
+from tests.support.broker import Broker
 
 
 @pytest.fixture

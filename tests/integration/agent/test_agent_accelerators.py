@@ -10,10 +10,10 @@ import numpy as np
 import onnxruntime as ort
 from edgefleet_proto import fleet_pb2, inference_pb2
 
-from tests.integration.agent.peer import Peer
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.model_bytes import linear_model, write_model
 from tests.support.waiting import wait_until
-from tests.unit.agent.models import linear_model, write_model
 
 
 def infer(agent: AgentProcess, x: np.ndarray) -> np.ndarray:

@@ -13,10 +13,10 @@ import pytest
 from edgefleet_proto import fleet_pb2
 
 from controller import drift
-from tests.integration.agent.peer import Peer
-from tests.media import write_wav
-from tests.realmodels import VAD_CHUNK, VAD_CONTEXT, sample_inputs, silero_signature, speech_like
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.media import write_wav
+from tests.support.realmodels import VAD_CHUNK, VAD_CONTEXT, sample_inputs, silero_signature, speech_like
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ import pytest
 
 from agent.config import parse_config
 from agent.errors import ConfigError
-from tests.broker import Broker
-from tests.integration.agent.peer import Peer
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.broker import Broker
 from tests.support.waiting import wait_until
 
 

@@ -1,7 +1,7 @@
 """The device's clock jumps a day forward and a day back under a running agent.
 
 The agent process runs with its wall clock shifted by a file the test rewrites
-(:mod:`tests.clockshift`); its monotonic clock goes on, as a real jump leaves it. Through
+(:mod:`tests.support.clockshift`); its monotonic clock goes on, as a real jump leaves it. Through
 both jumps: every telemetry window lasts what it lasted (never negative, never a day), the
 windows are stamped by the device's clock as it is at their end, the agent keeps reporting,
 and a probation begun on either side of a jump lasts its time: not skipped by the jump
@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 from edgefleet_proto import fleet_pb2
 
-from tests.broker import REPO
-from tests.integration.agent.peer import Peer
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.broker import REPO
+from tests.support.model_bytes import linear_model, write_model
 from tests.support.waiting import wait_until
-from tests.unit.agent.models import linear_model, write_model
 
 DAY_S = 86_400
 INTERVAL_S = 1.0
@@ -42,7 +42,7 @@ def start_on_shifted_clock(agent: AgentProcess, offset_file: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "tests.clockshift",
+                "tests.support.clockshift",
                 str(offset_file),
                 "run",
                 "--config",

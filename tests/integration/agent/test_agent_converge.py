@@ -11,11 +11,11 @@ import onnxruntime as ort
 import pytest
 from edgefleet_proto import fleet_pb2, inference_pb2
 
-from tests.integration.agent.peer import Peer
 from tests.support.agent_calls import infer, output, serving_first_of_two
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.model_bytes import linear_model, write_model
 from tests.support.waiting import wait_until
-from tests.unit.agent.models import linear_model, write_model
 
 
 @pytest.mark.parametrize("protocol", ["v5", "v311"])

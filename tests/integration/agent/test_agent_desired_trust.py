@@ -19,10 +19,10 @@ from edgefleet_proto import fleet_pb2, inference_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind
 
-from tests.integration.agent.peer import Peer, sign_state
+from tests.support.agent_peer import Peer, sign_state
 from tests.support.agent_process import AgentProcess
+from tests.support.model_bytes import linear_model, write_model
 from tests.support.waiting import wait_until
-from tests.unit.agent.models import linear_model, write_model
 
 HUGE = 2**64 - 1
 X = np.ones((1, 256), dtype=np.float32)

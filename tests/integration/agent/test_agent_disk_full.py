@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from edgefleet_proto import fleet_pb2, inference_pb2
 
-from tests.disks import fill, small_tmpfs
-from tests.integration.agent.peer import Peer
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.disks import fill, small_tmpfs
+from tests.support.model_bytes import linear_model, write_model
 from tests.support.waiting import wait_until
-from tests.unit.agent.models import linear_model, write_model
 
 DISK_MB = 12
 CHUNK = 64 * 1024

@@ -24,10 +24,10 @@ from edgefleet_proto.topics import Kind
 
 from agent.drift_sketch import build_sketch
 from controller import drift
-from tests.integration.agent.peer import Peer
-from tests.localfleet import to_tensors
-from tests.models import digits_classifier, scores_beside_features, signature_of
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.localfleet import to_tensors
+from tests.support.models import digits_classifier, scores_beside_features, signature_of
 from tests.support.waiting import wait_until
 
 ROWS = 30

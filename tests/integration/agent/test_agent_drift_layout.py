@@ -18,7 +18,7 @@ from edgefleet_proto import fleet_pb2
 from onnx import TensorProto, helper, numpy_helper
 
 from controller import drift
-from tests.integration.agent.peer import Peer
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
 from tests.support.waiting import wait_until
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from edgefleet_proto import inference_pb2
 
-from tests.integration.agent.peer import Peer
-from tests.localfleet import from_tensor, to_tensors
-from tests.realmodels import sample_inputs, silero_signature, speech_like, vad_chunks
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.localfleet import from_tensor, to_tensors
+from tests.support.realmodels import sample_inputs, silero_signature, speech_like, vad_chunks
 
 ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.slow

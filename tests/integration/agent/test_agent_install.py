@@ -18,9 +18,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgefleet_proto.bundle import pack
 
-from tests.broker import REPO, Broker
-from tests.certs import issue, make_ca
-from tests.integration.agent.peer import Peer, public_key
+from tests.support.agent_peer import Peer, public_key
+from tests.support.broker import REPO, Broker
+from tests.support.certs import issue, make_ca
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(

@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 from edgefleet_proto import inference_pb2
 
-from tests.integration.agent.peer import Peer
-from tests.localfleet import to_tensors
-from tests.models import sine_float_tflite
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.localfleet import to_tensors
+from tests.support.model_bytes import linear_model, write_model
+from tests.support.models import sine_float_tflite
 from tests.support.waiting import wait_until
-from tests.unit.agent.models import linear_model, write_model
 
 pytest.importorskip("ai_edge_litert.interpreter")
 

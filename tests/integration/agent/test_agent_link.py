@@ -18,12 +18,12 @@ from edgefleet_proto.topics import Kind, Topic
 
 from agent.config import MqttConfig
 from agent.link import Link
-from tests.broker import Broker
-from tests.integration.agent.peer import Peer
 from tests.support.agent_calls import infer, output
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.broker import Broker
+from tests.support.model_bytes import linear_model, write_model
 from tests.support.waiting import wait_until
-from tests.unit.agent.models import linear_model, write_model
 
 
 def outbox_rows(agent: AgentProcess, kind: str) -> int:

@@ -17,12 +17,12 @@ import pytest
 from edgefleet_proto import fleet_pb2, inference_pb2
 
 from agent.outbox import RESERVE_BYTES, Outbox
-from tests.broker import Broker
-from tests.disks import KeepFull, fill, small_tmpfs
-from tests.integration.agent.peer import Peer
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.broker import Broker
+from tests.support.disks import KeepFull, fill, small_tmpfs
+from tests.support.model_bytes import linear_model, write_model
 from tests.support.waiting import wait_until
-from tests.unit.agent.models import linear_model, write_model
 
 
 def window(seq: int) -> bytes:

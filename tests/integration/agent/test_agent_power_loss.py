@@ -23,10 +23,10 @@ from edgefleet_proto import artifact_pb2, fleet_pb2, inference_pb2
 from edgefleet_proto.signing import rotation_bytes
 
 from agent.atomic import CRASH_AT_ENV, WRITE_STEPS
-from tests.integration.agent.peer import Peer, public_key
+from tests.support.agent_peer import Peer, public_key
 from tests.support.agent_process import AgentProcess
+from tests.support.model_bytes import linear_model, write_model
 from tests.support.waiting import wait_until
-from tests.unit.agent.models import linear_model, write_model
 
 X = np.ones((1, 256), dtype=np.float32)
 BEFORE_RENAME = {"partial", "written", "synced"}

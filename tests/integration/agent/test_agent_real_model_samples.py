@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from edgefleet_proto import fleet_pb2, inference_pb2
 
-from tests.integration.agent.peer import Peer
-from tests.media import silence, speech_like, write_wav
 from tests.support.agent_calls import Stream, outputs
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.media import silence, speech_like, write_wav
+from tests.support.model_bytes import linear_model, write_model
 from tests.support.waiting import wait_until
-from tests.unit.agent.models import linear_model, write_model
 
 ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.slow

@@ -17,10 +17,10 @@ import pytest
 from edgefleet_proto import inference_pb2
 
 from agent.preprocess import letterbox
-from tests.integration.agent.peer import Peer
-from tests.media import face_frame, write_video
 from tests.support.agent_calls import Stream, outputs
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.media import face_frame, write_video
 
 cv2 = pytest.importorskip("cv2")
 litert = pytest.importorskip("ai_edge_litert.interpreter")

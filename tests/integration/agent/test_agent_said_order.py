@@ -10,9 +10,9 @@ from collections.abc import Callable
 import pytest
 from edgefleet_proto import fleet_pb2
 
-from tests.broker import Broker
-from tests.integration.agent.peer import Peer
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.broker import Broker
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow

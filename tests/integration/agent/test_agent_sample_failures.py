@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from edgefleet_proto import fleet_pb2
 
-from tests.integration.agent.peer import Peer
-from tests.realmodels import sample_inputs
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.model_bytes import linear_model, write_model
+from tests.support.realmodels import sample_inputs
 from tests.support.waiting import wait_until
-from tests.unit.agent.models import linear_model, write_model
 
 pytestmark = pytest.mark.slow
 

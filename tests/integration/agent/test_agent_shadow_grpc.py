@@ -18,10 +18,10 @@ import onnxruntime as ort
 import pytest
 from edgefleet_proto import fleet_pb2, inference_pb2
 
-from tests.integration.agent.peer import Peer
-from tests.localfleet import from_tensor, to_tensors
-from tests.models import digits_classifier, signature_of
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.localfleet import from_tensor, to_tensors
+from tests.support.models import digits_classifier, signature_of
 from tests.support.waiting import wait_until
 
 # The agreeing candidate is an under-trained classifier on purpose.

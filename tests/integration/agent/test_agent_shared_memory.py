@@ -23,10 +23,10 @@ from edgefleet_proto import inference_pb2
 
 from agent.client import FastPathError, Region, SharedMemoryClient
 from agent.shm_wire import fast_path_socket, receive, send
-from tests.integration.agent.peer import Peer
-from tests.localfleet import from_tensor, to_tensors
-from tests.models import small_conv
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.localfleet import from_tensor, to_tensors
+from tests.support.models import small_conv
 
 ort = pytest.importorskip("onnxruntime")
 

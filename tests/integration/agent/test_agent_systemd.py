@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from agent.outbox import Outbox
-from tests.broker import REPO
-from tests.integration.agent.peer import Peer
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.broker import REPO
 from tests.support.waiting import wait_until
 
 SYNTHETIC_TENANT = """

@@ -28,12 +28,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from agent.preprocess import log_mel
 from agent.tenants import hash_token
-from tests.broker import Broker
-from tests.integration.agent.peer import Peer
-from tests.localfleet import from_tensor, to_tensors
-from tests.models import dense_of_size, digits_classifier, signature_of, small_conv
 from tests.support.agent_calls import Stream, outputs
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.broker import Broker
+from tests.support.localfleet import from_tensor, to_tensors
+from tests.support.models import dense_of_size, digits_classifier, signature_of, small_conv
 from tests.support.waiting import wait_until
 
 cv2 = pytest.importorskip("cv2")

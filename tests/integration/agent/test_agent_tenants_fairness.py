@@ -11,10 +11,10 @@ import grpc
 import numpy as np
 from edgefleet_proto import fleet_pb2, inference_pb2
 
-from tests.integration.agent.peer import Peer
-from tests.localfleet import to_tensors
-from tests.models import wide_conv
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.localfleet import to_tensors
+from tests.support.models import wide_conv
 from tests.support.waiting import wait_until
 
 # Inference (about 10 ms a run here), not the sources, must be the bottleneck.

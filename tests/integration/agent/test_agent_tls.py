@@ -15,8 +15,8 @@ import pytest
 from agent.config import MqttConfig
 from agent.errors import ConfigError
 from agent.link import Link
-from tests.broker import Broker, TlsListener
-from tests.certs import Issued, issue, make_ca
+from tests.support.broker import Broker, TlsListener
+from tests.support.certs import Issued, issue, make_ca
 from tests.support.waiting import wait_until
 
 

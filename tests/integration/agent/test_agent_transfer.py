@@ -10,11 +10,11 @@ import numpy as np
 from edgefleet_proto import fleet_pb2
 from edgefleet_proto.topics import Kind
 
-from tests.integration.agent.peer import Peer
 from tests.support.agent_calls import infer, output
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.model_bytes import linear_model, write_model
 from tests.support.waiting import wait_until
-from tests.unit.agent.models import linear_model, write_model
 
 X = np.ones((1, 256), dtype=np.float32)
 

@@ -29,10 +29,10 @@ import numpy as np
 import pytest
 from edgefleet_proto import fleet_pb2, inference_pb2
 
-from tests.integration.agent.peer import Peer
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.model_bytes import batch_hungry_model, linear_model, memory_hungry_model, write_model
 from tests.support.waiting import wait_until
-from tests.unit.agent.models import batch_hungry_model, linear_model, memory_hungry_model, write_model
 
 REASON = "crashed the agent 3 times while staging"
 MEMORY_LIMIT = 768 << 20

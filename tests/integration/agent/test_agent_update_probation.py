@@ -10,12 +10,12 @@ import numpy as np
 import onnxruntime as ort
 from edgefleet_proto import fleet_pb2, inference_pb2
 
-from tests.e2e.rollout_fleet import classifier, digits_samples
-from tests.integration.agent.peer import Peer
-from tests.localfleet import from_tensor, to_tensors
-from tests.models import dense_of_size
 from tests.support.agent_calls import persisted
+from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
+from tests.support.localfleet import from_tensor, to_tensors
+from tests.support.models import dense_of_size
+from tests.support.rollout_fleet import classifier, digits_samples
 from tests.support.waiting import wait_until
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import REPO
+from tests.support.broker import REPO
 
 
 def build_wheel(out: Path) -> Path:

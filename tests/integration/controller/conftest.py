@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import Broker
-from tests.models import digits_classifier
+from tests.support.broker import Broker
 from tests.support.controller_process import Ctl, init_controller, running
+from tests.support.models import digits_classifier
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from controller.api import create_app
-from tests.broker import Broker
+from tests.support.broker import Broker
 from tests.support.controller_process import Ctl, init_controller, running
 
 # The API and its storage on both databases (tests/conftest.py's store_url, through the ctl fixture).

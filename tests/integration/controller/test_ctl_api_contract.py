@@ -17,9 +17,9 @@ from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind, Topic
 
-from tests.broker import Broker
-from tests.localfleet import Controller
+from tests.support.broker import Broker
 from tests.support.controller_process import Ctl
+from tests.support.localfleet import Controller
 from tests.support.waiting import wait_until
 
 # Operations whose bodies carry content a schema cannot describe (a model file, a TOML

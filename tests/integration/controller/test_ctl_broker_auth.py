@@ -19,9 +19,9 @@ import pytest
 import tomli_w
 from paho.mqtt.reasoncodes import ReasonCode
 
-from tests.broker import CONTROLLER_USER, Broker
-from tests.localfleet import Controller
+from tests.support.broker import CONTROLLER_USER, Broker
 from tests.support.controller_process import connect, init_controller, running
+from tests.support.localfleet import Controller
 from tests.support.waiting import wait_until
 
 SECRET = "a-broker-secret-only-the-broker-knows"

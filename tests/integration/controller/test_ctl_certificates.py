@@ -19,7 +19,7 @@ from controller import settings as settings_mod
 from controller.certificates import CertificateAuthority
 from controller.errors import ConfigError
 from controller.transport import broker_tls_context
-from tests.broker import Broker, free_port
+from tests.support.broker import Broker, free_port
 from tests.support.controller_process import Ctl, init_controller
 
 

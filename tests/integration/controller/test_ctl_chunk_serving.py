@@ -18,10 +18,10 @@ from edgefleet_proto.codec import decode_as, encode
 from edgefleet_proto.topics import Kind, Topic
 
 from controller.store import Store
-from tests.broker import Broker, wait_for_port
-from tests.models import dense_of_size
-from tests.mqtt_peer import Peer
+from tests.support.broker import Broker, wait_for_port
 from tests.support.controller_process import init_controller, messages_on, running
+from tests.support.models import dense_of_size
+from tests.support.mqtt_peer import Peer
 from tests.support.waiting import wait_until
 
 DEVICES = 6

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.broker import Broker, free_port
+from tests.support.broker import Broker, free_port
 from tests.support.controller_process import connect
 from tests.support.waiting import wait_until
 
@@ -97,7 +97,7 @@ def test_init_creates_the_data_folder_once(broker: Broker, initialised: tuple[Pa
 
 
 def test_operator_commands_over_rest(server: Server, broker: Broker, tmp_path: Path) -> None:
-    from tests.models import digits_classifier
+    from tests.support.models import digits_classifier
 
     model = digits_classifier(tmp_path / "digits.onnx").path
     version = server.cli(
@@ -162,7 +162,7 @@ def test_models_upload_with_samples_and_the_signature_commands(
 ) -> None:
     import numpy as np
 
-    from tests.realmodels import sample_inputs
+    from tests.support.realmodels import sample_inputs
 
     model = real_models("silero_vad")
     refused = run("models", "upload", str(model), "--name", "vad", "--version", "1", env=server.env)

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from controller.cli_groups import parse_duration
-from tests.broker import Broker
-from tests.localfleet import Controller
-from tests.models import digits_classifier
+from tests.support.broker import Broker
+from tests.support.localfleet import Controller
+from tests.support.models import digits_classifier
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import free_port, wait_for_port
-from tests.localfleet import Controller
+from tests.support.broker import free_port, wait_for_port
 from tests.support.controller_process import connect
+from tests.support.localfleet import Controller
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import Broker, free_port
-from tests.localfleet import Agent, Controller, register_agent
-from tests.models import digits_classifier
+from tests.support.broker import Broker, free_port
+from tests.support.localfleet import Agent, Controller, register_agent
+from tests.support.models import digits_classifier
 from tests.support.waiting import wait_until
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")

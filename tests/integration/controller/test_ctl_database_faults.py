@@ -14,10 +14,10 @@ from edgefleet_proto.topics import Kind, Topic
 from controller import transport as transport_mod
 from controller.database_lock import DatabaseLocked
 from controller.service import Controller
-from tests.broker import Broker
-from tests.postgres import Postgres
+from tests.support.broker import Broker
 from tests.support.controller_calls import acknowledged, window
 from tests.support.controller_process import Ctl, init_controller, running
+from tests.support.postgres import Postgres
 from tests.support.waiting import wait_until
 
 # How long the database stays away: long enough for the ingest to retry several times.

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from controller import settings as settings_mod
 from controller.service import InitOptions, initialise
-from tests.broker import Broker, TlsListener
-from tests.certs import issue, make_ca
+from tests.support.broker import Broker, TlsListener
+from tests.support.certs import issue, make_ca
 from tests.support.controller_process import Ctl, running
 
 

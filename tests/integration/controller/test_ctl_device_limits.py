@@ -24,10 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from controller import settings as settings_mod
 from controller.log_bounds import MAX_LINE_CHARS
 from controller.store import Store
-from tests.broker import Broker
-from tests.models import dense_of_size
-from tests.mqtt_peer import Peer
+from tests.support.broker import Broker
 from tests.support.controller_process import Ctl, init_controller, messages_on, running
+from tests.support.models import dense_of_size
+from tests.support.mqtt_peer import Peer
 from tests.support.waiting import wait_until
 
 KIB = 1024

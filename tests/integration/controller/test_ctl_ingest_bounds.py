@@ -19,9 +19,9 @@ from edgefleet_proto.topics import Kind, Topic
 from controller import settings as settings_mod
 from controller.rollups import MAX_AHEAD_MS
 from controller.store import Store
-from tests.broker import Broker
-from tests.models import dense_of_size
+from tests.support.broker import Broker
 from tests.support.controller_process import Ctl, init_controller, running
+from tests.support.models import dense_of_size
 from tests.support.waiting import wait_until
 
 YEAR_2100_MS = 4_102_444_800_000

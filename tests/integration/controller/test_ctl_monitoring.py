@@ -21,11 +21,11 @@ from google.protobuf.json_format import ParseDict
 from agent.drift_sketch import build_sketch
 from controller.auth import hash_token
 from controller.baselines import sketch_from_proto as baselines_sketch
-from tests.broker import Broker
-from tests.localfleet import Controller as LocalController
-from tests.models import digits_classifier
-from tests.mqtt_peer import Peer
+from tests.support.broker import Broker
 from tests.support.controller_process import Ctl
+from tests.support.localfleet import Controller as LocalController
+from tests.support.models import digits_classifier
+from tests.support.mqtt_peer import Peer
 from tests.support.waiting import wait_until
 
 BUCKET_MS = 60_000

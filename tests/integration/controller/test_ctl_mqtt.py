@@ -14,11 +14,11 @@ from edgefleet_proto.codec import decode_as, encode
 from edgefleet_proto.topics import Kind, Topic
 
 from controller.transport import Transport
-from tests.broker import Broker
-from tests.models import dense_of_size
-from tests.mqtt_peer import Peer
+from tests.support.broker import Broker
 from tests.support.controller_calls import desired_seen, rollout
 from tests.support.controller_process import Ctl, connect, init_controller, messages_on, running
+from tests.support.models import dense_of_size
+from tests.support.mqtt_peer import Peer
 from tests.support.waiting import wait_until
 
 

@@ -13,8 +13,8 @@ from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind, Topic
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.mqtt_peer import Peer
 from tests.support.controller_process import Ctl
+from tests.support.mqtt_peer import Peer
 from tests.support.waiting import wait_until
 
 HOUR_MS = 3_600_000

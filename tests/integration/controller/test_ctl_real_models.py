@@ -1,4 +1,4 @@
-"""Real third-party models (MediaPipe, silero-vad, RapidOCR; tests/realmodels.py) through the
+"""Real third-party models (MediaPipe, silero-vad, RapidOCR; tests/support/realmodels.py) through the
 controller's REST API: upload with a calibration set, precision and the variant each CPU-only
 device class gets, quantized variants that end in a final state with their gate figures."""
 
@@ -16,8 +16,8 @@ from controller.baselines import baselines_from_calibration
 from controller.calibration import load_calibration
 from controller.model_runner import Runner, file_format
 from controller.signature import ModelSignature
-from tests.realmodels import CorpusUnavailable, ModelCorpus, sample_inputs
 from tests.support.controller_process import Ctl
+from tests.support.realmodels import CorpusUnavailable, ModelCorpus, sample_inputs
 from tests.support.waiting import wait_until
 
 PROFILES = Path(__file__).resolve().parents[3] / "firmware_profiles"

@@ -19,7 +19,7 @@ from edgefleet_proto.topics import Kind, Topic
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller import settings as settings_mod
-from tests.broker import Broker
+from tests.support.broker import Broker
 from tests.support.controller_process import Ctl, init_controller, running
 from tests.support.waiting import wait_until
 

@@ -22,11 +22,11 @@ from google.protobuf.json_format import ParseDict
 
 from agent.drift_sketch import build_sketch
 from controller.retraining_triggers import verify
-from tests.broker import Broker
-from tests.models import digits_classifier
+from tests.support.broker import Broker
 from tests.support.controller_process import Ctl, init_controller, running
+from tests.support.models import digits_classifier
 from tests.support.waiting import wait_until
-from tests.webhook import Hook
+from tests.support.webhook import Hook
 
 SECRET = "retrain-secret-0123456789"
 

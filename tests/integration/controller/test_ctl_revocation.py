@@ -12,8 +12,8 @@ from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind, Topic
 
-from tests.mqtt_peer import Peer
 from tests.support.controller_process import Ctl
+from tests.support.mqtt_peer import Peer
 from tests.support.waiting import wait_until
 
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from tests.broker import Broker
-from tests.localfleet import Controller
+from tests.support.broker import Broker
 from tests.support.controller_process import Ctl
+from tests.support.localfleet import Controller
 
 # The API and its storage on both databases (tests/conftest.py's store_url, through the ctl fixture).
 pytestmark = pytest.mark.both_backends

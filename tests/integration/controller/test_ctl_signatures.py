@@ -1,5 +1,5 @@
 """Model signatures and sample inputs through the controller's REST API, on real third-party
-models (tests/realmodels.py): inferred on upload, edited by the operator, checked against the
+models (tests/support/realmodels.py): inferred on upload, edited by the operator, checked against the
 model; samples checked, stored as artifacts, shipped with each assignment; a model that
 does not run on what a device would feed it refused at once with the runtime's reason."""
 
@@ -19,9 +19,9 @@ from edgefleet_proto.codec import decode_as
 
 from controller import drift
 from controller.baselines import baselines_from_calibration
-from tests.models import scores_beside_features
-from tests.realmodels import sample_inputs
 from tests.support.controller_process import Ctl
+from tests.support.models import scores_beside_features
+from tests.support.realmodels import sample_inputs
 from tests.support.waiting import wait_until
 
 RealModels = Callable[[str], Path]

@@ -19,10 +19,10 @@ from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind, Topic
 
-from tests.broker import Broker
-from tests.localfleet import Controller
-from tests.models import digits_classifier
+from tests.support.broker import Broker
 from tests.support.controller_process import connect
+from tests.support.localfleet import Controller
+from tests.support.models import digits_classifier
 from tests.support.waiting import wait_until
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from tests.models import digits_mlp, tflite_mlp
 from tests.support.controller_process import Ctl
+from tests.support.models import digits_mlp, tflite_mlp
 from tests.support.waiting import wait_until
 
 PROFILES = Path(__file__).resolve().parents[3] / "firmware_profiles"

@@ -16,9 +16,9 @@ import psutil
 import pytest
 import tomli_w
 
-from tests.broker import Broker
-from tests.localfleet import Controller
-from tests.models import big_onnx_failing_late, dense_of_size, digits_classifier, expanding_onnx
+from tests.support.broker import Broker
+from tests.support.localfleet import Controller
+from tests.support.models import big_onnx_failing_late, dense_of_size, digits_classifier, expanding_onnx
 from tests.support.waiting import wait_until
 
 MiB = 1024 * 1024

@@ -15,8 +15,8 @@ from edgefleet_proto.topics import Kind, Topic
 
 from controller.onnx_compat import ir_version_of, lowest_ir_version
 from controller.signing import verify
-from tests.models import digits_mlp, sklearn_mlp
 from tests.support.controller_process import Ctl, messages_on
+from tests.support.models import digits_mlp, sklearn_mlp
 from tests.support.waiting import wait_until
 
 PROFILES = Path(__file__).resolve().parents[3] / "firmware_profiles"

@@ -15,9 +15,9 @@ from agent.conditions import ACCELERATOR_UNAVAILABLE, Conditions
 from agent.config import parse_config
 from agent.errors import ConfigError
 from agent.runtime import LiteRtBackend, OnnxRuntimeBackend, backend_for, probe_accelerator
-from tests.delegates import compiler, null_delegate, prepared
-from tests.models import sine_float_tflite
-from tests.unit.agent.models import linear_model, write_model
+from tests.support.delegates import compiler, null_delegate, prepared
+from tests.support.model_bytes import linear_model, write_model
+from tests.support.models import sine_float_tflite
 
 # What onnxruntime-gpu lists on a Jetson, what the plain wheel lists, and a CUDA-only build.
 GPU_WHEEL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]

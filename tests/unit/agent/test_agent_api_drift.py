@@ -19,7 +19,7 @@ from agent.pool import ModelPool, ServingModel
 from agent.signature import InputRole, ModelSignature
 from agent.telemetry import Inferences, InferenceStats, PipelineStats
 from agent.tensors import from_numpy
-from tests.unit.agent.models import write_model
+from tests.support.model_bytes import write_model
 
 # Three rows of eight pixels in three colours: axes 1 and 3 both have 3 entries.
 SHAPE = (3, 8, 3)

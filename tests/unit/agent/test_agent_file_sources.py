@@ -25,7 +25,7 @@ from agent.signature import InputRole, ModelSignature, OutputMeaning
 from agent.telemetry import PipelineStats
 from agent.tenants import SourceSpec, TenantSpec
 from agent.tensors import to_numpy
-from tests.unit.agent.models import write_model
+from tests.support.model_bytes import write_model
 
 FRAMES = 400
 

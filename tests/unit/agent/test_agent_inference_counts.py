@@ -23,7 +23,7 @@ from agent.telemetry import PipelineStats
 from agent.tenants import TenantSpec
 from agent.tensors import from_numpy
 from controller import drift
-from tests.unit.agent.models import linear_model, write_model
+from tests.support.model_bytes import linear_model, write_model
 
 CONFIDENCE_EDGES = drift.CONFIDENCE_EDGES
 

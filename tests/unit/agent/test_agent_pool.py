@@ -9,8 +9,8 @@ import pytest
 
 from agent.errors import MemoryBudgetExceeded
 from agent.pool import MB, ModelPool, PooledModel, ServingModel
-from tests.models import dense_of_size
-from tests.unit.agent.models import linear_model, write_model
+from tests.support.model_bytes import linear_model, write_model
+from tests.support.models import dense_of_size
 
 
 class FakeClock:

@@ -23,7 +23,7 @@ from agent.postprocess import PostprocessSpec
 from agent.signature import InputRole, ModelSignature, OutputMeaning
 from agent.telemetry import PipelineStats
 from agent.tenants import SourceSpec, TenantSpec
-from tests.unit.agent.models import write_model
+from tests.support.model_bytes import write_model
 
 ROWS = 20
 
@@ -76,7 +76,14 @@ def test_classes_without_a_named_output_come_from_the_signatures_scores(tmp_path
     digest = write_model(path, label_first_classifier())
     p.pool.put(
         ServingModel(
-            "t", "clf", "1", digest, "onnxruntime", path, p.pool.load(digest, path, "onnxruntime"), signature()
+            "t",
+            "clf",
+            "1",
+            digest,
+            "onnxruntime",
+            path,
+            p.pool.load(digest, path, "onnxruntime"),
+            signature(),
         )
     )
     p.start()

@@ -10,7 +10,7 @@ from sklearn.linear_model import LogisticRegression
 
 from agent.errors import InferenceError, InvalidInput, ModelLoadError, UnsupportedRuntime
 from agent.runtime import InputCheck, OnnxRuntimeBackend, TensorSpec, backend_for, check_inputs
-from tests.unit.agent.models import linear_model
+from tests.support.model_bytes import linear_model
 
 
 def iris_like() -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import pytest
 
 from agent.errors import InvalidInput, ModelLoadError
 from agent.runtime import BACKENDS, LiteRtBackend, TensorSpec, backend_for
-from tests.models import digits_mlp, sine_float_tflite, tflite_mlp
+from tests.support.models import digits_mlp, sine_float_tflite, tflite_mlp
 
 
 def test_litert_is_available_and_chosen_for_tflite() -> None:

@@ -14,7 +14,7 @@ from agent.shadow import compare
 from agent.signature import InputRole, ModelSignature, OutputMeaning
 from agent.telemetry import PipelineStats
 from agent.tenants import TenantSpec
-from tests.models import scores_beside_features
+from tests.support.models import scores_beside_features
 
 
 def test_classifier_scores_give_top1_agreement() -> None:

@@ -13,7 +13,7 @@ from agent.pipeline import SHADOW_QUEUE, SHADOW_WEIGHT, Pipelines, ResultHub
 from agent.pool import ModelPool, ServingModel
 from agent.signature import InputRole, ModelSignature, OutputMeaning
 from agent.telemetry import PipelineStats
-from tests.unit.agent.models import linear_model, write_model
+from tests.support.model_bytes import linear_model, write_model
 
 # The signature says which output holds the class scores: top-1 agreement is read there.
 SIGNATURE = ModelSignature(

@@ -27,7 +27,7 @@ from agent.signing import KeyRing
 from agent.state import StateStore, Update
 from agent.update_machine import UpdateState, crash_reason, resume
 from agent.updater import Updater
-from tests.unit.agent.models import linear_model, write_model
+from tests.support.model_bytes import linear_model, write_model
 
 S = UpdateState
 

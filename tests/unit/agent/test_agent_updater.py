@@ -19,7 +19,7 @@ from agent.pool import ModelPool
 from agent.signing import KeyRing
 from agent.state import StateStore, Update
 from agent.updater import Updater
-from tests.unit.agent.models import linear_model, write_model
+from tests.support.model_bytes import linear_model, write_model
 
 
 class LinkDown:

@@ -14,7 +14,7 @@ from controller.calibration import load_calibration, synthesized
 from controller.errors import InvalidInputError
 from controller.inspection import TensorSpec
 from controller.signature import infer_signature
-from tests.models import digits_mlp, tflite_mlp
+from tests.support.models import digits_mlp, tflite_mlp
 
 # silero-vad's signature: audio (batch, samples), recurrent state (2, batch, 128), sample rate scalar.
 VAD = infer_signature(

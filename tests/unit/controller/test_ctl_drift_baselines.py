@@ -12,7 +12,7 @@ from controller import drift
 from controller.baselines import Baselines
 from controller.drift import Sketch, SketchSpec
 from controller.errors import BaselineNotFound, InvalidDriftInput
-from tests.models import dense_of_size
+from tests.support.models import dense_of_size
 from tests.unit.controller.helpers import Parts
 
 SPEC = SketchSpec({"f0": (0.0, 1.0), "f1": (0.0,)}, num_classes=2)
@@ -85,7 +85,7 @@ def test_malformed_sketches_are_not_stored_and_other_edges_are_not_compared(
 
 def test_reference_predictions_from_probabilities_or_logits(tmp_path: Path) -> None:
     from controller.baselines import model_probabilities
-    from tests.models import digits_classifier, small_conv
+    from tests.support.models import digits_classifier, small_conv
 
     digits = digits_classifier(tmp_path / "digits.onnx")
     probs = model_probabilities(digits.path, digits.samples[:20], 1)  # label, probabilities
@@ -103,7 +103,7 @@ def test_reference_predictions_read_the_output_the_signature_calls_scores(tmp_pa
     from controller.baselines import model_probabilities
     from controller.inspection import inspect_onnx
     from controller.signature import infer_signature
-    from tests.models import scores_beside_features
+    from tests.support.models import scores_beside_features
 
     model = scores_beside_features(tmp_path / "m.onnx")
     found = inspect_onnx(model)

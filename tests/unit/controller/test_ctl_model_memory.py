@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from controller.errors import InvalidModel
 from controller.model_memory import check_onnx, check_tflite
 from controller.tflite import interpreter_module
-from tests.models import dense_of_size, expanding_onnx, sine_float_tflite
+from tests.support.models import dense_of_size, expanding_onnx, sine_float_tflite
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

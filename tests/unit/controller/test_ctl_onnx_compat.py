@@ -19,7 +19,7 @@ from controller.onnx_compat import (
     min_onnxruntime,
     write_lowered,
 )
-from tests.models import digits_mlp
+from tests.support.models import digits_mlp
 
 PY310 = Path(__file__).resolve().parents[3] / ".venv310" / "bin" / "python"
 

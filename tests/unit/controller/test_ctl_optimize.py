@@ -13,7 +13,7 @@ from edgefleet_proto.signing import manifest_bytes
 from controller.optimize import Optimizer, validate
 from controller.registry import DYNAMIC_INT8, FP16, STATIC_INT8, Registry, UploadOptions
 from controller.signing import verify
-from tests.models import digits_classifier, digits_mlp, sklearn_mlp, small_conv, tflite_mlp
+from tests.support.models import digits_classifier, digits_mlp, sklearn_mlp, small_conv, tflite_mlp
 from tests.unit.controller.helpers import Parts
 
 

@@ -113,7 +113,7 @@ def test_target_signs_the_chosen_variant_and_counts_other_tenants_against_the_bu
     from edgefleet_proto.signing import manifest_bytes
 
     from controller.signing import verify
-    from tests.models import digits_mlp
+    from tests.support.models import digits_mlp
 
     p = Parts(tmp_path, database_url=store_url)
     profiles = Profiles(p.store, p.registry)

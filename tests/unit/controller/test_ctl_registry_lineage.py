@@ -12,7 +12,7 @@ from edgefleet_proto.signing import manifest_bytes
 from controller.errors import ConflictError, InvalidInputError, InvalidModel
 from controller.registry import STATIC_INT8, Lineage, Registry, UploadOptions
 from controller.signing import verify
-from tests.models import digits_mlp, sine_float_tflite, tflite_mlp
+from tests.support.models import digits_mlp, sine_float_tflite, tflite_mlp
 from tests.unit.controller.helpers import Parts
 
 pytestmark = pytest.mark.both_backends

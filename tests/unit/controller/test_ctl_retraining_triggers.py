@@ -13,7 +13,7 @@ import pytest
 from controller.errors import TriggerError
 from controller.retraining_policies import parse_policy
 from controller.retraining_triggers import post_webhook, run_command, sign, verify
-from tests.webhook import Hook
+from tests.support.webhook import Hook
 
 WEBHOOK = {"kind": "webhook", "url": "http://127.0.0.1:9/hook", "secret": "s" * 16}
 DRIFT = {"drift": {"threshold": 0.25, "windows": 3}}

@@ -11,7 +11,7 @@ import pytest
 from edgefleet_proto import fleet_pb2
 
 from controller.device_events import DeviceEvents
-from tests.models import small_conv
+from tests.support.models import small_conv
 from tests.unit.controller.helpers import Parts
 
 pytestmark = pytest.mark.both_backends

@@ -28,7 +28,7 @@ from controller.rollout_engine import (
     plan,
 )
 from controller.rollout_plans import Plan, ShadowGate, Target, Wave
-from tests.models import small_conv
+from tests.support.models import small_conv
 from tests.unit.controller.helpers import Parts
 
 pytestmark = pytest.mark.both_backends

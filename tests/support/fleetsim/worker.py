@@ -1,6 +1,6 @@
 """A simulator process: its share of the fleet's devices on one network loop, steered over a pipe.
 
-The parent (:class:`tests.fleetsim.fleet.SimFleet`) sends commands as tuples and
+The parent (:class:`tests.support.fleetsim.fleet.SimFleet`) sends commands as tuples and
 gets one answer per command:
 
 - ``("start",)`` -> the devices connect (paced) and report telemetry from then on;
@@ -27,9 +27,9 @@ import psutil
 from edgefleet_proto import fleet_pb2
 
 from agent.telemetry import SystemSampler
-from tests.fleetsim.device import DeviceLogin, SimDevice, SimSettings
-from tests.fleetsim.driver import Driver
-from tests.fleetsim.storage import SharedContent
+from tests.support.fleetsim.device import DeviceLogin, SimDevice, SimSettings
+from tests.support.fleetsim.driver import Driver
+from tests.support.fleetsim.storage import SharedContent
 
 # How long the system sample that every device of the process sends stays current.
 SYSTEM_SAMPLE_S = 1.0

@@ -24,12 +24,10 @@ import httpx
 import numpy as np
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
-from tests.broker import free_port
+from tests.support.broker import free_port
 from tests.support.waiting import wait_until
 
 BIN = Path(sys.executable).parent
-
-
 
 
 def _log_tail(path: Path, n: int = 4000) -> str:
@@ -47,7 +45,7 @@ class Controller:
     token: str = ""
     proc: subprocess.Popen[bytes] | None = None
     # What runs ``edgefleet controller serve``: the console script, or a wrapper taking the same
-    # arguments (tests/engine_clock.py runs the engine on a clock the test moves).
+    # arguments (tests/support/engine_clock.py runs the engine on a clock the test moves).
     serve: tuple[str, ...] = (str(BIN / "edgefleet"),)
     # ``serve --roles`` and ``--instance`` (controller.roles): one of several processes sharing the
     # data folder and its PostgreSQL database; "" is every role. Without api it serves no HTTP.

@@ -1,8 +1,8 @@
 """The parent's side: simulator processes started, steered and summed up.
 
 :class:`SimFleet` splits the devices over ``processes`` simulator processes
-(:mod:`tests.fleetsim.worker`); :class:`BareSubscribers` does the same for bare
-paho subscribers (:mod:`tests.fleetsim.bare`). Both answer ``stats()`` with the
+(:mod:`tests.support.fleetsim.worker`); :class:`BareSubscribers` does the same for bare
+paho subscribers (:mod:`tests.support.fleetsim.bare`). Both answer ``stats()`` with the
 sum over their processes and expose the processes' pids (for CPU figures).
 """
 
@@ -15,10 +15,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from tests.fleetsim import bare, worker
-from tests.fleetsim.bare import BareStats
-from tests.fleetsim.device import DeviceLogin, SimSettings
-from tests.fleetsim.worker import WorkerStats
+from tests.support.fleetsim import bare, worker
+from tests.support.fleetsim.bare import BareStats
+from tests.support.fleetsim.device import DeviceLogin, SimSettings
+from tests.support.fleetsim.worker import WorkerStats
 
 S = TypeVar("S", WorkerStats, BareStats)
 # Spawned, not forked: the parent may hold threads (HTTP clients, a controller's pipes).

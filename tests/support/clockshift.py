@@ -1,4 +1,4 @@
-"""Run the agent on a device clock that jumps: ``python -m tests.clockshift OFFSET_FILE ARGS...``.
+"""Run the agent on a device clock that jumps: ``python -m tests.support.clockshift OFFSET_FILE ARGS...``.
 
 The process's wall clock (``time.time``, ``time.time_ns``) is shifted by the seconds written
 in OFFSET_FILE, read again at most every 0.1 s, as a clock set by hand or by NTP jumps; the

@@ -1,5 +1,5 @@
 """Run ``edgefleet`` with the rollout engine on a clock a test moves:
-``python tests/engine_clock.py OFFSET_FILE ARGS...``.
+``python tests/support/engine_clock.py OFFSET_FILE ARGS...``.
 
 Only the engine's clock seam (``Rollouts.clock``, which device groups and maintenance windows
 read too) is shifted, by the seconds written in OFFSET_FILE, read again at most every 0.1 s.

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from edgefleet_proto.topics import PREFIX
 
-from tests.broker import CONTROLLER_USER, DEPLOY, free_port, wait_for_port
+from tests.support.broker import CONTROLLER_USER, DEPLOY, free_port, wait_for_port
 
 CLUSTER_NAME = "edgefleet"
 # NATS delivers an MQTT client's QoS 1 messages through a JetStream consumer whose delivery

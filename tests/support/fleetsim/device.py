@@ -8,8 +8,8 @@ smoke inference, probation, reports), the SQLite outbox and its sender (telemetr
 kept until the controller acknowledges it, sent again otherwise) and what
 :class:`agent.session.Session` does with each inbound message. What differs is
 outside the protocol: the network loop (one per process for all its devices,
-:mod:`tests.fleetsim.driver`), artifact bytes and loaded models shared by the
-devices of a process (:mod:`tests.fleetsim.storage`), and a system sample taken
+:mod:`tests.support.fleetsim.driver`), artifact bytes and loaded models shared by the
+devices of a process (:mod:`tests.support.fleetsim.storage`), and a system sample taken
 once per process rather than per device.
 """
 
@@ -37,7 +37,7 @@ from agent.signing import KeyRing, parse_public_key
 from agent.state import StateStore
 from agent.telemetry import Inference, InferenceStats, Origin
 from agent.updater import Updater
-from tests.fleetsim.storage import SharedContent, SharedModels, SimArtifacts
+from tests.support.fleetsim.storage import SharedContent, SharedModels, SimArtifacts
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from tests.broker import free_port
+from tests.support.broker import free_port
 
 SUPERUSER = "postgres"
 

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from contextlib import suppress
 
-from tests.broker import free_port
+from tests.support.broker import free_port
 
 # (topic, payload) -> the payload the broker gets.
 Tamper = Callable[[str, bytes], bytes]

@@ -29,7 +29,7 @@ ARGS = [
 # A tablet held upright and a small laptop: the console must be usable at both widths.
 TABLET = {"width": 820, "height": 1180}
 LAPTOP = {"width": 1366, "height": 900}
-OUTPUT = Path(__file__).resolve().parents[1] / "test-output"
+OUTPUT = Path(__file__).resolve().parents[2] / "test-output"
 
 
 @contextmanager

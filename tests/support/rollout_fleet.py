@@ -1,7 +1,7 @@
 """A 20-device fleet for the rollout tests, and the model versions they roll out.
 
 Five real agent processes and fifteen simulated devices (the agent's own session
-code, each on its own broker login, in one simulator process: tests/fleetsim),
+code, each on its own broker login, in one simulator process: tests/support/fleetsim),
 all registered through the controller's API. Inference traffic runs on every
 device: the simulated ones run the digits samples through their serving model,
 a thread sends gRPC requests to the real agents. Models are built here; nothing
@@ -23,8 +23,8 @@ import onnx
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.fleetsim import DeviceLogin, SimFleet, SimSettings
-from tests.localfleet import Agent, Controller, register_agent, rollout_done, to_tensors
+from tests.support.fleetsim import DeviceLogin, SimFleet, SimSettings
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done, to_tensors
 from tests.support.waiting import wait_until
 
 REAL_EVERY = 4  # dev-00, dev-04, ... are real agent processes

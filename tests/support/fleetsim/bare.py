@@ -1,7 +1,7 @@
 """Bare paho subscribers: the transport's own figure, measured beside the controller in the same run.
 
 A process of this module holds any number of plain paho clients (each its own
-broker login and connection, on the network loop of :mod:`tests.fleetsim.driver`)
+broker login and connection, on the network loop of :mod:`tests.support.fleetsim.driver`)
 subscribed to one topic filter, and counts what they receive: messages, bytes,
 and when the last one came. With ``decode`` each payload is parsed as a telemetry
 window, as the controller must before storing it, and windows are also counted
@@ -23,8 +23,8 @@ import psutil
 from edgefleet_proto import fleet_pb2
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.fleetsim.driver import Driver
-from tests.fleetsim.worker import raise_open_files_limit
+from tests.support.fleetsim.driver import Driver
+from tests.support.fleetsim.worker import raise_open_files_limit
 
 RECONNECT_S = 1.0
 

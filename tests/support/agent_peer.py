@@ -29,7 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.broker import CONTROLLER_USER, Broker
+from tests.support.broker import CONTROLLER_USER, Broker
 from tests.support.waiting import wait_until
 
 
