@@ -115,6 +115,12 @@ def from_numpy(array: np.ndarray, name: str = "tensor") -> inference_pb2.Tensor:
     return tensor
 
 
+def from_arrays(arrays: Mapping[str, np.ndarray], role: str = "tensor") -> dict[str, inference_pb2.Tensor]:
+    """Each named array as a tensor (as :func:`from_numpy`), for a request's map; the inverse of
+    :func:`to_arrays`."""
+    return {name: from_numpy(array, f"{role} {name!r}") for name, array in arrays.items()}
+
+
 def fill(tensor: inference_pb2.Tensor, array: np.ndarray, name: str = "tensor") -> None:
     """Write ``array`` into an empty ``tensor`` in place (a response's map entry: no CopyFrom)."""
     try:

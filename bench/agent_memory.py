@@ -51,9 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
+from agent.tensors import from_arrays
 from tests.support.agent_peer import Peer
 from tests.support.broker import REPO, Broker
-from tests.support.localfleet import to_tensors
 from tests.support.models import sine_float_tflite, small_conv
 from tests.support.waiting import wait_until
 
@@ -147,7 +147,7 @@ def agent_run(
             spec = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10).models[0].inputs[0]
             x = np.zeros([d if d > 0 else 1 for d in spec.shape], np.dtype(spec.dtype))
             for _ in range(20):
-                stub.Infer(inference_pb2.InferRequest(inputs=to_tensors({spec.name: x})), timeout=10)
+                stub.Infer(inference_pb2.InferRequest(inputs=from_arrays({spec.name: x})), timeout=10)
         loaded = settle_rss(agent.pid)
         libraries = mapped_libraries(agent.pid)
     finally:

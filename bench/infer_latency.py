@@ -38,8 +38,9 @@ from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
 from agent.client import SharedMemoryClient
 from agent.config import SchedulerConfig
+from agent.tensors import from_arrays
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done, to_tensors
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
 from tests.support.models import digits_classifier, small_conv
 from tests.support.waiting import wait_until
 
@@ -133,7 +134,7 @@ def main() -> int:
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             with agent.channel() as channel:
                 stub = inference_pb2_grpc.InferenceServiceStub(channel)
-                request = inference_pb2.InferRequest(inputs=to_tensors(inputs))
+                request = inference_pb2.InferRequest(inputs=from_arrays(inputs))
                 health = inference_pb2.HealthRequest()
                 inside: list[float] = []
                 ms = interleaved(
@@ -184,7 +185,7 @@ def shared_memory(controller: Controller, agent: Agent, work: Path, iterations: 
         direct = session.run(None, {"input": image})[0]
         assert np.allclose(logits, direct, rtol=1e-4, atol=1e-4), "the fast path answered otherwise"
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        request = inference_pb2.InferRequest(inputs=to_tensors({"input": image}))
+        request = inference_pb2.InferRequest(inputs=from_arrays({"input": image}))
         inside: list[float] = []
         ms = interleaved(
             {

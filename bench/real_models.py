@@ -41,8 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
 from agent.preprocess import letterbox
+from agent.tensors import from_arrays
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done, to_tensors
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
 from tests.support.media import face_frame, silence, speech_like, text_frame, write_video, write_wav
 from tests.support.realmodels import ModelCorpus, sample_inputs
 from tests.support.waiting import wait_until
@@ -284,7 +285,7 @@ def main() -> int:
             run = direct_runner(path)
             with agent.channel() as channel:
                 stub = inference_pb2_grpc.InferenceServiceStub(channel)
-                request = inference_pb2.InferRequest(tenant=case.tenant["id"], inputs=to_tensors(case.feed))
+                request = inference_pb2.InferRequest(tenant=case.tenant["id"], inputs=from_arrays(case.feed))
                 direct, called = interleaved(
                     functools.partial(run, case.feed),
                     functools.partial(stub.Infer, request, timeout=30),

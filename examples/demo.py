@@ -25,9 +25,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from agent.tensors import to_numpy  # noqa: E402
 from examples.make_digits import INPUT, split, train  # noqa: E402
 from tests.support.broker import Broker, free_port, wait_for_port  # noqa: E402
-from tests.support.localfleet import Agent, Controller, from_tensor, register_agent  # noqa: E402
+from tests.support.localfleet import Agent, Controller, register_agent  # noqa: E402
 from tests.support.waiting import wait_until  # noqa: E402
 
 DEVICES = ["cam-north", "cam-south", "gateway-1"]
@@ -154,12 +155,12 @@ def main() -> int:
 
         for agent in agents:
             response = agent.infer({INPUT: digits.x_test[:8]})
-            predicted = from_tensor(response.outputs["label"]).tolist()
+            predicted = to_numpy(response.outputs["label"]).tolist()
             say(
                 f"{agent.device_id} answered {response.model_name} {response.model_version} "
                 f"in {response.latency_ms:.2f} ms: predicted {predicted}, true {digits.y_test[:8].tolist()}"
             )
-        labels = from_tensor(agents[0].infer({INPUT: digits.x_test}).outputs["label"])
+        labels = to_numpy(agents[0].infer({INPUT: digits.x_test}).outputs["label"])
         say(
             f"{DEVICES[0]} classified {len(labels)} held-out digits: "
             f"{float((labels == digits.y_test).mean()):.1%} correct"

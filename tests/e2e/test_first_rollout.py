@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from agent.tensors import to_numpy
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
 from tests.support.models import digits_classifier
 from tests.support.waiting import wait_until
 
@@ -65,8 +66,8 @@ def test_model_rolled_out_to_three_agents_answers_and_reports(
     for a in agents:
         response = a.infer({"X": digits.samples[:20]})
         assert (response.model_name, response.model_version) == ("digits", "1")
-        np.testing.assert_array_equal(from_tensor(response.outputs["label"]), want_label)
-        np.testing.assert_allclose(from_tensor(response.outputs["probabilities"]), want_proba, rtol=1e-6)
+        np.testing.assert_array_equal(to_numpy(response.outputs["label"]), want_label)
+        np.testing.assert_allclose(to_numpy(response.outputs["probabilities"]), want_proba, rtol=1e-6)
         assert response.outputs["label"].dtype == "int64"
 
     for _ in range(30):

@@ -30,8 +30,9 @@ import pytest
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
 from agent.preprocess import letterbox
+from agent.tensors import to_numpy
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done, stop_all
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done, stop_all
 from tests.support.media import face_frame, silence, speech_like, text_frame, write_video, write_wav
 from tests.support.realmodels import fixed_shape_copy, overflowing_copy, sample_inputs
 from tests.support.waiting import wait_until
@@ -148,7 +149,7 @@ class Results:
 
 
 def outputs(result: inference_pb2.Result) -> dict[str, np.ndarray]:
-    return {name: from_tensor(t) for name, t in result.outputs.items()}
+    return {name: to_numpy(t) for name, t in result.outputs.items()}
 
 
 def direct(path: Path) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
@@ -411,7 +412,7 @@ def test_selfie_segmentation(fleet: Fleet, real_models: Callable[[str], Path], t
             x = prepared(frames[index], (256, 256), 1 / 255, [0.0], [1.0])[None]
             want, have = run({"input_1": x}), outputs(r)
             worst = max(worst, *(float(np.abs(have[k] - want[k]).max()) for k in want))
-            mask = from_tensor(r.mask).reshape(256, 256)
+            mask = to_numpy(r.mask).reshape(256, 256)
             face = FACES[index]
             if face is None:
                 assert mask.mean() < 0.02, f"frame {index} has nobody: {mask.mean():.3f} of it masked"
@@ -540,7 +541,7 @@ def test_ocr_text_detection(fleet: Fleet, real_models: Callable[[str], Path], tm
             x = prepared(frames[index], (192, 256), 1 / 255, OCR_MEAN, OCR_STD).transpose(2, 0, 1)[None]
             want, have = run({"x": x}), outputs(r)
             worst = max(worst, *(float(np.abs(have[k] - want[k]).max()) for k in want))
-            mask = from_tensor(r.mask).reshape(192, 256)
+            mask = to_numpy(r.mask).reshape(192, 256)
             x0, y0, x1, y1 = drawn[index][1]
             inside = (
                 (cols * 320 / 256 >= x0)

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.tensors import to_numpy
 from controller.model_runner import Runner
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
 from tests.support.realmodels import face_image, sample_inputs
 from tests.support.waiting import wait_until
 
@@ -74,7 +75,7 @@ def test_real_models_run_on_cpu_only_agents_as_they_run_directly(
         assert active_digest(controller, agent.device_id, "face")
         for image, present in ((face, True), (blank, False)):
             response = agent.infer({"input": image})
-            scores = from_tensor(response.outputs["classificators"])
+            scores = to_numpy(response.outputs["classificators"])
             expected = direct.run([image])[1]
             print(
                 f"face on {agent.device_id}: max |agent - LiteRT| = {float(np.abs(scores - expected).max())}"
@@ -101,7 +102,7 @@ def test_real_models_run_on_cpu_only_agents_as_they_run_directly(
     for agent in agents:
         assert active_digest(controller, agent.device_id, "textdir") == int8_digest
         x = samples["x"][:1]
-        got = from_tensor(agent.infer({"x": x}).outputs["save_infer_model/scale_0.tmp_1"])
+        got = to_numpy(agent.infer({"x": x}).outputs["save_infer_model/scale_0.tmp_1"])
         want, reference = direct_int8.run([x])[0], fp32.run([x])[0]
         print(
             f"textdir int8 on {agent.device_id}: max |agent - onnxruntime| = {float(np.abs(got - want).max())},"

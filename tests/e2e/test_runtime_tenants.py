@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
+from agent.tensors import from_arrays, to_numpy
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done, to_tensors
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
 from tests.support.models import small_conv
 from tests.support.waiting import wait_until
 
@@ -63,13 +64,13 @@ def test_rolled_out_model_feeds_a_tenant_stream_and_a_shadow_stays_private(
         results = [next(stream) for _ in range(5)]
         stream.cancel()
         assert {(r.tenant, r.model_name, r.model_version) for r in results} == {("door", "conv", "1")}
-        assert [from_tensor(r.outputs["logits"]).shape for r in results] == [(1, 10)] * 5
+        assert [to_numpy(r.outputs["logits"]).shape for r in results] == [(1, 10)] * 5
 
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         x = np.zeros((1, 3, 32, 32), np.float32)
         with pytest.raises(grpc.RpcError) as err:
             stub.Infer(
-                inference_pb2.InferRequest(tenant="door.shadow", inputs=to_tensors({"image": x})),
+                inference_pb2.InferRequest(tenant="door.shadow", inputs=from_arrays({"image": x})),
                 metadata=metadata,
                 timeout=10,
             )

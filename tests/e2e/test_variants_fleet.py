@@ -13,8 +13,9 @@ import onnxruntime as ort
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.tensors import to_numpy
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, from_tensor, register_agent, rollout_done
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
 from tests.support.models import digits_mlp, tflite_mlp
 from tests.support.waiting import wait_until
 
@@ -143,10 +144,10 @@ def test_each_profile_gets_its_variant_and_an_incompatible_device_is_skipped(
         ):  # the int8 TFLite model takes int8 input (scale 1/255, zero point -128)
             x = np.clip(np.round(x * 255 - 128), -128, 127).astype(np.int8)
             response = agent.infer({"input": x})
-            logits = from_tensor(response.outputs["fc1"])
+            logits = to_numpy(response.outputs["fc1"])
         else:
             response = agent.infer({"X": x})
-            logits = from_tensor(response.outputs["logits"])
+            logits = to_numpy(response.outputs["logits"])
         assert (response.model_name, response.model_version) == ("digits", "1")
         assert np.mean(logits.argmax(axis=1) == reference) >= 0.98, agent.device_id
 

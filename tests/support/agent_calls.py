@@ -13,9 +13,9 @@ import grpc
 import numpy as np
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
+from agent.tensors import from_arrays, to_numpy
 from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
-from tests.support.localfleet import from_tensor
 from tests.support.model_bytes import linear_model, write_model
 from tests.support.waiting import wait_until
 
@@ -35,15 +35,13 @@ def serving_first_of_two(agent: AgentProcess, peer: Peer, tmp_path: Path, seed: 
 
 
 def infer(agent: AgentProcess, x: np.ndarray, tenant: str = "") -> inference_pb2.InferResponse:
-    req = inference_pb2.InferRequest(tenant=tenant)
-    req.inputs["x"].CopyFrom(inference_pb2.Tensor(dtype="float32", shape=list(x.shape), data=x.tobytes()))
+    req = inference_pb2.InferRequest(tenant=tenant, inputs=from_arrays({"x": x}))
     resp: inference_pb2.InferResponse = agent.stub().Infer(req, timeout=10)
     return resp
 
 
 def output(resp: inference_pb2.InferResponse, name: str = "y") -> np.ndarray:
-    t = resp.outputs[name]
-    return np.frombuffer(t.data, dtype=t.dtype).reshape(tuple(t.shape))
+    return to_numpy(resp.outputs[name], name)
 
 
 class Stream:
@@ -79,7 +77,7 @@ class Stream:
 
 
 def outputs(result: inference_pb2.Result) -> dict[str, np.ndarray]:
-    return {name: from_tensor(t) for name, t in result.outputs.items()}
+    return {name: to_numpy(t) for name, t in result.outputs.items()}
 
 
 def persisted(agent: AgentProcess) -> dict[str, Any]:

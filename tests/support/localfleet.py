@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
+from agent.tensors import from_arrays
 from tests.support.broker import free_port
 from tests.support.waiting import wait_until
 
@@ -206,22 +207,9 @@ class Agent:
     def infer(self, inputs: dict[str, np.ndarray], tenant: str = "") -> inference_pb2.InferResponse:
         with self.channel() as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
-            request = inference_pb2.InferRequest(tenant=tenant, inputs=to_tensors(inputs))
+            request = inference_pb2.InferRequest(tenant=tenant, inputs=from_arrays(inputs))
             response: inference_pb2.InferResponse = stub.Infer(request, timeout=10)
             return response
-
-
-def to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, inference_pb2.Tensor]:
-    return {
-        name: inference_pb2.Tensor(
-            dtype=str(a.dtype), shape=list(a.shape), data=np.ascontiguousarray(a).tobytes()
-        )
-        for name, a in arrays.items()
-    }
-
-
-def from_tensor(tensor: inference_pb2.Tensor) -> np.ndarray:
-    return np.frombuffer(tensor.data, dtype=np.dtype(tensor.dtype)).reshape(tuple(tensor.shape))
 
 
 def register_agent(

@@ -23,8 +23,9 @@ import onnx
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
 
+from agent.tensors import from_arrays
 from tests.support.fleetsim import DeviceLogin, SimFleet, SimSettings
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done, to_tensors
+from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
 from tests.support.waiting import wait_until
 
 REAL_EVERY = 4  # dev-00, dev-04, ... are real agent processes
@@ -184,7 +185,7 @@ def _drive_agents(agents: list[Agent], samples: np.ndarray, stop: threading.Even
             for stub in stubs:
                 x = samples[rng.integers(len(samples))][None, :]
                 with suppress(grpc.RpcError):
-                    stub.Infer(inference_pb2.InferRequest(inputs=to_tensors({"X": x})), timeout=2)
+                    stub.Infer(inference_pb2.InferRequest(inputs=from_arrays({"X": x})), timeout=2)
             stop.wait(0.02)
     finally:
         for c in channels.values():

@@ -8,19 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from edgefleet_proto import fleet_pb2, inference_pb2
+from edgefleet_proto import fleet_pb2
 
+from tests.support.agent_calls import infer, output
 from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
 from tests.support.model_bytes import linear_model, write_model
 from tests.support.waiting import wait_until
-
-
-def infer(agent: AgentProcess, x: np.ndarray) -> np.ndarray:
-    req = inference_pb2.InferRequest()
-    req.inputs["x"].CopyFrom(inference_pb2.Tensor(dtype="float32", shape=list(x.shape), data=x.tobytes()))
-    y = agent.stub().Infer(req, timeout=10).outputs["y"]
-    return np.frombuffer(y.data, dtype=y.dtype).reshape(tuple(y.shape))
 
 
 def accelerator_condition(peer: Peer) -> fleet_pb2.DeviceCondition | None:
@@ -52,7 +46,7 @@ def test_a_jetson_profile_on_a_cpu_only_runtime_serves_on_the_cpu_and_reports_wh
     peer.wait_active(digest)
     x = np.random.default_rng(1).standard_normal((2, 16)).astype(np.float32)
     expected = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_array_equal(infer(agent, x), expected)
+    np.testing.assert_array_equal(output(infer(agent, x)), expected)
     reported = peer.last_reported()
     assert reported is not None
     assert [c.kind for c in reported.conditions] == ["accelerator_unavailable"]

@@ -23,10 +23,10 @@ from edgefleet_proto import fleet_pb2, inference_pb2
 from edgefleet_proto.topics import Kind
 
 from agent.drift_sketch import build_sketch
+from agent.tensors import from_arrays
 from controller import drift
 from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
-from tests.support.localfleet import to_tensors
 from tests.support.models import digits_classifier, scores_beside_features, signature_of
 from tests.support.waiting import wait_until
 
@@ -149,7 +149,7 @@ def test_replayed_and_called_inferences_are_sketched_and_captured(
     # The gRPC tenant: each Infer call is sketched too.
     stub = agent.stub()
     for _ in range(3):
-        stub.Infer(inference_pb2.InferRequest(tenant="app", inputs=to_tensors({"X": rows})), timeout=10)
+        stub.Infer(inference_pb2.InferRequest(tenant="app", inputs=from_arrays({"X": rows})), timeout=10)
     called = build_sketch(specs["app"], rows, probs)
     wait_until(
         lambda: (s := totals(peer, "app")) and plain(s) == scaled(called, 3), 30, "the calls' sketches"
@@ -207,7 +207,7 @@ def test_the_window_in_progress_at_sigterm_is_sent_with_its_drift_sketch(
     peer.wait_active(digest, tenant="app")
     stub = agent.stub()
     for _ in range(2):
-        stub.Infer(inference_pb2.InferRequest(tenant="app", inputs=to_tensors({"X": rows})), timeout=10)
+        stub.Infer(inference_pb2.InferRequest(tenant="app", inputs=from_arrays({"X": rows})), timeout=10)
 
     assert agent.terminate() == 0
     [window] = wait_until(lambda: list(peer.telemetry), 10, "the last window, sent at stop")
@@ -270,7 +270,7 @@ def test_class_counts_come_from_the_output_the_signature_calls_scores(
 
     counted = wait_until(whole_passes, 60, f"class counts {classes} per pass of the replay tenant")
     assert len(counted) == 3
-    agent.stub().Infer(inference_pb2.InferRequest(tenant="app", inputs=to_tensors({"x": rows})), timeout=10)
+    agent.stub().Infer(inference_pb2.InferRequest(tenant="app", inputs=from_arrays({"x": rows})), timeout=10)
     called = wait_until(
         lambda: (s := totals(peer, "app")) and s.samples == ROWS and s, 30, "the call's sketch"
     )

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from edgefleet_proto import inference_pb2
 
+from agent.tensors import from_arrays, to_numpy
 from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
-from tests.support.localfleet import from_tensor, to_tensors
 from tests.support.realmodels import sample_inputs, silero_signature, speech_like, vad_chunks
 
 ort = pytest.importorskip("onnxruntime")
@@ -56,8 +56,8 @@ def test_a_call_with_only_the_audio_gets_its_constant_and_initial_state_from_the
     stub = agent.stub()
 
     def infer(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        response = stub.Infer(inference_pb2.InferRequest(inputs=to_tensors(inputs)), timeout=10)
-        return {name: from_tensor(t) for name, t in response.outputs.items()}
+        response = stub.Infer(inference_pb2.InferRequest(inputs=from_arrays(inputs)), timeout=10)
+        return {name: to_numpy(t) for name, t in response.outputs.items()}
 
     # Only the audio: the sample rate and the zero state come from the signature.
     first = infer({"input": frames[0][None]})

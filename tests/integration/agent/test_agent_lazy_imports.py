@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from edgefleet_proto import inference_pb2
 
+from agent.tensors import from_arrays
 from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
-from tests.support.localfleet import to_tensors
 from tests.support.model_bytes import linear_model, write_model
 from tests.support.models import sine_float_tflite
 from tests.support.waiting import wait_until
@@ -75,7 +75,7 @@ def test_a_litert_only_agent_never_imports_onnxruntime(
     peer.wait_active(a.artifact_digest)
     x = np.full((1, 1), 0.5, np.float32)
     for _ in range(3):
-        request = inference_pb2.InferRequest(inputs=to_tensors({"serving_default_dense_input:0": x}))
+        request = inference_pb2.InferRequest(inputs=from_arrays({"serving_default_dense_input:0": x}))
         reply = agent.stub().Infer(request, timeout=10)
         assert list(reply.outputs) == ["StatefulPartitionedCall:0"]
     libraries = mapped(agent.proc.pid)

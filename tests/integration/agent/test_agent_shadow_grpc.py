@@ -18,9 +18,9 @@ import onnxruntime as ort
 import pytest
 from edgefleet_proto import fleet_pb2, inference_pb2
 
+from agent.tensors import from_arrays, to_numpy
 from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
-from tests.support.localfleet import from_tensor, to_tensors
 from tests.support.models import digits_classifier, signature_of
 from tests.support.waiting import wait_until
 
@@ -90,14 +90,14 @@ def test_infer_calls_are_compared_with_the_shadow_and_reach_telemetry(
             for c in range(CALLS):
                 start = r * sum(SIZES) + sum(SIZES[:c])
                 x = rows[start : start + SIZES[c]]
-                req = inference_pb2.InferRequest(tenant=tenant, inputs=to_tensors({"X": x}))
+                req = inference_pb2.InferRequest(tenant=tenant, inputs=from_arrays({"X": x}))
                 response = stub.Infer(req, timeout=10)
                 label, probabilities = sessions[tenant].run(None, {"X": x})
                 # The caller gets the live model's answer, nothing of the candidate's.
                 assert (response.model_name, response.model_version) == ("digits", "1")
-                np.testing.assert_array_equal(from_tensor(response.outputs["label"]), label)
+                np.testing.assert_array_equal(to_numpy(response.outputs["label"]), label)
                 np.testing.assert_allclose(
-                    from_tensor(response.outputs["probabilities"]), probabilities, rtol=1e-5
+                    to_numpy(response.outputs["probabilities"]), probabilities, rtol=1e-5
                 )
                 shadow_label = sessions[f"{tenant}.shadow"].run(None, {"X": x})[0]
                 agreement[tenant].extend((label == shadow_label).tolist())

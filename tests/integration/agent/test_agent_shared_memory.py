@@ -23,9 +23,9 @@ from edgefleet_proto import inference_pb2
 
 from agent.client import FastPathError, Region, SharedMemoryClient
 from agent.shm_wire import fast_path_socket, receive, send
+from agent.tensors import from_arrays, to_numpy
 from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
-from tests.support.localfleet import from_tensor, to_tensors
 from tests.support.models import small_conv
 
 ort = pytest.importorskip("onnxruntime")
@@ -88,11 +88,11 @@ def test_a_call_through_shared_memory_answers_what_onnxruntime_answers(fleet: Fl
         np.testing.assert_allclose(logits, fleet.direct(image), rtol=1e-5, atol=1e-5)
         # The same tenant over gRPC gets the same answer.
         reply = fleet.agent.stub().Infer(
-            inference_pb2.InferRequest(tenant="cam", inputs=to_tensors({"image": np.array(image)})),
+            inference_pb2.InferRequest(tenant="cam", inputs=from_arrays({"image": np.array(image)})),
             metadata=[("x-edgefleet-token", TOKENS["cam"])],
             timeout=10,
         )
-        np.testing.assert_array_equal(from_tensor(reply.outputs["logits"]), logits)
+        np.testing.assert_array_equal(to_numpy(reply.outputs["logits"]), logits)
         # One image of the batch: the output slot keeps its room, the result is shaped as answered.
         small = client.infer({"image": image[:1]}, {"logits": logits})
         assert small.outputs["logits"].shape == (1, 10)

@@ -28,11 +28,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from agent.preprocess import log_mel
 from agent.tenants import hash_token
+from agent.tensors import from_arrays, to_numpy
 from tests.support.agent_calls import Stream, outputs
 from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import from_tensor, to_tensors
 from tests.support.models import dense_of_size, digits_classifier, signature_of, small_conv
 from tests.support.waiting import wait_until
 
@@ -270,7 +270,7 @@ def test_a_tenant_token_cannot_reach_another_tenant(
     agent, _peer, _models, media = fleet
     stub = agent.stub()
     x = media.rows[:1].astype(np.float32)
-    request = inference_pb2.InferRequest(tenant="tabular", inputs=to_tensors({"X": x}))
+    request = inference_pb2.InferRequest(tenant="tabular", inputs=from_arrays({"X": x}))
 
     ok = stub.Infer(request, metadata=[("x-edgefleet-token", TOKENS["tabular"])], timeout=10)
     assert ok.model_name == "digits"
@@ -285,7 +285,7 @@ def test_a_tenant_token_cannot_reach_another_tenant(
         assert err.value.code() == code, err.value.details()
     assert "tenant 'vision' cannot use tenant 'tabular'" in _details(stub, request, TOKENS["vision"])
 
-    shadow = inference_pb2.InferRequest(tenant="tabular.shadow", inputs=to_tensors({"X": x}))
+    shadow = inference_pb2.InferRequest(tenant="tabular.shadow", inputs=from_arrays({"X": x}))
     with pytest.raises(grpc.RpcError) as err:
         stub.Infer(shadow, metadata=[("x-edgefleet-token", TOKENS["tabular"])], timeout=10)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -343,7 +343,7 @@ def test_controller_declares_a_tenant_and_the_memory_budget_refuses_a_big_model(
     peer.wait_active(small, tenant="yard")
     stream = Stream(agent, "yard", TOKENS["vision"])
     result = stream.collect(3)[0]
-    assert (result.tenant, result.model_name, list(from_tensor(result.outputs["logits"]).shape)) == (
+    assert (result.tenant, result.model_name, list(to_numpy(result.outputs["logits"]).shape)) == (
         "yard",
         "conv",
         [1, 10],
@@ -413,9 +413,9 @@ def test_an_idle_model_is_unloaded_and_reloaded_on_the_next_call(
     assert agent.socket.stat().st_gid == APPS_GROUP.gr_gid
     wait_until(lambda: "model unloaded after idle" in agent.output(), 20, "the idle model unloaded")
     x = np.random.default_rng(1).random((1, 3, 32, 32), dtype=np.float32)
-    response = agent.stub().Infer(inference_pb2.InferRequest(inputs=to_tensors({"image": x})), timeout=10)
+    response = agent.stub().Infer(inference_pb2.InferRequest(inputs=from_arrays({"image": x})), timeout=10)
     want = ort.InferenceSession(str(model)).run(None, {"image": x})[0]
-    np.testing.assert_allclose(from_tensor(response.outputs["logits"]), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(response.outputs["logits"]), want, rtol=1e-5, atol=1e-6)
     assert "model reloaded" in agent.output()
 
 

@@ -11,9 +11,9 @@ import grpc
 import numpy as np
 from edgefleet_proto import fleet_pb2, inference_pb2
 
+from agent.tensors import from_arrays
 from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
-from tests.support.localfleet import to_tensors
 from tests.support.models import wide_conv
 from tests.support.waiting import wait_until
 
@@ -25,7 +25,7 @@ WEIGHTS = {"low": 1.0, "mid": 2.0, "high": 4.0}
 def hammer(agent: AgentProcess, stop: threading.Event) -> None:
     stub = agent.stub()
     x = np.zeros((1, 3, SIZE, SIZE), np.float32)
-    request = inference_pb2.InferRequest(tenant="app", inputs=to_tensors({"image": x}))
+    request = inference_pb2.InferRequest(tenant="app", inputs=from_arrays({"image": x}))
     while not stop.is_set():
         try:
             stub.Infer(request, timeout=10)

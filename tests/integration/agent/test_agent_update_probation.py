@@ -10,10 +10,10 @@ import numpy as np
 import onnxruntime as ort
 from edgefleet_proto import fleet_pb2, inference_pb2
 
+from agent.tensors import from_arrays, to_numpy
 from tests.support.agent_calls import persisted
 from tests.support.agent_peer import Peer
 from tests.support.agent_process import AgentProcess
-from tests.support.localfleet import from_tensor, to_tensors
 from tests.support.models import dense_of_size
 from tests.support.rollout_fleet import classifier, digits_samples
 from tests.support.waiting import wait_until
@@ -103,10 +103,10 @@ def test_an_update_that_cannot_fit_beside_the_held_previous_model_fails_and_the_
     active = peer.entry("default", d1)
     assert active is not None and active.phase == fleet_pb2.MODEL_PHASE_ACTIVE
     x = np.random.default_rng(0).standard_normal((1, 1024)).astype(np.float32)
-    response = agent.stub().Infer(inference_pb2.InferRequest(inputs=to_tensors({"x": x})), timeout=10)
+    response = agent.stub().Infer(inference_pb2.InferRequest(inputs=from_arrays({"x": x})), timeout=10)
     assert response.model_version == "1", "the current model never stopped serving"
     want = ort.InferenceSession(str(v1)).run(None, {"x": x})[0]
-    np.testing.assert_allclose(from_tensor(response.outputs["y"]), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(to_numpy(response.outputs["y"]), want, rtol=1e-4, atol=1e-4)
     outcome = wait_until(
         lambda: [e for e in peer.events if e.kind == "update_outcome" and e.attributes["version"] == "2"],
         20,

@@ -5,7 +5,7 @@ import pytest
 from edgefleet_proto import inference_pb2
 
 from agent.errors import TensorCodecError
-from agent.tensors import DTYPES, fill_all, from_numpy, to_arrays, to_numpy
+from agent.tensors import DTYPES, fill_all, from_arrays, from_numpy, to_arrays, to_numpy
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
@@ -67,3 +67,7 @@ def test_maps_of_tensors_name_the_one_that_is_refused() -> None:
     np.testing.assert_array_equal(to_numpy(response.outputs["y"]), np.arange(6).reshape(2, 3).T)
     with pytest.raises(TensorCodecError, match=r"^output 'z': dtype <U1 cannot travel"):
         fill_all(response.outputs, {"z": np.array(["a"])}, "output")
+    request = inference_pb2.InferRequest(inputs=from_arrays({"x": np.eye(2, dtype=np.float16)}, "input"))
+    np.testing.assert_array_equal(to_arrays(request.inputs)["x"], np.eye(2, dtype=np.float16))
+    with pytest.raises(TensorCodecError, match=r"^input 'z': dtype <U1 cannot travel"):
+        from_arrays({"z": np.array(["a"])}, "input")
