@@ -11,7 +11,7 @@ if ! [ -f .venv310/.edgefleet-ready ]; then
   echo "== agent tests on Python 3.10: skipped, no Python 3.10 interpreter (python3.10 or pyenv) here" >&2
   exit 0
 fi
-left_out='^\s*(from|import) (controller|tests\.(unit|integration)\.controller|tests\.localfleet|skl2onnx|sklearn)\b'
+left_out='^\s*(from|import) (controller|tests\.(unit|integration)\.controller|tests\.support\.(localfleet|controller_process|controller_calls|model_files)|skl2onnx|sklearn)\b'
 mapfile -t unit < <(grep -L -E "$left_out" tests/unit/agent/test_*.py)
 integration=(
   tests/integration/agent/test_agent_converge.py
