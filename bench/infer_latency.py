@@ -39,8 +39,9 @@ from edgefleet_proto import inference_pb2, inference_pb2_grpc
 from agent.client import SharedMemoryClient
 from agent.config import SchedulerConfig
 from agent.tensors import from_arrays
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.models import digits_classifier, small_conv
 from tests.support.waiting import wait_until
 
@@ -166,7 +167,7 @@ def main() -> int:
     return 0
 
 
-def shared_memory(controller: Controller, agent: Agent, work: Path, iterations: int) -> None:
+def shared_memory(controller: Controller, agent: AgentProcess, work: Path, iterations: int) -> None:
     """A camera-sized input through the fast path, beside the runtime run directly as the agent runs it."""
     path = image_model(work / "image224.onnx")
     deploy(controller, "image224", path)

@@ -42,8 +42,9 @@ from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
 from agent.preprocess import letterbox
 from agent.tensors import from_arrays
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.media import face_frame, silence, speech_like, text_frame, write_video, write_wav
 from tests.support.realmodels import ModelCorpus, sample_inputs
 from tests.support.waiting import wait_until
@@ -201,7 +202,9 @@ def paced(call: Callable[[], object], rate_hz: float, until: threading.Event) ->
     return np.array(out) * 1000.0
 
 
-def pipeline_latencies(agent: Agent, tenant: str, count: int, on_first: Callable[[], None]) -> np.ndarray:
+def pipeline_latencies(
+    agent: AgentProcess, tenant: str, count: int, on_first: Callable[[], None]
+) -> np.ndarray:
     """``latency_ms`` of ``count`` results after the first few (model loading, first frames). The
     stream is opened again while the agent does not know the tenant yet (it was just declared)."""
     got: queue.Queue[float] = queue.Queue()

@@ -27,8 +27,9 @@ sys.path.insert(0, str(REPO))
 
 from agent.tensors import to_numpy  # noqa: E402
 from examples.make_digits import INPUT, split, train  # noqa: E402
+from tests.support.agent_process import AgentProcess  # noqa: E402
 from tests.support.broker import Broker, free_port, wait_for_port  # noqa: E402
-from tests.support.localfleet import Agent, Controller, register_agent  # noqa: E402
+from tests.support.localfleet import Controller, register_agent  # noqa: E402
 from tests.support.waiting import wait_until  # noqa: E402
 
 DEVICES = ["cam-north", "cam-south", "gateway-1"]
@@ -97,7 +98,7 @@ def main() -> int:
         args.broker == "auto" and (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists())
     )
 
-    agents: list[Agent] = []
+    agents: list[AgentProcess] = []
     broker: Broker | EmbeddedBroker
     if use_mosquitto:
         broker = Broker(workdir / "mosquitto").start()

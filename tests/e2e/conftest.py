@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, stop_all
+from tests.support.localfleet import Controller, stop_all
 
 
 @pytest.fixture
@@ -27,9 +28,9 @@ def controller(broker: Broker, tmp_path: Path) -> Iterator[Controller]:
 
 
 @pytest.fixture
-def agents() -> Iterator[list[Agent]]:
+def agents() -> Iterator[list[AgentProcess]]:
     """Agents a test starts; all stopped at the end, whatever happened."""
-    started: list[Agent] = []
+    started: list[AgentProcess] = []
     try:
         yield started
     finally:

@@ -22,8 +22,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import CONTROLLER_USER, Broker
-from tests.support.localfleet import Agent, Controller, register_agent
+from tests.support.localfleet import Controller, register_agent
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -80,7 +81,7 @@ def controller_disconnects(controller: Controller) -> int:
     return controller.log_file.read_text(errors="replace").count("mqtt disconnected")
 
 
-def agent_disconnects(agent: Agent) -> int:
+def agent_disconnects(agent: AgentProcess) -> int:
     return agent.log().count("broker disconnected")
 
 
@@ -90,7 +91,7 @@ def taken_over(broker: Broker, client_id: str) -> int:
     return text.count(f"Client {client_id} already connected, closing old connection")
 
 
-def outbox_seq(agent: Agent) -> int:
+def outbox_seq(agent: AgentProcess) -> int:
     """The last telemetry sequence number the (stopped) agent gave a window."""
     db = sqlite3.connect(agent.data_dir / "outbox.db")
     try:
@@ -105,7 +106,7 @@ def stored_seqs(controller: Controller, device_id: str) -> list[int]:
     return sorted(int(r["seq"]) for r in rows)
 
 
-def assert_every_window_stored_once(controller: Controller, agent: Agent) -> list[int]:
+def assert_every_window_stored_once(controller: Controller, agent: AgentProcess) -> list[int]:
     """Stop the agent (its last window is flushed), then every seq it made is stored exactly once."""
     assert agent.stop() == 0, agent.log()
     last = outbox_seq(agent)
@@ -119,12 +120,12 @@ def assert_every_window_stored_once(controller: Controller, agent: Agent) -> lis
     return seqs
 
 
-def quick_acks(agent: Agent, ack_timeout_s: float) -> None:
+def quick_acks(agent: AgentProcess, ack_timeout_s: float) -> None:
     agent.config.write_text(agent.config.read_text() + f"\n[outbox]\nack_timeout_s = {ack_timeout_s}\n")
 
 
 def test_device_credentials_cannot_take_over_the_controller_or_another_device(
-    broker: Broker, controller: Controller, agents: list[Agent], tmp_path: Path
+    broker: Broker, controller: Controller, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     rogue_creds = controller.cli("devices", "register", "dev-a")
     agent = register_agent(controller, tmp_path / "agents", "dev-b", telemetry_interval=0.3)
@@ -147,7 +148,7 @@ def test_device_credentials_cannot_take_over_the_controller_or_another_device(
 
 
 def test_no_window_is_lost_when_the_controller_and_its_broker_session_are_lost(
-    broker: Broker, controller: Controller, agents: list[Agent], tmp_path: Path
+    broker: Broker, controller: Controller, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     agent = register_agent(controller, tmp_path / "agents", "dev-s", telemetry_interval=0.2)
     quick_acks(agent, 2.0)

@@ -14,9 +14,10 @@ import pytest
 import tomli_w
 from cryptography import x509
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, TlsListener
 from tests.support.certs import Issued, issue, make_ca
-from tests.support.localfleet import Agent, Controller
+from tests.support.localfleet import Controller
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -57,7 +58,7 @@ def start_fleet(workdir: Path) -> Fleet:
     return Fleet(pki, broker, controller)
 
 
-def certified_agent(fleet: Fleet, workdir: Path, device_id: str) -> Agent:
+def certified_agent(fleet: Fleet, workdir: Path, device_id: str) -> AgentProcess:
     config = workdir / f"{device_id}.toml"
     fleet.controller.cli(
         "devices", "register", device_id, "--agent-config", str(config), "--issue-cert",
@@ -66,7 +67,7 @@ def certified_agent(fleet: Fleet, workdir: Path, device_id: str) -> Agent:
     doc = tomllib.loads(config.read_text())
     doc["telemetry_interval_s"] = 0.5
     config.write_text(tomli_w.dumps(doc))
-    return Agent(device_id, config, workdir / device_id, workdir / f"{device_id}.sock")
+    return AgentProcess(device_id, config, workdir / device_id, workdir / f"{device_id}.sock")
 
 
 def telemetry_windows(fleet: Fleet, device_id: str) -> int:
@@ -77,7 +78,7 @@ def test_a_revoked_device_is_cut_off_at_once_and_cannot_log_in_again(tmp_path: P
     fleet = start_fleet(tmp_path)
     workdir = tmp_path / "agents"
     workdir.mkdir()
-    agents: list[Agent] = []
+    agents: list[AgentProcess] = []
     try:
         stolen = certified_agent(fleet, workdir, "cam-stolen")
         honest = certified_agent(fleet, workdir, "cam-honest")

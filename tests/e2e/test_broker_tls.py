@@ -16,9 +16,10 @@ import tomli_w
 from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, TlsListener
 from tests.support.certs import Issued, issue, make_ca
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.models import digits_classifier
 from tests.support.waiting import wait_until
 
@@ -67,7 +68,7 @@ def start_tls_fleet(workdir: Path, client_certificates: bool, *init_options: str
     return TlsFleet(workdir, pki, broker, controller)
 
 
-def set_mqtt(agent: Agent, **keys: object) -> None:
+def set_mqtt(agent: AgentProcess, **keys: object) -> None:
     doc = tomllib.loads(agent.config.read_text())
     doc["mqtt"].update(keys)
     agent.config.write_text(tomli_w.dumps(doc))
@@ -79,7 +80,7 @@ def count(text: str, needle: str) -> int:
 
 def test_controller_and_agent_log_in_with_certificates_over_tls(tmp_path: Path) -> None:
     fleet = start_tls_fleet(tmp_path, client_certificates=True)
-    agent: Agent | None = None
+    agent: AgentProcess | None = None
     try:
         wait_until(
             lambda: "mqtt connected" in fleet.controller.log_file.read_text(), 30, "controller over TLS"
@@ -94,7 +95,7 @@ def test_controller_and_agent_log_in_with_certificates_over_tls(tmp_path: Path) 
             "devices", "register", "cam-tls", "--agent-config", str(config), "--issue-cert",
             "--agent-data-dir", str(workdir / "cam-tls"), "--agent-socket", str(workdir / "cam-tls.sock"),
         )  # fmt: skip
-        agent = Agent("cam-tls", config, workdir / "cam-tls", workdir / "cam-tls.sock")
+        agent = AgentProcess("cam-tls", config, workdir / "cam-tls", workdir / "cam-tls.sock")
         mqtt = tomllib.loads(config.read_text())["mqtt"]
         assert (mqtt["tls_ca_file"], mqtt["tls_cert_file"], mqtt["tls_key_file"]) == (
             "broker-ca.crt",
@@ -161,7 +162,7 @@ def certificate_client(fleet: TlsFleet, cert_file: Path, key_file: Path, client_
 
 def test_wrong_ca_and_expired_certificate_are_refused_naming_the_cause(tmp_path: Path) -> None:
     fleet = start_tls_fleet(tmp_path, client_certificates=True)
-    agents: list[Agent] = []
+    agents: list[AgentProcess] = []
     try:
         workdir = tmp_path / "agents"
         other_ca = make_ca(workdir / "other", "other-ca")
@@ -227,7 +228,7 @@ def test_plain_tcp_still_works_and_says_it_is_unencrypted(tmp_path: Path) -> Non
         passwd_file=broker.passwd_file,
         reload_command=broker.reload_command,
     )
-    agent: Agent | None = None
+    agent: AgentProcess | None = None
     try:
         controller.start()
         agent = register_agent(controller, tmp_path / "agents", "cam-plain").start()
@@ -247,7 +248,7 @@ def test_a_model_rolls_out_over_tls_while_telemetry_flows(tmp_path: Path) -> Non
     """Chunks, acknowledgements and desired states go out from the controller's worker
     threads while its network thread reads: over TLS the connection must stay whole."""
     fleet = start_tls_fleet(tmp_path, True, "--chunk-size", "1024")
-    agents: list[Agent] = []
+    agents: list[AgentProcess] = []
     try:
         digits = digits_classifier(tmp_path / "digits.onnx")
         fleet.controller.cli("models", "upload", str(digits.path), "--name", "digits", "--version", "1")

@@ -38,8 +38,9 @@ import pytest
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 from sklearn.datasets import load_digits
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.models import digits_classifier
 from tests.support.waiting import wait_until
 
@@ -71,7 +72,7 @@ def replay_rows(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return rows, y[idx]
 
 
-def add_replay_tenant(agent: Agent, csv: Path) -> None:
+def add_replay_tenant(agent: AgentProcess, csv: Path) -> None:
     with agent.config.open("a") as f:
         f.write(
             f"""
@@ -92,7 +93,7 @@ dtype = "float32"
 class Results(threading.Thread):
     """The tenant's results as the agent streams them: which version served which row, when."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: AgentProcess) -> None:
         super().__init__(name=f"results-{agent.device_id}", daemon=True)
         self.channel = agent.channel()
         self.call = inference_pb2_grpc.TenantResultsStub(self.channel).StreamResults(
@@ -155,7 +156,7 @@ def fleet_windows(controller: Controller, version: str, since_ms: int) -> list[d
     return list(body.json()["fleet"]) if body.status_code == 200 else []
 
 
-def redeploy_story(controller: Controller, agents: list[Agent], streams: list[Results]) -> str:
+def redeploy_story(controller: Controller, agents: list[AgentProcess], streams: list[Results]) -> str:
     """What the redeploy did, for a run where the new version did not reach every stream."""
     lines = [
         f"stream {s.device_id}: first seen {s.first_seen}, last {s.last_version!r}, ended {s.ended!r}"
@@ -188,7 +189,7 @@ def test_drift_in_the_replayed_data_is_detected_retrained_and_redeployed(
     settings = controller.data_dir / "controller.toml"
     text = settings.read_text().replace("rollup_window_s = 60", "rollup_window_s = 2")
     settings.write_text(text.replace("maintenance_interval_s = 10.0", "maintenance_interval_s = 0.5"))
-    agents: list[Agent] = []
+    agents: list[AgentProcess] = []
     streams: list[Results] = []
     labeller: Labeller | None = None
     job_module = load_job()

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from playwright.sync_api import Browser, Dialog, Page, expect
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
 from tests.support.browser import LAPTOP, TABLET, Screenshots, chromium, fits_width, screenshot_folder
-from tests.support.localfleet import Agent, Controller, register_agent
+from tests.support.localfleet import Controller, register_agent
 from tests.support.models import digits_classifier
 from tests.support.waiting import wait_until
 
@@ -65,7 +66,7 @@ def _command(page: Page, label: str) -> None:
     page.locator("#rollout-actions button", has_text=label).click()
 
 
-def _infer_with_drift(agents: list[Agent], samples: np.ndarray[Any, Any], seconds: float) -> None:
+def _infer_with_drift(agents: list[AgentProcess], samples: np.ndarray[Any, Any], seconds: float) -> None:
     """Inference on every device for ``seconds``, the second half on inverted digits (16 - x)."""
     end = time.monotonic() + seconds
     i = 0
@@ -105,7 +106,7 @@ def test_console_runs_and_steers_rollouts_shows_drift_and_refuses_a_viewer(
     shots = Screenshots(screenshot_folder("console"))
     with capsys.disabled():
         print(f"\nconsole screenshots: {shots.folder}")
-    agents: list[Agent] = []
+    agents: list[AgentProcess] = []
     try:
         controller.start()
         v1 = digits_classifier(tmp_path / "digits-1.onnx")

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.model_bytes import linear_model
 from tests.support.waiting import wait_until
 
@@ -37,7 +38,7 @@ def seen_generation(controller: Controller, device_id: str) -> int:
 
 
 def test_a_controller_restored_from_an_old_backup_rolls_out_to_devices_that_saw_newer_generations(
-    broker: Broker, controller: Controller, agents: list[Agent], tmp_path: Path
+    broker: Broker, controller: Controller, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     for version in ("1", "2", "3"):
         path = tmp_path / f"v{version}.onnx"

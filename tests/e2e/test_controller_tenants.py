@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.models import digits_classifier
 from tests.support.waiting import wait_until
 
@@ -45,7 +46,7 @@ def tenant_window(controller: Controller, device: str) -> dict[str, Any] | None:
 
 
 def test_a_tenant_set_through_the_controller_runs_on_the_agent(
-    broker: Broker, controller: Controller, agents: list[Agent], tmp_path: Path
+    broker: Broker, controller: Controller, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     digits = digits_classifier(tmp_path / "digits.onnx")
     controller.cli("models", "upload", str(digits.path), "--name", "digits", "--version", "1")

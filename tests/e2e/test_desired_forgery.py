@@ -14,8 +14,9 @@ from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.topics import Kind, Topic
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import CONTROLLER_USER, Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.models import digits_classifier
 from tests.support.mqtt_peer import Peer
 from tests.support.waiting import wait_until
@@ -44,11 +45,11 @@ def roll(controller: Controller, version: str, device_id: str) -> dict[str, obje
     return final
 
 
-def full_log(agent: Agent) -> str:
+def full_log(agent: AgentProcess) -> str:
     return agent.log_file.read_text(errors="replace")
 
 
-def refused_in_log(agent: Agent, count: int) -> bool:
+def refused_in_log(agent: AgentProcess, count: int) -> bool:
     return (
         full_log(agent).count(f"desired state generation {HUGE} refused: not signed by the controller")
         >= count
@@ -57,7 +58,7 @@ def refused_in_log(agent: Agent, count: int) -> bool:
 
 @pytest.mark.slow
 def test_a_forged_desired_state_neither_moves_the_device_nor_blocks_rollouts(
-    broker: Broker, controller: Controller, agents: list[Agent], tmp_path: Path
+    broker: Broker, controller: Controller, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     digits = digits_classifier(tmp_path / "v1.onnx")
     controller.cli("models", "upload", str(digits.path), "--name", "digits", "--version", "1")

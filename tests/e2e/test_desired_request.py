@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from edgefleet_proto.topics import Kind, Topic
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.models import digits_classifier
 from tests.support.mqtt_peer import Peer
 from tests.support.waiting import wait_until
@@ -18,7 +19,7 @@ from tests.support.waiting import wait_until
 
 @pytest.mark.slow
 def test_an_agent_converges_although_the_broker_lost_its_desired_state(
-    broker: Broker, controller: Controller, agents: list[Agent], tmp_path: Path
+    broker: Broker, controller: Controller, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     digits = digits_classifier(tmp_path / "v1.onnx")
     controller.cli("models", "upload", str(digits.path), "--name", "digits", "--version", "1")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.localfleet import BIN, Agent, Controller
+from tests.support.agent_process import AgentProcess
+from tests.support.localfleet import BIN, Controller
 from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +37,9 @@ def device_root(folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_a_device_joins_from_its_bundle(controller: Controller, agents: list[Agent], tmp_path: Path) -> None:
+def test_a_device_joins_from_its_bundle(
+    controller: Controller, agents: list[AgentProcess], tmp_path: Path
+) -> None:
     controller.cli("profiles", "register", str(REPO / "firmware_profiles" / f"{JETSON}.toml"))
     data_dir = tmp_path / "device-data"
     socket = Path(tempfile.mkdtemp(prefix="efo-")) / "s.sock"
@@ -68,7 +71,7 @@ def test_a_device_joins_from_its_bundle(controller: Controller, agents: list[Age
     # the device's root, so the agent here runs the installed config without handing its socket over.
     here = tmp_path / "agent.toml"
     here.write_text(installed.read_text().replace('[api]\nsocket_group = "edgefleet-apps"\n', ""))
-    agent = Agent("cam-j", here, data_dir, socket).start()
+    agent = AgentProcess("cam-j", here, data_dir, socket).start()
     agents.append(agent)
 
     def online_with_condition() -> dict[str, object] | None:

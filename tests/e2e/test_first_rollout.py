@@ -9,8 +9,9 @@ import numpy as np
 import onnxruntime as ort
 
 from agent.tensors import to_numpy
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.models import digits_classifier
 from tests.support.waiting import wait_until
 
@@ -29,7 +30,7 @@ def active_digest(controller: Controller, device_id: str) -> str | None:
 
 
 def test_model_rolled_out_to_three_agents_answers_and_reports(
-    broker: Broker, controller: Controller, agents: list[Agent], tmp_path: Path
+    broker: Broker, controller: Controller, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     digits = digits_classifier(tmp_path / "digits.onnx")
     version = controller.cli(

@@ -13,8 +13,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.models import digits_classifier
 from tests.support.waiting import wait_until
 
@@ -58,7 +59,7 @@ def by_device(rollout: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.slow
 def test_a_device_outside_its_window_waits_then_updates_when_the_window_opens(
-    shifted_controller: Controller, agents: list[Agent], offset_file: Path, tmp_path: Path
+    shifted_controller: Controller, agents: list[AgentProcess], offset_file: Path, tmp_path: Path
 ) -> None:
     controller = shifted_controller
     digits = digits_classifier(tmp_path / "digits.onnx")

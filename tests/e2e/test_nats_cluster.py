@@ -24,7 +24,8 @@ import pytest
 import tomli_w
 
 from controller.settings import CONTROLLER_USER
-from tests.support.localfleet import Agent, Controller, register_agent
+from tests.support.agent_process import AgentProcess
+from tests.support.localfleet import Controller, register_agent
 from tests.support.models import digits_classifier
 from tests.support.nats_cluster import NatsCluster, NatsNode
 from tests.support.waiting import wait_until
@@ -46,7 +47,7 @@ def nats(tmp_path: Path) -> Iterator[NatsCluster]:
         cluster.stop()
 
 
-def place_on(agent: Agent, home: NatsNode, cluster: NatsCluster) -> str:
+def place_on(agent: AgentProcess, home: NatsNode, cluster: NatsCluster) -> str:
     """Point the agent's config at ``home``, with the other nodes as fallback brokers; return
     the device's broker password."""
     doc: dict[str, Any] = tomllib.loads(agent.config.read_text())
@@ -110,12 +111,12 @@ def controller(nats: NatsCluster, tmp_path: Path) -> Iterator[Controller]:
 
 
 def test_staged_rollout_over_a_nats_cluster_converges_and_keeps_every_window_when_a_node_dies(
-    nats: NatsCluster, controller: Controller, agents: list[Agent], tmp_path: Path
+    nats: NatsCluster, controller: Controller, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     run(controller, nats, agents, tmp_path)
 
 
-def run(controller: Controller, nats: NatsCluster, agents: list[Agent], tmp_path: Path) -> None:
+def run(controller: Controller, nats: NatsCluster, agents: list[AgentProcess], tmp_path: Path) -> None:
     digits = digits_classifier(tmp_path / "digits.onnx")
     version = controller.cli("models", "upload", str(digits.path), "--name", "digits", "--version", "1")
     home: dict[str, NatsNode] = {}
@@ -211,7 +212,7 @@ def run(controller: Controller, nats: NatsCluster, agents: list[Agent], tmp_path
 
 
 def test_an_agent_whose_subscriptions_the_broker_refused_subscribes_again_and_converges(
-    nats: NatsCluster, controller: Controller, agents: list[Agent], tmp_path: Path
+    nats: NatsCluster, controller: Controller, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     """NATS refuses a QoS 1 SUBSCRIBE it cannot back with a JetStream consumer (as while it elects
     leaders); here the device's account lacks the delivery subjects until the broker reloads."""
@@ -237,7 +238,7 @@ def test_an_agent_whose_subscriptions_the_broker_refused_subscribes_again_and_co
 
 
 def test_a_controller_whose_subscriptions_the_broker_refused_subscribes_again_and_hears_the_fleet(
-    nats: NatsCluster, agents: list[Agent], tmp_path: Path
+    nats: NatsCluster, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     """The same refusal on the controller's side: until the broker reloads its account, no
     device's message reaches it; then it subscribes again and sees the device come online."""

@@ -31,8 +31,9 @@ from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
 from agent.preprocess import letterbox
 from agent.tensors import to_numpy
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done, stop_all
+from tests.support.localfleet import Controller, register_agent, rollout_done, stop_all
 from tests.support.media import face_frame, silence, speech_like, text_frame, write_video, write_wav
 from tests.support.realmodels import fixed_shape_copy, overflowing_copy, sample_inputs
 from tests.support.waiting import wait_until
@@ -62,7 +63,7 @@ ATOL = 1e-4
 @dataclass
 class Fleet:
     controller: Controller
-    agents: dict[str, Agent]
+    agents: dict[str, AgentProcess]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     controller = Controller(
         root / "controller", broker.port, passwd_file=broker.passwd_file, reload_command=broker.reload_command
     )
-    agents: dict[str, Agent] = {}
+    agents: dict[str, AgentProcess] = {}
     try:
         controller.init()
         controller.start()
@@ -100,7 +101,7 @@ class Results:
     """A tenant's StreamResults on one agent, read in the background; opened again when the
     agent refuses or ends it (a tenant it does not serve yet), so nothing depends on timing."""
 
-    def __init__(self, agent: Agent, tenant: str) -> None:
+    def __init__(self, agent: AgentProcess, tenant: str) -> None:
         self.queue: queue.Queue[inference_pb2.Result] = queue.Queue()
         self.channel = agent.channel()
         self.tenant = tenant

@@ -13,8 +13,9 @@ import pytest
 
 from agent.tensors import to_numpy
 from controller.model_runner import Runner
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.realmodels import face_image, sample_inputs
 from tests.support.waiting import wait_until
 
@@ -49,7 +50,7 @@ def roll_out(controller: Controller, name: str) -> None:
 def test_real_models_run_on_cpu_only_agents_as_they_run_directly(
     broker: Broker,
     controller: Controller,
-    agents: list[Agent],
+    agents: list[AgentProcess],
     real_models: Callable[[str], Path],
     tmp_path: Path,
 ) -> None:

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.realmodels import sample_inputs
 from tests.support.waiting import wait_until
 
@@ -28,7 +29,7 @@ DEVICES = ("vad-a", "vad-b")
 def test_silero_with_samples_stages_on_microphone_devices(
     broker: Broker,
     controller: Controller,
-    agents: list[Agent],
+    agents: list[AgentProcess],
     real_models: Callable[[str], Path],
     tmp_path: Path,
 ) -> None:

@@ -8,8 +8,9 @@ from typing import Any
 
 from edgefleet_proto.topics import Kind, Topic
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.models import digits_classifier
 from tests.support.mqtt_peer import Peer
 from tests.support.waiting import wait_until
@@ -18,7 +19,7 @@ GARBAGE = [b"\xff\xff\xff\xff", b"\x0a\x7fshort", b"not protobuf at all", b""]
 
 
 def test_malformed_payloads_on_every_topic_are_ignored(
-    broker: Broker, controller: Controller, agents: list[Agent], tmp_path: Path
+    broker: Broker, controller: Controller, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     digits = digits_classifier(tmp_path / "digits.onnx")
     controller.cli("models", "upload", str(digits.path), "--name", "digits", "--version", "1")
@@ -58,7 +59,7 @@ def test_malformed_payloads_on_every_topic_are_ignored(
 
 
 def test_telemetry_produced_while_broker_is_down_arrives_after(
-    broker: Broker, controller: Controller, agents: list[Agent], tmp_path: Path
+    broker: Broker, controller: Controller, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     agent = register_agent(controller, tmp_path / "agents", "dev-t", telemetry_interval=0.5)
     agents.append(agent.start())

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.model_bytes import linear_model
 from tests.support.waiting import wait_until
 
@@ -27,7 +28,7 @@ REASON = "crashed the agent 3 times while staging"
 def test_an_update_that_crashes_the_agent_three_times_fails_the_device_and_the_rollout_rolls_back(
     broker: Broker,
     controller: Controller,
-    agents: list[Agent],
+    agents: list[AgentProcess],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.model_bytes import linear_model
 from tests.support.waiting import wait_until
 
@@ -25,7 +26,7 @@ REASON = "crashed the agent 3 times while on probation"
 def test_each_rollout_that_crashes_the_agent_on_probation_fails_and_the_third_crash_ends_the_attempts(
     broker: Broker,
     controller: Controller,
-    agents: list[Agent],
+    agents: list[AgentProcess],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent
+from tests.support.localfleet import Controller, register_agent
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -109,7 +110,7 @@ def shadow_agreement(controller: Controller, device: str, version: str) -> float
 
 
 def test_shadow_gate_stops_a_disagreeing_candidate_and_lets_an_agreeing_one_go_live(
-    broker: Broker, controller: Controller, agents: list[Agent], tmp_path: Path
+    broker: Broker, controller: Controller, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     v1, rows = digits_model(tmp_path / "v1.onnx")
     v2, _ = digits_model(tmp_path / "v2.onnx", max_iter=200)

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.model_bytes import linear_model
 from tests.support.rollout_fleet import classifier, digits_samples
 from tests.support.waiting import wait_until
@@ -88,7 +89,7 @@ ERROR_GATE = ("--max-error-rate", "0.02", "--min-inferences", "10")
 def test_a_version_failing_every_tenant_inference_is_stopped_at_the_first_wave_and_rolled_back(
     broker: Broker,
     controller: Controller,
-    agents: list[Agent],
+    agents: list[AgentProcess],
     tmp_path: Path,
     gate: tuple[str, ...],
     reason: str,

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller
+from tests.support.localfleet import Controller
 from tests.support.rollout_fleet import Fleet, classifier, first_version_everywhere, fleet_of_20
 from tests.support.waiting import wait_until
 
@@ -36,7 +37,7 @@ def staged(fleet: Fleet, version: str, latency_ratio: float = 3.0) -> dict[str, 
 
 
 def test_good_version_reaches_every_device_in_three_waves_through_a_controller_kill_and_a_broker_restart(
-    broker: Broker, controller: Controller, agents: list[Agent], tmp_path: Path
+    broker: Broker, controller: Controller, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     with fleet_of_20(controller, tmp_path / "agents", agents) as fleet:
         v1 = fleet.upload(classifier(tmp_path / "v1.onnx", seed=1), "1")
@@ -83,7 +84,7 @@ def test_good_version_reaches_every_device_in_three_waves_through_a_controller_k
 def test_bad_version_is_stopped_at_the_first_wave_and_rolled_back_everywhere_it_went(
     broker: Broker,
     controller: Controller,
-    agents: list[Agent],
+    agents: list[AgentProcess],
     tmp_path: Path,
     bad: dict[str, bool],
     reason: str,

@@ -11,8 +11,9 @@ import pytest
 from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
 from agent.tensors import from_arrays, to_numpy
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.models import small_conv
 from tests.support.waiting import wait_until
 
@@ -41,7 +42,7 @@ def rollout(controller: Controller, version: str, tenant: str, device: str) -> N
 
 
 def test_rolled_out_model_feeds_a_tenant_stream_and_a_shadow_stays_private(
-    broker: Broker, controller: Controller, agents: list[Agent], tmp_path: Path
+    broker: Broker, controller: Controller, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     controller.cli(
         "models", "upload", str(small_conv(tmp_path / "v1.onnx", seed=1)), "--name", "conv", "--version", "1"

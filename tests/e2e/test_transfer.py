@@ -14,8 +14,9 @@ import tomli_w
 from edgefleet_proto import artifact_pb2
 from edgefleet_proto.codec import decode_as, encode
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.models import dense_of_size, digits_classifier
 from tests.support.mqtt_peer import Peer
 from tests.support.waiting import wait_until
@@ -100,7 +101,7 @@ def upload(controller: Controller, path: Path, name: str, version: str) -> dict[
 
 
 def test_kill_mid_download_resumes_from_chunks_on_disk(
-    broker: Broker, unicast_controller: Controller, agents: list[Agent], tmp_path: Path
+    broker: Broker, unicast_controller: Controller, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     controller = unicast_controller
     big = upload(controller, dense_of_size(tmp_path / "big.onnx", 20), "big", "1")
@@ -140,7 +141,7 @@ def test_kill_mid_download_resumes_from_chunks_on_disk(
 
 
 def test_corrupt_chunk_in_flight_is_rejected_and_fetched_again(
-    broker: Broker, unicast_controller: Controller, agents: list[Agent], tmp_path: Path
+    broker: Broker, unicast_controller: Controller, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     controller = unicast_controller
     big = upload(controller, dense_of_size(tmp_path / "big.onnx", 8), "big", "1")
@@ -177,7 +178,7 @@ def test_corrupt_chunk_in_flight_is_rejected_and_fetched_again(
 
 
 def test_model_that_does_not_match_its_digest_is_refused_and_previous_kept(
-    broker: Broker, controller: Controller, agents: list[Agent], tmp_path: Path
+    broker: Broker, controller: Controller, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     digits = digits_classifier(tmp_path / "digits.onnx")
     v1 = upload(controller, digits.path, "digits", "1")

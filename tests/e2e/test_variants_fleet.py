@@ -14,8 +14,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.tensors import to_numpy
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.models import digits_mlp, tflite_mlp
 from tests.support.waiting import wait_until
 
@@ -62,7 +63,7 @@ def all_variants_done(controller: Controller, name: str, version: str) -> dict[s
 
 
 def test_each_profile_gets_its_variant_and_an_incompatible_device_is_skipped(
-    broker: Broker, controller: Controller, agents: list[Agent], tmp_path: Path
+    broker: Broker, controller: Controller, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     for name in ("raspberry-pi-zero-2-w", "jetson-orin-nano-8gb", "coral-dev-board"):
         assert controller.cli("profiles", "register", str(PROFILES / f"{name}.toml"))["id"] == name
@@ -152,7 +153,7 @@ def test_each_profile_gets_its_variant_and_an_incompatible_device_is_skipped(
         assert np.mean(logits.argmax(axis=1) == reference) >= 0.98, agent.device_id
 
 
-def _pin(agent: Agent, key_hex: str) -> None:
+def _pin(agent: AgentProcess, key_hex: str) -> None:
     lines = agent.config.read_text().splitlines()
     agent.config.write_text(
         "\n".join(
@@ -164,7 +165,7 @@ def _pin(agent: Agent, key_hex: str) -> None:
 
 
 def test_wrong_signer_is_refused_with_the_model_kept_and_a_signed_rotation_is_followed(
-    broker: Broker, controller: Controller, agents: list[Agent], tmp_path: Path
+    broker: Broker, controller: Controller, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     mlp = digits_mlp(tmp_path / "mlp.onnx")
     other = digits_mlp(tmp_path / "mlp2.onnx", hidden=16)

@@ -25,8 +25,9 @@ from edgefleet_proto.wave import WaveTopic, is_wave_topic
 from agent.broadcast import open_chunk, open_manifest
 from agent.errors import SealRejected
 from controller.wave_broadcast import seal_chunk
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done, stop_all
+from tests.support.localfleet import Controller, register_agent, rollout_done, stop_all
 from tests.support.models import dense_of_size
 from tests.support.mqtt_peer import Peer
 from tests.support.mqtt_relay import Relay, Tamper
@@ -64,9 +65,9 @@ class Setup:
         self.controller.init()
         toml_edit(self.controller.data_dir / "controller.toml", {"chunk_size": CHUNK, **settings})
         self.controller.start()
-        self.agents: list[Agent] = []
+        self.agents: list[AgentProcess] = []
 
-    def agent(self, device_id: str) -> Agent:
+    def agent(self, device_id: str) -> AgentProcess:
         agent = register_agent(self.controller, self.tmp_path / "agents", device_id)
         # Straight to the broker: the relay counts and alters the controller's traffic only.
         toml_edit(agent.config, {"port": self.broker.port}, section="mqtt")
@@ -81,7 +82,7 @@ class Setup:
         version["bytes"] = model.read_bytes()
         return version
 
-    def online(self, *agents: Agent) -> None:
+    def online(self, *agents: AgentProcess) -> None:
         ids = {a.device_id for a in agents}
         wait_until(
             lambda: all(d["online"] for d in self.controller.cli("devices", "list") if d["device_id"] in ids),
@@ -89,7 +90,7 @@ class Setup:
             "agents online",
         )
 
-    def roll_out(self, version: dict[str, Any], *agents: Agent) -> dict[str, Any]:
+    def roll_out(self, version: dict[str, Any], *agents: AgentProcess) -> dict[str, Any]:
         devices = [arg for a in agents for arg in ("--device", a.device_id)]
         rollout: dict[str, Any] = self.controller.cli(
             "rollouts", "create", "--model", "dense", "--version", version["version"], *devices
@@ -124,7 +125,7 @@ def setups() -> Iterator[list[Setup]]:
             s.close()
 
 
-def verified(agent: Agent, digest: str) -> dict[str, Any]:
+def verified(agent: AgentProcess, digest: str) -> dict[str, Any]:
     """What the agent logged when it verified ``digest``: chunks in all, and where each came from."""
     found = [m for m in VERIFIED.finditer(agent.log_file.read_text()) if digest.startswith(m["digest"])]
     assert found, f"{agent.device_id} never verified {digest[:12]}:\n{agent.log()}"
@@ -132,7 +133,7 @@ def verified(agent: Agent, digest: str) -> dict[str, Any]:
     return {k: int(m[k]) if k not in ("device", "digest", "refused") else m[k] for k in m.groupdict()}
 
 
-def active(setup: Setup, agent: Agent, digest: str) -> bool:
+def active(setup: Setup, agent: AgentProcess, digest: str) -> bool:
     reported = setup.controller.api("GET", f"/v1/devices/{agent.device_id}").json().get("reported") or {}
     return any(m["phase"] == "active" and m["artifact_digest"] == digest for m in reported.get("models", []))
 

@@ -19,12 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
-import numpy as np
-from edgefleet_proto import inference_pb2, inference_pb2_grpc
 
-from agent.tensors import from_arrays
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import free_port
 from tests.support.waiting import wait_until
 
@@ -154,67 +151,9 @@ class Controller:
         return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else out
 
 
-@dataclass
-class Agent:
-    device_id: str
-    config: Path
-    data_dir: Path
-    socket: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log_file(self) -> Path:
-        return self.data_dir.parent / f"{self.device_id}.log"
-
-    def start(self) -> Agent:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [str(BIN / "edgefleet-agent"), "run", "--config", str(self.config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        return self
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        code = self.proc.returncode
-        self.proc = None
-        return code
-
-    def log(self) -> str:
-        return _log_tail(self.log_file, 20000)
-
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(f"unix:{self.socket}")
-
-    def infer(self, inputs: dict[str, np.ndarray], tenant: str = "") -> inference_pb2.InferResponse:
-        with self.channel() as channel:
-            stub = inference_pb2_grpc.InferenceServiceStub(channel)
-            request = inference_pb2.InferRequest(tenant=tenant, inputs=from_arrays(inputs))
-            response: inference_pb2.InferResponse = stub.Infer(request, timeout=10)
-            return response
-
-
 def register_agent(
     controller: Controller, workdir: Path, device_id: str, telemetry_interval: float = 1.0
-) -> Agent:
+) -> AgentProcess:
     """Register a device through the operator CLI and write its agent config."""
     data_dir = workdir / device_id
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -235,7 +174,7 @@ def register_agent(
         config.write_text("\n".join(lines) + "\n")
     else:
         config.write_text(f"telemetry_interval_s = {telemetry_interval}\n" + text)
-    return Agent(device_id, config, data_dir, socket)
+    return AgentProcess(device_id, config, data_dir, socket)
 
 
 def rollout_done(controller: Controller, rollout_id: str) -> dict[str, Any] | None:
@@ -243,6 +182,6 @@ def rollout_done(controller: Controller, rollout_id: str) -> dict[str, Any] | No
     return rollout if rollout["status"] in ("succeeded", "failed") else None
 
 
-def stop_all(agents: Iterable[Agent]) -> None:
+def stop_all(agents: Iterable[AgentProcess]) -> None:
     for agent in agents:
         agent.stop()

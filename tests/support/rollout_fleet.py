@@ -24,8 +24,9 @@ from edgefleet_proto import inference_pb2, inference_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.tensors import from_arrays
+from tests.support.agent_process import AgentProcess
 from tests.support.fleetsim import DeviceLogin, SimFleet, SimSettings
-from tests.support.localfleet import Agent, Controller, register_agent, rollout_done
+from tests.support.localfleet import Controller, register_agent, rollout_done
 from tests.support.waiting import wait_until
 
 REAL_EVERY = 4  # dev-00, dev-04, ... are real agent processes
@@ -103,7 +104,7 @@ def classifier(path: Path, seed: int, slow: bool = False, faulty: bool = False) 
 @dataclass
 class Fleet:
     controller: Controller
-    agents: list[Agent]
+    agents: list[AgentProcess]
     sims: list[str]
     sim_fleet: SimFleet
     samples: np.ndarray
@@ -175,7 +176,7 @@ class Fleet:
         wait_until(lambda: all(reporting(d) for d in self.ids), 60, f"telemetry of version {version}")
 
 
-def _drive_agents(agents: list[Agent], samples: np.ndarray, stop: threading.Event) -> None:
+def _drive_agents(agents: list[AgentProcess], samples: np.ndarray, stop: threading.Event) -> None:
     """gRPC traffic to the real agents; refusals are what the new version's error rate counts."""
     channels = {a.device_id: grpc.insecure_channel(f"unix:{a.socket}") for a in agents}
     stubs = [inference_pb2_grpc.InferenceServiceStub(c) for c in channels.values()]
@@ -193,7 +194,7 @@ def _drive_agents(agents: list[Agent], samples: np.ndarray, stop: threading.Even
 
 
 @contextmanager
-def fleet_of_20(controller: Controller, workdir: Path, agents: list[Agent]) -> Iterator[Fleet]:
+def fleet_of_20(controller: Controller, workdir: Path, agents: list[AgentProcess]) -> Iterator[Fleet]:
     samples = digits_samples()
     workdir.mkdir(parents=True, exist_ok=True)
     np.save(workdir / "samples.npy", samples)

@@ -37,7 +37,7 @@ LONGEST_WINDOW_MS = 10_000
 
 
 def start_on_shifted_clock(agent: AgentProcess, offset_file: Path) -> None:
-    with open(agent.log, "ab") as log:
+    with open(agent.log_path, "ab") as log:
         agent.proc = subprocess.Popen(
             [
                 sys.executable,

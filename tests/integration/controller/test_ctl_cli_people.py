@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, free_port
-from tests.support.localfleet import Agent, Controller, register_agent
+from tests.support.localfleet import Controller, register_agent
 from tests.support.models import digits_classifier
 from tests.support.waiting import wait_until
 
@@ -172,7 +173,7 @@ def test_broken_pipe_ends_quietly(controller: Controller) -> None:
 def test_rollouts_watch_follows_a_rollout_to_its_end(controller: Controller, tmp_path: Path) -> None:
     digits = digits_classifier(tmp_path / "digits.onnx")
     controller.cli("models", "upload", str(digits.path), "--name", "digits", "--version", "1", "--no-wait")
-    agent: Agent = register_agent(controller, tmp_path / "agents", "cam-1").start()
+    agent: AgentProcess = register_agent(controller, tmp_path / "agents", "cam-1").start()
     try:
         wait_until(lambda: controller.cli("devices", "list")[0]["online"], 60, "the agent online")
         rollout = controller.cli(
