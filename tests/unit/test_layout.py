@@ -47,6 +47,36 @@ def test_halves_never_import_each_other(package: str, forbidden: set[str]) -> No
     assert offenders == {}
 
 
+@pytest.mark.parametrize("folder", ["examples", "bench"])
+def test_examples_and_benchmarks_never_import_test_modules_other_than_the_shared_helpers(folder: str) -> None:
+    """Examples use only the product; benchmarks may use tests/support (real brokers, models),
+    never a test module."""
+    allowed = set() if folder == "examples" else {"tests.support"}
+    offenders = {}
+    for path in (REPO / folder).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [module or ""]
+            bad = [
+                n for n in names if n.split(".")[0] == "tests" and not any(n.startswith(a) for a in allowed)
+            ]
+            if bad:
+                offenders[str(path.relative_to(REPO))] = bad
+    assert offenders == {}
+
+
+def test_test_modules_never_import_each_other() -> None:
+    """Shared helpers live in tests/support; a test module or a conftest is imported by pytest alone."""
+    offenders = {}
+    for path in (REPO / "tests").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                last = node.module.split(".")[-1]
+                if node.module.startswith("tests.") and (last.startswith("test_") or last == "conftest"):
+                    offenders.setdefault(str(path.relative_to(REPO)), []).append(node.module)
+    assert offenders == {}
+
+
 def test_contract_imports_only_protobuf_and_stdlib() -> None:
     allowed_third_party = {"google", "grpc", "edgefleet_proto"}
     for f, names in imported_modules(REPO / "proto" / "edgefleet_proto").items():
