@@ -268,7 +268,7 @@ def build_report(desired: Desired | None, current: Current) -> Report:
         update = _update_for(state, tenant, active.assignment.digest if active else "")
         if active is not None:
             a = active.assignment
-            machine = UpdateState(update.state) if update else None
+            machine = update.state if update else None
             entries.append(
                 ModelEntry(
                     tenant,
@@ -322,7 +322,7 @@ def _pending_entry(desired: Desired | None, current: Current, a: Assignment) -> 
     else:
         phase = Phase.DOWNLOADING
     update = _update_for(current.state, a.tenant, a.digest)
-    machine = update.state if update else ""
+    machine = update.state if update else None
     outcome = ""
     if phase is Phase.FAILED:
         outcome = "rolled_back" if machine == UpdateState.ROLLED_BACK else "failed"
@@ -337,7 +337,7 @@ def _pending_entry(desired: Desired | None, current: Current, a: Assignment) -> 
         error or "",
         a.rollout_id,
         outcome,
-        machine,
+        machine.value if machine is not None else "",
     )
 
 
@@ -366,7 +366,7 @@ def _machine_steps(want: Assignment, desired: Desired, current: Current, now: fl
     update = _update_for(current.state, a.tenant, a.digest)
     if update is None:
         return None
-    machine = UpdateState(update.state)
+    machine = update.state
     if machine is UpdateState.COMMIT:
         return [Commit(a.tenant, "resuming the commit")]
     if machine in (UpdateState.ACTIVATE, UpdateState.ROLLBACK):

@@ -24,6 +24,7 @@ from agent.atomic import write_atomic
 from agent.diskspace import refused_for_space
 from agent.errors import StateError
 from agent.signature import ModelSignature
+from agent.update_machine import UpdateState
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class Update:
     """One tenant's update in the state machine of :mod:`agent.update_machine`."""
 
     assignment: Assignment
-    state: str
+    state: UpdateState
     reason: str = ""
     # Probation: its end on the monotonic clock and the version's totals when it began. Only
     # meaningful within one run of the agent: a restart during probation rolls back.
@@ -129,7 +130,12 @@ class Update:
     # carried over while the tenant is assigned the same artifact, whatever the
     # generation, and cleared by a commit.
     crashes: int = 0
-    crashed_in: tuple[str, ...] = ()
+    crashed_in: tuple[UpdateState, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Typed whatever it was made from: the persisted JSON holds the states' names.
+        object.__setattr__(self, "state", UpdateState(self.state))
+        object.__setattr__(self, "crashed_in", tuple(UpdateState(s) for s in self.crashed_in))
 
     def crashed(self) -> Update:
         """The update after one more death of the agent in its current state."""

@@ -161,10 +161,10 @@ def resume(state: UpdateState, crashes: int = 0, max_attempts: int = DEFAULT_MAX
     return state
 
 
-def crash_reason(crashes: int, states: tuple[str, ...] = ()) -> str:
+def crash_reason(crashes: int, states: tuple[UpdateState, ...] = ()) -> str:
     """Why an update is given up: how often it crashed the agent and in which states, in the
     machine's order (none named: staging, the only state counted before the others were)."""
-    where = [_WHILE[s] for s in CRASH_COUNTED if s.value in states] or [_WHILE[S.STAGE]]
+    where = [_WHILE[s] for s in CRASH_COUNTED if s in states] or [_WHILE[S.STAGE]]
     places = where[0] if len(where) == 1 else f"{', '.join(where[:-1])} or {where[-1]}"
     return f"crashed the agent {crashes} time{'s' if crashes != 1 else ''} while {places}"
 

@@ -355,7 +355,7 @@ class Updater:
         death is counted and persisted before staging may be tried again.
         """
         for tenant, update in sorted(self.state.updates.items()):
-            persisted = UpdateState(update.state)
+            persisted = update.state
             if persisted in CRASH_COUNTED:
                 update = update.crashed()
                 self._save(self.state.with_update(tenant, update))
@@ -788,7 +788,7 @@ class Updater:
             self.emit("model_failed", "error", reason, _attrs(a))
         for tenant, update in sorted(self.state.updates.items()):
             # Only a model that never served fails; one that served is rolled back instead.
-            if update.assignment.digest == digest and UpdateState(update.state) in ENTRY:
+            if update.assignment.digest == digest and update.state in ENTRY:
                 self._end(tenant, UpdateState.FAILED, reason)
 
     def request_manifest(self, step: RequestManifest) -> None:
@@ -923,7 +923,7 @@ class Updater:
             # The update record goes on (its crashes still count), now on probation.
             probation = replace(
                 self.state.updates[a.tenant],
-                state=UpdateState.PROBATION.value,
+                state=UpdateState.PROBATION,
                 reason="",
                 probation_until=self.clock() + a.probation_s,
                 base_inferences=inferences,
@@ -958,7 +958,7 @@ class Updater:
         self.pool.release(a.tenant)
         update = self.state.updates.get(a.tenant)
         if update is not None and update.assignment.digest == a.digest:
-            staged = replace(update, state=UpdateState.STAGE.value)
+            staged = replace(update, state=UpdateState.STAGE)
             self._save(self.state.with_update(a.tenant, staged), deferrable=True)
 
     def commit(self, step: Commit) -> None:
@@ -1014,7 +1014,7 @@ class Updater:
         start through resume()), so the table refuses it loudly.
         """
         update = self.state.updates.get(step.tenant)
-        if update is not None and (machine := UpdateState(update.state)) not in FINAL:
+        if update is not None and (machine := update.state) not in FINAL:
             during = "on probation" if machine is UpdateState.PROBATION else f"in {machine.value}"
             after = next_state(machine, UpdateEvent.REMOVED)
             self._end(step.tenant, after, f"tenant removed while {during}", superseded=True)
@@ -1071,7 +1071,7 @@ class Updater:
 
         def free(a: Assignment) -> bool:
             u = self.state.updates.get(a.tenant)
-            return u is None or u.assignment.digest == digest or UpdateState(u.state) in FINAL | ENTRY
+            return u is None or u.assignment.digest == digest or u.state in FINAL | ENTRY
 
         return [a for a in desired.assignments if a.digest == digest and free(a)] if desired else []
 
@@ -1085,13 +1085,13 @@ class Updater:
         """
         current = self.state.updates.get(a.tenant)
         same = current is not None and current.assignment == a
-        if current is not None and not same and UpdateState(current.state) not in FINAL:
+        if current is not None and not same and current.state not in FINAL:
             self._supersede(current, a)
             current = self.state.updates.get(a.tenant)
-        check(UpdateState(current.state) if current is not None and same else None, state)
-        update = Update(a, state.value, reason)
+        check(current.state if current is not None and same else None, state)
+        update = Update(a, state, reason)
         if current is not None and same:
-            update = replace(current, state=state.value, reason=reason or current.reason)
+            update = replace(current, state=state, reason=reason or current.reason)
         elif current is not None and current.assignment.digest == a.digest:
             # The same artifact for the tenant, assigned anew: its crashes still count.
             update = replace(update, crashes=current.crashes, crashed_in=current.crashed_in)
@@ -1111,7 +1111,7 @@ class Updater:
 
     def _supersede(self, update: Update, newer: Assignment) -> None:
         old = update.assignment
-        machine = UpdateState(update.state)
+        machine = update.state
         if old.digest == newer.digest:
             # The same artifact assigned anew: the newer assignment's update takes over.
             log.info(
@@ -1134,9 +1134,9 @@ class Updater:
     def _end(self, tenant: str, state: UpdateState, reason: str, superseded: bool = False) -> None:
         update = self.state.updates[tenant]
         a = update.assignment
-        check(UpdateState(update.state), state)
+        check(update.state, state)
         # An ending is recorded even on a full disk (in memory until space is back).
-        ended = replace(update, state=state.value, reason=reason)
+        ended = replace(update, state=state, reason=reason)
         self._save(self.state.with_update(tenant, ended), deferrable=True)
         outcome = OUTCOMES[state]
         # A superseded update is the controller changing its mind, not a fault of the model.
