@@ -155,11 +155,13 @@ class Service(Session):
         # Said before any model loads, so a device with nothing to serve yet reports it too.
         probe_accelerator(self.accelerator)
         self.updater.boot()
-        if self.config.api.enabled:
-            self.server = self._serve_api()
         self.pipelines.start()
         self._load_declared()
         self.pipelines.apply(merge(self.config.tenants, self.declared))
+        # The socket appears only now: an app that connects the moment it does (waiting on the
+        # socket file) finds its tenant known, not "no pipeline on this device".
+        if self.config.api.enabled:
+            self.server = self._serve_api()
         served = ", ".join(f"{s.tenant}:{s.model_name}:{s.model_version}" for s in self.pool.all()) or "-"
         log.info(
             "agent ready device=%s socket=%s models=%s tenants=%s",

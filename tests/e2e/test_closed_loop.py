@@ -104,6 +104,8 @@ class Results(threading.Thread):
         self.last_version = ""
         self.device_id = agent.device_id
         self.ended = ""
+        self.results = 0
+        self.last_at = 0.0
 
     def run(self) -> None:
         try:
@@ -112,6 +114,8 @@ class Results(threading.Thread):
                     self.onset_ms = result.captured_at_ms
                 self.first_seen.setdefault(result.model_version, time.time())
                 self.last_version = result.model_version
+                self.results += 1
+                self.last_at = time.time()
         except grpc.RpcError as e:
             self.ended = f"{e.code()}: {e.details()}"  # cancelled at the end, or the agent stopped
 
@@ -159,7 +163,8 @@ def fleet_windows(controller: Controller, version: str, since_ms: int) -> list[d
 def redeploy_story(controller: Controller, agents: list[AgentProcess], streams: list[Results]) -> str:
     """What the redeploy did, for a run where the new version did not reach every stream."""
     lines = [
-        f"stream {s.device_id}: first seen {s.first_seen}, last {s.last_version!r}, ended {s.ended!r}"
+        f"stream {s.device_id}: {s.results} results, the last {time.time() - s.last_at:.1f} s ago, "
+        f"first seen {s.first_seen}, last {s.last_version!r}, ended {s.ended!r}"
         for s in streams
     ]
     for r in controller.api("GET", "/v1/rollouts").json():
