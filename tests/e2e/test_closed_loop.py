@@ -294,7 +294,7 @@ def test_drift_in_the_replayed_data_is_detected_retrained_and_redeployed(
         try:
             wait_until(
                 lambda: all(new_version in s.first_seen for s in streams),
-                240,
+                120,
                 "the new version serving everywhere",
             )
         except TimeoutError as timed_out:
