@@ -21,6 +21,7 @@ tenant's calls are offered to its shadow candidate (``shadow``, in the service
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import logging
 import os
@@ -218,6 +219,10 @@ def _abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
     raise AssertionError("context.abort returned")
 
 
+# The longest path a Unix socket can be bound at (sun_path less its terminating NUL).
+MAX_SOCKET_PATH = 107
+
+
 def serve(
     socket_path: Path,
     api: InferenceApi,
@@ -242,20 +247,29 @@ def serve(
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(api, server)
     if results is not None:
         inference_pb2_grpc.add_TenantResultsServicer_to_server(results, server)
+    # Bound beside its path and moved there once it listens with its mode and group: the socket
+    # file appears only when a connection is answered, so an app that connects the moment it
+    # exists is never refused. A path too long for the sibling's one more byte is bound in place.
+    starting = socket_path.with_name(f".{socket_path.name}")
+    bound = starting if len(os.fsencode(starting)) <= MAX_SOCKET_PATH else socket_path
+    with contextlib.suppress(FileNotFoundError):
+        bound.unlink()
     # Created under a tight umask, so the socket is never reachable wider than its mode.
     old_umask = os.umask(0o777 & ~socket_mode)
     try:
-        server.add_insecure_port(f"unix:{socket_path}")
+        server.add_insecure_port(f"unix:{bound}")
         server.start()
     finally:
         os.umask(old_umask)
-    os.chmod(socket_path, socket_mode)
+    os.chmod(bound, socket_mode)
     if socket_group:
         try:
-            os.chown(socket_path, -1, grp.getgrnam(socket_group).gr_gid)
+            os.chown(bound, -1, grp.getgrnam(socket_group).gr_gid)
         except (KeyError, PermissionError) as exc:
             server.stop(None)
             raise ConfigError(
                 f"cannot give the socket to group {socket_group!r} (the agent must be a member): {exc}"
             ) from None
+    if bound != socket_path:
+        os.replace(bound, socket_path)
     return server

@@ -16,6 +16,7 @@ after publishing the offline status.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -342,6 +343,9 @@ class Service(Session):
         # Calls in flight finish on the scheduler's workers, so gRPC stops first.
         if self.server is not None:
             self.server.stop(grace=1.0).wait(2.0)
+            # gRPC removes the path it bound, which the socket was moved from (agent.api.serve).
+            with contextlib.suppress(FileNotFoundError):
+                self.config.socket.unlink()
         if self.fast_path is not None:
             self.fast_path.stop(2.0)
         if not self.pipelines.stop(DRAIN_ON_STOP_S):
