@@ -648,8 +648,8 @@ class DeviceStatus(_message.Message):
     at_ms: _builtins.int
     agent_version: _builtins.str
     session: _builtins.int
-    """Ordered as ReportedState's: the agent process's start (ms) and, within it, 2k
-    for the online status of its k-th connection and 2k+1 for that connection's
+    """Ordered as ReportedState's: the agent process's start (ms) and, within it, two
+    consecutive numbers per connection, n for its online status and n+1 for its
     will, so a will outranks its own connection's online status and is outranked
     by the next connection's. 0: the newest received wins.
     """
