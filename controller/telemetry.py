@@ -162,9 +162,8 @@ class TelemetryStore:
             self.store.insert_many("telemetry", _COLUMNS, [_row(*w) for w in new])
             outbox_losses.observe_many(self.store, new)
             # What is kept per name carries registered names only (controller.registered_names).
-            folded = [
-                (device_id, fold_telemetry(self.names, device_id, msg), at) for device_id, msg, at in new
-            ]
+            names = self.names.known((device_id, msg) for device_id, msg, _ in new)
+            folded = [(device_id, fold_telemetry(names, device_id, msg), at) for device_id, msg, at in new]
             self._count_tenants(folded)
             # The batch's sketches first: the quota reads what each window added, sketches included.
             for observe_batch in self.batch_observers:
