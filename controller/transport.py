@@ -872,18 +872,21 @@ class Transport:
             )
             with store.transaction():
                 windows = []
+                seen_at: dict[str, float] = {}
                 for job in jobs:
                     if job.topic.kind is not Kind.TELEMETRY:
                         self._handle(job)
-                    elif self._admit(job):
+                    elif self._admit(job, seen_at):
                         windows.append(job)
-                # The batch's windows in one multi-row INSERT (controller.telemetry).
+                # The batch's windows in one multi-row INSERT (controller.telemetry), which takes
+                # the devices' locks in their order; then their last_seen in one statement.
                 self.telemetry.ingest_many(
                     [
                         (j.topic.device_id, cast(fleet_pb2.Telemetry, j.message), j.received_at)
                         for j in windows
                     ]
                 )
+                self.fleet.touch_many(seen_at)
                 stored.extend((j.topic.device_id, cast(fleet_pb2.Telemetry, j.message).seq) for j in windows)
             self._acknowledge_telemetry(stored)
             return
@@ -940,9 +943,10 @@ class Transport:
             request.applied_generation,
         )
 
-    def _admit(self, job: Inbound) -> bool:
+    def _admit(self, job: Inbound, seen_at: dict[str, float] | None = None) -> bool:
         """Whether the message is its device's to send (counted and logged when not); the device
-        is seen."""
+        is seen, written now or, given ``seen_at``, noted there for the caller to write with
+        others."""
         device_id, kind = job.topic.device_id, job.topic.kind
         if not self.fleet.is_known(device_id):
             self.counters.rejected(kind.value, "unknown_device")
@@ -965,6 +969,8 @@ class Transport:
         if seen and kind is Kind.ARTIFACT_REQUEST:
             # Many a second while a device downloads: its last_seen is written at most once a second.
             self.fleet.note_seen(device_id, job.received_at)
+        elif seen and seen_at is not None:
+            seen_at[device_id] = max(seen_at.get(device_id, 0.0), job.received_at)
         elif seen:
             self.fleet.touch(device_id, job.received_at)
         return True

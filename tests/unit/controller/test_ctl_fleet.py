@@ -165,3 +165,22 @@ def test_reported_conditions_are_kept_bounded_and_shown_in_the_api_schema(
     assert len(conditions[0].message) == 512
     public = DevicePublic.model_validate(device).model_dump()
     assert public["reported"]["conditions"][0]["kind"] == "disk_full"
+
+
+def test_touching_many_devices_moves_each_last_seen_forward_only(tmp_path: Path, store_url: str) -> None:
+    from controller.fleet import TOUCH_BATCH
+
+    parts = Parts(tmp_path, database_url=store_url)
+    devices = [f"d{i:04d}" for i in range(TOUCH_BATCH + 3)]  # two statements' worth
+    for device_id in devices:
+        parts.fleet.register(device_id)
+    parts.fleet.touch("d0000", 50.0)
+
+    parts.fleet.touch_many({device_id: 10.0 + i for i, device_id in enumerate(devices)} | {"nobody": 99.0})
+
+    seen = {d.device_id: d.last_seen for d in parts.fleet.all()}
+    assert seen["d0000"] == 50.0  # an older time leaves a newer one in place
+    assert seen["d0001"] == 11.0
+    assert seen[devices[-1]] == 10.0 + len(devices) - 1
+    assert "nobody" not in seen
+    parts.fleet.touch_many({})
