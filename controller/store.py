@@ -249,9 +249,12 @@ class Store:
     def insert_many(
         self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], on_conflict: str = ""
     ) -> int:
-        """Many rows in one multi-row INSERT per chunk (one round trip each on PostgreSQL);
+        """Many rows in one multi-row INSERT per chunk, or one COPY on PostgreSQL when no
+        ``on_conflict`` is given (one round trip either way on PostgreSQL);
         ``on_conflict`` is the statement's ``ON CONFLICT ...`` clause, if any (two rows of one
         statement must then not conflict with each other: PostgreSQL refuses that)."""
+        if self.is_postgresql and not on_conflict and rows:
+            return self._copy(table, columns, rows)
         count = 0
         # SQLite allows 32766 parameters a statement; stay well below.
         per_statement = max(1, 2000 // max(1, len(columns)))
@@ -265,6 +268,25 @@ class Store:
             )
             count += self.execute(sql, [value for row in chunk for value in row])
         return count
+
+    def _copy(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
+        """The rows through PostgreSQL's COPY, in the caller's transaction. Its text is the same
+        whatever the rows' number; a multi-row INSERT's is new for every batch size, and psycopg
+        parsed each one's thousands of placeholders again (a third of ingest's CPU)."""
+        import psycopg
+
+        sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+        with self._serialised(), self._connection() as connection, self._errors():
+            driver = connection.connection.driver_connection
+            assert isinstance(driver, psycopg.Connection)
+            try:
+                with driver.cursor() as cursor, cursor.copy(sql) as copy:
+                    for row in rows:
+                        copy.write_row([_param(v) for v in row])
+            except psycopg.Error as error:
+                wrapped = exc.DBAPIError.instance(sql, None, error, psycopg.Error)
+                raise self.translate(wrapped, "database error") from None
+        return len(rows)
 
     def _statement(self, connection: Connection, sql: str, params: Params) -> tuple[str, Any]:
         if isinstance(params, Mapping):
