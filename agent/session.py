@@ -80,11 +80,11 @@ class Session:
                     # and monitoring. The same generation again (retained, after a restart) does.
                     self._desired_taken(event.message)
             elif isinstance(event.message, artifact_pb2.ArtifactResponse):
-                self.updater.on_artifact(event.message)
+                self.updater.intake.on_artifact(event.message)
             elif isinstance(event.message, fleet_pb2.TelemetryAck):
                 self.sender.acknowledge(event.message.seqs)
         elif isinstance(event, WaveInbound):
-            self.updater.on_wave_frame(event.topic, event.frame)
+            self.updater.intake.on_wave_frame(event.topic, event.frame)
         elif isinstance(event, Rejected):
             self._payload_rejected(event.topic, event.reason)
         elif isinstance(event, LinkUp):

@@ -2,9 +2,9 @@
 
 Each :class:`~agent.reconciler.Action` maps to one method in ``handlers``; the
 service loop calls :meth:`Updater.converge`, which plans, executes, and plans
-again until only waiting is left. Inbound artifact responses and desired states
-update the in-memory transfers and the persisted state; the planner decides what
-follows. Every state change is written (atomically) before the act it allows:
+again until only waiting is left. A desired state updates the persisted state;
+manifests, chunks and broadcast frames go to the transfers under way
+(:mod:`agent.intake`); the planner decides what follows. Every state change is written (atomically) before the act it allows:
 the new desired state before downloading, the new active model before it
 serves, a failure before it is reported.
 
@@ -22,28 +22,26 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
-from edgefleet_proto import artifact_pb2, fleet_pb2
+from edgefleet_proto import fleet_pb2
 from edgefleet_proto.codec import encode
 from edgefleet_proto.tenancy import tenant_or_default
 from edgefleet_proto.topics import Kind
 
-from agent.artifacts import ArtifactStore, Download
-from agent.broadcast import Reception, open_chunk, open_manifest, reception
+from agent.artifacts import ArtifactStore
+from agent.broadcast import reception
 from agent.conditions import DESIRED_REFUSED, Conditions
 from agent.diskspace import FreeSpace, is_disk_full
 from agent.errors import (
     AgentError,
-    ArtifactError,
-    ChunkRejected,
     DiskFull,
     MemoryBudgetExceeded,
     ModelError,
-    SealRejected,
 )
+from agent.intake import EmitEvent, Intake, Publisher, Transfer, event_attrs
 from agent.pool import ModelPool, ServingModel
 from agent.reconciler import (
     Action,
@@ -62,7 +60,6 @@ from agent.reconciler import (
     RequestManifest,
     RollBack,
     Step,
-    TransferView,
     Verify,
     Wait,
     plan,
@@ -99,8 +96,6 @@ from agent.update_machine import (
 
 log = logging.getLogger(__name__)
 
-# Corrupt chunks tolerated per transfer before the artifact is refused.
-MAX_CHUNK_REJECTIONS = 64
 # Plan/execute rounds per converge() call; the loop comes back after inbound work.
 MAX_ROUNDS = 32
 # What may run while the data disk is full: reporting, the steps that end or remove
@@ -130,85 +125,11 @@ _OUTCOMES = {
 KILL_AT_ENV = "EDGEFLEET_AGENT_KILL_AT"
 
 
-class Publisher(Protocol):
-    @property
-    def connected(self) -> bool: ...
-
-    def topic(self, kind: Kind) -> str: ...
-
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> Any: ...
-
-    def listen(self, topics: frozenset[str]) -> None: ...
-
-
-EmitEvent = Callable[[str, str, str, dict[str, str]], None]
 Probe = Callable[[str, str, str], tuple[int, int]]
 
 
 def _no_probe(tenant: str, model_name: str, model_version: str) -> tuple[int, int]:
     return 0, 0
-
-
-@dataclass
-class Transfer:
-    assignment: Assignment
-    download: Download | None = None
-    manifest_requested_at: float | None = None
-    outstanding: dict[int, float] = field(default_factory=dict)
-    rejected: int = 0
-    # The assignment's sample inputs rather than its model.
-    sample: bool = False
-    # Its wave broadcast (agent.broadcast): subscribed since, last heard from (monotonic),
-    # whether it said every chunk went out, and whether the controller heard we listen.
-    reception: Reception | None = None
-    listening: bool = False
-    heard_at: float = -math.inf
-    broadcast_done: bool = False
-    told: bool = False
-    # Where the chunks came from, and broadcast chunks refused by reason ("sealed", "digest").
-    resumed: int = 0
-    from_broadcast: int = 0
-    from_requests: int = 0
-    refused: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def digest(self) -> str:
-        return self.assignment.sample_digest if self.sample else self.assignment.digest
-
-    @property
-    def size(self) -> int:
-        return self.assignment.sample_size if self.sample else self.assignment.size
-
-    def broadcast_until(self, quiet_s: float) -> float:
-        """Until when the broadcast may still bring chunks: ``quiet_s`` after it was last heard."""
-        if not self.listening or self.broadcast_done:
-            return -math.inf
-        return self.heard_at + quiet_s
-
-    def view(self, quiet_s: float = 0.0) -> TransferView:
-        d = self.download
-        return TransferView(
-            digest=self.digest,
-            has_manifest=d is not None,
-            manifest_requested_at=self.manifest_requested_at,
-            chunks=d.chunks if d else 0,
-            have=frozenset(d.have) if d else frozenset(),
-            outstanding=dict(self.outstanding),
-            bytes_have=d.bytes_have if d else 0,
-            bytes_total=d.size if d else self.size,
-            listening=self.listening,
-            broadcast_until=self.broadcast_until(quiet_s),
-        )
-
-
-def _attrs(a: Assignment) -> dict[str, str]:
-    return {
-        "tenant": a.tenant,
-        "model": a.model_name,
-        "version": a.model_version,
-        "digest": a.digest,
-        "rollout_id": a.rollout_id,
-    }
 
 
 class Updater:
@@ -254,9 +175,9 @@ class Updater:
         self.keys = keys if keys is not None else KeyRing(states.path.parent, None)
         self.state = DeviceState()
         self.installed: set[str] = set()
-        self.transfers: dict[str, Transfer] = {}
-        # The wave broadcast topics the link was last told to subscribe to.
-        self.listened: frozenset[str] = frozenset()
+        # The artifacts being fetched, and what arrives for them (agent.intake).
+        self.intake = Intake(device_id, artifacts, link, emit, self.space, clock, self._fail_digest)
+        self.transfers = self.intake.transfers
         self.reported: Report | None = None
         self.reported_at = -math.inf
         self.handlers: dict[Action, Callable[[Any], None]] = {
@@ -336,7 +257,7 @@ class Updater:
                 self._save(
                     self.state.with_failure(Failure(a.digest, str(exc), self.state.desired_generation))
                 )
-                self.emit("model_failed", "error", f"cannot load at start: {exc}", _attrs(a))
+                self.emit("model_failed", "error", f"cannot load at start: {exc}", event_attrs(a))
                 continue
             if candidate is not ts.active:
                 self._save(self.state.with_tenant(tenant, TenantState(candidate, None)))
@@ -468,170 +389,10 @@ class Updater:
         log.info("desired received device=%s generation=%d tenants=%s", self.device_id, generation, tenants)
         return None
 
-    def on_artifact(self, resp: artifact_pb2.ArtifactResponse) -> None:
-        body = resp.WhichOneof("body")
-        if body == "manifest":
-            self._on_manifest(resp.manifest)
-        elif body == "chunk":
-            self._on_chunk(resp.chunk)
-        elif body == "error":
-            t = self.transfers.get(resp.error.digest)
-            if t is not None:
-                self._fail_digest(t.digest, f"controller cannot serve the artifact: {resp.error.reason}")
-
-    def _on_manifest(self, manifest: artifact_pb2.ArtifactManifest) -> None:
-        t = self.transfers.get(manifest.digest)
-        if t is None or t.download is not None:
-            return
-        try:
-            if not t.sample and manifest.format != t.assignment.format:
-                raise ArtifactError(f"manifest format {manifest.format!r} is not {t.assignment.format!r}")
-            t.download = self.artifacts.start(manifest.digest, manifest, t.size)
-        except DiskFull as exc:
-            # Not the artifact's fault: the manifest is asked for again once there is room.
-            self.space.hit(str(exc))
-            return
-        except (ArtifactError, OSError) as exc:
-            self._fail_digest(manifest.digest, f"bad manifest: {exc}")
-            return
-        log.info(
-            "manifest received device=%s digest=%s size=%d chunks=%d",
-            self.device_id,
-            manifest.digest[:12],
-            manifest.size,
-            t.download.chunks,
-        )
-
-    def _on_chunk(self, chunk: artifact_pb2.Chunk) -> None:
-        t = self.transfers.get(chunk.digest)
-        if t is None or t.download is None:
-            return
-        t.outstanding.pop(chunk.index, None)
-        if chunk.index in t.download.have:
-            return
-        try:
-            self.artifacts.write_chunk(t.download, chunk.index, chunk.offset, chunk.data)
-            t.from_requests += 1
-        except ChunkRejected as exc:
-            t.rejected += 1
-            log.warning(
-                "chunk rejected device=%s digest=%s index=%d rejected=%d error=%s",
-                self.device_id,
-                chunk.digest[:12],
-                chunk.index,
-                t.rejected,
-                exc,
-            )
-            attrs = {
-                **_attrs(t.assignment),
-                "index": str(chunk.index),
-                "rejected": str(t.rejected),
-                "source": "request",
-                "reason": "digest",
-            }
-            self.emit("chunk_rejected", "warning", str(exc), attrs)
-            if t.rejected > MAX_CHUNK_REJECTIONS:
-                self._fail_digest(chunk.digest, f"more than {MAX_CHUNK_REJECTIONS} corrupt chunks")
-        except DiskFull as exc:
-            # The chunk is asked for again once there is room; requests stop until then.
-            self.space.hit(str(exc))
-        except OSError as exc:
-            log.error(
-                "chunk write failed device=%s digest=%s error=%s", self.device_id, chunk.digest[:12], exc
-            )
-
-    def on_wave_frame(self, topic: str, frame: artifact_pb2.WaveFrame) -> None:
-        """A frame of a wave broadcast this device listens to: its announcement or a sealed chunk."""
-        t = self.transfers.get(frame.digest)
-        if t is None or t.reception is None or t.reception.topic != topic or not t.listening:
-            return
-        t.heard_at = self.clock()
-        body = frame.WhichOneof("body")
-        if body == "announcement":
-            self._on_announcement(t, frame.announcement)
-        elif body == "chunk":
-            self._on_sealed_chunk(t, frame.chunk)
-
-    def _on_announcement(self, t: Transfer, announcement: artifact_pb2.WaveAnnouncement) -> None:
-        assert t.reception is not None
-        if t.download is None:
-            try:
-                manifest = open_manifest(t.reception.key, t.digest, announcement)
-            except SealRejected as exc:
-                self._refused(t, "sealed", "manifest", exc)
-                return
-            if manifest.digest != t.digest:
-                self._refused(t, "digest", "manifest", SealRejected("the manifest is for another artifact"))
-                return
-            self._on_manifest(manifest)
-        if announcement.done:
-            if not t.broadcast_done:
-                log.info(
-                    "broadcast ended device=%s digest=%s have=%d/%d",
-                    self.device_id,
-                    t.digest[:12],
-                    len(t.download.have) if t.download else 0,
-                    t.download.chunks if t.download else 0,
-                )
-            t.broadcast_done = True
-        elif t.download is not None and not t.told and not t.download.complete:
-            # Nothing comes back: the controller starts the broadcast once its wave listens.
-            req = artifact_pb2.ChunkRequest(digest=t.digest, listening=True)
-            self.link.publish(self.link.topic(Kind.ARTIFACT_REQUEST), encode(req))
-            t.told = True
-
-    def _on_sealed_chunk(self, t: Transfer, sealed: artifact_pb2.SealedChunk) -> None:
-        assert t.reception is not None
-        d = t.download
-        # Before the manifest a chunk can be neither placed nor checked: it is asked for later.
-        if d is None or sealed.index in d.have or not 0 <= sealed.index < d.chunks:
-            return
-        try:
-            data = open_chunk(t.reception.key, t.digest, d.manifest.chunk_size, sealed)
-        except SealRejected as exc:
-            self._refused(t, "sealed", str(sealed.index), exc)
-            return
-        offset, _ = d.chunk_range(sealed.index)
-        try:
-            self.artifacts.write_chunk(d, sealed.index, offset, data)
-            t.from_broadcast += 1
-        except ChunkRejected as exc:
-            self._refused(t, "digest", str(sealed.index), exc)
-        except DiskFull as exc:
-            self.space.hit(str(exc))
-        except OSError as exc:
-            log.error("chunk write failed device=%s digest=%s error=%s", self.device_id, t.digest[:12], exc)
-
-    def _refused(self, t: Transfer, reason: str, index: str, exc: Exception) -> None:
-        """A broadcast chunk (or manifest) refused: counted by reason; what it should have brought
-        is asked for by request once the broadcast ends."""
-        t.refused[reason] = t.refused.get(reason, 0) + 1
-        log.warning(
-            "broadcast chunk rejected device=%s digest=%s index=%s reason=%s count=%d error=%s",
-            self.device_id,
-            t.digest[:12],
-            index,
-            reason,
-            t.refused[reason],
-            exc,
-        )
-        attrs = {
-            **_attrs(t.assignment),
-            "index": index,
-            "source": "broadcast",
-            "reason": reason,
-            "rejected": str(t.refused[reason]),
-        }
-        self.emit("chunk_rejected", "warning", str(exc), attrs)
-
     def on_link_up(self) -> None:
-        # Requests in flight may be lost with the old session; ask again now.
+        # Reported again on the new session; requests in flight are asked for again.
         self.reported = None
-        for t in self.transfers.values():
-            t.manifest_requested_at = None
-            t.outstanding.clear()
-            # The broadcast's announcement comes again with the subscription: say we listen again.
-            t.told = False
+        self.intake.on_link_up()
 
     # -- planning -------------------------------------------------------------
 
@@ -639,7 +400,7 @@ class Updater:
         return Current(
             state=self.state,
             installed=frozenset(self.installed),
-            transfers={d: t.view(self.request_timeout_s) for d, t in self.transfers.items()},
+            transfers=self.intake.views(self.request_timeout_s),
             connected=self.link.connected,
             runtimes=frozenset(BACKENDS),
             reported=self.reported,
@@ -665,21 +426,12 @@ class Updater:
                 work = [s for s in work if s.action in WHILE_DISK_FULL]
                 waits.append(self.space.next_poll)
             if not work:
-                self._follow_broadcasts()
+                self.intake.follow_broadcasts()
                 return min(waits, default=math.inf)
             for step in work:
                 self.execute(step)
-        self._follow_broadcasts()
+        self.intake.follow_broadcasts()
         return self.clock()
-
-    def _follow_broadcasts(self) -> None:
-        """Keep the link subscribed to the broadcasts of the transfers under way, and no other."""
-        topics = frozenset(
-            t.reception.topic for t in self.transfers.values() if t.listening and t.reception is not None
-        )
-        if topics != self.listened:
-            self.link.listen(topics)
-            self.listened = topics
 
     def _look_for_space(self) -> None:
         """While the disk is full, see (with backoff) whether what waits fits again; if so, go on."""
@@ -695,9 +447,7 @@ class Updater:
             self.space.hit(str(exc))
             return
         # What the full disk refused is asked for again now.
-        for t in self.transfers.values():
-            t.manifest_requested_at = None
-            t.outstanding.clear()
+        self.intake.ask_again()
 
     def execute(self, step: Step) -> None:
         try:
@@ -785,7 +535,7 @@ class Updater:
                 digest[:12],
                 reason,
             )
-            self.emit("model_failed", "error", reason, _attrs(a))
+            self.emit("model_failed", "error", reason, event_attrs(a))
         for tenant, update in sorted(self.state.updates.items()):
             # Only a model that never served fails; one that served is rolled back instead.
             if update.assignment.digest == digest and update.state in ENTRY:
@@ -795,18 +545,14 @@ class Updater:
         t = self._transfer(step.assignment, step.sample)
         if t is None:
             return
-        t.manifest_requested_at = self.clock()
-        req = artifact_pb2.ChunkRequest(digest=step.digest, want_manifest=True)
-        self.link.publish(self.link.topic(Kind.ARTIFACT_REQUEST), encode(req))
+        self.intake.request_manifest(t)
 
     def listen(self, step: Listen) -> None:
         """Subscribe to the wave broadcast of the artifact; its announcement brings the manifest."""
         t = self._transfer(step.assignment, step.sample)
         if t is None:
             return
-        t.reception = reception(step.assignment, step.sample)
-        t.listening, t.told, t.heard_at = True, False, self.clock()
-        self._follow_broadcasts()
+        self.intake.listen(t, reception(step.assignment, step.sample))
         log.info(
             "listening to the wave broadcast device=%s digest=%s wave=%s",
             self.device_id,
@@ -848,16 +594,13 @@ class Updater:
                 a.digest[:12],
                 a.size,
             )
-            self.emit("download_started", "info", f"downloading {a.model_name} {a.model_version}", _attrs(a))
+            self.emit(
+                "download_started", "info", f"downloading {a.model_name} {a.model_version}", event_attrs(a)
+            )
         return t
 
     def request_chunks(self, step: RequestChunks) -> None:
-        t = self.transfers[step.digest]
-        now = self.clock()
-        for i in step.indices:
-            t.outstanding[i] = now
-        req = artifact_pb2.ChunkRequest(digest=step.digest, indices=step.indices)
-        self.link.publish(self.link.topic(Kind.ARTIFACT_REQUEST), encode(req))
+        self.intake.request_chunks(step.digest, step.indices)
 
     def verify(self, step: Verify) -> None:
         t = self.transfers[step.digest]
@@ -944,7 +687,7 @@ class Updater:
             a.model_version,
             a.digest[:12],
         )
-        self.emit("model_activated", "info", f"{a.model_name} {a.model_version} is serving", _attrs(a))
+        self.emit("model_activated", "info", f"{a.model_name} {a.model_version} is serving", event_attrs(a))
 
     def _smoke_inputs(self, a: Assignment, model: LoadedModel) -> dict[str, np.ndarray]:
         """The version's sample inputs, else inputs made from its signature (zeros without one)."""
@@ -1002,7 +745,7 @@ class Updater:
         failure = Failure(a.digest, reason, self.state.desired_generation)
         self._save(self.state.with_failure(failure), deferrable=True)
         self._end(step.tenant, UpdateState.ROLLED_BACK, step.reason, superseded)
-        self.emit("model_rolled_back", "warning" if superseded else "error", reason, _attrs(a))
+        self.emit("model_rolled_back", "warning" if superseded else "error", reason, event_attrs(a))
 
     def deactivate(self, step: Deactivate) -> None:
         """Stop serving a tenant the controller no longer assigns.
@@ -1153,7 +896,7 @@ class Updater:
             reason,
         )
         severity = "info" if outcome == "succeeded" else "warning" if superseded else "error"
-        attrs = {**_attrs(a), "outcome": outcome}
+        attrs = {**event_attrs(a), "outcome": outcome}
         self.emit("update_outcome", severity, f"{a.model_name} {a.model_version}: {outcome}: {reason}", attrs)
 
     def _maybe_die(self, state: UpdateState) -> None:
