@@ -370,7 +370,8 @@ def _machine_steps(want: Assignment, desired: Desired, current: Current, now: fl
     if machine is UpdateState.COMMIT:
         return [Commit(a.tenant, "resuming the commit")]
     if machine in (UpdateState.ACTIVATE, UpdateState.ROLLBACK):
-        return [RollBack(a.tenant, update.reason or f"interrupted in {machine.value}")]
+        # Interrupted by an error between the swap and probation, or while rolling back.
+        return [RollBack(a.tenant, update.reason or f"interrupted in {machine.value}", UpdateEvent.ERROR)]
     if machine is not UpdateState.PROBATION:
         return None
     if want.digest != a.digest:

@@ -24,6 +24,10 @@ too, with an outcome reported: one that has not served ends ``failed``; one on
 probation ends ``rolled_back`` straight away, as nothing of the tenant serves
 any more (its held previous model goes with it, there is no one to serve it to).
 
+The table drives every move: the updater names what happened (an event) and
+persists the state :func:`advance` gives (an update not under way begins at
+:data:`BEGINS`), or ends it where :func:`next_state` takes it.
+
 The updater persists the state (atomically) before the state acts, and on
 start :func:`resume` decides where to go from what was persisted: a restart
 inside ``activate``, ``probation`` or ``rollback`` rolls back (the new model
@@ -63,6 +67,8 @@ class UpdateState(StrEnum):
 
 
 class UpdateEvent(StrEnum):
+    # The artifact is assigned and not on the device: the update begins by fetching it.
+    ASSIGNED = "assigned"
     FETCHED = "fetched"
     VERIFIED = "verified"
     STAGED = "staged"
@@ -78,6 +84,9 @@ class UpdateEvent(StrEnum):
     REMOVED = "removed"
     # The agent died while in the state, as many times as an update may be attempted.
     CRASHED = "crashed"
+    # The write that would let the staged model serve was refused (a full disk): nothing was
+    # swapped, and staging is tried again once there is room.
+    NOT_SWAPPED = "not_swapped"
 
 
 S, E = UpdateState, UpdateEvent
@@ -99,6 +108,7 @@ TRANSITIONS: dict[tuple[UpdateState, UpdateEvent], UpdateState] = {
     (S.ACTIVATE, E.ACTIVATED): S.PROBATION,
     (S.ACTIVATE, E.ERROR): S.ROLLBACK,
     (S.ACTIVATE, E.CRASHED): S.ROLLBACK,
+    (S.ACTIVATE, E.NOT_SWAPPED): S.STAGE,
     (S.PROBATION, E.PROBATION_PASSED): S.COMMIT,
     (S.PROBATION, E.CRASHED): S.ROLLBACK,
     (S.PROBATION, E.PROBATION_FAILED): S.ROLLBACK,
@@ -131,14 +141,26 @@ def next_state(state: UpdateState, event: UpdateEvent) -> UpdateState:
 ENTRY = frozenset({S.FETCH, S.VERIFY, S.STAGE})
 
 
-def check(current: UpdateState | None, new: UpdateState) -> None:
-    """Refuse a move the table does not allow; a state may be re-entered (resume repeats its work)."""
+# Where an update that is not under way (none yet, or the last one ended) begins, by what
+# already happened to its artifact: assigned (to fetch), fetched (on disk, to verify) or
+# verified (to stage).
+BEGINS = {E.ASSIGNED: S.FETCH, E.FETCHED: S.VERIFY, E.VERIFIED: S.STAGE}
+
+
+def advance(current: UpdateState | None, event: UpdateEvent) -> UpdateState:
+    """The state an update in ``current`` moves to on ``event``: the table's, or where an update
+    not under way begins (:data:`BEGINS`). A state the event leads to is entered again when the
+    update is in it already: after a restart, resume repeats the state's work."""
     if current is None or current in FINAL:
-        if new in ENTRY:
-            return
-    elif new is current or any(TRANSITIONS.get((current, e)) is new for e in UpdateEvent):
-        return
-    raise UnhandledTransition(f"no transition from {current.value if current else 'none'} to {new.value}")
+        if event in BEGINS:
+            return BEGINS[event]
+    elif (current, event) in TRANSITIONS:
+        return TRANSITIONS[(current, event)]
+    elif BEGINS.get(event) is current or any(
+        after is current for (_, on), after in TRANSITIONS.items() if on is event
+    ):
+        return current
+    raise UnhandledTransition(f"no transition from {current.value if current else 'none'} on {event.value}")
 
 
 # How many times an update may crash the agent, unless configured.

@@ -87,7 +87,7 @@ from agent.update_machine import (
     UnhandledTransition,
     UpdateEvent,
     UpdateState,
-    check,
+    advance,
     crash_note,
     crash_reason,
     next_state,
@@ -306,7 +306,7 @@ class Updater:
                     update.assignment.model_version,
                     persisted.value,
                 )
-                self.rollback(RollBack(tenant, reason))
+                self.rollback(RollBack(tenant, reason, UpdateEvent.CRASHED))
             elif after is UpdateState.COMMIT:
                 self.commit(Commit(tenant, "resumed after a restart"))
 
@@ -539,7 +539,7 @@ class Updater:
         for tenant, update in sorted(self.state.updates.items()):
             # Only a model that never served fails; one that served is rolled back instead.
             if update.assignment.digest == digest and update.state in ENTRY:
-                self._end(tenant, UpdateState.FAILED, reason)
+                self._end(tenant, UpdateEvent.ERROR, reason)
 
     def request_manifest(self, step: RequestManifest) -> None:
         t = self._transfer(step.assignment, step.sample)
@@ -583,7 +583,7 @@ class Updater:
                 return None
             # Entered before the transfer exists, so a refused write leaves nothing half begun.
             for wanting in self._wanting(a.digest):
-                self._enter(wanting, UpdateState.FETCH)
+                self._advance(wanting, UpdateEvent.ASSIGNED)
             t = self.transfers[a.digest] = Transfer(a, reception=reception(a))
             log.info(
                 "download started device=%s tenant=%s model=%s version=%s digest=%s size=%d",
@@ -607,7 +607,7 @@ class Updater:
         assert t.download is not None
         # Sample inputs are part of the model's fetch: they move no update on their own.
         for wanting in [] if t.sample else self._wanting(step.digest):
-            self._enter(wanting, UpdateState.VERIFY)
+            self._advance(wanting, UpdateEvent.FETCHED)
         self.artifacts.finalize(t.download, sample=t.sample)
         self.transfers.pop(step.digest)
         self.installed.add(step.digest)
@@ -631,7 +631,7 @@ class Updater:
         if crashed is not None:
             self._fail_digest(a.digest, crashed)
             return
-        self._enter(a, UpdateState.STAGE)
+        self._advance(a, UpdateEvent.VERIFIED)
         serving = self.pool.get(a.tenant)
         held = self.pool.held(a.tenant)
         loaded = False
@@ -658,15 +658,16 @@ class Updater:
                 self._drop_unloadable(a.digest)
             return
         try:
-            self._enter(a, UpdateState.ACTIVATE)
+            self._advance(a, UpdateEvent.STAGED)
             ts = self.state.tenants.get(a.tenant, TenantState())
             previous = ts.active if ts.active and ts.active.assignment.digest != a.digest else ts.previous
             path = str(self.artifacts.model_path(a.digest, a.format))
             inferences, errors = self.probe(a.tenant, a.model_name, a.model_version)
             # The update record goes on (its crashes still count), now on probation.
+            activated = self.state.updates[a.tenant]
             probation = replace(
-                self.state.updates[a.tenant],
-                state=UpdateState.PROBATION,
+                activated,
+                state=advance(activated.state, UpdateEvent.ACTIVATED),
                 reason="",
                 probation_until=self.clock() + a.probation_s,
                 base_inferences=inferences,
@@ -701,14 +702,14 @@ class Updater:
         self.pool.release(a.tenant)
         update = self.state.updates.get(a.tenant)
         if update is not None and update.assignment.digest == a.digest:
-            staged = replace(update, state=UpdateState.STAGE)
+            staged = replace(update, state=advance(update.state, UpdateEvent.NOT_SWAPPED))
             self._save(self.state.with_update(a.tenant, staged), deferrable=True)
 
     def commit(self, step: Commit) -> None:
         update = self.state.updates[step.tenant]
-        self._enter(update.assignment, UpdateState.COMMIT)
+        self._advance(update.assignment, UpdateEvent.PROBATION_PASSED)
         released = self.pool.release(step.tenant)
-        self._end(step.tenant, UpdateState.COMMITTED, step.reason)
+        self._end(step.tenant, UpdateEvent.COMMITTED, step.reason)
         if released is not None:
             log.info(
                 "previous model released device=%s tenant=%s version=%s",
@@ -726,7 +727,7 @@ class Updater:
         update = self.state.updates[step.tenant]
         a = update.assignment
         # A rollback finishes even when the disk is full: its writes wait in memory.
-        self._enter(a, UpdateState.ROLLBACK, step.reason, deferrable=True)
+        self._advance(a, step.cause, step.reason, deferrable=True)
         superseded = step.cause is UpdateEvent.SUPERSEDED
         ts = self.state.tenants.get(step.tenant)
         if ts is not None and ts.active is not None and ts.active.assignment.digest == a.digest:
@@ -744,7 +745,7 @@ class Updater:
         reason = f"rolled back: {step.reason}"
         failure = Failure(a.digest, reason, self.state.desired_generation)
         self._save(self.state.with_failure(failure), deferrable=True)
-        self._end(step.tenant, UpdateState.ROLLED_BACK, step.reason, superseded)
+        self._end(step.tenant, UpdateEvent.ROLLED_BACK, step.reason, superseded)
         self.emit("model_rolled_back", "warning" if superseded else "error", reason, event_attrs(a))
 
     def deactivate(self, step: Deactivate) -> None:
@@ -759,8 +760,7 @@ class Updater:
         update = self.state.updates.get(step.tenant)
         if update is not None and (machine := update.state) not in FINAL:
             during = "on probation" if machine is UpdateState.PROBATION else f"in {machine.value}"
-            after = next_state(machine, UpdateEvent.REMOVED)
-            self._end(step.tenant, after, f"tenant removed while {during}", superseded=True)
+            self._end(step.tenant, UpdateEvent.REMOVED, f"tenant removed while {during}", superseded=True)
         # Removing the tenant from the pool releases the previous model it held too.
         self._save(self.state.with_tenant(step.tenant, None).with_update(step.tenant, None))
         self.pool.remove(step.tenant)
@@ -818,8 +818,9 @@ class Updater:
 
         return [a for a in desired.assignments if a.digest == digest and free(a)] if desired else []
 
-    def _enter(self, a: Assignment, state: UpdateState, reason: str = "", deferrable: bool = False) -> None:
-        """Persist the tenant's update in ``state`` before that state acts.
+    def _advance(self, a: Assignment, event: UpdateEvent, reason: str = "", deferrable: bool = False) -> None:
+        """Persist the tenant's update in the state the table gives for ``event`` (agent.update_machine),
+        before that state acts.
 
         A tenant has one update at a time. One for another artifact that has not
         served yet ends here (``failed``, superseded by ``a``); one whose model
@@ -831,7 +832,7 @@ class Updater:
         if current is not None and not same and current.state not in FINAL:
             self._supersede(current, a)
             current = self.state.updates.get(a.tenant)
-        check(current.state if current is not None and same else None, state)
+        state = advance(current.state if current is not None and same else None, event)
         update = Update(a, state, reason)
         if current is not None and same:
             update = replace(current, state=state, reason=reason or current.reason)
@@ -872,12 +873,15 @@ class Updater:
                 f"{machine.value}: it must end before {newer.model_name} {newer.model_version} starts"
             )
         reason = f"superseded by {newer.model_name} {newer.model_version} before it served"
-        self._end(old.tenant, next_state(machine, UpdateEvent.SUPERSEDED), reason, superseded=True)
+        self._end(old.tenant, UpdateEvent.SUPERSEDED, reason, superseded=True)
 
-    def _end(self, tenant: str, state: UpdateState, reason: str, superseded: bool = False) -> None:
+    def _end(self, tenant: str, event: UpdateEvent, reason: str, superseded: bool = False) -> None:
+        """The tenant's update ends where the table takes it on ``event`` (an ending state)."""
         update = self.state.updates[tenant]
         a = update.assignment
-        check(update.state, state)
+        state = next_state(update.state, event)
+        if state not in FINAL:
+            raise UnhandledTransition(f"{event.value} does not end an update in {update.state.value}")
         # An ending is recorded even on a full disk (in memory until space is back).
         ended = replace(update, state=state, reason=reason)
         self._save(self.state.with_update(tenant, ended), deferrable=True)
