@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from controller.api.bodies import Create, Public
 from controller.api.deps import ControllerDep, PrincipalDep, minimum_role
 from controller.audit import DEFAULT_LIMIT, MAX_LIMIT
 from controller.auth import TOKEN_NAME_PATTERN, Role
@@ -14,17 +15,13 @@ from controller.auth import TOKEN_NAME_PATTERN, Role
 router = APIRouter(tags=["accounts"])
 
 
-class TokenCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TokenCreate(Create):
     name: str = Field(pattern=TOKEN_NAME_PATTERN, description="who or what holds the token")
     role: Literal["viewer", "operator", "admin", "metrics"] = "viewer"
     expires_in_s: float | None = Field(None, gt=0, description="lifetime in seconds; none = until revoked")
 
 
-class TokenPublic(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
+class TokenPublic(Public):
     id: str
     name: str
     role: str
@@ -37,9 +34,7 @@ class TokenCreatedPublic(TokenPublic):
     token: str = Field(description="the bearer token, shown once")
 
 
-class AuditEntryPublic(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
+class AuditEntryPublic(Public):
     id: int
     at: float
     actor_id: str

@@ -7,8 +7,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from controller.api.bodies import Create, Public
 from controller.api.deps import FleetDep, GroupsDep, WindowsDep
 from controller.api.responses import errors
 from controller.fleet import _TAG as TAG
@@ -19,15 +20,7 @@ from controller.maintenance import MAX_DURATION_S, MaintenanceWindows, Opening, 
 router = APIRouter(tags=["groups"])
 
 
-class _Create(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class _Public(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-
-class GroupQueryIn(_Create):
+class GroupQueryIn(Create):
     tags: list[Annotated[str, Field(pattern=TAG.pattern)]] = Field(
         default_factory=list, description="devices carrying every one of these tags"
     )
@@ -37,7 +30,7 @@ class GroupQueryIn(_Create):
         return GroupQuery(tuple(self.tags), self.profile)
 
 
-class GroupDefinition(_Create):
+class GroupDefinition(Create):
     devices: list[str] | None = Field(
         None, description="a static group: these registered devices (give this or query, not both)"
     )
@@ -51,16 +44,16 @@ class GroupCreate(GroupDefinition):
     name: str = Field(pattern=NAME_PATTERN, description="1-64 letters, digits, '_', '.', '-'")
 
 
-class GroupDevicesIn(_Create):
+class GroupDevicesIn(Create):
     devices: list[str] = Field(min_length=1, description="registered devices to add to a static group")
 
 
-class GroupQueryPublic(_Public):
+class GroupQueryPublic(Public):
     tags: list[str]
     profile: str | None
 
 
-class WindowCreate(_Create):
+class WindowCreate(Create):
     group: str | None = Field(None, description="the group the window applies to (or give device_id)")
     device_id: str | None = Field(None, description="the device the window applies to (or give group)")
     cron: str = Field(
@@ -72,7 +65,7 @@ class WindowCreate(_Create):
     timezone: str = Field("UTC", description="IANA time zone of the cron expression, e.g. Europe/Paris")
 
 
-class WindowPublic(_Public):
+class WindowPublic(Public):
     id: str
     group: str | None
     device_id: str | None
@@ -86,7 +79,7 @@ class WindowPublic(_Public):
     next_open: str = Field(description="opens_at as ISO 8601 in the window's own time zone")
 
 
-class GroupPublic(_Public):
+class GroupPublic(Public):
     name: str
     kind: str = Field(description="static (devices listed) or dynamic (a query)")
     devices: list[str] = Field(description="the members now: listed, or matching the query")
@@ -97,7 +90,7 @@ class GroupPublic(_Public):
     windows: list[WindowPublic] = Field(description="the group's maintenance windows")
 
 
-class DeviceMaintenancePublic(_Public):
+class DeviceMaintenancePublic(Public):
     device_id: str
     open: bool = Field(description="whether a rollout may update the device now")
     opens_at: float | None = Field(description="while closed: when its next window opens")

@@ -4,38 +4,31 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
+from controller.api.bodies import Create, Public
 from controller.api.rollout_schemas import RolloutSpec
 from controller.capture_policies import DEFAULT_BOUNDS
 from controller.retraining import Run
 
 
-class _Create(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class _Public(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-
-class ReferenceData(_Create):
+class ReferenceData(Create):
     inputs: list[Any]
     probabilities: list[list[float]] | None = None
 
 
-class SpecBody(_Create):
+class SpecBody(Create):
     features: dict[str, list[float]]
     confidence_edges: list[float] | None = None
     num_classes: int = 0
 
 
-class ProductionBaseline(_Create):
+class ProductionBaseline(Create):
     windows: int = Field(ge=1)
     spec: SpecBody
 
 
-class BaselineCreate(_Create):
+class BaselineCreate(Create):
     """Exactly one of: reference inputs inline, a stored data set as reference, or the first N production windows."""
 
     reference: ReferenceData | None = None
@@ -44,7 +37,7 @@ class BaselineCreate(_Create):
     bins: int = Field(default=10, ge=2, le=100)
 
 
-class BaselinePublic(_Public):
+class BaselinePublic(Public):
     model_name: str
     model_version: str
     source: str
@@ -55,7 +48,7 @@ class BaselinePublic(_Public):
     created_at: float
 
 
-class DriftPublic(_Public):
+class DriftPublic(Public):
     model_name: str
     model_version: str
     baseline: BaselinePublic
@@ -64,7 +57,7 @@ class DriftPublic(_Public):
     devices: dict[str, dict[str, Any]]
 
 
-class ManifestPublic(_Public):
+class ManifestPublic(Public):
     device_id: str
     tenant: str
     model_name: str
@@ -75,7 +68,7 @@ class ManifestPublic(_Public):
     reasons: dict[str, int]
 
 
-class DatasetPublic(_Public):
+class DatasetPublic(Public):
     digest: str
     size: int
     samples: int
@@ -85,20 +78,20 @@ class DatasetPublic(_Public):
     created_at: float
 
 
-class LabelsBody(_Create):
+class LabelsBody(Create):
     labels: list[int]
 
 
 # The domain's run, field for field (no docstring: its schema stays without a description).
-class RunPublic(Run, _Public):
+class RunPublic(Run, Public):
     pass
 
 
-class RunResult(_Create):
+class RunResult(Create):
     version: str
 
 
-class RunResultPublic(_Public):
+class RunResultPublic(Public):
     run: RunPublic
     rollout_id: str
 
@@ -106,18 +99,18 @@ class RunResultPublic(_Public):
 # -- retraining policies --------------------------------------------------------------
 
 
-class DriftConditionIn(_Create):
+class DriftConditionIn(Create):
     threshold: float = Field(ge=0, description="PSI or KL above which a fleet-wide window counts as drifted")
     windows: int = Field(3, ge=1, description="consecutive drifted windows that trigger")
     metric: Literal["psi", "kl"] = "psi"
 
 
-class AccuracyConditionIn(_Create):
+class AccuracyConditionIn(Create):
     below: float = Field(ge=0, le=1, description="trigger when labelled accuracy falls below this fraction")
     min_samples: int = Field(20, ge=1)
 
 
-class ScheduleConditionIn(_Create):
+class ScheduleConditionIn(Create):
     every_s: float = Field(ge=1)
 
 
@@ -130,7 +123,7 @@ def _at_least_one_condition(schema: dict[str, Any]) -> None:
         prop.pop("default", None)
 
 
-class ConditionsIn(_Create):
+class ConditionsIn(Create):
     """At least one of drift, accuracy, schedule."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_at_least_one_condition)
@@ -151,7 +144,7 @@ class ConditionsIn(_Create):
         return data
 
 
-class WebhookTriggerIn(_Create):
+class WebhookTriggerIn(Create):
     kind: Literal["webhook"]
     url: str = Field(pattern=r"^https?://\S+$")
     secret: str = Field(min_length=16, description="HMAC key the webhook's body is signed with")
@@ -159,14 +152,14 @@ class WebhookTriggerIn(_Create):
     max_attempts: int = Field(5, ge=1)
 
 
-class CommandTriggerIn(_Create):
+class CommandTriggerIn(Create):
     kind: Literal["command"]
     command: list[str] = Field(min_length=1, description="argv, run without a shell")
     timeout_s: float = Field(10.0, ge=0.1)
     max_attempts: int = Field(5, ge=1)
 
 
-class PolicyCreate(_Create):
+class PolicyCreate(Create):
     """A retraining policy: when to trigger (conditions, cooldown), how (trigger), and how to
     roll out the version the triggered run registers (rollout)."""
 
@@ -178,7 +171,7 @@ class PolicyCreate(_Create):
     rollout: RolloutSpec | None = None
 
 
-class TriggerPublic(_Public):
+class TriggerPublic(Public):
     kind: Literal["webhook", "command"]
     url: str = ""
     command: list[str] = []
@@ -187,7 +180,7 @@ class TriggerPublic(_Public):
     secret_set: bool
 
 
-class PolicyPublic(_Public):
+class PolicyPublic(Public):
     name: str
     version: int
     model: str
@@ -201,7 +194,7 @@ class PolicyPublic(_Public):
 # -- capture policies ------------------------------------------------------------------
 
 
-class CapturePolicyCreate(_Create):
+class CapturePolicyCreate(Create):
     """What a model's tenants capture for retraining; at least one fraction above 0."""
 
     random_fraction: float = Field(0.0, ge=0, le=1)
@@ -212,7 +205,7 @@ class CapturePolicyCreate(_Create):
     max_bytes_per_upload: int = Field(DEFAULT_BOUNDS["max_bytes_per_upload"], ge=0)
 
 
-class CapturePolicyPublic(_Public):
+class CapturePolicyPublic(Public):
     model_name: str
     tenant: str
     version: int

@@ -5,29 +5,22 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, Field
 
+from controller.api.bodies import Create, Public
 from controller.registry import NAME_PATTERN
 from controller.rollout_plans import FailureAction, Gates, Plan, ShadowGate, Target, Wave
 
 STAGED_DEVICE_TIMEOUT_S = 900.0
 
 
-class _Public(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-
-class _Create(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class WaveIn(_Create):
+class WaveIn(Create):
     count: int | None = Field(None, description="devices in this wave (or give percent)")
     percent: float | None = Field(None, description="percent of the target in this wave (or give count)")
     soak_s: float = Field(0.0, description="seconds the wave's gates are watched after its devices updated")
 
 
-class GatesIn(_Create):
+class GatesIn(Create):
     max_failure_fraction: float = 0.0
     max_error_rate: float | None = None
     max_latency_ratio: float | None = None
@@ -37,7 +30,7 @@ class GatesIn(_Create):
     max_prediction_psi: float | None = None
 
 
-class ShadowIn(_Create):
+class ShadowIn(Create):
     soak_s: float = Field(
         ..., description="seconds each wave's candidate runs in shadow before the gate is judged"
     )
@@ -48,7 +41,7 @@ class ShadowIn(_Create):
     min_compared: int = Field(20, description="samples a device must compare to count towards the gate")
 
 
-class TargetIn(_Create):
+class TargetIn(Create):
     devices: list[str] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list, description="devices carrying every one of these tags")
     profile: str | None = None
@@ -58,7 +51,7 @@ class TargetIn(_Create):
     )
 
 
-class RolloutSpec(_Create):
+class RolloutSpec(Create):
     """How to roll a version out (without naming it): what a retraining policy keeps for the
     version its run registers."""
 
@@ -129,11 +122,11 @@ class RolloutCreate(RolloutSpec):
         return replace(plan, start_at=self.start_at.timestamp())
 
 
-class RolloutCommandIn(_Create):
+class RolloutCommandIn(Create):
     reason: str = ""
 
 
-class RolloutDevicePublic(_Public):
+class RolloutDevicePublic(Public):
     device_id: str
     status: Literal[
         "waiting",
@@ -153,7 +146,7 @@ class RolloutDevicePublic(_Public):
     wave: int
 
 
-class RolloutPublic(_Public):
+class RolloutPublic(Public):
     id: str
     model: str
     version: str
@@ -169,7 +162,7 @@ class RolloutPublic(_Public):
     devices: list[RolloutDevicePublic]
 
 
-class RolloutEventPublic(_Public):
+class RolloutEventPublic(Public):
     at: float
     kind: str
     wave: int

@@ -11,31 +11,24 @@ from typing import Annotated, Any, Literal
 from edgefleet_proto.topics import _DEVICE_ID as DEVICE_ID
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from controller.api.bodies import Create, Public
 from controller.fleet import _TAG as TAG
 
 
-class _Public(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-
-class _Create(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TensorSpecPublic(_Public):
+class TensorSpecPublic(Public):
     name: str
     dtype: str
     shape: list[int]
 
 
-class LineagePublic(_Public):
+class LineagePublic(Public):
     parent_version: str
     dataset_digest: str
     code_version: str
     metrics: dict[str, Any]
 
 
-class VariantPublic(_Public):
+class VariantPublic(Public):
     variant: str
     format: str
     precision: str
@@ -91,7 +84,7 @@ class ModelSignatureBody(BaseModel):
     outputs: list[OutputMeaningBody]
 
 
-class ModelVersionPublic(_Public):
+class ModelVersionPublic(Public):
     name: str
     version: str
     digest: str
@@ -116,11 +109,11 @@ class ModelVersionPublic(_Public):
     sample_origin: str
 
 
-class StageChange(_Create):
+class StageChange(Create):
     stage: Literal["development", "staging", "production", "archived"]
 
 
-class VersionSummaryPublic(_Public):
+class VersionSummaryPublic(Public):
     version: str
     digest: str
     size: int
@@ -128,7 +121,7 @@ class VersionSummaryPublic(_Public):
     stage: str
 
 
-class ModelPublic(_Public):
+class ModelPublic(Public):
     name: str
     versions: list[VersionSummaryPublic]
 
@@ -137,20 +130,20 @@ class ModelPublic(_Public):
 MAX_DEVICE_BATCH = 10_000
 
 
-class DeviceCreate(_Create):
+class DeviceCreate(Create):
     device_id: str = Field(pattern=DEVICE_ID.pattern)
     tags: list[Annotated[str, Field(pattern=TAG.pattern)]] = Field(default_factory=list)
     profile: str = ""
 
 
-class DeviceBatchCreate(_Create):
+class DeviceBatchCreate(Create):
     # uniqueItems: the document says a batch lists each device once (one listed twice is a 422).
     devices: list[DeviceCreate] = Field(
         min_length=1, max_length=MAX_DEVICE_BATCH, json_schema_extra={"uniqueItems": True}
     )
 
 
-class DeviceCredentialsPublic(_Public):
+class DeviceCredentialsPublic(Public):
     device_id: str
     mqtt_username: str
     mqtt_password: str
@@ -165,18 +158,18 @@ class DeviceCredentialsPublic(_Public):
     )
 
 
-class DeviceCertificateCreate(_Create):
+class DeviceCertificateCreate(Create):
     # The device's public key (PEM, EC P-256/P-384 or RSA >= 2048 bits); its private key
     # stays with whoever made the pair (the operator's CLI).
     public_key_pem: str = Field(max_length=16384)
     valid_days: int = Field(default=730, ge=1, le=3650)
 
 
-class DeviceRevokeCreate(_Create):
+class DeviceRevokeCreate(Create):
     reason: str = Field("", max_length=1000, description="Why, kept with the revocation")
 
 
-class DeviceRevokedPublic(_Public):
+class DeviceRevokedPublic(Public):
     device_id: str
     revoked_at: float
     reason: str
@@ -184,7 +177,7 @@ class DeviceRevokedPublic(_Public):
     session_ended: bool = Field(description="Whether the broker ended the session the device held")
 
 
-class DeviceCertificatePublic(_Public):
+class DeviceCertificatePublic(Public):
     device_id: str
     serial: str
     # Its common name is the device id: the MQTT username a broker with
@@ -198,7 +191,7 @@ class DeviceCertificatePublic(_Public):
     broker_ca_pem: str
 
 
-class ModelStatePublic(_Public):
+class ModelStatePublic(Public):
     tenant: str
     model_name: str
     model_version: str
@@ -210,14 +203,14 @@ class ModelStatePublic(_Public):
     rollout_id: str
 
 
-class ConditionPublic(_Public):
+class ConditionPublic(Public):
     kind: str = Field(description='e.g. "disk_full", "desired_refused"')
     message: str = Field(description="What it stops, in words an operator can act on")
     since_ms: int = Field(description="When it began (ms since the epoch)")
     count: int = Field(description="How many times it was hit since it began")
 
 
-class ReportedPublic(_Public):
+class ReportedPublic(Public):
     desired_generation: int
     applied_generation: int
     models: list[ModelStatePublic]
@@ -228,7 +221,7 @@ class ReportedPublic(_Public):
     )
 
 
-class OutboxLossesPublic(_Public):
+class OutboxLossesPublic(Public):
     """Records the device's agent could not deliver, totalled over its restarts (at least these)."""
 
     dropped_at_bound: int = Field(description="Telemetry records its outbox bound dropped")
@@ -239,7 +232,7 @@ class OutboxLossesPublic(_Public):
     updated_at: float
 
 
-class DevicePublic(_Public):
+class DevicePublic(Public):
     device_id: str
     tags: list[str]
     online: bool
@@ -257,14 +250,14 @@ class DevicePublic(_Public):
     )
 
 
-class TenantSourceCreate(_Create):
+class TenantSourceCreate(Create):
     kind: str
     uri: str = ""
     # Kind-specific options as in agent.toml's [tenants.source] (loop, fps, delimiter, ...).
     options: dict[str, str | int | float | bool] = {}
 
 
-class TenantCreate(_Create):
+class TenantCreate(Create):
     """A tenant app as agent.toml's [[tenants]] declares it; ``token`` is hashed on arrival."""
 
     id: str
@@ -283,13 +276,13 @@ class TenantCreate(_Create):
     inputs: dict[str, dict[str, str | int | float | list[int] | list[float]]] = {}
 
 
-class TenantSourcePublic(_Public):
+class TenantSourcePublic(Public):
     kind: str
     uri: str
     options: dict[str, str]
 
 
-class TenantPublic(_Public):
+class TenantPublic(Public):
     """A declared tenant; its token is a secret and never shown (``has_token`` says whether one is set)."""
 
     id: str
@@ -314,7 +307,7 @@ def _finite_or_none(value: Any) -> Any:
 Reported = Annotated[float | None, BeforeValidator(_finite_or_none)]
 
 
-class SystemStatsPublic(_Public):
+class SystemStatsPublic(Public):
     cpu_percent: Reported
     mem_total_bytes: int
     mem_used_bytes: int
@@ -326,7 +319,7 @@ class SystemStatsPublic(_Public):
     load1: Reported
 
 
-class ModelStatsPublic(_Public):
+class ModelStatsPublic(Public):
     tenant: str
     model_name: str
     model_version: str
@@ -345,7 +338,7 @@ class ModelStatsPublic(_Public):
     shadow_errors: int = 0
 
 
-class ShadowStatsPublic(_Public):
+class ShadowStatsPublic(Public):
     """A shadow candidate beside a tenant's live model in one window."""
 
     tenant: str
@@ -360,7 +353,7 @@ class ShadowStatsPublic(_Public):
     live_latency_p50_ms: Reported
 
 
-class TenantStatsPublic(_Public):
+class TenantStatsPublic(Public):
     """One tenant pipeline in one window."""
 
     tenant: str
@@ -377,7 +370,7 @@ class TenantStatsPublic(_Public):
     busy_s: Reported
 
 
-class TelemetryPublic(_Public):
+class TelemetryPublic(Public):
     received_at: float
     window_start_ms: int
     window_end_ms: int
@@ -389,7 +382,7 @@ class TelemetryPublic(_Public):
     tenants: list[TenantStatsPublic] = []
 
 
-class EventPublic(_Public):
+class EventPublic(Public):
     received_at: float
     at_ms: int
     kind: str
@@ -398,12 +391,12 @@ class EventPublic(_Public):
     attributes: dict[str, str]
 
 
-class ProfileCreate(_Create):
+class ProfileCreate(Create):
     source: str = Field(description="The profile's TOML text")
     filename: str = Field("", description="The file it came from; its stem must equal the profile's id")
 
 
-class ProfilePublic(_Public):
+class ProfilePublic(Public):
     id: str
     doc: dict[str, Any]
     source: str
@@ -411,17 +404,17 @@ class ProfilePublic(_Public):
     updated_at: float
 
 
-class DeviceProfileSet(_Create):
+class DeviceProfileSet(Create):
     profile: str
 
 
-class SigningKeyPublic(_Public):
+class SigningKeyPublic(Public):
     key_id: str
     public_key: str
     previous_key_id: str
 
 
-class RolloutTargetPublic(_Public):
+class RolloutTargetPublic(Public):
     device_id: str
     profile: str
     variant: str
