@@ -10,9 +10,9 @@ times each, interleaved, in the same run:
   as the devices) read; the time until every subscriber has every byte;
 - ``broadcast``: ``edgefleet rollouts create --all`` with waves of 10 %, 40 % and
   the rest (1 s soak each, the minimum the engine needs to judge a wave) to 200
-  simulated devices (tests/support/simfleet.py: real MQTT clients that take the wave's
-  sealed broadcast like the agent, and ask for what they miss; the devices of a
-  process check a chunk they all received alike once), with the controller's
+  simulated devices (tests/support/fleetsim: the agent's own session, updater and chunk
+  intake on one broker login each, several devices a process, which take the wave's
+  sealed broadcast and ask for what they miss), with the controller's
   ``artifact_delivery = "broadcast"`` (the default); the time from create to
   ``succeeded``, polled 20 times a second over one HTTP connection;
 - ``unicast``: the same with ``artifact_delivery = "unicast"`` (the controller
@@ -47,39 +47,16 @@ import tomli_w
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.support.broker import Broker
+from tests.support.fleetsim import DeviceLogin, SimFleet, SimSettings
 from tests.support.localfleet import Controller
 from tests.support.models import dense_of_size
 from tests.support.mqtt_relay import Relay
-from tests.support.simfleet import Checked, SimDevice, SimFleet
 from tests.support.waiting import wait_until
 
 FANOUT_TOPIC = "edgefleet/bench/fanout"
 SOAK_S = 1.0
 # The one-chunk model of the floor rollout.
 FLOOR_MB = 0.03
-
-
-def sim_worker(port: int, creds: list[tuple[str, str]], commands: Any, out: Any, stop: Any) -> None:
-    """Devices of one process; for each digest sent on ``commands``, says when all of them serve it."""
-    # Chunks one device of the process checked are not checked again for the next (tests/support/simfleet.py).
-    checked = Checked()
-    devices = [SimDevice(d, p, port, keep_models=False, checked=checked) for d, p in creds]
-    fleet = SimFleet(devices, telemetry_interval_s=1e9, inferences_per_tick=0, tick_s=0.2).start()
-    wait_until(lambda: all(d.connected.is_set() for d in devices), 120, "simulated devices connected")
-    out.put(("connected", len(devices), 0))
-    while not stop.is_set():
-        try:
-            digest = commands.get(timeout=0.2)
-        except Exception:  # queue.Empty, from another module in each start method
-            continue
-        before = sum(d.bytes_received for d in devices)
-        while not stop.is_set():
-            done = [d for d in devices if d.active is not None and d.active.artifact_digest == digest]
-            if len(done) == len(devices):
-                out.put(("done", len(devices), sum(d.bytes_received for d in devices) - before))
-                break
-            time.sleep(0.05)
-    fleet.stop()
 
 
 def sub_worker(port: int, logins: list[tuple[str, str]], index: int, total: int, out: Any, stop: Any) -> None:
@@ -172,7 +149,7 @@ def set_delivery(controller: Controller, delivery: str) -> None:
 
 
 def roll_out(
-    controller: Controller, relay: Relay, version: dict[str, Any], procs: int, commands: list[Any], out: Any
+    controller: Controller, relay: Relay, version: dict[str, Any], fleet: SimFleet
 ) -> dict[str, Any]:
     """One three-wave rollout of ``version`` to every device: seconds, egress per wave, final state."""
     wait_until(
@@ -181,8 +158,7 @@ def roll_out(
         "every device online at the controller",
     )
     relay.take()
-    for q in commands:
-        q.put(version["digest"])
+    before = fleet.stats().chunk_bytes
     start = time.perf_counter()
     rollout = controller.cli(
         "rollouts", "create", "--model", "dense", "--version", version["version"], "--all",
@@ -208,8 +184,8 @@ def roll_out(
         final = wait_until(lambda: finished(api), 1800, "the rollout to finish", interval=0.05)
     elapsed = time.perf_counter() - start
     egress[wave - 1] += relay.take()
-    results = collect(out, "done", procs, 120)
-    return {"seconds": elapsed, "egress": egress, "final": final, "received": sum(r[2] for r in results)}
+    received = fleet.wait_active(version["digest"], 120).chunk_bytes - before
+    return {"seconds": elapsed, "egress": egress, "final": final, "received": received}
 
 
 def main() -> int:
@@ -227,29 +203,22 @@ def main() -> int:
     )
     controller.init()
     controller.start()
-    stop = mp.Event()
-    workers: list[mp.Process] = []
+    fleet: SimFleet | None = None
     alone: list[float] = []
     # Each right after a controller (re)start but the floor, which follows the broadcast.
     runs: dict[str, list[dict[str, Any]]] = {"broadcast": [], "floor": [], "unicast": []}
     try:
-        creds = []
+        logins: list[DeviceLogin] = []
+        key = ""
         for i in range(args.devices):
             body = controller.api("POST", "/v1/devices", json={"device_id": f"sim-{i:03}", "tags": []}).json()
-            creds.append((body["device_id"], body["mqtt_password"]))
+            logins.append(DeviceLogin(body["device_id"], body["mqtt_password"]))
+            key = body["controller_public_key"]
         chunk = 65536
-        out: Any = mp.Queue()
-        commands: list[Any] = [mp.Queue() for _ in range(args.processes)]
-        workers = [
-            mp.Process(
-                target=sim_worker,
-                args=(broker.port, creds[i :: args.processes], commands[i], out, stop),
-            )
-            for i in range(args.processes)
-        ]
-        for w in workers:
-            w.start()
-        collect(out, "connected", args.processes, 180)
+        # No telemetry: the rollouts are what is measured.
+        settings = SimSettings("127.0.0.1", broker.port, key, work / "fleetsim", telemetry_interval_s=1e9)
+        fleet = SimFleet(logins, settings, args.processes).start()
+        fleet.wait_connected(180)
         size = number = 0
         for run in range(args.runs):
             for kind in runs:
@@ -266,7 +235,7 @@ def main() -> int:
                     size = len(data)
                     alone.append(broker_alone(broker, data, chunk, args.devices, args.processes))
                 set_delivery(controller, "unicast" if kind == "unicast" else "broadcast")
-                result = roll_out(controller, relay, version, args.processes, commands, out)
+                result = roll_out(controller, relay, version, fleet)
                 runs[kind].append(result)
                 print(
                     f"run {run + 1} {kind:9} {result['seconds']:6.2f} s, state {result['final']['state']}, "
@@ -275,9 +244,8 @@ def main() -> int:
                     flush=True,
                 )
     finally:
-        stop.set()
-        for w in workers:
-            w.join(30)
+        if fleet is not None:
+            fleet.stop()
         controller.stop()
         broker.stop()
 
