@@ -457,9 +457,9 @@ def main() -> int:
         # device) passes before anything is measured.
         time.sleep(args.settle_s)
 
-        # Before more ingest processes are added: with several, one device's reported states
-        # reach them out of order and the last stored may be an older one (a device left
-        # "loading" after it reported "active"), which holds a wave back for its device timeout.
+        # With the first count of ingest processes asked for (--ingest-workers 4 rolls out with
+        # four): reports and status carry (session, seq), so processes that handle one device's
+        # reports out of order still keep its newest.
         if not args.skip_rollout:
             progress(f"rollout to {rollout_count} devices with {len(ingest_workers) or 1} ingest process(es)")
             served0, broadcast0 = artifact_bytes(controller)
