@@ -474,6 +474,15 @@ class Fleet:
         devices = sorted(seen_at)
         for start in range(0, len(devices), TOUCH_BATCH):
             chunk = devices[start : start + TOUCH_BATCH]
+            marks = ", ".join("?" for _ in chunk)
+            if self.store.is_postgresql:
+                # The rows locked in device order first, as flush_seen and ingest batches take
+                # them: an UPDATE ... FROM locks in whatever order its join runs, and two
+                # transactions taking overlapping rows in different orders can deadlock.
+                self.store.query(
+                    f"SELECT device_id FROM devices WHERE device_id IN ({marks}) ORDER BY device_id FOR UPDATE",
+                    chunk,
+                )
             self.store.execute(
                 "WITH seen(device_id, seen_at) AS (VALUES "
                 + ", ".join("(?, ?)" for _ in chunk)

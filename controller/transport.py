@@ -878,8 +878,8 @@ class Transport:
                         self._handle(job)
                     elif self._admit(job, seen_at):
                         windows.append(job)
-                # The batch's windows in one multi-row INSERT (controller.telemetry), which takes
-                # the devices' locks in their order; then their last_seen in one statement.
+                # The batch's windows in one statement (controller.telemetry), which takes the
+                # devices' locks in their order; then their last_seen in one statement.
                 self.telemetry.ingest_many(
                     [
                         (j.topic.device_id, cast(fleet_pb2.Telemetry, j.message), j.received_at)
