@@ -169,12 +169,14 @@ class Transport:
         self._paho_errors = LastError()
         self._client.enable_logger(self._paho_errors.logger())
         context = broker_tls_context(settings)
+        # Publishes come from the worker threads, and paho writes a publish from the calling
+        # thread unless a write callback is registered. Two threads writing at once interleave
+        # the pieces of two large packets on plain TCP (the broker closes the session for a
+        # malformed packet) and corrupt OpenSSL's state on TLS ("bad record mac"). With the
+        # callback, paho only queues them and wakes the network thread, the one writer.
+        self._client.on_socket_register_write = _written_by_the_network_thread
         if context is not None:
             self._client.tls_set_context(context)
-            # OpenSSL corrupts a connection that two threads read and write at once ("bad record
-            # mac", and the broker drops it). Publishes come from the worker threads: with a write
-            # callback registered, paho only queues them and wakes the network thread to write.
-            self._client.on_socket_register_write = _written_by_the_network_thread
         else:
             log.warning(
                 "mqtt connection to the broker is unencrypted broker=%s:%d: plain TCP is for a broker on "
