@@ -4,7 +4,8 @@ Each :class:`~agent.reconciler.Action` maps to one method in ``handlers``; the
 service loop calls :meth:`Updater.converge`, which plans, executes, and plans
 again until only waiting is left. A desired state updates the persisted state;
 manifests, chunks and broadcast frames go to the transfers under way
-(:mod:`agent.intake`); the planner decides what follows. Every state change is written (atomically) before the act it allows:
+(:mod:`agent.intake`); the planner decides what follows. Every state change is
+written (atomically) before the act it allows:
 the new desired state before downloading, the new active model before it
 serves, a failure before it is reported.
 
@@ -177,7 +178,6 @@ class Updater:
         self.installed: set[str] = set()
         # The artifacts being fetched, and what arrives for them (agent.intake).
         self.intake = Intake(device_id, artifacts, link, emit, self.space, clock, self._fail_digest)
-        self.transfers = self.intake.transfers
         self.reported: Report | None = None
         self.reported_at = -math.inf
         self.handlers: dict[Action, Callable[[Any], None]] = {
@@ -224,7 +224,7 @@ class Updater:
                 self.artifacts.discard(digest)
                 continue
             sample = want.digest != digest
-            self.transfers[digest] = Transfer(
+            self.intake.transfers[digest] = Transfer(
                 want, download, sample=sample, resumed=len(download.have), reception=reception(want, sample)
             )
             log.info(
@@ -437,7 +437,7 @@ class Updater:
         """While the disk is full, see (with backoff) whether what waits fits again; if so, go on."""
         if not self.space.full:
             return
-        need = sum(t.size for t in self.transfers.values() if t.download is None)
+        need = sum(t.size for t in self.intake.transfers.values() if t.download is None)
         if not self.space.poll(need):
             return
         try:
@@ -512,14 +512,14 @@ class Updater:
         if sampled and not any(a.digest == digest for a in assignments):
             # Sample inputs that cannot be fetched fail the versions that carry them; their
             # models are sound, so what arrived of them stays for the generation that fixes it.
-            self.transfers.pop(digest, None)
+            self.intake.transfers.pop(digest, None)
             self.artifacts.discard(digest)
             for model in sorted({a.digest for a in sampled}):
                 self._fail_digest(model, f"sample inputs {digest[:12]}: {reason}", keep_download=True)
             return
         failure = Failure(digest, reason, self.state.desired_generation)
         self._save(self.state.with_failure(failure), deferrable=True)
-        t = self.transfers.get(digest) if keep_download else self.transfers.pop(digest, None)
+        t = self.intake.transfers.get(digest) if keep_download else self.intake.transfers.pop(digest, None)
         if not keep_download:
             self.artifacts.discard(digest)
         desired = self.state.desired
@@ -564,9 +564,9 @@ class Updater:
         """The transfer of the model (or sample inputs) of ``a``, begun now if it was not; None when
         the update may not be tried again."""
         digest = a.sample_digest if sample else a.digest
-        t = self.transfers.get(digest)
+        t = self.intake.transfers.get(digest)
         if t is None and sample:
-            t = self.transfers[digest] = Transfer(a, sample=True, reception=reception(a, True))
+            t = self.intake.transfers[digest] = Transfer(a, sample=True, reception=reception(a, True))
             log.info(
                 "sample download started device=%s tenant=%s model=%s version=%s digest=%s size=%d",
                 self.device_id,
@@ -584,7 +584,7 @@ class Updater:
             # Entered before the transfer exists, so a refused write leaves nothing half begun.
             for wanting in self._wanting(a.digest):
                 self._advance(wanting, UpdateEvent.ASSIGNED)
-            t = self.transfers[a.digest] = Transfer(a, reception=reception(a))
+            t = self.intake.transfers[a.digest] = Transfer(a, reception=reception(a))
             log.info(
                 "download started device=%s tenant=%s model=%s version=%s digest=%s size=%d",
                 self.device_id,
@@ -603,13 +603,13 @@ class Updater:
         self.intake.request_chunks(step.digest, step.indices)
 
     def verify(self, step: Verify) -> None:
-        t = self.transfers[step.digest]
+        t = self.intake.transfers[step.digest]
         assert t.download is not None
         # Sample inputs are part of the model's fetch: they move no update on their own.
         for wanting in [] if t.sample else self._wanting(step.digest):
             self._advance(wanting, UpdateEvent.FETCHED)
         self.artifacts.finalize(t.download, sample=t.sample)
-        self.transfers.pop(step.digest)
+        self.intake.transfers.pop(step.digest)
         self.installed.add(step.digest)
         refused = ",".join(f"{reason}:{n}" for reason, n in sorted(t.refused.items())) or "none"
         log.info(
@@ -772,7 +772,7 @@ class Updater:
 
     def collect_garbage(self, step: CollectGarbage) -> None:
         for digest in step.digests:
-            self.transfers.pop(digest, None)
+            self.intake.transfers.pop(digest, None)
             self.artifacts.discard(digest)
             self.artifacts.remove_model(digest)
             self.installed.discard(digest)

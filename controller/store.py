@@ -29,6 +29,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -273,8 +274,6 @@ class Store:
         """The rows through PostgreSQL's COPY, in the caller's transaction. Its text is the same
         whatever the rows' number; a multi-row INSERT's is new for every batch size, and psycopg
         parsed each one's thousands of placeholders again (a third of ingest's CPU)."""
-        import psycopg
-
         sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
         with self._serialised(), self._connection() as connection, self._errors():
             driver = connection.connection.driver_connection
